@@ -1,0 +1,10 @@
+//! ferrospeed: a distributed training engine for Rust — collectives, sharding, and (later) the step engine.
+//!
+//! The crate is organised by concern (see `ARCHITECTURE.md` at the repository root):
+//! [`comm`] moves bytes between ranks, [`shard`] says which bytes each rank owns.
+
+pub mod comm;
+pub mod shard;
+
+pub use comm::{CommExt, CommConfig, CommError, Communicator, ReduceOp, WorldInfo};
+pub use shard::ShardLayout;
