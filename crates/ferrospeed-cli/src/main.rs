@@ -1,2 +1,55 @@
-//! x
-fn main(){}
+//! The `ferrospeed` command: `launch` starts ranks, `comm` checks and measures collectives.
+
+mod comm_cmd;
+mod launch;
+mod usage;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+use usage::UsageError;
+
+#[derive(Parser)]
+#[command(name = "ferrospeed", version, about = "Distributed training for Rust: launch ranks, check collectives")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start N ranks of PROGRAM on this node (torchrun-style environment); stop them all if one fails
+    Launch(launch::LaunchArgs),
+    /// Check collectives against a single-process reference, or measure their bandwidth
+    #[command(subcommand)]
+    Comm(comm_cmd::CommCommand),
+}
+
+fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(launch::guard::GUARD_COMMAND) {
+        return launch::guard::run();
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage::report_clap_error(e),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FERROSPEED_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Launch(args) => launch::run(args),
+        Command::Comm(cmd) => comm_cmd::run(cmd),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if e.downcast_ref::<UsageError>().is_some() {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            } else {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

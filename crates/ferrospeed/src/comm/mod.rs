@@ -19,9 +19,9 @@ mod tensor;
 mod wire;
 
 pub use buffer::{Buf, BufMut, DType};
-pub use config::CommConfig;
+pub use config::{CommConfig, ENV_RDZV_TIMEOUT, ENV_TIMEOUT};
 pub use element::Element;
-pub use env::{EnvSource, WorldInfo};
+pub use env::{EnvSource, WorldInfo, ENV_AGENT_STORE};
 pub use error::CommError;
 pub use reduce::reference_reduce;
 pub use recorder::{FlightRecorder, OpRecord, OpStatus};

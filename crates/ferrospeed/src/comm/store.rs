@@ -25,6 +25,23 @@ struct Table {
     changed: Condvar,
 }
 
+impl Table {
+    fn set(&self, key: String, value: Vec<u8>) {
+        lock(&self.map).insert(key, value);
+        self.changed.notify_all();
+    }
+
+    fn add(&self, key: String, delta: i64) -> i64 {
+        let mut map = lock(&self.map);
+        let old = map.get(&key).and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok()).unwrap_or(0);
+        let new = old.wrapping_add(delta);
+        map.insert(key, new.to_string().into_bytes());
+        drop(map);
+        self.changed.notify_all();
+        new
+    }
+}
+
 /// A running store server. Dropping it stops accepting connections.
 pub struct StoreServer {
     addr: SocketAddr,
@@ -55,6 +72,16 @@ impl StoreServer {
     /// Read a key directly, without a connection (the serving process's own view).
     pub fn get_local(&self, key: &str) -> Option<Vec<u8>> {
         lock(&self.table.map).get(key).cloned()
+    }
+
+    /// Set a key directly, waking clients that wait for it.
+    pub fn set_local(&self, key: &str, value: &[u8]) {
+        self.table.set(key.to_string(), value.to_vec());
+    }
+
+    /// Add to a counter directly; returns the new value.
+    pub fn add_local(&self, key: &str, delta: i64) -> i64 {
+        self.table.add(key.to_string(), delta)
     }
 }
 
@@ -98,8 +125,7 @@ fn serve_connection(mut conn: TcpStream, table: &Table) -> std::io::Result<()> {
         let mut reply = Vec::new();
         match cmd[0] {
             CMD_SET => {
-                lock(&table.map).insert(key, value);
-                table.changed.notify_all();
+                table.set(key, value);
                 reply.push(1);
             }
             CMD_GET => encode_option(&mut reply, lock(&table.map).get(&key)),
@@ -115,15 +141,7 @@ fn serve_connection(mut conn: TcpStream, table: &Table) -> std::io::Result<()> {
                 }
                 encode_option(&mut reply, map.get(&key));
             }
-            CMD_ADD => {
-                let mut map = lock(&table.map);
-                let old = map.get(&key).and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok()).unwrap_or(0);
-                let new = old.wrapping_add(arg as i64);
-                map.insert(key, new.to_string().into_bytes());
-                drop(map);
-                table.changed.notify_all();
-                reply.extend_from_slice(&new.to_le_bytes());
-            }
+            CMD_ADD => reply.extend_from_slice(&table.add(key, arg as i64).to_le_bytes()),
             _ => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "unknown store command")),
         }
         conn.write_all(&reply)?;

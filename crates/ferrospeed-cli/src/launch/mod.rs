@@ -1,0 +1,177 @@
+//! `ferrospeed launch`: validate the request, host or join the rendezvous store, start the ranks,
+//! and supervise them until all succeed or one fails.
+//!
+//! Nothing is started until every argument is valid, the program exists, and the store is up (node 0)
+//! or reachable (other nodes); each of those failures is a one-line [`UsageError`] with exit code 2.
+
+pub mod guard;
+mod ranks;
+mod supervise;
+
+use crate::usage::usage_error;
+use anyhow::Result;
+use clap::Args;
+use ferrospeed::comm::store::{resolve, StoreClient, StoreServer};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Subcommands of this binary that `launch` runs as PROGRAM without a path.
+const OWN_COMMANDS: &[&str] = &["train", "comm"];
+
+#[derive(Args, Debug)]
+pub struct LaunchArgs {
+    /// Ranks to start on this node
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    pub nproc_per_node: usize,
+    /// Number of nodes in the job
+    #[arg(long, default_value_t = 1, value_parser = positive)]
+    pub nnodes: usize,
+    /// This node's index, 0..nnodes; node 0 serves the rendezvous store
+    #[arg(long, default_value_t = 0)]
+    pub node_rank: usize,
+    /// Host name or address of node 0
+    #[arg(long, default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Port of the rendezvous store on node 0 [default: 0 (any free port) on one node, 29500 on several]
+    #[arg(long)]
+    pub master_port: Option<u16>,
+    /// Seconds to wait for node 0 and for all ranks to join
+    #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
+    pub rdzv_timeout: f64,
+    /// Seconds a collective may wait for the other ranks before failing [default: 300]
+    #[arg(long, value_parser = positive_seconds)]
+    pub collective_timeout: Option<f64>,
+    /// Seconds to let the other ranks exit after one failed, before killing them
+    #[arg(long, default_value_t = 3.0, value_parser = positive_seconds)]
+    pub stop_grace: f64,
+    /// `train`, `comm`, or any executable (a path, or a name on PATH)
+    #[arg(value_name = "PROGRAM")]
+    pub program: String,
+    /// Arguments passed to every rank's PROGRAM
+    #[arg(value_name = "ARGS", trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("'{s}' is not a whole number")),
+    }
+}
+
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number of seconds")),
+    }
+}
+
+/// The store as this node sees it: served here (node 0) or reached over the network.
+pub(crate) enum NodeStore {
+    Host(StoreServer),
+    Join(StoreClient),
+}
+
+pub fn run(args: LaunchArgs) -> Result<ExitCode> {
+    if args.node_rank >= args.nnodes {
+        return Err(usage_error(format!(
+            "--node-rank {} is out of range for --nnodes {}: use 0..{}",
+            args.node_rank,
+            args.nnodes,
+            args.nnodes - 1
+        )));
+    }
+    let port = match (args.master_port, args.nnodes) {
+        (Some(0), n) if n > 1 => {
+            return Err(usage_error("--master-port 0 (any free port) works only with --nnodes 1: other nodes must know the port; pick one, e.g. 29500"))
+        }
+        (Some(p), _) => p,
+        (None, 1) => 0,
+        (None, _) => 29500,
+    };
+    let (program, prefix_args) = resolve_program(&args.program)?;
+    resolve(&format!("{}:{port}", args.master_addr))
+        .map_err(|e| usage_error(format!("--master-addr {:?} cannot be resolved ({e}); give node 0's host name or address", args.master_addr)))?;
+    let rdzv_timeout = Duration::from_secs_f64(args.rdzv_timeout);
+    let store = if args.node_rank == 0 {
+        // One node keeps the store on the given (usually loopback) address; several nodes need it reachable.
+        let host = if args.nnodes == 1 { args.master_addr.as_str() } else { "0.0.0.0" };
+        let server = StoreServer::bind(&format!("{host}:{port}")).map_err(|e| {
+            usage_error(format!(
+                "cannot listen on {host}:{port} ({}); pass a free --master-port, or 0 to pick one (single node)",
+                io_reason(&e)
+            ))
+        })?;
+        NodeStore::Host(server)
+    } else {
+        let addr = format!("{}:{port}", args.master_addr);
+        let client = StoreClient::connect(&addr, rdzv_timeout).map_err(|e| {
+            usage_error(format!(
+                "cannot reach node 0 at {addr} within {:.0} s ({}); start node 0's launcher first, or check --master-addr/--master-port",
+                args.rdzv_timeout,
+                io_reason(&e)
+            ))
+        })?;
+        NodeStore::Join(client)
+    };
+    let actual_port = match &store {
+        NodeStore::Host(s) => s.local_addr().port(),
+        NodeStore::Join(_) => port,
+    };
+    let plan = ranks::LaunchPlan {
+        program,
+        args: prefix_args.into_iter().chain(args.args.iter().cloned()).collect(),
+        nproc_per_node: args.nproc_per_node,
+        nnodes: args.nnodes,
+        node_rank: args.node_rank,
+        master_addr: args.master_addr.clone(),
+        master_port: actual_port,
+        rdzv_timeout: args.rdzv_timeout,
+        collective_timeout: args.collective_timeout,
+    };
+    supervise::supervise(&plan, store, Duration::from_secs_f64(args.stop_grace))
+}
+
+/// The most specific reason inside a communication error, for one-line messages.
+fn io_reason(e: &ferrospeed::CommError) -> String {
+    match e {
+        ferrospeed::CommError::Bind { source, .. } => source.to_string(),
+        ferrospeed::CommError::StoreUnreachable { reason, .. } => reason.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `train`/`comm` run this binary; anything else must be an executable file or a name on PATH.
+fn resolve_program(program: &str) -> Result<(PathBuf, Vec<String>)> {
+    if OWN_COMMANDS.contains(&program) {
+        let exe = std::env::current_exe().map_err(|e| usage_error(format!("cannot find the ferrospeed executable itself: {e}")))?;
+        return Ok((exe, vec![program.to_string()]));
+    }
+    let not_found = || {
+        usage_error(format!(
+            "PROGRAM '{program}' not found: it is not a ferrospeed command ({}), an executable file, or a name on PATH",
+            OWN_COMMANDS.join(", ")
+        ))
+    };
+    let candidate = if program.contains('/') {
+        Some(PathBuf::from(program))
+    } else {
+        std::env::var_os("PATH")
+            .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(program)).find(|p| is_executable(p)))
+    };
+    match candidate {
+        Some(path) if is_executable(&path) => Ok((path, Vec::new())),
+        Some(path) if path.exists() => Err(usage_error(format!(
+            "PROGRAM '{}' is not an executable file; check its permissions (chmod +x)",
+            path.display()
+        ))),
+        _ => Err(not_found()),
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
