@@ -2,6 +2,7 @@
 
 mod comm_cmd;
 mod launch;
+mod train;
 mod usage;
 
 use clap::{Parser, Subcommand};
@@ -19,6 +20,8 @@ struct Cli {
 enum Command {
     /// Start N ranks of PROGRAM on this node (torchrun-style environment); stop them all if one fails
     Launch(launch::LaunchArgs),
+    /// Train a model from a TOML config (run it under `launch` for several ranks)
+    Train(train::TrainArgs),
     /// Check collectives against a single-process reference, or measure their bandwidth
     #[command(subcommand)]
     Comm(comm_cmd::CommCommand),
@@ -39,6 +42,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Launch(args) => launch::run(args),
         Command::Comm(cmd) => comm_cmd::run(cmd),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(code) => code,

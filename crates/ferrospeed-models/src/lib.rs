@@ -1,1 +1,12 @@
-//! Placeholder
+//! Model families for ferrospeed, expressed as sequences of blocks, with their tokenizers and datasets.
+//!
+//! Nothing here knows about ranks, shards or strategies: a model is blocks that receive their
+//! parameters as tensors (see `ferrospeed::engine::Block`).
+
+pub mod data;
+pub mod gpt;
+pub mod tokenizer;
+
+pub use data::{BatchSampler, DataError, TextCorpus};
+pub use gpt::{GptConfig, Gpt};
+pub use tokenizer::ByteTokenizer;

@@ -4,7 +4,12 @@
 //! [`comm`] moves bytes between ranks, [`shard`] says which bytes each rank owns.
 
 pub mod comm;
+pub mod config;
+pub mod engine;
+pub mod optim;
+pub mod rng;
 pub mod shard;
+pub mod track;
 
 pub use comm::{CommExt, CommConfig, CommError, Communicator, ReduceOp, WorldInfo};
 pub use shard::ShardLayout;

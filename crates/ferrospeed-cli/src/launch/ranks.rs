@@ -55,6 +55,11 @@ pub fn spawn_rank(plan: &LaunchPlan, local_rank: usize) -> Result<(RankProcess, 
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // Ranks share the machine's cores (torchrun does the same with OMP_NUM_THREADS).
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        cmd.env("RAYON_NUM_THREADS", (cores / plan.nproc_per_node).max(1).to_string());
+    }
     if let Some(t) = plan.collective_timeout {
         cmd.env(ferrospeed::comm::ENV_TIMEOUT, t.to_string());
     }

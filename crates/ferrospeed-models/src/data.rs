@@ -1,0 +1,169 @@
+//! Training data: a text corpus, and the deterministic choice of which windows each rank trains on.
+//!
+//! Sample `g` of the global batch of step `s` is the window at an offset drawn from `(seed, s, g)`.
+//! Rank `r` takes, for micro-batch `k`, the samples `(k·W + r)·m .. (k·W + r + 1)·m` (W ranks,
+//! micro-batch m): disjoint across ranks, and together always the same global batch, whatever W.
+
+use ferrospeed::rng::Rng;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read data from {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("data at {path} has {len} tokens, fewer than one window of seq_len + 1 = {needed}; use more text or a smaller model.seq_len")]
+    TooShort { path: PathBuf, len: usize, needed: usize },
+}
+
+/// A text corpus as bytes (one token per byte).
+#[derive(Debug, Clone)]
+pub struct TextCorpus {
+    bytes: Vec<u8>,
+    path: PathBuf,
+}
+
+impl TextCorpus {
+    /// A text file, or every regular file (not hidden) of a directory in name order, joined by newlines.
+    pub fn load(path: &Path) -> Result<Self, DataError> {
+        let read_err = |source| DataError::Read { path: path.to_path_buf(), source };
+        let bytes = if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(read_err)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+                .collect();
+            files.sort();
+            let mut all = Vec::new();
+            for f in files {
+                let mut b = std::fs::read(&f).map_err(|source| DataError::Read { path: f.clone(), source })?;
+                all.append(&mut b);
+                all.push(b'\n');
+            }
+            all
+        } else {
+            std::fs::read(path).map_err(read_err)?
+        };
+        Ok(Self { bytes, path: path.to_path_buf() })
+    }
+
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self { bytes, path: PathBuf::from("<memory>") }
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Check that at least one window fits.
+    pub fn check_window(&self, seq_len: usize) -> Result<(), DataError> {
+        if self.bytes.len() < seq_len + 2 {
+            return Err(DataError::TooShort { path: self.path.clone(), len: self.bytes.len(), needed: seq_len + 2 });
+        }
+        Ok(())
+    }
+}
+
+/// Which samples a rank trains on at each step.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSampler {
+    pub seed: u64,
+    pub seq_len: usize,
+    pub micro_batch: usize,
+    pub accumulation: usize,
+    pub world_size: usize,
+    pub rank: usize,
+}
+
+/// One micro-batch: `micro_batch × seq_len` inputs and the next tokens as targets, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MicroBatch {
+    pub tokens: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+impl BatchSampler {
+    /// Global sample indices of micro-batch `k` of this rank.
+    pub fn sample_indices(&self, k: usize) -> std::ops::Range<usize> {
+        let start = (k * self.world_size + self.rank) * self.micro_batch;
+        start..start + self.micro_batch
+    }
+
+    /// The micro-batches of this rank for optimizer step `step`. The corpus must hold one window.
+    pub fn micro_batches(&self, corpus: &TextCorpus, step: u64) -> Vec<MicroBatch> {
+        (0..self.accumulation)
+            .map(|k| {
+                let mut mb = MicroBatch { tokens: Vec::new(), targets: Vec::new() };
+                for g in self.sample_indices(k) {
+                    let window = self.window(corpus, step, g);
+                    mb.tokens.extend(window[..self.seq_len].iter().map(|&b| u32::from(b)));
+                    mb.targets.extend(window[1..].iter().map(|&b| u32::from(b)));
+                }
+                mb
+            })
+            .collect()
+    }
+
+    /// The `seq_len + 1` bytes of global sample `g` at `step`.
+    fn window<'a>(&self, corpus: &'a TextCorpus, step: u64, g: usize) -> &'a [u8] {
+        let span = corpus.len() - self.seq_len; // number of valid start offsets (windows of seq_len + 1)
+        let mut rng = Rng::derive(self.seed, &format!("data/{step}/{g}"));
+        let offset = rng.below(span as u64) as usize;
+        &corpus.bytes()[offset..offset + self.seq_len + 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(world: usize, rank: usize, micro: usize, accum: usize) -> BatchSampler {
+        BatchSampler { seed: 3, seq_len: 8, micro_batch: micro, accumulation: accum, world_size: world, rank }
+    }
+
+    /// All windows of a step, over all ranks, sorted: the global batch as a set.
+    fn global_batch(world: usize, micro: usize, accum: usize, corpus: &TextCorpus) -> Vec<Vec<u32>> {
+        let mut rows = Vec::new();
+        for rank in 0..world {
+            for mb in sampler(world, rank, micro, accum).micro_batches(corpus, 5) {
+                rows.extend(mb.tokens.chunks(8).map(<[u32]>::to_vec));
+            }
+        }
+        rows.sort();
+        rows
+    }
+
+    #[test]
+    fn the_global_batch_does_not_depend_on_world_size_or_accumulation() {
+        let corpus = TextCorpus::from_bytes((0..5000u32).map(|i| (i * 7 % 251) as u8).collect());
+        let reference = global_batch(1, 8, 1, &corpus);
+        assert_eq!(reference.len(), 8);
+        for (world, micro, accum) in [(2, 4, 1), (4, 2, 1), (2, 1, 4), (1, 1, 8), (4, 1, 2)] {
+            assert_eq!(global_batch(world, micro, accum, &corpus), reference, "W={world} m={micro} a={accum}");
+        }
+    }
+
+    #[test]
+    fn targets_are_inputs_shifted_by_one_and_steps_differ() {
+        let corpus = TextCorpus::from_bytes(b"abcdefghijklmnopqrstuvwxyz0123456789".to_vec());
+        let s = sampler(1, 0, 2, 1);
+        let mb = &s.micro_batches(&corpus, 0)[0];
+        assert_eq!(mb.tokens.len(), 16);
+        assert_eq!(&mb.tokens[1..8], &mb.targets[..7]);
+        assert_ne!(s.micro_batches(&corpus, 0), s.micro_batches(&corpus, 1));
+        assert_eq!(s.micro_batches(&corpus, 1), s.micro_batches(&corpus, 1));
+    }
+
+    #[test]
+    fn too_short_corpus_is_an_error() {
+        let err = TextCorpus::from_bytes(vec![1; 5]).check_window(8).unwrap_err();
+        assert!(err.to_string().contains("seq_len"), "{err}");
+    }
+}

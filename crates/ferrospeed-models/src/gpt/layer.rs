@@ -1,0 +1,82 @@
+//! A GPT-2 transformer layer: pre-LayerNorm causal self-attention with fused QKV, then a GELU(tanh) MLP
+//! of width 4·d, each added to the residual stream.
+
+use super::ops::{causal_mask, layer_norm, softmax_last_dim};
+use super::GptConfig;
+use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec};
+use candle_core::{Result, Tensor};
+
+/// Layer `index` of the model; its residual projections start smaller, by 1/sqrt(2·n_layer) (GPT-2).
+#[derive(Debug, Clone)]
+pub struct Layer {
+    cfg: GptConfig,
+    index: usize,
+}
+
+impl Layer {
+    pub fn new(cfg: GptConfig, index: usize) -> Self {
+        Self { cfg, index }
+    }
+}
+
+/// `x [n, in] · w [in, out] + b [out]`.
+fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    x.matmul(w)?.broadcast_add(b)
+}
+
+impl Block for Layer {
+    fn name(&self) -> String {
+        format!("h.{}", self.index)
+    }
+
+    fn params(&self) -> Vec<ParamRef> {
+        let d = self.cfg.d_model;
+        let std = 0.02;
+        let resid_std = 0.02 / (2.0 * self.cfg.n_layer as f64).sqrt();
+        let p = |name: &str, shape: &[usize], init: Init, decay: bool| ParamRef::Own(ParamSpec::new(name, shape, init, decay));
+        vec![
+            p("ln_1.weight", &[d], Init::Ones, false),
+            p("ln_1.bias", &[d], Init::Zeros, false),
+            p("attn.c_attn.weight", &[d, 3 * d], Init::Normal { std }, true),
+            p("attn.c_attn.bias", &[3 * d], Init::Zeros, false),
+            p("attn.c_proj.weight", &[d, d], Init::Normal { std: resid_std }, true),
+            p("attn.c_proj.bias", &[d], Init::Zeros, false),
+            p("ln_2.weight", &[d], Init::Ones, false),
+            p("ln_2.bias", &[d], Init::Zeros, false),
+            p("mlp.c_fc.weight", &[d, 4 * d], Init::Normal { std }, true),
+            p("mlp.c_fc.bias", &[4 * d], Init::Zeros, false),
+            p("mlp.c_proj.weight", &[4 * d, d], Init::Normal { std: resid_std }, true),
+            p("mlp.c_proj.bias", &[d], Init::Zeros, false),
+        ]
+    }
+
+    fn forward(&self, p: &[Tensor], x: Option<&Tensor>, _batch: &Batch) -> Result<Tensor> {
+        let x = x.ok_or_else(|| candle_core::Error::Msg("a transformer layer needs an input".into()))?;
+        let (b, t, d) = x.dims3()?;
+        let (nh, hd) = (self.cfg.n_head, d / self.cfg.n_head);
+
+        // Attention.
+        let h = layer_norm(x, &p[0], &p[1])?.reshape((b * t, d))?;
+        let qkv = linear(&h, &p[2], &p[3])?; // [b·t, 3d]
+        let heads = |i: usize| -> Result<Tensor> {
+            qkv.narrow(1, i * d, d)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous() // [b, nh, t, hd]
+        };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?; // [b, nh, t, t]
+        let scores = scores.broadcast_add(&causal_mask(t, x.dtype(), x.device())?)?;
+        let y = softmax_last_dim(&scores)?.matmul(&v)?; // [b, nh, t, hd]
+        let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, d))?;
+        let x = (x + linear(&y, &p[4], &p[5])?.reshape((b, t, d))?)?;
+
+        // MLP.
+        let h = layer_norm(&x, &p[6], &p[7])?.reshape((b * t, d))?;
+        let h = linear(&h, &p[8], &p[9])?.gelu()?;
+        x + linear(&h, &p[10], &p[11])?.reshape((b, t, d))?
+    }
+
+    fn forward_flops_per_token(&self) -> f64 {
+        let (d, t) = (self.cfg.d_model as f64, self.cfg.seq_len as f64);
+        // QKV, output projection and the MLP (12·d² multiply-adds), plus scores and weighted values.
+        2.0 * 12.0 * d * d + 2.0 * 2.0 * t * d
+    }
+}

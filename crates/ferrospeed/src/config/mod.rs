@@ -1,0 +1,304 @@
+//! Run configuration of `ferrospeed train --config FILE [--set key=value ...]`: the typed `Config`.
+//!
+//! Loading goes in four steps, one file each:
+//! 1. `parse.rs` turns the text into a `toml::Table` and applies `--set` overrides to it;
+//! 2. `parse.rs` walks the table against the key table in `schema.rs` (unknown keys, wrong types,
+//!    integer ranges) and builds a `Config`, filling defaults;
+//! 3. `validate.rs` checks values that depend on each other and on the file system;
+//! 4. `error.rs` words every failure as one line naming the key, the value and the fix.
+//!
+//! Architecture invariant: this module knows nothing of ranks, devices or models. The only place where
+//! the world size enters is [`Config::accumulation_steps`], which the trainer calls once it knows it.
+
+mod error;
+mod parse;
+mod schema;
+mod validate;
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+
+pub use error::ConfigError;
+
+/// Everything a training run needs to know, after defaults and overrides, validated.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub zero: ZeroConfig,
+    pub checkpoint: CheckpointConfig,
+    pub track: TrackConfig,
+}
+
+/// Generates, for an enum whose TOML form is a fixed set of strings, the list of names, the conversions
+/// both ways, `Display` and `Serialize`, so the schema, messages and JSON dump share one spelling.
+macro_rules! named_enum {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every accepted spelling, in the order shown in error messages.
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+
+            /// The variant spelled `name` in TOML, if any.
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name {
+                    $($name => Some($ty::$variant),)+
+                    _ => None,
+                }
+            }
+
+            /// The TOML spelling of this variant.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.name())
+            }
+        }
+    };
+}
+
+/// The model family; only the built-in GPT-2 style decoder exists so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    Gpt,
+}
+named_enum!(ModelKind { Gpt => "gpt" });
+
+/// How text becomes token ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vocab {
+    /// One token per byte (vocabulary of 256); needs no tokenizer files.
+    Bytes,
+    /// GPT-2 BPE; accepted by the schema so files can name it, rejected by validation until implemented.
+    Gpt2,
+}
+named_enum!(Vocab { Bytes => "bytes", Gpt2 => "gpt2" });
+
+/// `[model]`: the network's shape.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ModelConfig {
+    pub kind: ModelKind,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub d_model: usize,
+    pub seq_len: usize,
+    pub vocab: Vocab,
+    /// Weights to start from instead of random initialisation (a safetensors file).
+    pub init_from: Option<PathBuf>,
+}
+
+/// `[data]`: where the training text lives.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct DataConfig {
+    /// A text file or a directory of text files; relative paths are relative to the working directory.
+    pub path: PathBuf,
+}
+
+/// Numeric format of activations and gradients (master weights stay fp32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Bf16,
+    /// With dynamic loss scaling.
+    Fp16,
+}
+named_enum!(Precision { Fp32 => "fp32", Bf16 => "bf16", Fp16 => "fp16" });
+
+/// `[train]`: the optimisation loop.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TrainConfig {
+    /// Optimizer steps to run.
+    pub steps: usize,
+    /// Sequences per optimizer step, all ranks together.
+    pub global_batch: usize,
+    /// Sequences per rank per forward pass.
+    pub micro_batch: usize,
+    /// Peak learning rate, reached after `warmup` steps.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay; `lr / 10` unless given.
+    pub min_lr: f64,
+    pub warmup: usize,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Maximum global gradient norm; 0 disables clipping.
+    pub grad_clip: f64,
+    pub seed: u64,
+    pub precision: Precision,
+    pub activation_checkpointing: bool,
+    /// Bytes of sample text generated at the end of the run; 0 = none.
+    pub sample_tokens: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        let lr = 3e-3;
+        TrainConfig {
+            steps: 20,
+            global_batch: 16,
+            micro_batch: 4,
+            lr,
+            min_lr: lr / 10.0,
+            warmup: 2,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 1234,
+            precision: Precision::Fp32,
+            activation_checkpointing: true,
+            sample_tokens: 200,
+        }
+    }
+}
+
+/// ZeRO stage: which of optimizer state (1), gradients (2) and parameters (3) are sharded; 0 is DDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum ZeroStage {
+    #[default]
+    Zero,
+    One,
+    Two,
+    Three,
+}
+
+impl ZeroStage {
+    /// The stage written as the integer `n` in TOML.
+    pub fn from_int(n: i64) -> Option<Self> {
+        match n {
+            0 => Some(ZeroStage::Zero),
+            1 => Some(ZeroStage::One),
+            2 => Some(ZeroStage::Two),
+            3 => Some(ZeroStage::Three),
+            _ => None,
+        }
+    }
+
+    /// The stage as its number, as written in TOML.
+    pub fn as_int(self) -> u8 {
+        match self {
+            ZeroStage::Zero => 0,
+            ZeroStage::One => 1,
+            ZeroStage::Two => 2,
+            ZeroStage::Three => 3,
+        }
+    }
+}
+
+impl std::fmt::Display for ZeroStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.as_int())
+    }
+}
+
+impl serde::Serialize for ZeroStage {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_u8(self.as_int())
+    }
+}
+
+/// Where state that is not on the accelerator lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Offload {
+    #[default]
+    None,
+    Cpu,
+    /// Files under `zero.nvme_dir`.
+    Nvme,
+}
+named_enum!(Offload { None => "none", Cpu => "cpu", Nvme => "nvme" });
+
+/// `[zero]`: how training state is sharded and offloaded.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Default)]
+pub struct ZeroConfig {
+    pub stage: ZeroStage,
+    pub offload_optimizer: Offload,
+    /// Stage 3 only.
+    pub offload_params: Offload,
+    /// Required when either offload is `nvme`.
+    pub nvme_dir: Option<PathBuf>,
+}
+
+/// `[checkpoint]`: when and where checkpoints are written.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CheckpointConfig {
+    /// `None`: no checkpoints.
+    pub dir: Option<PathBuf>,
+    /// Steps between checkpoints; 0 = only at the end.
+    pub every: usize,
+    /// How many checkpoints to keep; older ones are deleted.
+    pub keep: usize,
+    /// Resume from `<dir>/latest` when it exists.
+    pub resume: bool,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { dir: None, every: 0, keep: 3, resume: true }
+    }
+}
+
+/// `[track]`: where metrics go.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TrackConfig {
+    /// `None`: the CLI picks a fresh run directory.
+    pub dir: Option<PathBuf>,
+    pub tensorboard: bool,
+}
+
+impl Default for TrackConfig {
+    fn default() -> Self {
+        TrackConfig { dir: None, tensorboard: true }
+    }
+}
+
+impl Config {
+    /// Parse TOML text (`source` names it in messages), apply `--set key=value` overrides, validate.
+    pub fn from_toml_str(text: &str, source: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+        let mut table = parse::parse_toml(text, source)?;
+        for arg in overrides {
+            parse::apply_override(&mut table, arg)?;
+        }
+        parse::check_table(&table, source)?;
+        let config = parse::build(&table);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Read the file at `path`, then as [`Config::from_toml_str`]. Relative paths inside the file are kept
+    /// as given, i.e. relative to the working directory, not to the file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            reason: error::one_line(&e.to_string()),
+        })?;
+        Self::from_toml_str(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Check every value and every relation between values; `from_toml_str` and `load` call this, and
+    /// code that builds or edits a `Config` by hand should too.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate::validate(self)
+    }
+
+    /// Gradient accumulation steps for `world_size` ranks: `global_batch / (micro_batch × world_size)`.
+    /// When that does not divide, the error proposes values that do.
+    pub fn accumulation_steps(&self, world_size: usize) -> Result<usize, ConfigError> {
+        validate::accumulation_steps(self.train.global_batch, self.train.micro_batch, world_size)
+    }
+}

@@ -1,0 +1,394 @@
+//! Tests of config loading: valid files, defaults, overrides, a corpus of broken inputs, batch arithmetic.
+//!
+//! Broken inputs are data (`BAD`): each row is a config text, overrides, and fragments the one-line
+//! message must contain, namely the key and a piece of the fix, so a reworded message that loses either
+//! fails here.
+
+use std::path::{Path, PathBuf};
+
+use super::validate::batch_alternatives;
+use super::*;
+
+/// A path that exists on every machine that builds the crate, for `data.path`.
+fn data_path() -> String {
+    format!("{}/Cargo.toml", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `[model]` + `[data]`: the smallest valid config. `DATA` in a test text stands for `data_path()`; it is
+/// written as a TOML literal string ('…') so backslashes in Windows paths need no escaping.
+const MINIMAL: &str = "
+[model]
+n_layer = 2
+n_head = 2
+d_model = 64
+seq_len = 64
+
+[data]
+path = 'DATA'
+";
+
+fn parse(text: &str, overrides: &[&str]) -> Result<Config, ConfigError> {
+    let text = text.replace("DATA", &data_path());
+    let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    Config::from_toml_str(&text, "test.toml", &overrides)
+}
+
+fn check_ok(text: &str, overrides: &[&str]) -> Config {
+    match parse(text, overrides) {
+        Ok(config) => config,
+        Err(e) => panic!("expected a valid config, got: {e}"),
+    }
+}
+
+/// Asserts that loading fails with a one-line message containing every fragment.
+fn check_err(name: &str, text: &str, overrides: &[&str], fragments: &[&str]) {
+    let message = match parse(text, overrides) {
+        Ok(config) => panic!("case `{name}`: expected an error, got {config:?}"),
+        Err(e) => e.to_string(),
+    };
+    assert!(!message.contains('\n'), "case `{name}`: message is not one line: {message}");
+    for fragment in fragments {
+        assert!(message.contains(fragment), "case `{name}`: message lacks `{fragment}`: {message}");
+    }
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let config = check_ok(MINIMAL, &[]);
+    let expected = Config {
+        model: ModelConfig {
+            kind: ModelKind::Gpt,
+            n_layer: 2,
+            n_head: 2,
+            d_model: 64,
+            seq_len: 64,
+            vocab: Vocab::Bytes,
+            init_from: None,
+        },
+        data: DataConfig { path: PathBuf::from(data_path()) },
+        train: TrainConfig {
+            steps: 20,
+            global_batch: 16,
+            micro_batch: 4,
+            lr: 3e-3,
+            min_lr: 3e-3 / 10.0, // lr / 10, computed the same way
+            warmup: 2,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            seed: 1234,
+            precision: Precision::Fp32,
+            activation_checkpointing: true,
+            sample_tokens: 200,
+        },
+        zero: ZeroConfig {
+            stage: ZeroStage::Zero,
+            offload_optimizer: Offload::None,
+            offload_params: Offload::None,
+            nvme_dir: None,
+        },
+        checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true },
+        track: TrackConfig { dir: None, tensorboard: true },
+    };
+    assert_eq!(config, expected);
+    assert_eq!(config.train, TrainConfig::default());
+}
+
+#[test]
+fn full_config_sets_every_key() {
+    // Every key has a non-default value, so a key the builder forgets to read fails this test.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let weights = dir.path().join("w.safetensors");
+    std::fs::write(&weights, b"").expect("write weights");
+    let text = format!(
+        "
+[model]
+kind = \"gpt\"
+n_layer = 4
+n_head = 4
+d_model = 128
+seq_len = 256
+vocab = \"bytes\"
+init_from = '{weights}'
+
+[data]
+path = '{data}'
+
+[train]
+steps = 100
+global_batch = 32
+micro_batch = 2
+lr = 6e-4
+min_lr = 6e-5
+warmup = 10
+weight_decay = 0.05
+beta1 = 0.8
+beta2 = 0.99
+eps = 1e-6
+grad_clip = 0
+seed = 7
+precision = \"bf16\"
+activation_checkpointing = false
+sample_tokens = 0
+
+[zero]
+stage = 3
+offload_optimizer = \"nvme\"
+offload_params = \"cpu\"
+nvme_dir = \"/mnt/nvme\"
+
+[checkpoint]
+dir = \"runs/x/ckpt\"
+every = 10
+keep = 5
+resume = false
+
+[track]
+dir = \"runs/x\"
+tensorboard = false
+",
+        weights = weights.display(),
+        data = dir.path().display(),
+    );
+    let config = check_ok(&text, &[]);
+    let expected = Config {
+        model: ModelConfig {
+            kind: ModelKind::Gpt,
+            n_layer: 4,
+            n_head: 4,
+            d_model: 128,
+            seq_len: 256,
+            vocab: Vocab::Bytes,
+            init_from: Some(weights.clone()),
+        },
+        data: DataConfig { path: dir.path().to_path_buf() },
+        train: TrainConfig {
+            steps: 100,
+            global_batch: 32,
+            micro_batch: 2,
+            lr: 6e-4,
+            min_lr: 6e-5,
+            warmup: 10,
+            weight_decay: 0.05,
+            beta1: 0.8,
+            beta2: 0.99,
+            eps: 1e-6,
+            grad_clip: 0.0,
+            seed: 7,
+            precision: Precision::Bf16,
+            activation_checkpointing: false,
+            sample_tokens: 0,
+        },
+        zero: ZeroConfig {
+            stage: ZeroStage::Three,
+            offload_optimizer: Offload::Nvme,
+            offload_params: Offload::Cpu,
+            nvme_dir: Some(PathBuf::from("/mnt/nvme")),
+        },
+        checkpoint: CheckpointConfig { dir: Some("runs/x/ckpt".into()), every: 10, keep: 5, resume: false },
+        track: TrackConfig { dir: Some("runs/x".into()), tensorboard: false },
+    };
+    assert_eq!(config, expected);
+
+    let json = serde_json::to_value(&config).expect("serialize");
+    assert_eq!(json["zero"]["stage"], 3);
+    assert_eq!(json["zero"]["offload_optimizer"], "nvme");
+    assert_eq!(json["train"]["precision"], "bf16");
+    assert_eq!(json["model"]["kind"], "gpt");
+    assert_eq!(json["checkpoint"]["dir"], "runs/x/ckpt");
+}
+
+#[test]
+fn overrides_apply_before_validation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, "hello").expect("write corpus");
+    let data_override = format!("data.path={}", corpus.display());
+    let config = check_ok(
+        MINIMAL,
+        &[
+            "train.steps=50",
+            "train.lr=1e-4",
+            "checkpoint.resume=false",
+            &data_override,
+            "train.precision=bf16",
+            "zero.stage=3",
+            "zero.offload_params=\"cpu\"",
+            "track.dir=runs/my run",
+            "train.grad_clip=2",
+            " model.n_layer = 6 ",
+        ],
+    );
+    assert_eq!(config.train.steps, 50);
+    assert_eq!(config.train.lr, 1e-4);
+    // min_lr follows an overridden lr when not set itself.
+    assert_eq!(config.train.min_lr, 1e-4 / 10.0);
+    assert!(!config.checkpoint.resume);
+    assert_eq!(config.data.path, corpus);
+    assert_eq!(config.train.precision, Precision::Bf16);
+    assert_eq!(config.zero.stage, ZeroStage::Three);
+    assert_eq!(config.zero.offload_params, Offload::Cpu);
+    assert_eq!(config.track.dir, Some(PathBuf::from("runs/my run")));
+    assert_eq!(config.train.grad_clip, 2.0);
+    assert_eq!(config.model.n_layer, 6);
+
+    // A later override wins, and an empty value clears an optional path.
+    let config = check_ok(MINIMAL, &["train.steps=5", "train.steps=7", "checkpoint.dir=ck", "checkpoint.dir="]);
+    assert_eq!(config.train.steps, 7);
+    assert_eq!(config.checkpoint.dir, None);
+    // A path that looks like a number stays a path.
+    let err = parse(MINIMAL, &["data.path=2024"]).expect_err("2024 does not exist");
+    assert!(err.to_string().contains("data.path = \"2024\" does not exist"), "{err}");
+}
+
+#[test]
+fn load_reads_the_file_and_names_a_missing_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("run.toml");
+    std::fs::write(&file, MINIMAL.replace("DATA", &data_path())).expect("write config");
+    let config = Config::load(&file, &["train.steps=3".to_string()]).expect("valid file");
+    assert_eq!(config.train.steps, 3);
+
+    let missing = dir.path().join("nope.toml");
+    let message = Config::load(&missing, &[]).expect_err("missing file").to_string();
+    assert!(message.contains("nope.toml") && message.contains("--config"), "{message}");
+    assert!(!message.contains('\n'), "{message}");
+}
+
+/// `MINIMAL` with `line` appended (usually a further section).
+fn minimal_with(line: &str) -> String {
+    format!("{MINIMAL}{line}\n")
+}
+
+/// (case, config text, overrides, fragments the message must contain: the key, then the fix).
+type BadCase = (&'static str, String, &'static [&'static str], &'static [&'static str]);
+
+fn bad_cases() -> Vec<BadCase> {
+    let without = |needle: &str| MINIMAL.lines().filter(|l| !l.contains(needle)).collect::<Vec<_>>().join("\n");
+    let model_only = MINIMAL.split("[data]").next().unwrap_or_default().to_string();
+    vec![
+        ("string for int", minimal_with("[train]\nsteps = \"ten\""), &[], &["train.steps = \"ten\"", "expected a positive integer"]),
+        ("string for bool", minimal_with("[train]\nactivation_checkpointing = \"yes\""), &[], &["train.activation_checkpointing", "expected true or false"]),
+        ("string for float", minimal_with("[train]\nlr = \"fast\""), &[], &["train.lr", "expected a number"]),
+        ("float for int", MINIMAL.replace("seq_len = 64", "seq_len = 1.5"), &[], &["model.seq_len = 1.5", "expected a positive integer"]),
+        ("number for path", MINIMAL.replace("'DATA'", "3"), &[], &["data.path = 3", "expected a path"]),
+        ("section as value", format!("model = 3\n{}", MINIMAL.replace("[model]", "[x]")), &[], &["model = 3", "[model] section"]),
+        ("unknown key", minimal_with("[train]\nstpes = 10"), &[], &["train.stpes", "did you mean `train.steps`?"]),
+        ("unknown key prefix", minimal_with("[train]\nwarm = 1"), &[], &["train.warm", "did you mean `train.warmup`?"]),
+        ("unknown key far", minimal_with("[train]\nbanana = 1"), &[], &["train.banana", "known keys of [train]: steps"]),
+        ("unknown section", minimal_with("[trian]\nsteps = 10"), &[], &["`trian`", "did you mean `train`?"]),
+        ("key at top level", format!("steps = 10\n{MINIMAL}"), &[], &["`steps`", "did you mean `train.steps`?"]),
+        ("negative size", MINIMAL.replace("n_layer = 2", "n_layer = -2"), &[], &["model.n_layer = -2", "must be ≥ 1"]),
+        ("zero size", minimal_with("[train]\nglobal_batch = 0"), &[], &["train.global_batch = 0", "must be ≥ 1"]),
+        ("zero keep", minimal_with("[checkpoint]\nkeep = 0"), &[], &["checkpoint.keep = 0", "must be ≥ 1"]),
+        ("negative count", minimal_with("[train]\nwarmup = -1"), &[], &["train.warmup = -1", "must be ≥ 0"]),
+        ("n_head not dividing", MINIMAL.replace("n_head = 2", "n_head = 3"), &[], &["model.n_head = 3 does not divide model.d_model = 64", "use an n_head among", "2, 4"]),
+        ("missing data path key", model_only, &[], &["data.path", "add `path = "]),
+        ("nonexistent data path", MINIMAL.replace("'DATA'", "'no/such/x.txt'"), &[], &["data.path = \"no/such/x.txt\" does not exist", "point it at a text file"]),
+        ("nonexistent init_from", MINIMAL.replace("seq_len = 64", "seq_len = 64\ninit_from = 'no.safetensors'"), &[], &["model.init_from", "point it at a safetensors file"]),
+        ("missing [model]", MINIMAL.replace("[model]", "[train]").replace("n_layer = 2\nn_head = 2\nd_model = 64\nseq_len = 64", ""), &[], &["[model]", "add a [model] section with n_layer"]),
+        ("missing model.n_layer", without("n_layer"), &[], &["model.n_layer", "add `n_layer = "]),
+        ("bad precision", minimal_with("[train]\nprecision = \"fp8\""), &[], &["train.precision = \"fp8\"", "use \"fp32\", \"bf16\" or \"fp16\""]),
+        ("bad model kind", MINIMAL.replace("[model]", "[model]\nkind = \"llama\""), &[], &["model.kind = \"llama\"", "use \"gpt\""]),
+        ("zero.stage = 5", minimal_with("[zero]\nstage = 5"), &[], &["zero.stage = 5", "use 0, 1, 2 or 3"]),
+        ("zero.stage string", minimal_with("[zero]\nstage = \"3\""), &[], &["zero.stage = \"3\"", "expected an integer 0, 1, 2 or 3"]),
+        ("offload_params without stage 3", minimal_with("[zero]\nstage = 2\noffload_params = \"cpu\""), &[], &["zero.offload_params", "needs zero.stage = 3", "set zero.stage = 3"]),
+        ("nvme without nvme_dir", minimal_with("[zero]\noffload_optimizer = \"nvme\""), &[], &["zero.offload_optimizer", "needs zero.nvme_dir", "set zero.nvme_dir"]),
+        ("min_lr above lr", minimal_with("[train]\nlr = 1e-3\nmin_lr = 1e-2"), &[], &["train.min_lr = 0.01", "use a value between 0 and 0.001"]),
+        ("warmup above steps", minimal_with("[train]\nsteps = 10\nwarmup = 30"), &[], &["train.warmup = 30", "use train.warmup ≤ 10"]),
+        ("micro above global", minimal_with("[train]\nglobal_batch = 8\nmicro_batch = 16"), &[], &["train.micro_batch = 16", "use train.micro_batch ≤ 8"]),
+        ("zero lr", minimal_with("[train]\nlr = 0"), &[], &["train.lr = 0", "must be a finite number > 0"]),
+        ("nan lr", minimal_with("[train]\nlr = nan"), &[], &["train.lr = NaN", "must be a finite number > 0"]),
+        ("beta1 = 1", minimal_with("[train]\nbeta1 = 1.0"), &[], &["train.beta1 = 1", "must be in [0, 1)"]),
+        ("negative grad_clip", minimal_with("[train]\ngrad_clip = -1"), &[], &["train.grad_clip = -1", "must be a finite number ≥ 0"]),
+        ("zero eps", minimal_with("[train]\neps = 0.0"), &[], &["train.eps = 0", "must be a finite number > 0"]),
+        ("gpt2 vocab", MINIMAL.replace("[model]", "[model]\nvocab = \"gpt2\""), &[], &["model.vocab = \"gpt2\" is not available yet", "use \"bytes\""]),
+        ("toml syntax", MINIMAL.replace("d_model = 64", "d_model = = 64"), &[], &["test.toml at line 5, column", "fix the syntax"]),
+        ("unclosed string", MINIMAL.replace("'DATA'", "\"abc"), &[], &["test.toml at line 9", "fix the syntax"]),
+        ("--set without =", MINIMAL.to_string(), &["train.steps"], &["--set train.steps`", "expected the form `--set train.steps=50`"]),
+        ("--set without section", MINIMAL.to_string(), &["steps=5"], &["--set steps=5", "expected the form `--set train.steps=50`"]),
+        ("--set empty key", MINIMAL.to_string(), &["train.=5"], &["--set train.=5", "expected the form"]),
+        ("--set unknown key", MINIMAL.to_string(), &["train.stpes=5"], &["train.stpes", "--set train.stpes=5", "did you mean `train.steps`?"]),
+        ("--set unknown section", MINIMAL.to_string(), &["trian.steps=5"], &["trian", "did you mean `train`?"]),
+        ("--set wrong type", MINIMAL.to_string(), &["train.steps=ten"], &["train.steps = \"ten\"", "expected a positive integer"]),
+        ("--set zero size", MINIMAL.to_string(), &["train.micro_batch=0"], &["train.micro_batch = 0", "must be ≥ 1"]),
+        ("--set bad enum", MINIMAL.to_string(), &["zero.offload_optimizer=disk"], &["zero.offload_optimizer = \"disk\"", "use \"none\", \"cpu\" or \"nvme\""]),
+    ]
+}
+
+#[test]
+fn malformed_configs_name_the_key_and_the_fix() {
+    let cases = bad_cases();
+    assert!(cases.len() >= 18);
+    for (name, text, overrides, fragments) in cases {
+        check_err(name, &text, overrides, fragments);
+    }
+}
+
+#[test]
+fn accumulation_steps_divides_or_proposes_valid_values() {
+    let mut config = check_ok(MINIMAL, &[]);
+    assert_eq!(config.accumulation_steps(1), Ok(4));
+    assert_eq!(config.accumulation_steps(2), Ok(2));
+    assert_eq!(config.accumulation_steps(4), Ok(1));
+    assert!(config.accumulation_steps(0).is_err());
+
+    config.train.global_batch = 10;
+    let message = config.accumulation_steps(2).expect_err("10 / 8").to_string();
+    assert_eq!(
+        message,
+        "train.global_batch = 10 is not divisible by train.micro_batch (4) × world size (2) = 8: \
+         use train.global_batch = 8 or 16, or train.micro_batch = 1 (or 5)"
+    );
+
+    // Over a grid, every proposed value must divide, and every failure must propose at least one.
+    for global in 1..=48 {
+        for micro in 1..=8 {
+            for world in 1..=8 {
+                let steps = super::validate::accumulation_steps(global, micro, world);
+                if global % (micro * world) == 0 {
+                    assert_eq!(steps, Ok(global / (micro * world)));
+                    continue;
+                }
+                let message = steps.expect_err("does not divide").to_string();
+                let (globals, micros) = batch_alternatives(global, micro, world);
+                assert!(!globals.is_empty(), "no alternative for {global}/{micro}/{world}");
+                for g in globals {
+                    assert!(message.contains(&g.to_string()), "{message}");
+                    assert!(super::validate::accumulation_steps(g, micro, world).is_ok(), "{g}/{micro}/{world}");
+                }
+                for m in micros {
+                    assert!(message.contains(&format!("{m}")), "{message}");
+                    assert!(m <= global, "{m} > {global}");
+                    assert!(super::validate::accumulation_steps(global, m, world).is_ok(), "{global}/{m}/{world}");
+                }
+            }
+        }
+    }
+    // Absurd inputs answer quickly and without overflow.
+    assert!(super::validate::accumulation_steps(usize::MAX, 2, usize::MAX).is_err());
+    assert!(super::validate::accumulation_steps(usize::MAX, 1, 2).is_err());
+}
+
+#[test]
+fn names_round_trip_and_suggestions_are_close() {
+    for name in Precision::NAMES {
+        assert_eq!(Precision::from_name(name).map(Precision::name), Some(*name));
+    }
+    for name in Offload::NAMES {
+        assert_eq!(Offload::from_name(name).map(Offload::name), Some(*name));
+    }
+    for name in Vocab::NAMES.iter().chain(ModelKind::NAMES) {
+        assert!(Vocab::from_name(name).is_some() || ModelKind::from_name(name).is_some());
+    }
+    for n in 0..=3 {
+        assert_eq!(ZeroStage::from_int(n).map(|s| i64::from(s.as_int())), Some(n));
+    }
+    assert_eq!(super::schema::edit_distance("stpes", "steps"), 2);
+    assert_eq!(super::schema::edit_distance("", "abc"), 3);
+    assert_eq!(super::schema::closest("Steps", ["steps", "seed"].into_iter()), Some("steps"));
+    assert_eq!(super::schema::closest("zzz", ["steps", "seed"].into_iter()), None);
+    assert!(Path::new(&data_path()).exists());
+}

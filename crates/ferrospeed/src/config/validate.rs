@@ -1,0 +1,243 @@
+//! Checks on a typed `Config`: value ranges, relations between keys, paths that must exist, and the
+//! batch arithmetic that needs the world size.
+//!
+//! Pure checks come before file system checks so that the same mistake gives the same message on any
+//! machine; the order is otherwise the order of the sections in a config file.
+
+use super::error::{quote_path, ConfigError};
+use super::{Config, Offload, Vocab, ZeroStage};
+
+pub(crate) fn validate(config: &Config) -> Result<(), ConfigError> {
+    let model = &config.model;
+    let train = &config.train;
+    let sizes = [
+        ("model.n_layer", model.n_layer),
+        ("model.n_head", model.n_head),
+        ("model.d_model", model.d_model),
+        ("model.seq_len", model.seq_len),
+        ("train.steps", train.steps),
+        ("train.global_batch", train.global_batch),
+        ("train.micro_batch", train.micro_batch),
+        ("checkpoint.keep", config.checkpoint.keep),
+    ];
+    for (key, value) in sizes {
+        if value == 0 {
+            return Err(ConfigError::below_one(key, value));
+        }
+    }
+    if model.d_model % model.n_head != 0 {
+        let choices = nearest_divisors(model.d_model, model.n_head, 8);
+        return Err(ConfigError::invalid(
+            "model.n_head",
+            model.n_head,
+            &format!("does not divide model.d_model = {}", model.d_model),
+            format!("use an n_head among {}, or change model.d_model", join(&choices)),
+        ));
+    }
+    if model.vocab == Vocab::Gpt2 {
+        return Err(ConfigError::invalid("model.vocab", "\"gpt2\"", "is not available yet", "use \"bytes\""));
+    }
+    if train.micro_batch > train.global_batch {
+        return Err(ConfigError::invalid(
+            "train.micro_batch",
+            train.micro_batch,
+            &format!("is larger than train.global_batch = {}", train.global_batch),
+            format!("use train.micro_batch ≤ {}, or raise train.global_batch", train.global_batch),
+        ));
+    }
+    check_floats(config)?;
+    if train.warmup > train.steps {
+        return Err(ConfigError::invalid(
+            "train.warmup",
+            train.warmup,
+            &format!("is longer than train.steps = {}", train.steps),
+            format!("use train.warmup ≤ {}, or raise train.steps", train.steps),
+        ));
+    }
+    check_zero(config)?;
+    check_paths(config)
+}
+
+/// Float hyper-parameters. Conditions are written so that NaN fails them too.
+fn check_floats(config: &Config) -> Result<(), ConfigError> {
+    let t = &config.train;
+    if !(t.lr.is_finite() && t.lr > 0.0) {
+        return Err(ConfigError::invalid("train.lr", t.lr, "is out of range", "must be a finite number > 0, e.g. 3e-3"));
+    }
+    if !(t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+        return Err(ConfigError::invalid(
+            "train.min_lr",
+            t.min_lr,
+            &format!("is outside [0, train.lr = {}]", t.lr),
+            format!("use a value between 0 and {}, or leave it out for lr / 10", t.lr),
+        ));
+    }
+    let non_negative = [("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip)];
+    for (key, value) in non_negative {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(ConfigError::invalid(key, value, "is out of range", "must be a finite number ≥ 0 (0 disables it)"));
+        }
+    }
+    for (key, value) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+        if !(0.0..1.0).contains(&value) {
+            return Err(ConfigError::invalid(key, value, "is out of range", "must be in [0, 1), e.g. 0.9 or 0.95"));
+        }
+    }
+    if !(t.eps.is_finite() && t.eps > 0.0) {
+        return Err(ConfigError::invalid("train.eps", t.eps, "is out of range", "must be a finite number > 0, e.g. 1e-8"));
+    }
+    Ok(())
+}
+
+/// ZeRO settings: parameter offload only exists where parameters are sharded, and NVMe needs a place.
+fn check_zero(config: &Config) -> Result<(), ConfigError> {
+    let zero = &config.zero;
+    if zero.offload_params != Offload::None && zero.stage != ZeroStage::Three {
+        return Err(ConfigError::invalid(
+            "zero.offload_params",
+            format!("\"{}\"", zero.offload_params),
+            &format!("needs zero.stage = 3 (it is {})", zero.stage),
+            "set zero.stage = 3, or use zero.offload_params = \"none\"",
+        ));
+    }
+    let offloads = [("zero.offload_optimizer", zero.offload_optimizer), ("zero.offload_params", zero.offload_params)];
+    for (key, offload) in offloads {
+        if offload == Offload::Nvme && zero.nvme_dir.is_none() {
+            return Err(ConfigError::invalid(
+                key,
+                "\"nvme\"",
+                "needs zero.nvme_dir",
+                "set zero.nvme_dir = \"/path/on/fast/disk\", or use \"cpu\"",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Paths that are read must exist now, rather than failing after the run has started. Directories
+/// that are written (checkpoint, track, NVMe) are created by their owners and are not checked here.
+fn check_paths(config: &Config) -> Result<(), ConfigError> {
+    let data = &config.data.path;
+    if !data.exists() {
+        return Err(ConfigError::invalid(
+            "data.path",
+            quote_path(data),
+            "does not exist",
+            "point it at a text file or a directory of text files",
+        ));
+    }
+    if let Some(init) = &config.model.init_from {
+        if !init.exists() {
+            return Err(ConfigError::invalid(
+                "model.init_from",
+                quote_path(init),
+                "does not exist",
+                "point it at a safetensors file, or remove the key to start from random weights",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `global_batch / (micro_batch × world_size)`, or an error proposing values that divide.
+pub(crate) fn accumulation_steps(
+    global_batch: usize,
+    micro_batch: usize,
+    world_size: usize,
+) -> Result<usize, ConfigError> {
+    if world_size == 0 {
+        return Err(ConfigError::invalid("world size", 0, "is out of range", "must be ≥ 1"));
+    }
+    if micro_batch == 0 {
+        return Err(ConfigError::below_one("train.micro_batch", 0));
+    }
+    let per_step = micro_batch.checked_mul(world_size);
+    if let Some(per_step) = per_step {
+        if global_batch > 0 && global_batch % per_step == 0 {
+            return Ok(global_batch / per_step);
+        }
+    }
+    let (globals, micros) = batch_alternatives(global_batch, micro_batch, world_size);
+    let mut options = Vec::new();
+    if !globals.is_empty() {
+        let values: Vec<String> = globals.iter().map(usize::to_string).collect();
+        options.push(format!("train.global_batch = {}", values.join(" or ")));
+    }
+    match micros.as_slice() {
+        [] => {}
+        [only] => options.push(format!("train.micro_batch = {only}")),
+        [first, second, ..] => options.push(format!("train.micro_batch = {first} (or {second})")),
+    }
+    let fix = if options.is_empty() {
+        "use a smaller train.micro_batch or fewer ranks".to_string()
+    } else {
+        format!("use {}", options.join(", or "))
+    };
+    Err(ConfigError::Batch {
+        global_batch,
+        micro_batch,
+        world_size,
+        product: per_step.map_or_else(|| "more than usize::MAX".to_string(), |p| p.to_string()),
+        fix,
+    })
+}
+
+/// Values that would divide: the multiples of `micro × world` just below and above `global`, and the
+/// divisors of `global / world` nearest to `micro` (none when `world` does not divide `global`).
+pub(crate) fn batch_alternatives(global: usize, micro: usize, world: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut globals = Vec::new();
+    if let Some(per_step) = micro.checked_mul(world).filter(|&p| p > 0) {
+        let below = global / per_step * per_step;
+        if below > 0 && below != global {
+            globals.push(below);
+        }
+        if let Some(above) = (global / per_step).checked_add(1).and_then(|k| k.checked_mul(per_step)) {
+            globals.push(above);
+        }
+    }
+    let mut micros = Vec::new();
+    if world > 0 && global > 0 && global % world == 0 {
+        let candidates = divisors(global / world);
+        // Nearest divisor below `micro` first (it keeps memory use within what was asked), then above.
+        if let Some(&below) = candidates.iter().rev().find(|&&d| d < micro) {
+            micros.push(below);
+        }
+        if let Some(&above) = candidates.iter().find(|&&d| d > micro) {
+            micros.push(above);
+        }
+    }
+    (globals, micros)
+}
+
+/// Up to `count` divisors of `n` nearest to `near`, in increasing order.
+fn nearest_divisors(n: usize, near: usize, count: usize) -> Vec<usize> {
+    let mut divisors = divisors(n);
+    divisors.sort_by_key(|&d| (d.abs_diff(near), d));
+    divisors.truncate(count);
+    divisors.sort_unstable();
+    divisors
+}
+
+fn join(values: &[usize]) -> String {
+    let strings: Vec<String> = values.iter().map(usize::to_string).collect();
+    strings.join(", ")
+}
+
+/// The divisors of `n` in increasing order. Trial division stops after 2^20 candidates so that an absurd
+/// value cannot stall the error path; past that only the divisors found so far (all valid) are listed.
+fn divisors(n: usize) -> Vec<usize> {
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    let mut d: usize = 1;
+    while d <= n / d && d <= 1 << 20 {
+        if n % d == 0 {
+            small.push(d);
+            if d != n / d {
+                large.push(n / d);
+            }
+        }
+        d += 1;
+    }
+    small.extend(large.into_iter().rev());
+    small
+}

@@ -1,0 +1,88 @@
+//! A model as the engine sees it: blocks, their own parameters, and where each slot's tensor lives.
+
+use super::block::{Block, ParamRef, ParamSpec};
+use super::error::EngineError;
+
+/// Where a block's parameter slot lives: in `block`'s own parameters, at `index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotSource {
+    pub block: usize,
+    pub index: usize,
+}
+
+/// A sequence of blocks with resolved parameter slots.
+pub struct Model {
+    blocks: Vec<Box<dyn Block>>,
+    /// Parameters each block owns, in declaration order.
+    own: Vec<Vec<ParamSpec>>,
+    /// For each block, where each of its slots comes from.
+    slots: Vec<Vec<SlotSource>>,
+}
+
+impl Model {
+    /// Resolve the blocks' slots. A tied slot must name a parameter of an earlier block, so that the
+    /// owner's gradient is complete once the backward pass (which runs in reverse) reaches the owner.
+    pub fn new(blocks: Vec<Box<dyn Block>>) -> Result<Self, EngineError> {
+        let mut own = Vec::with_capacity(blocks.len());
+        let mut slots = Vec::with_capacity(blocks.len());
+        for (i, block) in blocks.iter().enumerate() {
+            let mut mine = Vec::new();
+            let mut sources = Vec::new();
+            for slot in block.params() {
+                match slot {
+                    ParamRef::Own(spec) => {
+                        if mine.iter().any(|s: &ParamSpec| s.name == spec.name) {
+                            return Err(EngineError::Model(format!("block {} declares {} twice", block.name(), spec.name)));
+                        }
+                        sources.push(SlotSource { block: i, index: mine.len() });
+                        mine.push(spec);
+                    }
+                    ParamRef::Tied { block: owner, name } => {
+                        let found = (owner < i)
+                            .then(|| own.get(owner))
+                            .flatten()
+                            .and_then(|specs: &Vec<ParamSpec>| specs.iter().position(|s| s.name == name));
+                        let Some(index) = found else {
+                            return Err(EngineError::Model(format!(
+                                "block {} ties to {name} of block {owner}, which is not a parameter of an earlier block",
+                                block.name()
+                            )));
+                        };
+                        sources.push(SlotSource { block: owner, index });
+                    }
+                }
+            }
+            own.push(mine);
+            slots.push(sources);
+        }
+        Ok(Self { blocks, own, slots })
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn block(&self, i: usize) -> &dyn Block {
+        self.blocks[i].as_ref()
+    }
+
+    /// Parameters block `i` owns.
+    pub fn own_params(&self, i: usize) -> &[ParamSpec] {
+        &self.own[i]
+    }
+
+    /// Where each slot of block `i` comes from.
+    pub fn slots(&self, i: usize) -> &[SlotSource] {
+        &self.slots[i]
+    }
+
+    /// Total number of parameters (tied ones counted once).
+    pub fn num_params(&self) -> usize {
+        self.own.iter().flatten().map(ParamSpec::numel).sum()
+    }
+
+    /// Forward FLOPs per token of the whole model.
+    pub fn forward_flops_per_token(&self) -> f64 {
+        self.blocks.iter().map(|b| b.forward_flops_per_token()).sum()
+    }
+}

@@ -1,0 +1,87 @@
+//! AdamW with decoupled weight decay (Loshchilov & Hutter), elementwise over flat f32 slices.
+//!
+//! Elementwise means the result for an element does not depend on how a buffer is split, so any
+//! shard of a FlatParam can be updated on its own and match the unsharded update bit for bit.
+
+/// Hyper-parameters of AdamW (the learning rate comes per step from the schedule).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamW {
+    /// Update `params` in place from `grads`, with first and second moments `m` and `v`, at step `t`
+    /// (1-based). Decay applies only when `decay` is true (weights, not biases or norms).
+    pub fn update(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], lr: f64, t: u64, decay: bool) {
+        debug_assert!(params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len());
+        let t = t.max(1) as i32;
+        let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
+        let bias1 = (1.0 - self.beta1.powi(t)) as f32;
+        let bias2_sqrt = (1.0 - self.beta2.powi(t)).sqrt() as f32;
+        let step = (lr / f64::from(bias1)) as f32;
+        let eps = self.eps as f32;
+        let shrink = if decay { (1.0 - lr * self.weight_decay) as f32 } else { 1.0 };
+        for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            let denom = v.sqrt() / bias2_sqrt + eps;
+            *p = *p * shrink - step * *m / denom;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The textbook formulation in f64, for comparison.
+    fn reference(p: f64, g: f64, steps: u64, lr: f64, h: &AdamW, decay: bool) -> f64 {
+        let (mut p, mut m, mut v) = (p, 0.0, 0.0);
+        for t in 1..=steps {
+            if decay {
+                p -= lr * h.weight_decay * p;
+            }
+            m = h.beta1 * m + (1.0 - h.beta1) * g;
+            v = h.beta2 * v + (1.0 - h.beta2) * g * g;
+            let mhat = m / (1.0 - h.beta1.powi(t as i32));
+            let vhat = v / (1.0 - h.beta2.powi(t as i32));
+            p -= lr * mhat / (vhat.sqrt() + h.eps);
+        }
+        p
+    }
+
+    #[test]
+    fn matches_the_textbook_update() {
+        let h = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        for decay in [false, true] {
+            let mut p = vec![0.5f32, -1.0, 2.0];
+            let g = vec![0.1f32, -0.02, 3.0];
+            let (mut m, mut v) = (vec![0.0; 3], vec![0.0; 3]);
+            for t in 1..=5 {
+                h.update(&mut p, &g, &mut m, &mut v, 1e-2, t, decay);
+            }
+            for (i, (&got, (&p0, &g0))) in p.iter().zip([0.5f32, -1.0, 2.0].iter().zip(&g)).enumerate() {
+                let want = reference(f64::from(p0), f64::from(g0), 5, 1e-2, &h, decay);
+                assert!((f64::from(got) - want).abs() < 1e-6, "element {i} decay {decay}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn split_updates_equal_the_whole() {
+        let h = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let g: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut whole = vec![1f32; 100];
+        let (mut m, mut v) = (vec![0f32; 100], vec![0f32; 100]);
+        h.update(&mut whole, &g, &mut m, &mut v, 3e-3, 1, true);
+        let mut parts = vec![1f32; 100];
+        let (mut m2, mut v2) = (vec![0f32; 100], vec![0f32; 100]);
+        for r in [0..37, 37..64, 64..100] {
+            h.update(&mut parts[r.clone()], &g[r.clone()], &mut m2[r.clone()], &mut v2[r.clone()], 3e-3, 1, true);
+        }
+        assert_eq!(whole, parts);
+    }
+}

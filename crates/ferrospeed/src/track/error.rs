@@ -1,0 +1,24 @@
+//! Errors of run tracking: each names the path involved and what to do about it.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while writing a run's outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackError {
+    #[error(
+        "{dir} already holds a run (metrics.jsonl exists); choose another track.dir or move the old run away"
+    )]
+    RunExists { dir: PathBuf },
+
+    #[error("cannot create directory {path}: {source}; check that the parent is writable")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+
+    #[error("cannot create {path}: {source}; check that the directory is writable")]
+    CreateFile { path: PathBuf, source: std::io::Error },
+
+    #[error("cannot write {path}: {source}; check free disk space and permissions")]
+    Write { path: PathBuf, source: std::io::Error },
+
+    #[error("cannot encode JSON for {path}: {source}; the value must be representable as JSON")]
+    Json { path: PathBuf, source: serde_json::Error },
+}

@@ -1,0 +1,29 @@
+//! Run outputs: `metrics.jsonl`, `config.json`/`summary.json`, a TensorBoard event file, and progress display.
+//!
+//! Code map:
+//! - [`metrics`]: [`StepMetrics`], the one record per optimizer step that every output is built from.
+//! - [`run_dir`]: choosing a fresh run directory and writing its JSON files.
+//! - [`tracker`]: [`Tracker`], which owns a run directory and appends metrics to it.
+//! - [`tensorboard`]: [`TensorBoardWriter`], a dependency-free TensorBoard event file writer.
+//! - [`progress`]: [`Progress`], a progress bar on a terminal, plain lines otherwise.
+//!
+//! Invariant: a run directory is never reused. A directory that already holds `metrics.jsonl` is refused
+//! before anything is written, so an earlier run's outputs cannot be overwritten or mixed with a new one.
+//! This module knows nothing of ranks: the caller decides that only rank 0 tracks.
+
+mod error;
+mod metrics;
+mod progress;
+mod run_dir;
+mod tensorboard;
+mod tracker;
+
+#[cfg(test)]
+mod event_reader;
+
+pub use error::TrackError;
+pub use metrics::StepMetrics;
+pub use progress::Progress;
+pub use run_dir::fresh_run_dir;
+pub use tensorboard::TensorBoardWriter;
+pub use tracker::Tracker;

@@ -1,0 +1,242 @@
+//! [`Tracker`]: owns one run directory and appends each step's metrics to it (and to TensorBoard).
+//!
+//! Layout of a run directory:
+//! - `config.json`: the effective config, pretty-printed, written at start;
+//! - `metrics.jsonl`: one [`StepMetrics`] JSON object per line, appended and flushed every step;
+//! - `events.out.tfevents.*`: TensorBoard scalars, when enabled;
+//! - `summary.json`: written by [`Tracker::finish`], so its presence means the run ended cleanly.
+
+use super::run_dir::write_json_pretty;
+use super::{StepMetrics, TensorBoardWriter, TrackError};
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+
+const METRICS_FILE: &str = "metrics.jsonl";
+const CONFIG_FILE: &str = "config.json";
+const SUMMARY_FILE: &str = "summary.json";
+
+/// Writes a run's outputs into its directory. Create one on rank 0 only.
+pub struct Tracker {
+    dir: PathBuf,
+    metrics_path: PathBuf,
+    metrics: File,
+    tensorboard: Option<TensorBoardWriter>,
+}
+
+impl Tracker {
+    /// Creates `dir` (and its parents), claims it for this run and writes `config.json`.
+    ///
+    /// Refuses with [`TrackError::RunExists`] if `dir/metrics.jsonl` exists, writing nothing: an earlier
+    /// run's outputs are never overwritten or appended to. The claim itself is atomic (the metrics file is
+    /// opened with `create_new`), so two processes pointed at the same directory cannot both succeed.
+    pub fn create(dir: &Path, tensorboard: bool, config_json: &serde_json::Value) -> Result<Self, TrackError> {
+        let metrics_path = dir.join(METRICS_FILE);
+        // Checked before creating anything so a refused run leaves no trace, not even a directory.
+        if metrics_path.symlink_metadata().is_ok() {
+            return Err(TrackError::RunExists { dir: dir.to_path_buf() });
+        }
+        std::fs::create_dir_all(dir).map_err(|source| TrackError::CreateDir { path: dir.to_path_buf(), source })?;
+        let metrics = match OpenOptions::new().append(true).create_new(true).open(&metrics_path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                return Err(TrackError::RunExists { dir: dir.to_path_buf() })
+            }
+            Err(source) => return Err(TrackError::CreateFile { path: metrics_path, source }),
+        };
+
+        // If the rest of the setup fails, release the claim so the user can fix the cause and rerun into
+        // the same directory: the files removed here are the ones this call just created.
+        let config_path = dir.join(CONFIG_FILE);
+        let rest = write_json_pretty(&config_path, config_json).and_then(|()| {
+            if tensorboard {
+                TensorBoardWriter::create(dir).map(Some)
+            } else {
+                Ok(None)
+            }
+        });
+        match rest {
+            Ok(tensorboard) => Ok(Self { dir: dir.to_path_buf(), metrics_path, metrics, tensorboard }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&config_path);
+                let _ = std::fs::remove_file(&metrics_path);
+                Err(e)
+            }
+        }
+    }
+
+    /// The run directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The TensorBoard event file, when TensorBoard is enabled.
+    pub fn tensorboard_path(&self) -> Option<&Path> {
+        self.tensorboard.as_ref().map(|tb| tb.path())
+    }
+
+    /// Appends `m` as one line of `metrics.jsonl` and to TensorBoard.
+    ///
+    /// The line goes out in a single unbuffered write, so a crash loses at most the current step and
+    /// never leaves a half line in the middle of the file. No fsync per step: surviving a process crash
+    /// is what matters here, and a sync every step would cost more than the step on small models.
+    pub fn log(&mut self, m: &StepMetrics) -> Result<(), TrackError> {
+        let mut line = serde_json::to_string(m)
+            .map_err(|source| TrackError::Json { path: self.metrics_path.clone(), source })?;
+        line.push('\n');
+        self.metrics
+            .write_all(line.as_bytes())
+            .and_then(|()| self.metrics.flush())
+            .map_err(|source| TrackError::Write { path: self.metrics_path.clone(), source })?;
+
+        if let Some(tb) = self.tensorboard.as_mut() {
+            let mut scalars = vec![
+                ("loss", m.loss),
+                ("lr", m.lr),
+                ("grad_norm", m.grad_norm),
+                ("tokens_per_s", m.tokens_per_s),
+                ("step_ms", m.step_ms),
+            ];
+            if let Some(mfu) = m.mfu {
+                scalars.push(("mfu", mfu));
+            }
+            if let Some(loss_scale) = m.loss_scale {
+                scalars.push(("loss_scale", loss_scale));
+            }
+            tb.add_scalars(m.step, &scalars)?;
+            // Flushed every step so TensorBoard shows a live run; one small write per step is cheap.
+            tb.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Ends the run: syncs the metrics to disk and writes `summary.json` with `summary`.
+    pub fn finish(mut self, summary: &serde_json::Value) -> Result<(), TrackError> {
+        if let Some(tb) = self.tensorboard.as_mut() {
+            tb.flush()?;
+        }
+        self.metrics.sync_data().map_err(|source| TrackError::Write { path: self.metrics_path.clone(), source })?;
+        write_json_pretty(&self.dir.join(SUMMARY_FILE), summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::event_reader::read_events;
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn metrics(step: u64) -> StepMetrics {
+        StepMetrics {
+            step,
+            loss: 5.0 - step as f64 * 0.25,
+            lr: 1e-3 * step as f64,
+            grad_norm: 0.5,
+            tokens: 4096 * step,
+            tokens_per_s: 20_000.0,
+            mfu: if step % 2 == 0 { Some(0.4) } else { None },
+            step_ms: 204.8,
+            peak_mem_bytes: 3 << 30,
+            loss_scale: if step == 3 { Some(1024.0) } else { None },
+            extra: BTreeMap::new(),
+        }
+    }
+
+    fn config() -> serde_json::Value {
+        serde_json::json!({"model": {"n_layer": 2}, "train": {"steps": 3}})
+    }
+
+    fn tfevents_files(dir: &Path) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().contains("tfevents"))
+            .collect();
+        files.sort();
+        files
+    }
+
+    #[test]
+    fn run_writes_config_metrics_and_summary() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("nested/runs/a");
+        let mut tracker = Tracker::create(&dir, false, &config()).unwrap();
+        let logged: Vec<StepMetrics> = (1..=3).map(metrics).collect();
+        for m in &logged {
+            tracker.log(m).unwrap();
+        }
+        tracker.finish(&serde_json::json!({"final_loss": 4.25})).unwrap();
+
+        let config_text = std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap();
+        assert!(config_text.contains("\n  "), "config.json is pretty-printed");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&config_text).unwrap(), config());
+
+        let text = std::fs::read_to_string(dir.join(METRICS_FILE)).unwrap();
+        let read: Vec<StepMetrics> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(read, logged);
+        assert!(text.ends_with('\n'));
+
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(SUMMARY_FILE)).unwrap()).unwrap();
+        assert_eq!(summary["final_loss"], 4.25);
+        assert!(tfevents_files(&dir).is_empty(), "no TensorBoard file when disabled");
+    }
+
+    #[test]
+    fn existing_run_is_refused_and_left_untouched() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("run");
+        let mut first = Tracker::create(&dir, true, &config()).unwrap();
+        first.log(&metrics(1)).unwrap();
+        first.log(&metrics(2)).unwrap();
+        drop(first); // a crashed run: no summary.json
+
+        let snapshot = |name: &str| std::fs::read(dir.join(name)).unwrap();
+        let (old_metrics, old_config) = (snapshot(METRICS_FILE), snapshot(CONFIG_FILE));
+        let old_entries = std::fs::read_dir(&dir).unwrap().count();
+
+        let other_config = serde_json::json!({"different": true});
+        let err = Tracker::create(&dir, true, &other_config).err().expect("reuse must be refused");
+        assert!(matches!(&err, TrackError::RunExists { dir: d } if d == &dir), "{err}");
+        let message = err.to_string();
+        assert!(message.contains(&dir.display().to_string()), "{message}");
+        assert!(message.contains("choose another track.dir or move the old run away"), "{message}");
+
+        assert_eq!(snapshot(METRICS_FILE), old_metrics, "metrics.jsonl must be byte-identical");
+        assert_eq!(snapshot(CONFIG_FILE), old_config);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), old_entries, "nothing new written");
+    }
+
+    #[test]
+    fn tensorboard_gets_scalars_for_each_step() {
+        let base = tempfile::tempdir().unwrap();
+        let mut tracker = Tracker::create(base.path(), true, &config()).unwrap();
+        for step in 1..=3 {
+            tracker.log(&metrics(step)).unwrap();
+        }
+        let path = tracker.tensorboard_path().unwrap().to_path_buf();
+        tracker.finish(&serde_json::json!({})).unwrap();
+        assert_eq!(tfevents_files(base.path()), vec![path.clone()]);
+
+        let events = read_events(&path);
+        assert_eq!(events.len(), 4, "version event plus one per step");
+        let tags = |i: usize| events[i].values.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>();
+        let base_tags = ["loss", "lr", "grad_norm", "tokens_per_s", "step_ms"];
+        assert_eq!(tags(1), base_tags);
+        assert_eq!(tags(2), [&base_tags[..], &["mfu"]].concat());
+        assert_eq!(tags(3), [&base_tags[..], &["loss_scale"]].concat());
+        assert_eq!(events[2].step, 2);
+        assert_eq!(events[2].values[0].1, 4.5f32);
+        assert_eq!(events[3].values[5].1, 1024.0f32);
+    }
+
+    #[test]
+    fn directory_that_is_a_file_reports_the_path() {
+        let base = tempfile::tempdir().unwrap();
+        let blocker = base.path().join("not-a-dir");
+        std::fs::write(&blocker, b"x").unwrap();
+        let dir = blocker.join("run");
+        let err = Tracker::create(&dir, false, &config()).err().expect("cannot create under a file");
+        assert!(err.to_string().contains(&dir.display().to_string()), "{err}");
+    }
+}
