@@ -62,7 +62,8 @@ pub(crate) fn validate(config: &Config) -> Result<(), ConfigError> {
 fn check_floats(config: &Config) -> Result<(), ConfigError> {
     let t = &config.train;
     if !(t.lr.is_finite() && t.lr > 0.0) {
-        return Err(ConfigError::invalid("train.lr", t.lr, "is out of range", "must be a finite number > 0, e.g. 3e-3"));
+        let fix = "must be a finite number > 0, e.g. 3e-3";
+        return Err(ConfigError::invalid("train.lr", t.lr, "is out of range", fix));
     }
     if !(t.min_lr >= 0.0 && t.min_lr <= t.lr) {
         return Err(ConfigError::invalid(
@@ -75,16 +76,19 @@ fn check_floats(config: &Config) -> Result<(), ConfigError> {
     let non_negative = [("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip)];
     for (key, value) in non_negative {
         if !(value.is_finite() && value >= 0.0) {
-            return Err(ConfigError::invalid(key, value, "is out of range", "must be a finite number ≥ 0 (0 disables it)"));
+            let fix = "must be a finite number ≥ 0 (0 disables it)";
+            return Err(ConfigError::invalid(key, value, "is out of range", fix));
         }
     }
     for (key, value) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
         if !(0.0..1.0).contains(&value) {
-            return Err(ConfigError::invalid(key, value, "is out of range", "must be in [0, 1), e.g. 0.9 or 0.95"));
+            let fix = "must be in [0, 1), e.g. 0.9 or 0.95";
+            return Err(ConfigError::invalid(key, value, "is out of range", fix));
         }
     }
     if !(t.eps.is_finite() && t.eps > 0.0) {
-        return Err(ConfigError::invalid("train.eps", t.eps, "is out of range", "must be a finite number > 0, e.g. 1e-8"));
+        let fix = "must be a finite number > 0, e.g. 1e-8";
+        return Err(ConfigError::invalid("train.eps", t.eps, "is out of range", fix));
     }
     Ok(())
 }

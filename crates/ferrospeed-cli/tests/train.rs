@@ -1,0 +1,164 @@
+//! `ferrospeed train` end to end: parity across world sizes, bitwise repeats, bad configs, run safety.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use support::*;
+
+fn corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/rust-book.txt")
+}
+
+/// A tiny model: 20 steps take about a second.
+fn tiny_config(dir: &Path) -> PathBuf {
+    let text = format!(
+        r#"
+[model]
+n_layer = 2
+n_head = 2
+d_model = 32
+seq_len = 32
+
+[data]
+path = "{}"
+
+[train]
+steps = 20
+global_batch = 8
+micro_batch = 2
+lr = 3e-3
+warmup = 2
+sample_tokens = 0
+"#,
+        corpus().display()
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Train under `launch` with `nproc` ranks; returns the per-step losses from metrics.jsonl.
+fn train(nproc: usize, config: &Path, track: &Path, extra: &[&str]) -> Vec<f64> {
+    let track_set = format!("track.dir={}", track.display());
+    let nproc_s = nproc.to_string();
+    let mut args = vec!["launch", "--nproc-per-node", &nproc_s, "train", "--config"];
+    let config_s = config.display().to_string();
+    args.push(&config_s);
+    args.extend(["--set", &track_set]);
+    args.extend(extra);
+    let f = run(ferrospeed().args(&args), Duration::from_secs(300));
+    assert!(f.status.success(), "train with {nproc} ranks failed:\n{}\n{}", f.stdout, f.stderr);
+    let metrics = std::fs::read_to_string(track.join("metrics.jsonl")).unwrap();
+    metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn world_sizes_1_2_4_agree_and_repeats_are_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let w1 = train(1, &config, &dir.path().join("w1"), &[]);
+    let w2 = train(2, &config, &dir.path().join("w2"), &[]);
+    let w4 = train(4, &config, &dir.path().join("w4"), &[]);
+    assert_eq!(w1.len(), 20);
+    for (name, other) in [("world 2", &w2), ("world 4", &w4)] {
+        for (step, (a, b)) in w1.iter().zip(other.iter()).enumerate() {
+            assert!(((a - b) / a).abs() < 1e-5, "{name} step {}: {a} vs {b}", step + 1);
+        }
+    }
+    assert!(w1[19] < w1[0] - 0.5, "the loss falls: {w1:?}");
+    let again = train(2, &config, &dir.path().join("w2-again"), &[]);
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&w2), bits(&again), "two runs at world size 2 must be bitwise identical");
+}
+
+#[test]
+fn outputs_are_complete_and_an_earlier_run_is_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let track = dir.path().join("run");
+    train(1, &config, &track, &["--set", "train.steps=3", "--set", "train.sample_tokens=20"]);
+    for file in ["metrics.jsonl", "config.json", "summary.json"] {
+        assert!(track.join(file).is_file(), "{file} missing");
+    }
+    assert!(std::fs::read_dir(&track).unwrap().flatten().any(|e| e.file_name().to_string_lossy().starts_with("events.out.tfevents")));
+    let line = std::fs::read_to_string(track.join("metrics.jsonl")).unwrap().lines().next().unwrap().to_string();
+    let m: serde_json::Value = serde_json::from_str(&line).unwrap();
+    for key in ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu", "step_ms", "peak_mem_bytes"] {
+        assert!(m.get(key).is_some(), "metrics.jsonl lacks {key}: {line}");
+    }
+    let before = std::fs::read(track.join("metrics.jsonl")).unwrap();
+    let f = run(
+        ferrospeed().args(["train", "--config", &config.display().to_string(), "--set", &format!("track.dir={}", track.display())]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("already") && f.stderr.contains("track.dir"), "{}", f.stderr);
+    assert_eq!(std::fs::read(track.join("metrics.jsonl")).unwrap(), before, "the earlier run is untouched");
+}
+
+#[test]
+fn bad_configs_are_one_line_exit_2_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read_to_string(tiny_config(dir.path())).unwrap();
+    let track = dir.path().join("never");
+    // (edit of the good config, --set overrides, fragments the message must contain)
+    let cases: Vec<(String, Vec<&str>, Vec<&str>)> = vec![
+        (good.replace("steps = 20", "stpes = 20"), vec![], vec!["train.stpes", "did you mean"]),
+        (good.replace("[train]", "[trian]"), vec![], vec!["trian"]),
+        (good.replace("steps = 20", "steps = \"ten\""), vec![], vec!["train.steps", "integer"]),
+        (good.replace("steps = 20", "steps = -3"), vec![], vec!["train.steps"]),
+        (good.replace("micro_batch = 2", "micro_batch = 0"), vec![], vec!["train.micro_batch"]),
+        (good.replace("n_head = 2", "n_head = 3"), vec![], vec!["model.n_head", "model.d_model"]),
+        (good.replace("d_model = 32", "d_model = 0"), vec![], vec!["model.d_model"]),
+        (good.replace("[data]\npath", "[data]\npth"), vec![], vec!["data.pth"]),
+        (good.replace("rust-book.txt", "no-such-file.txt"), vec![], vec!["data.path", "does not exist"]),
+        (good.replace("global_batch = 8", "global_batch = 9"), vec![], vec!["train.global_batch", "train.micro_batch"]),
+        (good.replace("[model]\n", "[model_]\n"), vec![], vec!["model"]),
+        (good.replace("lr = 3e-3", "lr = -1.0"), vec![], vec!["train.lr"]),
+        (good.replace("warmup = 2", "warmup = 50"), vec![], vec!["train.warmup"]),
+        (good.clone() + "\n[zero]\nstage = 7\n", vec![], vec!["zero.stage"]),
+        (good.clone() + "precision = \"fp8\"\n", vec![], vec!["train.precision", "fp32"]),
+        (good.replace("[model]\n", "[model]\nvocab = \"gpt2\"\n"), vec![], vec!["model.vocab", "bytes"]),
+        (good.replace("n_layer = 2", "n_layer = 2 = 3"), vec![], vec!["tiny.toml"]),
+        (good.clone(), vec!["--set", "train.steps"], vec!["--set", "train.steps=50"]),
+        (good.clone(), vec!["--set", "train.stepz=5"], vec!["train.stepz", "did you mean"]),
+        (good.clone(), vec!["--set", "model.seq_len=0"], vec!["model.seq_len"]),
+        (good.clone() + "\n[zero]\nstage = 2\n", vec![], vec!["zero.stage", "not available yet"]),
+    ];
+    assert!(cases.len() >= 15);
+    for (i, (text, overrides, expect)) in cases.iter().enumerate() {
+        let path = dir.path().join("tiny.toml");
+        std::fs::write(&path, text).unwrap();
+        let mut args = vec!["train".to_string(), "--config".into(), path.display().to_string()];
+        args.extend(["--set".to_string(), format!("track.dir={}", track.display())]);
+        args.extend(overrides.iter().map(|s| s.to_string()));
+        let f = run(ferrospeed().args(&args), Duration::from_secs(60));
+        assert_eq!(f.status.code(), Some(2), "case {i} ({expect:?}): {}", f.stderr);
+        assert_eq!(f.stderr.trim().lines().count(), 1, "case {i}: one line please: {}", f.stderr);
+        for fragment in expect {
+            assert!(f.stderr.contains(fragment), "case {i}: expected {fragment:?} in: {}", f.stderr);
+        }
+        assert!(!track.exists(), "case {i}: a bad config must write nothing");
+    }
+}
+
+#[test]
+fn batch_arithmetic_that_fails_only_for_the_world_size_stops_the_launch_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let track = dir.path().join("never");
+    let f = run(
+        ferrospeed().args([
+            "launch", "--nproc-per-node", "3", "train", "--config", &config.display().to_string(),
+            "--set", &format!("track.dir={}", track.display()),
+        ]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("train.global_batch = 8") && f.stderr.contains("world size (3)"), "{}", f.stderr);
+    assert!(!track.exists());
+}

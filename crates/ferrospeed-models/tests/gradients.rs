@@ -1,0 +1,153 @@
+//! The block-wise backward of the GPT model against central finite differences, in f64, on a tiny
+//! model: every parameter of every block (through the whole chain of blocks, tied embedding included)
+//! and the input gradient of every block.
+
+use candle_core::{DType, Device, Tensor, Var};
+use ferrospeed::engine::{blockwise, Batch, Model};
+use ferrospeed::rng::Rng;
+use ferrospeed_models::{Gpt, GptConfig};
+
+const CFG: GptConfig = GptConfig { n_layer: 2, n_head: 2, d_model: 8, seq_len: 5, vocab_size: 11 };
+
+/// Random f64 values for every parameter each block owns (not the GPT init: larger, so every path matters).
+fn random_params(model: &Model) -> Vec<Vec<Vec<f64>>> {
+    let mut rng = Rng::new(42);
+    (0..model.num_blocks())
+        .map(|i| {
+            model
+                .own_params(i)
+                .iter()
+                .map(|s| {
+                    let base = if s.name.contains("ln") && s.name.ends_with("weight") { 1.0 } else { 0.0 };
+                    (0..s.numel()).map(|_| base + 0.3 * rng.normal()).collect()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn batch() -> Batch {
+    let tokens = Tensor::new(&[[1u32, 4, 9, 2, 7], [3, 3, 10, 0, 5]], &Device::Cpu).unwrap();
+    let targets = Tensor::new(&[[4u32, 9, 2, 7, 1], [3, 10, 0, 5, 6]], &Device::Cpu).unwrap();
+    Batch { tokens, targets }
+}
+
+/// Slot tensors of every block from the owned values (as variables when `vars` is given).
+fn slots(model: &Model, owned: &[Vec<Vec<f64>>], vars: Option<&[Vec<Var>]>) -> Vec<Vec<Tensor>> {
+    (0..model.num_blocks())
+        .map(|i| {
+            model
+                .slots(i)
+                .iter()
+                .map(|src| match vars {
+                    Some(v) => v[src.block][src.index].as_tensor().clone(),
+                    None => {
+                        let spec = &model.own_params(src.block)[src.index];
+                        Tensor::from_slice(&owned[src.block][src.index], spec.shape.as_slice(), &Device::Cpu).unwrap()
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn loss(model: &Model, owned: &[Vec<Vec<f64>>], batch: &Batch) -> f64 {
+    let tape = blockwise::forward(model, &slots(model, owned, None), batch, true).unwrap();
+    tape.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// Analytic gradients of every owned parameter through the block-wise backward.
+fn analytic(model: &Model, owned: &[Vec<Vec<f64>>], batch: &Batch, checkpointing: bool) -> Vec<Vec<Vec<f64>>> {
+    let vars: Vec<Vec<Var>> = (0..model.num_blocks())
+        .map(|i| {
+            model
+                .own_params(i)
+                .iter()
+                .zip(&owned[i])
+                .map(|(s, v)| Var::from_slice(v, s.shape.as_slice(), &Device::Cpu).unwrap())
+                .collect()
+        })
+        .collect();
+    let params = slots(model, owned, Some(&vars));
+    let mut grads: Vec<Vec<Vec<f64>>> = owned.iter().map(|b| b.iter().map(|p| vec![0.0; p.len()]).collect()).collect();
+    let tape = blockwise::forward(model, &params, batch, checkpointing).unwrap();
+    blockwise::backward(model, &params, batch, tape, 1.0, |i, slot_grads| {
+        for (src, g) in model.slots(i).iter().zip(slot_grads) {
+            if let Some(g) = g {
+                let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
+                grads[src.block][src.index].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    grads
+}
+
+#[test]
+fn every_parameter_gradient_matches_finite_differences() {
+    let model = Gpt::new(CFG).model().unwrap();
+    let owned = random_params(&model);
+    let batch = batch();
+    let with_ckpt = analytic(&model, &owned, &batch, true);
+    let without = analytic(&model, &owned, &batch, false);
+    assert_eq!(with_ckpt, without, "checkpointing must not change gradients at all");
+    let eps = 1e-5;
+    let mut checked = 0;
+    for b in 0..model.num_blocks() {
+        for (p, spec) in model.own_params(b).iter().enumerate() {
+            // A spread of elements of every parameter (all of the small ones).
+            let n = spec.numel();
+            let picks: Vec<usize> = if n <= 12 { (0..n).collect() } else { (0..12).map(|k| (k * 7919 + 3) % n).collect() };
+            for e in picks {
+                let mut plus = owned.clone();
+                plus[b][p][e] += eps;
+                let mut minus = owned.clone();
+                minus[b][p][e] -= eps;
+                let fd = (loss(&model, &plus, &batch) - loss(&model, &minus, &batch)) / (2.0 * eps);
+                let an = with_ckpt[b][p][e];
+                assert!(
+                    (fd - an).abs() <= 1e-7 + 1e-5 * fd.abs(),
+                    "block {} {}[{e}]: analytic {an:e} vs finite difference {fd:e}",
+                    model.block(b).name(),
+                    spec.name
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 100, "checked {checked} elements");
+}
+
+#[test]
+fn every_block_input_gradient_matches_finite_differences() {
+    // For each transformer layer and the head, d(sum(y · r))/dx against finite differences of x.
+    let model = Gpt::new(CFG).model().unwrap();
+    let owned = random_params(&model);
+    let batch = batch();
+    let params = slots(&model, &owned, None);
+    let mut rng = Rng::new(7);
+    let x0: Vec<f64> = (0..2 * 5 * CFG.d_model).map(|_| rng.normal()).collect();
+    for b in 1..model.num_blocks() {
+        let block = model.block(b);
+        let out_numel = if b + 1 == model.num_blocks() { 1 } else { x0.len() };
+        let r: Vec<f64> = (0..out_numel).map(|_| rng.normal()).collect();
+        let objective = |x: &[f64]| -> f64 {
+            let xt = Tensor::from_slice(x, (2, 5, CFG.d_model), &Device::Cpu).unwrap();
+            let y: Vec<f64> = block.forward(&params[b], Some(&xt), &batch).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            y.iter().zip(&r).map(|(a, b)| a * b).sum()
+        };
+        let xv = Var::from_slice(&x0, (2, 5, CFG.d_model), &Device::Cpu).unwrap();
+        let y = block.forward(&params[b], Some(xv.as_tensor()), &batch).unwrap();
+        let rt = Tensor::from_slice(&r, y.shape(), &Device::Cpu).unwrap();
+        let grads = (y * rt).unwrap().sum_all().unwrap().backward().unwrap();
+        let an: Vec<f64> = grads.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for e in (0..x0.len()).step_by(5) {
+            let (mut plus, mut minus) = (x0.clone(), x0.clone());
+            plus[e] += 1e-5;
+            minus[e] -= 1e-5;
+            let fd = (objective(&plus) - objective(&minus)) / 2e-5;
+            assert!((fd - an[e]).abs() <= 1e-7 + 1e-5 * fd.abs(), "block {} x[{e}]: {} vs {fd}", block.name(), an[e]);
+        }
+    }
+}
