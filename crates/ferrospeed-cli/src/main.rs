@@ -31,6 +31,7 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some(launch::guard::GUARD_COMMAND) {
         return launch::guard::run();
     }
+    keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage::report_clap_error(e),
@@ -55,5 +56,17 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+/// Training allocates and frees the same large activation buffers every step. glibc's default hands
+/// big blocks back to the kernel (mmap/munmap), so each step pays page faults and zeroing again;
+/// keeping freed memory in the heap made CPU training about 40% faster (see bench/results).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
 }
