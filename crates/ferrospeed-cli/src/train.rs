@@ -9,9 +9,11 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
 use ferrospeed::comm::TcpCommunicator;
-use ferrospeed::config::{Config, Offload, Precision, ZeroStage};
+use ferrospeed::config::{Config, Offload, Precision, ReduceDtype};
 use ferrospeed::engine::{Batch, Engine, EngineConfig};
 use ferrospeed::optim::{AdamW, LrSchedule};
+use ferrospeed::precision::LossScalerConfig;
+use ferrospeed::shard::Strategy;
 use ferrospeed::rng::Rng;
 use ferrospeed::track::{fresh_run_dir, Progress, StepMetrics, Tracker};
 use ferrospeed::{CommConfig, CommExt, Communicator, ReduceOp, WorldInfo};
@@ -76,6 +78,18 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         grad_clip: t.grad_clip,
         optimizer: AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
         seed: t.seed,
+        strategy: Strategy::new(cfg.zero.stage),
+        precision: t.precision,
+        reduce_dtype: match t.grad_reduce_dtype {
+            ReduceDtype::Fp32 => candle_core::DType::F32,
+            ReduceDtype::Compute => t.precision.compute_dtype(),
+        },
+        loss_scaler: (t.precision == Precision::Fp16).then_some(LossScalerConfig {
+            initial: t.loss_scale_initial,
+            growth_interval: t.loss_scale_growth_interval as u64,
+            backoff: t.loss_scale_backoff,
+            min: t.loss_scale_min,
+        }),
     };
     let mut engine = Engine::new(gpt.model()?, comm.clone(), engine_cfg)?;
     let sampler = BatchSampler {
@@ -90,11 +104,13 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let tokens_per_step = (t.global_batch * cfg.model.seq_len) as u64;
     if rank == 0 {
         println!(
-            "ferrospeed train: GPT {} layers × d {} ({:.2}M parameters) on {} rank(s); global batch {} = micro-batch {} × {} rank(s) × {} accumulation; {} steps; outputs in {}",
+            "ferrospeed train: GPT {} layers × d {} ({:.2}M parameters) on {} rank(s), ZeRO stage {}, {}; global batch {} = micro-batch {} × {} rank(s) × {} accumulation; {} steps; outputs in {}",
             cfg.model.n_layer,
             cfg.model.d_model,
             engine.model().num_params() as f64 / 1e6,
             world_size,
+            cfg.zero.stage.as_int(),
+            t.precision,
             t.global_batch,
             t.micro_batch,
             world_size,
@@ -113,7 +129,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         let batches = to_batches(sampler.micro_batches(&corpus, step as u64), t.micro_batch, cfg.model.seq_len)?;
         let lr = schedule.at(step);
         let stats = engine.train_step(&batches, lr)?;
-        if !stats.loss.is_finite() {
+        if !stats.skipped && !stats.loss.is_finite() {
             anyhow::bail!("the loss became {} at step {}; lower train.lr or raise train.warmup", stats.loss, step + 1);
         }
         let secs = t0.elapsed().as_secs_f64();
@@ -130,8 +146,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
                 mfu: None,
                 step_ms: secs * 1e3,
                 peak_mem_bytes: peak_rss_bytes(),
-                loss_scale: None,
-                extra: Default::default(),
+                loss_scale: stats.loss_scale,
+                extra: step_extras(&engine, step, stats.skipped),
             };
             tracker.log(&m)?;
             progress.update(&m);
@@ -140,10 +156,15 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let elapsed = started.elapsed().as_secs_f64();
     comm.barrier()?;
 
+    // With sharded parameters, gathering them for the sample is a collective: every rank takes part.
+    let sample_params = if t.sample_tokens > 0 { Some(engine.slot_tensors()?) } else { None };
     if let (Some(tracker), Some(progress)) = (tracker, progress) {
         let first = first_loss.unwrap_or(f64::NAN);
         let tok_s = (tokens_per_step * t.steps as u64) as f64 / elapsed;
-        let sample = if t.sample_tokens > 0 { sample_text(&gpt, &engine, t.sample_tokens, t.seed)? } else { String::new() };
+        let sample = match &sample_params {
+            Some(params) => sample_text(&gpt, params, t.sample_tokens, t.seed)?,
+            None => String::new(),
+        };
         progress.finish(&format!(
             "done: {} steps in {elapsed:.1} s, loss {first:.4} → {last_loss:.4}, {tok_s:.0} tokens/s; outputs in {}",
             t.steps,
@@ -160,6 +181,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             "final_loss": last_loss,
             "tokens_per_s": tok_s,
             "sample": sample,
+            "memory": engine.memory(),
         }))?;
     }
     Ok(ExitCode::SUCCESS)
@@ -168,12 +190,6 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
 /// Features the config accepts but this build cannot run yet: say so instead of ignoring them.
 fn reject_unimplemented(cfg: &Config) -> Result<()> {
     let refuse = |what: String| Err(usage_error(what));
-    if cfg.zero.stage != ZeroStage::Zero {
-        return refuse(format!("zero.stage = {} is not available yet: use zero.stage = 0", cfg.zero.stage.as_int()));
-    }
-    if cfg.train.precision != Precision::Fp32 {
-        return refuse(format!("train.precision = \"{}\" is not available yet: use \"fp32\"", cfg.train.precision));
-    }
     if cfg.zero.offload_optimizer != Offload::None || cfg.zero.offload_params != Offload::None {
         return refuse("zero.offload_optimizer / zero.offload_params are not available yet: use \"none\"".into());
     }
@@ -202,11 +218,27 @@ fn to_batches(micro_batches: Vec<MicroBatch>, micro: usize, seq_len: usize) -> R
         .collect()
 }
 
-fn sample_text(gpt: &Gpt, engine: &Engine, n: usize, seed: u64) -> Result<String> {
+/// Per-step extras in metrics.jsonl: skipped fp16 steps, and the memory accounting at step 1.
+fn step_extras(engine: &Engine, step: usize, skipped: bool) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut extra = std::collections::BTreeMap::new();
+    if skipped {
+        extra.insert("skipped".into(), serde_json::Value::Bool(true));
+    }
+    if step == 0 {
+        if let Ok(serde_json::Value::Object(mem)) = serde_json::to_value(engine.memory()) {
+            for (k, v) in mem {
+                extra.insert(format!("mem_{k}_bytes"), v);
+            }
+        }
+    }
+    extra
+}
+
+fn sample_text(gpt: &Gpt, params: &[Vec<Tensor>], n: usize, seed: u64) -> Result<String> {
     let tok = ByteTokenizer;
     let prompt = tok.encode("The ");
     let mut rng = Rng::derive(seed, "sample");
-    let out = gpt.generate(&engine.slot_tensors(), &prompt, n, 0.8, &mut rng)?;
+    let out = gpt.generate(params, &prompt, n, 0.8, &mut rng)?;
     Ok(format!("The {}", tok.decode(&out)))
 }
 

@@ -127,7 +127,7 @@ fn bad_configs_are_one_line_exit_2_and_write_nothing() {
         (good.clone(), vec!["--set", "train.steps"], vec!["--set", "train.steps=50"]),
         (good.clone(), vec!["--set", "train.stepz=5"], vec!["train.stepz", "did you mean"]),
         (good.clone(), vec!["--set", "model.seq_len=0"], vec!["model.seq_len"]),
-        (good.clone() + "\n[zero]\nstage = 2\n", vec![], vec!["zero.stage", "not available yet"]),
+        (good.clone() + "\n[zero]\noffload_optimizer = \"cpu\"\n", vec![], vec!["zero.offload_optimizer", "not available yet"]),
     ];
     assert!(cases.len() >= 15);
     for (i, (text, overrides, expect)) in cases.iter().enumerate() {

@@ -19,12 +19,7 @@ fn corpus() -> TextCorpus {
 /// Per-step losses of `steps` steps at world size 1 with the given micro-batch and accumulation.
 fn losses(micro: usize, accumulation: usize, checkpointing: bool, steps: usize) -> Vec<f64> {
     let comm = Arc::new(TcpCommunicator::connect(&WorldInfo::single(), &CommConfig::default()).unwrap());
-    let cfg = EngineConfig {
-        checkpointing,
-        grad_clip: 1.0,
-        optimizer: AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 },
-        seed: 5,
-    };
+    let cfg = EngineConfig::fp32(checkpointing, 1.0, AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }, 5);
     let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), comm, cfg).unwrap();
     let sampler = BatchSampler { seed: 5, seq_len: CFG.seq_len, micro_batch: micro, accumulation, world_size: 1, rank: 0 };
     let schedule = LrSchedule { lr: 3e-3, min_lr: 3e-4, warmup: 2, total: steps };

@@ -52,7 +52,8 @@ fn slots(model: &Model, owned: &[Vec<Vec<f64>>], vars: Option<&[Vec<Var>]>) -> V
 }
 
 fn loss(model: &Model, owned: &[Vec<Vec<f64>>], batch: &Batch) -> f64 {
-    let tape = blockwise::forward(model, &slots(model, owned, None), batch, true).unwrap();
+    let params = slots(model, owned, None);
+    let tape = blockwise::forward(model, &mut &params[..], batch, true).unwrap();
     tape.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
 
@@ -70,8 +71,8 @@ fn analytic(model: &Model, owned: &[Vec<Vec<f64>>], batch: &Batch, checkpointing
         .collect();
     let params = slots(model, owned, Some(&vars));
     let mut grads: Vec<Vec<Vec<f64>>> = owned.iter().map(|b| b.iter().map(|p| vec![0.0; p.len()]).collect()).collect();
-    let tape = blockwise::forward(model, &params, batch, checkpointing).unwrap();
-    blockwise::backward(model, &params, batch, tape, 1.0, |i, slot_grads| {
+    let tape = blockwise::forward(model, &mut &params[..], batch, checkpointing).unwrap();
+    blockwise::backward(model, &mut &params[..], batch, tape, 1.0, |i, slot_grads| {
         for (src, g) in model.slots(i).iter().zip(slot_grads) {
             if let Some(g) = g {
                 let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();

@@ -7,6 +7,7 @@ pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod optim;
+pub mod precision;
 pub mod rng;
 pub mod shard;
 pub mod track;

@@ -1,23 +1,38 @@
 //! The differentiable pieces GPT needs, composed from candle-core ops (so autograd covers them):
 //! layer norm, causal softmax attention scores, cross-entropy.
+//!
+//! With bf16/f16 compute, these reductions run in f32 and cast back (as PyTorch's autocast does):
+//! sums of many half-precision terms lose too much.
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+/// `x` in f32 when it is a half type (the result's dtype is then restored by the caller).
+fn widen(x: &Tensor) -> Result<Tensor> {
+    match x.dtype() {
+        DType::BF16 | DType::F16 => x.to_dtype(DType::F32),
+        _ => Ok(x.clone()),
+    }
+}
+
 /// LayerNorm over the last dimension with weight and bias, epsilon 1e-5 (GPT-2's).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let (x, weight, bias) = (widen(x)?, widen(weight)?, widen(bias)?);
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centered.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-    normed.broadcast_mul(weight)?.broadcast_add(bias)
+    normed.broadcast_mul(&weight)?.broadcast_add(&bias)?.to_dtype(dtype)
 }
 
 /// Softmax over the last dimension. The max is detached: softmax does not depend on the shift, so its
 /// gradient through the max is zero anyway.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = widen(x)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(dtype)
 }
 
 /// `[t, t]` additive mask: 0 on and below the diagonal, −∞ above (no attending to the future).
@@ -28,6 +43,7 @@ pub fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
 
 /// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = widen(logits)?;
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let shifted = logits.broadcast_sub(&max)?;
     let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

@@ -117,6 +117,16 @@ pub enum Precision {
 }
 named_enum!(Precision { Fp32 => "fp32", Bf16 => "bf16", Fp16 => "fp16" });
 
+/// Numeric format in which gradients are all-reduced or reduce-scattered between ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceDtype {
+    /// Always fp32, whatever `train.precision` is.
+    Fp32,
+    /// The compute dtype of `train.precision`; halves the traffic in bf16 and fp16.
+    Compute,
+}
+named_enum!(ReduceDtype { Fp32 => "fp32", Compute => "compute" });
+
 /// `[train]`: the optimisation loop.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TrainConfig {
@@ -142,6 +152,16 @@ pub struct TrainConfig {
     pub activation_checkpointing: bool,
     /// Bytes of sample text generated at the end of the run; 0 = none.
     pub sample_tokens: usize,
+    /// Dtype in which gradients are all-reduced / reduce-scattered (`fp32` or the compute dtype).
+    pub grad_reduce_dtype: ReduceDtype,
+    /// fp16 dynamic loss scaling: the scale at the first step; > 0 and finite.
+    pub loss_scale_initial: f64,
+    /// fp16 dynamic loss scaling: consecutive steps without overflow before the scale doubles.
+    pub loss_scale_growth_interval: usize,
+    /// fp16 dynamic loss scaling: factor applied to the scale after an overflow; in (0, 1).
+    pub loss_scale_backoff: f64,
+    /// fp16 dynamic loss scaling: the scale never drops below this; in (0, `loss_scale_initial`].
+    pub loss_scale_min: f64,
 }
 
 impl Default for TrainConfig {
@@ -163,6 +183,11 @@ impl Default for TrainConfig {
             precision: Precision::Fp32,
             activation_checkpointing: true,
             sample_tokens: 200,
+            grad_reduce_dtype: ReduceDtype::Fp32,
+            loss_scale_initial: 65536.0,
+            loss_scale_growth_interval: 2000,
+            loss_scale_backoff: 0.5,
+            loss_scale_min: 1.0,
         }
     }
 }

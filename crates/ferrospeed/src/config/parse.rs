@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use super::error::{one_line, render_value, ConfigError};
 use super::schema::{self, Kind, KeySpec, SectionSpec, SECTIONS};
 use super::{
-    CheckpointConfig, Config, DataConfig, ModelConfig, ModelKind, Offload, Precision, TrackConfig,
-    TrainConfig, Vocab, ZeroConfig, ZeroStage,
+    CheckpointConfig, Config, DataConfig, ModelConfig, ModelKind, Offload, Precision, ReduceDtype,
+    TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
 };
 
 /// Parses TOML text into a table; a syntax error names the source, line and column.
@@ -274,6 +274,20 @@ pub(crate) fn build(table: &toml::Table) -> Config {
                 .bool("train", "activation_checkpointing")
                 .unwrap_or(train_default.activation_checkpointing),
             sample_tokens: v.usize("train", "sample_tokens").unwrap_or(train_default.sample_tokens),
+            grad_reduce_dtype: v
+                .str("train", "grad_reduce_dtype")
+                .and_then(ReduceDtype::from_name)
+                .unwrap_or(train_default.grad_reduce_dtype),
+            loss_scale_initial: v
+                .f64("train", "loss_scale_initial")
+                .unwrap_or(train_default.loss_scale_initial),
+            loss_scale_growth_interval: v
+                .usize("train", "loss_scale_growth_interval")
+                .unwrap_or(train_default.loss_scale_growth_interval),
+            loss_scale_backoff: v
+                .f64("train", "loss_scale_backoff")
+                .unwrap_or(train_default.loss_scale_backoff),
+            loss_scale_min: v.f64("train", "loss_scale_min").unwrap_or(train_default.loss_scale_min),
         },
         zero: ZeroConfig {
             stage: v

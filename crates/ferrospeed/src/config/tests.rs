@@ -82,6 +82,11 @@ fn minimal_config_gets_defaults() {
             precision: Precision::Fp32,
             activation_checkpointing: true,
             sample_tokens: 200,
+            grad_reduce_dtype: ReduceDtype::Fp32,
+            loss_scale_initial: 65536.0,
+            loss_scale_growth_interval: 2000,
+            loss_scale_backoff: 0.5,
+            loss_scale_min: 1.0,
         },
         zero: ZeroConfig {
             stage: ZeroStage::Zero,
@@ -132,6 +137,11 @@ seed = 7
 precision = \"bf16\"
 activation_checkpointing = false
 sample_tokens = 0
+grad_reduce_dtype = \"compute\"
+loss_scale_initial = 1024
+loss_scale_growth_interval = 500
+loss_scale_backoff = 0.25
+loss_scale_min = 0.5
 
 [zero]
 stage = 3
@@ -180,6 +190,11 @@ tensorboard = false
             precision: Precision::Bf16,
             activation_checkpointing: false,
             sample_tokens: 0,
+            grad_reduce_dtype: ReduceDtype::Compute,
+            loss_scale_initial: 1024.0,
+            loss_scale_growth_interval: 500,
+            loss_scale_backoff: 0.25,
+            loss_scale_min: 0.5,
         },
         zero: ZeroConfig {
             stage: ZeroStage::Three,
@@ -196,6 +211,11 @@ tensorboard = false
     assert_eq!(json["zero"]["stage"], 3);
     assert_eq!(json["zero"]["offload_optimizer"], "nvme");
     assert_eq!(json["train"]["precision"], "bf16");
+    assert_eq!(json["train"]["grad_reduce_dtype"], "compute");
+    assert_eq!(json["train"]["loss_scale_initial"], 1024.0);
+    assert_eq!(json["train"]["loss_scale_growth_interval"], 500);
+    assert_eq!(json["train"]["loss_scale_backoff"], 0.25);
+    assert_eq!(json["train"]["loss_scale_min"], 0.5);
     assert_eq!(json["model"]["kind"], "gpt");
     assert_eq!(json["checkpoint"]["dir"], "runs/x/ckpt");
 }
@@ -304,6 +324,11 @@ fn bad_cases() -> Vec<BadCase> {
         ("beta1 = 1", minimal_with("[train]\nbeta1 = 1.0"), &[], &["train.beta1 = 1", "must be in [0, 1)"]),
         ("negative grad_clip", minimal_with("[train]\ngrad_clip = -1"), &[], &["train.grad_clip = -1", "must be a finite number ≥ 0"]),
         ("zero eps", minimal_with("[train]\neps = 0.0"), &[], &["train.eps = 0", "must be a finite number > 0"]),
+        ("bad grad_reduce_dtype", minimal_with("[train]\ngrad_reduce_dtype = \"fp64\""), &[], &["train.grad_reduce_dtype = \"fp64\"", "use \"fp32\" or \"compute\""]),
+        ("loss_scale_backoff = 1.5", minimal_with("[train]\nloss_scale_backoff = 1.5"), &[], &["train.loss_scale_backoff = 1.5", "must be strictly between 0 and 1"]),
+        ("loss_scale_min above initial", minimal_with("[train]\nloss_scale_initial = 4\nloss_scale_min = 8"), &[], &["train.loss_scale_min = 8 is above train.loss_scale_initial = 4", "use train.loss_scale_min ≤ 4"]),
+        ("zero loss_scale_growth_interval", minimal_with("[train]\nloss_scale_growth_interval = 0"), &[], &["train.loss_scale_growth_interval = 0", "must be ≥ 1"]),
+        ("negative loss_scale_initial", minimal_with("[train]\nloss_scale_initial = -1"), &[], &["train.loss_scale_initial = -1", "must be a finite number > 0"]),
         ("gpt2 vocab", MINIMAL.replace("[model]", "[model]\nvocab = \"gpt2\""), &[], &["model.vocab = \"gpt2\" is not available yet", "use \"bytes\""]),
         ("toml syntax", MINIMAL.replace("d_model = 64", "d_model = = 64"), &[], &["test.toml at line 5, column", "fix the syntax"]),
         ("unclosed string", MINIMAL.replace("'DATA'", "\"abc"), &[], &["test.toml at line 9", "fix the syntax"]),
@@ -376,6 +401,9 @@ fn accumulation_steps_divides_or_proposes_valid_values() {
 fn names_round_trip_and_suggestions_are_close() {
     for name in Precision::NAMES {
         assert_eq!(Precision::from_name(name).map(Precision::name), Some(*name));
+    }
+    for name in ReduceDtype::NAMES {
+        assert_eq!(ReduceDtype::from_name(name).map(ReduceDtype::name), Some(*name));
     }
     for name in Offload::NAMES {
         assert_eq!(Offload::from_name(name).map(Offload::name), Some(*name));

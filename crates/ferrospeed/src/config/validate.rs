@@ -18,6 +18,7 @@ pub(crate) fn validate(config: &Config) -> Result<(), ConfigError> {
         ("train.steps", train.steps),
         ("train.global_batch", train.global_batch),
         ("train.micro_batch", train.micro_batch),
+        ("train.loss_scale_growth_interval", train.loss_scale_growth_interval),
         ("checkpoint.keep", config.checkpoint.keep),
     ];
     for (key, value) in sizes {
@@ -89,6 +90,36 @@ fn check_floats(config: &Config) -> Result<(), ConfigError> {
     if !(t.eps.is_finite() && t.eps > 0.0) {
         let fix = "must be a finite number > 0, e.g. 1e-8";
         return Err(ConfigError::invalid("train.eps", t.eps, "is out of range", fix));
+    }
+    check_loss_scale(config)
+}
+
+/// fp16 dynamic loss scaling. Checked whatever the precision, so a file keeps working when it switches
+/// to fp16. Conditions are written so that NaN fails them too.
+fn check_loss_scale(config: &Config) -> Result<(), ConfigError> {
+    let t = &config.train;
+    if !(t.loss_scale_initial.is_finite() && t.loss_scale_initial > 0.0) {
+        let fix = "must be a finite number > 0, e.g. 65536";
+        return Err(ConfigError::invalid("train.loss_scale_initial", t.loss_scale_initial, "is out of range", fix));
+    }
+    if !(t.loss_scale_backoff > 0.0 && t.loss_scale_backoff < 1.0) {
+        let fix = "must be strictly between 0 and 1, e.g. 0.5";
+        return Err(ConfigError::invalid("train.loss_scale_backoff", t.loss_scale_backoff, "is out of range", fix));
+    }
+    if !(t.loss_scale_min > 0.0) {
+        let fix = "must be a finite number > 0, e.g. 1";
+        return Err(ConfigError::invalid("train.loss_scale_min", t.loss_scale_min, "is out of range", fix));
+    }
+    if t.loss_scale_min > t.loss_scale_initial {
+        return Err(ConfigError::invalid(
+            "train.loss_scale_min",
+            t.loss_scale_min,
+            &format!("is above train.loss_scale_initial = {}", t.loss_scale_initial),
+            format!(
+                "use train.loss_scale_min ≤ {}, or raise train.loss_scale_initial",
+                t.loss_scale_initial
+            ),
+        ));
     }
     Ok(())
 }

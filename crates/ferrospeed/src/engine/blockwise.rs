@@ -10,36 +10,64 @@ use super::error::EngineError;
 use super::model::Model;
 use candle_core::{Tensor, Var};
 
+/// Where blocks get their parameters: resident variables, or shards gathered on demand (stage 3).
+pub trait ParamSource {
+    /// The slot tensors of block `i`. `next` is the block that will be asked for after it, so its
+    /// parameters can be fetched while block `i` computes.
+    fn acquire(&mut self, i: usize, next: Option<usize>) -> Result<Vec<Tensor>, EngineError>;
+    /// Block `i` is done for now; its gathered parameters may be released.
+    fn release(&mut self, i: usize);
+}
+
+/// Parameters given up front, one list of slot tensors per block (tests, generation, stages 0–2).
+impl ParamSource for &[Vec<Tensor>] {
+    fn acquire(&mut self, i: usize, _next: Option<usize>) -> Result<Vec<Tensor>, EngineError> {
+        Ok(self[i].clone())
+    }
+    fn release(&mut self, _i: usize) {}
+}
+
+/// Each block's graph, kept by the forward pass when activation checkpointing is off.
+struct Kept {
+    input: Option<Var>,
+    output: Tensor,
+    params: Vec<Tensor>,
+}
+
 /// What the forward pass leaves for the backward pass.
 pub struct Tape {
     /// Each block's input activation, detached (`None` for the first block).
     inputs: Vec<Option<Tensor>>,
-    /// Without checkpointing: each block's input variable and output, with its graph.
-    kept: Vec<Option<(Option<Var>, Tensor)>>,
+    /// Without checkpointing: each block's graph.
+    kept: Vec<Option<Kept>>,
     /// The last block's output: the scalar loss.
     pub loss: Tensor,
 }
 
-/// Run every block. `params[i]` holds block `i`'s slot tensors (variables, for training).
+/// Run every block on the parameters `source` provides (variables, for training).
 ///
 /// With `checkpointing`, blocks run on detached parameters and keep no graph; only the boundary
 /// activations stay. Without it, each block's graph is kept for the backward pass.
-pub fn forward(model: &Model, params: &[Vec<Tensor>], batch: &Batch, checkpointing: bool) -> Result<Tape, EngineError> {
+pub fn forward(model: &Model, source: &mut dyn ParamSource, batch: &Batch, checkpointing: bool) -> Result<Tape, EngineError> {
     let n = model.num_blocks();
     let mut inputs = Vec::with_capacity(n);
     let mut kept = Vec::with_capacity(n);
     let mut x: Option<Tensor> = None;
-    for (i, block_params) in params.iter().enumerate().take(n) {
+    for i in 0..n {
         let block = model.block(i);
+        // After the last block, the backward pass starts again from it (when it recomputes).
+        let next = if i + 1 < n { Some(i + 1) } else { checkpointing.then_some(i) };
+        let params = source.acquire(i, next)?;
         let y = if checkpointing {
-            let detached: Vec<Tensor> = block_params.iter().map(Tensor::detach).collect();
+            let detached: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
             kept.push(None);
             block.forward(&detached, x.as_ref(), batch).map_err(EngineError::tensor(block.name()))?
         } else {
-            let (xv, y) = run_tracked(model, i, block_params, x.as_ref(), batch)?;
-            kept.push(Some((xv, y.clone())));
-            y
+            let (input, output) = run_tracked(model, i, &params, x.as_ref(), batch)?;
+            kept.push(Some(Kept { input, output: output.clone(), params }));
+            output
         };
+        source.release(i);
         inputs.push(x.take());
         x = Some(y.detach());
     }
@@ -68,7 +96,7 @@ fn run_tracked(
 /// blocks compute.
 pub fn backward(
     model: &Model,
-    params: &[Vec<Tensor>],
+    source: &mut dyn ParamSource,
     batch: &Batch,
     mut tape: Tape,
     loss_scale: f64,
@@ -78,16 +106,20 @@ pub fn backward(
     for i in (0..model.num_blocks()).rev() {
         let block = model.block(i);
         let err = || EngineError::tensor(block.name());
-        let (xv, y) = match tape.kept[i].take() {
-            Some(kept) => kept,
-            None => run_tracked(model, i, &params[i], tape.inputs[i].as_ref(), batch)?,
+        let (xv, y, params) = match tape.kept[i].take() {
+            Some(k) => (k.input, k.output, k.params),
+            None => {
+                let params = source.acquire(i, i.checked_sub(1))?;
+                let (xv, y) = run_tracked(model, i, &params, tape.inputs[i].as_ref(), batch)?;
+                (xv, y, params)
+            }
         };
         let target = match &grad_out {
             None => y.affine(loss_scale, 0.0).map_err(err())?,
             Some(g) => (y * g).and_then(|t| t.sum_all()).map_err(err())?,
         };
         let grads = target.backward().map_err(err())?;
-        let slot_grads = params[i].iter().map(|p| grads.get(p).cloned()).collect();
+        let slot_grads = params.iter().map(|p| grads.get(p).cloned()).collect();
         grad_out = match xv {
             Some(v) => Some(match grads.get(v.as_tensor()) {
                 Some(g) => g.clone(),
@@ -95,6 +127,8 @@ pub fn backward(
             }),
             None => None,
         };
+        drop(params);
+        source.release(i);
         on_block(i, slot_grads)?;
     }
     Ok(())

@@ -2,11 +2,20 @@
 
 mod block;
 pub mod blockwise;
+mod comm_worker;
 mod error;
+mod grads;
+mod host_buf;
+mod memory;
 mod model;
+mod params;
+mod sources;
 mod trainer;
 
 pub use block::{Batch, Block, Init, ParamRef, ParamSpec};
+pub use comm_worker::{CommWorker, Pending};
 pub use error::EngineError;
+pub use host_buf::HostBuf;
+pub use memory::MemoryReport;
 pub use model::{Model, SlotSource};
 pub use trainer::{Engine, EngineConfig, StepStats};

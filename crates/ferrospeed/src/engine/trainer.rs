@@ -1,18 +1,25 @@
-//! The engine: owns each block's FlatParam buffers (fp32 master weights, gradients, AdamW moments)
-//! and runs one optimizer step: micro-batches, block-wise backward with gradient accumulation,
-//! reduction of each block's gradient on the last micro-batch, global-norm clipping, AdamW.
+//! The engine: one optimizer step over micro-batches — block-wise forward and backward with gradient
+//! accumulation, each block's gradient reduced as soon as it is complete on the last micro-batch
+//! (overlapping the remaining backward), fp16 overflow handling, global-norm clipping, AdamW on the
+//! window of master weights this rank owns, and publishing the updated parameters.
 //!
-//! This is ZeRO stage 0 (data parallel): every rank holds everything and all-reduces gradients.
+//! The ZeRO stage is not branched on here: `Strategy` says whether parameters are resident, how
+//! gradients are reduced and whether the optimizer is sharded, and the buffers follow.
 
-use super::block::{Batch, Init, ParamSpec};
-use super::blockwise;
+use super::block::Batch;
+use super::blockwise::{self, ParamSource};
+use super::comm_worker::CommWorker;
 use super::error::EngineError;
+use super::grads::BlockGrads;
+use super::memory::MemoryReport;
 use super::model::Model;
+use super::params::BlockParams;
+use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::optim::{clip_coefficient, sum_squares, AdamW};
-use crate::rng::Rng;
-use crate::shard::FlatParam;
-use candle_core::{Device, Tensor, Var};
+use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision};
+use crate::shard::{GradReduction, Strategy};
+use candle_core::{DType, Tensor};
 use std::sync::Arc;
 
 /// Settings of the engine that do not change during a run.
@@ -25,6 +32,28 @@ pub struct EngineConfig {
     pub optimizer: AdamW,
     /// Seed of the parameter initialisation.
     pub seed: u64,
+    pub strategy: Strategy,
+    pub precision: Precision,
+    /// dtype gradients are reduced in (F32, or the compute dtype).
+    pub reduce_dtype: DType,
+    /// Dynamic loss scaling (fp16).
+    pub loss_scaler: Option<LossScalerConfig>,
+}
+
+impl EngineConfig {
+    /// fp32, stage 0, no loss scaling.
+    pub fn fp32(checkpointing: bool, grad_clip: f64, optimizer: AdamW, seed: u64) -> Self {
+        Self {
+            checkpointing,
+            grad_clip,
+            optimizer,
+            seed,
+            strategy: Strategy::new(crate::config::ZeroStage::Zero),
+            precision: Precision::Fp32,
+            reduce_dtype: DType::F32,
+            loss_scaler: None,
+        }
+    }
 }
 
 /// What one optimizer step measured.
@@ -32,69 +61,84 @@ pub struct EngineConfig {
 pub struct StepStats {
     /// Mean loss over the global batch.
     pub loss: f64,
-    /// Global gradient norm before clipping.
+    /// Global gradient norm before clipping (after unscaling); NaN when the step was skipped.
     pub grad_norm: f64,
-}
-
-/// One block's buffers. All have the FlatParam's padded length.
-struct BlockState {
-    flat: FlatParam,
-    /// fp32 master weights.
-    params: Vec<f32>,
-    grads: Vec<f32>,
-    m: Vec<f32>,
-    v: Vec<f32>,
-    /// The parameters as candle variables, rebuilt from `params` after each update.
-    vars: Vec<Var>,
+    /// The step was skipped on every rank because fp16 gradients overflowed.
+    pub skipped: bool,
+    /// The loss scale used for this step (fp16).
+    pub loss_scale: Option<f64>,
 }
 
 /// The training engine of one rank.
 pub struct Engine {
     model: Model,
-    comm: Arc<dyn Communicator>,
-    blocks: Vec<BlockState>,
+    worker: CommWorker,
+    params: Vec<BlockParams>,
+    grads: Vec<BlockGrads>,
+    scaler: Option<LossScaler>,
     cfg: EngineConfig,
     step: u64,
+    inject_overflow: bool,
+    gathered_peak: usize,
 }
 
 impl Engine {
-    /// Initialise every parameter from the seed (the same on every rank, whatever the world size).
+    /// Initialise every parameter from the seed (the same values on every rank, at any world size and
+    /// stage); each rank keeps what the strategy says it holds.
     pub fn new(model: Model, comm: Arc<dyn Communicator>, cfg: EngineConfig) -> Result<Self, EngineError> {
-        let world = comm.world_size();
-        let mut blocks = Vec::with_capacity(model.num_blocks());
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let dtype = cfg.precision.compute_dtype();
+        let mut params = Vec::with_capacity(model.num_blocks());
+        let mut grads = Vec::with_capacity(model.num_blocks());
         for i in 0..model.num_blocks() {
-            let flat = FlatParam::new(model.own_params(i), world);
-            let mut params = vec![0f32; flat.padded_numel()];
-            for (j, spec) in flat.specs().iter().enumerate() {
-                let name = format!("{}.{}", model.block(i).name(), spec.name);
-                init_param(&mut params[flat.range(j)], spec, &mut Rng::derive(cfg.seed, &name));
-            }
-            let n = flat.padded_numel();
-            let vars = make_vars(&flat, &params).map_err(EngineError::tensor(model.block(i).name()))?;
-            blocks.push(BlockState { flat, params, grads: vec![0.0; n], m: vec![0.0; n], v: vec![0.0; n], vars });
+            let p = BlockParams::init(&model, i, cfg.strategy, rank, world, dtype, cfg.seed)?;
+            grads.push(BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction()));
+            params.push(p);
         }
-        Ok(Self { model, comm, blocks, cfg, step: 0 })
+        let scaler = cfg.loss_scaler.map(LossScaler::new);
+        Ok(Self { model, worker: CommWorker::spawn(comm), params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0 })
     }
 
     pub fn model(&self) -> &Model {
         &self.model
     }
 
-    /// Optimizer steps taken so far.
+    /// Optimizer steps taken so far (skipped steps included).
     pub fn steps_done(&self) -> u64 {
         self.step
     }
 
-    /// The slot tensors of every block (what `Block::forward` receives), current weights.
-    pub fn slot_tensors(&self) -> Vec<Vec<Tensor>> {
-        (0..self.model.num_blocks())
-            .map(|i| self.model.slots(i).iter().map(|s| self.blocks[s.block].vars[s.index].as_tensor().clone()).collect())
-            .collect()
+    /// Make this rank's next gradient reduction see an infinity (tests of fp16 overflow handling).
+    #[doc(hidden)]
+    pub fn inject_overflow(&mut self) {
+        self.inject_overflow = true;
     }
 
-    /// The fp32 master weights of block `i` (padded flat buffer) and its layout.
-    pub fn flat_params(&self, i: usize) -> (&FlatParam, &[f32]) {
-        (&self.blocks[i].flat, &self.blocks[i].params)
+    /// The fp32 master weights this rank holds for block `i`, and their offset in the flat buffer.
+    pub fn master(&self, i: usize) -> (usize, &[f32]) {
+        (self.params[i].window.start, &self.params[i].master)
+    }
+
+    /// Every block's slot tensors with the current weights. With sharded parameters this gathers every
+    /// block: call it on every rank.
+    pub fn slot_tensors(&self) -> Result<Vec<Vec<Tensor>>, EngineError> {
+        if self.cfg.strategy.params_resident() {
+            let mut src = Resident { model: &self.model, params: &self.params };
+            (0..self.model.num_blocks()).map(|i| src.acquire(i, None)).collect()
+        } else {
+            Gathering::new(&self.model, &self.params, &self.worker).all_slot_tensors()
+        }
+    }
+
+    /// Bytes held by this rank, per kind (see [`MemoryReport`]).
+    pub fn memory(&self) -> MemoryReport {
+        MemoryReport {
+            params: self.params.iter().map(BlockParams::param_bytes).sum(),
+            grads: self.grads.iter().map(BlockGrads::persistent_bytes).sum(),
+            master: self.params.iter().map(|p| p.master.len() * 4).sum(),
+            moments: self.params.iter().map(|p| (p.m.len() + p.v.len()) * 4).sum(),
+            gathered_peak: self.gathered_peak,
+        }
     }
 
     /// One optimizer step over this rank's `micro_batches` (its share of the global batch) at `lr`.
@@ -103,89 +147,138 @@ impl Engine {
         if accum == 0 {
             return Err(EngineError::Unsupported("a step needs at least one micro-batch".into()));
         }
-        for b in &mut self.blocks {
-            b.grads.fill(0.0);
+        let loss_scale = self.scaler.as_ref().map(LossScaler::scale);
+        let loss = self.forward_backward(micro_batches, loss_scale.unwrap_or(1.0))?;
+        self.step += 1;
+
+        if let Some(scaler) = &mut self.scaler {
+            let local = self.grads.iter().any(|g| g.reduced().iter().any(|x| !x.is_finite()));
+            let overflow = self.worker.run(move |c| {
+                let mut flag = [if local { 1f32 } else { 0.0 }];
+                c.all_reduce_slice(&mut flag, ReduceOp::Max).map(|()| flag[0] > 0.0)
+            })??;
+            let decision = scaler.update(overflow, self.step).map_err(|e| EngineError::Unsupported(e.to_string()))?;
+            if decision == ScaleDecision::Skip {
+                return Ok(StepStats { loss, grad_norm: f64::NAN, skipped: true, loss_scale });
+            }
         }
-        let params = self.slot_tensors();
+
+        // Gradients are still multiplied by the loss scale: take it out of the norm and the update.
+        let scale = loss_scale.unwrap_or(1.0);
+        let grad_norm = self.grad_norm_scaled()? / scale;
+        let factor = (clip_coefficient(grad_norm, self.cfg.grad_clip) / scale) as f32;
+        let opt = self.cfg.optimizer;
+        for (p, g) in self.params.iter_mut().zip(&mut self.grads) {
+            let window = p.window.clone();
+            let grads = g.window(&window);
+            if factor != 1.0 {
+                grads.iter_mut().for_each(|x| *x *= factor);
+            }
+            for (j, part) in p.flat.params_in(window.clone()) {
+                let r = part.start - window.start..part.end - window.start;
+                let decay = p.flat.specs()[j].decay;
+                opt.update(&mut p.master[r.clone()], &grads[r.clone()], &mut p.m[r.clone()], &mut p.v[r], lr, self.step, decay);
+            }
+        }
+        self.publish()?;
+        Ok(StepStats { loss, grad_norm, skipped: false, loss_scale })
+    }
+
+    /// Run every micro-batch forward and backward, reducing each block's gradient after its backward
+    /// on the last micro-batch; returns the mean loss over the global batch.
+    fn forward_backward(&mut self, micro_batches: &[Batch], loss_scale: f64) -> Result<f64, EngineError> {
+        let accum = micro_batches.len();
+        for g in &mut self.grads {
+            g.begin_step();
+        }
+        let Self { model, worker, params, grads, cfg, inject_overflow, .. } = self;
+        let mut resident = Resident { model, params };
+        let mut gathering = Gathering::new(model, params, worker);
+        let source: &mut dyn ParamSource = if cfg.strategy.params_resident() { &mut resident } else { &mut gathering };
         let mut loss_sum = 0f64;
+        let mut pending = Vec::new();
         for (k, batch) in micro_batches.iter().enumerate() {
             let last = k + 1 == accum;
-            let tape = blockwise::forward(&self.model, &params, batch, self.cfg.checkpointing)?;
-            let loss = tape.loss.to_dtype(candle_core::DType::F64).and_then(|l| l.to_scalar::<f64>());
+            let tape = blockwise::forward(model, source, batch, cfg.checkpointing)?;
+            let loss = tape.loss.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>());
             loss_sum += loss.map_err(EngineError::tensor("loss"))?;
-            let (model, blocks, comm) = (&self.model, &mut self.blocks, &self.comm);
-            blockwise::backward(model, &params, batch, tape, 1.0 / accum as f64, |i, grads| {
-                for (slot, grad) in model.slots(i).iter().zip(grads) {
+            blockwise::backward(model, source, batch, tape, loss_scale / accum as f64, |i, slot_grads| {
+                for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
                     if let Some(grad) = grad {
-                        let state = &mut blocks[slot.block];
-                        let range = state.flat.range(slot.index);
-                        add_into(&mut state.grads[range], &grad).map_err(EngineError::tensor(model.block(i).name()))?;
+                        let range = params[slot.block].flat.range(slot.index);
+                        grads[slot.block].accumulate(range, &grad).map_err(EngineError::tensor(model.block(i).name()))?;
                     }
                 }
-                // Every later block that uses this block's parameters (tied weights) has run: its
-                // gradient is complete, so reduce it now, while the earlier blocks compute.
+                // Every later block that uses this block's parameters (tied weights) has run, so the
+                // gradient is complete: reduce it on the communication thread while earlier blocks compute.
                 if last {
-                    comm.all_reduce_slice(&mut blocks[i].grads, ReduceOp::Avg)?;
+                    if i == 0 && std::mem::take(inject_overflow) {
+                        grads[i].poison();
+                    }
+                    pending.push((i, grads[i].start_reduce(worker, cfg.reduce_dtype)));
                 }
                 Ok(())
             })?;
         }
-        let mut loss = [(loss_sum / accum as f64) as f32];
-        self.comm.all_reduce_slice(&mut loss, ReduceOp::Avg)?;
-
-        let grad_norm = self.grad_norm();
-        let coef = clip_coefficient(grad_norm, self.cfg.grad_clip) as f32;
-        self.step += 1;
-        let opt = self.cfg.optimizer;
-        for (i, b) in self.blocks.iter_mut().enumerate() {
-            if coef != 1.0 {
-                b.grads.iter_mut().for_each(|g| *g *= coef);
-            }
-            for (j, spec) in b.flat.specs().iter().enumerate() {
-                let r = b.flat.range(j);
-                opt.update(&mut b.params[r.clone()], &b.grads[r.clone()], &mut b.m[r.clone()], &mut b.v[r.clone()], lr, self.step, spec.decay);
-            }
-            b.vars = make_vars(&b.flat, &b.params).map_err(EngineError::tensor(self.model.block(i).name()))?;
+        self.gathered_peak = gathering.peak_bytes;
+        drop(gathering);
+        for (i, p) in pending {
+            self.grads[i].finish_reduce(p)?;
         }
-        Ok(StepStats { loss: f64::from(loss[0]), grad_norm })
+        let local = (loss_sum / accum as f64) as f32;
+        let loss = self.worker.run(move |c| {
+            let mut l = [local];
+            c.all_reduce_slice(&mut l, ReduceOp::Avg).map(|()| l[0])
+        })??;
+        Ok(f64::from(loss))
     }
 
-    /// Global gradient norm, summed per shard of the world's layout and then in rank order (see
-    /// `optim::clip`), so that sharded stages reproduce it bit for bit.
-    fn grad_norm(&self) -> f64 {
-        let world = self.comm.world_size();
-        let mut total = 0f32;
-        for rank in 0..world {
-            let partial: f64 = self.blocks.iter().map(|b| sum_squares(&b.grads[b.flat.layout().range(rank)])).sum();
-            if rank == 0 {
-                total = partial as f32;
-            } else {
-                total += partial as f32;
+    /// Global norm of the (still loss-scaled) gradients: squares summed per shard of the world's
+    /// layout, shard sums added in rank order in f32 — computed locally where every rank holds whole
+    /// gradients, with one all-reduce where each holds a shard, and bitwise the same either way.
+    fn grad_norm_scaled(&self) -> Result<f64, EngineError> {
+        let world = self.worker.world_size();
+        let shard_sum = |rank: usize| -> f64 {
+            self.grads
+                .iter()
+                .zip(&self.params)
+                .map(|(g, p)| {
+                    // The real (unpadded) elements of `rank`'s shard; a shard may be all padding.
+                    let r = p.flat.layout().range(rank);
+                    if r.is_empty() {
+                        return 0.0;
+                    }
+                    let off = g.reduced_offset();
+                    sum_squares(&g.reduced()[r.start - off..r.end - off])
+                })
+                .sum()
+        };
+        let total = match self.cfg.strategy.grad_reduction() {
+            GradReduction::AllReduce => (1..world).fold(shard_sum(0) as f32, |acc, r| acc + shard_sum(r) as f32),
+            GradReduction::ReduceScatter => {
+                let mine = shard_sum(self.worker.rank()) as f32;
+                self.worker.run(move |c| {
+                    let mut s = [mine];
+                    c.all_reduce_slice(&mut s, ReduceOp::Sum).map(|()| s[0])
+                })??
+            }
+        };
+        Ok(f64::from(total).sqrt())
+    }
+
+    /// Refresh the parameters blocks compute on from the updated master weights; stages 1–2 gather
+    /// every block's updated shards, all submitted before any is awaited.
+    fn publish(&mut self) -> Result<(), EngineError> {
+        let strategy = self.cfg.strategy;
+        let mut pending = Vec::new();
+        for (i, p) in self.params.iter_mut().enumerate() {
+            if let Some(gather) = p.start_publish(&self.worker, strategy)? {
+                pending.push((i, gather));
             }
         }
-        f64::from(total).sqrt()
+        for (i, gather) in pending {
+            self.params[i].finish_publish(gather)?;
+        }
+        Ok(())
     }
-}
-
-fn init_param(out: &mut [f32], spec: &ParamSpec, rng: &mut Rng) {
-    match spec.init {
-        Init::Zeros => out.fill(0.0),
-        Init::Ones => out.fill(1.0),
-        Init::Normal { std } => out.iter_mut().for_each(|x| *x = (rng.normal() * std) as f32),
-    }
-}
-
-fn make_vars(flat: &FlatParam, params: &[f32]) -> candle_core::Result<Vec<Var>> {
-    (0..flat.specs().len())
-        .map(|j| Var::from_slice(&params[flat.range(j)], flat.specs()[j].shape.as_slice(), &Device::Cpu))
-        .collect()
-}
-
-fn add_into(dst: &mut [f32], grad: &Tensor) -> candle_core::Result<()> {
-    let g = grad.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-    if g.len() != dst.len() {
-        return Err(candle_core::Error::Msg(format!("gradient of {} elements for a parameter of {}", g.len(), dst.len())));
-    }
-    dst.iter_mut().zip(&g).for_each(|(d, s)| *d += s);
-    Ok(())
 }

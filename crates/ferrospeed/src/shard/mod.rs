@@ -2,6 +2,8 @@
 
 mod flat;
 mod layout;
+mod strategy;
 
 pub use flat::{FlatParam, SHARD_ALIGN};
 pub use layout::{Shard, ShardLayout};
+pub use strategy::{GradReduction, Strategy, ZeroStage};

@@ -1,0 +1,22 @@
+//! Memory accounting: the bytes of each kind a rank holds between steps, from the buffers allocated.
+
+/// Bytes held by one rank, per kind. Persistent kinds are measured between steps; `gathered_peak` is
+/// the largest amount of all-gathered (stage 3) parameters alive at once during the last step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct MemoryReport {
+    /// Compute-dtype parameters: whole blocks (stages 0–2) or this rank's shards (stage 3).
+    pub params: usize,
+    /// Reduced fp32 gradients kept between steps: whole (stages 0–1) or this rank's shards (2–3).
+    pub grads: usize,
+    /// fp32 master weights.
+    pub master: usize,
+    /// AdamW first and second moments.
+    pub moments: usize,
+    pub gathered_peak: usize,
+}
+
+impl MemoryReport {
+    pub fn persistent(&self) -> usize {
+        self.params + self.grads + self.master + self.moments
+    }
+}

@@ -1,0 +1,124 @@
+//! One block's parameters under a strategy: fp32 master weights and AdamW moments over the window of
+//! the flat buffer this rank updates (all of it, or its shard), and the compute-dtype copy blocks run
+//! on — variables kept between uses (stages 0–2), or a shard all-gathered before each use (stage 3).
+
+use super::comm_worker::{CommWorker, Pending};
+use super::error::EngineError;
+use super::host_buf::HostBuf;
+use super::model::Model;
+use crate::comm::CommError;
+use crate::engine::{Init, ParamSpec};
+use crate::rng::Rng;
+use crate::shard::{FlatParam, Strategy};
+use candle_core::{DType, Device, Var};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Everything a rank holds of one block's parameters.
+pub struct BlockParams {
+    pub flat: FlatParam,
+    name: String,
+    dtype: DType,
+    /// The part of the padded flat buffer this rank's optimizer owns.
+    pub window: Range<usize>,
+    /// fp32 master weights of `window`.
+    pub master: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    /// Compute-dtype shard of this rank (parameters not resident): what is all-gathered before use.
+    shard: Option<Arc<HostBuf>>,
+    /// Variables over the whole block (parameters resident).
+    vars: Option<Vec<Var>>,
+}
+
+impl BlockParams {
+    /// Initialise block `i` from the seed: every rank computes the same values, one block at a time,
+    /// and keeps what the strategy says it holds.
+    pub fn init(model: &Model, i: usize, strategy: Strategy, rank: usize, world: usize, dtype: DType, seed: u64) -> Result<Self, EngineError> {
+        let name = model.block(i).name();
+        let flat = FlatParam::new(model.own_params(i), world);
+        let mut full = vec![0f32; flat.padded_numel()];
+        for (j, spec) in flat.specs().iter().enumerate() {
+            init_param(&mut full[flat.range(j)], spec, &mut Rng::derive(seed, &format!("{name}.{}", spec.name)));
+        }
+        let shard = flat.layout().shard(rank);
+        let shard_range = shard.offset..shard.offset + shard.padded_len;
+        let window = if strategy.optimizer_sharded() { shard_range.clone() } else { 0..full.len() };
+        let master = full[window.clone()].to_vec();
+        let n = master.len();
+        let mut p = Self { flat, name, dtype, window, master, m: vec![0.0; n], v: vec![0.0; n], shard: None, vars: None };
+        if strategy.params_resident() {
+            p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?);
+        } else {
+            p.shard = Some(Arc::new(HostBuf::from_f32(dtype, &full[shard_range])));
+        }
+        Ok(p)
+    }
+
+    fn make_vars(&self, full: &HostBuf) -> Result<Vec<Var>, EngineError> {
+        (0..self.flat.specs().len())
+            .map(|j| full.var(self.flat.range(j), &self.flat.specs()[j].shape, &Device::Cpu))
+            .collect::<candle_core::Result<_>>()
+            .map_err(EngineError::tensor(self.name.clone()))
+    }
+
+    /// The resident variables (stages 0–2).
+    pub fn resident(&self) -> Option<&[Var]> {
+        self.vars.as_deref()
+    }
+
+    /// Start all-gathering this block's shard (stage 3); `finish_gather` turns the result into variables.
+    pub fn start_gather(&self, worker: &CommWorker) -> Result<Pending<Result<HostBuf, CommError>>, EngineError> {
+        let shard = self.shard.clone().ok_or_else(|| EngineError::Unsupported(format!("block {} has no shard to gather", self.name)))?;
+        let (dtype, padded) = (self.dtype, self.flat.padded_numel());
+        Ok(worker.submit(move |c| {
+            let mut full = HostBuf::zeros(dtype, padded);
+            c.all_gather(shard.as_buf(), full.as_buf_mut()).map(|()| full)
+        }))
+    }
+
+    pub fn finish_gather(&self, pending: Pending<Result<HostBuf, CommError>>) -> Result<Vec<Var>, EngineError> {
+        let full = pending.wait()??;
+        self.make_vars(&full)
+    }
+
+    /// After the optimizer updated `master`: refresh what blocks compute on. Stage 0 rebuilds its
+    /// variables from the master weights; stages 1–2 all-gather the updated shards (returned as a
+    /// pending collective for `finish_publish`); stage 3 only refreshes its shard.
+    pub fn start_publish(&mut self, worker: &CommWorker, strategy: Strategy) -> Result<Option<Pending<Result<HostBuf, CommError>>>, EngineError> {
+        let updated = HostBuf::from_f32(self.dtype, &self.master);
+        if !strategy.params_resident() {
+            self.shard = Some(Arc::new(updated));
+            return Ok(None);
+        }
+        if !strategy.optimizer_sharded() {
+            self.vars = Some(self.make_vars(&updated)?);
+            return Ok(None);
+        }
+        let (dtype, padded) = (self.dtype, self.flat.padded_numel());
+        Ok(Some(worker.submit(move |c| {
+            let mut full = HostBuf::zeros(dtype, padded);
+            c.all_gather(updated.as_buf(), full.as_buf_mut()).map(|()| full)
+        })))
+    }
+
+    pub fn finish_publish(&mut self, pending: Pending<Result<HostBuf, CommError>>) -> Result<(), EngineError> {
+        let full = pending.wait()??;
+        self.vars = Some(self.make_vars(&full)?);
+        Ok(())
+    }
+
+    /// Bytes of compute-dtype parameters held between steps (variables or shard).
+    pub fn param_bytes(&self) -> usize {
+        let vars: usize = self.vars.iter().flatten().map(|v| v.elem_count() * v.dtype().size_in_bytes()).sum();
+        vars + self.shard.as_ref().map_or(0, |s| s.bytes())
+    }
+}
+
+fn init_param(out: &mut [f32], spec: &ParamSpec, rng: &mut Rng) {
+    match spec.init {
+        Init::Zeros => out.fill(0.0),
+        Init::Ones => out.fill(1.0),
+        Init::Normal { std } => out.iter_mut().for_each(|x| *x = (rng.normal() * std) as f32),
+    }
+}

@@ -1,0 +1,119 @@
+//! The two ways blocks get parameters: resident variables (stages 0–2), or shards all-gathered just
+//! before use and released after it, with the next block's gather already running (stage 3).
+
+use super::blockwise::ParamSource;
+use super::comm_worker::{CommWorker, Pending};
+use super::error::EngineError;
+use super::host_buf::HostBuf;
+use super::model::Model;
+use super::params::BlockParams;
+use crate::comm::CommError;
+use candle_core::{Tensor, Var};
+use std::collections::{BTreeSet, HashMap};
+
+/// Blocks whose parameters block `i` uses: itself and the owners of its tied slots.
+fn owners(model: &Model, i: usize) -> BTreeSet<usize> {
+    model.slots(i).iter().map(|s| s.block).collect()
+}
+
+fn slot_tensors(model: &Model, i: usize, vars_of: impl Fn(usize) -> Option<Vec<Tensor>>) -> Result<Vec<Tensor>, EngineError> {
+    let mut out = Vec::with_capacity(model.slots(i).len());
+    for s in model.slots(i) {
+        let vars = vars_of(s.block).ok_or_else(|| EngineError::Unsupported(format!("parameters of block {} are not available", s.block)))?;
+        out.push(vars[s.index].clone());
+    }
+    Ok(out)
+}
+
+/// Stages 0–2: every block's variables are always there.
+pub struct Resident<'a> {
+    pub model: &'a Model,
+    pub params: &'a [BlockParams],
+}
+
+impl ParamSource for Resident<'_> {
+    fn acquire(&mut self, i: usize, _next: Option<usize>) -> Result<Vec<Tensor>, EngineError> {
+        slot_tensors(self.model, i, |b| self.params[b].resident().map(|v| v.iter().map(|v| v.as_tensor().clone()).collect()))
+    }
+
+    fn release(&mut self, _i: usize) {}
+}
+
+/// Stage 3: gather on demand, prefetch the next block, release what the next block does not need.
+pub struct Gathering<'a> {
+    pub model: &'a Model,
+    pub params: &'a [BlockParams],
+    pub worker: &'a CommWorker,
+    ready: HashMap<usize, Vec<Var>>,
+    pending: HashMap<usize, Pending<Result<HostBuf, CommError>>>,
+    /// Owners needed by the block announced as next, kept across `release`.
+    upcoming: BTreeSet<usize>,
+    /// Largest number of bytes of gathered parameters alive at once.
+    pub peak_bytes: usize,
+}
+
+impl<'a> Gathering<'a> {
+    pub fn new(model: &'a Model, params: &'a [BlockParams], worker: &'a CommWorker) -> Self {
+        Self { model, params, worker, ready: HashMap::new(), pending: HashMap::new(), upcoming: BTreeSet::new(), peak_bytes: 0 }
+    }
+
+    fn ensure(&mut self, block: usize) -> Result<(), EngineError> {
+        if self.ready.contains_key(&block) {
+            return Ok(());
+        }
+        let pending = match self.pending.remove(&block) {
+            Some(p) => p,
+            None => self.params[block].start_gather(self.worker)?,
+        };
+        let vars = self.params[block].finish_gather(pending)?;
+        self.ready.insert(block, vars);
+        let bytes: usize = self.ready.values().flatten().map(|v| v.elem_count() * v.dtype().size_in_bytes()).sum();
+        self.peak_bytes = self.peak_bytes.max(bytes);
+        Ok(())
+    }
+
+    /// Gather every block (e.g. to generate text); a collective on every rank.
+    pub fn all_slot_tensors(&mut self) -> Result<Vec<Vec<Tensor>>, EngineError> {
+        for b in 0..self.model.num_blocks() {
+            self.ensure(b)?;
+        }
+        (0..self.model.num_blocks())
+            .map(|i| slot_tensors(self.model, i, |b| self.ready.get(&b).map(|v| v.iter().map(|v| v.as_tensor().clone()).collect())))
+            .collect()
+    }
+}
+
+impl ParamSource for Gathering<'_> {
+    fn acquire(&mut self, i: usize, next: Option<usize>) -> Result<Vec<Tensor>, EngineError> {
+        for owner in owners(self.model, i) {
+            self.ensure(owner)?;
+        }
+        // Start the next block's gathers now: they run on the communication thread while `i` computes.
+        self.upcoming = next.map(|n| owners(self.model, n)).unwrap_or_default();
+        for owner in self.upcoming.clone() {
+            if !self.ready.contains_key(&owner) && !self.pending.contains_key(&owner) {
+                let pending = self.params[owner].start_gather(self.worker)?;
+                self.pending.insert(owner, pending);
+            }
+        }
+        slot_tensors(self.model, i, |b| self.ready.get(&b).map(|v| v.iter().map(|v| v.as_tensor().clone()).collect()))
+    }
+
+    fn release(&mut self, i: usize) {
+        for owner in owners(self.model, i) {
+            if !self.upcoming.contains(&owner) {
+                self.ready.remove(&owner);
+            }
+        }
+    }
+}
+
+impl Drop for Gathering<'_> {
+    fn drop(&mut self) {
+        // A gather that was prefetched but never used must still complete on this rank, since the
+        // other ranks run it too; waiting keeps the worker's queue and the peers in step.
+        for (_, p) in self.pending.drain() {
+            let _ = p.wait();
+        }
+    }
+}
