@@ -154,7 +154,13 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
-    comm.barrier()?;
+    // Every rank's peak resident memory, for the summary (MB as f32 is exact enough).
+    let my_peak = (peak_rss_bytes() / (1 << 20)) as f32;
+    let peaks = engine.comm().run(move |c| {
+        let mut all = vec![0f32; c.world_size()];
+        c.all_gather_slice(&[my_peak], &mut all).map(|()| all)
+    })??;
+    let peak_bytes: Vec<u64> = peaks.iter().map(|mb| (*mb as u64) << 20).collect();
 
     // With sharded parameters, gathering them for the sample is a collective: every rank takes part.
     let sample_params = if t.sample_tokens > 0 { Some(engine.slot_tensors()?) } else { None };
@@ -165,9 +171,11 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             Some(params) => sample_text(&gpt, params, t.sample_tokens, t.seed)?,
             None => String::new(),
         };
+        let peak_text: Vec<String> = peaks.iter().map(|mb| format!("{mb:.0}")).collect();
         progress.finish(&format!(
-            "done: {} steps in {elapsed:.1} s, loss {first:.4} → {last_loss:.4}, {tok_s:.0} tokens/s; outputs in {}",
+            "done: {} steps in {elapsed:.1} s, loss {first:.4} → {last_loss:.4}, {tok_s:.0} tokens/s, peak memory per rank {} MB; outputs in {}",
             t.steps,
+            peak_text.join("/"),
             tracker.dir().display()
         ));
         if !sample.is_empty() {
@@ -182,6 +190,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             "tokens_per_s": tok_s,
             "sample": sample,
             "memory": engine.memory(),
+            "peak_rss_bytes": peak_bytes,
         }))?;
     }
     Ok(ExitCode::SUCCESS)

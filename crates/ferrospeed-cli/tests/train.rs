@@ -162,3 +162,23 @@ fn batch_arithmetic_that_fails_only_for_the_world_size_stops_the_launch_with_exi
     assert!(f.stderr.contains("train.global_batch = 8") && f.stderr.contains("world size (3)"), "{}", f.stderr);
     assert!(!track.exists());
 }
+
+#[test]
+fn zero_stages_give_identical_losses_across_processes_and_precisions_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let steps = ["--set", "train.steps=8"];
+    let reference = train(2, &config, &dir.path().join("s0"), &steps);
+    for stage in 1..=3 {
+        let set = format!("zero.stage={stage}");
+        let losses = train(2, &config, &dir.path().join(format!("s{stage}")), &[steps[0], steps[1], "--set", &set]);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&losses), bits(&reference), "stage {stage} vs stage 0");
+    }
+    let fp16 = dir.path().join("fp16");
+    train(2, &config, &fp16, &[steps[0], steps[1], "--set", "zero.stage=3", "--set", "train.precision=fp16"]);
+    let first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(fp16.join("metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(first["loss_scale"].as_f64(), Some(65536.0), "fp16 metrics show the loss scale: {first}");
+    assert!(first["mem_params_bytes"].as_u64().unwrap() > 0, "step 1 reports memory: {first}");
+}

@@ -103,6 +103,12 @@ impl Engine {
         &self.model
     }
 
+    /// The communication thread: collectives outside the engine go through it too, so that every
+    /// collective of this rank is issued in one order.
+    pub fn comm(&self) -> &CommWorker {
+        &self.worker
+    }
+
     /// Optimizer steps taken so far (skipped steps included).
     pub fn steps_done(&self) -> u64 {
         self.step
