@@ -1,5 +1,6 @@
 //! The `ferrospeed` command: `launch` starts ranks, `comm` checks and measures collectives.
 
+mod checkpoint_cmd;
 mod comm_cmd;
 mod launch;
 mod train;
@@ -22,6 +23,9 @@ enum Command {
     Launch(launch::LaunchArgs),
     /// Train a model from a TOML config (run it under `launch` for several ranks)
     Train(train::TrainArgs),
+    /// Inspect or export checkpoints
+    #[command(subcommand)]
+    Checkpoint(checkpoint_cmd::CheckpointCommand),
     /// Check collectives against a single-process reference, or measure their bandwidth
     #[command(subcommand)]
     Comm(comm_cmd::CommCommand),
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
         Command::Launch(args) => launch::run(args),
         Command::Comm(cmd) => comm_cmd::run(cmd),
         Command::Train(args) => train::run(args),
+        Command::Checkpoint(cmd) => checkpoint_cmd::run(cmd),
     };
     match result {
         Ok(code) => code,

@@ -8,6 +8,7 @@ use crate::usage::usage_error;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
+use ferrospeed::checkpoint::{self, SaveRequest};
 use ferrospeed::comm::TcpCommunicator;
 use ferrospeed::config::{Config, Offload, Precision, ReduceDtype};
 use ferrospeed::engine::{Batch, Engine, EngineConfig};
@@ -18,7 +19,9 @@ use ferrospeed::rng::Rng;
 use ferrospeed::track::{fresh_run_dir, Progress, StepMetrics, Tracker};
 use ferrospeed::{CommConfig, CommExt, Communicator, ReduceOp, WorldInfo};
 use ferrospeed_models::data::MicroBatch;
+use ferrospeed_models::gpt::hf_name;
 use ferrospeed_models::{BatchSampler, ByteTokenizer, Gpt, GptConfig, TextCorpus};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -92,6 +95,28 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         }),
     };
     let mut engine = Engine::new(gpt.model()?, comm.clone(), engine_cfg)?;
+    if let Some(path) = &cfg.model.init_from {
+        checkpoint::load_consolidated(&mut engine, path, &hf_name)
+            .map_err(|e| usage_error(format!("model.init_from: {e}")))?;
+    }
+    let ckpt_dir = cfg.checkpoint.dir.clone();
+    if let (Some(dir), true) = (&ckpt_dir, cfg.checkpoint.resume) {
+        if let Some(found) = checkpoint::latest(dir)? {
+            let meta = checkpoint::load_into(&mut engine, &found).with_context(|| format!("resuming from {}", found.display()))?;
+            if rank == 0 {
+                println!(
+                    "resumed from {} at step {} (saved by {} rank(s) at ZeRO stage {})",
+                    found.display(),
+                    meta.step,
+                    meta.world_size,
+                    meta.zero_stage
+                );
+            }
+        }
+    }
+    let start_step = engine.steps_done() as usize;
+    let interrupted = watch_interrupts()?;
+    let run_json = serde_json::to_value(&cfg).context("serialising the config")?;
     let sampler = BatchSampler {
         seed: t.seed,
         seq_len: cfg.model.seq_len,
@@ -124,7 +149,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let mut first_loss = None;
     let mut last_loss = f64::NAN;
-    for step in 0..t.steps {
+    let mut last_saved = (start_step > 0).then_some(start_step);
+    let mut stopped_at = None;
+    for step in start_step..t.steps {
         let t0 = Instant::now();
         let batches = to_batches(sampler.micro_batches(&corpus, step as u64), t.micro_batch, cfg.model.seq_len)?;
         let lr = schedule.at(step);
@@ -152,6 +179,34 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             tracker.log(&m)?;
             progress.update(&m);
         }
+        // Ranks agree on stopping, so that all of them save (a collective) at the same step.
+        let stop = any_rank(&engine, interrupted.load(Ordering::SeqCst))?;
+        let done = step + 1;
+        let periodic = cfg.checkpoint.every > 0 && done % cfg.checkpoint.every == 0;
+        if let Some(dir) = &ckpt_dir {
+            if periodic || (stop && cfg.checkpoint.save_on_interrupt) {
+                save_checkpoint(&engine, dir, &cfg, &run_json, rank)?;
+                last_saved = Some(done);
+            }
+        }
+        if stop {
+            stopped_at = Some(done);
+            break;
+        }
+    }
+    if let Some(step) = stopped_at {
+        if rank == 0 {
+            match (&ckpt_dir, last_saved == Some(step)) {
+                (Some(dir), true) => eprintln!("interrupted after step {step}: checkpoint saved in {}; run the same command to resume", dir.display()),
+                _ => eprintln!("interrupted after step {step}; no checkpoint saved (set checkpoint.dir to keep progress)"),
+            }
+        }
+        return Ok(ExitCode::from(130));
+    }
+    if let Some(dir) = &ckpt_dir {
+        if last_saved != Some(t.steps) && start_step < t.steps {
+            save_checkpoint(&engine, dir, &cfg, &run_json, rank)?;
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     // Every rank's peak resident memory, for the summary (MB as f32 is exact enough).
@@ -166,7 +221,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let sample_params = if t.sample_tokens > 0 { Some(engine.slot_tensors()?) } else { None };
     if let (Some(tracker), Some(progress)) = (tracker, progress) {
         let first = first_loss.unwrap_or(f64::NAN);
-        let tok_s = (tokens_per_step * t.steps as u64) as f64 / elapsed;
+        let tok_s = (tokens_per_step * (t.steps - start_step.min(t.steps)) as u64) as f64 / elapsed;
         let sample = match &sample_params {
             Some(params) => sample_text(&gpt, params, t.sample_tokens, t.seed)?,
             None => String::new(),
@@ -196,17 +251,44 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// SIGINT/SIGTERM set a flag checked at step boundaries; a second signal exits at once (code 130).
+fn watch_interrupts() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())?;
+        signal_hook::flag::register(sig, flag.clone())?;
+    }
+    Ok(flag)
+}
+
+/// Whether any rank has `local` set (one tiny all-reduce).
+fn any_rank(engine: &Engine, local: bool) -> Result<bool> {
+    Ok(engine.comm().run(move |c| {
+        let mut flag = [if local { 1f32 } else { 0.0 }];
+        c.all_reduce_slice(&mut flag, ReduceOp::Max).map(|()| flag[0] > 0.0)
+    })??)
+}
+
+fn save_checkpoint(engine: &Engine, dir: &Path, cfg: &Config, run: &serde_json::Value, rank: usize) -> Result<()> {
+    let t0 = Instant::now();
+    let req = SaveRequest {
+        root: dir,
+        samples: engine.steps_done() * cfg.train.global_batch as u64,
+        keep: cfg.checkpoint.keep,
+        run: run.clone(),
+    };
+    let saved = checkpoint::save(engine, &req).with_context(|| format!("saving a checkpoint in {}", dir.display()))?;
+    if rank == 0 {
+        tracing::info!("saved {} in {:.2} s", saved.display(), t0.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
 /// Features the config accepts but this build cannot run yet: say so instead of ignoring them.
 fn reject_unimplemented(cfg: &Config) -> Result<()> {
     let refuse = |what: String| Err(usage_error(what));
     if cfg.zero.offload_optimizer != Offload::None || cfg.zero.offload_params != Offload::None {
         return refuse("zero.offload_optimizer / zero.offload_params are not available yet: use \"none\"".into());
-    }
-    if cfg.model.init_from.is_some() {
-        return refuse("model.init_from is not available yet: remove it".into());
-    }
-    if cfg.checkpoint.dir.is_some() {
-        return refuse("checkpoints are not available yet: remove checkpoint.dir".into());
     }
     Ok(())
 }
@@ -252,7 +334,7 @@ fn sample_text(gpt: &Gpt, params: &[Vec<Tensor>], n: usize, seed: u64) -> Result
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), 0 where unknown.
-fn peak_rss_bytes() -> u64 {
+pub fn peak_rss_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))

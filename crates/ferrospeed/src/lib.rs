@@ -3,6 +3,7 @@
 //! The crate is organised by concern (see `ARCHITECTURE.md` at the repository root):
 //! [`comm`] moves bytes between ranks, [`shard`] says which bytes each rank owns.
 
+pub mod checkpoint;
 pub mod comm;
 pub mod config;
 pub mod engine;

@@ -49,6 +49,14 @@ pub struct ScaleUnderflow {
     pub min: f64,
 }
 
+/// What a checkpoint keeps of the scaler.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScalerState {
+    pub scale: f64,
+    pub good_steps: u64,
+    pub skipped: u64,
+}
+
 /// Dynamic loss scaling: multiply the loss so fp16 gradients do not underflow; on overflow, skip the
 /// step and halve the scale; after `growth_interval` good steps, double it.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +71,16 @@ pub struct LossScaler {
 impl LossScaler {
     pub fn new(cfg: LossScalerConfig) -> Self {
         Self { cfg, scale: cfg.initial, good_steps: 0, skipped: 0 }
+    }
+
+    pub fn state(&self) -> ScalerState {
+        ScalerState { scale: self.scale, good_steps: self.good_steps, skipped: self.skipped }
+    }
+
+    pub fn restore(&mut self, state: ScalerState) {
+        self.scale = state.scale;
+        self.good_steps = state.good_steps;
+        self.skipped = state.skipped;
     }
 
     /// The current scale.

@@ -69,7 +69,8 @@ pub fn supervise(plan: &LaunchPlan, store: NodeStore, grace: Duration) -> Result
                 // Whatever the rank left behind in its group goes with it.
                 signal_group(p.pid, libc::SIGKILL);
                 let ok = status.as_ref().is_ok_and(ExitStatus::success);
-                if !ok && failure.is_none() && kill_at.is_none() {
+                // After a forwarded Ctrl-C, ranks save and exit on their own (code 130): that is no failure.
+                if !ok && failure.is_none() && kill_at.is_none() && interrupted == 0 {
                     let (how, code) = describe(&status);
                     let message = format!("rank {rank} (pid {}) {how}", p.pid);
                     eprintln!("ferrospeed launch: {message}; stopping the other ranks");

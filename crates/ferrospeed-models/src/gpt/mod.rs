@@ -9,11 +9,13 @@ mod embedding;
 mod generate;
 mod head;
 mod layer;
+mod names;
 pub mod ops;
 
 pub use embedding::Embedding;
 pub use head::Head;
 pub use layer::Layer;
+pub use names::hf_name;
 
 use ferrospeed::engine::{Block, EngineError, Model};
 

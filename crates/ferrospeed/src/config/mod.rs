@@ -270,11 +270,14 @@ pub struct CheckpointConfig {
     pub keep: usize,
     /// Resume from `<dir>/latest` when it exists.
     pub resume: bool,
+    /// On Ctrl-C (SIGINT) or SIGTERM, save a checkpoint at the next step boundary before exiting
+    /// (needs checkpoint.dir).
+    pub save_on_interrupt: bool,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { dir: None, every: 0, keep: 3, resume: true }
+        CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true }
     }
 }
 

@@ -310,6 +310,9 @@ pub(crate) fn build(table: &toml::Table) -> Config {
             every: v.usize("checkpoint", "every").unwrap_or(checkpoint_default.every),
             keep: v.usize("checkpoint", "keep").unwrap_or(checkpoint_default.keep),
             resume: v.bool("checkpoint", "resume").unwrap_or(checkpoint_default.resume),
+            save_on_interrupt: v
+                .bool("checkpoint", "save_on_interrupt")
+                .unwrap_or(checkpoint_default.save_on_interrupt),
         },
         track: TrackConfig {
             dir: v.path("track", "dir"),

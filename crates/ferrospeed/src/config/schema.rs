@@ -131,6 +131,7 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
             key("every", Kind::Count),
             key("keep", Kind::PositiveInt),
             key("resume", Kind::Bool),
+            key("save_on_interrupt", Kind::Bool),
         ],
     },
     SectionSpec {

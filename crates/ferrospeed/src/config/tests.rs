@@ -94,11 +94,13 @@ fn minimal_config_gets_defaults() {
             offload_params: Offload::None,
             nvme_dir: None,
         },
-        checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true },
+        checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true },
         track: TrackConfig { dir: None, tensorboard: true },
     };
     assert_eq!(config, expected);
     assert_eq!(config.train, TrainConfig::default());
+    assert_eq!(config.checkpoint, CheckpointConfig::default());
+    assert!(config.checkpoint.save_on_interrupt);
 }
 
 #[test]
@@ -154,6 +156,7 @@ dir = \"runs/x/ckpt\"
 every = 10
 keep = 5
 resume = false
+save_on_interrupt = false
 
 [track]
 dir = \"runs/x\"
@@ -202,7 +205,13 @@ tensorboard = false
             offload_params: Offload::Cpu,
             nvme_dir: Some(PathBuf::from("/mnt/nvme")),
         },
-        checkpoint: CheckpointConfig { dir: Some("runs/x/ckpt".into()), every: 10, keep: 5, resume: false },
+        checkpoint: CheckpointConfig {
+            dir: Some("runs/x/ckpt".into()),
+            every: 10,
+            keep: 5,
+            resume: false,
+            save_on_interrupt: false,
+        },
         track: TrackConfig { dir: Some("runs/x".into()), tensorboard: false },
     };
     assert_eq!(config, expected);
@@ -218,6 +227,7 @@ tensorboard = false
     assert_eq!(json["train"]["loss_scale_min"], 0.5);
     assert_eq!(json["model"]["kind"], "gpt");
     assert_eq!(json["checkpoint"]["dir"], "runs/x/ckpt");
+    assert_eq!(json["checkpoint"]["save_on_interrupt"], false);
 }
 
 #[test]
@@ -302,6 +312,7 @@ fn bad_cases() -> Vec<BadCase> {
         ("key at top level", format!("steps = 10\n{MINIMAL}"), &[], &["`steps`", "did you mean `train.steps`?"]),
         ("negative size", MINIMAL.replace("n_layer = 2", "n_layer = -2"), &[], &["model.n_layer = -2", "must be ≥ 1"]),
         ("zero size", minimal_with("[train]\nglobal_batch = 0"), &[], &["train.global_batch = 0", "must be ≥ 1"]),
+        ("string for save_on_interrupt", minimal_with("[checkpoint]\nsave_on_interrupt = \"yes\""), &[], &["checkpoint.save_on_interrupt = \"yes\"", "expected true or false"]),
         ("zero keep", minimal_with("[checkpoint]\nkeep = 0"), &[], &["checkpoint.keep = 0", "must be ≥ 1"]),
         ("negative count", minimal_with("[train]\nwarmup = -1"), &[], &["train.warmup = -1", "must be ≥ 0"]),
         ("n_head not dividing", MINIMAL.replace("n_head = 2", "n_head = 3"), &[], &["model.n_head = 3 does not divide model.d_model = 64", "use an n_head among", "2, 4"]),

@@ -10,6 +10,7 @@ mod memory;
 mod model;
 mod params;
 mod sources;
+mod state;
 mod trainer;
 
 pub use block::{Batch, Block, Init, ParamRef, ParamSpec};
@@ -18,4 +19,5 @@ pub use error::EngineError;
 pub use host_buf::HostBuf;
 pub use memory::MemoryReport;
 pub use model::{Model, SlotSource};
+pub use state::{WindowMut, WindowRef};
 pub use trainer::{Engine, EngineConfig, StepStats};

@@ -17,6 +17,7 @@ pub struct Model {
     own: Vec<Vec<ParamSpec>>,
     /// For each block, where each of its slots comes from.
     slots: Vec<Vec<SlotSource>>,
+    names: Vec<String>,
 }
 
 impl Model {
@@ -55,7 +56,11 @@ impl Model {
             own.push(mine);
             slots.push(sources);
         }
-        Ok(Self { blocks, own, slots })
+        let names: Vec<String> = blocks.iter().map(|b| b.name()).collect();
+        if let Some(dup) = names.iter().enumerate().find(|(i, n)| names[..*i].contains(n)) {
+            return Err(EngineError::Model(format!("two blocks are named {}", dup.1)));
+        }
+        Ok(Self { blocks, own, slots, names })
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -64,6 +69,11 @@ impl Model {
 
     pub fn block(&self, i: usize) -> &dyn Block {
         self.blocks[i].as_ref()
+    }
+
+    /// The blocks' names, in order.
+    pub fn block_names(&self) -> &[String] {
+        &self.names
     }
 
     /// Parameters block `i` owns.

@@ -17,7 +17,7 @@ use super::params::BlockParams;
 use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::optim::{clip_coefficient, sum_squares, AdamW};
-use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision};
+use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision, ScalerState};
 use crate::shard::{GradReduction, Strategy};
 use candle_core::{DType, Tensor};
 use std::sync::Arc;
@@ -145,6 +145,35 @@ impl Engine {
             moments: self.params.iter().map(|p| (p.m.len() + p.v.len()) * 4).sum(),
             gathered_peak: self.gathered_peak,
         }
+    }
+
+    pub(crate) fn blocks_state(&self) -> impl Iterator<Item = (&str, &BlockParams)> {
+        self.model.block_names().iter().map(String::as_str).zip(&self.params)
+    }
+
+    pub(crate) fn blocks_state_mut(&mut self) -> impl Iterator<Item = (&str, &mut BlockParams)> {
+        self.model.block_names().iter().map(String::as_str).zip(&mut self.params)
+    }
+
+    pub(crate) fn set_progress(&mut self, steps_done: u64, scaler: Option<ScalerState>) {
+        self.step = steps_done;
+        if let (Some(s), Some(state)) = (&mut self.scaler, scaler) {
+            s.restore(state);
+        }
+    }
+
+    pub(crate) fn republish(&mut self) -> Result<(), EngineError> {
+        self.publish()
+    }
+
+    /// The loss scaler's state (fp16), for checkpoints.
+    pub fn scaler_state(&self) -> Option<ScalerState> {
+        self.scaler.as_ref().map(LossScaler::state)
+    }
+
+    /// The configuration the engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
     }
 
     /// One optimizer step over this rank's `micro_batches` (its share of the global batch) at `lr`.

@@ -1,0 +1,158 @@
+//! Loading a checkpoint into an engine of any world size and stage: each rank reads, from the files of
+//! the saving ranks, the byte ranges its own window needs, after verifying those files' checksums.
+
+use super::error::CheckpointError;
+use super::format::*;
+use super::safetensors_io::{read_f32_range, read_header, Header};
+use crate::engine::Engine;
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// The checkpoint `<root>/latest` names, if any. A `latest` that names a missing or incomplete
+/// checkpoint is an error, not a fresh start: something removed what it pointed to.
+pub fn latest(root: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+    let path = root.join(LATEST);
+    let name = match std::fs::read_to_string(&path) {
+        Ok(n) => n.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(CheckpointError::io(&path, e)),
+    };
+    if parse_step_dir(&name).is_none() {
+        return Err(CheckpointError::corrupt(&path, &format!("names {name:?}, which is not a checkpoint folder")));
+    }
+    let dir = root.join(&name);
+    if !dir.join(META).is_file() {
+        return Err(CheckpointError::NotFound { path: dir, reason: format!("{} names it but it has no {META}", path.display()) });
+    }
+    Ok(Some(dir))
+}
+
+/// A checkpoint folder, or a root whose `latest` names one.
+pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
+    if path.join(META).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    latest(path)?.ok_or_else(|| CheckpointError::NotFound {
+        path: path.to_path_buf(),
+        reason: format!("neither {META} nor {LATEST} is there"),
+    })
+}
+
+pub fn read_meta(dir: &Path) -> Result<Meta, CheckpointError> {
+    let path = dir.join(META);
+    let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::corrupt(&path, &e.to_string()))?;
+    if meta.format_version != FORMAT_VERSION {
+        return Err(CheckpointError::corrupt(
+            &path,
+            &format!("format version {} (this build reads {FORMAT_VERSION})", meta.format_version),
+        ));
+    }
+    if meta.files.len() != meta.world_size || meta.files.iter().any(|f| f.windows.len() != meta.blocks.len()) {
+        return Err(CheckpointError::corrupt(&path, "the file list does not match the world size and blocks"));
+    }
+    Ok(meta)
+}
+
+/// Check one rank file against the checksum and size in `meta.json`.
+pub fn verify_file(dir: &Path, file: &FileMeta) -> Result<(), CheckpointError> {
+    let path = dir.join(&file.name);
+    let (crc, bytes) = super::format::file_crc(&path).map_err(|e| CheckpointError::io(&path, e))?;
+    if crc != file.crc32c || bytes != file.bytes {
+        return Err(CheckpointError::Checksum { path, expected: file.crc32c, actual: crc, bytes, expected_bytes: file.bytes });
+    }
+    Ok(())
+}
+
+/// Read `meta.json` and verify every file of the checkpoint.
+pub fn verify(dir: &Path) -> Result<Meta, CheckpointError> {
+    let meta = read_meta(dir)?;
+    for f in &meta.files {
+        verify_file(dir, f)?;
+    }
+    Ok(meta)
+}
+
+/// Rank files opened on demand, each verified before its first read.
+pub(crate) struct RankFiles<'a> {
+    dir: &'a Path,
+    meta: &'a Meta,
+    open: HashMap<usize, (File, Header, PathBuf)>,
+}
+
+impl<'a> RankFiles<'a> {
+    pub(crate) fn new(dir: &'a Path, meta: &'a Meta) -> Self {
+        Self { dir, meta, open: HashMap::new() }
+    }
+
+    /// Read elements `[start, end)` of block `b`'s flat buffer (tensor `kind`: 0 master, 1 exp_avg,
+    /// 2 exp_avg_sq) into `out`, from whichever rank files hold them.
+    pub(crate) fn read(&mut self, b: usize, kind: usize, start: usize, out: &mut [f32]) -> Result<(), CheckpointError> {
+        let end = start + out.len();
+        let block = &self.meta.blocks[b].name;
+        for (fi, file) in self.meta.files.iter().enumerate() {
+            let (o, len) = file.windows[b];
+            let (lo, hi) = (start.max(o), end.min(o + len));
+            if lo >= hi {
+                continue;
+            }
+            if !self.open.contains_key(&fi) {
+                verify_file(self.dir, file)?;
+                let path = self.dir.join(&file.name);
+                let mut f = File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
+                let header = read_header(&mut f, &path)?;
+                self.open.insert(fi, (f, header, path));
+            }
+            let (f, header, path) = self.open.get_mut(&fi).expect("opened above");
+            let name = &tensor_names(block)[kind];
+            read_f32_range(f, path, header, name, lo - o..hi - o, &mut out[lo - start..hi - start])?;
+        }
+        Ok(())
+    }
+}
+
+/// Load the checkpoint in `dir` into `engine` (any world size, any stage). Every rank calls this.
+pub fn load_into(engine: &mut Engine, dir: &Path) -> Result<Meta, CheckpointError> {
+    let meta = read_meta(dir)?;
+    check_model(engine, &meta, dir)?;
+    let mut files = RankFiles::new(dir, &meta);
+    for (b, w) in engine.windows_mut().into_iter().enumerate() {
+        let numel = meta.blocks[b].numel;
+        let real_end = w.window.end.min(numel);
+        for (kind, dst) in [w.master, w.m, w.v].into_iter().enumerate() {
+            dst.fill(0.0); // padding stays zero
+            if w.window.start < real_end {
+                files.read(b, kind, w.window.start, &mut dst[..real_end - w.window.start])?;
+            }
+        }
+    }
+    engine.finish_restore(meta.step, meta.loss_scaler)?;
+    Ok(meta)
+}
+
+fn check_model(engine: &Engine, meta: &Meta, dir: &Path) -> Result<(), CheckpointError> {
+    let mismatch = |reason: String| CheckpointError::Mismatch { path: dir.to_path_buf(), reason };
+    let windows = engine.windows();
+    if windows.len() != meta.blocks.len() {
+        return Err(mismatch(format!("it has {} blocks, this model {}", meta.blocks.len(), windows.len())));
+    }
+    for (w, b) in windows.iter().zip(&meta.blocks) {
+        if w.block != b.name {
+            return Err(mismatch(format!("block {} of the checkpoint is where this model has {}", b.name, w.block)));
+        }
+        let specs = w.flat.specs();
+        if specs.len() != b.params.len() {
+            return Err(mismatch(format!("block {} has {} parameters, this model's {}", b.name, b.params.len(), specs.len())));
+        }
+        for (j, (s, p)) in specs.iter().zip(&b.params).enumerate() {
+            if s.name != p.name || s.shape != p.shape || w.flat.range(j).start != p.offset {
+                return Err(mismatch(format!(
+                    "parameter {}.{} has shape {:?} in the checkpoint but {}.{} has shape {:?} in this model",
+                    b.name, p.name, p.shape, w.block, s.name, s.shape
+                )));
+            }
+        }
+    }
+    Ok(())
+}

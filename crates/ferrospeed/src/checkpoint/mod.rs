@@ -1,0 +1,14 @@
+//! Checkpoints: atomic sharded saves, bit-exact resume at any world size and stage, consolidated export.
+
+mod error;
+mod export;
+mod format;
+mod load;
+mod safetensors_io;
+mod save;
+
+pub use error::CheckpointError;
+pub use export::{export, load_consolidated, ExportStats, NameMap};
+pub use format::{list_checkpoints, step_dir_name, BlockMeta, FileMeta, Meta, ParamMeta, FORMAT_VERSION, LATEST, META};
+pub use load::{latest, load_into, read_meta, resolve, verify, verify_file};
+pub use save::{save, SaveRequest};

@@ -1,0 +1,206 @@
+//! Saving a checkpoint, collectively: every rank writes its shard into a temporary folder; rank 0
+//! writes `meta.json` with every file's checksum, renames the folder into place, then replaces
+//! `latest` — each step synced, so a checkpoint is either complete and verified, or invisible.
+
+use super::error::CheckpointError;
+use super::format::*;
+use super::safetensors_io::write_f32_file;
+use crate::comm::{CommExt, CommError};
+use crate::engine::Engine;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// What to save, besides the engine's state.
+pub struct SaveRequest<'a> {
+    pub root: &'a Path,
+    pub samples: u64,
+    /// Complete checkpoints to keep (the oldest are removed); at least 1.
+    pub keep: usize,
+    pub run: serde_json::Value,
+}
+
+/// Save the engine's state under `req.root`; every rank must call this. Returns the checkpoint folder.
+pub fn save(engine: &Engine, req: &SaveRequest<'_>) -> Result<PathBuf, CheckpointError> {
+    let (rank, world) = (engine.comm().rank(), engine.comm().world_size());
+    let step = engine.steps_done();
+    let final_dir = req.root.join(step_dir_name(step));
+    let tmp = req.root.join(format!(".tmp-{}", step_dir_name(step)));
+    // Rank 0 prepares the temporary folder (a stale one from a crash is only ever garbage).
+    let prepared = if rank == 0 {
+        fs::create_dir_all(req.root)
+            .and_then(|()| if tmp.exists() { fs::remove_dir_all(&tmp) } else { Ok(()) })
+            .and_then(|()| fs::create_dir(&tmp))
+            .map_err(|e| CheckpointError::io(&tmp, e))
+    } else {
+        Ok(())
+    };
+    agree(engine, prepared.is_ok())?;
+    prepared?;
+
+    let written = write_rank_file(engine, &tmp, rank, world);
+    let (crc, bytes) = match &written {
+        Ok(v) => *v,
+        Err(_) => (0, u64::MAX),
+    };
+    // Every rank's (crc, size) to rank 0, as exact 16-bit pieces in f32; size MAX marks a failure.
+    let pieces = encode(crc, bytes);
+    let all = engine
+        .comm()
+        .run(move |c| {
+            let mut out = vec![0f32; 6 * c.world_size()];
+            c.all_gather_slice(&pieces, &mut out).map(|()| out)
+        })?
+        .map_err(comm_err)?;
+    written?;
+    let files: Vec<(u32, u64)> = all.chunks(6).map(decode).collect();
+    if let Some(r) = files.iter().position(|(_, b)| *b == u64::MAX) {
+        return Err(CheckpointError::Format(format!("rank {r} could not write its checkpoint file; nothing was published")));
+    }
+    let published = if rank == 0 { publish(engine, req, &tmp, &final_dir, &files) } else { Ok(()) };
+    agree(engine, published.is_ok())?;
+    published?;
+    Ok(final_dir)
+}
+
+fn write_rank_file(engine: &Engine, dir: &Path, rank: usize, world: usize) -> Result<(u32, u64), CheckpointError> {
+    let windows = engine.windows();
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+    for w in &windows {
+        // This rank's shard in the saving world's layout, real elements only.
+        let r = w.flat.layout().range(rank);
+        let local = r.start.saturating_sub(w.window.start)..r.end.saturating_sub(w.window.start);
+        let [master, m, v] = tensor_names(w.block);
+        for (name, data) in [(master, w.master), (m, w.m), (v, w.v)] {
+            tensors.push((name, vec![local.len()], &data[local.clone()]));
+        }
+    }
+    let path = dir.join(rank_file_name(rank, world));
+    write_f32_file(&path, &tensors)?;
+    file_crc(&path).map_err(|e| CheckpointError::io(&path, e))
+}
+
+fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path, files: &[(u32, u64)]) -> Result<(), CheckpointError> {
+    let world = files.len();
+    let windows = engine.windows();
+    let cfg = engine.config();
+    let meta = Meta {
+        format_version: FORMAT_VERSION,
+        step: engine.steps_done(),
+        samples: req.samples,
+        world_size: world,
+        zero_stage: cfg.strategy.stage.as_int(),
+        precision: cfg.precision.to_string(),
+        loss_scaler: engine.scaler_state(),
+        blocks: windows
+            .iter()
+            .map(|w| BlockMeta {
+                name: w.block.to_string(),
+                numel: w.flat.numel(),
+                params: w
+                    .flat
+                    .specs()
+                    .iter()
+                    .enumerate()
+                    .map(|(j, s)| ParamMeta { name: s.name.clone(), shape: s.shape.clone(), offset: w.flat.range(j).start })
+                    .collect(),
+            })
+            .collect(),
+        files: files
+            .iter()
+            .enumerate()
+            .map(|(r, (crc, bytes))| FileMeta {
+                name: rank_file_name(r, world),
+                rank: r,
+                bytes: *bytes,
+                crc32c: *crc,
+                windows: windows.iter().map(|w| (w.flat.layout().range(r).start, w.flat.layout().range(r).len())).collect(),
+            })
+            .collect(),
+        run: req.run.clone(),
+    };
+    let meta_path = tmp.join(META);
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| CheckpointError::Format(e.to_string()))?;
+    write_synced(&meta_path, &json)?;
+    sync_dir(tmp)?;
+    if final_dir.exists() {
+        // The same step saved again (e.g. after a resume): retire the old copy first, atomically.
+        let retired = req.root.join(format!(".old-{}", step_dir_name(meta.step)));
+        let _ = fs::remove_dir_all(&retired);
+        fs::rename(final_dir, &retired).map_err(|e| CheckpointError::io(final_dir, e))?;
+        let _ = fs::remove_dir_all(&retired);
+    }
+    fs::rename(tmp, final_dir).map_err(|e| CheckpointError::io(final_dir, e))?;
+    sync_dir(req.root)?;
+    let latest_tmp = req.root.join(".latest.tmp");
+    write_synced(&latest_tmp, format!("{}\n", step_dir_name(meta.step)).as_bytes())?;
+    fs::rename(&latest_tmp, req.root.join(LATEST)).map_err(|e| CheckpointError::io(&req.root.join(LATEST), e))?;
+    sync_dir(req.root)?;
+    prune(req.root, req.keep.max(1), meta.step);
+    Ok(())
+}
+
+/// Remove the oldest complete checkpoints beyond `keep` (never `current`): renamed away first, so a
+/// half-deleted folder is never taken for a checkpoint.
+fn prune(root: &Path, keep: usize, current: u64) {
+    let all = list_checkpoints(root);
+    let excess = all.len().saturating_sub(keep);
+    for (step, path) in all.into_iter().take(excess) {
+        if step == current {
+            continue;
+        }
+        let doomed = root.join(format!(".del-{}", step_dir_name(step)));
+        if fs::rename(&path, &doomed).is_ok() {
+            let _ = fs::remove_dir_all(&doomed);
+        }
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    use std::io::Write;
+    let mut f = fs::File::create(path).map_err(|e| CheckpointError::io(path, e))?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| CheckpointError::io(path, e))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| CheckpointError::io(dir, e))
+}
+
+/// All ranks learn whether every rank succeeded (so none waits in a collective for a failed peer).
+fn agree(engine: &Engine, ok: bool) -> Result<(), CheckpointError> {
+    let all_ok = engine
+        .comm()
+        .run(move |c| {
+            let mut flag = [if ok { 0f32 } else { 1.0 }];
+            c.all_reduce_slice(&mut flag, crate::comm::ReduceOp::Max).map(|()| flag[0] == 0.0)
+        })?
+        .map_err(comm_err)?;
+    if all_ok || !ok {
+        Ok(())
+    } else {
+        Err(CheckpointError::Format("another rank failed while saving the checkpoint; nothing was published".into()))
+    }
+}
+
+fn comm_err(e: CommError) -> CheckpointError {
+    CheckpointError::Engine(e.into())
+}
+
+fn encode(crc: u32, bytes: u64) -> [f32; 6] {
+    let parts = [crc & 0xFFFF, crc >> 16, (bytes & 0xFFFF) as u32, ((bytes >> 16) & 0xFFFF) as u32, ((bytes >> 32) & 0xFFFF) as u32, (bytes >> 48) as u32];
+    parts.map(|p| p as f32)
+}
+
+fn decode(p: &[f32]) -> (u32, u64) {
+    let u = |i: usize| p[i] as u64;
+    ((u(0) | (u(1) << 16)) as u32, u(2) | (u(3) << 16) | (u(4) << 32) | (u(5) << 48))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn checksum_and_size_survive_the_f32_encoding() {
+        for (crc, bytes) in [(0u32, 0u64), (u32::MAX, u64::MAX), (0xDEAD_BEEF, 123_456_789_012)] {
+            assert_eq!(super::decode(&super::encode(crc, bytes)), (crc, bytes));
+        }
+    }
+}
