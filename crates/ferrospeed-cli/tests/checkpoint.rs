@@ -204,3 +204,32 @@ fn export_then_init_from_starts_from_the_same_weights() {
     let tuned = train(1, &config, &dir.path().join("tuned"), &[format!("model.init_from={}", out.display()), "train.steps=1".into()]);
     assert!(tuned[0].1 < trained[0].1 - 0.3, "init_from loss {} vs fresh {}", tuned[0].1, trained[0].1);
 }
+
+#[test]
+fn ctrl_c_saves_at_the_next_step_boundary_and_the_run_resumes_from_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 100000\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 1");
+    let ck = dir.path().join("ck");
+    let track = dir.path().join("first");
+    let child = start(ferrospeed().args([
+        "launch", "--nproc-per-node", "2", "train", "--config", &config.display().to_string(),
+        "--set", &format!("track.dir={}", track.display()),
+        "--set", &format!("checkpoint.dir={}", ck.display()),
+    ]));
+    // Wait until a few steps are logged, then press Ctrl-C.
+    let metrics = track.join("metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 3 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "training did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let f = finish(child, Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(130), "{}", f.stderr);
+    assert!(f.stderr.contains("checkpoint saved"), "{}", f.stderr);
+    let done = std::fs::read_to_string(&metrics).unwrap().lines().count() as u64;
+    let latest = checkpoint::latest(&ck).unwrap().expect("a checkpoint was saved on Ctrl-C");
+    assert_eq!(checkpoint::verify(&latest).unwrap().step, done, "saved at the step boundary after the last logged step");
+    let resumed = train(2, &config, &dir.path().join("second"), &[format!("checkpoint.dir={}", ck.display()), format!("train.steps={}", done + 2)]);
+    assert_eq!(resumed.first().map(|r| r.0), Some(done + 1));
+}
