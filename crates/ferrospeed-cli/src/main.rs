@@ -2,6 +2,7 @@
 
 mod checkpoint_cmd;
 mod comm_cmd;
+mod env_cmd;
 mod launch;
 mod train;
 mod usage;
@@ -23,6 +24,8 @@ enum Command {
     Launch(launch::LaunchArgs),
     /// Train a model from a TOML config (run it under `launch` for several ranks)
     Train(train::TrainArgs),
+    /// Print what a bug report needs: version, features, devices, driver, libraries
+    Env,
     /// Inspect or export checkpoints
     #[command(subcommand)]
     Checkpoint(checkpoint_cmd::CheckpointCommand),
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         Command::Comm(cmd) => comm_cmd::run(cmd),
         Command::Train(args) => train::run(args),
         Command::Checkpoint(cmd) => checkpoint_cmd::run(cmd),
+        Command::Env => env_cmd::run(),
     };
     match result {
         Ok(code) => code,

@@ -50,6 +50,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         None => fresh_run_dir(Path::new("runs"), &config_stem(&args.config)),
     };
 
+    let device = ferrospeed::device::select(cfg.train.device, world.local_rank).map_err(usage_error)?;
     let comm = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?).context("forming the process group")?);
     let (rank, world_size) = (comm.rank(), comm.world_size());
     // Rank 0 creates the run directory; a refusal (an earlier run is there) ends every rank the same way.
@@ -93,6 +94,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             backoff: t.loss_scale_backoff,
             min: t.loss_scale_min,
         }),
+        device: device.clone(),
     };
     let mut engine = Engine::new(gpt.model()?, comm.clone(), engine_cfg)?;
     if let Some(path) = &cfg.model.init_from {
@@ -153,7 +155,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let mut stopped_at = None;
     for step in start_step..t.steps {
         let t0 = Instant::now();
-        let batches = to_batches(sampler.micro_batches(&corpus, step as u64), t.micro_batch, cfg.model.seq_len)?;
+        let batches = to_batches(sampler.micro_batches(&corpus, step as u64), t.micro_batch, cfg.model.seq_len, &device)?;
         let lr = schedule.at(step);
         let stats = engine.train_step(&batches, lr)?;
         if !stats.skipped && !stats.loss.is_finite() {
@@ -174,7 +176,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
                 step_ms: secs * 1e3,
                 peak_mem_bytes: peak_rss_bytes(),
                 loss_scale: stats.loss_scale,
-                extra: step_extras(&engine, step, stats.skipped),
+                extra: step_extras(&engine, step, stats.skipped, &device),
             };
             tracker.log(&m)?;
             progress.update(&m);
@@ -297,21 +299,26 @@ fn config_stem(path: &Path) -> String {
     path.file_stem().map_or_else(|| "run".into(), |s| s.to_string_lossy().into_owned())
 }
 
-fn to_batches(micro_batches: Vec<MicroBatch>, micro: usize, seq_len: usize) -> Result<Vec<Batch>> {
+fn to_batches(micro_batches: Vec<MicroBatch>, micro: usize, seq_len: usize, device: &Device) -> Result<Vec<Batch>> {
     micro_batches
         .into_iter()
         .map(|mb| {
             Ok(Batch {
-                tokens: Tensor::from_vec(mb.tokens, (micro, seq_len), &Device::Cpu)?,
-                targets: Tensor::from_vec(mb.targets, (micro, seq_len), &Device::Cpu)?,
+                tokens: Tensor::from_vec(mb.tokens, (micro, seq_len), device)?,
+                targets: Tensor::from_vec(mb.targets, (micro, seq_len), device)?,
             })
         })
         .collect()
 }
 
+
+
 /// Per-step extras in metrics.jsonl: skipped fp16 steps, and the memory accounting at step 1.
-fn step_extras(engine: &Engine, step: usize, skipped: bool) -> std::collections::BTreeMap<String, serde_json::Value> {
+fn step_extras(engine: &Engine, step: usize, skipped: bool, device: &Device) -> std::collections::BTreeMap<String, serde_json::Value> {
     let mut extra = std::collections::BTreeMap::new();
+    if let Some(peak) = ferrospeed::device::peak_device_bytes(device) {
+        extra.insert("peak_gpu_mem_bytes".into(), peak.into());
+    }
     if skipped {
         extra.insert("skipped".into(), serde_json::Value::Bool(true));
     }

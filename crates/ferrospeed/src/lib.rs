@@ -6,6 +6,7 @@
 pub mod checkpoint;
 pub mod comm;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod optim;
 pub mod precision;

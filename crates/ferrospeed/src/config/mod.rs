@@ -127,6 +127,17 @@ pub enum ReduceDtype {
 }
 named_enum!(ReduceDtype { Fp32 => "fp32", Compute => "compute" });
 
+/// Where blocks compute; `train.device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The GPU when this build has the cuda feature and a GPU is present, else the CPU.
+    Auto,
+    Cpu,
+    /// The GPU of index LOCAL_RANK.
+    Cuda,
+}
+named_enum!(DeviceChoice { Auto => "auto", Cpu => "cpu", Cuda => "cuda" });
+
 /// `[train]`: the optimisation loop.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TrainConfig {
@@ -162,6 +173,8 @@ pub struct TrainConfig {
     pub loss_scale_backoff: f64,
     /// fp16 dynamic loss scaling: the scale never drops below this; in (0, `loss_scale_initial`].
     pub loss_scale_min: f64,
+    /// Where blocks compute: "cuda" (GPU LOCAL_RANK), "cpu", or "auto" (the GPU when this build has the cuda feature and a GPU is present, else the CPU).
+    pub device: DeviceChoice,
 }
 
 impl Default for TrainConfig {
@@ -188,6 +201,7 @@ impl Default for TrainConfig {
             loss_scale_growth_interval: 2000,
             loss_scale_backoff: 0.5,
             loss_scale_min: 1.0,
+            device: DeviceChoice::Auto,
         }
     }
 }

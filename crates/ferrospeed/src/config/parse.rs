@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use super::error::{one_line, render_value, ConfigError};
 use super::schema::{self, Kind, KeySpec, SectionSpec, SECTIONS};
 use super::{
-    CheckpointConfig, Config, DataConfig, ModelConfig, ModelKind, Offload, Precision, ReduceDtype,
-    TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
+    CheckpointConfig, Config, DataConfig, DeviceChoice, ModelConfig, ModelKind, Offload, Precision,
+    ReduceDtype, TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
 };
 
 /// Parses TOML text into a table; a syntax error names the source, line and column.
@@ -288,6 +288,10 @@ pub(crate) fn build(table: &toml::Table) -> Config {
                 .f64("train", "loss_scale_backoff")
                 .unwrap_or(train_default.loss_scale_backoff),
             loss_scale_min: v.f64("train", "loss_scale_min").unwrap_or(train_default.loss_scale_min),
+            device: v
+                .str("train", "device")
+                .and_then(DeviceChoice::from_name)
+                .unwrap_or(train_default.device),
         },
         zero: ZeroConfig {
             stage: v

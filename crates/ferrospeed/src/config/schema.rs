@@ -3,7 +3,7 @@
 //! The schema is data rather than serde attributes so that an unknown key can be answered with the
 //! closest known one, and a wrong type with what the key expects, in our own words.
 
-use super::{ModelKind, Offload, Precision, ReduceDtype, Vocab};
+use super::{DeviceChoice, ModelKind, Offload, Precision, ReduceDtype, Vocab};
 
 /// What a key accepts. Integer ranges live here because a negative TOML integer cannot become a
 /// `usize`; ranges of floats and relations between keys are in `validate.rs`.
@@ -111,6 +111,7 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
             key("loss_scale_growth_interval", Kind::PositiveInt),
             key("loss_scale_backoff", Kind::Number),
             key("loss_scale_min", Kind::Number),
+            key("device", Kind::Choice(DeviceChoice::NAMES)),
         ],
     },
     SectionSpec {

@@ -87,6 +87,7 @@ fn minimal_config_gets_defaults() {
             loss_scale_growth_interval: 2000,
             loss_scale_backoff: 0.5,
             loss_scale_min: 1.0,
+            device: DeviceChoice::Auto,
         },
         zero: ZeroConfig {
             stage: ZeroStage::Zero,
@@ -101,6 +102,7 @@ fn minimal_config_gets_defaults() {
     assert_eq!(config.train, TrainConfig::default());
     assert_eq!(config.checkpoint, CheckpointConfig::default());
     assert!(config.checkpoint.save_on_interrupt);
+    assert_eq!(config.train.device, DeviceChoice::Auto);
 }
 
 #[test]
@@ -144,6 +146,7 @@ loss_scale_initial = 1024
 loss_scale_growth_interval = 500
 loss_scale_backoff = 0.25
 loss_scale_min = 0.5
+device = \"cpu\"
 
 [zero]
 stage = 3
@@ -198,6 +201,7 @@ tensorboard = false
             loss_scale_growth_interval: 500,
             loss_scale_backoff: 0.25,
             loss_scale_min: 0.5,
+            device: DeviceChoice::Cpu,
         },
         zero: ZeroConfig {
             stage: ZeroStage::Three,
@@ -225,6 +229,7 @@ tensorboard = false
     assert_eq!(json["train"]["loss_scale_growth_interval"], 500);
     assert_eq!(json["train"]["loss_scale_backoff"], 0.25);
     assert_eq!(json["train"]["loss_scale_min"], 0.5);
+    assert_eq!(json["train"]["device"], "cpu");
     assert_eq!(json["model"]["kind"], "gpt");
     assert_eq!(json["checkpoint"]["dir"], "runs/x/ckpt");
     assert_eq!(json["checkpoint"]["save_on_interrupt"], false);
@@ -336,6 +341,7 @@ fn bad_cases() -> Vec<BadCase> {
         ("negative grad_clip", minimal_with("[train]\ngrad_clip = -1"), &[], &["train.grad_clip = -1", "must be a finite number ≥ 0"]),
         ("zero eps", minimal_with("[train]\neps = 0.0"), &[], &["train.eps = 0", "must be a finite number > 0"]),
         ("bad grad_reduce_dtype", minimal_with("[train]\ngrad_reduce_dtype = \"fp64\""), &[], &["train.grad_reduce_dtype = \"fp64\"", "use \"fp32\" or \"compute\""]),
+        ("bad device", minimal_with("[train]\ndevice = \"gpu\""), &[], &["train.device = \"gpu\"", "use \"auto\", \"cpu\" or \"cuda\""]),
         ("loss_scale_backoff = 1.5", minimal_with("[train]\nloss_scale_backoff = 1.5"), &[], &["train.loss_scale_backoff = 1.5", "must be strictly between 0 and 1"]),
         ("loss_scale_min above initial", minimal_with("[train]\nloss_scale_initial = 4\nloss_scale_min = 8"), &[], &["train.loss_scale_min = 8 is above train.loss_scale_initial = 4", "use train.loss_scale_min ≤ 4"]),
         ("zero loss_scale_growth_interval", minimal_with("[train]\nloss_scale_growth_interval = 0"), &[], &["train.loss_scale_growth_interval = 0", "must be ≥ 1"]),
@@ -415,6 +421,9 @@ fn names_round_trip_and_suggestions_are_close() {
     }
     for name in ReduceDtype::NAMES {
         assert_eq!(ReduceDtype::from_name(name).map(ReduceDtype::name), Some(*name));
+    }
+    for name in DeviceChoice::NAMES {
+        assert_eq!(DeviceChoice::from_name(name).map(DeviceChoice::name), Some(*name));
     }
     for name in Offload::NAMES {
         assert_eq!(Offload::from_name(name).map(Offload::name), Some(*name));

@@ -19,6 +19,8 @@ pub struct BlockParams {
     pub flat: FlatParam,
     name: String,
     dtype: DType,
+    /// Where the variables live (blocks compute there).
+    device: Device,
     /// The part of the padded flat buffer this rank's optimizer owns.
     pub window: Range<usize>,
     /// fp32 master weights of `window`.
@@ -34,7 +36,17 @@ pub struct BlockParams {
 impl BlockParams {
     /// Initialise block `i` from the seed: every rank computes the same values, one block at a time,
     /// and keeps what the strategy says it holds.
-    pub fn init(model: &Model, i: usize, strategy: Strategy, rank: usize, world: usize, dtype: DType, seed: u64) -> Result<Self, EngineError> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn init(
+        model: &Model,
+        i: usize,
+        strategy: Strategy,
+        rank: usize,
+        world: usize,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+    ) -> Result<Self, EngineError> {
         let name = model.block(i).name();
         let flat = FlatParam::new(model.own_params(i), world);
         let mut full = vec![0f32; flat.padded_numel()];
@@ -46,7 +58,18 @@ impl BlockParams {
         let window = if strategy.optimizer_sharded() { shard_range.clone() } else { 0..full.len() };
         let master = full[window.clone()].to_vec();
         let n = master.len();
-        let mut p = Self { flat, name, dtype, window, master, m: vec![0.0; n], v: vec![0.0; n], shard: None, vars: None };
+        let mut p = Self {
+            flat,
+            name,
+            dtype,
+            device: device.clone(),
+            window,
+            master,
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            shard: None,
+            vars: None,
+        };
         if strategy.params_resident() {
             p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?);
         } else {
@@ -57,7 +80,7 @@ impl BlockParams {
 
     fn make_vars(&self, full: &HostBuf) -> Result<Vec<Var>, EngineError> {
         (0..self.flat.specs().len())
-            .map(|j| full.var(self.flat.range(j), &self.flat.specs()[j].shape, &Device::Cpu))
+            .map(|j| full.var(self.flat.range(j), &self.flat.specs()[j].shape, &self.device))
             .collect::<candle_core::Result<_>>()
             .map_err(EngineError::tensor(self.name.clone()))
     }

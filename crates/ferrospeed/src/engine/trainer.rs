@@ -19,7 +19,7 @@ use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::optim::{clip_coefficient, sum_squares, AdamW};
 use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision, ScalerState};
 use crate::shard::{GradReduction, Strategy};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
 /// Settings of the engine that do not change during a run.
@@ -38,6 +38,8 @@ pub struct EngineConfig {
     pub reduce_dtype: DType,
     /// Dynamic loss scaling (fp16).
     pub loss_scaler: Option<LossScalerConfig>,
+    /// Where blocks compute (the CPU, or a CUDA device). Optimizer state stays in host memory.
+    pub device: Device,
 }
 
 impl EngineConfig {
@@ -52,6 +54,7 @@ impl EngineConfig {
             precision: Precision::Fp32,
             reduce_dtype: DType::F32,
             loss_scaler: None,
+            device: Device::Cpu,
         }
     }
 }
@@ -91,7 +94,7 @@ impl Engine {
         let mut params = Vec::with_capacity(model.num_blocks());
         let mut grads = Vec::with_capacity(model.num_blocks());
         for i in 0..model.num_blocks() {
-            let p = BlockParams::init(&model, i, cfg.strategy, rank, world, dtype, cfg.seed)?;
+            let p = BlockParams::init(&model, i, cfg.strategy, rank, world, dtype, &cfg.device, cfg.seed)?;
             grads.push(BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction()));
             params.push(p);
         }

@@ -1,0 +1,48 @@
+//! Where blocks compute: a CUDA device per local rank (with the `cuda` feature), or the CPU; and what
+//! the GPU's memory pool has used at most.
+
+use crate::config::DeviceChoice;
+use candle_core::Device;
+
+/// Pick the device for local rank `local_rank`.
+pub fn select(choice: DeviceChoice, local_rank: usize) -> Result<Device, String> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda => Device::new_cuda(local_rank).map_err(|e| {
+            format!(
+                "train.device = \"cuda\" but CUDA device {local_rank} cannot be used ({e}); build with `--features cuda` \
+                 on a machine with enough GPUs for the ranks of this node, or set train.device = \"cpu\""
+            )
+        }),
+        DeviceChoice::Auto if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() => {
+            Device::new_cuda(local_rank).map_err(|e| format!("CUDA device {local_rank} for local rank {local_rank}: {e}"))
+        }
+        DeviceChoice::Auto => Ok(Device::Cpu),
+    }
+}
+
+/// The largest number of bytes the device's default memory pool (which candle allocates from) has
+/// held since the process started; `None` on the CPU or without the `cuda` feature.
+pub fn peak_device_bytes(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda::cudarc::driver::sys;
+        let ordinal = d.cuda_stream().context().ordinal();
+        // SAFETY: plain driver queries on a device that candle has initialised.
+        unsafe {
+            let mut dev: sys::CUdevice = 0;
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            let mut value: u64 = 0;
+            if sys::cuDeviceGet(&mut dev, ordinal as i32) != sys::CUresult::CUDA_SUCCESS
+                || sys::cuDeviceGetDefaultMemPool(&mut pool, dev) != sys::CUresult::CUDA_SUCCESS
+                || sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut value as *mut u64).cast())
+                    != sys::CUresult::CUDA_SUCCESS
+            {
+                return None;
+            }
+            return Some(value);
+        }
+    }
+    let _ = device;
+    None
+}
