@@ -1,5 +1,6 @@
 //! The `ferrospeed` command: `launch` starts ranks, `comm` checks and measures collectives.
 
+mod bench_cmd;
 mod checkpoint_cmd;
 mod comm_cmd;
 mod env_cmd;
@@ -24,6 +25,8 @@ enum Command {
     Launch(launch::LaunchArgs),
     /// Train a model from a TOML config (run it under `launch` for several ranks)
     Train(train::TrainArgs),
+    /// Measure training throughput on a synthetic GPT-2-shaped model (random tokens), as JSON
+    BenchTrain(bench_cmd::BenchTrainArgs),
     /// Print what a bug report needs: version, features, devices, driver, libraries
     Env,
     /// Inspect or export checkpoints
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Checkpoint(cmd) => checkpoint_cmd::run(cmd),
         Command::Env => env_cmd::run(),
+        Command::BenchTrain(args) => bench_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -4,8 +4,13 @@
 use crate::config::DeviceChoice;
 use candle_core::Device;
 
-/// Pick the device for local rank `local_rank`.
+/// Set to 1 to let several local ranks share the GPUs round robin (tests on one GPU).
+pub const ENV_SHARE_GPUS: &str = "FERROSPEED_SHARE_GPUS";
+
+/// Pick the device for local rank `local_rank`: GPU `local_rank` (or `local_rank % count` when
+/// `FERROSPEED_SHARE_GPUS=1`).
 pub fn select(choice: DeviceChoice, local_rank: usize) -> Result<Device, String> {
+    let local_rank = if std::env::var(ENV_SHARE_GPUS).is_ok_and(|v| v == "1") { local_rank % gpu_count().max(1) } else { local_rank };
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Cuda => Device::new_cuda(local_rank).map_err(|e| {
@@ -19,6 +24,16 @@ pub fn select(choice: DeviceChoice, local_rank: usize) -> Result<Device, String>
         }
         DeviceChoice::Auto => Ok(Device::Cpu),
     }
+}
+
+/// Number of CUDA devices (0 without the `cuda` feature).
+pub fn gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        candle_core::cuda::cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+    }
+    #[cfg(not(feature = "cuda"))]
+    0
 }
 
 /// The largest number of bytes the device's default memory pool (which candle allocates from) has

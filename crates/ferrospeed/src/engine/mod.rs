@@ -20,4 +20,4 @@ pub use host_buf::HostBuf;
 pub use memory::MemoryReport;
 pub use model::{Model, SlotSource};
 pub use state::{WindowMut, WindowRef};
-pub use trainer::{Engine, EngineConfig, StepStats};
+pub use trainer::{Engine, EngineConfig, StepStats, StepTimes};

@@ -21,6 +21,7 @@ use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision, S
 use crate::shard::{GradReduction, Strategy};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// Settings of the engine that do not change during a run.
 #[derive(Debug, Clone)]
@@ -59,6 +60,20 @@ impl EngineConfig {
     }
 }
 
+/// Where the time of a step went, by phase, in seconds (host clock; device work that a phase waits
+/// for is counted in it).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepTimes {
+    /// Forward and backward of every micro-batch, gradient accumulation included.
+    pub forward_backward: f64,
+    /// Waiting for gradient reductions still running after the backward.
+    pub reduce_wait: f64,
+    /// Overflow check, norm, clipping and AdamW.
+    pub optimizer: f64,
+    /// Rebuilding compute parameters (and all-gathers at stages 1–2).
+    pub publish: f64,
+}
+
 /// What one optimizer step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
@@ -70,6 +85,7 @@ pub struct StepStats {
     pub skipped: bool,
     /// The loss scale used for this step (fp16).
     pub loss_scale: Option<f64>,
+    pub times: StepTimes,
 }
 
 /// The training engine of one rank.
@@ -186,8 +202,10 @@ impl Engine {
             return Err(EngineError::Unsupported("a step needs at least one micro-batch".into()));
         }
         let loss_scale = self.scaler.as_ref().map(LossScaler::scale);
-        let loss = self.forward_backward(micro_batches, loss_scale.unwrap_or(1.0))?;
+        let mut times = StepTimes::default();
+        let loss = self.forward_backward(micro_batches, loss_scale.unwrap_or(1.0), &mut times)?;
         self.step += 1;
+        let t_opt = Instant::now();
 
         if let Some(scaler) = &mut self.scaler {
             let local = self.grads.iter().any(|g| g.reduced().iter().any(|x| !x.is_finite()));
@@ -197,7 +215,8 @@ impl Engine {
             })??;
             let decision = scaler.update(overflow, self.step).map_err(|e| EngineError::Unsupported(e.to_string()))?;
             if decision == ScaleDecision::Skip {
-                return Ok(StepStats { loss, grad_norm: f64::NAN, skipped: true, loss_scale });
+                times.optimizer = t_opt.elapsed().as_secs_f64();
+                return Ok(StepStats { loss, grad_norm: f64::NAN, skipped: true, loss_scale, times });
             }
         }
 
@@ -218,14 +237,18 @@ impl Engine {
                 opt.update(&mut p.master[r.clone()], &grads[r.clone()], &mut p.m[r.clone()], &mut p.v[r], lr, self.step, decay);
             }
         }
+        times.optimizer = t_opt.elapsed().as_secs_f64();
+        let t_pub = Instant::now();
         self.publish()?;
-        Ok(StepStats { loss, grad_norm, skipped: false, loss_scale })
+        times.publish = t_pub.elapsed().as_secs_f64();
+        Ok(StepStats { loss, grad_norm, skipped: false, loss_scale, times })
     }
 
     /// Run every micro-batch forward and backward, reducing each block's gradient after its backward
     /// on the last micro-batch; returns the mean loss over the global batch.
-    fn forward_backward(&mut self, micro_batches: &[Batch], loss_scale: f64) -> Result<f64, EngineError> {
+    fn forward_backward(&mut self, micro_batches: &[Batch], loss_scale: f64, times: &mut StepTimes) -> Result<f64, EngineError> {
         let accum = micro_batches.len();
+        let t0 = Instant::now();
         for g in &mut self.grads {
             g.begin_step();
         }
@@ -260,9 +283,12 @@ impl Engine {
         }
         self.gathered_peak = gathering.peak_bytes;
         drop(gathering);
+        times.forward_backward = t0.elapsed().as_secs_f64();
+        let t_wait = Instant::now();
         for (i, p) in pending {
             self.grads[i].finish_reduce(p)?;
         }
+        times.reduce_wait = t_wait.elapsed().as_secs_f64();
         let local = (loss_sum / accum as f64) as f32;
         let loss = self.worker.run(move |c| {
             let mut l = [local];

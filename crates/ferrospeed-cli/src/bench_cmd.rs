@@ -1,0 +1,141 @@
+//! `ferrospeed bench-train`: training throughput on a synthetic GPT-2-shaped model with random tokens,
+//! the shape and batch of the PyTorch/DeepSpeed anchors, printed as one JSON line (tok/s, MFU, memory,
+//! and where the step time went).
+
+use crate::usage::usage_error;
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use clap::Args;
+use ferrospeed::comm::TcpCommunicator;
+use ferrospeed::config::{DeviceChoice, Precision, ZeroStage};
+use ferrospeed::engine::{Batch, Engine, EngineConfig, StepTimes};
+use ferrospeed::optim::AdamW;
+use ferrospeed::precision::LossScalerConfig;
+use ferrospeed::rng::Rng;
+use ferrospeed::shard::Strategy;
+use ferrospeed::{CommConfig, Communicator, WorldInfo};
+use ferrospeed_models::{Gpt, GptConfig};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchTrainArgs {
+    /// gpt2-124m, gpt2-350m, gpt2-774m or gpt2-1.5b (vocabulary 50304, as the anchors)
+    #[arg(long, default_value = "gpt2-124m")]
+    pub model: String,
+    #[arg(long, default_value_t = 16)]
+    pub micro_batch: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 0)]
+    pub stage: i64,
+    /// fp32, bf16 or fp16
+    #[arg(long, default_value = "bf16")]
+    pub precision: String,
+    /// auto, cpu or cuda
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long)]
+    pub checkpointing: bool,
+}
+
+fn shape(name: &str) -> Option<(usize, usize, usize)> {
+    Some(match name {
+        "gpt2-124m" => (12, 768, 12),
+        "gpt2-350m" => (24, 1024, 16),
+        "gpt2-774m" => (36, 1280, 20),
+        "gpt2-1.5b" => (48, 1600, 25),
+        _ => return None,
+    })
+}
+
+pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
+    let (n_layer, d_model, n_head) =
+        shape(&args.model).ok_or_else(|| usage_error(format!("--model {} is unknown: use gpt2-124m, gpt2-350m, gpt2-774m or gpt2-1.5b", args.model)))?;
+    let precision = Precision::from_name(&args.precision).ok_or_else(|| usage_error("--precision: use fp32, bf16 or fp16"))?;
+    let stage = ZeroStage::from_int(args.stage).ok_or_else(|| usage_error("--stage: use 0, 1, 2 or 3"))?;
+    let choice = DeviceChoice::from_name(&args.device).ok_or_else(|| usage_error("--device: use auto, cpu or cuda"))?;
+    let world = WorldInfo::from_env()?;
+    let device = ferrospeed::device::select(choice, world.local_rank).map_err(usage_error)?;
+    let comm = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?).context("forming the process group")?);
+    let vocab = 50304;
+    let gpt = Gpt::new(GptConfig { n_layer, n_head, d_model, seq_len: args.seq_len, vocab_size: vocab });
+    let cfg = EngineConfig {
+        checkpointing: args.checkpointing,
+        grad_clip: 1.0,
+        optimizer: AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 },
+        seed: 0,
+        strategy: Strategy::new(stage),
+        precision,
+        reduce_dtype: candle_core::DType::F32,
+        loss_scaler: (precision == Precision::Fp16)
+            .then_some(LossScalerConfig { initial: 65536.0, growth_interval: 2000, backoff: 0.5, min: 1.0 }),
+        device: device.clone(),
+    };
+    let t_init = Instant::now();
+    let mut engine = Engine::new(gpt.model()?, comm.clone(), cfg)?;
+    let init_s = t_init.elapsed().as_secs_f64();
+    let params = engine.model().num_params();
+    let mut rng = Rng::derive(0, &format!("bench/{}", comm.rank()));
+    let n = args.micro_batch * args.seq_len;
+    let mut random = |len: usize| -> Result<Tensor> {
+        let v: Vec<u32> = (0..len).map(|_| rng.below(vocab as u64) as u32).collect();
+        Ok(Tensor::from_vec(v, (args.micro_batch, args.seq_len), &device)?)
+    };
+    let batch = Batch { tokens: random(n)?, targets: random(n)? };
+    let mut step_secs = Vec::new();
+    let mut phases = Vec::new();
+    let mut loss = f64::NAN;
+    for i in 0..args.warmup + args.steps {
+        device.synchronize()?;
+        let t0 = Instant::now();
+        let stats = engine.train_step(std::slice::from_ref(&batch), 1e-4)?;
+        device.synchronize()?;
+        if i >= args.warmup {
+            step_secs.push(t0.elapsed().as_secs_f64());
+            phases.push(stats.times);
+        }
+        loss = stats.loss;
+    }
+    step_secs.sort_by(f64::total_cmp);
+    let dt = step_secs[step_secs.len() / 2];
+    let tokens = (n * comm.world_size()) as f64;
+    let tok_s = tokens / dt;
+    let flops_per_token = 6.0 * params as f64 + 12.0 * (n_layer * d_model * args.seq_len) as f64;
+    let mean = |f: fn(&StepTimes) -> f64| phases.iter().map(f).sum::<f64>() / phases.len().max(1) as f64 * 1e3;
+    if comm.rank() == 0 {
+        let line = serde_json::json!({
+            "engine": "ferrospeed",
+            "model": args.model,
+            "params": params,
+            "B": args.micro_batch,
+            "T": args.seq_len,
+            "world": comm.world_size(),
+            "stage": args.stage,
+            "precision": args.precision,
+            "device": format!("{device:?}").split('(').next().unwrap_or("").to_lowercase(),
+            "checkpointing": args.checkpointing,
+            "step_ms": (dt * 1e3 * 100.0).round() / 100.0,
+            "tok_s": tok_s.round(),
+            "tflops": (tok_s * flops_per_token / 1e12 * 10.0).round() / 10.0,
+            "mfu_989": (tok_s * flops_per_token / 989e12 * 1000.0).round() / 1000.0,
+            "peak_gpu_gib": ferrospeed::device::peak_device_bytes(&device).map(|b| (b as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0),
+            "peak_host_gib": (crate::train::peak_rss_bytes() as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0,
+            "init_s": (init_s * 10.0).round() / 10.0,
+            "phases_ms": {
+                "forward_backward": mean(|t| t.forward_backward),
+                "reduce_wait": mean(|t| t.reduce_wait),
+                "optimizer": mean(|t| t.optimizer),
+                "publish": mean(|t| t.publish),
+            },
+            "loss": (loss * 1000.0).round() / 1000.0,
+        });
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
