@@ -17,6 +17,19 @@ impl AdamW {
     /// (1-based). Decay applies only when `decay` is true (weights, not biases or norms).
     pub fn update(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], lr: f64, t: u64, decay: bool) {
         debug_assert!(params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len());
+        use rayon::prelude::*;
+        // Elementwise, so any split gives the same bits: chunks run on all cores.
+        const CHUNK: usize = 1 << 16;
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grads.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .for_each(|(((p, g), m), v)| self.update_serial(p, g, m, v, lr, t, decay));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn update_serial(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], lr: f64, t: u64, decay: bool) {
         let t = t.max(1) as i32;
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let bias1 = (1.0 - self.beta1.powi(t)) as f32;
