@@ -233,3 +233,28 @@ fn ctrl_c_saves_at_the_next_step_boundary_and_the_run_resumes_from_there() {
     let resumed = train(2, &config, &dir.path().join("second"), &[format!("checkpoint.dir={}", ck.display()), format!("train.steps={}", done + 2)]);
     assert_eq!(resumed.first().map(|r| r.0), Some(done + 1));
 }
+
+#[test]
+fn resuming_a_different_model_names_the_parameter_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 2\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 1");
+    let ck = dir.path().join("ck");
+    train(1, &config, &dir.path().join("first"), &[format!("checkpoint.dir={}", ck.display())]);
+    let before: Vec<_> = std::fs::read_dir(&ck).unwrap().flatten().map(|e| e.file_name()).collect();
+    let f = run(
+        ferrospeed().args([
+            "train", "--config", &config.display().to_string(),
+            "--set", &format!("track.dir={}", dir.path().join("second").display()),
+            "--set", &format!("checkpoint.dir={}", ck.display()),
+            "--set", "model.d_model=64", "--set", "train.steps=4",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert!(!f.status.success());
+    assert!(f.stderr.contains("does not fit this model") && f.stderr.contains("wte") && f.stderr.contains("[256, 32]"), "{}", f.stderr);
+    let after: Vec<_> = std::fs::read_dir(&ck).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(before, after);
+    let f = run(ferrospeed().args(["checkpoint", "inspect", &dir.path().join("nothing-here").display().to_string()]), Duration::from_secs(30));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("no checkpoint at"), "{}", f.stderr);
+}
