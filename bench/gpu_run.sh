@@ -63,13 +63,16 @@ PY
 
 # --- benchmarks, all in this call
 B() { timeout "$1" $BIN bench-train "${@:2}" 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"; }
-B 240 --model gpt2-124m --micro-batch 16 --stage 0 --precision bf16 --device cuda --steps 8 --warmup 3
-B 240 --model gpt2-124m --micro-batch 16 --stage 3 --precision bf16 --device cuda --steps 8 --warmup 3
+B 240 --model gpt2-124m --micro-batch 16 --stage 0 --precision bf16 --device cuda --steps 8 --warmup 3 --checkpointing --profile-blocks
+B 240 --model gpt2-124m --micro-batch 16 --stage 3 --precision bf16 --device cuda --steps 8 --warmup 3 --checkpointing
+B 300 --model gpt2-1.5b --micro-batch 8 --stage 0 --precision bf16 --device cuda --steps 3 --warmup 2 --checkpointing
+[ "${SKIP_ANCHORS:-0}" = 1 ] && { echo "done (anchors skipped)"; exit 0; }
 cd .anchors
 timeout 300 python3 anchor_torch.py gpt2-124m:16:e gpt2-124m:16:c 2>>"$OUT/anchors.err" | tee -a "$OUT/bench.jsonl"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site wheels/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
 mkdir -p /tmp/ds && tar xzf wheels/deepspeed-0.19.8.tar.gz -C /tmp/ds && \
   (cd /tmp/ds/deepspeed-0.19.8 && DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >/dev/null 2>&1)
 TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 anchor_deepspeed.py gpt2-124m:16:2:none 2>>"$OUT/anchors.err" | grep '^{' | tee -a "$OUT/bench.jsonl"
+timeout 200 python3 anchor_torch.py gpt2-1.5b:8:e 2>>"$OUT/anchors.err" | tee -a "$OUT/bench.jsonl"
 cd ..
 echo "done"

@@ -1,7 +1,8 @@
 //! A GPT-2 transformer layer: pre-LayerNorm causal self-attention with fused QKV, then a GELU(tanh) MLP
 //! of width 4·d, each added to the residual stream.
 
-use super::ops::{causal_mask, layer_norm, softmax_last_dim};
+use super::causal_softmax::causal_softmax;
+use super::ops::layer_norm;
 use super::GptConfig;
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec};
 use candle_core::{Result, Tensor};
@@ -62,9 +63,8 @@ impl Block for Layer {
             qkv.narrow(1, i * d, d)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous() // [b, nh, t, hd]
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?; // [b, nh, t, t]
-        let scores = scores.broadcast_add(&causal_mask(t, x.dtype(), x.device())?)?;
-        let y = softmax_last_dim(&scores)?.matmul(&v)?; // [b, nh, t, hd]
+        let scores = q.matmul(&k.t()?.contiguous()?)?; // [b, nh, t, t]
+        let y = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?.matmul(&v)?; // [b, nh, t, hd]
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, d))?;
         let x = (x + linear(&y, &p[4], &p[5])?.reshape((b, t, d))?)?;
 

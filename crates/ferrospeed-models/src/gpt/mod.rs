@@ -5,6 +5,7 @@
 //! linear weights are stored `[in, out]` like its Conv1D, so `x · W` needs no transpose and export is a
 //! renaming.
 
+mod causal_softmax;
 mod embedding;
 mod generate;
 mod head;
@@ -12,6 +13,7 @@ mod layer;
 mod names;
 pub mod ops;
 
+pub use causal_softmax::causal_softmax;
 pub use embedding::Embedding;
 pub use head::Head;
 pub use layer::Layer;
