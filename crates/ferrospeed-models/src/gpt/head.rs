@@ -1,6 +1,7 @@
 //! The last GPT block: final LayerNorm, logits through the token embedding (tied), cross-entropy.
 
-use super::ops::{cross_entropy, layer_norm};
+use super::cross_entropy::fused_cross_entropy;
+use super::ops::layer_norm;
 use super::GptConfig;
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec};
 use candle_core::{Result, Tensor};
@@ -40,7 +41,7 @@ impl Block for Head {
 
     fn forward(&self, params: &[Tensor], x: Option<&Tensor>, batch: &Batch) -> Result<Tensor> {
         let x = x.ok_or_else(|| candle_core::Error::Msg("the head needs an input".into()))?;
-        cross_entropy(&self.logits(params, x)?, &batch.targets.flatten_all()?)
+        fused_cross_entropy(&self.logits(params, x)?, &batch.targets.flatten_all()?)
     }
 
     fn forward_flops_per_token(&self) -> f64 {

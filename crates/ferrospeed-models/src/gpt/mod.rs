@@ -6,6 +6,7 @@
 //! renaming.
 
 mod causal_softmax;
+mod cross_entropy;
 mod embedding;
 mod generate;
 mod head;
@@ -14,6 +15,7 @@ mod names;
 pub mod ops;
 
 pub use causal_softmax::causal_softmax;
+pub use cross_entropy::fused_cross_entropy;
 pub use embedding::Embedding;
 pub use head::Head;
 pub use layer::Layer;
