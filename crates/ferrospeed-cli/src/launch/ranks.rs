@@ -38,8 +38,11 @@ pub struct RankProcess {
     pub pid: i32,
 }
 
+/// The threads copying a rank's output; joined before the launcher exits so no last line is lost.
+pub type OutputThreads = Vec<thread::JoinHandle<()>>;
+
 /// Start local rank `local_rank`; its stdout and stderr are copied line by line with a `[rankN]: ` prefix.
-pub fn spawn_rank(plan: &LaunchPlan, local_rank: usize) -> Result<(RankProcess, Child)> {
+pub fn spawn_rank(plan: &LaunchPlan, local_rank: usize) -> Result<(RankProcess, Child, OutputThreads)> {
     let rank = plan.global_rank(local_rank);
     let mut cmd = Command::new(&plan.program);
     cmd.args(&plan.args)
@@ -82,17 +85,18 @@ pub fn spawn_rank(plan: &LaunchPlan, local_rank: usize) -> Result<(RankProcess, 
     }
     let mut child = cmd.spawn().with_context(|| format!("starting rank {rank}: {}", plan.program.display()))?;
     let pid = child.id() as i32;
+    let mut threads = Vec::new();
     if let Some(out) = child.stdout.take() {
-        forward_lines(out, rank, false);
+        threads.extend(forward_lines(out, rank, false));
     }
     if let Some(err) = child.stderr.take() {
-        forward_lines(err, rank, true);
+        threads.extend(forward_lines(err, rank, true));
     }
-    Ok((RankProcess { rank, pid }, child))
+    Ok((RankProcess { rank, pid }, child, threads))
 }
 
 /// Copy lines from a rank's pipe to ours with the rank as prefix (bytes, so non-UTF-8 survives).
-fn forward_lines(pipe: impl Read + Send + 'static, rank: usize, to_stderr: bool) {
+fn forward_lines(pipe: impl Read + Send + 'static, rank: usize, to_stderr: bool) -> Option<thread::JoinHandle<()>> {
     let spawned = thread::Builder::new().name(format!("rank{rank}-output")).spawn(move || {
         let mut reader = BufReader::new(pipe);
         let mut line = Vec::new();
@@ -119,8 +123,26 @@ fn forward_lines(pipe: impl Read + Send + 'static, rank: usize, to_stderr: bool)
             }
         }
     });
-    if let Err(e) = spawned {
-        tracing::warn!("cannot forward output of rank {rank}: {e}");
+    match spawned {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::warn!("cannot forward output of rank {rank}: {e}");
+            None
+        }
+    }
+}
+
+/// Wait for the output threads to copy what the ranks wrote, for at most `limit` (a process that
+/// escaped its group could hold a pipe open).
+pub fn drain_output(threads: OutputThreads, limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    for t in threads {
+        while !t.is_finished() && std::time::Instant::now() < deadline {
+            thread::sleep(std::time::Duration::from_millis(5));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        }
     }
 }
 

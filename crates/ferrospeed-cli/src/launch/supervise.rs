@@ -1,7 +1,7 @@
 //! Watching the ranks: forward Ctrl-C, stop everyone when one fails, report who failed and how.
 
 use super::guard::Guard;
-use super::ranks::{signal_group, spawn_rank, LaunchPlan, RankProcess};
+use super::ranks::{drain_output, signal_group, spawn_rank, LaunchPlan, RankProcess};
 use super::NodeStore;
 use anyhow::{Context, Result};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
@@ -42,9 +42,11 @@ pub fn supervise(plan: &LaunchPlan, store: NodeStore, grace: Duration) -> Result
 
     let mut guard = Guard::spawn().context("starting the launch guard process")?;
     let mut running: BTreeMap<usize, RankProcess> = BTreeMap::new();
+    let mut output = Vec::new();
     for local in 0..plan.nproc_per_node {
         match spawn_rank(plan, local) {
-            Ok((proc_, child)) => {
+            Ok((proc_, child, threads)) => {
+                output.extend(threads);
                 guard.protect(proc_.pid);
                 watch(child, proc_.rank, tx.clone());
                 running.insert(proc_.rank, proc_);
@@ -116,6 +118,8 @@ pub fn supervise(plan: &LaunchPlan, store: NodeStore, grace: Duration) -> Result
     }
 
     guard.release();
+    // Every rank has exited and its group was killed, so its pipes are closing: copy what is left.
+    drain_output(output, Duration::from_secs(5));
     finish_node(&store, plan, failure.is_some());
     Ok(match failure {
         Some(f) => {
