@@ -126,38 +126,16 @@ impl CustomOp2 for CausalSoftmaxBackward {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    //! The CUDA kernels: one thread block per row, f32 arithmetic, bf16/f16 converted by bit
-    //! manipulation and PTX `cvt`, so NVRTC needs no headers.
+    //! The CUDA kernels: one thread block per row, f32 arithmetic (helpers in `cuda_kernels.rs`).
     use candle_core::cuda::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda::{cudarc, CudaDType};
+    use super::super::cuda_kernels::{compile, launch_err, suffix};
+    use candle_core::cuda::CudaDType;
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, DType, Result};
     use half::{bf16, f16};
     use std::sync::OnceLock;
 
     const SRC: &str = r#"
-#define NEG_INF __int_as_float(0xff800000)
-__device__ float warp_max(float v) { for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o)); return v; }
-__device__ float warp_sum(float v) { for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o); return v; }
-__device__ float block_max(float v, float* red) {
-  v = warp_max(v); int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  if (lane == 0) red[w] = v; __syncthreads();
-  if (w == 0) { v = lane < nw ? red[lane] : NEG_INF; v = warp_max(v); if (lane == 0) red[32] = v; }
-  __syncthreads(); v = red[32]; __syncthreads(); return v; }
-__device__ float block_sum(float v, float* red) {
-  v = warp_sum(v); int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  if (lane == 0) red[w] = v; __syncthreads();
-  if (w == 0) { v = lane < nw ? red[lane] : 0.f; v = warp_sum(v); if (lane == 0) red[32] = v; }
-  __syncthreads(); v = red[32]; __syncthreads(); return v; }
-__device__ float ld_bf16(unsigned short x) { return __uint_as_float(((unsigned int)x) << 16); }
-__device__ unsigned short st_bf16(float f) {
-  unsigned int u = __float_as_uint(f);
-  if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;
-  u += 0x7fff + ((u >> 16) & 1); return (unsigned short)(u >> 16); }
-__device__ float ld_f16(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-__device__ unsigned short st_f16(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-__device__ float ld_f32(float x) { return x; }
-__device__ float st_f32(float f) { return f; }
 #define KERNELS(NAME, T, LD, ST) \
 extern "C" __global__ void causal_softmax_##NAME(const T* x, T* y, int t, float scale) { \
   __shared__ float red[33]; long row = blockIdx.x; int i = (int)(row % t); \
@@ -180,9 +158,7 @@ KERNELS(f16, unsigned short, ld_f16, st_f16)
 
     fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| cudarc::nvrtc::compile_ptx(SRC).map(|p| p.to_src()).map_err(|e| e.to_string()))
-            .as_deref()
-            .map_err(|e| candle_core::Error::Msg(format!("compiling the causal softmax kernels with NVRTC: {e}")))
+        compile(&PTX, SRC, "causal softmax")
     }
 
     fn config(rows: usize, t: usize) -> LaunchConfig {
@@ -190,24 +166,15 @@ KERNELS(f16, unsigned short, ld_f16, st_f16)
         LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
     }
 
-    fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => candle_core::bail!("causal softmax on CUDA: unsupported dtype {other:?}"),
-        })
-    }
-
     fn run_fwd<T: CudaDType + DeviceRepr>(s: &CudaStorage, start: usize, rows: usize, t: usize, scale: f32) -> Result<CudaStorage> {
         let dev = s.device().clone();
         let x = s.as_cuda_slice::<T>()?.slice(start..start + rows * t);
         let y: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * t)? };
-        let func = dev.get_or_load_custom_func(&format!("causal_softmax_{}", suffix(s.dtype())?), "ferrospeed_causal_softmax", ptx()?)?;
+        let func = dev.get_or_load_custom_func(&format!("causal_softmax_{}", suffix(s.dtype(), "causal softmax")?), "ferrospeed_causal_softmax", ptx()?)?;
         let t_i = t as i32;
         let mut b = func.builder();
         b.arg(&x).arg(&y).arg(&t_i).arg(&scale);
-        unsafe { b.launch(config(rows, t)) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        unsafe { b.launch(config(rows, t)) }.map_err(launch_err)?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev))
     }
 
@@ -233,11 +200,11 @@ KERNELS(f16, unsigned short, ld_f16, st_f16)
         let yv = y.as_cuda_slice::<T>()?.slice(ys..ys + rows * t);
         let gv = dy.as_cuda_slice::<T>()?.slice(gs..gs + rows * t);
         let dx: CudaSlice<T> = unsafe { dev.alloc::<T>(rows * t)? };
-        let func = dev.get_or_load_custom_func(&format!("causal_softmax_bwd_{}", suffix(y.dtype())?), "ferrospeed_causal_softmax", ptx()?)?;
+        let func = dev.get_or_load_custom_func(&format!("causal_softmax_bwd_{}", suffix(y.dtype(), "causal softmax")?), "ferrospeed_causal_softmax", ptx()?)?;
         let t_i = t as i32;
         let mut b = func.builder();
         b.arg(&yv).arg(&gv).arg(&dx).arg(&t_i).arg(&scale);
-        unsafe { b.launch(config(rows, t)) }.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        unsafe { b.launch(config(rows, t)) }.map_err(launch_err)?;
         Ok(CudaStorage::wrap_cuda_slice(dx, dev))
     }
 

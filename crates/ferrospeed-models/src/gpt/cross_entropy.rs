@@ -150,37 +150,16 @@ impl CustomOp3 for CrossEntropyRowsBackward {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    //! One thread block per row; f32 arithmetic; bf16/f16 by bit manipulation and PTX `cvt` (no headers).
+    //! One thread block per row, f32 arithmetic (helpers in `cuda_kernels.rs`).
     use candle_core::backend::BackendStorage;
     use candle_core::cuda::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda::{cudarc, CudaDType};
+    use super::super::cuda_kernels::{compile, launch_err, suffix};
+    use candle_core::cuda::CudaDType;
     use candle_core::{CudaStorage, DType, Result};
     use half::{bf16, f16};
     use std::sync::OnceLock;
 
     const SRC: &str = r#"
-#define NEG_INF __int_as_float(0xff800000)
-__device__ float warp_max(float v) { for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o)); return v; }
-__device__ float warp_sum(float v) { for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o); return v; }
-__device__ float block_max(float v, float* red) {
-  v = warp_max(v); int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  if (lane == 0) red[w] = v; __syncthreads();
-  if (w == 0) { v = lane < nw ? red[lane] : NEG_INF; v = warp_max(v); if (lane == 0) red[32] = v; }
-  __syncthreads(); v = red[32]; __syncthreads(); return v; }
-__device__ float block_sum(float v, float* red) {
-  v = warp_sum(v); int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  if (lane == 0) red[w] = v; __syncthreads();
-  if (w == 0) { v = lane < nw ? red[lane] : 0.f; v = warp_sum(v); if (lane == 0) red[32] = v; }
-  __syncthreads(); v = red[32]; __syncthreads(); return v; }
-__device__ float ld_bf16(unsigned short x) { return __uint_as_float(((unsigned int)x) << 16); }
-__device__ unsigned short st_bf16(float f) {
-  unsigned int u = __float_as_uint(f);
-  if ((u & 0x7fffffff) > 0x7f800000) return 0x7fc0;
-  u += 0x7fff + ((u >> 16) & 1); return (unsigned short)(u >> 16); }
-__device__ float ld_f16(unsigned short h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-__device__ unsigned short st_f16(float f) { unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-__device__ float ld_f32(float x) { return x; }
-__device__ float st_f32(float f) { return f; }
 #define KERNELS(NAME, T, LD, ST) \
 extern "C" __global__ void ce_fwd_##NAME(const T* x, const unsigned int* tgt, float* loss, int v) { \
   __shared__ float red[33]; long row = blockIdx.x; const T* xr = x + row * v; float m = NEG_INF; \
@@ -203,26 +182,11 @@ KERNELS(f16, unsigned short, ld_f16, st_f16)
 
     fn ptx() -> Result<&'static str> {
         static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| cudarc::nvrtc::compile_ptx(SRC).map(|p| p.to_src()).map_err(|e| e.to_string()))
-            .as_deref()
-            .map_err(|e| candle_core::Error::Msg(format!("compiling the cross-entropy kernels with NVRTC: {e}")))
+        compile(&PTX, SRC, "cross-entropy")
     }
 
     fn config(rows: usize) -> LaunchConfig {
         LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
-    }
-
-    fn suffix(dtype: DType) -> Result<&'static str> {
-        Ok(match dtype {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F16 => "f16",
-            other => candle_core::bail!("cross entropy on CUDA: unsupported dtype {other:?}"),
-        })
-    }
-
-    fn launch_err(e: impl std::fmt::Display) -> candle_core::Error {
-        candle_core::Error::Msg(e.to_string())
     }
 
     fn run_fwd<T: CudaDType + DeviceRepr>(x: &CudaStorage, xs: usize, t: &CudaStorage, ts: usize, n: usize, v: usize) -> Result<CudaStorage> {
@@ -230,7 +194,7 @@ KERNELS(f16, unsigned short, ld_f16, st_f16)
         let xv = x.as_cuda_slice::<T>()?.slice(xs..xs + n * v);
         let tv = t.as_cuda_slice::<u32>()?.slice(ts..ts + n);
         let loss: CudaSlice<f32> = unsafe { dev.alloc::<f32>(n)? };
-        let func = dev.get_or_load_custom_func(&format!("ce_fwd_{}", suffix(x.dtype())?), "ferrospeed_cross_entropy", ptx()?)?;
+        let func = dev.get_or_load_custom_func(&format!("ce_fwd_{}", suffix(x.dtype(), "cross-entropy")?), "ferrospeed_cross_entropy", ptx()?)?;
         let v_i = v as i32;
         let mut b = func.builder();
         b.arg(&xv).arg(&tv).arg(&loss).arg(&v_i);
@@ -263,7 +227,7 @@ KERNELS(f16, unsigned short, ld_f16, st_f16)
         let tv = t.as_cuda_slice::<u32>()?.slice(ts..ts + n);
         let gv = g.as_cuda_slice::<f32>()?.slice(gs..gs + n);
         let dx: CudaSlice<T> = unsafe { dev.alloc::<T>(n * v)? };
-        let func = dev.get_or_load_custom_func(&format!("ce_bwd_{}", suffix(x.dtype())?), "ferrospeed_cross_entropy", ptx()?)?;
+        let func = dev.get_or_load_custom_func(&format!("ce_bwd_{}", suffix(x.dtype(), "cross-entropy")?), "ferrospeed_cross_entropy", ptx()?)?;
         let v_i = v as i32;
         let mut b = func.builder();
         b.arg(&xv).arg(&tv).arg(&gv).arg(&dx).arg(&v_i);

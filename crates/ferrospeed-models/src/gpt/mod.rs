@@ -7,6 +7,8 @@
 
 mod causal_softmax;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 mod embedding;
 mod generate;
 mod head;
