@@ -10,6 +10,7 @@ pub mod device;
 pub mod engine;
 pub mod optim;
 pub mod precision;
+pub mod profile;
 pub mod rng;
 pub mod shard;
 pub mod track;

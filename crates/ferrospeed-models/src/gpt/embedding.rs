@@ -1,8 +1,11 @@
-//! GPT block 0: token embedding plus learned position embedding.
+//! GPT block 0: token embedding plus learned position embedding, with a hand-written backward
+//! (row scatter-add into the token table in f32, column sums for positions).
 
+use super::fused::col_sum;
 use super::GptConfig;
-use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
+use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+use ferrospeed::profile::{scoped, Kind};
 
 /// `wte` `[vocab, d]` and `wpe` `[seq_len, d]`; output `[batch, t, d]`.
 #[derive(Debug, Clone)]
@@ -32,7 +35,29 @@ impl Block for Embedding {
     fn forward(&self, params: &[Tensor], _x: Option<&Tensor>, batch: &Batch) -> Result<Tensor> {
         let (wte, wpe) = (&params[0], &params[1]);
         let (b, t) = batch.tokens.dims2()?;
-        let tok = wte.index_select(&batch.tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?;
-        tok.broadcast_add(&wpe.narrow(0, 0, t)?)
+        scoped(Kind::Elementwise, || {
+            let tok = wte.index_select(&batch.tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?;
+            tok.broadcast_add(&wpe.narrow(0, 0, t)?)
+        })
+    }
+
+    fn forward_saving(&self, params: &[Tensor], x: Option<&Tensor>, batch: &Batch) -> Result<Option<(Tensor, Saved)>> {
+        Ok(Some((self.forward(params, x, batch)?, Box::new(batch.tokens.clone()))))
+    }
+
+    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Option<Tensor>)> {
+        let Upstream::Grad(g) = upstream else { candle_core::bail!("the embedding cannot be the last block") };
+        let tokens = saved.downcast::<Tensor>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
+        let (b, t, d) = g.dims3()?;
+        scoped(Kind::Elementwise, || {
+            // Rows of the token table used several times add up: accumulate in f32 (f64 for f64).
+            let acc = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+            let rows = g.reshape((b * t, d))?.to_dtype(acc)?;
+            let d_wte = Tensor::zeros(p[0].shape(), acc, g.device())?.index_add(&tokens.flatten_all()?, &rows, 0)?;
+            let d_wpe = col_sum(&g.reshape((b, t * d))?)?.reshape((t, d))?;
+            let seq = p[1].dim(0)?;
+            let d_wpe = if t < seq { Tensor::cat(&[d_wpe, Tensor::zeros((seq - t, d), acc, g.device())?], 0)? } else { d_wpe };
+            Ok((vec![Some(d_wte), Some(d_wpe)], None))
+        })
     }
 }

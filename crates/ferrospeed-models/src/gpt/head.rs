@@ -1,15 +1,30 @@
-//! The last GPT block: final LayerNorm, logits through the token embedding (tied), cross-entropy.
+//! The last GPT block: final LayerNorm, logits through the token embedding (tied), cross-entropy; with
+//! a hand-written backward (the logits are the largest tensor of a step: one pass each way).
 
-use super::cross_entropy::fused_cross_entropy;
+use super::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward, fused_cross_entropy};
+use super::fused::{ln_backward, ln_forward};
 use super::ops::layer_norm;
 use super::GptConfig;
-use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec};
 use candle_core::{Result, Tensor};
+use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+use ferrospeed::profile::{scoped, Kind};
 
 /// `ln_f` and the head; its slot 2 is block 0's `wte`.
 #[derive(Debug, Clone)]
 pub struct Head {
     cfg: GptConfig,
+}
+
+/// What the head's backward needs.
+struct HeadSaved {
+    x: Tensor,
+    stats: (Tensor, Tensor),
+    h: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    rows: Tensor,
+    /// The input's shape `(b, t, d)`.
+    dims: (usize, usize, usize),
 }
 
 impl Head {
@@ -22,6 +37,17 @@ impl Head {
         let (b, t, d) = x.dims3()?;
         let h = layer_norm(x, &params[0], &params[1])?.reshape((b * t, d))?;
         h.matmul(&params[2].t()?)
+    }
+
+    fn run(&self, p: &[Tensor], x: &Tensor, batch: &Batch) -> Result<(Tensor, HeadSaved)> {
+        let (b, t, d) = x.dims3()?;
+        let x = x.reshape((b * t, d))?;
+        let ln = scoped(Kind::Elementwise, || ln_forward(&x, &p[0], &p[1]))?;
+        let logits = scoped(Kind::Matmul, || ln.y.matmul(&p[2].t()?))?;
+        let targets = batch.targets.flatten_all()?;
+        let rows = scoped(Kind::Elementwise, || cross_entropy_rows(&logits, &targets))?;
+        let loss = scoped(Kind::Elementwise, || rows.mean_all())?;
+        Ok((loss, HeadSaved { x, stats: (ln.mean, ln.rstd), h: ln.y, logits, targets, rows, dims: (b, t, d) }))
     }
 }
 
@@ -40,11 +66,38 @@ impl Block for Head {
     }
 
     fn forward(&self, params: &[Tensor], x: Option<&Tensor>, batch: &Batch) -> Result<Tensor> {
-        let x = x.ok_or_else(|| candle_core::Error::Msg("the head needs an input".into()))?;
-        fused_cross_entropy(&self.logits(params, x)?, &batch.targets.flatten_all()?)
+        let x = input(x)?;
+        if x.track_op() || params.iter().any(Tensor::track_op) {
+            return fused_cross_entropy(&self.logits(params, x)?, &batch.targets.flatten_all()?);
+        }
+        Ok(self.run(params, x, batch)?.0)
+    }
+
+    fn forward_saving(&self, params: &[Tensor], x: Option<&Tensor>, batch: &Batch) -> Result<Option<(Tensor, Saved)>> {
+        let (loss, saved) = self.run(params, input(x)?, batch)?;
+        Ok(Some((loss, Box::new(saved))))
+    }
+
+    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Option<Tensor>)> {
+        let Upstream::Loss(scale) = upstream else { candle_core::bail!("the head is the last block: its output is the loss") };
+        let s = saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
+        let n = s.targets.elem_count();
+        // The loss is the mean over rows: each row's loss has weight scale / n.
+        let row_grads = s.rows.ones_like()?.affine(scale / n as f64, 0.0)?;
+        let d_logits = scoped(Kind::Elementwise, || cross_entropy_rows_backward(&s.logits, &s.targets, &row_grads))?;
+        drop(s.logits);
+        let d_wte = scoped(Kind::Matmul, || d_logits.t()?.matmul(&s.h))?;
+        let d_h = scoped(Kind::Matmul, || d_logits.matmul(&p[2]))?;
+        drop(d_logits);
+        let (d_x, d_w, d_b) = scoped(Kind::Elementwise, || ln_backward(&d_h, &s.x, &p[0], &s.stats.0, &s.stats.1, None))?;
+        Ok((vec![Some(d_w), Some(d_b), Some(d_wte)], Some(d_x.reshape(s.dims)?)))
     }
 
     fn forward_flops_per_token(&self) -> f64 {
         2.0 * (self.cfg.d_model * self.cfg.vocab_size) as f64
     }
+}
+
+fn input(x: Option<&Tensor>) -> Result<&Tensor> {
+    x.ok_or_else(|| candle_core::Error::Msg("the head needs an input".into()))
 }

@@ -1,10 +1,13 @@
 //! A GPT-2 transformer layer: pre-LayerNorm causal self-attention with fused QKV, then a GELU(tanh) MLP
-//! of width 4·d, each added to the residual stream.
+//! of width 4·d, each added to the residual stream. Training runs the fused forward and the
+//! hand-written backward of `layer_fused.rs`; the forward composed of candle ops stays for autograd
+//! (when a caller differentiates `forward` itself) and as the reference the fused one is tested against.
 
 use super::causal_softmax::causal_softmax;
+use super::layer_fused::{self, LayerSaved};
 use super::ops::layer_norm;
 use super::GptConfig;
-use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec};
+use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
 use candle_core::{Result, Tensor};
 
 /// Layer `index` of the model; its residual projections start smaller, by 1/sqrt(2·n_layer) (GPT-2).
@@ -52,7 +55,40 @@ impl Block for Layer {
     }
 
     fn forward(&self, p: &[Tensor], x: Option<&Tensor>, _batch: &Batch) -> Result<Tensor> {
-        let x = x.ok_or_else(|| candle_core::Error::Msg("a transformer layer needs an input".into()))?;
+        let x = input(x)?;
+        if x.track_op() || p.iter().any(Tensor::track_op) {
+            return self.forward_composed(p, x);
+        }
+        Ok(layer_fused::forward(p, x, self.cfg.n_head, false)?.0)
+    }
+
+    fn forward_saving(&self, p: &[Tensor], x: Option<&Tensor>, _batch: &Batch) -> Result<Option<(Tensor, Saved)>> {
+        let (y, saved) = layer_fused::forward(p, input(x)?, self.cfg.n_head, true)?;
+        let saved = saved.ok_or_else(|| candle_core::Error::Msg("layer forward kept nothing".into()))?;
+        Ok(Some((y, Box::new(saved))))
+    }
+
+    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Option<Tensor>)> {
+        let Upstream::Grad(g) = upstream else { candle_core::bail!("a transformer layer cannot be the last block") };
+        let saved = saved.downcast::<LayerSaved>().map_err(|_| candle_core::Error::Msg("layer backward: foreign saved state".into()))?;
+        let (grads, dx) = layer_fused::backward(p, *saved, g)?;
+        Ok((grads, Some(dx)))
+    }
+
+    fn forward_flops_per_token(&self) -> f64 {
+        let (d, t) = (self.cfg.d_model as f64, self.cfg.seq_len as f64);
+        // QKV, output projection and the MLP (12·d² multiply-adds), plus scores and weighted values.
+        2.0 * 12.0 * d * d + 2.0 * 2.0 * t * d
+    }
+}
+
+fn input(x: Option<&Tensor>) -> Result<&Tensor> {
+    x.ok_or_else(|| candle_core::Error::Msg("a transformer layer needs an input".into()))
+}
+
+impl Layer {
+    /// The forward composed of candle ops (differentiable by autograd).
+    fn forward_composed(&self, p: &[Tensor], x: &Tensor) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let (nh, hd) = (self.cfg.n_head, d / self.cfg.n_head);
 
@@ -72,11 +108,5 @@ impl Block for Layer {
         let h = layer_norm(&x, &p[6], &p[7])?.reshape((b * t, d))?;
         let h = linear(&h, &p[8], &p[9])?.gelu()?;
         x + linear(&h, &p[10], &p[11])?.reshape((b, t, d))?
-    }
-
-    fn forward_flops_per_token(&self) -> f64 {
-        let (d, t) = (self.cfg.d_model as f64, self.cfg.seq_len as f64);
-        // QKV, output projection and the MLP (12·d² multiply-adds), plus scores and weighted values.
-        2.0 * 12.0 * d * d + 2.0 * 2.0 * t * d
     }
 }

@@ -10,9 +10,13 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 mod embedding;
+mod fused;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
 mod generate;
 mod head;
 mod layer;
+mod layer_fused;
 mod names;
 pub mod ops;
 

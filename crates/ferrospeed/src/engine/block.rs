@@ -65,4 +65,30 @@ pub trait Block: Send + Sync {
     fn forward_flops_per_token(&self) -> f64 {
         0.0
     }
+
+    /// Blocks with a hand-written backward run their forward here and return, with the output, what
+    /// [`Block::backward`] needs. `None` (the default) means candle's autograd differentiates
+    /// [`Block::forward`]. Both forwards must compute the same output.
+    fn forward_saving(&self, _params: &[Tensor], _x: Option<&Tensor>, _batch: &Batch) -> candle_core::Result<Option<(Tensor, Saved)>> {
+        Ok(None)
+    }
+
+    /// The hand-written backward: the gradients of the parameter slots (in slot order; `None` where a
+    /// slot does not influence the output) and of the input (`None` for the first block), given the
+    /// gradient of the output.
+    fn backward(&self, _params: &[Tensor], _saved: Saved, _upstream: Upstream<'_>) -> candle_core::Result<(Vec<Option<Tensor>>, Option<Tensor>)> {
+        candle_core::bail!("block {} has no hand-written backward", self.name())
+    }
+}
+
+/// What a block's forward keeps for its hand-written backward.
+pub type Saved = Box<dyn std::any::Any + Send>;
+
+/// The gradient flowing into a block's output.
+#[derive(Debug, Clone, Copy)]
+pub enum Upstream<'a> {
+    /// The block's output is the loss; its gradient is this scale (e.g. 1/accumulation steps).
+    Loss(f64),
+    /// The gradient of the block's output, shaped like it.
+    Grad(&'a Tensor),
 }

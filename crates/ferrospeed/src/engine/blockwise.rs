@@ -1,11 +1,12 @@
 //! Forward and backward over blocks: keep block-boundary activations, recompute a block for its
 //! backward when activation checkpointing is on, and backpropagate one block at a time.
 //!
-//! For a block output `y` and the upstream gradient `g`, `sum(y · g).backward()` gives exactly the
-//! parameter and input gradients of one full backward (checked on CPU and H100, see DESIGN.md). The
-//! block input is a fresh `Var`, so each backward touches only its own block's graph.
+//! Blocks with a hand-written backward (`Block::forward_saving`/`Block::backward`) keep what it needs
+//! and run it. For the others, with block output `y` and upstream gradient `g`, `sum(y · g).backward()`
+//! gives exactly the parameter and input gradients of one full backward (checked on CPU and H100, see
+//! DESIGN.md); the block input is a fresh `Var`, so each backward touches only its own block's graph.
 
-use super::block::Batch;
+use super::block::{Batch, Saved, Upstream};
 use super::error::EngineError;
 use super::model::Model;
 use candle_core::{Tensor, Var};
@@ -27,11 +28,12 @@ impl ParamSource for &[Vec<Tensor>] {
     fn release(&mut self, _i: usize) {}
 }
 
-/// Each block's graph, kept by the forward pass when activation checkpointing is off.
-struct Kept {
-    input: Option<Var>,
-    output: Tensor,
-    params: Vec<Tensor>,
+/// What the forward pass keeps of a block when activation checkpointing is off.
+enum Kept {
+    /// Its autograd graph.
+    Graph { input: Option<Var>, output: Tensor, params: Vec<Tensor> },
+    /// What its hand-written backward needs.
+    Manual { saved: Saved, params: Vec<Tensor> },
 }
 
 /// What the forward pass leaves for the backward pass.
@@ -58,13 +60,17 @@ pub fn forward(model: &Model, source: &mut dyn ParamSource, batch: &Batch, check
         // After the last block, the backward pass starts again from it (when it recomputes).
         let next = if i + 1 < n { Some(i + 1) } else { checkpointing.then_some(i) };
         let params = source.acquire(i, next)?;
+        let err = || EngineError::tensor(block.name());
         let y = if checkpointing {
             let detached: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
             kept.push(None);
-            block.forward(&detached, x.as_ref(), batch).map_err(EngineError::tensor(block.name()))?
+            block.forward(&detached, x.as_ref(), batch).map_err(err())?
+        } else if let Some((y, saved)) = block.forward_saving(&detach_all(&params), x.as_ref(), batch).map_err(err())? {
+            kept.push(Some(Kept::Manual { saved, params }));
+            y
         } else {
             let (input, output) = run_tracked(model, i, &params, x.as_ref(), batch)?;
-            kept.push(Some(Kept { input, output: output.clone(), params }));
+            kept.push(Some(Kept::Graph { input, output: output.clone(), params }));
             output
         };
         source.release(i);
@@ -73,6 +79,10 @@ pub fn forward(model: &Model, source: &mut dyn ParamSource, batch: &Batch, check
     }
     let loss = x.ok_or_else(|| EngineError::Model("a model needs at least one block".into()))?;
     Ok(Tape { inputs, kept, loss })
+}
+
+fn detach_all(params: &[Tensor]) -> Vec<Tensor> {
+    params.iter().map(Tensor::detach).collect()
 }
 
 /// Run block `i` with its input as a fresh variable, keeping the graph.
@@ -106,28 +116,55 @@ pub fn backward(
     for i in (0..model.num_blocks()).rev() {
         let block = model.block(i);
         let err = || EngineError::tensor(block.name());
-        let (xv, y, params) = match tape.kept[i].take() {
-            Some(k) => (k.input, k.output, k.params),
+        let kept = match tape.kept[i].take() {
+            Some(k) => k,
             None => {
                 let params = source.acquire(i, i.checked_sub(1))?;
-                let (xv, y) = run_tracked(model, i, &params, tape.inputs[i].as_ref(), batch)?;
-                (xv, y, params)
+                let x = tape.inputs[i].as_ref();
+                match block.forward_saving(&detach_all(&params), x, batch).map_err(err())? {
+                    Some((_, saved)) => Kept::Manual { saved, params },
+                    None => {
+                        let (input, output) = run_tracked(model, i, &params, x, batch)?;
+                        Kept::Graph { input, output, params }
+                    }
+                }
             }
         };
-        let target = match &grad_out {
-            None => y.affine(loss_scale, 0.0).map_err(err())?,
-            Some(g) => (y * g).and_then(|t| t.sum_all()).map_err(err())?,
+        let slot_grads = match kept {
+            Kept::Manual { saved, params } => {
+                let upstream = match &grad_out {
+                    None => Upstream::Loss(loss_scale),
+                    Some(g) => Upstream::Grad(g),
+                };
+                let (slot_grads, grad_in) = block.backward(&detach_all(&params), saved, upstream).map_err(err())?;
+                if slot_grads.len() != params.len() {
+                    return Err(EngineError::Model(format!(
+                        "block {}: backward returned {} gradients for {} parameter slots",
+                        block.name(),
+                        slot_grads.len(),
+                        params.len()
+                    )));
+                }
+                grad_out = grad_in;
+                slot_grads
+            }
+            Kept::Graph { input: xv, output: y, params } => {
+                let target = match &grad_out {
+                    None => y.affine(loss_scale, 0.0).map_err(err())?,
+                    Some(g) => (y * g).and_then(|t| t.sum_all()).map_err(err())?,
+                };
+                let grads = target.backward().map_err(err())?;
+                let slot_grads = params.iter().map(|p| grads.get(p).cloned()).collect();
+                grad_out = match xv {
+                    Some(v) => Some(match grads.get(v.as_tensor()) {
+                        Some(g) => g.clone(),
+                        None => v.as_tensor().zeros_like().map_err(err())?,
+                    }),
+                    None => None,
+                };
+                slot_grads
+            }
         };
-        let grads = target.backward().map_err(err())?;
-        let slot_grads = params.iter().map(|p| grads.get(p).cloned()).collect();
-        grad_out = match xv {
-            Some(v) => Some(match grads.get(v.as_tensor()) {
-                Some(g) => g.clone(),
-                None => v.as_tensor().zeros_like().map_err(err())?,
-            }),
-            None => None,
-        };
-        drop(params);
         source.release(i);
         on_block(i, slot_grads)?;
     }

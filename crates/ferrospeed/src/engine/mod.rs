@@ -13,7 +13,7 @@ mod sources;
 mod state;
 mod trainer;
 
-pub use block::{Batch, Block, Init, ParamRef, ParamSpec};
+pub use block::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
 pub use comm_worker::{CommWorker, Pending};
 pub use error::EngineError;
 pub use host_buf::HostBuf;

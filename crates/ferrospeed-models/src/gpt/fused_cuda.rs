@@ -1,0 +1,230 @@
+//! CUDA kernels of `fused.rs` (NVRTC, f32 arithmetic): LayerNorm forward/backward one thread block
+//! per row, column sums in two deterministic passes (per-chunk partials, then chunks in order),
+//! bias + GELU forward/backward elementwise.
+
+use super::cuda_kernels::{compile, launch_err, suffix};
+use super::fused::{LnOut, LN_EPS};
+use candle_core::backprop::BackpropOp;
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda::{CudaDType, CudaDevice};
+use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
+use half::{bf16, f16};
+use std::sync::OnceLock;
+
+const SRC: &str = r#"
+__device__ float gelu_t(float u) { return tanhf(0.7978845608028654f * (u + 0.044715f * u * u * u)); }
+#define KERNELS(NAME, T, LD, ST) \
+extern "C" __global__ void ln_fwd_##NAME(const T* x, const T* w, const T* b, T* y, float* mean, float* rstd, int d, float eps) { \
+  __shared__ float red[33]; long row = blockIdx.x; const T* xr = x + row * d; T* yr = y + row * d; \
+  float s = 0.f; for (int j = threadIdx.x; j < d; j += blockDim.x) s += LD(xr[j]); \
+  float m = block_sum(s, red) / d; float v = 0.f; \
+  for (int j = threadIdx.x; j < d; j += blockDim.x) { float c = LD(xr[j]) - m; v += c * c; } \
+  float rs = rsqrtf(block_sum(v, red) / d + eps); \
+  for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = ST((LD(xr[j]) - m) * rs * LD(w[j]) + LD(b[j])); \
+  if (threadIdx.x == 0) { mean[row] = m; rstd[row] = rs; } } \
+extern "C" __global__ void ln_bwd_##NAME(const T* dy, const T* x, const T* w, const float* mean, const float* rstd, const T* res, T* dx, int d, int has_res) { \
+  __shared__ float red[33]; long row = blockIdx.x; const T* g = dy + row * d; const T* xr = x + row * d; \
+  float m = mean[row], rs = rstd[row], a = 0.f, c = 0.f; \
+  for (int j = threadIdx.x; j < d; j += blockDim.x) { float gw = LD(g[j]) * LD(w[j]); a += gw; c += gw * (LD(xr[j]) - m) * rs; } \
+  a = block_sum(a, red) / d; c = block_sum(c, red) / d; \
+  for (int j = threadIdx.x; j < d; j += blockDim.x) { \
+    float xh = (LD(xr[j]) - m) * rs; float v = rs * (LD(g[j]) * LD(w[j]) - a - xh * c); \
+    if (has_res) v += LD(res[row * d + j]); dx[row * d + j] = ST(v); } } \
+extern "C" __global__ void col_part_##NAME(const T* g, const T* x, const float* mean, const float* rstd, float* pw, float* pb, int n, int d, int chunk, int has_x) { \
+  __shared__ float sw[8][33]; __shared__ float sb[8][33]; \
+  int col = blockIdx.x * 32 + threadIdx.x; int r0 = blockIdx.y * chunk; int r1 = min(n, r0 + chunk); float aw = 0.f, ab = 0.f; \
+  if (col < d) for (int r = r0 + threadIdx.y; r < r1; r += 8) { float v = LD(g[(long)r * d + col]); ab += v; \
+    if (has_x) aw += v * (LD(x[(long)r * d + col]) - mean[r]) * rstd[r]; } \
+  sw[threadIdx.y][threadIdx.x] = aw; sb[threadIdx.y][threadIdx.x] = ab; __syncthreads(); \
+  if (threadIdx.y == 0 && col < d) { float w = 0.f, b = 0.f; \
+    for (int i = 0; i < 8; i++) { w += sw[i][threadIdx.x]; b += sb[i][threadIdx.x]; } \
+    pb[(long)blockIdx.y * d + col] = b; if (has_x) pw[(long)blockIdx.y * d + col] = w; } } \
+extern "C" __global__ void bias_gelu_##NAME(const T* h, const T* b, const T* dy, T* out, long n, int k, int bwd) { \
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) { \
+    float u = LD(h[i]) + LD(b[i % k]); float t = gelu_t(u); \
+    if (!bwd) { out[i] = ST(0.5f * u * (1.f + t)); } \
+    else { float dg = 0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * 0.7978845608028654f * (1.f + 3.f * 0.044715f * u * u); \
+      out[i] = ST(LD(dy[i]) * dg); } } }
+KERNELS(f32, float, ld_f32, st_f32)
+KERNELS(bf16, unsigned short, ld_bf16, st_bf16)
+KERNELS(f16, unsigned short, ld_f16, st_f16)
+extern "C" __global__ void col_final(const float* part, float* out, int chunks, int d) {
+  int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col < d) { float s = 0.f; for (int c = 0; c < chunks; c++) s += part[(long)c * d + col]; out[col] = s; } }
+"#;
+
+const MODULE: &str = "ferrospeed_fused";
+
+fn func(dev: &CudaDevice, name: &str) -> Result<candle_core::cuda::CudaFunc> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    dev.get_or_load_custom_func(name, MODULE, compile(&PTX, SRC, "fused GPT")?)
+}
+
+/// A contiguous tensor's device buffer (from its start offset), with its device.
+fn view<T: CudaDType + DeviceRepr, R>(t: &Tensor, f: impl FnOnce(&CudaDevice, CudaView<'_, T>) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(s) = &*storage else { candle_core::bail!("fused op: expected a CUDA tensor") };
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("fused op: expected a contiguous tensor") };
+    f(s.device(), s.as_cuda_slice::<T>()?.slice(start..end))
+}
+
+fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
+}
+
+fn rows(n: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
+macro_rules! dispatch {
+    ($dtype:expr, $what:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::BF16 => $f::<bf16>($($arg),*),
+            DType::F16 => $f::<f16>($($arg),*),
+            other => candle_core::bail!("{} on CUDA: unsupported dtype {other:?}", $what),
+        }
+    };
+}
+
+pub fn ln_forward(x: &Tensor, w: &Tensor, b: &Tensor, n: usize, d: usize) -> Result<LnOut> {
+    fn run<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, b: &Tensor, n: usize, d: usize) -> Result<LnOut> {
+        let name = format!("ln_fwd_{}", suffix(x.dtype(), "layer norm")?);
+        view::<T, _>(x, |dev, xv| {
+            view::<T, _>(w, |_, wv| {
+                view::<T, _>(b, |_, bv| {
+                    let y = unsafe { dev.alloc::<T>(n * d)? };
+                    let (mean, rstd) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
+                    let (d_i, eps) = (d as i32, LN_EPS as f32);
+                    let f = func(dev, &name)?;
+                    let mut l = f.builder();
+                    l.arg(&xv).arg(&wv).arg(&bv).arg(&y).arg(&mean).arg(&rstd).arg(&d_i).arg(&eps);
+                    unsafe { l.launch(rows(n, 256)) }.map_err(launch_err)?;
+                    Ok(LnOut { y: wrap(y, dev, &[n, d]), mean: wrap(mean, dev, &[n]), rstd: wrap(rstd, dev, &[n]) })
+                })
+            })
+        })
+    }
+    dispatch!(x.dtype(), "layer norm", run(x, w, b, n, d))
+}
+
+/// Column sums of `g` `[n, d]` (and of `g · x̂` when `x` with its statistics is given), in f32.
+fn col_sums<T: CudaDType + DeviceRepr>(g: &Tensor, x: Option<(&Tensor, &Tensor, &Tensor)>, n: usize, d: usize) -> Result<(Option<Tensor>, Tensor)> {
+    const CHUNK: usize = 64;
+    let chunks = n.div_ceil(CHUNK).max(1);
+    let name = format!("col_part_{}", suffix(g.dtype(), "column sums")?);
+    let has_x = i32::from(x.is_some());
+    // Without `x`, its arguments are placeholders the kernel never reads.
+    let (xt, mt, rt) = match x {
+        Some(x) => x,
+        None => {
+            let z = Tensor::zeros(1, DType::F32, g.device())?;
+            return col_sums_with::<T>(g, (g, &z, &z), 0, n, d, chunks, CHUNK, &name);
+        }
+    };
+    col_sums_with::<T>(g, (xt, mt, rt), has_x, n, d, chunks, CHUNK, &name)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn col_sums_with<T: CudaDType + DeviceRepr>(
+    g: &Tensor,
+    (x, mean, rstd): (&Tensor, &Tensor, &Tensor),
+    has_x: i32,
+    n: usize,
+    d: usize,
+    chunks: usize,
+    chunk: usize,
+    name: &str,
+) -> Result<(Option<Tensor>, Tensor)> {
+    view::<T, _>(g, |dev, gv| {
+        view::<T, _>(x, |_, xv| {
+            view::<f32, _>(mean, |_, mv| {
+                view::<f32, _>(rstd, |_, rv| {
+                    let pw = dev.alloc_zeros::<f32>(if has_x == 1 { chunks * d } else { 1 })?;
+                    let pb = dev.alloc_zeros::<f32>(chunks * d)?;
+                    let (n_i, d_i, c_i) = (n as i32, d as i32, chunk as i32);
+                    let f = func(dev, name)?;
+                    let mut l = f.builder();
+                    l.arg(&gv).arg(&xv).arg(&mv).arg(&rv).arg(&pw).arg(&pb).arg(&n_i).arg(&d_i).arg(&c_i).arg(&has_x);
+                    let cfg = LaunchConfig { grid_dim: (d.div_ceil(32) as u32, chunks as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+                    unsafe { l.launch(cfg) }.map_err(launch_err)?;
+                    let finish = |part: &CudaSlice<f32>| -> Result<Tensor> {
+                        let o = unsafe { dev.alloc::<f32>(d)? };
+                        let f = func(dev, "col_final")?;
+                        let ch = chunks as i32;
+                        let mut l = f.builder();
+                        l.arg(part).arg(&o).arg(&ch).arg(&d_i);
+                        let cfg = LaunchConfig { grid_dim: (d.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                        unsafe { l.launch(cfg) }.map_err(launch_err)?;
+                        Ok(wrap(o, dev, &[d]))
+                    };
+                    let db = finish(&pb)?;
+                    let dw = if has_x == 1 { Some(finish(&pw)?) } else { None };
+                    Ok((dw, db))
+                })
+            })
+        })
+    })
+}
+
+pub fn col_sum(x: &Tensor, n: usize, d: usize) -> Result<Tensor> {
+    let (_, db) = dispatch!(x.dtype(), "column sums", col_sums(x, None, n, d))?;
+    Ok(db)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn ln_backward(dy: &Tensor, x: &Tensor, w: &Tensor, mean: &Tensor, rstd: &Tensor, res: Option<&Tensor>, n: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    fn run<T: CudaDType + DeviceRepr>(dy: &Tensor, x: &Tensor, w: &Tensor, mean: &Tensor, rstd: &Tensor, res: Option<&Tensor>, n: usize, d: usize) -> Result<Tensor> {
+        let name = format!("ln_bwd_{}", suffix(x.dtype(), "layer norm")?);
+        let has_res = i32::from(res.is_some());
+        let res = res.unwrap_or(dy);
+        view::<T, _>(dy, |dev, gv| {
+            view::<T, _>(x, |_, xv| {
+                view::<T, _>(w, |_, wv| {
+                    view::<f32, _>(mean, |_, mv| {
+                        view::<f32, _>(rstd, |_, rv| {
+                            view::<T, _>(res, |_, resv| {
+                                let dx = unsafe { dev.alloc::<T>(n * d)? };
+                                let d_i = d as i32;
+                                let f = func(dev, &name)?;
+                                let mut l = f.builder();
+                                l.arg(&gv).arg(&xv).arg(&wv).arg(&mv).arg(&rv).arg(&resv).arg(&dx).arg(&d_i).arg(&has_res);
+                                unsafe { l.launch(rows(n, 256)) }.map_err(launch_err)?;
+                                Ok(wrap(dx, dev, &[n, d]))
+                            })
+                        })
+                    })
+                })
+            })
+        })
+    }
+    let dx = dispatch!(x.dtype(), "layer norm backward", run(dy, x, w, mean, rstd, res, n, d))?;
+    let (dw, db) = dispatch!(x.dtype(), "layer norm backward", col_sums(dy, Some((x, mean, rstd)), n, d))?;
+    let dw = dw.ok_or_else(|| candle_core::Error::Msg("layer norm backward: no weight gradient".into()))?;
+    Ok((dx, dw, db))
+}
+
+/// `gelu(h + b)`, or with `dy` the gradient with respect to `h`.
+pub fn bias_gelu(h: &Tensor, b: &Tensor, dy: Option<&Tensor>, n: usize, k: usize) -> Result<Tensor> {
+    fn run<T: CudaDType + DeviceRepr>(h: &Tensor, b: &Tensor, dy: Option<&Tensor>, n: usize, k: usize) -> Result<Tensor> {
+        let name = format!("bias_gelu_{}", suffix(h.dtype(), "bias gelu")?);
+        let bwd = i32::from(dy.is_some());
+        let dy = dy.unwrap_or(h);
+        view::<T, _>(h, |dev, hv| {
+            view::<T, _>(b, |_, bv| {
+                view::<T, _>(dy, |_, gv| {
+                    let out = unsafe { dev.alloc::<T>(n * k)? };
+                    let (total, k_i) = ((n * k) as i64, k as i32);
+                    let f = func(dev, &name)?;
+                    let mut l = f.builder();
+                    l.arg(&hv).arg(&bv).arg(&gv).arg(&out).arg(&total).arg(&k_i).arg(&bwd);
+                    let blocks = (n * k).div_ceil(256).min(65_535 * 8) as u32;
+                    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                    unsafe { l.launch(cfg) }.map_err(launch_err)?;
+                    Ok(wrap(out, dev, &[n, k]))
+                })
+            })
+        })
+    }
+    dispatch!(h.dtype(), "bias gelu", run(h, b, dy, n, k))
+}
