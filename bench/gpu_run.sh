@@ -1,15 +1,28 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU correctness checks (CUDA vs CPU, stages on the GPU), and the
 # benchmark table against the PyTorch and DeepSpeed anchors on the same GPT-2 shapes.
-# Expects (carried): .carry/ferrospeed (release, --features cuda), .carry/device-env.sh, .anchors/ (../shared/bench
+# Expects (carried, built by bench/gpu_pack.sh): .carry/*.xz (the release binary and the GPU test binaries,
+# --features cuda, xz-compressed to fit a device call), .carry/device-env.sh, .anchors/ (../shared/bench
 # with wheels/ from fetch-wheels.sh). Writes logs and JSON lines under $OUT (or ./gpu-out).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-BIN=$PWD/.carry/ferrospeed
+mkdir -p /tmp/bin
+for f in .carry/*.xz; do
+  b=/tmp/bin/$(basename "$f" .xz)
+  xz -dc "$f" > "$b" 2>/dev/null || python3 -c "import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())" "$f" > "$b"
+  chmod +x "$b"
+done
+BIN=/tmp/bin/ferrospeed
 source .carry/device-env.sh
 export PYTHONUNBUFFERED=1
 $BIN env | tee "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$OUT/env.txt"
+
+# --- GPU tests (cargo test --features cuda binaries): kernels and blocks against the CPU
+for t in /tmp/bin/test-*; do
+  echo "== $(basename "$t")" | tee -a "$OUT/gpu-tests.log"
+  timeout 300 "$t" --test-threads 1 --nocapture >> "$OUT/gpu-tests.log" 2>&1 && echo "PASS $(basename "$t")" || echo "FAIL $(basename "$t") (see gpu-tests.log)"
+done | tee "$OUT/gpu-tests.txt"
 
 # --- correctness: the tiny config on CPU and CUDA (world 1), CUDA stages 0-3 (2 ranks sharing the GPU)
 cat > /tmp/tiny.toml <<TOML
@@ -63,8 +76,9 @@ PY
 
 # --- benchmarks, all in this call
 B() { timeout "$1" $BIN bench-train "${@:2}" 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"; }
-B 240 --model gpt2-124m --micro-batch 16 --stage 0 --precision bf16 --device cuda --steps 8 --warmup 3 --checkpointing --profile-blocks
+B 240 --model gpt2-124m --micro-batch 16 --stage 0 --precision bf16 --device cuda --steps 8 --warmup 3 --checkpointing --profile
 B 240 --model gpt2-124m --micro-batch 16 --stage 3 --precision bf16 --device cuda --steps 8 --warmup 3 --checkpointing
+[ "${QUICK:-0}" = 1 ] && { echo "done (quick: 1.5B and anchors skipped)"; exit 0; }
 B 300 --model gpt2-1.5b --micro-batch 8 --stage 0 --precision bf16 --device cuda --steps 3 --warmup 2 --checkpointing
 [ "${SKIP_ANCHORS:-0}" = 1 ] && { echo "done (anchors skipped)"; exit 0; }
 cd .anchors

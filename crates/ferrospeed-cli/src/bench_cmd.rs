@@ -42,9 +42,10 @@ pub struct BenchTrainArgs {
     pub warmup: usize,
     #[arg(long)]
     pub checkpointing: bool,
-    /// After the timed steps, time each block's forward and backward once (device synchronised)
+    /// After the timed steps, run one more step with CUDA events around every op and print where its
+    /// time went by kind of work (matmul, attention, elementwise, copy, optimizer, communication, idle)
     #[arg(long)]
-    pub profile_blocks: bool,
+    pub profile: bool,
 }
 
 fn shape(name: &str) -> Option<(usize, usize, usize)> {
@@ -111,7 +112,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let tok_s = tokens / dt;
     let flops_per_token = 6.0 * params as f64 + 12.0 * (n_layer * d_model * args.seq_len) as f64;
     let mean = |f: fn(&StepTimes) -> f64| phases.iter().map(f).sum::<f64>() / phases.len().max(1) as f64 * 1e3;
-    let profile = if args.profile_blocks { Some(profile_blocks(&engine, &batch, &device)?) } else { None };
+    let profile = if args.profile { Some(profile_step(&mut engine, &batch, &device)?) } else { None };
     if comm.rank() == 0 {
         let line = serde_json::json!({
             "engine": "ferrospeed",
@@ -138,46 +139,28 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
                 "publish": mean(|t| t.publish),
             },
             "loss": (loss * 1000.0).round() / 1000.0,
-            "blocks_ms": profile,
+            "breakdown_ms": profile,
         });
         println!("{line}");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Each block's forward, then its backward (recompute + `sum(y·g).backward()`), timed with the device
-/// synchronised around it: where a step's compute goes, block by block.
-fn profile_blocks(engine: &Engine, batch: &Batch, device: &candle_core::Device) -> Result<serde_json::Value> {
-    let model = engine.model();
-    let params = engine.slot_tensors()?;
+/// One more step with every op's kind of work timed by CUDA events (host clock on the CPU).
+fn profile_step(engine: &mut Engine, batch: &Batch, device: &candle_core::Device) -> Result<serde_json::Value> {
+    use ferrospeed::profile::{self, Kind};
+    device.synchronize()?;
+    profile::start(device);
+    let step = engine.train_step(std::slice::from_ref(batch), 1e-4);
+    device.synchronize()?;
+    let b = profile::finish().map_err(|e| anyhow::anyhow!("profiling the step: {e}"))?;
+    step?;
     let mut rows = serde_json::Map::new();
-    let mut x: Option<Tensor> = None;
-    let mut inputs = Vec::new();
-    for i in 0..model.num_blocks() {
-        device.synchronize()?;
-        let t0 = Instant::now();
-        let detached: Vec<Tensor> = params[i].iter().map(Tensor::detach).collect();
-        let y = model.block(i).forward(&detached, x.as_ref(), batch)?;
-        device.synchronize()?;
-        rows.insert(format!("{}/forward", model.block_names()[i]), round(t0.elapsed().as_secs_f64() * 1e3).into());
-        inputs.push(x.take());
-        x = Some(y.detach());
+    for kind in Kind::ALL {
+        rows.insert(kind.name().into(), round(b.seconds.get(&kind).copied().unwrap_or(0.0) * 1e3).into());
     }
-    let mut grad: Option<Tensor> = None;
-    for i in (0..model.num_blocks()).rev() {
-        device.synchronize()?;
-        let t0 = Instant::now();
-        let xv = inputs[i].as_ref().map(candle_core::Var::from_tensor).transpose()?;
-        let y = model.block(i).forward(&params[i], xv.as_ref().map(|v| v.as_tensor()), batch)?;
-        let target = match &grad {
-            None => y,
-            Some(g) => (y * g)?.sum_all()?,
-        };
-        let grads = target.backward()?;
-        grad = xv.and_then(|v| grads.get(v.as_tensor()).cloned());
-        device.synchronize()?;
-        rows.insert(format!("{}/backward", model.block_names()[i]), round(t0.elapsed().as_secs_f64() * 1e3).into());
-    }
+    rows.insert("idle".into(), round(b.idle() * 1e3).into());
+    rows.insert("wall".into(), round(b.wall * 1e3).into());
     Ok(serde_json::Value::Object(rows))
 }
 

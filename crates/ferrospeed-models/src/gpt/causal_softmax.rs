@@ -14,12 +14,12 @@ pub fn causal_softmax(scores: &Tensor, scale: f64) -> Result<Tensor> {
 }
 
 /// The forward without autograd (for hand-written backward passes).
-pub(crate) fn causal_softmax_forward(scores: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn causal_softmax_forward(scores: &Tensor, scale: f64) -> Result<Tensor> {
     scores.contiguous()?.apply_op1_no_bwd(&CausalSoftmax { scale })
 }
 
 /// The gradient with respect to the scores, given the probabilities `y` and their gradient `dy`.
-pub(crate) fn causal_softmax_backward(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
+pub fn causal_softmax_backward(y: &Tensor, dy: &Tensor, scale: f64) -> Result<Tensor> {
     y.contiguous()?.apply_op2_no_bwd(&dy.contiguous()?, &CausalSoftmaxBackward { scale })
 }
 

@@ -13,12 +13,12 @@ pub fn fused_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> 
 }
 
 /// Per-row losses `[n]` without autograd (f32; f64 for f64 logits), for hand-written backward passes.
-pub(crate) fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     logits.contiguous()?.apply_op2_no_bwd(&targets.contiguous()?, &CrossEntropyRows)
 }
 
 /// The gradient of `Σ row_grads[i] · loss[i]` with respect to the logits (in their dtype).
-pub(crate) fn cross_entropy_rows_backward(logits: &Tensor, targets: &Tensor, row_grads: &Tensor) -> Result<Tensor> {
+pub fn cross_entropy_rows_backward(logits: &Tensor, targets: &Tensor, row_grads: &Tensor) -> Result<Tensor> {
     logits.contiguous()?.apply_op3_no_bwd(&targets.contiguous()?, &row_grads.contiguous()?, &CrossEntropyRowsBackward)
 }
 

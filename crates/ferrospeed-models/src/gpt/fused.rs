@@ -8,6 +8,9 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+pub use super::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
+pub use super::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward};
+
 /// LayerNorm epsilon (GPT-2's).
 pub const LN_EPS: f64 = 1e-5;
 

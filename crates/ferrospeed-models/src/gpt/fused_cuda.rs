@@ -4,8 +4,9 @@
 
 use super::cuda_kernels::{compile, launch_err, suffix};
 use super::fused::{LnOut, LN_EPS};
-use candle_core::backprop::BackpropOp;
-use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::backend::BackendStorage;
+use candle_core::op::BackpropOp;
+use candle_core::cuda::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaDType, CudaDevice};
 use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
 use half::{bf16, f16};
@@ -55,9 +56,9 @@ extern "C" __global__ void col_final(const float* part, float* out, int chunks, 
 
 const MODULE: &str = "ferrospeed_fused";
 
-fn func(dev: &CudaDevice, name: &str) -> Result<candle_core::cuda::CudaFunc> {
+fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    dev.get_or_load_custom_func(name, MODULE, compile(&PTX, SRC, "fused GPT")?)
+    Ok(dev.get_or_load_custom_func(name, MODULE, compile(&PTX, SRC, "fused GPT")?)?.into_cuda_function())
 }
 
 /// A contiguous tensor's device buffer (from its start offset), with its device.
@@ -97,7 +98,8 @@ pub fn ln_forward(x: &Tensor, w: &Tensor, b: &Tensor, n: usize, d: usize) -> Res
                     let (mean, rstd) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
                     let (d_i, eps) = (d as i32, LN_EPS as f32);
                     let f = func(dev, &name)?;
-                    let mut l = f.builder();
+                    let stream = dev.cuda_stream();
+                    let mut l = stream.launch_builder(&f);
                     l.arg(&xv).arg(&wv).arg(&bv).arg(&y).arg(&mean).arg(&rstd).arg(&d_i).arg(&eps);
                     unsafe { l.launch(rows(n, 256)) }.map_err(launch_err)?;
                     Ok(LnOut { y: wrap(y, dev, &[n, d]), mean: wrap(mean, dev, &[n]), rstd: wrap(rstd, dev, &[n]) })
@@ -144,7 +146,8 @@ fn col_sums_with<T: CudaDType + DeviceRepr>(
                     let pb = dev.alloc_zeros::<f32>(chunks * d)?;
                     let (n_i, d_i, c_i) = (n as i32, d as i32, chunk as i32);
                     let f = func(dev, name)?;
-                    let mut l = f.builder();
+                    let stream = dev.cuda_stream();
+                    let mut l = stream.launch_builder(&f);
                     l.arg(&gv).arg(&xv).arg(&mv).arg(&rv).arg(&pw).arg(&pb).arg(&n_i).arg(&d_i).arg(&c_i).arg(&has_x);
                     let cfg = LaunchConfig { grid_dim: (d.div_ceil(32) as u32, chunks as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
                     unsafe { l.launch(cfg) }.map_err(launch_err)?;
@@ -152,7 +155,8 @@ fn col_sums_with<T: CudaDType + DeviceRepr>(
                         let o = unsafe { dev.alloc::<f32>(d)? };
                         let f = func(dev, "col_final")?;
                         let ch = chunks as i32;
-                        let mut l = f.builder();
+                        let stream = dev.cuda_stream();
+                    let mut l = stream.launch_builder(&f);
                         l.arg(part).arg(&o).arg(&ch).arg(&d_i);
                         let cfg = LaunchConfig { grid_dim: (d.div_ceil(256) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                         unsafe { l.launch(cfg) }.map_err(launch_err)?;
@@ -187,7 +191,8 @@ pub fn ln_backward(dy: &Tensor, x: &Tensor, w: &Tensor, mean: &Tensor, rstd: &Te
                                 let dx = unsafe { dev.alloc::<T>(n * d)? };
                                 let d_i = d as i32;
                                 let f = func(dev, &name)?;
-                                let mut l = f.builder();
+                                let stream = dev.cuda_stream();
+                    let mut l = stream.launch_builder(&f);
                                 l.arg(&gv).arg(&xv).arg(&wv).arg(&mv).arg(&rv).arg(&resv).arg(&dx).arg(&d_i).arg(&has_res);
                                 unsafe { l.launch(rows(n, 256)) }.map_err(launch_err)?;
                                 Ok(wrap(dx, dev, &[n, d]))
@@ -216,7 +221,8 @@ pub fn bias_gelu(h: &Tensor, b: &Tensor, dy: Option<&Tensor>, n: usize, k: usize
                     let out = unsafe { dev.alloc::<T>(n * k)? };
                     let (total, k_i) = ((n * k) as i64, k as i32);
                     let f = func(dev, &name)?;
-                    let mut l = f.builder();
+                    let stream = dev.cuda_stream();
+                    let mut l = stream.launch_builder(&f);
                     l.arg(&hv).arg(&bv).arg(&gv).arg(&out).arg(&total).arg(&k_i).arg(&bwd);
                     let blocks = (n * k).div_ceil(256).min(65_535 * 8) as u32;
                     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };

@@ -10,7 +10,7 @@ mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 mod embedding;
-mod fused;
+pub mod fused;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
 mod generate;
