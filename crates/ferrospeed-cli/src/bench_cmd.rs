@@ -161,6 +161,10 @@ fn profile_step(engine: &mut Engine, batch: &Batch, device: &candle_core::Device
     }
     rows.insert("idle".into(), round(b.idle() * 1e3).into());
     rows.insert("wall".into(), round(b.wall * 1e3).into());
+    let mut ops: Vec<_> = b.by_label.iter().collect();
+    ops.sort_by(|a, b| b.1.total_cmp(a.1));
+    let ops: serde_json::Map<String, serde_json::Value> = ops.into_iter().map(|(l, s)| (l.to_string(), round(s * 1e3).into())).collect();
+    rows.insert("by_op".into(), serde_json::Value::Object(ops));
     Ok(serde_json::Value::Object(rows))
 }
 

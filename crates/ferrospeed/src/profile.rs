@@ -45,6 +45,8 @@ impl Kind {
 #[derive(Debug, Clone, Default)]
 pub struct Breakdown {
     pub seconds: BTreeMap<Kind, f64>,
+    /// Seconds per span label (finer than kinds: which op).
+    pub by_label: BTreeMap<&'static str, f64>,
     pub wall: f64,
 }
 
@@ -65,11 +67,11 @@ struct Profiler {
     #[cfg(feature = "cuda")]
     stream: Option<std::sync::Arc<candle_core::cuda::cudarc::driver::CudaStream>>,
     marks: Vec<Mark>,
-    /// Kinds of the open spans, innermost last.
-    stack: Vec<Kind>,
-    /// The open segment: its kind and starting mark.
-    open: Option<(Kind, usize)>,
-    segments: Vec<(Kind, usize, usize)>,
+    /// Kinds and labels of the open spans, innermost last.
+    stack: Vec<(Kind, &'static str)>,
+    /// The open segment: its kind, label and starting mark.
+    open: Option<((Kind, &'static str), usize)>,
+    segments: Vec<((Kind, &'static str), usize, usize)>,
     started: Instant,
     error: Option<String>,
 }
@@ -92,7 +94,7 @@ impl Profiler {
         self.marks.len() - 1
     }
 
-    fn push(&mut self, kind: Kind) {
+    fn push(&mut self, kind: (Kind, &'static str)) {
         let now = self.mark();
         if let Some((k, s)) = self.open.take() {
             self.segments.push((k, s, now));
@@ -158,11 +160,13 @@ pub fn finish() -> Result<Breakdown, String> {
         return Err(e);
     }
     let wall = p.started.elapsed().as_secs_f64();
-    let mut seconds = BTreeMap::new();
-    for &(kind, a, b) in &p.segments {
-        *seconds.entry(kind).or_insert(0.0) += p.seconds(a, b)?;
+    let (mut seconds, mut by_label) = (BTreeMap::new(), BTreeMap::new());
+    for &((kind, label), a, b) in &p.segments {
+        let s = p.seconds(a, b)?;
+        *seconds.entry(kind).or_insert(0.0) += s;
+        *by_label.entry(label).or_insert(0.0) += s;
     }
-    Ok(Breakdown { seconds, wall })
+    Ok(Breakdown { seconds, by_label, wall })
 }
 
 /// A span of work of one kind; ends when dropped.
@@ -171,7 +175,12 @@ pub struct Span(bool);
 
 /// Attribute the work issued until the returned guard drops to `kind` (inner spans take precedence).
 pub fn span(kind: Kind) -> Span {
-    Span(PROFILER.with(|p| p.borrow_mut().as_mut().map(|p| p.push(kind)).is_some()))
+    span_as(kind, kind.name())
+}
+
+/// A span of `kind` that also adds up under `label` (e.g. the op's name).
+pub fn span_as(kind: Kind, label: &'static str) -> Span {
+    Span(PROFILER.with(|p| p.borrow_mut().as_mut().map(|p| p.push((kind, label))).is_some()))
 }
 
 impl Drop for Span {
@@ -189,6 +198,12 @@ impl Drop for Span {
 /// Run `f` inside a span of `kind`.
 pub fn scoped<T>(kind: Kind, f: impl FnOnce() -> T) -> T {
     let _s = span(kind);
+    f()
+}
+
+/// Run `f` inside a span of `kind` labelled `label`.
+pub fn scoped_as<T>(kind: Kind, label: &'static str, f: impl FnOnce() -> T) -> T {
+    let _s = span_as(kind, label);
     f()
 }
 

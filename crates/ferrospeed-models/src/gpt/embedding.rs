@@ -5,7 +5,7 @@ use super::fused::col_sum;
 use super::GptConfig;
 use candle_core::{DType, Result, Tensor};
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
-use ferrospeed::profile::{scoped, Kind};
+use ferrospeed::profile::{scoped_as, Kind};
 
 /// `wte` `[vocab, d]` and `wpe` `[seq_len, d]`; output `[batch, t, d]`.
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ impl Block for Embedding {
     fn forward(&self, params: &[Tensor], _x: Option<&Tensor>, batch: &Batch) -> Result<Tensor> {
         let (wte, wpe) = (&params[0], &params[1]);
         let (b, t) = batch.tokens.dims2()?;
-        scoped(Kind::Elementwise, || {
+        scoped_as(Kind::Elementwise, "embedding", || {
             let tok = wte.index_select(&batch.tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?;
             tok.broadcast_add(&wpe.narrow(0, 0, t)?)
         })
@@ -49,7 +49,7 @@ impl Block for Embedding {
         let Upstream::Grad(g) = upstream else { candle_core::bail!("the embedding cannot be the last block") };
         let tokens = saved.downcast::<Tensor>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
         let (b, t, d) = g.dims3()?;
-        scoped(Kind::Elementwise, || {
+        scoped_as(Kind::Elementwise, "embedding_backward", || {
             // Rows of the token table used several times add up: accumulate in f32 (f64 for f64).
             let acc = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
             let rows = g.reshape((b * t, d))?.to_dtype(acc)?;

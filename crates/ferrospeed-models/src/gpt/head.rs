@@ -7,7 +7,7 @@ use super::ops::layer_norm;
 use super::GptConfig;
 use candle_core::{Result, Tensor};
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
-use ferrospeed::profile::{scoped, Kind};
+use ferrospeed::profile::{scoped, scoped_as, Kind};
 
 /// `ln_f` and the head; its slot 2 is block 0's `wte`.
 #[derive(Debug, Clone)]
@@ -42,11 +42,11 @@ impl Head {
     fn run(&self, p: &[Tensor], x: &Tensor, batch: &Batch) -> Result<(Tensor, HeadSaved)> {
         let (b, t, d) = x.dims3()?;
         let x = x.reshape((b * t, d))?;
-        let ln = scoped(Kind::Elementwise, || ln_forward(&x, &p[0], &p[1]))?;
+        let ln = scoped_as(Kind::Elementwise, "layer_norm", || ln_forward(&x, &p[0], &p[1]))?;
         let logits = scoped(Kind::Matmul, || ln.y.matmul(&p[2].t()?))?;
         let targets = batch.targets.flatten_all()?;
-        let rows = scoped(Kind::Elementwise, || cross_entropy_rows(&logits, &targets))?;
-        let loss = scoped(Kind::Elementwise, || rows.mean_all())?;
+        let rows = scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets))?;
+        let loss = scoped_as(Kind::Elementwise, "cross_entropy", || rows.mean_all())?;
         Ok((loss, HeadSaved { x, stats: (ln.mean, ln.rstd), h: ln.y, logits, targets, rows, dims: (b, t, d) }))
     }
 }
@@ -84,12 +84,12 @@ impl Block for Head {
         let n = s.targets.elem_count();
         // The loss is the mean over rows: each row's loss has weight scale / n.
         let row_grads = s.rows.ones_like()?.affine(scale / n as f64, 0.0)?;
-        let d_logits = scoped(Kind::Elementwise, || cross_entropy_rows_backward(&s.logits, &s.targets, &row_grads))?;
+        let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || cross_entropy_rows_backward(&s.logits, &s.targets, &row_grads))?;
         drop(s.logits);
         let d_wte = scoped(Kind::Matmul, || d_logits.t()?.matmul(&s.h))?;
         let d_h = scoped(Kind::Matmul, || d_logits.matmul(&p[2]))?;
         drop(d_logits);
-        let (d_x, d_w, d_b) = scoped(Kind::Elementwise, || ln_backward(&d_h, &s.x, &p[0], &s.stats.0, &s.stats.1, None))?;
+        let (d_x, d_w, d_b) = scoped_as(Kind::Elementwise, "layer_norm_backward", || ln_backward(&d_h, &s.x, &p[0], &s.stats.0, &s.stats.1, None))?;
         Ok((vec![Some(d_w), Some(d_b), Some(d_wte)], Some(d_x.reshape(s.dims)?)))
     }
 

@@ -5,7 +5,7 @@
 use super::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
 use super::fused::{bias_gelu, bias_gelu_backward, col_sum, ln_backward, ln_forward};
 use candle_core::{Result, Tensor};
-use ferrospeed::profile::{scoped, Kind};
+use ferrospeed::profile::{scoped, scoped_as, Kind};
 
 /// What the backward needs of one layer's forward (`n = b·t` rows).
 pub struct LayerSaved {
@@ -46,12 +46,12 @@ pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, save: bool) -> Result<(Tenso
     let ew = Kind::Elementwise;
 
     // Attention.
-    let ln1 = scoped(ew, || ln_forward(&x, &p[0], &p[1]))?;
+    let ln1 = scoped_as(ew, "layer_norm", || ln_forward(&x, &p[0], &p[1]))?;
     let qkv = matmul(&ln1.y, &p[2])?;
-    let qkv = scoped(ew, || qkv.broadcast_add(&p[3]))?;
+    let qkv = scoped_as(ew, "bias_add", || qkv.broadcast_add(&p[3]))?;
     let heads = |i: usize| -> Result<Tensor> { copy(&qkv.narrow(1, i * d, d)?.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
     let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-    let (probs, y) = scoped(Kind::Attention, || -> Result<_> {
+    let (probs, y) = scoped_as(Kind::Attention, "attention_forward", || -> Result<_> {
         let scores = q.matmul(&k.t()?)?;
         let probs = causal_softmax_forward(&scores, 1.0 / (hd as f64).sqrt())?;
         let y = probs.matmul(&v)?;
@@ -59,14 +59,14 @@ pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, save: bool) -> Result<(Tenso
     })?;
     let y = copy(&y.transpose(1, 2)?)?.reshape((n, d))?;
     let proj = matmul(&y, &p[4])?;
-    let x2 = scoped(ew, || &x + proj.broadcast_add(&p[5])?)?;
+    let x2 = scoped_as(ew, "bias_residual", || &x + proj.broadcast_add(&p[5])?)?;
 
     // MLP.
-    let ln2 = scoped(ew, || ln_forward(&x2, &p[6], &p[7]))?;
+    let ln2 = scoped_as(ew, "layer_norm", || ln_forward(&x2, &p[6], &p[7]))?;
     let fc = matmul(&ln2.y, &p[8])?;
-    let act = scoped(ew, || bias_gelu(&fc, &p[9]))?;
+    let act = scoped_as(ew, "bias_gelu", || bias_gelu(&fc, &p[9]))?;
     let out = matmul(&act, &p[10])?;
-    let out = scoped(ew, || &x2 + out.broadcast_add(&p[11])?)?.reshape((b, t, d))?;
+    let out = scoped_as(ew, "bias_residual", || &x2 + out.broadcast_add(&p[11])?)?.reshape((b, t, d))?;
     let saved = save.then(|| LayerSaved {
         x,
         ln1: (ln1.mean, ln1.rstd),
@@ -95,34 +95,34 @@ pub fn backward(p: &[Tensor], s: LayerSaved, g: &Tensor) -> Result<(Vec<Option<T
     let tr = |m: &Tensor| m.t();
 
     // MLP: out = x2 + act·W_proj + b_proj, act = gelu(h2·W_fc + b_fc), h2 = ln_2(x2).
-    let d_bproj = scoped(ew, || col_sum(&g))?;
+    let d_bproj = scoped_as(ew, "bias_grad", || col_sum(&g))?;
     let d_wproj = matmul(&tr(&s.act)?, &g)?;
     let d_act = matmul(&g, &tr(&p[10])?)?;
-    let d_fc = scoped(ew, || bias_gelu_backward(&d_act, &s.fc, &p[9]))?;
+    let d_fc = scoped_as(ew, "bias_gelu_backward", || bias_gelu_backward(&d_act, &s.fc, &p[9]))?;
     drop(d_act);
-    let d_bfc = scoped(ew, || col_sum(&d_fc))?;
+    let d_bfc = scoped_as(ew, "bias_grad", || col_sum(&d_fc))?;
     let d_wfc = matmul(&tr(&s.h2)?, &d_fc)?;
     let d_h2 = matmul(&d_fc, &tr(&p[8])?)?;
     drop(d_fc);
-    let (d_x2, d_ln2w, d_ln2b) = scoped(ew, || ln_backward(&d_h2, &s.x2, &p[6], &s.ln2.0, &s.ln2.1, Some(&g)))?;
+    let (d_x2, d_ln2w, d_ln2b) = scoped_as(ew, "layer_norm_backward", || ln_backward(&d_h2, &s.x2, &p[6], &s.ln2.0, &s.ln2.1, Some(&g)))?;
 
     // Attention: x2 = x + y·W_o + b_o, y = softmax(q·kᵀ·scale)·v, qkv = h1·W_qkv + b_qkv, h1 = ln_1(x).
-    let d_bo = scoped(ew, || col_sum(&d_x2))?;
+    let d_bo = scoped_as(ew, "bias_grad", || col_sum(&d_x2))?;
     let d_wo = matmul(&tr(&s.y)?, &d_x2)?;
     let d_y = matmul(&d_x2, &tr(&p[4])?)?;
     let d_y = copy(&d_y.reshape((b, t, nh, hd))?.transpose(1, 2)?)?;
-    let (d_q, d_k, d_v) = scoped(Kind::Attention, || -> Result<_> {
+    let (d_q, d_k, d_v) = scoped_as(Kind::Attention, "attention_backward", || -> Result<_> {
         let d_p = d_y.matmul(&s.v.t()?)?;
         let d_v = s.p.t()?.matmul(&d_y)?;
         let d_s = causal_softmax_backward(&s.p, &d_p, 1.0 / (hd as f64).sqrt())?;
         drop(d_p);
         Ok((d_s.matmul(&s.k)?, d_s.t()?.matmul(&s.q)?, d_v))
     })?;
-    let d_qkv = scoped(Kind::Copy, || Tensor::cat(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2))?.reshape((n, 3 * d))?;
-    let d_bqkv = scoped(ew, || col_sum(&d_qkv))?;
+    let d_qkv = scoped_as(Kind::Copy, "merge_qkv_grads", || Tensor::cat(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2))?.reshape((n, 3 * d))?;
+    let d_bqkv = scoped_as(ew, "bias_grad", || col_sum(&d_qkv))?;
     let d_wqkv = matmul(&tr(&s.h1)?, &d_qkv)?;
     let d_h1 = matmul(&d_qkv, &tr(&p[2])?)?;
-    let (d_x, d_ln1w, d_ln1b) = scoped(ew, || ln_backward(&d_h1, &s.x, &p[0], &s.ln1.0, &s.ln1.1, Some(&d_x2)))?;
+    let (d_x, d_ln1w, d_ln1b) = scoped_as(ew, "layer_norm_backward", || ln_backward(&d_h1, &s.x, &p[0], &s.ln1.0, &s.ln1.1, Some(&d_x2)))?;
 
     let grads = [d_ln1w, d_ln1b, d_wqkv, d_bqkv, d_wo, d_bo, d_ln2w, d_ln2b, d_wfc, d_bfc, d_wproj, d_bproj];
     Ok((grads.into_iter().map(Some).collect(), d_x.reshape((b, t, d))?))

@@ -11,6 +11,8 @@ mod element;
 mod env;
 mod error;
 mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 mod recorder;
 mod reduce;
 pub mod store;

@@ -1,0 +1,162 @@
+//! NCCL collectives on device buffers (feature `cuda`): one NCCL communicator per rank, on its own
+//! CUDA stream. Each collective first waits (on the device) for the work already queued on the
+//! compute stream, and hands back an event that the compute stream waits on before using the result,
+//! so reductions run while later blocks compute. The unique id goes from rank 0 to the others over
+//! the host group (whose connections the rendezvous store formed).
+//!
+//! NCCL itself never times out: a rank that stops issuing collectives leaves the others spinning in a
+//! kernel. [`NcclComm::sync`] therefore polls every outstanding collective with the group's timeout,
+//! aborts the communicator when one does not finish, and names the operation; a rank that dies is
+//! caught by the launcher, which stops the whole job.
+
+use super::{CommError, CommExt, Communicator, OpKind};
+use candle_core::cuda::cudarc::driver::sys::CUevent_flags;
+use candle_core::cuda::cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
+use candle_core::cuda::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A collective queued on the NCCL stream.
+pub struct NcclPending {
+    event: CudaEvent,
+    op: OpKind,
+    seq: u64,
+}
+
+/// NCCL over this rank's GPU.
+pub struct NcclComm {
+    /// Taken (and so aborted, by its drop) when a collective times out.
+    comm: Mutex<Option<Comm>>,
+    rank: usize,
+    world: usize,
+    compute: Arc<CudaStream>,
+    stream: Arc<CudaStream>,
+    timeout: Duration,
+    /// Collectives issued and not yet known to be complete: (op, sequence number, event).
+    outstanding: Mutex<Vec<(OpKind, u64, CudaEvent)>>,
+    seq: Mutex<u64>,
+}
+
+// The NCCL communicator is used from one thread at a time (the engine's), guarded by the mutexes above.
+unsafe impl Send for NcclComm {}
+unsafe impl Sync for NcclComm {}
+
+fn err(rank: usize, what: &str, e: impl std::fmt::Debug) -> CommError {
+    CommError::Unsupported { what: format!("NCCL {what} on rank {rank}"), reason: format!("{e:?}") }
+}
+
+impl NcclComm {
+    /// Form the NCCL communicator of `group`'s ranks on `device` (a collective over `group`).
+    pub fn new(group: &dyn Communicator, device: &candle_core::CudaDevice, timeout: Duration) -> Result<Self, CommError> {
+        let (rank, world) = (group.rank(), group.world_size());
+        let mut words = [0u32; 32];
+        if rank == 0 {
+            let id = Id::new().map_err(|e| err(rank, "unique id", e))?;
+            for (i, w) in words.iter_mut().enumerate() {
+                let b = &id.internal()[i * 4..i * 4 + 4];
+                *w = u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]);
+            }
+        }
+        // The id's bytes travel as f32 bit patterns: broadcast copies them unchanged.
+        let mut buf: Vec<f32> = words.iter().map(|&w| f32::from_bits(w)).collect();
+        group.broadcast_slice(&mut buf, 0)?;
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (i, v) in buf.iter().enumerate() {
+            for (j, b) in v.to_bits().to_le_bytes().into_iter().enumerate() {
+                internal[i * 4 + j] = b as std::ffi::c_char;
+            }
+        }
+        let compute = device.cuda_stream();
+        let stream = compute.fork().map_err(|e| err(rank, "stream", e))?;
+        let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal)).map_err(|e| err(rank, "init", e))?;
+        Ok(Self { comm: Mutex::new(Some(comm)), rank, world, compute, stream, timeout, outstanding: Mutex::new(Vec::new()), seq: Mutex::new(0) })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// Order the NCCL stream after the compute stream's queued work, run `f` on it, and record its end.
+    fn issue(&self, op: OpKind, f: impl FnOnce(&Comm) -> Result<(), String>) -> Result<NcclPending, CommError> {
+        let rank = self.rank();
+        let ready = self.compute.record_event(None).map_err(|e| err(rank, "event", e))?;
+        self.stream.wait(&ready).map_err(|e| err(rank, "stream wait", e))?;
+        {
+            let comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+            let comm = comm.as_ref().ok_or_else(|| CommError::Poisoned { rank, first: "an NCCL collective timed out earlier".into() })?;
+            f(comm).map_err(|e| err(rank, &op.to_string(), e))?;
+        }
+        let seq = {
+            let mut s = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+            *s += 1;
+            *s
+        };
+        let done = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| err(rank, "event", e))?;
+        let watch = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| err(rank, "event", e))?;
+        self.outstanding.lock().unwrap_or_else(|p| p.into_inner()).push((op, seq, watch));
+        Ok(NcclPending { event: done, op, seq })
+    }
+
+    /// Average `buf` over the ranks in place.
+    pub fn all_reduce_avg<T: NcclType>(&self, buf: &mut CudaSlice<T>) -> Result<NcclPending, CommError> {
+        self.issue(OpKind::AllReduce, |c| c.all_reduce_in_place(buf, &ReduceOp::Avg).map(|_| ()).map_err(|e| format!("{e:?}")))
+    }
+
+    /// Average `input` (whole buffer) over the ranks; `output` receives this rank's equal share.
+    pub fn reduce_scatter_avg<T: NcclType>(&self, input: &CudaSlice<T>, output: &mut CudaSlice<T>) -> Result<NcclPending, CommError> {
+        if input.len() != output.len() * self.world_size() {
+            return Err(CommError::InvalidArgument { op: OpKind::ReduceScatter, reason: format!("{} elements do not split into {} shards of {}", input.len(), self.world_size(), output.len()) });
+        }
+        self.issue(OpKind::ReduceScatter, |c| c.reduce_scatter(input, output, &ReduceOp::Avg).map(|_| ()).map_err(|e| format!("{e:?}")))
+    }
+
+    /// Every rank's `input` into its share of `output`.
+    pub fn all_gather<T: NcclType>(&self, input: &CudaSlice<T>, output: &mut CudaSlice<T>) -> Result<NcclPending, CommError> {
+        if output.len() != input.len() * self.world_size() {
+            return Err(CommError::InvalidArgument { op: OpKind::AllGather, reason: format!("{} elements are not {} shards of {}", output.len(), self.world_size(), input.len()) });
+        }
+        self.issue(OpKind::AllGather, |c| c.all_gather(input, output).map(|_| ()).map_err(|e| format!("{e:?}")))
+    }
+
+    /// Make the compute stream wait (on the device) for `p`; its result may be used from now on.
+    pub fn wait(&self, p: NcclPending) -> Result<(), CommError> {
+        self.compute.wait(&p.event).map_err(|e| err(self.rank(), &format!("{} #{} wait", p.op, p.seq), e))
+    }
+
+    /// Block until every collective issued so far has completed on this GPU, or fail (and abort
+    /// NCCL) after the timeout, naming the first collective still running.
+    pub fn sync(&self) -> Result<(), CommError> {
+        let rank = self.rank();
+        let t0 = Instant::now();
+        let mut pending = std::mem::take(&mut *self.outstanding.lock().unwrap_or_else(|p| p.into_inner()));
+        while let Some((op, seq, event)) = pending.first() {
+            match event.try_is_complete() {
+                Ok(true) => {
+                    pending.remove(0);
+                }
+                Ok(false) if t0.elapsed() < self.timeout => std::thread::sleep(Duration::from_micros(200)),
+                Ok(false) => {
+                    // Dropping cudarc's communicator aborts it, which also ends the spinning kernels.
+                    drop(self.comm.lock().unwrap_or_else(|p| p.into_inner()).take());
+                    return Err(CommError::Timeout {
+                        rank,
+                        op: *op,
+                        seq: *seq,
+                        waited: t0.elapsed(),
+                        missing: Vec::new(),
+                        detail: "the NCCL collective did not complete: another rank stopped issuing collectives or hung \
+                                 (NCCL was aborted on this rank)"
+                            .into(),
+                        recent: String::new(),
+                    });
+                }
+                Err(e) => return Err(err(rank, &format!("{op} #{seq}"), e)),
+            }
+        }
+        Ok(())
+    }
+}
