@@ -129,7 +129,7 @@ pub fn accumulate(acc: &mut CudaViewMut<'_, f32>, grad: &Tensor) -> Result<()> {
 /// Round every element to `dtype` and back to f32 in place (what reducing in `dtype` does to a
 /// gradient when there is only one rank); a no-op for f32.
 pub fn round_through(dev: &CudaDevice, x: &mut CudaSlice<f32>, dtype: DType) -> Result<()> {
-    if dtype == DType::F32 || x.len() == 0 {
+    if dtype == DType::F32 || x.is_empty() {
         return Ok(());
     }
     let name = format!("round_{}", suffix(dtype, "gradient rounding")?);

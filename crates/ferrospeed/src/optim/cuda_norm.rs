@@ -43,7 +43,7 @@ pub fn sum_squares_segments(dev: &CudaDevice, segments: &[CudaView<'_, f32>]) ->
     let first = LaunchConfig { grid_dim: (PARTIALS as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let func = dev.get_or_load_custom_func("sumsq_partial", MODULE, ptx()?)?;
     for (s, seg) in segments.iter().enumerate() {
-        if seg.len() == 0 {
+        if seg.is_empty() {
             continue; // its partials stay zero
         }
         let n = seg.len() as i64;
@@ -66,7 +66,7 @@ pub fn sum_squares_segments(dev: &CudaDevice, segments: &[CudaView<'_, f32>]) ->
 pub fn any_nonfinite(dev: &CudaDevice, segments: &[CudaView<'_, f32>]) -> Result<bool> {
     let mut flag: CudaSlice<u32> = dev.alloc_zeros(1)?;
     let func = dev.get_or_load_custom_func("nonfinite", MODULE, ptx()?)?;
-    for seg in segments.iter().filter(|s| s.len() > 0) {
+    for seg in segments.iter().filter(|s| !s.is_empty()) {
         let n = seg.len() as i64;
         let mut b = func.builder();
         b.arg(seg).arg(&n).arg(&mut flag);
