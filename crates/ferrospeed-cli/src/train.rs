@@ -187,7 +187,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         let periodic = cfg.checkpoint.every > 0 && done % cfg.checkpoint.every == 0;
         if let Some(dir) = &ckpt_dir {
             if periodic || (stop && cfg.checkpoint.save_on_interrupt) {
-                save_checkpoint(&engine, dir, &cfg, &run_json, rank)?;
+                save_checkpoint(&mut engine, dir, &cfg, &run_json, rank)?;
                 last_saved = Some(done);
             }
         }
@@ -207,7 +207,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
     if let Some(dir) = &ckpt_dir {
         if last_saved != Some(t.steps) && start_step < t.steps {
-            save_checkpoint(&engine, dir, &cfg, &run_json, rank)?;
+            save_checkpoint(&mut engine, dir, &cfg, &run_json, rank)?;
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -271,7 +271,7 @@ fn any_rank(engine: &Engine, local: bool) -> Result<bool> {
     })??)
 }
 
-fn save_checkpoint(engine: &Engine, dir: &Path, cfg: &Config, run: &serde_json::Value, rank: usize) -> Result<()> {
+fn save_checkpoint(engine: &mut Engine, dir: &Path, cfg: &Config, run: &serde_json::Value, rank: usize) -> Result<()> {
     let t0 = Instant::now();
     let req = SaveRequest {
         root: dir,

@@ -57,7 +57,7 @@ fn export_and_load_consolidated_round_trip_bit_exactly() {
                 .collect();
             engine.train_step(&batches, 1e-3).unwrap();
         }
-        checkpoint::save(&engine, &SaveRequest { root: &root, samples: 12, keep: 2, run: serde_json::Value::Null }).unwrap();
+        checkpoint::save(&mut engine, &SaveRequest { root: &root, samples: 12, keep: 2, run: serde_json::Value::Null }).unwrap();
         (rank, (0..4).map(|b| (engine.master(b).0, engine.master(b).1.to_vec())).collect::<Vec<_>>())
     })
     .unwrap();

@@ -6,6 +6,8 @@
 pub mod checkpoint;
 pub mod comm;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda_kernels;
 pub mod device;
 pub mod engine;
 pub mod optim;

@@ -115,9 +115,10 @@ impl<'a> RankFiles<'a> {
 /// Load the checkpoint in `dir` into `engine` (any world size, any stage). Every rank calls this.
 pub fn load_into(engine: &mut Engine, dir: &Path) -> Result<Meta, CheckpointError> {
     let meta = read_meta(dir)?;
+    engine.sync_to_host()?;
     check_model(engine, &meta, dir)?;
     let mut files = RankFiles::new(dir, &meta);
-    for (b, w) in engine.windows_mut().into_iter().enumerate() {
+    for (b, w) in engine.windows_mut()?.into_iter().enumerate() {
         let numel = meta.blocks[b].numel;
         let real_end = w.window.end.min(numel);
         for (kind, dst) in [w.master, w.m, w.v].into_iter().enumerate() {
@@ -133,7 +134,7 @@ pub fn load_into(engine: &mut Engine, dir: &Path) -> Result<Meta, CheckpointErro
 
 fn check_model(engine: &Engine, meta: &Meta, dir: &Path) -> Result<(), CheckpointError> {
     let mismatch = |reason: String| CheckpointError::Mismatch { path: dir.to_path_buf(), reason };
-    let windows = engine.windows();
+    let windows = engine.windows()?;
     if windows.len() != meta.blocks.len() {
         return Err(mismatch(format!("it has {} blocks, this model {}", meta.blocks.len(), windows.len())));
     }

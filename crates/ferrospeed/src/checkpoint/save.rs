@@ -20,7 +20,10 @@ pub struct SaveRequest<'a> {
 }
 
 /// Save the engine's state under `req.root`; every rank must call this. Returns the checkpoint folder.
-pub fn save(engine: &Engine, req: &SaveRequest<'_>) -> Result<PathBuf, CheckpointError> {
+/// On a GPU the optimizer state is first copied to host memory.
+pub fn save(engine: &mut Engine, req: &SaveRequest<'_>) -> Result<PathBuf, CheckpointError> {
+    let synced = engine.sync_to_host();
+    let engine = &*engine;
     let (rank, world) = (engine.comm().rank(), engine.comm().world_size());
     let step = engine.steps_done();
     let final_dir = req.root.join(step_dir_name(step));
@@ -34,7 +37,8 @@ pub fn save(engine: &Engine, req: &SaveRequest<'_>) -> Result<PathBuf, Checkpoin
     } else {
         Ok(())
     };
-    agree(engine, prepared.is_ok())?;
+    agree(engine, prepared.is_ok() && synced.is_ok())?;
+    synced?;
     prepared?;
 
     let written = write_rank_file(engine, &tmp, rank, world);
@@ -63,7 +67,7 @@ pub fn save(engine: &Engine, req: &SaveRequest<'_>) -> Result<PathBuf, Checkpoin
 }
 
 fn write_rank_file(engine: &Engine, dir: &Path, rank: usize, world: usize) -> Result<(u32, u64), CheckpointError> {
-    let windows = engine.windows();
+    let windows = engine.windows()?;
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
     for w in &windows {
         // This rank's shard in the saving world's layout, real elements only.
@@ -81,7 +85,7 @@ fn write_rank_file(engine: &Engine, dir: &Path, rank: usize, world: usize) -> Re
 
 fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path, files: &[(u32, u64)]) -> Result<(), CheckpointError> {
     let world = files.len();
-    let windows = engine.windows();
+    let windows = engine.windows()?;
     let cfg = engine.config();
     let meta = Meta {
         format_version: FORMAT_VERSION,

@@ -19,6 +19,13 @@ pub struct Pending<R> {
 }
 
 impl<R> Pending<R> {
+    /// A result that needs no communication (e.g. a reduction over one rank), already available.
+    pub fn ready(value: R) -> Self {
+        let (tx, rx) = sync_channel(1);
+        let _ = tx.send(value);
+        Self { rx }
+    }
+
     pub fn wait(self) -> Result<R, EngineError> {
         self.rx.recv().map_err(|_| EngineError::Unsupported("the communication thread stopped".into()))
     }

@@ -96,6 +96,28 @@ impl HostBuf {
     }
 }
 
+impl HostBuf {
+    /// The buffer as a one-dimensional tensor on `device` (one copy).
+    pub fn tensor(&self, device: &Device) -> candle_core::Result<Tensor> {
+        match self {
+            Self::F32(v) => Tensor::from_slice(v, v.len(), device),
+            Self::Bf16(v) => Tensor::from_slice(v, v.len(), device),
+            Self::F16(v) => Tensor::from_slice(v, v.len(), device),
+        }
+    }
+
+    /// The elements of a tensor (f32, bf16 or f16; one copy from a device).
+    pub fn from_tensor(t: &Tensor) -> candle_core::Result<Self> {
+        let flat = t.flatten_all()?;
+        Ok(match t.dtype() {
+            DType::BF16 => Self::Bf16(flat.to_vec1()?),
+            DType::F16 => Self::F16(flat.to_vec1()?),
+            DType::F32 => Self::F32(flat.to_vec1()?),
+            other => candle_core::bail!("no host buffer for dtype {other:?}"),
+        })
+    }
+}
+
 /// Add a gradient tensor (any float dtype) into an f32 accumulator, converting on the way.
 pub fn add_tensor_into(dst: &mut [f32], grad: &Tensor) -> candle_core::Result<()> {
     let g = grad.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;

@@ -3,6 +3,14 @@
 mod block;
 pub mod blockwise;
 mod comm_worker;
+#[cfg(feature = "cuda")]
+mod device_grads;
+#[cfg(feature = "cuda")]
+mod device_state;
+#[cfg(feature = "cuda")]
+mod device_step;
+#[cfg(not(feature = "cuda"))]
+mod device_stub;
 mod error;
 mod grads;
 mod host_buf;
@@ -14,6 +22,13 @@ mod state;
 mod trainer;
 
 pub use block::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+#[cfg(feature = "cuda")]
+use device_grads::DeviceGrads;
+#[cfg(feature = "cuda")]
+use device_state::DeviceWindow;
+#[cfg(not(feature = "cuda"))]
+use device_stub::{DeviceGrads, DeviceWindow};
+
 pub use comm_worker::{CommWorker, Pending};
 pub use error::EngineError;
 pub use host_buf::HostBuf;

@@ -1,11 +1,15 @@
 //! One block's parameters under a strategy: fp32 master weights and AdamW moments over the window of
 //! the flat buffer this rank updates (all of it, or its shard), and the compute-dtype copy blocks run
 //! on — variables kept between uses (stages 0–2), or a shard all-gathered before each use (stage 3).
+//! On a CUDA device the master weights and moments live in device memory (`DeviceWindow`); the host
+//! vectors are then a mirror, filled only on request (checkpoints) and freed when an update makes
+//! them stale.
 
 use super::comm_worker::{CommWorker, Pending};
 use super::error::EngineError;
 use super::host_buf::HostBuf;
 use super::model::Model;
+use super::DeviceWindow;
 use crate::comm::CommError;
 use crate::engine::{Init, ParamSpec};
 use crate::rng::Rng;
@@ -23,10 +27,14 @@ pub struct BlockParams {
     device: Device,
     /// The part of the padded flat buffer this rank's optimizer owns.
     pub window: Range<usize>,
-    /// fp32 master weights of `window`.
+    /// fp32 master weights of `window` (on a CUDA device: the host mirror, empty while stale).
     pub master: Vec<f32>,
     pub m: Vec<f32>,
     pub v: Vec<f32>,
+    /// The state in device memory (CUDA), the truth when present.
+    pub(super) dev: Option<DeviceWindow>,
+    /// `master`, `m` and `v` hold the current state (always on the CPU).
+    host_fresh: bool,
     /// Compute-dtype shard of this rank (parameters not resident): what is all-gathered before use.
     shard: Option<Arc<HostBuf>>,
     /// Variables over the whole block (parameters resident).
@@ -69,16 +77,33 @@ impl BlockParams {
             v: vec![0.0; n],
             shard: None,
             vars: None,
+            dev: None,
+            host_fresh: true,
         };
         if strategy.params_resident() {
             p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?);
         } else {
             p.shard = Some(Arc::new(HostBuf::from_f32(dtype, &full[shard_range])));
         }
+        // The update writes the variables themselves unless the window is gathered (stages 1–3).
+        let compute = (strategy.optimizer_sharded() || !strategy.params_resident()).then(|| HostBuf::from_f32(dtype, &p.master));
+        p.dev = DeviceWindow::new(device, &p.master, &p.m, &p.v, compute.as_ref()).map_err(EngineError::tensor(p.name.clone()))?;
+        p.mark_host_stale();
         Ok(p)
     }
 
     fn make_vars(&self, full: &HostBuf) -> Result<Vec<Var>, EngineError> {
+        if self.device.is_cuda() {
+            // One upload for the block; each variable is then a device copy of its range.
+            let all = full.tensor(&self.device).map_err(EngineError::tensor(self.name.clone()))?;
+            return (0..self.flat.specs().len())
+                .map(|j| {
+                    let r = self.flat.range(j);
+                    Var::from_tensor(&all.narrow(0, r.start, r.len())?.reshape(self.flat.specs()[j].shape.as_slice())?)
+                })
+                .collect::<candle_core::Result<_>>()
+                .map_err(EngineError::tensor(self.name.clone()));
+        }
         (0..self.flat.specs().len())
             .map(|j| full.var(self.flat.range(j), &self.flat.specs()[j].shape, &self.device))
             .collect::<candle_core::Result<_>>()
@@ -108,8 +133,17 @@ impl BlockParams {
     /// After the optimizer updated `master`: refresh what blocks compute on. Stage 0 rebuilds its
     /// variables from the master weights; stages 1–2 all-gather the updated shards (returned as a
     /// pending collective for `finish_publish`); stage 3 only refreshes its shard.
+    /// On a CUDA device the update already wrote the compute copy: stage 0 has nothing left to do,
+    /// the others copy the window's compute copy to the host once.
     pub fn start_publish(&mut self, worker: &CommWorker, strategy: Strategy) -> Result<Option<Pending<Result<HostBuf, CommError>>>, EngineError> {
-        let updated = HostBuf::from_f32(self.dtype, &self.master);
+        let updated = match &self.dev {
+            None => HostBuf::from_f32(self.dtype, &self.master),
+            Some(_) if strategy.params_resident() && !strategy.optimizer_sharded() => return Ok(None),
+            Some(d) => d
+                .compute_host()
+                .map_err(EngineError::tensor(self.name.clone()))?
+                .ok_or_else(|| EngineError::Unsupported(format!("block {} has no compute copy on the device", self.name)))?,
+        };
         if !strategy.params_resident() {
             self.shard = Some(Arc::new(updated));
             return Ok(None);
@@ -128,6 +162,53 @@ impl BlockParams {
     pub fn finish_publish(&mut self, pending: Pending<Result<HostBuf, CommError>>) -> Result<(), EngineError> {
         let full = pending.wait()??;
         self.vars = Some(self.make_vars(&full)?);
+        Ok(())
+    }
+
+    /// Whether `master`, `m` and `v` hold the current state.
+    pub fn host_fresh(&self) -> bool {
+        self.host_fresh
+    }
+
+    /// Copy the device state into the host mirror (no-op when it is current).
+    pub fn sync_to_host(&mut self) -> Result<(), EngineError> {
+        if let (Some(d), false) = (&self.dev, self.host_fresh) {
+            [self.master, self.m, self.v] = d.download().map_err(EngineError::tensor(self.name.clone()))?;
+            self.host_fresh = true;
+        }
+        Ok(())
+    }
+
+    /// The device state changed: free the host mirror (nothing on the CPU, where it is the state).
+    pub(super) fn mark_host_stale(&mut self) {
+        if self.dev.is_some() {
+            (self.master, self.m, self.v) = (Vec::new(), Vec::new(), Vec::new());
+            self.host_fresh = false;
+        }
+    }
+
+    /// AdamW on the device over this rank's window from `grad` (the reduced gradient over it).
+    #[cfg(feature = "cuda")]
+    pub(super) fn device_update(
+        &mut self,
+        opt: &crate::optim::AdamW,
+        grad: &candle_core::cuda::cudarc::driver::CudaView<'_, f32>,
+        factor: f32,
+        lr: f64,
+        t: u64,
+    ) -> Result<(), EngineError> {
+        let Some(d) = &mut self.dev else { return Err(EngineError::Unsupported(format!("block {} has no device state", self.name))) };
+        d.update(opt, &self.flat, &self.window, self.vars.as_deref(), grad, factor, lr, t).map_err(EngineError::tensor(self.name.clone()))?;
+        self.mark_host_stale();
+        Ok(())
+    }
+
+    /// After the host mirror was written (a restore): upload it and rewrite the compute copy.
+    pub fn upload_host(&mut self) -> Result<(), EngineError> {
+        if let Some(d) = &mut self.dev {
+            d.upload(&self.master, &self.m, &self.v, &self.flat, &self.window, self.vars.as_deref())
+                .map_err(EngineError::tensor(self.name.clone()))?;
+        }
         Ok(())
     }
 

@@ -1,5 +1,7 @@
 //! The engine's optimizer state as checkpoints see it: per block, the window of the flat buffer this
 //! rank owns with its master weights and moments; and restoring it (then republishing parameters).
+//! On a CUDA device the state lives in device memory: [`Engine::sync_to_host`] copies it into the
+//! host mirror that `windows` reads, and `finish_restore` uploads what `windows_mut` wrote.
 
 use super::error::EngineError;
 use super::trainer::Engine;
@@ -29,16 +31,32 @@ pub struct WindowMut<'a> {
 }
 
 impl Engine {
-    /// Every block's state held by this rank, in block order.
-    pub fn windows(&self) -> Vec<WindowRef<'_>> {
-        self.blocks_state()
-            .map(|(name, p)| WindowRef { block: name, flat: &p.flat, window: p.window.clone(), master: &p.master, m: &p.m, v: &p.v })
-            .collect()
+    /// Copy the optimizer state from the device into host memory (a no-op on the CPU, or when the
+    /// host copy is current). Needed before [`Engine::windows`] and [`Engine::master`] on a GPU.
+    pub fn sync_to_host(&mut self) -> Result<(), EngineError> {
+        self.blocks_state_mut().try_for_each(|(_, p)| p.sync_to_host())
     }
 
-    /// Every block's state, writable. After writing, call [`Engine::finish_restore`].
-    pub fn windows_mut(&mut self) -> Vec<WindowMut<'_>> {
-        self.blocks_state_mut()
+    /// Every block's state held by this rank, in block order. On a CUDA device, call
+    /// [`Engine::sync_to_host`] first: without it this is an error (the host copy is stale).
+    pub fn windows(&self) -> Result<Vec<WindowRef<'_>>, EngineError> {
+        if let Some((name, _)) = self.blocks_state().find(|(_, p)| !p.host_fresh()) {
+            return Err(EngineError::Unsupported(format!(
+                "the optimizer state of block {name} is on the device: call Engine::sync_to_host before reading it"
+            )));
+        }
+        Ok(self
+            .blocks_state()
+            .map(|(name, p)| WindowRef { block: name, flat: &p.flat, window: p.window.clone(), master: &p.master, m: &p.m, v: &p.v })
+            .collect())
+    }
+
+    /// Every block's state, writable (current values: on a CUDA device they are copied to the host
+    /// first). After writing, call [`Engine::finish_restore`].
+    pub fn windows_mut(&mut self) -> Result<Vec<WindowMut<'_>>, EngineError> {
+        self.sync_to_host()?;
+        Ok(self
+            .blocks_state_mut()
             .map(|(name, p)| WindowMut {
                 block: name,
                 flat: &p.flat,
@@ -47,12 +65,14 @@ impl Engine {
                 m: &mut p.m,
                 v: &mut p.v,
             })
-            .collect()
+            .collect())
     }
 
     /// Adopt restored state: the step count (schedule, bias correction), the loss scaler, and the
-    /// parameters blocks compute on, rebuilt from the master weights (a collective at stages 1–2).
+    /// parameters blocks compute on, rebuilt from the master weights (a collective at stages 1–2). On
+    /// a CUDA device the host state is uploaded first.
     pub fn finish_restore(&mut self, steps_done: u64, scaler: Option<ScalerState>) -> Result<(), EngineError> {
+        self.blocks_state_mut().try_for_each(|(_, p)| p.upload_host())?;
         self.set_progress(steps_done, scaler);
         self.republish()
     }

@@ -39,7 +39,8 @@ pub struct EngineConfig {
     pub reduce_dtype: DType,
     /// Dynamic loss scaling (fp16).
     pub loss_scaler: Option<LossScalerConfig>,
-    /// Where blocks compute (the CPU, or a CUDA device). Optimizer state stays in host memory.
+    /// Where blocks compute (the CPU, or a CUDA device). On a CUDA device the optimizer state and
+    /// the gradient accumulators live in device memory too.
     pub device: Device,
 }
 
@@ -92,11 +93,11 @@ pub struct StepStats {
 pub struct Engine {
     model: Model,
     worker: CommWorker,
-    params: Vec<BlockParams>,
-    grads: Vec<BlockGrads>,
+    pub(super) params: Vec<BlockParams>,
+    pub(super) grads: Vec<BlockGrads>,
     scaler: Option<LossScaler>,
-    cfg: EngineConfig,
-    step: u64,
+    pub(super) cfg: EngineConfig,
+    pub(super) step: u64,
     inject_overflow: bool,
     gathered_peak: usize,
 }
@@ -111,7 +112,7 @@ impl Engine {
         let mut grads = Vec::with_capacity(model.num_blocks());
         for i in 0..model.num_blocks() {
             let p = BlockParams::init(&model, i, cfg.strategy, rank, world, dtype, &cfg.device, cfg.seed)?;
-            grads.push(BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction()));
+            grads.push(BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction(), &cfg.device)?);
             params.push(p);
         }
         let scaler = cfg.loss_scaler.map(LossScaler::new);
@@ -139,7 +140,8 @@ impl Engine {
         self.inject_overflow = true;
     }
 
-    /// The fp32 master weights this rank holds for block `i`, and their offset in the flat buffer.
+    /// The fp32 master weights this rank holds for block `i`, and their offset in the flat buffer. On a
+    /// CUDA device this is the host copy: empty unless [`Engine::sync_to_host`] ran since the last step.
     pub fn master(&self, i: usize) -> (usize, &[f32]) {
         (self.params[i].window.start, &self.params[i].master)
     }
@@ -160,8 +162,8 @@ impl Engine {
         MemoryReport {
             params: self.params.iter().map(BlockParams::param_bytes).sum(),
             grads: self.grads.iter().map(BlockGrads::persistent_bytes).sum(),
-            master: self.params.iter().map(|p| p.master.len() * 4).sum(),
-            moments: self.params.iter().map(|p| (p.m.len() + p.v.len()) * 4).sum(),
+            master: self.params.iter().map(|p| p.window.len() * 4).sum(),
+            moments: self.params.iter().map(|p| p.window.len() * 2 * 4).sum(),
             gathered_peak: self.gathered_peak,
         }
     }
@@ -207,8 +209,13 @@ impl Engine {
         self.step += 1;
         let t_opt = Instant::now();
 
+        let on_device = self.on_device();
+        let local = match (&self.scaler, on_device) {
+            (None, _) => false,
+            (Some(_), true) => self.device_overflow()?,
+            (Some(_), false) => self.grads.iter().any(|g| g.reduced().iter().any(|x| !x.is_finite())),
+        };
         if let Some(scaler) = &mut self.scaler {
-            let local = self.grads.iter().any(|g| g.reduced().iter().any(|x| !x.is_finite()));
             let overflow = self.worker.run(move |c| {
                 let mut flag = [if local { 1f32 } else { 0.0 }];
                 c.all_reduce_slice(&mut flag, ReduceOp::Max).map(|()| flag[0] > 0.0)
@@ -225,16 +232,20 @@ impl Engine {
         let grad_norm = self.grad_norm_scaled()? / scale;
         let factor = (clip_coefficient(grad_norm, self.cfg.grad_clip) / scale) as f32;
         let opt = self.cfg.optimizer;
-        for (p, g) in self.params.iter_mut().zip(&mut self.grads) {
-            let window = p.window.clone();
-            let grads = g.window(&window);
-            if factor != 1.0 {
-                grads.iter_mut().for_each(|x| *x *= factor);
-            }
-            for (j, part) in p.flat.params_in(window.clone()) {
-                let r = part.start - window.start..part.end - window.start;
-                let decay = p.flat.specs()[j].decay;
-                opt.update(&mut p.master[r.clone()], &grads[r.clone()], &mut p.m[r.clone()], &mut p.v[r], lr, self.step, decay);
+        if on_device {
+            self.device_update(factor, lr)?;
+        } else {
+            for (p, g) in self.params.iter_mut().zip(&mut self.grads) {
+                let window = p.window.clone();
+                let grads = g.window(&window);
+                if factor != 1.0 {
+                    grads.iter_mut().for_each(|x| *x *= factor);
+                }
+                for (j, part) in p.flat.params_in(window.clone()) {
+                    let r = part.start - window.start..part.end - window.start;
+                    let decay = p.flat.specs()[j].decay;
+                    opt.update(&mut p.master[r.clone()], &grads[r.clone()], &mut p.m[r.clone()], &mut p.v[r], lr, self.step, decay);
+                }
             }
         }
         times.optimizer = t_opt.elapsed().as_secs_f64();
@@ -250,7 +261,7 @@ impl Engine {
         let accum = micro_batches.len();
         let t0 = Instant::now();
         for g in &mut self.grads {
-            g.begin_step();
+            g.begin_step()?;
         }
         let Self { model, worker, params, grads, cfg, inject_overflow, .. } = self;
         let mut resident = Resident { model, params };
@@ -274,9 +285,9 @@ impl Engine {
                 // gradient is complete: reduce it on the communication thread while earlier blocks compute.
                 if last {
                     if i == 0 && std::mem::take(inject_overflow) {
-                        grads[i].poison();
+                        grads[i].poison()?;
                     }
-                    pending.push((i, grads[i].start_reduce(worker, cfg.reduce_dtype)));
+                    pending.push((i, grads[i].start_reduce(worker, cfg.reduce_dtype)?));
                 }
                 Ok(())
             })?;
@@ -317,10 +328,16 @@ impl Engine {
                 })
                 .sum()
         };
-        let total = match self.cfg.strategy.grad_reduction() {
-            GradReduction::AllReduce => (1..world).fold(shard_sum(0) as f32, |acc, r| acc + shard_sum(r) as f32),
+        let reduction = self.cfg.strategy.grad_reduction();
+        let ranks: Vec<usize> = match reduction {
+            GradReduction::AllReduce => (0..world).collect(),
+            GradReduction::ReduceScatter => vec![self.worker.rank()],
+        };
+        let sums = if self.on_device() { self.device_shard_sums(&ranks)? } else { ranks.iter().map(|&r| shard_sum(r)).collect() };
+        let total = match reduction {
+            GradReduction::AllReduce => sums[1..].iter().fold(sums[0] as f32, |acc, &s| acc + s as f32),
             GradReduction::ReduceScatter => {
-                let mine = shard_sum(self.worker.rank()) as f32;
+                let mine = sums[0] as f32;
                 self.worker.run(move |c| {
                     let mut s = [mine];
                     c.all_reduce_slice(&mut s, ReduceOp::Sum).map(|()| s[0])
@@ -328,6 +345,11 @@ impl Engine {
             }
         };
         Ok(f64::from(total).sqrt())
+    }
+
+    /// Whether the optimizer state and gradients live in CUDA memory.
+    pub(super) fn on_device(&self) -> bool {
+        cfg!(feature = "cuda") && self.cfg.device.is_cuda()
     }
 
     /// Refresh the parameters blocks compute on from the updated master weights; stages 1–2 gather

@@ -12,6 +12,18 @@ pub struct AdamW {
     pub weight_decay: f64,
 }
 
+/// The per-step constants of one AdamW update, in f32: `m = b1·m + (1−b1)·g`,
+/// `v = b2·v + (1−b2)·g·g`, `p = p·shrink − step·m / (√v / bias2_sqrt + eps)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWCoefficients {
+    pub b1: f32,
+    pub b2: f32,
+    pub bias2_sqrt: f32,
+    pub step: f32,
+    pub eps: f32,
+    pub shrink: f32,
+}
+
 impl AdamW {
     /// Update `params` in place from `grads`, with first and second moments `m` and `v`, at step `t`
     /// (1-based). Decay applies only when `decay` is true (weights, not biases or norms).
@@ -28,8 +40,9 @@ impl AdamW {
             .for_each(|(((p, g), m), v)| self.update_serial(p, g, m, v, lr, t, decay));
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn update_serial(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], lr: f64, t: u64, decay: bool) {
+    /// The f32 constants of the update at step `t` (computed in f64 on the host, then rounded): the
+    /// CPU loop and the CUDA kernel both use exactly these.
+    pub fn coefficients(&self, lr: f64, t: u64, decay: bool) -> AdamWCoefficients {
         let t = t.max(1) as i32;
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let bias1 = (1.0 - self.beta1.powi(t)) as f32;
@@ -37,6 +50,12 @@ impl AdamW {
         let step = (lr / f64::from(bias1)) as f32;
         let eps = self.eps as f32;
         let shrink = if decay { (1.0 - lr * self.weight_decay) as f32 } else { 1.0 };
+        AdamWCoefficients { b1, b2, bias2_sqrt, step, eps, shrink }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn update_serial(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], lr: f64, t: u64, decay: bool) {
+        let AdamWCoefficients { b1, b2, bias2_sqrt, step, eps, shrink } = self.coefficients(lr, t, decay);
         for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
             *m = b1 * *m + (1.0 - b1) * g;
             *v = b2 * *v + (1.0 - b2) * g * g;

@@ -1,9 +1,17 @@
-//! Optimizers and schedules over flat f32 buffers.
+//! Optimizers and schedules over flat f32 buffers (host slices, or CUDA buffers with the `cuda` feature).
 
 mod adamw;
 mod clip;
+#[cfg(feature = "cuda")]
+mod cuda_adamw;
+#[cfg(feature = "cuda")]
+mod cuda_norm;
 mod schedule;
 
-pub use adamw::AdamW;
+pub use adamw::{AdamW, AdamWCoefficients};
 pub use clip::{clip_coefficient, sum_squares};
+#[cfg(feature = "cuda")]
+pub use cuda_adamw::{adamw_update, cast_into};
+#[cfg(feature = "cuda")]
+pub use cuda_norm::{any_nonfinite, sum_squares_segments};
 pub use schedule::LrSchedule;

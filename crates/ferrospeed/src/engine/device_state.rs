@@ -1,0 +1,112 @@
+//! A block's optimizer state in CUDA memory: fp32 master weights and AdamW moments over this rank's
+//! window as `CudaSlice`s (raw buffers: the kernels take sub-ranges of them, and candle's op machinery
+//! would add nothing), allocated through candle's `CudaDevice` so that all work stays on its stream;
+//! and where the update writes the compute-dtype copy — the block's variables themselves (parameters
+//! resident, optimizer not sharded), or a compute-dtype tensor over the window that is gathered.
+
+use super::host_buf::HostBuf;
+use crate::optim::{adamw_update, cast_into, AdamW};
+use crate::shard::FlatParam;
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView};
+use candle_core::cuda::CudaDevice;
+use candle_core::{Device, Result, Tensor, Var};
+use std::ops::Range;
+
+pub struct DeviceWindow {
+    dev: CudaDevice,
+    master: CudaSlice<f32>,
+    m: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    /// The compute copy of the window when it is not the variables (sharded optimizer or parameters).
+    compute: Option<Tensor>,
+}
+
+/// Where the compute copy of `part` (a range of the flat buffer inside `window`) is written: a tensor
+/// and the range of it.
+fn target<'a>(compute: Option<&'a Tensor>, vars: Option<&'a [Var]>, flat: &FlatParam, window: &Range<usize>, j: usize, part: &Range<usize>) -> Result<(&'a Tensor, Range<usize>)> {
+    if let Some(t) = compute {
+        return Ok((t, part.start - window.start..part.end - window.start));
+    }
+    let Some(var) = vars.and_then(|v| v.get(j)) else { candle_core::bail!("no variable for parameter {j} to write the update into") };
+    let start = flat.range(j).start;
+    Ok((var.as_tensor(), part.start - start..part.end - start))
+}
+
+impl DeviceWindow {
+    /// Upload a window's state when `device` is a CUDA device (`None` on the CPU). `compute` is the
+    /// compute copy of the window when the variables are not written directly.
+    pub fn new(device: &Device, master: &[f32], m: &[f32], v: &[f32], compute: Option<&HostBuf>) -> Result<Option<Self>> {
+        let Device::Cuda(dev) = device else { return Ok(None) };
+        let compute = compute.map(|c| c.tensor(device)).transpose()?;
+        Ok(Some(Self { dev: dev.clone(), master: dev.clone_htod(master)?, m: dev.clone_htod(m)?, v: dev.clone_htod(v)?, compute }))
+    }
+
+    /// Master weights, m and v, copied to the host.
+    pub fn download(&self) -> Result<[Vec<f32>; 3]> {
+        Ok([self.dev.clone_dtoh(&self.master)?, self.dev.clone_dtoh(&self.m)?, self.dev.clone_dtoh(&self.v)?])
+    }
+
+    /// Replace the state by host values (restoring a checkpoint), and the compute copy with it.
+    pub fn upload(&mut self, master: &[f32], m: &[f32], v: &[f32], flat: &FlatParam, window: &Range<usize>, vars: Option<&[Var]>) -> Result<()> {
+        for (dst, src) in [(&mut self.master, master), (&mut self.m, m), (&mut self.v, v)] {
+            if dst.len() != src.len() {
+                candle_core::bail!("restoring {} values into a device window of {}", src.len(), dst.len())
+            }
+            self.dev.memcpy_htod(src, dst)?;
+        }
+        match &self.compute {
+            Some(c) => cast_into(&self.master.slice(..), c, 0..window.len())?,
+            None => {
+                for (j, part) in flat.params_in(window.clone()) {
+                    let (t, r) = target(None, vars, flat, window, j, &part)?;
+                    cast_into(&self.master.slice(part.start - window.start..part.end - window.start), t, r)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The compute copy of the window on the host (one copy), to gather or to keep as the shard.
+    pub fn compute_host(&self) -> Result<Option<HostBuf>> {
+        self.compute.as_ref().map(HostBuf::from_tensor).transpose()
+    }
+
+    /// AdamW over every parameter part in `window` (decay per parameter), from `grad` (the reduced
+    /// gradient over the window) times `factor`; writes the compute copy.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        &mut self,
+        opt: &AdamW,
+        flat: &FlatParam,
+        window: &Range<usize>,
+        vars: Option<&[Var]>,
+        grad: &CudaView<'_, f32>,
+        factor: f32,
+        lr: f64,
+        t: u64,
+    ) -> Result<()> {
+        if grad.len() != window.len() {
+            candle_core::bail!("a gradient of {} elements for a window of {}", grad.len(), window.len())
+        }
+        for (j, part) in flat.params_in(window.clone()) {
+            let r = part.start - window.start..part.end - window.start;
+            let (out, out_range) = target(self.compute.as_ref(), vars, flat, window, j, &part)?;
+            let decay = flat.specs()[j].decay;
+            adamw_update(
+                opt,
+                &mut self.master.slice_mut(r.clone()),
+                &mut self.m.slice_mut(r.clone()),
+                &mut self.v.slice_mut(r.clone()),
+                &grad.slice(r),
+                factor,
+                out,
+                out_range,
+                lr,
+                t,
+                decay,
+            )?;
+        }
+        Ok(())
+    }
+
+}

@@ -1,0 +1,89 @@
+//! Without the `cuda` feature there is no device state: these types have no values, so every
+//! `Option` of them is `None` and the engine takes its host paths (none of these bodies can run).
+
+use super::comm_worker::{CommWorker, Pending};
+use super::error::EngineError;
+use super::grads::Reduced;
+use super::host_buf::HostBuf;
+use super::trainer::Engine;
+use crate::comm::CommError;
+use crate::shard::{FlatParam, GradReduction};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use std::ops::Range;
+
+pub enum DeviceWindow {}
+
+impl DeviceWindow {
+    pub fn new(_: &Device, _: &[f32], _: &[f32], _: &[f32], _: Option<&HostBuf>) -> Result<Option<Self>> {
+        Ok(None)
+    }
+
+    pub fn download(&self) -> Result<[Vec<f32>; 3]> {
+        match *self {}
+    }
+
+    pub fn upload(&mut self, _: &[f32], _: &[f32], _: &[f32], _: &FlatParam, _: &Range<usize>, _: Option<&[Var]>) -> Result<()> {
+        match *self {}
+    }
+
+    pub fn compute_host(&self) -> Result<Option<HostBuf>> {
+        match *self {}
+    }
+}
+
+pub enum DeviceGrads {}
+
+impl DeviceGrads {
+    pub fn new(_: &Device) -> Result<Option<Self>> {
+        Ok(None)
+    }
+
+    pub fn begin_step(&mut self, _: usize, _: GradReduction) -> Result<()> {
+        match *self {}
+    }
+
+    pub fn accumulate(&mut self, _: usize, _: Range<usize>, _: &Tensor) -> Result<()> {
+        match *self {}
+    }
+
+    pub fn poison(&mut self, _: usize) -> Result<()> {
+        match *self {}
+    }
+
+    pub fn start_reduce(
+        &mut self,
+        _: &CommWorker,
+        _: DType,
+        _: usize,
+        _: GradReduction,
+        _: Range<usize>,
+    ) -> std::result::Result<Pending<std::result::Result<Reduced, CommError>>, EngineError> {
+        match *self {}
+    }
+
+    pub fn finish_reduce(&mut self, _: Reduced) -> Result<()> {
+        match *self {}
+    }
+
+    pub fn persistent_bytes(&self) -> usize {
+        match *self {}
+    }
+}
+
+fn no_cuda() -> EngineError {
+    EngineError::Unsupported("this build has no CUDA support (the `cuda` feature)".into())
+}
+
+impl Engine {
+    pub(super) fn device_overflow(&self) -> std::result::Result<bool, EngineError> {
+        Err(no_cuda())
+    }
+
+    pub(super) fn device_shard_sums(&self, _: &[usize]) -> std::result::Result<Vec<f64>, EngineError> {
+        Err(no_cuda())
+    }
+
+    pub(super) fn device_update(&mut self, _: f32, _: f64) -> std::result::Result<(), EngineError> {
+        Err(no_cuda())
+    }
+}
