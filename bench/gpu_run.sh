@@ -6,6 +6,9 @@
 # with wheels/ from fetch-wheels.sh). Writes logs and JSON lines under $OUT (or ./gpu-out).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+# Per-run logs go to $LOGS and come back as one archive (a device call returns only a few files).
+LOGS=/tmp/gpu-logs; rm -rf "$LOGS"; mkdir -p "$LOGS"
+trap 'tar czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null' EXIT
 mkdir -p /tmp/bin
 for f in .carry/*.xz; do
   b=/tmp/bin/$(basename "$f" .xz)
@@ -20,8 +23,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$O
 
 # --- GPU tests (cargo test --features cuda binaries): kernels and blocks against the CPU
 for t in /tmp/bin/test-*; do
-  echo "== $(basename "$t")" | tee -a "$OUT/gpu-tests.log"
-  timeout 300 "$t" --test-threads 1 --nocapture >> "$OUT/gpu-tests.log" 2>&1 && echo "PASS $(basename "$t")" || echo "FAIL $(basename "$t") (see gpu-tests.log)"
+  echo "== $(basename "$t")" | tee -a "$LOGS/gpu-tests.log"
+  timeout 300 "$t" --test-threads 1 --nocapture >> "$LOGS/gpu-tests.log" 2>&1 && echo "PASS $(basename "$t")" || echo "FAIL $(basename "$t") (see gpu-tests.log)"
 done | tee "$OUT/gpu-tests.txt"
 
 # --- correctness: the tiny config on CPU and CUDA (world 1), CUDA stages 0-3 (2 ranks sharing the GPU)
@@ -40,7 +43,7 @@ micro_batch = 4
 warmup = 2
 sample_tokens = 0
 TOML
-run() { local name=$1; shift; timeout 300 $BIN launch "$@" --set track.dir=/tmp/runs/$name > "$OUT/$name.log" 2>&1 || echo "FAILED $name (see $name.log)"; }
+run() { local name=$1; shift; timeout 300 $BIN launch "$@" --set track.dir=/tmp/runs/$name > "$LOGS/$name.log" 2>&1 || echo "FAILED $name (see $name.log)"; }
 run cpu-fp32 --nproc-per-node 1 train --config /tmp/tiny.toml --set train.device=cpu
 run cuda-fp32 --nproc-per-node 1 train --config /tmp/tiny.toml --set train.device=cuda
 run cuda-bf16 --nproc-per-node 1 train --config /tmp/tiny.toml --set train.device=cuda --set train.precision=bf16
@@ -75,18 +78,18 @@ print("ALL GPU CHECKS PASSED" if ok else "SOME GPU CHECKS FAILED")
 PY
 
 # --- benchmarks, all in this call
-B() { timeout "$1" $BIN bench-train "${@:2}" 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"; }
+B() { timeout "$1" $BIN bench-train "${@:2}" 2>>"$LOGS/bench.err" | tee -a "$OUT/bench.jsonl"; }
 B 240 --model gpt2-124m --micro-batch 16 --stage 0 --precision bf16 --device cuda --steps 8 --warmup 3 --checkpointing --profile
 B 240 --model gpt2-124m --micro-batch 16 --stage 3 --precision bf16 --device cuda --steps 8 --warmup 3 --checkpointing
 [ "${QUICK:-0}" = 1 ] && { echo "done (quick: 1.5B and anchors skipped)"; exit 0; }
 B 300 --model gpt2-1.5b --micro-batch 8 --stage 0 --precision bf16 --device cuda --steps 3 --warmup 2 --checkpointing
 [ "${SKIP_ANCHORS:-0}" = 1 ] && { echo "done (anchors skipped)"; exit 0; }
 cd .anchors
-timeout 300 python3 anchor_torch.py gpt2-124m:16:e gpt2-124m:16:c 2>>"$OUT/anchors.err" | tee -a "$OUT/bench.jsonl"
+timeout 300 python3 anchor_torch.py gpt2-124m:16:e gpt2-124m:16:c 2>>"$LOGS/anchors.err" | tee -a "$OUT/bench.jsonl"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site wheels/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
 mkdir -p /tmp/ds && tar xzf wheels/deepspeed-0.19.8.tar.gz -C /tmp/ds && \
   (cd /tmp/ds/deepspeed-0.19.8 && DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >/dev/null 2>&1)
-TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 anchor_deepspeed.py gpt2-124m:16:2:none 2>>"$OUT/anchors.err" | grep '^{' | tee -a "$OUT/bench.jsonl"
-timeout 200 python3 anchor_torch.py gpt2-1.5b:8:e 2>>"$OUT/anchors.err" | tee -a "$OUT/bench.jsonl"
+TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 anchor_deepspeed.py gpt2-124m:16:2:none 2>>"$LOGS/anchors.err" | grep '^{' | tee -a "$OUT/bench.jsonl"
+timeout 200 python3 anchor_torch.py gpt2-1.5b:8:e 2>>"$LOGS/anchors.err" | tee -a "$OUT/bench.jsonl"
 cd ..
 echo "done"

@@ -49,13 +49,14 @@ fn train(world: usize, stage: u8, precision: Precision, on_gpu: bool, steps: std
         let sampler = BatchSampler { seed: 3, seq_len: CFG.seq_len, micro_batch: 2, accumulation: 2, world_size: world, rank };
         let schedule = LrSchedule { lr: 3e-3, min_lr: 3e-4, warmup: 2, total: STEPS };
         let mut losses = Vec::new();
+        let dev = engine.config().device.clone();
         for step in steps.clone() {
             let batches: Vec<Batch> = sampler
                 .micro_batches(&corpus, step as u64)
                 .into_iter()
                 .map(|mb| Batch {
-                    tokens: Tensor::from_vec(mb.tokens, (2, CFG.seq_len), &Device::Cpu).unwrap(),
-                    targets: Tensor::from_vec(mb.targets, (2, CFG.seq_len), &Device::Cpu).unwrap(),
+                    tokens: Tensor::from_vec(mb.tokens, (2, CFG.seq_len), &dev).unwrap(),
+                    targets: Tensor::from_vec(mb.targets, (2, CFG.seq_len), &dev).unwrap(),
                 })
                 .collect();
             losses.push(engine.train_step(&batches, schedule.at(step)).unwrap().loss);

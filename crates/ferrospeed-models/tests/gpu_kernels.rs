@@ -62,8 +62,16 @@ fn fused_kernels_match_the_cpu() {
             vec![o.y, o.mean, o.rstd, dx, dw, db]
         };
         assert_close(&format!("layer norm {dtype:?}"), &compare(dtype, &[x.clone(), w.clone(), b.clone(), g.clone(), res.clone()], ln), tol);
-        let gelu = |t: &[Tensor]| vec![bias_gelu(&t[0], &t[1]).unwrap(), bias_gelu_backward(&t[2], &t[0], &t[1]).unwrap(), col_sum(&t[2]).unwrap()];
-        assert_close(&format!("bias gelu, column sums {dtype:?}"), &compare(dtype, &[x.clone(), b.clone(), g.clone()], gelu), tol);
+        let gelu = |t: &[Tensor]| {
+            vec![
+                bias_gelu(&t[0], &t[1]).unwrap(),
+                bias_gelu_backward(&t[2], &t[0], &t[1]).unwrap(),
+                col_sum(&t[2]).unwrap(),
+                bias_add(&t[0], &t[1]).unwrap(),
+                bias_residual(&t[2], &t[0], &t[1]).unwrap(),
+            ]
+        };
+        assert_close(&format!("bias gelu, column sums, bias adds {dtype:?}"), &compare(dtype, &[x.clone(), b.clone(), g.clone()], gelu), tol);
         let (s, gs) = (randn(&[2, 3, 130, 130], 6, 2.0), randn(&[2, 3, 130, 130], 7, 1.0));
         let softmax = |t: &[Tensor]| {
             let y = causal_softmax_forward(&t[0], 0.3).unwrap();

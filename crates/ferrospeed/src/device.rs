@@ -61,3 +61,16 @@ pub fn peak_device_bytes(device: &Device) -> Option<u64> {
     let _ = device;
     None
 }
+
+/// Environment variable: `0` keeps gradient reductions of a CUDA run on the host collectives.
+pub const ENV_NCCL: &str = "FERROSPEED_NCCL";
+
+/// Whether a CUDA run of `world_size` ranks reduces gradients with NCCL: several ranks, each on its
+/// own GPU (NCCL refuses two ranks on one GPU, so `FERROSPEED_SHARE_GPUS=1` keeps the host path), and
+/// not switched off with `FERROSPEED_NCCL=0`.
+pub fn use_nccl(device: &Device, world_size: usize) -> bool {
+    device.is_cuda()
+        && world_size > 1
+        && !std::env::var(ENV_SHARE_GPUS).is_ok_and(|v| v == "1")
+        && !std::env::var(ENV_NCCL).is_ok_and(|v| v == "0")
+}

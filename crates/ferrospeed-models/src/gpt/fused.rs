@@ -98,7 +98,7 @@ pub fn bias_gelu(h: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (n, k) = h.dims2()?;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = h.device() {
-        return super::fused_cuda::bias_gelu(&h.contiguous()?, &b.contiguous()?, None, n, k);
+        return super::fused_cuda::bias_op(super::fused_cuda::BiasOp::Gelu, &h.contiguous()?, &b.contiguous()?, None, n, k);
     }
     let (hv, bv) = (f64s(h)?, f64s(b)?);
     let y = hv.iter().enumerate().map(|(i, v)| gelu(v + bv[i % k]).0).collect();
@@ -110,11 +110,31 @@ pub fn bias_gelu_backward(dy: &Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor>
     let (n, k) = h.dims2()?;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = h.device() {
-        return super::fused_cuda::bias_gelu(&h.contiguous()?, &b.contiguous()?, Some(&dy.contiguous()?), n, k);
+        return super::fused_cuda::bias_op(super::fused_cuda::BiasOp::GeluBackward, &h.contiguous()?, &b.contiguous()?, Some(&dy.contiguous()?), n, k);
     }
     let (g, hv, bv) = (f64s(dy)?, f64s(h)?, f64s(b)?);
     let dx = hv.iter().enumerate().map(|(i, v)| g[i] * gelu(v + bv[i % k]).1).collect();
     tensor(dx, &[n, k], h.dtype())
+}
+
+/// `h + b` for `h` `[n, k]` and the bias `b` `[k]` (one pass on CUDA; candle's broadcast add elsewhere).
+pub fn bias_add(h: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = h.device() {
+        let (n, k) = h.dims2()?;
+        return super::fused_cuda::bias_op(super::fused_cuda::BiasOp::Add, &h.contiguous()?, &b.contiguous()?, None, n, k);
+    }
+    h.broadcast_add(b)
+}
+
+/// `x + h + b`: a residual `x` plus a projection `h` `[n, k]` with its bias `b` `[k]`.
+pub fn bias_residual(x: &Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = h.device() {
+        let (n, k) = h.dims2()?;
+        return super::fused_cuda::bias_op(super::fused_cuda::BiasOp::AddResidual, &h.contiguous()?, &b.contiguous()?, Some(&x.contiguous()?), n, k);
+    }
+    x + h.broadcast_add(b)?
 }
 
 /// Column sums of `x` `[n, k]` (bias gradients), in f32 (f64 for f64 input).

@@ -40,10 +40,13 @@ extern "C" __global__ void col_part_##NAME(const T* g, const T* x, const float* 
   if (threadIdx.y == 0 && col < d) { float w = 0.f, b = 0.f; \
     for (int i = 0; i < 8; i++) { w += sw[i][threadIdx.x]; b += sb[i][threadIdx.x]; } \
     pb[(long)blockIdx.y * d + col] = b; if (has_x) pw[(long)blockIdx.y * d + col] = w; } } \
-extern "C" __global__ void bias_gelu_##NAME(const T* h, const T* b, const T* dy, T* out, long n, int k, int bwd) { \
+extern "C" __global__ void bias_gelu_##NAME(const T* h, const T* b, const T* dy, T* out, long n, int k, int mode) { \
   for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) { \
-    float u = LD(h[i]) + LD(b[i % k]); float t = gelu_t(u); \
-    if (!bwd) { out[i] = ST(0.5f * u * (1.f + t)); } \
+    float u = LD(h[i]) + LD(b[i % k]); \
+    if (mode == 2) { out[i] = ST(u); continue; } \
+    if (mode == 3) { out[i] = ST(LD(dy[i]) + u); continue; } \
+    float t = gelu_t(u); \
+    if (mode == 0) { out[i] = ST(0.5f * u * (1.f + t)); } \
     else { float dg = 0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * 0.7978845608028654f * (1.f + 3.f * 0.044715f * u * u); \
       out[i] = ST(LD(dy[i]) * dg); } } }
 KERNELS(f32, float, ld_f32, st_f32)
@@ -209,11 +212,23 @@ pub fn ln_backward(dy: &Tensor, x: &Tensor, w: &Tensor, mean: &Tensor, rstd: &Te
     Ok((dx, dw, db))
 }
 
-/// `gelu(h + b)`, or with `dy` the gradient with respect to `h`.
-pub fn bias_gelu(h: &Tensor, b: &Tensor, dy: Option<&Tensor>, n: usize, k: usize) -> Result<Tensor> {
-    fn run<T: CudaDType + DeviceRepr>(h: &Tensor, b: &Tensor, dy: Option<&Tensor>, n: usize, k: usize) -> Result<Tensor> {
-        let name = format!("bias_gelu_{}", suffix(h.dtype(), "bias gelu")?);
-        let bwd = i32::from(dy.is_some());
+/// What the elementwise bias kernel computes from `h`, the row bias `b` and a second input `y`.
+#[derive(Clone, Copy)]
+pub enum BiasOp {
+    /// `gelu(h + b)`.
+    Gelu = 0,
+    /// `y · gelu'(h + b)` (`y` the output gradient).
+    GeluBackward = 1,
+    /// `h + b`.
+    Add = 2,
+    /// `y + h + b` (`y` the residual stream).
+    AddResidual = 3,
+}
+
+/// One elementwise pass of `op` over `h` `[n, k]` with the bias `b` `[k]`.
+pub fn bias_op(op: BiasOp, h: &Tensor, b: &Tensor, y: Option<&Tensor>, n: usize, k: usize) -> Result<Tensor> {
+    fn run<T: CudaDType + DeviceRepr>(h: &Tensor, b: &Tensor, dy: Option<&Tensor>, n: usize, k: usize, bwd: i32) -> Result<Tensor> {
+        let name = format!("bias_gelu_{}", suffix(h.dtype(), "bias ops")?);
         let dy = dy.unwrap_or(h);
         view::<T, _>(h, |dev, hv| {
             view::<T, _>(b, |_, bv| {
@@ -232,5 +247,6 @@ pub fn bias_gelu(h: &Tensor, b: &Tensor, dy: Option<&Tensor>, n: usize, k: usize
             })
         })
     }
-    dispatch!(h.dtype(), "bias gelu", run(h, b, dy, n, k))
+    let mode = op as i32;
+    dispatch!(h.dtype(), "bias ops", run(h, b, y, n, k, mode))
 }

@@ -3,7 +3,7 @@
 //! what a GPU step's time breakdown is made of.
 
 use super::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
-use super::fused::{bias_gelu, bias_gelu_backward, col_sum, ln_backward, ln_forward};
+use super::fused::{bias_add, bias_gelu, bias_gelu_backward, bias_residual, col_sum, ln_backward, ln_forward};
 use candle_core::{Result, Tensor};
 use ferrospeed::profile::{scoped, scoped_as, Kind};
 
@@ -48,7 +48,7 @@ pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, save: bool) -> Result<(Tenso
     // Attention.
     let ln1 = scoped_as(ew, "layer_norm", || ln_forward(&x, &p[0], &p[1]))?;
     let qkv = matmul(&ln1.y, &p[2])?;
-    let qkv = scoped_as(ew, "bias_add", || qkv.broadcast_add(&p[3]))?;
+    let qkv = scoped_as(ew, "bias_add", || bias_add(&qkv, &p[3]))?;
     let heads = |i: usize| -> Result<Tensor> { copy(&qkv.narrow(1, i * d, d)?.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
     let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
     let (probs, y) = scoped_as(Kind::Attention, "attention_forward", || -> Result<_> {
@@ -59,14 +59,14 @@ pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, save: bool) -> Result<(Tenso
     })?;
     let y = copy(&y.transpose(1, 2)?)?.reshape((n, d))?;
     let proj = matmul(&y, &p[4])?;
-    let x2 = scoped_as(ew, "bias_residual", || &x + proj.broadcast_add(&p[5])?)?;
+    let x2 = scoped_as(ew, "bias_residual", || bias_residual(&x, &proj, &p[5]))?;
 
     // MLP.
     let ln2 = scoped_as(ew, "layer_norm", || ln_forward(&x2, &p[6], &p[7]))?;
     let fc = matmul(&ln2.y, &p[8])?;
     let act = scoped_as(ew, "bias_gelu", || bias_gelu(&fc, &p[9]))?;
     let out = matmul(&act, &p[10])?;
-    let out = scoped_as(ew, "bias_residual", || &x2 + out.broadcast_add(&p[11])?)?.reshape((b, t, d))?;
+    let out = scoped_as(ew, "bias_residual", || bias_residual(&x2, &out, &p[11]))?.reshape((b, t, d))?;
     let saved = save.then(|| LayerSaved {
         x,
         ln1: (ln1.mean, ln1.rstd),

@@ -19,8 +19,17 @@ use std::time::{Duration, Instant};
 /// A collective queued on the NCCL stream.
 pub struct NcclPending {
     event: CudaEvent,
+    compute: Arc<CudaStream>,
     op: OpKind,
     seq: u64,
+}
+
+impl NcclPending {
+    /// Make the compute stream wait (on the device) for the collective; its result may be used from
+    /// now on (the host does not block).
+    pub fn wait(self) -> Result<(), CommError> {
+        self.compute.wait(&self.event).map_err(|e| CommError::Unsupported { what: format!("NCCL {} #{} wait", self.op, self.seq), reason: format!("{e:?}") })
+    }
 }
 
 /// NCCL over this rank's GPU.
@@ -67,6 +76,8 @@ impl NcclComm {
             }
         }
         let compute = device.cuda_stream();
+        // NCCL takes the device from the thread's current context.
+        compute.context().bind_to_thread().map_err(|e| err(rank, "context", e))?;
         let stream = compute.fork().map_err(|e| err(rank, "stream", e))?;
         let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal)).map_err(|e| err(rank, "init", e))?;
         Ok(Self { comm: Mutex::new(Some(comm)), rank, world, compute, stream, timeout, outstanding: Mutex::new(Vec::new()), seq: Mutex::new(0) })
@@ -98,7 +109,7 @@ impl NcclComm {
         let done = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| err(rank, "event", e))?;
         let watch = self.stream.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(|e| err(rank, "event", e))?;
         self.outstanding.lock().unwrap_or_else(|p| p.into_inner()).push((op, seq, watch));
-        Ok(NcclPending { event: done, op, seq })
+        Ok(NcclPending { event: done, compute: self.compute.clone(), op, seq })
     }
 
     /// Average `buf` over the ranks in place.
@@ -124,7 +135,7 @@ impl NcclComm {
 
     /// Make the compute stream wait (on the device) for `p`; its result may be used from now on.
     pub fn wait(&self, p: NcclPending) -> Result<(), CommError> {
-        self.compute.wait(&p.event).map_err(|e| err(self.rank(), &format!("{} #{} wait", p.op, p.seq), e))
+        p.wait()
     }
 
     /// Block until every collective issued so far has completed on this GPU, or fail (and abort

@@ -1,11 +1,13 @@
 //! A block's gradient buffers in CUDA memory: the f32 accumulator (slot gradients added by a kernel,
-//! no host copy) and the reduced shard; reductions across ranks go through the host collectives with
-//! one copy of the block each way, and at world size 1 stay on the device (rounded to the reduce
-//! dtype in place, which is all a one-rank reduction does).
+//! no host copy) and the reduced shard. Reductions across ranks run with NCCL on the GPUs when each
+//! rank has its own GPU (in f32, the inputs rounded to the reduce dtype), otherwise through the host
+//! collectives with one copy of the block each way; at world size 1 they stay on the device (rounded
+//! to the reduce dtype in place, which is all a one-rank reduction does).
 
 use super::comm_worker::{CommWorker, Pending};
 use super::error::EngineError;
 use super::grads::{submit_host_reduce, Reduced};
+use crate::comm::nccl::{NcclComm, NcclPending};
 use crate::comm::CommError;
 use crate::cuda_kernels::{accumulate, round_through};
 use crate::shard::GradReduction;
@@ -20,13 +22,15 @@ pub struct DeviceGrads {
     full: Option<CudaSlice<f32>>,
     /// The reduced shard (reduce-scatter strategies).
     shard: Option<CudaSlice<f32>>,
+    /// An NCCL reduction in flight, and the accumulator it reads (freed once it is done).
+    in_flight: Option<(NcclPending, Option<CudaSlice<f32>>)>,
 }
 
 impl DeviceGrads {
     /// Buffers on `device` when it is a CUDA device; `None` for the CPU.
     pub fn new(device: &Device) -> Result<Option<Self>> {
         match device {
-            Device::Cuda(dev) => Ok(Some(Self { dev: dev.clone(), full: None, shard: None })),
+            Device::Cuda(dev) => Ok(Some(Self { dev: dev.clone(), full: None, shard: None, in_flight: None })),
             _ => Ok(None),
         }
     }
@@ -68,6 +72,7 @@ impl DeviceGrads {
     pub fn start_reduce(
         &mut self,
         worker: &CommWorker,
+        nccl: Option<&NcclComm>,
         dtype: DType,
         padded: usize,
         reduction: GradReduction,
@@ -84,6 +89,26 @@ impl DeviceGrads {
             }
             return Ok(Pending::ready(Ok(Reduced::InPlace)));
         }
+        if let Some(nccl) = nccl {
+            let mut full = self.full.take().expect("allocated above");
+            if dtype != DType::F32 {
+                round_through(&self.dev, &mut full, dtype).map_err(EngineError::tensor("gradient reduction"))?;
+            }
+            match reduction {
+                GradReduction::AllReduce => {
+                    let p = nccl.all_reduce_avg(&mut full)?;
+                    self.full = Some(full);
+                    self.in_flight = Some((p, None));
+                }
+                GradReduction::ReduceScatter => {
+                    let mut shard = self.dev.alloc_zeros::<f32>(shard_range.len()).map_err(EngineError::tensor("gradient reduction"))?;
+                    let p = nccl.reduce_scatter_avg(&full, &mut shard)?;
+                    self.shard = Some(shard);
+                    self.in_flight = Some((p, Some(full)));
+                }
+            }
+            return Ok(Pending::ready(Ok(Reduced::InPlace)));
+        }
         let full = self.full.as_ref().expect("allocated above");
         let host = self.dev.clone_dtoh(full).map_err(EngineError::tensor("gradient reduction"))?;
         if reduction == GradReduction::ReduceScatter {
@@ -94,7 +119,14 @@ impl DeviceGrads {
 
     pub fn finish_reduce(&mut self, reduced: Reduced) -> Result<()> {
         match reduced {
-            Reduced::InPlace => Ok(()),
+            Reduced::InPlace => {
+                if let Some((p, input)) = self.in_flight.take() {
+                    p.wait().map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    // Freed in stream order on the compute stream, which now waits for the collective.
+                    drop(input);
+                }
+                Ok(())
+            }
             Reduced::Full(host) => match &mut self.full {
                 Some(full) if full.len() == host.len() => self.dev.memcpy_htod(&host, full),
                 _ => {

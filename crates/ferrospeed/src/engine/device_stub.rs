@@ -13,6 +13,15 @@ use std::ops::Range;
 
 pub enum DeviceWindow {}
 
+/// No NCCL without the `cuda` feature.
+pub enum Nccl {}
+
+impl Nccl {
+    pub fn sync(&self) -> std::result::Result<(), CommError> {
+        match *self {}
+    }
+}
+
 impl DeviceWindow {
     pub fn new(_: &Device, _: &[f32], _: &[f32], _: &[f32], _: Option<&HostBuf>) -> Result<Option<Self>> {
         Ok(None)
@@ -53,6 +62,7 @@ impl DeviceGrads {
     pub fn start_reduce(
         &mut self,
         _: &CommWorker,
+        _: Option<&Nccl>,
         _: DType,
         _: usize,
         _: GradReduction,

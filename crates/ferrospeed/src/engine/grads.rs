@@ -4,7 +4,7 @@
 
 use super::comm_worker::{CommWorker, Pending};
 use super::error::EngineError;
-use super::DeviceGrads;
+use super::{DeviceGrads, Nccl};
 use super::host_buf::{add_tensor_into, HostBuf};
 use crate::comm::{CommError, ReduceOp};
 use crate::shard::{FlatParam, GradReduction};
@@ -118,10 +118,11 @@ impl BlockGrads {
     }
 
     /// Submit the reduction of the complete accumulator (averaged over ranks, in `dtype`).
-    pub fn start_reduce(&mut self, worker: &CommWorker, dtype: DType) -> Result<Pending<Result<Reduced, CommError>>, EngineError> {
+    /// With `nccl` (CUDA, one GPU per rank) the reduction runs on the GPUs, on NCCL's stream.
+    pub fn start_reduce(&mut self, worker: &CommWorker, nccl: Option<&Nccl>, dtype: DType) -> Result<Pending<Result<Reduced, CommError>>, EngineError> {
         let (reduction, padded, shard_range) = (self.reduction, self.padded, self.shard_range.clone());
         if let Some(d) = &mut self.dev {
-            return d.start_reduce(worker, dtype, padded, reduction, shard_range);
+            return d.start_reduce(worker, nccl, dtype, padded, reduction, shard_range);
         }
         let full = std::mem::take(self.full_mut());
         Ok(submit_host_reduce(worker, full, reduction, dtype, shard_range.len()))

@@ -27,7 +27,9 @@ use device_grads::DeviceGrads;
 #[cfg(feature = "cuda")]
 use device_state::DeviceWindow;
 #[cfg(not(feature = "cuda"))]
-use device_stub::{DeviceGrads, DeviceWindow};
+use device_stub::{DeviceGrads, DeviceWindow, Nccl};
+#[cfg(feature = "cuda")]
+use crate::comm::nccl::NcclComm as Nccl;
 
 pub use comm_worker::{CommWorker, Pending};
 pub use error::EngineError;

@@ -65,7 +65,7 @@ impl<'a> Gathering<'a> {
             Some(p) => p,
             None => self.params[block].start_gather(self.worker)?,
         };
-        let vars = self.params[block].finish_gather(pending)?;
+        let vars = crate::profile::scoped_as(crate::profile::Kind::Communication, "param_gather", || self.params[block].finish_gather(pending))?;
         self.ready.insert(block, vars);
         let bytes: usize = self.ready.values().flatten().map(|v| v.elem_count() * v.dtype().size_in_bytes()).sum();
         self.peak_bytes = self.peak_bytes.max(bytes);

@@ -16,6 +16,7 @@ use super::model::Model;
 use super::params::BlockParams;
 use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
+use crate::profile::{self, Kind};
 use crate::optim::{clip_coefficient, sum_squares, AdamW};
 use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision, ScalerState};
 use crate::shard::{GradReduction, Strategy};
@@ -100,6 +101,8 @@ pub struct Engine {
     pub(super) step: u64,
     inject_overflow: bool,
     gathered_peak: usize,
+    /// NCCL over the ranks' GPUs (CUDA, one GPU per rank): gradient reductions run there.
+    nccl: Option<super::Nccl>,
 }
 
 impl Engine {
@@ -116,7 +119,8 @@ impl Engine {
             params.push(p);
         }
         let scaler = cfg.loss_scaler.map(LossScaler::new);
-        Ok(Self { model, worker: CommWorker::spawn(comm), params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0 })
+        let nccl = make_nccl(comm.as_ref(), &cfg.device)?;
+        Ok(Self { model, worker: CommWorker::spawn(comm), params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl })
     }
 
     pub fn model(&self) -> &Model {
@@ -229,9 +233,10 @@ impl Engine {
 
         // Gradients are still multiplied by the loss scale: take it out of the norm and the update.
         let scale = loss_scale.unwrap_or(1.0);
-        let grad_norm = self.grad_norm_scaled()? / scale;
+        let grad_norm = profile::scoped_as(Kind::Optimizer, "grad_norm", || self.grad_norm_scaled())? / scale;
         let factor = (clip_coefficient(grad_norm, self.cfg.grad_clip) / scale) as f32;
         let opt = self.cfg.optimizer;
+        let _adamw = profile::span_as(Kind::Optimizer, "adamw");
         if on_device {
             self.device_update(factor, lr)?;
         } else {
@@ -248,9 +253,10 @@ impl Engine {
                 }
             }
         }
+        drop(_adamw);
         times.optimizer = t_opt.elapsed().as_secs_f64();
         let t_pub = Instant::now();
-        self.publish()?;
+        profile::scoped_as(Kind::Optimizer, "publish", || self.publish())?;
         times.publish = t_pub.elapsed().as_secs_f64();
         Ok(StepStats { loss, grad_norm, skipped: false, loss_scale, times })
     }
@@ -263,7 +269,7 @@ impl Engine {
         for g in &mut self.grads {
             g.begin_step()?;
         }
-        let Self { model, worker, params, grads, cfg, inject_overflow, .. } = self;
+        let Self { model, worker, params, grads, cfg, inject_overflow, nccl, .. } = self;
         let mut resident = Resident { model, params };
         let mut gathering = Gathering::new(model, params, worker);
         let source: &mut dyn ParamSource = if cfg.strategy.params_resident() { &mut resident } else { &mut gathering };
@@ -278,7 +284,8 @@ impl Engine {
                 for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
                     if let Some(grad) = grad {
                         let range = params[slot.block].flat.range(slot.index);
-                        grads[slot.block].accumulate(range, &grad).map_err(EngineError::tensor(model.block(i).name()))?;
+                        profile::scoped_as(Kind::Elementwise, "grad_accumulate", || grads[slot.block].accumulate(range, &grad))
+                            .map_err(EngineError::tensor(model.block(i).name()))?;
                     }
                 }
                 // Every later block that uses this block's parameters (tied weights) has run, so the
@@ -287,7 +294,7 @@ impl Engine {
                     if i == 0 && std::mem::take(inject_overflow) {
                         grads[i].poison()?;
                     }
-                    pending.push((i, grads[i].start_reduce(worker, cfg.reduce_dtype)?));
+                    pending.push((i, grads[i].start_reduce(worker, nccl.as_ref(), cfg.reduce_dtype)?));
                 }
                 Ok(())
             })?;
@@ -296,9 +303,15 @@ impl Engine {
         drop(gathering);
         times.forward_backward = t0.elapsed().as_secs_f64();
         let t_wait = Instant::now();
+        let _wait = profile::span_as(Kind::Communication, "reduce_wait");
         for (i, p) in pending {
             self.grads[i].finish_reduce(p)?;
         }
+        if let Some(nccl) = &self.nccl {
+            // NCCL never times out by itself: wait here, with the group's timeout, for every reduction.
+            nccl.sync()?;
+        }
+        drop(_wait);
         times.reduce_wait = t_wait.elapsed().as_secs_f64();
         let local = (loss_sum / accum as f64) as f32;
         let loss = self.worker.run(move |c| {
@@ -367,4 +380,21 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// NCCL over the group's GPUs when [`crate::device::use_nccl`] says so (a collective on every rank).
+#[cfg(feature = "cuda")]
+fn make_nccl(comm: &dyn Communicator, device: &Device) -> Result<Option<super::Nccl>, EngineError> {
+    match device {
+        Device::Cuda(d) if crate::device::use_nccl(device, comm.world_size()) => {
+            let timeout = crate::CommConfig::from_env()?.timeout;
+            Ok(Some(super::Nccl::new(comm, d, timeout)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn make_nccl(_: &dyn Communicator, _: &Device) -> Result<Option<super::Nccl>, EngineError> {
+    Ok(None)
 }
