@@ -40,7 +40,8 @@ run() { local name=$1 n=$2; shift 2; timeout 400 $BIN launch --nproc-per-node "$
 for w in $WORLDS; do
   for s in 0 1 2 3; do
     run tiny-fp32-w$w-s$s $w --config /tmp/tiny.toml --set train.device=cuda --set zero.stage=$s
-    run tiny-bf16-w$w-s$s $w --config /tmp/tiny.toml --set train.device=cuda --set zero.stage=$s --set train.precision=bf16
+    [ "${FULL:-0}" = 1 ] && run tiny-bf16-w$w-s$s $w --config /tmp/tiny.toml --set train.device=cuda --set zero.stage=$s --set train.precision=bf16
+    case $s in 0|3) ;; *) [ "${FULL:-0}" = 1 ] || continue;; esac
     run g124-bf16-w$w-s$s $w --config /tmp/gpt124.toml --set train.device=cuda --set zero.stage=$s --set train.precision=bf16
   done
 done
@@ -60,12 +61,15 @@ ok = True
 def check(name, cond, detail):
     global ok; ok &= bool(cond); print(("PASS " if cond else "FAIL ") + name + ": " + detail)
 def rel(a, b): return max(abs(a[k] - b[k]) / abs(b[k]) for k in b) if a and b and a.keys() == b.keys() else float("inf")
-for kind, tol in [("tiny-fp32", 1e-5), ("tiny-bf16", 0.02), ("g124-bf16", 0.02)]:
+import os
+full = os.environ.get("FULL") == "1"
+for kind, tol, stages in [("tiny-fp32", 1e-5, range(4)), ("tiny-bf16", 0.02, range(4) if full else []), ("g124-bf16", 0.02, range(4) if full else [0, 3])]:
+    if not stages: continue
     ref = losses(f"{kind}-w1-s0")
     for w in worlds:
-        runs = [losses(f"{kind}-w{w}-s{s}") for s in range(4)]
+        runs = [losses(f"{kind}-w{w}-s{s}") for s in stages]
         r = max(rel(x, runs[0]) for x in runs)
-        check(f"{kind} world {w}: stages 0-3 agree", r <= tol, f"max relative loss difference {r:.2e} (tolerance {tol})")
+        check(f"{kind} world {w}: stages {list(stages)} agree", r <= tol, f"max relative loss difference {r:.2e} (tolerance {tol})")
         r = rel(runs[0], ref)
         check(f"{kind} world {w} vs world 1", r <= tol, f"max relative loss difference {r:.2e} (tolerance {tol})")
 full, res = losses("ck-save"), losses("ck-resume")
@@ -80,7 +84,7 @@ PY
 # A rank killed mid-step: the launcher must end every rank and name the dead one, within the timeout.
 tiny 2 2 64 64 100000 > /tmp/long.toml
 ( FERROSPEED_COLLECTIVE_TIMEOUT_S=60 timeout 200 $BIN launch --nproc-per-node 2 train --config /tmp/long.toml --set train.device=cuda --set zero.stage=2 --set track.dir=/tmp/runs/kill > "$LOGS/kill.log" 2>&1; echo "exit $?" >> "$LOGS/kill.log" ) &
-sleep 40; victim=$(pgrep -f "train --config /tmp/long.toml" | while read p; do grep -qz "^RANK=1$" /proc/$p/environ 2>/dev/null && echo $p; done | head -1)
+sleep 25; victim=$(pgrep -f "train --config /tmp/long.toml" | while read p; do grep -qz "^RANK=1$" /proc/$p/environ 2>/dev/null && echo $p; done | head -1)
 t0=$(date +%s.%N); kill -9 "$victim" 2>/dev/null; wait
 t1=$(date +%s.%N); left=$(pgrep -f "train --config /tmp/long.toml" | wc -l)
 echo "kill rank 1 (pid $victim): launcher done after $(python3 -c "print(round($t1-$t0,1))") s, processes left: $left; launcher said: $(grep -iE 'rank 1|exit' "$LOGS/kill.log" | tail -3 | tr '\n' ' ')" | tee -a "$OUT/checks-multi.txt"

@@ -66,8 +66,8 @@ pub fn peak_device_bytes(device: &Device) -> Option<u64> {
 pub const ENV_NCCL: &str = "FERROSPEED_NCCL";
 
 /// Whether a CUDA run of `world_size` ranks reduces gradients with NCCL: several ranks, each on its
-/// own GPU (NCCL refuses two ranks on one GPU, so `FERROSPEED_SHARE_GPUS=1` keeps the host path), and
-/// not switched off with `FERROSPEED_NCCL=0`.
+/// own GPU (NCCL refuses two ranks on one GPU, so `FERROSPEED_SHARE_GPUS=1` keeps the host path; the
+/// engine also checks that no two ranks picked the same GPU), and not switched off with `FERROSPEED_NCCL=0`.
 pub fn use_nccl(device: &Device, world_size: usize) -> bool {
     device.is_cuda()
         && world_size > 1

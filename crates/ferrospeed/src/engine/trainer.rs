@@ -387,6 +387,23 @@ impl Engine {
 fn make_nccl(comm: &dyn Communicator, device: &Device) -> Result<Option<super::Nccl>, EngineError> {
     match device {
         Device::Cuda(d) if crate::device::use_nccl(device, comm.world_size()) => {
+            // NCCL refuses two ranks on one GPU: every rank learns every rank's (host, GPU) first.
+            let ordinal = match candle_core::backend::BackendDevice::location(d) {
+                candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
+                _ => 0,
+            };
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            let host = host.trim().bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b))) % (1 << 16);
+            // Exact in f32: below 2^24.
+            let key = (host * 256 + (ordinal as u32 % 256)) as f32;
+            let mut keys = vec![0f32; comm.world_size()];
+            comm.all_gather_slice(&[key], &mut keys)?;
+            let mut sorted = keys.clone();
+            sorted.sort_by(f32::total_cmp);
+            if sorted.windows(2).any(|w| w[0] == w[1]) {
+                tracing::warn!("ranks share a GPU: gradients are reduced through the host, not NCCL");
+                return Ok(None);
+            }
             let timeout = crate::CommConfig::from_env()?.timeout;
             Ok(Some(super::Nccl::new(comm, d, timeout)?))
         }
