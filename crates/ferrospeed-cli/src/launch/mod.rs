@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 /// Subcommands of this binary that `launch` runs as PROGRAM without a path.
-const OWN_COMMANDS: &[&str] = &["train", "comm"];
+const OWN_COMMANDS: &[&str] = &["train", "comm", "bench-train", "checkpoint"];
 
 #[derive(Args, Debug)]
 pub struct LaunchArgs {
