@@ -1,4 +1,4 @@
-//! What the engine's NVRTC kernels share (header-less prelude, one-time compilation, launch shapes,
+//! What all our NVRTC kernels share (the model kernels in ferrospeed-models too) (header-less prelude, one-time compilation, launch shapes,
 //! writable views of tensor storage), and the gradient kernels: accumulate into f32, round in place.
 //!
 //! Device buffers are `CudaSlice`s allocated through candle's `CudaDevice`, so every kernel, copy and
@@ -14,7 +14,20 @@ use std::sync::OnceLock;
 /// Device functions every kernel source starts with (no headers: NVRTC has no CUDA include path here).
 /// Arithmetic goes through the `_rn` intrinsics where it must match the CPU: they are never fused
 /// into FMAs nor replaced by fast approximations.
-pub(crate) const PRELUDE: &str = r#"
+pub const PRELUDE: &str = r#"
+#define NEG_INF __int_as_float(0xff800000)
+__device__ float warp_max(float v) { for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o)); return v; }
+__device__ float warp_sum(float v) { for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o); return v; }
+__device__ float block_max(float v, float* red) {
+  v = warp_max(v); int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  if (lane == 0) red[w] = v; __syncthreads();
+  if (w == 0) { v = lane < nw ? red[lane] : NEG_INF; v = warp_max(v); if (lane == 0) red[32] = v; }
+  __syncthreads(); v = red[32]; __syncthreads(); return v; }
+__device__ float block_sum(float v, float* red) {
+  v = warp_sum(v); int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  if (lane == 0) red[w] = v; __syncthreads();
+  if (w == 0) { v = lane < nw ? red[lane] : 0.f; v = warp_sum(v); if (lane == 0) red[32] = v; }
+  __syncthreads(); v = red[32]; __syncthreads(); return v; }
 __device__ double warp_sum_f64(double v) { for (int o = 16; o > 0; o >>= 1) v = __dadd_rn(v, __shfl_xor_sync(0xffffffff, v, o)); return v; }
 __device__ double block_sum_f64(double v, double* red) {
   v = warp_sum_f64(v); int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
@@ -34,7 +47,7 @@ __device__ float st_f32(float f) { return f; }
 "#;
 
 /// Compile `PRELUDE + src` once per process into `cache`; `what` names the kernels in errors.
-pub(crate) fn compile(cache: &'static OnceLock<std::result::Result<String, String>>, src: &str, what: &str) -> Result<&'static str> {
+pub fn compile(cache: &'static OnceLock<std::result::Result<String, String>>, src: &str, what: &str) -> Result<&'static str> {
     cache
         .get_or_init(|| {
             candle_core::cuda::cudarc::nvrtc::compile_ptx(format!("{PRELUDE}{src}")).map(|p| p.to_src()).map_err(|e| e.to_string())
@@ -44,7 +57,7 @@ pub(crate) fn compile(cache: &'static OnceLock<std::result::Result<String, Strin
 }
 
 /// The kernel name suffix of a dtype (sources instantiate f32, bf16 and f16).
-pub(crate) fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
+pub fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "f32",
         DType::BF16 => "bf16",
@@ -53,7 +66,7 @@ pub(crate) fn suffix(dtype: DType, what: &str) -> Result<&'static str> {
     })
 }
 
-pub(crate) fn launch_err(e: impl std::fmt::Display) -> candle_core::Error {
+pub fn launch_err(e: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
