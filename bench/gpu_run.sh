@@ -79,10 +79,17 @@ PY
 
 # --- benchmarks, all in this call
 B() { timeout "$1" $BIN bench-train "${@:2}" 2>>"$LOGS/bench.err" | tee -a "$OUT/bench.jsonl"; }
-B 240 --model gpt2-124m --micro-batch 16 --stage 0 --precision bf16 --device cuda --steps 8 --warmup 3 --checkpointing --profile
-B 240 --model gpt2-124m --micro-batch 16 --stage 3 --precision bf16 --device cuda --steps 8 --warmup 3 --checkpointing
+S124="--model gpt2-124m --micro-batch 16 --precision bf16 --device cuda --steps 8 --warmup 3"
+# Activations kept (no recompute; the table's line), then recomputed (the least memory), then stages 2 and 3.
+B 240 $S124 --stage 0 --profile
+B 240 $S124 --stage 0 --checkpointing --profile
+B 240 $S124 --stage 2
+B 240 $S124 --stage 3 --checkpointing
+# The previous attention (heads split, T×T scores materialised) for comparison.
+FERROSPEED_FUSED_ATTENTION=0 B 240 $S124 --stage 0 --checkpointing
 [ "${QUICK:-0}" = 1 ] && { echo "done (quick: 1.5B and anchors skipped)"; exit 0; }
 B 300 --model gpt2-1.5b --micro-batch 8 --stage 0 --precision bf16 --device cuda --steps 3 --warmup 2 --checkpointing
+B 300 --model gpt2-1.5b --micro-batch 8 --stage 0 --precision bf16 --device cuda --steps 3 --warmup 2
 [ "${SKIP_ANCHORS:-0}" = 1 ] && { echo "done (anchors skipped)"; exit 0; }
 cd .anchors
 timeout 300 python3 anchor_torch.py gpt2-124m:16:e gpt2-124m:16:c 2>>"$LOGS/anchors.err" | tee -a "$OUT/bench.jsonl"

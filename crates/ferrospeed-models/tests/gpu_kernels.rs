@@ -72,6 +72,9 @@ fn fused_kernels_match_the_cpu() {
             ]
         };
         assert_close(&format!("bias gelu, column sums, bias adds {dtype:?}"), &compare(dtype, &[x.clone(), b.clone(), g.clone()], gelu), tol);
+        // Rows of 13 elements: not whole 16-byte vectors, the scalar kernel.
+        let (x13, b13, g13) = (randn(&[7, 13], 11, 1.0), randn(&[13], 12, 1.0), randn(&[7, 13], 13, 1.0));
+        assert_close(&format!("bias ops, odd rows {dtype:?}"), &compare(dtype, &[x13, b13, g13], gelu), tol);
         let (s, gs) = (randn(&[2, 3, 130, 130], 6, 2.0), randn(&[2, 3, 130, 130], 7, 1.0));
         let softmax = |t: &[Tensor]| {
             let y = causal_softmax_forward(&t[0], 0.3).unwrap();
@@ -131,6 +134,32 @@ fn gpt_blocks_forward_and_backward_match_the_cpu() {
                 out
             };
             assert_close(&format!("block {} {dtype:?}", block.name()), &compare(dtype, &inputs, run), tol);
+        }
+    }
+}
+
+#[test]
+fn fused_attention_matches_the_cpu_reference_and_repeats_bitwise() {
+    use ferrospeed_models::gpt::attention::{attention_backward, attention_forward, fused_attention_available};
+    let Some(dev) = gpu() else { return };
+    // Sequence lengths on and off the 64-row tile, every head dimension the kernels have.
+    for (b, t, nh, hd) in [(2, 200, 3, 64), (1, 64, 2, 32), (1, 130, 2, 128), (2, 1024, 2, 64)] {
+        for dtype in [DType::BF16, DType::F16] {
+            let round = |x: Tensor| x.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+            let qkv = round(randn(&[b * t, 3 * nh * hd], 1, 1.0));
+            let dy = round(randn(&[b * t, nh * hd], 2, 1.0));
+            let (gq, gdy) = (qkv.to_dtype(dtype).unwrap().to_device(&dev).unwrap(), dy.to_dtype(dtype).unwrap().to_device(&dev).unwrap());
+            assert!(fused_attention_available(&gq, hd), "the kernels must run for {dtype:?}, hd {hd}");
+            let got = attention_forward(&gq, b, t, nh).unwrap();
+            let dq = attention_backward(&gq, &got.y, &got.lse, &gdy, b, t, nh).unwrap();
+            // The reference on the GPU's (rounded) output, so that both backwards see the same y.
+            let want = attention_forward(&qkv, b, t, nh).unwrap();
+            let y_gpu = got.y.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+            let want_dq = attention_backward(&qkv, &y_gpu, &want.lse, &dy, b, t, nh).unwrap();
+            let errs = [rel(&got.y, &want.y), rel(&got.lse, &want.lse), rel(&dq, &want_dq)];
+            assert_close(&format!("fused attention b{b} t{t} nh{nh} hd{hd} {dtype:?}"), &errs, 2e-2);
+            let again = attention_backward(&gq, &got.y, &got.lse, &gdy, b, t, nh).unwrap();
+            assert_eq!(rel(&again, &dq), 0.0, "the backward is not repeatable");
         }
     }
 }

@@ -48,12 +48,25 @@ __device__ float st_f32(float f) { return f; }
 
 /// Compile `PRELUDE + src` once per process into `cache`; `what` names the kernels in errors.
 pub fn compile(cache: &'static OnceLock<std::result::Result<String, String>>, src: &str, what: &str) -> Result<&'static str> {
+    compile_for(cache, src, what, None)
+}
+
+/// [`compile`] for a virtual architecture (`"compute_80"` for kernels that need tensor-core `mma.sync` on
+/// bf16); `None` is NVRTC's default.
+pub fn compile_for(cache: &'static OnceLock<std::result::Result<String, String>>, src: &str, what: &str, arch: Option<&'static str>) -> Result<&'static str> {
+    use candle_core::cuda::cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions};
     cache
         .get_or_init(|| {
-            candle_core::cuda::cudarc::nvrtc::compile_ptx(format!("{PRELUDE}{src}")).map(|p| p.to_src()).map_err(|e| e.to_string())
+            let opts = CompileOptions { arch, ..Default::default() };
+            compile_ptx_with_opts(format!("{PRELUDE}{src}"), opts).map(|p| p.to_src()).map_err(|e| e.to_string())
         })
         .as_deref()
         .map_err(|e| candle_core::Error::Msg(format!("compiling the {what} kernels with NVRTC: {e}")))
+}
+
+/// The compute capability `(major, minor)` of a CUDA device.
+pub fn compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
+    dev.cuda_stream().context().compute_capability().map_err(launch_err)
 }
 
 /// The kernel name suffix of a dtype (sources instantiate f32, bf16 and f16).

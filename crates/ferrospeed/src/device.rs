@@ -13,16 +13,57 @@ pub fn select(choice: DeviceChoice, local_rank: usize) -> Result<Device, String>
     let local_rank = if std::env::var(ENV_SHARE_GPUS).is_ok_and(|v| v == "1") { local_rank % gpu_count().max(1) } else { local_rank };
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
-        DeviceChoice::Cuda => Device::new_cuda(local_rank).map_err(|e| {
+        DeviceChoice::Cuda => Device::new_cuda(local_rank).map(prepared).map_err(|e| {
             format!(
                 "train.device = \"cuda\" but CUDA device {local_rank} cannot be used ({e}); build with `--features cuda` \
                  on a machine with enough GPUs for the ranks of this node, or set train.device = \"cpu\""
             )
         }),
         DeviceChoice::Auto if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() => {
-            Device::new_cuda(local_rank).map_err(|e| format!("CUDA device {local_rank} for local rank {local_rank}: {e}"))
+            Device::new_cuda(local_rank).map(prepared).map_err(|e| format!("CUDA device {local_rank} for local rank {local_rank}: {e}"))
         }
         DeviceChoice::Auto => Ok(Device::Cpu),
+    }
+}
+
+/// A new CUDA device set up for training:
+/// - its memory pool keeps what is freed (release threshold ∞): a step frees and re-allocates gigabytes
+///   of activations, and with the default threshold every synchronisation handed them back to the
+///   driver, so the next step paid to map them again;
+/// - no per-buffer event tracking: cudarc creates two CUDA events for every allocation to order uses
+///   across streams, but all our work runs on candle's one stream, and the NCCL stream is ordered with
+///   explicit events (`comm::nccl`), buffers outliving the collectives that use them.
+fn prepared(device: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        use candle_core::cuda::cudarc::driver::sys;
+        let ctx = d.cuda_stream().context().clone();
+        // SAFETY: only buffers created from now on go untracked, and none is used on another stream
+        // without the explicit events described above.
+        unsafe { ctx.disable_event_tracking() };
+        if let Some(pool) = default_pool(&device) {
+            let mut threshold = u64::MAX;
+            // SAFETY: a valid pool and a u64 value, as the attribute requires. Failing only costs speed.
+            unsafe { sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut threshold as *mut u64).cast()) };
+        }
+    }
+    device
+}
+
+/// The default memory pool of a CUDA device (the one candle allocates from).
+#[cfg(feature = "cuda")]
+fn default_pool(device: &Device) -> Option<candle_core::cuda::cudarc::driver::sys::CUmemoryPool> {
+    use candle_core::cuda::cudarc::driver::sys;
+    let Device::Cuda(d) = device else { return None };
+    let ordinal = d.cuda_stream().context().ordinal();
+    // SAFETY: plain driver queries on a device that candle has initialised.
+    unsafe {
+        let mut dev: sys::CUdevice = 0;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        if sys::cuDeviceGet(&mut dev, ordinal as i32) != sys::CUresult::CUDA_SUCCESS || sys::cuDeviceGetDefaultMemPool(&mut pool, dev) != sys::CUresult::CUDA_SUCCESS {
+            return None;
+        }
+        Some(pool)
     }
 }
 
@@ -40,23 +81,12 @@ pub fn gpu_count() -> usize {
 /// held since the process started; `None` on the CPU or without the `cuda` feature.
 pub fn peak_device_bytes(device: &Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
-    if let Device::Cuda(d) = device {
+    if let Some(pool) = default_pool(device) {
         use candle_core::cuda::cudarc::driver::sys;
-        let ordinal = d.cuda_stream().context().ordinal();
-        // SAFETY: plain driver queries on a device that candle has initialised.
-        unsafe {
-            let mut dev: sys::CUdevice = 0;
-            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-            let mut value: u64 = 0;
-            if sys::cuDeviceGet(&mut dev, ordinal as i32) != sys::CUresult::CUDA_SUCCESS
-                || sys::cuDeviceGetDefaultMemPool(&mut pool, dev) != sys::CUresult::CUDA_SUCCESS
-                || sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut value as *mut u64).cast())
-                    != sys::CUresult::CUDA_SUCCESS
-            {
-                return None;
-            }
-            return Some(value);
-        }
+        let mut value: u64 = 0;
+        // SAFETY: a valid pool and a u64 out-value, as the attribute requires.
+        let ok = unsafe { sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut value as *mut u64).cast()) };
+        return (ok == sys::CUresult::CUDA_SUCCESS).then_some(value);
     }
     let _ = device;
     None

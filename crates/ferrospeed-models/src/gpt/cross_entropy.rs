@@ -170,20 +170,22 @@ mod cuda {
     use std::sync::OnceLock;
 
     const SRC: &str = r#"
+// One pass for the row's max and sum of exponentials (online: the sum is rescaled when the max grows),
+// combined across the block by rescaling each thread's sum to the block's max.
+__device__ float row_logsumexp(float m, float s, float* red, float* mout) {
+  float mb = block_max(m, red); float sb = block_sum(m == NEG_INF ? 0.f : s * expf(m - mb), red);
+  *mout = mb; return sb; }
+#define ONLINE(v) { float x_ = (v); if (x_ > m) { s = s * expf(m - x_) + 1.f; m = x_; } else s += expf(x_ - m); }
 #define KERNELS(NAME, T, LD, ST) \
 extern "C" __global__ void ce_fwd_##NAME(const T* x, const unsigned int* tgt, float* loss, int v) { \
-  __shared__ float red[33]; long row = blockIdx.x; const T* xr = x + row * v; float m = NEG_INF; \
-  for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, LD(xr[j])); \
-  m = block_max(m, red); float s = 0.f; \
-  for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(LD(xr[j]) - m); \
-  s = block_sum(s, red); \
+  __shared__ float red[33]; long row = blockIdx.x; const T* xr = x + row * v; float m = NEG_INF, s = 0.f; \
+  for (int j = threadIdx.x; j < v; j += blockDim.x) ONLINE(LD(xr[j])) \
+  s = row_logsumexp(m, s, red, &m); \
   if (threadIdx.x == 0) loss[row] = logf(s) + m - LD(xr[tgt[row]]); } \
 extern "C" __global__ void ce_bwd_##NAME(const T* x, const unsigned int* tgt, const float* g, T* dx, int v) { \
-  __shared__ float red[33]; long row = blockIdx.x; const T* xr = x + row * v; T* dr = dx + row * v; float m = NEG_INF; \
-  for (int j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, LD(xr[j])); \
-  m = block_max(m, red); float s = 0.f; \
-  for (int j = threadIdx.x; j < v; j += blockDim.x) s += expf(LD(xr[j]) - m); \
-  s = block_sum(s, red); float inv = 1.f / s, gr = g[row]; unsigned int t = tgt[row]; \
+  __shared__ float red[33]; long row = blockIdx.x; const T* xr = x + row * v; T* dr = dx + row * v; float m = NEG_INF, s = 0.f; \
+  for (int j = threadIdx.x; j < v; j += blockDim.x) ONLINE(LD(xr[j])) \
+  s = row_logsumexp(m, s, red, &m); float inv = 1.f / s, gr = g[row]; unsigned int t = tgt[row]; \
   for (int j = threadIdx.x; j < v; j += blockDim.x) dr[j] = ST((expf(LD(xr[j]) - m) * inv - (j == (int)t ? 1.f : 0.f)) * gr); }
 KERNELS(f32, float, ld_f32, st_f32)
 KERNELS(bf16, unsigned short, ld_bf16, st_bf16)

@@ -1,11 +1,14 @@
 //! GPT block 0: token embedding plus learned position embedding, with a hand-written backward
 //! (row scatter-add into the token table in f32, column sums for positions).
 
-use super::fused::col_sum;
+use super::fused::{col_sum, embedding_grad};
 use super::GptConfig;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
 use ferrospeed::profile::{scoped_as, Kind};
+
+/// The token ids, on the device and (for a GPU) on the host.
+type EmbSaved = (Tensor, Option<Vec<u32>>);
 
 /// `wte` `[vocab, d]` and `wpe` `[seq_len, d]`; output `[batch, t, d]`.
 #[derive(Debug, Clone)]
@@ -42,18 +45,24 @@ impl Block for Embedding {
     }
 
     fn forward_saving(&self, params: &[Tensor], x: Option<&Tensor>, batch: &Batch) -> Result<Option<(Tensor, Saved)>> {
-        Ok(Some((self.forward(params, x, batch)?, Box::new(batch.tokens.clone()))))
+        // The gradient kernel groups positions by token on the host: read the ids now, while the device
+        // queue is short (the step's first block), not at the end of the backward.
+        let host = match batch.tokens.device() {
+            Device::Cpu => None,
+            _ => Some(batch.tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?),
+        };
+        let saved: EmbSaved = (batch.tokens.clone(), host);
+        Ok(Some((self.forward(params, x, batch)?, Box::new(saved))))
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Option<Tensor>)> {
         let Upstream::Grad(g) = upstream else { candle_core::bail!("the embedding cannot be the last block") };
-        let tokens = saved.downcast::<Tensor>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
+        let (tokens, host) = *saved.downcast::<EmbSaved>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
         let (b, t, d) = g.dims3()?;
         scoped_as(Kind::Elementwise, "embedding_backward", || {
             // Rows of the token table used several times add up: accumulate in f32 (f64 for f64).
             let acc = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-            let rows = g.reshape((b * t, d))?.to_dtype(acc)?;
-            let d_wte = Tensor::zeros(p[0].shape(), acc, g.device())?.index_add(&tokens.flatten_all()?, &rows, 0)?;
+            let d_wte = embedding_grad(&g.reshape((b * t, d))?, &tokens, host.as_deref(), p[0].dim(0)?)?;
             let d_wpe = col_sum(&g.reshape((b, t * d))?)?.reshape((t, d))?;
             let seq = p[1].dim(0)?;
             let d_wpe = if t < seq { Tensor::cat(&[d_wpe, Tensor::zeros((seq - t, d), acc, g.device())?], 0)? } else { d_wpe };

@@ -137,6 +137,20 @@ pub fn bias_residual(x: &Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
     x + h.broadcast_add(b)?
 }
 
+/// The token table's gradient `[vocab, d]`: the rows of `g` `[n, d]` added up per token (`tokens`, `n`
+/// ids), in f32 (f64 for f64). On CUDA `host_tokens` (the same ids, on the host) lets one kernel sum each
+/// token's rows in position order: repeatable bit for bit, unlike scattered atomic adds.
+pub fn embedding_grad(g: &Tensor, tokens: &Tensor, host_tokens: Option<&[u32]>, vocab: usize) -> Result<Tensor> {
+    let d = g.dim(1)?;
+    #[cfg(feature = "cuda")]
+    if let (Device::Cuda(_), Some(host)) = (g.device(), host_tokens) {
+        return super::fused_cuda::embedding_grad(&g.contiguous()?, host, vocab);
+    }
+    let _ = host_tokens;
+    let acc = stat_dtype(g.dtype());
+    Tensor::zeros((vocab, d), acc, g.device())?.index_add(&tokens.flatten_all()?, &g.to_dtype(acc)?, 0)
+}
+
 /// Column sums of `x` `[n, k]` (bias gradients), in f32 (f64 for f64 input).
 pub fn col_sum(x: &Tensor) -> Result<Tensor> {
     let (n, k) = x.dims2()?;

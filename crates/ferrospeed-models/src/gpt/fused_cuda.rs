@@ -14,6 +14,13 @@ use std::sync::OnceLock;
 
 const SRC: &str = r#"
 __device__ float gelu_t(float u) { return tanhf(0.7978845608028654f * (u + 0.044715f * u * u * u)); }
+// mode 0: gelu(u); 1: y·gelu'(u); 2: u; 3: y + u (u = h + b), see BiasOp.
+__device__ __forceinline__ float bias_elem(int mode, float u, float y) {
+  if (mode == 2) return u;
+  if (mode == 3) return y + u;
+  float t = gelu_t(u);
+  if (mode == 0) return 0.5f * u * (1.f + t);
+  return y * (0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * 0.7978845608028654f * (1.f + 3.f * 0.044715f * u * u)); }
 #define KERNELS(NAME, T, LD, ST) \
 extern "C" __global__ void ln_fwd_##NAME(const T* x, const T* w, const T* b, T* y, float* mean, float* rstd, int d, float eps) { \
   __shared__ float red[33]; long row = blockIdx.x; const T* xr = x + row * d; T* yr = y + row * d; \
@@ -41,14 +48,21 @@ extern "C" __global__ void col_part_##NAME(const T* g, const T* x, const float* 
     for (int i = 0; i < 8; i++) { w += sw[i][threadIdx.x]; b += sb[i][threadIdx.x]; } \
     pb[(long)blockIdx.y * d + col] = b; if (has_x) pw[(long)blockIdx.y * d + col] = w; } } \
 extern "C" __global__ void bias_gelu_##NAME(const T* h, const T* b, const T* dy, T* out, long n, int k, int mode) { \
-  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) { \
-    float u = LD(h[i]) + LD(b[i % k]); \
-    if (mode == 2) { out[i] = ST(u); continue; } \
-    if (mode == 3) { out[i] = ST(LD(dy[i]) + u); continue; } \
-    float t = gelu_t(u); \
-    if (mode == 0) { out[i] = ST(0.5f * u * (1.f + t)); } \
-    else { float dg = 0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * 0.7978845608028654f * (1.f + 3.f * 0.044715f * u * u); \
-      out[i] = ST(LD(dy[i]) * dg); } } }
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) \
+    out[i] = ST(bias_elem(mode, LD(h[i]) + LD(b[i % k]), mode & 1 ? LD(dy[i]) : 0.f)); } \
+extern "C" __global__ void bias_vec_##NAME(const T* h, const T* b, const T* dy, T* out, long nv, int k, int mode) { \
+  const int W = 16 / sizeof(T); \
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < nv; i += (long)gridDim.x * blockDim.x) { \
+    int col = (int)((i * W) % k); uint4 hv = ((const uint4*)h)[i], gv = make_uint4(0, 0, 0, 0), ov; \
+    if (mode & 1) gv = ((const uint4*)dy)[i]; \
+    const T* hp = (const T*)&hv; const T* gp = (const T*)&gv; T* op = (T*)&ov; \
+    _Pragma("unroll") for (int e = 0; e < W; e++) op[e] = ST(bias_elem(mode, LD(hp[e]) + LD(b[col + e]), LD(gp[e]))); \
+    ((uint4*)out)[i] = ov; } } \
+extern "C" __global__ void emb_grad_##NAME(const T* g, const unsigned int* order, const unsigned int* group_tok, const unsigned int* group_start, float* out, int d) { \
+  int col = blockIdx.y * blockDim.x + threadIdx.x; if (col >= d) return; \
+  unsigned int a = group_start[blockIdx.x], z = group_start[blockIdx.x + 1]; float s = 0.f; \
+  for (unsigned int i = a; i < z; i++) s += LD(g[(long)order[i] * d + col]); \
+  out[(long)group_tok[blockIdx.x] * d + col] = s; }
 KERNELS(f32, float, ld_f32, st_f32)
 KERNELS(bf16, unsigned short, ld_bf16, st_bf16)
 KERNELS(f16, unsigned short, ld_f16, st_f16)
@@ -65,14 +79,14 @@ fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
 }
 
 /// A contiguous tensor's device buffer (from its start offset), with its device.
-fn view<T: CudaDType + DeviceRepr, R>(t: &Tensor, f: impl FnOnce(&CudaDevice, CudaView<'_, T>) -> Result<R>) -> Result<R> {
+pub(super) fn view<T: CudaDType + DeviceRepr, R>(t: &Tensor, f: impl FnOnce(&CudaDevice, CudaView<'_, T>) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else { candle_core::bail!("fused op: expected a CUDA tensor") };
     let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("fused op: expected a contiguous tensor") };
     f(s.device(), s.as_cuda_slice::<T>()?.slice(start..end))
 }
 
-fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
+pub(super) fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
     Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
 }
 
@@ -227,19 +241,24 @@ pub enum BiasOp {
 
 /// One elementwise pass of `op` over `h` `[n, k]` with the bias `b` `[k]`.
 pub fn bias_op(op: BiasOp, h: &Tensor, b: &Tensor, y: Option<&Tensor>, n: usize, k: usize) -> Result<Tensor> {
-    fn run<T: CudaDType + DeviceRepr>(h: &Tensor, b: &Tensor, dy: Option<&Tensor>, n: usize, k: usize, bwd: i32) -> Result<Tensor> {
-        let name = format!("bias_gelu_{}", suffix(h.dtype(), "bias ops")?);
+    fn run<T: CudaDType + DeviceRepr>(h: &Tensor, b: &Tensor, dy: Option<&Tensor>, n: usize, k: usize, mode: i32) -> Result<Tensor> {
         let dy = dy.unwrap_or(h);
         view::<T, _>(h, |dev, hv| {
             view::<T, _>(b, |_, bv| {
                 view::<T, _>(dy, |_, gv| {
                     let out = unsafe { dev.alloc::<T>(n * k)? };
-                    let (total, k_i) = ((n * k) as i64, k as i32);
+                    // 16 bytes a thread where rows are whole vectors and the inputs start on a 16-byte boundary.
+                    let w = 16 / std::mem::size_of::<T>();
+                    let aligned = |t: &Tensor| (t.layout().start_offset() * std::mem::size_of::<T>()) % 16 == 0;
+                    let vec = k % w == 0 && aligned(h) && aligned(dy);
+                    let (kernel, items) = if vec { ("bias_vec", n * k / w) } else { ("bias_gelu", n * k) };
+                    let name = format!("{kernel}_{}", suffix(h.dtype(), "bias ops")?);
+                    let (items_i, k_i) = (items as i64, k as i32);
                     let f = func(dev, &name)?;
                     let stream = dev.cuda_stream();
                     let mut l = stream.launch_builder(&f);
-                    l.arg(&hv).arg(&bv).arg(&gv).arg(&out).arg(&total).arg(&k_i).arg(&bwd);
-                    let blocks = (n * k).div_ceil(256).min(65_535 * 8) as u32;
+                    l.arg(&hv).arg(&bv).arg(&gv).arg(&out).arg(&items_i).arg(&k_i).arg(&mode);
+                    let blocks = items.div_ceil(256).min(65_535 * 8) as u32;
                     let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                     unsafe { l.launch(cfg) }.map_err(launch_err)?;
                     Ok(wrap(out, dev, &[n, k]))
@@ -249,4 +268,41 @@ pub fn bias_op(op: BiasOp, h: &Tensor, b: &Tensor, y: Option<&Tensor>, n: usize,
     }
     let mode = op as i32;
     dispatch!(h.dtype(), "bias ops", run(h, b, y, n, k, mode))
+}
+
+/// The token table's gradient `[vocab, d]` (f32): the rows of `g` `[n, d]` summed per token of `tokens`
+/// (`n`, on the host), each token's rows in position order, so that the sums repeat bit for bit.
+pub fn embedding_grad(g: &Tensor, tokens: &[u32], vocab: usize) -> Result<Tensor> {
+    fn run<T: CudaDType + DeviceRepr>(g: &Tensor, tokens: &[u32], vocab: usize) -> Result<Tensor> {
+        let (n, d) = g.dims2()?;
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.sort_by_key(|&i| tokens[i as usize]);
+        let (mut group_tok, mut group_start) = (Vec::new(), Vec::new());
+        for (i, &pos) in order.iter().enumerate() {
+            let tok = tokens[pos as usize];
+            if group_tok.last() != Some(&tok) {
+                group_tok.push(tok);
+                group_start.push(i as u32);
+            }
+        }
+        group_start.push(n as u32);
+        view::<T, _>(g, |dev, gv| {
+            let stream = dev.cuda_stream();
+            let out = dev.alloc_zeros::<f32>(vocab * d)?;
+            if !group_tok.is_empty() {
+                let (order, tok, start) = (stream.clone_htod(&order).map_err(launch_err)?, stream.clone_htod(&group_tok).map_err(launch_err)?, stream.clone_htod(&group_start).map_err(launch_err)?);
+                let f = func(dev, &format!("emb_grad_{}", suffix(g.dtype(), "embedding gradient")?))?;
+                let mut l = stream.launch_builder(&f);
+                let d_i = d as i32;
+                l.arg(&gv).arg(&order).arg(&tok).arg(&start).arg(&out).arg(&d_i);
+                let cfg = LaunchConfig { grid_dim: (group_tok.len() as u32, d.div_ceil(256) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                unsafe { l.launch(cfg) }.map_err(launch_err)?;
+            }
+            Ok(wrap(out, dev, &[vocab, d]))
+        })
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        candle_core::bail!("embedding gradient: token {bad} is outside the vocabulary of {vocab}")
+    }
+    dispatch!(g.dtype(), "embedding gradient", run(g, tokens, vocab))
 }

@@ -2,6 +2,7 @@
 //! that backward. Every op is marked with the kind of work it is (`ferrospeed::profile`), which is
 //! what a GPU step's time breakdown is made of.
 
+use super::attention::{attention_backward, attention_forward, fused_attention_available};
 use super::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
 use super::fused::{bias_add, bias_gelu, bias_gelu_backward, bias_residual, col_sum, ln_backward, ln_forward};
 use candle_core::{Result, Tensor};
@@ -13,11 +14,7 @@ pub struct LayerSaved {
     x: Tensor,
     ln1: (Tensor, Tensor),
     h1: Tensor,
-    /// Heads `[b, nh, t, hd]` and attention probabilities `[b, nh, t, t]`.
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    p: Tensor,
+    attn: AttnSaved,
     /// Attention output with heads merged `[n, d]`, before the output projection.
     y: Tensor,
     /// Residual stream after attention `[n, d]`, its LayerNorm statistics and output.
@@ -28,6 +25,14 @@ pub struct LayerSaved {
     fc: Tensor,
     act: Tensor,
     dims: (usize, usize, usize, usize),
+}
+
+/// What the attention's backward needs: the fused kernels recompute the probabilities from `qkv` and the
+/// log-sum-exp of each row; the composed path keeps the heads `[b, nh, t, hd]` and the probabilities
+/// `[b, nh, t, t]`.
+enum AttnSaved {
+    Fused { qkv: Tensor, lse: Tensor },
+    Composed { q: Tensor, k: Tensor, v: Tensor, p: Tensor },
 }
 
 fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
@@ -49,15 +54,20 @@ pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, save: bool) -> Result<(Tenso
     let ln1 = scoped_as(ew, "layer_norm", || ln_forward(&x, &p[0], &p[1]))?;
     let qkv = matmul(&ln1.y, &p[2])?;
     let qkv = scoped_as(ew, "bias_add", || bias_add(&qkv, &p[3]))?;
-    let heads = |i: usize| -> Result<Tensor> { copy(&qkv.narrow(1, i * d, d)?.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
-    let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-    let (probs, y) = scoped_as(Kind::Attention, "attention_forward", || -> Result<_> {
-        let scores = q.matmul(&k.t()?)?;
-        let probs = causal_softmax_forward(&scores, 1.0 / (hd as f64).sqrt())?;
-        let y = probs.matmul(&v)?;
-        Ok((probs, y))
-    })?;
-    let y = copy(&y.transpose(1, 2)?)?.reshape((n, d))?;
+    let (attn, y) = if fused_attention_available(&qkv, hd) {
+        let out = scoped_as(Kind::Attention, "attention_forward", || attention_forward(&qkv, b, t, nh))?;
+        (AttnSaved::Fused { qkv, lse: out.lse }, out.y)
+    } else {
+        let heads = |i: usize| -> Result<Tensor> { copy(&qkv.narrow(1, i * d, d)?.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
+        let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
+        let (probs, y) = scoped_as(Kind::Attention, "attention_forward", || -> Result<_> {
+            let scores = q.matmul(&k.t()?)?;
+            let probs = causal_softmax_forward(&scores, 1.0 / (hd as f64).sqrt())?;
+            let y = probs.matmul(&v)?;
+            Ok((probs, y))
+        })?;
+        (AttnSaved::Composed { q, k, v, p: probs }, copy(&y.transpose(1, 2)?)?.reshape((n, d))?)
+    };
     let proj = matmul(&y, &p[4])?;
     let x2 = scoped_as(ew, "bias_residual", || bias_residual(&x, &proj, &p[5]))?;
 
@@ -71,10 +81,7 @@ pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, save: bool) -> Result<(Tenso
         x,
         ln1: (ln1.mean, ln1.rstd),
         h1: ln1.y,
-        q,
-        k,
-        v,
-        p: probs,
+        attn,
         y,
         x2,
         ln2: (ln2.mean, ln2.rstd),
@@ -110,15 +117,20 @@ pub fn backward(p: &[Tensor], s: LayerSaved, g: &Tensor) -> Result<(Vec<Option<T
     let d_bo = scoped_as(ew, "bias_grad", || col_sum(&d_x2))?;
     let d_wo = matmul(&tr(&s.y)?, &d_x2)?;
     let d_y = matmul(&d_x2, &tr(&p[4])?)?;
-    let d_y = copy(&d_y.reshape((b, t, nh, hd))?.transpose(1, 2)?)?;
-    let (d_q, d_k, d_v) = scoped_as(Kind::Attention, "attention_backward", || -> Result<_> {
-        let d_p = d_y.matmul(&s.v.t()?)?;
-        let d_v = s.p.t()?.matmul(&d_y)?;
-        let d_s = causal_softmax_backward(&s.p, &d_p, 1.0 / (hd as f64).sqrt())?;
-        drop(d_p);
-        Ok((d_s.matmul(&s.k)?, d_s.t()?.matmul(&s.q)?, d_v))
-    })?;
-    let d_qkv = scoped_as(Kind::Copy, "merge_qkv_grads", || Tensor::cat(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2))?.reshape((n, 3 * d))?;
+    let d_qkv = match s.attn {
+        AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &s.y, &lse, &d_y, b, t, nh))?,
+        AttnSaved::Composed { q, k, v, p: probs } => {
+            let d_y = copy(&d_y.reshape((b, t, nh, hd))?.transpose(1, 2)?)?;
+            let (d_q, d_k, d_v) = scoped_as(Kind::Attention, "attention_backward", || -> Result<_> {
+                let d_p = d_y.matmul(&v.t()?)?;
+                let d_v = probs.t()?.matmul(&d_y)?;
+                let d_s = causal_softmax_backward(&probs, &d_p, 1.0 / (hd as f64).sqrt())?;
+                drop(d_p);
+                Ok((d_s.matmul(&k)?, d_s.t()?.matmul(&q)?, d_v))
+            })?;
+            scoped_as(Kind::Copy, "merge_qkv_grads", || Tensor::cat(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2))?.reshape((n, 3 * d))?
+        }
+    };
     let d_bqkv = scoped_as(ew, "bias_grad", || col_sum(&d_qkv))?;
     let d_wqkv = matmul(&tr(&s.h1)?, &d_qkv)?;
     let d_h1 = matmul(&d_qkv, &tr(&p[2])?)?;

@@ -5,6 +5,9 @@
 //! linear weights are stored `[in, out]` like its Conv1D, so `x · W` needs no transpose and export is a
 //! renaming.
 
+pub mod attention;
+#[cfg(feature = "cuda")]
+mod attention_cuda;
 mod causal_softmax;
 mod cross_entropy;
 #[cfg(feature = "cuda")]

@@ -5,12 +5,34 @@
 //! resident, optimizer not sharded), or a compute-dtype tensor over the window that is gathered.
 
 use super::host_buf::HostBuf;
+use crate::comm::nccl::{NcclComm, NcclPending};
+use crate::comm::CommError;
 use crate::optim::{adamw_update, cast_into, AdamW};
 use crate::shard::FlatParam;
-use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView};
-use candle_core::cuda::CudaDevice;
-use candle_core::{Device, Result, Tensor, Var};
+use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda::cudarc::nccl::NcclType;
+use candle_core::cuda::{CudaDType, CudaDevice};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Device, Result, Storage, Tensor, Var};
+use half::{bf16, f16};
 use std::ops::Range;
+
+/// A block's compute copy gathered on the device: every rank's window side by side (the whole padded
+/// flat buffer), complete once the compute stream has waited for the NCCL all-gather, if there is one.
+pub struct DeviceGather {
+    full: Tensor,
+    pending: Option<NcclPending>,
+}
+
+impl DeviceGather {
+    /// The gathered buffer; later work on the compute stream sees the collective's result.
+    pub fn finish(self) -> std::result::Result<Tensor, CommError> {
+        if let Some(p) = self.pending {
+            p.wait()?;
+        }
+        Ok(self.full)
+    }
+}
 
 pub struct DeviceWindow {
     dev: CudaDevice,
@@ -69,6 +91,47 @@ impl DeviceWindow {
     /// The compute copy of the window on the host (one copy), to gather or to keep as the shard.
     pub fn compute_host(&self) -> Result<Option<HostBuf>> {
         self.compute.as_ref().map(HostBuf::from_tensor).transpose()
+    }
+
+    /// Start gathering every rank's compute copy into the whole block on the device: the window itself
+    /// when it is the whole block (world 1), else an NCCL all-gather. `None` without a compute copy
+    /// (stage 0) or without NCCL at world > 1 (the host path gathers).
+    pub fn start_gather(&self, nccl: Option<&NcclComm>, padded: usize) -> std::result::Result<Option<DeviceGather>, CommError> {
+        let Some(compute) = self.compute.as_ref().filter(|_| self.gathers_on_device(nccl.is_some(), padded)) else { return Ok(None) };
+        let Some(nccl) = nccl.filter(|_| compute.elem_count() != padded) else {
+            return Ok(Some(DeviceGather { full: compute.clone(), pending: None }));
+        };
+        fn run<T: CudaDType + DeviceRepr + NcclType>(dev: &CudaDevice, nccl: &NcclComm, compute: &Tensor, padded: usize) -> std::result::Result<DeviceGather, CommError> {
+            let cuda = |e: candle_core::Error| CommError::Unsupported { what: "a device all-gather".into(), reason: e.to_string() };
+            let mut full = unsafe { dev.alloc::<T>(padded) }.map_err(cuda)?;
+            let pending = {
+                let (storage, layout) = compute.storage_and_layout();
+                let Storage::Cuda(cs) = &*storage else { return Err(cuda(candle_core::Error::Msg("the compute copy is not on the GPU".into()))) };
+                if layout.start_offset() != 0 || !layout.is_contiguous() {
+                    return Err(cuda(candle_core::Error::Msg("the compute copy is not a whole contiguous buffer".into())));
+                }
+                nccl.all_gather(cs.as_cuda_slice::<T>().map_err(cuda)?, &mut full)?
+            };
+            let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(full, dev.clone()));
+            let full = Tensor::from_storage(storage, padded, BackpropOp::none(), false);
+            Ok(DeviceGather { full, pending: Some(pending) })
+        }
+        let gather = match compute.dtype() {
+            DType::BF16 => run::<bf16>(&self.dev, nccl, compute, padded)?,
+            DType::F16 => run::<f16>(&self.dev, nccl, compute, padded)?,
+            _ => run::<f32>(&self.dev, nccl, compute, padded)?,
+        };
+        Ok(Some(gather))
+    }
+
+    /// Whether [`Self::start_gather`] gathers on the device (given NCCL or not) for a block of `padded`.
+    pub fn gathers_on_device(&self, nccl: bool, padded: usize) -> bool {
+        self.compute.as_ref().is_some_and(|c| nccl || c.elem_count() == padded)
+    }
+
+    /// Bytes of the compute copy kept on the device (the shard a stage 3 rank holds).
+    pub fn compute_bytes(&self) -> usize {
+        self.compute.as_ref().map_or(0, |c| c.elem_count() * c.dtype().size_in_bytes())
     }
 
     /// AdamW over every parameter part in `window` (decay per parameter), from `grad` (the reduced

@@ -25,9 +25,9 @@ pub use block::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
 #[cfg(feature = "cuda")]
 use device_grads::DeviceGrads;
 #[cfg(feature = "cuda")]
-use device_state::DeviceWindow;
+use device_state::{DeviceGather, DeviceWindow};
 #[cfg(not(feature = "cuda"))]
-use device_stub::{DeviceGrads, DeviceWindow, Nccl};
+use device_stub::{DeviceGather, DeviceGrads, DeviceWindow, Nccl};
 #[cfg(feature = "cuda")]
 use crate::comm::nccl::NcclComm as Nccl;
 

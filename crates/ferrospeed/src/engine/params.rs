@@ -9,7 +9,7 @@ use super::comm_worker::{CommWorker, Pending};
 use super::error::EngineError;
 use super::host_buf::HostBuf;
 use super::model::Model;
-use super::DeviceWindow;
+use super::{DeviceGather, DeviceWindow, Nccl};
 use crate::comm::CommError;
 use crate::engine::{Init, ParamSpec};
 use crate::rng::Rng;
@@ -17,6 +17,22 @@ use crate::shard::{FlatParam, Strategy};
 use candle_core::{DType, Device, Var};
 use std::ops::Range;
 use std::sync::Arc;
+
+/// A gather of a block's compute copy in flight: through the host communicator, or on the device.
+pub enum Gather {
+    Host(Pending<Result<HostBuf, CommError>>),
+    Device(DeviceGather),
+}
+
+impl Gather {
+    /// Let it complete without using the result (a prefetched gather every rank issued).
+    pub fn complete(self) {
+        match self {
+            Gather::Host(p) => drop(p.wait()),
+            Gather::Device(g) => drop(g.finish()),
+        }
+    }
+}
 
 /// Everything a rank holds of one block's parameters.
 pub struct BlockParams {
@@ -96,18 +112,36 @@ impl BlockParams {
         if self.device.is_cuda() {
             // One upload for the block; each variable is then a device copy of its range.
             let all = full.tensor(&self.device).map_err(EngineError::tensor(self.name.clone()))?;
-            return (0..self.flat.specs().len())
-                .map(|j| {
-                    let r = self.flat.range(j);
-                    Var::from_tensor(&all.narrow(0, r.start, r.len())?.reshape(self.flat.specs()[j].shape.as_slice())?)
-                })
-                .collect::<candle_core::Result<_>>()
-                .map_err(EngineError::tensor(self.name.clone()));
+            return self.vars_from_device(&all);
         }
         (0..self.flat.specs().len())
             .map(|j| full.var(self.flat.range(j), &self.flat.specs()[j].shape, &self.device))
             .collect::<candle_core::Result<_>>()
             .map_err(EngineError::tensor(self.name.clone()))
+    }
+
+    /// Variables (device copies) over the ranges of `all`, the whole flat buffer on the device.
+    fn vars_from_device(&self, all: &candle_core::Tensor) -> Result<Vec<Var>, EngineError> {
+        (0..self.flat.specs().len())
+            .map(|j| {
+                let r = self.flat.range(j);
+                Var::from_tensor(&all.narrow(0, r.start, r.len())?.reshape(self.flat.specs()[j].shape.as_slice())?)
+            })
+            .collect::<candle_core::Result<_>>()
+            .map_err(EngineError::tensor(self.name.clone()))
+    }
+
+    fn finish(&self, gather: Gather) -> Result<Vec<Var>, EngineError> {
+        match gather {
+            Gather::Host(p) => self.make_vars(&p.wait()??),
+            Gather::Device(g) => self.vars_from_device(&g.finish()?),
+        }
+    }
+
+    /// Whether gathers of this block run on the device (CUDA with a compute copy, and NCCL unless the
+    /// window is the whole block).
+    fn gathers_on_device(&self, nccl: Option<&Nccl>) -> bool {
+        self.dev.as_ref().is_some_and(|d| d.gathers_on_device(nccl.is_some(), self.flat.padded_numel()))
     }
 
     /// The resident variables (stages 0–2).
@@ -116,18 +150,20 @@ impl BlockParams {
     }
 
     /// Start all-gathering this block's shard (stage 3); `finish_gather` turns the result into variables.
-    pub fn start_gather(&self, worker: &CommWorker) -> Result<Pending<Result<HostBuf, CommError>>, EngineError> {
+    pub fn start_gather(&self, worker: &CommWorker, nccl: Option<&Nccl>) -> Result<Gather, EngineError> {
+        if let Some(g) = self.dev.as_ref().map(|d| d.start_gather(nccl, self.flat.padded_numel())).transpose()?.flatten() {
+            return Ok(Gather::Device(g));
+        }
         let shard = self.shard.clone().ok_or_else(|| EngineError::Unsupported(format!("block {} has no shard to gather", self.name)))?;
         let (dtype, padded) = (self.dtype, self.flat.padded_numel());
-        Ok(worker.submit(move |c| {
+        Ok(Gather::Host(worker.submit(move |c| {
             let mut full = HostBuf::zeros(dtype, padded);
             c.all_gather(shard.as_buf(), full.as_buf_mut()).map(|()| full)
-        }))
+        })))
     }
 
-    pub fn finish_gather(&self, pending: Pending<Result<HostBuf, CommError>>) -> Result<Vec<Var>, EngineError> {
-        let full = pending.wait()??;
-        self.make_vars(&full)
+    pub fn finish_gather(&self, gather: Gather) -> Result<Vec<Var>, EngineError> {
+        self.finish(gather)
     }
 
     /// After the optimizer updated `master`: refresh what blocks compute on. Stage 0 rebuilds its
@@ -135,10 +171,20 @@ impl BlockParams {
     /// pending collective for `finish_publish`); stage 3 only refreshes its shard.
     /// On a CUDA device the update already wrote the compute copy: stage 0 has nothing left to do,
     /// the others copy the window's compute copy to the host once.
-    pub fn start_publish(&mut self, worker: &CommWorker, strategy: Strategy) -> Result<Option<Pending<Result<HostBuf, CommError>>>, EngineError> {
+    pub fn start_publish(&mut self, worker: &CommWorker, strategy: Strategy, nccl: Option<&Nccl>) -> Result<Option<Gather>, EngineError> {
+        if self.dev.is_some() && strategy.params_resident() && !strategy.optimizer_sharded() {
+            return Ok(None);
+        }
+        if self.gathers_on_device(nccl) {
+            if !strategy.params_resident() {
+                // Stage 3: the updated shard stays on the device, where the gathers read it.
+                self.shard = None;
+                return Ok(None);
+            }
+            return Ok(Some(self.start_gather(worker, nccl)?));
+        }
         let updated = match &self.dev {
             None => HostBuf::from_f32(self.dtype, &self.master),
-            Some(_) if strategy.params_resident() && !strategy.optimizer_sharded() => return Ok(None),
             Some(d) => d
                 .compute_host()
                 .map_err(EngineError::tensor(self.name.clone()))?
@@ -153,15 +199,14 @@ impl BlockParams {
             return Ok(None);
         }
         let (dtype, padded) = (self.dtype, self.flat.padded_numel());
-        Ok(Some(worker.submit(move |c| {
+        Ok(Some(Gather::Host(worker.submit(move |c| {
             let mut full = HostBuf::zeros(dtype, padded);
             c.all_gather(updated.as_buf(), full.as_buf_mut()).map(|()| full)
-        })))
+        }))))
     }
 
-    pub fn finish_publish(&mut self, pending: Pending<Result<HostBuf, CommError>>) -> Result<(), EngineError> {
-        let full = pending.wait()??;
-        self.vars = Some(self.make_vars(&full)?);
+    pub fn finish_publish(&mut self, gather: Gather) -> Result<(), EngineError> {
+        self.vars = Some(self.finish(gather)?);
         Ok(())
     }
 
@@ -215,7 +260,8 @@ impl BlockParams {
     /// Bytes of compute-dtype parameters held between steps (variables or shard).
     pub fn param_bytes(&self) -> usize {
         let vars: usize = self.vars.iter().flatten().map(|v| v.elem_count() * v.dtype().size_in_bytes()).sum();
-        vars + self.shard.as_ref().map_or(0, |s| s.bytes())
+        let device_shard = if self.vars.is_none() { self.dev.as_ref().map_or(0, DeviceWindow::compute_bytes) } else { 0 };
+        vars + self.shard.as_ref().map_or(device_shard, |s| s.bytes())
     }
 }
 

@@ -2,12 +2,11 @@
 //! before use and released after it, with the next block's gather already running (stage 3).
 
 use super::blockwise::ParamSource;
-use super::comm_worker::{CommWorker, Pending};
+use super::comm_worker::CommWorker;
 use super::error::EngineError;
-use super::host_buf::HostBuf;
 use super::model::Model;
-use super::params::BlockParams;
-use crate::comm::CommError;
+use super::params::{BlockParams, Gather};
+use super::Nccl;
 use candle_core::{Tensor, Var};
 use std::collections::{BTreeSet, HashMap};
 
@@ -44,8 +43,10 @@ pub struct Gathering<'a> {
     pub model: &'a Model,
     pub params: &'a [BlockParams],
     pub worker: &'a CommWorker,
+    /// NCCL when the ranks have one GPU each: shards are then gathered on the devices.
+    nccl: Option<&'a Nccl>,
     ready: HashMap<usize, Vec<Var>>,
-    pending: HashMap<usize, Pending<Result<HostBuf, CommError>>>,
+    pending: HashMap<usize, Gather>,
     /// Owners needed by the block announced as next, kept across `release`.
     upcoming: BTreeSet<usize>,
     /// Largest number of bytes of gathered parameters alive at once.
@@ -53,8 +54,8 @@ pub struct Gathering<'a> {
 }
 
 impl<'a> Gathering<'a> {
-    pub fn new(model: &'a Model, params: &'a [BlockParams], worker: &'a CommWorker) -> Self {
-        Self { model, params, worker, ready: HashMap::new(), pending: HashMap::new(), upcoming: BTreeSet::new(), peak_bytes: 0 }
+    pub fn new(model: &'a Model, params: &'a [BlockParams], worker: &'a CommWorker, nccl: Option<&'a Nccl>) -> Self {
+        Self { model, params, worker, nccl, ready: HashMap::new(), pending: HashMap::new(), upcoming: BTreeSet::new(), peak_bytes: 0 }
     }
 
     fn ensure(&mut self, block: usize) -> Result<(), EngineError> {
@@ -63,7 +64,7 @@ impl<'a> Gathering<'a> {
         }
         let pending = match self.pending.remove(&block) {
             Some(p) => p,
-            None => self.params[block].start_gather(self.worker)?,
+            None => self.params[block].start_gather(self.worker, self.nccl)?,
         };
         let vars = crate::profile::scoped_as(crate::profile::Kind::Communication, "param_gather", || self.params[block].finish_gather(pending))?;
         self.ready.insert(block, vars);
@@ -92,7 +93,7 @@ impl ParamSource for Gathering<'_> {
         self.upcoming = next.map(|n| owners(self.model, n)).unwrap_or_default();
         for owner in self.upcoming.clone() {
             if !self.ready.contains_key(&owner) && !self.pending.contains_key(&owner) {
-                let pending = self.params[owner].start_gather(self.worker)?;
+                let pending = self.params[owner].start_gather(self.worker, self.nccl)?;
                 self.pending.insert(owner, pending);
             }
         }
@@ -113,7 +114,7 @@ impl Drop for Gathering<'_> {
         // A gather that was prefetched but never used must still complete on this rank, since the
         // other ranks run it too; waiting keeps the worker's queue and the peers in step.
         for (_, p) in self.pending.drain() {
-            let _ = p.wait();
+            p.complete();
         }
     }
 }

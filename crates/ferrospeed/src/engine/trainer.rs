@@ -157,7 +157,7 @@ impl Engine {
             let mut src = Resident { model: &self.model, params: &self.params };
             (0..self.model.num_blocks()).map(|i| src.acquire(i, None)).collect()
         } else {
-            Gathering::new(&self.model, &self.params, &self.worker).all_slot_tensors()
+            Gathering::new(&self.model, &self.params, &self.worker, self.nccl.as_ref()).all_slot_tensors()
         }
     }
 
@@ -271,7 +271,7 @@ impl Engine {
         }
         let Self { model, worker, params, grads, cfg, inject_overflow, nccl, .. } = self;
         let mut resident = Resident { model, params };
-        let mut gathering = Gathering::new(model, params, worker);
+        let mut gathering = Gathering::new(model, params, worker, nccl.as_ref());
         let source: &mut dyn ParamSource = if cfg.strategy.params_resident() { &mut resident } else { &mut gathering };
         let mut loss_sum = 0f64;
         let mut pending = Vec::new();
@@ -369,9 +369,10 @@ impl Engine {
     /// every block's updated shards, all submitted before any is awaited.
     fn publish(&mut self) -> Result<(), EngineError> {
         let strategy = self.cfg.strategy;
+        let nccl = self.nccl.as_ref();
         let mut pending = Vec::new();
         for (i, p) in self.params.iter_mut().enumerate() {
-            if let Some(gather) = p.start_publish(&self.worker, strategy)? {
+            if let Some(gather) = p.start_publish(&self.worker, strategy, nccl)? {
                 pending.push((i, gather));
             }
         }

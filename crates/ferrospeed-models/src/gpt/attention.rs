@@ -1,0 +1,179 @@
+//! Causal self-attention read straight from the QKV projection `[b·t, 3·d]` (`[b, t, 3, nh, hd]`) and written
+//! straight in the output projection's layout `[b·t, d]`: no head split or merge copies, and on CUDA no
+//! `t × t` scores in memory (`attention_kernels.cu`, tensor cores, bf16/f16). The forward keeps the
+//! log-sum-exp of each row, which is all the backward needs to recompute the probabilities.
+//!
+//! The CPU functions are the reference, in f64 (what the GPU tests compare the kernels with); the layer
+//! uses this path only where [`fused_attention_available`] says the kernels run.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// The output `[b·t, d]` of the attention and the natural-log log-sum-exp `[b, nh, t]` (f32) of each
+/// row's scaled scores.
+pub struct AttnOut {
+    pub y: Tensor,
+    pub lse: Tensor,
+}
+
+/// Whether the fused kernels run for `qkv` with head dimension `hd`: a CUDA tensor in bf16 or f16 on a
+/// device of compute capability 8.0 or later, `hd` one of 32, 64, 128. `FERROSPEED_FUSED_ATTENTION=0`
+/// turns them off (the composed path, for comparisons).
+pub fn fused_attention_available(qkv: &Tensor, hd: usize) -> bool {
+    if std::env::var("FERROSPEED_FUSED_ATTENTION").is_ok_and(|v| v == "0") {
+        return false;
+    }
+    match qkv.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => super::attention_cuda::supported(dev, qkv.dtype(), hd),
+        _ => {
+            let _ = hd;
+            false
+        }
+    }
+}
+
+fn check(qkv: &Tensor, b: usize, t: usize, nh: usize) -> Result<(usize, usize)> {
+    let (n, d3) = qkv.dims2()?;
+    if n != b * t || d3 % (3 * nh) != 0 {
+        candle_core::bail!("attention: qkv {:?} is not [b·t, 3·nh·hd] for b={b}, t={t}, nh={nh}", qkv.dims())
+    }
+    Ok((d3 / 3, d3 / 3 / nh))
+}
+
+/// Contiguous and starting on a 16-byte boundary (the kernels load 8 halves at a time).
+#[cfg(feature = "cuda")]
+fn aligned(t: &Tensor) -> Result<Tensor> {
+    let t = t.contiguous()?;
+    if t.layout().start_offset() % 8 == 0 {
+        Ok(t)
+    } else {
+        t.copy()
+    }
+}
+
+fn f64s(t: &Tensor) -> Result<Vec<f64>> {
+    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
+}
+
+/// `softmax(q·kᵀ/√hd + causal mask)·v` per head.
+pub fn attention_forward(qkv: &Tensor, b: usize, t: usize, nh: usize) -> Result<AttnOut> {
+    let (d, hd) = check(qkv, b, t, nh)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = qkv.device() {
+        return super::attention_cuda::forward(&aligned(qkv)?, b, t, nh, hd);
+    }
+    let x = f64s(qkv)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let (mut y, mut lse) = (vec![0.0; b * t * d], vec![0.0; b * nh * t]);
+    let at = |bi: usize, ti: usize, part: usize, h: usize| ((bi * t + ti) * 3 + part) * d + h * hd;
+    for bi in 0..b {
+        for h in 0..nh {
+            for i in 0..t {
+                let q = &x[at(bi, i, 0, h)..][..hd];
+                let s: Vec<f64> = (0..=i).map(|j| scale * dot(q, &x[at(bi, j, 1, h)..][..hd])).collect();
+                let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let l = m + s.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                let out = &mut y[(bi * t + i) * d + h * hd..][..hd];
+                for (j, sj) in s.iter().enumerate() {
+                    let p = (sj - l).exp();
+                    out.iter_mut().zip(&x[at(bi, j, 2, h)..][..hd]).for_each(|(o, v)| *o += p * v);
+                }
+                lse[(bi * nh + h) * t + i] = l;
+            }
+        }
+    }
+    let y = Tensor::from_vec(y, (b * t, d), &Device::Cpu)?.to_dtype(qkv.dtype())?;
+    Ok(AttnOut { y, lse: Tensor::from_vec(lse, (b, nh, t), &Device::Cpu)?.to_dtype(DType::F32)? })
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// The gradient `[b·t, 3·d]` with respect to `qkv` for the output gradient `dy` `[b·t, d]`, given the
+/// forward's output `y` and `lse`. The probabilities are recomputed; `Σ dy·y` uses the `y` given (as
+/// the kernels do).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize) -> Result<Tensor> {
+    let (d, hd) = check(qkv, b, t, nh)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = qkv.device() {
+        return super::attention_cuda::backward(&aligned(qkv)?, &aligned(y)?, &lse.contiguous()?, &aligned(dy)?, b, t, nh, hd);
+    }
+    let (x, yv, lv, g) = (f64s(qkv)?, f64s(y)?, f64s(lse)?, f64s(dy)?);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut dx = vec![0.0; b * t * 3 * d];
+    let at = |bi: usize, ti: usize, part: usize, h: usize| ((bi * t + ti) * 3 + part) * d + h * hd;
+    for bi in 0..b {
+        for h in 0..nh {
+            for i in 0..t {
+                let row = (bi * t + i) * d + h * hd;
+                let (gi, yi) = (&g[row..][..hd], &yv[row..][..hd]);
+                let delta = dot(gi, yi);
+                let l = lv[(bi * nh + h) * t + i];
+                for j in 0..=i {
+                    let (qi, kj, vj) = (at(bi, i, 0, h), at(bi, j, 1, h), at(bi, j, 2, h));
+                    let p = (scale * dot(&x[qi..][..hd], &x[kj..][..hd]) - l).exp();
+                    let ds = scale * p * (dot(gi, &x[vj..][..hd]) - delta);
+                    for e in 0..hd {
+                        dx[qi + e] += ds * x[kj + e];
+                        dx[kj + e] += ds * x[qi + e];
+                        dx[vj + e] += p * gi[e];
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(dx, (b * t, 3 * d), &Device::Cpu)?.to_dtype(qkv.dtype())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpt::causal_softmax;
+    use candle_core::Var;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = ferrospeed::rng::Rng::new(seed);
+        let v: Vec<f64> = (0..shape.iter().product()).map(|_| rng.normal()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// The composed attention of the layer (split heads, scores, causal softmax, merge), with autograd.
+    fn composed(qkv: &Tensor, b: usize, t: usize, nh: usize) -> Tensor {
+        let d = qkv.dim(1).unwrap() / 3;
+        let hd = d / nh;
+        let heads = |i: usize| qkv.narrow(1, i * d, d).unwrap().reshape((b, t, nh, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let (q, k, v) = (heads(0), heads(1), heads(2));
+        let p = causal_softmax(&q.matmul(&k.t().unwrap()).unwrap(), 1.0 / (hd as f64).sqrt()).unwrap();
+        p.matmul(&v).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((b * t, d)).unwrap()
+    }
+
+    #[test]
+    fn reference_matches_autograd_of_the_composed_attention() {
+        let (b, t, nh, hd) = (2, 5, 3, 4);
+        let qkv = Var::from_tensor(&randn(&[b * t, 3 * nh * hd], 1)).unwrap();
+        let g = randn(&[b * t, nh * hd], 2);
+        let want = composed(&qkv, b, t, nh);
+        let grads = (&want * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let out = attention_forward(&qkv.detach(), b, t, nh).unwrap();
+        assert!(max_diff(&out.y, &want) < 1e-12);
+        // The log-sum-exp of row 0 of every head is its only scaled score, q₀·k₀/√hd.
+        let x = qkv.detach().to_vec2::<f64>().unwrap();
+        let l0 = dot(&x[0][..hd], &x[0][nh * hd..nh * hd + hd]) / (hd as f64).sqrt();
+        assert!((out.lse.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0] - l0).abs() < 1e-6);
+        let dqkv = attention_backward(&qkv.detach(), &out.y, &out.lse.to_dtype(DType::F64).unwrap(), &g, b, t, nh).unwrap();
+        // lse went through f32: the gradient is exact to f32 rounding of the log-sum-exp.
+        assert!(max_diff(&dqkv, grads.get(&qkv).unwrap()) < 1e-5, "{}", max_diff(&dqkv, grads.get(&qkv).unwrap()));
+    }
+
+    #[test]
+    fn bad_shapes_are_named() {
+        let e = attention_forward(&Tensor::zeros((6, 9), DType::F32, &Device::Cpu).unwrap(), 2, 4, 3).err().unwrap();
+        assert!(e.to_string().contains("[b·t, 3·nh·hd]"), "{e}");
+    }
+}

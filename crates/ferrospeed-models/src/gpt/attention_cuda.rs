@@ -1,0 +1,101 @@
+//! Launches of the fused attention kernels (`attention_kernels.cu`, NVRTC for compute_80: `mma.sync` on
+//! bf16 needs Ampere or later): forward, then in the backward `Σ dy·y` per row, dQ, and dK with dV.
+
+use super::attention::AttnOut;
+use super::cuda_kernels::{compile_for, compute_capability, launch_err, suffix};
+use super::fused_cuda::{view, wrap};
+use candle_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
+use candle_core::cuda::{CudaDType, CudaDevice};
+use candle_core::{DType, Result, Tensor};
+use half::{bf16, f16};
+use std::sync::OnceLock;
+
+const SRC: &str = include_str!("attention_kernels.cu");
+const HEAD_DIMS: [usize; 3] = [32, 64, 128];
+/// Rows of a tile (queries or keys): the kernels' `TILE`.
+const TILE: usize = 64;
+
+fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let ptx = compile_for(&PTX, SRC, "fused attention", Some("compute_80"))?;
+    Ok(dev.get_or_load_custom_func(name, "ferrospeed_attention", ptx)?.into_cuda_function())
+}
+
+pub fn supported(dev: &CudaDevice, dtype: DType, hd: usize) -> bool {
+    static SM80: OnceLock<bool> = OnceLock::new();
+    matches!(dtype, DType::BF16 | DType::F16) && HEAD_DIMS.contains(&hd) && *SM80.get_or_init(|| compute_capability(dev).is_ok_and(|(major, _)| major >= 8))
+}
+
+fn tiles(b: usize, t: usize, nh: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (t.div_ceil(TILE) as u32, (b * nh) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+}
+
+fn name(kernel: &str, dtype: DType, hd: usize) -> Result<String> {
+    if !HEAD_DIMS.contains(&hd) {
+        candle_core::bail!("fused attention: head dimension {hd} is not one of {HEAD_DIMS:?}")
+    }
+    Ok(format!("attn_{kernel}_{}_{hd}", suffix(dtype, "fused attention")?))
+}
+
+pub fn forward(qkv: &Tensor, b: usize, t: usize, nh: usize, hd: usize) -> Result<AttnOut> {
+    fn run<T: CudaDType + DeviceRepr>(qkv: &Tensor, b: usize, t: usize, nh: usize, hd: usize) -> Result<AttnOut> {
+        let name = name("fwd", qkv.dtype(), hd)?;
+        view::<T, _>(qkv, |dev, qv| {
+            let y = unsafe { dev.alloc::<T>(b * t * nh * hd)? };
+            let lse = unsafe { dev.alloc::<f32>(b * nh * t)? };
+            let (t_i, nh_i, scale) = (t as i32, nh as i32, 1.0 / (hd as f32).sqrt());
+            let f = func(dev, &name)?;
+            let stream = dev.cuda_stream();
+            let mut l = stream.launch_builder(&f);
+            l.arg(&qv).arg(&y).arg(&lse).arg(&t_i).arg(&nh_i).arg(&scale);
+            unsafe { l.launch(tiles(b, t, nh)) }.map_err(launch_err)?;
+            Ok(AttnOut { y: wrap(y, dev, &[b * t, nh * hd]), lse: wrap(lse, dev, &[b, nh, t]) })
+        })
+    }
+    match qkv.dtype() {
+        DType::BF16 => run::<bf16>(qkv, b, t, nh, hd),
+        DType::F16 => run::<f16>(qkv, b, t, nh, hd),
+        other => candle_core::bail!("fused attention: unsupported dtype {other:?} (bf16 or f16)"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, hd: usize) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: CudaDType + DeviceRepr>(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, hd: usize) -> Result<Tensor> {
+        let dtype = qkv.dtype();
+        view::<T, _>(qkv, |dev, qv| {
+            view::<T, _>(y, |_, yv| {
+                view::<T, _>(dy, |_, gv| {
+                    view::<f32, _>(lse, |_, lv| {
+                        let rows = (b * t * nh) as i64;
+                        let delta = unsafe { dev.alloc::<f32>(b * nh * t)? };
+                        let dqkv = unsafe { dev.alloc::<T>(b * t * 3 * nh * hd)? };
+                        let (t_i, nh_i, scale) = (t as i32, nh as i32, 1.0 / (hd as f32).sqrt());
+                        let stream = dev.cuda_stream();
+                        let f = func(dev, &name("delta", dtype, hd)?)?;
+                        let mut l = stream.launch_builder(&f);
+                        l.arg(&yv).arg(&gv).arg(&delta).arg(&t_i).arg(&nh_i).arg(&rows);
+                        let cfg = LaunchConfig { grid_dim: ((rows as usize).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                        unsafe { l.launch(cfg) }.map_err(launch_err)?;
+                        for kernel in ["bwd_dq", "bwd_dkv"] {
+                            let f = func(dev, &name(kernel, dtype, hd)?)?;
+                            let mut l = stream.launch_builder(&f);
+                            l.arg(&qv).arg(&gv).arg(&lv).arg(&delta).arg(&dqkv).arg(&t_i).arg(&nh_i).arg(&scale);
+                            unsafe { l.launch(tiles(b, t, nh)) }.map_err(launch_err)?;
+                        }
+                        Ok(wrap(dqkv, dev, &[b * t, 3 * nh * hd]))
+                    })
+                })
+            })
+        })
+    }
+    if lse.dtype() != DType::F32 {
+        candle_core::bail!("fused attention backward: lse must be f32, got {:?}", lse.dtype())
+    }
+    match qkv.dtype() {
+        DType::BF16 => run::<bf16>(qkv, y, lse, dy, b, t, nh, hd),
+        DType::F16 => run::<f16>(qkv, y, lse, dy, b, t, nh, hd),
+        other => candle_core::bail!("fused attention: unsupported dtype {other:?} (bf16 or f16)"),
+    }
+}
