@@ -78,7 +78,8 @@ print("ALL GPU CHECKS PASSED" if ok else "SOME GPU CHECKS FAILED")
 PY
 
 # --- benchmarks, all in this call
-B() { timeout "$1" $BIN bench-train "${@:2}" 2>>"$LOGS/bench.err" | tee -a "$OUT/bench.jsonl"; }
+# VARIANT=... names a line in the table (the JSON gets a "variant" field).
+B() { timeout "$1" $BIN bench-train "${@:2}" 2>>"$LOGS/bench.err" | sed "s/^{/{${VARIANT:+\"variant\":\"$VARIANT\",}/" | tee -a "$OUT/bench.jsonl"; }
 S124="--model gpt2-124m --micro-batch 16 --precision bf16 --device cuda --steps 8 --warmup 3"
 # Activations kept (no recompute; the table's line), then recomputed (the least memory), then stages 2 and 3.
 B 240 $S124 --stage 0 --profile
@@ -86,11 +87,11 @@ B 240 $S124 --stage 0 --checkpointing --profile
 B 240 $S124 --stage 2
 B 240 $S124 --stage 3 --checkpointing
 # The previous attention (heads split, T×T scores materialised) for comparison.
-FERROSPEED_FUSED_ATTENTION=0 B 240 $S124 --stage 0 --checkpointing
-[ "${QUICK:-0}" = 1 ] && { echo "done (quick: 1.5B and anchors skipped)"; exit 0; }
+FERROSPEED_FUSED_ATTENTION=0 VARIANT="previous attention" B 240 $S124 --stage 0 --checkpointing
+[ "${QUICK:-0}" = 1 ] && { python3 bench/table.py "$OUT/bench.jsonl" | tee "$OUT/table.md"; echo "done (quick: 1.5B and anchors skipped)"; exit 0; }
 B 300 --model gpt2-1.5b --micro-batch 8 --stage 0 --precision bf16 --device cuda --steps 3 --warmup 2 --checkpointing
 B 300 --model gpt2-1.5b --micro-batch 8 --stage 0 --precision bf16 --device cuda --steps 3 --warmup 2
-[ "${SKIP_ANCHORS:-0}" = 1 ] && { echo "done (anchors skipped)"; exit 0; }
+[ "${SKIP_ANCHORS:-0}" = 1 ] && { python3 bench/table.py "$OUT/bench.jsonl" | tee "$OUT/table.md"; echo "done (anchors skipped)"; exit 0; }
 cd .anchors
 timeout 300 python3 anchor_torch.py gpt2-124m:16:e gpt2-124m:16:c 2>>"$LOGS/anchors.err" | tee -a "$OUT/bench.jsonl"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site wheels/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
@@ -99,4 +100,5 @@ mkdir -p /tmp/ds && tar xzf wheels/deepspeed-0.19.8.tar.gz -C /tmp/ds && \
 TORCH_CUDA_ARCH_LIST=9.0 timeout 300 python3 anchor_deepspeed.py gpt2-124m:16:2:none 2>>"$LOGS/anchors.err" | grep '^{' | tee -a "$OUT/bench.jsonl"
 timeout 200 python3 anchor_torch.py gpt2-1.5b:8:e 2>>"$LOGS/anchors.err" | tee -a "$OUT/bench.jsonl"
 cd ..
+python3 bench/table.py "$OUT/bench.jsonl" | tee "$OUT/table.md"
 echo "done"
