@@ -40,19 +40,26 @@ __device__ __forceinline__ void load_a(unsigned (*a)[4], const u16* base, long s
   }
 }
 
-// TILE rows × HD columns from global (row stride `stride`, rows from `r0`, zero past `rows`) into shared.
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  unsigned a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a; }
+
+// TILE rows × HD columns from global (row stride `stride`, rows from `r0`, zero past `rows`) into shared,
+// asynchronously (cp.async, 16 bytes at a time): complete after cp_wait and a barrier.
 template <int HD>
 __device__ __forceinline__ void load_tile(u16 (*s)[HD + PAD], const u16* base, long stride, int r0, int rows) {
   for (int i = threadIdx.x; i < TILE * HD / 8; i += blockDim.x) {
     int r = i / (HD / 8), col = (i % (HD / 8)) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (r0 + r < rows) v = *(const uint4*)(base + (long)(r0 + r) * stride + col);
-    *(uint4*)&s[r][col] = v;
+    bool ok = r0 + r < rows;
+    const u16* src = base + (long)(ok ? r0 + r : 0) * stride + col;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(smem_addr(&s[r][col])), "l"(src), "r"(ok ? 16 : 0));
   }
 }
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(N)); }
+// Shared-memory buffers per operand: two (the next tile loads while this one computes) where they fit in the
+// 48 KiB of static shared memory.
+#define STAGES(HD) ((HD) <= 64 ? 2 : 1)
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  unsigned a; asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p)); return a; }
 // Four 8×8 b16 matrices from shared memory, lane l giving the address of row l % 8 of matrix l / 8; with
 // .trans each lane receives a column pair instead of a row pair (the B fragment of a row-major k × n tile).
 __device__ __forceinline__ void ldsm_x4(unsigned* r, const u16* p) {
@@ -119,14 +126,16 @@ __device__ __forceinline__ void store_c(u16* base, long stride, int r0, int rows
 // grid (ceil(t / 64), b·nh), 128 threads. y = softmax(q·kᵀ·scale, causal)·v; lse = log Σ exp (natural log).
 template <int HD, bool BF>
 __device__ void attn_fwd(const u16* qkv, u16* y, float* lse, int T, int NH, float scale) {
-  __shared__ __align__(16) u16 ks[TILE][HD + PAD];
-  __shared__ __align__(16) u16 vs[TILE][HD + PAD];
+  constexpr int S = STAGES(HD);
+  __shared__ __align__(16) u16 ks[S][TILE][HD + PAD];
+  __shared__ __align__(16) u16 vs[S][TILE][HD + PAD];
   const int D = NH * HD; const long RS = 3L * D;
   const int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
   const int q0 = qt * TILE + warp * 16;
   const float sl2 = scale * 1.4426950408889634f;
   const u16* base = qkv + (long)b * T * RS + h * HD;
+  load_tile<HD>(ks[0], base + D, RS, 0, T); load_tile<HD>(vs[0], base + 2 * D, RS, 0, T); cp_commit();
   unsigned qa[HD / 16][4];
   load_a<HD>(qa, base, RS, q0, T);
   float o[HD / 8][4];
@@ -135,12 +144,14 @@ __device__ void attn_fwd(const u16* qkv, u16* y, float* lse, int T, int NH, floa
   float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
   const int tiles = qt + 1;
   for (int j = 0; j < tiles; j++) {
-    __syncthreads();
-    load_tile<HD>(ks, base + D, RS, j * TILE, T);
-    load_tile<HD>(vs, base + 2 * D, RS, j * TILE, T);
+    const int buf = j % S;
+    if (S == 2 && j + 1 < tiles) {
+      load_tile<HD>(ks[(j + 1) % S], base + D, RS, (j + 1) * TILE, T); load_tile<HD>(vs[(j + 1) % S], base + 2 * D, RS, (j + 1) * TILE, T);
+      cp_commit(); cp_wait<1>();
+    } else cp_wait<0>();
     __syncthreads();
     float s[TILE / 8][4];
-    mma_abt<HD, BF>(s, qa, ks);
+    mma_abt<HD, BF>(s, qa, ks[buf]);
     // Only the diagonal tile and the last one (keys past t) have masked entries.
     const bool edge = j == qt || (j + 1) * TILE > T;
     float x0 = NEG_INF, x1 = NEG_INF;
@@ -168,7 +179,11 @@ __device__ void attn_fwd(const u16* qkv, u16* y, float* lse, int T, int NH, floa
     l0 = l0 * a0 + r0; l1 = l1 * a1 + r1;
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) { o[n][0] *= a0; o[n][1] *= a0; o[n][2] *= a1; o[n][3] *= a1; }
-    mma_pb<HD, BF>(o, s, vs);
+    mma_pb<HD, BF>(o, s, vs[buf]);
+    __syncthreads();  // every warp is done with this buffer before it is loaded again
+    if (S == 1 && j + 1 < tiles) {
+      load_tile<HD>(ks[0], base + D, RS, (j + 1) * TILE, T); load_tile<HD>(vs[0], base + 2 * D, RS, (j + 1) * TILE, T); cp_commit();
+    }
   }
   l0 += __shfl_xor_sync(0xffffffff, l0, 1); l0 += __shfl_xor_sync(0xffffffff, l0, 2);
   l1 += __shfl_xor_sync(0xffffffff, l1, 1); l1 += __shfl_xor_sync(0xffffffff, l1, 2);
@@ -195,14 +210,16 @@ __device__ void attn_delta(const u16* y, const u16* dy, float* delta, int T, int
 // grid (ceil(t / 64), b·nh), 128 threads: dq = scale · dS·k with dS = P ∘ (dP − delta), dP = dy·vᵀ.
 template <int HD, bool BF>
 __device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, float scale) {
-  __shared__ __align__(16) u16 ks[TILE][HD + PAD];
-  __shared__ __align__(16) u16 vs[TILE][HD + PAD];
+  constexpr int S = STAGES(HD);
+  __shared__ __align__(16) u16 ks[S][TILE][HD + PAD];
+  __shared__ __align__(16) u16 vs[S][TILE][HD + PAD];
   const int D = NH * HD; const long RS = 3L * D;
   const int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
   const int q0 = qt * TILE + warp * 16;
   const float sl2 = scale * 1.4426950408889634f, l2e = 1.4426950408889634f;
   const u16* base = qkv + (long)b * T * RS + h * HD;
+  load_tile<HD>(ks[0], base + D, RS, 0, T); load_tile<HD>(vs[0], base + 2 * D, RS, 0, T); cp_commit();
   unsigned qa[HD / 16][4], da[HD / 16][4];
   load_a<HD>(qa, base, RS, q0, T);
   load_a<HD>(da, dy + (long)b * T * D + h * HD, D, q0, T);
@@ -215,13 +232,15 @@ __device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, con
 #pragma unroll
   for (int n = 0; n < HD / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
   for (int j = 0; j <= qt; j++) {
-    __syncthreads();
-    load_tile<HD>(ks, base + D, RS, j * TILE, T);
-    load_tile<HD>(vs, base + 2 * D, RS, j * TILE, T);
+    const int buf = j % S;
+    if (S == 2 && j < qt) {
+      load_tile<HD>(ks[(j + 1) % S], base + D, RS, (j + 1) * TILE, T); load_tile<HD>(vs[(j + 1) % S], base + 2 * D, RS, (j + 1) * TILE, T);
+      cp_commit(); cp_wait<1>();
+    } else cp_wait<0>();
     __syncthreads();
     float s[TILE / 8][4], dp[TILE / 8][4];
-    mma_abt<HD, BF>(s, qa, ks);
-    mma_abt<HD, BF>(dp, da, vs);
+    mma_abt<HD, BF>(s, qa, ks[buf]);
+    mma_abt<HD, BF>(dp, da, vs[buf]);
     const bool edge = j == qt || (j + 1) * TILE > T;
 #pragma unroll
     for (int n = 0; n < TILE / 8; n++)
@@ -231,7 +250,11 @@ __device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, con
         float p = (edge && (key > row || key >= T)) ? 0.f : exp2f(s[n][e] * sl2 - L[i]);
         s[n][e] = p * (dp[n][e] - Dl[i]);
       }
-    mma_pb<HD, BF>(dq, s, ks);
+    mma_pb<HD, BF>(dq, s, ks[buf]);
+    __syncthreads();
+    if (S == 1 && j < qt) {
+      load_tile<HD>(ks[0], base + D, RS, (j + 1) * TILE, T); load_tile<HD>(vs[0], base + 2 * D, RS, (j + 1) * TILE, T); cp_commit();
+    }
   }
   store_c<HD, BF>(dqkv + (long)b * T * RS + h * HD, RS, q0, T, dq, scale, scale);
 }
@@ -239,9 +262,10 @@ __device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, con
 // grid (ceil(t / 64), b·nh), 128 threads, a warp owning 16 keys: dv = Pᵀ·dy, dk = scale · dSᵀ·q.
 template <int HD, bool BF>
 __device__ void attn_bwd_dkv(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, float scale) {
-  __shared__ __align__(16) u16 qs[TILE][HD + PAD];
-  __shared__ __align__(16) u16 dys[TILE][HD + PAD];
-  __shared__ float ls[TILE], dls[TILE];
+  constexpr int S = STAGES(HD);
+  __shared__ __align__(16) u16 qs[S][TILE][HD + PAD];
+  __shared__ __align__(16) u16 dys[S][TILE][HD + PAD];
+  __shared__ float ls[S][TILE], dls[S][TILE];
   const int D = NH * HD; const long RS = 3L * D;
   const int kt = blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
@@ -256,30 +280,36 @@ __device__ void attn_bwd_dkv(const u16* qkv, const u16* dy, const float* lse, co
 #pragma unroll
   for (int n = 0; n < HD / 8; n++) { dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.f; dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.f; }
   const int tiles = (T + TILE - 1) / TILE;
-  for (int i = kt; i < tiles; i++) {
-    __syncthreads();
-    load_tile<HD>(qs, base, RS, i * TILE, T);
-    load_tile<HD>(dys, dyb, D, i * TILE, T);
+  // Query tile i into buffer `buf`: q and dy asynchronously, the row statistics directly.
+  auto issue = [&](int i, int buf) {
+    load_tile<HD>(qs[buf], base, RS, i * TILE, T); load_tile<HD>(dys[buf], dyb, D, i * TILE, T); cp_commit();
     for (int r = threadIdx.x; r < TILE; r += blockDim.x) {
       int row = i * TILE + r;
-      ls[r] = row < T ? lse[(long)bh * T + row] * l2e : 0.f; dls[r] = row < T ? delta[(long)bh * T + row] : 0.f;
+      ls[buf][r] = row < T ? lse[(long)bh * T + row] * l2e : 0.f; dls[buf][r] = row < T ? delta[(long)bh * T + row] : 0.f;
     }
+  };
+  issue(kt, 0);
+  for (int i = kt; i < tiles; i++) {
+    const int buf = (i - kt) % S;
+    if (S == 2 && i + 1 < tiles) { issue(i + 1, (i + 1 - kt) % S); cp_wait<1>(); } else cp_wait<0>();
     __syncthreads();
     float p[TILE / 8][4], dp[TILE / 8][4];
-    mma_abt<HD, BF>(p, ka, qs);
-    mma_abt<HD, BF>(dp, va, dys);
+    mma_abt<HD, BF>(p, ka, qs[buf]);
+    mma_abt<HD, BF>(dp, va, dys[buf]);
     const bool edge = i == kt || (i + 1) * TILE > T;
 #pragma unroll
     for (int n = 0; n < TILE / 8; n++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         int key = k0 + g + (e >> 1) * 8, qc = n * 8 + 2 * c + (e & 1), row = i * TILE + qc;
-        float pv = (edge && (row < key || row >= T)) ? 0.f : exp2f(p[n][e] * sl2 - ls[qc]);
+        float pv = (edge && (row < key || row >= T)) ? 0.f : exp2f(p[n][e] * sl2 - ls[buf][qc]);
         p[n][e] = pv;
-        dp[n][e] = pv * (dp[n][e] - dls[qc]);
+        dp[n][e] = pv * (dp[n][e] - dls[buf][qc]);
       }
-    mma_pb<HD, BF>(dv, p, dys);
-    mma_pb<HD, BF>(dk, dp, qs);
+    mma_pb<HD, BF>(dv, p, dys[buf]);
+    mma_pb<HD, BF>(dk, dp, qs[buf]);
+    __syncthreads();
+    if (S == 1 && i + 1 < tiles) issue(i + 1, 0);
   }
   u16* out = dqkv + (long)b * T * RS + h * HD;
   store_c<HD, BF>(out + D, RS, k0, T, dk, scale, scale);
