@@ -70,15 +70,19 @@ fn collectives_on_two_gpus() {
     .unwrap();
 }
 
-// Known failure, H200 x2 with NCCL 2.28.9 (2026-11-23): the waiting rank hangs instead of failing after
-// its 3 s timeout (killed by the harness after 60 s); where it blocks is not known yet. Run with
-// `--ignored` when working on it.
+// Known failure, H200 x2 with NCCL 2.28.9 (2026-11-23): the waiting rank hung instead of failing after
+// its 3 s timeout (killed by the harness after 60 s). Likely cause: NCCL's lazy connection setup, a
+// blocking host call inside the first all_reduce, where the watchdog cannot act; `ferrospeed launch`
+// now sets NCCL_RUNTIME_CONNECT=0 for its ranks and this test does the same. Not yet re-run on two GPUs
+// (bench/gpu_multi.sh runs it with `--ignored`).
 #[test]
-#[ignore = "hangs on NCCL 2.28.9: the timeout path is not working yet"]
+#[ignore = "hung on NCCL 2.28.9 (lazy connection); re-run on two GPUs with --ignored"]
 fn z_a_missing_rank_times_out_instead_of_hanging() {
     if gpus() < 2 {
         return;
     }
+    // As `ferrospeed launch` does for its ranks (this test runs alone: --test-threads 1).
+    std::env::set_var("NCCL_RUNTIME_CONNECT", "0");
     let cfg = CommConfig { timeout: Duration::from_secs(60), ..CommConfig::default() };
     let results = run_local_world(2, &cfg, |group| {
         let rank = group.rank();

@@ -63,6 +63,13 @@ pub fn spawn_rank(plan: &LaunchPlan, local_rank: usize) -> Result<(RankProcess, 
         let cores = thread::available_parallelism().map_or(1, |n| n.get());
         cmd.env("RAYON_NUM_THREADS", (cores / plan.nproc_per_node).max(1).to_string());
     }
+    // NCCL (2.22+) connects ranks lazily, inside the first collective that needs a connection: a host
+    // call that waits for the peer with no timeout, so one hung rank would block the others before the
+    // engine's NCCL watchdog (which polls issued collectives) could see anything. Connecting while the
+    // communicator forms keeps every later collective call non-blocking on the host.
+    if std::env::var_os("NCCL_RUNTIME_CONNECT").is_none() {
+        cmd.env("NCCL_RUNTIME_CONNECT", "0");
+    }
     if let Some(t) = plan.collective_timeout {
         cmd.env(ferrospeed::comm::ENV_TIMEOUT, t.to_string());
     }
