@@ -98,7 +98,7 @@ fi
 [ "$PART" = checks ] && exit 0
 # Weak scaling: GPT-2 1.5B, micro-batch 8 per GPU, stage 3, activations kept (as the anchors do).
 for w in $WORLDS; do
-  timeout 400 $BIN launch --nproc-per-node $w bench-train --model gpt2-1.5b --micro-batch 8 --stage 3 --precision bf16 --device cuda --steps 3 --warmup 2 2>>"$LOGS/scaling.err" | grep '^{' | tee -a "$OUT/scaling.jsonl"
+  timeout 400 $BIN launch --nproc-per-node $w bench-train --model gpt2-1.5b --micro-batch 8 --stage 3 --precision bf16 --device cuda --steps 3 --warmup 2 2>>"$LOGS/scaling.err" | sed -n 's/^\[rank0\]: {/{/p' | tee -a "$OUT/scaling.jsonl"
 done
 [ "${SKIP_ANCHORS:-0}" = 1 ] && { python3 bench/scaling_table.py "$OUT/scaling.jsonl" | tee "$OUT/scaling.md"; exit 0; }
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .anchors/wheels/*.whl >/dev/null 2>&1 && export PYTHONPATH=/tmp/site
