@@ -4,7 +4,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
-use ferrospeed::engine::{Batch, Block, Upstream};
+use ferrospeed::engine::{Batch, Upstream};
 use ferrospeed::rng::Rng;
 use ferrospeed_models::gpt::fused::*;
 use ferrospeed_models::{Gpt, GptConfig};

@@ -131,17 +131,8 @@ pub fn attention_backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b
 mod tests {
     use super::*;
     use crate::gpt::causal_softmax;
+    use crate::gpt::fused::tests::{max_diff, randn};
     use candle_core::Var;
-
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
-        let mut rng = ferrospeed::rng::Rng::new(seed);
-        let v: Vec<f64> = (0..shape.iter().product()).map(|_| rng.normal()).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
-    }
 
     /// The composed attention of the layer (split heads, scores, causal softmax, merge), with autograd.
     fn composed(qkv: &Tensor, b: usize, t: usize, nh: usize) -> Tensor {

@@ -167,18 +167,20 @@ pub fn col_sum(x: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::gpt::ops::layer_norm;
     use candle_core::Var;
 
-    fn randn(shape: &[usize], seed: u64) -> Tensor {
+    /// Standard normal f64 values from `seed` (test inputs).
+    pub(crate) fn randn(shape: &[usize], seed: u64) -> Tensor {
         let mut rng = ferrospeed::rng::Rng::new(seed);
         let v: Vec<f64> = (0..shape.iter().product()).map(|_| rng.normal()).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    /// Largest absolute difference (f64 tensors).
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap()
     }
 

@@ -58,24 +58,23 @@ pub struct BlockParams {
 }
 
 impl BlockParams {
-    /// Initialise block `i` from the seed: every rank computes the same values, one block at a time,
-    /// and keeps what the strategy says it holds.
+    /// Block `i` from its initial values (`init_values`: every rank computes the same ones), keeping what
+    /// the strategy says this rank holds.
     #[allow(clippy::too_many_arguments)]
-    pub fn init(
+    pub fn from_full(
         model: &Model,
         i: usize,
+        full: Vec<f32>,
         strategy: Strategy,
         rank: usize,
         world: usize,
         dtype: DType,
         device: &Device,
-        seed: u64,
     ) -> Result<Self, EngineError> {
         let name = model.block(i).name();
         let flat = FlatParam::new(model.own_params(i), world);
-        let mut full = vec![0f32; flat.padded_numel()];
-        for (j, spec) in flat.specs().iter().enumerate() {
-            init_param(&mut full[flat.range(j)], spec, &mut Rng::derive(seed, &format!("{name}.{}", spec.name)));
+        if full.len() != flat.padded_numel() {
+            return Err(EngineError::Unsupported(format!("block {name}: {} initial values for a flat buffer of {}", full.len(), flat.padded_numel())));
         }
         let shard = flat.layout().shard(rank);
         let shard_range = shard.offset..shard.offset + shard.padded_len;
@@ -263,6 +262,18 @@ impl BlockParams {
         let device_shard = if self.vars.is_none() { self.dev.as_ref().map_or(0, DeviceWindow::compute_bytes) } else { 0 };
         vars + self.shard.as_ref().map_or(device_shard, |s| s.bytes())
     }
+}
+
+/// Block `i`'s initial values over its padded flat buffer: each parameter from its own stream of the seed
+/// (named after the block and the parameter), so that blocks can be initialised in any order or in parallel.
+pub fn init_values(model: &Model, i: usize, world: usize, seed: u64) -> Vec<f32> {
+    let name = model.block(i).name();
+    let flat = FlatParam::new(model.own_params(i), world);
+    let mut full = vec![0f32; flat.padded_numel()];
+    for (j, spec) in flat.specs().iter().enumerate() {
+        init_param(&mut full[flat.range(j)], spec, &mut Rng::derive(seed, &format!("{name}.{}", spec.name)));
+    }
+    full
 }
 
 fn init_param(out: &mut [f32], spec: &ParamSpec, rng: &mut Rng) {

@@ -13,7 +13,7 @@ use super::error::EngineError;
 use super::grads::BlockGrads;
 use super::memory::MemoryReport;
 use super::model::Model;
-use super::params::BlockParams;
+use super::params::{init_values, BlockParams};
 use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::profile::{self, Kind};
@@ -21,6 +21,7 @@ use crate::optim::{clip_coefficient, sum_squares, AdamW};
 use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision, ScalerState};
 use crate::shard::{GradReduction, Strategy};
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -113,10 +114,17 @@ impl Engine {
         let dtype = cfg.precision.compute_dtype();
         let mut params = Vec::with_capacity(model.num_blocks());
         let mut grads = Vec::with_capacity(model.num_blocks());
-        for i in 0..model.num_blocks() {
-            let p = BlockParams::init(&model, i, cfg.strategy, rank, world, dtype, &cfg.device, cfg.seed)?;
-            grads.push(BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction(), &cfg.device)?);
-            params.push(p);
+        // Drawing the initial values is most of the start-up (1.5B normal samples: a minute on one core):
+        // blocks are drawn in parallel, as many at a time as there are threads (bounding the host memory),
+        // then set up in order. Each parameter has its own random stream: the values do not change.
+        let blocks: Vec<usize> = (0..model.num_blocks()).collect();
+        for chunk in blocks.chunks(rayon::current_num_threads().max(1)) {
+            let values: Vec<Vec<f32>> = chunk.par_iter().map(|&i| init_values(&model, i, world, cfg.seed)).collect();
+            for (&i, full) in chunk.iter().zip(values) {
+                let p = BlockParams::from_full(&model, i, full, cfg.strategy, rank, world, dtype, &cfg.device)?;
+                grads.push(BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction(), &cfg.device)?);
+                params.push(p);
+            }
         }
         let scaler = cfg.loss_scaler.map(LossScaler::new);
         let nccl = make_nccl(comm.as_ref(), &cfg.device)?;
