@@ -26,8 +26,16 @@ pub fn supported(dev: &CudaDevice, dtype: DType, hd: usize) -> bool {
     matches!(dtype, DType::BF16 | DType::F16) && HEAD_DIMS.contains(&hd) && *SM80.get_or_init(|| compute_capability(dev).is_ok_and(|(major, _)| major >= 8))
 }
 
-fn tiles(b: usize, t: usize, nh: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (t.div_ceil(TILE) as u32, (b * nh) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+/// One block per 64-row tile and (batch row, head): the second grid dimension holds at most 65,535.
+fn tiles(b: usize, t: usize, nh: usize) -> Result<LaunchConfig> {
+    if b * nh > 65_535 {
+        candle_core::bail!(
+            "fused attention: micro-batch × heads = {} exceeds the 65,535 blocks of a CUDA grid dimension; use a smaller \
+             micro-batch or FERROSPEED_FUSED_ATTENTION=0",
+            b * nh
+        )
+    }
+    Ok(LaunchConfig { grid_dim: (t.div_ceil(TILE) as u32, (b * nh) as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 })
 }
 
 fn name(kernel: &str, dtype: DType, hd: usize) -> Result<String> {
@@ -48,7 +56,7 @@ pub fn forward(qkv: &Tensor, b: usize, t: usize, nh: usize, hd: usize) -> Result
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(&f);
             l.arg(&qv).arg(&y).arg(&lse).arg(&t_i).arg(&nh_i).arg(&scale);
-            unsafe { l.launch(tiles(b, t, nh)) }.map_err(launch_err)?;
+            unsafe { l.launch(tiles(b, t, nh)?) }.map_err(launch_err)?;
             Ok(AttnOut { y: wrap(y, dev, &[b * t, nh * hd]), lse: wrap(lse, dev, &[b, nh, t]) })
         })
     }
@@ -82,7 +90,7 @@ pub fn backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t
                             let f = func(dev, &name(kernel, dtype, hd)?)?;
                             let mut l = stream.launch_builder(&f);
                             l.arg(&qv).arg(&gv).arg(&lv).arg(&delta).arg(&dqkv).arg(&t_i).arg(&nh_i).arg(&scale);
-                            unsafe { l.launch(tiles(b, t, nh)) }.map_err(launch_err)?;
+                            unsafe { l.launch(tiles(b, t, nh)?) }.map_err(launch_err)?;
                         }
                         Ok(wrap(dqkv, dev, &[b * t, 3 * nh * hd]))
                     })
