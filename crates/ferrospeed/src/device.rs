@@ -31,15 +31,17 @@ pub fn select(choice: DeviceChoice, local_rank: usize) -> Result<Device, String>
 ///   of activations, and with the default threshold every synchronisation handed them back to the
 ///   driver, so the next step paid to map them again;
 /// - no per-buffer event tracking: cudarc creates two CUDA events for every allocation to order uses
-///   across streams, but all our work runs on candle's one stream, and the NCCL stream is ordered with
-///   explicit events (`comm::nccl`), buffers outliving the collectives that use them.
+///   across streams, but all our device work runs on candle's stream of the engine's thread (candle's
+///   streams are per host thread: no other thread may create, use or drop device tensors), and the
+///   NCCL stream is ordered with explicit events (`comm::nccl`), buffers outliving the collectives that
+///   use them (`DeviceGather` and `DeviceGrads` make the compute stream wait before freeing).
 fn prepared(device: Device) -> Device {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = &device {
         use candle_core::cuda::cudarc::driver::sys;
         let ctx = d.cuda_stream().context().clone();
-        // SAFETY: only buffers created from now on go untracked, and none is used on another stream
-        // without the explicit events described above.
+        // SAFETY: no buffer is used on two streams without the explicit events described above (cudarc
+        // checks the flag at each use, so this covers buffers created before the call too).
         unsafe { ctx.disable_event_tracking() };
         if let Some(pool) = default_pool(&device) {
             let mut threshold = u64::MAX;

@@ -175,7 +175,8 @@ mod cuda {
 __device__ float row_logsumexp(float m, float s, float* red, float* mout) {
   float mb = block_max(m, red); float sb = block_sum(m == NEG_INF ? 0.f : s * expf(m - mb), red);
   *mout = mb; return sb; }
-#define ONLINE(v) { float x_ = (v); if (x_ > m) { s = s * expf(m - x_) + 1.f; m = x_; } else s += expf(x_ - m); }
+// A −∞ logit adds nothing (and would be −∞ − −∞ = NaN while the max is still −∞); a NaN one propagates.
+#define ONLINE(v) { float x_ = (v); if (x_ > m) { s = s * expf(m - x_) + 1.f; m = x_; } else if (x_ != NEG_INF) s += expf(x_ - m); }
 #define KERNELS(NAME, T, LD, ST) \
 extern "C" __global__ void ce_fwd_##NAME(const T* x, const unsigned int* tgt, float* loss, int v) { \
   __shared__ float red[33]; long row = blockIdx.x; const T* xr = x + row * v; float m = NEG_INF, s = 0.f; \

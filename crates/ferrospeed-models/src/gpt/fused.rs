@@ -143,7 +143,7 @@ pub fn bias_residual(x: &Tensor, h: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn embedding_grad(g: &Tensor, tokens: &Tensor, host_tokens: Option<&[u32]>, vocab: usize) -> Result<Tensor> {
     let d = g.dim(1)?;
     #[cfg(feature = "cuda")]
-    if let (Device::Cuda(_), Some(host)) = (g.device(), host_tokens) {
+    if let (Device::Cuda(_), Some(host), false) = (g.device(), host_tokens, g.dtype() == DType::F64) {
         return super::fused_cuda::embedding_grad(&g.contiguous()?, host, vocab);
     }
     let _ = host_tokens;

@@ -26,6 +26,17 @@ pub struct DeviceGrads {
     in_flight: Option<(NcclPending, Option<CudaSlice<f32>>)>,
 }
 
+impl Drop for DeviceGrads {
+    /// A reduction still in flight (a step abandoned on an error): its buffers are freed in compute-stream
+    /// order, so that stream first waits for it.
+    fn drop(&mut self) {
+        if let Some((p, input)) = self.in_flight.take() {
+            let _ = p.wait();
+            drop(input);
+        }
+    }
+}
+
 impl DeviceGrads {
     /// Buffers on `device` when it is a CUDA device; `None` for the CPU.
     pub fn new(device: &Device) -> Result<Option<Self>> {

@@ -26,11 +26,21 @@ pub struct DeviceGather {
 
 impl DeviceGather {
     /// The gathered buffer; later work on the compute stream sees the collective's result.
-    pub fn finish(self) -> std::result::Result<Tensor, CommError> {
-        if let Some(p) = self.pending {
+    pub fn finish(mut self) -> std::result::Result<Tensor, CommError> {
+        if let Some(p) = self.pending.take() {
             p.wait()?;
         }
-        Ok(self.full)
+        Ok(self.full.clone())
+    }
+}
+
+impl Drop for DeviceGather {
+    /// Dropped unfinished (an error elsewhere): the buffer is freed in compute-stream order, so that
+    /// stream must first wait for the collective still writing it.
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            let _ = p.wait();
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use super::error::EngineError;
 use super::grads::BlockGrads;
 use super::memory::MemoryReport;
 use super::model::Model;
-use super::params::{init_values, BlockParams};
+use super::params::{init_values, BlockParams, Gather};
 use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::profile::{self, Kind};
@@ -281,13 +281,19 @@ impl Engine {
         let mut resident = Resident { model, params };
         let mut gathering = Gathering::new(model, params, worker, nccl.as_ref());
         let source: &mut dyn ParamSource = if cfg.strategy.params_resident() { &mut resident } else { &mut gathering };
-        let mut loss_sum = 0f64;
+        // Losses are read after the step's collectives are known to be done (below): reading one waits for
+        // the device, whose stream may be waiting for an NCCL gather, with no timeout.
+        let mut losses = Vec::with_capacity(accum);
         let mut pending = Vec::new();
         for (k, batch) in micro_batches.iter().enumerate() {
             let last = k + 1 == accum;
+            if k > 0 {
+                // The next forward reads its token ids back from the device (the embedding): first let the
+                // previous micro-batch's NCCL gathers finish under the watchdog.
+                nccl_sync(nccl.as_ref())?;
+            }
             let tape = blockwise::forward(model, source, batch, cfg.checkpointing)?;
-            let loss = tape.loss.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>());
-            loss_sum += loss.map_err(EngineError::tensor("loss"))?;
+            losses.push(tape.loss.clone());
             blockwise::backward(model, source, batch, tape, loss_scale / accum as f64, |i, slot_grads| {
                 for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
                     if let Some(grad) = grad {
@@ -315,12 +321,14 @@ impl Engine {
         for (i, p) in pending {
             self.grads[i].finish_reduce(p)?;
         }
-        if let Some(nccl) = &self.nccl {
-            // NCCL never times out by itself: wait here, with the group's timeout, for every reduction.
-            nccl.sync()?;
-        }
+        // NCCL never times out by itself: wait here, with the group's timeout, for every reduction.
+        nccl_sync(self.nccl.as_ref())?;
         drop(_wait);
         times.reduce_wait = t_wait.elapsed().as_secs_f64();
+        let mut loss_sum = 0f64;
+        for l in losses {
+            loss_sum += l.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()).map_err(EngineError::tensor("loss"))?;
+        }
         let local = (loss_sum / accum as f64) as f32;
         let loss = self.worker.run(move |c| {
             let mut l = [local];
@@ -380,14 +388,28 @@ impl Engine {
         let nccl = self.nccl.as_ref();
         let mut pending = Vec::new();
         for (i, p) in self.params.iter_mut().enumerate() {
-            if let Some(gather) = p.start_publish(&self.worker, strategy, nccl)? {
-                pending.push((i, gather));
+            match p.start_publish(&self.worker, strategy, nccl)? {
+                // Device gathers finish at once (the compute stream waits, not the host), so only one
+                // block's gathered buffer is alive next to the variables it replaces.
+                Some(gather @ Gather::Device(_)) => p.finish_publish(gather)?,
+                // Host gathers queue on the communication thread; the uploads overlap the later ones.
+                Some(gather) => pending.push((i, gather)),
+                None => {}
             }
         }
         for (i, gather) in pending {
             self.params[i].finish_publish(gather)?;
         }
-        Ok(())
+        // The next step's first host read waits for the device: let the gathers finish under the watchdog.
+        nccl_sync(nccl)
+    }
+}
+
+/// Wait, with the group's timeout, for every NCCL collective issued so far (no-op without NCCL).
+fn nccl_sync(nccl: Option<&super::Nccl>) -> Result<(), EngineError> {
+    match nccl {
+        Some(n) => Ok(n.sync()?),
+        None => Ok(()),
     }
 }
 
