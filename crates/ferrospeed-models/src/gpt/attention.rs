@@ -93,7 +93,6 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// The gradient `[b·t, 3·d]` with respect to `qkv` for the output gradient `dy` `[b·t, d]`, given the
 /// forward's output `y` and `lse`. The probabilities are recomputed; `Σ dy·y` uses the `y` given (as
 /// the kernels do).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize) -> Result<Tensor> {
     let (d, hd) = check(qkv, b, t, nh)?;
     #[cfg(feature = "cuda")]

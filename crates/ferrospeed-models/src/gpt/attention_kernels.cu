@@ -23,6 +23,10 @@ __device__ __forceinline__ void mma_bf16(float* d, const unsigned* a, unsigned b
 __device__ __forceinline__ void mma_f16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1)); }
+// The bf16 (BF) or f16 versions, chosen at compile time.
+template <bool BF> __device__ __forceinline__ unsigned pack(float lo, float hi) { return BF ? pack_bf16(lo, hi) : pack_f16(lo, hi); }
+template <bool BF> __device__ __forceinline__ void mma(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+  if (BF) mma_bf16(d, a, b0, b1); else mma_f16(d, a, b0, b1); }
 __device__ __forceinline__ unsigned ld32(const u16* p) { return *(const unsigned*)p; }
 __device__ __forceinline__ float ld_half(u16 h, bool bf) { return bf ? ld_bf16(h) : ld_f16(h); }
 
@@ -81,8 +85,7 @@ __device__ __forceinline__ void mma_abt(float (*acc)[4], unsigned (*a)[4], u16 (
     for (int k = 0; k < HD / 16; k += 2) {
       unsigned b[4];
       ldsm_x4(b, &s[n * 8 + (lane & 7)][k * 16 + (lane >> 3) * 8]);
-      if (BF) { mma_bf16(acc[n], a[k], b[0], b[1]); mma_bf16(acc[n], a[k + 1], b[2], b[3]); }
-      else    { mma_f16(acc[n], a[k], b[0], b[1]); mma_f16(acc[n], a[k + 1], b[2], b[3]); }
+      mma<BF>(acc[n], a[k], b[0], b[1]); mma<BF>(acc[n], a[k + 1], b[2], b[3]);
     }
   }
 }
@@ -94,17 +97,13 @@ __device__ __forceinline__ void mma_pb(float (*out)[4], float (*p)[4], u16 (*s)[
   int lane = threadIdx.x & 31;
 #pragma unroll
   for (int k = 0; k < TILE / 16; k++) {
-    unsigned a[4];
-    if (BF) { a[0] = pack_bf16(p[2 * k][0], p[2 * k][1]); a[1] = pack_bf16(p[2 * k][2], p[2 * k][3]);
-              a[2] = pack_bf16(p[2 * k + 1][0], p[2 * k + 1][1]); a[3] = pack_bf16(p[2 * k + 1][2], p[2 * k + 1][3]); }
-    else    { a[0] = pack_f16(p[2 * k][0], p[2 * k][1]); a[1] = pack_f16(p[2 * k][2], p[2 * k][3]);
-              a[2] = pack_f16(p[2 * k + 1][0], p[2 * k + 1][1]); a[3] = pack_f16(p[2 * k + 1][2], p[2 * k + 1][3]); }
+    unsigned a[4] = { pack<BF>(p[2 * k][0], p[2 * k][1]), pack<BF>(p[2 * k][2], p[2 * k][3]),
+                      pack<BF>(p[2 * k + 1][0], p[2 * k + 1][1]), pack<BF>(p[2 * k + 1][2], p[2 * k + 1][3]) };
 #pragma unroll
     for (int n = 0; n < HD / 8; n += 2) {
       unsigned b[4];
       ldsm_x4_t(b, &s[k * 16 + (lane & 7) + ((lane >> 3) & 1) * 8][(n + (lane >> 4)) * 8]);
-      if (BF) { mma_bf16(out[n], a, b[0], b[1]); mma_bf16(out[n + 1], a, b[2], b[3]); }
-      else    { mma_f16(out[n], a, b[0], b[1]); mma_f16(out[n + 1], a, b[2], b[3]); }
+      mma<BF>(out[n], a, b[0], b[1]); mma<BF>(out[n + 1], a, b[2], b[3]);
     }
   }
 }
@@ -116,8 +115,7 @@ __device__ __forceinline__ void store_c(u16* base, long stride, int r0, int rows
 #pragma unroll
   for (int n = 0; n < HD / 8; n++) {
     int col = n * 8 + 2 * c;
-    unsigned lo = BF ? pack_bf16(o[n][0] * s0, o[n][1] * s0) : pack_f16(o[n][0] * s0, o[n][1] * s0);
-    unsigned hi = BF ? pack_bf16(o[n][2] * s1, o[n][3] * s1) : pack_f16(o[n][2] * s1, o[n][3] * s1);
+    unsigned lo = pack<BF>(o[n][0] * s0, o[n][1] * s0), hi = pack<BF>(o[n][2] * s1, o[n][3] * s1);
     if (r0 + g < rows) *(unsigned*)(base + (long)(r0 + g) * stride + col) = lo;
     if (r0 + g + 8 < rows) *(unsigned*)(base + (long)(r0 + g + 8) * stride + col) = hi;
   }

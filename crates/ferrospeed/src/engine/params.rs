@@ -130,7 +130,8 @@ impl BlockParams {
             .map_err(EngineError::tensor(self.name.clone()))
     }
 
-    fn finish(&self, gather: Gather) -> Result<Vec<Var>, EngineError> {
+    /// The variables of a finished gather (stage 3 before use, stages 1–2 after publishing).
+    pub fn finish_gather(&self, gather: Gather) -> Result<Vec<Var>, EngineError> {
         match gather {
             Gather::Host(p) => self.make_vars(&p.wait()??),
             Gather::Device(g) => self.vars_from_device(&g.finish()?),
@@ -154,15 +155,16 @@ impl BlockParams {
             return Ok(Gather::Device(g));
         }
         let shard = self.shard.clone().ok_or_else(|| EngineError::Unsupported(format!("block {} has no shard to gather", self.name)))?;
-        let (dtype, padded) = (self.dtype, self.flat.padded_numel());
-        Ok(Gather::Host(worker.submit(move |c| {
-            let mut full = HostBuf::zeros(dtype, padded);
-            c.all_gather(shard.as_buf(), full.as_buf_mut()).map(|()| full)
-        })))
+        Ok(self.host_gather(worker, shard))
     }
 
-    pub fn finish_gather(&self, gather: Gather) -> Result<Vec<Var>, EngineError> {
-        self.finish(gather)
+    /// All-gather every rank's `shard` into the whole block on the communication thread.
+    fn host_gather(&self, worker: &CommWorker, shard: Arc<HostBuf>) -> Gather {
+        let (dtype, padded) = (self.dtype, self.flat.padded_numel());
+        Gather::Host(worker.submit(move |c| {
+            let mut full = HostBuf::zeros(dtype, padded);
+            c.all_gather(shard.as_buf(), full.as_buf_mut()).map(|()| full)
+        }))
     }
 
     /// After the optimizer updated `master`: refresh what blocks compute on. Stage 0 rebuilds its
@@ -197,15 +199,11 @@ impl BlockParams {
             self.vars = Some(self.make_vars(&updated)?);
             return Ok(None);
         }
-        let (dtype, padded) = (self.dtype, self.flat.padded_numel());
-        Ok(Some(Gather::Host(worker.submit(move |c| {
-            let mut full = HostBuf::zeros(dtype, padded);
-            c.all_gather(updated.as_buf(), full.as_buf_mut()).map(|()| full)
-        }))))
+        Ok(Some(self.host_gather(worker, Arc::new(updated))))
     }
 
     pub fn finish_publish(&mut self, gather: Gather) -> Result<(), EngineError> {
-        self.vars = Some(self.finish(gather)?);
+        self.vars = Some(self.finish_gather(gather)?);
         Ok(())
     }
 
