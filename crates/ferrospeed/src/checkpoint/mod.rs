@@ -1,5 +1,6 @@
 //! Checkpoints: atomic sharded saves, bit-exact resume at any world size and stage, consolidated export.
 
+mod durable;
 mod error;
 mod export;
 mod format;
@@ -7,6 +8,7 @@ mod load;
 mod safetensors_io;
 mod save;
 
+pub use durable::SavePhase;
 pub use error::CheckpointError;
 pub use export::{export, load_consolidated, ExportStats, NameMap};
 pub use format::{list_checkpoints, step_dir_name, BlockMeta, FileMeta, Meta, ParamMeta, FORMAT_VERSION, LATEST, META};

@@ -51,13 +51,13 @@ pub fn f32_header(tensors: &[(String, Vec<usize>)]) -> Result<Vec<u8>, Checkpoin
 pub fn write_f32_file(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<(), CheckpointError> {
     let layout: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
     let io = |e| CheckpointError::io(path, e);
-    let mut file = std::io::BufWriter::new(File::create(path).map_err(io)?);
+    let mut file = std::io::BufWriter::new(super::durable::create_file(path)?);
     file.write_all(&f32_header(&layout)?).map_err(io)?;
     for (_, _, data) in tensors {
         file.write_all(f32_bytes(data)).map_err(io)?;
     }
     let file = file.into_inner().map_err(|e| CheckpointError::io(path, e.into_error()))?;
-    file.sync_all().map_err(io)
+    super::durable::sync_file(&file, path)
 }
 
 /// The bytes of an f32 slice (little-endian hosts; see `wire.rs` of the collectives).

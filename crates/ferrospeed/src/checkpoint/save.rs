@@ -1,13 +1,16 @@
 //! Saving a checkpoint, collectively: every rank writes its shard into a temporary folder; rank 0
 //! writes `meta.json` with every file's checksum, renames the folder into place, then replaces
 //! `latest` — each step synced, so a checkpoint is either complete and verified, or invisible.
+//!
+//! The file-system steps and the named phases between them are in `durable.rs`; the CLI's tests
+//! replay their trace under a power-loss model and abort a save at every phase.
 
+use super::durable::{self, fault_point, SavePhase};
 use super::error::CheckpointError;
 use super::format::*;
 use super::safetensors_io::write_f32_file;
 use crate::comm::{CommExt, CommError};
 use crate::engine::Engine;
-use std::fs;
 use std::path::{Path, PathBuf};
 
 /// What to save, besides the engine's state.
@@ -30,10 +33,9 @@ pub fn save(engine: &mut Engine, req: &SaveRequest<'_>) -> Result<PathBuf, Check
     let tmp = req.root.join(format!(".tmp-{}", step_dir_name(step)));
     // Rank 0 prepares the temporary folder (a stale one from a crash is only ever garbage).
     let prepared = if rank == 0 {
-        fs::create_dir_all(req.root)
-            .and_then(|()| if tmp.exists() { fs::remove_dir_all(&tmp) } else { Ok(()) })
-            .and_then(|()| fs::create_dir(&tmp))
-            .map_err(|e| CheckpointError::io(&tmp, e))
+        durable::create_dir_all(req.root)
+            .and_then(|()| if tmp.exists() { durable::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e)) } else { Ok(()) })
+            .and_then(|()| durable::create_dir(&tmp))
     } else {
         Ok(())
     };
@@ -42,6 +44,9 @@ pub fn save(engine: &mut Engine, req: &SaveRequest<'_>) -> Result<PathBuf, Check
     prepared?;
 
     let written = write_rank_file(engine, &tmp, rank, world);
+    if written.is_ok() {
+        fault_point(SavePhase::ShardsWritten, step, rank);
+    }
     let (crc, bytes) = match &written {
         Ok(v) => *v,
         Err(_) => (0, u64::MAX),
@@ -124,49 +129,75 @@ fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path,
     };
     let meta_path = tmp.join(META);
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| CheckpointError::Format(e.to_string()))?;
-    write_synced(&meta_path, &json)?;
-    sync_dir(tmp)?;
-    if final_dir.exists() {
-        // The same step saved again (e.g. after a resume): retire the old copy first, atomically.
-        let retired = req.root.join(format!(".old-{}", step_dir_name(meta.step)));
-        let _ = fs::remove_dir_all(&retired);
-        fs::rename(final_dir, &retired).map_err(|e| CheckpointError::io(final_dir, e))?;
-        let _ = fs::remove_dir_all(&retired);
-    }
-    fs::rename(tmp, final_dir).map_err(|e| CheckpointError::io(final_dir, e))?;
-    sync_dir(req.root)?;
+    durable::write_synced(&meta_path, &json)?;
+    fault_point(SavePhase::MetaWritten, meta.step, 0);
+    durable::sync_dir(tmp)?;
+    fault_point(SavePhase::BeforeRename, meta.step, 0);
+    move_into_place(req.root, tmp, final_dir, meta.step)?;
+    fault_point(SavePhase::AfterRename, meta.step, 0);
+    durable::sync_dir(req.root)?;
     let latest_tmp = req.root.join(".latest.tmp");
-    write_synced(&latest_tmp, format!("{}\n", step_dir_name(meta.step)).as_bytes())?;
-    fs::rename(&latest_tmp, req.root.join(LATEST)).map_err(|e| CheckpointError::io(&req.root.join(LATEST), e))?;
-    sync_dir(req.root)?;
-    prune(req.root, req.keep.max(1), meta.step);
+    durable::write_synced(&latest_tmp, format!("{}\n", step_dir_name(meta.step)).as_bytes())?;
+    fault_point(SavePhase::BeforeLatest, meta.step, 0);
+    durable::rename(&latest_tmp, &req.root.join(LATEST))?;
+    fault_point(SavePhase::AfterLatest, meta.step, 0);
+    durable::sync_dir(req.root)?;
+    prune(req.root, req.keep.max(1), meta.step)
+}
+
+/// Rename the synced temporary folder to its final name. If that name is taken (the same step saved
+/// again, e.g. by a new run into the same folder), the two are swapped atomically where the system
+/// can (Linux: ext4, xfs, btrfs, tmpfs), so `latest` never names a missing folder. Elsewhere the old
+/// one is retired first, which leaves a moment in which a crash could leave `latest` naming a missing
+/// folder (loading then says so). The old copy is deleted only after the swap is durable, so a crash
+/// never shows it half-deleted.
+fn move_into_place(root: &Path, tmp: &Path, final_dir: &Path, step: u64) -> Result<(), CheckpointError> {
+    if !final_dir.exists() {
+        return durable::rename(tmp, final_dir);
+    }
+    let old = if durable::exchange(tmp, final_dir)? {
+        tmp.to_path_buf()
+    } else {
+        let retired = root.join(format!(".old-{}", step_dir_name(step)));
+        if retired.exists() {
+            durable::remove_dir_all(&retired).map_err(|e| CheckpointError::io(&retired, e))?;
+        }
+        durable::rename(final_dir, &retired)?;
+        durable::rename(tmp, final_dir)?;
+        retired
+    };
+    durable::sync_dir(root)?;
+    let _ = durable::remove_dir_all(&old);
     Ok(())
 }
 
-/// Remove the oldest complete checkpoints beyond `keep` (never `current`): renamed away first, so a
-/// half-deleted folder is never taken for a checkpoint.
-fn prune(root: &Path, keep: usize, current: u64) {
+/// Remove the oldest complete checkpoints beyond `keep` (never `current`): renamed away first and the
+/// rename made durable, so a half-deleted folder is never taken for a checkpoint, even after a crash.
+fn prune(root: &Path, keep: usize, current: u64) -> Result<(), CheckpointError> {
     let all = list_checkpoints(root);
     let excess = all.len().saturating_sub(keep);
+    let mut doomed = Vec::new();
     for (step, path) in all.into_iter().take(excess) {
         if step == current {
             continue;
         }
-        let doomed = root.join(format!(".del-{}", step_dir_name(step)));
-        if fs::rename(&path, &doomed).is_ok() {
-            let _ = fs::remove_dir_all(&doomed);
+        let to = root.join(format!(".del-{}", step_dir_name(step)));
+        if to.exists() {
+            let _ = durable::remove_dir_all(&to);
+        }
+        if durable::rename(&path, &to).is_ok() {
+            doomed.push(to);
         }
     }
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    use std::io::Write;
-    let mut f = fs::File::create(path).map_err(|e| CheckpointError::io(path, e))?;
-    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| CheckpointError::io(path, e))
-}
-
-fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| CheckpointError::io(dir, e))
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    durable::sync_dir(root)?;
+    fault_point(SavePhase::Pruning, current, 0);
+    for path in doomed {
+        let _ = durable::remove_dir_all(&path);
+    }
+    Ok(())
 }
 
 /// All ranks learn whether every rank succeeded (so none waits in a collective for a failed peer).
