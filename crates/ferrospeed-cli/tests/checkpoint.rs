@@ -1,5 +1,5 @@
-//! Checkpoints end to end: bit-exact resume per stage, resharding across world sizes and stages,
-//! crash safety under SIGKILL, corruption detection, export and `init_from`.
+//! Checkpoints end to end: bit-exact resume per stage and in fp16, resharding across world sizes and
+//! stages, damaged shards, `meta.json` and `latest`, export and `init_from`. Crash safety: crash.rs.
 
 mod support;
 
@@ -7,40 +7,6 @@ use ferrospeed::checkpoint;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::*;
-
-fn corpus() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/rust-book.txt")
-}
-
-fn write_config(dir: &Path, model: &str, train: &str) -> PathBuf {
-    let text = format!("[model]\n{model}\n\n[data]\npath = \"{}\"\n\n[train]\n{train}\nsample_tokens = 0\n", corpus().display());
-    let path = dir.join("run.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-const TINY: &str = "n_layer = 2\nn_head = 2\nd_model = 32\nseq_len = 32";
-
-/// Run `train` (under `launch` with `nproc` ranks); returns (step, loss) of each line of metrics.jsonl.
-fn train(nproc: usize, config: &Path, track: &Path, sets: &[String]) -> Vec<(u64, f64)> {
-    let nproc_s = nproc.to_string();
-    let config_s = config.display().to_string();
-    let track_s = format!("track.dir={}", track.display());
-    let mut args = vec!["launch", "--nproc-per-node", &nproc_s, "train", "--config", &config_s, "--set", &track_s];
-    for s in sets {
-        args.extend(["--set", s.as_str()]);
-    }
-    let f = run(ferrospeed().args(&args), Duration::from_secs(300));
-    assert!(f.status.success(), "train {sets:?} failed:\n{}\n{}", f.stdout, f.stderr);
-    std::fs::read_to_string(track.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
-}
 
 /// A checkpoint root holding only `step_dir` (copied), with `latest` naming it.
 fn root_with(step_dir: &Path, root: &Path) -> PathBuf {
@@ -74,7 +40,6 @@ fn resume_continues_bit_for_bit_at_every_stage() {
             format!("checkpoint.dir={}", root.display()),
         ]);
         assert_eq!(resumed.first().map(|r| r.0), Some(5), "stage {stage}: resumed after step 4");
-        let bits = |v: &[(u64, f64)]| v.iter().map(|(s, l)| (*s, l.to_bits())).collect::<Vec<_>>();
         assert_eq!(bits(&resumed), bits(&whole[4..]), "stage {stage}: losses after resuming must equal the uninterrupted run");
     }
 }
@@ -91,70 +56,24 @@ fn a_checkpoint_resumes_at_other_world_sizes_and_stages() {
         "checkpoint.every=5".into(),
     ]);
     let saved = ck.join(checkpoint::step_dir_name(5));
-    for (world, stage) in [(4, 1), (1, 0), (3, 2)] {
+    // At the saving world size, any stage continues bit for bit (stages agree bitwise); at another
+    // world size the sums group differently, so only closely.
+    for (world, stage) in [(2, 0), (2, 1), (4, 1), (1, 0), (3, 2)] {
         let root = root_with(&saved, &dir.path().join(format!("root-{world}-{stage}")));
         let resumed = train(world, &config, &dir.path().join(format!("w{world}s{stage}")), &[
             format!("zero.stage={stage}"),
             format!("checkpoint.dir={}", root.display()),
         ]);
+        assert_eq!(resumed.first().map(|r| r.0), Some(6), "world {world} stage {stage}");
+        if world == 2 {
+            assert_eq!(bits(&resumed), bits(&whole[5..]), "world 2, stage 3 -> {stage}: resumed losses must be bitwise");
+            continue;
+        }
         assert_eq!(resumed.len(), 5);
         for ((step, a), (_, b)) in resumed.iter().zip(&whole[5..]) {
             assert!(((a - b) / b).abs() < 1e-5, "world {world} stage {stage} step {step}: {a} vs {b}");
         }
     }
-}
-
-#[test]
-fn sigkill_during_saves_never_leaves_latest_pointing_at_a_broken_checkpoint() {
-    let dir = tempfile::tempdir().unwrap();
-    // Large state, tiny batches: most of the time goes to writing checkpoints.
-    let config = write_config(
-        dir.path(),
-        "n_layer = 4\nn_head = 4\nd_model = 384\nseq_len = 16",
-        "steps = 100000\nglobal_batch = 1\nmicro_batch = 1\nwarmup = 1",
-    );
-    let ck = dir.path().join("ck");
-    let mut rng = 0x2545_F491_4F6C_DD1Du64;
-    let mut kills = 0;
-    let mut mid_save = 0;
-    for i in 0..24 {
-        let track = dir.path().join(format!("t{i}"));
-        let child = start(ferrospeed().args([
-            "train", "--config", &config.display().to_string(),
-            "--set", &format!("track.dir={}", track.display()),
-            "--set", &format!("checkpoint.dir={}", ck.display()),
-            "--set", "checkpoint.every=1", "--set", "checkpoint.keep=2",
-        ]));
-        // Once the run is past start-up (it logged a step, and every step saves), kill it at a
-        // random moment: on a slow machine too, most kills land in the step/save loop.
-        let metrics = track.join("metrics.jsonl");
-        let t0 = std::time::Instant::now();
-        while std::fs::read_to_string(&metrics).map_or(true, |m| m.is_empty()) && t0.elapsed() < Duration::from_secs(60) {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        std::thread::sleep(Duration::from_millis(rng % 400));
-        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-        let _ = finish(child, Duration::from_secs(20));
-        kills += 1;
-        // A leftover temporary folder means the kill landed in the middle of a save.
-        let tmp_left = std::fs::read_dir(&ck).into_iter().flatten().flatten().any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"));
-        mid_save += usize::from(tmp_left);
-        if let Some(latest) = checkpoint::latest(&ck).unwrap_or_else(|e| panic!("kill {i}: latest is broken: {e}")) {
-            checkpoint::verify(&latest).unwrap_or_else(|e| panic!("kill {i}: {e}"));
-        }
-        // Every folder that looks like a checkpoint is a complete one.
-        for (_, path) in checkpoint::list_checkpoints(&ck) {
-            checkpoint::verify(&path).unwrap_or_else(|e| panic!("kill {i}: {} is visible but broken: {e}", path.display()));
-        }
-    }
-    eprintln!("{mid_save} of {kills} kills landed during a save");
-    assert!(kills >= 20);
-    assert!(mid_save >= 2, "only {mid_save} of {kills} kills landed during a save: the test proves too little");
-    let latest = checkpoint::latest(&ck).unwrap().expect("some checkpoint survived");
-    assert!(checkpoint::read_meta(&latest).unwrap().step >= 2, "training progressed across kills");
 }
 
 #[test]
@@ -176,7 +95,7 @@ fn a_corrupt_or_truncated_shard_fails_the_load_naming_the_file_and_overwrites_no
             _ => bytes.truncate(bytes.len() - 100),
         }
         std::fs::write(&file, &bytes).unwrap();
-        let before: Vec<_> = std::fs::read_dir(&ck).unwrap().flatten().map(|e| e.file_name()).collect();
+        let before = names_in(&ck);
         let f = run(
             ferrospeed().args([
                 "launch", "--nproc-per-node", "2", "train", "--config", &config.display().to_string(),
@@ -187,8 +106,7 @@ fn a_corrupt_or_truncated_shard_fails_the_load_naming_the_file_and_overwrites_no
         );
         assert!(!f.status.success(), "{damage}: loading must fail");
         assert!(f.stderr.contains("rank-00001-of-00002.safetensors") && f.stderr.contains("checksum"), "{damage}: {}", f.stderr);
-        let after: Vec<_> = std::fs::read_dir(&ck).unwrap().flatten().map(|e| e.file_name()).collect();
-        assert_eq!(before, after, "{damage}: nothing written");
+        assert_eq!(before, names_in(&ck), "{damage}: nothing written");
         assert_eq!(std::fs::read(&file).unwrap(), bytes, "{damage}: the damaged file is left as it was");
     }
     std::fs::write(&file, &original).unwrap();
@@ -248,7 +166,7 @@ fn resuming_a_different_model_names_the_parameter_and_writes_nothing() {
     let config = write_config(dir.path(), TINY, "steps = 2\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 1");
     let ck = dir.path().join("ck");
     train(1, &config, &dir.path().join("first"), &[format!("checkpoint.dir={}", ck.display())]);
-    let before: Vec<_> = std::fs::read_dir(&ck).unwrap().flatten().map(|e| e.file_name()).collect();
+    let before = names_in(&ck);
     let f = run(
         ferrospeed().args([
             "train", "--config", &config.display().to_string(),
@@ -260,9 +178,80 @@ fn resuming_a_different_model_names_the_parameter_and_writes_nothing() {
     );
     assert!(!f.status.success());
     assert!(f.stderr.contains("does not fit this model") && f.stderr.contains("wte") && f.stderr.contains("[256, 32]"), "{}", f.stderr);
-    let after: Vec<_> = std::fs::read_dir(&ck).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert_eq!(before, after);
+    assert_eq!(before, names_in(&ck));
     let f = run(ferrospeed().args(["checkpoint", "inspect", &dir.path().join("nothing-here").display().to_string()]), Duration::from_secs(30));
     assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
     assert!(f.stderr.contains("no checkpoint at"), "{}", f.stderr);
+}
+
+#[test]
+fn fp16_resumes_bit_for_bit_with_the_loss_scaler_state() {
+    let dir = tempfile::tempdir().unwrap();
+    // The scale grows every 2 good steps and backs off on overflows (measured: 262144, 262144, 524288,
+    // 262144, 262144, 131072, …): resuming with a fresh scaler would scale, and skip, differently.
+    let config = write_config(
+        dir.path(),
+        TINY,
+        "steps = 12\nglobal_batch = 4\nmicro_batch = 1\nwarmup = 2\nprecision = \"fp16\"\nloss_scale_initial = 262144.0\nloss_scale_growth_interval = 2",
+    );
+    let ck = dir.path().join("ck");
+    let sets = |extra: &str| vec!["zero.stage=2".to_string(), format!("checkpoint.dir={}", ck.display()), extra.to_string()];
+    let whole = train(2, &config, &dir.path().join("whole"), &sets("checkpoint.every=5"));
+    let scales = |track: &Path| -> Vec<f64> {
+        std::fs::read_to_string(track.join("metrics.jsonl")).unwrap().lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss_scale"].as_f64().unwrap())
+            .collect()
+    };
+    let whole_scales = scales(&dir.path().join("whole"));
+    let (grows, backs_off) = (whole_scales.windows(2).any(|w| w[1] > w[0]), whole_scales.windows(2).any(|w| w[1] < w[0]));
+    assert!(grows && backs_off && whole_scales[5] != 262144.0, "the scale moves, and differs from a fresh one at step 6: {whole_scales:?}");
+    let root = root_with(&ck.join(checkpoint::step_dir_name(5)), &dir.path().join("resume-root"));
+    let resumed = train(2, &config, &dir.path().join("resumed"), &["zero.stage=2".into(), format!("checkpoint.dir={}", root.display())]);
+    assert_eq!(bits(&resumed), bits(&whole[5..]), "fp16 losses after resuming");
+    assert_eq!(scales(&dir.path().join("resumed")), whole_scales[5..], "loss scales after resuming");
+}
+
+#[test]
+fn a_damaged_meta_json_or_latest_fails_the_resume_naming_the_file_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 2\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 1");
+    let ck = dir.path().join("ck");
+    train(1, &config, &dir.path().join("first"), &[format!("checkpoint.dir={}", ck.display())]);
+    let step = ck.join(checkpoint::step_dir_name(2));
+    let (meta, latest) = (step.join("meta.json"), ck.join("latest"));
+    let (meta_ok, latest_ok) = (std::fs::read(&meta).unwrap(), std::fs::read(&latest).unwrap());
+    let half = meta_ok[..meta_ok.len() / 2].to_vec();
+    let future = String::from_utf8(meta_ok.clone()).unwrap().replacen("\"format_version\": 1", "\"format_version\": 99", 1).into_bytes();
+    assert_ne!(future, meta_ok, "the version field is where the test expects it");
+    // (file, damaged bytes, fragments the one-line error must contain)
+    let cases: Vec<(&Path, Vec<u8>, Vec<&str>)> = vec![
+        (&meta, half, vec!["meta.json", "corrupt"]),
+        (&meta, b"".to_vec(), vec!["meta.json", "corrupt"]),
+        (&meta, future, vec!["meta.json", "format version 99"]),
+        (&latest, b"step-00000007\n".to_vec(), vec!["latest", "step-00000007", "meta.json"]),
+        (&latest, b"../../etc\n".to_vec(), vec!["latest", "not a checkpoint folder"]),
+        (&latest, b"".to_vec(), vec!["latest", "not a checkpoint folder"]),
+    ];
+    for (i, (file, bytes, expect)) in cases.into_iter().enumerate() {
+        std::fs::write(file, &bytes).unwrap();
+        let before = names_in(&ck);
+        let f = run(
+            ferrospeed().args([
+                "train", "--config", &config.display().to_string(),
+                "--set", &format!("track.dir={}", dir.path().join(format!("again-{i}")).display()),
+                "--set", &format!("checkpoint.dir={}", ck.display()), "--set", "train.steps=4",
+            ]),
+            Duration::from_secs(60),
+        );
+        assert!(!f.status.success(), "case {i}: resuming must fail");
+        assert_eq!(f.stderr.trim().lines().count(), 1, "case {i}: one line please: {}", f.stderr);
+        for fragment in expect {
+            assert!(f.stderr.contains(fragment), "case {i}: expected {fragment:?} in {}", f.stderr);
+        }
+        assert_eq!(before, names_in(&ck), "case {i}: nothing written");
+        assert_eq!(std::fs::read(file).unwrap(), bytes, "case {i}: the damaged file is left as it was");
+        std::fs::write(&meta, &meta_ok).unwrap();
+        std::fs::write(&latest, &latest_ok).unwrap();
+    }
+    checkpoint::verify(&step).unwrap();
 }

@@ -94,12 +94,19 @@ fn ctrl_c_is_passed_to_the_ranks() {
 
 #[test]
 fn two_nodes_on_one_machine_form_one_world_of_four() {
-    let port = free_port().to_string();
+    // The test binds the store's port and hands the socket to node 0: nothing can take it in between.
+    let store = listener();
+    let port = store.local_addr().unwrap().port().to_string();
     let node = |rank: &str| {
-        start(ferrospeed().args([
+        let mut cmd = ferrospeed();
+        cmd.args([
             "launch", "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
             "--master-port", &port, "comm", "check", "--sizes", "0,3,5,1001",
-        ]))
+        ]);
+        if rank == "0" {
+            hand_over(&mut cmd, &store);
+        }
+        start(&mut cmd)
     };
     // Node 1 first: it must wait for node 0 rather than fail.
     let n1 = node("1");
@@ -112,13 +119,106 @@ fn two_nodes_on_one_machine_form_one_world_of_four() {
 }
 
 #[test]
+fn ranks_started_by_srun_or_mpirun_form_a_group_with_rank_0_serving_the_store() {
+    // No launcher: each process reads Slurm's or Open MPI's variables, and rank 0 serves the store.
+    let vars = |source: &str, rank: usize| -> Vec<(String, String)> {
+        let v = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let r = rank.to_string();
+        match source {
+            "slurm" => v(&[("SLURM_PROCID", &r), ("SLURM_NTASKS", "3"), ("SLURM_LOCALID", &r), ("SLURM_NTASKS_PER_NODE", "3"), ("SLURM_JOB_ID", "4242")]),
+            _ => v(&[("OMPI_COMM_WORLD_RANK", &r), ("OMPI_COMM_WORLD_SIZE", "3"), ("OMPI_COMM_WORLD_LOCAL_RANK", &r), ("OMPI_COMM_WORLD_LOCAL_SIZE", "3")]),
+        }
+    };
+    for source in ["slurm", "mpirun"] {
+        let store = listener();
+        let port = store.local_addr().unwrap().port().to_string();
+        let children: Vec<_> = (0..3)
+            .map(|rank| {
+                let mut cmd = ferrospeed();
+                cmd.args(["comm", "check", "--sizes", "0,3,1001"]).env("MASTER_ADDR", "127.0.0.1").env("MASTER_PORT", &port);
+                for var in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "FERROSPEED_AGENT_STORE"] {
+                    cmd.env_remove(var);
+                }
+                cmd.envs(vars(source, rank));
+                if rank == 0 {
+                    hand_over(&mut cmd, &store);
+                }
+                start(&mut cmd)
+            })
+            .collect();
+        let done: Vec<Finished> = children.into_iter().map(|c| finish(c, Duration::from_secs(60))).collect();
+        for (rank, f) in done.iter().enumerate() {
+            assert!(f.status.success(), "{source} rank {rank}: {}", f.stderr);
+            assert!(f.stdout.contains(&format!("rank {rank} digest")), "{source} rank {rank}: {}", f.stdout);
+        }
+        assert!(done[0].stdout.contains("on 3 ranks: all passed"), "{source}: {}", done[0].stdout);
+    }
+}
+
+/// The pid of the process among `launcher`'s children whose environment has `RANK=rank`.
+fn rank_pid(launcher: u32, rank: usize) -> Option<i32> {
+    let tasks = std::fs::read_dir(format!("/proc/{launcher}/task")).ok()?;
+    let children: Vec<i32> = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<i32>>())
+        .collect();
+    let wanted = format!("RANK={rank}");
+    children.into_iter().find(|pid| {
+        std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == wanted.as_bytes()))
+    })
+}
+
+#[test]
+fn a_stalled_rank_fails_the_job_after_the_collective_timeout_from_the_flag_or_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 100000\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 1");
+    for how in ["flag", "environment"] {
+        let track = dir.path().join(how);
+        let mut cmd = ferrospeed();
+        cmd.arg("launch").args(["--nproc-per-node", "2"]);
+        match how {
+            "flag" => cmd.args(["--collective-timeout", "2"]).env_remove("FERROSPEED_COLLECTIVE_TIMEOUT_S"),
+            _ => cmd.env("FERROSPEED_COLLECTIVE_TIMEOUT_S", "2"),
+        };
+        cmd.args(["train", "--config"]).arg(&config).arg("--set").arg(format!("track.dir={}", track.display()));
+        let child = start(&mut cmd);
+        let t0 = std::time::Instant::now();
+        while std::fs::read_to_string(track.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 2 {
+            assert!(t0.elapsed() < Duration::from_secs(120), "{how}: training did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = rank_pid(child.id(), 1).expect("rank 1 is a child of the launcher");
+        // Rank 1 stops in the middle of training, as a hung process would: alive, silent.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let stopped = std::time::Instant::now();
+        let f = finish(child, Duration::from_secs(120));
+        let waited = stopped.elapsed();
+        assert!(!f.status.success(), "{how}: {}", f.stderr);
+        assert!(f.stderr.contains("timed out") && f.stderr.contains("rank 1"), "{how}: the error names the stalled rank: {}", f.stderr);
+        // It waited for the 2 s timeout (less the part of it rank 0 may have spent before the stop),
+        // not for the 300 s default.
+        assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(60), "{how}: failed after {waited:?}");
+        assert_eq!(survivors(&[pid], Duration::from_secs(10)), Vec::<i32>::new(), "{how}: the stopped rank is killed");
+    }
+    let f = run(
+        ferrospeed().env("FERROSPEED_COLLECTIVE_TIMEOUT_S", "soon").args(["train", "--config"]).arg(&config).arg("--set").arg(format!("track.dir={}", dir.path().join("bad").display())),
+        Duration::from_secs(60),
+    );
+    assert!(!f.status.success());
+    assert_eq!(f.stderr.trim().lines().count(), 1, "one line please: {}", f.stderr);
+    assert!(f.stderr.contains("FERROSPEED_COLLECTIVE_TIMEOUT_S") && f.stderr.contains("soon") && f.stderr.contains("seconds"), "{}", f.stderr);
+}
+
+#[test]
 fn bad_input_is_one_line_exit_2_and_starts_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("started");
     let program = format!("touch {}", marker.display());
-    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = listener();
     let busy_port = busy.local_addr().unwrap().port().to_string();
-    let closed_port = free_port().to_string();
+    let refusing = RefusingPort::new();
+    let closed_port = refusing.port.to_string();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--bogus-flag"], "unexpected argument '--bogus-flag'"),
         (vec!["--nproc-per-node", "0"], "must be at least 1"),
@@ -129,6 +229,7 @@ fn bad_input_is_one_line_exit_2_and_starts_nothing() {
         (vec!["--master-addr", "no-such-host.invalid"], "cannot be resolved"),
         (vec!["--nnodes", "2", "--node-rank", "2"], "--node-rank 2 is out of range"),
         (vec!["--nnodes", "2", "--master-port", "0"], "--master-port 0"),
+        (vec!["--collective-timeout", "0"], "not a positive number of seconds"),
     ];
     for (flags, expect) in cases {
         let mut args = vec!["launch"];
@@ -146,5 +247,5 @@ fn bad_input_is_one_line_exit_2_and_starts_nothing() {
         assert_eq!(f.stderr.trim().lines().count(), 1, "{}", f.stderr);
         assert!(f.stderr.contains("not found"), "{}", f.stderr);
     }
-    drop(busy);
+    drop((busy, refusing));
 }

@@ -54,6 +54,8 @@ pub fn spawn_rank(plan: &LaunchPlan, local_rank: usize) -> Result<(RankProcess, 
         .env("MASTER_ADDR", &plan.master_addr)
         .env("MASTER_PORT", plan.master_port.to_string())
         .env(ferrospeed::comm::ENV_AGENT_STORE, "1")
+        // The store's socket handed to this launcher is the launcher's, never a rank's.
+        .env_remove(ferrospeed::comm::store::ENV_STORE_FD)
         .env(ferrospeed::comm::ENV_RDZV_TIMEOUT, plan.rdzv_timeout.to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

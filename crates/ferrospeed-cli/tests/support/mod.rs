@@ -1,8 +1,15 @@
-//! Helpers for tests that drive the `ferrospeed` binary: bounded waits, process liveness, free ports.
+//! Helpers for tests that drive the `ferrospeed` binary: bounded waits, process liveness, configs
+//! and training runs, and listening sockets handed to the binary (no port is probed and raced for).
 
 #![allow(dead_code)]
 
+pub mod power_loss;
+
 use std::io::Read;
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -103,7 +110,115 @@ pub fn wait_for_pid_files(dir: &std::path::Path, n: usize, limit: Duration) {
     }
 }
 
-/// A port that was free a moment ago.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// A socket listening on a free loopback port, for the store of a process started with [`hand_over`].
+pub fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").expect("binding a loopback port")
+}
+
+/// Let `cmd`'s process serve the store on `listener` (`FERROSPEED_STORE_FD`): the port stays bound
+/// from now until the test drops the listener, so no other process can take it in between.
+pub fn hand_over<'a>(cmd: &'a mut Command, listener: &TcpListener) -> &'a mut Command {
+    let fd = listener.as_raw_fd();
+    cmd.env("FERROSPEED_STORE_FD", fd.to_string());
+    // SAFETY: only fcntl, async-signal-safe, between fork and exec: the child inherits this one socket.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    cmd
+}
+
+/// A port that refuses connections for as long as the returned guard lives: bound, never listening.
+pub struct RefusingPort {
+    fd: i32,
+    pub port: u16,
+}
+
+impl RefusingPort {
+    pub fn new() -> Self {
+        // SAFETY: plain socket calls on a descriptor this struct owns and closes on drop.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len), 0, "bind: {}", std::io::Error::last_os_error());
+            let mut got: libc::sockaddr_in = std::mem::zeroed();
+            let mut got_len = len;
+            assert_eq!(libc::getsockname(fd, &mut got as *mut _ as *mut libc::sockaddr, &mut got_len), 0);
+            Self { fd, port: u16::from_be(got.sin_port) }
+        }
+    }
+}
+
+impl Drop for RefusingPort {
+    fn drop(&mut self) {
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// The corpus the tests train on (the shipped Rust book).
+pub fn corpus() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/rust-book.txt")
+}
+
+/// The tiny model most tests train: 20 steps take about a second.
+pub const TINY: &str = "n_layer = 2\nn_head = 2\nd_model = 32\nseq_len = 32";
+
+/// Write `DIR/run.toml` with the `[model]` and `[train]` lines given and the shipped corpus.
+pub fn write_config(dir: &Path, model: &str, train: &str) -> PathBuf {
+    let text = format!("[model]\n{model}\n\n[data]\npath = \"{}\"\n\n[train]\n{train}\nsample_tokens = 0\n", corpus().display());
+    let path = dir.join("run.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Run `train` under `launch` with `nproc` ranks, `--set track.dir=TRACK` and the `--set`s given;
+/// panics unless it succeeds. Returns (step, loss) of each line of metrics.jsonl.
+pub fn train(nproc: usize, config: &Path, track: &Path, sets: &[String]) -> Vec<(u64, f64)> {
+    let f = run(&mut train_command(nproc, config, track, sets), Duration::from_secs(300));
+    assert!(f.status.success(), "train {sets:?} failed:\n{}\n{}", f.stdout, f.stderr);
+    metrics(track)
+}
+
+/// The command [`train`] runs.
+pub fn train_command(nproc: usize, config: &Path, track: &Path, sets: &[String]) -> Command {
+    let mut cmd = ferrospeed();
+    cmd.args(["launch", "--nproc-per-node", &nproc.to_string(), "train", "--config"]).arg(config);
+    cmd.arg("--set").arg(format!("track.dir={}", track.display()));
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    cmd
+}
+
+/// (step, loss) of each line of `TRACK/metrics.jsonl`.
+pub fn metrics(track: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(track.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// The bits of each (step, loss), for exact comparisons.
+pub fn bits(v: &[(u64, f64)]) -> Vec<(u64, u64)> {
+    v.iter().map(|(s, l)| (*s, l.to_bits())).collect()
+}
+
+/// The names in a folder, sorted (to show that a failed command wrote nothing).
+pub fn names_in(dir: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    names.sort();
+    names
 }

@@ -49,10 +49,24 @@ pub struct StoreServer {
     table: Arc<Table>,
 }
 
+/// Environment variable naming an inherited file descriptor of a socket already listening for the
+/// store. A supervisor that bound the port itself (the tests do) hands it over, so that no port is
+/// probed first and raced for. Taken by the first [`StoreServer::bind`] of the process only.
+pub const ENV_STORE_FD: &str = "FERROSPEED_STORE_FD";
+
 impl StoreServer {
-    /// Listen on `addr` (`host:port`; port 0 picks a free one) and serve in background threads.
+    /// Listen on `addr` (`host:port`; port 0 picks a free one) and serve in background threads. With
+    /// `FERROSPEED_STORE_FD` set (see [`ENV_STORE_FD`]), serve on that inherited socket instead; its
+    /// port must be the one `addr` asks for (any, for port 0).
     pub fn bind(addr: &str) -> Result<Self, CommError> {
-        let listener = TcpListener::bind(addr).map_err(|source| CommError::Bind { addr: addr.into(), source })?;
+        let listener = match inherited_listener(addr)? {
+            Some(l) => l,
+            None => TcpListener::bind(addr).map_err(|source| CommError::Bind { addr: addr.into(), source })?,
+        };
+        Self::serve(listener, addr)
+    }
+
+    fn serve(listener: TcpListener, addr: &str) -> Result<Self, CommError> {
         let local = listener.local_addr().map_err(|source| CommError::Bind { addr: addr.into(), source })?;
         let stop = Arc::new(AtomicBool::new(false));
         let table = Arc::new(Table::default());
@@ -91,6 +105,34 @@ impl Drop for StoreServer {
         // Wake the blocking accept so its thread sees the flag.
         let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
     }
+}
+
+/// The listening socket `FERROSPEED_STORE_FD` hands over, if it is set and not taken yet.
+fn inherited_listener(addr: &str) -> Result<Option<TcpListener>, CommError> {
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let Ok(value) = std::env::var(ENV_STORE_FD) else { return Ok(None) };
+    if TAKEN.swap(true, Ordering::SeqCst) {
+        return Ok(None);
+    }
+    let bad = |reason: String| CommError::BadEnv { var: ENV_STORE_FD.into(), value: value.clone(), reason };
+    let fd: i32 = value.trim().parse().map_err(|_| bad("expected a file descriptor number".into()))?;
+    // SAFETY: fstat on any integer is harmless; it tells whether the descriptor is an open socket
+    // before we take ownership of it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if fd < 0 || unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(bad("it is not an open socket of this process".into()));
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: the descriptor is an open socket handed to this process for the store, taken once.
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    // The socket must not leak into the ranks this process starts.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let local = listener.local_addr().map_err(|e| bad(format!("it is not a TCP socket ({e})")))?;
+    let wanted = addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap_or(0);
+    if wanted != 0 && wanted != local.port() {
+        return Err(bad(format!("it listens on port {}, not the port {wanted} asked for", local.port())));
+    }
+    Ok(Some(listener))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
