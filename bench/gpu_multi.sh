@@ -35,6 +35,9 @@ TOML
 }
 PART=${PART:-all}   # checks | scaling | all (a device call runs at most 10 minutes)
 if [ "$PART" != scaling ]; then
+# Every GPU test binary (the NCCL collectives need two GPUs: skipped on one, a failure here).
+source bench/gpu_tests.sh
+gpu_tests; cat "$OUT/gpu-tests.txt" >> "$OUT/checks-multi.txt"
 # The NCCL watchdog with a rank that never joins a collective (the test hung on 2026-11-23; --ignored).
 timeout 120 /tmp/bin/test-ferrospeed-gpu_nccl --ignored --test-threads 1 --nocapture > "$LOGS/nccl-missing-rank.log" 2>&1 \
   && echo "PASS NCCL missing rank times out" | tee -a "$OUT/checks-multi.txt" \

@@ -22,10 +22,8 @@ $BIN env | tee "$OUT/env.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$OUT/env.txt"
 
 # --- GPU tests (cargo test --features cuda binaries): kernels and blocks against the CPU
-for t in /tmp/bin/test-*; do
-  echo "== $(basename "$t")" | tee -a "$LOGS/gpu-tests.log"
-  timeout 300 "$t" --test-threads 1 --nocapture >> "$LOGS/gpu-tests.log" 2>&1 && echo "PASS $(basename "$t")" || echo "FAIL $(basename "$t") (see gpu-tests.log)"
-done | tee "$OUT/gpu-tests.txt"
+source bench/gpu_tests.sh
+gpu_tests
 
 # --- correctness: the tiny config on CPU and CUDA (world 1), CUDA stages 0-3 (2 ranks sharing the GPU)
 cat > /tmp/tiny.toml <<TOML

@@ -1,29 +1,16 @@
 //! The optimizer's CUDA kernels against the host code: fused AdamW, per-range sums of squares, the
-//! non-finite check and gradient accumulation. Skipped, with a message, where no GPU can be used.
+//! non-finite check and gradient accumulation. Where no GPU can be used each test prints the
+//! `GPU-TEST-SKIPPED needs=1` line (tests/common/mod.rs) and returns.
 #![cfg(feature = "cuda")]
 
-use candle_core::cuda::CudaDevice;
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::gpu_or_skip;
 use ferrospeed::cuda_kernels::{accumulate, round_through};
 use ferrospeed::engine::HostBuf;
 use ferrospeed::optim::{adamw_update, any_nonfinite, cast_into, sum_squares, sum_squares_segments, AdamW};
 use ferrospeed::rng::Rng;
-
-fn gpu() -> Option<CudaDevice> {
-    // Without a driver, cudarc panics when it loads libcuda: treat that as "no GPU" too.
-    match std::panic::catch_unwind(|| Device::new_cuda(0)) {
-        Ok(Ok(Device::Cuda(d))) => Some(d),
-        other => {
-            let why = match other {
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "the CUDA driver could not be loaded".into(),
-                Ok(Ok(_)) => "not a CUDA device".into(),
-            };
-            eprintln!("skipping the GPU optimizer tests: no usable CUDA device ({why})");
-            None
-        }
-    }
-}
 
 fn random(n: usize, seed: u64, scale: f64) -> Vec<f32> {
     let mut r = Rng::new(seed);
@@ -48,7 +35,7 @@ fn to_f32(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn fused_adamw_matches_the_cpu() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = gpu_or_skip("fused_adamw_matches_the_cpu") else { return };
     let device = Device::Cuda(dev.clone());
     let opt = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
     let factor = 0.37f32;
@@ -73,7 +60,9 @@ fn fused_adamw_matches_the_cpu() {
                     for (what, d, h) in [("master", &dp, &p), ("m", &dm, &m), ("v", &dv, &v)] {
                         let got = dev.clone_dtoh(d).unwrap();
                         let (rel, count) = compare(&got, h);
-                        assert!(rel <= 1e-6, "{what}: n {n} decay {decay} {dtype:?} step {t}: relative difference {rel:e}");
+                        // The kernel claims the CPU's bits (`_rn` intrinsics, the same operation order);
+                        // measured: 0 differing values (bench/results/gpu-2026-11-29/call5/gpu-tests.log).
+                        assert_eq!(count, 0, "{what}: n {n} decay {decay} {dtype:?} step {t}: {count} values differ from the CPU (largest relative difference {rel:e})");
                         worst = worst.max(rel);
                         differing += count;
                     }
@@ -90,7 +79,7 @@ fn fused_adamw_matches_the_cpu() {
 
 #[test]
 fn cast_writes_the_rounded_master() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = gpu_or_skip("cast_writes_the_rounded_master") else { return };
     let device = Device::Cuda(dev.clone());
     let p = random(3000, 9, 3.0);
     let dp = dev.clone_htod(&p).unwrap();
@@ -104,7 +93,7 @@ fn cast_writes_the_rounded_master() {
 
 #[test]
 fn sums_of_squares_match_and_repeat() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = gpu_or_skip("sums_of_squares_match_and_repeat") else { return };
     let n = (1 << 20) + 1004;
     let x = random(n, 3, 1.5);
     let dx = dev.clone_htod(&x).unwrap();
@@ -118,7 +107,10 @@ fn sums_of_squares_match_and_repeat() {
     for (r, &got) in ranges.iter().zip(&runs[0]) {
         let want = sum_squares(&x[r.clone()]);
         let rel = (got - want).abs() / want.max(1e-300);
-        assert!(rel <= 1e-6 || got == want, "range {r:?}: {got} vs {want}");
+        // The GPU sums in a tree, the CPU in order, so they differ in the last bits. Measured on an H200
+        // (bench/results/gpu-2026-11-29/call5/gpu-tests.log): at most 2.41e-13 (over 1001..1049580); the
+        // bound is about 10× that.
+        assert!(rel <= 2.5e-12 || got == want, "range {r:?}: {got} vs {want}: relative difference {rel:e}");
         eprintln!("sum of squares over {r:?}: GPU {got:e}, CPU {want:e}, relative difference {rel:e}");
     }
     let bits = |v: &Vec<f64>| v.iter().map(|s| s.to_bits()).collect::<Vec<_>>();
@@ -127,7 +119,7 @@ fn sums_of_squares_match_and_repeat() {
 
 #[test]
 fn non_finite_values_are_found() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = gpu_or_skip("non_finite_values_are_found") else { return };
     let x = random(100_000, 4, 1.0);
     let mut dx = dev.clone_htod(&x).unwrap();
     let y = dev.clone_htod(&random(10, 5, 1.0)).unwrap();
@@ -144,7 +136,7 @@ fn non_finite_values_are_found() {
 
 #[test]
 fn gradient_accumulation_matches_the_host_add() {
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = gpu_or_skip("gradient_accumulation_matches_the_host_add") else { return };
     let device = Device::Cuda(dev.clone());
     let n = 3 * 1000;
     let acc0 = random(n + 10, 6, 1.0);

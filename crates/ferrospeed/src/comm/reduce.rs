@@ -96,6 +96,41 @@ mod tests {
     }
 
     #[test]
+    fn the_reference_is_the_plain_rank_order_loop() {
+        // `ferrospeed comm check` compares against `reference_reduce`; here it is held to the documented
+        // fold written out without `init`/`fold`/`finish`. Magnitudes from 1 to 1e8 make the order matter.
+        let mut rng = crate::rng::Rng::new(11);
+        let mut inputs: Vec<Vec<f32>> =
+            (0..4).map(|_| (0..500).map(|_| (rng.normal() * 10f64.powi(rng.below(9) as i32)) as f32).collect()).collect();
+        inputs[0][3] = f32::NAN; // a NaN that starts the fold must win a Max too
+        inputs[2][7] = f32::NAN;
+        for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max] {
+            let want: Vec<f32> = (0..500)
+                .map(|i| {
+                    let mut acc = inputs[0][i];
+                    for x in &inputs[1..] {
+                        acc = match op {
+                            ReduceOp::Sum | ReduceOp::Avg => acc + x[i],
+                            ReduceOp::Max if acc.is_nan() || x[i].is_nan() => f32::NAN,
+                            ReduceOp::Max => if x[i] > acc { x[i] } else { acc },
+                        };
+                    }
+                    if op == ReduceOp::Avg { acc / 4.0 } else { acc }
+                })
+                .collect();
+            let got = reference_reduce(&inputs, op);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()), "{op:?} element {i}: {g} vs {w}");
+            }
+            let reversed: Vec<Vec<f32>> = inputs.iter().rev().cloned().collect();
+            if op != ReduceOp::Max {
+                let moved = reference_reduce(&reversed, op).iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                assert!(moved > 0, "{op:?}: the data does not tell rank orders apart");
+            }
+        }
+    }
+
+    #[test]
     fn half_types_accumulate_in_f32_and_round_once() {
         use half::bf16;
         // 256 + 1 + 1 in bf16 step by step stays 256 (8 bits of mantissa); in f32 it is 258 → bf16 258.

