@@ -1,24 +1,23 @@
 //! Export round trip: a sharded checkpoint exported to one safetensors file and loaded with
 //! `load_consolidated` gives back the master weights bit for bit, at another world size and stage.
 
-use candle_core::{Device, Tensor};
+mod support;
+
+use candle_core::Device;
 use ferrospeed::checkpoint::{self, SaveRequest};
 use ferrospeed::comm::run_local_world;
-use ferrospeed::config::ZeroStage;
-use ferrospeed::engine::{Batch, Engine, EngineConfig};
-use ferrospeed::optim::AdamW;
-use ferrospeed::shard::Strategy;
+use ferrospeed::engine::{Engine, EngineConfig};
+use ferrospeed::precision::Precision;
 use ferrospeed::{CommConfig, Communicator};
 use ferrospeed_models::gpt::hf_name;
-use ferrospeed_models::{BatchSampler, Gpt, GptConfig, TextCorpus};
+use ferrospeed_models::{BatchSampler, Gpt, GptConfig};
 use std::sync::Arc;
+use support::{batches, bits32};
 
 const CFG: GptConfig = GptConfig { n_layer: 2, n_head: 2, d_model: 32, seq_len: 16, vocab_size: 256 };
 
-fn config(stage: i64) -> EngineConfig {
-    let mut cfg = EngineConfig::fp32(true, 1.0, AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }, 3);
-    cfg.strategy = Strategy::new(ZeroStage::from_int(stage).unwrap());
-    cfg
+fn config(stage: u8) -> EngineConfig {
+    support::engine_config(stage, Precision::Fp32, true, 3)
 }
 
 /// Every block's master weights over the whole flat buffer (real elements), gathered from all ranks.
@@ -40,22 +39,14 @@ fn full_masters(engines: &[(usize, Vec<(usize, Vec<f32>)>)], numels: &[usize]) -
 fn export_and_load_consolidated_round_trip_bit_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("ck");
-    let corpus = TextCorpus::from_bytes("Fearless concurrency is a goal of Rust. ".repeat(50).into_bytes());
+    let corpus = support::corpus("Fearless concurrency is a goal of Rust. ", 50);
     // Train 3 steps on 2 ranks at stage 3 and save.
     let trained = run_local_world(2, &CommConfig::default(), |comm| {
         let rank = comm.rank();
         let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(3)).unwrap();
         let sampler = BatchSampler { seed: 3, seq_len: 16, micro_batch: 2, accumulation: 1, world_size: 2, rank };
         for step in 0..3 {
-            let batches: Vec<Batch> = sampler
-                .micro_batches(&corpus, step)
-                .into_iter()
-                .map(|mb| Batch {
-                    tokens: Tensor::from_vec(mb.tokens, (2, 16), &Device::Cpu).unwrap(),
-                    targets: Tensor::from_vec(mb.targets, (2, 16), &Device::Cpu).unwrap(),
-                })
-                .collect();
-            engine.train_step(&batches, 1e-3).unwrap();
+            engine.train_step(&batches(&sampler, &corpus, step, &Device::Cpu), 1e-3).unwrap();
         }
         checkpoint::save(&mut engine, &SaveRequest { root: &root, samples: 12, keep: 2, run: serde_json::Value::Null }).unwrap();
         (rank, (0..4).map(|b| (engine.master(b).0, engine.master(b).1.to_vec())).collect::<Vec<_>>())
@@ -76,7 +67,6 @@ fn export_and_load_consolidated_round_trip_bit_exactly() {
     let numels: Vec<usize> = (0..4).map(|b| model.own_params(b).iter().map(|p| p.numel()).sum()).collect();
     let (a, b) = (full_masters(&trained, &numels), full_masters(&loaded, &numels));
     for (block, (x, y)) in a.iter().zip(&b).enumerate() {
-        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(x), bits(y), "block {block}");
+        assert_eq!(bits32(x), bits32(y), "block {block}");
     }
 }

@@ -1,46 +1,33 @@
 //! The engine with device-resident optimizer state on a GPU: every ZeRO stage, at world sizes 1 and
-//! 2 (ranks as threads sharing GPU 0), fp32 and bf16, against stage 0 and against the CPU; and a
-//! checkpoint saved and resumed on the GPU. Skipped, with a message, where no GPU can be used.
+//! 2 (ranks as threads sharing GPU 0), fp32 and bf16, bitwise against stage 0 and close to the CPU;
+//! and a checkpoint saved and resumed on the GPU, bitwise against an uninterrupted run. Where no GPU
+//! can be used each test prints the skip line of the GPU scripts and returns.
 #![cfg(feature = "cuda")]
 
-use candle_core::{Device, Tensor};
+mod support;
+
+use candle_core::Device;
 use ferrospeed::checkpoint::{self, SaveRequest};
 use ferrospeed::comm::run_local_world;
-use ferrospeed::config::ZeroStage;
-use ferrospeed::engine::{Batch, Engine, EngineConfig};
-use ferrospeed::optim::{AdamW, LrSchedule};
+use ferrospeed::engine::Engine;
+use ferrospeed::optim::LrSchedule;
 use ferrospeed::precision::Precision;
-use ferrospeed::shard::Strategy;
 use ferrospeed::{CommConfig, Communicator};
-use ferrospeed_models::{BatchSampler, Gpt, GptConfig, TextCorpus};
+use ferrospeed_models::{BatchSampler, Gpt, GptConfig};
 use std::sync::Arc;
+use support::{batches, bits, gpu_or_skip};
 
 const CFG: GptConfig = GptConfig { n_layer: 2, n_head: 2, d_model: 64, seq_len: 32, vocab_size: 256 };
 const STEPS: usize = 6;
 
-fn gpu() -> Option<Device> {
-    match std::panic::catch_unwind(|| Device::new_cuda(0)) {
-        Ok(Ok(d)) => Some(d),
-        _ => {
-            eprintln!("skipping the GPU engine tests: no usable CUDA device");
-            None
-        }
-    }
-}
-
-fn corpus() -> TextCorpus {
-    TextCorpus::from_bytes("Parameters live in flat buffers; candle sees copies. ".repeat(60).into_bytes())
-}
-
-/// Rank 0's losses over `range` of steps; `save_at` saves a checkpoint after that many steps,
-/// `resume` loads the latest one first.
+/// Rank 0's losses over `steps`; `ckpt` `(dir, false)` saves a checkpoint in `dir` after them,
+/// `(dir, true)` loads the latest one of `dir` before them.
 fn train(world: usize, stage: u8, precision: Precision, on_gpu: bool, steps: std::ops::Range<usize>, ckpt: Option<(&std::path::Path, bool)>) -> Vec<f64> {
-    let corpus = corpus();
+    let corpus = support::corpus("Parameters live in flat buffers; candle sees copies. ", 60);
     let out = run_local_world(world, &CommConfig::default(), |comm| {
         let rank = comm.rank();
-        let mut cfg = EngineConfig::fp32(true, 0.5, AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }, 3);
-        cfg.strategy = Strategy::new(ZeroStage::from_int(stage.into()).unwrap());
-        cfg.precision = precision;
+        let mut cfg = support::engine_config(stage, precision, true, 3);
+        cfg.grad_clip = 0.5;
         cfg.device = if on_gpu { Device::new_cuda(0).unwrap() } else { Device::Cpu };
         let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), cfg).unwrap();
         if let Some((dir, true)) = ckpt {
@@ -51,15 +38,7 @@ fn train(world: usize, stage: u8, precision: Precision, on_gpu: bool, steps: std
         let mut losses = Vec::new();
         let dev = engine.config().device.clone();
         for step in steps.clone() {
-            let batches: Vec<Batch> = sampler
-                .micro_batches(&corpus, step as u64)
-                .into_iter()
-                .map(|mb| Batch {
-                    tokens: Tensor::from_vec(mb.tokens, (2, CFG.seq_len), &dev).unwrap(),
-                    targets: Tensor::from_vec(mb.targets, (2, CFG.seq_len), &dev).unwrap(),
-                })
-                .collect();
-            losses.push(engine.train_step(&batches, schedule.at(step)).unwrap().loss);
+            losses.push(engine.train_step(&batches(&sampler, &corpus, step, &dev), schedule.at(step)).unwrap().loss);
         }
         if let Some((dir, false)) = ckpt {
             checkpoint::save(&mut engine, &SaveRequest { root: dir, samples: 0, keep: 2, run: serde_json::Value::Null }).unwrap();
@@ -70,36 +49,50 @@ fn train(world: usize, stage: u8, precision: Precision, on_gpu: bool, steps: std
     out.into_iter().next().unwrap()
 }
 
-fn report(what: &str, got: &[f64], want: &[f64], tol: f64) {
+/// Prints the largest relative difference of the losses, which the GPU log keeps as the measurement.
+fn report(what: &str, got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}");
     let worst = got.iter().zip(want).map(|(a, b)| ((a - b) / b).abs()).fold(0.0, f64::max);
-    let bitwise = got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
-    eprintln!("{what}: max relative loss difference {worst:e} (bitwise: {bitwise})");
-    assert!(worst <= tol, "{what}: {got:?} vs {want:?}");
+    eprintln!("{what}: max relative loss difference {worst:e} (bitwise: {})", bits(got) == bits(want));
+    worst
+}
+
+fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    let worst = report(what, got, want);
+    assert!(worst <= tol, "{what}: {got:?} vs {want:?}: {worst:e} > {tol:e}");
+}
+
+fn assert_bitwise(what: &str, got: &[f64], want: &[f64]) {
+    report(what, got, want);
+    assert_eq!(bits(got), bits(want), "{what}: not bitwise identical: {got:?} vs {want:?}");
 }
 
 #[test]
 fn every_stage_trains_on_the_gpu_like_stage_0_and_the_cpu() {
-    if gpu().is_none() {
+    if gpu_or_skip("every_stage_trains_on_the_gpu_like_stage_0_and_the_cpu").is_none() {
         return;
     }
     for precision in [Precision::Fp32, Precision::Bf16] {
         for world in [1, 2] {
             let reference = train(world, 0, precision, true, 0..STEPS, None);
             assert!(reference[STEPS - 1] < reference[0], "the loss falls on the GPU: {reference:?}");
+            // The stages differ only in where state lives and how gradients are reduced, in the same
+            // order: the same bits (measured bitwise at every stage, precision and world size).
             for stage in 1..=3 {
                 let losses = train(world, stage, precision, true, 0..STEPS, None);
-                report(&format!("{precision:?} world {world}: stage {stage} vs 0 on the GPU"), &losses, &reference, 1e-6);
+                assert_bitwise(&format!("{precision:?} world {world}: stage {stage} vs 0 on the GPU"), &losses, &reference);
             }
             let cpu = train(world, 0, precision, false, 0..STEPS, None);
-            let tol = if precision == Precision::Fp32 { 1e-4 } else { 2e-2 };
-            report(&format!("{precision:?} world {world}: GPU vs CPU"), &reference, &cpu, tol);
+            // Measured: fp32 2.1e-7 (world 1) and 0 (world 2); bf16 9.7e-5 and 1.05e-4.
+            let tol = if precision == Precision::Fp32 { 1e-6 } else { 5e-4 };
+            assert_close(&format!("{precision:?} world {world}: GPU vs CPU"), &reference, &cpu, tol);
         }
     }
 }
 
 #[test]
 fn a_checkpoint_resumes_on_the_gpu() {
-    if gpu().is_none() {
+    if gpu_or_skip("a_checkpoint_resumes_on_the_gpu").is_none() {
         return;
     }
     for (world, stage) in [(1, 0), (2, 2), (2, 3)] {
@@ -108,6 +101,6 @@ fn a_checkpoint_resumes_on_the_gpu() {
         let first = train(world, stage, Precision::Fp32, true, 0..3, Some((dir.path(), false)));
         let rest = train(world, stage, Precision::Fp32, true, 3..STEPS, Some((dir.path(), true)));
         let resumed: Vec<f64> = first.into_iter().chain(rest).collect();
-        report(&format!("world {world} stage {stage}: resumed vs uninterrupted on the GPU"), &resumed, &whole, 1e-6);
+        assert_bitwise(&format!("world {world} stage {stage}: resumed vs uninterrupted on the GPU"), &resumed, &whole);
     }
 }

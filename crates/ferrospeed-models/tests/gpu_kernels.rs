@@ -1,67 +1,77 @@
 //! GPU tests (feature `cuda`, run on a machine with a GPU: `bench/gpu_run.sh`): every fused kernel
 //! and every GPT block's fused forward and hand-written backward on CUDA against the CPU reference,
-//! in f32 (tight) and bf16 (loose). Without a GPU at run time each test says so and passes.
+//! in f32 and bf16, each output under its own tolerance: a few times what was measured on an H200,
+//! which the comments quote (bench/results/gpu-2026-11-29/call5/gpu-tests.log, and a run of these
+//! inputs on 2026-12-01). Where no GPU can be used each test prints the skip line of the GPU scripts
+//! and returns.
 #![cfg(feature = "cuda")]
+
+mod support;
 
 use candle_core::{DType, Device, Tensor};
 use ferrospeed::engine::{Batch, Upstream};
 use ferrospeed::rng::Rng;
 use ferrospeed_models::gpt::fused::*;
 use ferrospeed_models::{Gpt, GptConfig};
+use support::{gpu_or_skip, randn, random_ids};
 
-fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("no CUDA device ({e}): GPU test skipped");
-            None
-        }
-    }
+fn f64s(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
-fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
-    let mut rng = Rng::new(seed);
-    let v: Vec<f32> = (0..shape.iter().product()).map(|_| (rng.normal() * std) as f32).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-/// Largest |a − b| relative to the largest |b|.
+/// Largest |a − b| relative to the largest |b|; infinite where any difference is NaN (a NaN or an
+/// infinity in `a` that `b` does not have), so that no tolerance accepts it.
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let diff = (&a - &b).unwrap().abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
-    let scale = b.abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap().max(1e-30);
+    let (a, b) = (f64s(a), f64s(b));
+    assert_eq!(a.len(), b.len(), "shapes differ");
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
+    let diff = a.iter().zip(&b).map(|(x, y)| if (x - y).is_nan() { f64::INFINITY } else { (x - y).abs() }).fold(0.0, f64::max);
     diff / scale
 }
 
-/// `f` on CPU f32 inputs and on the same inputs on the GPU in `dtype`: each output's relative error.
-fn compare(dtype: DType, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Vec<Tensor>) -> Vec<f64> {
-    let dev = gpu().expect("checked by the caller");
-    let on_gpu: Vec<Tensor> = inputs.iter().map(|t| if t.dtype() == DType::U32 { t.to_device(&dev).unwrap() } else { t.to_dtype(dtype).unwrap().to_device(&dev).unwrap() }).collect();
+/// `f` on CPU f32 inputs and on the same inputs on `dev` in `dtype`: each output's relative error.
+fn compare(dev: &Device, dtype: DType, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Vec<Tensor>) -> Vec<f64> {
+    let on_gpu: Vec<Tensor> = inputs.iter().map(|t| if t.dtype() == DType::U32 { t.to_device(dev).unwrap() } else { t.to_dtype(dtype).unwrap().to_device(dev).unwrap() }).collect();
     let want = f(inputs);
     let got = f(&on_gpu);
     got.iter().zip(&want).map(|(g, w)| rel(g, w)).collect()
 }
 
-fn assert_close(what: &str, errs: &[f64], tol: f64) {
+/// Each output's error under its own tolerance (`tols[i]` for output `i`).
+fn assert_within(what: &str, errs: &[f64], tols: &[f64]) {
     eprintln!("{what}: relative errors {errs:?}");
-    assert!(errs.iter().all(|&e| e <= tol), "{what}: relative errors {errs:?} exceed {tol}");
+    assert_eq!(errs.len(), tols.len(), "{what}: one tolerance per output");
+    for (i, (e, t)) in errs.iter().zip(tols).enumerate() {
+        assert!(e <= t, "{what}: output {i}: relative error {e:e} exceeds {t:e} (all: {errs:?})");
+    }
+}
+
+/// Per-row losses of logits `t[0]` for targets `t[1]`, and the logits' gradient for `row_grads`
+/// (kept in f32, the dtype the losses and so their gradients have in every precision).
+fn cross_entropy(row_grads: &Tensor) -> impl Fn(&[Tensor]) -> Vec<Tensor> + '_ {
+    move |t: &[Tensor]| {
+        let rows = cross_entropy_rows(&t[0], &t[1]).unwrap();
+        let dx = cross_entropy_rows_backward(&t[0], &t[1], &row_grads.to_device(t[0].device()).unwrap()).unwrap();
+        vec![rows, dx]
+    }
 }
 
 #[test]
 fn fused_kernels_match_the_cpu() {
-    if gpu().is_none() {
-        return;
-    }
+    let Some(dev) = gpu_or_skip("fused_kernels_match_the_cpu") else { return };
     let (n, d) = (300, 768);
     let (x, w, b, g, res) = (randn(&[n, d], 1, 1.0), randn(&[d], 2, 1.0), randn(&[d], 3, 1.0), randn(&[n, d], 4, 1.0), randn(&[n, d], 5, 1.0));
-    for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 2e-2)] {
+    for dtype in [DType::F32, DType::BF16] {
+        let f32 = dtype == DType::F32;
         let ln = |t: &[Tensor]| {
             let o = ln_forward(&t[0], &t[1], &t[2]).unwrap();
             let (dx, dw, db) = ln_backward(&t[3], &t[0], &t[1], &o.mean, &o.rstd, Some(&t[4])).unwrap();
             vec![o.y, o.mean, o.rstd, dx, dw, db]
         };
-        assert_close(&format!("layer norm {dtype:?}"), &compare(dtype, &[x.clone(), w.clone(), b.clone(), g.clone(), res.clone()], ln), tol);
+        // Measured: F32 ≤ 1.7e-7 on every output; BF16 y 5.4e-3, mean 1.5e-3, rstd 3.2e-4, dx 4.4e-3,
+        // dw 2.9e-3, db 1.2e-3.
+        let tols = if f32 { vec![1e-6; 6] } else { vec![2e-2, 5e-3, 1.5e-3, 2e-2, 1e-2, 5e-3] };
+        assert_within(&format!("layer norm {dtype:?}"), &compare(&dev, dtype, &[x.clone(), w.clone(), b.clone(), g.clone(), res.clone()], ln), &tols);
         let gelu = |t: &[Tensor]| {
             vec![
                 bias_gelu(&t[0], &t[1]).unwrap(),
@@ -71,38 +81,74 @@ fn fused_kernels_match_the_cpu() {
                 bias_residual(&t[2], &t[0], &t[1]).unwrap(),
             ]
         };
-        assert_close(&format!("bias gelu, column sums, bias adds {dtype:?}"), &compare(dtype, &[x.clone(), b.clone(), g.clone()], gelu), tol);
+        // Measured over both shapes: F32 gelu 8.8e-8, its backward 2.6e-7, column sums 8.6e-8, and
+        // the bias adds 0 (one f32 add, or two in the CPU's order: exact); BF16 4.2e-3, 5.1e-3,
+        // 1.4e-3, 4.4e-3 and 4.2e-3.
+        let tols = if f32 { vec![5e-7, 1.5e-6, 5e-7, 0.0, 0.0] } else { vec![2e-2, 2e-2, 5e-3, 2e-2, 2e-2] };
+        assert_within(&format!("bias gelu, column sums, bias adds {dtype:?}"), &compare(&dev, dtype, &[x.clone(), b.clone(), g.clone()], gelu), &tols);
         // Rows of 13 elements: not whole 16-byte vectors, the scalar kernel.
         let (x13, b13, g13) = (randn(&[7, 13], 11, 1.0), randn(&[13], 12, 1.0), randn(&[7, 13], 13, 1.0));
-        assert_close(&format!("bias ops, odd rows {dtype:?}"), &compare(dtype, &[x13, b13, g13], gelu), tol);
+        assert_within(&format!("bias ops, odd rows {dtype:?}"), &compare(&dev, dtype, &[x13, b13, g13], gelu), &tols);
         let (s, gs) = (randn(&[2, 3, 130, 130], 6, 2.0), randn(&[2, 3, 130, 130], 7, 1.0));
         let softmax = |t: &[Tensor]| {
             let y = causal_softmax_forward(&t[0], 0.3).unwrap();
             let dx = causal_softmax_backward(&y, &t[1], 0.3).unwrap();
             vec![y, dx]
         };
-        assert_close(&format!("causal softmax {dtype:?}"), &compare(dtype, &[s, gs], softmax), tol);
-        let logits = randn(&[64, 1000], 8, 3.0);
-        let targets = Tensor::from_vec((0..64u32).map(|i| (i * 37) % 1000).collect::<Vec<_>>(), 64, &Device::Cpu).unwrap();
-        let ce = |t: &[Tensor]| {
-            let rows = cross_entropy_rows(&t[0], &t[1]).unwrap();
-            let dx = cross_entropy_rows_backward(&t[0], &t[1], &rows.ones_like().unwrap().affine(0.5, 0.0).unwrap()).unwrap();
-            vec![rows, dx]
-        };
-        assert_close(&format!("cross entropy {dtype:?}"), &compare(dtype, &[logits, targets], ce), tol);
+        // Measured: F32 6.0e-8 and 2.5e-7; BF16 1.8e-3 and 7.6e-3 (kept at the earlier 2e-2).
+        let tols = if f32 { vec![5e-7, 1.5e-6] } else { vec![1e-2, 2e-2] };
+        assert_within(&format!("causal softmax {dtype:?}"), &compare(&dev, dtype, &[s, gs], softmax), &tols);
+        let (logits, targets, row_grads) = (randn(&[64, 1000], 8, 3.0), random_ids(&[64], 9, 1000), randn(&[64], 10, 1.0));
+        // Measured: F32 9.5e-8 and 4.1e-8; BF16 1.5e-3 and 4.1e-3.
+        let tols = if f32 { vec![3e-7, 3e-7] } else { vec![5e-3, 2e-2] };
+        assert_within(&format!("cross entropy {dtype:?}"), &compare(&dev, dtype, &[logits, targets], cross_entropy(&row_grads)), &tols);
+    }
+}
+
+#[test]
+fn cross_entropy_with_negative_infinite_logits_matches_the_cpu() {
+    // Masked vocabulary entries: the CUDA kernel's online sum must skip −∞ (it gave NaN when a thread's
+    // running max was still −∞), and their gradient must be exactly 0.
+    let Some(dev) = gpu_or_skip("cross_entropy_with_negative_infinite_logits_matches_the_cpu") else { return };
+    let (n, v) = (64, 1000);
+    let (targets, row_grads) = (random_ids(&[n], 21, v as u32), randn(&[n], 22, 1.0));
+    let target: Vec<u32> = targets.to_vec1().unwrap();
+    let mut logits = f64s(&randn(&[n, v], 23, 3.0));
+    let mut rng = Rng::new(24);
+    for (r, row) in logits.chunks_mut(v).enumerate() {
+        for (j, x) in row.iter_mut().enumerate() {
+            // Even rows: every entry of the block's first 64 threads (j % 256 < 64 with 256 threads a
+            // row), so that those threads see nothing finite; odd rows: a random third.
+            let masked = if r % 2 == 0 { j % 256 < 64 } else { rng.below(3) == 0 };
+            if masked && j != target[r] as usize {
+                *x = f64::NEG_INFINITY;
+            }
+        }
+    }
+    let masked: Vec<usize> = (0..n * v).filter(|&i| logits[i] == f64::NEG_INFINITY).collect();
+    assert!(masked.len() > n * v / 5, "{} masked entries", masked.len());
+    let logits = Tensor::from_vec(logits.iter().map(|&x| x as f32).collect::<Vec<_>>(), (n, v), &Device::Cpu).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        // Measured: F32 6.0e-8 and 5.2e-8; BF16 1.5e-3 and 6.1e-3.
+        let tols = if dtype == DType::F32 { vec![3e-7, 3e-7] } else { vec![5e-3, 2e-2] };
+        let inputs = [logits.clone(), targets.clone()];
+        assert_within(&format!("cross entropy with -inf logits {dtype:?}"), &compare(&dev, dtype, &inputs, cross_entropy(&row_grads)), &tols);
+        let out = cross_entropy(&row_grads)(&[logits.to_dtype(dtype).unwrap().to_device(&dev).unwrap(), targets.to_device(&dev).unwrap()]);
+        let (loss, dx) = (f64s(&out[0]), f64s(&out[1]));
+        assert!(loss.iter().all(|l| l.is_finite()), "{dtype:?}: losses {loss:?}");
+        assert!(dx.iter().all(|g| g.is_finite()), "{dtype:?}: a non-finite gradient");
+        assert!(masked.iter().all(|&i| dx[i] == 0.0), "{dtype:?}: a masked logit has a gradient");
     }
 }
 
 #[test]
 fn gpt_blocks_forward_and_backward_match_the_cpu() {
-    if gpu().is_none() {
-        return;
-    }
+    let Some(dev) = gpu_or_skip("gpt_blocks_forward_and_backward_match_the_cpu") else { return };
     let cfg = GptConfig { n_layer: 1, n_head: 4, d_model: 128, seq_len: 96, vocab_size: 300 };
     let model = Gpt::new(cfg).model().unwrap();
-    let tokens = Tensor::from_vec((0..2 * 96u32).map(|i| (i * 7) % 300).collect::<Vec<_>>(), (2, 96), &Device::Cpu).unwrap();
-    let targets = Tensor::from_vec((0..2 * 96u32).map(|i| (i * 11 + 3) % 300).collect::<Vec<_>>(), (2, 96), &Device::Cpu).unwrap();
-    for (dtype, tol) in [(DType::F32, 2e-5), (DType::BF16, 5e-2)] {
+    // Repeated tokens, so that the embedding gradient adds rows.
+    let (tokens, targets) = (random_ids(&[2, 96], 31, 300), random_ids(&[2, 96], 32, 300));
+    for dtype in [DType::F32, DType::BF16] {
         for i in 0..model.num_blocks() {
             let block = model.block(i);
             let params: Vec<Tensor> = model
@@ -133,7 +179,22 @@ fn gpt_blocks_forward_and_backward_match_the_cpu() {
                 out.extend(dx);
                 out
             };
-            assert_close(&format!("block {} {dtype:?}", block.name()), &compare(dtype, &inputs, run), tol);
+            let errs = compare(&dev, dtype, &inputs, run);
+            // Measured (outputs: y, the parameter gradients, dx): embed F32 0 (a gather, and the
+            // token rows added in position order on both sides), BF16 ≤ 4.0e-3; h.0 F32 ≤ 2.8e-6,
+            // BF16 ≤ 4.5e-2 (kept at the earlier 5e-2); head F32 ≤ 7.6e-7, BF16 loss 1.4e-4 and
+            // the gradients ≤ 7.3e-3.
+            let tol = |k: usize| match (block.name().as_str(), dtype) {
+                ("embed", DType::F32) => 0.0,
+                ("embed", _) => 2e-2,
+                ("head", DType::F32) => 4e-6,
+                ("head", _) if k == 0 => 1e-3,
+                ("head", _) => 3e-2,
+                (_, DType::F32) => 1e-5,
+                _ => 5e-2,
+            };
+            let tols: Vec<f64> = (0..errs.len()).map(tol).collect();
+            assert_within(&format!("block {} {dtype:?}", block.name()), &errs, &tols);
         }
     }
 }
@@ -141,7 +202,7 @@ fn gpt_blocks_forward_and_backward_match_the_cpu() {
 #[test]
 fn fused_attention_matches_the_cpu_reference_and_repeats_bitwise() {
     use ferrospeed_models::gpt::attention::{attention_backward, attention_forward, fused_attention_available};
-    let Some(dev) = gpu() else { return };
+    let Some(dev) = gpu_or_skip("fused_attention_matches_the_cpu_reference_and_repeats_bitwise") else { return };
     // Sequence lengths on and off the 64-row tile, every head dimension the kernels have.
     for (b, t, nh, hd) in [(2, 200, 3, 64), (1, 64, 2, 32), (1, 130, 2, 128), (2, 1024, 2, 64)] {
         for dtype in [DType::BF16, DType::F16] {
@@ -157,7 +218,9 @@ fn fused_attention_matches_the_cpu_reference_and_repeats_bitwise() {
             let y_gpu = got.y.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
             let want_dq = attention_backward(&qkv, &y_gpu, &want.lse, &dy, b, t, nh).unwrap();
             let errs = [rel(&got.y, &want.y), rel(&got.lse, &want.lse), rel(&dq, &want_dq)];
-            assert_close(&format!("fused attention b{b} t{t} nh{nh} hd{hd} {dtype:?}"), &errs, 2e-2);
+            // Measured over the shapes: y and dqkv BF16 ≤ 2.9e-3, F16 ≤ 3.7e-4; lse ≤ 1.7e-7 (f32).
+            let tols = if dtype == DType::BF16 { [1e-2, 1e-6, 1e-2] } else { [2e-3, 1e-6, 2e-3] };
+            assert_within(&format!("fused attention b{b} t{t} nh{nh} hd{hd} {dtype:?}"), &errs, &tols);
             let again = attention_backward(&gq, &got.y, &got.lse, &gdy, b, t, nh).unwrap();
             assert_eq!(rel(&again, &dq), 0.0, "the backward is not repeatable");
         }

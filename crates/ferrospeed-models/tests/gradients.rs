@@ -1,9 +1,10 @@
 //! The block-wise backward of the GPT model against central finite differences, in f64, on a tiny
-//! model: every parameter of every block (through the whole chain of blocks, tied embedding included)
-//! and the input gradient of every block.
+//! model: every parameter of every block (through the whole chain of blocks, tied embedding included),
+//! and the input gradient of every block, both through autograd of the composed forward and from the
+//! blocks' hand-written backward.
 
 use candle_core::{DType, Device, Tensor, Var};
-use ferrospeed::engine::{blockwise, Batch, Model};
+use ferrospeed::engine::{blockwise, Batch, Model, Upstream};
 use ferrospeed::rng::Rng;
 use ferrospeed_models::{Gpt, GptConfig};
 
@@ -122,7 +123,8 @@ fn every_parameter_gradient_matches_finite_differences() {
 
 #[test]
 fn every_block_input_gradient_matches_finite_differences() {
-    // For each transformer layer and the head, d(sum(y · r))/dx against finite differences of x.
+    // For each transformer layer and the head, d(sum(y · r))/dx against finite differences of x,
+    // with autograd on the composed forward (what a block without its own backward relies on).
     let model = Gpt::new(CFG).model().unwrap();
     let owned = random_params(&model);
     let batch = batch();
@@ -151,4 +153,51 @@ fn every_block_input_gradient_matches_finite_differences() {
             assert!((fd - an[e]).abs() <= 1e-7 + 1e-5 * fd.abs(), "block {} x[{e}]: {} vs {fd}", block.name(), an[e]);
         }
     }
+}
+
+#[test]
+fn every_hand_written_input_gradient_matches_finite_differences() {
+    // The blocks' own backward, which the engine runs: for each layer d(sum(y · r))/dx, for the head
+    // d(loss)/dx, at every element of x, against finite differences of the same (fused) forward.
+    let model = Gpt::new(CFG).model().unwrap();
+    let owned = random_params(&model);
+    let batch = batch();
+    let params = slots(&model, &owned, None);
+    let shape = (2, 5, CFG.d_model);
+    let mut rng = Rng::new(8);
+    let x0: Vec<f64> = (0..2 * 5 * CFG.d_model).map(|_| rng.normal()).collect();
+    let mut checked = 0;
+    for b in 1..model.num_blocks() {
+        let block = model.block(b);
+        let head = b + 1 == model.num_blocks();
+        let r = Tensor::from_vec((0..x0.len()).map(|_| rng.normal()).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap();
+        // The head's output is the loss itself; a layer's is weighted by r.
+        let objective = |y: &Tensor| -> f64 {
+            let y = if head { y.clone() } else { (y * &r).unwrap() };
+            y.sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let forward = |x: &[f64]| block.forward(&params[b], Some(&Tensor::from_slice(x, shape, &Device::Cpu).unwrap()), &batch).unwrap();
+        let x = Tensor::from_slice(&x0, shape, &Device::Cpu).unwrap();
+        let (y, saved) = block.forward_saving(&params[b], Some(&x), &batch).unwrap().unwrap_or_else(|| panic!("block {} has no hand-written backward", block.name()));
+        // The composed forward (chosen when the input is a variable) computes the same output.
+        let composed = block.forward(&params[b], Some(Var::from_tensor(&x).unwrap().as_tensor()), &batch).unwrap();
+        let (yv, cv): (Vec<f64>, Vec<f64>) = (y.flatten_all().unwrap().to_vec1().unwrap(), composed.flatten_all().unwrap().to_vec1().unwrap());
+        assert_eq!(yv.len(), cv.len(), "block {}", block.name());
+        for (i, (a, c)) in yv.iter().zip(&cv).enumerate() {
+            assert!((a - c).abs() <= 1e-12 * (1.0 + c.abs()), "block {} y[{i}]: hand-written {a} vs composed {c}", block.name());
+        }
+        let upstream = if head { Upstream::Loss(1.0) } else { Upstream::Grad(&r) };
+        let (_, dx) = block.backward(&params[b], saved, upstream).unwrap();
+        let an: Vec<f64> = dx.unwrap_or_else(|| panic!("block {} returned no input gradient", block.name())).flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(an.len(), x0.len(), "block {}", block.name());
+        for e in 0..x0.len() {
+            let (mut plus, mut minus) = (x0.clone(), x0.clone());
+            plus[e] += 1e-5;
+            minus[e] -= 1e-5;
+            let fd = (objective(&forward(&plus)) - objective(&forward(&minus))) / 2e-5;
+            assert!((fd - an[e]).abs() <= 1e-7 + 1e-5 * fd.abs(), "block {} x[{e}]: hand-written {} vs finite difference {fd}", block.name(), an[e]);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, (CFG.n_layer + 1) * x0.len(), "every layer and the head, every element");
 }

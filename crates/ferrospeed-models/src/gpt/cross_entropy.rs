@@ -263,7 +263,8 @@ KERNELS(f16, unsigned short, ld_f16, st_f16)
 mod tests {
     use super::*;
     use crate::gpt::ops::cross_entropy;
-    use candle_core::{Device, Var};
+    use candle_core::{DType, Device, Var};
+    use ferrospeed::rng::Rng;
 
     #[test]
     fn matches_the_composed_reference_forward_and_backward() {
@@ -280,5 +281,53 @@ mod tests {
         let diff = d.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
         assert!(diff < 1e-12, "backward differs by {diff}");
         assert!(fused_cross_entropy(x.as_tensor(), &Tensor::new(&[0u32, 11, 0, 0, 0, 0], &dev).unwrap()).is_err());
+    }
+
+    #[test]
+    fn negative_infinite_logits_add_nothing_and_get_a_zero_gradient() {
+        // Masked vocabulary entries (logit −∞): the loss is that of the finite entries alone, and the
+        // masked ones get exactly no gradient.
+        let (dev, n, v) = (Device::Cpu, 6, 17);
+        let mut rng = Rng::new(5);
+        let targets: Vec<u32> = (0..n).map(|_| rng.below(v as u64) as u32).collect();
+        let mut x: Vec<f64> = (0..n * v).map(|_| 2.0 * rng.normal()).collect();
+        for (r, row) in x.chunks_mut(v).enumerate() {
+            // Row 0 masks its first entry only (a running max would start at −∞ there); the others a
+            // random third of their entries and always the last, never the target.
+            for (j, xv) in row.iter_mut().enumerate() {
+                let masked = if r == 0 { j == 0 } else { j == v - 1 || rng.below(3) == 0 };
+                if masked && j != targets[r] as usize {
+                    *xv = f64::NEG_INFINITY;
+                }
+            }
+        }
+        assert!(x.chunks(v).all(|row| row.contains(&f64::NEG_INFINITY)), "every row has a masked entry");
+        let row_grads: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+        let t = Tensor::from_vec(targets.clone(), n, &dev).unwrap();
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 1e-6)] {
+            let xt = Tensor::from_vec(x.clone(), (n, v), &dev).unwrap().to_dtype(dtype).unwrap();
+            let g = Tensor::from_vec(row_grads.clone(), n, &dev).unwrap().to_dtype(dtype).unwrap();
+            let loss: Vec<f64> = cross_entropy_rows(&xt, &t).unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+            let dx: Vec<f64> = cross_entropy_rows_backward(&xt, &t, &g).unwrap().to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            // The reference in f64 on the values the op sees, over the finite entries only.
+            let seen: Vec<f64> = xt.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            for (r, row) in seen.chunks(v).enumerate() {
+                let finite: Vec<f64> = row.iter().copied().filter(|xv| xv.is_finite()).collect();
+                let max = finite.iter().copied().fold(f64::MIN, f64::max);
+                let sum: f64 = finite.iter().map(|xv| (xv - max).exp()).sum();
+                let want = max + sum.ln() - row[targets[r] as usize];
+                assert!(loss[r].is_finite() && (loss[r] - want).abs() <= tol * want.abs().max(1.0), "{dtype:?} row {r}: loss {} vs {want}", loss[r]);
+                for (j, &xv) in row.iter().enumerate() {
+                    let got = dx[r * v + j];
+                    if xv == f64::NEG_INFINITY {
+                        assert!(got == 0.0, "{dtype:?} row {r}: masked logit {j} has gradient {got}");
+                    } else {
+                        let onehot = if j == targets[r] as usize { 1.0 } else { 0.0 };
+                        let want = ((xv - max).exp() / sum - onehot) * row_grads[r];
+                        assert!((got - want).abs() <= tol * row_grads[r].abs().max(1.0), "{dtype:?} row {r}: d logit {j} {got} vs {want}");
+                    }
+                }
+            }
+        }
     }
 }

@@ -1,0 +1,84 @@
+//! What the GPT test files share: a corpus, the batches of one sampler step, bit patterns of losses,
+//! the engine configuration they train with, seeded random tensors, and (feature `cuda`) the GPU
+//! probe that follows the skip protocol the GPU scripts count.
+#![allow(dead_code)]
+
+use candle_core::{Device, Tensor};
+use ferrospeed::config::ZeroStage;
+use ferrospeed::engine::{Batch, EngineConfig};
+use ferrospeed::optim::AdamW;
+use ferrospeed::precision::{LossScalerConfig, Precision};
+use ferrospeed::rng::Rng;
+use ferrospeed::shard::Strategy;
+use ferrospeed_models::{BatchSampler, TextCorpus};
+
+/// The optimizer every engine test trains with.
+pub const ADAMW: AdamW = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+
+/// A byte corpus of `sentence` repeated `times` times (long enough for many distinct windows).
+pub fn corpus(sentence: &str, times: usize) -> TextCorpus {
+    TextCorpus::from_bytes(sentence.repeat(times).into_bytes())
+}
+
+/// The micro-batches of `sampler` at `step`, as `[micro_batch, seq_len]` tensors on `device`.
+pub fn batches(sampler: &BatchSampler, corpus: &TextCorpus, step: usize, device: &Device) -> Vec<Batch> {
+    let shape = (sampler.micro_batch, sampler.seq_len);
+    sampler
+        .micro_batches(corpus, step as u64)
+        .into_iter()
+        .map(|mb| Batch {
+            tokens: Tensor::from_vec(mb.tokens, shape, device).unwrap(),
+            targets: Tensor::from_vec(mb.targets, shape, device).unwrap(),
+        })
+        .collect()
+}
+
+/// The bit patterns of `v`, so that `assert_eq!` on them means bitwise identical.
+pub fn bits(v: &[f64]) -> Vec<u64> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The bit patterns of f32 values (master weights).
+pub fn bits32(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// The engine configuration of the tests: AdamW as above, clipping at 1, ZeRO `stage`, `precision`
+/// (fp16 with a dynamic loss scale starting at 1024), on the CPU. Callers change the rest.
+pub fn engine_config(stage: u8, precision: Precision, checkpointing: bool, seed: u64) -> EngineConfig {
+    let mut cfg = EngineConfig::fp32(checkpointing, 1.0, ADAMW, seed);
+    cfg.strategy = Strategy::new(ZeroStage::from_int(stage.into()).unwrap());
+    cfg.precision = precision;
+    if precision == Precision::Fp16 {
+        cfg.loss_scaler = Some(LossScalerConfig { initial: 1024.0, growth_interval: 1000, backoff: 0.5, min: 1.0 });
+    }
+    cfg
+}
+
+/// An f32 CPU tensor of normal values with standard deviation `std`, from `seed`.
+pub fn randn(shape: &[usize], seed: u64, std: f64) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let v: Vec<f32> = (0..shape.iter().product()).map(|_| (rng.normal() * std) as f32).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// A u32 CPU tensor of values uniform in `0..below` (token ids, targets), from `seed`.
+pub fn random_ids(shape: &[usize], seed: u64, below: u32) -> Tensor {
+    let mut rng = Rng::new(seed);
+    let v: Vec<u32> = (0..shape.iter().product()).map(|_| rng.below(below.into()) as u32).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+}
+
+/// GPU 0, or `None` after printing the one line the GPU scripts count:
+/// `GPU-TEST-SKIPPED needs=1 test=<test>: <reason>`. Without a driver cudarc panics while loading
+/// libcuda; that counts as "no GPU" too, so the probe catches the panic.
+#[cfg(feature = "cuda")]
+pub fn gpu_or_skip(test: &str) -> Option<Device> {
+    let why = match std::panic::catch_unwind(|| Device::new_cuda(0)) {
+        Ok(Ok(device)) => return Some(device),
+        Ok(Err(e)) => e.to_string().replace('\n', " "),
+        Err(_) => "the CUDA driver could not be loaded".to_string(),
+    };
+    eprintln!("GPU-TEST-SKIPPED needs=1 test={test}: no usable CUDA device ({why})");
+    None
+}
