@@ -6,32 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::*;
 
-/// A tiny model: 20 steps take about a second.
+/// The tiny model with 20 steps.
 fn tiny_config(dir: &Path) -> PathBuf {
-    let text = format!(
-        r#"
-[model]
-n_layer = 2
-n_head = 2
-d_model = 32
-seq_len = 32
-
-[data]
-path = "{}"
-
-[train]
-steps = 20
-global_batch = 8
-micro_batch = 2
-lr = 3e-3
-warmup = 2
-sample_tokens = 0
-"#,
-        corpus().display()
-    );
-    let path = dir.join("tiny.toml");
-    std::fs::write(&path, text).unwrap();
-    path
+    write_config(dir, TINY, "steps = 20\nglobal_batch = 8\nmicro_batch = 2\nlr = 3e-3\nwarmup = 2")
 }
 
 /// Train under `launch` with `nproc` ranks and `--set`s; returns the per-step losses.
