@@ -33,8 +33,6 @@ fn new_dir() -> Kind {
 pub struct Model {
     root: PathBuf,
     nodes: Vec<Kind>,
-    /// Operations replayed, and a description of each, for messages.
-    pub steps: Vec<String>,
 }
 
 /// One way the trace breaks invariant 5: the step after which a power loss exposes it, and what.
@@ -46,7 +44,7 @@ pub struct Violation {
 
 impl Model {
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_path_buf(), nodes: vec![new_dir()], steps: Vec::new() }
+        Self { root: root.to_path_buf(), nodes: vec![new_dir()] }
     }
 
     /// Replay a whole trace; the first violation, if any.
@@ -102,7 +100,6 @@ impl Model {
 
     /// Apply one step of the trace.
     pub fn apply(&mut self, op: &str, path: &Path, arg: &str) {
-        self.steps.push(format!("{op} {} {arg}", path.display()));
         match op {
             "mkdir-all" => {} // the root, or a folder above it: there from the start
             "mkdir" => self.add(path, |_| new_dir()),
