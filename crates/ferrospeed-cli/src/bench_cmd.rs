@@ -91,7 +91,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
         let v: Vec<u32> = (0..len).map(|_| rng.below(vocab as u64) as u32).collect();
         Ok(Tensor::from_vec(v, (args.micro_batch, args.seq_len), &device)?)
     };
-    let batch = Batch { tokens: random(n)?, targets: random(n)? };
+    let batch = Batch::tokens(random(n)?, random(n)?);
     let mut step_secs = Vec::new();
     let mut phases = Vec::new();
     let mut loss = f64::NAN;

@@ -303,10 +303,7 @@ fn to_batches(micro_batches: Vec<MicroBatch>, micro: usize, seq_len: usize, devi
     micro_batches
         .into_iter()
         .map(|mb| {
-            Ok(Batch {
-                tokens: Tensor::from_vec(mb.tokens, (micro, seq_len), device)?,
-                targets: Tensor::from_vec(mb.targets, (micro, seq_len), device)?,
-            })
+            Ok(Batch::tokens(Tensor::from_vec(mb.tokens, (micro, seq_len), device)?, Tensor::from_vec(mb.targets, (micro, seq_len), device)?))
         })
         .collect()
 }

@@ -169,14 +169,15 @@ fn gpt_blocks_forward_and_backward_match_the_cpu() {
             inputs.extend(x);
             let np = params.len();
             let run = |t: &[Tensor]| {
-                let batch = Batch { tokens: t[np].clone(), targets: t[np + 1].clone() };
-                let x = t.get(np + 3);
-                let (y, saved) = block.forward_saving(&t[..np], x, &batch).unwrap().unwrap();
-                let up = if last { Upstream::Loss(1.0) } else { Upstream::Grad(&t[np + 2]) };
+                let batch = Batch::tokens(t[np].clone(), t[np + 1].clone());
+                let x: Vec<Tensor> = t.get(np + 3).into_iter().cloned().collect();
+                let (y, saved) = block.forward_saving(&t[..np], &x, &batch).unwrap().unwrap();
+                let g = [Some(t[np + 2].clone())];
+                let up = if last { Upstream::Loss(1.0) } else { Upstream::Grads(&g) };
                 let (grads, dx) = block.backward(&t[..np], saved, up).unwrap();
-                let mut out = vec![y];
+                let mut out = y;
                 out.extend(grads.into_iter().flatten());
-                out.extend(dx);
+                out.extend(dx.into_iter().flatten());
                 out
             };
             let errs = compare(&dev, dtype, &inputs, run);

@@ -30,7 +30,7 @@ fn random_params(model: &Model) -> Vec<Vec<Vec<f64>>> {
 fn batch() -> Batch {
     let tokens = Tensor::new(&[[1u32, 4, 9, 2, 7], [3, 3, 10, 0, 5]], &Device::Cpu).unwrap();
     let targets = Tensor::new(&[[4u32, 9, 2, 7, 1], [3, 10, 0, 5, 6]], &Device::Cpu).unwrap();
-    Batch { tokens, targets }
+    Batch::tokens(tokens, targets)
 }
 
 /// Slot tensors of every block from the owned values (as variables when `vars` is given).
@@ -137,11 +137,11 @@ fn every_block_input_gradient_matches_finite_differences() {
         let r: Vec<f64> = (0..out_numel).map(|_| rng.normal()).collect();
         let objective = |x: &[f64]| -> f64 {
             let xt = Tensor::from_slice(x, (2, 5, CFG.d_model), &Device::Cpu).unwrap();
-            let y: Vec<f64> = block.forward(&params[b], Some(&xt), &batch).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let y: Vec<f64> = block.forward(&params[b], &[xt], &batch).unwrap()[0].flatten_all().unwrap().to_vec1().unwrap();
             y.iter().zip(&r).map(|(a, b)| a * b).sum()
         };
         let xv = Var::from_slice(&x0, (2, 5, CFG.d_model), &Device::Cpu).unwrap();
-        let y = block.forward(&params[b], Some(xv.as_tensor()), &batch).unwrap();
+        let y = block.forward(&params[b], &[xv.as_tensor().clone()], &batch).unwrap().remove(0);
         let rt = Tensor::from_slice(&r, y.shape(), &Device::Cpu).unwrap();
         let grads = (y * rt).unwrap().sum_all().unwrap().backward().unwrap();
         let an: Vec<f64> = grads.get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
@@ -176,19 +176,21 @@ fn every_hand_written_input_gradient_matches_finite_differences() {
             let y = if head { y.clone() } else { (y * &r).unwrap() };
             y.sum_all().unwrap().to_scalar::<f64>().unwrap()
         };
-        let forward = |x: &[f64]| block.forward(&params[b], Some(&Tensor::from_slice(x, shape, &Device::Cpu).unwrap()), &batch).unwrap();
+        let forward = |x: &[f64]| block.forward(&params[b], &[Tensor::from_slice(x, shape, &Device::Cpu).unwrap()], &batch).unwrap().remove(0);
         let x = Tensor::from_slice(&x0, shape, &Device::Cpu).unwrap();
-        let (y, saved) = block.forward_saving(&params[b], Some(&x), &batch).unwrap().unwrap_or_else(|| panic!("block {} has no hand-written backward", block.name()));
+        let (mut y, saved) = block.forward_saving(&params[b], &[x.clone()], &batch).unwrap().unwrap_or_else(|| panic!("block {} has no hand-written backward", block.name()));
+        let y = y.remove(0);
         // The composed forward (chosen when the input is a variable) computes the same output.
-        let composed = block.forward(&params[b], Some(Var::from_tensor(&x).unwrap().as_tensor()), &batch).unwrap();
+        let composed = block.forward(&params[b], &[Var::from_tensor(&x).unwrap().as_tensor().clone()], &batch).unwrap().remove(0);
         let (yv, cv): (Vec<f64>, Vec<f64>) = (y.flatten_all().unwrap().to_vec1().unwrap(), composed.flatten_all().unwrap().to_vec1().unwrap());
         assert_eq!(yv.len(), cv.len(), "block {}", block.name());
         for (i, (a, c)) in yv.iter().zip(&cv).enumerate() {
             assert!((a - c).abs() <= 1e-12 * (1.0 + c.abs()), "block {} y[{i}]: hand-written {a} vs composed {c}", block.name());
         }
-        let upstream = if head { Upstream::Loss(1.0) } else { Upstream::Grad(&r) };
+        let r_grads = [Some(r.clone())];
+        let upstream = if head { Upstream::Loss(1.0) } else { Upstream::Grads(&r_grads) };
         let (_, dx) = block.backward(&params[b], saved, upstream).unwrap();
-        let an: Vec<f64> = dx.unwrap_or_else(|| panic!("block {} returned no input gradient", block.name())).flatten_all().unwrap().to_vec1().unwrap();
+        let an: Vec<f64> = dx.into_iter().next().flatten().unwrap_or_else(|| panic!("block {} returned no input gradient", block.name())).flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(an.len(), x0.len(), "block {}", block.name());
         for e in 0..x0.len() {
             let (mut plus, mut minus) = (x0.clone(), x0.clone());

@@ -35,28 +35,30 @@ impl Block for Embedding {
         ]
     }
 
-    fn forward(&self, params: &[Tensor], _x: Option<&Tensor>, batch: &Batch) -> Result<Tensor> {
+    fn forward(&self, params: &[Tensor], _inputs: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
         let (wte, wpe) = (&params[0], &params[1]);
-        let (b, t) = batch.tokens.dims2()?;
+        let tokens = batch.get("tokens")?;
+        let (b, t) = tokens.dims2()?;
         scoped_as(Kind::Elementwise, "embedding", || {
-            let tok = wte.index_select(&batch.tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?;
-            tok.broadcast_add(&wpe.narrow(0, 0, t)?)
+            let tok = wte.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?;
+            Ok(vec![tok.broadcast_add(&wpe.narrow(0, 0, t)?)?])
         })
     }
 
-    fn forward_saving(&self, params: &[Tensor], x: Option<&Tensor>, batch: &Batch) -> Result<Option<(Tensor, Saved)>> {
+    fn forward_saving(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
+        let tokens = batch.get("tokens")?;
         // The gradient kernel groups positions by token on the host: read the ids now, while the device
         // queue is short (the step's first block), not at the end of the backward.
-        let host = match batch.tokens.device() {
+        let host = match tokens.device() {
             Device::Cpu => None,
-            _ => Some(batch.tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?),
+            _ => Some(tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?),
         };
-        let saved: EmbSaved = (batch.tokens.clone(), host);
+        let saved: EmbSaved = (tokens.clone(), host);
         Ok(Some((self.forward(params, x, batch)?, Box::new(saved))))
     }
 
-    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Option<Tensor>)> {
-        let Upstream::Grad(g) = upstream else { candle_core::bail!("the embedding cannot be the last block") };
+    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
+        let g = upstream.grad(0)?;
         let (tokens, host) = *saved.downcast::<EmbSaved>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
         let (b, t, d) = g.dims3()?;
         scoped_as(Kind::Elementwise, "embedding_backward", || {
@@ -66,7 +68,7 @@ impl Block for Embedding {
             let d_wpe = col_sum(&g.reshape((b, t * d))?)?.reshape((t, d))?;
             let seq = p[1].dim(0)?;
             let d_wpe = if t < seq { Tensor::cat(&[d_wpe, Tensor::zeros((seq - t, d), acc, g.device())?], 0)? } else { d_wpe };
-            Ok((vec![Some(d_wte), Some(d_wpe)], None))
+            Ok((vec![Some(d_wte), Some(d_wpe)], Vec::new()))
         })
     }
 }

@@ -16,12 +16,12 @@ impl Gpt {
             let start = tokens.len().saturating_sub(self.cfg.seq_len);
             let ctx = &tokens[start..];
             let ids = Tensor::new(ctx, &device)?.unsqueeze(0)?;
-            let batch = Batch { tokens: ids.clone(), targets: ids };
-            let mut x = Embedding::new(self.cfg).forward(&params[0], None, &batch)?;
+            let batch = Batch::tokens(ids.clone(), ids);
+            let mut x = Embedding::new(self.cfg).forward(&params[0], &[], &batch)?;
             for l in 0..self.cfg.n_layer {
-                x = Layer::new(self.cfg, l).forward(&params[1 + l], Some(&x), &batch)?;
+                x = Layer::new(self.cfg, l).forward(&params[1 + l], &x, &batch)?;
             }
-            let logits = head.logits(&params[self.cfg.n_layer + 1], &x)?;
+            let logits = head.logits(&params[self.cfg.n_layer + 1], &x[0])?;
             let last: Vec<f32> = logits.get(ctx.len() - 1)?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
             tokens.push(sample(&last, temperature, rng));
         }

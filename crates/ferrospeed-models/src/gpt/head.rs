@@ -44,7 +44,7 @@ impl Head {
         let x = x.reshape((b * t, d))?;
         let ln = scoped_as(Kind::Elementwise, "layer_norm", || ln_forward(&x, &p[0], &p[1]))?;
         let logits = scoped(Kind::Matmul, || ln.y.matmul(&p[2].t()?))?;
-        let targets = batch.targets.flatten_all()?;
+        let targets = batch.get("targets")?.flatten_all()?;
         let rows = scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets))?;
         let loss = scoped_as(Kind::Elementwise, "cross_entropy", || rows.mean_all())?;
         Ok((loss, HeadSaved { x, stats: (ln.mean, ln.rstd), h: ln.y, logits, targets, rows, dims: (b, t, d) }))
@@ -65,20 +65,20 @@ impl Block for Head {
         ]
     }
 
-    fn forward(&self, params: &[Tensor], x: Option<&Tensor>, batch: &Batch) -> Result<Tensor> {
+    fn forward(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
         let x = input(x)?;
         if x.track_op() || params.iter().any(Tensor::track_op) {
-            return fused_cross_entropy(&self.logits(params, x)?, &batch.targets.flatten_all()?);
+            return Ok(vec![fused_cross_entropy(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?]);
         }
-        Ok(self.run(params, x, batch)?.0)
+        Ok(vec![self.run(params, x, batch)?.0])
     }
 
-    fn forward_saving(&self, params: &[Tensor], x: Option<&Tensor>, batch: &Batch) -> Result<Option<(Tensor, Saved)>> {
+    fn forward_saving(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
         let (loss, saved) = self.run(params, input(x)?, batch)?;
-        Ok(Some((loss, Box::new(saved))))
+        Ok(Some((vec![loss], Box::new(saved))))
     }
 
-    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Option<Tensor>)> {
+    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
         let Upstream::Loss(scale) = upstream else { candle_core::bail!("the head is the last block: its output is the loss") };
         let s = saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
         let n = s.targets.elem_count();
@@ -90,7 +90,7 @@ impl Block for Head {
         let d_h = scoped(Kind::Matmul, || d_logits.matmul(&p[2]))?;
         drop(d_logits);
         let (d_x, d_w, d_b) = scoped_as(Kind::Elementwise, "layer_norm_backward", || ln_backward(&d_h, &s.x, &p[0], &s.stats.0, &s.stats.1, None))?;
-        Ok((vec![Some(d_w), Some(d_b), Some(d_wte)], Some(d_x.reshape(s.dims)?)))
+        Ok((vec![Some(d_w), Some(d_b), Some(d_wte)], vec![Some(d_x.reshape(s.dims)?)]))
     }
 
     fn forward_flops_per_token(&self) -> f64 {
@@ -98,6 +98,6 @@ impl Block for Head {
     }
 }
 
-fn input(x: Option<&Tensor>) -> Result<&Tensor> {
-    x.ok_or_else(|| candle_core::Error::Msg("the head needs an input".into()))
+fn input(x: &[Tensor]) -> Result<&Tensor> {
+    x.first().ok_or_else(|| candle_core::Error::Msg("the head needs an input".into()))
 }

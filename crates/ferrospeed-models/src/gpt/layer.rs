@@ -54,25 +54,25 @@ impl Block for Layer {
         ]
     }
 
-    fn forward(&self, p: &[Tensor], x: Option<&Tensor>, _batch: &Batch) -> Result<Tensor> {
+    fn forward(&self, p: &[Tensor], x: &[Tensor], _batch: &Batch) -> Result<Vec<Tensor>> {
         let x = input(x)?;
         if x.track_op() || p.iter().any(Tensor::track_op) {
-            return self.forward_composed(p, x);
+            return Ok(vec![self.forward_composed(p, x)?]);
         }
-        Ok(layer_fused::forward(p, x, self.cfg.n_head, false)?.0)
+        Ok(vec![layer_fused::forward(p, x, self.cfg.n_head, false)?.0])
     }
 
-    fn forward_saving(&self, p: &[Tensor], x: Option<&Tensor>, _batch: &Batch) -> Result<Option<(Tensor, Saved)>> {
+    fn forward_saving(&self, p: &[Tensor], x: &[Tensor], _batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
         let (y, saved) = layer_fused::forward(p, input(x)?, self.cfg.n_head, true)?;
         let saved = saved.ok_or_else(|| candle_core::Error::Msg("layer forward kept nothing".into()))?;
-        Ok(Some((y, Box::new(saved))))
+        Ok(Some((vec![y], Box::new(saved))))
     }
 
-    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Option<Tensor>)> {
-        let Upstream::Grad(g) = upstream else { candle_core::bail!("a transformer layer cannot be the last block") };
+    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
+        let g = upstream.grad(0)?;
         let saved = saved.downcast::<LayerSaved>().map_err(|_| candle_core::Error::Msg("layer backward: foreign saved state".into()))?;
         let (grads, dx) = layer_fused::backward(p, *saved, g)?;
-        Ok((grads, Some(dx)))
+        Ok((grads, vec![Some(dx)]))
     }
 
     fn forward_flops_per_token(&self) -> f64 {
@@ -82,8 +82,8 @@ impl Block for Layer {
     }
 }
 
-fn input(x: Option<&Tensor>) -> Result<&Tensor> {
-    x.ok_or_else(|| candle_core::Error::Msg("a transformer layer needs an input".into()))
+fn input(x: &[Tensor]) -> Result<&Tensor> {
+    x.first().ok_or_else(|| candle_core::Error::Msg("a transformer layer needs an input".into()))
 }
 
 impl Layer {

@@ -26,10 +26,7 @@ pub fn batches(sampler: &BatchSampler, corpus: &TextCorpus, step: usize, device:
     sampler
         .micro_batches(corpus, step as u64)
         .into_iter()
-        .map(|mb| Batch {
-            tokens: Tensor::from_vec(mb.tokens, shape, device).unwrap(),
-            targets: Tensor::from_vec(mb.targets, shape, device).unwrap(),
-        })
+        .map(|mb| Batch::tokens(Tensor::from_vec(mb.tokens, shape, device).unwrap(), Tensor::from_vec(mb.targets, shape, device).unwrap()))
         .collect()
 }
 

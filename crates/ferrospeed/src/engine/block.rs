@@ -1,55 +1,114 @@
-//! What a model is to the engine: a sequence of blocks, each with parameters it declares and a forward.
+//! What a model is to the engine: a sequence of blocks, each with parameters it declares and a forward;
+//! the batch blocks read (named tensors) and what flows between blocks (a list of tensors).
 //!
 //! Blocks never see ranks, shards or strategies (invariant 1): they receive their parameters as
 //! tensors and compute. The engine decides where those tensors come from.
 
-use candle_core::Tensor;
+use super::error::EngineError;
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
 
-/// The inputs every block may use: token ids and next-token targets, both `[batch, seq]` u32.
-#[derive(Debug, Clone)]
+pub use crate::shard::{Init, ParamRef, ParamSpec};
+
+/// The inputs of one micro-batch (or one sample, before collation): named tensors of any dtype and
+/// shape — token ids, labels, masks, features, images.
+#[derive(Debug, Clone, Default)]
 pub struct Batch {
-    pub tokens: Tensor,
-    pub targets: Tensor,
+    tensors: BTreeMap<String, Tensor>,
 }
 
-/// How a parameter starts.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Init {
-    Zeros,
-    Ones,
-    Normal { std: f64 },
-}
-
-/// A parameter a block owns.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ParamSpec {
-    /// Name inside the block, e.g. `attn.c_attn.weight`.
-    pub name: String,
-    pub shape: Vec<usize>,
-    pub init: Init,
-    /// Whether AdamW's weight decay applies (not to biases and norms).
-    pub decay: bool,
-}
-
-impl ParamSpec {
-    pub fn new(name: &str, shape: &[usize], init: Init, decay: bool) -> Self {
-        Self { name: name.to_string(), shape: shape.to_vec(), init, decay }
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+    /// The language-model batch: `tokens` and next-token `targets`, both `[batch, seq]` u32.
+    pub fn tokens(tokens: Tensor, targets: Tensor) -> Self {
+        Self::new().with("tokens", tokens).with("targets", targets)
     }
-}
 
-/// A parameter slot of a block: one it owns, or one owned by an earlier block (tied weights, such as
-/// GPT-2's head sharing the token embedding).
-#[derive(Debug, Clone, PartialEq)]
-pub enum ParamRef {
-    Own(ParamSpec),
-    Tied { block: usize, name: String },
+    /// This batch with `tensor` under `name` (replacing one of that name).
+    pub fn with(mut self, name: &str, tensor: Tensor) -> Self {
+        self.insert(name, tensor);
+        self
+    }
+
+    /// Put `tensor` under `name` (replacing one of that name).
+    pub fn insert(&mut self, name: &str, tensor: Tensor) {
+        self.tensors.insert(name.to_string(), tensor);
+    }
+
+    /// The tensor named `name`. A missing one is an error naming it and the tensors there are, as a
+    /// candle error (blocks use `?`) that the engine turns back into [`EngineError::MissingInput`].
+    pub fn get(&self, name: &str) -> candle_core::Result<&Tensor> {
+        self.tensors.get(name).ok_or_else(|| {
+            let err = EngineError::MissingInput { name: name.to_string(), present: self.names().join(", ") };
+            candle_core::Error::WrappedContext { wrapped: Box::new(err), context: format!("batch tensor `{name}`") }
+        })
+    }
+
+    /// Whether a tensor named `name` is there.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// The tensors' names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
+    /// Every (name, tensor), sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.tensors.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    /// The number of rows: the first dimension of the first tensor (0 for an empty batch).
+    pub fn rows(&self) -> usize {
+        self.tensors.values().next().and_then(|t| t.dims().first().copied()).unwrap_or(0)
+    }
+
+    /// The same tensors on `device`.
+    pub fn to_device(&self, device: &Device) -> candle_core::Result<Batch> {
+        let mut out = Batch::new();
+        for (name, t) in &self.tensors {
+            out.insert(name, t.to_device(device)?);
+        }
+        Ok(out)
+    }
+
+    /// Samples stacked along a new first dimension, tensor by tensor: every sample must hold the same
+    /// names with the same shapes and dtypes.
+    pub fn stack(samples: &[Batch]) -> Result<Batch, EngineError> {
+        let Some(first) = samples.first() else { return Ok(Batch::new()) };
+        let mut out = Batch::new();
+        for name in first.tensors.keys() {
+            let mut parts = Vec::with_capacity(samples.len());
+            for (i, s) in samples.iter().enumerate() {
+                let t = s.tensors.get(name).ok_or_else(|| EngineError::MissingInput {
+                    name: name.clone(),
+                    present: format!("{} (sample {i} of the micro-batch)", s.names().join(", ")),
+                })?;
+                parts.push(t);
+            }
+            out.insert(name, Tensor::stack(&parts, 0).map_err(EngineError::tensor(format!("collating `{name}`")))?);
+        }
+        if let Some((i, s)) = samples.iter().enumerate().find(|(_, s)| s.tensors.len() != first.tensors.len()) {
+            return Err(EngineError::Model(format!(
+                "sample {i} of a micro-batch holds [{}] but sample 0 holds [{}]: every sample needs the same tensors",
+                s.names().join(", "),
+                first.names().join(", ")
+            )));
+        }
+        Ok(out)
+    }
 }
 
 /// A piece of a model with its own parameters: the unit of gathering, checkpointing and offload.
+///
+/// Data flows between blocks as a list of tensors: the first block receives none, each next block
+/// the previous one's outputs (e.g. hidden state plus a mask), and the last block returns exactly one
+/// tensor, the scalar loss. Gradients flow back through the floating-point ones.
 pub trait Block: Send + Sync {
     /// A short name for messages and checkpoints, e.g. `h.3`.
     fn name(&self) -> String;
@@ -57,26 +116,26 @@ pub trait Block: Send + Sync {
     /// The block's parameter slots, in the order `forward` receives them.
     fn params(&self) -> Vec<ParamRef>;
 
-    /// Compute the block. `x` is the previous block's output (`None` for the first block); the last
-    /// block returns the scalar loss.
-    fn forward(&self, params: &[Tensor], x: Option<&Tensor>, batch: &Batch) -> candle_core::Result<Tensor>;
+    /// Compute the block from its parameter slots, the previous block's outputs (`inputs`, empty for
+    /// the first block) and the batch.
+    fn forward(&self, params: &[Tensor], inputs: &[Tensor], batch: &Batch) -> candle_core::Result<Vec<Tensor>>;
 
     /// Forward FLOPs per token (for MFU), counting a multiply-add as 2.
     fn forward_flops_per_token(&self) -> f64 {
         0.0
     }
 
-    /// Blocks with a hand-written backward run their forward here and return, with the output, what
+    /// Blocks with a hand-written backward run their forward here and return, with the outputs, what
     /// [`Block::backward`] needs. `None` (the default) means candle's autograd differentiates
-    /// [`Block::forward`]. Both forwards must compute the same output.
-    fn forward_saving(&self, _params: &[Tensor], _x: Option<&Tensor>, _batch: &Batch) -> candle_core::Result<Option<(Tensor, Saved)>> {
+    /// [`Block::forward`]. Both forwards must compute the same outputs.
+    fn forward_saving(&self, _params: &[Tensor], _inputs: &[Tensor], _batch: &Batch) -> candle_core::Result<Option<(Vec<Tensor>, Saved)>> {
         Ok(None)
     }
 
     /// The hand-written backward: the gradients of the parameter slots (in slot order; `None` where a
-    /// slot does not influence the output) and of the input (`None` for the first block), given the
-    /// gradient of the output.
-    fn backward(&self, _params: &[Tensor], _saved: Saved, _upstream: Upstream<'_>) -> candle_core::Result<(Vec<Option<Tensor>>, Option<Tensor>)> {
+    /// slot does not influence the outputs) and of the inputs (one entry per input, `None` where it
+    /// has none), given the gradients of the outputs.
+    fn backward(&self, _params: &[Tensor], _saved: Saved, _upstream: Upstream<'_>) -> candle_core::Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
         candle_core::bail!("block {} has no hand-written backward", self.name())
     }
 }
@@ -84,11 +143,24 @@ pub trait Block: Send + Sync {
 /// What a block's forward keeps for its hand-written backward.
 pub type Saved = Box<dyn std::any::Any + Send>;
 
-/// The gradient flowing into a block's output.
+/// The gradient flowing into a block's outputs.
 #[derive(Debug, Clone, Copy)]
 pub enum Upstream<'a> {
     /// The block's output is the loss; its gradient is this scale (e.g. 1/accumulation steps).
     Loss(f64),
-    /// The gradient of the block's output, shaped like it.
-    Grad(&'a Tensor),
+    /// The gradients of the block's outputs, one per output (`None` where an output gets none).
+    Grads(&'a [Option<Tensor>]),
+}
+
+impl<'a> Upstream<'a> {
+    /// The gradient of output `i`, for blocks that expect one: an error otherwise.
+    pub fn grad(&self, i: usize) -> candle_core::Result<&'a Tensor> {
+        match self {
+            Upstream::Grads(g) => match g.get(i) {
+                Some(Some(t)) => Ok(t),
+                _ => candle_core::bail!("no gradient for output {i} of the block"),
+            },
+            Upstream::Loss(_) => candle_core::bail!("this block is not the last one: its output is not the loss"),
+        }
+    }
 }

@@ -30,16 +30,16 @@ impl ParamSource for &[Vec<Tensor>] {
 
 /// What the forward pass keeps of a block when activation checkpointing is off.
 enum Kept {
-    /// Its autograd graph.
-    Graph { input: Option<Var>, output: Tensor, params: Vec<Tensor> },
+    /// Its autograd graph: the inputs as variables (floating-point ones), the outputs.
+    Graph { inputs: Vec<Option<Var>>, outputs: Vec<Tensor>, params: Vec<Tensor> },
     /// What its hand-written backward needs.
     Manual { saved: Saved, params: Vec<Tensor> },
 }
 
 /// What the forward pass leaves for the backward pass.
 pub struct Tape {
-    /// Each block's input activation, detached (`None` for the first block).
-    inputs: Vec<Option<Tensor>>,
+    /// Each block's inputs, detached (empty for the first block).
+    inputs: Vec<Vec<Tensor>>,
     /// Without checkpointing: each block's graph.
     kept: Vec<Option<Kept>>,
     /// The last block's output: the scalar loss.
@@ -54,7 +54,7 @@ pub fn forward(model: &Model, source: &mut dyn ParamSource, batch: &Batch, check
     let n = model.num_blocks();
     let mut inputs = Vec::with_capacity(n);
     let mut kept = Vec::with_capacity(n);
-    let mut x: Option<Tensor> = None;
+    let mut x: Vec<Tensor> = Vec::new();
     for i in 0..n {
         let block = model.block(i);
         // After the last block, the backward pass starts again from it (when it recomputes).
@@ -64,20 +64,34 @@ pub fn forward(model: &Model, source: &mut dyn ParamSource, batch: &Batch, check
         let y = if checkpointing {
             let detached: Vec<Tensor> = params.iter().map(Tensor::detach).collect();
             kept.push(None);
-            block.forward(&detached, x.as_ref(), batch).map_err(err())?
-        } else if let Some((y, saved)) = block.forward_saving(&detach_all(&params), x.as_ref(), batch).map_err(err())? {
+            block.forward(&detached, &x, batch).map_err(err())?
+        } else if let Some((y, saved)) = block.forward_saving(&detach_all(&params), &x, batch).map_err(err())? {
             kept.push(Some(Kept::Manual { saved, params }));
             y
         } else {
-            let (input, output) = run_tracked(model, i, &params, x.as_ref(), batch)?;
-            kept.push(Some(Kept::Graph { input, output: output.clone(), params }));
-            output
+            let (vars, outputs) = run_tracked(model, i, &params, &x, batch)?;
+            kept.push(Some(Kept::Graph { inputs: vars, outputs: outputs.clone(), params }));
+            outputs
         };
         source.release(i);
-        inputs.push(x.take());
-        x = Some(y.detach());
+        inputs.push(std::mem::take(&mut x));
+        x = y.iter().map(Tensor::detach).collect();
     }
-    let loss = x.ok_or_else(|| EngineError::Model("a model needs at least one block".into()))?;
+    if n == 0 {
+        return Err(EngineError::Model("a model needs at least one block".into()));
+    }
+    let last = model.block(n - 1).name();
+    let loss = match x.as_slice() {
+        [loss] if loss.rank() == 0 => loss.clone(),
+        [loss] if loss.elem_count() == 1 => loss.reshape(()).map_err(EngineError::tensor(last))?,
+        _ => {
+            return Err(EngineError::Model(format!(
+                "the last block, {last}, returned {} tensor(s) of shapes {:?}: it must return exactly one, the scalar loss",
+                x.len(),
+                x.iter().map(|t| t.dims().to_vec()).collect::<Vec<_>>()
+            )))
+        }
+    };
     Ok(Tape { inputs, kept, loss })
 }
 
@@ -85,19 +99,21 @@ fn detach_all(params: &[Tensor]) -> Vec<Tensor> {
     params.iter().map(Tensor::detach).collect()
 }
 
-/// Run block `i` with its input as a fresh variable, keeping the graph.
+/// Run block `i` with its floating-point inputs as fresh variables, keeping the graph.
 fn run_tracked(
     model: &Model,
     i: usize,
     params: &[Tensor],
-    x: Option<&Tensor>,
+    x: &[Tensor],
     batch: &Batch,
-) -> Result<(Option<Var>, Tensor), EngineError> {
+) -> Result<(Vec<Option<Var>>, Vec<Tensor>), EngineError> {
     let block = model.block(i);
     let err = || EngineError::tensor(block.name());
-    let xv = x.map(Var::from_tensor).transpose().map_err(err())?;
-    let y = block.forward(params, xv.as_ref().map(Var::as_tensor), batch).map_err(err())?;
-    Ok((xv, y))
+    let vars: Vec<Option<Var>> =
+        x.iter().map(|t| if t.dtype().is_float() { Var::from_tensor(t).map(Some) } else { Ok(None) }).collect::<Result<_, _>>().map_err(err())?;
+    let tracked: Vec<Tensor> = vars.iter().zip(x).map(|(v, t)| v.as_ref().map_or_else(|| t.clone(), |v| v.as_tensor().clone())).collect();
+    let y = block.forward(params, &tracked, batch).map_err(err())?;
+    Ok((vars, y))
 }
 
 /// Backpropagate from the loss, block by block in reverse. The loss is multiplied by `loss_scale`
@@ -112,7 +128,8 @@ pub fn backward(
     loss_scale: f64,
     mut on_block: impl FnMut(usize, Vec<Option<Tensor>>) -> Result<(), EngineError>,
 ) -> Result<(), EngineError> {
-    let mut grad_out: Option<Tensor> = None;
+    // The gradients of the current block's outputs; `None` while at the last block (the loss).
+    let mut grad_out: Option<Vec<Option<Tensor>>> = None;
     for i in (0..model.num_blocks()).rev() {
         let block = model.block(i);
         let err = || EngineError::tensor(block.name());
@@ -120,48 +137,62 @@ pub fn backward(
             Some(k) => k,
             None => {
                 let params = source.acquire(i, i.checked_sub(1))?;
-                let x = tape.inputs[i].as_ref();
+                let x = &tape.inputs[i];
                 match block.forward_saving(&detach_all(&params), x, batch).map_err(err())? {
                     Some((_, saved)) => Kept::Manual { saved, params },
                     None => {
-                        let (input, output) = run_tracked(model, i, &params, x, batch)?;
-                        Kept::Graph { input, output, params }
+                        let (inputs, outputs) = run_tracked(model, i, &params, x, batch)?;
+                        Kept::Graph { inputs, outputs, params }
                     }
                 }
             }
         };
+        let num_inputs = tape.inputs[i].len();
         let slot_grads = match kept {
             Kept::Manual { saved, params } => {
                 let upstream = match &grad_out {
                     None => Upstream::Loss(loss_scale),
-                    Some(g) => Upstream::Grad(g),
+                    Some(g) => Upstream::Grads(g),
                 };
                 let (slot_grads, grad_in) = block.backward(&detach_all(&params), saved, upstream).map_err(err())?;
-                if slot_grads.len() != params.len() {
+                if slot_grads.len() != params.len() || grad_in.len() != num_inputs {
                     return Err(EngineError::Model(format!(
-                        "block {}: backward returned {} gradients for {} parameter slots",
+                        "block {}: backward returned {} parameter and {} input gradients for {} parameter slots and {} inputs",
                         block.name(),
                         slot_grads.len(),
-                        params.len()
+                        grad_in.len(),
+                        params.len(),
+                        num_inputs
                     )));
                 }
-                grad_out = grad_in;
+                grad_out = Some(grad_in);
                 slot_grads
             }
-            Kept::Graph { input: xv, output: y, params } => {
+            Kept::Graph { inputs, outputs, params } => {
                 let target = match &grad_out {
-                    None => y.affine(loss_scale, 0.0).map_err(err())?,
-                    Some(g) => (y * g).and_then(|t| t.sum_all()).map_err(err())?,
+                    None => Some(outputs[0].affine(loss_scale, 0.0).map_err(err())?),
+                    Some(g) => seed(&outputs, g).map_err(err())?,
+                };
+                let Some(target) = target else {
+                    // No output carries a gradient: nothing upstream depends on this block.
+                    source.release(i);
+                    on_block(i, vec![None; params.len()])?;
+                    grad_out = Some(vec![None; num_inputs]);
+                    continue;
                 };
                 let grads = target.backward().map_err(err())?;
                 let slot_grads = params.iter().map(|p| grads.get(p).cloned()).collect();
-                grad_out = match xv {
-                    Some(v) => Some(match grads.get(v.as_tensor()) {
-                        Some(g) => g.clone(),
-                        None => v.as_tensor().zeros_like().map_err(err())?,
-                    }),
-                    None => None,
-                };
+                let mut grad_in = Vec::with_capacity(inputs.len());
+                for v in &inputs {
+                    grad_in.push(match v {
+                        Some(v) => Some(match grads.get(v.as_tensor()) {
+                            Some(g) => g.clone(),
+                            None => v.as_tensor().zeros_like().map_err(err())?,
+                        }),
+                        None => None,
+                    });
+                }
+                grad_out = Some(grad_in);
                 slot_grads
             }
         };
@@ -169,4 +200,19 @@ pub fn backward(
         on_block(i, slot_grads)?;
     }
     Ok(())
+}
+
+/// `Σ_k sum(y_k · g_k)` over the outputs that receive a gradient (`None` when none does): its
+/// gradient with respect to anything is that of the block's outputs weighted by theirs.
+fn seed(outputs: &[Tensor], grads: &[Option<Tensor>]) -> candle_core::Result<Option<Tensor>> {
+    let mut total: Option<Tensor> = None;
+    for (y, g) in outputs.iter().zip(grads) {
+        let Some(g) = g else { continue };
+        let term = (y * g)?.sum_all()?;
+        total = Some(match total {
+            None => term,
+            Some(t) => (t + term)?,
+        });
+    }
+    Ok(total)
 }

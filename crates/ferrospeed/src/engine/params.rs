@@ -278,6 +278,9 @@ fn init_param(out: &mut [f32], spec: &ParamSpec, rng: &mut Rng) {
     match spec.init {
         Init::Zeros => out.fill(0.0),
         Init::Ones => out.fill(1.0),
+        Init::Const(c) => out.fill(c as f32),
         Init::Normal { std } => out.iter_mut().for_each(|x| *x = (rng.normal() * std) as f32),
+        Init::NormalMean { mean, std } => out.iter_mut().for_each(|x| *x = (rng.normal() * std + mean) as f32),
+        Init::Uniform { lo, hi } => out.iter_mut().for_each(|x| *x = (lo + (hi - lo) * rng.next_f64()) as f32),
     }
 }

@@ -1,7 +1,7 @@
 //! FlatParam: where each parameter of a block lives inside the block's one contiguous buffer.
 
 use super::layout::ShardLayout;
-use crate::engine::ParamSpec;
+use super::param::ParamSpec;
 use std::ops::Range;
 
 /// Alignment of shards, in elements: keeps shard boundaries on cache lines and SIMD widths.
@@ -66,7 +66,7 @@ impl FlatParam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Init;
+    use crate::shard::Init;
 
     #[test]
     fn params_are_packed_and_windows_clip_them() {

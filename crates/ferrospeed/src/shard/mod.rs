@@ -2,8 +2,10 @@
 
 mod flat;
 mod layout;
+mod param;
 mod strategy;
 
 pub use flat::{FlatParam, SHARD_ALIGN};
 pub use layout::{Shard, ShardLayout};
+pub use param::{Init, ParamRef, ParamSpec};
 pub use strategy::{GradReduction, Strategy, ZeroStage};
