@@ -72,7 +72,8 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let cfg = EngineConfig {
         checkpointing: args.checkpointing,
         grad_clip: 1.0,
-        optimizer: AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 },
+        optimizer: Arc::new(AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }),
+        param_groups: Default::default(),
         seed: 0,
         strategy: Strategy::new(stage),
         precision,

@@ -80,7 +80,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let engine_cfg = EngineConfig {
         checkpointing: t.activation_checkpointing,
         grad_clip: t.grad_clip,
-        optimizer: AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay },
+        optimizer: Arc::new(AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay }),
+        param_groups: Default::default(),
         seed: t.seed,
         strategy: Strategy::new(cfg.zero.stage),
         precision: t.precision,

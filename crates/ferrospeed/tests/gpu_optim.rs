@@ -53,7 +53,7 @@ fn fused_adamw_matches_the_cpu() {
                     let lr = 1e-3 * t as f64;
                     let g = random(n, seed * 7 + t, 2.0);
                     let dg = dev.clone_htod(&g).unwrap();
-                    adamw_update(&opt, &mut dp.slice_mut(..), &mut dm.slice_mut(..), &mut dv.slice_mut(..), &dg.slice(..), factor, &out, 2..n + 2, lr, t, decay)
+                    adamw_update(&opt, &mut dp.slice_mut(..), &mut dm.slice_mut(..), &mut dv.slice_mut(..), &dg.slice(..), factor, &out, 2..n + 2, lr, t, if decay { opt.weight_decay } else { 0.0 })
                         .unwrap();
                     let scaled: Vec<f32> = g.iter().map(|&x| x * factor).collect();
                     opt.update(&mut p, &scaled, &mut m, &mut v, lr, t, decay);

@@ -57,9 +57,8 @@ pub fn export(dir: &Path, out: &Path, name_of: NameMap<'_>) -> Result<ExportStat
 pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>) -> Result<(), CheckpointError> {
     let mut file = std::fs::File::open(path).map_err(|e| CheckpointError::io(path, e))?;
     let header = read_header(&mut file, path)?;
-    for w in engine.windows_mut()? {
-        w.m.fill(0.0);
-        w.v.fill(0.0);
+    for mut w in engine.windows_mut()? {
+        w.state.iter_mut().for_each(|s| s.fill(0.0));
         w.master.fill(0.0);
         for (j, part) in w.flat.params_in(w.window.clone()) {
             let spec = &w.flat.specs()[j];

@@ -1,5 +1,5 @@
 //! The checkpoint layout on disk: `<root>/step-NNNNNN/` with `meta.json` and one safetensors file per
-//! rank holding that rank's shard of every block's fp32 master weights and AdamW moments.
+//! rank holding that rank's shard of every block's fp32 master weights and optimizer state.
 //!
 //! Shards follow `ShardLayout(numel, world, 64)` of the saving world, whatever the stage, so a
 //! checkpoint holds the state once. Elements are addressed by their offset in the block's flat
@@ -26,6 +26,12 @@ pub struct Meta {
     pub zero_stage: u8,
     pub precision: String,
     pub loss_scaler: Option<ScalerState>,
+    /// The optimizer whose state the files hold (checkpoints before this field: AdamW).
+    #[serde(default = "adamw")]
+    pub optimizer: String,
+    /// Its state buffers, in file order after `master`.
+    #[serde(default = "adamw_state")]
+    pub optimizer_state: Vec<String>,
     pub blocks: Vec<BlockMeta>,
     pub files: Vec<FileMeta>,
     /// What the trainer wants back on resume (configuration, model shape); not read by the engine.
@@ -57,9 +63,18 @@ pub struct FileMeta {
     pub windows: Vec<(usize, usize)>,
 }
 
-/// The three tensors of a block in a rank file.
-pub fn tensor_names(block: &str) -> [String; 3] {
-    [format!("{block}/master"), format!("{block}/exp_avg"), format!("{block}/exp_avg_sq")]
+/// The tensors of a block in a rank file: `master`, then the optimizer's state buffers by name
+/// (AdamW: `exp_avg`, `exp_avg_sq`; SGD with momentum: `momentum_buffer`).
+pub fn tensor_names(block: &str, state_names: &[String]) -> Vec<String> {
+    std::iter::once(format!("{block}/master")).chain(state_names.iter().map(|s| format!("{block}/{s}"))).collect()
+}
+
+fn adamw() -> String {
+    "adamw".into()
+}
+
+fn adamw_state() -> Vec<String> {
+    vec!["exp_avg".into(), "exp_avg_sq".into()]
 }
 
 pub fn rank_file_name(rank: usize, world: usize) -> String {

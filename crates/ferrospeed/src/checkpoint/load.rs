@@ -86,8 +86,9 @@ impl<'a> RankFiles<'a> {
         Self { dir, meta, open: HashMap::new() }
     }
 
-    /// Read elements `[start, end)` of block `b`'s flat buffer (tensor `kind`: 0 master, 1 exp_avg,
-    /// 2 exp_avg_sq) into `out`, from whichever rank files hold them.
+    /// Read elements `[start, end)` of block `b`'s flat buffer (tensor `kind`: 0 master, then the
+    /// optimizer's state buffers in `Meta::optimizer_state` order) into `out`, from whichever rank
+    /// files hold them.
     pub(crate) fn read(&mut self, b: usize, kind: usize, start: usize, out: &mut [f32]) -> Result<(), CheckpointError> {
         let end = start + out.len();
         let block = &self.meta.blocks[b].name;
@@ -105,7 +106,7 @@ impl<'a> RankFiles<'a> {
                 self.open.insert(fi, (f, header, path));
             }
             let (f, header, path) = self.open.get_mut(&fi).expect("opened above");
-            let name = &tensor_names(block)[kind];
+            let name = &tensor_names(block, &self.meta.optimizer_state)[kind];
             read_f32_range(f, path, header, name, lo - o..hi - o, &mut out[lo - start..hi - start])?;
         }
         Ok(())
@@ -121,7 +122,7 @@ pub fn load_into(engine: &mut Engine, dir: &Path) -> Result<Meta, CheckpointErro
     for (b, w) in engine.windows_mut()?.into_iter().enumerate() {
         let numel = meta.blocks[b].numel;
         let real_end = w.window.end.min(numel);
-        for (kind, dst) in [w.master, w.m, w.v].into_iter().enumerate() {
+        for (kind, dst) in std::iter::once(w.master).chain(w.state).enumerate() {
             dst.fill(0.0); // padding stays zero
             if w.window.start < real_end {
                 files.read(b, kind, w.window.start, &mut dst[..real_end - w.window.start])?;
@@ -134,6 +135,16 @@ pub fn load_into(engine: &mut Engine, dir: &Path) -> Result<Meta, CheckpointErro
 
 fn check_model(engine: &Engine, meta: &Meta, dir: &Path) -> Result<(), CheckpointError> {
     let mismatch = |reason: String| CheckpointError::Mismatch { path: dir.to_path_buf(), reason };
+    let state = super::save::state_names(engine);
+    if meta.optimizer != engine.config().optimizer.name() || meta.optimizer_state != state {
+        return Err(mismatch(format!(
+            "it holds the state of {} ({}), this run uses {} ({}): train with the checkpoint's optimizer, or start from its weights with model.init_from after `ferrospeed checkpoint export`",
+            meta.optimizer,
+            meta.optimizer_state.join(", "),
+            engine.config().optimizer.name(),
+            state.join(", ")
+        )));
+    }
     let windows = engine.windows()?;
     if windows.len() != meta.blocks.len() {
         return Err(mismatch(format!("it has {} blocks, this model {}", meta.blocks.len(), windows.len())));

@@ -78,8 +78,9 @@ fn write_rank_file(engine: &Engine, dir: &Path, rank: usize, world: usize) -> Re
         // This rank's shard in the saving world's layout, real elements only.
         let r = w.flat.layout().range(rank);
         let local = r.start.saturating_sub(w.window.start)..r.end.saturating_sub(w.window.start);
-        let [master, m, v] = tensor_names(w.block);
-        for (name, data) in [(master, w.master), (m, w.m), (v, w.v)] {
+        let names = tensor_names(w.block, &state_names(engine));
+        let buffers = std::iter::once(w.master).chain(w.state.iter().copied());
+        for (name, data) in names.into_iter().zip(buffers) {
             tensors.push((name, vec![local.len()], &data[local.clone()]));
         }
     }
@@ -100,6 +101,8 @@ fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path,
         zero_stage: cfg.strategy.stage.as_int(),
         precision: cfg.precision.to_string(),
         loss_scaler: engine.scaler_state(),
+        optimizer: cfg.optimizer.name().to_string(),
+        optimizer_state: state_names(engine),
         blocks: windows
             .iter()
             .map(|w| BlockMeta {
@@ -238,4 +241,9 @@ mod tests {
             assert_eq!(super::decode(&super::encode(crc, bytes)), (crc, bytes));
         }
     }
+}
+
+/// The engine's optimizer state names, as checkpoints record them.
+pub(crate) fn state_names(engine: &Engine) -> Vec<String> {
+    engine.config().optimizer.state_names().iter().map(|s| s.to_string()).collect()
 }

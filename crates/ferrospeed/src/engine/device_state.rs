@@ -157,6 +157,7 @@ impl DeviceWindow {
         factor: f32,
         lr: f64,
         t: u64,
+        settings: &[crate::optim::GroupSettings],
     ) -> Result<()> {
         if grad.len() != window.len() {
             candle_core::bail!("a gradient of {} elements for a window of {}", grad.len(), window.len())
@@ -164,7 +165,7 @@ impl DeviceWindow {
         for (j, part) in flat.params_in(window.clone()) {
             let r = part.start - window.start..part.end - window.start;
             let (out, out_range) = target(self.compute.as_ref(), vars, flat, window, j, &part)?;
-            let decay = flat.specs()[j].decay;
+            let s = settings[j];
             adamw_update(
                 opt,
                 &mut self.master.slice_mut(r.clone()),
@@ -174,9 +175,9 @@ impl DeviceWindow {
                 factor,
                 out,
                 out_range,
-                lr,
+                lr * s.lr_scale,
                 t,
-                decay,
+                s.weight_decay,
             )?;
         }
         Ok(())

@@ -46,7 +46,10 @@ impl Engine {
 
     /// AdamW over every block's window, the gradient times `factor`; writes the compute copies.
     pub(super) fn device_update(&mut self, factor: f32, lr: f64) -> Result<(), EngineError> {
-        let (opt, t) = (self.cfg.optimizer, self.step);
+        let Some(&opt) = self.cfg.optimizer.as_adamw() else {
+            return Err(EngineError::Unsupported(format!("the {} optimizer has no CUDA path: use AdamW on the GPU", self.cfg.optimizer.name())));
+        };
+        let t = self.step;
         for (p, g) in self.params.iter_mut().zip(&mut self.grads) {
             let window = p.window.clone();
             let grad = g.device_window(&window)?;

@@ -10,7 +10,7 @@ pub struct MemoryReport {
     pub grads: usize,
     /// fp32 master weights.
     pub master: usize,
-    /// AdamW first and second moments.
+    /// Optimizer state (AdamW: first and second moments).
     pub moments: usize,
     pub gathered_peak: usize,
 }

@@ -1,4 +1,4 @@
-//! One block's parameters under a strategy: fp32 master weights and AdamW moments over the window of
+//! One block's parameters under a strategy: fp32 master weights and optimizer state over the window of
 //! the flat buffer this rank updates (all of it, or its shard), and the compute-dtype copy blocks run
 //! on — variables kept between uses (stages 0–2), or a shard all-gathered before each use (stage 3).
 //! On a CUDA device the master weights and moments live in device memory (`DeviceWindow`); the host
@@ -12,6 +12,7 @@ use super::model::Model;
 use super::{DeviceGather, DeviceWindow, Nccl};
 use crate::comm::CommError;
 use crate::engine::{Init, ParamSpec};
+use crate::optim::{GroupSettings, ParamGroups};
 use crate::rng::Rng;
 use crate::shard::{FlatParam, Strategy};
 use candle_core::{DType, Device, Var};
@@ -45,11 +46,13 @@ pub struct BlockParams {
     pub window: Range<usize>,
     /// fp32 master weights of `window` (on a CUDA device: the host mirror, empty while stale).
     pub master: Vec<f32>,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
+    /// The optimizer's state buffers over `window`, one per `Optimizer::state_names` (AdamW: m, v).
+    pub state: Vec<Vec<f32>>,
+    /// Weight decay and learning-rate scale of each parameter of the block (its group's).
+    pub settings: Vec<GroupSettings>,
     /// The state in device memory (CUDA), the truth when present.
     pub(super) dev: Option<DeviceWindow>,
-    /// `master`, `m` and `v` hold the current state (always on the CPU).
+    /// `master` and `state` hold the current state (always on the CPU).
     host_fresh: bool,
     /// Compute-dtype shard of this rank (parameters not resident): what is all-gathered before use.
     shard: Option<Arc<HostBuf>>,
@@ -70,6 +73,7 @@ impl BlockParams {
         world: usize,
         dtype: DType,
         device: &Device,
+        optimizer: &OptimizerSetup<'_>,
     ) -> Result<Self, EngineError> {
         let name = model.block(i).name();
         let flat = FlatParam::new(model.own_params(i), world);
@@ -81,6 +85,7 @@ impl BlockParams {
         let window = if strategy.optimizer_sharded() { shard_range.clone() } else { 0..full.len() };
         let master = full[window.clone()].to_vec();
         let n = master.len();
+        let settings = flat.specs().iter().map(|s| optimizer.groups.resolve(&name, s, optimizer.weight_decay)).collect();
         let mut p = Self {
             flat,
             name,
@@ -88,8 +93,8 @@ impl BlockParams {
             device: device.clone(),
             window,
             master,
-            m: vec![0.0; n],
-            v: vec![0.0; n],
+            state: vec![vec![0.0; n]; optimizer.num_states],
+            settings,
             shard: None,
             vars: None,
             dev: None,
@@ -102,7 +107,10 @@ impl BlockParams {
         }
         // The update writes the variables themselves unless the window is gathered (stages 1–3).
         let compute = (strategy.optimizer_sharded() || !strategy.params_resident()).then(|| HostBuf::from_f32(dtype, &p.master));
-        p.dev = DeviceWindow::new(device, &p.master, &p.m, &p.v, compute.as_ref()).map_err(EngineError::tensor(p.name.clone()))?;
+        if let [m, v] = p.state.as_slice() {
+            // Only AdamW runs on the device (`Engine::new` refuses the others there).
+            p.dev = DeviceWindow::new(device, &p.master, m, v, compute.as_ref()).map_err(EngineError::tensor(p.name.clone()))?;
+        }
         p.mark_host_stale();
         Ok(p)
     }
@@ -207,7 +215,7 @@ impl BlockParams {
         Ok(())
     }
 
-    /// Whether `master`, `m` and `v` hold the current state.
+    /// Whether `master` and `state` hold the current state.
     pub fn host_fresh(&self) -> bool {
         self.host_fresh
     }
@@ -215,7 +223,8 @@ impl BlockParams {
     /// Copy the device state into the host mirror (no-op when it is current).
     pub fn sync_to_host(&mut self) -> Result<(), EngineError> {
         if let (Some(d), false) = (&self.dev, self.host_fresh) {
-            [self.master, self.m, self.v] = d.download().map_err(EngineError::tensor(self.name.clone()))?;
+            let [master, m, v] = d.download().map_err(EngineError::tensor(self.name.clone()))?;
+            (self.master, self.state) = (master, vec![m, v]);
             self.host_fresh = true;
         }
         Ok(())
@@ -224,7 +233,8 @@ impl BlockParams {
     /// The device state changed: free the host mirror (nothing on the CPU, where it is the state).
     pub(super) fn mark_host_stale(&mut self) {
         if self.dev.is_some() {
-            (self.master, self.m, self.v) = (Vec::new(), Vec::new(), Vec::new());
+            self.master = Vec::new();
+            self.state.iter_mut().for_each(|s| *s = Vec::new());
             self.host_fresh = false;
         }
     }
@@ -240,15 +250,15 @@ impl BlockParams {
         t: u64,
     ) -> Result<(), EngineError> {
         let Some(d) = &mut self.dev else { return Err(EngineError::Unsupported(format!("block {} has no device state", self.name))) };
-        d.update(opt, &self.flat, &self.window, self.vars.as_deref(), grad, factor, lr, t).map_err(EngineError::tensor(self.name.clone()))?;
+        d.update(opt, &self.flat, &self.window, self.vars.as_deref(), grad, factor, lr, t, &self.settings).map_err(EngineError::tensor(self.name.clone()))?;
         self.mark_host_stale();
         Ok(())
     }
 
     /// After the host mirror was written (a restore): upload it and rewrite the compute copy.
     pub fn upload_host(&mut self) -> Result<(), EngineError> {
-        if let Some(d) = &mut self.dev {
-            d.upload(&self.master, &self.m, &self.v, &self.flat, &self.window, self.vars.as_deref())
+        if let (Some(d), [m, v]) = (&mut self.dev, self.state.as_slice()) {
+            d.upload(&self.master, m, v, &self.flat, &self.window, self.vars.as_deref())
                 .map_err(EngineError::tensor(self.name.clone()))?;
         }
         Ok(())
@@ -283,4 +293,13 @@ fn init_param(out: &mut [f32], spec: &ParamSpec, rng: &mut Rng) {
         Init::NormalMean { mean, std } => out.iter_mut().for_each(|x| *x = (rng.normal() * std + mean) as f32),
         Init::Uniform { lo, hi } => out.iter_mut().for_each(|x| *x = (lo + (hi - lo) * rng.next_f64()) as f32),
     }
+}
+
+/// What `BlockParams` needs of the optimizer: how many state buffers, and each parameter's group.
+pub struct OptimizerSetup<'a> {
+    /// `Optimizer::state_names().len()`.
+    pub num_states: usize,
+    /// The optimizer's weight decay (for parameters that decay and no group overrides).
+    pub weight_decay: f64,
+    pub groups: &'a ParamGroups,
 }

@@ -1,5 +1,5 @@
 //! The engine's optimizer state as checkpoints see it: per block, the window of the flat buffer this
-//! rank owns with its master weights and moments; and restoring it (then republishing parameters).
+//! rank owns with its master weights and optimizer state; and restoring it (then republishing parameters).
 //! On a CUDA device the state lives in device memory: [`Engine::sync_to_host`] copies it into the
 //! host mirror that `windows` reads, and `finish_restore` uploads what `windows_mut` wrote.
 
@@ -13,11 +13,11 @@ use std::ops::Range;
 pub struct WindowRef<'a> {
     pub block: &'a str,
     pub flat: &'a FlatParam,
-    /// Range of the padded flat buffer covered by `master`, `m` and `v`.
+    /// Range of the padded flat buffer covered by `master` and `state`.
     pub window: Range<usize>,
     pub master: &'a [f32],
-    pub m: &'a [f32],
-    pub v: &'a [f32],
+    /// One buffer per `Optimizer::state_names`.
+    pub state: Vec<&'a [f32]>,
 }
 
 /// The same, writable.
@@ -26,8 +26,8 @@ pub struct WindowMut<'a> {
     pub flat: &'a FlatParam,
     pub window: Range<usize>,
     pub master: &'a mut [f32],
-    pub m: &'a mut [f32],
-    pub v: &'a mut [f32],
+    /// One buffer per `Optimizer::state_names`.
+    pub state: Vec<&'a mut [f32]>,
 }
 
 impl Engine {
@@ -47,7 +47,13 @@ impl Engine {
         }
         Ok(self
             .blocks_state()
-            .map(|(name, p)| WindowRef { block: name, flat: &p.flat, window: p.window.clone(), master: &p.master, m: &p.m, v: &p.v })
+            .map(|(name, p)| WindowRef {
+                block: name,
+                flat: &p.flat,
+                window: p.window.clone(),
+                master: &p.master,
+                state: p.state.iter().map(Vec::as_slice).collect(),
+            })
             .collect())
     }
 
@@ -62,8 +68,7 @@ impl Engine {
                 flat: &p.flat,
                 window: p.window.clone(),
                 master: &mut p.master,
-                m: &mut p.m,
-                v: &mut p.v,
+                state: p.state.iter_mut().map(Vec::as_mut_slice).collect(),
             })
             .collect())
     }

@@ -13,11 +13,11 @@ use super::error::EngineError;
 use super::grads::BlockGrads;
 use super::memory::MemoryReport;
 use super::model::Model;
-use super::params::{init_values, BlockParams, Gather};
+use super::params::{init_values, BlockParams, Gather, OptimizerSetup};
 use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::profile::{self, Kind};
-use crate::optim::{clip_coefficient, sum_squares, AdamW};
+use crate::optim::{clip_coefficient, sum_squares, Hyper, Optimizer, ParamGroups};
 use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision, ScalerState};
 use crate::shard::{GradReduction, Strategy};
 use candle_core::{DType, Device, Tensor};
@@ -32,7 +32,10 @@ pub struct EngineConfig {
     pub checkpointing: bool,
     /// Maximum global gradient norm; 0 disables clipping.
     pub grad_clip: f64,
-    pub optimizer: AdamW,
+    /// The optimizer (AdamW, SGD or a user's own elementwise one).
+    pub optimizer: Arc<dyn Optimizer>,
+    /// Weight decay and learning-rate scale per parameter (default: decay where the spec says so).
+    pub param_groups: ParamGroups,
     /// Seed of the parameter initialisation.
     pub seed: u64,
     pub strategy: Strategy,
@@ -48,11 +51,12 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     /// fp32, stage 0, no loss scaling.
-    pub fn fp32(checkpointing: bool, grad_clip: f64, optimizer: AdamW, seed: u64) -> Self {
+    pub fn fp32(checkpointing: bool, grad_clip: f64, optimizer: impl Optimizer + 'static, seed: u64) -> Self {
         Self {
             checkpointing,
             grad_clip,
-            optimizer,
+            optimizer: Arc::new(optimizer),
+            param_groups: ParamGroups::default(),
             seed,
             strategy: Strategy::new(crate::config::ZeroStage::Zero),
             precision: Precision::Fp32,
@@ -112,6 +116,13 @@ impl Engine {
     pub fn new(model: Model, comm: Arc<dyn Communicator>, cfg: EngineConfig) -> Result<Self, EngineError> {
         let (rank, world) = (comm.rank(), comm.world_size());
         let dtype = cfg.precision.compute_dtype();
+        if cfg.device.is_cuda() && cfg.optimizer.as_adamw().is_none() {
+            return Err(EngineError::Unsupported(format!(
+                "the {} optimizer runs on the CPU only so far: use AdamW with a CUDA device, or train.device = \"cpu\"",
+                cfg.optimizer.name()
+            )));
+        }
+        let setup = OptimizerSetup { num_states: cfg.optimizer.state_names().len(), weight_decay: cfg.optimizer.weight_decay(), groups: &cfg.param_groups };
         let mut params = Vec::with_capacity(model.num_blocks());
         let mut grads = Vec::with_capacity(model.num_blocks());
         // Drawing the initial values is most of the start-up (1.5B normal samples: a minute on one core):
@@ -121,7 +132,7 @@ impl Engine {
         for chunk in blocks.chunks(rayon::current_num_threads().max(1)) {
             let values: Vec<Vec<f32>> = chunk.par_iter().map(|&i| init_values(&model, i, world, cfg.seed)).collect();
             for (&i, full) in chunk.iter().zip(values) {
-                let p = BlockParams::from_full(&model, i, full, cfg.strategy, rank, world, dtype, &cfg.device)?;
+                let p = BlockParams::from_full(&model, i, full, cfg.strategy, rank, world, dtype, &cfg.device, &setup)?;
                 grads.push(BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction(), &cfg.device)?);
                 params.push(p);
             }
@@ -175,7 +186,7 @@ impl Engine {
             params: self.params.iter().map(BlockParams::param_bytes).sum(),
             grads: self.grads.iter().map(BlockGrads::persistent_bytes).sum(),
             master: self.params.iter().map(|p| p.window.len() * 4).sum(),
-            moments: self.params.iter().map(|p| p.window.len() * 2 * 4).sum(),
+            moments: self.params.iter().map(|p| p.window.len() * self.cfg.optimizer.state_names().len() * 4).sum(),
             gathered_peak: self.gathered_peak,
         }
     }
@@ -243,7 +254,8 @@ impl Engine {
         let scale = loss_scale.unwrap_or(1.0);
         let grad_norm = profile::scoped_as(Kind::Optimizer, "grad_norm", || self.grad_norm_scaled())? / scale;
         let factor = (clip_coefficient(grad_norm, self.cfg.grad_clip) / scale) as f32;
-        let opt = self.cfg.optimizer;
+        let opt = self.cfg.optimizer.clone();
+        let step = self.step;
         let _adamw = profile::span_as(Kind::Optimizer, "adamw");
         if on_device {
             self.device_update(factor, lr)?;
@@ -256,8 +268,10 @@ impl Engine {
                 }
                 for (j, part) in p.flat.params_in(window.clone()) {
                     let r = part.start - window.start..part.end - window.start;
-                    let decay = p.flat.specs()[j].decay;
-                    opt.update(&mut p.master[r.clone()], &grads[r.clone()], &mut p.m[r.clone()], &mut p.v[r], lr, self.step, decay);
+                    let s = p.settings[j];
+                    let mut state: Vec<&mut [f32]> = p.state.iter_mut().map(|b| &mut b[r.clone()]).collect();
+                    let hp = Hyper { lr: lr * s.lr_scale, step, weight_decay: s.weight_decay };
+                    opt.update(&mut p.master[r.clone()], &grads[r], &mut state, hp);
                 }
             }
         }

@@ -3,12 +3,18 @@
 //! Elementwise means the result for an element does not depend on how a buffer is split, so any
 //! shard of a FlatParam can be updated on its own and match the unsharded update bit for bit.
 
+use super::optimizer::{Hyper, Optimizer};
+
 /// Hyper-parameters of AdamW (the learning rate comes per step from the schedule).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamW {
+    /// Decay of the first moment, e.g. 0.9.
     pub beta1: f64,
+    /// Decay of the second moment, e.g. 0.95 or 0.999.
     pub beta2: f64,
+    /// Added to the denominator, e.g. 1e-8.
     pub eps: f64,
+    /// Decoupled weight decay of parameters that decay (see `ParamGroups`).
     pub weight_decay: f64,
 }
 
@@ -28,40 +34,74 @@ impl AdamW {
     /// Update `params` in place from `grads`, with first and second moments `m` and `v`, at step `t`
     /// (1-based). Decay applies only when `decay` is true (weights, not biases or norms).
     pub fn update(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], lr: f64, t: u64, decay: bool) {
+        self.update_decayed(params, grads, m, v, lr, t, if decay { self.weight_decay } else { 0.0 });
+    }
+
+    /// [`AdamW::update`] with the weight decay given (a parameter group's), 0 for none.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_decayed(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], lr: f64, t: u64, weight_decay: f64) {
         debug_assert!(params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len());
         use rayon::prelude::*;
         // Elementwise, so any split gives the same bits: chunks run on all cores.
         const CHUNK: usize = 1 << 16;
+        let c = self.coefficients_decayed(lr, t, weight_decay);
         params
             .par_chunks_mut(CHUNK)
             .zip(grads.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
-            .for_each(|(((p, g), m), v)| self.update_serial(p, g, m, v, lr, t, decay));
+            .for_each(|(((p, g), m), v)| update_serial(c, p, g, m, v));
     }
 
     /// The f32 constants of the update at step `t` (computed in f64 on the host, then rounded): the
     /// CPU loop and the CUDA kernel both use exactly these.
     pub fn coefficients(&self, lr: f64, t: u64, decay: bool) -> AdamWCoefficients {
+        self.coefficients_decayed(lr, t, if decay { self.weight_decay } else { 0.0 })
+    }
+
+    /// [`AdamW::coefficients`] with the weight decay given, 0 for none.
+    pub fn coefficients_decayed(&self, lr: f64, t: u64, weight_decay: f64) -> AdamWCoefficients {
         let t = t.max(1) as i32;
         let (b1, b2) = (self.beta1 as f32, self.beta2 as f32);
         let bias1 = (1.0 - self.beta1.powi(t)) as f32;
         let bias2_sqrt = (1.0 - self.beta2.powi(t)).sqrt() as f32;
         let step = (lr / f64::from(bias1)) as f32;
         let eps = self.eps as f32;
-        let shrink = if decay { (1.0 - lr * self.weight_decay) as f32 } else { 1.0 };
+        let shrink = if weight_decay != 0.0 { (1.0 - lr * weight_decay) as f32 } else { 1.0 };
         AdamWCoefficients { b1, b2, bias2_sqrt, step, eps, shrink }
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn update_serial(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], lr: f64, t: u64, decay: bool) {
-        let AdamWCoefficients { b1, b2, bias2_sqrt, step, eps, shrink } = self.coefficients(lr, t, decay);
-        for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
-            *m = b1 * *m + (1.0 - b1) * g;
-            *v = b2 * *v + (1.0 - b2) * g * g;
-            let denom = v.sqrt() / bias2_sqrt + eps;
-            *p = *p * shrink - step * *m / denom;
-        }
+fn update_serial(c: AdamWCoefficients, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32]) {
+    let AdamWCoefficients { b1, b2, bias2_sqrt, step, eps, shrink } = c;
+    for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
+        *m = b1 * *m + (1.0 - b1) * g;
+        *v = b2 * *v + (1.0 - b2) * g * g;
+        let denom = v.sqrt() / bias2_sqrt + eps;
+        *p = *p * shrink - step * *m / denom;
+    }
+}
+
+impl Optimizer for AdamW {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn state_names(&self) -> &'static [&'static str] {
+        &["exp_avg", "exp_avg_sq"]
+    }
+
+    fn weight_decay(&self) -> f64 {
+        self.weight_decay
+    }
+
+    fn update(&self, params: &mut [f32], grads: &[f32], state: &mut [&mut [f32]], hp: Hyper) {
+        let [m, v] = state else { unreachable!("the engine allocates AdamW's two state buffers") };
+        self.update_decayed(params, grads, m, v, hp.lr, hp.step, hp.weight_decay);
+    }
+
+    fn as_adamw(&self) -> Option<&AdamW> {
+        Some(self)
     }
 }
 

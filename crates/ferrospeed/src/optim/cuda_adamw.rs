@@ -38,7 +38,7 @@ fn ptx() -> Result<&'static str> {
 
 /// One AdamW step on the device: `master`, `m`, `v` updated in place from `grad · factor` (all of
 /// one length), and the new weights rounded into elements `out_range` of the contiguous tensor `out`
-/// (f32, bf16 or f16; e.g. the parameter's own variable). `decay` as in [`AdamW::update`].
+/// (f32, bf16 or f16; e.g. the parameter's own variable). `weight_decay` as in [`AdamW::update_decayed`].
 #[allow(clippy::too_many_arguments)]
 pub fn adamw_update(
     opt: &AdamW,
@@ -51,7 +51,7 @@ pub fn adamw_update(
     out_range: Range<usize>,
     lr: f64,
     t: u64,
-    decay: bool,
+    weight_decay: f64,
 ) -> Result<()> {
     let n = master.len();
     if m.len() != n || v.len() != n || grad.len() != n || out_range.len() != n {
@@ -66,7 +66,7 @@ pub fn adamw_update(
     if n == 0 {
         return Ok(());
     }
-    let c = opt.coefficients(lr, t, decay);
+    let c = opt.coefficients_decayed(lr, t, weight_decay);
     fn run<T: CudaDType + DeviceRepr>(
         st: (&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>, &CudaView<'_, f32>),
         factor: f32,

@@ -6,6 +6,8 @@ mod clip;
 mod cuda_adamw;
 #[cfg(feature = "cuda")]
 mod cuda_norm;
+mod groups;
+mod optimizer;
 mod schedule;
 
 pub use adamw::{AdamW, AdamWCoefficients};
@@ -14,4 +16,6 @@ pub use clip::{clip_coefficient, sum_squares};
 pub use cuda_adamw::{adamw_update, cast_into};
 #[cfg(feature = "cuda")]
 pub use cuda_norm::{any_nonfinite, sum_squares_segments};
+pub use groups::{glob, GroupSettings, ParamGroup, ParamGroups};
+pub use optimizer::{Hyper, Optimizer, Sgd};
 pub use schedule::LrSchedule;
