@@ -6,17 +6,13 @@ use crate::usage::usage_error;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
 use clap::Args;
-use ferrospeed::comm::TcpCommunicator;
-use ferrospeed::config::{DeviceChoice, Precision, ZeroStage};
-use ferrospeed::engine::{Batch, Engine, EngineConfig, StepTimes};
-use ferrospeed::optim::AdamW;
-use ferrospeed::precision::LossScalerConfig;
+use ferrospeed::accelerator::{Accelerator, Options, PrepareOptions};
+use ferrospeed::config::{Config, DeviceChoice, Precision, ZeroStage};
+use ferrospeed::engine::{Batch, Engine, StepTimes};
 use ferrospeed::rng::Rng;
-use ferrospeed::shard::Strategy;
-use ferrospeed::{CommConfig, Communicator, WorldInfo};
+use ferrospeed::WorldInfo;
 use ferrospeed_models::{Gpt, GptConfig};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
@@ -65,28 +61,29 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let stage = ZeroStage::from_int(args.stage).ok_or_else(|| usage_error("--stage: use 0, 1, 2 or 3"))?;
     let choice = DeviceChoice::from_name(&args.device).ok_or_else(|| usage_error("--device: use auto, cpu or cuda"))?;
     let world = WorldInfo::from_env()?;
-    let device = ferrospeed::device::select(choice, world.local_rank).map_err(usage_error)?;
-    let comm = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?).context("forming the process group")?);
+    // The anchors' settings, as a config: AdamW (0.9, 0.95, 1e-8, decay 0.1), clipping at 1, a constant
+    // learning rate of 1e-4, seed 0, one micro-batch per rank per step.
+    let toml = format!(
+        "[train]\nsteps = {steps}\nglobal_batch = {global}\nmicro_batch = {micro}\nlr = 1e-4\nmin_lr = 1e-4\nwarmup = 0\nweight_decay = 0.1\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\ngrad_clip = 1.0\nseed = 0\nprecision = \"{precision}\"\nactivation_checkpointing = {ckpt}\ndevice = \"{device}\"\nloss_scale_initial = 65536.0\nloss_scale_growth_interval = 2000\n\n[zero]\nstage = {stage}\n",
+        steps = args.warmup + args.steps + 1,
+        global = args.micro_batch * world.world_size,
+        micro = args.micro_batch,
+        precision = precision.name(),
+        ckpt = args.checkpointing,
+        device = choice.name(),
+        stage = stage.as_int(),
+    );
+    let cfg = Config::from_toml_str_for_program(&toml, "bench-train", &[]).map_err(|e| usage_error(e.to_string()))?;
+    let mut acc = Accelerator::new(&cfg, Options { run_name: "bench".into(), track: false }).map_err(crate::train::accel_error)?;
+    let device = acc.device().clone();
     let vocab = 50304;
     let gpt = Gpt::new(GptConfig { n_layer, n_head, d_model, seq_len: args.seq_len, vocab_size: vocab });
-    let cfg = EngineConfig {
-        checkpointing: args.checkpointing,
-        grad_clip: 1.0,
-        optimizer: Arc::new(AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 }),
-        param_groups: Default::default(),
-        seed: 0,
-        strategy: Strategy::new(stage),
-        precision,
-        reduce_dtype: candle_core::DType::F32,
-        loss_scaler: (precision == Precision::Fp16)
-            .then_some(LossScalerConfig { initial: 65536.0, growth_interval: 2000, backoff: 0.5, min: 1.0 }),
-        device: device.clone(),
-    };
     let t_init = Instant::now();
-    let mut engine = Engine::new(gpt.model()?, comm.clone(), cfg)?;
+    let optimizer = acc.optimizer_from_config();
+    let mut engine = acc.prepare(gpt.model()?, optimizer, PrepareOptions::default()).map_err(crate::train::accel_error)?;
     let init_s = t_init.elapsed().as_secs_f64();
     let params = engine.model().num_params();
-    let mut rng = Rng::derive(0, &format!("bench/{}", comm.rank()));
+    let mut rng = Rng::derive(0, &format!("bench/{}", acc.rank()));
     let n = args.micro_batch * args.seq_len;
     let mut random = |len: usize| -> Result<Tensor> {
         let v: Vec<u32> = (0..len).map(|_| rng.below(vocab as u64) as u32).collect();
@@ -99,7 +96,8 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     for i in 0..args.warmup + args.steps {
         device.synchronize()?;
         let t0 = Instant::now();
-        let stats = engine.train_step(std::slice::from_ref(&batch), 1e-4)?;
+        engine.forward_backward(&batch)?;
+        let stats = engine.step()?.context("one micro-batch per step")?;
         device.synchronize()?;
         if i >= args.warmup {
             step_secs.push(t0.elapsed().as_secs_f64());
@@ -109,19 +107,19 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     }
     step_secs.sort_by(f64::total_cmp);
     let dt = step_secs[step_secs.len() / 2];
-    let tokens = (n * comm.world_size()) as f64;
+    let tokens = (n * acc.world_size()) as f64;
     let tok_s = tokens / dt;
     let flops_per_token = 6.0 * params as f64 + 12.0 * (n_layer * d_model * args.seq_len) as f64;
     let mean = |f: fn(&StepTimes) -> f64| phases.iter().map(f).sum::<f64>() / phases.len().max(1) as f64 * 1e3;
     let profile = if args.profile { Some(profile_step(&mut engine, &batch, &device)?) } else { None };
-    if comm.rank() == 0 {
+    if acc.is_main_process() {
         let line = serde_json::json!({
             "engine": "ferrospeed",
             "model": args.model,
             "params": params,
             "B": args.micro_batch,
             "T": args.seq_len,
-            "world": comm.world_size(),
+            "world": acc.world_size(),
             "stage": args.stage,
             "precision": args.precision,
             "device": format!("{device:?}").split('(').next().unwrap_or("").to_lowercase(),
@@ -152,7 +150,7 @@ fn profile_step(engine: &mut Engine, batch: &Batch, device: &candle_core::Device
     use ferrospeed::profile::{self, Kind};
     device.synchronize()?;
     profile::start(device);
-    let step = engine.train_step(std::slice::from_ref(batch), 1e-4);
+    let step = engine.forward_backward(batch).and_then(|_| engine.step());
     device.synchronize()?;
     let b = profile::finish().map_err(|e| anyhow::anyhow!("profiling the step: {e}"))?;
     step?;

@@ -5,7 +5,8 @@ use crate::usage::usage_error;
 use anyhow::Result;
 use clap::Subcommand;
 use ferrospeed::checkpoint::{self, Meta};
-use ferrospeed_models::gpt::hf_name;
+use ferrospeed::accelerator::ParamNames;
+use ferrospeed_models::gpt::HF_NAMES;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -23,6 +24,18 @@ pub enum CheckpointCommand {
     Export { path: PathBuf, out: PathBuf },
 }
 
+/// The names a checkpoint's parameters are exported under: the ones its run recorded (`param_names`);
+/// checkpoints from before that record are the built-in GPT's, with HuggingFace GPT-2 names.
+fn export_names(meta: &checkpoint::Meta) -> fn(&str, &str) -> String {
+    let tag = meta.run.get("param_names").and_then(|t| t.as_str());
+    let gpt = meta.run.get("model").and_then(|m| m.get("kind")).and_then(|k| k.as_str()) == Some("gpt");
+    match tag {
+        Some(t) if t == HF_NAMES.tag => HF_NAMES.map,
+        None if gpt => HF_NAMES.map,
+        _ => ParamNames::BLOCK.map,
+    }
+}
+
 pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
     match cmd {
         CheckpointCommand::Inspect { path, verify } => {
@@ -36,7 +49,8 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
         CheckpointCommand::Export { path, out } => {
             let dir = checkpoint::resolve(&path).map_err(|e| usage_error(e.to_string()))?;
             let t0 = Instant::now();
-            let stats = checkpoint::export(&dir, &out, &hf_name)?;
+            let names = export_names(&checkpoint::read_meta(&dir)?);
+            let stats = checkpoint::export(&dir, &out, &names)?;
             println!(
                 "exported {} tensors ({:.1} MB) to {} in {:.1} s; largest block in memory {:.1} MB; peak memory {:.1} MB",
                 stats.tensors,

@@ -1,30 +1,26 @@
-//! `ferrospeed train --config FILE [--set key=value …]`: the built-in trainer for the GPT family.
+//! `ferrospeed train --config FILE [--set key=value …]`: the built-in trainer for the GPT family, a
+//! program on the library's `Accelerator` like any user's (no private path into the engine).
 //!
-//! Order matters for "bad input loses nothing": the config, the batch arithmetic and the data are
-//! checked before anything is written; the run directory is created by rank 0 only after the group
-//! formed, and every rank learns whether that worked, so all ranks exit together.
+//! Order matters for "bad input loses nothing": the config and the data are checked before anything
+//! is written; the `Accelerator` checks the batch arithmetic, forms the group, and only then has rank 0
+//! claim the run directory, telling every rank whether that worked, so all ranks exit together.
 
 use crate::usage::usage_error;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use ferrospeed::checkpoint::{self, SaveRequest};
-use ferrospeed::comm::TcpCommunicator;
-use ferrospeed::config::{Config, Offload, Precision, ReduceDtype};
-use ferrospeed::engine::{Batch, Engine, EngineConfig};
-use ferrospeed::optim::{AdamW, LrSchedule};
-use ferrospeed::precision::LossScalerConfig;
-use ferrospeed::shard::Strategy;
+use ferrospeed::accelerator::{AccelError, Accelerator, Options, PrepareOptions};
+use ferrospeed::config::{Config, Offload};
+use ferrospeed::engine::Engine;
 use ferrospeed::rng::Rng;
-use ferrospeed::track::{fresh_run_dir, Progress, StepMetrics, Tracker};
-use ferrospeed::{CommConfig, CommExt, Communicator, ReduceOp, WorldInfo};
-use ferrospeed_models::data::MicroBatch;
-use ferrospeed_models::gpt::hf_name;
-use ferrospeed_models::{BatchSampler, ByteTokenizer, Gpt, GptConfig, TextCorpus};
-use std::sync::atomic::{AtomicBool, Ordering};
+use ferrospeed::track::{Progress, StepMetrics};
+use ferrospeed::{CommExt, ReduceOp};
+use ferrospeed_models::gpt::HF_NAMES;
+use ferrospeed_models::{ByteTokenizer, Gpt, GptConfig, TextCorpus, TextWindows};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,33 +37,10 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let cfg = Config::load(&args.config, &args.overrides).map_err(|e| usage_error(e.to_string()))?;
     reject_unimplemented(&cfg)?;
-    let world = WorldInfo::from_env().map_err(|e| usage_error(e.to_string()))?;
-    let accumulation = cfg.accumulation_steps(world.world_size).map_err(|e| usage_error(e.to_string()))?;
     let corpus = TextCorpus::load(&cfg.data.path).map_err(|e| usage_error(e.to_string()))?;
     corpus.check_window(cfg.model.seq_len).map_err(|e| usage_error(e.to_string()))?;
-    let track_dir = match &cfg.track.dir {
-        Some(d) => d.clone(),
-        None => fresh_run_dir(Path::new("runs"), &config_stem(&args.config)),
-    };
-
-    let device = ferrospeed::device::select(cfg.train.device, world.local_rank).map_err(usage_error)?;
-    let comm = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?).context("forming the process group")?);
-    let (rank, world_size) = (comm.rank(), comm.world_size());
-    // Rank 0 creates the run directory; a refusal (an earlier run is there) ends every rank the same way.
-    let mut tracker = None;
-    let mut refusal = None;
-    if rank == 0 {
-        let config_json = serde_json::to_value(&cfg).context("serialising the config")?;
-        match Tracker::create(&track_dir, cfg.track.tensorboard, &config_json) {
-            Ok(t) => tracker = Some(t),
-            Err(e) => refusal = Some(e.to_string()),
-        }
-    }
-    let mut refused = [if refusal.is_some() { 1f32 } else { 0.0 }];
-    comm.all_reduce_slice(&mut refused, ReduceOp::Max)?;
-    if refused[0] > 0.0 {
-        return Err(usage_error(refusal.unwrap_or_else(|| "rank 0 could not create the run directory".into())));
-    }
+    let mut acc = Accelerator::new(&cfg, Options { run_name: config_stem(&args.config), track: true }).map_err(accel_error)?;
+    let (rank, world_size, device) = (acc.rank(), acc.world_size(), acc.device().clone());
 
     let gpt = Gpt::new(GptConfig {
         n_layer: cfg.model.n_layer,
@@ -76,59 +49,22 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         seq_len: cfg.model.seq_len,
         vocab_size: ByteTokenizer::VOCAB_SIZE,
     });
-    let t = &cfg.train;
-    let engine_cfg = EngineConfig {
-        checkpointing: t.activation_checkpointing,
-        grad_clip: t.grad_clip,
-        optimizer: Arc::new(AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay }),
-        param_groups: Default::default(),
-        seed: t.seed,
-        strategy: Strategy::new(cfg.zero.stage),
-        precision: t.precision,
-        reduce_dtype: match t.grad_reduce_dtype {
-            ReduceDtype::Fp32 => candle_core::DType::F32,
-            ReduceDtype::Compute => t.precision.compute_dtype(),
-        },
-        loss_scaler: (t.precision == Precision::Fp16).then_some(LossScalerConfig {
-            initial: t.loss_scale_initial,
-            growth_interval: t.loss_scale_growth_interval as u64,
-            backoff: t.loss_scale_backoff,
-            min: t.loss_scale_min,
-        }),
-        device: device.clone(),
-    };
-    let mut engine = Engine::new(gpt.model()?, comm.clone(), engine_cfg)?;
-    if let Some(path) = &cfg.model.init_from {
-        checkpoint::load_consolidated(&mut engine, path, &hf_name)
-            .map_err(|e| usage_error(format!("model.init_from: {e}")))?;
-    }
-    let ckpt_dir = cfg.checkpoint.dir.clone();
-    if let (Some(dir), true) = (&ckpt_dir, cfg.checkpoint.resume) {
-        if let Some(found) = checkpoint::latest(dir)? {
-            let meta = checkpoint::load_into(&mut engine, &found).with_context(|| format!("resuming from {}", found.display()))?;
-            if rank == 0 {
-                println!(
-                    "resumed from {} at step {} (saved by {} rank(s) at ZeRO stage {})",
-                    found.display(),
-                    meta.step,
-                    meta.world_size,
-                    meta.zero_stage
-                );
-            }
-        }
+    let optimizer = acc.optimizer_from_config();
+    let mut engine = acc.prepare(gpt.model()?, optimizer, PrepareOptions { names: HF_NAMES, ..PrepareOptions::default() }).map_err(accel_error)?;
+    if let (Some(r), true) = (acc.resumed(), acc.is_main_process()) {
+        println!(
+            "resumed from {} at step {} (saved by {} rank(s) at ZeRO stage {})",
+            r.path.display(),
+            r.meta.step,
+            r.meta.world_size,
+            r.meta.zero_stage
+        );
     }
     let start_step = engine.steps_done() as usize;
     let interrupted = watch_interrupts()?;
-    let run_json = serde_json::to_value(&cfg).context("serialising the config")?;
-    let sampler = BatchSampler {
-        seed: t.seed,
-        seq_len: cfg.model.seq_len,
-        micro_batch: t.micro_batch,
-        accumulation,
-        world_size,
-        rank,
-    };
-    let schedule = LrSchedule { lr: t.lr, min_lr: t.min_lr, warmup: t.warmup, total: t.steps };
+    let windows = TextWindows { corpus: &corpus, seq_len: cfg.model.seq_len };
+    let data = acc.data(&windows).map_err(accel_error)?;
+    let t = &cfg.train;
     let tokens_per_step = (t.global_batch * cfg.model.seq_len) as u64;
     if rank == 0 {
         println!(
@@ -142,9 +78,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             t.global_batch,
             t.micro_batch,
             world_size,
-            accumulation,
+            acc.accumulation(),
             t.steps,
-            track_dir.display()
+            acc.track_dir().display()
         );
     }
 
@@ -156,47 +92,46 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let mut stopped_at = None;
     for step in start_step..t.steps {
         let t0 = Instant::now();
-        let batches = to_batches(sampler.micro_batches(&corpus, step as u64), t.micro_batch, cfg.model.seq_len, &device)?;
-        let lr = schedule.at(step);
-        let stats = engine.train_step(&batches, lr)?;
+        for batch in data.micro_batches(step as u64).map_err(|e| accel_error(e.into()))? {
+            engine.forward_backward(&batch)?;
+        }
+        let stats = engine.step()?.context("the step's micro-batches did not complete an optimizer step")?;
         if !stats.skipped && !stats.loss.is_finite() {
             anyhow::bail!("the loss became {} at step {}; lower train.lr or raise train.warmup", stats.loss, step + 1);
         }
         let secs = t0.elapsed().as_secs_f64();
         first_loss.get_or_insert(stats.loss);
         last_loss = stats.loss;
-        if let (Some(tracker), Some(progress)) = (tracker.as_mut(), progress.as_mut()) {
-            let m = StepMetrics {
-                step: step as u64 + 1,
-                loss: stats.loss,
-                lr,
-                grad_norm: stats.grad_norm,
-                tokens: tokens_per_step * (step as u64 + 1),
-                tokens_per_s: tokens_per_step as f64 / secs,
-                mfu: None,
-                step_ms: secs * 1e3,
-                peak_mem_bytes: peak_rss_bytes(),
-                loss_scale: stats.loss_scale,
-                extra: step_extras(&engine, step, stats.skipped, &device),
-            };
-            tracker.log(&m)?;
+        let m = StepMetrics {
+            step: step as u64 + 1,
+            loss: stats.loss,
+            lr: stats.lr,
+            grad_norm: stats.grad_norm,
+            tokens: tokens_per_step * (step as u64 + 1),
+            tokens_per_s: tokens_per_step as f64 / secs,
+            mfu: None,
+            step_ms: secs * 1e3,
+            peak_mem_bytes: peak_rss_bytes(),
+            loss_scale: stats.loss_scale,
+            extra: step_extras(&engine, step, stats.skipped, &device),
+        };
+        acc.log(&m)?;
+        if let Some(progress) = progress.as_mut() {
             progress.update(&m);
         }
         // Ranks agree on stopping, so that all of them save (a collective) at the same step.
         let stop = any_rank(&engine, interrupted.load(Ordering::SeqCst))?;
         let done = step + 1;
-        let periodic = cfg.checkpoint.every > 0 && done % cfg.checkpoint.every == 0;
-        if let Some(dir) = &ckpt_dir {
-            if periodic || (stop && cfg.checkpoint.save_on_interrupt) {
-                save_checkpoint(&mut engine, dir, &cfg, &run_json, rank)?;
-                last_saved = Some(done);
-            }
+        if acc.checkpoint_due(done as u64) || (stop && cfg.checkpoint.save_on_interrupt && cfg.checkpoint.dir.is_some()) {
+            save_checkpoint(&acc, &mut engine)?;
+            last_saved = Some(done);
         }
         if stop {
             stopped_at = Some(done);
             break;
         }
     }
+    let ckpt_dir = cfg.checkpoint.dir.clone();
     if let Some(step) = stopped_at {
         if rank == 0 {
             match (&ckpt_dir, last_saved == Some(step)) {
@@ -206,10 +141,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::from(130));
     }
-    if let Some(dir) = &ckpt_dir {
-        if last_saved != Some(t.steps) && start_step < t.steps {
-            save_checkpoint(&mut engine, dir, &cfg, &run_json, rank)?;
-        }
+    if ckpt_dir.is_some() && last_saved != Some(t.steps) && start_step < t.steps {
+        save_checkpoint(&acc, &mut engine)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
     // Every rank's peak resident memory, for the summary (MB as f32 is exact enough).
@@ -222,7 +155,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
 
     // With sharded parameters, gathering them for the sample is a collective: every rank takes part.
     let sample_params = if t.sample_tokens > 0 { Some(engine.slot_tensors()?) } else { None };
-    if let (Some(tracker), Some(progress)) = (tracker, progress) {
+    if let Some(progress) = progress {
         let first = first_loss.unwrap_or(f64::NAN);
         let tok_s = (tokens_per_step * (t.steps - start_step.min(t.steps)) as u64) as f64 / elapsed;
         let sample = match &sample_params {
@@ -234,12 +167,13 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             "done: {} steps in {elapsed:.1} s, loss {first:.4} → {last_loss:.4}, {tok_s:.0} tokens/s, peak memory per rank {} MB; outputs in {}",
             t.steps,
             peak_text.join("/"),
-            tracker.dir().display()
+            acc.track_dir().display()
         ));
         if !sample.is_empty() {
             println!("sample:\n{sample}");
         }
-        tracker.finish(&serde_json::json!({
+        let memory = engine.memory();
+        acc.finish(&serde_json::json!({
             "steps": t.steps,
             "world_size": world_size,
             "seconds": elapsed,
@@ -247,11 +181,20 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             "final_loss": last_loss,
             "tokens_per_s": tok_s,
             "sample": sample,
-            "memory": engine.memory(),
+            "memory": memory,
             "peak_rss_bytes": peak_bytes,
         }))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An `Accelerator` error: bad input exits with 2 (nothing started), the rest as failures.
+pub fn accel_error(e: AccelError) -> anyhow::Error {
+    if e.is_usage() {
+        usage_error(e.to_string())
+    } else {
+        e.into()
+    }
 }
 
 /// SIGINT/SIGTERM set a flag checked at step boundaries; a second signal exits at once (code 130).
@@ -272,16 +215,10 @@ fn any_rank(engine: &Engine, local: bool) -> Result<bool> {
     })??)
 }
 
-fn save_checkpoint(engine: &mut Engine, dir: &Path, cfg: &Config, run: &serde_json::Value, rank: usize) -> Result<()> {
+fn save_checkpoint(acc: &Accelerator, engine: &mut Engine) -> Result<()> {
     let t0 = Instant::now();
-    let req = SaveRequest {
-        root: dir,
-        samples: engine.steps_done() * cfg.train.global_batch as u64,
-        keep: cfg.checkpoint.keep,
-        run: run.clone(),
-    };
-    let saved = checkpoint::save(engine, &req).with_context(|| format!("saving a checkpoint in {}", dir.display()))?;
-    if rank == 0 {
+    let saved = acc.save_checkpoint(engine).context("saving a checkpoint")?;
+    if acc.is_main_process() {
         tracing::info!("saved {} in {:.2} s", saved.display(), t0.elapsed().as_secs_f64());
     }
     Ok(())
@@ -299,17 +236,6 @@ fn reject_unimplemented(cfg: &Config) -> Result<()> {
 fn config_stem(path: &Path) -> String {
     path.file_stem().map_or_else(|| "run".into(), |s| s.to_string_lossy().into_owned())
 }
-
-fn to_batches(micro_batches: Vec<MicroBatch>, micro: usize, seq_len: usize, device: &Device) -> Result<Vec<Batch>> {
-    micro_batches
-        .into_iter()
-        .map(|mb| {
-            Ok(Batch::tokens(Tensor::from_vec(mb.tokens, (micro, seq_len), device)?, Tensor::from_vec(mb.targets, (micro, seq_len), device)?))
-        })
-        .collect()
-}
-
-
 
 /// Per-step extras in metrics.jsonl: skipped fp16 steps, and the memory accounting at step 1.
 fn step_extras(engine: &Engine, step: usize, skipped: bool, device: &Device) -> std::collections::BTreeMap<String, serde_json::Value> {

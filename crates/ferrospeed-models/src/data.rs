@@ -4,7 +4,9 @@
 //! Rank `r` takes, for micro-batch `k`, the samples `(k·W + r)·m .. (k·W + r + 1)·m` (W ranks,
 //! micro-batch m): disjoint across ranks, and together always the same global batch, whatever W.
 
-use ferrospeed::rng::Rng;
+use candle_core::{Device, Tensor};
+use ferrospeed::data::{Dataset, Sampler, Sampling};
+use ferrospeed::engine::Batch;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +73,62 @@ impl TextCorpus {
     }
 }
 
-/// Which samples a rank trains on at each step.
+/// The training windows of a corpus as a [`Dataset`]: sample `i` is `seq_len` tokens from byte `i`,
+/// with the next `seq_len` as targets (`tokens` and `targets`, u32). Windows are drawn with
+/// replacement, each from `(seed, step, position)`, as language-model pretraining does.
+#[derive(Debug, Clone, Copy)]
+pub struct TextWindows<'a> {
+    pub corpus: &'a TextCorpus,
+    pub seq_len: usize,
+}
+
+impl TextWindows<'_> {
+    /// The `seq_len + 1` bytes of window `i`.
+    fn window(&self, i: usize) -> &[u8] {
+        &self.corpus.bytes()[i..i + self.seq_len + 1]
+    }
+
+    /// The micro-batch of windows `indices` as flat token and target vectors, row-major.
+    pub fn micro_batch(&self, indices: &[usize]) -> MicroBatch {
+        let mut mb = MicroBatch { tokens: Vec::with_capacity(indices.len() * self.seq_len), targets: Vec::with_capacity(indices.len() * self.seq_len) };
+        for &i in indices {
+            let window = self.window(i);
+            mb.tokens.extend(window[..self.seq_len].iter().map(|&b| u32::from(b)));
+            mb.targets.extend(window[1..].iter().map(|&b| u32::from(b)));
+        }
+        mb
+    }
+}
+
+impl Dataset for TextWindows<'_> {
+    fn len(&self) -> usize {
+        // Number of valid start offsets (windows of seq_len + 1).
+        self.corpus.len().saturating_sub(self.seq_len)
+    }
+
+    fn get(&self, index: usize) -> Result<Batch, ferrospeed::data::DataError> {
+        self.collate(&[index]).and_then(|b| {
+            let squeeze = |name: &str| b.get(name).and_then(|t| t.squeeze(0));
+            let err = |e: candle_core::Error| ferrospeed::data::DataError::Sample { index, reason: e.to_string() };
+            Ok(Batch::tokens(squeeze("tokens").map_err(err)?, squeeze("targets").map_err(err)?))
+        })
+    }
+
+    fn collate(&self, indices: &[usize]) -> Result<Batch, ferrospeed::data::DataError> {
+        let mb = self.micro_batch(indices);
+        let shape = (indices.len(), self.seq_len);
+        let err = |e: candle_core::Error| ferrospeed::data::DataError::Sample { index: indices.first().copied().unwrap_or(0), reason: e.to_string() };
+        let tokens = Tensor::from_vec(mb.tokens, shape, &Device::Cpu).map_err(err)?;
+        let targets = Tensor::from_vec(mb.targets, shape, &Device::Cpu).map_err(err)?;
+        Ok(Batch::tokens(tokens, targets))
+    }
+
+    fn sampling(&self) -> Sampling {
+        Sampling::WithReplacement
+    }
+}
+
+/// Which windows a rank trains on at each step: [`ferrospeed::data::Sampler`] over [`TextWindows`].
 #[derive(Debug, Clone, Copy)]
 pub struct BatchSampler {
     pub seed: u64,
@@ -90,33 +147,14 @@ pub struct MicroBatch {
 }
 
 impl BatchSampler {
-    /// Global sample indices of micro-batch `k` of this rank.
-    pub fn sample_indices(&self, k: usize) -> std::ops::Range<usize> {
-        let start = (k * self.world_size + self.rank) * self.micro_batch;
-        start..start + self.micro_batch
-    }
-
     /// The micro-batches of this rank for optimizer step `step`. The corpus must hold one window.
     pub fn micro_batches(&self, corpus: &TextCorpus, step: u64) -> Vec<MicroBatch> {
-        (0..self.accumulation)
-            .map(|k| {
-                let mut mb = MicroBatch { tokens: Vec::new(), targets: Vec::new() };
-                for g in self.sample_indices(k) {
-                    let window = self.window(corpus, step, g);
-                    mb.tokens.extend(window[..self.seq_len].iter().map(|&b| u32::from(b)));
-                    mb.targets.extend(window[1..].iter().map(|&b| u32::from(b)));
-                }
-                mb
-            })
-            .collect()
-    }
-
-    /// The `seq_len + 1` bytes of global sample `g` at `step`.
-    fn window<'a>(&self, corpus: &'a TextCorpus, step: u64, g: usize) -> &'a [u8] {
-        let span = corpus.len() - self.seq_len; // number of valid start offsets (windows of seq_len + 1)
-        let mut rng = Rng::derive(self.seed, &format!("data/{step}/{g}"));
-        let offset = rng.below(span as u64) as usize;
-        &corpus.bytes()[offset..offset + self.seq_len + 1]
+        let windows = TextWindows { corpus, seq_len: self.seq_len };
+        let sampler = Sampler::new(self.seed, Sampling::WithReplacement, self.micro_batch, self.accumulation, self.world_size, self.rank, windows.len());
+        match sampler {
+            Ok(s) => (0..self.accumulation).map(|k| windows.micro_batch(&s.indices(step, k))).collect(),
+            Err(_) => Vec::new(),
+        }
     }
 }
 

@@ -7,6 +7,6 @@ pub mod data;
 pub mod gpt;
 pub mod tokenizer;
 
-pub use data::{BatchSampler, DataError, TextCorpus};
+pub use data::{BatchSampler, DataError, TextCorpus, TextWindows};
 pub use gpt::{GptConfig, Gpt};
 pub use tokenizer::ByteTokenizer;

@@ -3,13 +3,16 @@
 //! The crate is organised by concern (see `ARCHITECTURE.md` at the repository root):
 //! [`comm`] moves bytes between ranks, [`shard`] says which bytes each rank owns.
 
+pub mod accelerator;
 pub mod checkpoint;
 pub mod comm;
 pub mod config;
+pub mod data;
 #[cfg(feature = "cuda")]
 pub mod cuda_kernels;
 pub mod device;
 pub mod engine;
+pub mod nn;
 pub mod optim;
 pub mod precision;
 pub mod profile;

@@ -28,7 +28,7 @@ pub use cross_entropy::fused_cross_entropy;
 pub use embedding::Embedding;
 pub use head::Head;
 pub use layer::Layer;
-pub use names::hf_name;
+pub use names::{hf_name, HF_NAMES};
 
 use ferrospeed::engine::{Block, EngineError, Model};
 

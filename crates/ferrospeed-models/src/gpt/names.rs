@@ -1,6 +1,9 @@
 //! HuggingFace GPT-2 parameter names for export and `init_from` (`transformer.h.0.attn.c_attn.weight` …).
 //! Our linear weights are stored `[in, out]` like HF's Conv1D, so names are the only difference.
 
+/// HuggingFace GPT-2 names for the `Accelerator` (export and `model.init_from`).
+pub const HF_NAMES: ferrospeed::accelerator::ParamNames = ferrospeed::accelerator::ParamNames { tag: "hf-gpt2", map: hf_name };
+
 /// The HuggingFace name of parameter `param` of block `block`.
 pub fn hf_name(block: &str, param: &str) -> String {
     match block {

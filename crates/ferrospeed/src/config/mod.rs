@@ -127,6 +127,16 @@ pub enum ReduceDtype {
 }
 named_enum!(ReduceDtype { Fp32 => "fp32", Compute => "compute" });
 
+/// The optimizer; `train.optimizer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptimizerKind {
+    /// AdamW with `train.beta1`, `beta2`, `eps`, `weight_decay`.
+    AdamW,
+    /// SGD with `train.momentum` and L2 `weight_decay`.
+    Sgd,
+}
+named_enum!(OptimizerKind { AdamW => "adamw", Sgd => "sgd" });
+
 /// Where blocks compute; `train.device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {
@@ -153,6 +163,10 @@ pub struct TrainConfig {
     pub min_lr: f64,
     pub warmup: usize,
     pub weight_decay: f64,
+    /// `"adamw"` (default) or `"sgd"`.
+    pub optimizer: OptimizerKind,
+    /// SGD's momentum (0 = plain SGD).
+    pub momentum: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
@@ -188,6 +202,8 @@ impl Default for TrainConfig {
             min_lr: lr / 10.0,
             warmup: 2,
             weight_decay: 0.1,
+            optimizer: OptimizerKind::AdamW,
+            momentum: 0.9,
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
@@ -312,30 +328,51 @@ impl Default for TrackConfig {
 impl Config {
     /// Parse TOML text (`source` names it in messages), apply `--set key=value` overrides, validate.
     pub fn from_toml_str(text: &str, source: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+        Self::parse_in(text, source, overrides, None)
+    }
+
+    /// As [`Config::from_toml_str`], for a user's own training program: `[model]` and `[data]` (which
+    /// describe the built-in trainer's GPT and text) are optional, and checked only when present.
+    pub fn from_toml_str_for_program(text: &str, source: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+        Self::parse_in(text, source, overrides, Some(()))
+    }
+
+    fn parse_in(text: &str, source: &str, overrides: &[String], program: Option<()>) -> Result<Config, ConfigError> {
         let mut table = parse::parse_toml(text, source)?;
         for arg in overrides {
             parse::apply_override(&mut table, arg)?;
         }
-        parse::check_table(&table, source)?;
+        let scope = match program {
+            None => validate::Scope::ALL,
+            Some(()) => validate::Scope { model: table.contains_key("model"), data: table.contains_key("data") },
+        };
+        parse::check_table(&table, source, scope)?;
         let config = parse::build(&table);
-        config.validate()?;
+        validate::validate(&config, scope)?;
         Ok(config)
+    }
+
+    /// As [`Config::load`], for a user's own program (see [`Config::from_toml_str_for_program`]).
+    pub fn load_for_program(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
+        let text = Self::read(path)?;
+        Self::from_toml_str_for_program(&text, &path.display().to_string(), overrides)
+    }
+
+    fn read(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: path.to_path_buf(), reason: error::one_line(&e.to_string()) })
     }
 
     /// Read the file at `path`, then as [`Config::from_toml_str`]. Relative paths inside the file are kept
     /// as given, i.e. relative to the working directory, not to the file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.to_path_buf(),
-            reason: error::one_line(&e.to_string()),
-        })?;
+        let text = Self::read(path)?;
         Self::from_toml_str(&text, &path.display().to_string(), overrides)
     }
 
     /// Check every value and every relation between values; `from_toml_str` and `load` call this, and
     /// code that builds or edits a `Config` by hand should too.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate::validate(self)
+        validate::validate(self, validate::Scope::ALL)
     }
 
     /// Gradient accumulation steps for `world_size` ranks: `global_batch / (micro_batch × world_size)`.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use super::error::{one_line, render_value, ConfigError};
 use super::schema::{self, Kind, KeySpec, SectionSpec, SECTIONS};
 use super::{
-    CheckpointConfig, Config, DataConfig, DeviceChoice, ModelConfig, ModelKind, Offload, Precision,
+    CheckpointConfig, Config, DataConfig, DeviceChoice, ModelConfig, ModelKind, Offload, OptimizerKind, Precision,
     ReduceDtype, TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
 };
 
@@ -99,7 +99,7 @@ fn not_a_table(section: &str, value: &toml::Value) -> ConfigError {
 
 /// Checks that every section and key is known and has the right type and integer range, and that the
 /// required ones are present. Sections are visited in name order, so the first error is deterministic.
-pub(crate) fn check_table(table: &toml::Table, source_name: &str) -> Result<(), ConfigError> {
+pub(crate) fn check_table(table: &toml::Table, source_name: &str, scope: super::validate::Scope) -> Result<(), ConfigError> {
     for (section_name, value) in table {
         let section = schema::section(section_name).ok_or_else(|| ConfigError::UnknownKey {
             key: one_line(section_name),
@@ -120,6 +120,14 @@ pub(crate) fn check_table(table: &toml::Table, source_name: &str) -> Result<(), 
     }
     for section in SECTIONS {
         let present = table.get(section.name).and_then(toml::Value::as_table);
+        let checked = match section.name {
+            "model" => scope.model,
+            "data" => scope.data,
+            _ => true,
+        };
+        if !checked {
+            continue;
+        }
         if present.is_none() && section.required {
             let keys: Vec<&str> = section.keys.iter().filter(|k| k.required).map(|k| k.name).collect();
             return Err(ConfigError::Missing {
@@ -262,6 +270,8 @@ pub(crate) fn build(table: &toml::Table) -> Config {
             warmup: v.usize("train", "warmup").unwrap_or(train_default.warmup),
             weight_decay: v.f64("train", "weight_decay").unwrap_or(train_default.weight_decay),
             beta1: v.f64("train", "beta1").unwrap_or(train_default.beta1),
+            optimizer: v.str("train", "optimizer").and_then(OptimizerKind::from_name).unwrap_or(train_default.optimizer),
+            momentum: v.f64("train", "momentum").unwrap_or(train_default.momentum),
             beta2: v.f64("train", "beta2").unwrap_or(train_default.beta2),
             eps: v.f64("train", "eps").unwrap_or(train_default.eps),
             grad_clip: v.f64("train", "grad_clip").unwrap_or(train_default.grad_clip),

@@ -3,7 +3,7 @@
 //! The schema is data rather than serde attributes so that an unknown key can be answered with the
 //! closest known one, and a wrong type with what the key expects, in our own words.
 
-use super::{DeviceChoice, ModelKind, Offload, Precision, ReduceDtype, Vocab};
+use super::{DeviceChoice, ModelKind, Offload, OptimizerKind, Precision, ReduceDtype, Vocab};
 
 /// What a key accepts. Integer ranges live here because a negative TOML integer cannot become a
 /// `usize`; ranges of floats and relations between keys are in `validate.rs`.
@@ -98,6 +98,8 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
             key("min_lr", Kind::Number),
             key("warmup", Kind::Count),
             key("weight_decay", Kind::Number),
+            key("optimizer", Kind::Choice(OptimizerKind::NAMES)),
+            key("momentum", Kind::Number),
             key("beta1", Kind::Number),
             key("beta2", Kind::Number),
             key("eps", Kind::Number),

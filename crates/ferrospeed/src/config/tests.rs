@@ -74,6 +74,8 @@ fn minimal_config_gets_defaults() {
             min_lr: 3e-3 / 10.0, // lr / 10, computed the same way
             warmup: 2,
             weight_decay: 0.1,
+            optimizer: OptimizerKind::AdamW,
+            momentum: 0.9,
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
@@ -188,6 +190,8 @@ tensorboard = false
             min_lr: 6e-5,
             warmup: 10,
             weight_decay: 0.05,
+            optimizer: OptimizerKind::AdamW,
+            momentum: 0.9,
             beta1: 0.8,
             beta2: 0.99,
             eps: 1e-6,

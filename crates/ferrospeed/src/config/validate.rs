@@ -7,26 +7,40 @@
 use super::error::{quote_path, ConfigError};
 use super::{Config, Offload, Vocab, ZeroStage};
 
-pub(crate) fn validate(config: &Config) -> Result<(), ConfigError> {
+/// Which sections a config is checked for: all of them for `ferrospeed train`; for a user's own
+/// program (`Accelerator`) `[model]` and `[data]` only when the file has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scope {
+    pub model: bool,
+    pub data: bool,
+}
+
+impl Scope {
+    pub(crate) const ALL: Scope = Scope { model: true, data: true };
+}
+
+pub(crate) fn validate(config: &Config, scope: Scope) -> Result<(), ConfigError> {
     let model = &config.model;
     let train = &config.train;
-    let sizes = [
+    let model_sizes = [
         ("model.n_layer", model.n_layer),
         ("model.n_head", model.n_head),
         ("model.d_model", model.d_model),
         ("model.seq_len", model.seq_len),
+    ];
+    let sizes = [
         ("train.steps", train.steps),
         ("train.global_batch", train.global_batch),
         ("train.micro_batch", train.micro_batch),
         ("train.loss_scale_growth_interval", train.loss_scale_growth_interval),
         ("checkpoint.keep", config.checkpoint.keep),
     ];
-    for (key, value) in sizes {
+    for (key, value) in model_sizes.into_iter().filter(|_| scope.model).chain(sizes) {
         if value == 0 {
             return Err(ConfigError::below_one(key, value));
         }
     }
-    if model.d_model % model.n_head != 0 {
+    if scope.model && model.d_model % model.n_head != 0 {
         let choices = nearest_divisors(model.d_model, model.n_head, 8);
         return Err(ConfigError::invalid(
             "model.n_head",
@@ -56,7 +70,7 @@ pub(crate) fn validate(config: &Config) -> Result<(), ConfigError> {
         ));
     }
     check_zero(config)?;
-    check_paths(config)
+    check_paths(config, scope)
 }
 
 /// Float hyper-parameters. Conditions are written so that NaN fails them too.
@@ -81,7 +95,7 @@ fn check_floats(config: &Config) -> Result<(), ConfigError> {
             return Err(ConfigError::invalid(key, value, "is out of range", fix));
         }
     }
-    for (key, value) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+    for (key, value) in [("train.beta1", t.beta1), ("train.beta2", t.beta2), ("train.momentum", t.momentum)] {
         if !(0.0..1.0).contains(&value) {
             let fix = "must be in [0, 1), e.g. 0.9 or 0.95";
             return Err(ConfigError::invalid(key, value, "is out of range", fix));
@@ -151,9 +165,9 @@ fn check_zero(config: &Config) -> Result<(), ConfigError> {
 
 /// Paths that are read must exist now, rather than failing after the run has started. Directories
 /// that are written (checkpoint, track, NVMe) are created by their owners and are not checked here.
-fn check_paths(config: &Config) -> Result<(), ConfigError> {
+fn check_paths(config: &Config, scope: Scope) -> Result<(), ConfigError> {
     let data = &config.data.path;
-    if !data.exists() {
+    if scope.data && !data.exists() {
         return Err(ConfigError::invalid(
             "data.path",
             quote_path(data),

@@ -57,6 +57,12 @@ impl CommWorker {
         self.comm.rank()
     }
 
+    /// The communicator itself, for set-up that must run on the caller's thread (NCCL's) while no
+    /// collective is queued.
+    pub(crate) fn communicator(&self) -> &dyn Communicator {
+        self.comm.as_ref()
+    }
+
     pub fn world_size(&self) -> usize {
         self.comm.world_size()
     }

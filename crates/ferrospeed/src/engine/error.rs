@@ -12,6 +12,9 @@ pub enum EngineError {
     Comm(#[from] CommError),
     #[error("{0}")]
     Unsupported(String),
+    /// A block's code created two parameters of one name.
+    #[error("block {block} creates parameter `{name}` twice: give each layer its own prefix (vb.pp(\"…\")), or tie the second use to the first")]
+    DuplicateParam { block: String, name: String },
     /// A block asked the batch for a tensor it does not hold.
     #[error("the batch has no tensor `{name}` (it holds: {present}); add it to the dataset's samples or fix the name the block asks for")]
     MissingInput { name: String, present: String },
@@ -25,7 +28,7 @@ impl EngineError {
 
     /// A candle error of `block`, unwrapping the engine errors blocks raise through candle (a missing
     /// batch tensor) so callers can match on them.
-    pub(crate) fn from_candle(block: String, source: candle_core::Error) -> Self {
+    pub fn from_candle(block: String, source: candle_core::Error) -> Self {
         let mut inner = &source;
         loop {
             match inner {

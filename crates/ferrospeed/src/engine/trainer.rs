@@ -8,7 +8,9 @@
 
 use super::block::Batch;
 use super::blockwise::{self, ParamSource};
-use super::comm_worker::CommWorker;
+use super::comm_worker::{CommWorker, Pending};
+use super::grads::Reduced;
+use crate::comm::CommError;
 use super::error::EngineError;
 use super::grads::BlockGrads;
 use super::memory::MemoryReport;
@@ -17,7 +19,7 @@ use super::params::{init_values, BlockParams, Gather, OptimizerSetup};
 use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::profile::{self, Kind};
-use crate::optim::{clip_coefficient, sum_squares, Hyper, Optimizer, ParamGroups};
+use crate::optim::{clip_coefficient, sum_squares, Hyper, LrSchedule, Optimizer, ParamGroups};
 use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision, ScalerState};
 use crate::shard::{GradReduction, Strategy};
 use candle_core::{DType, Device, Tensor};
@@ -47,6 +49,11 @@ pub struct EngineConfig {
     /// Where blocks compute (the CPU, or a CUDA device). On a CUDA device the optimizer state and
     /// the gradient accumulators live in device memory too.
     pub device: Device,
+    /// Micro-batches per optimizer step on this rank, for [`Engine::forward_backward`] +
+    /// [`Engine::step`] (`train_step` takes them all at once instead).
+    pub accumulation: usize,
+    /// The learning rate of each step, for [`Engine::step`].
+    pub schedule: LrSchedule,
 }
 
 impl EngineConfig {
@@ -63,6 +70,8 @@ impl EngineConfig {
             reduce_dtype: DType::F32,
             loss_scaler: None,
             device: Device::Cpu,
+            accumulation: 1,
+            schedule: LrSchedule::constant(1e-3),
         }
     }
 }
@@ -92,13 +101,16 @@ pub struct StepStats {
     pub skipped: bool,
     /// The loss scale used for this step (fp16).
     pub loss_scale: Option<f64>,
+    /// The learning rate of this step.
+    pub lr: f64,
+    /// Where the step's time went.
     pub times: StepTimes,
 }
 
 /// The training engine of one rank.
 pub struct Engine {
     model: Model,
-    worker: CommWorker,
+    worker: Arc<CommWorker>,
     pub(super) params: Vec<BlockParams>,
     pub(super) grads: Vec<BlockGrads>,
     scaler: Option<LossScaler>,
@@ -108,13 +120,36 @@ pub struct Engine {
     gathered_peak: usize,
     /// NCCL over the ranks' GPUs (CUDA, one GPU per rank): gradient reductions run there.
     nccl: Option<super::Nccl>,
+    /// The optimizer step being accumulated.
+    acc: Accumulating,
+}
+
+/// What the micro-batches of the current optimizer step have left for [`Engine::step`].
+#[derive(Default)]
+struct Accumulating {
+    /// Micro-batches run so far.
+    done: usize,
+    /// Their losses (read once the step's collectives are known to be done).
+    losses: Vec<Tensor>,
+    /// Gradient reductions started on the last micro-batch.
+    pending: Vec<(usize, Pending<Result<Reduced, CommError>>)>,
+    /// The loss scale of this step (fp16).
+    loss_scale: Option<f64>,
+    /// Seconds of forward and backward so far.
+    seconds: f64,
 }
 
 impl Engine {
     /// Initialise every parameter from the seed (the same values on every rank, at any world size and
     /// stage); each rank keeps what the strategy says it holds.
     pub fn new(model: Model, comm: Arc<dyn Communicator>, cfg: EngineConfig) -> Result<Self, EngineError> {
-        let (rank, world) = (comm.rank(), comm.world_size());
+        Self::with_worker(model, Arc::new(CommWorker::spawn(comm)), cfg)
+    }
+
+    /// As [`Engine::new`], issuing collectives on an existing communication thread (the
+    /// `Accelerator`'s), so that its collectives and the engine's keep one order.
+    pub fn with_worker(model: Model, worker: Arc<CommWorker>, cfg: EngineConfig) -> Result<Self, EngineError> {
+        let (rank, world) = (worker.rank(), worker.world_size());
         let dtype = cfg.precision.compute_dtype();
         if cfg.device.is_cuda() && cfg.optimizer.as_adamw().is_none() {
             return Err(EngineError::Unsupported(format!(
@@ -138,8 +173,8 @@ impl Engine {
             }
         }
         let scaler = cfg.loss_scaler.map(LossScaler::new);
-        let nccl = make_nccl(comm.as_ref(), &cfg.device)?;
-        Ok(Self { model, worker: CommWorker::spawn(comm), params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl })
+        let nccl = make_nccl(worker.communicator(), &cfg.device)?;
+        Ok(Self { model, worker, params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl, acc: Accumulating::default() })
     }
 
     pub fn model(&self) -> &Model {
@@ -150,6 +185,11 @@ impl Engine {
     /// collective of this rank is issued in one order.
     pub fn comm(&self) -> &CommWorker {
         &self.worker
+    }
+
+    /// A shared handle on the communication thread (what the `Accelerator` issues its collectives on).
+    pub fn comm_handle(&self) -> Arc<CommWorker> {
+        self.worker.clone()
     }
 
     /// Optimizer steps taken so far (skipped steps included).
@@ -222,13 +262,64 @@ impl Engine {
 
     /// One optimizer step over this rank's `micro_batches` (its share of the global batch) at `lr`.
     pub fn train_step(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats, EngineError> {
-        let accum = micro_batches.len();
-        if accum == 0 {
+        if micro_batches.is_empty() {
             return Err(EngineError::Unsupported("a step needs at least one micro-batch".into()));
         }
-        let loss_scale = self.scaler.as_ref().map(LossScaler::scale);
+        if self.acc.done > 0 {
+            return Err(self.mid_step_error("train_step"));
+        }
+        for (k, batch) in micro_batches.iter().enumerate() {
+            self.run_micro_batch(batch, k, micro_batches.len())?;
+        }
+        self.finish_step(lr)
+    }
+
+    /// Forward and backward of one micro-batch of the current optimizer step (of
+    /// `EngineConfig::accumulation`); on the last one, each block's gradient reduction starts as soon as
+    /// its backward ends. Returns this micro-batch's loss (a scalar tensor on the device: reading it
+    /// waits for the device). Call [`Engine::step`] after each micro-batch.
+    pub fn forward_backward(&mut self, batch: &Batch) -> Result<Tensor, EngineError> {
+        let accum = self.cfg.accumulation.max(1);
+        if self.acc.done == accum {
+            return Err(EngineError::Unsupported(format!(
+                "forward_backward after the {accum} micro-batch(es) of a step: call Engine::step first"
+            )));
+        }
+        let k = self.acc.done;
+        self.run_micro_batch(batch, k, accum)?;
+        Ok(self.acc.losses[k].clone())
+    }
+
+    /// After [`Engine::forward_backward`]: once the step's `accumulation` micro-batches have run, the
+    /// optimizer step at the schedule's learning rate (`Some` with what it measured); before that,
+    /// nothing (`None`), so a loop may call it after every micro-batch.
+    pub fn step(&mut self) -> Result<Option<StepStats>, EngineError> {
+        if self.acc.done < self.cfg.accumulation.max(1) {
+            return Ok(None);
+        }
+        let lr = self.cfg.schedule.at(self.step as usize);
+        self.finish_step(lr).map(Some)
+    }
+
+    /// The learning rate [`Engine::step`] uses for the next step.
+    pub fn next_lr(&self) -> f64 {
+        self.cfg.schedule.at(self.step as usize)
+    }
+
+    fn mid_step_error(&self, what: &str) -> EngineError {
+        EngineError::Unsupported(format!(
+            "{what} in the middle of a step ({} of {} micro-batches run): finish it with forward_backward and step",
+            self.acc.done,
+            self.cfg.accumulation
+        ))
+    }
+
+    /// The optimizer step once every micro-batch ran: wait for the reductions, fp16 overflow check,
+    /// norm, clipping, update, publish.
+    fn finish_step(&mut self, lr: f64) -> Result<StepStats, EngineError> {
         let mut times = StepTimes::default();
-        let loss = self.forward_backward(micro_batches, loss_scale.unwrap_or(1.0), &mut times)?;
+        let loss_scale = self.acc.loss_scale;
+        let loss = self.finish_reductions(&mut times)?;
         self.step += 1;
         let t_opt = Instant::now();
 
@@ -246,7 +337,7 @@ impl Engine {
             let decision = scaler.update(overflow, self.step).map_err(|e| EngineError::Unsupported(e.to_string()))?;
             if decision == ScaleDecision::Skip {
                 times.optimizer = t_opt.elapsed().as_secs_f64();
-                return Ok(StepStats { loss, grad_norm: f64::NAN, skipped: true, loss_scale, times });
+                return Ok(StepStats { loss, grad_norm: f64::NAN, skipped: true, loss_scale, lr, times });
             }
         }
 
@@ -280,59 +371,68 @@ impl Engine {
         let t_pub = Instant::now();
         profile::scoped_as(Kind::Optimizer, "publish", || self.publish())?;
         times.publish = t_pub.elapsed().as_secs_f64();
-        Ok(StepStats { loss, grad_norm, skipped: false, loss_scale, times })
+        Ok(StepStats { loss, grad_norm, skipped: false, loss_scale, lr, times })
     }
 
-    /// Run every micro-batch forward and backward, reducing each block's gradient after its backward
-    /// on the last micro-batch; returns the mean loss over the global batch.
-    fn forward_backward(&mut self, micro_batches: &[Batch], loss_scale: f64, times: &mut StepTimes) -> Result<f64, EngineError> {
-        let accum = micro_batches.len();
+    /// Micro-batch `k` of `accum`: forward and backward, its gradients accumulated; on the last one
+    /// each block's gradient reduction is started on the communication thread.
+    fn run_micro_batch(&mut self, batch: &Batch, k: usize, accum: usize) -> Result<(), EngineError> {
+        let last = k + 1 == accum;
         let t0 = Instant::now();
-        for g in &mut self.grads {
-            g.begin_step()?;
+        if k == 0 {
+            self.acc = Accumulating { loss_scale: self.scaler.as_ref().map(LossScaler::scale), ..Accumulating::default() };
+            for g in &mut self.grads {
+                g.begin_step()?;
+            }
         }
-        let Self { model, worker, params, grads, cfg, inject_overflow, nccl, .. } = self;
+        let loss_scale = self.acc.loss_scale.unwrap_or(1.0);
+        let Self { model, worker, params, grads, cfg, inject_overflow, nccl, acc, .. } = self;
         let mut resident = Resident { model, params };
         let mut gathering = Gathering::new(model, params, worker, nccl.as_ref());
         let source: &mut dyn ParamSource = if cfg.strategy.params_resident() { &mut resident } else { &mut gathering };
-        // Losses are read after the step's collectives are known to be done (below): reading one waits for
-        // the device, whose stream may be waiting for an NCCL gather, with no timeout.
-        let mut losses = Vec::with_capacity(accum);
-        let mut pending = Vec::new();
-        for (k, batch) in micro_batches.iter().enumerate() {
-            let last = k + 1 == accum;
-            if k > 0 {
-                // The next forward reads its token ids back from the device (the embedding): first let the
-                // previous micro-batch's NCCL gathers finish under the watchdog.
-                nccl_sync(nccl.as_ref())?;
-            }
-            let tape = blockwise::forward(model, source, batch, cfg.checkpointing)?;
-            losses.push(tape.loss.clone());
-            blockwise::backward(model, source, batch, tape, loss_scale / accum as f64, |i, slot_grads| {
-                for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
-                    if let Some(grad) = grad {
-                        let range = params[slot.block].flat.range(slot.index);
-                        profile::scoped_as(Kind::Elementwise, "grad_accumulate", || grads[slot.block].accumulate(range, &grad))
-                            .map_err(EngineError::tensor(model.block(i).name()))?;
-                    }
-                }
-                // Every later block that uses this block's parameters (tied weights) has run, so the
-                // gradient is complete: reduce it on the communication thread while earlier blocks compute.
-                if last {
-                    if i == 0 && std::mem::take(inject_overflow) {
-                        grads[i].poison()?;
-                    }
-                    pending.push((i, grads[i].start_reduce(worker, nccl.as_ref(), cfg.reduce_dtype)?));
-                }
-                Ok(())
-            })?;
+        if k > 0 {
+            // The next forward reads its token ids back from the device (the embedding): first let the
+            // previous micro-batch's NCCL gathers finish under the watchdog.
+            nccl_sync(nccl.as_ref())?;
         }
-        self.gathered_peak = gathering.peak_bytes;
+        let tape = blockwise::forward(model, source, batch, cfg.checkpointing)?;
+        // Losses are read after the step's collectives are known to be done (`finish_reductions`):
+        // reading one waits for the device, whose stream may be waiting for an NCCL gather, with no timeout.
+        acc.losses.push(tape.loss.clone());
+        let pending = &mut acc.pending;
+        blockwise::backward(model, source, batch, tape, loss_scale / accum as f64, |i, slot_grads| {
+            for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
+                if let Some(grad) = grad {
+                    let range = params[slot.block].flat.range(slot.index);
+                    profile::scoped_as(Kind::Elementwise, "grad_accumulate", || grads[slot.block].accumulate(range, &grad))
+                        .map_err(EngineError::tensor(model.block(i).name()))?;
+                }
+            }
+            // Every later block that uses this block's parameters (tied weights) has run, so the
+            // gradient is complete: reduce it on the communication thread while earlier blocks compute.
+            if last {
+                if i == 0 && std::mem::take(inject_overflow) {
+                    grads[i].poison()?;
+                }
+                pending.push((i, grads[i].start_reduce(worker, nccl.as_ref(), cfg.reduce_dtype)?));
+            }
+            Ok(())
+        })?;
+        self.gathered_peak = self.gathered_peak.max(gathering.peak_bytes);
         drop(gathering);
-        times.forward_backward = t0.elapsed().as_secs_f64();
+        self.acc.done += 1;
+        self.acc.seconds += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Wait for the step's gradient reductions; returns the mean loss over the global batch.
+    fn finish_reductions(&mut self, times: &mut StepTimes) -> Result<f64, EngineError> {
+        let acc = std::mem::take(&mut self.acc);
+        let accum = acc.done;
+        times.forward_backward = acc.seconds;
         let t_wait = Instant::now();
         let _wait = profile::span_as(Kind::Communication, "reduce_wait");
-        for (i, p) in pending {
+        for (i, p) in acc.pending {
             self.grads[i].finish_reduce(p)?;
         }
         // NCCL never times out by itself: wait here, with the group's timeout, for every reduction.
@@ -340,7 +440,7 @@ impl Engine {
         drop(_wait);
         times.reduce_wait = t_wait.elapsed().as_secs_f64();
         let mut loss_sum = 0f64;
-        for l in losses {
+        for l in acc.losses {
             loss_sum += l.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()).map_err(EngineError::tensor("loss"))?;
         }
         let local = (loss_sum / accum as f64) as f32;

@@ -1,0 +1,373 @@
+//! The `Accelerator`: one entry point for a user's own training program, in the spirit of
+//! HuggingFace Accelerate. From the same config file (and `--set` overrides) as `ferrospeed train`, it
+//! finds this rank in the launcher's (torchrun's, Slurm's, Open MPI's) environment, forms the process
+//! group, picks the device, claims the run directory, and then:
+//!
+//! - [`Accelerator::prepare`] turns the user's [`Model`] and optimizer into an [`Engine`] with the
+//!   configured ZeRO stage, precision, accumulation, clipping and schedule (resuming from
+//!   `checkpoint.dir` when asked): this is the only translation of the config into the engine's;
+//! - [`Accelerator::data`] shards any [`Dataset`] over the ranks, deterministically, batches on the
+//!   rank's device;
+//! - [`Accelerator::log`], [`Accelerator::reduce`], [`Accelerator::gather`],
+//!   [`Accelerator::save_checkpoint`], [`Accelerator::wait_for_everyone`] do the rest.
+//!
+//! ```no_run
+//! # use ferrospeed::accelerator::{Accelerator, PrepareOptions};
+//! # fn run(cfg: &ferrospeed::config::Config, model: ferrospeed::engine::Model, dataset: &dyn ferrospeed::data::Dataset) -> Result<(), ferrospeed::accelerator::AccelError> {
+//! let mut acc = Accelerator::from_config(cfg)?;
+//! let optimizer = acc.optimizer_from_config();
+//! let mut engine = acc.prepare(model, optimizer, PrepareOptions::default())?;
+//! let data = acc.data(dataset)?;
+//! for batch in data.from_step(engine.steps_done()) {
+//!     engine.forward_backward(&batch?)?;
+//!     if let Some(stats) = engine.step()? {
+//!         acc.log_step(&engine, &stats, 0, 0.0)?;
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Every collective it issues goes through the engine's communication thread, so a program's own
+//! collectives (metrics, barriers) and the engine's keep one order on every rank (invariant 2).
+
+mod args;
+mod error;
+
+pub use args::config_from_args;
+pub use error::AccelError;
+
+use crate::checkpoint::{self, Meta, SaveRequest};
+use crate::comm::TensorCollectives;
+use crate::comm::TcpCommunicator;
+use crate::config::{Config, OptimizerKind, ReduceDtype};
+use crate::data::{DataLoader, Dataset, Sampler};
+use crate::engine::{CommWorker, Engine, EngineConfig, Model, StepStats};
+use crate::optim::{AdamW, LrSchedule, Optimizer, ParamGroups, Sgd};
+use crate::precision::{LossScalerConfig, Precision};
+use crate::shard::Strategy;
+use crate::track::{fresh_run_dir, StepMetrics, Tracker};
+use crate::{CommConfig, CommExt, ReduceOp, WorldInfo};
+use candle_core::{DType, Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// How a run's parameters are named outside the engine (checkpoint export, `model.init_from`).
+#[derive(Debug, Clone, Copy)]
+pub struct ParamNames {
+    /// Recorded in checkpoints, so `ferrospeed checkpoint export` picks the same names later.
+    pub tag: &'static str,
+    /// `(block, parameter)` → name.
+    pub map: fn(&str, &str) -> String,
+}
+
+impl ParamNames {
+    /// `block.parameter`, e.g. `mlp.fc1.weight`: for models of the user's own.
+    pub const BLOCK: ParamNames = ParamNames { tag: "block", map: block_dot_param };
+}
+
+impl Default for ParamNames {
+    fn default() -> Self {
+        Self::BLOCK
+    }
+}
+
+/// `block.param`.
+pub fn block_dot_param(block: &str, param: &str) -> String {
+    format!("{block}.{param}")
+}
+
+/// Choices of [`Accelerator::prepare`] besides the model and optimizer.
+#[derive(Debug, Clone, Default)]
+pub struct PrepareOptions {
+    /// Weight decay and learning-rate scale per parameter.
+    pub groups: ParamGroups,
+    /// The parameters' outside names.
+    pub names: ParamNames,
+}
+
+/// Choices of [`Accelerator::new`].
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Names the fresh run directory (`runs/<name>-<time>/`) when `track.dir` is not set.
+    pub run_name: String,
+    /// Claim a run directory for metrics (off for benchmarks: nothing is written).
+    pub track: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { run_name: "run".into(), track: true }
+    }
+}
+
+/// What [`Accelerator::prepare`] resumed from.
+#[derive(Debug, Clone)]
+pub struct Resumed {
+    /// The checkpoint folder.
+    pub path: PathBuf,
+    /// Its `meta.json`.
+    pub meta: Meta,
+}
+
+/// One rank's handle on a distributed run (see the module documentation).
+pub struct Accelerator {
+    cfg: Config,
+    world: WorldInfo,
+    accumulation: usize,
+    device: Device,
+    worker: Arc<CommWorker>,
+    tracker: Option<Tracker>,
+    track_dir: PathBuf,
+    names: ParamNames,
+    resumed: Option<Resumed>,
+}
+
+impl Accelerator {
+    /// Set up this rank from `cfg` with the default [`Options`].
+    pub fn from_config(cfg: &Config) -> Result<Self, AccelError> {
+        Self::new(cfg, Options::default())
+    }
+
+    /// Set up this rank: rank and world from the environment (a single process without one), the batch
+    /// arithmetic, the device (`train.device`, GPU `LOCAL_RANK`), the process group, and on rank 0 the
+    /// run directory — refused on every rank if it already holds a run, before anything is trained.
+    pub fn new(cfg: &Config, options: Options) -> Result<Self, AccelError> {
+        let world = WorldInfo::from_env()?;
+        let accumulation = cfg.accumulation_steps(world.world_size)?;
+        let device = crate::device::select(cfg.train.device, world.local_rank).map_err(AccelError::Device)?;
+        let comm = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?)?);
+        let worker = Arc::new(CommWorker::spawn(comm));
+        let track_dir = cfg.track.dir.clone().unwrap_or_else(|| fresh_run_dir(Path::new("runs"), &options.run_name));
+        let mut tracker = None;
+        let mut refusal = None;
+        if world.rank == 0 && options.track {
+            let config_json = serde_json::to_value(cfg).map_err(|e| AccelError::RunDirRefused(format!("serialising the config: {e}")))?;
+            match Tracker::create(&track_dir, cfg.track.tensorboard, &config_json) {
+                Ok(t) => tracker = Some(t),
+                Err(e) => refusal = Some(e.to_string()),
+            }
+        }
+        let local = refusal.is_some();
+        let refused = worker.run(move |c| {
+            let mut flag = [if local { 1f32 } else { 0.0 }];
+            c.all_reduce_slice(&mut flag, ReduceOp::Max).map(|()| flag[0] > 0.0)
+        })??;
+        if refused {
+            return Err(AccelError::RunDirRefused(refusal.unwrap_or_else(|| "rank 0 could not create the run directory".into())));
+        }
+        Ok(Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None })
+    }
+
+    /// The optimizer `train.optimizer` names, with the config's hyper-parameters.
+    pub fn optimizer_from_config(&self) -> Arc<dyn Optimizer> {
+        let t = &self.cfg.train;
+        match t.optimizer {
+            OptimizerKind::AdamW => Arc::new(AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay }),
+            OptimizerKind::Sgd => Arc::new(Sgd { momentum: t.momentum, weight_decay: t.weight_decay, nesterov: false }),
+        }
+    }
+
+    /// The engine's settings from the config: the one place the config becomes an [`EngineConfig`].
+    pub fn engine_config(&self, optimizer: Arc<dyn Optimizer>, groups: ParamGroups) -> EngineConfig {
+        let t = &self.cfg.train;
+        EngineConfig {
+            checkpointing: t.activation_checkpointing,
+            grad_clip: t.grad_clip,
+            optimizer,
+            param_groups: groups,
+            seed: t.seed,
+            strategy: Strategy::new(self.cfg.zero.stage),
+            precision: t.precision,
+            reduce_dtype: match t.grad_reduce_dtype {
+                ReduceDtype::Fp32 => DType::F32,
+                ReduceDtype::Compute => t.precision.compute_dtype(),
+            },
+            loss_scaler: (t.precision == Precision::Fp16).then_some(LossScalerConfig {
+                initial: t.loss_scale_initial,
+                growth_interval: t.loss_scale_growth_interval as u64,
+                backoff: t.loss_scale_backoff,
+                min: t.loss_scale_min,
+            }),
+            device: self.device.clone(),
+            accumulation: self.accumulation,
+            schedule: LrSchedule { lr: t.lr, min_lr: t.min_lr, warmup: t.warmup, total: t.steps },
+        }
+    }
+
+    /// The engine for `model` and `optimizer`: parameters initialised from `train.seed` (or
+    /// `model.init_from`, named by `options.names`), then, with `checkpoint.resume` and a checkpoint
+    /// in `checkpoint.dir`, its state (at any world size and stage). Every rank calls this.
+    pub fn prepare(&mut self, model: Model, optimizer: Arc<dyn Optimizer>, options: PrepareOptions) -> Result<Engine, AccelError> {
+        let cfg = self.engine_config(optimizer, options.groups);
+        let mut engine = Engine::with_worker(model, self.worker.clone(), cfg)?;
+        self.names = options.names;
+        if let Some(path) = &self.cfg.model.init_from {
+            checkpoint::load_consolidated(&mut engine, path, &options.names.map)
+                .map_err(|source| AccelError::InitFrom { path: path.clone(), source })?;
+        }
+        if let (Some(dir), true) = (&self.cfg.checkpoint.dir, self.cfg.checkpoint.resume) {
+            if let Some(found) = checkpoint::latest(dir)? {
+                let meta = checkpoint::load_into(&mut engine, &found)?;
+                self.resumed = Some(Resumed { path: found, meta });
+            }
+        }
+        Ok(engine)
+    }
+
+    /// The checkpoint [`Accelerator::prepare`] resumed from, if any.
+    pub fn resumed(&self) -> Option<&Resumed> {
+        self.resumed.as_ref()
+    }
+
+    /// This rank's loader of `dataset`: which samples each micro-batch of each step holds (the same
+    /// global batch at any world size), collated, on this rank's device. A dataset sampled in epochs
+    /// must hold at least one global batch.
+    pub fn data<'a, D: Dataset + ?Sized>(&self, dataset: &'a D) -> Result<DataLoader<'a, D>, AccelError> {
+        let t = &self.cfg.train;
+        let sampler = Sampler::new(t.seed, dataset.sampling(), t.micro_batch, self.accumulation, self.world.world_size, self.world.rank, dataset.len())?;
+        Ok(DataLoader::new(dataset, sampler, self.device.clone(), t.steps as u64))
+    }
+
+    /// Append one step's metrics to the run (rank 0; a no-op elsewhere).
+    pub fn log(&mut self, metrics: &StepMetrics) -> Result<(), AccelError> {
+        if let Some(t) = &mut self.tracker {
+            t.log(metrics)?;
+        }
+        Ok(())
+    }
+
+    /// Log what [`Engine::step`] measured, with `tokens_per_step` tokens (0 when not counted) in
+    /// `seconds`.
+    pub fn log_step(&mut self, engine: &Engine, stats: &StepStats, tokens_per_step: u64, seconds: f64) -> Result<(), AccelError> {
+        let step = engine.steps_done();
+        let m = StepMetrics {
+            step,
+            loss: stats.loss,
+            lr: stats.lr,
+            grad_norm: stats.grad_norm,
+            tokens: tokens_per_step * step,
+            tokens_per_s: if seconds > 0.0 { tokens_per_step as f64 / seconds } else { 0.0 },
+            mfu: None,
+            step_ms: seconds * 1e3,
+            peak_mem_bytes: 0,
+            loss_scale: stats.loss_scale,
+            extra: Default::default(),
+        };
+        self.log(&m)
+    }
+
+    /// Finish the run's outputs with `summary` (rank 0 writes `summary.json`).
+    pub fn finish(self, summary: &serde_json::Value) -> Result<(), AccelError> {
+        if let Some(t) = self.tracker {
+            t.finish(summary)?;
+        }
+        Ok(())
+    }
+
+    /// `t` reduced over every rank by `op` (f32, bf16 or f16, any device; e.g. a metric). A collective.
+    pub fn reduce(&self, t: &Tensor, op: ReduceOp) -> Result<Tensor, AccelError> {
+        let host = self.to_host(t)?;
+        let out = self.worker.run(move |c| c.all_reduce_tensor(&host, op))??;
+        self.back(out, t)
+    }
+
+    /// Every rank's `t` (all of one shape) concatenated along the first dimension in rank order. A
+    /// collective.
+    pub fn gather(&self, t: &Tensor) -> Result<Tensor, AccelError> {
+        let host = self.to_host(t)?;
+        let world = self.world.world_size;
+        let numel = host.elem_count() * world;
+        let flat = self.worker.run(move |c| c.all_gather_tensor(&host, numel))??;
+        let mut dims = t.dims().to_vec();
+        if dims.is_empty() {
+            dims.push(1);
+        }
+        dims[0] *= world;
+        let out = flat.reshape(dims).map_err(|e| crate::engine::EngineError::from_candle("gather".into(), e))?;
+        self.back(out, t)
+    }
+
+    fn to_host(&self, t: &Tensor) -> Result<Tensor, AccelError> {
+        let host = t.to_device(&Device::Cpu).and_then(|h| if h.dtype().is_float() { Ok(h) } else { h.to_dtype(DType::F32) });
+        host.map_err(|e| crate::engine::EngineError::from_candle("a tensor to reduce".into(), e).into())
+    }
+
+    fn back(&self, out: Tensor, like: &Tensor) -> Result<Tensor, AccelError> {
+        out.to_dtype(like.dtype())
+            .and_then(|o| o.to_device(like.device()))
+            .map_err(|e| crate::engine::EngineError::from_candle("a reduced tensor".into(), e).into())
+    }
+
+    /// Wait until every rank gets here.
+    pub fn wait_for_everyone(&self) -> Result<(), AccelError> {
+        Ok(self.worker.run(|c| c.barrier())??)
+    }
+
+    /// Save `engine`'s state in `checkpoint.dir` (a collective; crash-safe, see `checkpoint/`). Returns
+    /// the checkpoint folder.
+    pub fn save_checkpoint(&self, engine: &mut Engine) -> Result<PathBuf, AccelError> {
+        let root = self.cfg.checkpoint.dir.as_deref().ok_or(AccelError::NoCheckpointDir { what: "save_checkpoint" })?;
+        let mut run = serde_json::to_value(&self.cfg).unwrap_or_default();
+        if let serde_json::Value::Object(m) = &mut run {
+            m.insert("param_names".into(), self.names.tag.into());
+        }
+        let req = SaveRequest { root, samples: engine.steps_done() * self.cfg.train.global_batch as u64, keep: self.cfg.checkpoint.keep, run };
+        Ok(checkpoint::save(engine, &req)?)
+    }
+
+    /// Whether `checkpoint.every` asks for a checkpoint after `steps_done` steps.
+    pub fn checkpoint_due(&self, steps_done: u64) -> bool {
+        let every = self.cfg.checkpoint.every as u64;
+        self.cfg.checkpoint.dir.is_some() && every > 0 && steps_done % every == 0
+    }
+
+    /// Whether this is rank 0 (the one that prints and writes the run's files).
+    pub fn is_main_process(&self) -> bool {
+        self.world.rank == 0
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> usize {
+        self.world.rank
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.world.world_size
+    }
+
+    /// The rank's place in the job (local rank, node, store).
+    pub fn world(&self) -> &WorldInfo {
+        &self.world
+    }
+
+    /// Where this rank computes.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The run's config.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Micro-batches per rank per optimizer step (`global_batch / (micro_batch × world)`).
+    pub fn accumulation(&self) -> usize {
+        self.accumulation
+    }
+
+    /// The run directory (metrics, TensorBoard, config, summary).
+    pub fn track_dir(&self) -> &Path {
+        &self.track_dir
+    }
+
+    /// The communication thread every collective of this rank goes through.
+    pub fn comm(&self) -> &CommWorker {
+        &self.worker
+    }
+
+    /// The run's tracker (rank 0 only).
+    pub fn tracker(&self) -> Option<&Tracker> {
+        self.tracker.as_ref()
+    }
+}

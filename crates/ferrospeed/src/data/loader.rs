@@ -1,0 +1,78 @@
+//! [`DataLoader`]: a dataset with its sampler and device; yields this rank's micro-batches of each
+//! step, already on the rank's device.
+
+use super::{DataError, Dataset, Sampler};
+use crate::engine::Batch;
+use candle_core::Device;
+
+/// This rank's view of a dataset: which samples, collated how, on which device.
+pub struct DataLoader<'a, D: Dataset + ?Sized> {
+    dataset: &'a D,
+    sampler: Sampler,
+    device: Device,
+    steps: u64,
+}
+
+impl<'a, D: Dataset + ?Sized> DataLoader<'a, D> {
+    /// A loader of `dataset` through `sampler` for `steps` optimizer steps, batches moved to `device`.
+    pub fn new(dataset: &'a D, sampler: Sampler, device: Device, steps: u64) -> Self {
+        Self { dataset, sampler, device, steps }
+    }
+
+    /// The sampler (which indices each rank takes).
+    pub fn sampler(&self) -> &Sampler {
+        &self.sampler
+    }
+
+    /// This rank's micro-batches of step `step` (0-based), on the device.
+    pub fn micro_batches(&self, step: u64) -> Result<Vec<Batch>, DataError> {
+        (0..self.sampler.accumulation).map(|k| self.micro_batch(step, k)).collect()
+    }
+
+    /// Micro-batch `k` of step `step`, on the device.
+    pub fn micro_batch(&self, step: u64, k: usize) -> Result<Batch, DataError> {
+        let batch = self.dataset.collate(&self.sampler.indices(step, k))?;
+        if matches!(self.device, Device::Cpu) {
+            return Ok(batch);
+        }
+        batch.to_device(&self.device).map_err(|e| DataError::Engine(crate::engine::EngineError::from_candle("moving a batch to the device".into(), e)))
+    }
+
+    /// Every micro-batch from step `start` (e.g. `engine.steps_done()` after a resume) to the last step.
+    pub fn from_step(&self, start: u64) -> MicroBatches<'_, 'a, D> {
+        MicroBatches { loader: self, step: start, k: 0 }
+    }
+}
+
+impl<'l, 'a, D: Dataset + ?Sized> IntoIterator for &'l DataLoader<'a, D> {
+    type Item = Result<Batch, DataError>;
+    type IntoIter = MicroBatches<'l, 'a, D>;
+
+    /// Every micro-batch of every step, from the first.
+    fn into_iter(self) -> Self::IntoIter {
+        self.from_step(0)
+    }
+}
+
+/// The iterator of [`DataLoader::from_step`]: micro-batches in step order.
+pub struct MicroBatches<'l, 'a, D: Dataset + ?Sized> {
+    loader: &'l DataLoader<'a, D>,
+    step: u64,
+    k: usize,
+}
+
+impl<D: Dataset + ?Sized> Iterator for MicroBatches<'_, '_, D> {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.step >= self.loader.steps {
+            return None;
+        }
+        let item = self.loader.micro_batch(self.step, self.k);
+        self.k += 1;
+        if self.k == self.loader.sampler.accumulation {
+            (self.step, self.k) = (self.step + 1, 0);
+        }
+        Some(item)
+    }
+}
