@@ -222,3 +222,14 @@ pub fn names_in(dir: &Path) -> Vec<std::ffi::OsString> {
     names.sort();
     names
 }
+
+/// A checkpoint root holding only `step_dir` (copied), with `latest` naming it.
+fn root_with(step_dir: &Path, root: &Path) -> PathBuf {
+    let name = step_dir.file_name().unwrap();
+    std::fs::create_dir_all(root.join(name)).unwrap();
+    for e in std::fs::read_dir(step_dir).unwrap().flatten() {
+        std::fs::copy(e.path(), root.join(name).join(e.file_name())).unwrap();
+    }
+    std::fs::write(root.join("latest"), format!("{}\n", name.to_string_lossy())).unwrap();
+    root.to_path_buf()
+}

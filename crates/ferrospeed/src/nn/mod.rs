@@ -37,7 +37,9 @@ pub struct Tie {
     pub owner_name: String,
 }
 
-/// A [`Block`] whose layers come from candle-nn through a `VarBuilder`.
+/// A [`Block`] whose layers come from candle-nn through a `VarBuilder`. Cloning is cheap (the
+/// construction code is shared): keep a clone to rebuild the layers on trained weights (evaluation).
+#[derive(Clone)]
 pub struct NnBlock {
     name: String,
     build: Arc<Build>,
@@ -114,13 +116,18 @@ impl NnBlock {
 
     /// The layers built on `params` (the slot tensors, in slot order).
     pub fn layers(&self, params: &[Tensor]) -> Result<Box<dyn Forward>> {
+        (self.build)(self.var_builder(params)?)
+    }
+
+    /// A `VarBuilder` serving `params` (the block's slot tensors, e.g. from `Engine::slot_tensors`)
+    /// under the names the construction code asks for: build the user's own layer type on trained
+    /// weights with it (evaluation, generation).
+    pub fn var_builder(&self, params: &[Tensor]) -> Result<VarBuilder<'static>> {
         let Some(first) = params.first() else {
-            let vb = VarBuilder::from_backend(Box::new(Server::empty()), DType::F32, Device::Cpu);
-            return (self.build)(vb);
+            return Ok(VarBuilder::from_backend(Box::new(Server::empty()), DType::F32, Device::Cpu));
         };
         let server = Server::new(&self.name, &self.index, &self.shapes, params)?;
-        let vb = VarBuilder::from_backend(Box::new(server), first.dtype(), first.device().clone());
-        (self.build)(vb)
+        Ok(VarBuilder::from_backend(Box::new(server), first.dtype(), first.device().clone()))
     }
 }
 
