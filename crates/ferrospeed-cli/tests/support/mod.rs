@@ -224,7 +224,7 @@ pub fn names_in(dir: &Path) -> Vec<std::ffi::OsString> {
 }
 
 /// A checkpoint root holding only `step_dir` (copied), with `latest` naming it.
-fn root_with(step_dir: &Path, root: &Path) -> PathBuf {
+pub fn root_with(step_dir: &Path, root: &Path) -> PathBuf {
     let name = step_dir.file_name().unwrap();
     std::fs::create_dir_all(root.join(name)).unwrap();
     for e in std::fs::read_dir(step_dir).unwrap().flatten() {
