@@ -15,6 +15,9 @@ pub enum EngineError {
     /// A block's code created two parameters of one name.
     #[error("block {block} creates parameter `{name}` twice: give each layer its own prefix (vb.pp(\"…\")), or tie the second use to the first")]
     DuplicateParam { block: String, name: String },
+    /// A tied parameter slot that does not name a parameter of an earlier block.
+    #[error("block {block} ties to `{name}` of block {owner}, which is not a parameter of an earlier block: tie the later use to the earlier owner (the backward runs in reverse, so the owner must come first)")]
+    BadTie { block: String, owner: usize, name: String },
     /// A block asked the batch for a tensor it does not hold.
     #[error("the batch has no tensor `{name}` (it holds: {present}); add it to the dataset's samples or fix the name the block asks for")]
     MissingInput { name: String, present: String },

@@ -33,7 +33,7 @@ impl Model {
                 match slot {
                     ParamRef::Own(spec) => {
                         if mine.iter().any(|s: &ParamSpec| s.name == spec.name) {
-                            return Err(EngineError::Model(format!("block {} declares {} twice", block.name(), spec.name)));
+                            return Err(EngineError::DuplicateParam { block: block.name(), name: spec.name });
                         }
                         sources.push(SlotSource { block: i, index: mine.len() });
                         mine.push(spec);
@@ -44,10 +44,7 @@ impl Model {
                             .flatten()
                             .and_then(|specs: &Vec<ParamSpec>| specs.iter().position(|s| s.name == name));
                         let Some(index) = found else {
-                            return Err(EngineError::Model(format!(
-                                "block {} ties to {name} of block {owner}, which is not a parameter of an earlier block",
-                                block.name()
-                            )));
+                            return Err(EngineError::BadTie { block: block.name(), owner, name });
                         };
                         sources.push(SlotSource { block: owner, index });
                     }

@@ -1,0 +1,275 @@
+//! The library API on models written with candle-nn layers, in one process:
+//! - trained through ferrospeed (world 1) it gives the losses of the same model trained by plain candle
+//!   with candle-nn's optimizers: bitwise with SGD (the same arithmetic), within 1e-5 with AdamW;
+//! - several tensors flow between blocks (hidden state plus a mask), gradients through the float ones,
+//!   equal to the same model as one block;
+//! - parameter groups: a learning-rate scale of 0 freezes a parameter, weight decay applies per group;
+//! - misuse is a typed error naming the problem: a parameter created twice, a batch without a tensor a
+//!   block asks for, a tie to a later block, a dataset smaller than one global batch.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{linear, Linear, Module, Optimizer as _, VarBuilder, VarMap};
+use ferrospeed::data::{DataError, Sampler, Sampling};
+use ferrospeed::engine::{Batch, Block, Engine, EngineConfig, EngineError, Model, ParamRef};
+use ferrospeed::nn::{Forward, NnBlock, Tie};
+use ferrospeed::optim::{AdamW, LrSchedule, Optimizer, ParamGroup, ParamGroups, Sgd};
+use ferrospeed::rng::Rng;
+use ferrospeed::CommConfig;
+use std::sync::Arc;
+
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self { fc1: linear(6, 12, vb.pp("fc1"))?, fc2: linear(12, 3, vb.pp("fc2"))? })
+    }
+
+    fn loss(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+        let logits = self.fc2.forward(&self.fc1.forward(batch.get("x")?)?.tanh()?)?;
+        candle_nn::loss::cross_entropy(&logits, batch.get("y")?)
+    }
+}
+
+impl Forward for Mlp {
+    fn forward(&self, _inputs: &[Tensor], batch: &Batch) -> candle_core::Result<Vec<Tensor>> {
+        Ok(vec![self.loss(batch)?])
+    }
+}
+
+fn batch() -> Batch {
+    let mut rng = Rng::new(3);
+    let x: Vec<f32> = (0..8 * 6).map(|_| rng.normal() as f32).collect();
+    let y: Vec<u32> = (0..8).map(|i| (i % 3) as u32).collect();
+    Batch::new().with("x", Tensor::from_vec(x, (8, 6), &Device::Cpu).unwrap()).with("y", Tensor::from_vec(y, 8, &Device::Cpu).unwrap())
+}
+
+fn engine_cfg(optimizer: Arc<dyn Optimizer>, lr: f64, groups: ParamGroups) -> EngineConfig {
+    let mut cfg = EngineConfig::fp32(false, 0.0, AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }, 5);
+    cfg.optimizer = optimizer;
+    cfg.param_groups = groups;
+    cfg.schedule = LrSchedule::constant(lr);
+    cfg
+}
+
+/// One engine on one rank (a world of one thread).
+fn with_engine<R: Send>(model: impl Fn() -> Model + Sync, cfg: EngineConfig, f: impl Fn(&mut Engine) -> R + Sync) -> R {
+    let mut out = common::run_world(1, &CommConfig::default(), |comm| {
+        let mut engine = Engine::new(model(), Arc::new(comm), cfg.clone()).unwrap();
+        f(&mut engine)
+    });
+    out.remove(0)
+}
+
+fn mlp_model() -> Model {
+    Model::new(vec![Box::new(NnBlock::new("mlp", Mlp::new).unwrap())]).unwrap()
+}
+
+/// 10 steps through ferrospeed: (initial weights by name, losses as f32).
+fn ferrospeed_losses(optimizer: Arc<dyn Optimizer>, lr: f64, groups: ParamGroups) -> (Vec<(String, Tensor)>, Vec<f32>) {
+    with_engine(mlp_model, engine_cfg(optimizer, lr, groups), |engine| {
+        let names: Vec<String> = engine.model().own_params(0).iter().map(|p| p.name.clone()).collect();
+        let initial: Vec<(String, Tensor)> = names.into_iter().zip(engine.slot_tensors().unwrap().remove(0)).collect();
+        let b = batch();
+        let losses = (0..10)
+            .map(|_| {
+                engine.forward_backward(&b).unwrap();
+                engine.step().unwrap().expect("accumulation 1: every call steps").loss as f32
+            })
+            .collect();
+        (initial, losses)
+    })
+}
+
+/// The same model in plain candle (VarMap, candle-nn optimizer) from the same initial weights.
+fn candle_losses(initial: &[(String, Tensor)], mut step: impl FnMut(&[Var], &Tensor)) -> Vec<f32> {
+    let map = VarMap::new();
+    let mlp = Mlp::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu)).unwrap();
+    for (name, value) in initial {
+        map.data().lock().unwrap()[name].set(value).unwrap();
+    }
+    let vars = map.all_vars();
+    let b = batch();
+    (0..10)
+        .map(|_| {
+            let loss = mlp.loss(&b).unwrap();
+            let value = loss.to_scalar::<f32>().unwrap();
+            step(&vars, &loss);
+            value
+        })
+        .collect()
+}
+
+#[test]
+fn sgd_through_ferrospeed_equals_plain_candle_bit_for_bit() {
+    let (initial, ours) = ferrospeed_losses(Arc::new(Sgd::default()), 0.1, ParamGroups::default());
+    let mut sgd = None;
+    let theirs = candle_losses(&initial, |vars, loss| {
+        sgd.get_or_insert_with(|| candle_nn::SGD::new(vars.to_vec(), 0.1).unwrap()).backward_step(loss).unwrap()
+    });
+    assert!(ours[9] < ours[0], "the loss falls: {ours:?}");
+    assert_eq!(ours.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), theirs.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), "{ours:?} vs {theirs:?}");
+}
+
+#[test]
+fn adamw_through_ferrospeed_equals_plain_candle_within_1e_5() {
+    // candle-nn's AdamW decays every parameter: one group of all of them does the same here.
+    let groups = ParamGroups { groups: vec![ParamGroup::new("*").weight_decay(0.05)] };
+    let adamw = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 };
+    let (initial, ours) = ferrospeed_losses(Arc::new(adamw), 0.01, groups);
+    let params = candle_nn::ParamsAdamW { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 };
+    let mut opt = None;
+    let theirs = candle_losses(&initial, |vars, loss| {
+        opt.get_or_insert_with(|| candle_nn::AdamW::new(vars.to_vec(), params.clone()).unwrap()).backward_step(loss).unwrap()
+    });
+    assert!(ours[9] < ours[0], "the loss falls: {ours:?}");
+    for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        assert!(((a - b) / b).abs() < 1e-5, "step {}: ferrospeed {a} vs candle {b}", step + 1);
+    }
+}
+
+#[test]
+fn a_learning_rate_scale_of_zero_freezes_a_parameter_group() {
+    let groups = ParamGroups { groups: vec![ParamGroup::new("mlp.fc1.*").lr_scale(0.0)] };
+    let (before, after) = with_engine(mlp_model, engine_cfg(Arc::new(Sgd::default()), 0.1, groups), |engine| {
+        let before = engine.slot_tensors().unwrap().remove(0);
+        for _ in 0..3 {
+            engine.forward_backward(&batch()).unwrap();
+            engine.step().unwrap();
+        }
+        (before, engine.slot_tensors().unwrap().remove(0))
+    });
+    let same = |i: usize| before[i].flatten_all().unwrap().to_vec1::<f32>().unwrap() == after[i].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(same(0) && same(1), "fc1 is frozen");
+    assert!(!same(2) && !same(3), "fc2 trains");
+}
+
+/// A hidden state and a mask (u8) flow from block `a` to block `b`; the mask zeroes some rows.
+struct Masked {
+    fc: Linear,
+}
+
+impl Masked {
+    fn hidden_and_mask(&self, batch: &Batch) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((self.fc.forward(batch.get("x")?)?.tanh()?, batch.get("mask")?.clone()))
+    }
+}
+
+struct First(Masked);
+struct Second(Mlp2);
+struct Mlp2 {
+    out: Linear,
+}
+
+impl Mlp2 {
+    fn loss(&self, h: &Tensor, mask: &Tensor, batch: &Batch) -> candle_core::Result<Tensor> {
+        let h = h.broadcast_mul(&mask.to_dtype(h.dtype())?.unsqueeze(1)?)?;
+        candle_nn::loss::cross_entropy(&self.out.forward(&h)?, batch.get("y")?)
+    }
+}
+
+impl Forward for First {
+    fn forward(&self, _inputs: &[Tensor], batch: &Batch) -> candle_core::Result<Vec<Tensor>> {
+        let (h, m) = self.0.hidden_and_mask(batch)?;
+        Ok(vec![h, m])
+    }
+}
+
+impl Forward for Second {
+    fn forward(&self, inputs: &[Tensor], batch: &Batch) -> candle_core::Result<Vec<Tensor>> {
+        Ok(vec![self.0.loss(&inputs[0], &inputs[1], batch)?])
+    }
+}
+
+struct Whole(Masked, Mlp2);
+
+impl Forward for Whole {
+    fn forward(&self, _inputs: &[Tensor], batch: &Batch) -> candle_core::Result<Vec<Tensor>> {
+        let (h, m) = self.0.hidden_and_mask(batch)?;
+        Ok(vec![self.1.loss(&h, &m, batch)?])
+    }
+}
+
+#[test]
+fn several_tensors_flow_between_blocks_with_the_gradients_of_one_block() {
+    fn masked(vb: VarBuilder) -> candle_core::Result<Masked> {
+        Ok(Masked { fc: linear(6, 12, vb.pp("fc"))? })
+    }
+    fn out(vb: VarBuilder) -> candle_core::Result<Mlp2> {
+        Ok(Mlp2 { out: linear(12, 3, vb.pp("out"))? })
+    }
+    let two = move || {
+        let a = NnBlock::new("a", move |vb| Ok(First(masked(vb)?))).unwrap();
+        let b = NnBlock::new("b", move |vb| Ok(Second(out(vb)?))).unwrap();
+        Model::new(vec![Box::new(a), Box::new(b)]).unwrap()
+    };
+    let mask = Tensor::from_vec(vec![1u8, 1, 0, 1, 0, 1, 1, 1], 8, &Device::Cpu).unwrap();
+    let b = batch().with("mask", mask);
+    let lr = 0.5;
+    let flat = |ts: Vec<Vec<Tensor>>| -> Vec<Vec<f32>> { ts.into_iter().flatten().map(|t| t.flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect() };
+    // One SGD step of the two-block model: the gradient is (before − after) / lr.
+    let (before, after) = with_engine(two, engine_cfg(Arc::new(Sgd::default()), lr, ParamGroups::default()), |engine| {
+        let before = flat(engine.slot_tensors().unwrap());
+        engine.forward_backward(&b).unwrap();
+        engine.step().unwrap();
+        (before, flat(engine.slot_tensors().unwrap()))
+    });
+    assert_eq!(before.len(), 4);
+    // The same computation as one block, differentiated by candle directly from the same weights.
+    let whole = NnBlock::new("w", move |vb| Ok(Whole(masked(vb.pp("a"))?, out(vb.pp("b"))?))).unwrap();
+    let names: Vec<&str> = whole.own_params().iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["a.fc.weight", "a.fc.bias", "b.out.weight", "b.out.bias"]);
+    let shapes: [&[usize]; 4] = [&[12, 6], &[12], &[3, 12], &[3]];
+    let vars: Vec<Var> = before.iter().zip(shapes).map(|(v, s)| Var::from_vec(v.clone(), s, &Device::Cpu).unwrap()).collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = whole.forward(&tensors, &[], &b).unwrap().remove(0).backward().unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        let want = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got: Vec<f32> = before[i].iter().zip(&after[i]).map(|(s, e)| (s - e) / lr as f32).collect();
+        assert!(want.iter().any(|w| *w != 0.0), "parameter {i} has a gradient");
+        for (a, w) in got.iter().zip(&want) {
+            assert!((a - w).abs() <= 1e-5 * (1.0 + w.abs()), "parameter {i}: two blocks {a} vs one block {w}");
+        }
+    }
+}
+
+#[test]
+fn a_parameter_created_twice_is_a_typed_error() {
+    let err = NnBlock::new("twice", |vb: VarBuilder| -> candle_core::Result<Mlp> { Ok(Mlp { fc1: linear(6, 12, vb.pp("fc"))?, fc2: linear(12, 3, vb.pp("fc"))? }) }).unwrap_err();
+    assert!(matches!(&err, EngineError::DuplicateParam { block, name } if block == "twice" && name == "fc.weight"), "{err}");
+    assert!(err.to_string().contains("vb.pp"), "the message names the fix: {err}");
+}
+
+#[test]
+fn a_batch_without_a_tensor_a_block_asks_for_is_a_typed_error() {
+    let err = with_engine(mlp_model, engine_cfg(Arc::new(Sgd::default()), 0.1, ParamGroups::default()), |engine| {
+        let b = Batch::new().with("x", batch().get("x").unwrap().clone());
+        engine.forward_backward(&b).unwrap_err().to_string()
+    });
+    assert!(err.contains("no tensor `y`") && err.contains("it holds: x"), "{err}");
+    let typed = with_engine(mlp_model, engine_cfg(Arc::new(Sgd::default()), 0.1, ParamGroups::default()), |engine| {
+        matches!(engine.forward_backward(&Batch::new()), Err(EngineError::MissingInput { ref name, .. }) if name == "x")
+    });
+    assert!(typed, "EngineError::MissingInput names the tensor");
+}
+
+#[test]
+fn a_tie_to_a_later_block_is_a_typed_error() {
+    let tie = Tie { name: "fc1.weight".into(), owner: 1, owner_name: "fc1.weight".into() };
+    let first = NnBlock::with_ties("first", vec![tie], Mlp::new).unwrap();
+    assert!(first.params().iter().any(|p| matches!(p, ParamRef::Tied { block: 1, .. })));
+    let second = NnBlock::new("second", Mlp::new).unwrap();
+    let err = Model::new(vec![Box::new(first), Box::new(second)]).err().expect("a tie to a later block must be refused");
+    assert!(matches!(&err, EngineError::BadTie { block, owner: 1, .. } if block == "first"), "{err}");
+    assert!(err.to_string().contains("earlier block"), "{err}");
+}
+
+#[test]
+fn a_dataset_smaller_than_one_global_batch_is_a_typed_error() {
+    let err = Sampler::new(1, Sampling::Epochs { shuffle: true }, 4, 2, 3, 0, 20).unwrap_err();
+    assert!(matches!(err, DataError::TooSmall { len: 20, global_batch: 24 }), "{err}");
+}
