@@ -133,6 +133,7 @@ fn main() -> Result<()> {
         acc.save_checkpoint(&mut engine)?;
     }
     // Held-out accuracy: each rank scores its share of the test set, the counts are summed over ranks.
+    acc.wait_for_everyone()?;
     let params = engine.slot_tensors()?;
     let mlp = Mlp::new(eval_block.var_builder(&params[0])?)?;
     let test = Blobs::new(600, 1 << 20);
@@ -142,10 +143,11 @@ fn main() -> Result<()> {
     let predicted = mlp.logits(&x)?.argmax(D::Minus1)?.to_device(&Device::Cpu)?;
     let correct = predicted.eq(batch.get("labels")?)?.to_dtype(DType::F32)?.sum_all()?;
     let correct = acc.reduce(&correct, ReduceOp::Sum)?.to_scalar::<f32>()?;
+    let scored = acc.gather(&Tensor::new(&[mine.len() as f32], &Device::Cpu)?)?.to_vec1::<f32>()?;
     if acc.is_main_process() {
         println!("held-out accuracy {:.1}% ({correct} of {}); outputs in {}", 100.0 * correct as f64 / test.len() as f64, test.len(), acc.track_dir().display());
     }
-    let summary = serde_json::json!({ "steps": engine.steps_done(), "accuracy": correct as f64 / test.len() as f64 });
+    let summary = serde_json::json!({ "steps": engine.steps_done(), "correct": correct, "scored_per_rank": scored });
     acc.finish(&summary)?;
     Ok(())
 }

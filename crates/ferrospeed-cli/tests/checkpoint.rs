@@ -244,3 +244,21 @@ fn a_damaged_meta_json_or_latest_fails_the_resume_naming_the_file_and_writes_not
     }
     checkpoint::verify(&step).unwrap();
 }
+
+#[test]
+fn sgd_with_momentum_resumes_bit_for_bit_and_another_optimizer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 8\nglobal_batch = 8\nmicro_batch = 2\nwarmup = 2\noptimizer = \"sgd\"\nmomentum = 0.9\nlr = 0.3");
+    let ck = dir.path().join("ck");
+    let sets = |ck: &Path| vec!["zero.stage=2".to_string(), format!("checkpoint.dir={}", ck.display()), "checkpoint.every=4".into()];
+    let whole = train(2, &config, &dir.path().join("whole"), &sets(&ck));
+    assert!(whole[7].1 < whole[0].1, "SGD trains: {whole:?}");
+    let meta = checkpoint::read_meta(&ck.join(checkpoint::step_dir_name(4))).unwrap();
+    assert_eq!((meta.optimizer.as_str(), meta.optimizer_state.clone()), ("sgd", vec!["momentum_buffer".to_string()]));
+    let root = root_with(&ck.join(checkpoint::step_dir_name(4)), &dir.path().join("root"));
+    let resumed = train(2, &config, &dir.path().join("resumed"), &sets(&root));
+    assert_eq!(bits(&resumed), bits(&whole[4..]), "the momentum buffer is restored");
+    let f = run(&mut train_command(1, &config, &dir.path().join("adamw"), &[format!("checkpoint.dir={}", root.display()), "train.optimizer=\"adamw\"".into()]), Duration::from_secs(60));
+    assert!(!f.status.success());
+    assert!(f.stderr.contains("holds the state of sgd (momentum_buffer), this run uses adamw"), "{}", f.stderr);
+}

@@ -50,6 +50,19 @@ fn stages_and_worlds(name: &str, steps: usize) {
         }
         per_world.push(per_stage.swap_remove(0));
     }
+    if name == "mlp" {
+        // The held-out score: each rank's count summed by `Accelerator::reduce`, the ranks' shares by
+        // `Accelerator::gather` (all of the test set, split by rank).
+        for world in 1..=3 {
+            let summary: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.path().join(format!("w{world}-s0/summary.json"))).unwrap()).unwrap();
+            let scored: Vec<f64> = summary["scored_per_rank"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert_eq!(scored.len(), world, "{summary}");
+            assert_eq!(scored.iter().sum::<f64>(), 600.0, "{summary}");
+            let correct = summary["correct"].as_f64().unwrap();
+            assert!(correct > 300.0 && correct <= 600.0, "world {world}: {correct} of 600 correct (4 classes)");
+        }
+    }
     let w1 = &per_world[0];
     assert!(w1[steps - 1].1 < w1[0].1, "{name}: the loss falls: {w1:?}");
     for (w, other) in per_world.iter().enumerate().skip(1) {

@@ -1,7 +1,17 @@
 //! Where blocks compute: a CUDA device per local rank (with the `cuda` feature), or the CPU; and what
 //! the GPU's memory pool has used at most.
 
-use crate::config::DeviceChoice;
+/// Where blocks compute; `train.device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// The GPU when this build has the cuda feature and a GPU is present, else the CPU.
+    Auto,
+    Cpu,
+    /// The GPU of index LOCAL_RANK.
+    Cuda,
+}
+crate::named_enum!(DeviceChoice { Auto => "auto", Cpu => "cpu", Cuda => "cuda" });
+
 use candle_core::Device;
 
 /// Set to 1 to let several local ranks share the GPUs round robin (tests on one GPU).

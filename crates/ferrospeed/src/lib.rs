@@ -3,6 +3,9 @@
 //! The crate is organised by concern (see `ARCHITECTURE.md` at the repository root):
 //! [`comm`] moves bytes between ranks, [`shard`] says which bytes each rank owns.
 
+#[macro_use]
+mod named;
+
 pub mod accelerator;
 pub mod checkpoint;
 pub mod comm;

@@ -3,7 +3,16 @@
 //! Master weights and optimizer moments are always fp32; blocks compute in the compute dtype;
 //! gradients are accumulated in fp32 and reduced in fp32 or the compute dtype.
 
-pub use crate::config::Precision;
+/// Numeric format of activations and gradients (master weights stay fp32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Bf16,
+    /// With dynamic loss scaling.
+    Fp16,
+}
+crate::named_enum!(Precision { Fp32 => "fp32", Bf16 => "bf16", Fp16 => "fp16" });
+
 use candle_core::DType;
 
 impl Precision {

@@ -31,10 +31,18 @@ pub enum AccelError {
     RunDirRefused(String),
     /// A call that needs `checkpoint.dir`.
     #[error("{what} needs checkpoint.dir: set it in the config or with --set checkpoint.dir=\"DIR\"")]
-    NoCheckpointDir { what: &'static str },
+    NoCheckpointDir {
+        /// The call that needs it.
+        what: &'static str,
+    },
     /// `model.init_from` could not be loaded.
     #[error("model.init_from = {path}: {source}")]
-    InitFrom { path: PathBuf, source: crate::checkpoint::CheckpointError },
+    InitFrom {
+        /// The checkpoint's path.
+        path: PathBuf,
+        /// Why it could not be loaded.
+        source: crate::checkpoint::CheckpointError,
+    },
     /// Command-line arguments of a program built on the `Accelerator`.
     #[error("{0}")]
     Args(String),

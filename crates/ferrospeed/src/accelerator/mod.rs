@@ -30,6 +30,8 @@
 //! Every collective it issues goes through the engine's communication thread, so a program's own
 //! collectives (metrics, barriers) and the engine's keep one order on every rank (invariant 2).
 
+#![warn(missing_docs)]
+
 mod args;
 mod error;
 

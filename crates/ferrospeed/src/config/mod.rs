@@ -20,6 +20,10 @@ mod tests;
 use std::path::{Path, PathBuf};
 
 pub use error::ConfigError;
+// Domain types the config parses into; they live with the code that uses them.
+pub use crate::device::DeviceChoice;
+pub use crate::precision::Precision;
+pub use crate::shard::ZeroStage;
 
 /// Everything a training run needs to know, after defaults and overrides, validated.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -30,44 +34,6 @@ pub struct Config {
     pub zero: ZeroConfig,
     pub checkpoint: CheckpointConfig,
     pub track: TrackConfig,
-}
-
-/// Generates, for an enum whose TOML form is a fixed set of strings, the list of names, the conversions
-/// both ways, `Display` and `Serialize`, so the schema, messages and JSON dump share one spelling.
-macro_rules! named_enum {
-    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
-        impl $ty {
-            /// Every accepted spelling, in the order shown in error messages.
-            pub const NAMES: &'static [&'static str] = &[$($name),+];
-
-            /// The variant spelled `name` in TOML, if any.
-            pub fn from_name(name: &str) -> Option<Self> {
-                match name {
-                    $($name => Some($ty::$variant),)+
-                    _ => None,
-                }
-            }
-
-            /// The TOML spelling of this variant.
-            pub fn name(self) -> &'static str {
-                match self {
-                    $($ty::$variant => $name,)+
-                }
-            }
-        }
-
-        impl std::fmt::Display for $ty {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.name())
-            }
-        }
-
-        impl serde::Serialize for $ty {
-            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.serialize_str(self.name())
-            }
-        }
-    };
 }
 
 /// The model family; only the built-in GPT-2 style decoder exists so far.
@@ -107,15 +73,6 @@ pub struct DataConfig {
     pub path: PathBuf,
 }
 
-/// Numeric format of activations and gradients (master weights stay fp32).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    Fp32,
-    Bf16,
-    /// With dynamic loss scaling.
-    Fp16,
-}
-named_enum!(Precision { Fp32 => "fp32", Bf16 => "bf16", Fp16 => "fp16" });
 
 /// Numeric format in which gradients are all-reduced or reduce-scattered between ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,16 +94,6 @@ pub enum OptimizerKind {
 }
 named_enum!(OptimizerKind { AdamW => "adamw", Sgd => "sgd" });
 
-/// Where blocks compute; `train.device`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceChoice {
-    /// The GPU when this build has the cuda feature and a GPU is present, else the CPU.
-    Auto,
-    Cpu,
-    /// The GPU of index LOCAL_RANK.
-    Cuda,
-}
-named_enum!(DeviceChoice { Auto => "auto", Cpu => "cpu", Cuda => "cuda" });
 
 /// `[train]`: the optimisation loop.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -222,50 +169,6 @@ impl Default for TrainConfig {
     }
 }
 
-/// ZeRO stage: which of optimizer state (1), gradients (2) and parameters (3) are sharded; 0 is DDP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub enum ZeroStage {
-    #[default]
-    Zero,
-    One,
-    Two,
-    Three,
-}
-
-impl ZeroStage {
-    /// The stage written as the integer `n` in TOML.
-    pub fn from_int(n: i64) -> Option<Self> {
-        match n {
-            0 => Some(ZeroStage::Zero),
-            1 => Some(ZeroStage::One),
-            2 => Some(ZeroStage::Two),
-            3 => Some(ZeroStage::Three),
-            _ => None,
-        }
-    }
-
-    /// The stage as its number, as written in TOML.
-    pub fn as_int(self) -> u8 {
-        match self {
-            ZeroStage::Zero => 0,
-            ZeroStage::One => 1,
-            ZeroStage::Two => 2,
-            ZeroStage::Three => 3,
-        }
-    }
-}
-
-impl std::fmt::Display for ZeroStage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.as_int())
-    }
-}
-
-impl serde::Serialize for ZeroStage {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_u8(self.as_int())
-    }
-}
 
 /// Where state that is not on the accelerator lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

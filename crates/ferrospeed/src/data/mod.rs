@@ -6,6 +6,8 @@
 //! (W ranks, micro-batch m). The ranks' samples are disjoint and together always the same global
 //! batch, whatever W and the accumulation: the basis of the world-size invariance of the losses.
 
+#![warn(missing_docs)]
+
 mod loader;
 
 pub use loader::{DataLoader, MicroBatches};
@@ -19,10 +21,20 @@ use std::sync::Mutex;
 pub enum DataError {
     /// A dataset with fewer samples than one global batch, sampled in epochs.
     #[error("the dataset has {len} samples, fewer than one global batch of {global_batch}: use more data or a smaller train.global_batch")]
-    TooSmall { len: usize, global_batch: usize },
+    TooSmall {
+        /// Number of samples in the dataset.
+        len: usize,
+        /// Samples in one global batch.
+        global_batch: usize,
+    },
     /// A dataset's own failure (reading a file, decoding a sample).
     #[error("sample {index}: {reason}")]
-    Sample { index: usize, reason: String },
+    Sample {
+        /// The sample's index in the dataset.
+        index: usize,
+        /// What went wrong.
+        reason: String,
+    },
     /// Collating or moving a batch.
     #[error(transparent)]
     Engine(#[from] EngineError),

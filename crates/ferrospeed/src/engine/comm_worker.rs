@@ -26,6 +26,8 @@ impl<R> Pending<R> {
         Self { rx }
     }
 
+    /// Block until the collective has run and return its result; an error if the communication
+    /// thread stopped before running it.
     pub fn wait(self) -> Result<R, EngineError> {
         self.rx.recv().map_err(|_| EngineError::Unsupported("the communication thread stopped".into()))
     }
@@ -39,6 +41,8 @@ pub struct CommWorker {
 }
 
 impl CommWorker {
+    /// Start the communication thread on `comm`. If no thread can be started, collectives run in
+    /// place on the caller's thread, still in submission order.
     pub fn spawn(comm: Arc<dyn Communicator>) -> Self {
         let (tx, rx) = channel::<Job>();
         let worker_comm = comm.clone();
@@ -53,6 +57,7 @@ impl CommWorker {
         Self { comm, tx: Some(tx), thread }
     }
 
+    /// This process's rank in the communicator.
     pub fn rank(&self) -> usize {
         self.comm.rank()
     }
@@ -63,6 +68,7 @@ impl CommWorker {
         self.comm.as_ref()
     }
 
+    /// Number of ranks in the communicator.
     pub fn world_size(&self) -> usize {
         self.comm.world_size()
     }

@@ -2,25 +2,54 @@
 
 use crate::comm::CommError;
 
+/// What can go wrong defining a model or running the engine's steps.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// A model that cannot be built or run as defined (no blocks, two blocks of one name, a block
+    /// its `VarBuilder` could not build).
     #[error("model definition: {0}")]
     Model(String),
+    /// A candle operation of a block's forward or backward pass failed.
     #[error("tensor computation in block {block}: {source}")]
-    Tensor { block: String, source: candle_core::Error },
+    Tensor {
+        /// The block's name.
+        block: String,
+        /// The candle error.
+        source: candle_core::Error,
+    },
+    /// A collective or the process group failed.
     #[error(transparent)]
     Comm(#[from] CommError),
+    /// A request the engine cannot serve in its current set-up or state (e.g. a step without
+    /// micro-batches, or an optimizer without a CUDA path on the GPU).
     #[error("{0}")]
     Unsupported(String),
     /// A block's code created two parameters of one name.
     #[error("block {block} creates parameter `{name}` twice: give each layer its own prefix (vb.pp(\"…\")), or tie the second use to the first")]
-    DuplicateParam { block: String, name: String },
+    DuplicateParam {
+        /// The block's name.
+        block: String,
+        /// The parameter's name.
+        name: String,
+    },
     /// A tied parameter slot that does not name a parameter of an earlier block.
     #[error("block {block} ties to `{name}` of block {owner}, which is not a parameter of an earlier block: tie the later use to the earlier owner (the backward runs in reverse, so the owner must come first)")]
-    BadTie { block: String, owner: usize, name: String },
+    BadTie {
+        /// The name of the block that ties.
+        block: String,
+        /// Index of the block the tie names as owner.
+        owner: usize,
+        /// The tied parameter's name.
+        name: String,
+    },
     /// A block asked the batch for a tensor it does not hold.
     #[error("the batch has no tensor `{name}` (it holds: {present}); add it to the dataset's samples or fix the name the block asks for")]
-    MissingInput { name: String, present: String },
+    MissingInput {
+        /// The tensor's name.
+        name: String,
+        /// The names of the tensors the batch holds, comma-separated.
+        present: String,
+    },
 }
 
 impl EngineError {

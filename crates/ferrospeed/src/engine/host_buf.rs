@@ -8,8 +8,11 @@ use std::ops::Range;
 /// Parameters or gradients in a compute dtype.
 #[derive(Debug, Clone)]
 pub enum HostBuf {
+    /// Values in f32.
     F32(Vec<f32>),
+    /// Values in bf16.
     Bf16(Vec<bf16>),
+    /// Values in f16.
     F16(Vec<f16>),
 }
 
@@ -23,6 +26,7 @@ impl HostBuf {
         }
     }
 
+    /// `len` zeros in `dtype` (f32 for any dtype other than bf16 and f16).
     pub fn zeros(dtype: DType, len: usize) -> Self {
         match dtype {
             DType::BF16 => Self::Bf16(vec![bf16::ZERO; len]),
@@ -31,6 +35,7 @@ impl HostBuf {
         }
     }
 
+    /// Number of elements.
     pub fn len(&self) -> usize {
         match self {
             Self::F32(v) => v.len(),
@@ -39,6 +44,7 @@ impl HostBuf {
         }
     }
 
+    /// Whether the buffer has no element.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -70,6 +76,7 @@ impl HostBuf {
         }
     }
 
+    /// The values as a communication buffer, for sending in a collective (no copy).
     pub fn as_buf(&self) -> Buf<'_> {
         match self {
             Self::F32(v) => Buf::F32(v),
@@ -78,6 +85,7 @@ impl HostBuf {
         }
     }
 
+    /// The values as a writable communication buffer, for receiving in a collective (no copy).
     pub fn as_buf_mut(&mut self) -> BufMut<'_> {
         match self {
             Self::F32(v) => BufMut::F32(v),

@@ -12,10 +12,13 @@ pub struct MemoryReport {
     pub master: usize,
     /// Optimizer state (AdamW: first and second moments).
     pub moments: usize,
+    /// Largest amount of all-gathered (stage 3) parameters alive at once during the last step.
     pub gathered_peak: usize,
 }
 
 impl MemoryReport {
+    /// Bytes held between steps: parameters, gradients, master weights and optimizer state
+    /// (`gathered_peak` excluded).
     pub fn persistent(&self) -> usize {
         self.params + self.grads + self.master + self.moments
     }

@@ -1,5 +1,7 @@
 //! The step engine: blocks, their flat parameters, forward/backward over blocks, reduction and update.
 
+#![warn(missing_docs)]
+
 mod block;
 pub mod blockwise;
 mod comm_worker;

@@ -6,7 +6,9 @@ use super::error::EngineError;
 /// Where a block's parameter slot lives: in `block`'s own parameters, at `index`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotSource {
+    /// Index of the block that owns the parameter.
     pub block: usize,
+    /// Index of the parameter among that block's own parameters.
     pub index: usize,
 }
 
@@ -60,10 +62,12 @@ impl Model {
         Ok(Self { blocks, own, slots, names })
     }
 
+    /// Number of blocks.
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
     }
 
+    /// Block `i`, in model order.
     pub fn block(&self, i: usize) -> &dyn Block {
         self.blocks[i].as_ref()
     }

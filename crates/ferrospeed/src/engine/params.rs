@@ -14,7 +14,7 @@ use crate::comm::CommError;
 use crate::engine::{Init, ParamSpec};
 use crate::optim::{GroupSettings, ParamGroups};
 use crate::rng::Rng;
-use crate::shard::{FlatParam, Strategy};
+use crate::shard::{FlatParam, OptimizerWindow, ParamPlacement, Publish, Strategy};
 use candle_core::{DType, Device, Var};
 use std::ops::Range;
 use std::sync::Arc;
@@ -82,7 +82,10 @@ impl BlockParams {
         }
         let shard = flat.layout().shard(rank);
         let shard_range = shard.offset..shard.offset + shard.padded_len;
-        let window = if strategy.optimizer_sharded() { shard_range.clone() } else { 0..full.len() };
+        let window = match strategy.optimizer_window() {
+            OptimizerWindow::Shard => shard_range.clone(),
+            OptimizerWindow::Whole => 0..full.len(),
+        };
         let master = full[window.clone()].to_vec();
         let n = master.len();
         let settings = flat.specs().iter().map(|s| optimizer.groups.resolve(&name, s, optimizer.weight_decay)).collect();
@@ -100,13 +103,12 @@ impl BlockParams {
             dev: None,
             host_fresh: true,
         };
-        if strategy.params_resident() {
-            p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?);
-        } else {
-            p.shard = Some(Arc::new(HostBuf::from_f32(dtype, &full[shard_range])));
+        match strategy.param_placement() {
+            ParamPlacement::Resident => p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?),
+            ParamPlacement::Gathered => p.shard = Some(Arc::new(HostBuf::from_f32(dtype, &full[shard_range]))),
         }
         // The update writes the variables themselves unless the window is gathered (stages 1–3).
-        let compute = (strategy.optimizer_sharded() || !strategy.params_resident()).then(|| HostBuf::from_f32(dtype, &p.master));
+        let compute = (strategy.publish() != Publish::Rebuild).then(|| HostBuf::from_f32(dtype, &p.master));
         if let [m, v] = p.state.as_slice() {
             // Only AdamW runs on the device (`Engine::new` refuses the others there).
             p.dev = DeviceWindow::new(device, &p.master, m, v, compute.as_ref()).map_err(EngineError::tensor(p.name.clone()))?;
@@ -181,11 +183,12 @@ impl BlockParams {
     /// On a CUDA device the update already wrote the compute copy: stage 0 has nothing left to do,
     /// the others copy the window's compute copy to the host once.
     pub fn start_publish(&mut self, worker: &CommWorker, strategy: Strategy, nccl: Option<&Nccl>) -> Result<Option<Gather>, EngineError> {
-        if self.dev.is_some() && strategy.params_resident() && !strategy.optimizer_sharded() {
+        let publish = strategy.publish();
+        if self.dev.is_some() && publish == Publish::Rebuild {
             return Ok(None);
         }
         if self.gathers_on_device(nccl) {
-            if !strategy.params_resident() {
+            if publish == Publish::KeepShard {
                 // Stage 3: the updated shard stays on the device, where the gathers read it.
                 self.shard = None;
                 return Ok(None);
@@ -199,15 +202,17 @@ impl BlockParams {
                 .map_err(EngineError::tensor(self.name.clone()))?
                 .ok_or_else(|| EngineError::Unsupported(format!("block {} has no compute copy on the device", self.name)))?,
         };
-        if !strategy.params_resident() {
-            self.shard = Some(Arc::new(updated));
-            return Ok(None);
+        match publish {
+            Publish::KeepShard => {
+                self.shard = Some(Arc::new(updated));
+                Ok(None)
+            }
+            Publish::Rebuild => {
+                self.vars = Some(self.make_vars(&updated)?);
+                Ok(None)
+            }
+            Publish::AllGather => Ok(Some(self.host_gather(worker, Arc::new(updated)))),
         }
-        if !strategy.optimizer_sharded() {
-            self.vars = Some(self.make_vars(&updated)?);
-            return Ok(None);
-        }
-        Ok(Some(self.host_gather(worker, Arc::new(updated))))
     }
 
     pub fn finish_publish(&mut self, gather: Gather) -> Result<(), EngineError> {

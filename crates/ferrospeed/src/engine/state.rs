@@ -11,10 +11,13 @@ use std::ops::Range;
 
 /// One block's optimizer state held by this rank.
 pub struct WindowRef<'a> {
+    /// The block's name.
     pub block: &'a str,
+    /// The layout of the block's flat buffer.
     pub flat: &'a FlatParam,
     /// Range of the padded flat buffer covered by `master` and `state`.
     pub window: Range<usize>,
+    /// fp32 master weights of the window.
     pub master: &'a [f32],
     /// One buffer per `Optimizer::state_names`.
     pub state: Vec<&'a [f32]>,
@@ -22,9 +25,13 @@ pub struct WindowRef<'a> {
 
 /// The same, writable.
 pub struct WindowMut<'a> {
+    /// The block's name.
     pub block: &'a str,
+    /// The layout of the block's flat buffer.
     pub flat: &'a FlatParam,
+    /// Range of the padded flat buffer covered by `master` and `state`.
     pub window: Range<usize>,
+    /// fp32 master weights of the window.
     pub master: &'a mut [f32],
     /// One buffer per `Optimizer::state_names`.
     pub state: Vec<&'a mut [f32]>,

@@ -21,7 +21,7 @@ use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::profile::{self, Kind};
 use crate::optim::{clip_coefficient, sum_squares, Hyper, LrSchedule, Optimizer, ParamGroups};
 use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision, ScalerState};
-use crate::shard::{GradReduction, Strategy};
+use crate::shard::{GradReduction, ParamPlacement, Strategy};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -40,7 +40,9 @@ pub struct EngineConfig {
     pub param_groups: ParamGroups,
     /// Seed of the parameter initialisation.
     pub seed: u64,
+    /// The ZeRO stage: what is sharded over the ranks.
     pub strategy: Strategy,
+    /// The dtype blocks compute in (fp32, bf16, or fp16 with loss scaling).
     pub precision: Precision,
     /// dtype gradients are reduced in (F32, or the compute dtype).
     pub reduce_dtype: DType,
@@ -177,6 +179,7 @@ impl Engine {
         Ok(Self { model, worker, params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl, acc: Accumulating::default() })
     }
 
+    /// The model being trained.
     pub fn model(&self) -> &Model {
         &self.model
     }
@@ -212,7 +215,7 @@ impl Engine {
     /// Every block's slot tensors with the current weights. With sharded parameters this gathers every
     /// block: call it on every rank.
     pub fn slot_tensors(&self) -> Result<Vec<Vec<Tensor>>, EngineError> {
-        if self.cfg.strategy.params_resident() {
+        if self.cfg.strategy.param_placement() == ParamPlacement::Resident {
             let mut src = Resident { model: &self.model, params: &self.params };
             (0..self.model.num_blocks()).map(|i| src.acquire(i, None)).collect()
         } else {
@@ -389,7 +392,10 @@ impl Engine {
         let Self { model, worker, params, grads, cfg, inject_overflow, nccl, acc, .. } = self;
         let mut resident = Resident { model, params };
         let mut gathering = Gathering::new(model, params, worker, nccl.as_ref());
-        let source: &mut dyn ParamSource = if cfg.strategy.params_resident() { &mut resident } else { &mut gathering };
+        let source: &mut dyn ParamSource = match cfg.strategy.param_placement() {
+            ParamPlacement::Resident => &mut resident,
+            ParamPlacement::Gathered => &mut gathering,
+        };
         if k > 0 {
             // The next forward reads its token ids back from the device (the embedding): first let the
             // previous micro-batch's NCCL gathers finish under the watchdog.

@@ -8,6 +8,8 @@
 //! again with a backend that serves the engine's tensors (variables, gathered shards) by those names;
 //! building candle-nn layers only stores tensors, so this costs nothing next to the compute.
 
+#![warn(missing_docs)]
+
 mod backend;
 
 use crate::engine::{Batch, Block, EngineError, ParamRef, ParamSpec};

@@ -22,11 +22,17 @@ pub struct AdamW {
 /// `v = b2·v + (1−b2)·g·g`, `p = p·shrink − step·m / (√v / bias2_sqrt + eps)`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdamWCoefficients {
+    /// Decay of the first moment (`beta1`).
     pub b1: f32,
+    /// Decay of the second moment (`beta2`).
     pub b2: f32,
+    /// Square root of the second moment's bias correction, `√(1 − beta2^t)`.
     pub bias2_sqrt: f32,
+    /// Step size: the learning rate divided by the first moment's bias correction, `lr / (1 − beta1^t)`.
     pub step: f32,
+    /// Added to the denominator.
     pub eps: f32,
+    /// Factor of decoupled weight decay, `1 − lr·weight_decay` (1 without decay).
     pub shrink: f32,
 }
 

@@ -1,5 +1,7 @@
 //! Optimizers and schedules over flat f32 buffers (host slices, or CUDA buffers with the `cuda` feature).
 
+#![warn(missing_docs)]
+
 mod adamw;
 mod clip;
 #[cfg(feature = "cuda")]

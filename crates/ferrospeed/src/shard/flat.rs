@@ -27,6 +27,7 @@ impl FlatParam {
         Self { specs: specs.to_vec(), offsets, layout: ShardLayout::new(numel, world_size, SHARD_ALIGN) }
     }
 
+    /// The block's parameters, in declaration (and buffer) order.
     pub fn specs(&self) -> &[ParamSpec] {
         &self.specs
     }

@@ -1,5 +1,7 @@
 //! Sharding: which part of a flat buffer each rank owns.
 
+#![warn(missing_docs)]
+
 mod flat;
 mod layout;
 mod param;
@@ -8,4 +10,4 @@ mod strategy;
 pub use flat::{FlatParam, SHARD_ALIGN};
 pub use layout::{Shard, ShardLayout};
 pub use param::{Init, ParamRef, ParamSpec};
-pub use strategy::{GradReduction, Strategy, ZeroStage};
+pub use strategy::{GradReduction, OptimizerWindow, ParamPlacement, Publish, Strategy, ZeroStage};

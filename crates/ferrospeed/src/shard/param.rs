@@ -13,11 +13,24 @@ pub enum Init {
     /// Every element equal to this value.
     Const(f64),
     /// Normal with mean 0 and standard deviation `std`.
-    Normal { std: f64 },
+    Normal {
+        /// Standard deviation.
+        std: f64,
+    },
     /// Normal with mean `mean` and standard deviation `std`.
-    NormalMean { mean: f64, std: f64 },
+    NormalMean {
+        /// Mean.
+        mean: f64,
+        /// Standard deviation.
+        std: f64,
+    },
     /// Uniform in `[lo, hi)`.
-    Uniform { lo: f64, hi: f64 },
+    Uniform {
+        /// Lower bound (inclusive).
+        lo: f64,
+        /// Upper bound (exclusive).
+        hi: f64,
+    },
 }
 
 /// A parameter a block owns.

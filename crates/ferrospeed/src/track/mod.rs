@@ -1,11 +1,11 @@
 //! Run outputs: `metrics.jsonl`, `config.json`/`summary.json`, a TensorBoard event file, and progress display.
 //!
 //! Code map:
-//! - [`metrics`]: [`StepMetrics`], the one record per optimizer step that every output is built from.
-//! - [`run_dir`]: choosing a fresh run directory and writing its JSON files.
-//! - [`tracker`]: [`Tracker`], which owns a run directory and appends metrics to it.
-//! - [`tensorboard`]: [`TensorBoardWriter`], a dependency-free TensorBoard event file writer.
-//! - [`progress`]: [`Progress`], a progress bar on a terminal, plain lines otherwise.
+//! - `metrics.rs`: [`StepMetrics`], the one record per optimizer step that every output is built from.
+//! - `run_dir.rs`: choosing a fresh run directory and writing its JSON files.
+//! - `tracker.rs`: [`Tracker`], which owns a run directory and appends metrics to it.
+//! - `tensorboard.rs`: [`TensorBoardWriter`], a dependency-free TensorBoard event file writer.
+//! - `progress.rs`: [`Progress`], a progress bar on a terminal, plain lines otherwise.
 //!
 //! Invariant: a run directory is never reused. A directory that already holds `metrics.jsonl` is refused
 //! before anything is written, so an earlier run's outputs cannot be overwritten or mixed with a new one.
