@@ -1,5 +1,6 @@
 //! The library API on models written with candle-nn layers, in one process:
 //! - trained through ferrospeed (world 1) it gives the losses of the same model trained by plain candle
+//!   (an MLP; a CNN with conv2d and RMSNorm)
 //!   with candle-nn's optimizers: bitwise with SGD (the same arithmetic), within 1e-5 with AdamW;
 //! - several tensors flow between blocks (hidden state plus a mask), gradients through the float ones,
 //!   equal to the same model as one block;
@@ -112,6 +113,72 @@ fn sgd_through_ferrospeed_equals_plain_candle_bit_for_bit() {
         sgd.get_or_insert_with(|| candle_nn::SGD::new(vars.to_vec(), 0.1).unwrap()).backward_step(loss).unwrap()
     });
     assert!(ours[9] < ours[0], "the loss falls: {ours:?}");
+    assert_eq!(ours.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), theirs.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), "{ours:?} vs {theirs:?}");
+}
+
+/// A small CNN: conv2d, RMSNorm over channels, linear head (the other candle-nn layers of the issue).
+struct Cnn {
+    conv: candle_nn::Conv2d,
+    norm: candle_nn::RmsNorm,
+    head: Linear,
+}
+
+impl Cnn {
+    fn new(vb: VarBuilder) -> candle_core::Result<Self> {
+        let conv_cfg = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+        Ok(Self { conv: candle_nn::conv2d(2, 4, 3, conv_cfg, vb.pp("conv"))?, norm: candle_nn::rms_norm(4, 1e-5, vb.pp("norm"))?, head: linear(4 * 5 * 5, 3, vb.pp("head"))? })
+    }
+
+    fn loss(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+        let h = self.conv.forward(batch.get("image")?)?.relu()?; // [b, 4, 5, 5]
+        let h = self.norm.forward(&h.permute((0, 2, 3, 1))?)?.flatten_from(1)?; // channels last, normed
+        candle_nn::loss::cross_entropy(&self.head.forward(&h)?, batch.get("y")?)
+    }
+}
+
+impl Forward for Cnn {
+    fn forward(&self, _inputs: &[Tensor], batch: &Batch) -> candle_core::Result<Vec<Tensor>> {
+        Ok(vec![self.loss(batch)?])
+    }
+}
+
+#[test]
+fn conv2d_and_rms_norm_blocks_train_as_in_plain_candle_bit_for_bit() {
+    let mut rng = Rng::new(9);
+    let image: Vec<f32> = (0..8 * 2 * 5 * 5).map(|_| rng.normal() as f32).collect();
+    let b = Batch::new().with("image", Tensor::from_vec(image, (8, 2, 5, 5), &Device::Cpu).unwrap()).with("y", batch().get("y").unwrap().clone());
+    let model = || Model::new(vec![Box::new(NnBlock::new("cnn", Cnn::new).unwrap())]).unwrap();
+    let (initial, ours) = with_engine(model, engine_cfg(Arc::new(Sgd::default()), 0.05, ParamGroups::default()), |engine| {
+        let specs: Vec<(String, Vec<usize>)> = engine.model().own_params(0).iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
+        assert_eq!(
+            specs,
+            [("conv.weight", vec![4, 2, 3, 3]), ("conv.bias", vec![4]), ("norm.weight", vec![4]), ("head.weight", vec![3, 100]), ("head.bias", vec![3])]
+                .map(|(n, s)| (n.to_string(), s))
+        );
+        let names = specs.into_iter().map(|(n, _)| n);
+        let initial: Vec<(String, Tensor)> = names.zip(engine.slot_tensors().unwrap().remove(0)).collect();
+        let losses: Vec<f32> = (0..5)
+            .map(|_| {
+                engine.forward_backward(&b).unwrap();
+                engine.step().unwrap().unwrap().loss as f32
+            })
+            .collect();
+        (initial, losses)
+    });
+    let map = VarMap::new();
+    let cnn = Cnn::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu)).unwrap();
+    for (name, value) in &initial {
+        map.data().lock().unwrap()[name].set(value).unwrap();
+    }
+    let mut sgd = candle_nn::SGD::new(map.all_vars(), 0.05).unwrap();
+    let theirs: Vec<f32> = (0..5)
+        .map(|_| {
+            let loss = cnn.loss(&b).unwrap();
+            sgd.backward_step(&loss).unwrap();
+            loss.to_scalar::<f32>().unwrap()
+        })
+        .collect();
+    assert!(ours[4] < ours[0], "{ours:?}");
     assert_eq!(ours.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), theirs.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), "{ours:?} vs {theirs:?}");
 }
 
