@@ -129,7 +129,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
             "tflops": (tok_s * flops_per_token / 1e12 * 10.0).round() / 10.0,
             "mfu_989": (tok_s * flops_per_token / 989e12 * 1000.0).round() / 1000.0,
             "peak_gpu_gib": ferrospeed::device::peak_device_bytes(&device).map(|b| (b as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0),
-            "peak_host_gib": (crate::train::peak_rss_bytes() as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0,
+            "peak_host_gib": (ferrospeed::track::peak_rss_bytes() as f64 / (1u64 << 30) as f64 * 100.0).round() / 100.0,
             "init_s": (init_s * 10.0).round() / 10.0,
             "phases_ms": {
                 "forward_backward": mean(|t| t.forward_backward),

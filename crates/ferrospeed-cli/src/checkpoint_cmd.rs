@@ -58,7 +58,7 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
                 out.display(),
                 t0.elapsed().as_secs_f64(),
                 stats.largest_block_bytes as f64 / 1e6,
-                crate::train::peak_rss_bytes() as f64 / 1e6
+                ferrospeed::track::peak_rss_bytes() as f64 / 1e6
             );
         }
     }

@@ -13,7 +13,7 @@ use ferrospeed::accelerator::{AccelError, Accelerator, Options, PrepareOptions};
 use ferrospeed::config::{Config, Offload};
 use ferrospeed::engine::Engine;
 use ferrospeed::rng::Rng;
-use ferrospeed::track::{Progress, StepMetrics};
+use ferrospeed::track::{peak_rss_bytes, Progress, StepMetrics};
 use ferrospeed::{CommExt, ReduceOp};
 use ferrospeed_models::gpt::HF_NAMES;
 use ferrospeed_models::{ByteTokenizer, Gpt, GptConfig, TextCorpus, TextWindows};
@@ -262,12 +262,4 @@ fn sample_text(gpt: &Gpt, params: &[Vec<Tensor>], n: usize, seed: u64) -> Result
     let mut rng = Rng::derive(seed, "sample");
     let out = gpt.generate(params, &prompt, n, 0.8, &mut rng)?;
     Ok(format!("The {}", tok.decode(&out)))
-}
-
-/// Peak resident memory of this process (Linux `VmHWM`), 0 where unknown.
-pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
-        .map_or(0, |kb| kb * 1024)
 }

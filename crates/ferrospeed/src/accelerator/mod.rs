@@ -251,7 +251,7 @@ impl Accelerator {
             tokens_per_s: if seconds > 0.0 { tokens_per_step as f64 / seconds } else { 0.0 },
             mfu: None,
             step_ms: seconds * 1e3,
-            peak_mem_bytes: 0,
+            peak_mem_bytes: crate::track::peak_rss_bytes(),
             loss_scale: stats.loss_scale,
             extra: Default::default(),
         };

@@ -22,7 +22,7 @@ mod tracker;
 mod event_reader;
 
 pub use error::TrackError;
-pub use metrics::StepMetrics;
+pub use metrics::{peak_rss_bytes, StepMetrics};
 pub use progress::Progress;
 pub use run_dir::fresh_run_dir;
 pub use tensorboard::TensorBoardWriter;
