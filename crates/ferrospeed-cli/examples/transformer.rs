@@ -1,5 +1,6 @@
-//! Bring your own model, part 2: a small GPT-style transformer written only with candle-nn layers
-//! (`Embedding`, `layer_norm`, `linear`), split into blocks (embedding, one block per layer, head with
+//! Bring your own model, part 2: a small GPT-style transformer written with candle-nn layers
+//! (`Embedding`, `linear`; LayerNorm from `ferrospeed::nn`, since candle-nn's has no backward on
+//! contiguous input), split into blocks (embedding, one block per layer, head with
 //! its weight tied to the token embedding), trained on the shipped text one byte per token with the
 //! program's own loop through the `Accelerator`.
 //!
@@ -13,10 +14,10 @@
 
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
-use candle_nn::{layer_norm, linear, Embedding, LayerNorm, Linear, Module, VarBuilder};
+use candle_nn::{linear, Embedding, Linear, Module, VarBuilder};
 use ferrospeed::accelerator::{config_from_args, Accelerator, Options, PrepareOptions};
 use ferrospeed::engine::{Batch, Block, Model};
-use ferrospeed::nn::{Forward, NnBlock, Tie};
+use ferrospeed::nn::{layer_norm, Forward, LayerNorm, NnBlock, Tie};
 use ferrospeed_models::{TextCorpus, TextWindows};
 use std::time::Instant;
 

@@ -1,10 +1,11 @@
 //! The library API on models written with candle-nn layers, in one process:
 //! - trained through ferrospeed (world 1) it gives the losses of the same model trained by plain candle
-//!   (an MLP; a CNN with conv2d and RMSNorm)
+//!   (an MLP; a CNN with conv2d and RMSNorm; LayerNorm)
 //!   with candle-nn's optimizers: bitwise with SGD (the same arithmetic), within 1e-5 with AdamW;
 //! - several tensors flow between blocks (hidden state plus a mask), gradients through the float ones,
 //!   equal to the same model as one block;
 //! - parameter groups: a learning-rate scale of 0 freezes a parameter, weight decay applies per group;
+//! - a parameter autograd never reaches (candle-nn's fused LayerNorm) is refused, naming the fix;
 //! - misuse is a typed error naming the problem: a parameter created twice, a batch without a tensor a
 //!   block asks for, a tie to a later block, a dataset smaller than one global batch.
 
@@ -116,17 +117,18 @@ fn sgd_through_ferrospeed_equals_plain_candle_bit_for_bit() {
     assert_eq!(ours.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), theirs.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), "{ours:?} vs {theirs:?}");
 }
 
-/// A small CNN: conv2d, RMSNorm over channels, linear head (the other candle-nn layers of the issue).
+/// A small CNN: candle-nn's conv2d, RMSNorm over channels (ferrospeed's: candle-nn's has no backward on
+/// contiguous input), a candle-nn linear head.
 struct Cnn {
     conv: candle_nn::Conv2d,
-    norm: candle_nn::RmsNorm,
+    norm: ferrospeed::nn::RmsNorm,
     head: Linear,
 }
 
 impl Cnn {
     fn new(vb: VarBuilder) -> candle_core::Result<Self> {
         let conv_cfg = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
-        Ok(Self { conv: candle_nn::conv2d(2, 4, 3, conv_cfg, vb.pp("conv"))?, norm: candle_nn::rms_norm(4, 1e-5, vb.pp("norm"))?, head: linear(4 * 5 * 5, 3, vb.pp("head"))? })
+        Ok(Self { conv: candle_nn::conv2d(2, 4, 3, conv_cfg, vb.pp("conv"))?, norm: ferrospeed::nn::rms_norm(4, 1e-5, vb.pp("norm"))?, head: linear(4 * 5 * 5, 3, vb.pp("head"))? })
     }
 
     fn loss(&self, batch: &Batch) -> candle_core::Result<Tensor> {
@@ -180,6 +182,76 @@ fn conv2d_and_rms_norm_blocks_train_as_in_plain_candle_bit_for_bit() {
         .collect();
     assert!(ours[4] < ours[0], "{ours:?}");
     assert_eq!(ours.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), theirs.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), "{ours:?} vs {theirs:?}");
+}
+
+/// Linear → LayerNorm → linear, with candle-nn's LayerNorm (`fused`) or ferrospeed's.
+struct Normed {
+    fc: Linear,
+    ln: Box<dyn Module + Send + Sync>,
+    out: Linear,
+}
+
+impl Normed {
+    fn new(vb: VarBuilder, fused: bool) -> candle_core::Result<Self> {
+        let ln: Box<dyn Module + Send + Sync> = if fused {
+            Box::new(candle_nn::layer_norm(12, 1e-5, vb.pp("ln"))?)
+        } else {
+            Box::new(ferrospeed::nn::layer_norm(12, 1e-5, vb.pp("ln"))?)
+        };
+        Ok(Self { fc: linear(6, 12, vb.pp("fc"))?, ln, out: linear(12, 3, vb.pp("out"))? })
+    }
+
+    fn loss(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+        let h = self.ln.forward(&self.fc.forward(batch.get("x")?)?)?;
+        candle_nn::loss::cross_entropy(&self.out.forward(&h)?, batch.get("y")?)
+    }
+}
+
+impl Forward for Normed {
+    fn forward(&self, _inputs: &[Tensor], batch: &Batch) -> candle_core::Result<Vec<Tensor>> {
+        Ok(vec![self.loss(batch)?])
+    }
+}
+
+#[test]
+fn a_parameter_autograd_never_reaches_is_refused_and_ferrospeeds_layer_norm_trains() {
+    // candle-nn's LayerNorm on contiguous input has no backward: its weights and fc would never train.
+    let fused = || Model::new(vec![Box::new(NnBlock::new("m", |vb| Normed::new(vb, true)).unwrap())]).unwrap();
+    let err = with_engine(fused, engine_cfg(Arc::new(Sgd::default()), 0.1, ParamGroups::default()), |engine| engine.forward_backward(&batch()).unwrap_err());
+    assert!(matches!(&err, EngineError::NoGradient { block, what } if block == "m" && what.contains("m.ln.weight")), "{err}");
+    assert!(err.to_string().contains("ferrospeed::nn::layer_norm"), "the message names the fix: {err}");
+    // ferrospeed's LayerNorm: every parameter trains, as in plain candle with the same layer (bitwise, SGD).
+    let ours = || Model::new(vec![Box::new(NnBlock::new("m", |vb| Normed::new(vb, false)).unwrap())]).unwrap();
+    let (initial, losses) = with_engine(ours, engine_cfg(Arc::new(Sgd::default()), 0.1, ParamGroups::default()), |engine| {
+        let names: Vec<String> = engine.model().own_params(0).iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["ln.weight", "ln.bias", "fc.weight", "fc.bias", "out.weight", "out.bias"], "in the order the code asks");
+        let initial: Vec<(String, Tensor)> = names.into_iter().zip(engine.slot_tensors().unwrap().remove(0)).collect();
+        let losses: Vec<f32> = (0..5)
+            .map(|_| {
+                engine.forward_backward(&batch()).unwrap();
+                engine.step().unwrap().unwrap().loss as f32
+            })
+            .collect();
+        let after = engine.slot_tensors().unwrap().remove(0);
+        let ln_w = after[0].to_vec1::<f32>().unwrap();
+        assert!(ln_w.iter().any(|w| *w != 1.0), "the LayerNorm weight trained: {ln_w:?}");
+        (initial, losses)
+    });
+    let map = VarMap::new();
+    let model = Normed::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu), false).unwrap();
+    for (name, value) in &initial {
+        map.data().lock().unwrap()[name].set(value).unwrap();
+    }
+    let mut sgd = candle_nn::SGD::new(map.all_vars(), 0.1).unwrap();
+    let b = batch();
+    let theirs: Vec<f32> = (0..5)
+        .map(|_| {
+            let loss = model.loss(&b).unwrap();
+            sgd.backward_step(&loss).unwrap();
+            loss.to_scalar::<f32>().unwrap()
+        })
+        .collect();
+    assert_eq!(losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), theirs.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), "{losses:?} vs {theirs:?}");
 }
 
 #[test]

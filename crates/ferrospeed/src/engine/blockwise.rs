@@ -181,14 +181,25 @@ pub fn backward(
                     continue;
                 };
                 let grads = target.backward().map_err(err())?;
-                let slot_grads = params.iter().map(|p| grads.get(p).cloned()).collect();
+                // A parameter or input autograd never reached is refused rather than trained as frozen
+                // (as PyTorch's DDP refuses unused parameters): see `EngineError::NoGradient`.
+                let mut slot_grads = Vec::with_capacity(params.len());
+                for (j, p) in params.iter().enumerate() {
+                    let Some(g) = grads.get(p) else {
+                        let src = model.slots(i)[j];
+                        let name = &model.own_params(src.block)[src.index].name;
+                        let what = format!("parameter `{}.{name}`", model.block_names()[src.block]);
+                        return Err(EngineError::NoGradient { block: block.name(), what });
+                    };
+                    slot_grads.push(Some(g.clone()));
+                }
                 let mut grad_in = Vec::with_capacity(inputs.len());
-                for v in &inputs {
+                for (k, v) in inputs.iter().enumerate() {
                     grad_in.push(match v {
-                        Some(v) => Some(match grads.get(v.as_tensor()) {
-                            Some(g) => g.clone(),
-                            None => v.as_tensor().zeros_like().map_err(err())?,
-                        }),
+                        Some(v) => match grads.get(v.as_tensor()) {
+                            Some(g) => Some(g.clone()),
+                            None => return Err(EngineError::NoGradient { block: block.name(), what: format!("its input {k} (from the block before)") }),
+                        },
                         None => None,
                     });
                 }

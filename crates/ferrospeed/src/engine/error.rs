@@ -42,6 +42,14 @@ pub enum EngineError {
         /// The tied parameter's name.
         name: String,
     },
+    /// Autograd gave no gradient to a parameter slot or a floating-point input of a block.
+    #[error("block {block}: {what} received no gradient, so it (and everything before it) would train as if frozen; candle-nn's LayerNorm, RmsNorm and softmax_last_dim take a fused path with no backward on contiguous input (candle issues #2168, #2977): use ferrospeed::nn::layer_norm / rms_norm and candle_nn::ops::softmax; a parameter the loss never uses cannot be trained: remove it")]
+    NoGradient {
+        /// The block's name.
+        block: String,
+        /// Which parameter or input.
+        what: String,
+    },
     /// A block asked the batch for a tensor it does not hold.
     #[error("the batch has no tensor `{name}` (it holds: {present}); add it to the dataset's samples or fix the name the block asks for")]
     MissingInput {

@@ -7,10 +7,16 @@
 //! `vb.get(shape, name)` (and answers with zeros that take no memory). In the forward, `build(vb)` runs
 //! again with a backend that serves the engine's tensors (variables, gathered shards) by those names;
 //! building candle-nn layers only stores tensors, so this costs nothing next to the compute.
+//!
+//! Norms: use [`layer_norm`] and [`rms_norm`] from here, not candle-nn's, whose modules take a fused
+//! path without a backward on contiguous input (see `norm.rs`).
 
 #![warn(missing_docs)]
 
 mod backend;
+mod norm;
+
+pub use norm::{layer_norm, rms_norm, LayerNorm, RmsNorm};
 
 use crate::engine::{Batch, Block, EngineError, ParamRef, ParamSpec};
 use backend::{Recorder, Server};
