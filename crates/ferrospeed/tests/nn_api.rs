@@ -71,50 +71,65 @@ fn mlp_model() -> Model {
     Model::new(vec![Box::new(NnBlock::new("mlp", Mlp::new).unwrap())]).unwrap()
 }
 
-/// 10 steps through ferrospeed: (initial weights by name, losses as f32).
-fn ferrospeed_losses(optimizer: Arc<dyn Optimizer>, lr: f64, groups: ParamGroups) -> (Vec<(String, Tensor)>, Vec<f32>) {
-    with_engine(mlp_model, engine_cfg(optimizer, lr, groups), |engine| {
+/// What `steps` steps through ferrospeed (one rank) did.
+struct Trained {
+    /// The initial weights, by parameter name (of the single block).
+    initial: Vec<(String, Tensor)>,
+    losses: Vec<f32>,
+    /// The weights after training, in slot order.
+    after: Vec<Tensor>,
+}
+
+fn train_ferrospeed(model: impl Fn() -> Model + Sync, cfg: EngineConfig, b: &Batch, steps: usize) -> Trained {
+    with_engine(model, cfg, |engine| {
         let names: Vec<String> = engine.model().own_params(0).iter().map(|p| p.name.clone()).collect();
-        let initial: Vec<(String, Tensor)> = names.into_iter().zip(engine.slot_tensors().unwrap().remove(0)).collect();
-        let b = batch();
-        let losses = (0..10)
+        let initial = names.into_iter().zip(engine.slot_tensors().unwrap().remove(0)).collect();
+        let losses = (0..steps)
             .map(|_| {
-                engine.forward_backward(&b).unwrap();
+                engine.forward_backward(b).unwrap();
                 engine.step().unwrap().expect("accumulation 1: every call steps").loss as f32
             })
             .collect();
-        (initial, losses)
+        Trained { initial, losses, after: engine.slot_tensors().unwrap().remove(0) }
     })
 }
 
-/// The same model in plain candle (VarMap, candle-nn optimizer) from the same initial weights.
-fn candle_losses(initial: &[(String, Tensor)], mut step: impl FnMut(&[Var], &Tensor)) -> Vec<f32> {
+/// The same model in plain candle (VarMap, a candle-nn optimizer made by `optimizer` from the
+/// variables) from the same initial weights: the loss of each of `steps` steps.
+fn train_candle<M, O: candle_nn::Optimizer>(
+    initial: &[(String, Tensor)],
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<M>,
+    loss: impl Fn(&M) -> candle_core::Result<Tensor>,
+    optimizer: impl FnOnce(Vec<Var>) -> O,
+    steps: usize,
+) -> Vec<f32> {
     let map = VarMap::new();
-    let mlp = Mlp::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu)).unwrap();
+    let model = build(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu)).unwrap();
     for (name, value) in initial {
         map.data().lock().unwrap()[name].set(value).unwrap();
     }
-    let vars = map.all_vars();
-    let b = batch();
-    (0..10)
+    let mut opt = optimizer(map.all_vars());
+    (0..steps)
         .map(|_| {
-            let loss = mlp.loss(&b).unwrap();
-            let value = loss.to_scalar::<f32>().unwrap();
-            step(&vars, &loss);
-            value
+            let l = loss(&model).unwrap();
+            opt.backward_step(&l).unwrap();
+            l.to_scalar::<f32>().unwrap()
         })
         .collect()
 }
 
+fn bits32(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|l| l.to_bits()).collect()
+}
+
 #[test]
 fn sgd_through_ferrospeed_equals_plain_candle_bit_for_bit() {
-    let (initial, ours) = ferrospeed_losses(Arc::new(Sgd::default()), 0.1, ParamGroups::default());
-    let mut sgd = None;
-    let theirs = candle_losses(&initial, |vars, loss| {
-        sgd.get_or_insert_with(|| candle_nn::SGD::new(vars.to_vec(), 0.1).unwrap()).backward_step(loss).unwrap()
-    });
+    let b = batch();
+    let ours = train_ferrospeed(mlp_model, engine_cfg(Arc::new(Sgd::default()), 0.1, ParamGroups::default()), &b, 10);
+    let theirs = train_candle(&ours.initial, Mlp::new, |m| m.loss(&b), |vars| candle_nn::SGD::new(vars, 0.1).unwrap(), 10);
+    let ours = ours.losses;
     assert!(ours[9] < ours[0], "the loss falls: {ours:?}");
-    assert_eq!(ours.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), theirs.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), "{ours:?} vs {theirs:?}");
+    assert_eq!(bits32(&ours), bits32(&theirs), "{ours:?} vs {theirs:?}");
 }
 
 /// A small CNN: candle-nn's conv2d, RMSNorm over channels (ferrospeed's: candle-nn's has no backward on
@@ -150,38 +165,17 @@ fn conv2d_and_rms_norm_blocks_train_as_in_plain_candle_bit_for_bit() {
     let image: Vec<f32> = (0..8 * 2 * 5 * 5).map(|_| rng.normal() as f32).collect();
     let b = Batch::new().with("image", Tensor::from_vec(image, (8, 2, 5, 5), &Device::Cpu).unwrap()).with("y", batch().get("y").unwrap().clone());
     let model = || Model::new(vec![Box::new(NnBlock::new("cnn", Cnn::new).unwrap())]).unwrap();
-    let (initial, ours) = with_engine(model, engine_cfg(Arc::new(Sgd::default()), 0.05, ParamGroups::default()), |engine| {
-        let specs: Vec<(String, Vec<usize>)> = engine.model().own_params(0).iter().map(|p| (p.name.clone(), p.shape.clone())).collect();
-        assert_eq!(
-            specs,
-            [("conv.weight", vec![4, 2, 3, 3]), ("conv.bias", vec![4]), ("norm.weight", vec![4]), ("head.weight", vec![3, 100]), ("head.bias", vec![3])]
-                .map(|(n, s)| (n.to_string(), s))
-        );
-        let names = specs.into_iter().map(|(n, _)| n);
-        let initial: Vec<(String, Tensor)> = names.zip(engine.slot_tensors().unwrap().remove(0)).collect();
-        let losses: Vec<f32> = (0..5)
-            .map(|_| {
-                engine.forward_backward(&b).unwrap();
-                engine.step().unwrap().unwrap().loss as f32
-            })
-            .collect();
-        (initial, losses)
-    });
-    let map = VarMap::new();
-    let cnn = Cnn::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu)).unwrap();
-    for (name, value) in &initial {
-        map.data().lock().unwrap()[name].set(value).unwrap();
-    }
-    let mut sgd = candle_nn::SGD::new(map.all_vars(), 0.05).unwrap();
-    let theirs: Vec<f32> = (0..5)
-        .map(|_| {
-            let loss = cnn.loss(&b).unwrap();
-            sgd.backward_step(&loss).unwrap();
-            loss.to_scalar::<f32>().unwrap()
-        })
-        .collect();
+    let ours = train_ferrospeed(model, engine_cfg(Arc::new(Sgd::default()), 0.05, ParamGroups::default()), &b, 5);
+    let specs: Vec<(String, Vec<usize>)> = ours.initial.iter().map(|(n, t)| (n.clone(), t.dims().to_vec())).collect();
+    assert_eq!(
+        specs,
+        [("conv.weight", vec![4, 2, 3, 3]), ("conv.bias", vec![4]), ("norm.weight", vec![4]), ("head.weight", vec![3, 100]), ("head.bias", vec![3])]
+            .map(|(n, s)| (n.to_string(), s))
+    );
+    let theirs = train_candle(&ours.initial, Cnn::new, |m| m.loss(&b), |vars| candle_nn::SGD::new(vars, 0.05).unwrap(), 5);
+    let ours = ours.losses;
     assert!(ours[4] < ours[0], "{ours:?}");
-    assert_eq!(ours.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), theirs.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), "{ours:?} vs {theirs:?}");
+    assert_eq!(bits32(&ours), bits32(&theirs), "{ours:?} vs {theirs:?}");
 }
 
 /// Linear → LayerNorm → linear, with candle-nn's LayerNorm (`fused`) or ferrospeed's.
@@ -222,36 +216,14 @@ fn a_parameter_autograd_never_reaches_is_refused_and_ferrospeeds_layer_norm_trai
     assert!(err.to_string().contains("ferrospeed::nn::layer_norm"), "the message names the fix: {err}");
     // ferrospeed's LayerNorm: every parameter trains, as in plain candle with the same layer (bitwise, SGD).
     let ours = || Model::new(vec![Box::new(NnBlock::new("m", |vb| Normed::new(vb, false)).unwrap())]).unwrap();
-    let (initial, losses) = with_engine(ours, engine_cfg(Arc::new(Sgd::default()), 0.1, ParamGroups::default()), |engine| {
-        let names: Vec<String> = engine.model().own_params(0).iter().map(|p| p.name.clone()).collect();
-        assert_eq!(names, ["ln.weight", "ln.bias", "fc.weight", "fc.bias", "out.weight", "out.bias"], "in the order the code asks");
-        let initial: Vec<(String, Tensor)> = names.into_iter().zip(engine.slot_tensors().unwrap().remove(0)).collect();
-        let losses: Vec<f32> = (0..5)
-            .map(|_| {
-                engine.forward_backward(&batch()).unwrap();
-                engine.step().unwrap().unwrap().loss as f32
-            })
-            .collect();
-        let after = engine.slot_tensors().unwrap().remove(0);
-        let ln_w = after[0].to_vec1::<f32>().unwrap();
-        assert!(ln_w.iter().any(|w| *w != 1.0), "the LayerNorm weight trained: {ln_w:?}");
-        (initial, losses)
-    });
-    let map = VarMap::new();
-    let model = Normed::new(VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu), false).unwrap();
-    for (name, value) in &initial {
-        map.data().lock().unwrap()[name].set(value).unwrap();
-    }
-    let mut sgd = candle_nn::SGD::new(map.all_vars(), 0.1).unwrap();
     let b = batch();
-    let theirs: Vec<f32> = (0..5)
-        .map(|_| {
-            let loss = model.loss(&b).unwrap();
-            sgd.backward_step(&loss).unwrap();
-            loss.to_scalar::<f32>().unwrap()
-        })
-        .collect();
-    assert_eq!(losses.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), theirs.iter().map(|l| l.to_bits()).collect::<Vec<_>>(), "{losses:?} vs {theirs:?}");
+    let trained = train_ferrospeed(ours, engine_cfg(Arc::new(Sgd::default()), 0.1, ParamGroups::default()), &b, 5);
+    let names: Vec<&str> = trained.initial.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["ln.weight", "ln.bias", "fc.weight", "fc.bias", "out.weight", "out.bias"], "in the order the code asks");
+    let ln_w = trained.after[0].to_vec1::<f32>().unwrap();
+    assert!(ln_w.iter().any(|w| *w != 1.0), "the LayerNorm weight trained: {ln_w:?}");
+    let theirs = train_candle(&trained.initial, |vb| Normed::new(vb, false), |m| m.loss(&b), |vars| candle_nn::SGD::new(vars, 0.1).unwrap(), 5);
+    assert_eq!(bits32(&trained.losses), bits32(&theirs), "{:?} vs {theirs:?}", trained.losses);
 }
 
 #[test]
@@ -259,12 +231,11 @@ fn adamw_through_ferrospeed_equals_plain_candle_within_1e_5() {
     // candle-nn's AdamW decays every parameter: one group of all of them does the same here.
     let groups = ParamGroups { groups: vec![ParamGroup::new("*").weight_decay(0.05)] };
     let adamw = AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 };
-    let (initial, ours) = ferrospeed_losses(Arc::new(adamw), 0.01, groups);
+    let b = batch();
+    let ours = train_ferrospeed(mlp_model, engine_cfg(Arc::new(adamw), 0.01, groups), &b, 10);
     let params = candle_nn::ParamsAdamW { lr: 0.01, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05 };
-    let mut opt = None;
-    let theirs = candle_losses(&initial, |vars, loss| {
-        opt.get_or_insert_with(|| candle_nn::AdamW::new(vars.to_vec(), params.clone()).unwrap()).backward_step(loss).unwrap()
-    });
+    let theirs = train_candle(&ours.initial, Mlp::new, |m| m.loss(&b), |vars| candle_nn::AdamW::new(vars, params).unwrap(), 10);
+    let ours = ours.losses;
     assert!(ours[9] < ours[0], "the loss falls: {ours:?}");
     for (step, (a, b)) in ours.iter().zip(&theirs).enumerate() {
         assert!(((a - b) / b).abs() < 1e-5, "step {}: ferrospeed {a} vs candle {b}", step + 1);
