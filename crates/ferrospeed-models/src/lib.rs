@@ -5,6 +5,7 @@
 
 pub mod data;
 pub mod gpt;
+pub mod ops;
 pub mod tokenizer;
 
 pub use data::{BatchSampler, DataError, TextCorpus, TextWindows};

@@ -11,7 +11,7 @@ mod support;
 use candle_core::{DType, Device, Tensor};
 use ferrospeed::engine::{Batch, Upstream};
 use ferrospeed::rng::Rng;
-use ferrospeed_models::gpt::fused::*;
+use ferrospeed_models::ops::fused::*;
 use ferrospeed_models::{Gpt, GptConfig};
 use support::{gpu_or_skip, randn, random_ids};
 
@@ -202,7 +202,7 @@ fn gpt_blocks_forward_and_backward_match_the_cpu() {
 
 #[test]
 fn fused_attention_matches_the_cpu_reference_and_repeats_bitwise() {
-    use ferrospeed_models::gpt::attention::{attention_backward, attention_forward, fused_attention_available};
+    use ferrospeed_models::ops::attention::{attention_backward, attention_forward, fused_attention_available};
     let Some(dev) = gpu_or_skip("fused_attention_matches_the_cpu_reference_and_repeats_bitwise") else { return };
     // Sequence lengths on and off the 64-row tile, every head dimension the kernels have.
     for (b, t, nh, hd) in [(2, 200, 3, 64), (1, 64, 2, 32), (1, 130, 2, 128), (2, 1024, 2, 64)] {

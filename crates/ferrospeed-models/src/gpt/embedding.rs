@@ -1,7 +1,7 @@
 //! GPT block 0: token embedding plus learned position embedding, with a hand-written backward
 //! (row scatter-add into the token table in f32, column sums for positions).
 
-use super::fused::{col_sum, embedding_grad};
+use crate::ops::fused::{col_sum, embedding_grad};
 use super::GptConfig;
 use candle_core::{DType, Device, Result, Tensor};
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};

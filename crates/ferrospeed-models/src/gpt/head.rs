@@ -1,9 +1,9 @@
 //! The last GPT block: final LayerNorm, logits through the token embedding (tied), cross-entropy; with
 //! a hand-written backward (the logits are the largest tensor of a step: one pass each way).
 
-use super::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward, fused_cross_entropy};
-use super::fused::{ln_backward, ln_forward};
-use super::ops::layer_norm;
+use crate::ops::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward, fused_cross_entropy};
+use crate::ops::fused::{ln_backward, ln_forward};
+use crate::ops::composed::layer_norm;
 use super::GptConfig;
 use candle_core::{Result, Tensor};
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};

@@ -3,9 +3,9 @@
 //! hand-written backward of `layer_fused.rs`; the forward composed of candle ops stays for autograd
 //! (when a caller differentiates `forward` itself) and as the reference the fused one is tested against.
 
-use super::causal_softmax::causal_softmax;
+use crate::ops::causal_softmax::causal_softmax;
 use super::layer_fused::{self, LayerSaved};
-use super::ops::layer_norm;
+use crate::ops::composed::layer_norm;
 use super::GptConfig;
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
 use candle_core::{Result, Tensor};

@@ -2,9 +2,9 @@
 //! that backward. Every op is marked with the kind of work it is (`ferrospeed::profile`), which is
 //! what a GPU step's time breakdown is made of.
 
-use super::attention::{attention_backward, attention_forward, fused_attention_available};
-use super::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
-use super::fused::{bias_add, bias_gelu, bias_gelu_backward, bias_residual, col_sum, ln_backward, ln_forward};
+use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
+use crate::ops::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
+use crate::ops::fused::{bias_add, bias_gelu, bias_gelu_backward, bias_residual, col_sum, ln_backward, ln_forward};
 use candle_core::{Result, Tensor};
 use ferrospeed::profile::{scoped, scoped_as, Kind};
 

@@ -5,26 +5,13 @@
 //! linear weights are stored `[in, out]` like its Conv1D, so `x · W` needs no transpose and export is a
 //! renaming.
 
-pub mod attention;
-#[cfg(feature = "cuda")]
-mod attention_cuda;
-mod causal_softmax;
-mod cross_entropy;
-#[cfg(feature = "cuda")]
-mod cuda_kernels;
 mod embedding;
-pub mod fused;
-#[cfg(feature = "cuda")]
-mod fused_cuda;
 mod generate;
 mod head;
 mod layer;
 mod layer_fused;
 mod names;
-pub mod ops;
 
-pub use causal_softmax::causal_softmax;
-pub use cross_entropy::fused_cross_entropy;
 pub use embedding::Embedding;
 pub use head::Head;
 pub use layer::Layer;

@@ -1,4 +1,4 @@
-//! The differentiable pieces GPT needs, composed from candle-core ops (so autograd covers them):
+//! The differentiable pieces the model families need, composed from candle-core ops (so autograd covers them):
 //! layer norm, causal softmax attention scores, cross-entropy.
 //!
 //! With bf16/f16 compute, these reductions run in f32 and cast back (as PyTorch's autocast does):

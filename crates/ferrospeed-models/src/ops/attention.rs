@@ -129,8 +129,8 @@ pub fn attention_backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::causal_softmax;
-    use crate::gpt::fused::tests::{max_diff, randn};
+    use crate::ops::causal_softmax;
+    use crate::ops::fused::tests::{max_diff, randn};
     use candle_core::Var;
 
     /// The composed attention of the layer (split heads, scores, causal softmax, merge), with autograd.

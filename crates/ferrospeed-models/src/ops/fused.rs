@@ -169,7 +169,7 @@ pub fn col_sum(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::gpt::ops::layer_norm;
+    use crate::ops::composed::layer_norm;
     use candle_core::Var;
 
     /// Standard normal f64 values from `seed` (test inputs).

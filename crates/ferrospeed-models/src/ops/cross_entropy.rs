@@ -262,7 +262,7 @@ KERNELS(f16, unsigned short, ld_f16, st_f16)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::ops::cross_entropy;
+    use crate::ops::composed::cross_entropy;
     use candle_core::{DType, Device, Var};
     use ferrospeed::rng::Rng;
 

@@ -234,7 +234,7 @@ KERNELS(f16, unsigned short, ld_f16, st_f16)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gpt::ops::{causal_mask, softmax_last_dim};
+    use crate::ops::composed::{causal_mask, softmax_last_dim};
     use candle_core::{DType, Device, Var};
 
     #[test]

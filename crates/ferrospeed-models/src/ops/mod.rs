@@ -1,0 +1,19 @@
+//! The kernels the model families share: attention (fused, reading q, k, v from the projection's
+//! layout), norms, activations, cross-entropy and the embedding gradient. Each has a CPU reference
+//! (f64 where it is a reference) and, with the `cuda` feature, CUDA kernels tested against it.
+//! `composed` holds the same operations built from candle ops, differentiable by autograd.
+
+pub mod attention;
+#[cfg(feature = "cuda")]
+mod attention_cuda;
+pub(crate) mod causal_softmax;
+pub mod composed;
+pub(crate) mod cross_entropy;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
+pub mod fused;
+#[cfg(feature = "cuda")]
+mod fused_cuda;
+
+pub use causal_softmax::causal_softmax;
+pub use cross_entropy::fused_cross_entropy;
