@@ -5,9 +5,11 @@
 
 pub mod data;
 pub mod gpt;
+pub mod llama;
 pub mod ops;
 pub mod tokenizer;
 
 pub use data::{BatchSampler, DataError, TextCorpus, TextWindows};
 pub use gpt::{GptConfig, Gpt};
+pub use llama::{Llama, LlamaConfig};
 pub use tokenizer::ByteTokenizer;

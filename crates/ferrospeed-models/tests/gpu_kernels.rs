@@ -204,25 +204,26 @@ fn gpt_blocks_forward_and_backward_match_the_cpu() {
 fn fused_attention_matches_the_cpu_reference_and_repeats_bitwise() {
     use ferrospeed_models::ops::attention::{attention_backward, attention_forward, fused_attention_available};
     let Some(dev) = gpu_or_skip("fused_attention_matches_the_cpu_reference_and_repeats_bitwise") else { return };
-    // Sequence lengths on and off the 64-row tile, every head dimension the kernels have.
-    for (b, t, nh, hd) in [(2, 200, 3, 64), (1, 64, 2, 32), (1, 130, 2, 128), (2, 1024, 2, 64)] {
+    // Sequence lengths on and off the 64-row tile, every head dimension the kernels have, and grouped
+    // key/value heads (Llama's GQA: 4 query heads per key/value head, and 8 → 1).
+    for (b, t, nh, nkv, hd) in [(2, 200, 3, 3, 64), (1, 64, 2, 2, 32), (1, 130, 2, 2, 128), (2, 1024, 2, 2, 64), (2, 200, 8, 2, 64), (1, 130, 8, 1, 128)] {
         for dtype in [DType::BF16, DType::F16] {
             let round = |x: Tensor| x.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
-            let qkv = round(randn(&[b * t, 3 * nh * hd], 1, 1.0));
+            let qkv = round(randn(&[b * t, (nh + 2 * nkv) * hd], 1, 1.0));
             let dy = round(randn(&[b * t, nh * hd], 2, 1.0));
             let (gq, gdy) = (qkv.to_dtype(dtype).unwrap().to_device(&dev).unwrap(), dy.to_dtype(dtype).unwrap().to_device(&dev).unwrap());
             assert!(fused_attention_available(&gq, hd), "the kernels must run for {dtype:?}, hd {hd}");
-            let got = attention_forward(&gq, b, t, nh).unwrap();
-            let dq = attention_backward(&gq, &got.y, &got.lse, &gdy, b, t, nh).unwrap();
+            let got = attention_forward(&gq, b, t, nh, nkv).unwrap();
+            let dq = attention_backward(&gq, &got.y, &got.lse, &gdy, b, t, nh, nkv).unwrap();
             // The reference on the GPU's (rounded) output, so that both backwards see the same y.
-            let want = attention_forward(&qkv, b, t, nh).unwrap();
+            let want = attention_forward(&qkv, b, t, nh, nkv).unwrap();
             let y_gpu = got.y.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-            let want_dq = attention_backward(&qkv, &y_gpu, &want.lse, &dy, b, t, nh).unwrap();
+            let want_dq = attention_backward(&qkv, &y_gpu, &want.lse, &dy, b, t, nh, nkv).unwrap();
             let errs = [rel(&got.y, &want.y), rel(&got.lse, &want.lse), rel(&dq, &want_dq)];
             // Measured over the shapes: y and dqkv BF16 ≤ 2.9e-3, F16 ≤ 3.7e-4; lse ≤ 1.7e-7 (f32).
             let tols = if dtype == DType::BF16 { [1e-2, 1e-6, 1e-2] } else { [2e-3, 1e-6, 2e-3] };
-            assert_within(&format!("fused attention b{b} t{t} nh{nh} hd{hd} {dtype:?}"), &errs, &tols);
-            let again = attention_backward(&gq, &got.y, &got.lse, &gdy, b, t, nh).unwrap();
+            assert_within(&format!("fused attention b{b} t{t} nh{nh} nkv{nkv} hd{hd} {dtype:?}"), &errs, &tols);
+            let again = attention_backward(&gq, &got.y, &got.lse, &gdy, b, t, nh, nkv).unwrap();
             assert_eq!(rel(&again, &dq), 0.0, "the backward is not repeatable");
         }
     }

@@ -1,14 +1,31 @@
-//! The block-wise backward of the GPT model against central finite differences, in f64, on a tiny
-//! model: every parameter of every block (through the whole chain of blocks, tied embedding included),
+//! The block-wise backward of each model family against central finite differences, in f64, on tiny
+//! models: every parameter of every block (through the whole chain of blocks, tied embedding included),
 //! and the input gradient of every block, both through autograd of the composed forward and from the
-//! blocks' hand-written backward.
+//! blocks' hand-written backward. Llama runs with and without grouped K/V heads, tied and untied,
+//! with q/k/v biases and with Llama 3's rope scaling.
 
 use candle_core::{DType, Device, Tensor, Var};
-use ferrospeed::engine::{blockwise, Batch, Model, Upstream};
+use ferrospeed::engine::{blockwise, Batch, Init, Model, Upstream};
 use ferrospeed::rng::Rng;
-use ferrospeed_models::{Gpt, GptConfig};
+use ferrospeed_models::ops::rope::Llama3Scaling;
+use ferrospeed_models::{Gpt, GptConfig, Llama, LlamaConfig};
 
 const CFG: GptConfig = GptConfig { n_layer: 2, n_head: 2, d_model: 8, seq_len: 5, vocab_size: 11 };
+
+/// The models under test with their width: GPT, and Llama in the variants whose code paths differ.
+fn models() -> Vec<(String, Model, usize)> {
+    let base = LlamaConfig::tiny(2, 8, 4, 2, 11, 5);
+    let scaling = Llama3Scaling { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 4 };
+    let llamas = [
+        ("llama gqa untied", base),
+        ("llama mha tied", LlamaConfig { n_kv_head: 4, tie_word_embeddings: true, ..base }),
+        ("llama gqa 4:1 bias", LlamaConfig { n_kv_head: 1, attention_bias: true, ..base }),
+        ("llama rope scaling", LlamaConfig { rope_scaling: Some(scaling), rope_theta: 100.0, ..base }),
+    ];
+    let mut out = vec![("gpt".to_string(), Gpt::new(CFG).model().unwrap(), CFG.d_model)];
+    out.extend(llamas.into_iter().map(|(name, cfg)| (name.to_string(), Llama::new(cfg).model().unwrap(), cfg.d_model)));
+    out
+}
 
 /// Random f64 values for every parameter each block owns (not the GPT init: larger, so every path matters).
 fn random_params(model: &Model) -> Vec<Vec<Vec<f64>>> {
@@ -19,7 +36,7 @@ fn random_params(model: &Model) -> Vec<Vec<Vec<f64>>> {
                 .own_params(i)
                 .iter()
                 .map(|s| {
-                    let base = if s.name.contains("ln") && s.name.ends_with("weight") { 1.0 } else { 0.0 };
+                    let base = if s.init == Init::Ones { 1.0 } else { 0.0 };
                     (0..s.numel()).map(|_| base + 0.3 * rng.normal()).collect()
                 })
                 .collect()
@@ -88,7 +105,12 @@ fn analytic(model: &Model, owned: &[Vec<Vec<f64>>], batch: &Batch, checkpointing
 
 #[test]
 fn every_parameter_gradient_matches_finite_differences() {
-    let model = Gpt::new(CFG).model().unwrap();
+    for (name, model, _) in models() {
+        every_parameter_gradient(&name, &model);
+    }
+}
+
+fn every_parameter_gradient(family: &str, model: &Model) {
     let owned = random_params(&model);
     let batch = batch();
     let with_ckpt = analytic(&model, &owned, &batch, true);
@@ -110,7 +132,7 @@ fn every_parameter_gradient_matches_finite_differences() {
                 let an = with_ckpt[b][p][e];
                 assert!(
                     (fd - an).abs() <= 1e-7 + 1e-5 * fd.abs(),
-                    "block {} {}[{e}]: analytic {an:e} vs finite difference {fd:e}",
+                    "{family} block {} {}[{e}]: analytic {an:e} vs finite difference {fd:e}",
                     model.block(b).name(),
                     spec.name
                 );
@@ -118,29 +140,34 @@ fn every_parameter_gradient_matches_finite_differences() {
             }
         }
     }
-    assert!(checked > 100, "checked {checked} elements");
+    assert!(checked > 100, "{family}: checked {checked} elements");
 }
 
 #[test]
 fn every_block_input_gradient_matches_finite_differences() {
     // For each transformer layer and the head, d(sum(y · r))/dx against finite differences of x,
     // with autograd on the composed forward (what a block without its own backward relies on).
-    let model = Gpt::new(CFG).model().unwrap();
-    let owned = random_params(&model);
+    for (name, model, d) in models() {
+        every_block_input_gradient(&name, &model, d);
+    }
+}
+
+fn every_block_input_gradient(family: &str, model: &Model, d: usize) {
+    let owned = random_params(model);
     let batch = batch();
-    let params = slots(&model, &owned, None);
+    let params = slots(model, &owned, None);
     let mut rng = Rng::new(7);
-    let x0: Vec<f64> = (0..2 * 5 * CFG.d_model).map(|_| rng.normal()).collect();
+    let x0: Vec<f64> = (0..2 * 5 * d).map(|_| rng.normal()).collect();
     for b in 1..model.num_blocks() {
         let block = model.block(b);
         let out_numel = if b + 1 == model.num_blocks() { 1 } else { x0.len() };
         let r: Vec<f64> = (0..out_numel).map(|_| rng.normal()).collect();
         let objective = |x: &[f64]| -> f64 {
-            let xt = Tensor::from_slice(x, (2, 5, CFG.d_model), &Device::Cpu).unwrap();
+            let xt = Tensor::from_slice(x, (2, 5, d), &Device::Cpu).unwrap();
             let y: Vec<f64> = block.forward(&params[b], &[xt], &batch).unwrap()[0].flatten_all().unwrap().to_vec1().unwrap();
             y.iter().zip(&r).map(|(a, b)| a * b).sum()
         };
-        let xv = Var::from_slice(&x0, (2, 5, CFG.d_model), &Device::Cpu).unwrap();
+        let xv = Var::from_slice(&x0, (2, 5, d), &Device::Cpu).unwrap();
         let y = block.forward(&params[b], &[xv.as_tensor().clone()], &batch).unwrap().remove(0);
         let rt = Tensor::from_slice(&r, y.shape(), &Device::Cpu).unwrap();
         let grads = (y * rt).unwrap().sum_all().unwrap().backward().unwrap();
@@ -150,7 +177,7 @@ fn every_block_input_gradient_matches_finite_differences() {
             plus[e] += 1e-5;
             minus[e] -= 1e-5;
             let fd = (objective(&plus) - objective(&minus)) / 2e-5;
-            assert!((fd - an[e]).abs() <= 1e-7 + 1e-5 * fd.abs(), "block {} x[{e}]: {} vs {fd}", block.name(), an[e]);
+            assert!((fd - an[e]).abs() <= 1e-7 + 1e-5 * fd.abs(), "{family} block {} x[{e}]: {} vs {fd}", block.name(), an[e]);
         }
     }
 }
@@ -159,13 +186,18 @@ fn every_block_input_gradient_matches_finite_differences() {
 fn every_hand_written_input_gradient_matches_finite_differences() {
     // The blocks' own backward, which the engine runs: for each layer d(sum(y · r))/dx, for the head
     // d(loss)/dx, at every element of x, against finite differences of the same (fused) forward.
-    let model = Gpt::new(CFG).model().unwrap();
-    let owned = random_params(&model);
+    for (name, model, d) in models() {
+        every_hand_written_input_gradient(&name, &model, d);
+    }
+}
+
+fn every_hand_written_input_gradient(family: &str, model: &Model, d: usize) {
+    let owned = random_params(model);
     let batch = batch();
-    let params = slots(&model, &owned, None);
-    let shape = (2, 5, CFG.d_model);
+    let params = slots(model, &owned, None);
+    let shape = (2, 5, d);
     let mut rng = Rng::new(8);
-    let x0: Vec<f64> = (0..2 * 5 * CFG.d_model).map(|_| rng.normal()).collect();
+    let x0: Vec<f64> = (0..2 * 5 * d).map(|_| rng.normal()).collect();
     let mut checked = 0;
     for b in 1..model.num_blocks() {
         let block = model.block(b);
@@ -185,7 +217,7 @@ fn every_hand_written_input_gradient_matches_finite_differences() {
         let (yv, cv): (Vec<f64>, Vec<f64>) = (y.flatten_all().unwrap().to_vec1().unwrap(), composed.flatten_all().unwrap().to_vec1().unwrap());
         assert_eq!(yv.len(), cv.len(), "block {}", block.name());
         for (i, (a, c)) in yv.iter().zip(&cv).enumerate() {
-            assert!((a - c).abs() <= 1e-12 * (1.0 + c.abs()), "block {} y[{i}]: hand-written {a} vs composed {c}", block.name());
+            assert!((a - c).abs() <= 1e-12 * (1.0 + c.abs()), "{family} block {} y[{i}]: hand-written {a} vs composed {c}", block.name());
         }
         let r_grads = [Some(r.clone())];
         let upstream = if head { Upstream::Loss(1.0) } else { Upstream::Grads(&r_grads) };
@@ -197,9 +229,9 @@ fn every_hand_written_input_gradient_matches_finite_differences() {
             plus[e] += 1e-5;
             minus[e] -= 1e-5;
             let fd = (objective(&forward(&plus)) - objective(&forward(&minus))) / 2e-5;
-            assert!((fd - an[e]).abs() <= 1e-7 + 1e-5 * fd.abs(), "block {} x[{e}]: hand-written {} vs finite difference {fd}", block.name(), an[e]);
+            assert!((fd - an[e]).abs() <= 1e-7 + 1e-5 * fd.abs(), "{family} block {} x[{e}]: hand-written {} vs finite difference {fd}", block.name(), an[e]);
             checked += 1;
         }
     }
-    assert_eq!(checked, (CFG.n_layer + 1) * x0.len(), "every layer and the head, every element");
+    assert_eq!(checked, (model.num_blocks() - 1) * x0.len(), "{family}: every layer and the head, every element");
 }

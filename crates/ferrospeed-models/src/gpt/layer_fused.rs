@@ -55,7 +55,7 @@ pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, save: bool) -> Result<(Tenso
     let qkv = matmul(&ln1.y, &p[2])?;
     let qkv = scoped_as(ew, "bias_add", || bias_add(&qkv, &p[3]))?;
     let (attn, y) = if fused_attention_available(&qkv, hd) {
-        let out = scoped_as(Kind::Attention, "attention_forward", || attention_forward(&qkv, b, t, nh))?;
+        let out = scoped_as(Kind::Attention, "attention_forward", || attention_forward(&qkv, b, t, nh, nh))?;
         (AttnSaved::Fused { qkv, lse: out.lse }, out.y)
     } else {
         let heads = |i: usize| -> Result<Tensor> { copy(&qkv.narrow(1, i * d, d)?.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
@@ -118,7 +118,7 @@ pub fn backward(p: &[Tensor], s: LayerSaved, g: &Tensor) -> Result<(Vec<Option<T
     let d_wo = matmul(&tr(&s.y)?, &d_x2)?;
     let d_y = matmul(&d_x2, &tr(&p[4])?)?;
     let d_qkv = match s.attn {
-        AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &s.y, &lse, &d_y, b, t, nh))?,
+        AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &s.y, &lse, &d_y, b, t, nh, nh))?,
         AttnSaved::Composed { q, k, v, p: probs } => {
             let d_y = copy(&d_y.reshape((b, t, nh, hd))?.transpose(1, 2)?)?;
             let (d_q, d_k, d_v) = scoped_as(Kind::Attention, "attention_backward", || -> Result<_> {

@@ -1,4 +1,6 @@
-//! Causal self-attention read straight from the QKV projection `[b·t, 3·d]` (`[b, t, 3, nh, hd]`) and written
+//! Causal self-attention read straight from the QKV projection `[b·t, (nh + 2·nkv)·hd]` (per row: the nh
+//! query heads, then the nkv key heads, then the nkv value heads; nkv < nh is grouped-query attention,
+//! query head h reading key/value head h / (nh / nkv), with no repeated K/V in memory) and written
 //! straight in the output projection's layout `[b·t, d]`: no head split or merge copies, and on CUDA no
 //! `t × t` scores in memory (`attention_kernels.cu`, tensor cores, bf16/f16). The forward keeps the
 //! log-sum-exp of each row, which is all the backward needs to recompute the probabilities.
@@ -32,12 +34,19 @@ pub fn fused_attention_available(qkv: &Tensor, hd: usize) -> bool {
     }
 }
 
-fn check(qkv: &Tensor, b: usize, t: usize, nh: usize) -> Result<(usize, usize)> {
-    let (n, d3) = qkv.dims2()?;
-    if n != b * t || d3 % (3 * nh) != 0 {
-        candle_core::bail!("attention: qkv {:?} is not [b·t, 3·nh·hd] for b={b}, t={t}, nh={nh}", qkv.dims())
+fn check(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize) -> Result<(usize, usize)> {
+    let (n, w) = qkv.dims2()?;
+    if n != b * t || nkv == 0 || nh % nkv != 0 || w % (nh + 2 * nkv) != 0 {
+        candle_core::bail!("attention: qkv {:?} is not [b·t, (nh + 2·nkv)·hd] for b={b}, t={t}, nh={nh}, nkv={nkv}", qkv.dims())
     }
-    Ok((d3 / 3, d3 / 3 / nh))
+    let hd = w / (nh + 2 * nkv);
+    Ok((nh * hd, hd))
+}
+
+/// Offsets of the q, k and v vectors of query head `h` in row `row` of a qkv `[n, (nh + 2·nkv)·hd]`.
+fn offsets(row: usize, h: usize, nh: usize, nkv: usize, hd: usize) -> [usize; 3] {
+    let (w, kv) = ((nh + 2 * nkv) * hd, h / (nh / nkv));
+    [row * w + h * hd, row * w + (nh + kv) * hd, row * w + (nh + nkv + kv) * hd]
 }
 
 /// Contiguous and starting on a 16-byte boundary (the kernels load 8 halves at a time).
@@ -55,17 +64,17 @@ fn f64s(t: &Tensor) -> Result<Vec<f64>> {
     t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
 }
 
-/// `softmax(q·kᵀ/√hd + causal mask)·v` per head.
-pub fn attention_forward(qkv: &Tensor, b: usize, t: usize, nh: usize) -> Result<AttnOut> {
-    let (d, hd) = check(qkv, b, t, nh)?;
+/// `softmax(q·kᵀ/√hd + causal mask)·v` per query head, `nkv` key/value heads.
+pub fn attention_forward(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize) -> Result<AttnOut> {
+    let (d, hd) = check(qkv, b, t, nh, nkv)?;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = qkv.device() {
-        return super::attention_cuda::forward(&aligned(qkv)?, b, t, nh, hd);
+        return super::attention_cuda::forward(&aligned(qkv)?, b, t, nh, nkv, hd);
     }
     let x = f64s(qkv)?;
     let scale = 1.0 / (hd as f64).sqrt();
     let (mut y, mut lse) = (vec![0.0; b * t * d], vec![0.0; b * nh * t]);
-    let at = |bi: usize, ti: usize, part: usize, h: usize| ((bi * t + ti) * 3 + part) * d + h * hd;
+    let at = |bi: usize, ti: usize, part: usize, h: usize| offsets(bi * t + ti, h, nh, nkv, hd)[part];
     for bi in 0..b {
         for h in 0..nh {
             for i in 0..t {
@@ -93,16 +102,18 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// The gradient `[b·t, 3·d]` with respect to `qkv` for the output gradient `dy` `[b·t, d]`, given the
 /// forward's output `y` and `lse`. The probabilities are recomputed; `Σ dy·y` uses the `y` given (as
 /// the kernels do).
-pub fn attention_backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize) -> Result<Tensor> {
-    let (d, hd) = check(qkv, b, t, nh)?;
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, nkv: usize) -> Result<Tensor> {
+    let (d, hd) = check(qkv, b, t, nh, nkv)?;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = qkv.device() {
-        return super::attention_cuda::backward(&aligned(qkv)?, &aligned(y)?, &lse.contiguous()?, &aligned(dy)?, b, t, nh, hd);
+        return super::attention_cuda::backward(&aligned(qkv)?, &aligned(y)?, &lse.contiguous()?, &aligned(dy)?, b, t, nh, nkv, hd);
     }
     let (x, yv, lv, g) = (f64s(qkv)?, f64s(y)?, f64s(lse)?, f64s(dy)?);
     let scale = 1.0 / (hd as f64).sqrt();
-    let mut dx = vec![0.0; b * t * 3 * d];
-    let at = |bi: usize, ti: usize, part: usize, h: usize| ((bi * t + ti) * 3 + part) * d + h * hd;
+    let w = (nh + 2 * nkv) * hd;
+    let mut dx = vec![0.0; b * t * w];
+    let at = |bi: usize, ti: usize, part: usize, h: usize| offsets(bi * t + ti, h, nh, nkv, hd)[part];
     for bi in 0..b {
         for h in 0..nh {
             for i in 0..t {
@@ -123,7 +134,7 @@ pub fn attention_backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b
             }
         }
     }
-    Tensor::from_vec(dx, (b * t, 3 * d), &Device::Cpu)?.to_dtype(qkv.dtype())
+    Tensor::from_vec(dx, (b * t, w), &Device::Cpu)?.to_dtype(qkv.dtype())
 }
 
 #[cfg(test)]
@@ -133,37 +144,48 @@ mod tests {
     use crate::ops::fused::tests::{max_diff, randn};
     use candle_core::Var;
 
-    /// The composed attention of the layer (split heads, scores, causal softmax, merge), with autograd.
-    fn composed(qkv: &Tensor, b: usize, t: usize, nh: usize) -> Tensor {
-        let d = qkv.dim(1).unwrap() / 3;
-        let hd = d / nh;
-        let heads = |i: usize| qkv.narrow(1, i * d, d).unwrap().reshape((b, t, nh, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
-        let (q, k, v) = (heads(0), heads(1), heads(2));
+    /// The composed attention (split heads, K/V heads repeated for their query groups, scores, causal
+    /// softmax, merge), with autograd.
+    fn composed(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize) -> Tensor {
+        let hd = qkv.dim(1).unwrap() / (nh + 2 * nkv);
+        let heads = |from: usize, h: usize| qkv.narrow(1, from * hd, h * hd).unwrap().reshape((b, t, h, hd)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let repeat = |x: Tensor| {
+            let per: Vec<Tensor> = (0..nh).map(|h| x.narrow(1, h / (nh / nkv), 1).unwrap()).collect();
+            Tensor::cat(&per, 1).unwrap()
+        };
+        let (q, k, v) = (heads(0, nh), repeat(heads(nh, nkv)), repeat(heads(nh + nkv, nkv)));
         let p = causal_softmax(&q.matmul(&k.t().unwrap()).unwrap(), 1.0 / (hd as f64).sqrt()).unwrap();
-        p.matmul(&v).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((b * t, d)).unwrap()
+        p.matmul(&v).unwrap().transpose(1, 2).unwrap().contiguous().unwrap().reshape((b * t, nh * hd)).unwrap()
     }
 
     #[test]
     fn reference_matches_autograd_of_the_composed_attention() {
-        let (b, t, nh, hd) = (2, 5, 3, 4);
-        let qkv = Var::from_tensor(&randn(&[b * t, 3 * nh * hd], 1)).unwrap();
+        for nkv in [3, 1] {
+            check_against_composed(3, nkv);
+        }
+        check_against_composed(4, 2);
+    }
+
+    fn check_against_composed(nh: usize, nkv: usize) {
+        let (b, t, hd) = (2, 5, 4);
+        let qkv = Var::from_tensor(&randn(&[b * t, (nh + 2 * nkv) * hd], 1)).unwrap();
         let g = randn(&[b * t, nh * hd], 2);
-        let want = composed(&qkv, b, t, nh);
+        let want = composed(&qkv, b, t, nh, nkv);
         let grads = (&want * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let out = attention_forward(&qkv.detach(), b, t, nh).unwrap();
+        let out = attention_forward(&qkv.detach(), b, t, nh, nkv).unwrap();
         assert!(max_diff(&out.y, &want) < 1e-12);
         // The log-sum-exp of row 0 of every head is its only scaled score, q₀·k₀/√hd.
         let x = qkv.detach().to_vec2::<f64>().unwrap();
         let l0 = dot(&x[0][..hd], &x[0][nh * hd..nh * hd + hd]) / (hd as f64).sqrt();
         assert!((out.lse.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0] - l0).abs() < 1e-6);
-        let dqkv = attention_backward(&qkv.detach(), &out.y, &out.lse.to_dtype(DType::F64).unwrap(), &g, b, t, nh).unwrap();
+        let dqkv = attention_backward(&qkv.detach(), &out.y, &out.lse.to_dtype(DType::F64).unwrap(), &g, b, t, nh, nkv).unwrap();
         // lse went through f32: the gradient is exact to f32 rounding of the log-sum-exp.
         assert!(max_diff(&dqkv, grads.get(&qkv).unwrap()) < 1e-5, "{}", max_diff(&dqkv, grads.get(&qkv).unwrap()));
     }
 
     #[test]
     fn bad_shapes_are_named() {
-        let e = attention_forward(&Tensor::zeros((6, 9), DType::F32, &Device::Cpu).unwrap(), 2, 4, 3).err().unwrap();
-        assert!(e.to_string().contains("[b·t, 3·nh·hd]"), "{e}");
+        let e = attention_forward(&Tensor::zeros((6, 9), DType::F32, &Device::Cpu).unwrap(), 2, 4, 3, 3).err().unwrap();
+        assert!(e.to_string().contains("[b·t, (nh + 2·nkv)·hd]"), "{e}");
     }
 }

@@ -45,32 +45,32 @@ fn name(kernel: &str, dtype: DType, hd: usize) -> Result<String> {
     Ok(format!("attn_{kernel}_{}_{hd}", suffix(dtype, "fused attention")?))
 }
 
-pub fn forward(qkv: &Tensor, b: usize, t: usize, nh: usize, hd: usize) -> Result<AttnOut> {
-    fn run<T: CudaDType + DeviceRepr>(qkv: &Tensor, b: usize, t: usize, nh: usize, hd: usize) -> Result<AttnOut> {
+pub fn forward(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> Result<AttnOut> {
+    fn run<T: CudaDType + DeviceRepr>(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> Result<AttnOut> {
         let name = name("fwd", qkv.dtype(), hd)?;
         view::<T, _>(qkv, |dev, qv| {
             let y = unsafe { dev.alloc::<T>(b * t * nh * hd)? };
             let lse = unsafe { dev.alloc::<f32>(b * nh * t)? };
-            let (t_i, nh_i, scale) = (t as i32, nh as i32, 1.0 / (hd as f32).sqrt());
+            let (t_i, nh_i, nkv_i, scale) = (t as i32, nh as i32, nkv as i32, 1.0 / (hd as f32).sqrt());
             let f = func(dev, &name)?;
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(&f);
-            l.arg(&qv).arg(&y).arg(&lse).arg(&t_i).arg(&nh_i).arg(&scale);
+            l.arg(&qv).arg(&y).arg(&lse).arg(&t_i).arg(&nh_i).arg(&nkv_i).arg(&scale);
             unsafe { l.launch(tiles(b, t, nh)?) }.map_err(launch_err)?;
             Ok(AttnOut { y: wrap(y, dev, &[b * t, nh * hd]), lse: wrap(lse, dev, &[b, nh, t]) })
         })
     }
     match qkv.dtype() {
-        DType::BF16 => run::<bf16>(qkv, b, t, nh, hd),
-        DType::F16 => run::<f16>(qkv, b, t, nh, hd),
+        DType::BF16 => run::<bf16>(qkv, b, t, nh, nkv, hd),
+        DType::F16 => run::<f16>(qkv, b, t, nh, nkv, hd),
         other => candle_core::bail!("fused attention: unsupported dtype {other:?} (bf16 or f16)"),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, hd: usize) -> Result<Tensor> {
+pub fn backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> Result<Tensor> {
     #[allow(clippy::too_many_arguments)]
-    fn run<T: CudaDType + DeviceRepr>(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, hd: usize) -> Result<Tensor> {
+    fn run<T: CudaDType + DeviceRepr>(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> Result<Tensor> {
         let dtype = qkv.dtype();
         view::<T, _>(qkv, |dev, qv| {
             view::<T, _>(y, |_, yv| {
@@ -78,21 +78,23 @@ pub fn backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t
                     view::<f32, _>(lse, |_, lv| {
                         let rows = (b * t * nh) as i64;
                         let delta = unsafe { dev.alloc::<f32>(b * nh * t)? };
-                        let dqkv = unsafe { dev.alloc::<T>(b * t * 3 * nh * hd)? };
-                        let (t_i, nh_i, scale) = (t as i32, nh as i32, 1.0 / (hd as f32).sqrt());
+                        let w = (nh + 2 * nkv) * hd;
+                        let dqkv = unsafe { dev.alloc::<T>(b * t * w)? };
+                        let (t_i, nh_i, nkv_i, scale) = (t as i32, nh as i32, nkv as i32, 1.0 / (hd as f32).sqrt());
                         let stream = dev.cuda_stream();
                         let f = func(dev, &name("delta", dtype, hd)?)?;
                         let mut l = stream.launch_builder(&f);
                         l.arg(&yv).arg(&gv).arg(&delta).arg(&t_i).arg(&nh_i).arg(&rows);
                         let cfg = LaunchConfig { grid_dim: ((rows as usize).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                         unsafe { l.launch(cfg) }.map_err(launch_err)?;
-                        for kernel in ["bwd_dq", "bwd_dkv"] {
+                        // dQ per query head; dK and dV per key/value head, summing its query group in order.
+                        for (kernel, heads) in [("bwd_dq", nh), ("bwd_dkv", nkv)] {
                             let f = func(dev, &name(kernel, dtype, hd)?)?;
                             let mut l = stream.launch_builder(&f);
-                            l.arg(&qv).arg(&gv).arg(&lv).arg(&delta).arg(&dqkv).arg(&t_i).arg(&nh_i).arg(&scale);
-                            unsafe { l.launch(tiles(b, t, nh)?) }.map_err(launch_err)?;
+                            l.arg(&qv).arg(&gv).arg(&lv).arg(&delta).arg(&dqkv).arg(&t_i).arg(&nh_i).arg(&nkv_i).arg(&scale);
+                            unsafe { l.launch(tiles(b, t, heads)?) }.map_err(launch_err)?;
                         }
-                        Ok(wrap(dqkv, dev, &[b * t, 3 * nh * hd]))
+                        Ok(wrap(dqkv, dev, &[b * t, w]))
                     })
                 })
             })
@@ -102,8 +104,8 @@ pub fn backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t
         candle_core::bail!("fused attention backward: lse must be f32, got {:?}", lse.dtype())
     }
     match qkv.dtype() {
-        DType::BF16 => run::<bf16>(qkv, y, lse, dy, b, t, nh, hd),
-        DType::F16 => run::<f16>(qkv, y, lse, dy, b, t, nh, hd),
+        DType::BF16 => run::<bf16>(qkv, y, lse, dy, b, t, nh, nkv, hd),
+        DType::F16 => run::<f16>(qkv, y, lse, dy, b, t, nh, nkv, hd),
         other => candle_core::bail!("fused attention: unsupported dtype {other:?} (bf16 or f16)"),
     }
 }

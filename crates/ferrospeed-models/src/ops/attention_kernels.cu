@@ -1,7 +1,8 @@
 // Fused causal attention on tensor cores (mma.sync m16n8k16, bf16 or f16 in, f32 accumulate), FlashAttention-2
 // style: the T×T scores never leave registers. Included by attention_cuda.rs after the shared prelude.
 //
-// Layout: qkv [b, t, 3, nh, hd] (the QKV projection's output, rows of 3·d), y and dy [b, t, nh, hd],
+// Layout: qkv [b, t, nh + 2·nkv, hd] (the QKV projection's output: query heads, then key heads, then value
+// heads; grouped-query attention when nkv < nh, query head h reading key/value head h / (nh / nkv)), y and dy [b, t, nh, hd],
 // lse and delta [b, nh, t] f32. A block is 4 warps; a warp owns 16 rows (queries in the forward and dQ
 // kernels, keys in the dK/dV kernel), the block 64, and it walks the other side in tiles of 64 through
 // shared memory. Fragment layouts are those of the PTX ISA for m16n8k16: with g = lane / 4, c = lane % 4,
@@ -123,17 +124,18 @@ __device__ __forceinline__ void store_c(u16* base, long stride, int r0, int rows
 
 // grid (ceil(t / 64), b·nh), 128 threads. y = softmax(q·kᵀ·scale, causal)·v; lse = log Σ exp (natural log).
 template <int HD, bool BF>
-__device__ void attn_fwd(const u16* qkv, u16* y, float* lse, int T, int NH, float scale) {
+__device__ void attn_fwd(const u16* qkv, u16* y, float* lse, int T, int NH, int NKV, float scale) {
   constexpr int S = STAGES(HD);
   __shared__ __align__(16) u16 ks[S][TILE][HD + PAD];
   __shared__ __align__(16) u16 vs[S][TILE][HD + PAD];
-  const int D = NH * HD; const long RS = 3L * D;
-  const int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+  const int D = NH * HD; const long RS = (long)(NH + 2 * NKV) * HD;
+  const int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH, kvh = h / (NH / NKV);
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
   const int q0 = qt * TILE + warp * 16;
   const float sl2 = scale * 1.4426950408889634f;
   const u16* base = qkv + (long)b * T * RS + h * HD;
-  load_tile<HD>(ks[0], base + D, RS, 0, T); load_tile<HD>(vs[0], base + 2 * D, RS, 0, T); cp_commit();
+  const u16* kb = qkv + (long)b * T * RS + (NH + kvh) * HD; const u16* vb = kb + NKV * HD;
+  load_tile<HD>(ks[0], kb, RS, 0, T); load_tile<HD>(vs[0], vb, RS, 0, T); cp_commit();
   unsigned qa[HD / 16][4];
   load_a<HD>(qa, base, RS, q0, T);
   float o[HD / 8][4];
@@ -144,7 +146,7 @@ __device__ void attn_fwd(const u16* qkv, u16* y, float* lse, int T, int NH, floa
   for (int j = 0; j < tiles; j++) {
     const int buf = j % S;
     if (S == 2 && j + 1 < tiles) {
-      load_tile<HD>(ks[(j + 1) % S], base + D, RS, (j + 1) * TILE, T); load_tile<HD>(vs[(j + 1) % S], base + 2 * D, RS, (j + 1) * TILE, T);
+      load_tile<HD>(ks[(j + 1) % S], kb, RS, (j + 1) * TILE, T); load_tile<HD>(vs[(j + 1) % S], vb, RS, (j + 1) * TILE, T);
       cp_commit(); cp_wait<1>();
     } else cp_wait<0>();
     __syncthreads();
@@ -180,7 +182,7 @@ __device__ void attn_fwd(const u16* qkv, u16* y, float* lse, int T, int NH, floa
     mma_pb<HD, BF>(o, s, vs[buf]);
     __syncthreads();  // every warp is done with this buffer before it is loaded again
     if (S == 1 && j + 1 < tiles) {
-      load_tile<HD>(ks[0], base + D, RS, (j + 1) * TILE, T); load_tile<HD>(vs[0], base + 2 * D, RS, (j + 1) * TILE, T); cp_commit();
+      load_tile<HD>(ks[0], kb, RS, (j + 1) * TILE, T); load_tile<HD>(vs[0], vb, RS, (j + 1) * TILE, T); cp_commit();
     }
   }
   l0 += __shfl_xor_sync(0xffffffff, l0, 1); l0 += __shfl_xor_sync(0xffffffff, l0, 2);
@@ -207,17 +209,18 @@ __device__ void attn_delta(const u16* y, const u16* dy, float* delta, int T, int
 
 // grid (ceil(t / 64), b·nh), 128 threads: dq = scale · dS·k with dS = P ∘ (dP − delta), dP = dy·vᵀ.
 template <int HD, bool BF>
-__device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, float scale) {
+__device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, int NKV, float scale) {
   constexpr int S = STAGES(HD);
   __shared__ __align__(16) u16 ks[S][TILE][HD + PAD];
   __shared__ __align__(16) u16 vs[S][TILE][HD + PAD];
-  const int D = NH * HD; const long RS = 3L * D;
-  const int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+  const int D = NH * HD; const long RS = (long)(NH + 2 * NKV) * HD;
+  const int qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH, kvh = h / (NH / NKV);
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
   const int q0 = qt * TILE + warp * 16;
   const float sl2 = scale * 1.4426950408889634f, l2e = 1.4426950408889634f;
   const u16* base = qkv + (long)b * T * RS + h * HD;
-  load_tile<HD>(ks[0], base + D, RS, 0, T); load_tile<HD>(vs[0], base + 2 * D, RS, 0, T); cp_commit();
+  const u16* kb = qkv + (long)b * T * RS + (NH + kvh) * HD; const u16* vb = kb + NKV * HD;
+  load_tile<HD>(ks[0], kb, RS, 0, T); load_tile<HD>(vs[0], vb, RS, 0, T); cp_commit();
   unsigned qa[HD / 16][4], da[HD / 16][4];
   load_a<HD>(qa, base, RS, q0, T);
   load_a<HD>(da, dy + (long)b * T * D + h * HD, D, q0, T);
@@ -232,7 +235,7 @@ __device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, con
   for (int j = 0; j <= qt; j++) {
     const int buf = j % S;
     if (S == 2 && j < qt) {
-      load_tile<HD>(ks[(j + 1) % S], base + D, RS, (j + 1) * TILE, T); load_tile<HD>(vs[(j + 1) % S], base + 2 * D, RS, (j + 1) * TILE, T);
+      load_tile<HD>(ks[(j + 1) % S], kb, RS, (j + 1) * TILE, T); load_tile<HD>(vs[(j + 1) % S], vb, RS, (j + 1) * TILE, T);
       cp_commit(); cp_wait<1>();
     } else cp_wait<0>();
     __syncthreads();
@@ -251,78 +254,83 @@ __device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, con
     mma_pb<HD, BF>(dq, s, ks[buf]);
     __syncthreads();
     if (S == 1 && j < qt) {
-      load_tile<HD>(ks[0], base + D, RS, (j + 1) * TILE, T); load_tile<HD>(vs[0], base + 2 * D, RS, (j + 1) * TILE, T); cp_commit();
+      load_tile<HD>(ks[0], kb, RS, (j + 1) * TILE, T); load_tile<HD>(vs[0], vb, RS, (j + 1) * TILE, T); cp_commit();
     }
   }
   store_c<HD, BF>(dqkv + (long)b * T * RS + h * HD, RS, q0, T, dq, scale, scale);
 }
 
-// grid (ceil(t / 64), b·nh), 128 threads, a warp owning 16 keys: dv = Pᵀ·dy, dk = scale · dSᵀ·q.
+// grid (ceil(t / 64), b·nkv), 128 threads, a warp owning 16 keys: dv = Pᵀ·dy, dk = scale · dSᵀ·q, summed
+// over the query heads that read this key/value head, in head order (so the sums repeat bit for bit).
 template <int HD, bool BF>
-__device__ void attn_bwd_dkv(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, float scale) {
+__device__ void attn_bwd_dkv(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, int NKV, float scale) {
   constexpr int S = STAGES(HD);
   __shared__ __align__(16) u16 qs[S][TILE][HD + PAD];
   __shared__ __align__(16) u16 dys[S][TILE][HD + PAD];
   __shared__ float ls[S][TILE], dls[S][TILE];
-  const int D = NH * HD; const long RS = 3L * D;
-  const int kt = blockIdx.x, bh = blockIdx.y, b = bh / NH, h = bh % NH;
+  const int D = NH * HD; const long RS = (long)(NH + 2 * NKV) * HD; const int G = NH / NKV;
+  const int kt = blockIdx.x, b = blockIdx.y / NKV, kvh = blockIdx.y % NKV;
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
   const int k0 = kt * TILE + warp * 16;
   const float sl2 = scale * 1.4426950408889634f, l2e = 1.4426950408889634f;
-  const u16* base = qkv + (long)b * T * RS + h * HD;
-  const u16* dyb = dy + (long)b * T * D + h * HD;
+  const u16* kb = qkv + (long)b * T * RS + (NH + kvh) * HD; const u16* vb = kb + NKV * HD;
   unsigned ka[HD / 16][4], va[HD / 16][4];
-  load_a<HD>(ka, base + D, RS, k0, T);
-  load_a<HD>(va, base + 2 * D, RS, k0, T);
+  load_a<HD>(ka, kb, RS, k0, T);
+  load_a<HD>(va, vb, RS, k0, T);
   float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
   for (int n = 0; n < HD / 8; n++) { dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.f; dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.f; }
   const int tiles = (T + TILE - 1) / TILE;
-  // Query tile i into buffer `buf`: q and dy asynchronously, the row statistics directly.
-  auto issue = [&](int i, int buf) {
-    load_tile<HD>(qs[buf], base, RS, i * TILE, T); load_tile<HD>(dys[buf], dyb, D, i * TILE, T); cp_commit();
-    for (int r = threadIdx.x; r < TILE; r += blockDim.x) {
-      int row = i * TILE + r;
-      ls[buf][r] = row < T ? lse[(long)bh * T + row] * l2e : 0.f; dls[buf][r] = row < T ? delta[(long)bh * T + row] : 0.f;
-    }
-  };
-  issue(kt, 0);
-  for (int i = kt; i < tiles; i++) {
-    const int buf = (i - kt) % S;
-    if (S == 2 && i + 1 < tiles) { issue(i + 1, (i + 1 - kt) % S); cp_wait<1>(); } else cp_wait<0>();
-    __syncthreads();
-    float p[TILE / 8][4], dp[TILE / 8][4];
-    mma_abt<HD, BF>(p, ka, qs[buf]);
-    mma_abt<HD, BF>(dp, va, dys[buf]);
-    const bool edge = i == kt || (i + 1) * TILE > T;
-#pragma unroll
-    for (int n = 0; n < TILE / 8; n++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        int key = k0 + g + (e >> 1) * 8, qc = n * 8 + 2 * c + (e & 1), row = i * TILE + qc;
-        float pv = (edge && (row < key || row >= T)) ? 0.f : exp2f(p[n][e] * sl2 - ls[buf][qc]);
-        p[n][e] = pv;
-        dp[n][e] = pv * (dp[n][e] - dls[buf][qc]);
+  for (int h = kvh * G; h < (kvh + 1) * G; h++) {
+    const long bh = (long)b * NH + h;
+    const u16* base = qkv + (long)b * T * RS + h * HD;
+    const u16* dyb = dy + (long)b * T * D + h * HD;
+    // Query tile i into buffer `buf`: q and dy asynchronously, the row statistics directly.
+    auto issue = [&](int i, int buf) {
+      load_tile<HD>(qs[buf], base, RS, i * TILE, T); load_tile<HD>(dys[buf], dyb, D, i * TILE, T); cp_commit();
+      for (int r = threadIdx.x; r < TILE; r += blockDim.x) {
+        int row = i * TILE + r;
+        ls[buf][r] = row < T ? lse[bh * T + row] * l2e : 0.f; dls[buf][r] = row < T ? delta[bh * T + row] : 0.f;
       }
-    mma_pb<HD, BF>(dv, p, dys[buf]);
-    mma_pb<HD, BF>(dk, dp, qs[buf]);
-    __syncthreads();
-    if (S == 1 && i + 1 < tiles) issue(i + 1, 0);
+    };
+    issue(kt, 0);
+    for (int i = kt; i < tiles; i++) {
+      const int buf = (i - kt) % S;
+      if (S == 2 && i + 1 < tiles) { issue(i + 1, (i + 1 - kt) % S); cp_wait<1>(); } else cp_wait<0>();
+      __syncthreads();
+      float p[TILE / 8][4], dp[TILE / 8][4];
+      mma_abt<HD, BF>(p, ka, qs[buf]);
+      mma_abt<HD, BF>(dp, va, dys[buf]);
+      const bool edge = i == kt || (i + 1) * TILE > T;
+#pragma unroll
+      for (int n = 0; n < TILE / 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          int key = k0 + g + (e >> 1) * 8, qc = n * 8 + 2 * c + (e & 1), row = i * TILE + qc;
+          float pv = (edge && (row < key || row >= T)) ? 0.f : exp2f(p[n][e] * sl2 - ls[buf][qc]);
+          p[n][e] = pv;
+          dp[n][e] = pv * (dp[n][e] - dls[buf][qc]);
+        }
+      mma_pb<HD, BF>(dv, p, dys[buf]);
+      mma_pb<HD, BF>(dk, dp, qs[buf]);
+      __syncthreads();
+      if (S == 1 && i + 1 < tiles) issue(i + 1, 0);
+    }
   }
-  u16* out = dqkv + (long)b * T * RS + h * HD;
-  store_c<HD, BF>(out + D, RS, k0, T, dk, scale, scale);
-  store_c<HD, BF>(out + 2 * D, RS, k0, T, dv, 1.f, 1.f);
+  u16* out = dqkv + (long)b * T * RS + (NH + kvh) * HD;
+  store_c<HD, BF>(out, RS, k0, T, dk, scale, scale);
+  store_c<HD, BF>(out + NKV * HD, RS, k0, T, dv, 1.f, 1.f);
 }
 
 #define ATTN_KERNELS(HD, NAME, BF) \
-extern "C" __global__ void __launch_bounds__(128) attn_fwd_##NAME##_##HD(const u16* qkv, u16* y, float* lse, int T, int NH, float scale) { \
-  attn_fwd<HD, BF>(qkv, y, lse, T, NH, scale); } \
+extern "C" __global__ void __launch_bounds__(128) attn_fwd_##NAME##_##HD(const u16* qkv, u16* y, float* lse, int T, int NH, int NKV, float scale) { \
+  attn_fwd<HD, BF>(qkv, y, lse, T, NH, NKV, scale); } \
 extern "C" __global__ void attn_delta_##NAME##_##HD(const u16* y, const u16* dy, float* delta, int T, int NH, long rows) { \
   attn_delta<HD, BF>(y, dy, delta, T, NH, rows); } \
-extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_##NAME##_##HD(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, float scale) { \
-  attn_bwd_dq<HD, BF>(qkv, dy, lse, delta, dqkv, T, NH, scale); } \
-extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkv_##NAME##_##HD(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, float scale) { \
-  attn_bwd_dkv<HD, BF>(qkv, dy, lse, delta, dqkv, T, NH, scale); }
+extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_##NAME##_##HD(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, int NKV, float scale) { \
+  attn_bwd_dq<HD, BF>(qkv, dy, lse, delta, dqkv, T, NH, NKV, scale); } \
+extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkv_##NAME##_##HD(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, int NKV, float scale) { \
+  attn_bwd_dkv<HD, BF>(qkv, dy, lse, delta, dqkv, T, NH, NKV, scale); }
 ATTN_KERNELS(32, bf16, true)
 ATTN_KERNELS(64, bf16, true)
 ATTN_KERNELS(128, bf16, true)

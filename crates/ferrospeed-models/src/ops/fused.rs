@@ -21,16 +21,16 @@ pub struct LnOut {
     pub rstd: Tensor,
 }
 
-fn f64s(t: &Tensor) -> Result<Vec<f64>> {
+pub(crate) fn f64s(t: &Tensor) -> Result<Vec<f64>> {
     t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
 }
 
-fn tensor(v: Vec<f64>, shape: &[usize], dtype: DType) -> Result<Tensor> {
+pub(crate) fn tensor(v: Vec<f64>, shape: &[usize], dtype: DType) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)
 }
 
 /// The dtype of f32-or-better results (weight/bias gradients, statistics) for inputs of `dtype`.
-fn stat_dtype(dtype: DType) -> DType {
+pub(crate) fn stat_dtype(dtype: DType) -> DType {
     if dtype == DType::F64 {
         DType::F64
     } else {

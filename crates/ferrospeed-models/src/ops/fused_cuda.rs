@@ -22,19 +22,19 @@ __device__ __forceinline__ float bias_elem(int mode, float u, float y) {
   if (mode == 0) return 0.5f * u * (1.f + t);
   return y * (0.5f * (1.f + t) + 0.5f * u * (1.f - t * t) * 0.7978845608028654f * (1.f + 3.f * 0.044715f * u * u)); }
 #define KERNELS(NAME, T, LD, ST) \
-extern "C" __global__ void ln_fwd_##NAME(const T* x, const T* w, const T* b, T* y, float* mean, float* rstd, int d, float eps) { \
+extern "C" __global__ void ln_fwd_##NAME(const T* x, const T* w, const T* b, T* y, float* mean, float* rstd, int d, float eps, int rms) { \
   __shared__ float red[33]; long row = blockIdx.x; const T* xr = x + row * d; T* yr = y + row * d; \
-  float s = 0.f; for (int j = threadIdx.x; j < d; j += blockDim.x) s += LD(xr[j]); \
-  float m = block_sum(s, red) / d; float v = 0.f; \
+  float m = 0.f; if (!rms) { float s = 0.f; for (int j = threadIdx.x; j < d; j += blockDim.x) s += LD(xr[j]); m = block_sum(s, red) / d; } \
+  float v = 0.f; \
   for (int j = threadIdx.x; j < d; j += blockDim.x) { float c = LD(xr[j]) - m; v += c * c; } \
   float rs = rsqrtf(block_sum(v, red) / d + eps); \
-  for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = ST((LD(xr[j]) - m) * rs * LD(w[j]) + LD(b[j])); \
+  for (int j = threadIdx.x; j < d; j += blockDim.x) yr[j] = ST((LD(xr[j]) - m) * rs * LD(w[j]) + (rms ? 0.f : LD(b[j]))); \
   if (threadIdx.x == 0) { mean[row] = m; rstd[row] = rs; } } \
-extern "C" __global__ void ln_bwd_##NAME(const T* dy, const T* x, const T* w, const float* mean, const float* rstd, const T* res, T* dx, int d, int has_res) { \
+extern "C" __global__ void ln_bwd_##NAME(const T* dy, const T* x, const T* w, const float* mean, const float* rstd, const T* res, T* dx, int d, int has_res, int rms) { \
   __shared__ float red[33]; long row = blockIdx.x; const T* g = dy + row * d; const T* xr = x + row * d; \
   float m = mean[row], rs = rstd[row], a = 0.f, c = 0.f; \
   for (int j = threadIdx.x; j < d; j += blockDim.x) { float gw = LD(g[j]) * LD(w[j]); a += gw; c += gw * (LD(xr[j]) - m) * rs; } \
-  a = block_sum(a, red) / d; c = block_sum(c, red) / d; \
+  a = rms ? 0.f : block_sum(a, red) / d; c = block_sum(c, red) / d; \
   for (int j = threadIdx.x; j < d; j += blockDim.x) { \
     float xh = (LD(xr[j]) - m) * rs; float v = rs * (LD(g[j]) * LD(w[j]) - a - xh * c); \
     if (has_res) v += LD(res[row * d + j]); dx[row * d + j] = ST(v); } } \
@@ -106,25 +106,38 @@ macro_rules! dispatch {
 }
 
 pub fn ln_forward(x: &Tensor, w: &Tensor, b: &Tensor, n: usize, d: usize) -> Result<LnOut> {
-    fn run<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, b: &Tensor, n: usize, d: usize) -> Result<LnOut> {
+    norm_forward(x, w, Some(b), LN_EPS, n, d)
+}
+
+/// LayerNorm (with a bias) or RMSNorm (`b` `None`: no mean subtracted, no bias) over rows of `x`.
+pub fn norm_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64, n: usize, d: usize) -> Result<LnOut> {
+    fn run<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64, n: usize, d: usize) -> Result<LnOut> {
+        let rms = i32::from(b.is_none());
+        // RMSNorm has no bias: the kernel never reads its placeholder.
+        let b = b.unwrap_or(w);
         let name = format!("ln_fwd_{}", suffix(x.dtype(), "layer norm")?);
         view::<T, _>(x, |dev, xv| {
             view::<T, _>(w, |_, wv| {
                 view::<T, _>(b, |_, bv| {
                     let y = unsafe { dev.alloc::<T>(n * d)? };
                     let (mean, rstd) = unsafe { (dev.alloc::<f32>(n)?, dev.alloc::<f32>(n)?) };
-                    let (d_i, eps) = (d as i32, LN_EPS as f32);
+                    let (d_i, eps) = (d as i32, eps as f32);
                     let f = func(dev, &name)?;
                     let stream = dev.cuda_stream();
                     let mut l = stream.launch_builder(&f);
-                    l.arg(&xv).arg(&wv).arg(&bv).arg(&y).arg(&mean).arg(&rstd).arg(&d_i).arg(&eps);
+                    l.arg(&xv).arg(&wv).arg(&bv).arg(&y).arg(&mean).arg(&rstd).arg(&d_i).arg(&eps).arg(&rms);
                     unsafe { l.launch(rows(n, 256)) }.map_err(launch_err)?;
                     Ok(LnOut { y: wrap(y, dev, &[n, d]), mean: wrap(mean, dev, &[n]), rstd: wrap(rstd, dev, &[n]) })
                 })
             })
         })
     }
-    dispatch!(x.dtype(), "layer norm", run(x, w, b, n, d))
+    let mut out = dispatch!(x.dtype(), "layer norm", run(x, w, b, eps, n, d))?;
+    if b.is_none() {
+        // The kernel leaves the mean unwritten when it subtracts none.
+        out.mean = Tensor::zeros(n, DType::F32, x.device())?;
+    }
+    Ok(out)
 }
 
 /// Column sums of `g` `[n, d]` (and of `g · x̂` when `x` with its statistics is given), in f32.
@@ -195,7 +208,14 @@ pub fn col_sum(x: &Tensor, n: usize, d: usize) -> Result<Tensor> {
 
 #[allow(clippy::too_many_arguments)]
 pub fn ln_backward(dy: &Tensor, x: &Tensor, w: &Tensor, mean: &Tensor, rstd: &Tensor, res: Option<&Tensor>, n: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
-    fn run<T: CudaDType + DeviceRepr>(dy: &Tensor, x: &Tensor, w: &Tensor, mean: &Tensor, rstd: &Tensor, res: Option<&Tensor>, n: usize, d: usize) -> Result<Tensor> {
+    norm_backward(dy, x, w, mean, rstd, res, false, n, d)
+}
+
+/// The backward of [`norm_forward`]: `(dx + res, dw, db)` (`db` of a RMSNorm is the unused column sum).
+#[allow(clippy::too_many_arguments)]
+pub fn norm_backward(dy: &Tensor, x: &Tensor, w: &Tensor, mean: &Tensor, rstd: &Tensor, res: Option<&Tensor>, rms: bool, n: usize, d: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: CudaDType + DeviceRepr>(dy: &Tensor, x: &Tensor, w: &Tensor, mean: &Tensor, rstd: &Tensor, res: Option<&Tensor>, rms: i32, n: usize, d: usize) -> Result<Tensor> {
         let name = format!("ln_bwd_{}", suffix(x.dtype(), "layer norm")?);
         let has_res = i32::from(res.is_some());
         let res = res.unwrap_or(dy);
@@ -210,7 +230,7 @@ pub fn ln_backward(dy: &Tensor, x: &Tensor, w: &Tensor, mean: &Tensor, rstd: &Te
                                 let f = func(dev, &name)?;
                                 let stream = dev.cuda_stream();
                     let mut l = stream.launch_builder(&f);
-                                l.arg(&gv).arg(&xv).arg(&wv).arg(&mv).arg(&rv).arg(&resv).arg(&dx).arg(&d_i).arg(&has_res);
+                                l.arg(&gv).arg(&xv).arg(&wv).arg(&mv).arg(&rv).arg(&resv).arg(&dx).arg(&d_i).arg(&has_res).arg(&rms);
                                 unsafe { l.launch(rows(n, 256)) }.map_err(launch_err)?;
                                 Ok(wrap(dx, dev, &[n, d]))
                             })
@@ -220,7 +240,7 @@ pub fn ln_backward(dy: &Tensor, x: &Tensor, w: &Tensor, mean: &Tensor, rstd: &Te
             })
         })
     }
-    let dx = dispatch!(x.dtype(), "layer norm backward", run(dy, x, w, mean, rstd, res, n, d))?;
+    let dx = dispatch!(x.dtype(), "layer norm backward", run(dy, x, w, mean, rstd, res, i32::from(rms), n, d))?;
     let (dw, db) = dispatch!(x.dtype(), "layer norm backward", col_sums(dy, Some((x, mean, rstd)), n, d))?;
     let dw = dw.ok_or_else(|| candle_core::Error::Msg("layer norm backward: no weight gradient".into()))?;
     Ok((dx, dw, db))

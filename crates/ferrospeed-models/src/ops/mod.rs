@@ -14,6 +14,11 @@ mod cuda_kernels;
 pub mod fused;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
+#[cfg(feature = "cuda")]
+mod llama_cuda;
+pub mod rms_norm;
+pub mod rope;
+pub mod swiglu;
 
 pub use causal_softmax::causal_softmax;
 pub use cross_entropy::fused_cross_entropy;

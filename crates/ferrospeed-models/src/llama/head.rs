@@ -1,0 +1,101 @@
+//! The last Llama block: final RMSNorm, logits through `lm_head` (or the embedding when tied),
+//! cross-entropy; with a hand-written backward (the logits are the largest tensor of a step).
+
+use super::LlamaConfig;
+use crate::ops::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward, fused_cross_entropy};
+use crate::ops::rms_norm::{rms_backward, rms_forward, rms_norm};
+use candle_core::{Result, Tensor};
+use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+use ferrospeed::profile::{scoped, scoped_as, Kind};
+
+/// `norm` and the head; slot 1 is `lm_head.weight` `[vocab, d]` or block 0's `embed_tokens.weight`.
+#[derive(Debug, Clone)]
+pub struct Head {
+    cfg: LlamaConfig,
+}
+
+/// What the head's backward needs.
+struct HeadSaved {
+    x: Tensor,
+    rstd: Tensor,
+    h: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    rows: Tensor,
+    dims: (usize, usize, usize),
+}
+
+impl Head {
+    pub fn new(cfg: LlamaConfig) -> Self {
+        Self { cfg }
+    }
+
+    /// Logits `[b·t, vocab]` for the hidden states `x [b, t, d]` (composed ops).
+    pub fn logits(&self, params: &[Tensor], x: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        rms_norm(&x.reshape((b * t, d))?, &params[0], self.cfg.rms_norm_eps)?.matmul(&params[1].t()?)
+    }
+
+    fn run(&self, p: &[Tensor], x: &Tensor, batch: &Batch) -> Result<(Tensor, HeadSaved)> {
+        let (b, t, d) = x.dims3()?;
+        let x = x.reshape((b * t, d))?;
+        let norm = scoped_as(Kind::Elementwise, "rms_norm", || rms_forward(&x, &p[0], self.cfg.rms_norm_eps))?;
+        let logits = scoped(Kind::Matmul, || norm.y.matmul(&p[1].t()?))?;
+        let targets = batch.get("targets")?.flatten_all()?;
+        let rows = scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets))?;
+        let loss = scoped_as(Kind::Elementwise, "cross_entropy", || rows.mean_all())?;
+        Ok((loss, HeadSaved { x, rstd: norm.rstd, h: norm.y, logits, targets, rows, dims: (b, t, d) }))
+    }
+}
+
+impl Block for Head {
+    fn name(&self) -> String {
+        "head".into()
+    }
+
+    fn params(&self) -> Vec<ParamRef> {
+        let (v, d) = (self.cfg.vocab_size, self.cfg.d_model);
+        let head = if self.cfg.tie_word_embeddings {
+            ParamRef::Tied { block: 0, name: "embed_tokens.weight".into() }
+        } else {
+            ParamRef::Own(ParamSpec::new("lm_head.weight", &[v, d], Init::Normal { std: self.cfg.initializer_range }, true))
+        };
+        vec![ParamRef::Own(ParamSpec::new("norm.weight", &[d], Init::Ones, false)), head]
+    }
+
+    fn forward(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
+        let x = input(x)?;
+        if x.track_op() || params.iter().any(Tensor::track_op) {
+            return Ok(vec![fused_cross_entropy(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?]);
+        }
+        Ok(vec![self.run(params, x, batch)?.0])
+    }
+
+    fn forward_saving(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
+        let (loss, saved) = self.run(params, input(x)?, batch)?;
+        Ok(Some((vec![loss], Box::new(saved))))
+    }
+
+    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
+        let Upstream::Loss(scale) = upstream else { candle_core::bail!("the head is the last block: its output is the loss") };
+        let s = saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
+        let n = s.targets.elem_count();
+        // The loss is the mean over rows: each row's loss has weight scale / n.
+        let row_grads = s.rows.ones_like()?.affine(scale / n as f64, 0.0)?;
+        let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || cross_entropy_rows_backward(&s.logits, &s.targets, &row_grads))?;
+        drop(s.logits);
+        let d_head = scoped(Kind::Matmul, || d_logits.t()?.matmul(&s.h))?;
+        let d_h = scoped(Kind::Matmul, || d_logits.matmul(&p[1]))?;
+        drop(d_logits);
+        let (d_x, d_w) = scoped_as(Kind::Elementwise, "rms_norm_backward", || rms_backward(&d_h, &s.x, &p[0], &s.rstd, None))?;
+        Ok((vec![Some(d_w), Some(d_head)], vec![Some(d_x.reshape(s.dims)?)]))
+    }
+
+    fn forward_flops_per_token(&self) -> f64 {
+        2.0 * (self.cfg.d_model * self.cfg.vocab_size) as f64
+    }
+}
+
+fn input(x: &[Tensor]) -> Result<&Tensor> {
+    x.first().ok_or_else(|| candle_core::Error::Msg("the head needs an input".into()))
+}

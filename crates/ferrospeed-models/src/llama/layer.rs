@@ -1,0 +1,159 @@
+//! A Llama layer: pre-RMSNorm grouped-query self-attention with rotary positions, then a SwiGLU MLP,
+//! each added to the residual stream. Training runs the fused forward and the hand-written backward of
+//! `layer_fused.rs`; the forward composed of candle ops stays for autograd (a caller differentiating
+//! `forward` itself) and as the reference the fused one is tested against.
+
+use super::layer_fused::{self, LayerSaved};
+use super::{LlamaConfig, RopeCache};
+use crate::ops::causal_softmax;
+use crate::ops::rms_norm::rms_norm;
+use crate::ops::rope::rope_composed;
+use candle_core::{Result, Tensor};
+use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+use std::sync::Arc;
+
+/// Layer `index` of the model.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    cfg: LlamaConfig,
+    index: usize,
+    rope: Arc<RopeCache>,
+}
+
+/// Slot positions of the layer's parameters (the q/k/v biases exist only with `attention_bias`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Slots {
+    pub input_norm: usize,
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub bias: Option<usize>,
+    pub o: usize,
+    pub post_norm: usize,
+    pub gate: usize,
+    pub up: usize,
+    pub down: usize,
+}
+
+impl Slots {
+    pub(crate) fn of(cfg: &LlamaConfig) -> Self {
+        let b = usize::from(cfg.attention_bias) * 3;
+        Slots { input_norm: 0, q: 1, k: 2, v: 3, bias: cfg.attention_bias.then_some(4), o: 4 + b, post_norm: 5 + b, gate: 6 + b, up: 7 + b, down: 8 + b }
+    }
+}
+
+impl Layer {
+    pub(crate) fn new(cfg: LlamaConfig, index: usize, rope: Arc<RopeCache>) -> Self {
+        Self { cfg, index, rope }
+    }
+}
+
+impl Block for Layer {
+    fn name(&self) -> String {
+        format!("layers.{}", self.index)
+    }
+
+    fn params(&self) -> Vec<ParamRef> {
+        let c = &self.cfg;
+        let (d, q, kv, f) = (c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.d_ff);
+        let w = Init::Normal { std: c.initializer_range };
+        let p = |name: &str, shape: &[usize], init: Init, decay: bool| ParamRef::Own(ParamSpec::new(name, shape, init, decay));
+        let mut params = vec![
+            p("input_layernorm.weight", &[d], Init::Ones, false),
+            p("self_attn.q_proj.weight", &[q, d], w, true),
+            p("self_attn.k_proj.weight", &[kv, d], w, true),
+            p("self_attn.v_proj.weight", &[kv, d], w, true),
+        ];
+        if c.attention_bias {
+            params.push(p("self_attn.q_proj.bias", &[q], Init::Zeros, false));
+            params.push(p("self_attn.k_proj.bias", &[kv], Init::Zeros, false));
+            params.push(p("self_attn.v_proj.bias", &[kv], Init::Zeros, false));
+        }
+        params.extend([
+            p("self_attn.o_proj.weight", &[d, q], w, true),
+            p("post_attention_layernorm.weight", &[d], Init::Ones, false),
+            p("mlp.gate_proj.weight", &[f, d], w, true),
+            p("mlp.up_proj.weight", &[f, d], w, true),
+            p("mlp.down_proj.weight", &[d, f], w, true),
+        ]);
+        params
+    }
+
+    fn forward(&self, p: &[Tensor], x: &[Tensor], _batch: &Batch) -> Result<Vec<Tensor>> {
+        let x = input(x)?;
+        if x.track_op() || p.iter().any(Tensor::track_op) {
+            return Ok(vec![self.forward_composed(p, x)?]);
+        }
+        let (cos, sin) = self.rope.get(&self.cfg, x.dim(1)?, x.device())?;
+        Ok(vec![layer_fused::forward(&self.cfg, p, x, (&cos, &sin), false)?.0])
+    }
+
+    fn forward_saving(&self, p: &[Tensor], x: &[Tensor], _batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
+        let x = input(x)?;
+        let (cos, sin) = self.rope.get(&self.cfg, x.dim(1)?, x.device())?;
+        let (y, saved) = layer_fused::forward(&self.cfg, p, x, (&cos, &sin), true)?;
+        let saved = saved.ok_or_else(|| candle_core::Error::Msg("layer forward kept nothing".into()))?;
+        Ok(Some((vec![y], Box::new(saved))))
+    }
+
+    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
+        let g = upstream.grad(0)?;
+        let saved = saved.downcast::<LayerSaved>().map_err(|_| candle_core::Error::Msg("layer backward: foreign saved state".into()))?;
+        let (cos, sin) = self.rope.get(&self.cfg, saved.seq_len(), g.device())?;
+        let (grads, dx) = layer_fused::backward(&self.cfg, p, *saved, g, (&cos, &sin))?;
+        Ok((grads, vec![Some(dx)]))
+    }
+
+    fn forward_flops_per_token(&self) -> f64 {
+        let c = &self.cfg;
+        let (d, q, w, f, t) = (c.d_model as f64, (c.n_head * c.head_dim) as f64, c.qkv_width() as f64, c.d_ff as f64, c.seq_len as f64);
+        // Projections (q, k, v, o) and the MLP (gate, up, down), plus scores and weighted values.
+        2.0 * (d * w + q * d + 3.0 * d * f) + 2.0 * 2.0 * t * q
+    }
+}
+
+fn input(x: &[Tensor]) -> Result<&Tensor> {
+    x.first().ok_or_else(|| candle_core::Error::Msg("a transformer layer needs an input".into()))
+}
+
+/// `x [n, in] · w[out, in]ᵀ (+ b)`.
+fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+impl Layer {
+    /// The forward composed of candle ops (differentiable by autograd), written as transformers'
+    /// `LlamaDecoderLayer`: K/V heads repeated for their query groups.
+    fn forward_composed(&self, p: &[Tensor], x: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        let s = Slots::of(c);
+        let (b, t, d) = x.dims3()?;
+        let (nh, nkv, hd) = (c.n_head, c.n_kv_head, c.head_dim);
+        let (cos, sin) = self.rope.get(c, t, x.device())?;
+        let x = x.reshape((b * t, d))?;
+        let h = rms_norm(&x, &p[s.input_norm], c.rms_norm_eps)?;
+        let bias = |i: usize| s.bias.map(|b0| &p[b0 + i]);
+        let heads = |w: &Tensor, bias: Option<&Tensor>, n: usize| -> Result<Tensor> { linear(&h, w, bias)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
+        let q = rope_composed(&heads(&p[s.q], bias(0), nh)?, &cos, &sin)?;
+        let k = rope_composed(&heads(&p[s.k], bias(1), nkv)?, &cos, &sin)?;
+        let v = heads(&p[s.v], bias(2), nkv)?;
+        let repeat = |m: Tensor| -> Result<Tensor> {
+            if nh == nkv {
+                return Ok(m);
+            }
+            m.unsqueeze(2)?.broadcast_as((b, nkv, nh / nkv, t, hd))?.reshape((b, nh, t, hd))
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let y = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?.matmul(&v)?;
+        let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
+        let x = (x + linear(&y, &p[s.o], None)?)?;
+        let h = rms_norm(&x, &p[s.post_norm], c.rms_norm_eps)?;
+        let act = (linear(&h, &p[s.gate], None)?.silu()? * linear(&h, &p[s.up], None)?)?;
+        (x + linear(&act, &p[s.down], None)?)?.reshape((b, t, d))
+    }
+}

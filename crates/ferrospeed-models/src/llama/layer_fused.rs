@@ -1,0 +1,175 @@
+//! The Llama layer's forward on fused ops, keeping what its hand-written backward needs, and that
+//! backward. q, k and v come from one matmul against the three weights stacked `[(nh + 2·nkv)·hd, d]`
+//! (and gate and up from one against `[2·f, d]`); RoPE rotates q and k in that layout, and the fused
+//! attention reads grouped K/V heads from it directly. Ops are marked with their kind of work
+//! (`ferrospeed::profile`) for the GPU step breakdown.
+
+use super::layer::Slots;
+use super::LlamaConfig;
+use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
+use crate::ops::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
+use crate::ops::fused::col_sum;
+use crate::ops::rms_norm::{rms_backward, rms_forward};
+use crate::ops::rope::rope_qkv;
+use crate::ops::swiglu::{swiglu, swiglu_backward};
+use candle_core::{Result, Tensor};
+use ferrospeed::profile::{scoped, scoped_as, Kind};
+
+/// What the backward needs of one layer's forward (`n = b·t` rows).
+pub struct LayerSaved {
+    /// Input `[n, d]`, its 1/rms and the normalised input.
+    x: Tensor,
+    rstd1: Tensor,
+    h1: Tensor,
+    attn: AttnSaved,
+    /// Attention output `[n, nh·hd]`, before the output projection.
+    y: Tensor,
+    /// Residual stream after attention `[n, d]`, its 1/rms and the normalised stream.
+    x2: Tensor,
+    rstd2: Tensor,
+    h2: Tensor,
+    /// Gate and up projections `[n, 2f]` and the SwiGLU output `[n, f]`.
+    gu: Tensor,
+    act: Tensor,
+    dims: (usize, usize),
+}
+
+impl LayerSaved {
+    /// The sequence length of the forward.
+    pub fn seq_len(&self) -> usize {
+        self.dims.1
+    }
+}
+
+/// The fused kernels recompute the probabilities from the rotated `qkv` and each row's log-sum-exp;
+/// the composed path keeps the heads (`q` grouped `[b, nkv, g·t, hd]`, `k`, `v` `[b, nkv, t, hd]`) and
+/// the probabilities `[b, nh, t, t]`.
+enum AttnSaved {
+    Fused { qkv: Tensor, lse: Tensor },
+    Composed { q: Tensor, k: Tensor, v: Tensor, p: Tensor },
+}
+
+fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    scoped(Kind::Matmul, || a.matmul(b))
+}
+
+fn copy(t: &Tensor) -> Result<Tensor> {
+    scoped(Kind::Copy, || t.contiguous())
+}
+
+/// Weights stacked along their output dimension (rows), as one matrix `[Σ out, in]`.
+fn stack(ws: &[&Tensor]) -> Result<Tensor> {
+    scoped_as(Kind::Copy, "stack_weights", || Tensor::cat(ws, 0))
+}
+
+/// The layer on `x` `[b, t, d]`; parameters in slot order (see `Layer::params`).
+pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tensor), save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
+    let s = Slots::of(c);
+    let (b, t, d) = x.dims3()?;
+    let (n, nh, nkv, hd) = (b * t, c.n_head, c.n_kv_head, c.head_dim);
+    let x = x.reshape((n, d))?;
+    let ew = Kind::Elementwise;
+
+    // Attention.
+    let norm1 = scoped_as(ew, "rms_norm", || rms_forward(&x, &p[s.input_norm], c.rms_norm_eps))?;
+    let w_qkv = stack(&[&p[s.q], &p[s.k], &p[s.v]])?;
+    let mut qkv = matmul(&norm1.y, &w_qkv.t()?)?;
+    if let Some(b0) = s.bias {
+        let bias = stack(&[&p[b0], &p[b0 + 1], &p[b0 + 2]])?;
+        qkv = scoped_as(ew, "bias_add", || qkv.broadcast_add(&bias))?;
+    }
+    let qkv = scoped_as(ew, "rope", || rope_qkv(&qkv, rope.0, rope.1, t, nh, nkv, false))?;
+    let (attn, y) = if fused_attention_available(&qkv, hd) {
+        let out = scoped_as(Kind::Attention, "attention_forward", || attention_forward(&qkv, b, t, nh, nkv))?;
+        (AttnSaved::Fused { qkv, lse: out.lse }, out.y)
+    } else {
+        composed_attention(&qkv, b, t, nh, nkv, hd)?
+    };
+    let x2 = (&x + matmul(&y, &p[s.o].t()?)?)?;
+
+    // MLP.
+    let norm2 = scoped_as(ew, "rms_norm", || rms_forward(&x2, &p[s.post_norm], c.rms_norm_eps))?;
+    let w_gu = stack(&[&p[s.gate], &p[s.up]])?;
+    let gu = matmul(&norm2.y, &w_gu.t()?)?;
+    let act = scoped_as(ew, "swiglu", || swiglu(&gu))?;
+    let out = (&x2 + matmul(&act, &p[s.down].t()?)?)?.reshape((b, t, d))?;
+    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1: norm1.y, attn, y, x2, rstd2: norm2.rstd, h2: norm2.y, gu, act, dims: (b, t) });
+    Ok((out, saved))
+}
+
+/// Attention of the rotated `qkv` with candle matmuls and the fused causal softmax; a key/value head
+/// serves its query group through a reshape (`[b, nkv, g·t, hd]`), not copies.
+fn composed_attention(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> Result<(AttnSaved, Tensor)> {
+    let heads = |from: usize, h: usize| -> Result<Tensor> { copy(&qkv.narrow(1, from * hd, h * hd)?.reshape((b, t, h, hd))?.transpose(1, 2)?) };
+    let q = heads(0, nh)?.reshape((b, nkv, nh / nkv * t, hd))?;
+    let (k, v) = (heads(nh, nkv)?, heads(nh + nkv, nkv)?);
+    let (probs, y) = scoped_as(Kind::Attention, "attention_forward", || -> Result<_> {
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
+        let probs = causal_softmax_forward(&scores, 1.0 / (hd as f64).sqrt())?;
+        let y = probs.reshape((b, nkv, nh / nkv * t, t))?.matmul(&v)?.reshape((b, nh, t, hd))?;
+        Ok((probs, y))
+    })?;
+    let y = copy(&y.transpose(1, 2)?)?.reshape((b * t, nh * hd))?;
+    Ok((AttnSaved::Composed { q, k, v, p: probs }, y))
+}
+
+/// Gradients of every parameter slot and of the input, for the output gradient `g` `[b, t, d]`.
+pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope: (&Tensor, &Tensor)) -> Result<(Vec<Option<Tensor>>, Tensor)> {
+    let s = Slots::of(c);
+    let (b, t) = sv.dims;
+    let (n, d, nh, nkv, hd, f) = (b * t, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff);
+    let g = g.reshape((n, d))?;
+    let ew = Kind::Elementwise;
+    let mut grads: Vec<Option<Tensor>> = vec![None; p.len()];
+
+    // MLP: out = x2 + act·W_downᵀ, act = swiglu(h2·[W_gate; W_up]ᵀ), h2 = rms(x2).
+    grads[s.down] = Some(matmul(&g.t()?, &sv.act)?);
+    let d_act = matmul(&g, &p[s.down])?;
+    let d_gu = scoped_as(ew, "swiglu_backward", || swiglu_backward(&sv.gu, &d_act))?;
+    drop(d_act);
+    let d_wgu = matmul(&d_gu.t()?, &sv.h2)?;
+    grads[s.gate] = Some(d_wgu.narrow(0, 0, f)?);
+    grads[s.up] = Some(d_wgu.narrow(0, f, f)?);
+    let w_gu = stack(&[&p[s.gate], &p[s.up]])?;
+    let d_h2 = matmul(&d_gu, &w_gu)?;
+    drop((d_gu, w_gu));
+    let (d_x2, d_post) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h2, &sv.x2, &p[s.post_norm], &sv.rstd2, Some(&g)))?;
+    grads[s.post_norm] = Some(d_post);
+
+    // Attention: x2 = x + y·W_oᵀ, y = attention(rope(h1·W_qkvᵀ + b)), h1 = rms(x).
+    grads[s.o] = Some(matmul(&d_x2.t()?, &sv.y)?);
+    let d_y = matmul(&d_x2, &p[s.o])?;
+    let d_qkv = match sv.attn {
+        AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &sv.y, &lse, &d_y, b, t, nh, nkv))?,
+        AttnSaved::Composed { q, k, v, p: probs } => {
+            let gt = nh / nkv * t;
+            let d_y = copy(&d_y.reshape((b, t, nh, hd))?.transpose(1, 2)?)?.reshape((b, nkv, gt, hd))?;
+            let (d_q, d_k, d_v) = scoped_as(Kind::Attention, "attention_backward", || -> Result<_> {
+                let d_p = d_y.matmul(&v.t()?)?.reshape((b, nh, t, t))?;
+                let pg = probs.reshape((b, nkv, gt, t))?;
+                let d_v = pg.t()?.matmul(&d_y)?;
+                let d_s = causal_softmax_backward(&probs, &d_p, 1.0 / (hd as f64).sqrt())?.reshape((b, nkv, gt, t))?;
+                drop(d_p);
+                Ok((d_s.matmul(&k)?.reshape((b, nh, t, hd))?, d_s.t()?.matmul(&q)?, d_v))
+            })?;
+            scoped_as(Kind::Copy, "merge_qkv_grads", || Tensor::cat(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2))?.reshape((n, c.qkv_width()))?
+        }
+    };
+    let d_qkv = scoped_as(ew, "rope_backward", || rope_qkv(&d_qkv, rope.0, rope.1, t, nh, nkv, true))?;
+    let (q_w, kv_w) = (nh * hd, nkv * hd);
+    if let Some(b0) = s.bias {
+        let d_bias = scoped_as(ew, "bias_grad", || col_sum(&d_qkv))?;
+        grads[b0] = Some(d_bias.narrow(0, 0, q_w)?);
+        grads[b0 + 1] = Some(d_bias.narrow(0, q_w, kv_w)?);
+        grads[b0 + 2] = Some(d_bias.narrow(0, q_w + kv_w, kv_w)?);
+    }
+    let d_wqkv = matmul(&d_qkv.t()?, &sv.h1)?;
+    grads[s.q] = Some(d_wqkv.narrow(0, 0, q_w)?);
+    grads[s.k] = Some(d_wqkv.narrow(0, q_w, kv_w)?);
+    grads[s.v] = Some(d_wqkv.narrow(0, q_w + kv_w, kv_w)?);
+    let w_qkv = stack(&[&p[s.q], &p[s.k], &p[s.v]])?;
+    let d_h1 = matmul(&d_qkv, &w_qkv)?;
+    let (d_x, d_in) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h1, &sv.x, &p[s.input_norm], &sv.rstd1, Some(&d_x2)))?;
+    grads[s.input_norm] = Some(d_in);
+    Ok((grads, d_x.reshape((b, t, d))?))
+}
