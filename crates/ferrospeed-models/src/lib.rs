@@ -5,6 +5,7 @@
 
 pub mod data;
 pub mod gpt;
+pub mod hf;
 pub mod llama;
 pub mod ops;
 pub mod tokenizer;

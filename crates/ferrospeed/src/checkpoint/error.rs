@@ -17,6 +17,8 @@ pub enum CheckpointError {
     Mismatch { path: PathBuf, reason: String },
     #[error("no checkpoint at {path}: {reason}")]
     NotFound { path: PathBuf, reason: String },
+    #[error("{path} already exists and is not empty: export into a new directory, or remove it first")]
+    Exists { path: PathBuf },
     #[error("checkpoint format: {0}")]
     Format(String),
     #[error(transparent)]

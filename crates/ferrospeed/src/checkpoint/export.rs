@@ -6,7 +6,8 @@
 
 use super::error::CheckpointError;
 use super::load::{read_meta, verify};
-use super::safetensors_io::{f32_bytes, f32_header, read_f32_range, read_header};
+use super::safetensors_io::{f32_bytes, f32_header, header};
+use super::weights::{WeightDtype, WeightFiles};
 use crate::engine::Engine;
 use std::io::Write;
 use std::path::Path;
@@ -52,18 +53,129 @@ pub fn export(dir: &Path, out: &Path, name_of: NameMap<'_>) -> Result<ExportStat
     Ok(ExportStats { tensors: entries.len(), bytes, largest_block_bytes: largest })
 }
 
-/// Initialise `engine`'s master weights from a consolidated file (moments zero, step 0). Every rank
-/// calls this and reads only its window of each parameter.
+/// What a transformers-style export writes besides the weights.
+pub struct DirExport<'a> {
+    /// Outside names of the parameters.
+    pub name_of: NameMap<'a>,
+    /// Element type of the written tensors.
+    pub dtype: WeightDtype,
+    /// Largest shard file, in bytes of tensor data (a tensor larger than this gets a shard alone).
+    pub max_shard_bytes: u64,
+    /// Other files of the directory (`config.json`, tokenizer files): name and contents.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+/// Write the master weights of checkpoint `dir` as a directory transformers' `from_pretrained` loads:
+/// `model.safetensors`, or `model-0000k-of-0000n.safetensors` shards of at most `max_shard_bytes`
+/// with `model.safetensors.index.json`, plus `opts.files`. Streams block by block (about one block in
+/// memory); everything is written into a temporary directory beside `out`, synced, then renamed, so
+/// `out` appears complete or not at all. An existing non-empty `out` is refused.
+pub fn export_dir(dir: &Path, out: &Path, opts: &DirExport<'_>) -> Result<ExportStats, CheckpointError> {
+    verify(dir)?;
+    let meta = read_meta(dir)?;
+    if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
+        return Err(CheckpointError::Exists { path: out.to_path_buf() });
+    }
+    let size = opts.dtype.size() as u64;
+    // Shards: consecutive tensors in export order, each shard at most max_shard_bytes.
+    let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut used = 0u64;
+    for b in &meta.blocks {
+        for p in &b.params {
+            let bytes = p.shape.iter().product::<usize>() as u64 * size;
+            if used > 0 && used + bytes > opts.max_shard_bytes {
+                shards.push(Vec::new());
+                used = 0;
+            }
+            shards.last_mut().map(|s| s.push(((opts.name_of)(&b.name, &p.name), p.shape.clone())));
+            used += bytes;
+        }
+    }
+    let n = shards.len();
+    let shard_name = |k: usize| if n == 1 { super::weights::SINGLE.to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
+    let name = out.file_name().map_or_else(|| "export".into(), |f| f.to_string_lossy().into_owned());
+    let tmp = out.with_file_name(format!(".{name}.partial"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e))?;
+    let write_file = |name: &str, bytes: &[u8]| -> Result<(), CheckpointError> {
+        let path = tmp.join(name);
+        let mut f = std::fs::File::create(&path).map_err(|e| CheckpointError::io(&path, e))?;
+        f.write_all(bytes).map_err(|e| CheckpointError::io(&path, e))?;
+        f.sync_all().map_err(|e| CheckpointError::io(&path, e))
+    };
+    let mut files = super::load::RankFiles::new(dir, &meta);
+    let (mut largest, mut total, mut tensors) = (0usize, 0u64, 0usize);
+    let mut weight_map = serde_json::Map::new();
+    let mut order = shards.iter().enumerate().flat_map(|(k, s)| s.iter().map(move |(name, _)| (k, name.clone())));
+    let mut current: Option<(usize, std::io::BufWriter<std::fs::File>, std::path::PathBuf)> = None;
+    let mut bytes = Vec::new();
+    for (b, block) in meta.blocks.iter().enumerate() {
+        let mut flat = vec![0f32; block.numel];
+        files.read(b, 0, 0, &mut flat)?;
+        largest = largest.max(flat.len() * 4);
+        for p in &block.params {
+            let (k, tensor) = order.next().ok_or_else(|| CheckpointError::Format("export: more tensors than planned".into()))?;
+            if current.as_ref().map(|c| c.0) != Some(k) {
+                if let Some((_, w, path)) = current.take() {
+                    finish_shard(w, &path)?;
+                }
+                let path = tmp.join(shard_name(k));
+                let io = |e| CheckpointError::io(&path, e);
+                let mut w = std::io::BufWriter::new(std::fs::File::create(&path).map_err(io)?);
+                let h = header(&shards[k], opts.dtype.name(), size as usize, Some(serde_json::json!({"format": "pt"})))?;
+                w.write_all(&h).map_err(io)?;
+                current = Some((k, w, path));
+            }
+            let numel: usize = p.shape.iter().product();
+            bytes.clear();
+            opts.dtype.encode(&flat[p.offset..p.offset + numel], &mut bytes);
+            if let Some((_, w, path)) = current.as_mut() {
+                w.write_all(&bytes).map_err(|e| CheckpointError::io(path, e))?;
+            }
+            weight_map.insert(tensor, shard_name(k).into());
+            total += bytes.len() as u64;
+            tensors += 1;
+        }
+    }
+    if let Some((_, w, path)) = current.take() {
+        finish_shard(w, &path)?;
+    }
+    if n > 1 {
+        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        let text = serde_json::to_vec_pretty(&index).map_err(|e| CheckpointError::Format(e.to_string()))?;
+        write_file(super::weights::INDEX, &text)?;
+    }
+    for (name, contents) in &opts.files {
+        write_file(name, contents)?;
+    }
+    std::fs::File::open(&tmp).and_then(|d| d.sync_all()).map_err(|e| CheckpointError::io(&tmp, e))?;
+    if out.exists() {
+        // An empty directory the user made: replaced by the complete export.
+        std::fs::remove_dir(out).map_err(|e| CheckpointError::io(out, e))?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| CheckpointError::io(out, e))?;
+    Ok(ExportStats { tensors, bytes: total, largest_block_bytes: largest })
+}
+
+fn finish_shard(w: std::io::BufWriter<std::fs::File>, path: &Path) -> Result<(), CheckpointError> {
+    let file = w.into_inner().map_err(|e| CheckpointError::io(path, e.into_error()))?;
+    file.sync_all().map_err(|e| CheckpointError::io(path, e))
+}
+
+/// Initialise `engine`'s master weights from weight files (moments zero, step 0): one safetensors
+/// file, or a directory as transformers writes it (`model.safetensors` or a sharded index), in F32,
+/// BF16 or F16. Every rank calls this and reads only its window of each parameter.
 pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>) -> Result<(), CheckpointError> {
-    let mut file = std::fs::File::open(path).map_err(|e| CheckpointError::io(path, e))?;
-    let header = read_header(&mut file, path)?;
+    let mut files = WeightFiles::open(path)?;
     for mut w in engine.windows_mut()? {
         w.state.iter_mut().for_each(|s| s.fill(0.0));
         w.master.fill(0.0);
         for (j, part) in w.flat.params_in(w.window.clone()) {
             let spec = &w.flat.specs()[j];
             let name = name_of(w.block, &spec.name);
-            let info = header.tensors.get(&name).ok_or_else(|| CheckpointError::Mismatch {
+            let info = files.info(&name).ok_or_else(|| CheckpointError::Mismatch {
                 path: path.to_path_buf(),
                 reason: format!("it has no tensor {name} (parameter {}.{})", w.block, spec.name),
             })?;
@@ -75,7 +187,7 @@ pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>)
             }
             let start = w.flat.range(j).start;
             let dst = &mut w.master[part.start - w.window.start..part.end - w.window.start];
-            read_f32_range(&mut file, path, &header, &name, part.start - start..part.end - start, dst)?;
+            files.read_f32(&name, part.start - start..part.end - start, dst)?;
         }
     }
     engine.finish_restore(0, None)?;

@@ -7,10 +7,12 @@ mod format;
 mod load;
 mod safetensors_io;
 mod save;
+mod weights;
 
 pub use durable::SavePhase;
 pub use error::CheckpointError;
-pub use export::{export, load_consolidated, ExportStats, NameMap};
+pub use export::{export, export_dir, load_consolidated, DirExport, ExportStats, NameMap};
 pub use format::{list_checkpoints, step_dir_name, BlockMeta, FileMeta, Meta, ParamMeta, FORMAT_VERSION, LATEST, META};
 pub use load::{latest, load_into, read_meta, resolve, verify, verify_file};
 pub use save::{save, SaveRequest};
+pub use weights::{WeightDtype, WeightFiles, WeightInfo, INDEX, SINGLE};

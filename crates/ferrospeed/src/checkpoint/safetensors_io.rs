@@ -30,11 +30,20 @@ pub struct Header {
 
 /// Build the header bytes for f32 tensors `(name, shape)` laid out back to back in the given order.
 pub fn f32_header(tensors: &[(String, Vec<usize>)]) -> Result<Vec<u8>, CheckpointError> {
+    header(tensors, "F32", 4, None)
+}
+
+/// The header for tensors of one element type (`dtype` its safetensors name, `size` its bytes) laid out
+/// back to back, with an optional `__metadata__` map.
+pub fn header(tensors: &[(String, Vec<usize>)], dtype: &str, size: usize, metadata: Option<serde_json::Value>) -> Result<Vec<u8>, CheckpointError> {
     let mut map = serde_json::Map::new();
+    if let Some(m) = metadata {
+        map.insert("__metadata__".into(), m);
+    }
     let mut offset = 0usize;
     for (name, shape) in tensors {
-        let bytes = shape.iter().product::<usize>() * 4;
-        let info = TensorInfo { dtype: "F32".into(), shape: shape.clone(), data_offsets: (offset, offset + bytes) };
+        let bytes = shape.iter().product::<usize>() * size;
+        let info = TensorInfo { dtype: dtype.into(), shape: shape.clone(), data_offsets: (offset, offset + bytes) };
         map.insert(name.clone(), serde_json::to_value(info).map_err(|e| CheckpointError::Format(e.to_string()))?);
         offset += bytes;
     }
