@@ -1,12 +1,15 @@
-//! `ferrospeed checkpoint inspect|export`: look inside a checkpoint, or consolidate it into one
-//! safetensors file with HuggingFace GPT-2 names.
+//! `ferrospeed checkpoint inspect|export`: look inside a checkpoint, or export it: as a directory
+//! transformers' `from_pretrained` loads (config.json, sharded safetensors with their index, the
+//! tokenizer files), or as one f32 safetensors file when OUT ends in `.safetensors`.
 
 use crate::usage::usage_error;
 use anyhow::Result;
 use clap::Subcommand;
 use ferrospeed::checkpoint::{self, Meta};
 use ferrospeed::accelerator::ParamNames;
+use ferrospeed::checkpoint::{DirExport, WeightDtype};
 use ferrospeed_models::gpt::HF_NAMES;
+use ferrospeed_models::hf::TOKENIZER_FILES;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -20,17 +23,29 @@ pub enum CheckpointCommand {
         #[arg(long)]
         verify: bool,
     },
-    /// Write the weights as one safetensors file with HuggingFace GPT-2 names, one block at a time
-    Export { path: PathBuf, out: PathBuf },
+    /// Write the weights as a transformers model directory (or one f32 file if OUT ends in .safetensors),
+    /// with transformers' names, one block at a time
+    Export {
+        path: PathBuf,
+        out: PathBuf,
+        /// Element type of the written weights: bf16 (default), f16 or f32
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Largest shard file in GB (transformers' max_shard_size)
+        #[arg(long, default_value_t = 5.0)]
+        max_shard_gb: f64,
+    },
 }
 
 /// The names a checkpoint's parameters are exported under: the ones its run recorded (`param_names`);
 /// checkpoints from before that record are the built-in GPT's, with HuggingFace GPT-2 names.
 fn export_names(meta: &checkpoint::Meta) -> fn(&str, &str) -> String {
     let tag = meta.run.get("param_names").and_then(|t| t.as_str());
-    let gpt = meta.run.get("model").and_then(|m| m.get("kind")).and_then(|k| k.as_str()) == Some("gpt");
+    let kind = meta.run.get("model").and_then(|m| m.get("kind"));
+    let gpt = kind.and_then(|k| k.as_str()) == Some("gpt") || kind.is_some_and(|k| k.is_null()) && tag.is_none();
     match tag {
         Some(t) if t == HF_NAMES.tag => HF_NAMES.map,
+        Some(t) if t == ferrospeed_models::llama::HF_NAMES.tag => ferrospeed_models::llama::HF_NAMES.map,
         None if gpt => HF_NAMES.map,
         _ => ParamNames::BLOCK.map,
     }
@@ -46,11 +61,30 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
                 println!("verified: every file matches its checksum");
             }
         }
-        CheckpointCommand::Export { path, out } => {
+        CheckpointCommand::Export { path, out, dtype, max_shard_gb } => {
             let dir = checkpoint::resolve(&path).map_err(|e| usage_error(e.to_string()))?;
             let t0 = Instant::now();
-            let names = export_names(&checkpoint::read_meta(&dir)?);
-            let stats = checkpoint::export(&dir, &out, &names)?;
+            let meta = checkpoint::read_meta(&dir)?;
+            let names = export_names(&meta);
+            let stats = if out.extension().is_some_and(|e| e == "safetensors") {
+                checkpoint::export(&dir, &out, &names)?
+            } else {
+                let (dtype, torch) = match dtype.as_str() {
+                    "bf16" => (WeightDtype::Bf16, "bfloat16"),
+                    "f16" => (WeightDtype::F16, "float16"),
+                    "f32" => (WeightDtype::F32, "float32"),
+                    other => return Err(usage_error(format!("--dtype {other} is not a weight type: use bf16, f16 or f32"))),
+                };
+                if !(max_shard_gb > 0.0) {
+                    return Err(usage_error(format!("--max-shard-gb {max_shard_gb} must be positive")));
+                }
+                let files = dir_files(&meta, torch)?;
+                let opts = DirExport { name_of: &names, dtype, max_shard_bytes: (max_shard_gb * 1e9) as u64, files };
+                checkpoint::export_dir(&dir, &out, &opts).map_err(|e| match e {
+                    checkpoint::CheckpointError::Exists { .. } => usage_error(e.to_string()),
+                    e => e.into(),
+                })?
+            };
             println!(
                 "exported {} tensors ({:.1} MB) to {} in {:.1} s; largest block in memory {:.1} MB; peak memory {:.1} MB",
                 stats.tensors,
@@ -63,6 +97,30 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The files of an exported directory besides the weights: `config.json` (the run's resolved model,
+/// in `torch_dtype`), and the tokenizer files of the run's tokenizer or model directory.
+fn dir_files(meta: &Meta, torch_dtype: &str) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut config = meta.run.get("hf_config").cloned().ok_or_else(|| {
+        usage_error("this checkpoint does not record its model's config.json (saved before HuggingFace export existed): export to a FILE.safetensors instead")
+    })?;
+    config["torch_dtype"] = torch_dtype.into();
+    let mut files = vec![("config.json".to_string(), serde_json::to_vec_pretty(&config)?)];
+    let from = |key: &str| meta.run.get(key).and_then(|v| v.as_str()).map(std::path::PathBuf::from);
+    // The model directory's tokenizer files, with the run's own tokenizer.json (model.tokenizer) first.
+    if let Some(tok) = from("tokenizer").filter(|t| t.is_file()) {
+        files.push(("tokenizer.json".to_string(), std::fs::read(&tok)?));
+    }
+    if let Some(src) = from("init_from_dir") {
+        for name in TOKENIZER_FILES {
+            let path = src.join(name);
+            if path.is_file() && !files.iter().any(|(n, _)| n == name) {
+                files.push((name.to_string(), std::fs::read(&path)?));
+            }
+        }
+    }
+    Ok(files)
 }
 
 fn summary(dir: &std::path::Path, meta: &Meta) -> String {

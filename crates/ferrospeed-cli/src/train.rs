@@ -1,4 +1,4 @@
-//! `ferrospeed train --config FILE [--set key=value …]`: the built-in trainer for the GPT family, a
+//! `ferrospeed train --config FILE [--set key=value …]`: the built-in trainer for the GPT and Llama families, a
 //! program on the library's `Accelerator` like any user's (no private path into the engine).
 //!
 //! Order matters for "bad input loses nothing": the config and the data are checked before anything
@@ -15,8 +15,7 @@ use ferrospeed::engine::Engine;
 use ferrospeed::rng::Rng;
 use ferrospeed::track::{peak_rss_bytes, Progress, StepMetrics};
 use ferrospeed::{CommExt, ReduceOp};
-use ferrospeed_models::gpt::HF_NAMES;
-use ferrospeed_models::{ByteTokenizer, Gpt, GptConfig, TextCorpus, TextWindows};
+use ferrospeed_models::{ByteTokenizer, Family, Gpt, TextCorpus, TextWindows, Tokenizer};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -37,20 +36,24 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let cfg = Config::load(&args.config, &args.overrides).map_err(|e| usage_error(e.to_string()))?;
     reject_unimplemented(&cfg)?;
-    let corpus = TextCorpus::load(&cfg.data.path).map_err(|e| usage_error(e.to_string()))?;
+    let (family, tokenizer) = Family::from_config(&cfg.model).map_err(|e| usage_error(e.to_string()))?;
+    family.check_inputs(cfg.model.init_from.as_deref(), &tokenizer).map_err(usage_error)?;
+    let model = family.model()?;
+    let corpus = TextCorpus::load_tokenized(&cfg.data.path, &tokenizer).map_err(|e| usage_error(e.to_string()))?;
     corpus.check_window(cfg.model.seq_len).map_err(|e| usage_error(e.to_string()))?;
     let mut acc = Accelerator::new(&cfg, Options { run_name: config_stem(&args.config), track: true }).map_err(accel_error)?;
     let (rank, world_size, device) = (acc.rank(), acc.world_size(), acc.device().clone());
+    // What `checkpoint export` needs to write a transformers directory later.
+    acc.record("hf_config", family.config_json("float32"));
+    if let Some(path) = tokenizer.path() {
+        acc.record("tokenizer", path.canonicalize().unwrap_or_else(|_| path.to_path_buf()).display().to_string().into());
+    }
+    if let Some(dir) = cfg.model.init_from.as_deref().filter(|p| p.is_dir()) {
+        acc.record("init_from_dir", dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()).display().to_string().into());
+    }
 
-    let gpt = Gpt::new(GptConfig {
-        n_layer: cfg.model.n_layer,
-        n_head: cfg.model.n_head,
-        d_model: cfg.model.d_model,
-        seq_len: cfg.model.seq_len,
-        vocab_size: ByteTokenizer::VOCAB_SIZE,
-    });
     let optimizer = acc.optimizer_from_config();
-    let mut engine = acc.prepare(gpt.model()?, optimizer, PrepareOptions { names: HF_NAMES, ..PrepareOptions::default() }).map_err(accel_error)?;
+    let mut engine = acc.prepare(model, optimizer, PrepareOptions { names: family.names(), ..PrepareOptions::default() }).map_err(accel_error)?;
     if let (Some(r), true) = (acc.resumed(), acc.is_main_process()) {
         println!(
             "resumed from {} at step {} (saved by {} rank(s) at ZeRO stage {})",
@@ -68,9 +71,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let tokens_per_step = (t.global_batch * cfg.model.seq_len) as u64;
     if rank == 0 {
         println!(
-            "ferrospeed train: GPT {} layers × d {} ({:.2}M parameters) on {} rank(s), ZeRO stage {}, {}; global batch {} = micro-batch {} × {} rank(s) × {} accumulation; {} steps; outputs in {}",
-            cfg.model.n_layer,
-            cfg.model.d_model,
+            "ferrospeed train: {} ({:.2}M parameters) on {} rank(s), ZeRO stage {}, {}; global batch {} = micro-batch {} × {} rank(s) × {} accumulation; {} steps; outputs in {}",
+            family.describe(),
             engine.model().num_params() as f64 / 1e6,
             world_size,
             cfg.zero.stage.as_int(),
@@ -141,7 +143,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::from(130));
     }
-    if ckpt_dir.is_some() && last_saved != Some(t.steps) && start_step < t.steps {
+    // train.steps = 0 converts: the imported (or initial) weights become a checkpoint to export.
+    if ckpt_dir.is_some() && last_saved != Some(t.steps) && (start_step < t.steps || t.steps == 0 && start_step == 0) {
         save_checkpoint(&acc, &mut engine)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -154,13 +157,18 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let peak_bytes: Vec<u64> = peaks.iter().map(|mb| (*mb as u64) << 20).collect();
 
     // With sharded parameters, gathering them for the sample is a collective: every rank takes part.
-    let sample_params = if t.sample_tokens > 0 { Some(engine.slot_tensors()?) } else { None };
+    // Sampling is GPT's with the bytes tokenizer (generation for every family comes with `generate`).
+    let gpt = match (&family, &tokenizer) {
+        (Family::Gpt(g), Tokenizer::Bytes) => Some(g),
+        _ => None,
+    };
+    let sample_params = if t.sample_tokens > 0 && gpt.is_some() { Some(engine.slot_tensors()?) } else { None };
     if let Some(progress) = progress {
         let first = first_loss.unwrap_or(f64::NAN);
         let tok_s = (tokens_per_step * (t.steps - start_step.min(t.steps)) as u64) as f64 / elapsed;
-        let sample = match &sample_params {
-            Some(params) => sample_text(&gpt, params, t.sample_tokens, t.seed)?,
-            None => String::new(),
+        let sample = match (&sample_params, gpt) {
+            (Some(params), Some(gpt)) => sample_text(gpt, params, t.sample_tokens, t.seed)?,
+            _ => String::new(),
         };
         let peak_text: Vec<String> = peaks.iter().map(|mb| format!("{mb:.0}")).collect();
         progress.finish(&format!(

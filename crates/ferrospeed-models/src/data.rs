@@ -7,20 +7,23 @@
 use candle_core::{Device, Tensor};
 use ferrospeed::data::{Dataset, Sampler, Sampling};
 use ferrospeed::engine::Batch;
+use crate::tokenizer::Tokenizer;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("cannot read data from {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot tokenize {path}: {reason}")]
+    Tokenize { path: PathBuf, reason: String },
     #[error("data at {path} has {len} tokens, fewer than one window of seq_len + 1 = {needed}; use more text or a smaller model.seq_len")]
     TooShort { path: PathBuf, len: usize, needed: usize },
 }
 
-/// A text corpus as bytes (one token per byte).
+/// A text corpus as token ids (one per byte unless tokenized with [`TextCorpus::tokenize`]).
 #[derive(Debug, Clone)]
 pub struct TextCorpus {
-    bytes: Vec<u8>,
+    tokens: Vec<u32>,
     path: PathBuf,
 }
 
@@ -45,29 +48,41 @@ impl TextCorpus {
         } else {
             std::fs::read(path).map_err(read_err)?
         };
-        Ok(Self { bytes, path: path.to_path_buf() })
+        Ok(Self { tokens: bytes.into_iter().map(u32::from).collect(), path: path.to_path_buf() })
+    }
+
+    /// [`TextCorpus::load`] tokenized with `tokenizer` (the bytes must be UTF-8 for a tokenizer.json).
+    pub fn load_tokenized(path: &Path, tokenizer: &Tokenizer) -> Result<Self, DataError> {
+        let corpus = Self::load(path)?;
+        if matches!(tokenizer, Tokenizer::Bytes) {
+            return Ok(corpus);
+        }
+        let bytes: Vec<u8> = corpus.tokens.iter().map(|&t| t as u8).collect();
+        let text = String::from_utf8(bytes).map_err(|e| DataError::Tokenize { path: path.to_path_buf(), reason: format!("not UTF-8 text ({e})") })?;
+        let tokens = tokenizer.encode(&text).map_err(|e| DataError::Tokenize { path: path.to_path_buf(), reason: e.to_string() })?;
+        Ok(Self { tokens, path: path.to_path_buf() })
     }
 
     pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        Self { bytes, path: PathBuf::from("<memory>") }
+        Self { tokens: bytes.into_iter().map(u32::from).collect(), path: PathBuf::from("<memory>") }
     }
 
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.tokens.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.bytes.is_empty()
+        self.tokens.is_empty()
     }
 
-    pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 
     /// Check that at least one window fits.
     pub fn check_window(&self, seq_len: usize) -> Result<(), DataError> {
-        if self.bytes.len() < seq_len + 2 {
-            return Err(DataError::TooShort { path: self.path.clone(), len: self.bytes.len(), needed: seq_len + 2 });
+        if self.tokens.len() < seq_len + 2 {
+            return Err(DataError::TooShort { path: self.path.clone(), len: self.tokens.len(), needed: seq_len + 2 });
         }
         Ok(())
     }
@@ -83,9 +98,9 @@ pub struct TextWindows<'a> {
 }
 
 impl TextWindows<'_> {
-    /// The `seq_len + 1` bytes of window `i`.
-    fn window(&self, i: usize) -> &[u8] {
-        &self.corpus.bytes()[i..i + self.seq_len + 1]
+    /// The `seq_len + 1` tokens of window `i`.
+    fn window(&self, i: usize) -> &[u32] {
+        &self.corpus.tokens()[i..i + self.seq_len + 1]
     }
 
     /// The micro-batch of windows `indices` as flat token and target vectors, row-major.
@@ -93,8 +108,8 @@ impl TextWindows<'_> {
         let mut mb = MicroBatch { tokens: Vec::with_capacity(indices.len() * self.seq_len), targets: Vec::with_capacity(indices.len() * self.seq_len) };
         for &i in indices {
             let window = self.window(i);
-            mb.tokens.extend(window[..self.seq_len].iter().map(|&b| u32::from(b)));
-            mb.targets.extend(window[1..].iter().map(|&b| u32::from(b)));
+            mb.tokens.extend_from_slice(&window[..self.seq_len]);
+            mb.targets.extend_from_slice(&window[1..]);
         }
         mb
     }

@@ -4,6 +4,7 @@
 //! parameters as tensors (see `ferrospeed::engine::Block`).
 
 pub mod data;
+pub mod family;
 pub mod gpt;
 pub mod hf;
 pub mod llama;
@@ -11,6 +12,7 @@ pub mod ops;
 pub mod tokenizer;
 
 pub use data::{BatchSampler, DataError, TextCorpus, TextWindows};
+pub use family::{Family, FamilyError};
 pub use gpt::{GptConfig, Gpt};
 pub use llama::{Llama, LlamaConfig};
-pub use tokenizer::ByteTokenizer;
+pub use tokenizer::{ByteTokenizer, Tokenizer, TokenizerError};

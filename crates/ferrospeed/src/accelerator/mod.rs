@@ -122,6 +122,8 @@ pub struct Accelerator {
     track_dir: PathBuf,
     names: ParamNames,
     resumed: Option<Resumed>,
+    /// Extra entries of every checkpoint's `meta.json` `run` record (see [`Accelerator::record`]).
+    extra_run: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Accelerator {
@@ -157,7 +159,7 @@ impl Accelerator {
         if refused {
             return Err(AccelError::RunDirRefused(refusal.unwrap_or_else(|| "rank 0 could not create the run directory".into())));
         }
-        Ok(Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None })
+        Ok(Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None, extra_run: serde_json::Map::new() })
     }
 
     /// The optimizer `train.optimizer` names, with the config's hyper-parameters.
@@ -300,6 +302,12 @@ impl Accelerator {
             .map_err(|e| crate::engine::EngineError::from_candle("a reduced tensor".into(), e).into())
     }
 
+    /// Record `value` under `key` in the `run` section of every checkpoint's `meta.json` (what an
+    /// export needs later, e.g. the model's resolved `config.json` and its tokenizer).
+    pub fn record(&mut self, key: &str, value: serde_json::Value) {
+        self.extra_run.insert(key.to_string(), value);
+    }
+
     /// Wait until every rank gets here.
     pub fn wait_for_everyone(&self) -> Result<(), AccelError> {
         Ok(self.worker.run(|c| c.barrier())??)
@@ -312,6 +320,7 @@ impl Accelerator {
         let mut run = serde_json::to_value(&self.cfg).unwrap_or_default();
         if let serde_json::Value::Object(m) = &mut run {
             m.insert("param_names".into(), self.names.tag.into());
+            m.extend(self.extra_run.clone());
         }
         let req = SaveRequest { root, samples: engine.steps_done() * self.cfg.train.global_batch as u64, keep: self.cfg.checkpoint.keep, run };
         Ok(checkpoint::save(engine, &req)?)

@@ -36,12 +36,15 @@ pub struct Config {
     pub track: TrackConfig,
 }
 
-/// The model family; only the built-in GPT-2 style decoder exists so far.
+/// The model family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelKind {
+    /// The GPT-2 family.
     Gpt,
+    /// The Llama family (Llama 2/3, Mistral, Qwen2, SmolLM shapes).
+    Llama,
 }
-named_enum!(ModelKind { Gpt => "gpt" });
+named_enum!(ModelKind { Gpt => "gpt", Llama => "llama" });
 
 /// How text becomes token ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,17 +56,37 @@ pub enum Vocab {
 }
 named_enum!(Vocab { Bytes => "bytes", Gpt2 => "gpt2" });
 
-/// `[model]`: the network's shape.
+/// `[model]`: the network's shape. With `init_from` a transformers model directory, its `config.json`
+/// gives the family and the shape: keys given here must agree with it (they are `None` when absent).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ModelConfig {
-    pub kind: ModelKind,
-    pub n_layer: usize,
-    pub n_head: usize,
-    pub d_model: usize,
+    /// `None`: GPT, or the family of `init_from`'s `config.json`.
+    pub kind: Option<ModelKind>,
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub d_model: Option<usize>,
+    /// Llama: key/value heads (grouped-query attention when fewer than `n_head`); default `n_head`.
+    pub n_kv_head: Option<usize>,
+    /// Llama: width of the MLP; default about 8/3 · d_model.
+    pub d_ff: Option<usize>,
+    /// Llama: the rotary base; default 10000.
+    pub rope_theta: Option<f64>,
+    /// Llama: the head reuses the embedding; default false.
+    pub tie_embeddings: Option<bool>,
     pub seq_len: usize,
     pub vocab: Vocab,
-    /// Weights to start from instead of random initialisation (a safetensors file).
+    /// A `tokenizer.json` (HuggingFace tokenizers); default: the one in `init_from`, else `vocab`.
+    pub tokenizer: Option<PathBuf>,
+    /// Weights to start from instead of random initialisation: a transformers model directory
+    /// (`config.json` + safetensors, sharded or not) or a safetensors file.
     pub init_from: Option<PathBuf>,
+}
+
+impl ModelConfig {
+    /// The family: the one given, else GPT.
+    pub fn kind_or_default(&self) -> ModelKind {
+        self.kind.unwrap_or(ModelKind::Gpt)
+    }
 }
 
 /// `[data]`: where the training text lives.

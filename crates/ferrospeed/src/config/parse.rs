@@ -136,12 +136,16 @@ pub(crate) fn check_table(table: &toml::Table, source_name: &str, scope: super::
                 fix: format!("add a [{}] section with {}", section.name, keys.join(", ")),
             });
         }
-        for spec in section.keys.iter().filter(|k| k.required) {
+        // A model directory's config.json gives the shape: only seq_len (a training choice) stays required.
+        let from_dir = section.name == "model"
+            && present.and_then(|t| t.get("init_from")).and_then(toml::Value::as_str).is_some_and(|p| std::path::Path::new(p).is_dir());
+        for spec in section.keys.iter().filter(|k| k.required && !(from_dir && k.name != "seq_len")) {
             if present.and_then(|t| t.get(spec.name)).is_none() {
+                let alternative = if section.name == "model" && spec.name != "seq_len" { ", or set model.init_from to a HuggingFace model directory" } else { "" };
                 return Err(ConfigError::Missing {
                     what: format!("key `{}.{}`", section.name, spec.name),
                     source_name: source_name.to_string(),
-                    fix: format!("add `{} = {}` under [{}]", spec.name, example(spec.kind), section.name),
+                    fix: format!("add `{} = {}` under [{}]{alternative}", spec.name, example(spec.kind), section.name),
                 });
             }
         }
@@ -250,13 +254,18 @@ pub(crate) fn build(table: &toml::Table) -> Config {
     let lr = v.f64("train", "lr").unwrap_or(train_default.lr);
     Config {
         model: ModelConfig {
-            kind: v.str("model", "kind").and_then(ModelKind::from_name).unwrap_or(ModelKind::Gpt),
-            // Required keys: `check_table` guarantees presence; 0 would be rejected by validation anyway.
-            n_layer: v.usize("model", "n_layer").unwrap_or(0),
-            n_head: v.usize("model", "n_head").unwrap_or(0),
-            d_model: v.usize("model", "d_model").unwrap_or(0),
+            kind: v.str("model", "kind").and_then(ModelKind::from_name),
+            n_layer: v.usize("model", "n_layer"),
+            n_head: v.usize("model", "n_head"),
+            d_model: v.usize("model", "d_model"),
+            n_kv_head: v.usize("model", "n_kv_head"),
+            d_ff: v.usize("model", "d_ff"),
+            rope_theta: v.f64("model", "rope_theta"),
+            tie_embeddings: v.bool("model", "tie_embeddings"),
+            // Required: `check_table` guarantees presence; 0 would be rejected by validation anyway.
             seq_len: v.usize("model", "seq_len").unwrap_or(0),
             vocab: v.str("model", "vocab").and_then(Vocab::from_name).unwrap_or(Vocab::Bytes),
+            tokenizer: v.path("model", "tokenizer"),
             init_from: v.path("model", "init_from"),
         },
         data: DataConfig { path: v.str("data", "path").map(PathBuf::from).unwrap_or_default() },

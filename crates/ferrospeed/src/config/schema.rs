@@ -77,11 +77,17 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
         required: true,
         keys: &[
             key("kind", Kind::Choice(ModelKind::NAMES)),
+            // Required unless `init_from` names a model directory whose config.json gives them.
             required("n_layer", Kind::PositiveInt),
             required("n_head", Kind::PositiveInt),
             required("d_model", Kind::PositiveInt),
             required("seq_len", Kind::PositiveInt),
+            key("n_kv_head", Kind::PositiveInt),
+            key("d_ff", Kind::PositiveInt),
+            key("rope_theta", Kind::Number),
+            key("tie_embeddings", Kind::Bool),
             key("vocab", Kind::Choice(Vocab::NAMES)),
+            key("tokenizer", Kind::Path),
             key("init_from", Kind::Path),
         ],
     },
@@ -91,7 +97,8 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
         name: "train",
         required: false,
         keys: &[
-            key("steps", Kind::PositiveInt),
+            // 0 is allowed: import weights and save them as a checkpoint (then export), training nothing.
+            key("steps", Kind::Count),
             key("global_batch", Kind::PositiveInt),
             key("micro_batch", Kind::PositiveInt),
             key("lr", Kind::Number),

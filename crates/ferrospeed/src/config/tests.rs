@@ -57,12 +57,17 @@ fn minimal_config_gets_defaults() {
     let config = check_ok(MINIMAL, &[]);
     let expected = Config {
         model: ModelConfig {
-            kind: ModelKind::Gpt,
-            n_layer: 2,
-            n_head: 2,
-            d_model: 64,
+            kind: None,
+            n_layer: Some(2),
+            n_head: Some(2),
+            d_model: Some(64),
+            n_kv_head: None,
+            d_ff: None,
+            rope_theta: None,
+            tie_embeddings: None,
             seq_len: 64,
             vocab: Vocab::Bytes,
+            tokenizer: None,
             init_from: None,
         },
         data: DataConfig { path: PathBuf::from(data_path()) },
@@ -173,12 +178,17 @@ tensorboard = false
     let config = check_ok(&text, &[]);
     let expected = Config {
         model: ModelConfig {
-            kind: ModelKind::Gpt,
-            n_layer: 4,
-            n_head: 4,
-            d_model: 128,
+            kind: Some(ModelKind::Gpt),
+            n_layer: Some(4),
+            n_head: Some(4),
+            d_model: Some(128),
+            n_kv_head: None,
+            d_ff: None,
+            rope_theta: None,
+            tie_embeddings: None,
             seq_len: 256,
             vocab: Vocab::Bytes,
+            tokenizer: None,
             init_from: Some(weights.clone()),
         },
         data: DataConfig { path: dir.path().to_path_buf() },
@@ -271,7 +281,7 @@ fn overrides_apply_before_validation() {
     assert_eq!(config.zero.offload_params, Offload::Cpu);
     assert_eq!(config.track.dir, Some(PathBuf::from("runs/my run")));
     assert_eq!(config.train.grad_clip, 2.0);
-    assert_eq!(config.model.n_layer, 6);
+    assert_eq!(config.model.n_layer, Some(6));
 
     // A later override wins, and an empty value clears an optional path.
     let config = check_ok(MINIMAL, &["train.steps=5", "train.steps=7", "checkpoint.dir=ck", "checkpoint.dir="]);
@@ -331,7 +341,9 @@ fn bad_cases() -> Vec<BadCase> {
         ("missing [model]", MINIMAL.replace("[model]", "[train]").replace("n_layer = 2\nn_head = 2\nd_model = 64\nseq_len = 64", ""), &[], &["[model]", "add a [model] section with n_layer"]),
         ("missing model.n_layer", without("n_layer"), &[], &["model.n_layer", "add `n_layer = "]),
         ("bad precision", minimal_with("[train]\nprecision = \"fp8\""), &[], &["train.precision = \"fp8\"", "use \"fp32\", \"bf16\" or \"fp16\""]),
-        ("bad model kind", MINIMAL.replace("[model]", "[model]\nkind = \"llama\""), &[], &["model.kind = \"llama\"", "use \"gpt\""]),
+        ("bad model kind", MINIMAL.replace("[model]", "[model]\nkind = \"mamba\""), &[], &["model.kind = \"mamba\"", "\"gpt\"", "\"llama\""]),
+        ("kv heads that do not divide", MINIMAL.replace("[model]", "[model]\nkind = \"llama\"\nn_kv_head = 3"), &[], &["model.n_kv_head = 3", "does not divide model.n_head = 2"]),
+        ("missing tokenizer", MINIMAL.replace("[model]", "[model]\ntokenizer = 'nope.json'"), &[], &["model.tokenizer", "does not exist"]),
         ("zero.stage = 5", minimal_with("[zero]\nstage = 5"), &[], &["zero.stage = 5", "use 0, 1, 2 or 3"]),
         ("zero.stage string", minimal_with("[zero]\nstage = \"3\""), &[], &["zero.stage = \"3\"", "expected an integer 0, 1, 2 or 3"]),
         ("offload_params without stage 3", minimal_with("[zero]\nstage = 2\noffload_params = \"cpu\""), &[], &["zero.offload_params", "needs zero.stage = 3", "set zero.stage = 3"]),
@@ -350,7 +362,7 @@ fn bad_cases() -> Vec<BadCase> {
         ("loss_scale_min above initial", minimal_with("[train]\nloss_scale_initial = 4\nloss_scale_min = 8"), &[], &["train.loss_scale_min = 8 is above train.loss_scale_initial = 4", "use train.loss_scale_min ≤ 4"]),
         ("zero loss_scale_growth_interval", minimal_with("[train]\nloss_scale_growth_interval = 0"), &[], &["train.loss_scale_growth_interval = 0", "must be ≥ 1"]),
         ("negative loss_scale_initial", minimal_with("[train]\nloss_scale_initial = -1"), &[], &["train.loss_scale_initial = -1", "must be a finite number > 0"]),
-        ("gpt2 vocab", MINIMAL.replace("[model]", "[model]\nvocab = \"gpt2\""), &[], &["model.vocab = \"gpt2\" is not available yet", "use \"bytes\""]),
+        ("gpt2 vocab", MINIMAL.replace("[model]", "[model]\nvocab = \"gpt2\""), &[], &["model.vocab = \"gpt2\" is not built in", "model.tokenizer"]),
         ("toml syntax", MINIMAL.replace("d_model = 64", "d_model = = 64"), &[], &["test.toml at line 5, column", "fix the syntax"]),
         ("unclosed string", MINIMAL.replace("'DATA'", "\"abc"), &[], &["test.toml at line 9", "fix the syntax"]),
         ("--set without =", MINIMAL.to_string(), &["train.steps"], &["--set train.steps`", "expected the form `--set train.steps=50`"]),

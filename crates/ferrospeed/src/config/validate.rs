@@ -23,13 +23,12 @@ pub(crate) fn validate(config: &Config, scope: Scope) -> Result<(), ConfigError>
     let model = &config.model;
     let train = &config.train;
     let model_sizes = [
-        ("model.n_layer", model.n_layer),
-        ("model.n_head", model.n_head),
-        ("model.d_model", model.d_model),
+        ("model.n_layer", model.n_layer.unwrap_or(1)),
+        ("model.n_head", model.n_head.unwrap_or(1)),
+        ("model.d_model", model.d_model.unwrap_or(1)),
         ("model.seq_len", model.seq_len),
     ];
     let sizes = [
-        ("train.steps", train.steps),
         ("train.global_batch", train.global_batch),
         ("train.micro_batch", train.micro_batch),
         ("train.loss_scale_growth_interval", train.loss_scale_growth_interval),
@@ -40,17 +39,22 @@ pub(crate) fn validate(config: &Config, scope: Scope) -> Result<(), ConfigError>
             return Err(ConfigError::below_one(key, value));
         }
     }
-    if scope.model && model.d_model % model.n_head != 0 {
-        let choices = nearest_divisors(model.d_model, model.n_head, 8);
-        return Err(ConfigError::invalid(
-            "model.n_head",
-            model.n_head,
-            &format!("does not divide model.d_model = {}", model.d_model),
-            format!("use an n_head among {}, or change model.d_model", join(&choices)),
-        ));
+    if let (true, Some(d), Some(nh)) = (scope.model, model.d_model, model.n_head) {
+        if d % nh != 0 {
+            let choices = nearest_divisors(d, nh, 8);
+            return Err(ConfigError::invalid(
+                "model.n_head",
+                nh,
+                &format!("does not divide model.d_model = {d}"),
+                format!("use an n_head among {}, or change model.d_model", join(&choices)),
+            ));
+        }
+        if let Some(kv) = model.n_kv_head.filter(|kv| nh % kv != 0) {
+            return Err(ConfigError::invalid("model.n_kv_head", kv, &format!("does not divide model.n_head = {nh}"), "use a divisor of model.n_head"));
+        }
     }
     if model.vocab == Vocab::Gpt2 {
-        return Err(ConfigError::invalid("model.vocab", "\"gpt2\"", "is not available yet", "use \"bytes\""));
+        return Err(ConfigError::invalid("model.vocab", "\"gpt2\"", "is not built in", "use \"bytes\", or set model.tokenizer to GPT-2's tokenizer.json"));
     }
     if train.micro_batch > train.global_batch {
         return Err(ConfigError::invalid(
@@ -175,13 +179,16 @@ fn check_paths(config: &Config, scope: Scope) -> Result<(), ConfigError> {
             "point it at a text file or a directory of text files",
         ));
     }
+    if let Some(tok) = config.model.tokenizer.as_ref().filter(|t| !t.is_file()) {
+        return Err(ConfigError::invalid("model.tokenizer", quote_path(tok), "does not exist", "point it at a tokenizer.json, or remove the key"));
+    }
     if let Some(init) = &config.model.init_from {
         if !init.exists() {
             return Err(ConfigError::invalid(
                 "model.init_from",
                 quote_path(init),
                 "does not exist",
-                "point it at a safetensors file, or remove the key to start from random weights",
+                "point it at a safetensors file or a HuggingFace model directory, or remove the key to start from random weights",
             ));
         }
     }

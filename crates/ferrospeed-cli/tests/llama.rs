@@ -1,0 +1,180 @@
+//! The Llama family through `ferrospeed train` on CPU: bitwise across ZeRO stages, within 1e-5 across
+//! world sizes, resume bit for bit; a transformers directory imports and exports (sharded, bf16) with
+//! the weights unchanged; bad model directories are refused in one line with nothing written.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use support::*;
+
+const LLAMA: &str = "kind = \"llama\"\nn_layer = 2\nn_head = 4\nn_kv_head = 2\nd_model = 32\nseq_len = 32";
+const STEPS: &str = "steps = 6\nglobal_batch = 12\nmicro_batch = 2\nwarmup = 1\nlr = 3e-3";
+
+fn fixture(variant: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/llama").join(variant)
+}
+
+fn close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for ((s, x), (_, y)) in a.iter().zip(b) {
+        assert!((x - y).abs() <= 1e-5 * y.abs(), "{what}: step {s} loss {x} vs {y}");
+    }
+}
+
+#[test]
+fn llama_is_bitwise_across_stages_and_close_across_world_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), LLAMA, STEPS);
+    let reference = train(1, &config, &dir.path().join("w1s0"), &[]);
+    assert!(reference.last().unwrap().1 < reference[0].1, "the loss falls: {reference:?}");
+    for stage in 1..=3 {
+        let got = train(1, &config, &dir.path().join(format!("w1s{stage}")), &[format!("zero.stage={stage}")]);
+        assert_eq!(bits(&got), bits(&reference), "world 1 stage {stage} vs stage 0");
+    }
+    let w2 = train(2, &config, &dir.path().join("w2s0"), &[]);
+    close(&w2, &reference, "world 2 vs world 1");
+    let w2s3 = train(2, &config, &dir.path().join("w2s3"), &["zero.stage=3".into()]);
+    assert_eq!(bits(&w2s3), bits(&w2), "world 2 stage 3 vs stage 0");
+    let w3s2 = train(3, &config, &dir.path().join("w3s2"), &["zero.stage=2".into()]);
+    close(&w3s2, &reference, "world 3 stage 2 vs world 1");
+}
+
+#[test]
+fn llama_resumes_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), LLAMA, STEPS);
+    let ckpt = dir.path().join("ckpt");
+    let full = train(2, &config, &dir.path().join("full"), &[format!("checkpoint.dir={}", ckpt.display()), "checkpoint.every=3".into(), "zero.stage=3".into()]);
+    let root = root_with(&ckpt.join("step-00000003"), &dir.path().join("resume-from"));
+    let resumed = train(1, &config, &dir.path().join("resumed"), &[format!("checkpoint.dir={}", root.display()), "zero.stage=1".into()]);
+    let resumed_w2 = train(2, &config, &dir.path().join("resumed-w2"), &[format!("checkpoint.dir={}", root_with(&ckpt.join("step-00000003"), &dir.path().join("again")).display())]);
+    assert_eq!(bits(&resumed_w2), bits(&full[3..]), "resumed at world 2 vs uninterrupted");
+    close(&resumed, &full[3..], "resumed at world 1 vs uninterrupted");
+}
+
+/// Every tensor of a safetensors file or directory, as (name, dtype, shape, raw bytes).
+fn tensors(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(path).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "safetensors")).collect();
+        v.sort();
+        v
+    } else {
+        vec![path.to_path_buf()]
+    };
+    let mut out = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, view) in st.tensors() {
+            out.push((name, format!("{:?}", view.dtype()), view.shape().to_vec(), view.data().to_vec()));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Import `init_from`, train 0 steps (save the imported weights as a checkpoint) and export it.
+fn import_export(dir: &Path, init_from: &Path, out: &Path, export_args: &[&str]) {
+    let config = write_config(dir, &format!("seq_len = 8\ninit_from = \"{}\"\ntokenizer = \"{}\"", init_from.display(), tokenizer(dir).display()), "steps = 0\nglobal_batch = 2\nmicro_batch = 1\nwarmup = 0");
+    let ckpt = dir.join(format!("ckpt-{}", out.file_name().unwrap().to_string_lossy()));
+    train(2, &config, &dir.join(format!("track-{}", out.file_name().unwrap().to_string_lossy())), &[format!("checkpoint.dir={}", ckpt.display()), "zero.stage=3".into()]);
+    let mut cmd = ferrospeed();
+    cmd.args(["checkpoint", "export"]).arg(&ckpt).arg(out).args(export_args);
+    let f = run(&mut cmd, std::time::Duration::from_secs(60));
+    assert!(f.status.success(), "export failed:\n{}\n{}", f.stdout, f.stderr);
+}
+
+/// A word-level tokenizer.json of 40 ids (within the fixture's vocabulary of 64).
+fn tokenizer(dir: &Path) -> PathBuf {
+    let vocab: serde_json::Map<String, serde_json::Value> = "the a of to and in is it that for on with as be by this are or not".split(' ').chain(["[UNK]"]).enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
+    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}});
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, tok.to_string()).unwrap();
+    path
+}
+
+#[test]
+fn a_transformers_directory_imports_and_exports_with_the_weights_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("gqa_untied");
+    // f32 in, f32 out: the same tensors, bit for bit.
+    let f32_out = dir.path().join("f32");
+    import_export(dir.path(), &src, &f32_out, &["--dtype", "f32"]);
+    assert_eq!(tensors(&f32_out), tensors(&src.join("model.safetensors")));
+    for f in ["config.json", "tokenizer.json"] {
+        assert!(f32_out.join(f).is_file(), "the export has {f}");
+    }
+    // Sharded bf16 (shards of 8 KB) with its index, imported again and exported: unchanged.
+    let bf16 = dir.path().join("bf16");
+    import_export(dir.path(), &f32_out, &bf16, &["--max-shard-gb", "0.000008"]);
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(bf16.join("model.safetensors.index.json")).unwrap()).unwrap();
+    assert!(index["weight_map"].as_object().unwrap().len() == tensors(&src.join("model.safetensors")).len());
+    assert!(tensors(&bf16).iter().all(|t| t.1 == "BF16"));
+    assert!(std::fs::read_dir(&bf16).unwrap().count() > 4, "several shards");
+    let again = dir.path().join("bf16-again");
+    import_export(dir.path(), &bf16, &again, &[]);
+    assert_eq!(tensors(&again), tensors(&bf16), "a bf16 import exports the same bits");
+    // Where transformers is installed, it loads the export and reproduces the fixture's logits.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/make_llama_fixtures.py");
+    let has_transformers = std::process::Command::new("python3").args(["-c", "import transformers"]).output().is_ok_and(|o| o.status.success());
+    if has_transformers {
+        let out = std::process::Command::new("python3").arg(&script).arg("--check-export").arg(&f32_out).arg("gqa_untied").output().unwrap();
+        assert!(out.status.success(), "transformers on the export:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    } else {
+        eprintln!("python3 with transformers not found: the from_pretrained check of the export did not run");
+    }
+    // Exporting over a non-empty directory is refused, and leaves it as it was.
+    let mut cmd = ferrospeed();
+    cmd.args(["checkpoint", "export"]).arg(dir.path().join("ckpt-f32")).arg(&bf16);
+    let f = run(&mut cmd, std::time::Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("already exists"), "{}", f.stderr);
+}
+
+/// `train` on a model directory refused with exit 2, `needles` in one line of stderr, nothing written.
+fn refused(dir: &Path, model_dir: &Path, extra: &str, needles: &[&str]) {
+    let config = write_config(dir, &format!("seq_len = 8\ninit_from = \"{}\"{extra}", model_dir.display()), "steps = 1\nglobal_batch = 2\nmicro_batch = 1\nwarmup = 0");
+    let track = dir.join("track-refused");
+    let f = run(&mut train_command(1, &config, &track, &[]), std::time::Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{}\n{}", f.stdout, f.stderr);
+    let line = f.stderr.lines().find(|l| needles.iter().all(|n| l.contains(n))).unwrap_or_else(|| panic!("no line with {needles:?} in:\n{}", f.stderr));
+    assert!(!line.is_empty());
+    assert!(!track.exists(), "nothing is written");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn bad_model_directories_are_refused_in_one_line_with_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = tokenizer(dir.path());
+    let with_tok = format!("\ntokenizer = \"{}\"", tok.display());
+    // An architecture we do not train.
+    let mamba = dir.path().join("mamba");
+    copy_dir(&fixture("gqa_untied"), &mamba);
+    let text = std::fs::read_to_string(mamba.join("config.json")).unwrap().replace("LlamaForCausalLM", "MambaForCausalLM");
+    std::fs::write(mamba.join("config.json"), text).unwrap();
+    refused(dir.path(), &mamba, &with_tok, &["MambaForCausalLM", "config.json"]);
+    // A shard the index names is missing.
+    let sharded = dir.path().join("sharded");
+    copy_dir(&fixture("gqa_untied"), &sharded);
+    std::fs::rename(sharded.join("model.safetensors"), sharded.join("model-00001-of-00002.safetensors")).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors", "lm_head.weight": "model-00002-of-00002.safetensors"}});
+    std::fs::write(sharded.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    refused(dir.path(), &sharded, &with_tok, &["model-00002-of-00002.safetensors", "missing"]);
+    // A tokenizer.json that does not parse.
+    let broken = dir.path().join("broken-tokenizer");
+    copy_dir(&fixture("gqa_untied"), &broken);
+    std::fs::write(broken.join("tokenizer.json"), "{ not json").unwrap();
+    refused(dir.path(), &broken, "", &["tokenizer.json", "is not a tokenizer.json"]);
+    // Explicit TOML keys that disagree with config.json name the key.
+    refused(dir.path(), &fixture("gqa_untied"), &format!("{with_tok}\nn_layer = 3"), &["model.n_layer = 3", "num_hidden_layers = 2"]);
+    refused(dir.path(), &fixture("gqa_untied"), &format!("{with_tok}\nn_kv_head = 4"), &["model.n_kv_head = 4", "num_key_value_heads = 2"]);
+}

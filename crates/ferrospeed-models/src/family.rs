@@ -1,0 +1,179 @@
+//! A run's model from its `[model]` config: the family and shape from the TOML keys, or from
+//! `init_from`'s `config.json` (keys given in the TOML must then agree with it), and its tokenizer
+//! (`model.tokenizer`, else the model directory's `tokenizer.json`, else `bytes`).
+
+use crate::hf::{read_config, HfError, HfModel};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::{Gpt, GptConfig, Llama, LlamaConfig};
+use ferrospeed::accelerator::ParamNames;
+use ferrospeed::config::{ModelConfig, ModelKind};
+use ferrospeed::engine::{EngineError, Model};
+use std::path::Path;
+
+/// Why a `[model]` section cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum FamilyError {
+    #[error(transparent)]
+    Hf(#[from] HfError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("model.{key} = {value} does not match {hf_key} = {file_value} in {path}: remove model.{key} (config.json sets it), or point model.init_from at a model of that shape")]
+    Mismatch { key: String, value: String, hf_key: String, file_value: String, path: String },
+    #[error("model.{key} is missing: add it under [model], or set model.init_from to a HuggingFace model directory")]
+    Missing { key: String },
+}
+
+/// A model of one of the built-in families.
+#[derive(Debug, Clone)]
+pub enum Family {
+    Gpt(Gpt),
+    Llama(Llama),
+}
+
+impl Family {
+    /// The model `m` describes, and its tokenizer.
+    pub fn from_config(m: &ModelConfig) -> Result<(Family, Tokenizer), FamilyError> {
+        let dir = m.init_from.as_deref().filter(|p| p.is_dir());
+        let file = m.tokenizer.clone().or_else(|| dir.map(|d| d.join("tokenizer.json")).filter(|p| p.is_file()));
+        let tokenizer = match file {
+            Some(path) => Tokenizer::from_file(&path)?,
+            None => Tokenizer::Bytes,
+        };
+        let family = match dir {
+            Some(dir) => from_dir(m, dir)?,
+            None => from_keys(m, tokenizer.vocab_size())?,
+        };
+        Ok((family, tokenizer))
+    }
+
+    /// The blocks as the engine sees them.
+    pub fn model(&self) -> Result<Model, EngineError> {
+        match self {
+            Family::Gpt(g) => g.model(),
+            Family::Llama(l) => l.model(),
+        }
+    }
+
+    /// transformers' parameter names for this family.
+    pub fn names(&self) -> ParamNames {
+        match self {
+            Family::Gpt(_) => crate::gpt::HF_NAMES,
+            Family::Llama(_) => crate::llama::HF_NAMES,
+        }
+    }
+
+    /// One line for the start of a run: "Llama 16 layers × d 2048, 32 heads (8 key/value)".
+    pub fn describe(&self) -> String {
+        match self {
+            Family::Gpt(g) => format!("GPT {} layers × d {}", g.cfg.n_layer, g.cfg.d_model),
+            Family::Llama(l) => format!("Llama {} layers × d {}, {} heads ({} key/value)", l.cfg.n_layer, l.cfg.d_model, l.cfg.n_head, l.cfg.n_kv_head),
+        }
+    }
+
+    /// Training FLOPs per token.
+    pub fn train_flops_per_token(&self) -> f64 {
+        match self {
+            Family::Gpt(g) => g.train_flops_per_token(),
+            Family::Llama(l) => l.train_flops_per_token(),
+        }
+    }
+
+    /// Check before anything runs that `path` (a model directory or safetensors file) holds every
+    /// parameter of this model with its shape, and that `tokenizer`'s ids fit the vocabulary.
+    pub fn check_inputs(&self, init_from: Option<&Path>, tokenizer: &Tokenizer) -> Result<(), String> {
+        let vocab = match self {
+            Family::Gpt(g) => g.cfg.vocab_size,
+            Family::Llama(l) => l.cfg.vocab_size,
+        };
+        if tokenizer.vocab_size() > vocab {
+            return Err(format!(
+                "the tokenizer has {} ids but the model's vocabulary only {vocab}: use the model's own tokenizer (model.tokenizer)",
+                tokenizer.vocab_size()
+            ));
+        }
+        let Some(path) = init_from else { return Ok(()) };
+        let files = ferrospeed::checkpoint::WeightFiles::open(path).map_err(|e| e.to_string())?;
+        let model = self.model().map_err(|e| e.to_string())?;
+        let name_of = self.names().map;
+        for b in 0..model.num_blocks() {
+            for spec in model.own_params(b) {
+                let name = name_of(&model.block_names()[b], &spec.name);
+                match files.info(&name) {
+                    None => return Err(format!("model.init_from = {}: it has no tensor {name}; is it a model of this family?", path.display())),
+                    Some(info) if info.shape != spec.shape => {
+                        return Err(format!("model.init_from = {}: {name} has shape {:?} there but {:?} in this model", path.display(), info.shape, spec.shape))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `config.json` of an export in `dtype` (`"bfloat16"`, `"float16"`, `"float32"`).
+    pub fn config_json(&self, dtype: &str) -> serde_json::Value {
+        match self {
+            Family::Gpt(g) => crate::hf::gpt_config_json(&g.cfg, dtype),
+            Family::Llama(l) => crate::hf::llama_config_json(&l.cfg, dtype),
+        }
+    }
+}
+
+fn from_keys(m: &ModelConfig, vocab_size: usize) -> Result<Family, FamilyError> {
+    let need = |v: Option<usize>, key: &str| v.ok_or_else(|| FamilyError::Missing { key: key.into() });
+    let (n_layer, n_head, d_model) = (need(m.n_layer, "n_layer")?, need(m.n_head, "n_head")?, need(m.d_model, "d_model")?);
+    Ok(match m.kind_or_default() {
+        ModelKind::Gpt => Family::Gpt(Gpt::new(GptConfig { n_layer, n_head, d_model, seq_len: m.seq_len, vocab_size })),
+        ModelKind::Llama => {
+            let base = LlamaConfig::tiny(n_layer, d_model, n_head, m.n_kv_head.unwrap_or(n_head), vocab_size, m.seq_len);
+            Family::Llama(Llama::new(LlamaConfig {
+                d_ff: m.d_ff.unwrap_or(base.d_ff),
+                rope_theta: m.rope_theta.unwrap_or(base.rope_theta),
+                tie_word_embeddings: m.tie_embeddings.unwrap_or(false),
+                ..base
+            }))
+        }
+    })
+}
+
+fn from_dir(m: &ModelConfig, dir: &Path) -> Result<Family, FamilyError> {
+    let path = dir.join("config.json").display().to_string();
+    let hf = read_config(dir, m.seq_len)?;
+    let mismatch = |key: &str, value: String, hf_key: &str, file_value: String| FamilyError::Mismatch { key: key.into(), value, hf_key: hf_key.into(), file_value, path: path.clone() };
+    let check = |key: &str, given: Option<usize>, hf_key: &str, actual: usize| match given {
+        Some(v) if v != actual => Err(mismatch(key, v.to_string(), hf_key, actual.to_string())),
+        _ => Ok(()),
+    };
+    let kind = match hf {
+        HfModel::Gpt(_) => ModelKind::Gpt,
+        HfModel::Llama(_) => ModelKind::Llama,
+    };
+    if let Some(k) = m.kind.filter(|k| *k != kind) {
+        return Err(mismatch("kind", format!("\"{k}\""), "architectures", format!("\"{kind}\"")));
+    }
+    match hf {
+        HfModel::Llama(c) => {
+            check("n_layer", m.n_layer, "num_hidden_layers", c.n_layer)?;
+            check("n_head", m.n_head, "num_attention_heads", c.n_head)?;
+            check("d_model", m.d_model, "hidden_size", c.d_model)?;
+            check("n_kv_head", m.n_kv_head, "num_key_value_heads", c.n_kv_head)?;
+            check("d_ff", m.d_ff, "intermediate_size", c.d_ff)?;
+            if let Some(t) = m.rope_theta.filter(|t| *t != c.rope_theta) {
+                return Err(mismatch("rope_theta", t.to_string(), "rope_theta", c.rope_theta.to_string()));
+            }
+            if let Some(t) = m.tie_embeddings.filter(|t| *t != c.tie_word_embeddings) {
+                return Err(mismatch("tie_embeddings", t.to_string(), "tie_word_embeddings", c.tie_word_embeddings.to_string()));
+            }
+            Ok(Family::Llama(Llama::new(c)))
+        }
+        HfModel::Gpt(c) => {
+            check("n_layer", m.n_layer, "n_layer", c.n_layer)?;
+            check("n_head", m.n_head, "n_head", c.n_head)?;
+            check("d_model", m.d_model, "n_embd", c.d_model)?;
+            if m.seq_len > c.seq_len {
+                return Err(mismatch("seq_len", m.seq_len.to_string(), "n_positions", c.seq_len.to_string()));
+            }
+            Ok(Family::Gpt(Gpt::new(c)))
+        }
+    }
+}
