@@ -318,7 +318,7 @@ fn bad_cases() -> Vec<BadCase> {
     let without = |needle: &str| MINIMAL.lines().filter(|l| !l.contains(needle)).collect::<Vec<_>>().join("\n");
     let model_only = MINIMAL.split("[data]").next().unwrap_or_default().to_string();
     vec![
-        ("string for int", minimal_with("[train]\nsteps = \"ten\""), &[], &["train.steps = \"ten\"", "expected a positive integer"]),
+        ("string for int", minimal_with("[train]\nglobal_batch = \"ten\""), &[], &["train.global_batch = \"ten\"", "expected a positive integer"]),
         ("string for bool", minimal_with("[train]\nactivation_checkpointing = \"yes\""), &[], &["train.activation_checkpointing", "expected true or false"]),
         ("string for float", minimal_with("[train]\nlr = \"fast\""), &[], &["train.lr", "expected a number"]),
         ("float for int", MINIMAL.replace("seq_len = 64", "seq_len = 1.5"), &[], &["model.seq_len = 1.5", "expected a positive integer"]),
@@ -370,7 +370,7 @@ fn bad_cases() -> Vec<BadCase> {
         ("--set empty key", MINIMAL.to_string(), &["train.=5"], &["--set train.=5", "expected the form"]),
         ("--set unknown key", MINIMAL.to_string(), &["train.stpes=5"], &["train.stpes", "--set train.stpes=5", "did you mean `train.steps`?"]),
         ("--set unknown section", MINIMAL.to_string(), &["trian.steps=5"], &["trian", "did you mean `train`?"]),
-        ("--set wrong type", MINIMAL.to_string(), &["train.steps=ten"], &["train.steps = \"ten\"", "expected a positive integer"]),
+        ("--set wrong type", MINIMAL.to_string(), &["train.micro_batch=ten"], &["train.micro_batch = \"ten\"", "expected a positive integer"]),
         ("--set zero size", MINIMAL.to_string(), &["train.micro_batch=0"], &["train.micro_batch = 0", "must be ≥ 1"]),
         ("--set bad enum", MINIMAL.to_string(), &["zero.offload_optimizer=disk"], &["zero.offload_optimizer = \"disk\"", "use \"none\", \"cpu\" or \"nvme\""]),
     ]
