@@ -87,7 +87,9 @@ pub fn export_dir(dir: &Path, out: &Path, opts: &DirExport<'_>) -> Result<Export
                 shards.push(Vec::new());
                 used = 0;
             }
-            shards.last_mut().map(|s| s.push(((opts.name_of)(&b.name, &p.name), p.shape.clone())));
+            if let Some(s) = shards.last_mut() {
+                s.push(((opts.name_of)(&b.name, &p.name), p.shape.clone()));
+            }
             used += bytes;
         }
     }
