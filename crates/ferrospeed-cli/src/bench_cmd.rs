@@ -1,6 +1,6 @@
-//! `ferrospeed bench-train`: training throughput on a synthetic GPT-2-shaped model with random tokens,
-//! the shape and batch of the PyTorch/DeepSpeed anchors, printed as one JSON line (tok/s, MFU, memory,
-//! and where the step time went).
+//! `ferrospeed bench-train`: training throughput on a synthetic GPT-2- or Llama-shaped model with random
+//! tokens, the shape and batch of the PyTorch/DeepSpeed/FSDP2 anchors (`anchor_torch.py`,
+//! `anchor_llama.py`), printed as one JSON line (tok/s, MFU, memory, and where the step time went).
 
 use crate::usage::usage_error;
 use anyhow::{Context, Result};
@@ -11,13 +11,14 @@ use ferrospeed::config::{Config, DeviceChoice, Precision, ZeroStage};
 use ferrospeed::engine::{Batch, Engine, StepTimes};
 use ferrospeed::rng::Rng;
 use ferrospeed::WorldInfo;
-use ferrospeed_models::{Gpt, GptConfig};
+use ferrospeed_models::{Family, Gpt, GptConfig, Llama, LlamaConfig};
 use std::process::ExitCode;
 use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct BenchTrainArgs {
-    /// gpt2-124m, gpt2-350m, gpt2-774m or gpt2-1.5b (vocabulary 50304, as the anchors)
+    /// gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (vocabulary 50304, as the anchors), or the shapes of
+    /// anchor_llama.py: llama-tiny, llama-1b, llama-3b, llama-8b, llama-13b
     #[arg(long, default_value = "gpt2-124m")]
     pub model: String,
     #[arg(long, default_value_t = 16)]
@@ -44,19 +45,41 @@ pub struct BenchTrainArgs {
     pub profile: bool,
 }
 
-fn shape(name: &str) -> Option<(usize, usize, usize)> {
+/// The model `name` for sequences of `seq_len`: GPT-2 sizes, or the Llama shapes of `anchor_llama.py`
+/// (rope theta 500000, eps 1e-5, as there).
+fn shape(name: &str, seq_len: usize) -> Option<Family> {
+    let gpt = |n_layer, d_model, n_head| Family::Gpt(Gpt::new(GptConfig { n_layer, n_head, d_model, seq_len, vocab_size: 50304 }));
+    let llama = |l, d, h, kv, ffn, v, tied| {
+        let cfg = LlamaConfig { d_ff: ffn, rope_theta: 500_000.0, tie_word_embeddings: tied, ..LlamaConfig::tiny(l, d, h, kv, v, seq_len) };
+        Family::Llama(Llama::new(cfg))
+    };
     Some(match name {
-        "gpt2-124m" => (12, 768, 12),
-        "gpt2-350m" => (24, 1024, 16),
-        "gpt2-774m" => (36, 1280, 20),
-        "gpt2-1.5b" => (48, 1600, 25),
+        "gpt2-124m" => gpt(12, 768, 12),
+        "gpt2-350m" => gpt(24, 1024, 16),
+        "gpt2-774m" => gpt(36, 1280, 20),
+        "gpt2-1.5b" => gpt(48, 1600, 25),
+        "llama-tiny" => llama(2, 256, 4, 2, 688, 32000, false),
+        "llama-1b" => llama(16, 2048, 32, 8, 8192, 128_256, true),
+        "llama-3b" => llama(28, 3072, 24, 8, 8192, 128_256, true),
+        "llama-8b" => llama(32, 4096, 32, 8, 14336, 128_256, false),
+        "llama-13b" => llama(40, 5120, 40, 40, 13824, 32000, false),
         _ => return None,
     })
 }
 
+/// Layers, width and vocabulary of a bench model.
+fn dims(f: &Family) -> (usize, usize, usize) {
+    match f {
+        Family::Gpt(g) => (g.cfg.n_layer, g.cfg.d_model, g.cfg.vocab_size),
+        Family::Llama(l) => (l.cfg.n_layer, l.cfg.d_model, l.cfg.vocab_size),
+    }
+}
+
 pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
-    let (n_layer, d_model, n_head) =
-        shape(&args.model).ok_or_else(|| usage_error(format!("--model {} is unknown: use gpt2-124m, gpt2-350m, gpt2-774m or gpt2-1.5b", args.model)))?;
+    let family = shape(&args.model, args.seq_len).ok_or_else(|| {
+        usage_error(format!("--model {} is unknown: use gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-tiny, llama-1b, llama-3b, llama-8b or llama-13b", args.model))
+    })?;
+    let (n_layer, d_model, vocab) = dims(&family);
     let precision = Precision::from_name(&args.precision).ok_or_else(|| usage_error("--precision: use fp32, bf16 or fp16"))?;
     let stage = ZeroStage::from_int(args.stage).ok_or_else(|| usage_error("--stage: use 0, 1, 2 or 3"))?;
     let choice = DeviceChoice::from_name(&args.device).ok_or_else(|| usage_error("--device: use auto, cpu or cuda"))?;
@@ -76,11 +99,9 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let cfg = Config::from_toml_str_for_program(&toml, "bench-train", &[]).map_err(|e| usage_error(e.to_string()))?;
     let mut acc = Accelerator::new(&cfg, Options { run_name: "bench".into(), track: false }).map_err(crate::train::accel_error)?;
     let device = acc.device().clone();
-    let vocab = 50304;
-    let gpt = Gpt::new(GptConfig { n_layer, n_head, d_model, seq_len: args.seq_len, vocab_size: vocab });
     let t_init = Instant::now();
     let optimizer = acc.optimizer_from_config();
-    let mut engine = acc.prepare(gpt.model()?, optimizer, PrepareOptions::default()).map_err(crate::train::accel_error)?;
+    let mut engine = acc.prepare(family.model()?, optimizer, PrepareOptions::default()).map_err(crate::train::accel_error)?;
     let init_s = t_init.elapsed().as_secs_f64();
     let params = engine.model().num_params();
     let mut rng = Rng::derive(0, &format!("bench/{}", acc.rank()));
