@@ -208,6 +208,9 @@ fn blocks_match_the_cpu(dev: &Device, family: &str, model: &ferrospeed::engine::
                 ("head", _) if k == 0 => 1e-3,
                 ("head", _) => 3e-2,
                 (_, DType::F32) => 1e-5,
+                // Llama's layer (more bf16 roundings: RoPE, SwiGLU, stacked projections): measured ≤ 5.6e-2
+                // on an H200 (bench/results/gpu-2026-12-01-llama), F32 ≤ 6.2e-6.
+                (name, _) if name.starts_with("layers.") => 1e-1,
                 _ => 5e-2,
             };
             let tols: Vec<f64> = (0..errs.len()).map(tol).collect();
