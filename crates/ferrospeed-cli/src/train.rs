@@ -54,6 +54,17 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
 
     let optimizer = acc.optimizer_from_config();
     let mut engine = acc.prepare(model, optimizer, PrepareOptions { names: family.names(), ..PrepareOptions::default() }).map_err(accel_error)?;
+    if let Some(r) = acc.import_report() {
+        // Every rank: what each read and held (the launcher prefixes the rank).
+        let mb = |b: u64| b as f64 / 1e6;
+        println!(
+            "import: {:.1} MB read in {:.1} s; host memory +{} during the import; largest block state {:.1} MB",
+            mb(r.stats.bytes_read),
+            r.seconds,
+            r.host_growth_bytes.map_or_else(|| "unknown".into(), |g| format!("{:.1} MB", mb(g))),
+            mb(r.stats.largest_block_bytes as u64)
+        );
+    }
     if let (Some(r), true) = (acc.resumed(), acc.is_main_process()) {
         println!(
             "resumed from {} at step {} (saved by {} rank(s) at ZeRO stage {})",

@@ -124,6 +124,19 @@ pub struct Accelerator {
     resumed: Option<Resumed>,
     /// Extra entries of every checkpoint's `meta.json` `run` record (see [`Accelerator::record`]).
     extra_run: serde_json::Map<String, serde_json::Value>,
+    import: Option<ImportReport>,
+}
+
+/// What `prepare` measured of importing `model.init_from` on this rank.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct ImportReport {
+    /// Wall time of the import.
+    pub seconds: f64,
+    /// Bytes read and the largest block state held.
+    pub stats: checkpoint::ImportStats,
+    /// How far the peak resident memory rose above what the process held when the import began
+    /// (`None` where the peak cannot be reset).
+    pub host_growth_bytes: Option<u64>,
 }
 
 impl Accelerator {
@@ -159,7 +172,7 @@ impl Accelerator {
         if refused {
             return Err(AccelError::RunDirRefused(refusal.unwrap_or_else(|| "rank 0 could not create the run directory".into())));
         }
-        Ok(Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None, extra_run: serde_json::Map::new() })
+        Ok(Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None, extra_run: serde_json::Map::new(), import: None })
     }
 
     /// The optimizer `train.optimizer` names, with the config's hyper-parameters.
@@ -206,8 +219,13 @@ impl Accelerator {
         let mut engine = Engine::with_worker(model, self.worker.clone(), cfg)?;
         self.names = options.names;
         if let Some(path) = &self.cfg.model.init_from {
-            checkpoint::load_consolidated(&mut engine, path, &options.names.map)
+            let t0 = std::time::Instant::now();
+            let measured = crate::track::reset_peak_rss();
+            let rss_before = crate::track::rss_bytes();
+            let stats = checkpoint::load_consolidated(&mut engine, path, &options.names.map)
                 .map_err(|source| AccelError::InitFrom { path: path.clone(), source })?;
+            let host_growth_bytes = measured.then(|| crate::track::peak_rss_bytes().saturating_sub(rss_before));
+            self.import = Some(ImportReport { seconds: t0.elapsed().as_secs_f64(), stats, host_growth_bytes });
         }
         if let (Some(dir), true) = (&self.cfg.checkpoint.dir, self.cfg.checkpoint.resume) {
             if let Some(found) = checkpoint::latest(dir)? {
@@ -216,6 +234,11 @@ impl Accelerator {
             }
         }
         Ok(engine)
+    }
+
+    /// What importing `model.init_from` read, held and took on this rank, if it was imported.
+    pub fn import_report(&self) -> Option<&ImportReport> {
+        self.import.as_ref()
     }
 
     /// The checkpoint [`Accelerator::prepare`] resumed from, if any.

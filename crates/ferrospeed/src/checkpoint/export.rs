@@ -166,14 +166,25 @@ fn finish_shard(w: std::io::BufWriter<std::fs::File>, path: &Path) -> Result<(),
     file.sync_all().map_err(|e| CheckpointError::io(path, e))
 }
 
+/// What an import read and held.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
+pub struct ImportStats {
+    /// Bytes read from the weight files by this rank.
+    pub bytes_read: u64,
+    /// The largest block state this rank holds (master weights and optimizer state of its window), in
+    /// bytes: on a GPU the host holds one block at a time, at most this much.
+    pub largest_block_bytes: usize,
+}
+
 /// Initialise `engine`'s master weights from weight files (moments zero, step 0): one safetensors
 /// file, or a directory as transformers writes it (`model.safetensors` or a sharded index), in F32,
-/// BF16 or F16. Every rank calls this and reads only its window of each parameter.
-pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>) -> Result<(), CheckpointError> {
+/// BF16 or F16. Every rank calls this and reads only its window of each parameter, block by block
+/// (on a GPU each block goes to the device before the next is read).
+pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>) -> Result<ImportStats, CheckpointError> {
     let mut files = WeightFiles::open(path)?;
-    for mut w in engine.windows_mut()? {
-        w.state.iter_mut().for_each(|s| s.fill(0.0));
-        w.master.fill(0.0);
+    let mut stats = ImportStats::default();
+    engine.overwrite_blocks(0, |w| -> Result<(), CheckpointError> {
+        stats.largest_block_bytes = stats.largest_block_bytes.max(w.master.len() * 4 * (1 + w.state.len()));
         for (j, part) in w.flat.params_in(w.window.clone()) {
             let spec = &w.flat.specs()[j];
             let name = name_of(w.block, &spec.name);
@@ -187,11 +198,12 @@ pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>)
                     reason: format!("{name} has shape {:?} in the file but {:?} in this model", info.shape, spec.shape),
                 });
             }
+            stats.bytes_read += (part.len() * info.dtype.size()) as u64;
             let start = w.flat.range(j).start;
             let dst = &mut w.master[part.start - w.window.start..part.end - w.window.start];
             files.read_f32(&name, part.start - start..part.end - start, dst)?;
         }
-    }
-    engine.finish_restore(0, None)?;
-    Ok(())
+        Ok(())
+    })?;
+    Ok(stats)
 }

@@ -235,6 +235,20 @@ impl BlockParams {
         Ok(())
     }
 
+    /// Zeroed, current host buffers over the window for a restore that overwrites all of it: allocated
+    /// on a device (where the mirror is freed between uses), cleared on the CPU.
+    pub(super) fn host_for_overwrite(&mut self) {
+        let n = self.window.len();
+        if self.dev.is_some() {
+            self.master = vec![0.0; n];
+            self.state.iter_mut().for_each(|s| *s = vec![0.0; n]);
+        } else {
+            self.master.fill(0.0);
+            self.state.iter_mut().for_each(|s| s.fill(0.0));
+        }
+        self.host_fresh = true;
+    }
+
     /// The device state changed: free the host mirror (nothing on the CPU, where it is the state).
     pub(super) fn mark_host_stale(&mut self) {
         if self.dev.is_some() {

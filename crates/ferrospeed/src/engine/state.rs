@@ -80,6 +80,22 @@ impl Engine {
             .collect())
     }
 
+    /// Overwrite every block's state, one block at a time (an import): `fill` writes the block's
+    /// master weights and optimizer state (zeroed first). On a CUDA device each block is uploaded and
+    /// its host copy freed before the next, so host memory holds one block's state at a time, never the
+    /// model's. Then the step count becomes `steps_done` and the compute copies are rebuilt, as
+    /// [`Engine::finish_restore`] does.
+    pub fn overwrite_blocks<E: From<EngineError>>(&mut self, steps_done: u64, mut fill: impl FnMut(WindowMut<'_>) -> Result<(), E>) -> Result<(), E> {
+        for (name, p) in self.blocks_state_mut() {
+            p.host_for_overwrite();
+            fill(WindowMut { block: name, flat: &p.flat, window: p.window.clone(), master: &mut p.master, state: p.state.iter_mut().map(Vec::as_mut_slice).collect() })?;
+            p.upload_host()?;
+            p.mark_host_stale();
+        }
+        self.set_progress(steps_done, None);
+        Ok(self.republish()?)
+    }
+
     /// Adopt restored state: the step count (schedule, bias correction), the loss scaler, and the
     /// parameters blocks compute on, rebuilt from the master weights (a collective at stages 1–2). On
     /// a CUDA device the host state is uploaded first.

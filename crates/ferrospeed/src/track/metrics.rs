@@ -98,8 +98,23 @@ mod tests {
 
 /// Peak resident memory of this process (Linux `VmHWM`), 0 where unknown.
 pub fn peak_rss_bytes() -> u64 {
+    status_kb("VmHWM:")
+}
+
+/// Resident memory now, in bytes (Linux; 0 elsewhere).
+pub fn rss_bytes() -> u64 {
+    status_kb("VmRSS:")
+}
+
+/// Restart the peak of [`peak_rss_bytes`] from the current resident memory (Linux `clear_refs`), so a
+/// phase's own peak can be measured; false where that is not possible.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
+fn status_kb(key: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
         .map_or(0, |kb| kb * 1024)
 }

@@ -22,7 +22,7 @@ mod tracker;
 mod event_reader;
 
 pub use error::TrackError;
-pub use metrics::{peak_rss_bytes, StepMetrics};
+pub use metrics::{peak_rss_bytes, reset_peak_rss, rss_bytes, StepMetrics};
 pub use progress::Progress;
 pub use run_dir::fresh_run_dir;
 pub use tensorboard::TensorBoardWriter;
