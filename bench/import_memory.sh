@@ -29,8 +29,27 @@ stage = 3
 TOML
 TIME=""; [ -x /usr/bin/time ] && TIME="/usr/bin/time -v"
 for n in 1 2; do
+  rm -rf "/tmp/import-ckpt-$n" "/tmp/import-export-$n"
   $TIME "$BIN" launch --nproc-per-node $n train --config /tmp/import.toml --set track.dir="\"/tmp/import-run-$n\"" \
-    > "$OUT/world$n.log" 2> "$OUT/world$n.time"
-  echo "world $n (rc $?):"; grep -h "import:" "$OUT/world$n.log" | sed 's/^/  /'
-  grep -h "Maximum resident" "$OUT/world$n.time" | sed 's/^/  launcher tree: /'
+    --set checkpoint.dir="\"/tmp/import-ckpt-$n\"" > "$OUT/world$n.log" 2> "$OUT/world$n.time"
+  echo "world $n, $DEVICE (rc $?):"; grep -h "import:" "$OUT/world$n.log" | sed 's/^/  /'
+  grep -h "Maximum resident" "$OUT/world$n.time" | sed 's/^/  launcher and ranks, largest process: /'
+  # The imported weights, exported again in bf16, against the source: the same bits?
+  "$BIN" checkpoint export "/tmp/import-ckpt-$n" "/tmp/import-export-$n" --max-shard-gb 1 > "$OUT/export$n.log" 2>&1
+  python3 - "$HF" "/tmp/import-export-$n" <<'PY'
+import json, os, struct, sys
+def tensors(d):
+    out = {}
+    for f in sorted(os.listdir(d)):
+        if not f.endswith(".safetensors"): continue
+        with open(os.path.join(d, f), "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]; h = json.loads(fh.read(n)); base = 8 + n
+            for k, v in h.items():
+                if k == "__metadata__": continue
+                a, b = v["data_offsets"]; fh.seek(base + a); out[k] = (v["dtype"], v["shape"], fh.read(b - a))
+    return out
+src, got = tensors(sys.argv[1]), tensors(sys.argv[2])
+same = src.keys() == got.keys() and all(src[k] == got[k] for k in src)
+print(f"  re-export: {len(got)} tensors, bit-identical to the source: {same}")
+PY
 done | tee "$OUT/import_memory.txt"
