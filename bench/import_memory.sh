@@ -28,9 +28,11 @@ device = "$DEVICE"
 stage = 3
 TOML
 TIME=""; [ -x /usr/bin/time ] && TIME="/usr/bin/time -v"
-for n in 1 2; do
-  rm -rf "/tmp/import-ckpt-$n" "/tmp/import-export-$n"
-  $TIME "$BIN" launch --nproc-per-node $n train --config /tmp/import.toml --set track.dir="\"/tmp/import-run-$n\"" \
+# Ranks take GPU LOCAL_RANK: on a machine with one GPU only world 1 runs on the device.
+WORLDS=${WORLDS:-1 2}
+for n in $WORLDS; do
+  rm -rf "/tmp/import-ckpt-$n" "/tmp/import-export-$n" "/tmp/import-run-$DEVICE-$n"
+  $TIME "$BIN" launch --nproc-per-node $n train --config /tmp/import.toml --set track.dir="\"/tmp/import-run-$DEVICE-$n\"" \
     --set checkpoint.dir="\"/tmp/import-ckpt-$n\"" > "$OUT/world$n.log" 2> "$OUT/world$n.time"
   echo "world $n, $DEVICE (rc $?):"; grep -h "import:" "$OUT/world$n.log" | sed 's/^/  /'
   grep -h "Maximum resident" "$OUT/world$n.time" | sed 's/^/  launcher and ranks, largest process: /'
