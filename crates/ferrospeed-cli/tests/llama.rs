@@ -1,6 +1,7 @@
-//! The Llama family through `ferrospeed train` on CPU: bitwise across ZeRO stages, within 1e-5 across
-//! world sizes, resume bit for bit; a transformers directory imports and exports (sharded, bf16) with
-//! the weights unchanged; bad model directories are refused in one line with nothing written.
+//! The Llama family through `ferrospeed train` on CPU: bitwise across ZeRO stages 0–3 at world 1, 2
+//! and 3, within 1e-5 across world sizes, resume bit for bit; transformers directories (Llama, GPT-2)
+//! import and export (sharded, bf16) with the weights unchanged, and transformers loads the export
+//! where Python has it; bad model directories are refused in one line with nothing written.
 
 mod support;
 
@@ -11,7 +12,7 @@ const LLAMA: &str = "kind = \"llama\"\nn_layer = 2\nn_head = 4\nn_kv_head = 2\nd
 const STEPS: &str = "steps = 6\nglobal_batch = 12\nmicro_batch = 2\nwarmup = 1\nlr = 3e-3";
 
 fn fixture(variant: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/llama").join(variant)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/hf").join(variant)
 }
 
 fn close(a: &[(u64, f64)], b: &[(u64, f64)], what: &str) {
@@ -31,12 +32,14 @@ fn llama_is_bitwise_across_stages_and_close_across_world_sizes() {
         let got = train(1, &config, &dir.path().join(format!("w1s{stage}")), &[format!("zero.stage={stage}")]);
         assert_eq!(bits(&got), bits(&reference), "world 1 stage {stage} vs stage 0");
     }
-    let w2 = train(2, &config, &dir.path().join("w2s0"), &[]);
-    close(&w2, &reference, "world 2 vs world 1");
-    let w2s3 = train(2, &config, &dir.path().join("w2s3"), &["zero.stage=3".into()]);
-    assert_eq!(bits(&w2s3), bits(&w2), "world 2 stage 3 vs stage 0");
-    let w3s2 = train(3, &config, &dir.path().join("w3s2"), &["zero.stage=2".into()]);
-    close(&w3s2, &reference, "world 3 stage 2 vs world 1");
+    for world in [2, 3] {
+        let base = train(world, &config, &dir.path().join(format!("w{world}s0")), &[]);
+        close(&base, &reference, &format!("world {world} vs world 1"));
+        for stage in 1..=3 {
+            let got = train(world, &config, &dir.path().join(format!("w{world}s{stage}")), &[format!("zero.stage={stage}")]);
+            assert_eq!(bits(&got), bits(&base), "world {world} stage {stage} vs stage 0");
+        }
+    }
 }
 
 #[test]
@@ -117,13 +120,21 @@ fn a_transformers_directory_imports_and_exports_with_the_weights_unchanged() {
     import_export(dir.path(), &bf16, &again, &[]);
     assert_eq!(tensors(&again), tensors(&bf16), "a bf16 import exports the same bits");
     // Where transformers is installed, it loads the export and reproduces the fixture's logits.
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/make_llama_fixtures.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/make_hf_fixtures.py");
     let has_transformers = std::process::Command::new("python3").args(["-c", "import transformers"]).output().is_ok_and(|o| o.status.success());
     if has_transformers {
         let out = std::process::Command::new("python3").arg(&script).arg("--check-export").arg(&f32_out).arg("gqa_untied").output().unwrap();
         assert!(out.status.success(), "transformers on the export:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     } else {
         eprintln!("python3 with transformers not found: the from_pretrained check of the export did not run");
+    }
+    // A GPT-2 directory the same way (its tied head is not stored, as transformers writes it).
+    let gpt2 = dir.path().join("gpt2");
+    import_export(dir.path(), &fixture("gpt2"), &gpt2, &["--dtype", "f32"]);
+    assert_eq!(tensors(&gpt2), tensors(&fixture("gpt2").join("model.safetensors")));
+    if has_transformers {
+        let out = std::process::Command::new("python3").arg(&script).arg("--check-export").arg(&gpt2).arg("gpt2").output().unwrap();
+        assert!(out.status.success(), "transformers on the GPT-2 export:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
     // Exporting over a non-empty directory is refused, and leaves it as it was.
     let mut cmd = ferrospeed();

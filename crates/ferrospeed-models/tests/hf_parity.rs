@@ -1,17 +1,19 @@
-//! Llama against HuggingFace transformers on CPU, from fixtures made by `fixtures/make_llama_fixtures.py`
-//! (tiny random `LlamaForCausalLM`s: grouped and plain K/V heads, tied and untied, Llama 3 rope
-//! scaling): imported from the directory `save_pretrained` wrote, our blocks give the same logits and
-//! loss within 1e-5 and the same gradient for every parameter within 1e-4 (relative to its largest).
+//! Llama and GPT-2 against HuggingFace transformers on CPU, from fixtures made by
+//! `fixtures/make_hf_fixtures.py` (tiny random `LlamaForCausalLM`s: grouped and plain K/V heads,
+//! tied and untied, Llama 3 rope scaling; a tiny `GPT2LMHeadModel`): imported from the directory
+//! `save_pretrained` wrote, our blocks give the same logits and loss within 1e-5 and the same gradient
+//! for every parameter within 1e-4 (relative to its largest).
 
 use candle_core::{DType, Device, Tensor, Var};
 use ferrospeed::checkpoint::WeightFiles;
 use ferrospeed::engine::{blockwise, Batch};
+use ferrospeed::engine::Model;
 use ferrospeed_models::hf::{read_config, HfModel};
-use ferrospeed_models::llama::{hf_name, Head, Llama};
+use ferrospeed_models::{gpt, llama};
 use std::path::PathBuf;
 
 fn fixture(variant: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(variant)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(variant)
 }
 
 fn read_all(files: &mut WeightFiles, name: &str) -> (Vec<f32>, Vec<usize>) {
@@ -32,9 +34,12 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 
 fn check(variant: &str) {
     let dir = fixture(variant);
-    let HfModel::Llama(cfg) = read_config(&dir, 8).unwrap() else { panic!("{variant}: not a Llama config") };
-    let llama = Llama::new(cfg);
-    let model = llama.model().unwrap();
+    // The family's model, names and logits (the head's composed forward on the last hidden states).
+    type Logits = Box<dyn Fn(&[Tensor], &Tensor) -> Tensor>;
+    let (model, hf_name, logits_of): (Model, fn(&str, &str) -> String, Logits) = match read_config(&dir, 8).unwrap() {
+        HfModel::Llama(cfg) => (llama::Llama::new(cfg).model().unwrap(), llama::hf_name, Box::new(move |p, x| llama::Head::new(cfg).logits(p, x).unwrap())),
+        HfModel::Gpt(cfg) => (gpt::Gpt::new(cfg).model().unwrap(), gpt::hf_name, Box::new(move |p, x| gpt::Head::new(cfg).logits(p, x).unwrap())),
+    };
     let mut weights = WeightFiles::open(&dir).unwrap();
     let vars: Vec<Vec<Var>> = (0..model.num_blocks())
         .map(|b| {
@@ -56,7 +61,7 @@ fn check(variant: &str) {
     for b in 0..model.num_blocks() - 1 {
         x = model.block(b).forward(&detached[b], &x, &batch).unwrap();
     }
-    let logits: Vec<f32> = Head::new(cfg).logits(&detached[model.num_blocks() - 1], &x[0]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let logits: Vec<f32> = logits_of(&detached[model.num_blocks() - 1], &x[0]).flatten_all().unwrap().to_vec1().unwrap();
     let (hf_logits, _) = read_all(&mut want, "logits");
     let diff = max_abs(&logits, &hf_logits);
     assert!(diff <= 1e-5, "{variant}: logits differ from transformers' by {diff:e}");
@@ -106,4 +111,9 @@ fn plain_kv_heads_tied_embedding_match_transformers() {
 #[test]
 fn llama3_rope_scaling_matches_transformers() {
     check("gqa_llama3_rope");
+}
+
+#[test]
+fn a_gpt2_directory_matches_transformers() {
+    check("gpt2");
 }
