@@ -1,14 +1,12 @@
 //! GPT block 0: token embedding plus learned position embedding, with a hand-written backward
 //! (row scatter-add into the token table in f32, column sums for positions).
 
-use crate::ops::fused::{col_sum, embedding_grad};
 use super::GptConfig;
-use candle_core::{DType, Device, Result, Tensor};
+use crate::ops::fused::col_sum;
+use crate::ops::lm_head::TokenIds;
+use candle_core::{DType, Result, Tensor};
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
 use ferrospeed::profile::{scoped_as, Kind};
-
-/// The token ids, on the device and (for a GPU) on the host.
-type EmbSaved = (Tensor, Option<Vec<u32>>);
 
 /// `wte` `[vocab, d]` and `wpe` `[seq_len, d]`; output `[batch, t, d]`.
 #[derive(Debug, Clone)]
@@ -46,25 +44,17 @@ impl Block for Embedding {
     }
 
     fn forward_saving(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
-        let tokens = batch.get("tokens")?;
-        // The gradient kernel groups positions by token on the host: read the ids now, while the device
-        // queue is short (the step's first block), not at the end of the backward.
-        let host = match tokens.device() {
-            Device::Cpu => None,
-            _ => Some(tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?),
-        };
-        let saved: EmbSaved = (tokens.clone(), host);
-        Ok(Some((self.forward(params, x, batch)?, Box::new(saved))))
+        let ids = TokenIds::new(batch.get("tokens")?)?;
+        Ok(Some((self.forward(params, x, batch)?, Box::new(ids))))
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
         let g = upstream.grad(0)?;
-        let (tokens, host) = *saved.downcast::<EmbSaved>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
+        let ids = saved.downcast::<TokenIds>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
         let (b, t, d) = g.dims3()?;
+        let d_wte = ids.table_grad(g, p[0].dim(0)?)?;
         scoped_as(Kind::Elementwise, "embedding_backward", || {
-            // Rows of the token table used several times add up: accumulate in f32 (f64 for f64).
             let acc = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-            let d_wte = embedding_grad(&g.reshape((b * t, d))?, &tokens, host.as_deref(), p[0].dim(0)?)?;
             let d_wpe = col_sum(&g.reshape((b, t * d))?)?.reshape((t, d))?;
             let seq = p[1].dim(0)?;
             let d_wpe = if t < seq { Tensor::cat(&[d_wpe, Tensor::zeros((seq - t, d), acc, g.device())?], 0)? } else { d_wpe };

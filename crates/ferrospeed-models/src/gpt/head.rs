@@ -1,13 +1,14 @@
 //! The last GPT block: final LayerNorm, logits through the token embedding (tied), cross-entropy; with
 //! a hand-written backward (the logits are the largest tensor of a step: one pass each way).
 
-use crate::ops::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward, fused_cross_entropy};
-use crate::ops::fused::{ln_backward, ln_forward};
-use crate::ops::composed::layer_norm;
 use super::GptConfig;
+use crate::ops::composed::layer_norm;
+use crate::ops::cross_entropy::fused_cross_entropy;
+use crate::ops::fused::{ln_backward, ln_forward};
+use crate::ops::lm_head::{head_backward, head_loss, HeadLoss};
 use candle_core::{Result, Tensor};
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
-use ferrospeed::profile::{scoped, scoped_as, Kind};
+use ferrospeed::profile::{scoped_as, Kind};
 
 /// `ln_f` and the head; its slot 2 is block 0's `wte`.
 #[derive(Debug, Clone)]
@@ -19,10 +20,7 @@ pub struct Head {
 struct HeadSaved {
     x: Tensor,
     stats: (Tensor, Tensor),
-    h: Tensor,
-    logits: Tensor,
-    targets: Tensor,
-    rows: Tensor,
+    loss: HeadLoss,
     /// The input's shape `(b, t, d)`.
     dims: (usize, usize, usize),
 }
@@ -43,11 +41,8 @@ impl Head {
         let (b, t, d) = x.dims3()?;
         let x = x.reshape((b * t, d))?;
         let ln = scoped_as(Kind::Elementwise, "layer_norm", || ln_forward(&x, &p[0], &p[1]))?;
-        let logits = scoped(Kind::Matmul, || ln.y.matmul(&p[2].t()?))?;
-        let targets = batch.get("targets")?.flatten_all()?;
-        let rows = scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets))?;
-        let loss = scoped_as(Kind::Elementwise, "cross_entropy", || rows.mean_all())?;
-        Ok((loss, HeadSaved { x, stats: (ln.mean, ln.rstd), h: ln.y, logits, targets, rows, dims: (b, t, d) }))
+        let (loss, saved) = head_loss(ln.y, &p[2], batch.get("targets")?.flatten_all()?)?;
+        Ok((loss, HeadSaved { x, stats: (ln.mean, ln.rstd), loss: saved, dims: (b, t, d) }))
     }
 }
 
@@ -80,15 +75,8 @@ impl Block for Head {
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
         let Upstream::Loss(scale) = upstream else { candle_core::bail!("the head is the last block: its output is the loss") };
-        let s = saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
-        let n = s.targets.elem_count();
-        // The loss is the mean over rows: each row's loss has weight scale / n.
-        let row_grads = s.rows.ones_like()?.affine(scale / n as f64, 0.0)?;
-        let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || cross_entropy_rows_backward(&s.logits, &s.targets, &row_grads))?;
-        drop(s.logits);
-        let d_wte = scoped(Kind::Matmul, || d_logits.t()?.matmul(&s.h))?;
-        let d_h = scoped(Kind::Matmul, || d_logits.matmul(&p[2]))?;
-        drop(d_logits);
+        let s = *saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
+        let (d_wte, d_h) = head_backward(s.loss, &p[2], scale)?;
         let (d_x, d_w, d_b) = scoped_as(Kind::Elementwise, "layer_norm_backward", || ln_backward(&d_h, &s.x, &p[0], &s.stats.0, &s.stats.1, None))?;
         Ok((vec![Some(d_w), Some(d_b), Some(d_wte)], vec![Some(d_x.reshape(s.dims)?)]))
     }

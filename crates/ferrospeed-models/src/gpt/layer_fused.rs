@@ -5,8 +5,9 @@
 use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
 use crate::ops::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
 use crate::ops::fused::{bias_add, bias_gelu, bias_gelu_backward, bias_residual, col_sum, ln_backward, ln_forward};
+use crate::ops::{copy, matmul};
 use candle_core::{Result, Tensor};
-use ferrospeed::profile::{scoped, scoped_as, Kind};
+use ferrospeed::profile::{scoped_as, Kind};
 
 /// What the backward needs of one layer's forward (`n = b·t` rows).
 pub struct LayerSaved {
@@ -33,14 +34,6 @@ pub struct LayerSaved {
 enum AttnSaved {
     Fused { qkv: Tensor, lse: Tensor },
     Composed { q: Tensor, k: Tensor, v: Tensor, p: Tensor },
-}
-
-fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    scoped(Kind::Matmul, || a.matmul(b))
-}
-
-fn copy(t: &Tensor) -> Result<Tensor> {
-    scoped(Kind::Copy, || t.contiguous())
 }
 
 /// The layer on `x` `[b, t, d]` with heads `nh`; parameters in slot order (see `Layer::params`).

@@ -2,13 +2,10 @@
 //! with a hand-written backward (rows added up per token in f32).
 
 use super::LlamaConfig;
-use crate::ops::fused::embedding_grad;
-use candle_core::{DType, Device, Result, Tensor};
+use crate::ops::lm_head::TokenIds;
+use candle_core::{Result, Tensor};
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
 use ferrospeed::profile::{scoped_as, Kind};
-
-/// The token ids, on the device and (for a GPU) on the host.
-type EmbSaved = (Tensor, Option<Vec<u32>>);
 
 /// `embed_tokens`; output `[batch, t, d]`.
 #[derive(Debug, Clone)]
@@ -39,21 +36,12 @@ impl Block for Embedding {
     }
 
     fn forward_saving(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
-        let tokens = batch.get("tokens")?;
-        // The gradient kernel groups positions by token on the host: read the ids while the queue is short.
-        let host = match tokens.device() {
-            Device::Cpu => None,
-            _ => Some(tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?),
-        };
-        let saved: EmbSaved = (tokens.clone(), host);
-        Ok(Some((self.forward(params, x, batch)?, Box::new(saved))))
+        let ids = TokenIds::new(batch.get("tokens")?)?;
+        Ok(Some((self.forward(params, x, batch)?, Box::new(ids))))
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
-        let g = upstream.grad(0)?;
-        let (tokens, host) = *saved.downcast::<EmbSaved>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
-        let (b, t, d) = g.dims3()?;
-        let d_wte = scoped_as(Kind::Elementwise, "embedding_backward", || embedding_grad(&g.reshape((b * t, d))?, &tokens, host.as_deref(), p[0].dim(0)?))?;
-        Ok((vec![Some(d_wte)], Vec::new()))
+        let ids = saved.downcast::<TokenIds>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
+        Ok((vec![Some(ids.table_grad(upstream.grad(0)?, p[0].dim(0)?)?)], Vec::new()))
     }
 }

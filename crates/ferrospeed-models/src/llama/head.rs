@@ -1,12 +1,13 @@
 //! The last Llama block: final RMSNorm, logits through `lm_head` (or the embedding when tied),
-//! cross-entropy; with a hand-written backward (the logits are the largest tensor of a step).
+//! cross-entropy; with a hand-written backward (`ops::lm_head`, shared with GPT).
 
 use super::LlamaConfig;
-use crate::ops::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward, fused_cross_entropy};
+use crate::ops::cross_entropy::fused_cross_entropy;
+use crate::ops::lm_head::{head_backward, head_loss, HeadLoss};
 use crate::ops::rms_norm::{rms_backward, rms_forward, rms_norm};
 use candle_core::{Result, Tensor};
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
-use ferrospeed::profile::{scoped, scoped_as, Kind};
+use ferrospeed::profile::{scoped_as, Kind};
 
 /// `norm` and the head; slot 1 is `lm_head.weight` `[vocab, d]` or block 0's `embed_tokens.weight`.
 #[derive(Debug, Clone)]
@@ -18,10 +19,7 @@ pub struct Head {
 struct HeadSaved {
     x: Tensor,
     rstd: Tensor,
-    h: Tensor,
-    logits: Tensor,
-    targets: Tensor,
-    rows: Tensor,
+    loss: HeadLoss,
     dims: (usize, usize, usize),
 }
 
@@ -40,11 +38,8 @@ impl Head {
         let (b, t, d) = x.dims3()?;
         let x = x.reshape((b * t, d))?;
         let norm = scoped_as(Kind::Elementwise, "rms_norm", || rms_forward(&x, &p[0], self.cfg.rms_norm_eps))?;
-        let logits = scoped(Kind::Matmul, || norm.y.matmul(&p[1].t()?))?;
-        let targets = batch.get("targets")?.flatten_all()?;
-        let rows = scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets))?;
-        let loss = scoped_as(Kind::Elementwise, "cross_entropy", || rows.mean_all())?;
-        Ok((loss, HeadSaved { x, rstd: norm.rstd, h: norm.y, logits, targets, rows, dims: (b, t, d) }))
+        let (loss, saved) = head_loss(norm.y, &p[1], batch.get("targets")?.flatten_all()?)?;
+        Ok((loss, HeadSaved { x, rstd: norm.rstd, loss: saved, dims: (b, t, d) }))
     }
 }
 
@@ -78,15 +73,8 @@ impl Block for Head {
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
         let Upstream::Loss(scale) = upstream else { candle_core::bail!("the head is the last block: its output is the loss") };
-        let s = saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
-        let n = s.targets.elem_count();
-        // The loss is the mean over rows: each row's loss has weight scale / n.
-        let row_grads = s.rows.ones_like()?.affine(scale / n as f64, 0.0)?;
-        let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || cross_entropy_rows_backward(&s.logits, &s.targets, &row_grads))?;
-        drop(s.logits);
-        let d_head = scoped(Kind::Matmul, || d_logits.t()?.matmul(&s.h))?;
-        let d_h = scoped(Kind::Matmul, || d_logits.matmul(&p[1]))?;
-        drop(d_logits);
+        let s = *saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
+        let (d_head, d_h) = head_backward(s.loss, &p[1], scale)?;
         let (d_x, d_w) = scoped_as(Kind::Elementwise, "rms_norm_backward", || rms_backward(&d_h, &s.x, &p[0], &s.rstd, None))?;
         Ok((vec![Some(d_w), Some(d_head)], vec![Some(d_x.reshape(s.dims)?)]))
     }

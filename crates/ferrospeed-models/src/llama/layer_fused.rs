@@ -12,8 +12,9 @@ use crate::ops::fused::col_sum;
 use crate::ops::rms_norm::{rms_backward, rms_forward};
 use crate::ops::rope::rope_qkv;
 use crate::ops::swiglu::{swiglu, swiglu_backward};
+use crate::ops::{copy, matmul};
 use candle_core::{Result, Tensor};
-use ferrospeed::profile::{scoped, scoped_as, Kind};
+use ferrospeed::profile::{scoped_as, Kind};
 
 /// What the backward needs of one layer's forward (`n = b·t` rows).
 pub struct LayerSaved {
@@ -47,14 +48,6 @@ impl LayerSaved {
 enum AttnSaved {
     Fused { qkv: Tensor, lse: Tensor },
     Composed { q: Tensor, k: Tensor, v: Tensor, p: Tensor },
-}
-
-fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    scoped(Kind::Matmul, || a.matmul(b))
-}
-
-fn copy(t: &Tensor) -> Result<Tensor> {
-    scoped(Kind::Copy, || t.contiguous())
 }
 
 /// Weights stacked along their output dimension (rows), as one matrix `[Σ out, in]`.

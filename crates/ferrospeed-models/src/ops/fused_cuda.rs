@@ -2,7 +2,7 @@
 //! per row, column sums in two deterministic passes (per-chunk partials, then chunks in order),
 //! bias + GELU forward/backward elementwise.
 
-use super::cuda_kernels::{compile, launch_err, suffix};
+use super::cuda_kernels::{compile, dispatch, launch_err, suffix};
 use super::fused::{LnOut, LN_EPS};
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
@@ -92,17 +92,6 @@ pub(super) fn wrap<T: CudaDType + DeviceRepr>(s: CudaSlice<T>, dev: &CudaDevice,
 
 fn rows(n: usize, threads: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
-}
-
-macro_rules! dispatch {
-    ($dtype:expr, $what:expr, $f:ident($($arg:expr),*)) => {
-        match $dtype {
-            DType::F32 => $f::<f32>($($arg),*),
-            DType::BF16 => $f::<bf16>($($arg),*),
-            DType::F16 => $f::<f16>($($arg),*),
-            other => candle_core::bail!("{} on CUDA: unsupported dtype {other:?}", $what),
-        }
-    };
 }
 
 pub fn ln_forward(x: &Tensor, w: &Tensor, b: &Tensor, n: usize, d: usize) -> Result<LnOut> {

@@ -2,7 +2,7 @@
 //! q and k heads of a fused projection (forward and inverse): 16 bytes a thread where the layout allows,
 //! else one thread per element.
 
-use super::cuda_kernels::{compile, launch_err, suffix};
+use super::cuda_kernels::{compile, dispatch, launch_err, suffix};
 use super::fused_cuda::{view, wrap};
 use candle_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda::{CudaDType, CudaDevice};
@@ -89,17 +89,6 @@ fn grid_rows(per_row: usize, rows: usize) -> LaunchConfig {
 /// Whether every tensor starts on a 16-byte boundary (the vectorised kernels load 16 bytes at a time).
 fn aligned16<T>(ts: &[&Tensor]) -> bool {
     ts.iter().all(|t| (t.layout().start_offset() * std::mem::size_of::<T>()) % 16 == 0)
-}
-
-macro_rules! dispatch {
-    ($dtype:expr, $what:expr, $f:ident($($arg:expr),*)) => {
-        match $dtype {
-            DType::F32 => $f::<f32>($($arg),*),
-            DType::BF16 => $f::<bf16>($($arg),*),
-            DType::F16 => $f::<f16>($($arg),*),
-            other => candle_core::bail!("{} on CUDA: unsupported dtype {other:?}", $what),
-        }
-    };
 }
 
 /// SwiGLU of `gu` `[n, 2f]` (`dy` `None`), or its gradient for `dy` `[n, f]`.

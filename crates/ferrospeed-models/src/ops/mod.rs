@@ -16,9 +16,23 @@ pub mod fused;
 mod fused_cuda;
 #[cfg(feature = "cuda")]
 mod llama_cuda;
+pub mod lm_head;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
 
 pub use causal_softmax::causal_softmax;
 pub use cross_entropy::fused_cross_entropy;
+
+use candle_core::{Result, Tensor};
+use ferrospeed::profile::{scoped, Kind};
+
+/// `a · b`, marked as matmul work for the step breakdown.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    scoped(Kind::Matmul, || a.matmul(b))
+}
+
+/// `t` made contiguous, marked as copy work.
+pub(crate) fn copy(t: &Tensor) -> Result<Tensor> {
+    scoped(Kind::Copy, || t.contiguous())
+}

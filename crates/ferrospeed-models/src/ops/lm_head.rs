@@ -1,0 +1,60 @@
+//! What the model families' last blocks share: logits of the normalised hidden states through the
+//! vocabulary matrix (`[vocab, d]`, the head's own or the tied embedding), the per-row cross-entropy
+//! and its mean, and the backward of all three (the logits are the largest tensor of a step: one pass
+//! each way), plus the token-embedding gradient that block 0 of both families computes.
+
+use super::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward};
+use super::fused::embedding_grad;
+use candle_core::{DType, Device, Result, Tensor};
+use ferrospeed::profile::{scoped, scoped_as, Kind};
+
+/// What [`head_backward`] needs of [`head_loss`].
+pub struct HeadLoss {
+    h: Tensor,
+    logits: Tensor,
+    targets: Tensor,
+    rows: Tensor,
+}
+
+/// The mean cross-entropy of `h` `[n, d]` · `w`ᵀ against `targets` (`n` ids), and what its backward needs.
+pub fn head_loss(h: Tensor, w: &Tensor, targets: Tensor) -> Result<(Tensor, HeadLoss)> {
+    let logits = scoped(Kind::Matmul, || h.matmul(&w.t()?))?;
+    let rows = scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets))?;
+    let loss = scoped_as(Kind::Elementwise, "cross_entropy", || rows.mean_all())?;
+    Ok((loss, HeadLoss { h, logits, targets, rows }))
+}
+
+/// Gradients `(d_w, d_h)` of `scale` × the loss of [`head_loss`].
+pub fn head_backward(s: HeadLoss, w: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    let n = s.targets.elem_count();
+    // The loss is the mean over rows: each row's loss has weight scale / n.
+    let row_grads = s.rows.ones_like()?.affine(scale / n as f64, 0.0)?;
+    let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || cross_entropy_rows_backward(&s.logits, &s.targets, &row_grads))?;
+    drop(s.logits);
+    let d_w = scoped(Kind::Matmul, || d_logits.t()?.matmul(&s.h))?;
+    let d_h = scoped(Kind::Matmul, || d_logits.matmul(w))?;
+    Ok((d_w, d_h))
+}
+
+/// The token ids of a batch as the embedding's backward needs them: on the device, and (for a GPU) on
+/// the host, read during the forward while the device queue is short (the step's first block).
+pub struct TokenIds {
+    tokens: Tensor,
+    host: Option<Vec<u32>>,
+}
+
+impl TokenIds {
+    pub fn new(tokens: &Tensor) -> Result<Self> {
+        let host = match tokens.device() {
+            Device::Cpu => None,
+            _ => Some(tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?),
+        };
+        Ok(Self { tokens: tokens.clone(), host })
+    }
+
+    /// The gradient of the token table `[vocab, d]` for the output gradient `g` `[b, t, d]`.
+    pub fn table_grad(&self, g: &Tensor, vocab: usize) -> Result<Tensor> {
+        let (b, t, d) = g.dims3()?;
+        scoped_as(Kind::Elementwise, "embedding_backward", || embedding_grad(&g.reshape((b * t, d))?, &self.tokens, self.host.as_deref(), vocab))
+    }
+}
