@@ -119,6 +119,13 @@ fn a_transformers_directory_imports_and_exports_with_the_weights_unchanged() {
     let again = dir.path().join("bf16-again");
     import_export(dir.path(), &bf16, &again, &[]);
     assert_eq!(tensors(&again), tensors(&bf16), "a bf16 import exports the same bits");
+    // F16 the same way.
+    let f16 = dir.path().join("f16");
+    import_export(dir.path(), &f32_out, &f16, &["--dtype", "f16"]);
+    assert!(tensors(&f16).iter().all(|t| t.1 == "F16"));
+    let f16_again = dir.path().join("f16-again");
+    import_export(dir.path(), &f16, &f16_again, &["--dtype", "f16"]);
+    assert_eq!(tensors(&f16_again), tensors(&f16), "an f16 import exports the same bits");
     // Where transformers is installed, it loads the export and reproduces the fixture's logits.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/make_hf_fixtures.py");
     let has_transformers = std::process::Command::new("python3").args(["-c", "import transformers"]).output().is_ok_and(|o| o.status.success());

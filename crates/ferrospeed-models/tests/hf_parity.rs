@@ -117,3 +117,22 @@ fn llama3_rope_scaling_matches_transformers() {
 fn a_gpt2_directory_matches_transformers() {
     check("gpt2");
 }
+
+#[test]
+fn a_byte_level_bpe_tokenizer_json_encodes_as_the_tokenizers_library_does() {
+    // GPT-2's kind of tokenizer (byte-level BPE), trained small by the fixture script, on texts with
+    // accents, CJK, emoji with joiners, combining marks, right-to-left script, tabs and runs of spaces.
+    let dir = fixture("bpe");
+    let tok = ferrospeed_models::Tokenizer::from_file(&dir.join("tokenizer.json")).unwrap();
+    assert_eq!(tok.vocab_size(), 400);
+    let cases: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let cases = cases.as_array().unwrap();
+    assert!(cases.len() >= 7);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let ids = tok.encode(text).unwrap();
+        assert_eq!(ids, want, "ids of {text:?}");
+        assert_eq!(tok.decode(&ids).unwrap(), case["decoded"].as_str().unwrap(), "decoding {text:?}");
+    }
+}
