@@ -1,8 +1,8 @@
-//! Llama and GPT-2 against HuggingFace transformers on CPU, from fixtures made by
-//! `fixtures/make_hf_fixtures.py` (tiny random `LlamaForCausalLM`s: grouped and plain K/V heads,
-//! tied and untied, Llama 3 rope scaling; a tiny `GPT2LMHeadModel`): imported from the directory
-//! `save_pretrained` wrote, our blocks give the same logits and loss within 1e-5 and the same gradient
-//! for every parameter within 1e-4 (relative to its largest).
+//! The Llama family and GPT-2 against HuggingFace transformers on CPU, from fixtures made by
+//! `fixtures/make_hf_fixtures.py`: tiny random `LlamaForCausalLM`s (grouped and plain K/V heads, tied
+//! and untied, Llama 3 rope scaling), a `Qwen2ForCausalLM` (q/k/v biases) and a `GPT2LMHeadModel`.
+//! Imported from the directory `save_pretrained` wrote, our blocks give the same logits and loss within
+//! 1e-5 and the same gradient for every parameter within 1e-4 (relative to its largest).
 
 use candle_core::{DType, Device, Tensor, Var};
 use ferrospeed::checkpoint::WeightFiles;
@@ -111,6 +111,11 @@ fn plain_kv_heads_tied_embedding_match_transformers() {
 #[test]
 fn llama3_rope_scaling_matches_transformers() {
     check("gqa_llama3_rope");
+}
+
+#[test]
+fn qwen2_with_qkv_biases_matches_transformers() {
+    check("qwen2");
 }
 
 #[test]
