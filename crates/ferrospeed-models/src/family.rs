@@ -21,6 +21,8 @@ pub enum FamilyError {
     Mismatch { key: String, value: String, hf_key: String, file_value: String, path: String },
     #[error("model.{key} is missing: add it under [model], or set model.init_from to a HuggingFace model directory")]
     Missing { key: String },
+    #[error("model.seq_len = {seq_len} is longer than the {positions} positions of {path}: use model.seq_len ≤ {positions}")]
+    TooLong { seq_len: usize, positions: usize, path: String },
 }
 
 /// A model of one of the built-in families.
@@ -171,7 +173,7 @@ fn from_dir(m: &ModelConfig, dir: &Path) -> Result<Family, FamilyError> {
             check("n_head", m.n_head, "n_head", c.n_head)?;
             check("d_model", m.d_model, "n_embd", c.d_model)?;
             if m.seq_len > c.seq_len {
-                return Err(mismatch("seq_len", m.seq_len.to_string(), "n_positions", c.seq_len.to_string()));
+                return Err(FamilyError::TooLong { seq_len: m.seq_len, positions: c.seq_len, path: path.clone() });
             }
             Ok(Family::Gpt(Gpt::new(c)))
         }
