@@ -1,5 +1,6 @@
 //! The `ferrospeed` command: `launch` starts ranks, `comm` checks and measures collectives.
 
+mod bench_adamw;
 mod bench_cmd;
 mod checkpoint_cmd;
 mod comm_cmd;
@@ -25,8 +26,10 @@ enum Command {
     Launch(launch::LaunchArgs),
     /// Train a model from a TOML config (run it under `launch` for several ranks)
     Train(train::TrainArgs),
-    /// Measure training throughput on a synthetic GPT-2-shaped model (random tokens), as JSON
+    /// Measure training throughput on a synthetic GPT-2- or Llama-shaped model (random tokens), as JSON
     BenchTrain(bench_cmd::BenchTrainArgs),
+    /// Measure the CPU AdamW (parameters/s, GB/s) against this host's memory bandwidth, as JSON
+    BenchAdamw(bench_adamw::BenchAdamwArgs),
     /// Print what a bug report needs: version, features, devices, driver, libraries
     Env,
     /// Inspect or export checkpoints
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Checkpoint(cmd) => checkpoint_cmd::run(cmd),
         Command::Env => env_cmd::run(),
         Command::BenchTrain(args) => bench_cmd::run(args),
+        Command::BenchAdamw(args) => bench_adamw::run(args),
     };
     match result {
         Ok(code) => code,

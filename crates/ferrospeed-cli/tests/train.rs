@@ -141,3 +141,16 @@ fn zero_stages_give_identical_losses_across_processes_and_precisions_run() {
     assert_eq!(first["loss_scale"].as_f64(), Some(65536.0), "fp16 metrics show the loss scale: {first}");
     assert!(first["mem_params_bytes"].as_u64().unwrap() > 0, "step 1 reports memory: {first}");
 }
+
+#[test]
+fn bench_adamw_prints_its_measurements() {
+    let mut cmd = support::ferrospeed();
+    cmd.args(["bench-adamw", "--params", "100000", "--steps", "1"]);
+    let f = support::run(&mut cmd, std::time::Duration::from_secs(60));
+    assert!(f.status.success(), "{}", f.stderr);
+    let v: serde_json::Value = serde_json::from_str(f.stdout.trim()).unwrap();
+    for key in ["adamw_gparams_s", "adamw_gb_s", "copy_gb_s", "triad_gb_s"] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key} in {v}");
+    }
+    assert_eq!(v["params"], 100000);
+}
