@@ -5,7 +5,7 @@
 //! (inverse frequencies and angles rounded to f32, Llama-3 frequency scaling) so that logits agree.
 
 use super::fused::{f64s, tensor};
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 /// Llama 3's scaling of the rotary frequencies (`rope_scaling` with `rope_type = "llama3"`).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -92,19 +92,11 @@ pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
-/// `dtype` of the tables for compute in `dtype` (f32 unless f64).
-pub fn table_dtype(dtype: DType) -> DType {
-    if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ops::fused::tests::{max_diff, randn};
+    use candle_core::DType;
 
     #[test]
     fn rope_matches_the_composed_op_and_inverts() {

@@ -149,11 +149,6 @@ impl WeightFiles {
         self.tensors.keys().map(String::as_str)
     }
 
-    /// The file that holds `name`.
-    pub fn path_of(&self, name: &str) -> Option<&Path> {
-        self.tensors.get(name).map(|t| self.paths[t.file].as_path())
-    }
-
     /// Elements `range` of tensor `name`, as f32, into `out`.
     pub fn read_f32(&mut self, name: &str, range: Range<usize>, out: &mut [f32]) -> Result<(), CheckpointError> {
         let info = self.tensors.get(name).ok_or_else(|| CheckpointError::Format(format!("no tensor {name}")))?;
