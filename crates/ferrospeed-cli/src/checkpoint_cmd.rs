@@ -39,7 +39,7 @@ pub enum CheckpointCommand {
 
 /// The names a checkpoint's parameters are exported under: the ones its run recorded (`param_names`);
 /// checkpoints from before that record are the built-in GPT's, with HuggingFace GPT-2 names.
-fn export_names(meta: &checkpoint::Meta) -> fn(&str, &str) -> String {
+pub(crate) fn export_names(meta: &checkpoint::Meta) -> fn(&str, &str) -> String {
     let tag = meta.run.get("param_names").and_then(|t| t.as_str());
     let kind = meta.run.get("model").and_then(|m| m.get("kind"));
     let gpt = kind.and_then(|k| k.as_str()) == Some("gpt") || kind.is_some_and(|k| k.is_null()) && tag.is_none();
@@ -101,7 +101,7 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
 
 /// The files of an exported directory besides the weights: `config.json` (the run's resolved model,
 /// in `torch_dtype`), and the tokenizer files of the run's tokenizer or model directory.
-fn dir_files(meta: &Meta, torch_dtype: &str) -> Result<Vec<(String, Vec<u8>)>> {
+pub(crate) fn dir_files(meta: &Meta, torch_dtype: &str) -> Result<Vec<(String, Vec<u8>)>> {
     let mut config = meta.run.get("hf_config").cloned().ok_or_else(|| {
         usage_error("this checkpoint does not record its model's config.json (saved before HuggingFace export existed): export to a FILE.safetensors instead")
     })?;
@@ -112,7 +112,9 @@ fn dir_files(meta: &Meta, torch_dtype: &str) -> Result<Vec<(String, Vec<u8>)>> {
     if let Some(tok) = from("tokenizer").filter(|t| t.is_file()) {
         files.push(("tokenizer.json".to_string(), std::fs::read(&tok)?));
     }
-    if let Some(src) = from("init_from_dir") {
+    // The tokenizer.json's own directory (a run directory's tokenizer/ for a GGUF model), then the model's.
+    let beside = from("tokenizer").and_then(|t| t.parent().map(std::path::Path::to_path_buf));
+    for src in beside.into_iter().chain(from("init_from_dir")) {
         for name in TOKENIZER_FILES {
             let path = src.join(name);
             if path.is_file() && !files.iter().any(|(n, _)| n == name) {

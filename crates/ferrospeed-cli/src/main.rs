@@ -4,7 +4,9 @@ mod bench_adamw;
 mod bench_cmd;
 mod checkpoint_cmd;
 mod comm_cmd;
+mod data_cmd;
 mod env_cmd;
+mod generate_cmd;
 mod launch;
 mod train;
 mod usage;
@@ -32,6 +34,11 @@ enum Command {
     BenchAdamw(bench_adamw::BenchAdamwArgs),
     /// Print what a bug report needs: version, features, devices, driver, libraries
     Env,
+    /// Generate text from a Llama (checkpoint, transformers directory or GGUF file), with a KV cache
+    Generate(generate_cmd::GenerateArgs),
+    /// Prepare training data: tokenize text and JSONL into token shards
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
     /// Inspect or export checkpoints
     #[command(subcommand)]
     Checkpoint(checkpoint_cmd::CheckpointCommand),
@@ -58,6 +65,8 @@ fn main() -> ExitCode {
         Command::Comm(cmd) => comm_cmd::run(cmd),
         Command::Train(args) => train::run(args),
         Command::Checkpoint(cmd) => checkpoint_cmd::run(cmd),
+        Command::Data(cmd) => data_cmd::run(cmd),
+        Command::Generate(args) => generate_cmd::run(args),
         Command::Env => env_cmd::run(),
         Command::BenchTrain(args) => bench_cmd::run(args),
         Command::BenchAdamw(args) => bench_adamw::run(args),

@@ -15,7 +15,9 @@ use ferrospeed::engine::Engine;
 use ferrospeed::rng::Rng;
 use ferrospeed::track::{peak_rss_bytes, Progress, StepMetrics};
 use ferrospeed::{CommExt, ReduceOp};
-use ferrospeed_models::{ByteTokenizer, Family, Gpt, TextCorpus, TextWindows, Tokenizer};
+use ferrospeed::data::Dataset;
+use ferrospeed_models::prepared::is_prepared;
+use ferrospeed_models::{ByteTokenizer, Family, Gpt, PackedWindows, PaddedDocs, PreparedData, TextCorpus, TextWindows, Tokenizer};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -39,14 +41,31 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let (family, tokenizer) = Family::from_config(&cfg.model).map_err(|e| usage_error(e.to_string()))?;
     family.check_inputs(cfg.model.init_from.as_deref(), &tokenizer).map_err(usage_error)?;
     let model = family.model()?;
-    let corpus = TextCorpus::load_tokenized(&cfg.data.path, &tokenizer).map_err(|e| usage_error(e.to_string()))?;
-    corpus.check_window(cfg.model.seq_len).map_err(|e| usage_error(e.to_string()))?;
+    let source = load_data(&cfg, &tokenizer)?;
+    let (windows, packed, padded);
+    let dataset: &dyn Dataset = match &source {
+        TrainData::Text(corpus) => {
+            windows = TextWindows { corpus, seq_len: cfg.model.seq_len };
+            &windows
+        }
+        TrainData::Prepared(data) if cfg.data.packing => {
+            packed = PackedWindows { data, seq_len: cfg.model.seq_len };
+            &packed
+        }
+        TrainData::Prepared(data) => {
+            padded = PaddedDocs::new(data, cfg.model.seq_len).map_err(usage_error)?;
+            &padded
+        }
+    };
     let mut acc = Accelerator::new(&cfg, Options { run_name: config_stem(&args.config), track: true }).map_err(accel_error)?;
     let (rank, world_size, device) = (acc.rank(), acc.world_size(), acc.device().clone());
     // What `checkpoint export` needs to write a transformers directory later.
     acc.record("hf_config", family.config_json("float32"));
-    if let Some(path) = tokenizer.path() {
+    if let Some(path) = tokenizer_files(&acc, &tokenizer)? {
         acc.record("tokenizer", path.canonicalize().unwrap_or_else(|_| path.to_path_buf()).display().to_string().into());
+    }
+    if let TrainData::Prepared(d) = &source {
+        acc.record("data", serde_json::json!({"path": d.dir().display().to_string(), "hash": d.index.hash, "packing": cfg.data.packing, "documents": d.index.documents}));
     }
     if let Some(dir) = cfg.model.init_from.as_deref().filter(|p| p.is_dir()) {
         acc.record("init_from_dir", dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()).display().to_string().into());
@@ -76,8 +95,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
     let start_step = engine.steps_done() as usize;
     let interrupted = watch_interrupts()?;
-    let windows = TextWindows { corpus: &corpus, seq_len: cfg.model.seq_len };
-    let data = acc.data(&windows).map_err(accel_error)?;
+    let data = acc.data(dataset).map_err(accel_error)?;
     let t = &cfg.train;
     let tokens_per_step = (t.global_batch * cfg.model.seq_len) as u64;
     if rank == 0 {
@@ -250,6 +268,64 @@ fn reject_unimplemented(cfg: &Config) -> Result<()> {
         return refuse("zero.offload_optimizer / zero.offload_params are not available yet: use \"none\"".into());
     }
     Ok(())
+}
+
+/// The run's data: raw text (random windows) or a directory written by `data prepare`.
+enum TrainData {
+    Text(TextCorpus),
+    Prepared(PreparedData),
+}
+
+fn load_data(cfg: &Config, tokenizer: &Tokenizer) -> Result<TrainData> {
+    let path = &cfg.data.path;
+    if !is_prepared(path) {
+        let corpus = TextCorpus::load_tokenized(path, tokenizer).map_err(|e| usage_error(e.to_string()))?;
+        corpus.check_window(cfg.model.seq_len).map_err(|e| usage_error(e.to_string()))?;
+        return Ok(TrainData::Text(corpus));
+    }
+    let data = PreparedData::open(path).map_err(|e| usage_error(e.to_string()))?;
+    if data.index.tokenizer != tokenizer.fingerprint() {
+        return Err(usage_error(format!(
+            "data.path = {} was prepared with another tokenizer ({}) than this run's ({}): prepare it again with --tokenizer set to this model's",
+            path.display(),
+            data.index.tokenizer,
+            tokenizer.fingerprint()
+        )));
+    }
+    if data.index.tokens < cfg.model.seq_len as u64 + 1 {
+        return Err(usage_error(format!(
+            "data.path = {} has {} tokens, fewer than one window of model.seq_len + 1 = {}: prepare more data or lower model.seq_len",
+            path.display(),
+            data.index.tokens,
+            cfg.model.seq_len + 1
+        )));
+    }
+    Ok(TrainData::Prepared(data))
+}
+
+/// Where `checkpoint export` finds the tokenizer files: the tokenizer.json, or for one built from a GGUF
+/// file, a tokenizer.json and tokenizer_config.json (special tokens, chat template) written into the run
+/// directory by rank 0.
+fn tokenizer_files(acc: &Accelerator, tokenizer: &Tokenizer) -> Result<Option<PathBuf>> {
+    let Tokenizer::Hf(t) = tokenizer else { return Ok(None) };
+    if t.path.extension().is_none_or(|e| e != "gguf") {
+        return Ok(Some(t.path.clone()));
+    }
+    let dir = acc.track_dir().join("tokenizer");
+    let path = dir.join("tokenizer.json");
+    if acc.is_main_process() {
+        std::fs::create_dir_all(&dir)?;
+        t.tokenizer.save(&path, false).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        let s = &t.specials;
+        let config = serde_json::json!({
+            "eos_token": s.eos.as_ref().map(|e| e.0.clone()),
+            "bos_token": s.bos,
+            "chat_template": s.chat_template,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        });
+        std::fs::write(dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&config)?)?;
+    }
+    Ok(Some(path))
 }
 
 fn config_stem(path: &Path) -> String {

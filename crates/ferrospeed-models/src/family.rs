@@ -1,6 +1,7 @@
 //! A run's model from its `[model]` config: the family and shape from the TOML keys, or from
 //! `init_from`'s `config.json` (keys given in the TOML must then agree with it), and its tokenizer
-//! (`model.tokenizer`, else the model directory's `tokenizer.json`, else `bytes`).
+//! (`model.tokenizer`, else the model directory's `tokenizer.json`, else `bytes`). `init_from` may
+//! also be a llama GGUF file: its metadata gives the shape and its vocabulary the tokenizer.
 
 use crate::hf::{read_config, HfError, HfModel};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -17,6 +18,8 @@ pub enum FamilyError {
     Hf(#[from] HfError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Gguf(#[from] crate::gguf::GgufError),
     #[error("model.{key} = {value} does not match {hf_key} = {file_value} in {path}: remove model.{key} (config.json sets it), or point model.init_from at a model of that shape")]
     Mismatch { key: String, value: String, hf_key: String, file_value: String, path: String },
     #[error("model.{key} is missing: add it under [model], or set model.init_from to a HuggingFace model directory")]
@@ -35,6 +38,19 @@ pub enum Family {
 impl Family {
     /// The model `m` describes, and its tokenizer.
     pub fn from_config(m: &ModelConfig) -> Result<(Family, Tokenizer), FamilyError> {
+        if let Some(path) = m.init_from.as_deref().filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "gguf")) {
+            let file = crate::gguf::GgufFile::open(path)?;
+            let c = file.llama_config(m.seq_len)?;
+            if let Some(k) = m.kind.filter(|k| *k != ModelKind::Llama) {
+                return Err(FamilyError::Mismatch { key: "kind".into(), value: format!("\"{k}\""), hf_key: "general.architecture".into(), file_value: "\"llama\"".into(), path: path.display().to_string() });
+            }
+            check_llama(m, &c, &path.display().to_string())?;
+            let tokenizer = match &m.tokenizer {
+                Some(t) => Tokenizer::from_file(t)?,
+                None => file.tokenizer()?,
+            };
+            return Ok((Family::Llama(Llama::new(c)), tokenizer));
+        }
         let dir = m.init_from.as_deref().filter(|p| p.is_dir());
         let file = m.tokenizer.clone().or_else(|| dir.map(|d| d.join("tokenizer.json")).filter(|p| p.is_file()));
         let tokenizer = match file {
@@ -155,17 +171,7 @@ fn from_dir(m: &ModelConfig, dir: &Path) -> Result<Family, FamilyError> {
     }
     match hf {
         HfModel::Llama(c) => {
-            check("n_layer", m.n_layer, "num_hidden_layers", c.n_layer)?;
-            check("n_head", m.n_head, "num_attention_heads", c.n_head)?;
-            check("d_model", m.d_model, "hidden_size", c.d_model)?;
-            check("n_kv_head", m.n_kv_head, "num_key_value_heads", c.n_kv_head)?;
-            check("d_ff", m.d_ff, "intermediate_size", c.d_ff)?;
-            if let Some(t) = m.rope_theta.filter(|t| *t != c.rope_theta) {
-                return Err(mismatch("rope_theta", t.to_string(), "rope_theta", c.rope_theta.to_string()));
-            }
-            if let Some(t) = m.tie_embeddings.filter(|t| *t != c.tie_word_embeddings) {
-                return Err(mismatch("tie_embeddings", t.to_string(), "tie_word_embeddings", c.tie_word_embeddings.to_string()));
-            }
+            check_llama(m, &c, &path)?;
             Ok(Family::Llama(Llama::new(c)))
         }
         HfModel::Gpt(c) => {
@@ -178,4 +184,25 @@ fn from_dir(m: &ModelConfig, dir: &Path) -> Result<Family, FamilyError> {
             Ok(Family::Gpt(Gpt::new(c)))
         }
     }
+}
+
+/// Keys given under `[model]` must agree with the Llama shape `c` read from `path`.
+fn check_llama(m: &ModelConfig, c: &LlamaConfig, path: &str) -> Result<(), FamilyError> {
+    let mismatch = |key: &str, value: String, hf_key: &str, file_value: String| FamilyError::Mismatch { key: key.into(), value, hf_key: hf_key.into(), file_value, path: path.into() };
+    let check = |key: &str, given: Option<usize>, hf_key: &str, actual: usize| match given {
+        Some(v) if v != actual => Err(mismatch(key, v.to_string(), hf_key, actual.to_string())),
+        _ => Ok(()),
+    };
+    check("n_layer", m.n_layer, "num_hidden_layers", c.n_layer)?;
+    check("n_head", m.n_head, "num_attention_heads", c.n_head)?;
+    check("d_model", m.d_model, "hidden_size", c.d_model)?;
+    check("n_kv_head", m.n_kv_head, "num_key_value_heads", c.n_kv_head)?;
+    check("d_ff", m.d_ff, "intermediate_size", c.d_ff)?;
+    if let Some(t) = m.rope_theta.filter(|t| *t != c.rope_theta) {
+        return Err(mismatch("rope_theta", t.to_string(), "rope_theta", c.rope_theta.to_string()));
+    }
+    if let Some(t) = m.tie_embeddings.filter(|t| *t != c.tie_word_embeddings) {
+        return Err(mismatch("tie_embeddings", t.to_string(), "tie_word_embeddings", c.tie_word_embeddings.to_string()));
+    }
+    Ok(())
 }

@@ -5,14 +5,17 @@
 
 pub mod data;
 pub mod family;
+pub mod gguf;
 pub mod gpt;
 pub mod hf;
 pub mod llama;
 pub mod ops;
+pub mod prepared;
 pub mod tokenizer;
 
 pub use data::{BatchSampler, DataError, TextCorpus, TextWindows};
 pub use family::{Family, FamilyError};
 pub use gpt::{GptConfig, Gpt};
 pub use llama::{Llama, LlamaConfig};
+pub use prepared::{PackedWindows, PaddedDocs, PreparedData};
 pub use tokenizer::{ByteTokenizer, Tokenizer, TokenizerError};

@@ -3,9 +3,10 @@
 
 use super::GptConfig;
 use crate::ops::composed::layer_norm;
-use crate::ops::cross_entropy::fused_cross_entropy;
+use crate::ops::cross_entropy::cross_entropy_rows_autograd;
+use crate::ops::docs::loss_mask;
 use crate::ops::fused::{ln_backward, ln_forward};
-use crate::ops::lm_head::{head_backward, head_loss, HeadLoss};
+use crate::ops::lm_head::{head_backward, head_loss, reduce_rows, HeadLoss};
 use candle_core::{Result, Tensor};
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
 use ferrospeed::profile::{scoped_as, Kind};
@@ -41,7 +42,7 @@ impl Head {
         let (b, t, d) = x.dims3()?;
         let x = x.reshape((b * t, d))?;
         let ln = scoped_as(Kind::Elementwise, "layer_norm", || ln_forward(&x, &p[0], &p[1]))?;
-        let (loss, saved) = head_loss(ln.y, &p[2], batch.get("targets")?.flatten_all()?)?;
+        let (loss, saved) = head_loss(ln.y, &p[2], batch.get("targets")?.flatten_all()?, loss_mask(batch)?)?;
         Ok((loss, HeadSaved { x, stats: (ln.mean, ln.rstd), loss: saved, dims: (b, t, d) }))
     }
 }
@@ -63,7 +64,8 @@ impl Block for Head {
     fn forward(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
         let x = input(x)?;
         if x.track_op() || params.iter().any(Tensor::track_op) {
-            return Ok(vec![fused_cross_entropy(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?]);
+            let rows = cross_entropy_rows_autograd(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?;
+            return Ok(vec![reduce_rows(&rows, loss_mask(batch)?.as_ref())?.0]);
         }
         Ok(vec![self.run(params, x, batch)?.0])
     }

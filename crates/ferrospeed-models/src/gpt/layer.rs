@@ -4,6 +4,7 @@
 //! (when a caller differentiates `forward` itself) and as the reference the fused one is tested against.
 
 use crate::ops::causal_softmax::causal_softmax;
+use crate::ops::docs::Docs;
 use super::layer_fused::{self, LayerSaved};
 use crate::ops::composed::layer_norm;
 use super::GptConfig;
@@ -54,16 +55,17 @@ impl Block for Layer {
         ]
     }
 
-    fn forward(&self, p: &[Tensor], x: &[Tensor], _batch: &Batch) -> Result<Vec<Tensor>> {
+    fn forward(&self, p: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
         let x = input(x)?;
+        let docs = Docs::of(batch)?;
         if x.track_op() || p.iter().any(Tensor::track_op) {
-            return Ok(vec![self.forward_composed(p, x)?]);
+            return Ok(vec![self.forward_composed(p, x, docs.as_ref())?]);
         }
-        Ok(vec![layer_fused::forward(p, x, self.cfg.n_head, false)?.0])
+        Ok(vec![layer_fused::forward(p, x, self.cfg.n_head, docs.as_ref(), false)?.0])
     }
 
-    fn forward_saving(&self, p: &[Tensor], x: &[Tensor], _batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
-        let (y, saved) = layer_fused::forward(p, input(x)?, self.cfg.n_head, true)?;
+    fn forward_saving(&self, p: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
+        let (y, saved) = layer_fused::forward(p, input(x)?, self.cfg.n_head, Docs::of(batch)?.as_ref(), true)?;
         let saved = saved.ok_or_else(|| candle_core::Error::Msg("layer forward kept nothing".into()))?;
         Ok(Some((vec![y], Box::new(saved))))
     }
@@ -88,7 +90,7 @@ fn input(x: &[Tensor]) -> Result<&Tensor> {
 
 impl Layer {
     /// The forward composed of candle ops (differentiable by autograd).
-    fn forward_composed(&self, p: &[Tensor], x: &Tensor) -> Result<Tensor> {
+    fn forward_composed(&self, p: &[Tensor], x: &Tensor, docs: Option<&Docs>) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let (nh, hd) = (self.cfg.n_head, d / self.cfg.n_head);
 
@@ -99,7 +101,10 @@ impl Layer {
             qkv.narrow(1, i * d, d)?.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous() // [b, nh, t, hd]
         };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
-        let scores = q.matmul(&k.t()?.contiguous()?)?; // [b, nh, t, t]
+        let mut scores = q.matmul(&k.t()?.contiguous()?)?; // [b, nh, t, t]
+        if let Some(d) = docs {
+            scores = scores.broadcast_add(&d.mask(scores.dtype())?)?;
+        }
         let y = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?.matmul(&v)?; // [b, nh, t, hd]
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, d))?;
         let x = (x + linear(&y, &p[4], &p[5])?.reshape((b, t, d))?)?;

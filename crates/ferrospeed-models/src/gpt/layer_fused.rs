@@ -4,6 +4,7 @@
 
 use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
 use crate::ops::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
+use crate::ops::docs::Docs;
 use crate::ops::fused::{bias_add, bias_gelu, bias_gelu_backward, bias_residual, col_sum, ln_backward, ln_forward};
 use crate::ops::{copy, matmul};
 use candle_core::{Result, Tensor};
@@ -26,6 +27,8 @@ pub struct LayerSaved {
     fc: Tensor,
     act: Tensor,
     dims: (usize, usize, usize, usize),
+    /// The documents of a packed batch.
+    docs: Option<Docs>,
 }
 
 /// What the attention's backward needs: the fused kernels recompute the probabilities from `qkv` and the
@@ -36,8 +39,9 @@ enum AttnSaved {
     Composed { q: Tensor, k: Tensor, v: Tensor, p: Tensor },
 }
 
-/// The layer on `x` `[b, t, d]` with heads `nh`; parameters in slot order (see `Layer::params`).
-pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
+/// The layer on `x` `[b, t, d]` with heads `nh`; parameters in slot order (see `Layer::params`). With
+/// `docs` (a packed batch) attention stays inside each document.
+pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, docs: Option<&Docs>, save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
     let (b, t, d) = x.dims3()?;
     let (n, hd) = (b * t, d / nh);
     let x = x.reshape((n, d))?;
@@ -48,13 +52,16 @@ pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, save: bool) -> Result<(Tenso
     let qkv = matmul(&ln1.y, &p[2])?;
     let qkv = scoped_as(ew, "bias_add", || bias_add(&qkv, &p[3]))?;
     let (attn, y) = if fused_attention_available(&qkv, hd) {
-        let out = scoped_as(Kind::Attention, "attention_forward", || attention_forward(&qkv, b, t, nh, nh))?;
+        let out = scoped_as(Kind::Attention, "attention_forward", || attention_forward(&qkv, b, t, nh, nh, docs.map(Docs::starts)))?;
         (AttnSaved::Fused { qkv, lse: out.lse }, out.y)
     } else {
         let heads = |i: usize| -> Result<Tensor> { copy(&qkv.narrow(1, i * d, d)?.reshape((b, t, nh, hd))?.transpose(1, 2)?) };
         let (q, k, v) = (heads(0)?, heads(1)?, heads(2)?);
         let (probs, y) = scoped_as(Kind::Attention, "attention_forward", || -> Result<_> {
-            let scores = q.matmul(&k.t()?)?;
+            let mut scores = q.matmul(&k.t()?)?;
+            if let Some(d) = docs {
+                scores = scores.broadcast_add(&d.mask(scores.dtype())?)?;
+            }
             let probs = causal_softmax_forward(&scores, 1.0 / (hd as f64).sqrt())?;
             let y = probs.matmul(&v)?;
             Ok((probs, y))
@@ -82,6 +89,7 @@ pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, save: bool) -> Result<(Tenso
         fc,
         act,
         dims: (b, t, nh, hd),
+        docs: docs.cloned(),
     });
     Ok((out, saved))
 }
@@ -111,7 +119,7 @@ pub fn backward(p: &[Tensor], s: LayerSaved, g: &Tensor) -> Result<(Vec<Option<T
     let d_wo = matmul(&tr(&s.y)?, &d_x2)?;
     let d_y = matmul(&d_x2, &tr(&p[4])?)?;
     let d_qkv = match s.attn {
-        AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &s.y, &lse, &d_y, b, t, nh, nh))?,
+        AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &s.y, &lse, &d_y, b, t, nh, nh, s.docs.as_ref().map(Docs::starts)))?,
         AttnSaved::Composed { q, k, v, p: probs } => {
             let d_y = copy(&d_y.reshape((b, t, nh, hd))?.transpose(1, 2)?)?;
             let (d_q, d_k, d_v) = scoped_as(Kind::Attention, "attention_backward", || -> Result<_> {

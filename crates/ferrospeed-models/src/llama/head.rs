@@ -2,8 +2,9 @@
 //! cross-entropy; with a hand-written backward (`ops::lm_head`, shared with GPT).
 
 use super::LlamaConfig;
-use crate::ops::cross_entropy::fused_cross_entropy;
-use crate::ops::lm_head::{head_backward, head_loss, HeadLoss};
+use crate::ops::cross_entropy::cross_entropy_rows_autograd;
+use crate::ops::docs::loss_mask;
+use crate::ops::lm_head::{head_backward, head_loss, reduce_rows, HeadLoss};
 use crate::ops::rms_norm::{rms_backward, rms_forward, rms_norm};
 use candle_core::{Result, Tensor};
 use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
@@ -38,7 +39,7 @@ impl Head {
         let (b, t, d) = x.dims3()?;
         let x = x.reshape((b * t, d))?;
         let norm = scoped_as(Kind::Elementwise, "rms_norm", || rms_forward(&x, &p[0], self.cfg.rms_norm_eps))?;
-        let (loss, saved) = head_loss(norm.y, &p[1], batch.get("targets")?.flatten_all()?)?;
+        let (loss, saved) = head_loss(norm.y, &p[1], batch.get("targets")?.flatten_all()?, loss_mask(batch)?)?;
         Ok((loss, HeadSaved { x, rstd: norm.rstd, loss: saved, dims: (b, t, d) }))
     }
 }
@@ -61,7 +62,8 @@ impl Block for Head {
     fn forward(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
         let x = input(x)?;
         if x.track_op() || params.iter().any(Tensor::track_op) {
-            return Ok(vec![fused_cross_entropy(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?]);
+            let rows = cross_entropy_rows_autograd(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?;
+            return Ok(vec![reduce_rows(&rows, loss_mask(batch)?.as_ref())?.0]);
         }
         Ok(vec![self.run(params, x, batch)?.0])
     }

@@ -6,6 +6,8 @@
 use super::layer_fused::{self, LayerSaved};
 use super::{LlamaConfig, RopeCache};
 use crate::ops::causal_softmax;
+use crate::ops::docs::Docs;
+use super::layer_fused::row_tables;
 use crate::ops::rms_norm::rms_norm;
 use crate::ops::rope::rope_composed;
 use candle_core::{Result, Tensor};
@@ -79,19 +81,20 @@ impl Block for Layer {
         params
     }
 
-    fn forward(&self, p: &[Tensor], x: &[Tensor], _batch: &Batch) -> Result<Vec<Tensor>> {
+    fn forward(&self, p: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
         let x = input(x)?;
+        let docs = Docs::of(batch)?;
         if x.track_op() || p.iter().any(Tensor::track_op) {
-            return Ok(vec![self.forward_composed(p, x)?]);
+            return Ok(vec![self.forward_composed(p, x, docs.as_ref())?]);
         }
         let (cos, sin) = self.rope.get(&self.cfg, x.dim(1)?, x.device())?;
-        Ok(vec![layer_fused::forward(&self.cfg, p, x, (&cos, &sin), false)?.0])
+        Ok(vec![layer_fused::forward(&self.cfg, p, x, (&cos, &sin), docs.as_ref(), false)?.0])
     }
 
-    fn forward_saving(&self, p: &[Tensor], x: &[Tensor], _batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
+    fn forward_saving(&self, p: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
         let x = input(x)?;
         let (cos, sin) = self.rope.get(&self.cfg, x.dim(1)?, x.device())?;
-        let (y, saved) = layer_fused::forward(&self.cfg, p, x, (&cos, &sin), true)?;
+        let (y, saved) = layer_fused::forward(&self.cfg, p, x, (&cos, &sin), Docs::of(batch)?.as_ref(), true)?;
         let saved = saved.ok_or_else(|| candle_core::Error::Msg("layer forward kept nothing".into()))?;
         Ok(Some((vec![y], Box::new(saved))))
     }
@@ -128,12 +131,13 @@ fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 impl Layer {
     /// The forward composed of candle ops (differentiable by autograd), written as transformers'
     /// `LlamaDecoderLayer`: K/V heads repeated for their query groups.
-    fn forward_composed(&self, p: &[Tensor], x: &Tensor) -> Result<Tensor> {
+    fn forward_composed(&self, p: &[Tensor], x: &Tensor, docs: Option<&Docs>) -> Result<Tensor> {
         let c = &self.cfg;
         let s = Slots::of(c);
         let (b, t, d) = x.dims3()?;
         let (nh, nkv, hd) = (c.n_head, c.n_kv_head, c.head_dim);
         let (cos, sin) = self.rope.get(c, t, x.device())?;
+        let (cos, sin, _) = row_tables((&cos, &sin), docs, b, t)?;
         let x = x.reshape((b * t, d))?;
         let h = rms_norm(&x, &p[s.input_norm], c.rms_norm_eps)?;
         let bias = |i: usize| s.bias.map(|b0| &p[b0 + i]);
@@ -148,7 +152,10 @@ impl Layer {
             m.unsqueeze(2)?.broadcast_as((b, nkv, nh / nkv, t, hd))?.reshape((b, nh, t, hd))
         };
         let (k, v) = (repeat(k)?, repeat(v)?);
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let mut scores = q.matmul(&k.t()?.contiguous()?)?;
+        if let Some(d) = docs {
+            scores = scores.broadcast_add(&d.mask(scores.dtype())?)?;
+        }
         let y = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?.matmul(&v)?;
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
         let x = (x + linear(&y, &p[s.o], None)?)?;

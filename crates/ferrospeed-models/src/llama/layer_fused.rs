@@ -8,6 +8,7 @@ use super::layer::Slots;
 use super::LlamaConfig;
 use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
 use crate::ops::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
+use crate::ops::docs::Docs;
 use crate::ops::fused::col_sum;
 use crate::ops::rms_norm::{rms_backward, rms_forward};
 use crate::ops::rope::rope_qkv;
@@ -33,6 +34,8 @@ pub struct LayerSaved {
     gu: Tensor,
     act: Tensor,
     dims: (usize, usize),
+    /// The documents of a packed batch.
+    docs: Option<Docs>,
 }
 
 impl LayerSaved {
@@ -55,8 +58,21 @@ fn stack(ws: &[&Tensor]) -> Result<Tensor> {
     scoped_as(Kind::Copy, "stack_weights", || Tensor::cat(ws, 0))
 }
 
-/// The layer on `x` `[b, t, d]`; parameters in slot order (see `Layer::params`).
-pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tensor), save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
+/// Rotary tables for the rows of a batch and the period they repeat with: `[t, hd/2]` and `t` for plain
+/// rows, gathered `[b·t, hd/2]` at each token's position and `b·t` for a packed batch.
+pub(crate) fn row_tables(rope: (&Tensor, &Tensor), docs: Option<&Docs>, b: usize, t: usize) -> Result<(Tensor, Tensor, usize)> {
+    match docs {
+        Some(d) => {
+            let (c, s) = d.rope_tables(rope.0, rope.1)?;
+            Ok((c, s, b * t))
+        }
+        None => Ok((rope.0.clone(), rope.1.clone(), t)),
+    }
+}
+
+/// The layer on `x` `[b, t, d]`; parameters in slot order (see `Layer::params`). With `docs` (a packed
+/// batch) positions restart and attention stays inside each document.
+pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tensor), docs: Option<&Docs>, save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
     let s = Slots::of(c);
     let (b, t, d) = x.dims3()?;
     let (n, nh, nkv, hd) = (b * t, c.n_head, c.n_kv_head, c.head_dim);
@@ -71,12 +87,13 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
         let bias = stack(&[&p[b0], &p[b0 + 1], &p[b0 + 2]])?;
         qkv = scoped_as(ew, "bias_add", || qkv.broadcast_add(&bias))?;
     }
-    let qkv = scoped_as(ew, "rope", || rope_qkv(&qkv, rope.0, rope.1, t, nh, nkv, false))?;
+    let (cos, sin, period) = row_tables(rope, docs, b, t)?;
+    let qkv = scoped_as(ew, "rope", || rope_qkv(&qkv, &cos, &sin, period, nh, nkv, false))?;
     let (attn, y) = if fused_attention_available(&qkv, hd) {
-        let out = scoped_as(Kind::Attention, "attention_forward", || attention_forward(&qkv, b, t, nh, nkv))?;
+        let out = scoped_as(Kind::Attention, "attention_forward", || attention_forward(&qkv, b, t, nh, nkv, docs.map(Docs::starts)))?;
         (AttnSaved::Fused { qkv, lse: out.lse }, out.y)
     } else {
-        composed_attention(&qkv, b, t, nh, nkv, hd)?
+        composed_attention(&qkv, b, t, nh, nkv, hd, docs)?
     };
     let x2 = (&x + matmul(&y, &p[s.o].t()?)?)?;
 
@@ -86,18 +103,21 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
     let gu = matmul(&norm2.y, &w_gu.t()?)?;
     let act = scoped_as(ew, "swiglu", || swiglu(&gu))?;
     let out = (&x2 + matmul(&act, &p[s.down].t()?)?)?.reshape((b, t, d))?;
-    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1: norm1.y, attn, y, x2, rstd2: norm2.rstd, h2: norm2.y, gu, act, dims: (b, t) });
+    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1: norm1.y, attn, y, x2, rstd2: norm2.rstd, h2: norm2.y, gu, act, dims: (b, t), docs: docs.cloned() });
     Ok((out, saved))
 }
 
 /// Attention of the rotated `qkv` with candle matmuls and the fused causal softmax; a key/value head
 /// serves its query group through a reshape (`[b, nkv, g·t, hd]`), not copies.
-fn composed_attention(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> Result<(AttnSaved, Tensor)> {
+fn composed_attention(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize, docs: Option<&Docs>) -> Result<(AttnSaved, Tensor)> {
     let heads = |from: usize, h: usize| -> Result<Tensor> { copy(&qkv.narrow(1, from * hd, h * hd)?.reshape((b, t, h, hd))?.transpose(1, 2)?) };
     let q = heads(0, nh)?.reshape((b, nkv, nh / nkv * t, hd))?;
     let (k, v) = (heads(nh, nkv)?, heads(nh + nkv, nkv)?);
     let (probs, y) = scoped_as(Kind::Attention, "attention_forward", || -> Result<_> {
-        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
+        let mut scores = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
+        if let Some(d) = docs {
+            scores = scores.broadcast_add(&d.mask(scores.dtype())?)?;
+        }
         let probs = causal_softmax_forward(&scores, 1.0 / (hd as f64).sqrt())?;
         let y = probs.reshape((b, nkv, nh / nkv * t, t))?.matmul(&v)?.reshape((b, nh, t, hd))?;
         Ok((probs, y))
@@ -133,7 +153,7 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     grads[s.o] = Some(matmul(&d_x2.t()?, &sv.y)?);
     let d_y = matmul(&d_x2, &p[s.o])?;
     let d_qkv = match sv.attn {
-        AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &sv.y, &lse, &d_y, b, t, nh, nkv))?,
+        AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &sv.y, &lse, &d_y, b, t, nh, nkv, sv.docs.as_ref().map(Docs::starts)))?,
         AttnSaved::Composed { q, k, v, p: probs } => {
             let gt = nh / nkv * t;
             let d_y = copy(&d_y.reshape((b, t, nh, hd))?.transpose(1, 2)?)?.reshape((b, nkv, gt, hd))?;
@@ -148,7 +168,8 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
             scoped_as(Kind::Copy, "merge_qkv_grads", || Tensor::cat(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2))?.reshape((n, c.qkv_width()))?
         }
     };
-    let d_qkv = scoped_as(ew, "rope_backward", || rope_qkv(&d_qkv, rope.0, rope.1, t, nh, nkv, true))?;
+    let (cos, sin, period) = row_tables(rope, sv.docs.as_ref(), b, t)?;
+    let d_qkv = scoped_as(ew, "rope_backward", || rope_qkv(&d_qkv, &cos, &sin, period, nh, nkv, true))?;
     let (q_w, kv_w) = (nh * hd, nkv * hd);
     if let Some(b0) = s.bias {
         let d_bias = scoped_as(ew, "bias_grad", || col_sum(&d_qkv))?;

@@ -7,6 +7,7 @@
 
 mod embedding;
 mod head;
+pub mod infer;
 mod layer;
 mod layer_fused;
 mod names;

@@ -64,13 +64,29 @@ fn f64s(t: &Tensor) -> Result<Vec<f64>> {
     t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()
 }
 
-/// `softmax(q·kᵀ/√hd + causal mask)·v` per query head, `nkv` key/value heads.
-pub fn attention_forward(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize) -> Result<AttnOut> {
+/// The first key each query may see: `starts[b·t]` (a packed batch, [`super::docs::Docs`]) or 0.
+fn first_keys(starts: Option<&Tensor>, n: usize) -> Result<Vec<usize>> {
+    match starts {
+        None => Ok(vec![0; n]),
+        Some(s) => {
+            let s = s.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+            if s.len() != n {
+                candle_core::bail!("attention: {} document starts for {n} rows", s.len())
+            }
+            Ok(s.into_iter().map(|v| v as usize).collect())
+        }
+    }
+}
+
+/// `softmax(q·kᵀ/√hd + causal mask)·v` per query head, `nkv` key/value heads. With `starts` (a packed
+/// batch) query `i` sees only keys `starts[i] ..= i`, those of its own document.
+pub fn attention_forward(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, starts: Option<&Tensor>) -> Result<AttnOut> {
     let (d, hd) = check(qkv, b, t, nh, nkv)?;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = qkv.device() {
-        return super::attention_cuda::forward(&aligned(qkv)?, b, t, nh, nkv, hd);
+        return super::attention_cuda::forward(&aligned(qkv)?, b, t, nh, nkv, hd, starts);
     }
+    let first = first_keys(starts, b * t)?;
     let x = f64s(qkv)?;
     let scale = 1.0 / (hd as f64).sqrt();
     let (mut y, mut lse) = (vec![0.0; b * t * d], vec![0.0; b * nh * t]);
@@ -79,13 +95,14 @@ pub fn attention_forward(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize
         for h in 0..nh {
             for i in 0..t {
                 let q = &x[at(bi, i, 0, h)..][..hd];
-                let s: Vec<f64> = (0..=i).map(|j| scale * dot(q, &x[at(bi, j, 1, h)..][..hd])).collect();
+                let j0 = first[bi * t + i];
+                let s: Vec<f64> = (j0..=i).map(|j| scale * dot(q, &x[at(bi, j, 1, h)..][..hd])).collect();
                 let m = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let l = m + s.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
                 let out = &mut y[(bi * t + i) * d + h * hd..][..hd];
                 for (j, sj) in s.iter().enumerate() {
                     let p = (sj - l).exp();
-                    out.iter_mut().zip(&x[at(bi, j, 2, h)..][..hd]).for_each(|(o, v)| *o += p * v);
+                    out.iter_mut().zip(&x[at(bi, j0 + j, 2, h)..][..hd]).for_each(|(o, v)| *o += p * v);
                 }
                 lse[(bi * nh + h) * t + i] = l;
             }
@@ -103,12 +120,13 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// forward's output `y` and `lse`. The probabilities are recomputed; `Σ dy·y` uses the `y` given (as
 /// the kernels do).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, nkv: usize) -> Result<Tensor> {
+pub fn attention_backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, starts: Option<&Tensor>) -> Result<Tensor> {
     let (d, hd) = check(qkv, b, t, nh, nkv)?;
     #[cfg(feature = "cuda")]
     if let Device::Cuda(_) = qkv.device() {
-        return super::attention_cuda::backward(&aligned(qkv)?, &aligned(y)?, &lse.contiguous()?, &aligned(dy)?, b, t, nh, nkv, hd);
+        return super::attention_cuda::backward(&aligned(qkv)?, &aligned(y)?, &lse.contiguous()?, &aligned(dy)?, b, t, nh, nkv, hd, starts);
     }
+    let first = first_keys(starts, b * t)?;
     let (x, yv, lv, g) = (f64s(qkv)?, f64s(y)?, f64s(lse)?, f64s(dy)?);
     let scale = 1.0 / (hd as f64).sqrt();
     let w = (nh + 2 * nkv) * hd;
@@ -121,7 +139,7 @@ pub fn attention_backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b
                 let (gi, yi) = (&g[row..][..hd], &yv[row..][..hd]);
                 let delta = dot(gi, yi);
                 let l = lv[(bi * nh + h) * t + i];
-                for j in 0..=i {
+                for j in first[bi * t + i]..=i {
                     let (qi, kj, vj) = (at(bi, i, 0, h), at(bi, j, 1, h), at(bi, j, 2, h));
                     let p = (scale * dot(&x[qi..][..hd], &x[kj..][..hd]) - l).exp();
                     let ds = scale * p * (dot(gi, &x[vj..][..hd]) - delta);
@@ -172,20 +190,20 @@ mod tests {
         let g = randn(&[b * t, nh * hd], 2);
         let want = composed(&qkv, b, t, nh, nkv);
         let grads = (&want * &g).unwrap().sum_all().unwrap().backward().unwrap();
-        let out = attention_forward(&qkv.detach(), b, t, nh, nkv).unwrap();
+        let out = attention_forward(&qkv.detach(), b, t, nh, nkv, None).unwrap();
         assert!(max_diff(&out.y, &want) < 1e-12);
         // The log-sum-exp of row 0 of every head is its only scaled score, q₀·k₀/√hd.
         let x = qkv.detach().to_vec2::<f64>().unwrap();
         let l0 = dot(&x[0][..hd], &x[0][nh * hd..nh * hd + hd]) / (hd as f64).sqrt();
         assert!((out.lse.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()[0] - l0).abs() < 1e-6);
-        let dqkv = attention_backward(&qkv.detach(), &out.y, &out.lse.to_dtype(DType::F64).unwrap(), &g, b, t, nh, nkv).unwrap();
+        let dqkv = attention_backward(&qkv.detach(), &out.y, &out.lse.to_dtype(DType::F64).unwrap(), &g, b, t, nh, nkv, None).unwrap();
         // lse went through f32: the gradient is exact to f32 rounding of the log-sum-exp.
         assert!(max_diff(&dqkv, grads.get(&qkv).unwrap()) < 1e-5, "{}", max_diff(&dqkv, grads.get(&qkv).unwrap()));
     }
 
     #[test]
     fn bad_shapes_are_named() {
-        let e = attention_forward(&Tensor::zeros((6, 9), DType::F32, &Device::Cpu).unwrap(), 2, 4, 3, 3).err().unwrap();
+        let e = attention_forward(&Tensor::zeros((6, 9), DType::F32, &Device::Cpu).unwrap(), 2, 4, 3, 3, None).err().unwrap();
         assert!(e.to_string().contains("[b·t, (nh + 2·nkv)·hd]"), "{e}");
     }
 }

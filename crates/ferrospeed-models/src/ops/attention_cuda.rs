@@ -45,34 +45,44 @@ fn name(kernel: &str, dtype: DType, hd: usize) -> Result<String> {
     Ok(format!("attn_{kernel}_{}_{hd}", suffix(dtype, "fused attention")?))
 }
 
-pub fn forward(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> Result<AttnOut> {
-    fn run<T: CudaDType + DeviceRepr>(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> Result<AttnOut> {
+/// The document starts of a packed batch (u32 `[b·t]`) on the device, or one placeholder word with
+/// `docs = 0` (the kernels then never read it).
+fn starts_or_placeholder(starts: Option<&Tensor>, qkv: &Tensor) -> Result<(Tensor, i32)> {
+    match starts {
+        Some(s) => Ok((s.to_dtype(DType::U32)?.contiguous()?, 1)),
+        None => Ok((Tensor::zeros(1, DType::U32, qkv.device())?, 0)),
+    }
+}
+
+pub fn forward(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize, starts: Option<&Tensor>) -> Result<AttnOut> {
+    fn run<T: CudaDType + DeviceRepr>(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize, starts: &Tensor, docs: i32) -> Result<AttnOut> {
         let name = name("fwd", qkv.dtype(), hd)?;
-        view::<T, _>(qkv, |dev, qv| {
+        view::<T, _>(qkv, |dev, qv| view::<u32, _>(starts, |_, sv| {
             let y = unsafe { dev.alloc::<T>(b * t * nh * hd)? };
             let lse = unsafe { dev.alloc::<f32>(b * nh * t)? };
             let (t_i, nh_i, nkv_i, scale) = (t as i32, nh as i32, nkv as i32, 1.0 / (hd as f32).sqrt());
             let f = func(dev, &name)?;
             let stream = dev.cuda_stream();
             let mut l = stream.launch_builder(&f);
-            l.arg(&qv).arg(&y).arg(&lse).arg(&t_i).arg(&nh_i).arg(&nkv_i).arg(&scale);
+            l.arg(&qv).arg(&y).arg(&lse).arg(&sv).arg(&docs).arg(&t_i).arg(&nh_i).arg(&nkv_i).arg(&scale);
             unsafe { l.launch(tiles(b, t, nh)?) }.map_err(launch_err)?;
             Ok(AttnOut { y: wrap(y, dev, &[b * t, nh * hd]), lse: wrap(lse, dev, &[b, nh, t]) })
-        })
+        }))
     }
+    let (starts, docs) = starts_or_placeholder(starts, qkv)?;
     match qkv.dtype() {
-        DType::BF16 => run::<bf16>(qkv, b, t, nh, nkv, hd),
-        DType::F16 => run::<f16>(qkv, b, t, nh, nkv, hd),
+        DType::BF16 => run::<bf16>(qkv, b, t, nh, nkv, hd, &starts, docs),
+        DType::F16 => run::<f16>(qkv, b, t, nh, nkv, hd, &starts, docs),
         other => candle_core::bail!("fused attention: unsupported dtype {other:?} (bf16 or f16)"),
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> Result<Tensor> {
+pub fn backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize, starts: Option<&Tensor>) -> Result<Tensor> {
     #[allow(clippy::too_many_arguments)]
-    fn run<T: CudaDType + DeviceRepr>(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize) -> Result<Tensor> {
+    fn run<T: CudaDType + DeviceRepr>(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, hd: usize, starts: &Tensor, docs: i32) -> Result<Tensor> {
         let dtype = qkv.dtype();
-        view::<T, _>(qkv, |dev, qv| {
+        view::<T, _>(qkv, |dev, qv| view::<u32, _>(starts, |_, sv| {
             view::<T, _>(y, |_, yv| {
                 view::<T, _>(dy, |_, gv| {
                     view::<f32, _>(lse, |_, lv| {
@@ -91,21 +101,22 @@ pub fn backward(qkv: &Tensor, y: &Tensor, lse: &Tensor, dy: &Tensor, b: usize, t
                         for (kernel, heads) in [("bwd_dq", nh), ("bwd_dkv", nkv)] {
                             let f = func(dev, &name(kernel, dtype, hd)?)?;
                             let mut l = stream.launch_builder(&f);
-                            l.arg(&qv).arg(&gv).arg(&lv).arg(&delta).arg(&dqkv).arg(&t_i).arg(&nh_i).arg(&nkv_i).arg(&scale);
+                            l.arg(&qv).arg(&gv).arg(&lv).arg(&delta).arg(&dqkv).arg(&sv).arg(&docs).arg(&t_i).arg(&nh_i).arg(&nkv_i).arg(&scale);
                             unsafe { l.launch(tiles(b, t, heads)?) }.map_err(launch_err)?;
                         }
                         Ok(wrap(dqkv, dev, &[b * t, w]))
                     })
                 })
             })
-        })
+        }))
     }
     if lse.dtype() != DType::F32 {
         candle_core::bail!("fused attention backward: lse must be f32, got {:?}", lse.dtype())
     }
+    let (starts, docs) = starts_or_placeholder(starts, qkv)?;
     match qkv.dtype() {
-        DType::BF16 => run::<bf16>(qkv, y, lse, dy, b, t, nh, nkv, hd),
-        DType::F16 => run::<f16>(qkv, y, lse, dy, b, t, nh, nkv, hd),
+        DType::BF16 => run::<bf16>(qkv, y, lse, dy, b, t, nh, nkv, hd, &starts, docs),
+        DType::F16 => run::<f16>(qkv, y, lse, dy, b, t, nh, nkv, hd, &starts, docs),
         other => candle_core::bail!("fused attention: unsupported dtype {other:?} (bf16 or f16)"),
     }
 }

@@ -9,6 +9,12 @@
 // A holds rows g and g + 8, columns 2c, 2c + 1 (+ 8); B holds column g, rows 2c, 2c + 1 (+ 8); C holds rows
 // g and g + 8, columns 2c, 2c + 1. A C fragment pair is the A fragment of the next product (P·V, dS·K).
 // Every sum runs in a fixed order: no atomics, the results are repeatable bit for bit.
+//
+// Packed batches (DOCS = 1): starts [b, t] u32 gives the row where each token's document begins; query i sees
+// keys starts[i] ..= i only. starts never decreases along a row, so a block's first row has its smallest start
+// (the forward and dQ kernels begin at that key tile) and the dK/dV kernel stops at the first query tile whose
+// first row starts after the block's last key. A row whose keys so far are all masked keeps max = −∞ and adds
+// nothing (exp2 against 0, not −∞ − −∞).
 
 #define TILE 64
 #define PAD 8
@@ -124,7 +130,7 @@ __device__ __forceinline__ void store_c(u16* base, long stride, int r0, int rows
 
 // grid (ceil(t / 64), b·nh), 128 threads. y = softmax(q·kᵀ·scale, causal)·v; lse = log Σ exp (natural log).
 template <int HD, bool BF>
-__device__ void attn_fwd(const u16* qkv, u16* y, float* lse, int T, int NH, int NKV, float scale) {
+__device__ void attn_fwd(const u16* qkv, u16* y, float* lse, const unsigned* starts, int docs, int T, int NH, int NKV, float scale) {
   constexpr int S = STAGES(HD);
   __shared__ __align__(16) u16 ks[S][TILE][HD + PAD];
   __shared__ __align__(16) u16 vs[S][TILE][HD + PAD];
@@ -135,7 +141,10 @@ __device__ void attn_fwd(const u16* qkv, u16* y, float* lse, int T, int NH, int 
   const float sl2 = scale * 1.4426950408889634f;
   const u16* base = qkv + (long)b * T * RS + h * HD;
   const u16* kb = qkv + (long)b * T * RS + (NH + kvh) * HD; const u16* vb = kb + NKV * HD;
-  load_tile<HD>(ks[0], kb, RS, 0, T); load_tile<HD>(vs[0], vb, RS, 0, T); cp_commit();
+  const unsigned* st = starts + (long)b * T;
+  const int j0 = docs ? st[min(qt * TILE, T - 1)] / TILE : 0;
+  const int st0 = docs && q0 + g < T ? st[q0 + g] : 0, st1 = docs && q0 + g + 8 < T ? st[q0 + g + 8] : 0;
+  load_tile<HD>(ks[0], kb, RS, j0 * TILE, T); load_tile<HD>(vs[0], vb, RS, j0 * TILE, T); cp_commit();
   unsigned qa[HD / 16][4];
   load_a<HD>(qa, base, RS, q0, T);
   float o[HD / 8][4];
@@ -143,37 +152,38 @@ __device__ void attn_fwd(const u16* qkv, u16* y, float* lse, int T, int NH, int 
   for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.f, l1 = 0.f;
   const int tiles = qt + 1;
-  for (int j = 0; j < tiles; j++) {
-    const int buf = j % S;
+  for (int j = j0; j < tiles; j++) {
+    const int buf = (j - j0) % S;
     if (S == 2 && j + 1 < tiles) {
-      load_tile<HD>(ks[(j + 1) % S], kb, RS, (j + 1) * TILE, T); load_tile<HD>(vs[(j + 1) % S], vb, RS, (j + 1) * TILE, T);
+      load_tile<HD>(ks[(j + 1 - j0) % S], kb, RS, (j + 1) * TILE, T); load_tile<HD>(vs[(j + 1 - j0) % S], vb, RS, (j + 1) * TILE, T);
       cp_commit(); cp_wait<1>();
     } else cp_wait<0>();
     __syncthreads();
     float s[TILE / 8][4];
     mma_abt<HD, BF>(s, qa, ks[buf]);
-    // Only the diagonal tile and the last one (keys past t) have masked entries.
-    const bool edge = j == qt || (j + 1) * TILE > T;
+    // Only the diagonal tile and the last one (keys past t) have masked entries, unless documents are packed.
+    const bool edge = docs || j == qt || (j + 1) * TILE > T;
     float x0 = NEG_INF, x1 = NEG_INF;
 #pragma unroll
     for (int n = 0; n < TILE / 8; n++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         int row = q0 + g + (e >> 1) * 8, key = j * TILE + n * 8 + 2 * c + (e & 1);
-        float v = (edge && (key > row || key >= T)) ? NEG_INF : s[n][e] * sl2;
+        float v = (edge && (key > row || key >= T || key < (e >> 1 ? st1 : st0))) ? NEG_INF : s[n][e] * sl2;
         s[n][e] = v;
         if (e < 2) x0 = fmaxf(x0, v); else x1 = fmaxf(x1, v);
       }
     x0 = fmaxf(x0, __shfl_xor_sync(0xffffffff, x0, 1)); x0 = fmaxf(x0, __shfl_xor_sync(0xffffffff, x0, 2));
     x1 = fmaxf(x1, __shfl_xor_sync(0xffffffff, x1, 1)); x1 = fmaxf(x1, __shfl_xor_sync(0xffffffff, x1, 2));
     float n0 = fmaxf(m0, x0), n1 = fmaxf(m1, x1);
-    float a0 = exp2f(m0 - n0), a1 = exp2f(m1 - n1);
+    const float u0 = n0 == NEG_INF ? 0.f : n0, u1 = n1 == NEG_INF ? 0.f : n1;
+    float a0 = exp2f(m0 - u0), a1 = exp2f(m1 - u1);
     m0 = n0; m1 = n1;
     float r0 = 0.f, r1 = 0.f;
 #pragma unroll
     for (int n = 0; n < TILE / 8; n++) {
-      s[n][0] = exp2f(s[n][0] - m0); s[n][1] = exp2f(s[n][1] - m0);
-      s[n][2] = exp2f(s[n][2] - m1); s[n][3] = exp2f(s[n][3] - m1);
+      s[n][0] = exp2f(s[n][0] - u0); s[n][1] = exp2f(s[n][1] - u0);
+      s[n][2] = exp2f(s[n][2] - u1); s[n][3] = exp2f(s[n][3] - u1);
       r0 += s[n][0] + s[n][1]; r1 += s[n][2] + s[n][3];
     }
     l0 = l0 * a0 + r0; l1 = l1 * a1 + r1;
@@ -209,7 +219,7 @@ __device__ void attn_delta(const u16* y, const u16* dy, float* delta, int T, int
 
 // grid (ceil(t / 64), b·nh), 128 threads: dq = scale · dS·k with dS = P ∘ (dP − delta), dP = dy·vᵀ.
 template <int HD, bool BF>
-__device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, int NKV, float scale) {
+__device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, const unsigned* starts, int docs, int T, int NH, int NKV, float scale) {
   constexpr int S = STAGES(HD);
   __shared__ __align__(16) u16 ks[S][TILE][HD + PAD];
   __shared__ __align__(16) u16 vs[S][TILE][HD + PAD];
@@ -220,7 +230,10 @@ __device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, con
   const float sl2 = scale * 1.4426950408889634f, l2e = 1.4426950408889634f;
   const u16* base = qkv + (long)b * T * RS + h * HD;
   const u16* kb = qkv + (long)b * T * RS + (NH + kvh) * HD; const u16* vb = kb + NKV * HD;
-  load_tile<HD>(ks[0], kb, RS, 0, T); load_tile<HD>(vs[0], vb, RS, 0, T); cp_commit();
+  const unsigned* st = starts + (long)b * T;
+  const int j0 = docs ? st[min(qt * TILE, T - 1)] / TILE : 0;
+  const int sts[2] = { docs && q0 + g < T ? (int)st[q0 + g] : 0, docs && q0 + g + 8 < T ? (int)st[q0 + g + 8] : 0 };
+  load_tile<HD>(ks[0], kb, RS, j0 * TILE, T); load_tile<HD>(vs[0], vb, RS, j0 * TILE, T); cp_commit();
   unsigned qa[HD / 16][4], da[HD / 16][4];
   load_a<HD>(qa, base, RS, q0, T);
   load_a<HD>(da, dy + (long)b * T * D + h * HD, D, q0, T);
@@ -232,23 +245,23 @@ __device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, con
   float dq[HD / 8][4];
 #pragma unroll
   for (int n = 0; n < HD / 8; n++) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
-  for (int j = 0; j <= qt; j++) {
-    const int buf = j % S;
+  for (int j = j0; j <= qt; j++) {
+    const int buf = (j - j0) % S;
     if (S == 2 && j < qt) {
-      load_tile<HD>(ks[(j + 1) % S], kb, RS, (j + 1) * TILE, T); load_tile<HD>(vs[(j + 1) % S], vb, RS, (j + 1) * TILE, T);
+      load_tile<HD>(ks[(j + 1 - j0) % S], kb, RS, (j + 1) * TILE, T); load_tile<HD>(vs[(j + 1 - j0) % S], vb, RS, (j + 1) * TILE, T);
       cp_commit(); cp_wait<1>();
     } else cp_wait<0>();
     __syncthreads();
     float s[TILE / 8][4], dp[TILE / 8][4];
     mma_abt<HD, BF>(s, qa, ks[buf]);
     mma_abt<HD, BF>(dp, da, vs[buf]);
-    const bool edge = j == qt || (j + 1) * TILE > T;
+    const bool edge = docs || j == qt || (j + 1) * TILE > T;
 #pragma unroll
     for (int n = 0; n < TILE / 8; n++)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         int i = e >> 1, row = q0 + g + 8 * i, key = j * TILE + n * 8 + 2 * c + (e & 1);
-        float p = (edge && (key > row || key >= T)) ? 0.f : exp2f(s[n][e] * sl2 - L[i]);
+        float p = (edge && (key > row || key >= T || key < sts[i])) ? 0.f : exp2f(s[n][e] * sl2 - L[i]);
         s[n][e] = p * (dp[n][e] - Dl[i]);
       }
     mma_pb<HD, BF>(dq, s, ks[buf]);
@@ -263,11 +276,12 @@ __device__ void attn_bwd_dq(const u16* qkv, const u16* dy, const float* lse, con
 // grid (ceil(t / 64), b·nkv), 128 threads, a warp owning 16 keys: dv = Pᵀ·dy, dk = scale · dSᵀ·q, summed
 // over the query heads that read this key/value head, in head order (so the sums repeat bit for bit).
 template <int HD, bool BF>
-__device__ void attn_bwd_dkv(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, int NKV, float scale) {
+__device__ void attn_bwd_dkv(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, const unsigned* starts, int docs, int T, int NH, int NKV, float scale) {
   constexpr int S = STAGES(HD);
   __shared__ __align__(16) u16 qs[S][TILE][HD + PAD];
   __shared__ __align__(16) u16 dys[S][TILE][HD + PAD];
   __shared__ float ls[S][TILE], dls[S][TILE];
+  __shared__ int sts[S][TILE];
   const int D = NH * HD; const long RS = (long)(NH + 2 * NKV) * HD; const int G = NH / NKV;
   const int kt = blockIdx.x, b = blockIdx.y / NKV, kvh = blockIdx.y % NKV;
   const int warp = threadIdx.x >> 5, g = (threadIdx.x & 31) >> 2, c = threadIdx.x & 3;
@@ -280,7 +294,12 @@ __device__ void attn_bwd_dkv(const u16* qkv, const u16* dy, const float* lse, co
   float dk[HD / 8][4], dv[HD / 8][4];
 #pragma unroll
   for (int n = 0; n < HD / 8; n++) { dk[n][0] = dk[n][1] = dk[n][2] = dk[n][3] = 0.f; dv[n][0] = dv[n][1] = dv[n][2] = dv[n][3] = 0.f; }
-  const int tiles = (T + TILE - 1) / TILE;
+  const unsigned* st = starts + (long)b * T;
+  int tiles = (T + TILE - 1) / TILE;
+  if (docs) {
+    const int last_key = min(kt * TILE + TILE - 1, T - 1);
+    for (int i = kt + 1; i < tiles; i++) if ((int)st[i * TILE] > last_key) { tiles = i; break; }
+  }
   for (int h = kvh * G; h < (kvh + 1) * G; h++) {
     const long bh = (long)b * NH + h;
     const u16* base = qkv + (long)b * T * RS + h * HD;
@@ -291,6 +310,7 @@ __device__ void attn_bwd_dkv(const u16* qkv, const u16* dy, const float* lse, co
       for (int r = threadIdx.x; r < TILE; r += blockDim.x) {
         int row = i * TILE + r;
         ls[buf][r] = row < T ? lse[bh * T + row] * l2e : 0.f; dls[buf][r] = row < T ? delta[bh * T + row] : 0.f;
+        sts[buf][r] = docs && row < T ? (int)st[row] : 0;
       }
     };
     issue(kt, 0);
@@ -301,13 +321,13 @@ __device__ void attn_bwd_dkv(const u16* qkv, const u16* dy, const float* lse, co
       float p[TILE / 8][4], dp[TILE / 8][4];
       mma_abt<HD, BF>(p, ka, qs[buf]);
       mma_abt<HD, BF>(dp, va, dys[buf]);
-      const bool edge = i == kt || (i + 1) * TILE > T;
+      const bool edge = docs || i == kt || (i + 1) * TILE > T;
 #pragma unroll
       for (int n = 0; n < TILE / 8; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
           int key = k0 + g + (e >> 1) * 8, qc = n * 8 + 2 * c + (e & 1), row = i * TILE + qc;
-          float pv = (edge && (row < key || row >= T)) ? 0.f : exp2f(p[n][e] * sl2 - ls[buf][qc]);
+          float pv = (edge && (row < key || row >= T || key < sts[buf][qc])) ? 0.f : exp2f(p[n][e] * sl2 - ls[buf][qc]);
           p[n][e] = pv;
           dp[n][e] = pv * (dp[n][e] - dls[buf][qc]);
         }
@@ -323,14 +343,14 @@ __device__ void attn_bwd_dkv(const u16* qkv, const u16* dy, const float* lse, co
 }
 
 #define ATTN_KERNELS(HD, NAME, BF) \
-extern "C" __global__ void __launch_bounds__(128) attn_fwd_##NAME##_##HD(const u16* qkv, u16* y, float* lse, int T, int NH, int NKV, float scale) { \
-  attn_fwd<HD, BF>(qkv, y, lse, T, NH, NKV, scale); } \
+extern "C" __global__ void __launch_bounds__(128) attn_fwd_##NAME##_##HD(const u16* qkv, u16* y, float* lse, const unsigned* starts, int docs, int T, int NH, int NKV, float scale) { \
+  attn_fwd<HD, BF>(qkv, y, lse, starts, docs, T, NH, NKV, scale); } \
 extern "C" __global__ void attn_delta_##NAME##_##HD(const u16* y, const u16* dy, float* delta, int T, int NH, long rows) { \
   attn_delta<HD, BF>(y, dy, delta, T, NH, rows); } \
-extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_##NAME##_##HD(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, int NKV, float scale) { \
-  attn_bwd_dq<HD, BF>(qkv, dy, lse, delta, dqkv, T, NH, NKV, scale); } \
-extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkv_##NAME##_##HD(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, int T, int NH, int NKV, float scale) { \
-  attn_bwd_dkv<HD, BF>(qkv, dy, lse, delta, dqkv, T, NH, NKV, scale); }
+extern "C" __global__ void __launch_bounds__(128) attn_bwd_dq_##NAME##_##HD(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, const unsigned* starts, int docs, int T, int NH, int NKV, float scale) { \
+  attn_bwd_dq<HD, BF>(qkv, dy, lse, delta, dqkv, starts, docs, T, NH, NKV, scale); } \
+extern "C" __global__ void __launch_bounds__(128) attn_bwd_dkv_##NAME##_##HD(const u16* qkv, const u16* dy, const float* lse, const float* delta, u16* dqkv, const unsigned* starts, int docs, int T, int NH, int NKV, float scale) { \
+  attn_bwd_dkv<HD, BF>(qkv, dy, lse, delta, dqkv, starts, docs, T, NH, NKV, scale); }
 ATTN_KERNELS(32, bf16, true)
 ATTN_KERNELS(64, bf16, true)
 ATTN_KERNELS(128, bf16, true)

@@ -9,7 +9,12 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 /// Mean cross-entropy of `logits` `[n, vocab]` against `targets` `[n]` (u32), as an f32 scalar (f64
 /// for f64 logits).
 pub fn fused_cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropyRows)?.mean_all()
+    cross_entropy_rows_autograd(logits, targets)?.mean_all()
+}
+
+/// Per-row losses `[n]` with autograd (for the composed forward and its masked mean).
+pub fn cross_entropy_rows_autograd(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropyRows)
 }
 
 /// Per-row losses `[n]` without autograd (f32; f64 for f64 logits), for hand-written backward passes.

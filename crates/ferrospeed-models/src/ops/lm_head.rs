@@ -2,6 +2,10 @@
 //! vocabulary matrix (`[vocab, d]`, the head's own or the tied embedding), the per-row cross-entropy
 //! and its mean, and the backward of all three (the logits are the largest tensor of a step: one pass
 //! each way), plus the token-embedding gradient that block 0 of both families computes.
+//!
+//! With a loss mask (a batch's `loss_mask`, 1 for targets that count: an assistant's reply, not the
+//! prompt or padding) the loss is the mean over the counted targets of the micro-batch; every other row
+//! has weight exactly 0, in the loss and in the gradient.
 
 use super::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward};
 use super::fused::embedding_grad;
@@ -14,21 +18,36 @@ pub struct HeadLoss {
     logits: Tensor,
     targets: Tensor,
     rows: Tensor,
+    /// Each row's weight in the loss, with a loss mask.
+    weights: Option<Tensor>,
 }
 
-/// The mean cross-entropy of `h` `[n, d]` · `w`ᵀ against `targets` (`n` ids), and what its backward needs.
-pub fn head_loss(h: Tensor, w: &Tensor, targets: Tensor) -> Result<(Tensor, HeadLoss)> {
+/// The loss of per-row losses `rows` `[n]`: their mean, or with `mask` `[n]` (1 or 0) the mean over the
+/// masked-in rows (0 when there is none), and the rows' weights in it.
+pub fn reduce_rows(rows: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
+    let Some(mask) = mask else { return Ok((rows.mean_all()?, None)) };
+    let mask = mask.to_dtype(rows.dtype())?;
+    let weights = mask.broadcast_div(&mask.sum_all()?.maximum(1.0)?)?;
+    Ok(((rows * &weights)?.sum_all()?, Some(weights)))
+}
+
+/// The mean cross-entropy of `h` `[n, d]` · `w`ᵀ against `targets` (`n` ids), over the rows `mask`
+/// keeps if there is one, and what its backward needs.
+pub fn head_loss(h: Tensor, w: &Tensor, targets: Tensor, mask: Option<Tensor>) -> Result<(Tensor, HeadLoss)> {
     let logits = scoped(Kind::Matmul, || h.matmul(&w.t()?))?;
     let rows = scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets))?;
-    let loss = scoped_as(Kind::Elementwise, "cross_entropy", || rows.mean_all())?;
-    Ok((loss, HeadLoss { h, logits, targets, rows }))
+    let (loss, weights) = scoped_as(Kind::Elementwise, "cross_entropy", || reduce_rows(&rows, mask.as_ref()))?;
+    Ok((loss, HeadLoss { h, logits, targets, rows, weights }))
 }
 
 /// Gradients `(d_w, d_h)` of `scale` × the loss of [`head_loss`].
 pub fn head_backward(s: HeadLoss, w: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
     let n = s.targets.elem_count();
-    // The loss is the mean over rows: each row's loss has weight scale / n.
-    let row_grads = s.rows.ones_like()?.affine(scale / n as f64, 0.0)?;
+    // The loss is the mean over rows: each row's loss has weight scale / n (or its masked weight).
+    let row_grads = match &s.weights {
+        None => s.rows.ones_like()?.affine(scale / n as f64, 0.0)?,
+        Some(w) => w.affine(scale, 0.0)?,
+    };
     let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || cross_entropy_rows_backward(&s.logits, &s.targets, &row_grads))?;
     drop(s.logits);
     let d_w = scoped(Kind::Matmul, || d_logits.t()?.matmul(&s.h))?;

@@ -9,6 +9,7 @@ mod attention_cuda;
 pub(crate) mod causal_softmax;
 pub mod composed;
 pub(crate) mod cross_entropy;
+pub mod docs;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 pub mod fused;

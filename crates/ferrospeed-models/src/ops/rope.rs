@@ -82,12 +82,19 @@ pub fn rope_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor, t: usize, nh: usize, n
 }
 
 /// RoPE composed of candle ops on heads `x` `[b, h, t, hd]` (differentiable by autograd):
-/// `x · cos + rotate_half(x) · sin` with the tables' dtype cast to `x`'s.
+/// `x · cos + rotate_half(x) · sin` with the tables' dtype cast to `x`'s. The tables are `[T ≥ t, hd/2]`
+/// (positions `0..t`) or `[b·t, hd/2]` (each token's own position, a packed batch).
 pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (_, _, t, hd) = x.dims4()?;
+    let (b, _, t, hd) = x.dims4()?;
     let half = hd / 2;
-    let cos = Tensor::cat(&[cos.narrow(0, 0, t)?, cos.narrow(0, 0, t)?], 1)?.to_dtype(x.dtype())?;
-    let sin = Tensor::cat(&[sin.narrow(0, 0, t)?, sin.narrow(0, 0, t)?], 1)?.to_dtype(x.dtype())?;
+    let full = |c: &Tensor| -> Result<Tensor> {
+        if c.dim(0)? == b * t && b > 1 {
+            Tensor::cat(&[c, c], 1)?.reshape((b, 1, t, hd))?.to_dtype(x.dtype())
+        } else {
+            Tensor::cat(&[c.narrow(0, 0, t)?, c.narrow(0, 0, t)?], 1)?.to_dtype(x.dtype())
+        }
+    };
+    let (cos, sin) = (full(cos)?, full(sin)?);
     let rotated = Tensor::cat(&[x.narrow(3, half, half)?.neg()?, x.narrow(3, 0, half)?], 3)?;
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }

@@ -4,6 +4,7 @@ mod durable;
 mod error;
 mod export;
 mod format;
+pub mod gguf;
 mod load;
 mod safetensors_io;
 mod save;

@@ -2,7 +2,8 @@
 //! `model.safetensors` or a sharded `model.safetensors.index.json` (its `weight_map` names the shard of
 //! every tensor). Tensors are read by element ranges, converted from F32, BF16 or F16 to f32 on the
 //! way, so a rank reads only the bytes its own window needs and never holds a whole tensor it does not
-//! own (`load_consolidated`).
+//! own (`load_consolidated`). A `.gguf` file (llama.cpp) is read through [`super::gguf`]: dequantised
+//! a tensor at a time, under transformers' names.
 
 use super::error::CheckpointError;
 use super::safetensors_io::{read_header, Header, TensorInfo};
@@ -72,6 +73,7 @@ pub struct WeightFiles {
     paths: Vec<PathBuf>,
     files: Vec<File>,
     tensors: BTreeMap<String, WeightInfo>,
+    gguf: Option<super::gguf::GgufWeights>,
 }
 
 #[derive(serde::Deserialize)]
@@ -83,6 +85,11 @@ impl WeightFiles {
     /// Open a `.safetensors` file, or a directory with `model.safetensors` or `model.safetensors.index.json`.
     /// Every shard the index names must exist; headers are checked against the file sizes.
     pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        if path.extension().is_some_and(|e| e == "gguf") && path.is_file() {
+            let g = super::gguf::GgufWeights::open(path)?;
+            let tensors = g.tensors.iter().map(|(n, m)| (n.clone(), WeightInfo { file: 0, dtype: WeightDtype::F32, shape: m.shape.clone(), data_start: 0 })).collect();
+            return Ok(Self { paths: vec![path.to_path_buf()], files: Vec::new(), tensors, gguf: Some(g) });
+        }
         if !path.is_dir() {
             return Self::from_files(vec![path.to_path_buf()], None);
         }
@@ -136,7 +143,7 @@ impl WeightFiles {
                 }
             }
         }
-        Ok(Self { paths, files, tensors })
+        Ok(Self { paths, files, tensors, gguf: None })
     }
 
     /// The tensor `name`, if present.
@@ -156,6 +163,10 @@ impl WeightFiles {
         let numel: usize = info.shape.iter().product();
         if range.end > numel || out.len() != range.len() {
             return Err(CheckpointError::corrupt(path, &format!("tensor {name} has {numel} elements, elements {range:?} requested")));
+        }
+        if let Some(g) = self.gguf.as_mut() {
+            out.copy_from_slice(&g.tensor(name)?[range]);
+            return Ok(());
         }
         let size = info.dtype.size();
         let file = &mut self.files[info.file];

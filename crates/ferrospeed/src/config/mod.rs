@@ -92,8 +92,12 @@ impl ModelConfig {
 /// `[data]`: where the training text lives.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DataConfig {
-    /// A text file or a directory of text files; relative paths are relative to the working directory.
+    /// A text file, a directory of text files, or a directory written by `ferrospeed data prepare`;
+    /// relative paths are relative to the working directory.
     pub path: PathBuf,
+    /// Prepared data only: pack documents into `seq_len` windows (positions restart and attention stays
+    /// inside each document) rather than one padded document per sample. Default true.
+    pub packing: bool,
 }
 
 

@@ -136,9 +136,13 @@ pub(crate) fn check_table(table: &toml::Table, source_name: &str, scope: super::
                 fix: format!("add a [{}] section with {}", section.name, keys.join(", ")),
             });
         }
-        // A model directory's config.json gives the shape: only seq_len (a training choice) stays required.
+        // A model directory's config.json (or a GGUF file's metadata) gives the shape: only seq_len (a
+        // training choice) stays required.
         let from_dir = section.name == "model"
-            && present.and_then(|t| t.get("init_from")).and_then(toml::Value::as_str).is_some_and(|p| std::path::Path::new(p).is_dir());
+            && present.and_then(|t| t.get("init_from")).and_then(toml::Value::as_str).is_some_and(|p| {
+                let p = std::path::Path::new(p);
+                p.is_dir() || p.extension().is_some_and(|e| e == "gguf")
+            });
         for spec in section.keys.iter().filter(|k| k.required && !(from_dir && k.name != "seq_len")) {
             if present.and_then(|t| t.get(spec.name)).is_none() {
                 let alternative = if section.name == "model" && spec.name != "seq_len" { ", or set model.init_from to a HuggingFace model directory" } else { "" };
@@ -268,7 +272,7 @@ pub(crate) fn build(table: &toml::Table) -> Config {
             tokenizer: v.path("model", "tokenizer"),
             init_from: v.path("model", "init_from"),
         },
-        data: DataConfig { path: v.str("data", "path").map(PathBuf::from).unwrap_or_default() },
+        data: DataConfig { path: v.str("data", "path").map(PathBuf::from).unwrap_or_default(), packing: v.bool("data", "packing").unwrap_or(true) },
         train: TrainConfig {
             steps: v.usize("train", "steps").unwrap_or(train_default.steps),
             global_batch: v.usize("train", "global_batch").unwrap_or(train_default.global_batch),

@@ -70,7 +70,7 @@ fn minimal_config_gets_defaults() {
             tokenizer: None,
             init_from: None,
         },
-        data: DataConfig { path: PathBuf::from(data_path()) },
+        data: DataConfig { path: PathBuf::from(data_path()), packing: true },
         train: TrainConfig {
             steps: 20,
             global_batch: 16,
@@ -191,7 +191,7 @@ tensorboard = false
             tokenizer: None,
             init_from: Some(weights.clone()),
         },
-        data: DataConfig { path: dir.path().to_path_buf() },
+        data: DataConfig { path: dir.path().to_path_buf(), packing: true },
         train: TrainConfig {
             steps: 100,
             global_batch: 32,

@@ -188,7 +188,7 @@ fn check_paths(config: &Config, scope: Scope) -> Result<(), ConfigError> {
                 "model.init_from",
                 quote_path(init),
                 "does not exist",
-                "point it at a safetensors file or a HuggingFace model directory, or remove the key to start from random weights",
+                "point it at a safetensors file, a HuggingFace model directory or a llama GGUF file, or remove the key to start from random weights",
             ));
         }
     }

@@ -1,0 +1,123 @@
+//! `ferrospeed generate --model CKPT_OR_DIR_OR_GGUF --prompt "…" [--chat]`: text from a Llama with a
+//! key/value cache, on the CPU or a GPU, greedy or top-p. A checkpoint is first exported (f32) to a
+//! temporary transformers directory, as `checkpoint export` would write it.
+
+use crate::checkpoint_cmd::{dir_files, export_names};
+use crate::usage::usage_error;
+use anyhow::Result;
+use clap::Args;
+use ferrospeed::checkpoint::{self, DirExport, WeightDtype, WeightFiles};
+use ferrospeed::device::DeviceChoice;
+use ferrospeed::rng::Rng;
+use ferrospeed_models::gguf::GgufFile;
+use ferrospeed_models::hf::{read_config, HfModel};
+use ferrospeed_models::llama::infer::{LlamaInfer, Sampler};
+use ferrospeed_models::prepared::{ChatTemplate, Message};
+use ferrospeed_models::{LlamaConfig, Tokenizer};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// A checkpoint (or checkpoint.dir), a transformers model directory, or a llama .gguf file
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    /// Render the prompt as a user message with the tokenizer's chat template
+    #[arg(long)]
+    pub chat: bool,
+    /// A system message (with --chat)
+    #[arg(long)]
+    pub system: Option<String>,
+    /// New tokens at most (generation stops at EOS)
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 is greedy
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this probability
+    #[arg(long, default_value_t = 0.9)]
+    pub top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// auto (a GPU when there is one), cpu or cuda
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// The model's shape, weights and tokenizer, from whichever source `path` is.
+fn open(path: &Path, max_len: usize, tmp: &tempfile::TempDir) -> Result<(LlamaConfig, WeightFiles, Tokenizer)> {
+    let bad = |e: String| usage_error(format!("--model {}: {e}", path.display()));
+    if path.extension().is_some_and(|e| e == "gguf") {
+        let g = GgufFile::open(path).map_err(|e| bad(e.reason))?;
+        let cfg = g.llama_config(max_len).map_err(|e| bad(e.reason))?;
+        let tok = g.tokenizer().map_err(|e| bad(e.reason))?;
+        return Ok((cfg, WeightFiles::open(path).map_err(|e| bad(e.to_string()))?, tok));
+    }
+    let dir = if path.join("config.json").is_file() {
+        path.to_path_buf()
+    } else {
+        let ckpt = checkpoint::resolve(path).map_err(|e| bad(format!("not a model directory, GGUF file or checkpoint ({e})")))?;
+        let meta = checkpoint::read_meta(&ckpt)?;
+        let names = export_names(&meta);
+        let out = tmp.path().join("model");
+        let opts = DirExport { name_of: &names, dtype: WeightDtype::F32, max_shard_bytes: u64::MAX, files: dir_files(&meta, "float32")? };
+        checkpoint::export_dir(&ckpt, &out, &opts)?;
+        out
+    };
+    let cfg = match read_config(&dir, max_len).map_err(|e| bad(e.to_string()))? {
+        HfModel::Llama(c) => c,
+        HfModel::Gpt(_) => return Err(bad("a GPT-2 model: generate runs Llama-family models (GPT runs print a sample at the end of train)".into())),
+    };
+    let tok_path = dir.join("tokenizer.json");
+    let tok = if tok_path.is_file() { Tokenizer::from_file(&tok_path).map_err(|e| bad(e.to_string()))? } else { Tokenizer::Bytes };
+    Ok((cfg, WeightFiles::open(&dir).map_err(|e| bad(e.to_string()))?, tok))
+}
+
+pub fn run(args: GenerateArgs) -> Result<ExitCode> {
+    let choice = DeviceChoice::from_name(&args.device).ok_or_else(|| usage_error(format!("--device {} is not one of auto, cpu, cuda", args.device)))?;
+    let device = ferrospeed::device::select(choice, 0).map_err(usage_error)?;
+    let tmp = tempfile::tempdir()?;
+    // Positions the rotary tables cover: the prompt can be long; the model's own limit is checked.
+    let max_len = 4096.max(args.max_tokens + 1024);
+    let (cfg, mut files, tok) = open(&args.model, max_len, &tmp)?;
+    let t0 = Instant::now();
+    let model = LlamaInfer::load(cfg, &mut files, &device, max_len).map_err(|e| usage_error(format!("--model {}: {e}", args.model.display())))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let text = if args.chat {
+        let s = tok.specials();
+        let template = s.chat_template.as_deref().ok_or_else(|| usage_error(format!("--chat: the tokenizer of {} has no chat template", args.model.display())))?;
+        let t = ChatTemplate::new(template, s.bos.as_deref().unwrap_or(""), s.eos.as_ref().map_or("", |e| e.0.as_str())).map_err(usage_error)?;
+        let mut messages = Vec::new();
+        if let Some(sys) = &args.system {
+            messages.push(Message { role: "system".into(), content: sys.clone() });
+        }
+        messages.push(Message { role: "user".into(), content: args.prompt.clone() });
+        t.render(&messages, true).map_err(|e| usage_error(format!("the chat template failed: {e}")))?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tok.encode(&text)?;
+    if prompt.is_empty() {
+        return Err(usage_error("--prompt is empty"));
+    }
+    let mut sampler = Sampler { temperature: args.temperature, top_p: args.top_p, rng: Rng::derive(args.seed, "generate") };
+    let t1 = Instant::now();
+    let (out, prefill) = model.generate(&prompt, args.max_tokens, tok.eos_id(), &mut sampler)?;
+    let secs = t1.elapsed().as_secs_f64();
+    println!("{}", tok.decode(&out)?);
+    let decode = (secs - prefill).max(1e-9);
+    eprintln!(
+        "generate: {} prompt tokens in {:.3} s, {} new tokens in {:.2} s ({:.1} tokens/s) on {:?}; weights loaded in {:.1} s",
+        prompt.len(),
+        prefill,
+        out.len(),
+        decode,
+        out.len().saturating_sub(1) as f64 / decode,
+        device.location(),
+        load_s
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,224 @@
+//! Inference for `generate`: a Llama's forward over new tokens with a key/value cache, composed of
+//! candle ops (CPU or GPU, f32), from weights under transformers' names (a model directory, a
+//! safetensors file, a GGUF file through the library's [`WeightFiles`]). Greedy or nucleus (top-p)
+//! sampling with a temperature, from the seed.
+//!
+//! Training's blocks recompute the whole sequence; here each new token attends to the cached keys and
+//! values of the earlier ones, so a token costs one pass over the weights, not a pass over the context.
+
+use super::LlamaConfig;
+use crate::ops::rms_norm::rms_norm;
+use crate::ops::rope::{inv_freq, rope_composed, tables};
+use candle_core::{DType, Device, Result, Tensor, D};
+use ferrospeed::checkpoint::WeightFiles;
+use ferrospeed::rng::Rng;
+
+struct LayerWeights {
+    input_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    bias: Option<(Tensor, Tensor, Tensor)>,
+    o: Tensor,
+    post_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A Llama ready to generate.
+pub struct LlamaInfer {
+    pub cfg: LlamaConfig,
+    embed: Tensor,
+    layers: Vec<LayerWeights>,
+    norm: Tensor,
+    head: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+/// The keys and values of every layer for the tokens seen so far (`[1, nkv, t, hd]` each).
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Tokens cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn load(files: &mut WeightFiles, name: &str, device: &Device) -> std::result::Result<Tensor, String> {
+    let info = files.info(name).ok_or_else(|| format!("the weights have no tensor {name}"))?;
+    let shape = info.shape.clone();
+    let mut out = vec![0f32; shape.iter().product()];
+    let n = out.len();
+    files.read_f32(name, 0..n, &mut out).map_err(|e| e.to_string())?;
+    Tensor::from_vec(out, shape, device).map_err(|e| e.to_string())
+}
+
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.broadcast_matmul(&w.t()?)
+}
+
+impl LlamaInfer {
+    /// The model `cfg` from `files` (transformers' names), on `device`, for contexts up to `max_len`.
+    pub fn load(cfg: LlamaConfig, files: &mut WeightFiles, device: &Device, max_len: usize) -> std::result::Result<Self, String> {
+        let get = |files: &mut WeightFiles, name: &str| load(files, name, device);
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for l in 0..cfg.n_layer {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            let bias = if cfg.attention_bias {
+                Some((get(files, &p("self_attn.q_proj.bias"))?, get(files, &p("self_attn.k_proj.bias"))?, get(files, &p("self_attn.v_proj.bias"))?))
+            } else {
+                None
+            };
+            layers.push(LayerWeights {
+                input_norm: get(files, &p("input_layernorm.weight"))?,
+                q: get(files, &p("self_attn.q_proj.weight"))?,
+                k: get(files, &p("self_attn.k_proj.weight"))?,
+                v: get(files, &p("self_attn.v_proj.weight"))?,
+                bias,
+                o: get(files, &p("self_attn.o_proj.weight"))?,
+                post_norm: get(files, &p("post_attention_layernorm.weight"))?,
+                gate: get(files, &p("mlp.gate_proj.weight"))?,
+                up: get(files, &p("mlp.up_proj.weight"))?,
+                down: get(files, &p("mlp.down_proj.weight"))?,
+            });
+        }
+        let embed = get(files, "model.embed_tokens.weight")?;
+        let head = if cfg.tie_word_embeddings { embed.clone() } else { get(files, "lm_head.weight")? };
+        let norm = get(files, "model.norm.weight")?;
+        let (cos, sin) = tables(&inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), max_len, device).map_err(|e| e.to_string())?;
+        Ok(Self { cfg, embed, layers, norm, head, cos, sin, device: device.clone() })
+    }
+
+    /// Logits `[s, vocab]` (f32) of the new `tokens` after the cached ones; the cache grows by them.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (s, p0) = (tokens.len(), cache.len);
+        if p0 + s > self.cos.dim(0)? {
+            candle_core::bail!("generate: {} tokens exceed the context of {}", p0 + s, self.cos.dim(0)?)
+        }
+        if cache.layers.is_empty() {
+            cache.layers = vec![None; c.n_layer];
+        }
+        let (nh, nkv, hd) = (c.n_head, c.n_kv_head, c.head_dim);
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?; // [1, s, d]
+        let (cos, sin) = (self.cos.narrow(0, p0, s)?, self.sin.narrow(0, p0, s)?);
+        // Query i (position p0 + i) sees keys 0 ..= p0 + i.
+        let mask = if s > 1 {
+            let m: Vec<f32> = (0..s).flat_map(|i| (0..p0 + s).map(move |j| if j > p0 + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+            Some(Tensor::from_vec(m, (1, 1, s, p0 + s), &self.device)?)
+        } else {
+            None
+        };
+        for (l, w) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &w.input_norm, c.rms_norm_eps)?;
+            let proj = |wt: &Tensor, b: Option<&Tensor>, n: usize| -> Result<Tensor> {
+                let y = linear(&h, wt)?;
+                let y = match b {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                y.reshape((1, s, n, hd))?.transpose(1, 2)?.contiguous()
+            };
+            let b = w.bias.as_ref();
+            let q = rope_composed(&proj(&w.q, b.map(|b| &b.0), nh)?, &cos, &sin)?;
+            let k = rope_composed(&proj(&w.k, b.map(|b| &b.1), nkv)?, &cos, &sin)?;
+            let v = proj(&w.v, b.map(|b| &b.2), nkv)?;
+            let (k, v) = match cache.layers[l].take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            };
+            cache.layers[l] = Some((k.clone(), v.clone()));
+            let t = p0 + s;
+            // Grouped query heads: [1, nkv, g·s, hd] against [1, nkv, t, hd].
+            let g = nh / nkv;
+            let qg = q.reshape((1, nkv, g * s, hd))?;
+            let mut scores = (qg.matmul(&k.t()?)? / (hd as f64).sqrt())?.reshape((1, nh, s, t))?;
+            if let Some(m) = &mask {
+                scores = scores.broadcast_add(m)?;
+            }
+            let max = scores.max_keepdim(D::Minus1)?;
+            let e = scores.broadcast_sub(&max)?.exp()?;
+            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+            let y = p.reshape((1, nkv, g * s, t))?.matmul(&v)?.reshape((1, nh, s, hd))?;
+            let y = y.transpose(1, 2)?.contiguous()?.reshape((1, s, nh * hd))?;
+            x = (x + linear(&y, &w.o)?)?;
+            let h2 = rms_norm(&x, &w.post_norm, c.rms_norm_eps)?;
+            let act = (linear(&h2, &w.gate)?.silu()? * linear(&h2, &w.up)?)?;
+            x = (x + linear(&act, &w.down)?)?;
+        }
+        cache.len += s;
+        let h = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        linear(&h, &self.head)?.squeeze(0)?.to_dtype(DType::F32)
+    }
+
+    /// Continue `prompt` by up to `max_new` tokens (stopping after `stop`), sampling with `sampler`.
+    /// Returns the new tokens and the seconds spent on the prompt (prefill).
+    pub fn generate(&self, prompt: &[u32], max_new: usize, stop: Option<u32>, sampler: &mut Sampler) -> Result<(Vec<u32>, f64)> {
+        let mut cache = KvCache::default();
+        let t0 = std::time::Instant::now();
+        let logits = self.forward(prompt, &mut cache)?;
+        let mut last: Vec<f32> = logits.get(prompt.len() - 1)?.to_vec1()?;
+        let prefill = t0.elapsed().as_secs_f64();
+        let mut out = Vec::new();
+        for _ in 0..max_new {
+            let next = sampler.sample(&last);
+            out.push(next);
+            if Some(next) == stop || cache.len() + 1 > self.cos.dim(0)? {
+                break;
+            }
+            last = self.forward(&[next], &mut cache)?.get(0)?.to_vec1()?;
+        }
+        Ok((out, prefill))
+    }
+}
+
+/// Greedy (`temperature = 0`) or nucleus sampling: the smallest set of most likely tokens whose
+/// probabilities reach `top_p`, drawn from with the temperature.
+pub struct Sampler {
+    pub temperature: f64,
+    pub top_p: f64,
+    pub rng: Rng,
+}
+
+impl Sampler {
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let argmax = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+        if self.temperature <= 0.0 {
+            return argmax as u32;
+        }
+        let max = logits[argmax] as f64;
+        let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &l)| (i, ((l as f64 - max) / self.temperature).exp())).collect();
+        let total: f64 = probs.iter().map(|p| p.1).sum();
+        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut kept = 0.0;
+        let mut n = 0;
+        for p in &probs {
+            kept += p.1 / total;
+            n += 1;
+            if kept >= self.top_p {
+                break;
+            }
+        }
+        let mut r = self.rng.next_f64() * probs[..n].iter().map(|p| p.1).sum::<f64>();
+        for p in &probs[..n] {
+            r -= p.1;
+            if r <= 0.0 {
+                return p.0 as u32;
+            }
+        }
+        probs[0].0 as u32
+    }
+}
