@@ -156,12 +156,23 @@ fn llama_blocks_forward_and_backward_match_the_cpu() {
     blocks_match_the_cpu(&dev, "llama", &ferrospeed_models::Llama::new(cfg).model().unwrap(), 256);
     let tied = ferrospeed_models::LlamaConfig { tie_word_embeddings: true, attention_bias: true, ..ferrospeed_models::LlamaConfig::tiny(1, 256, 4, 2, 300, 96) };
     blocks_match_the_cpu(&dev, "llama tied, biased", &ferrospeed_models::Llama::new(tied).model().unwrap(), 256);
+    // A packed batch: positions restart at every document, attention stays inside it, a loss mask.
+    blocks_match_the_cpu_packed(&dev, "llama packed", &ferrospeed_models::Llama::new(cfg).model().unwrap(), 256, true);
 }
 
 /// Every block of `model` (width `d`, sequences of 96, vocabulary 300): forward and hand-written
 /// backward on `dev` against the CPU, f32 and bf16.
 fn blocks_match_the_cpu(dev: &Device, family: &str, model: &ferrospeed::engine::Model, d: usize) {
+    blocks_match_the_cpu_packed(dev, family, model, d, false)
+}
+
+fn blocks_match_the_cpu_packed(dev: &Device, family: &str, model: &ferrospeed::engine::Model, d: usize, packed: bool) {
+    use ferrospeed_models::ops::docs::{LOSS_MASK, POSITIONS};
     let dev = dev.clone();
+    // Documents of 10, 40, 30 and 16 tokens in row 0, 50 and 46 in row 1; every third target masked out.
+    let pos: Vec<u32> = [10usize, 40, 30, 16, 50, 46].iter().flat_map(|&n| 0..n as u32).collect();
+    let positions = Tensor::from_vec(pos, (2, 96), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec((0..192).map(|i| if i % 3 == 0 { 0f32 } else { 1.0 }).collect::<Vec<_>>(), (2, 96), &Device::Cpu).unwrap();
     // Repeated tokens, so that the embedding gradient adds rows.
     let (tokens, targets) = (random_ids(&[2, 96], 31, 300), random_ids(&[2, 96], 32, 300));
     for dtype in [DType::F32, DType::BF16] {
@@ -181,12 +192,15 @@ fn blocks_match_the_cpu(dev: &Device, family: &str, model: &ferrospeed::engine::
             let g = randn(&[2, 96, d], 99, 1.0);
             let last = i + 1 == model.num_blocks();
             let mut inputs = params.clone();
-            inputs.extend([tokens.clone(), targets.clone(), g]);
+            inputs.extend([tokens.clone(), targets.clone(), g, positions.clone(), mask.clone()]);
             inputs.extend(x);
             let np = params.len();
             let run = |t: &[Tensor]| {
-                let batch = Batch::tokens(t[np].clone(), t[np + 1].clone());
-                let x: Vec<Tensor> = t.get(np + 3).into_iter().cloned().collect();
+                let mut batch = Batch::tokens(t[np].clone(), t[np + 1].clone());
+                if packed {
+                    batch = batch.with(POSITIONS, t[np + 3].clone()).with(LOSS_MASK, t[np + 4].clone());
+                }
+                let x: Vec<Tensor> = t.get(np + 5).into_iter().cloned().collect();
                 let (y, saved) = block.forward_saving(&t[..np], &x, &batch).unwrap().unwrap();
                 let g = [Some(t[np + 2].clone())];
                 let up = if last { Upstream::Loss(1.0) } else { Upstream::Grads(&g) };
@@ -225,24 +239,44 @@ fn fused_attention_matches_the_cpu_reference_and_repeats_bitwise() {
     let Some(dev) = gpu_or_skip("fused_attention_matches_the_cpu_reference_and_repeats_bitwise") else { return };
     // Sequence lengths on and off the 64-row tile, every head dimension the kernels have, and grouped
     // key/value heads (Llama's GQA: 4 query heads per key/value head, and 8 → 1).
-    for (b, t, nh, nkv, hd) in [(2, 200, 3, 3, 64), (1, 64, 2, 2, 32), (1, 130, 2, 2, 128), (2, 1024, 2, 2, 64), (2, 200, 8, 2, 64), (1, 130, 8, 1, 128)] {
+    // Packed rows too: documents of 1 to 150 tokens whose starts fall inside and across tiles.
+    let cases = [(2, 200, 3, 3, 64, false), (1, 64, 2, 2, 32, false), (1, 130, 2, 2, 128, false), (2, 1024, 2, 2, 64, false), (2, 200, 8, 2, 64, false), (1, 130, 8, 1, 128, false)];
+    let packed = [(2, 200, 3, 3, 64, true), (1, 130, 8, 1, 128, true), (2, 1024, 8, 2, 64, true), (1, 64, 2, 2, 32, true)];
+    for (b, t, nh, nkv, hd, docs) in cases.into_iter().chain(packed) {
+        let starts: Option<Vec<u32>> = docs.then(|| {
+            let lens = [17usize, 64, 1, 100, 3, 150, 70, 5];
+            let mut v = Vec::new();
+            for row in 0..b {
+                let (mut i, mut k) = (0, row);
+                while i < t {
+                    let n = lens[k % lens.len()].min(t - i);
+                    v.extend(std::iter::repeat_n(i as u32, n));
+                    i += n;
+                    k += 1;
+                }
+            }
+            v
+        });
+        let cpu_starts = starts.as_ref().map(|s| Tensor::new(s.as_slice(), &Device::Cpu).unwrap());
+        let gpu_starts = cpu_starts.as_ref().map(|s| s.to_device(&dev).unwrap());
+        let (cs, gs) = (cpu_starts.as_ref(), gpu_starts.as_ref());
         for dtype in [DType::BF16, DType::F16] {
             let round = |x: Tensor| x.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
             let qkv = round(randn(&[b * t, (nh + 2 * nkv) * hd], 1, 1.0));
             let dy = round(randn(&[b * t, nh * hd], 2, 1.0));
             let (gq, gdy) = (qkv.to_dtype(dtype).unwrap().to_device(&dev).unwrap(), dy.to_dtype(dtype).unwrap().to_device(&dev).unwrap());
             assert!(fused_attention_available(&gq, hd), "the kernels must run for {dtype:?}, hd {hd}");
-            let got = attention_forward(&gq, b, t, nh, nkv).unwrap();
-            let dq = attention_backward(&gq, &got.y, &got.lse, &gdy, b, t, nh, nkv).unwrap();
+            let got = attention_forward(&gq, b, t, nh, nkv, gs).unwrap();
+            let dq = attention_backward(&gq, &got.y, &got.lse, &gdy, b, t, nh, nkv, gs).unwrap();
             // The reference on the GPU's (rounded) output, so that both backwards see the same y.
-            let want = attention_forward(&qkv, b, t, nh, nkv).unwrap();
+            let want = attention_forward(&qkv, b, t, nh, nkv, cs).unwrap();
             let y_gpu = got.y.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-            let want_dq = attention_backward(&qkv, &y_gpu, &want.lse, &dy, b, t, nh, nkv).unwrap();
+            let want_dq = attention_backward(&qkv, &y_gpu, &want.lse, &dy, b, t, nh, nkv, cs).unwrap();
             let errs = [rel(&got.y, &want.y), rel(&got.lse, &want.lse), rel(&dq, &want_dq)];
             // Measured over the shapes: y and dqkv BF16 ≤ 2.9e-3, F16 ≤ 3.7e-4; lse ≤ 1.7e-7 (f32).
             let tols = if dtype == DType::BF16 { [1e-2, 1e-6, 1e-2] } else { [2e-3, 1e-6, 2e-3] };
-            assert_within(&format!("fused attention b{b} t{t} nh{nh} nkv{nkv} hd{hd} {dtype:?}"), &errs, &tols);
-            let again = attention_backward(&gq, &got.y, &got.lse, &gdy, b, t, nh, nkv).unwrap();
+            assert_within(&format!("fused attention b{b} t{t} nh{nh} nkv{nkv} hd{hd} packed {docs} {dtype:?}"), &errs, &tols);
+            let again = attention_backward(&gq, &got.y, &got.lse, &gdy, b, t, nh, nkv, gs).unwrap();
             assert_eq!(rel(&again, &dq), 0.0, "the backward is not repeatable");
         }
     }
