@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 15 on one GPU, in two device calls (the 94 MiB GGUF file does not fit in one call's 64 MiB):
 #   PART=1 (carry .carry and .xfer/a.gguf, the file's first 36 MiB, which hold all its metadata):
-#     the GPU kernel tests (packed attention, packed Llama blocks), GPT-2 124M and Llama-1B steps (no
-#     regression from the document-aware kernels), and `data prepare` throughput on 16 cores: the
-#     shipped corpora and a 1 GB synthetic one, with SmolLM2's tokenizer.
+#     the GPU kernel tests (packed attention, packed Llama blocks) and `data prepare` throughput on 16
+#     cores: the shipped corpora and a 1 GB synthetic one, with SmolLM2's tokenizer.
 #   PART=2 (carry .xfer/b, the rest; the machine still warm): SmolLM2-135M-Instruct fine-tuned on
 #     examples/data/captain_chat.jsonl, `generate --chat` before and after, tok/s of both, and the
-#     export loaded back by transformers.
+#     export loaded back by transformers; then GPT-2 124M and Llama-1B steps (no regression from the
+#     document-aware kernels).
 # bench/split_gguf.sh writes .xfer/ from .models/ (scripts/fetch-smollm2.sh).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT" /tmp/bin
@@ -43,8 +43,6 @@ PY
     timeout 150 $BIN data prepare $src --tokenizer $T --out /tmp/prep-$(basename $src) 2>&1 | tee -a "$OUT/prepare.txt"
     $BIN data prepare $src --tokenizer $T --out /tmp/prep-$(basename $src) 2>&1 | tee -a "$OUT/prepare.txt"
   done
-  timeout 120 $BIN bench-train --model gpt2-124m --micro-batch 16 --precision bf16 --device cuda --steps 8 --warmup 3 --stage 0 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"
-  timeout 200 $BIN bench-train --model llama-1b --micro-batch 4 --stage 0 --precision bf16 --device cuda --seq-len 2048 --steps 6 --warmup 2 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"
 else
   source .carry/device-env.sh
   [ -x $BIN ] && [ -f /tmp/a.gguf ] || { echo "PART=2 needs the warm machine of PART=1"; exit 3; }
@@ -80,4 +78,6 @@ ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="
 out = model.generate(ids, max_new_tokens=60, do_sample=False)
 print("transformers on the export:", repr(tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)))
 PY
+  timeout 120 $BIN bench-train --model gpt2-124m --micro-batch 16 --precision bf16 --device cuda --steps 8 --warmup 3 --stage 0 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"
+  timeout 200 $BIN bench-train --model llama-1b --micro-batch 4 --stage 0 --precision bf16 --device cuda --seq-len 2048 --steps 6 --warmup 2 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"
 fi
