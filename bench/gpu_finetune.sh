@@ -61,7 +61,7 @@ else
     tail -1 "$OUT/generate.err" >> "$OUT/generate.md"
   }
   ask $G before
-  timeout 300 $BIN train --config examples/smollm2-chat.toml --set device=cuda --set train.precision=bf16 2>&1 | tee -a "$OUT/finetune.txt"
+  timeout 300 $BIN train --config examples/smollm2-chat.toml --set train.device=cuda --set train.precision=bf16 2>&1 | tee -a "$OUT/finetune.txt"
   cp runs/*/metrics.jsonl "$OUT/metrics.jsonl" 2>/dev/null
   ask runs/checkpoints/smollm2-chat after
   $BIN generate --model runs/checkpoints/smollm2-chat --chat --prompt "How do I boil an egg?" --max-tokens 40 --device cpu >> "$OUT/generate.md" 2>>"$OUT/generate.err"
@@ -71,13 +71,14 @@ else
   PYTHONUNBUFFERED=1 timeout 120 python3 - <<'PY' 2>&1 | tee -a "$OUT/finetune.txt"
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained("/tmp/exported")
+tok = AutoTokenizer.from_pretrained("/tmp/exported/")
 model = AutoModelForCausalLM.from_pretrained("/tmp/exported", dtype=torch.bfloat16).cuda()
 msgs = [{"role": "user", "content": "How do I boil an egg?"}]
 ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt").to("cuda")
 out = model.generate(ids, max_new_tokens=60, do_sample=False)
 print("transformers on the export:", repr(tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)))
 PY
+  [ "${BENCH:-1}" = 1 ] || exit 0
   timeout 120 $BIN bench-train --model gpt2-124m --micro-batch 16 --precision bf16 --device cuda --steps 8 --warmup 3 --stage 0 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"
   timeout 200 $BIN bench-train --model llama-1b --micro-batch 4 --stage 0 --precision bf16 --device cuda --seq-len 2048 --steps 6 --warmup 2 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"
 fi

@@ -1,5 +1,5 @@
-//! `ferrospeed generate --model CKPT_OR_DIR_OR_GGUF --prompt "…" [--chat]`: text from a Llama with a
-//! key/value cache, on the CPU or a GPU, greedy or top-p. A checkpoint is first exported (f32) to a
+//! `ferrospeed generate --model CKPT_OR_DIR_OR_GGUF --prompt "…" [--chat]`: text from a Llama or GPT-2
+//! with a key/value cache, on the CPU or a GPU, greedy or top-p. A checkpoint is first exported (f32) to a
 //! temporary transformers directory, as `checkpoint export` would write it.
 
 use crate::checkpoint_cmd::{dir_files, export_names};
@@ -11,9 +11,11 @@ use ferrospeed::device::DeviceChoice;
 use ferrospeed::rng::Rng;
 use ferrospeed_models::gguf::GgufFile;
 use ferrospeed_models::hf::{read_config, HfModel};
-use ferrospeed_models::llama::infer::{LlamaInfer, Sampler};
+use ferrospeed_models::gpt::infer::GptInfer;
+use ferrospeed_models::infer::{Generator, Sampler};
+use ferrospeed_models::llama::infer::LlamaInfer;
 use ferrospeed_models::prepared::{ChatTemplate, Message};
-use ferrospeed_models::{LlamaConfig, Tokenizer};
+use ferrospeed_models::Tokenizer;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -48,13 +50,13 @@ pub struct GenerateArgs {
 }
 
 /// The model's shape, weights and tokenizer, from whichever source `path` is.
-fn open(path: &Path, max_len: usize, tmp: &tempfile::TempDir) -> Result<(LlamaConfig, WeightFiles, Tokenizer)> {
+fn open(path: &Path, max_len: usize, tmp: &tempfile::TempDir) -> Result<(HfModel, WeightFiles, Tokenizer)> {
     let bad = |e: String| usage_error(format!("--model {}: {e}", path.display()));
     if path.extension().is_some_and(|e| e == "gguf") {
         let g = GgufFile::open(path).map_err(|e| bad(e.reason))?;
         let cfg = g.llama_config(max_len).map_err(|e| bad(e.reason))?;
         let tok = g.tokenizer().map_err(|e| bad(e.reason))?;
-        return Ok((cfg, WeightFiles::open(path).map_err(|e| bad(e.to_string()))?, tok));
+        return Ok((HfModel::Llama(cfg), WeightFiles::open(path).map_err(|e| bad(e.to_string()))?, tok));
     }
     let dir = if path.join("config.json").is_file() {
         path.to_path_buf()
@@ -67,10 +69,7 @@ fn open(path: &Path, max_len: usize, tmp: &tempfile::TempDir) -> Result<(LlamaCo
         checkpoint::export_dir(&ckpt, &out, &opts)?;
         out
     };
-    let cfg = match read_config(&dir, max_len).map_err(|e| bad(e.to_string()))? {
-        HfModel::Llama(c) => c,
-        HfModel::Gpt(_) => return Err(bad("a GPT-2 model: generate runs Llama-family models (GPT runs print a sample at the end of train)".into())),
-    };
+    let cfg = read_config(&dir, max_len).map_err(|e| bad(e.to_string()))?;
     let tok_path = dir.join("tokenizer.json");
     let tok = if tok_path.is_file() { Tokenizer::from_file(&tok_path).map_err(|e| bad(e.to_string()))? } else { Tokenizer::Bytes };
     Ok((cfg, WeightFiles::open(&dir).map_err(|e| bad(e.to_string()))?, tok))
@@ -84,7 +83,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let max_len = 4096.max(args.max_tokens + 1024);
     let (cfg, mut files, tok) = open(&args.model, max_len, &tmp)?;
     let t0 = Instant::now();
-    let model = LlamaInfer::load(cfg, &mut files, &device, max_len).map_err(|e| usage_error(format!("--model {}: {e}", args.model.display())))?;
+    let model: Box<dyn Generator> = match cfg {
+        HfModel::Llama(c) => Box::new(LlamaInfer::load(c, &mut files, &device, max_len).map_err(|e| usage_error(format!("--model {}: {e}", args.model.display())))?),
+        HfModel::Gpt(c) => Box::new(GptInfer::load(c, &mut files, &device).map_err(|e| usage_error(format!("--model {}: {e}", args.model.display())))?),
+    };
     let load_s = t0.elapsed().as_secs_f64();
     let text = if args.chat {
         let s = tok.specials();

@@ -84,6 +84,19 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             mb(r.stats.largest_block_bytes as u64)
         );
     }
+    // The data position is the step: resuming on other data would silently change what is trained on.
+    if let (Some(r), TrainData::Prepared(d)) = (acc.resumed(), &source) {
+        let saved = r.meta.run.get("data").and_then(|v| v.get("hash")).and_then(|h| h.as_str());
+        if saved.is_some_and(|h| h != d.index.hash) {
+            return Err(usage_error(format!(
+                "{} was saved while training on other data than data.path = {} (content hash {} there, {} now): point data.path at the data it was trained on, or start a new checkpoint.dir",
+                r.path.display(),
+                d.dir().display(),
+                &saved.unwrap_or_default()[..12.min(saved.unwrap_or_default().len())],
+                &d.index.hash[..12]
+            )));
+        }
+    }
     if let (Some(r), true) = (acc.resumed(), acc.is_main_process()) {
         println!(
             "resumed from {} at step {} (saved by {} rank(s) at ZeRO stage {})",

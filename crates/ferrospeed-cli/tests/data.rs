@@ -257,3 +257,42 @@ fn prepared_data_from_another_tokenizer_is_refused() {
     let f = refused(&config, &track, &sets, "another tokenizer");
     assert!(f.stderr.contains("prepared with another tokenizer") && f.stderr.contains("bytes"), "{}", f.stderr);
 }
+
+#[test]
+fn resuming_on_other_data_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = |name: &str, words: &str| {
+        let corpus: String = (0..30).map(|i| format!("line {i}: {words}\n")).collect();
+        let input = write(&dir.path().join(format!("{name}.txt")), &corpus);
+        let data = dir.path().join(name);
+        prepared(&[&input], &data, &[]);
+        data
+    };
+    let (a, b) = (make("a", "the quick brown fox"), make("b", "a lazy dog sleeps"));
+    let (config, sets) = data_config(dir.path(), GPT, &a, true);
+    let ck = dir.path().join("ck");
+    let with_ck = [sets, vec![format!("checkpoint.dir={}", ck.display()), "checkpoint.every=3".into(), "train.steps=3".into()]].concat();
+    train(1, &config, &dir.path().join("first"), &with_ck);
+    let mut other: Vec<String> = with_ck.iter().map(|s| if s.starts_with("data.path=") { format!("data.path={}", b.display()) } else { s.clone() }).collect();
+    other.extend(["checkpoint.resume=true".into(), "train.steps=6".into()]);
+    let mut cmd = ferrospeed();
+    cmd.args(["train", "--config"]).arg(&config).arg("--set").arg(format!("track.dir={}", dir.path().join("second").display()));
+    for s in &other {
+        cmd.args(["--set", s]);
+    }
+    let f = run(&mut cmd, Duration::from_secs(60));
+    one_line_exit_2(&f, "other data");
+    assert!(f.stderr.contains("other data than data.path"), "{}", f.stderr);
+}
+
+#[test]
+fn unsupported_gguf_files_are_refused_before_anything_is_written() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = write(&dir.path().join("corpus.txt"), "some text to train on, long enough for a window or two of it\n");
+    for (file, want) in [("bad_arch.gguf", "architecture \"falcon\""), ("bad_quant.gguf", "Q5_0")] {
+        let config = write_config(dir.path(), &format!("init_from = \"{}\"\nseq_len = 16", fixtures.join(file).display()), "steps = 1\nwarmup = 0\nglobal_batch = 2\nmicro_batch = 2");
+        let f = refused(&config, &dir.path().join(format!("track-{file}")), &[format!("data.path={}", corpus.display())], file);
+        assert!(f.stderr.contains(want) && f.stderr.contains(file), "{file}: {}", f.stderr);
+    }
+}

@@ -10,7 +10,7 @@
 use crate::tokenizer::{HfTokenizer, Specials, Tokenizer};
 use crate::LlamaConfig;
 use candle_core::quantized::gguf_file::{Content, Value};
-use ferrospeed::checkpoint::gguf::{meta_str, meta_usize, read_content};
+use ferrospeed::checkpoint::gguf::{check_types, meta_str, meta_usize, read_content};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
@@ -34,7 +34,12 @@ fn strings(v: Option<&Value>) -> Option<Vec<&str>> {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let content = read_content(path).map_err(|e| GgufError { path: path.to_path_buf(), reason: e.to_string() })?;
+        let err = |e: ferrospeed::checkpoint::CheckpointError| match e {
+            ferrospeed::checkpoint::CheckpointError::Unsupported { reason, .. } => GgufError { path: path.to_path_buf(), reason },
+            e => GgufError { path: path.to_path_buf(), reason: e.to_string() },
+        };
+        let content = read_content(path).map_err(err)?;
+        check_types(&content, path).map_err(err)?;
         Ok(Self { path: path.to_path_buf(), content })
     }
 

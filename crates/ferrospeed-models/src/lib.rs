@@ -8,6 +8,7 @@ pub mod family;
 pub mod gguf;
 pub mod gpt;
 pub mod hf;
+pub mod infer;
 pub mod llama;
 pub mod ops;
 pub mod prepared;

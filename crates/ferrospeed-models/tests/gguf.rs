@@ -10,7 +10,8 @@
 use candle_core::Device;
 use ferrospeed::checkpoint::WeightFiles;
 use ferrospeed_models::gguf::GgufFile;
-use ferrospeed_models::llama::infer::{KvCache, LlamaInfer};
+use ferrospeed_models::infer::{Generator, KvCache};
+use ferrospeed_models::llama::infer::LlamaInfer;
 use ferrospeed_models::prepared::{ChatTemplate, Message};
 use std::path::{Path, PathBuf};
 
@@ -157,10 +158,19 @@ fn unsupported_gguf_files_are_refused_in_one_line() {
 
 #[test]
 fn the_kv_cache_gives_the_logits_of_a_full_forward() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/gqa_untied");
-    let ferrospeed_models::hf::HfModel::Llama(cfg) = ferrospeed_models::hf::read_config(&dir, 16).unwrap() else { panic!("a Llama fixture") };
-    let vocab = cfg.vocab_size as u32;
-    let model = LlamaInfer::load(cfg, &mut WeightFiles::open(&dir).unwrap(), &Device::Cpu, 16).unwrap();
+    use ferrospeed_models::hf::{read_config, HfModel};
+    for name in ["gqa_untied", "gpt2"] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
+        let mut files = WeightFiles::open(&dir).unwrap();
+        let (model, vocab): (Box<dyn Generator>, usize) = match read_config(&dir, 16).unwrap() {
+            HfModel::Llama(c) => (Box::new(LlamaInfer::load(c, &mut files, &Device::Cpu, 16).unwrap()), c.vocab_size),
+            HfModel::Gpt(c) => (Box::new(ferrospeed_models::gpt::infer::GptInfer::load(c, &mut files, &Device::Cpu).unwrap()), c.vocab_size),
+        };
+        kv_cache_matches_full_forward(name, model.as_ref(), vocab as u32);
+    }
+}
+
+fn kv_cache_matches_full_forward(name: &str, model: &dyn Generator, vocab: u32) {
     let ids: Vec<u32> = (0..12u32).map(|i| (i * 7 + 3) % vocab).collect();
     let full = model.forward(&ids, &mut KvCache::default()).unwrap();
     let mut cache = KvCache::default();
@@ -170,6 +180,6 @@ fn the_kv_cache_gives_the_logits_of_a_full_forward() {
     }
     let inc = candle_core::Tensor::cat(&rows, 0).unwrap();
     let diff = (full - inc).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff < 1e-5, "cached and full forward differ by {diff}");
+    assert!(diff < 1e-5, "{name}: cached and full forward differ by {diff}");
     assert_eq!(cache.len(), 12);
 }

@@ -2,13 +2,17 @@
 //! `fixtures/make_hf_fixtures.py`: tiny random `LlamaForCausalLM`s (grouped and plain K/V heads, tied
 //! and untied, Llama 3 rope scaling), a `Qwen2ForCausalLM` (q/k/v biases) and a `GPT2LMHeadModel`.
 //! Imported from the directory `save_pretrained` wrote, our blocks give the same logits and loss within
-//! 1e-5 and the same gradient for every parameter within 1e-4 (relative to its largest).
+//! 1e-5 and the same gradient for every parameter within 1e-4 (relative to its largest); `generate`'s
+//! forward with its key/value cache gives the same logits.
 
 use candle_core::{DType, Device, Tensor, Var};
 use ferrospeed::checkpoint::WeightFiles;
 use ferrospeed::engine::{blockwise, Batch};
 use ferrospeed::engine::Model;
 use ferrospeed_models::hf::{read_config, HfModel};
+use ferrospeed_models::gpt::infer::GptInfer;
+use ferrospeed_models::infer::{Generator, KvCache};
+use ferrospeed_models::llama::infer::LlamaInfer;
 use ferrospeed_models::{gpt, llama};
 use std::path::PathBuf;
 
@@ -65,6 +69,27 @@ fn check(variant: &str) {
     let (hf_logits, _) = read_all(&mut want, "logits");
     let diff = max_abs(&logits, &hf_logits);
     assert!(diff <= 1e-5, "{variant}: logits differ from transformers' by {diff:e}");
+
+    // `generate`'s forward (composed ops and a key/value cache, prompt then one token at a time) on
+    // each row gives the same logits.
+    let tokens = ids(&expected["tokens"]);
+    let (rows, t) = tokens.dims2().unwrap();
+    let mut files = WeightFiles::open(&dir).unwrap();
+    let gen: Box<dyn Generator> = match read_config(&dir, t).unwrap() {
+        HfModel::Llama(c) => Box::new(LlamaInfer::load(c, &mut files, &Device::Cpu, t).unwrap()),
+        HfModel::Gpt(c) => Box::new(GptInfer::load(c, &mut files, &Device::Cpu).unwrap()),
+    };
+    let vocab = hf_logits.len() / (rows * t);
+    for r in 0..rows {
+        let row: Vec<u32> = tokens.get(r).unwrap().to_vec1().unwrap();
+        let mut cache = KvCache::default();
+        let mut got: Vec<f32> = gen.forward(&row[..t / 2], &mut cache).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for &tok in &row[t / 2..] {
+            got.extend(gen.forward(&[tok], &mut cache).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        let d = max_abs(&got, &hf_logits[r * t * vocab..(r + 1) * t * vocab]);
+        assert!(d <= 1e-5, "{variant}: generate's logits of row {r} differ from transformers' by {d:e}");
+    }
 
     // Loss and gradients through the engine's block-wise backward (the hand-written one).
     let tape = blockwise::forward(&model, &mut &detached[..], &batch, true).unwrap();

@@ -7,6 +7,7 @@
 
 mod embedding;
 mod generate;
+pub mod infer;
 mod head;
 mod layer;
 mod layer_fused;

@@ -1,17 +1,17 @@
 //! Inference for `generate`: a Llama's forward over new tokens with a key/value cache, composed of
 //! candle ops (CPU or GPU, f32), from weights under transformers' names (a model directory, a
-//! safetensors file, a GGUF file through the library's [`WeightFiles`]). Greedy or nucleus (top-p)
-//! sampling with a temperature, from the seed.
+//! safetensors file, a GGUF file through the library's [`WeightFiles`]).
 //!
 //! Training's blocks recompute the whole sequence; here each new token attends to the cached keys and
 //! values of the earlier ones, so a token costs one pass over the weights, not a pass over the context.
+//! Sampling and the cache are `crate::infer`'s.
 
 use super::LlamaConfig;
 use crate::ops::rms_norm::rms_norm;
 use crate::ops::rope::{inv_freq, rope_composed, tables};
 use candle_core::{DType, Device, Result, Tensor, D};
+use crate::infer::{load, Generator, KvCache};
 use ferrospeed::checkpoint::WeightFiles;
-use ferrospeed::rng::Rng;
 
 struct LayerWeights {
     input_norm: Tensor,
@@ -36,33 +36,6 @@ pub struct LlamaInfer {
     cos: Tensor,
     sin: Tensor,
     device: Device,
-}
-
-/// The keys and values of every layer for the tokens seen so far (`[1, nkv, t, hd]` each).
-#[derive(Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-}
-
-impl KvCache {
-    /// Tokens cached.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-fn load(files: &mut WeightFiles, name: &str, device: &Device) -> std::result::Result<Tensor, String> {
-    let info = files.info(name).ok_or_else(|| format!("the weights have no tensor {name}"))?;
-    let shape = info.shape.clone();
-    let mut out = vec![0f32; shape.iter().product()];
-    let n = out.len();
-    files.read_f32(name, 0..n, &mut out).map_err(|e| e.to_string())?;
-    Tensor::from_vec(out, shape, device).map_err(|e| e.to_string())
 }
 
 fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -101,8 +74,14 @@ impl LlamaInfer {
         Ok(Self { cfg, embed, layers, norm, head, cos, sin, device: device.clone() })
     }
 
-    /// Logits `[s, vocab]` (f32) of the new `tokens` after the cached ones; the cache grows by them.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+}
+
+impl Generator for LlamaInfer {
+    fn max_len(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let c = &self.cfg;
         let (s, p0) = (tokens.len(), cache.len);
         if p0 + s > self.cos.dim(0)? {
@@ -163,62 +142,5 @@ impl LlamaInfer {
         let h = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
         linear(&h, &self.head)?.squeeze(0)?.to_dtype(DType::F32)
     }
-
-    /// Continue `prompt` by up to `max_new` tokens (stopping after `stop`), sampling with `sampler`.
-    /// Returns the new tokens and the seconds spent on the prompt (prefill).
-    pub fn generate(&self, prompt: &[u32], max_new: usize, stop: Option<u32>, sampler: &mut Sampler) -> Result<(Vec<u32>, f64)> {
-        let mut cache = KvCache::default();
-        let t0 = std::time::Instant::now();
-        let logits = self.forward(prompt, &mut cache)?;
-        let mut last: Vec<f32> = logits.get(prompt.len() - 1)?.to_vec1()?;
-        let prefill = t0.elapsed().as_secs_f64();
-        let mut out = Vec::new();
-        for _ in 0..max_new {
-            let next = sampler.sample(&last);
-            out.push(next);
-            if Some(next) == stop || cache.len() + 1 > self.cos.dim(0)? {
-                break;
-            }
-            last = self.forward(&[next], &mut cache)?.get(0)?.to_vec1()?;
-        }
-        Ok((out, prefill))
-    }
 }
 
-/// Greedy (`temperature = 0`) or nucleus sampling: the smallest set of most likely tokens whose
-/// probabilities reach `top_p`, drawn from with the temperature.
-pub struct Sampler {
-    pub temperature: f64,
-    pub top_p: f64,
-    pub rng: Rng,
-}
-
-impl Sampler {
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let argmax = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
-        if self.temperature <= 0.0 {
-            return argmax as u32;
-        }
-        let max = logits[argmax] as f64;
-        let mut probs: Vec<(usize, f64)> = logits.iter().enumerate().map(|(i, &l)| (i, ((l as f64 - max) / self.temperature).exp())).collect();
-        let total: f64 = probs.iter().map(|p| p.1).sum();
-        probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let mut kept = 0.0;
-        let mut n = 0;
-        for p in &probs {
-            kept += p.1 / total;
-            n += 1;
-            if kept >= self.top_p {
-                break;
-            }
-        }
-        let mut r = self.rng.next_f64() * probs[..n].iter().map(|p| p.1).sum::<f64>();
-        for p in &probs[..n] {
-            r -= p.1;
-            if r <= 0.0 {
-                return p.0 as u32;
-            }
-        }
-        probs[0].0 as u32
-    }
-}

@@ -19,6 +19,9 @@ pub enum CheckpointError {
     NotFound { path: PathBuf, reason: String },
     #[error("{path} already exists and is not empty: export into a new directory, or remove it first")]
     Exists { path: PathBuf },
+    /// A well-formed file this build cannot import (a GGUF architecture or quantisation).
+    #[error("{path}: {reason}")]
+    Unsupported { path: PathBuf, reason: String },
     #[error("checkpoint format: {0}")]
     Format(String),
     #[error(transparent)]

@@ -57,6 +57,19 @@ pub fn read_content(path: &Path) -> Result<Content, CheckpointError> {
     })
 }
 
+/// Every tensor of `content` in a type that can be imported (the first other one, by name, is named).
+pub fn check_types(content: &Content, path: &Path) -> Result<(), CheckpointError> {
+    let mut bad: Vec<(&String, GgmlDType)> = content.tensor_infos.iter().filter(|(_, t)| !SUPPORTED.contains(&t.ggml_dtype)).map(|(n, t)| (n, t.ggml_dtype)).collect();
+    bad.sort_by(|a, b| a.0.cmp(b.0));
+    match bad.first() {
+        Some((name, dtype)) => Err(CheckpointError::Unsupported {
+            path: path.to_path_buf(),
+            reason: format!("tensor {name} is quantised as {dtype:?}; F32, F16, BF16, Q4_0, Q4_1 and Q8_0 can be imported: requantise it (llama.cpp's llama-quantize) or use the safetensors model"),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// A metadata value as an unsigned integer.
 pub fn meta_usize(c: &Content, key: &str) -> Option<usize> {
     match c.metadata.get(key)? {
@@ -112,16 +125,9 @@ impl GgufWeights {
         let content = read_content(path)?;
         let arch = meta_str(&content, "general.architecture").unwrap_or("(none)");
         if arch != "llama" {
-            return Err(CheckpointError::corrupt(path, &format!("has architecture {arch:?}; only \"llama\" GGUF files can be imported (use the model's safetensors directory)")));
+            return Err(CheckpointError::Unsupported { path: path.to_path_buf(), reason: format!("has architecture {arch:?}; only \"llama\" GGUF files can be imported (use the model's safetensors directory)") });
         }
-        let mut bad: Vec<(&String, GgmlDType)> = content.tensor_infos.iter().filter(|(_, t)| !SUPPORTED.contains(&t.ggml_dtype)).map(|(n, t)| (n, t.ggml_dtype)).collect();
-        bad.sort_by(|a, b| a.0.cmp(b.0));
-        if let Some((name, dtype)) = bad.first() {
-            return Err(CheckpointError::corrupt(
-                path,
-                &format!("tensor {name} is quantised as {dtype:?}; F32, F16, BF16, Q4_0, Q4_1 and Q8_0 can be imported: requantise it (llama.cpp's llama-quantize) or use the safetensors model"),
-            ));
-        }
+        check_types(&content, path)?;
         let heads = meta_usize(&content, "llama.attention.head_count");
         let kv_heads = meta_usize(&content, "llama.attention.head_count_kv").or(heads);
         let mut tensors = BTreeMap::new();

@@ -1,0 +1,65 @@
+//! `ferrospeed generate` end to end: from a checkpoint of each family (exported on the fly), greedy
+//! output repeats and top-p output depends on the seed; bad requests are one line; SmolLM2 from its GGUF
+//! file answers a question (when `scripts/fetch-smollm2.sh` has fetched it).
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+use support::*;
+
+fn generate(args: &[&str]) -> Finished {
+    let mut cmd = ferrospeed();
+    cmd.arg("generate").args(args).args(["--device", "cpu"]);
+    run(&mut cmd, Duration::from_secs(120))
+}
+
+fn ok(f: &Finished) -> String {
+    assert!(f.status.success(), "generate failed:\n{}\n{}", f.stdout, f.stderr);
+    assert!(f.stderr.contains("tokens/s"), "{}", f.stderr);
+    f.stdout.clone()
+}
+
+#[test]
+fn generate_from_checkpoints_of_both_families() {
+    let dir = tempfile::tempdir().unwrap();
+    let families = [
+        ("gpt", "kind = \"gpt\"\nn_layer = 1\nn_head = 2\nd_model = 32\nseq_len = 32\nvocab = \"bytes\""),
+        ("llama", "kind = \"llama\"\nn_layer = 1\nn_head = 4\nn_kv_head = 2\nd_model = 32\nseq_len = 32\nvocab = \"bytes\""),
+    ];
+    for (name, model) in families {
+        let base = dir.path().join(name);
+        std::fs::create_dir(&base).unwrap();
+        let config = write_config(&base, model, "steps = 3\nwarmup = 1\nglobal_batch = 2\nmicro_batch = 2\nlr = 3e-3");
+        let ck = base.join("ck");
+        train(1, &config, &base.join("track"), &[format!("checkpoint.dir={}", ck.display())]);
+        let ck = ck.to_str().unwrap();
+        let greedy = ok(&generate(&["--model", ck, "--prompt", "fn main", "--max-tokens", "20"]));
+        assert_eq!(ok(&generate(&["--model", ck, "--prompt", "fn main", "--max-tokens", "20"])), greedy, "{name}: greedy repeats");
+        let sampled: Vec<String> = ["1", "1", "2"]
+            .iter()
+            .map(|seed| ok(&generate(&["--model", ck, "--prompt", "fn main", "--max-tokens", "20", "--temperature", "1.5", "--top-p", "0.95", "--seed", seed])))
+            .collect();
+        assert_eq!(sampled[0], sampled[1], "{name}: the same seed samples the same text");
+        assert_ne!(sampled[0], sampled[2], "{name}: another seed samples other text");
+        // The bytes tokenizer has no chat template.
+        let f = generate(&["--model", ck, "--prompt", "hi", "--chat"]);
+        assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+        assert!(f.stderr.trim().lines().count() == 1 && f.stderr.contains("no chat template"), "{}", f.stderr);
+    }
+    let f = generate(&["--model", dir.path().to_str().unwrap(), "--prompt", "hi"]);
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.trim().lines().count() == 1 && f.stderr.contains("not a model directory, GGUF file or checkpoint"), "{}", f.stderr);
+}
+
+#[test]
+fn smollm2_answers_from_its_gguf_file() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.is_file() {
+        assert!(std::env::var("FERROSPEED_REQUIRE_SMOLLM2").is_err(), "{} is missing: run scripts/fetch-smollm2.sh", path.display());
+        eprintln!("SKIPPED smollm2_answers_from_its_gguf_file: {} is missing", path.display());
+        return;
+    }
+    let out = ok(&generate(&["--model", path.to_str().unwrap(), "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "20"]));
+    assert!(out.contains("Paris"), "{out}");
+}
