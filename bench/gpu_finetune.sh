@@ -19,6 +19,7 @@ if [ "${PART:-1}" = 1 ]; then
   LOGS=/tmp/logs; mkdir -p $LOGS; source bench/gpu_tests.sh
   TESTS=${TESTS:-test-ferrospeed-models-gpu_kernels test-ferrospeed-models-gpu_engine} gpu_tests || grep -E "panicked|relative error" "$LOGS/gpu-tests.log" | tail -20
   cp $LOGS/gpu-tests.log "$OUT/"
+  [ "${PREP:-1}" = 1 ] || exit 0
   # data prepare: the shipped corpora, then 1 GB of text (the Rust book repeated, one file) and 256 MB
   # of JSONL chat (the shipped conversations repeated; three template renders per conversation).
   T=/tmp/a.gguf
