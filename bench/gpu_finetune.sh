@@ -75,7 +75,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tok = AutoTokenizer.from_pretrained("/tmp/exported/")
 model = AutoModelForCausalLM.from_pretrained("/tmp/exported", dtype=torch.bfloat16).cuda()
 msgs = [{"role": "user", "content": "How do I boil an egg?"}]
-ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt").to("cuda")
+ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"].to("cuda")
 out = model.generate(ids, max_new_tokens=60, do_sample=False)
 print("transformers on the export:", repr(tok.decode(out[0][ids.shape[1]:], skip_special_tokens=True)))
 PY

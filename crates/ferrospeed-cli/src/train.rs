@@ -60,7 +60,16 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let mut acc = Accelerator::new(&cfg, Options { run_name: config_stem(&args.config), track: true }).map_err(accel_error)?;
     let (rank, world_size, device) = (acc.rank(), acc.world_size(), acc.device().clone());
     // What `checkpoint export` needs to write a transformers directory later.
-    acc.record("hf_config", family.config_json("float32"));
+    let mut hf_config = family.config_json("float32");
+    // The special tokens' ids, so that transformers' generate stops where ours does.
+    let specials = tokenizer.specials();
+    if let Some((_, id)) = specials.eos {
+        hf_config["eos_token_id"] = id.into();
+    }
+    if let Some(id) = specials.bos.as_deref().and_then(|b| tokenizer.token_id(b)) {
+        hf_config["bos_token_id"] = id.into();
+    }
+    acc.record("hf_config", hf_config);
     if let Some(path) = tokenizer_files(&acc, &tokenizer)? {
         acc.record("tokenizer", path.canonicalize().unwrap_or_else(|_| path.to_path_buf()).display().to_string().into());
     }

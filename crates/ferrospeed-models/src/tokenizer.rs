@@ -165,6 +165,14 @@ impl Tokenizer {
         }
     }
 
+    /// The id of `token` (a special token's text), if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(t) => t.tokenizer.token_to_id(token),
+        }
+    }
+
     /// The token that ends every document: the tokenizer's EOS, and for `bytes` the NUL byte (0).
     pub fn eos_id(&self) -> Option<u32> {
         match self {

@@ -36,6 +36,20 @@ fn smollm2(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// The largest difference of `logits` `[t, vocab]` from the fixture's (every `stride`-th logit at its
+/// positions).
+fn worst_logit(logits: &candle_core::Tensor, want: &serde_json::Value) -> f64 {
+    let stride = want["stride"].as_u64().unwrap() as usize;
+    let mut worst: f64 = 0.0;
+    for (k, p) in want["positions"].as_array().unwrap().iter().enumerate() {
+        let row: Vec<f32> = logits.get(p.as_u64().unwrap() as usize).unwrap().to_vec1().unwrap();
+        for (j, w) in want["logits"][k].as_array().unwrap().iter().enumerate() {
+            worst = worst.max((row[j * stride] as f64 - w.as_f64().unwrap()).abs());
+        }
+    }
+    worst
+}
+
 #[test]
 fn gguf_logits_match_transformers_loading_the_same_file() {
     let Some(path) = smollm2("gguf_logits_match_transformers_loading_the_same_file") else { return };
@@ -49,13 +63,9 @@ fn gguf_logits_match_transformers_loading_the_same_file() {
     let mut files = WeightFiles::open(&path).unwrap();
     let model = LlamaInfer::load(cfg, &mut files, &Device::Cpu, 64).unwrap();
     let logits = model.forward(&ids, &mut KvCache::default()).unwrap();
-    let stride = want["stride"].as_u64().unwrap() as usize;
-    let mut worst: f64 = 0.0;
+    let mut worst = worst_logit(&logits, &want);
     for (k, p) in want["positions"].as_array().unwrap().iter().enumerate() {
         let row: Vec<f32> = logits.get(p.as_u64().unwrap() as usize).unwrap().to_vec1().unwrap();
-        for (j, w) in want["logits"][k].as_array().unwrap().iter().enumerate() {
-            worst = worst.max((row[j * stride] as f64 - w.as_f64().unwrap()).abs());
-        }
         let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
         let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
         worst = worst.max((lse - want["logsumexp"][k].as_f64().unwrap()).abs());
@@ -103,14 +113,7 @@ fn gguf_weights_in_the_training_blocks_give_transformers_logits() {
         x = model.block(b).forward(p, &x, &batch).unwrap();
     }
     let logits = ferrospeed_models::llama::Head::new(llama.cfg).logits(params.last().unwrap(), &x[0]).unwrap();
-    let stride = want["stride"].as_u64().unwrap() as usize;
-    let mut worst: f64 = 0.0;
-    for (k, p) in want["positions"].as_array().unwrap().iter().enumerate() {
-        let row: Vec<f32> = logits.get(p.as_u64().unwrap() as usize).unwrap().to_vec1().unwrap();
-        for (j, w) in want["logits"][k].as_array().unwrap().iter().enumerate() {
-            worst = worst.max((row[j * stride] as f64 - w.as_f64().unwrap()).abs());
-        }
-    }
+    let worst = worst_logit(&logits, &want);
     eprintln!("training blocks: largest logit difference against transformers (f64): {worst:e}");
     assert!(worst <= 1e-4, "logits differ from transformers by {worst:e}");
 }
