@@ -57,6 +57,17 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             &padded
         }
     };
+    // Epochs of prepared data need one global batch of samples; say so before anything is written.
+    if matches!(source, TrainData::Prepared(_)) && dataset.len() < cfg.train.global_batch {
+        return Err(usage_error(format!(
+            "data.path = {} gives {} samples ({}), fewer than one global batch of {}: prepare more data, or lower train.global_batch{}",
+            cfg.data.path.display(),
+            dataset.len(),
+            if cfg.data.packing { "packed windows of model.seq_len" } else { "documents" },
+            cfg.train.global_batch,
+            if cfg.data.packing { " or model.seq_len" } else { "" }
+        )));
+    }
     let mut acc = Accelerator::new(&cfg, Options { run_name: config_stem(&args.config), track: true }).map_err(accel_error)?;
     let (rank, world_size, device) = (acc.rank(), acc.world_size(), acc.device().clone());
     // What `checkpoint export` needs to write a transformers directory later.
@@ -300,6 +311,12 @@ enum TrainData {
 
 fn load_data(cfg: &Config, tokenizer: &Tokenizer) -> Result<TrainData> {
     let path = &cfg.data.path;
+    if !is_prepared(path) && !cfg.data.packing {
+        return Err(usage_error(format!(
+            "data.packing = false applies to data written by `ferrospeed data prepare`, and {} is raw text: prepare it (one document per file or JSONL line), or remove the key",
+            path.display()
+        )));
+    }
     if !is_prepared(path) {
         let corpus = TextCorpus::load_tokenized(path, tokenizer).map_err(|e| usage_error(e.to_string()))?;
         corpus.check_window(cfg.model.seq_len).map_err(|e| usage_error(e.to_string()))?;
@@ -314,7 +331,7 @@ fn load_data(cfg: &Config, tokenizer: &Tokenizer) -> Result<TrainData> {
             tokenizer.fingerprint()
         )));
     }
-    if data.index.tokens < cfg.model.seq_len as u64 + 1 {
+    if cfg.data.packing && data.index.tokens < cfg.model.seq_len as u64 + 1 {
         return Err(usage_error(format!(
             "data.path = {} has {} tokens, fewer than one window of model.seq_len + 1 = {}: prepare more data or lower model.seq_len",
             path.display(),

@@ -296,3 +296,18 @@ fn unsupported_gguf_files_are_refused_before_anything_is_written() {
         assert!(f.stderr.contains(want) && f.stderr.contains(file), "{file}: {}", f.stderr);
     }
 }
+
+#[test]
+fn too_little_prepared_data_and_packing_off_on_raw_text_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three short documents: fewer than the global batch of 4 when padded.
+    let input = write(&dir.path().join("docs.jsonl"), "{\"text\": \"one\"}\n{\"text\": \"two\"}\n{\"text\": \"three\"}\n");
+    let data = dir.path().join("data");
+    prepared(&[&input], &data, &[]);
+    let (config, sets) = data_config(dir.path(), GPT, &data, false);
+    let f = refused(&config, &dir.path().join("track-small"), &sets, "too few samples");
+    assert!(f.stderr.contains("3 samples (documents), fewer than one global batch of 4"), "{}", f.stderr);
+    let raw = [format!("data.path={}", input.display()), "data.packing=false".into()];
+    let f = refused(&config, &dir.path().join("track-raw"), &raw, "packing off on raw text");
+    assert!(f.stderr.contains("data.packing = false applies to data written by `ferrospeed data prepare`"), "{}", f.stderr);
+}

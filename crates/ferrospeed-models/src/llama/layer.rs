@@ -137,7 +137,14 @@ impl Layer {
         let (b, t, d) = x.dims3()?;
         let (nh, nkv, hd) = (c.n_head, c.n_kv_head, c.head_dim);
         let (cos, sin) = self.rope.get(c, t, x.device())?;
-        let (cos, sin, _) = row_tables((&cos, &sin), docs, b, t)?;
+        let (cos, sin) = match docs {
+            // Per-token tables `[b, t, hd/2]`.
+            Some(_) => {
+                let (c, s, _) = row_tables((&cos, &sin), docs, b, t)?;
+                (c.reshape((b, t, ()))?, s.reshape((b, t, ()))?)
+            }
+            None => (cos, sin),
+        };
         let x = x.reshape((b * t, d))?;
         let h = rms_norm(&x, &p[s.input_norm], c.rms_norm_eps)?;
         let bias = |i: usize| s.bias.map(|b0| &p[b0 + i]);

@@ -83,13 +83,13 @@ pub fn rope_qkv(qkv: &Tensor, cos: &Tensor, sin: &Tensor, t: usize, nh: usize, n
 
 /// RoPE composed of candle ops on heads `x` `[b, h, t, hd]` (differentiable by autograd):
 /// `x · cos + rotate_half(x) · sin` with the tables' dtype cast to `x`'s. The tables are `[T ≥ t, hd/2]`
-/// (positions `0..t`) or `[b·t, hd/2]` (each token's own position, a packed batch).
+/// (positions `0..t`) or `[b, t, hd/2]` (each token's own position, a packed batch).
 pub fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, _, t, hd) = x.dims4()?;
     let half = hd / 2;
     let full = |c: &Tensor| -> Result<Tensor> {
-        if c.dim(0)? == b * t && b > 1 {
-            Tensor::cat(&[c, c], 1)?.reshape((b, 1, t, hd))?.to_dtype(x.dtype())
+        if c.rank() == 3 {
+            Tensor::cat(&[c, c], 2)?.reshape((b, 1, t, hd))?.to_dtype(x.dtype())
         } else {
             Tensor::cat(&[c.narrow(0, 0, t)?, c.narrow(0, 0, t)?], 1)?.to_dtype(x.dtype())
         }

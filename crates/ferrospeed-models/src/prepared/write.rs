@@ -200,6 +200,8 @@ fn run_unit(ctx: &Ctx, path: &Path, bytes: &[u8], u: &Unit) -> Result<Piece, Pre
             }
             jsonl_line(ctx, path, line, text, &mut piece)?;
         }
+    } else if bytes.is_empty() {
+        // An empty text file is no document.
     } else {
         let text = std::str::from_utf8(chunk).map_err(|e| PrepareError::file(path, format!("is not UTF-8 text (byte {}): only text and .jsonl files can be prepared", u.range.0 + e.valid_up_to())))?;
         piece.tokens = tokenize(ctx, path, 0, text)?;
@@ -339,7 +341,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, PrepareError> {
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|source| PrepareError::Write { path: tmp.clone(), source })?;
-    let result = write_all(opts, &files, &data, &ctx, &tmp, hash, input_bytes);
+    let result = write_all(opts, &files, &data, &ctx, &tmp, hash);
     let index = match result {
         Ok(index) => index,
         Err(e) => {
@@ -358,7 +360,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, PrepareError> {
     Ok(PrepareSummary { index, up_to_date: false, seconds: started.elapsed().as_secs_f64(), input_bytes, threads })
 }
 
-fn write_all(opts: &PrepareOptions, files: &[PathBuf], data: &[memmap2::Mmap], ctx: &Ctx, tmp: &Path, hash: String, input_bytes: u64) -> Result<Index, PrepareError> {
+fn write_all(opts: &PrepareOptions, files: &[PathBuf], data: &[memmap2::Mmap], ctx: &Ctx, tmp: &Path, hash: String) -> Result<Index, PrepareError> {
     let vocab = opts.tokenizer.vocab_size();
     let width = TokenWidth::for_vocab(vocab);
     let mut shards = Shards { dir: tmp.to_path_buf(), width, limit: opts.shard_tokens.max(1), done: Vec::new(), open: None };
@@ -416,7 +418,6 @@ fn write_all(opts: &PrepareOptions, files: &[PathBuf], data: &[memmap2::Mmap], c
         shards: shards.done,
         inputs: files.iter().map(|p| p.display().to_string()).collect(),
     };
-    let _ = input_bytes;
     let path = tmp.join("index.json");
     let text = serde_json::to_string_pretty(&index).map_err(|e| PrepareError::file(&path, e.to_string()))?;
     let mut f = std::fs::File::create(&path).map_err(|source| PrepareError::Write { path: path.clone(), source })?;
