@@ -317,6 +317,17 @@ fn load_data(cfg: &Config, tokenizer: &Tokenizer) -> Result<TrainData> {
             path.display()
         )));
     }
+    // JSONL read as raw text would train on the JSON syntax: it goes through `data prepare`.
+    let jsonl = |p: &Path| p.extension().is_some_and(|e| e == "jsonl");
+    let has_jsonl = if path.is_dir() { std::fs::read_dir(path).map(|d| d.filter_map(|e| e.ok()).any(|e| jsonl(&e.path()))).unwrap_or(false) } else { jsonl(path) };
+    if !is_prepared(path) && has_jsonl {
+        let tok = tokenizer.path().map_or_else(|| "bytes".to_string(), |p| p.display().to_string());
+        return Err(usage_error(format!(
+            "data.path = {} holds JSONL: tokenize it first (`ferrospeed data prepare {} --tokenizer {tok} --out DIR`), then set data.path = DIR",
+            path.display(),
+            path.display()
+        )));
+    }
     if !is_prepared(path) {
         let corpus = TextCorpus::load_tokenized(path, tokenizer).map_err(|e| usage_error(e.to_string()))?;
         corpus.check_window(cfg.model.seq_len).map_err(|e| usage_error(e.to_string()))?;

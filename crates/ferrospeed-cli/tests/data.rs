@@ -298,7 +298,7 @@ fn unsupported_gguf_files_are_refused_before_anything_is_written() {
 }
 
 #[test]
-fn too_little_prepared_data_and_packing_off_on_raw_text_are_refused() {
+fn too_little_prepared_data_packing_off_on_raw_text_and_raw_jsonl_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     // Three short documents: fewer than the global batch of 4 when padded.
     let input = write(&dir.path().join("docs.jsonl"), "{\"text\": \"one\"}\n{\"text\": \"two\"}\n{\"text\": \"three\"}\n");
@@ -308,6 +308,11 @@ fn too_little_prepared_data_and_packing_off_on_raw_text_are_refused() {
     let f = refused(&config, &dir.path().join("track-small"), &sets, "too few samples");
     assert!(f.stderr.contains("3 samples (documents), fewer than one global batch of 4"), "{}", f.stderr);
     let raw = [format!("data.path={}", input.display()), "data.packing=false".into()];
+    let text = write(&dir.path().join("notes.txt"), "plain text\n");
+    let raw = [format!("data.path={}", text.display()), "data.packing=false".into()];
     let f = refused(&config, &dir.path().join("track-raw"), &raw, "packing off on raw text");
     assert!(f.stderr.contains("data.packing = false applies to data written by `ferrospeed data prepare`"), "{}", f.stderr);
+    // JSONL given straight to train would be read as text: refused, with the command that prepares it.
+    let f = refused(&config, &dir.path().join("track-jsonl"), &[format!("data.path={}", input.display())], "raw JSONL");
+    assert!(f.stderr.contains("holds JSONL") && f.stderr.contains("ferrospeed data prepare"), "{}", f.stderr);
 }
