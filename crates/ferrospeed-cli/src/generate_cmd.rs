@@ -49,12 +49,18 @@ pub struct GenerateArgs {
     pub device: String,
 }
 
-/// The model's shape, weights and tokenizer, from whichever source `path` is.
-fn open(path: &Path, max_len: usize, tmp: &tempfile::TempDir) -> Result<(HfModel, WeightFiles, Tokenizer)> {
+/// Positions the rotary tables of a model without a limit of its own cover.
+const DEFAULT_CONTEXT: usize = 4096;
+/// Rotary tables beyond this are not built (a model may declare 128k positions).
+const MAX_CONTEXT: usize = 32_768;
+
+/// The model's shape, weights and tokenizer, from whichever source `path` is; Llama contexts are the
+/// model's own (`llama.context_length`, `max_position_embeddings`), at most [`MAX_CONTEXT`].
+fn open(path: &Path, tmp: &tempfile::TempDir) -> Result<(HfModel, WeightFiles, Tokenizer)> {
     let bad = |e: String| usage_error(format!("--model {}: {e}", path.display()));
     if path.extension().is_some_and(|e| e == "gguf") {
         let g = GgufFile::open(path).map_err(|e| bad(e.reason))?;
-        let cfg = g.llama_config(max_len).map_err(|e| bad(e.reason))?;
+        let cfg = g.llama_config(g.context_length().unwrap_or(DEFAULT_CONTEXT).min(MAX_CONTEXT)).map_err(|e| bad(e.reason))?;
         let tok = g.tokenizer().map_err(|e| bad(e.reason))?;
         return Ok((HfModel::Llama(cfg), WeightFiles::open(path).map_err(|e| bad(e.to_string()))?, tok));
     }
@@ -69,9 +75,24 @@ fn open(path: &Path, max_len: usize, tmp: &tempfile::TempDir) -> Result<(HfModel
         checkpoint::export_dir(&ckpt, &out, &opts)?;
         out
     };
-    let cfg = read_config(&dir, max_len).map_err(|e| bad(e.to_string()))?;
+    let declared: Option<usize> = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| c.get("max_position_embeddings").and_then(|v| v.as_u64()))
+        .map(|v| v as usize);
+    let cfg = read_config(&dir, declared.unwrap_or(DEFAULT_CONTEXT).min(MAX_CONTEXT)).map_err(|e| bad(e.to_string()))?;
     let tok_path = dir.join("tokenizer.json");
-    let tok = if tok_path.is_file() { Tokenizer::from_file(&tok_path).map_err(|e| bad(e.to_string()))? } else { Tokenizer::Bytes };
+    let vocab = match &cfg {
+        HfModel::Llama(c) => c.vocab_size,
+        HfModel::Gpt(c) => c.vocab_size,
+    };
+    let tok = if tok_path.is_file() {
+        Tokenizer::from_file(&tok_path).map_err(|e| bad(e.to_string()))?
+    } else if vocab == ferrospeed_models::ByteTokenizer::VOCAB_SIZE {
+        Tokenizer::Bytes
+    } else {
+        return Err(bad(format!("no tokenizer.json for its vocabulary of {vocab} (the run's tokenizer files were moved or deleted?): copy the model's tokenizer files beside its config.json")));
+    };
     Ok((cfg, WeightFiles::open(&dir).map_err(|e| bad(e.to_string()))?, tok))
 }
 
@@ -79,12 +100,10 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let choice = DeviceChoice::from_name(&args.device).ok_or_else(|| usage_error(format!("--device {} is not one of auto, cpu, cuda", args.device)))?;
     let device = ferrospeed::device::select(choice, 0).map_err(usage_error)?;
     let tmp = tempfile::tempdir()?;
-    // Positions the rotary tables cover: the prompt can be long; the model's own limit is checked.
-    let max_len = 4096.max(args.max_tokens + 1024);
-    let (cfg, mut files, tok) = open(&args.model, max_len, &tmp)?;
+    let (cfg, mut files, tok) = open(&args.model, &tmp)?;
     let t0 = Instant::now();
     let model: Box<dyn Generator> = match cfg {
-        HfModel::Llama(c) => Box::new(LlamaInfer::load(c, &mut files, &device, max_len).map_err(|e| usage_error(format!("--model {}: {e}", args.model.display())))?),
+        HfModel::Llama(c) => Box::new(LlamaInfer::load(c, &mut files, &device, c.seq_len).map_err(|e| usage_error(format!("--model {}: {e}", args.model.display())))?),
         HfModel::Gpt(c) => Box::new(GptInfer::load(c, &mut files, &device).map_err(|e| usage_error(format!("--model {}: {e}", args.model.display())))?),
     };
     let load_s = t0.elapsed().as_secs_f64();
@@ -104,6 +123,12 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let prompt = tok.encode(&text)?;
     if prompt.is_empty() {
         return Err(usage_error("--prompt is empty"));
+    }
+    if prompt.len() >= model.max_len() {
+        return Err(usage_error(format!("the prompt has {} tokens but the model holds {} positions: shorten --prompt", prompt.len(), model.max_len())));
+    }
+    if prompt.len() + args.max_tokens > model.max_len() {
+        eprintln!("note: generation stops at the model's {} positions, before --max-tokens {}", model.max_len(), args.max_tokens);
     }
     let mut sampler = Sampler { temperature: args.temperature, top_p: args.top_p, rng: Rng::derive(args.seed, "generate") };
     let t1 = Instant::now();

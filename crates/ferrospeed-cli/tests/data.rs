@@ -307,7 +307,6 @@ fn too_little_prepared_data_packing_off_on_raw_text_and_raw_jsonl_are_refused() 
     let (config, sets) = data_config(dir.path(), GPT, &data, false);
     let f = refused(&config, &dir.path().join("track-small"), &sets, "too few samples");
     assert!(f.stderr.contains("3 samples (documents), fewer than one global batch of 4"), "{}", f.stderr);
-    let raw = [format!("data.path={}", input.display()), "data.packing=false".into()];
     let text = write(&dir.path().join("notes.txt"), "plain text\n");
     let raw = [format!("data.path={}", text.display()), "data.packing=false".into()];
     let f = refused(&config, &dir.path().join("track-raw"), &raw, "packing off on raw text");
@@ -315,4 +314,16 @@ fn too_little_prepared_data_packing_off_on_raw_text_and_raw_jsonl_are_refused() 
     // JSONL given straight to train would be read as text: refused, with the command that prepares it.
     let f = refused(&config, &dir.path().join("track-jsonl"), &[format!("data.path={}", input.display())], "raw JSONL");
     assert!(f.stderr.contains("holds JSONL") && f.stderr.contains("ferrospeed data prepare"), "{}", f.stderr);
+}
+
+#[test]
+fn an_output_inside_an_input_directory_is_not_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("corpus");
+    std::fs::create_dir(&input).unwrap();
+    write(&input.join("a.txt"), "first file\n");
+    let out = input.join("prepared");
+    assert!(prepared(&[&input], &out, &[]).starts_with("prepared 1 documents"));
+    let again = prepared(&[&input], &out, &[]);
+    assert!(again.contains("is up to date"), "the output was read as input: {again}");
 }

@@ -55,6 +55,11 @@ impl GgufFile {
         self.content.metadata.get(key).and_then(|v| v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()).unwrap_or(default)
     }
 
+    /// Positions the model was trained for (`llama.context_length`).
+    pub fn context_length(&self) -> Option<usize> {
+        meta_usize(&self.content, "llama.context_length")
+    }
+
     /// The model's shape, for training `seq_len` positions.
     pub fn llama_config(&self, seq_len: usize) -> Result<LlamaConfig, GgufError> {
         let arch = meta_str(&self.content, "general.architecture").unwrap_or("(none)");

@@ -186,3 +186,26 @@ fn kv_cache_matches_full_forward(name: &str, model: &dyn Generator, vocab: u32) 
     assert!(diff < 1e-5, "{name}: cached and full forward differ by {diff}");
     assert_eq!(cache.len(), 12);
 }
+
+/// `data prepare` cuts large text files into units tokenized in parallel: with units of 64 bytes the
+/// tokens are still those of the whole file (paragraph breaks, trailing spaces, CRLF, Unicode).
+#[test]
+fn prepared_text_in_small_units_tokenizes_as_the_whole_file() {
+    use ferrospeed_models::prepared::{prepare, PrepareOptions};
+    use ferrospeed_models::PreparedData;
+    let Some(path) = smollm2("prepared_text_in_small_units_tokenizes_as_the_whole_file") else { return };
+    let tok = GgufFile::open(&path).unwrap().tokenizer().unwrap();
+    let corpus = std::fs::read_to_string(fixture("unicode_corpus.txt")).unwrap();
+    let text = format!("{corpus}\nHello.\n\nWorld \nnext line\r\nAnd\n   indented\n\n\nThree\n{corpus}");
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("text.txt");
+    std::fs::write(&input, &text).unwrap();
+    let mut opts = PrepareOptions::new(vec![input], dir.path().join("out"), &tok);
+    opts.chunk_bytes = 64;
+    prepare(&opts).unwrap();
+    let (tokens, _) = PreparedData::open(&dir.path().join("out")).unwrap().document(0);
+    let mut want = tok.encode(&text).unwrap();
+    want.push(tok.eos_id().unwrap());
+    assert_eq!(tokens.len(), want.len());
+    assert_eq!(tokens, want);
+}

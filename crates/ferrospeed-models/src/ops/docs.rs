@@ -1,7 +1,9 @@
 //! Packed batches: several documents share one row of a micro-batch, each token attending only to the
 //! earlier tokens of its own document, with rotary/learned positions counted from the document's start.
-//! A batch says so with a `positions` tensor `[b, t]` (u32, 0 at every document start); without it,
-//! a row is one sequence (plain causal attention, positions `0..t`), the path every earlier run took.
+//! A batch says so with a `positions` tensor `[b, t]` (u32, 0 at every document start, else the previous
+//! position + 1: the kernels rely on document starts never decreasing along a row; the prepared datasets
+//! build them so, and other positions are not checked); without it, a row is one sequence (plain causal
+//! attention, positions `0..t`), the path every earlier run took.
 //!
 //! From the positions: `starts[b·t]`, the row index where each token's document begins (`i − pos[i]`),
 //! which the fused attention kernels read (a key `j` is visible to query `i` when `starts[i] ≤ j ≤ i`),

@@ -2,7 +2,7 @@
 //! directory that is renamed into place only when complete, so a failure or bad line leaves nothing.
 //!
 //! Work is cut into units of about `chunk_bytes`: JSONL files at line ends (a line is a document), text
-//! files (one document each) after a newline that a letter or digit follows — where a byte-level
+//! files (one document each) after a single newline between a non-space and a letter or digit — where a byte-level
 //! BPE pre-tokenizer splits anyway, so the tokens equal those of the whole file. Units are tokenized in
 //! waves and written in input order, so the output does not depend on the number of threads.
 
@@ -52,9 +52,12 @@ pub struct PrepareSummary {
     pub threads: usize,
 }
 
-/// The files of `inputs`, directories expanded.
+/// The files of `inputs`, directories expanded (prepared directories, the output among them, skipped).
 fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, PrepareError> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), PrepareError> {
+        if is_prepared(dir) {
+            return Ok(());
+        }
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
             .map_err(|source| PrepareError::Read { path: dir.to_path_buf(), source })?
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -106,9 +109,11 @@ fn units(files: &[PathBuf], data: &[memmap2::Mmap], chunk: usize) -> Vec<Unit> {
         let (mut start, mut line) = (0, 1);
         loop {
             let mut end = (start + chunk).min(bytes.len());
-            // Extend to a cut point: after a newline (JSONL), or after a newline followed by a non-space (text).
+            // Extend to a cut point: after a newline (JSONL), or (text) after a single newline that follows a
+            // non-space and precedes a letter or digit: a pre-token boundary for byte-level BPE either way.
             while end < bytes.len() {
-                if bytes[end - 1] == b'\n' && (jsonl || bytes[end].is_ascii_alphanumeric()) {
+                let single = end >= start + 2 && !bytes[end - 2].is_ascii_whitespace();
+                if bytes[end - 1] == b'\n' && (jsonl || (single && bytes[end].is_ascii_alphanumeric())) {
                     break;
                 }
                 end += 1;
@@ -141,8 +146,9 @@ struct Ctx<'a> {
     eos: u32,
 }
 
+/// Tokens of `text` from line `line` of `path` (0: a text file, no line).
 fn tokenize(ctx: &Ctx, path: &Path, line: usize, text: &str) -> Result<Vec<u32>, PrepareError> {
-    ctx.tokenizer.encode(text).map_err(|e| PrepareError::line(path, line, e.to_string()))
+    ctx.tokenizer.encode(text).map_err(|e| if line == 0 { PrepareError::file(path, e.to_string()) } else { PrepareError::line(path, line, e.to_string()) })
 }
 
 /// One JSONL line as a document appended to `piece`.
@@ -171,14 +177,15 @@ fn jsonl_line(ctx: &Ctx, path: &Path, line: usize, text: &str, piece: &mut Piece
         let (tokens, offsets) = ctx.tokenizer.encode_with_offsets(&r.text).map_err(|e| err(e.to_string()))?;
         let in_reply = |start: usize| r.assistant.iter().any(|&(a, b)| start >= a && start < b);
         let mask: Vec<u8> = offsets.iter().map(|o| u8::from(in_reply(o.0))).collect();
-        // The EOS after the document, unless the template's last reply already ends with it.
-        let ends_with_eos = tokens.iter().zip(&mask).rev().take_while(|(_, m)| **m == 1).any(|(t, _)| *t == ctx.eos);
-        let last_is_reply = mask.last() == Some(&1);
-        piece.tokens.extend(tokens);
-        piece.mask.extend(mask);
-        if !(ends_with_eos && last_is_reply) {
+        // The EOS after the document, unless the rendered text already ends with it.
+        if tokens.last() != Some(&ctx.eos) {
+            piece.tokens.extend(tokens);
+            piece.mask.extend(mask);
             piece.tokens.push(ctx.eos);
-            piece.mask.push(u8::from(last_is_reply || messages.last().is_some_and(|m| m.role == "assistant")));
+            piece.mask.push(u8::from(messages.last().is_some_and(|m| m.role == "assistant")));
+        } else {
+            piece.tokens.extend(tokens);
+            piece.mask.extend(mask);
         }
         piece.chat += 1;
     } else {
@@ -352,7 +359,12 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, PrepareError> {
     if out.exists() {
         let old = parent.join(format!(".{name}.old-{}", std::process::id()));
         std::fs::rename(out, &old).map_err(|source| PrepareError::Write { path: out.clone(), source })?;
-        std::fs::rename(&tmp, out).map_err(|source| PrepareError::Write { path: out.clone(), source })?;
+        if let Err(source) = std::fs::rename(&tmp, out) {
+            // Put the old data back: a failed --force loses nothing.
+            let _ = std::fs::rename(&old, out);
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(PrepareError::Write { path: out.clone(), source });
+        }
         let _ = std::fs::remove_dir_all(&old);
     } else {
         std::fs::rename(&tmp, out).map_err(|source| PrepareError::Write { path: out.clone(), source })?;
@@ -380,9 +392,9 @@ fn write_all(opts: &PrepareOptions, files: &[PathBuf], data: &[memmap2::Mmap], c
                 p
             })
             .collect::<Result<_, _>>()?;
-        for p in &pieces {
+        for (p, u) in pieces.iter().zip(group) {
             if let Some(&t) = p.tokens.iter().find(|&&t| t as usize >= vocab) {
-                return Err(PrepareError::file(&files[group[0].file], format!("token id {t} is outside the tokenizer's vocabulary of {vocab}")));
+                return Err(PrepareError::file(&files[u.file], format!("token id {t} is outside the tokenizer's vocabulary of {vocab}")));
             }
             let mut prev = 0;
             for &e in &p.ends {
