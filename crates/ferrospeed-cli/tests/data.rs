@@ -327,3 +327,34 @@ fn an_output_inside_an_input_directory_is_not_read_back() {
     let again = prepared(&[&input], &out, &[]);
     assert!(again.contains("is up to date"), "the output was read as input: {again}");
 }
+
+/// Chat samples with replies of very different lengths: the loss is the mean over every counted target
+/// of the global batch, so micro-batch size, accumulation and world size give the same losses (a mean per
+/// micro-batch would weigh a short reply alone as much as four long ones together).
+#[test]
+fn masked_losses_do_not_depend_on_the_micro_batch_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let template = write(&dir.path().join("t.jinja"), TEMPLATE);
+    let chats: String = (0..16)
+        .map(|i| {
+            let reply = if i % 2 == 0 { "ok".to_string() } else { format!("long reply {i}") };
+            serde_json::json!({"messages": [{"role": "user", "content": format!("q{i}")}, {"role": "assistant", "content": reply}]}).to_string() + "\n"
+        })
+        .collect();
+    let input = write(&dir.path().join("chat.jsonl"), &chats);
+    let data = dir.path().join("data");
+    prepared(&[&input], &data, &["--chat-template", template.to_str().unwrap()]);
+    let (config, sets) = data_config(dir.path(), GPT, &data, false);
+    let run = |name: &str, world: usize, micro: usize| {
+        let s = [sets.clone(), vec![format!("train.micro_batch={micro}"), "model.seq_len=64".into()]].concat();
+        train(world, &config, &dir.path().join(name), &s)
+    };
+    let whole = run("m4", 1, 4);
+    for (name, world, micro) in [("m1", 1, 1), ("m2", 1, 2), ("w2m1", 2, 1)] {
+        let other = run(name, world, micro);
+        assert_eq!(other.len(), whole.len());
+        for ((step, a), (_, b)) in other.iter().zip(&whole) {
+            assert!(((a - b) / b).abs() < 1e-5, "{name} step {step}: {a} vs {b}");
+        }
+    }
+}

@@ -146,6 +146,8 @@ fn gpt_blocks_forward_and_backward_match_the_cpu() {
     let Some(dev) = gpu_or_skip("gpt_blocks_forward_and_backward_match_the_cpu") else { return };
     let cfg = GptConfig { n_layer: 1, n_head: 4, d_model: 128, seq_len: 96, vocab_size: 300 };
     blocks_match_the_cpu(&dev, "gpt", &Gpt::new(cfg).model().unwrap(), 128);
+    // Packed: the position table gathered per token (and its scatter-add gradient), attention inside documents.
+    blocks_match_the_cpu_packed(&dev, "gpt packed", &Gpt::new(cfg).model().unwrap(), 128, true);
 }
 
 #[test]

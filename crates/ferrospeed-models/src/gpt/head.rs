@@ -4,7 +4,7 @@
 use super::GptConfig;
 use crate::ops::composed::layer_norm;
 use crate::ops::cross_entropy::cross_entropy_rows_autograd;
-use crate::ops::docs::loss_mask;
+use crate::ops::docs::loss_weighting;
 use crate::ops::fused::{ln_backward, ln_forward};
 use crate::ops::lm_head::{head_backward, head_loss, reduce_rows, HeadLoss};
 use candle_core::{Result, Tensor};
@@ -42,7 +42,7 @@ impl Head {
         let (b, t, d) = x.dims3()?;
         let x = x.reshape((b * t, d))?;
         let ln = scoped_as(Kind::Elementwise, "layer_norm", || ln_forward(&x, &p[0], &p[1]))?;
-        let (loss, saved) = head_loss(ln.y, &p[2], batch.get("targets")?.flatten_all()?, loss_mask(batch)?)?;
+        let (loss, saved) = head_loss(ln.y, &p[2], batch.get("targets")?.flatten_all()?, &loss_weighting(batch)?)?;
         Ok((loss, HeadSaved { x, stats: (ln.mean, ln.rstd), loss: saved, dims: (b, t, d) }))
     }
 }
@@ -65,7 +65,7 @@ impl Block for Head {
         let x = input(x)?;
         if x.track_op() || params.iter().any(Tensor::track_op) {
             let rows = cross_entropy_rows_autograd(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?;
-            return Ok(vec![reduce_rows(&rows, loss_mask(batch)?.as_ref())?.0]);
+            return Ok(vec![reduce_rows(&rows, &loss_weighting(batch)?)?.0]);
         }
         Ok(vec![self.run(params, x, batch)?.0])
     }

@@ -3,7 +3,7 @@
 
 use super::LlamaConfig;
 use crate::ops::cross_entropy::cross_entropy_rows_autograd;
-use crate::ops::docs::loss_mask;
+use crate::ops::docs::loss_weighting;
 use crate::ops::lm_head::{head_backward, head_loss, reduce_rows, HeadLoss};
 use crate::ops::rms_norm::{rms_backward, rms_forward, rms_norm};
 use candle_core::{Result, Tensor};
@@ -39,7 +39,7 @@ impl Head {
         let (b, t, d) = x.dims3()?;
         let x = x.reshape((b * t, d))?;
         let norm = scoped_as(Kind::Elementwise, "rms_norm", || rms_forward(&x, &p[0], self.cfg.rms_norm_eps))?;
-        let (loss, saved) = head_loss(norm.y, &p[1], batch.get("targets")?.flatten_all()?, loss_mask(batch)?)?;
+        let (loss, saved) = head_loss(norm.y, &p[1], batch.get("targets")?.flatten_all()?, &loss_weighting(batch)?)?;
         Ok((loss, HeadSaved { x, rstd: norm.rstd, loss: saved, dims: (b, t, d) }))
     }
 }
@@ -63,7 +63,7 @@ impl Block for Head {
         let x = input(x)?;
         if x.track_op() || params.iter().any(Tensor::track_op) {
             let rows = cross_entropy_rows_autograd(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?;
-            return Ok(vec![reduce_rows(&rows, loss_mask(batch)?.as_ref())?.0]);
+            return Ok(vec![reduce_rows(&rows, &loss_weighting(batch)?)?.0]);
         }
         Ok(vec![self.run(params, x, batch)?.0])
     }

@@ -15,8 +15,7 @@ use ferrospeed::engine::Batch;
 
 /// Name of the batch tensor with each token's position in its document.
 pub const POSITIONS: &str = "positions";
-/// Name of the batch tensor (f32, 1 or 0) of the targets that count in the loss.
-pub const LOSS_MASK: &str = "loss_mask";
+pub use ferrospeed::data::{LOSS_MASK, LOSS_WEIGHTS};
 
 /// The document structure of a packed micro-batch.
 #[derive(Debug, Clone)]
@@ -70,12 +69,25 @@ impl Docs {
     }
 }
 
-/// The loss mask of a batch `[b·t]` f32, if it has one.
-pub fn loss_mask(batch: &Batch) -> Result<Option<Tensor>> {
-    if !batch.contains(LOSS_MASK) {
-        return Ok(None);
+/// How a batch weighs its targets in the loss: the mean of all (no tensor), the mean of those a
+/// [`LOSS_MASK`] keeps, or the [`LOSS_WEIGHTS`] the data loader made of a mask (normalised over the
+/// global batch).
+pub enum LossWeighting {
+    Mean,
+    Mask(Tensor),
+    Weights(Tensor),
+}
+
+/// The loss weighting of a batch, its tensor flattened to `[b·t]` f32.
+pub fn loss_weighting(batch: &Batch) -> Result<LossWeighting> {
+    let flat = |name: &str| -> Result<Tensor> { batch.get(name)?.flatten_all()?.to_dtype(DType::F32) };
+    if batch.contains(LOSS_WEIGHTS) {
+        return Ok(LossWeighting::Weights(flat(LOSS_WEIGHTS)?));
     }
-    Ok(Some(batch.get(LOSS_MASK)?.flatten_all()?.to_dtype(DType::F32)?))
+    if batch.contains(LOSS_MASK) {
+        return Ok(LossWeighting::Mask(flat(LOSS_MASK)?));
+    }
+    Ok(LossWeighting::Mean)
 }
 
 #[cfg(test)]

@@ -4,10 +4,12 @@
 //! each way), plus the token-embedding gradient that block 0 of both families computes.
 //!
 //! With a loss mask (a batch's `loss_mask`, 1 for targets that count: an assistant's reply, not the
-//! prompt or padding) the loss is the mean over the counted targets of the micro-batch; every other row
-//! has weight exactly 0, in the loss and in the gradient.
+//! prompt or padding) the loss is the mean over the counted targets of the micro-batch; with loss
+//! weights (what the data loader makes of a mask: normalised over the global batch) their weighted sum.
+//! Either way every other row has weight exactly 0, in the loss and in the gradient.
 
 use super::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward};
+use super::docs::LossWeighting;
 use super::fused::embedding_grad;
 use candle_core::{DType, Device, Result, Tensor};
 use ferrospeed::profile::{scoped, scoped_as, Kind};
@@ -22,21 +24,26 @@ pub struct HeadLoss {
     weights: Option<Tensor>,
 }
 
-/// The loss of per-row losses `rows` `[n]`: their mean, or with `mask` `[n]` (1 or 0) the mean over the
-/// masked-in rows (0 when there is none), and the rows' weights in it.
-pub fn reduce_rows(rows: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>)> {
-    let Some(mask) = mask else { return Ok((rows.mean_all()?, None)) };
-    let mask = mask.to_dtype(rows.dtype())?;
-    let weights = mask.broadcast_div(&mask.sum_all()?.maximum(1.0)?)?;
+/// The loss of per-row losses `rows` `[n]` under `weighting` (their mean; the mean over the rows a mask
+/// keeps, 0 when there is none; or their weighted sum), and the rows' weights in it.
+pub fn reduce_rows(rows: &Tensor, weighting: &LossWeighting) -> Result<(Tensor, Option<Tensor>)> {
+    let weights = match weighting {
+        LossWeighting::Mean => return Ok((rows.mean_all()?, None)),
+        LossWeighting::Mask(mask) => {
+            let mask = mask.to_dtype(rows.dtype())?;
+            mask.broadcast_div(&mask.sum_all()?.maximum(1.0)?)?
+        }
+        LossWeighting::Weights(w) => w.to_dtype(rows.dtype())?,
+    };
     Ok(((rows * &weights)?.sum_all()?, Some(weights)))
 }
 
-/// The mean cross-entropy of `h` `[n, d]` · `w`ᵀ against `targets` (`n` ids), over the rows `mask`
-/// keeps if there is one, and what its backward needs.
-pub fn head_loss(h: Tensor, w: &Tensor, targets: Tensor, mask: Option<Tensor>) -> Result<(Tensor, HeadLoss)> {
+/// The cross-entropy of `h` `[n, d]` · `w`ᵀ against `targets` (`n` ids) under `weighting`, and what its
+/// backward needs.
+pub fn head_loss(h: Tensor, w: &Tensor, targets: Tensor, weighting: &LossWeighting) -> Result<(Tensor, HeadLoss)> {
     let logits = scoped(Kind::Matmul, || h.matmul(&w.t()?))?;
     let rows = scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets))?;
-    let (loss, weights) = scoped_as(Kind::Elementwise, "cross_entropy", || reduce_rows(&rows, mask.as_ref()))?;
+    let (loss, weights) = scoped_as(Kind::Elementwise, "cross_entropy", || reduce_rows(&rows, weighting))?;
     Ok((loss, HeadLoss { h, logits, targets, rows, weights }))
 }
 

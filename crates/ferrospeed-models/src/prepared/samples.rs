@@ -9,7 +9,8 @@
 //! plain causal rows, no positions needed: a document longer than `seq_len + 1` tokens is refused
 //! (say so before training: [`PaddedDocs::new`]).
 //!
-//! Both draw samples in shuffled epochs (`Sampling::Epochs`): the position in the data is the step,
+//! Both count their samples' targets in the loss, so the loader normalises the loss over the whole
+//! global batch (`ferrospeed::data::Dataset::counted_targets`). Both draw samples in shuffled epochs (`Sampling::Epochs`): the position in the data is the step,
 //! which checkpoints hold, so a resumed run continues the same order.
 
 use super::PreparedData;
@@ -82,6 +83,10 @@ impl PackedWindows<'_> {
 }
 
 impl Dataset for PackedWindows<'_> {
+    fn counted_targets(&self, index: usize) -> Option<f64> {
+        Some(self.row(index).2.iter().map(|&m| f64::from(m)).sum())
+    }
+
     fn len(&self) -> usize {
         (self.data.tokens().saturating_sub(1) / self.seq_len as u64) as usize
     }
@@ -142,6 +147,10 @@ impl<'a> PaddedDocs<'a> {
 }
 
 impl Dataset for PaddedDocs<'_> {
+    fn counted_targets(&self, index: usize) -> Option<f64> {
+        Some(self.row(index).2.iter().map(|&m| f64::from(m)).sum())
+    }
+
     fn len(&self) -> usize {
         self.data.documents()
     }

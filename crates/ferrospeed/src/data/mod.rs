@@ -79,7 +79,24 @@ pub trait Dataset: Send + Sync {
     fn sampling(&self) -> Sampling {
         Sampling::Epochs { shuffle: true }
     }
+
+    /// For datasets whose samples carry a [`LOSS_MASK`]: how many of sample `index`'s targets count in
+    /// the loss. When it is given, the [`DataLoader`] turns the mask into [`LOSS_WEIGHTS`] that make the
+    /// step's loss the mean over every counted target of the whole global batch, whatever the
+    /// micro-batch size, accumulation or world size (a per-micro-batch mean would weigh a short reply
+    /// in a small micro-batch as much as a long one). Default: `None` (the mask's own per-micro-batch mean).
+    fn counted_targets(&self, index: usize) -> Option<f64> {
+        let _ = index;
+        None
+    }
 }
+
+/// Batch tensor (f32, 1 or 0 per target) of the targets that count in the loss; a model's loss is then
+/// the mean over the micro-batch's counted targets.
+pub const LOSS_MASK: &str = "loss_mask";
+/// Batch tensor (f32 per target) of each target's weight in the loss, the loss being `Σ weight · loss`:
+/// what the [`DataLoader`] makes of a [`LOSS_MASK`] when the dataset counts its targets.
+pub const LOSS_WEIGHTS: &str = "loss_weights";
 
 /// Which dataset indices a rank trains on at each step.
 #[derive(Debug)]

@@ -48,6 +48,12 @@ impl Batch {
         })
     }
 
+    /// This batch without the tensor named `name` (if it was there).
+    pub fn without(mut self, name: &str) -> Self {
+        self.tensors.remove(name);
+        self
+    }
+
     /// Whether a tensor named `name` is there.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
