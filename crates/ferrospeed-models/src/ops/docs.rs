@@ -44,11 +44,6 @@ impl Docs {
         &self.starts
     }
 
-    /// `[b, t]` u32 positions.
-    pub fn positions(&self) -> &Tensor {
-        &self.positions
-    }
-
     /// Rotary tables `[b·t, hd/2]` gathered from `cos`/`sin` `[T, hd/2]` at each token's position (a
     /// table per row, so RoPE of the fused layout runs with `t = b·t`).
     pub fn rope_tables(&self, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {

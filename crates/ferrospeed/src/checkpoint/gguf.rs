@@ -146,11 +146,6 @@ impl GgufWeights {
         Ok(Self { path: path.to_path_buf(), file, content, tensors, cache: None })
     }
 
-    /// The file's metadata and tensor table.
-    pub fn content(&self) -> &Content {
-        &self.content
-    }
-
     /// Tensor `name` (transformers' name) dequantised to f32, in transformers' layout.
     pub(crate) fn tensor(&mut self, name: &str) -> Result<&[f32], CheckpointError> {
         if self.cache.as_ref().is_none_or(|(n, _)| n != name) {
