@@ -88,7 +88,11 @@ fn bad_configs_are_one_line_exit_2_and_write_nothing() {
         (good.clone(), vec!["--set", "train.steps"], vec!["--set", "train.steps=50"]),
         (good.clone(), vec!["--set", "train.stepz=5"], vec!["train.stepz", "did you mean"]),
         (good.clone(), vec!["--set", "model.seq_len=0"], vec!["model.seq_len"]),
-        (good.clone() + "\n[zero]\noffload_optimizer = \"cpu\"\n", vec![], vec!["zero.offload_optimizer", "not available yet"]),
+        (good.clone() + "\n[zero]\noffload_optimizer = \"cpu\"\noffload_ratio = 1.5\n", vec![], vec!["zero.offload_ratio", "(0, 1]"]),
+        (good.clone() + "\n[zero]\noffload_optimizer = \"cpu\"\noffload_ratio = 0\n", vec![], vec!["zero.offload_ratio", "(0, 1]"]),
+        (good.clone() + "\n[zero]\nstage = 2\noffload_params = \"cpu\"\n", vec![], vec!["zero.offload_params", "zero.stage = 3"]),
+        (good.clone() + "\n[zero]\nstage = 3\noffload_params = \"cpu\"\n", vec![], vec!["zero.offload_params", "whole optimizer state offloaded"]),
+        (good.clone() + "\n[zero]\noffload_optimizer = \"nvme\"\nnvme_dir = \"/no/such/disk\"\n", vec![], vec!["zero.nvme_dir", "/no/such/disk", "does not exist"]),
     ];
     for (i, (text, overrides, expect)) in cases.iter().enumerate() {
         let path = dir.path().join("tiny.toml");

@@ -43,7 +43,7 @@ use crate::comm::TensorCollectives;
 use crate::comm::TcpCommunicator;
 use crate::config::{Config, OptimizerKind, ReduceDtype};
 use crate::data::{DataLoader, Dataset, Sampler};
-use crate::engine::{CommWorker, Engine, EngineConfig, Model, StepStats};
+use crate::engine::{CommWorker, Engine, EngineConfig, Model, OffloadSettings, StepStats};
 use crate::optim::{AdamW, LrSchedule, Optimizer, ParamGroups, Sgd};
 use crate::precision::{LossScalerConfig, Precision};
 use crate::shard::Strategy;
@@ -187,13 +187,15 @@ impl Accelerator {
     /// The engine's settings from the config: the one place the config becomes an [`EngineConfig`].
     pub fn engine_config(&self, optimizer: Arc<dyn Optimizer>, groups: ParamGroups) -> EngineConfig {
         let t = &self.cfg.train;
+        let z = &self.cfg.zero;
         EngineConfig {
             checkpointing: t.activation_checkpointing,
             grad_clip: t.grad_clip,
             optimizer,
             param_groups: groups,
             seed: t.seed,
-            strategy: Strategy::new(self.cfg.zero.stage),
+            strategy: Strategy::new(self.cfg.zero.stage).with_offload(z.offload_optimizer, z.offload_ratio, z.offload_params),
+            offload: OffloadSettings { nvme_dir: z.nvme_dir.clone(), pinned_budget: z.pinned_budget_mb * 1_000_000 },
             precision: t.precision,
             reduce_dtype: match t.grad_reduce_dtype {
                 ReduceDtype::Fp32 => DType::F32,

@@ -23,7 +23,7 @@ pub use error::ConfigError;
 // Domain types the config parses into; they live with the code that uses them.
 pub use crate::device::DeviceChoice;
 pub use crate::precision::Precision;
-pub use crate::shard::ZeroStage;
+pub use crate::shard::{Offload, ZeroStage};
 
 /// Everything a training run needs to know, after defaults and overrides, validated.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -197,26 +197,26 @@ impl Default for TrainConfig {
 }
 
 
-/// Where state that is not on the accelerator lives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Offload {
-    #[default]
-    None,
-    Cpu,
-    /// Files under `zero.nvme_dir`.
-    Nvme,
-}
-named_enum!(Offload { None => "none", Cpu => "cpu", Nvme => "nvme" });
 
 /// `[zero]`: how training state is sharded and offloaded.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ZeroConfig {
     pub stage: ZeroStage,
     pub offload_optimizer: Offload,
+    /// Share of the optimizer state on the offload tier, in (0, 1]; the rest stays on the device.
+    pub offload_ratio: f64,
     /// Stage 3 only.
     pub offload_params: Offload,
     /// Required when either offload is `nvme`.
     pub nvme_dir: Option<PathBuf>,
+    /// Host memory for offload transfers and NVMe buffers, in MB; 0 = what the pipeline needs.
+    pub pinned_budget_mb: u64,
+}
+
+impl Default for ZeroConfig {
+    fn default() -> Self {
+        Self { stage: ZeroStage::Zero, offload_optimizer: Offload::None, offload_ratio: 1.0, offload_params: Offload::None, nvme_dir: None, pinned_budget_mb: 0 }
+    }
 }
 
 /// `[checkpoint]`: when and where checkpoints are written.

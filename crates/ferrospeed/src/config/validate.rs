@@ -153,6 +153,25 @@ fn check_zero(config: &Config) -> Result<(), ConfigError> {
             "set zero.stage = 3, or use zero.offload_params = \"none\"",
         ));
     }
+    if !(zero.offload_ratio > 0.0 && zero.offload_ratio <= 1.0) {
+        return Err(ConfigError::invalid(
+            "zero.offload_ratio",
+            zero.offload_ratio.to_string(),
+            "must be in (0, 1]: the share of the optimizer state on the offload tier",
+            "use e.g. 0.5 (half offloaded) or 1.0 (all of it)",
+        ));
+    }
+    if zero.offload_params != Offload::None && (zero.offload_optimizer == Offload::None || zero.offload_ratio < 1.0) {
+        return Err(ConfigError::invalid(
+            "zero.offload_params",
+            format!("\"{}\"", zero.offload_params),
+            &format!(
+                "needs the whole optimizer state offloaded (it is zero.offload_optimizer = \"{}\", zero.offload_ratio = {}): offloaded parameters are updated off the device",
+                zero.offload_optimizer, zero.offload_ratio
+            ),
+            "set zero.offload_optimizer = \"cpu\" (or \"nvme\") and zero.offload_ratio = 1.0",
+        ));
+    }
     let offloads = [("zero.offload_optimizer", zero.offload_optimizer), ("zero.offload_params", zero.offload_params)];
     for (key, offload) in offloads {
         if offload == Offload::Nvme && zero.nvme_dir.is_none() {
@@ -177,6 +196,15 @@ fn check_paths(config: &Config, scope: Scope) -> Result<(), ConfigError> {
             quote_path(data),
             "does not exist",
             "point it at a text file or a directory of text files",
+        ));
+    }
+    let nvme = [config.zero.offload_optimizer, config.zero.offload_params].contains(&Offload::Nvme);
+    if let Some(dir) = config.zero.nvme_dir.as_ref().filter(|d| nvme && !d.is_dir()) {
+        return Err(ConfigError::invalid(
+            "zero.nvme_dir",
+            quote_path(dir),
+            "does not exist or is not a directory",
+            "create it, or point it at a folder on a fast local disk",
         ));
     }
     if let Some(tok) = config.model.tokenizer.as_ref().filter(|t| !t.is_file()) {

@@ -174,6 +174,13 @@ impl DeviceGrads {
         }
     }
 
+    /// The reduced gradient over `window`, copied to the host (for an optimizer running there).
+    pub fn download_window(&mut self, reduction: GradReduction, padded: usize, window: &Range<usize>) -> Result<Vec<f32>> {
+        let dev = self.dev.clone();
+        let view = self.window(reduction, padded, window)?;
+        dev.clone_dtoh(&view)
+    }
+
     pub fn device(&self) -> &CudaDevice {
         &self.dev
     }

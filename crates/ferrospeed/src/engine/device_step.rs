@@ -1,6 +1,6 @@
-//! The optimizer phase of a step on a CUDA device: the fp16 overflow check, the per-shard sums of
-//! squares of the global norm, and AdamW — kernels over the device buffers, one small copy back for
-//! each of the first two. The structure is the host's (`trainer.rs`): same shards, same block order.
+//! The optimizer phase of a step on a CUDA device: the fp16 overflow check, and the per-shard sums
+//! of squares of the global norm — kernels over the device buffers, one small copy back for each
+//! (AdamW on the device is each block's own update, `params.rs`). The structure is the host's (`trainer.rs`): same shards, same block order.
 
 use super::error::EngineError;
 use super::trainer::Engine;
@@ -42,19 +42,5 @@ impl Engine {
         }
         let sums = sum_squares_segments(&dev, &segments).map_err(EngineError::tensor("gradient norm"))?;
         Ok((0..ranks.len()).map(|k| (0..blocks).map(|b| index[k * blocks + b].map_or(0.0, |s| sums[s])).sum()).collect())
-    }
-
-    /// AdamW over every block's window, the gradient times `factor`; writes the compute copies.
-    pub(super) fn device_update(&mut self, factor: f32, lr: f64) -> Result<(), EngineError> {
-        let Some(&opt) = self.cfg.optimizer.as_adamw() else {
-            return Err(EngineError::Unsupported(format!("the {} optimizer has no CUDA path: use AdamW on the GPU", self.cfg.optimizer.name())));
-        };
-        let t = self.step;
-        for (p, g) in self.params.iter_mut().zip(&mut self.grads) {
-            let window = p.window.clone();
-            let grad = g.device_window(&window)?;
-            p.device_update(&opt, &grad, factor, lr, t)?;
-        }
-        Ok(())
     }
 }

@@ -98,6 +98,10 @@ impl DeviceGrads {
     pub fn persistent_bytes(&self) -> usize {
         match *self {}
     }
+
+    pub fn download_window(&mut self, _: GradReduction, _: usize, _: &Range<usize>) -> Result<Vec<f32>> {
+        match *self {}
+    }
 }
 
 fn no_cuda() -> EngineError {
@@ -110,10 +114,6 @@ impl Engine {
     }
 
     pub(super) fn device_shard_sums(&self, _: &[usize]) -> std::result::Result<Vec<f64>, EngineError> {
-        Err(no_cuda())
-    }
-
-    pub(super) fn device_update(&mut self, _: f32, _: f64) -> std::result::Result<(), EngineError> {
         Err(no_cuda())
     }
 }

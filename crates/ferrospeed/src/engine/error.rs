@@ -50,6 +50,24 @@ pub enum EngineError {
         /// Which parameter or input.
         what: String,
     },
+    /// The NVMe offload folder cannot serve (missing, not writable, too small) or a transfer failed.
+    #[error("zero.nvme_dir {}: {reason}", path.display())]
+    Nvme {
+        /// The folder or file.
+        path: std::path::PathBuf,
+        /// What is wrong, and the fix.
+        reason: String,
+    },
+    /// `zero.pinned_budget_mb` cannot hold the transfer buffers of one block.
+    #[error("zero.pinned_budget_mb = {budget_mb} is smaller than block {block}'s offload buffers ({needed_mb} MB): set it to at least {needed_mb}, or 0 to let the engine size them")]
+    PinnedBudget {
+        /// The budget set.
+        budget_mb: u64,
+        /// The largest block.
+        block: String,
+        /// What one block's buffers need, in MB (rounded up).
+        needed_mb: u64,
+    },
     /// A block asked the batch for a tensor it does not hold.
     #[error("the batch has no tensor `{name}` (it holds: {present}); add it to the dataset's samples or fix the name the block asks for")]
     MissingInput {

@@ -24,6 +24,9 @@ pub struct BlockGrads {
     shard: Option<Vec<f32>>,
     /// On a CUDA device the same buffers live there instead (`full` and `shard` stay empty).
     pub(super) dev: Option<DeviceGrads>,
+    /// The reduced window copied to the host for an optimizer there (device gradients, offloaded
+    /// state); freed at the next step.
+    downloaded: Vec<f32>,
 }
 
 /// What a finished reduction hands back.
@@ -77,11 +80,12 @@ impl BlockGrads {
     pub fn new(flat: &FlatParam, rank: usize, reduction: GradReduction, device: &Device) -> Result<Self, EngineError> {
         let s = flat.layout().shard(rank);
         let dev = DeviceGrads::new(device).map_err(EngineError::tensor("gradient buffers"))?;
-        Ok(Self { padded: flat.padded_numel(), shard_range: s.offset..s.offset + s.padded_len, reduction, full: None, shard: None, dev })
+        Ok(Self { padded: flat.padded_numel(), shard_range: s.offset..s.offset + s.padded_len, reduction, full: None, shard: None, dev, downloaded: Vec::new() })
     }
 
     /// Zero the accumulators for a new step (allocations are kept where the strategy keeps them).
     pub fn begin_step(&mut self) -> Result<(), EngineError> {
+        self.downloaded = Vec::new();
         if let Some(d) = &mut self.dev {
             return d.begin_step(self.padded, self.reduction).map_err(EngineError::tensor("gradient buffers"));
         }
@@ -159,6 +163,19 @@ impl BlockGrads {
             GradReduction::ReduceScatter => {
                 let len = window.len();
                 self.shard.get_or_insert_with(|| vec![0.0; len])
+            }
+        }
+    }
+
+    /// The reduced gradient over `window` in host memory, for an optimizer that runs there: the
+    /// buffer itself, or a copy from the device.
+    pub fn host_window(&mut self, window: &Range<usize>) -> Result<&mut [f32], EngineError> {
+        let (reduction, padded) = (self.reduction, self.padded);
+        match &mut self.dev {
+            None => Ok(self.window(window)),
+            Some(d) => {
+                self.downloaded = d.download_window(reduction, padded, window).map_err(EngineError::tensor("gradient buffers"))?;
+                Ok(&mut self.downloaded)
             }
         }
     }

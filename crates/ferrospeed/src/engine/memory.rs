@@ -8,17 +8,21 @@ pub struct MemoryReport {
     pub params: usize,
     /// Reduced fp32 gradients kept between steps: whole (stages 0–1) or this rank's shards (2–3).
     pub grads: usize,
-    /// fp32 master weights.
+    /// fp32 master weights on the device tier (where blocks compute).
     pub master: usize,
-    /// Optimizer state (AdamW: first and second moments).
+    /// Optimizer state (AdamW: first and second moments) on the device tier.
     pub moments: usize,
+    /// Master weights and optimizer state offloaded to host memory (`zero.offload_optimizer = "cpu"`).
+    pub offloaded_host: usize,
+    /// Master weights and optimizer state in NVMe files.
+    pub offloaded_nvme: usize,
     /// Largest amount of all-gathered (stage 3) parameters alive at once during the last step.
     pub gathered_peak: usize,
 }
 
 impl MemoryReport {
-    /// Bytes held between steps: parameters, gradients, master weights and optimizer state
-    /// (`gathered_peak` excluded).
+    /// Bytes held between steps where blocks compute: parameters, gradients, master weights and
+    /// optimizer state (offloaded state and `gathered_peak` excluded).
     pub fn persistent(&self) -> usize {
         self.params + self.grads + self.master + self.moments
     }

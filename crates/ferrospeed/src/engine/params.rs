@@ -1,20 +1,23 @@
 //! One block's parameters under a strategy: fp32 master weights and optimizer state over the window of
 //! the flat buffer this rank updates (all of it, or its shard), and the compute-dtype copy blocks run
 //! on — variables kept between uses (stages 0–2), or a shard all-gathered before each use (stage 3).
-//! On a CUDA device the master weights and moments live in device memory (`DeviceWindow`); the host
-//! vectors are then a mirror, filled only on request (checkpoints) and freed when an update makes
-//! them stale.
+//! Where the master weights and moments live is the block's `Store` (its tier): host vectors, device
+//! memory (`DeviceWindow`) or an NVMe file; for the last two the host vectors are a mirror, filled
+//! only on request (checkpoints) and freed when an update makes them stale. `update` steps the block
+//! the same way for the trainer whatever the tier.
 
 use super::comm_worker::{CommWorker, Pending};
 use super::error::EngineError;
 use super::host_buf::HostBuf;
+use super::grads::BlockGrads;
 use super::model::Model;
+use super::offload::{nvme::NvmeStore, read_now, write_now, Store, UpdatePass};
 use super::{DeviceGather, DeviceWindow, Nccl};
 use crate::comm::CommError;
 use crate::engine::{Init, ParamSpec};
-use crate::optim::{GroupSettings, ParamGroups};
+use crate::optim::{GroupSettings, Hyper, Optimizer, ParamGroups};
 use crate::rng::Rng;
-use crate::shard::{FlatParam, OptimizerWindow, ParamPlacement, Publish, Strategy};
+use crate::shard::{FlatParam, OptimizerWindow, ParamPlacement, Publish, Strategy, Tier};
 use candle_core::{DType, Device, Var};
 use std::ops::Range;
 use std::sync::Arc;
@@ -50,31 +53,77 @@ pub struct BlockParams {
     pub state: Vec<Vec<f32>>,
     /// Weight decay and learning-rate scale of each parameter of the block (its group's).
     pub settings: Vec<GroupSettings>,
-    /// The state in device memory (CUDA), the truth when present.
-    pub(super) dev: Option<DeviceWindow>,
-    /// `master` and `state` hold the current state (always on the CPU).
+    /// Where the state is the truth: the host vectors, device memory or a file.
+    pub(super) store: Store,
+    /// The tier the strategy assigned (on a CPU run the device and host tiers are one `Store::Host`).
+    tier: Tier,
+    /// `master` and `state` hold the current state (always with `Store::Host`).
     host_fresh: bool,
+    /// The compute copy of the window an NVMe update produced, for `start_publish` (the mirror it
+    /// came from is gone by then).
+    staged: Option<HostBuf>,
     /// Compute-dtype shard of this rank (parameters not resident): what is all-gathered before use.
     shard: Option<Arc<HostBuf>>,
     /// Variables over the whole block (parameters resident).
     vars: Option<Vec<Var>>,
 }
 
+/// What every block's set-up shares.
+pub struct BlockSetup<'a> {
+    pub strategy: Strategy,
+    pub rank: usize,
+    pub world: usize,
+    /// The compute dtype.
+    pub dtype: DType,
+    pub device: &'a Device,
+    pub optimizer: OptimizerSetup<'a>,
+    /// The NVMe folder, when a tier is NVMe.
+    pub nvme: Option<&'a NvmeStore>,
+}
+
+/// What one block's update needs of the step.
+pub struct StepUpdate<'a> {
+    pub optimizer: &'a dyn Optimizer,
+    /// The gradient's multiplier: the clipping coefficient over the loss scale.
+    pub factor: f32,
+    /// The step's learning rate (before each parameter's scale).
+    pub lr: f64,
+    /// The step, 1-based (bias correction).
+    pub t: u64,
+}
+
+/// The optimizer over `window` of a block in host memory: every parameter part with its group's
+/// settings, the gradient scaled by `up.factor` first.
+fn host_update(flat: &FlatParam, window: &Range<usize>, settings: &[GroupSettings], master: &mut [f32], mut state: Vec<&mut [f32]>, grads: &mut [f32], up: &StepUpdate<'_>) {
+    if up.factor != 1.0 {
+        grads.iter_mut().for_each(|x| *x *= up.factor);
+    }
+    for (j, part) in flat.params_in(window.clone()) {
+        let r = part.start - window.start..part.end - window.start;
+        let s = settings[j];
+        let mut parts: Vec<&mut [f32]> = state.iter_mut().map(|b| &mut b[r.clone()]).collect();
+        let hp = Hyper { lr: up.lr * s.lr_scale, step: up.t, weight_decay: s.weight_decay };
+        up.optimizer.update(&mut master[r.clone()], &grads[r], &mut parts, hp);
+    }
+}
+
+/// An NVMe file's buffer as the master weights and `k` state buffers of `n` elements each.
+fn split_state(buf: &mut [f32], n: usize, k: usize) -> (&mut [f32], Vec<&mut [f32]>) {
+    let (master, mut rest) = buf.split_at_mut(n);
+    let mut state = Vec::with_capacity(k);
+    for _ in 0..k {
+        let (s, r) = rest.split_at_mut(n);
+        state.push(s);
+        rest = r;
+    }
+    (master, state)
+}
+
 impl BlockParams {
     /// Block `i` from its initial values (`init_values`: every rank computes the same ones), keeping what
-    /// the strategy says this rank holds.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_full(
-        model: &Model,
-        i: usize,
-        full: Vec<f32>,
-        strategy: Strategy,
-        rank: usize,
-        world: usize,
-        dtype: DType,
-        device: &Device,
-        optimizer: &OptimizerSetup<'_>,
-    ) -> Result<Self, EngineError> {
+    /// the strategy says this rank holds, its optimizer state on `tier`.
+    pub fn from_full(model: &Model, i: usize, full: Vec<f32>, setup: &BlockSetup<'_>, tier: Tier) -> Result<Self, EngineError> {
+        let BlockSetup { strategy, rank, world, dtype, device, ref optimizer, nvme } = *setup;
         let name = model.block(i).name();
         let flat = FlatParam::new(model.own_params(i), world);
         if full.len() != flat.padded_numel() {
@@ -100,21 +149,88 @@ impl BlockParams {
             settings,
             shard: None,
             vars: None,
-            dev: None,
+            store: Store::Host,
+            tier,
             host_fresh: true,
+            staged: None,
         };
         match strategy.param_placement() {
             ParamPlacement::Resident => p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?),
             ParamPlacement::Gathered => p.shard = Some(Arc::new(HostBuf::from_f32(dtype, &full[shard_range]))),
         }
-        // The update writes the variables themselves unless the window is gathered (stages 1–3).
-        let compute = (strategy.publish() != Publish::Rebuild).then(|| HostBuf::from_f32(dtype, &p.master));
-        if let [m, v] = p.state.as_slice() {
-            // Only AdamW runs on the device (`Engine::new` refuses the others there).
-            p.dev = DeviceWindow::new(device, &p.master, m, v, compute.as_ref()).map_err(EngineError::tensor(p.name.clone()))?;
+        match tier {
+            // On a CPU run the device is host memory; offloading there changes nothing.
+            Tier::Device | Tier::Host if !device.is_cuda() => {}
+            Tier::Host => {}
+            Tier::Device => {
+                // The update writes the variables themselves unless the window is gathered (stages 1–3).
+                let compute = (strategy.publish() != Publish::Rebuild).then(|| HostBuf::from_f32(dtype, &p.master));
+                if let [m, v] = p.state.as_slice() {
+                    // Only AdamW runs on the device (`Engine::new` refuses the others there).
+                    if let Some(d) = DeviceWindow::new(device, &p.master, m, v, compute.as_ref()).map_err(EngineError::tensor(p.name.clone()))? {
+                        p.store = Store::Device(d);
+                    }
+                }
+            }
+            Tier::Nvme => {
+                let nvme = nvme.ok_or_else(|| EngineError::Unsupported(format!("block {}: an NVMe tier without zero.nvme_dir", p.name)))?;
+                let file = nvme.file(&format!("block-{i:05}.state"), p.file_elems())?;
+                p.store = Store::Nvme(Arc::new(file));
+                p.upload_host()?;
+                // The compute copy was built from `full` above.
+                p.staged = None;
+            }
         }
         p.mark_host_stale();
         Ok(p)
+    }
+
+    /// Elements of the block's NVMe file: master weights and every state buffer over the window.
+    pub fn file_elems(&self) -> usize {
+        self.window.len() * (1 + self.state.len())
+    }
+
+    /// The optimizer step of this block from its reduced gradient in `grads`, wherever the state is:
+    /// a kernel on the device, or the CPU optimizer on host memory (an NVMe block's state read by
+    /// `pass` and written back behind). Blocks are updated in order.
+    pub fn update(&mut self, i: usize, grads: &mut BlockGrads, up: &StepUpdate<'_>, pass: &mut UpdatePass) -> Result<(), EngineError> {
+        let window = self.window.clone();
+        let n = window.len();
+        let k = self.state.len();
+        let file = match &self.store {
+            Store::Device(_) => return self.device_step(grads, up),
+            Store::Host => {
+                let g = grads.host_window(&window)?;
+                let state = self.state.iter_mut().map(Vec::as_mut_slice).collect();
+                host_update(&self.flat, &window, &self.settings, &mut self.master, state, g, up);
+                return Ok(());
+            }
+            Store::Nvme(file) => file.clone(),
+        };
+        let mut pages = pass.take(i)?;
+        let g = grads.host_window(&window)?;
+        let (master, state) = split_state(pages.as_f32_mut(), n, k);
+        host_update(&self.flat, &window, &self.settings, master, state, g, up);
+        self.staged = Some(HostBuf::from_f32(self.dtype, &pages.as_f32()[..n]));
+        pass.put(&file, pages)
+    }
+
+    /// AdamW on the device over this rank's window (`Store::Device`).
+    #[cfg(feature = "cuda")]
+    fn device_step(&mut self, grads: &mut BlockGrads, up: &StepUpdate<'_>) -> Result<(), EngineError> {
+        let Some(opt) = up.optimizer.as_adamw() else {
+            return Err(EngineError::Unsupported(format!("the {} optimizer has no CUDA path: use AdamW on the GPU", up.optimizer.name())));
+        };
+        let grad = grads.device_window(&self.window)?;
+        let Some(d) = self.store.device_mut() else { return Err(EngineError::Unsupported(format!("block {} has no device state", self.name))) };
+        d.update(opt, &self.flat, &self.window, self.vars.as_deref(), &grad, up.factor, up.lr, up.t, &self.settings).map_err(EngineError::tensor(self.name.clone()))?;
+        self.mark_host_stale();
+        Ok(())
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    fn device_step(&mut self, _: &mut BlockGrads, _: &StepUpdate<'_>) -> Result<(), EngineError> {
+        Err(EngineError::Unsupported("this build has no CUDA support (the `cuda` feature)".into()))
     }
 
     fn make_vars(&self, full: &HostBuf) -> Result<Vec<Var>, EngineError> {
@@ -151,7 +267,7 @@ impl BlockParams {
     /// Whether gathers of this block run on the device (CUDA with a compute copy, and NCCL unless the
     /// window is the whole block).
     fn gathers_on_device(&self, nccl: Option<&Nccl>) -> bool {
-        self.dev.as_ref().is_some_and(|d| d.gathers_on_device(nccl.is_some(), self.flat.padded_numel()))
+        self.store.device().is_some_and(|d| d.gathers_on_device(nccl.is_some(), self.flat.padded_numel()))
     }
 
     /// The resident variables (stages 0–2).
@@ -161,7 +277,7 @@ impl BlockParams {
 
     /// Start all-gathering this block's shard (stage 3); `finish_gather` turns the result into variables.
     pub fn start_gather(&self, worker: &CommWorker, nccl: Option<&Nccl>) -> Result<Gather, EngineError> {
-        if let Some(g) = self.dev.as_ref().map(|d| d.start_gather(nccl, self.flat.padded_numel())).transpose()?.flatten() {
+        if let Some(g) = self.store.device().map(|d| d.start_gather(nccl, self.flat.padded_numel())).transpose()?.flatten() {
             return Ok(Gather::Device(g));
         }
         let shard = self.shard.clone().ok_or_else(|| EngineError::Unsupported(format!("block {} has no shard to gather", self.name)))?;
@@ -184,7 +300,7 @@ impl BlockParams {
     /// the others copy the window's compute copy to the host once.
     pub fn start_publish(&mut self, worker: &CommWorker, strategy: Strategy, nccl: Option<&Nccl>) -> Result<Option<Gather>, EngineError> {
         let publish = strategy.publish();
-        if self.dev.is_some() && publish == Publish::Rebuild {
+        if self.store.device().is_some() && publish == Publish::Rebuild {
             return Ok(None);
         }
         if self.gathers_on_device(nccl) {
@@ -195,9 +311,10 @@ impl BlockParams {
             }
             return Ok(Some(self.start_gather(worker, nccl)?));
         }
-        let updated = match &self.dev {
-            None => HostBuf::from_f32(self.dtype, &self.master),
-            Some(d) => d
+        let updated = match &self.store {
+            Store::Host => HostBuf::from_f32(self.dtype, &self.master),
+            Store::Nvme(_) => self.staged.take().ok_or_else(|| EngineError::Unsupported(format!("block {} was published before its update", self.name)))?,
+            Store::Device(d) => d
                 .compute_host()
                 .map_err(EngineError::tensor(self.name.clone()))?
                 .ok_or_else(|| EngineError::Unsupported(format!("block {} has no compute copy on the device", self.name)))?,
@@ -227,11 +344,25 @@ impl BlockParams {
 
     /// Copy the device state into the host mirror (no-op when it is current).
     pub fn sync_to_host(&mut self) -> Result<(), EngineError> {
-        if let (Some(d), false) = (&self.dev, self.host_fresh) {
-            let [master, m, v] = d.download().map_err(EngineError::tensor(self.name.clone()))?;
-            (self.master, self.state) = (master, vec![m, v]);
-            self.host_fresh = true;
+        if self.host_fresh {
+            return Ok(());
         }
+        match &self.store {
+            Store::Host => {}
+            Store::Device(d) => {
+                let [master, m, v] = d.download().map_err(EngineError::tensor(self.name.clone()))?;
+                (self.master, self.state) = (master, vec![m, v]);
+            }
+            Store::Nvme(file) => {
+                let pages = read_now(file)?;
+                let n = self.window.len();
+                let all = pages.as_f32();
+                self.master = all[..n].to_vec();
+                let k = self.state.len();
+                self.state = (0..k).map(|s| all[(s + 1) * n..(s + 2) * n].to_vec()).collect();
+            }
+        }
+        self.host_fresh = true;
         Ok(())
     }
 
@@ -239,7 +370,7 @@ impl BlockParams {
     /// on a device (where the mirror is freed between uses), cleared on the CPU.
     pub(super) fn host_for_overwrite(&mut self) {
         let n = self.window.len();
-        if self.dev.is_some() {
+        if !matches!(self.store, Store::Host) {
             self.master = vec![0.0; n];
             self.state.iter_mut().for_each(|s| *s = vec![0.0; n]);
         } else {
@@ -249,44 +380,51 @@ impl BlockParams {
         self.host_fresh = true;
     }
 
-    /// The device state changed: free the host mirror (nothing on the CPU, where it is the state).
+    /// The device or file state changed: free the host mirror (nothing for `Store::Host`, where it
+    /// is the state).
     pub(super) fn mark_host_stale(&mut self) {
-        if self.dev.is_some() {
+        if !matches!(self.store, Store::Host) {
             self.master = Vec::new();
             self.state.iter_mut().for_each(|s| *s = Vec::new());
             self.host_fresh = false;
         }
     }
 
-    /// AdamW on the device over this rank's window from `grad` (the reduced gradient over it).
-    #[cfg(feature = "cuda")]
-    pub(super) fn device_update(
-        &mut self,
-        opt: &crate::optim::AdamW,
-        grad: &candle_core::cuda::cudarc::driver::CudaView<'_, f32>,
-        factor: f32,
-        lr: f64,
-        t: u64,
-    ) -> Result<(), EngineError> {
-        let Some(d) = &mut self.dev else { return Err(EngineError::Unsupported(format!("block {} has no device state", self.name))) };
-        d.update(opt, &self.flat, &self.window, self.vars.as_deref(), grad, factor, lr, t, &self.settings).map_err(EngineError::tensor(self.name.clone()))?;
-        self.mark_host_stale();
+    /// After the host mirror was written (a restore): upload it (or write the file) and rewrite
+    /// the compute copy.
+    pub fn upload_host(&mut self) -> Result<(), EngineError> {
+        match &mut self.store {
+            Store::Host => {}
+            Store::Device(d) => {
+                if let [m, v] = self.state.as_slice() {
+                    d.upload(&self.master, m, v, &self.flat, &self.window, self.vars.as_deref())
+                        .map_err(EngineError::tensor(self.name.clone()))?;
+                }
+            }
+            Store::Nvme(file) => {
+                let n = self.window.len();
+                let mut pages = super::offload::nvme::Pages::zeroed(file.elems());
+                let all = pages.as_f32_mut();
+                all[..n].copy_from_slice(&self.master);
+                for (s, buf) in self.state.iter().enumerate() {
+                    all[(s + 1) * n..(s + 2) * n].copy_from_slice(buf);
+                }
+                write_now(file, pages)?;
+                self.staged = Some(HostBuf::from_f32(self.dtype, &self.master));
+            }
+        }
         Ok(())
     }
 
-    /// After the host mirror was written (a restore): upload it and rewrite the compute copy.
-    pub fn upload_host(&mut self) -> Result<(), EngineError> {
-        if let (Some(d), [m, v]) = (&mut self.dev, self.state.as_slice()) {
-            d.upload(&self.master, m, v, &self.flat, &self.window, self.vars.as_deref())
-                .map_err(EngineError::tensor(self.name.clone()))?;
-        }
-        Ok(())
+    /// Bytes of optimizer state (master weights and every state buffer) and the tier they are on.
+    pub fn state_bytes(&self) -> (Tier, usize) {
+        (self.tier, self.window.len() * (1 + self.state.len()) * 4)
     }
 
     /// Bytes of compute-dtype parameters held between steps (variables or shard).
     pub fn param_bytes(&self) -> usize {
         let vars: usize = self.vars.iter().flatten().map(|v| v.elem_count() * v.dtype().size_in_bytes()).sum();
-        let device_shard = if self.vars.is_none() { self.dev.as_ref().map_or(0, DeviceWindow::compute_bytes) } else { 0 };
+        let device_shard = if self.vars.is_none() { self.store.device().map_or(0, DeviceWindow::compute_bytes) } else { 0 };
         vars + self.shard.as_ref().map_or(device_shard, |s| s.bytes())
     }
 }

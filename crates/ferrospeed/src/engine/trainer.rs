@@ -15,13 +15,14 @@ use super::error::EngineError;
 use super::grads::BlockGrads;
 use super::memory::MemoryReport;
 use super::model::Model;
-use super::params::{init_values, BlockParams, Gather, OptimizerSetup};
+use super::offload::{BlockNeed, Offload, OffloadSettings, UpdatePass};
+use super::params::{init_values, BlockParams, BlockSetup, Gather, OptimizerSetup, StepUpdate};
 use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::profile::{self, Kind};
-use crate::optim::{clip_coefficient, sum_squares, Hyper, LrSchedule, Optimizer, ParamGroups};
+use crate::optim::{clip_coefficient, sum_squares, LrSchedule, Optimizer, ParamGroups};
 use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision, ScalerState};
-use crate::shard::{GradReduction, ParamPlacement, Strategy};
+use crate::shard::{FlatParam, GradReduction, OptimizerWindow, ParamPlacement, Strategy, Tier};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -40,8 +41,10 @@ pub struct EngineConfig {
     pub param_groups: ParamGroups,
     /// Seed of the parameter initialisation.
     pub seed: u64,
-    /// The ZeRO stage: what is sharded over the ranks.
+    /// The ZeRO stage and offload tiers: what is sharded over the ranks, and what is offloaded.
     pub strategy: Strategy,
+    /// The offload's folder and buffer budget.
+    pub offload: OffloadSettings,
     /// The dtype blocks compute in (fp32, bf16, or fp16 with loss scaling).
     pub precision: Precision,
     /// dtype gradients are reduced in (F32, or the compute dtype).
@@ -68,6 +71,7 @@ impl EngineConfig {
             param_groups: ParamGroups::default(),
             seed,
             strategy: Strategy::new(crate::config::ZeroStage::Zero),
+            offload: OffloadSettings::default(),
             precision: Precision::Fp32,
             reduce_dtype: DType::F32,
             loss_scaler: None,
@@ -122,6 +126,8 @@ pub struct Engine {
     gathered_peak: usize,
     /// NCCL over the ranks' GPUs (CUDA, one GPU per rank): gradient reductions run there.
     nccl: Option<super::Nccl>,
+    /// The offload tiers' resources (NVMe folder, buffers).
+    offload: Offload,
     /// The optimizer step being accumulated.
     acc: Accumulating,
 }
@@ -159,7 +165,24 @@ impl Engine {
                 cfg.optimizer.name()
             )));
         }
-        let setup = OptimizerSetup { num_states: cfg.optimizer.state_names().len(), weight_decay: cfg.optimizer.weight_decay(), groups: &cfg.param_groups };
+        // Where each block's optimizer state goes, checked (NVMe folder, buffer budget) before
+        // anything large is allocated.
+        let num_states = cfg.optimizer.state_names().len();
+        let names = model.block_names();
+        let windows: Vec<usize> = (0..model.num_blocks())
+            .map(|i| {
+                let flat = FlatParam::new(model.own_params(i), world);
+                match cfg.strategy.optimizer_window() {
+                    OptimizerWindow::Whole => flat.padded_numel(),
+                    OptimizerWindow::Shard => flat.layout().shard(rank).padded_len,
+                }
+            })
+            .collect();
+        let tiers = cfg.strategy.optimizer_tiers(&windows);
+        let needs: Vec<BlockNeed<'_>> = (0..model.num_blocks()).map(|i| BlockNeed { name: &names[i], tier: tiers[i], file_elems: windows[i] * (1 + num_states) }).collect();
+        let offload = Offload::new(&cfg.offload, rank, &needs)?;
+        let optimizer = OptimizerSetup { num_states, weight_decay: cfg.optimizer.weight_decay(), groups: &cfg.param_groups };
+        let setup = BlockSetup { strategy: cfg.strategy, rank, world, dtype, device: &cfg.device, optimizer, nvme: offload.nvme.as_ref() };
         let mut params = Vec::with_capacity(model.num_blocks());
         let mut grads = Vec::with_capacity(model.num_blocks());
         // Drawing the initial values is most of the start-up (1.5B normal samples: a minute on one core):
@@ -169,14 +192,14 @@ impl Engine {
         for chunk in blocks.chunks(rayon::current_num_threads().max(1)) {
             let values: Vec<Vec<f32>> = chunk.par_iter().map(|&i| init_values(&model, i, world, cfg.seed)).collect();
             for (&i, full) in chunk.iter().zip(values) {
-                let p = BlockParams::from_full(&model, i, full, cfg.strategy, rank, world, dtype, &cfg.device, &setup)?;
+                let p = BlockParams::from_full(&model, i, full, &setup, tiers[i])?;
                 grads.push(BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction(), &cfg.device)?);
                 params.push(p);
             }
         }
         let scaler = cfg.loss_scaler.map(LossScaler::new);
         let nccl = make_nccl(worker.communicator(), &cfg.device)?;
-        Ok(Self { model, worker, params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl, acc: Accumulating::default() })
+        Ok(Self { model, worker, params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl, offload, acc: Accumulating::default() })
     }
 
     /// The model being trained.
@@ -225,13 +248,27 @@ impl Engine {
 
     /// Bytes held by this rank, per kind (see [`MemoryReport`]).
     pub fn memory(&self) -> MemoryReport {
+        let on = |tier: Tier| self.params.iter().filter(move |p| p.state_bytes().0 == tier);
+        let device_windows: usize = on(Tier::Device).map(|p| p.window.len() * 4).sum();
         MemoryReport {
             params: self.params.iter().map(BlockParams::param_bytes).sum(),
             grads: self.grads.iter().map(BlockGrads::persistent_bytes).sum(),
-            master: self.params.iter().map(|p| p.window.len() * 4).sum(),
-            moments: self.params.iter().map(|p| p.window.len() * self.cfg.optimizer.state_names().len() * 4).sum(),
+            master: device_windows,
+            moments: device_windows * self.cfg.optimizer.state_names().len(),
+            offloaded_host: on(Tier::Host).map(|p| p.state_bytes().1).sum(),
+            offloaded_nvme: on(Tier::Nvme).map(|p| p.state_bytes().1).sum(),
             gathered_peak: self.gathered_peak,
         }
+    }
+
+    /// The tier of each block's optimizer state, in block order.
+    pub fn state_tiers(&self) -> Vec<Tier> {
+        self.params.iter().map(|p| p.state_bytes().0).collect()
+    }
+
+    /// What the NVMe tier has read and written so far, and how fast (`None` without one).
+    pub fn disk_traffic(&self) -> Option<super::offload::nvme::DiskTraffic> {
+        self.offload.traffic()
     }
 
     pub(crate) fn blocks_state(&self) -> impl Iterator<Item = (&str, &BlockParams)> {
@@ -349,26 +386,15 @@ impl Engine {
         let grad_norm = profile::scoped_as(Kind::Optimizer, "grad_norm", || self.grad_norm_scaled())? / scale;
         let factor = (clip_coefficient(grad_norm, self.cfg.grad_clip) / scale) as f32;
         let opt = self.cfg.optimizer.clone();
-        let step = self.step;
+        let up = StepUpdate { optimizer: opt.as_ref(), factor, lr, t: self.step };
         let _adamw = profile::span_as(Kind::Optimizer, "adamw");
-        if on_device {
-            self.device_update(factor, lr)?;
-        } else {
-            for (p, g) in self.params.iter_mut().zip(&mut self.grads) {
-                let window = p.window.clone();
-                let grads = g.window(&window);
-                if factor != 1.0 {
-                    grads.iter_mut().for_each(|x| *x *= factor);
-                }
-                for (j, part) in p.flat.params_in(window.clone()) {
-                    let r = part.start - window.start..part.end - window.start;
-                    let s = p.settings[j];
-                    let mut state: Vec<&mut [f32]> = p.state.iter_mut().map(|b| &mut b[r.clone()]).collect();
-                    let hp = Hyper { lr: lr * s.lr_scale, step, weight_decay: s.weight_decay };
-                    opt.update(&mut p.master[r.clone()], &grads[r], &mut state, hp);
-                }
-            }
+        // Every block updates where its state lives (device, host or NVMe); NVMe state is read ahead
+        // and written behind by the pass.
+        let mut pass = UpdatePass::new(&self.offload, self.params.iter().map(|p| &p.store));
+        for (i, (p, g)) in self.params.iter_mut().zip(&mut self.grads).enumerate() {
+            p.update(i, g, &up, &mut pass)?;
         }
+        pass.finish()?;
         drop(_adamw);
         times.optimizer = t_opt.elapsed().as_secs_f64();
         let t_pub = Instant::now();

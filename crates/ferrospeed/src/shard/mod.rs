@@ -10,4 +10,4 @@ mod strategy;
 pub use flat::{FlatParam, SHARD_ALIGN};
 pub use layout::{Shard, ShardLayout};
 pub use param::{Init, ParamRef, ParamSpec};
-pub use strategy::{GradReduction, OptimizerWindow, ParamPlacement, Publish, Strategy, ZeroStage};
+pub use strategy::{GradReduction, Offload, OptimizerWindow, ParamPlacement, Publish, Strategy, Tier, ZeroStage};

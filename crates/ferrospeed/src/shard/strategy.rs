@@ -1,4 +1,5 @@
-//! The ZeRO stage as data: the step schedule asks these questions instead of branching on the stage.
+//! The ZeRO stage and the offload tiers as data: the step schedule asks these questions instead of
+//! branching on the stage or the offload setting.
 
 /// ZeRO stage: which of optimizer state (1), gradients (2) and parameters (3) are sharded; 0 is DDP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -50,6 +51,42 @@ impl serde::Serialize for ZeroStage {
 }
 
 
+/// Where state that is not on the accelerator lives (`zero.offload_optimizer`, `zero.offload_params`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Offload {
+    /// Nothing offloaded: the state stays where blocks compute.
+    #[default]
+    None,
+    /// Host memory.
+    Cpu,
+    /// Files under `zero.nvme_dir`.
+    Nvme,
+}
+crate::named_enum!(Offload { None => "none", Cpu => "cpu", Nvme => "nvme" });
+
+/// Where one block's optimizer state (fp32 master weights and moments) or stage-3 parameter shard
+/// lives between uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// The memory blocks compute in: the GPU's, or the host's on a CPU run.
+    Device,
+    /// Host memory; on a GPU run the optimizer runs there (all cores) and transfers cross PCIe.
+    Host,
+    /// Files under `zero.nvme_dir`, read into host memory for each update.
+    Nvme,
+}
+
+impl Offload {
+    /// The tier of state offloaded this way.
+    pub fn tier(self) -> Tier {
+        match self {
+            Offload::None => Tier::Device,
+            Offload::Cpu => Tier::Host,
+            Offload::Nvme => Tier::Nvme,
+        }
+    }
+}
+
 /// How gradients of a block are combined across ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GradReduction {
@@ -89,17 +126,57 @@ pub enum Publish {
     KeepShard,
 }
 
-/// What is sharded, for one ZeRO stage.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What is sharded and what is offloaded.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Strategy {
     /// The stage.
     pub stage: ZeroStage,
+    /// Where the offloaded part of the optimizer state lives.
+    pub offload_optimizer: Offload,
+    /// The share of the optimizer state (by elements, whole blocks) on the offload tier; the rest
+    /// stays on the device (DeepSpeed's Twin-Flow `ratio`). In (0, 1].
+    pub offload_ratio: f64,
+    /// Where stage-3 parameter shards live between uses.
+    pub offload_params: Offload,
 }
 
 impl Strategy {
-    /// The strategy of `stage`.
+    /// The strategy of `stage`, nothing offloaded.
     pub fn new(stage: ZeroStage) -> Self {
-        Self { stage }
+        Self { stage, offload_optimizer: Offload::None, offload_ratio: 1.0, offload_params: Offload::None }
+    }
+
+    /// The same with the optimizer state (`ratio` of it) and the stage-3 parameter shards offloaded.
+    pub fn with_offload(self, optimizer: Offload, ratio: f64, params: Offload) -> Self {
+        Self { offload_optimizer: optimizer, offload_ratio: ratio, offload_params: params, ..self }
+    }
+
+    /// The tier of each block's optimizer state, from the blocks' sizes (elements of the window each
+    /// rank updates). Whole blocks are offloaded, a run of the last ones — their gradients are complete
+    /// first in the backward — until the offloaded elements are nearest `offload_ratio` of all;
+    /// `offload_ratio = 1` offloads every block.
+    pub fn optimizer_tiers(self, numels: &[usize]) -> Vec<Tier> {
+        let mut tiers = vec![Tier::Device; numels.len()];
+        if self.offload_optimizer == Offload::None {
+            return tiers;
+        }
+        let total: usize = numels.iter().sum();
+        let target = self.offload_ratio * total as f64;
+        let mut offloaded = 0usize;
+        for (i, &n) in numels.iter().enumerate().rev() {
+            // Add the block while that brings the offloaded share closer to the target (or it is all).
+            if self.offload_ratio < 1.0 && offloaded as f64 + n as f64 / 2.0 > target {
+                break;
+            }
+            tiers[i] = self.offload_optimizer.tier();
+            offloaded += n;
+        }
+        tiers
+    }
+
+    /// The tier of stage-3 parameter shards.
+    pub fn param_tier(self) -> Tier {
+        self.offload_params.tier()
     }
 
     fn level(self) -> u8 {
@@ -164,5 +241,19 @@ mod tests {
                 (Gathered, Shard, ReduceScatter, KeepShard)
             ]
         );
+    }
+
+    #[test]
+    fn offload_takes_whole_blocks_from_the_end_nearest_the_ratio() {
+        let s = |ratio| Strategy::new(ZeroStage::One).with_offload(Offload::Nvme, ratio, Offload::None);
+        use Tier::*;
+        let sizes = [40, 10, 10, 30, 10];
+        assert_eq!(Strategy::new(ZeroStage::One).optimizer_tiers(&sizes), vec![Device; 5]);
+        assert_eq!(s(1.0).optimizer_tiers(&sizes), vec![Nvme; 5]);
+        // 50 of 100: 10 + 30 + 10 from the end.
+        assert_eq!(s(0.5).optimizer_tiers(&sizes), vec![Device, Device, Nvme, Nvme, Nvme]);
+        // 20: the last block (10), then 30 would overshoot by more than half of it.
+        assert_eq!(s(0.2).optimizer_tiers(&sizes), vec![Device, Device, Device, Device, Nvme]);
+        assert_eq!(s(0.01).optimizer_tiers(&sizes), vec![Device; 5]);
     }
 }

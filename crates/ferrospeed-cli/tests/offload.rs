@@ -1,0 +1,52 @@
+//! Offload end to end through `ferrospeed train`: a run with the optimizer state on NVMe (or in
+//! host memory) gives the losses of the run without, a checkpoint saved with offload resumes
+//! without it and the reverse, bit for bit; the summary reports the disk's bandwidth.
+
+mod support;
+
+use ferrospeed::checkpoint;
+use support::*;
+
+#[test]
+fn checkpoints_move_between_offloaded_and_plain_runs_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let nvme = dir.path().join("nvme");
+    std::fs::create_dir(&nvme).unwrap();
+    // 2 ranks, micro-batch 2, global batch 8: accumulation 2.
+    let config = write_config(dir.path(), TINY, "steps = 8\nglobal_batch = 8\nmicro_batch = 2\nwarmup = 2");
+    let offload = |tier: &str, ratio: f64| vec![format!("zero.offload_optimizer=\"{tier}\""), format!("zero.offload_ratio={ratio}"), format!("zero.nvme_dir={}", nvme.display())];
+    let plain: Vec<String> = vec![];
+    for (stage, saved_with, resumed_with) in [(2, offload("nvme", 0.5), plain.clone()), (3, plain.clone(), offload("nvme", 1.0)), (1, offload("cpu", 1.0), offload("nvme", 1.0))] {
+        let base = dir.path().join(format!("s{stage}"));
+        let ck = base.join("ck");
+        let mut sets = vec![format!("zero.stage={stage}"), format!("checkpoint.dir={}", ck.display()), "checkpoint.every=4".into()];
+        sets.extend(saved_with.iter().cloned());
+        let whole = train(2, &config, &base.join("whole"), &sets);
+        let reference = train(2, &config, &base.join("reference"), &[format!("zero.stage={stage}")]);
+        assert_eq!(bits(&whole), bits(&reference), "stage {stage}: {saved_with:?} vs no offload");
+        let root = root_with(&ck.join(checkpoint::step_dir_name(4)), &base.join("resume-root"));
+        let mut sets = vec![format!("zero.stage={stage}"), format!("checkpoint.dir={}", root.display())];
+        sets.extend(resumed_with.iter().cloned());
+        let resumed = train(2, &config, &base.join("resumed"), &sets);
+        assert_eq!(resumed.first().map(|r| r.0), Some(5), "stage {stage}: resumed after step 4");
+        assert_eq!(bits(&resumed), bits(&whole[4..]), "stage {stage}: saved with {saved_with:?}, resumed with {resumed_with:?}");
+    }
+    assert_eq!(std::fs::read_dir(&nvme).unwrap().count(), 0, "the runs removed their state files");
+}
+
+#[test]
+fn the_summary_reports_the_disk_bandwidth() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 3\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 1");
+    let track = dir.path().join("run");
+    let f = run(
+        &mut train_command(1, &config, &track, &["zero.stage=1".into(), "zero.offload_optimizer=\"nvme\"".into(), format!("zero.nvme_dir={}", dir.path().display())]),
+        std::time::Duration::from_secs(120),
+    );
+    assert!(f.status.success(), "{}", f.stderr);
+    let line = f.stdout.lines().find(|l| l.contains("NVMe (rank 0): read")).unwrap_or_else(|| panic!("no NVMe line in {}", f.stdout));
+    assert!(line.contains("GB/s"), "{line}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(track.join("summary.json")).unwrap()).unwrap();
+    assert!(summary["nvme"]["read_bytes"].as_u64().unwrap() > 0, "{summary}");
+    assert!(summary["memory"]["offloaded_nvme"].as_u64().unwrap() > 0, "{summary}");
+}

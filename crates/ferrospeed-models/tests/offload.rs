@@ -1,0 +1,197 @@
+//! Offload against no offload, with ranks as threads on the CPU: the optimizer state in host memory
+//! or NVMe files (all of it, or half), at stages 1–3, world 1 and 2, gives bitwise the losses of the
+//! same run without offload; the state really is on the tier asked for (files on disk while the
+//! engine lives, none after); a bad folder or budget is one error before anything is written.
+
+mod support;
+
+use candle_core::Device;
+use ferrospeed::comm::run_local_world;
+use ferrospeed::engine::{Engine, EngineConfig, EngineError, MemoryReport, OffloadSettings};
+use ferrospeed::optim::LrSchedule;
+use ferrospeed::precision::Precision;
+use ferrospeed::shard::{Offload, Tier};
+use ferrospeed::{CommConfig, Communicator};
+use ferrospeed_models::{BatchSampler, Gpt, GptConfig, TextCorpus};
+use std::path::Path;
+use std::sync::Arc;
+use support::bits;
+
+const CFG: GptConfig = GptConfig { n_layer: 3, n_head: 2, d_model: 32, seq_len: 16, vocab_size: 256 };
+const STEPS: usize = 8;
+
+fn corpus() -> TextCorpus {
+    support::corpus("Offloaded state is read ahead, updated on every core and written behind. ", 40)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    world: usize,
+    stage: u8,
+    precision: Precision,
+    optimizer: Offload,
+    ratio: f64,
+    params: Offload,
+}
+
+fn config(run: Run, nvme: &Path) -> EngineConfig {
+    let mut cfg = support::engine_config(run.stage, run.precision, true, 5);
+    cfg.strategy = cfg.strategy.with_offload(run.optimizer, run.ratio, run.params);
+    cfg.offload = OffloadSettings { nvme_dir: Some(nvme.to_path_buf()), pinned_budget: 0 };
+    cfg
+}
+
+/// What a run shows: rank 0's losses, each rank's memory report and tiers, and whether NVMe files
+/// existed during the run.
+struct Outcome {
+    losses: Vec<f64>,
+    memory: Vec<MemoryReport>,
+    tiers: Vec<Vec<Tier>>,
+    files_during: usize,
+    disk_read: u64,
+}
+
+fn train(run: Run, nvme: &Path) -> Outcome {
+    let corpus = corpus();
+    let out = run_local_world(run.world, &CommConfig::default(), |comm| {
+        let rank = comm.rank();
+        let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(run, nvme)).unwrap();
+        let sampler = BatchSampler { seed: 5, seq_len: CFG.seq_len, micro_batch: 1, accumulation: 2, world_size: run.world, rank };
+        let schedule = LrSchedule { lr: 3e-3, min_lr: 3e-4, warmup: 2, total: STEPS };
+        let mut losses = Vec::new();
+        for step in 0..STEPS {
+            let batches = support::batches(&sampler, &corpus, step, &Device::Cpu);
+            losses.push(engine.train_step(&batches, schedule.at(step)).unwrap().loss);
+        }
+        let files = count_files(nvme);
+        let read = engine.disk_traffic().map_or(0, |t| t.read_bytes);
+        (losses, engine.memory(), engine.state_tiers(), files, read)
+    })
+    .unwrap();
+    Outcome {
+        losses: out[0].0.clone(),
+        memory: out.iter().map(|o| o.1).collect(),
+        tiers: out.iter().map(|o| o.2.clone()).collect(),
+        files_during: out[0].3,
+        disk_read: out.iter().map(|o| o.4).sum(),
+    }
+}
+
+fn count_files(dir: &Path) -> usize {
+    walk(dir).len()
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn offloaded_optimizer_state_gives_bitwise_the_losses_of_no_offload() {
+    let nvme = tempfile::tempdir().unwrap();
+    for world in [1, 2] {
+        for stage in 1..=3 {
+            let base = Run { world, stage, precision: Precision::Fp32, optimizer: Offload::None, ratio: 1.0, params: Offload::None };
+            let reference = train(base, nvme.path());
+            assert!(reference.losses[STEPS - 1] < reference.losses[0], "the loss falls");
+            assert!(reference.tiers.iter().flatten().all(|&t| t == Tier::Device));
+            for (optimizer, ratio) in [(Offload::Cpu, 1.0), (Offload::Cpu, 0.5), (Offload::Nvme, 1.0), (Offload::Nvme, 0.5)] {
+                let run = Run { optimizer, ratio, ..base };
+                let got = train(run, nvme.path());
+                assert_eq!(bits(&got.losses), bits(&reference.losses), "{run:?} vs no offload");
+                let tier = optimizer.tier();
+                for (rank, tiers) in got.tiers.iter().enumerate() {
+                    let offloaded = tiers.iter().filter(|&&t| t == tier).count();
+                    if ratio == 1.0 {
+                        assert_eq!(offloaded, tiers.len(), "{run:?} rank {rank}: every block offloaded");
+                    } else {
+                        assert!(offloaded > 0 && offloaded < tiers.len(), "{run:?} rank {rank}: some blocks offloaded, not all: {tiers:?}");
+                        // The offloaded share is near the ratio (whole blocks).
+                        let m = got.memory[rank];
+                        let off = (m.offloaded_host + m.offloaded_nvme) as f64;
+                        let share = off / (off + (m.master + m.moments) as f64);
+                        assert!((share - 0.5).abs() < 0.3, "{run:?} rank {rank}: offloaded share {share}");
+                    }
+                }
+                let m = got.memory[0];
+                match optimizer {
+                    Offload::Nvme => {
+                        assert!(m.offloaded_nvme > 0 && m.offloaded_host == 0, "{run:?}: {m:?}");
+                        assert!(got.files_during > 0, "{run:?}: state files exist while the engine runs");
+                        assert!(got.disk_read > 0, "{run:?}: the state was read back from disk");
+                    }
+                    _ => assert!(m.offloaded_host > 0 && m.offloaded_nvme == 0, "{run:?}: {m:?}"),
+                }
+                assert_eq!(count_files(nvme.path()), 0, "{run:?}: the engine removes its state files when dropped");
+            }
+        }
+    }
+}
+
+#[test]
+fn offload_is_bitwise_in_fp16_and_bf16_and_with_parameter_offload() {
+    let nvme = tempfile::tempdir().unwrap();
+    for precision in [Precision::Bf16, Precision::Fp16] {
+        let base = Run { world: 2, stage: 3, precision, optimizer: Offload::None, ratio: 1.0, params: Offload::None };
+        let reference = train(base, nvme.path());
+        for (optimizer, params) in [(Offload::Nvme, Offload::None), (Offload::Cpu, Offload::Cpu)] {
+            let run = Run { optimizer, params, ..base };
+            assert_eq!(bits(&train(run, nvme.path()).losses), bits(&reference.losses), "{run:?}");
+        }
+    }
+}
+
+fn engine_error(run: Run, settings: OffloadSettings) -> EngineError {
+    let out = run_local_world(1, &CommConfig::default(), |comm| {
+        let mut cfg = config(run, Path::new("/"));
+        cfg.offload = settings.clone();
+        Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), cfg).err()
+    })
+    .unwrap();
+    out.into_iter().next().unwrap().expect("the engine refuses")
+}
+
+#[test]
+fn a_bad_nvme_folder_or_budget_is_one_error_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = Run { world: 1, stage: 1, precision: Precision::Fp32, optimizer: Offload::Nvme, ratio: 1.0, params: Offload::None };
+    let missing = dir.path().join("no-such-disk");
+    let e = engine_error(run, OffloadSettings { nvme_dir: Some(missing.clone()), pinned_budget: 0 });
+    let msg = e.to_string();
+    assert!(matches!(e, EngineError::Nvme { .. }) && msg.contains("does not exist") && msg.contains("no-such-disk"), "{msg}");
+    assert!(!missing.exists());
+
+    // A budget below one block's buffers names the block and the size that would do.
+    let e = engine_error(run, OffloadSettings { nvme_dir: Some(dir.path().to_path_buf()), pinned_budget: 4096 });
+    let msg = e.to_string();
+    assert!(matches!(e, EngineError::PinnedBudget { .. }) && msg.contains("zero.pinned_budget_mb") && msg.contains("block "), "{msg}");
+    assert!(!msg.contains('\n'));
+    assert_eq!(count_files(dir.path()), 0, "nothing written");
+
+    // A disk too small for the state: a model of some 1.3 T parameters is refused before any
+    // allocation, with the sizes and the settings to change.
+    let huge = GptConfig { n_layer: 400, n_head: 128, d_model: 16384, seq_len: 16, vocab_size: 256 };
+    let out = run_local_world(1, &CommConfig::default(), |comm| {
+        let mut cfg = config(run, dir.path());
+        cfg.offload.nvme_dir = Some(dir.path().to_path_buf());
+        Engine::new(Gpt::new(huge).model().unwrap(), Arc::new(comm), cfg).err()
+    })
+    .unwrap();
+    let msg = out[0].as_ref().expect("refused").to_string();
+    assert!(msg.contains("GB free") && msg.contains("zero.offload_ratio"), "{msg}");
+    assert_eq!(count_files(dir.path()), 0, "nothing written");
+
+    // A file where the folder should be.
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let e = engine_error(run, OffloadSettings { nvme_dir: Some(file), pinned_budget: 0 });
+    assert!(e.to_string().contains("not a directory"), "{e}");
+}

@@ -1,0 +1,225 @@
+//! Where each block's optimizer state lives (`Store`: device memory, host memory, or an NVMe file),
+//! how the engine's offload is set up (the NVMe folder, the transfer-buffer budget), and the update
+//! pass that steps every block in order whatever its tier, reading NVMe state ahead and writing it
+//! behind. The trainer asks a block to update; it never branches on where the state is.
+
+pub mod nvme;
+
+use super::error::EngineError;
+use super::DeviceWindow;
+use crate::shard::Tier;
+use nvme::{DiskTraffic, IoPending, NvmeFile, NvmeStore, Pages};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Offload settings that are not part of the strategy (paths and budgets).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OffloadSettings {
+    /// Folder of the NVMe tier's files (required when a tier is NVMe).
+    pub nvme_dir: Option<PathBuf>,
+    /// Bytes of host memory for transfer and NVMe buffers; 0 lets the engine size them (three
+    /// buffers of the largest offloaded block: one read ahead, one updated, one written behind).
+    pub pinned_budget: u64,
+}
+
+/// Where one block's optimizer state is the truth. The block's host vectors (`master`, `state`) are
+/// that state for `Host`, and a mirror filled on request for the other two.
+pub enum Store {
+    /// Host memory: the CPU optimizer updates it (on a GPU run the gradient comes down and the
+    /// compute copy goes up).
+    Host,
+    /// Device memory (CUDA): the fused kernel updates it there.
+    Device(DeviceWindow),
+    /// A file: read, updated in host memory, written back.
+    Nvme(Arc<NvmeFile>),
+}
+
+impl Store {
+    /// The device window, when the state is in device memory.
+    pub fn device(&self) -> Option<&DeviceWindow> {
+        match self {
+            Store::Device(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The same, writable.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn device_mut(&mut self) -> Option<&mut DeviceWindow> {
+        match self {
+            Store::Device(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// The engine's offload resources: the NVMe folder (when a tier is NVMe) and the number of
+/// block-sized transfer buffers the budget allows.
+pub struct Offload {
+    pub nvme: Option<NvmeStore>,
+    /// Buffers of `buffer_elems` f32 the update pass may hold at once.
+    pub buffers: usize,
+    pub buffer_elems: usize,
+}
+
+/// One block's need of the offload tiers, for [`Offload::new`].
+pub struct BlockNeed<'a> {
+    pub name: &'a str,
+    pub tier: Tier,
+    /// Elements of the block's NVMe file (master weights and state over its window).
+    pub file_elems: usize,
+}
+
+impl Offload {
+    /// Check the settings against what the blocks need and claim the NVMe folder — before anything
+    /// large is allocated, so a bad setting costs nothing.
+    pub fn new(settings: &OffloadSettings, rank: usize, needs: &[BlockNeed<'_>]) -> Result<Self, EngineError> {
+        let nvme_blocks: Vec<&BlockNeed<'_>> = needs.iter().filter(|b| b.tier == Tier::Nvme).collect();
+        let Some(largest) = nvme_blocks.iter().max_by_key(|b| b.file_elems) else {
+            return Ok(Self { nvme: None, buffers: 0, buffer_elems: 0 });
+        };
+        let buffer_elems = largest.file_elems.div_ceil(nvme::PAGE_ELEMS) * nvme::PAGE_ELEMS;
+        let buffer_bytes = buffer_elems as u64 * 4;
+        let buffers = match settings.pinned_budget {
+            0 => 3,
+            budget if budget < buffer_bytes => {
+                return Err(EngineError::PinnedBudget {
+                    budget_mb: budget / 1_000_000,
+                    block: largest.name.to_string(),
+                    needed_mb: buffer_bytes.div_ceil(1_000_000),
+                })
+            }
+            budget => ((budget / buffer_bytes) as usize).min(3),
+        };
+        let root = settings.nvme_dir.as_ref().ok_or_else(|| EngineError::Nvme {
+            path: PathBuf::new(),
+            reason: "is not set: set zero.nvme_dir to a folder on a fast local disk".into(),
+        })?;
+        let bytes: u64 = nvme_blocks.iter().map(|b| (b.file_elems.div_ceil(nvme::PAGE_ELEMS) * nvme::PAGE_BYTES) as u64).sum();
+        Ok(Self { nvme: Some(NvmeStore::create(root, rank, bytes)?), buffers, buffer_elems })
+    }
+
+    /// What the NVMe tier has moved so far (`None` without one).
+    pub fn traffic(&self) -> Option<DiskTraffic> {
+        self.nvme.as_ref().map(NvmeStore::traffic)
+    }
+}
+
+/// One optimizer step's pass over the blocks, in block order: NVMe blocks are read ahead into the
+/// pass's buffers and written behind, at most `Offload::buffers` at a time.
+pub struct UpdatePass {
+    /// NVMe blocks in update order, and their files.
+    queue: Vec<(usize, Arc<NvmeFile>)>,
+    /// Next entry of `queue` to start reading.
+    next_read: usize,
+    reads: VecDeque<(usize, IoPending)>,
+    writes: VecDeque<IoPending>,
+    free: Vec<Pages>,
+    made: usize,
+    buffers: usize,
+    buffer_elems: usize,
+}
+
+impl UpdatePass {
+    /// A pass over the blocks whose stores are `stores` (in block order); starts the first reads.
+    pub fn new<'a>(offload: &Offload, stores: impl Iterator<Item = &'a Store>) -> Self {
+        let queue = stores.enumerate().filter_map(|(i, s)| if let Store::Nvme(f) = s { Some((i, f.clone())) } else { None }).collect();
+        let mut pass = Self {
+            queue,
+            next_read: 0,
+            reads: VecDeque::new(),
+            writes: VecDeque::new(),
+            free: Vec::new(),
+            made: 0,
+            buffers: offload.buffers.max(1),
+            buffer_elems: offload.buffer_elems,
+        };
+        pass.read_ahead();
+        pass
+    }
+
+    /// A buffer without waiting, if the budget has one.
+    fn try_buffer(&mut self) -> Option<Pages> {
+        if let Some(p) = self.free.pop() {
+            return Some(p);
+        }
+        (self.made < self.buffers).then(|| {
+            self.made += 1;
+            Pages::zeroed(self.buffer_elems)
+        })
+    }
+
+    /// Start reads of the next blocks while buffers are free.
+    fn read_ahead(&mut self) {
+        while self.next_read < self.queue.len() {
+            let Some(pages) = self.try_buffer() else { break };
+            let (i, file) = &self.queue[self.next_read];
+            self.reads.push_back((*i, file.read(pages)));
+            self.next_read += 1;
+        }
+    }
+
+    /// Block `i`'s state, read from its file (waiting for the read, or for a write to free a buffer).
+    pub fn take(&mut self, i: usize) -> Result<Pages, EngineError> {
+        if self.reads.is_empty() {
+            let pages = match self.try_buffer() {
+                Some(p) => p,
+                None => self.writes.pop_front().ok_or_else(|| EngineError::Unsupported("the update pass has no buffer".into()))?.wait()?,
+            };
+            let (j, file) = self.queue.get(self.next_read).ok_or_else(|| EngineError::Unsupported(format!("block {i} is not on the NVMe tier")))?;
+            self.reads.push_back((*j, file.read(pages)));
+            self.next_read += 1;
+        }
+        let (j, read) = self.reads.pop_front().expect("a read was queued above");
+        if j != i {
+            return Err(EngineError::Unsupported(format!("the update pass read block {j} where block {i} comes next")));
+        }
+        read.wait()
+    }
+
+    /// Write block `i`'s updated state back (behind: the pass goes on), then read further ahead.
+    pub fn put(&mut self, file: &NvmeFile, pages: Pages) -> Result<(), EngineError> {
+        self.writes.push_back(file.write(pages));
+        // Reclaim finished writes' buffers only when a read needs one: keep at most one write waiting.
+        while self.writes.len() > 1 {
+            let done = self.writes.pop_front().expect("checked").wait()?;
+            self.free.push(done);
+        }
+        self.read_ahead();
+        Ok(())
+    }
+
+    /// Wait for every write: the files hold the step's state when this returns.
+    pub fn finish(mut self) -> Result<(), EngineError> {
+        for (_, r) in self.reads.drain(..) {
+            r.wait()?;
+        }
+        for w in self.writes.drain(..) {
+            w.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for UpdatePass {
+    /// A pass abandoned on an error still lets its transfers end (their buffers are the pass's).
+    fn drop(&mut self) {
+        for (_, r) in self.reads.drain(..) {
+            let _ = r.wait();
+        }
+        for w in self.writes.drain(..) {
+            let _ = w.wait();
+        }
+    }
+}
+
+/// Read a block's whole file now (checkpoints, restores), into a fresh buffer.
+pub fn read_now(file: &NvmeFile) -> Result<Pages, EngineError> {
+    file.read(Pages::zeroed(file.elems())).wait()
+}
+
+/// Write a block's whole file now, waiting for it.
+pub fn write_now(file: &NvmeFile, pages: Pages) -> Result<(), EngineError> {
+    file.write(pages).wait().map(drop)
+}
