@@ -99,8 +99,10 @@ fn minimal_config_gets_defaults() {
         zero: ZeroConfig {
             stage: ZeroStage::Zero,
             offload_optimizer: Offload::None,
+            offload_ratio: 1.0,
             offload_params: Offload::None,
             nvme_dir: None,
+            pinned_budget_mb: 0,
         },
         checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true },
         track: TrackConfig { dir: None, tensorboard: true },
@@ -158,8 +160,10 @@ device = \"cpu\"
 [zero]
 stage = 3
 offload_optimizer = \"nvme\"
+offload_ratio = 1
 offload_params = \"cpu\"
-nvme_dir = \"/mnt/nvme\"
+nvme_dir = \"/\"
+pinned_budget_mb = 512
 
 [checkpoint]
 dir = \"runs/x/ckpt\"
@@ -220,8 +224,10 @@ tensorboard = false
         zero: ZeroConfig {
             stage: ZeroStage::Three,
             offload_optimizer: Offload::Nvme,
+            offload_ratio: 1.0,
             offload_params: Offload::Cpu,
-            nvme_dir: Some(PathBuf::from("/mnt/nvme")),
+            nvme_dir: Some(PathBuf::from("/")),
+            pinned_budget_mb: 512,
         },
         checkpoint: CheckpointConfig {
             dir: Some("runs/x/ckpt".into()),
@@ -265,6 +271,7 @@ fn overrides_apply_before_validation() {
             "train.precision=bf16",
             "zero.stage=3",
             "zero.offload_params=\"cpu\"",
+            "zero.offload_optimizer=\"cpu\"",
             "track.dir=runs/my run",
             "train.grad_clip=2",
             " model.n_layer = 6 ",
