@@ -43,6 +43,15 @@ pub struct BenchTrainArgs {
     /// time went by kind of work (matmul, attention, elementwise, copy, optimizer, communication, idle)
     #[arg(long)]
     pub profile: bool,
+    /// Where the optimizer state lives: none, cpu or nvme (zero.offload_optimizer)
+    #[arg(long, default_value = "none")]
+    pub offload_optimizer: String,
+    /// Share of the optimizer state offloaded, in (0, 1] (zero.offload_ratio)
+    #[arg(long, default_value_t = 1.0)]
+    pub offload_ratio: f64,
+    /// Folder of the NVMe tier's files (zero.nvme_dir)
+    #[arg(long)]
+    pub nvme_dir: Option<std::path::PathBuf>,
 }
 
 /// The model `name` for sequences of `seq_len`: GPT-2 sizes, or the Llama shapes of `anchor_llama.py`
@@ -84,10 +93,12 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let stage = ZeroStage::from_int(args.stage).ok_or_else(|| usage_error("--stage: use 0, 1, 2 or 3"))?;
     let choice = DeviceChoice::from_name(&args.device).ok_or_else(|| usage_error("--device: use auto, cpu or cuda"))?;
     let world = WorldInfo::from_env()?;
+    let offload = ferrospeed::config::Offload::from_name(&args.offload_optimizer).ok_or_else(|| usage_error("--offload-optimizer: use none, cpu or nvme"))?;
+    let nvme_dir = args.nvme_dir.as_ref().map(|d| format!("nvme_dir = {:?}\n", d.display().to_string())).unwrap_or_default();
     // The anchors' settings, as a config: AdamW (0.9, 0.95, 1e-8, decay 0.1), clipping at 1, a constant
     // learning rate of 1e-4, seed 0, one micro-batch per rank per step.
     let toml = format!(
-        "[train]\nsteps = {steps}\nglobal_batch = {global}\nmicro_batch = {micro}\nlr = 1e-4\nmin_lr = 1e-4\nwarmup = 0\nweight_decay = 0.1\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\ngrad_clip = 1.0\nseed = 0\nprecision = \"{precision}\"\nactivation_checkpointing = {ckpt}\ndevice = \"{device}\"\nloss_scale_initial = 65536.0\nloss_scale_growth_interval = 2000\n\n[zero]\nstage = {stage}\n",
+        "[train]\nsteps = {steps}\nglobal_batch = {global}\nmicro_batch = {micro}\nlr = 1e-4\nmin_lr = 1e-4\nwarmup = 0\nweight_decay = 0.1\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\ngrad_clip = 1.0\nseed = 0\nprecision = \"{precision}\"\nactivation_checkpointing = {ckpt}\ndevice = \"{device}\"\nloss_scale_initial = 65536.0\nloss_scale_growth_interval = 2000\n\n[zero]\nstage = {stage}\noffload_optimizer = \"{offload}\"\noffload_ratio = {ratio}\n{nvme_dir}",
         steps = args.warmup + args.steps + 1,
         global = args.micro_batch * world.world_size,
         micro = args.micro_batch,
@@ -95,6 +106,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
         ckpt = args.checkpointing,
         device = choice.name(),
         stage = stage.as_int(),
+        ratio = args.offload_ratio,
     );
     let cfg = Config::from_toml_str_for_program(&toml, "bench-train", &[]).map_err(|e| usage_error(e.to_string()))?;
     let mut acc = Accelerator::new(&cfg, Options { run_name: "bench".into(), track: false }).map_err(crate::train::accel_error)?;
@@ -145,6 +157,10 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
             "precision": args.precision,
             "device": format!("{device:?}").split('(').next().unwrap_or("").to_lowercase(),
             "checkpointing": args.checkpointing,
+            "offload_optimizer": args.offload_optimizer,
+            "offload_ratio": args.offload_ratio,
+            "memory": engine.memory(),
+            "nvme": engine.disk_traffic().map(|d| serde_json::json!({"read_gbps": d.read_gbps(), "write_gbps": d.write_gbps(), "read_gb": d.read_bytes as f64 / 1e9, "direct": d.direct})),
             "step_ms": (dt * 1e3 * 100.0).round() / 100.0,
             "tok_s": tok_s.round(),
             "tflops": (tok_s * flops_per_token / 1e12 * 10.0).round() / 10.0,

@@ -62,6 +62,8 @@ pub struct BlockParams {
     /// The compute copy of the window an NVMe update produced, for `start_publish` (the mirror it
     /// came from is gone by then).
     staged: Option<HostBuf>,
+    /// The last update already wrote the compute copy into the variables (host tier on a GPU).
+    uploaded: bool,
     /// Compute-dtype shard of this rank (parameters not resident): what is all-gathered before use.
     shard: Option<Arc<HostBuf>>,
     /// Variables over the whole block (parameters resident).
@@ -153,6 +155,7 @@ impl BlockParams {
             tier,
             host_fresh: true,
             staged: None,
+            uploaded: false,
         };
         match strategy.param_placement() {
             ParamPlacement::Resident => p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?),
@@ -185,6 +188,13 @@ impl BlockParams {
         Ok(p)
     }
 
+    /// Whether this block's update takes the pinned pipeline of the host tier on a GPU: state on the
+    /// host, variables resident, the window the whole block (`host_cuda.rs`).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn fast_host(&self) -> bool {
+        matches!(self.store, Store::Host) && self.device.is_cuda() && self.vars.is_some() && self.window == (0..self.flat.padded_numel())
+    }
+
     /// Elements of the block's NVMe file: master weights and every state buffer over the window.
     pub fn file_elems(&self) -> usize {
         self.window.len() * (1 + self.state.len())
@@ -199,6 +209,16 @@ impl BlockParams {
         let k = self.state.len();
         let file = match &self.store {
             Store::Device(_) => return self.device_step(grads, up),
+            #[cfg(feature = "cuda")]
+            Store::Host if self.fast_host() => {
+                let (Some(device), Some(vars), Some(opt)) = (pass.device.as_mut(), self.vars.as_deref(), up.optimizer.as_adamw()) else {
+                    return Err(EngineError::Unsupported(format!("block {}: the host tier on a GPU needs AdamW and the pinned buffers", self.name)));
+                };
+                let [m, v] = self.state.as_mut_slice() else { return Err(EngineError::Unsupported("AdamW has two state buffers".into())) };
+                device.update(i, opt, &self.flat, &window, &mut self.master, m, v, vars, &self.settings, up.factor, up.lr, up.t)?;
+                self.uploaded = true;
+                return Ok(());
+            }
             Store::Host => {
                 let g = grads.host_window(&window)?;
                 let state = self.state.iter_mut().map(Vec::as_mut_slice).collect();
@@ -300,7 +320,7 @@ impl BlockParams {
     /// the others copy the window's compute copy to the host once.
     pub fn start_publish(&mut self, worker: &CommWorker, strategy: Strategy, nccl: Option<&Nccl>) -> Result<Option<Gather>, EngineError> {
         let publish = strategy.publish();
-        if self.store.device().is_some() && publish == Publish::Rebuild {
+        if std::mem::take(&mut self.uploaded) || self.store.device().is_some() && publish == Publish::Rebuild {
             return Ok(None);
         }
         if self.gathers_on_device(nccl) {

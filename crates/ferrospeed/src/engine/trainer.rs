@@ -179,8 +179,14 @@ impl Engine {
             })
             .collect();
         let tiers = cfg.strategy.optimizer_tiers(&windows);
-        let needs: Vec<BlockNeed<'_>> = (0..model.num_blocks()).map(|i| BlockNeed { name: &names[i], tier: tiers[i], file_elems: windows[i] * (1 + num_states) }).collect();
-        let offload = Offload::new(&cfg.offload, rank, &needs)?;
+        // Host-tier blocks of a GPU run whose window is the whole block and whose variables stay
+        // resident go through pinned buffers straight into their variables (`BlockParams::fast_host`).
+        let whole_window = |i: usize| windows[i] == FlatParam::new(model.own_params(i), world).padded_numel();
+        let staged = |i: usize| cfg.device.is_cuda() && tiers[i] == Tier::Host && cfg.strategy.param_placement() == ParamPlacement::Resident && whole_window(i);
+        let needs: Vec<BlockNeed<'_>> = (0..model.num_blocks())
+            .map(|i| BlockNeed { name: &names[i], tier: tiers[i], file_elems: windows[i] * (1 + num_states), staged_elems: if staged(i) { windows[i] } else { 0 } })
+            .collect();
+        let offload = Offload::new(&cfg.offload, rank, &needs, &cfg.device, dtype)?;
         let optimizer = OptimizerSetup { num_states, weight_decay: cfg.optimizer.weight_decay(), groups: &cfg.param_groups };
         let setup = BlockSetup { strategy: cfg.strategy, rank, world, dtype, device: &cfg.device, optimizer, nvme: offload.nvme.as_ref() };
         let mut params = Vec::with_capacity(model.num_blocks());
@@ -390,9 +396,11 @@ impl Engine {
         let _adamw = profile::span_as(Kind::Optimizer, "adamw");
         // Every block updates where its state lives (device, host or NVMe); NVMe state is read ahead
         // and written behind by the pass.
-        let mut pass = UpdatePass::new(&self.offload, self.params.iter().map(|p| &p.store));
-        for (i, (p, g)) in self.params.iter_mut().zip(&mut self.grads).enumerate() {
-            p.update(i, g, &up, &mut pass)?;
+        let Self { params, grads, offload, .. } = self;
+        let mut pass = UpdatePass::new(offload, params.iter().map(|p| &p.store));
+        for i in 0..params.len() {
+            pass.before_block(params, grads)?;
+            params[i].update(i, &mut grads[i], &up, &mut pass)?;
         }
         pass.finish()?;
         drop(_adamw);

@@ -59,6 +59,34 @@ impl AdamW {
             .for_each(|(((p, g), m), v)| update_serial(c, p, g, m, v));
     }
 
+    /// [`AdamW::update_decayed`] from `grads × factor` (the clipping coefficient over the loss scale,
+    /// the same product the CUDA kernel forms), also writing each updated parameter, rounded to
+    /// nearest, into `out` (the compute copy): one pass over memory where an update then a cast
+    /// would make two. Bitwise the parameters and moments of scaling the gradient first.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_fused<T: ComputeElem>(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], factor: f32, lr: f64, t: u64, weight_decay: f64, out: &mut [T]) {
+        debug_assert!(params.len() == grads.len() && grads.len() == m.len() && m.len() == v.len() && v.len() == out.len());
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 16;
+        let AdamWCoefficients { b1, b2, bias2_sqrt, step, eps, shrink } = self.coefficients_decayed(lr, t, weight_decay);
+        params
+            .par_chunks_mut(CHUNK)
+            .zip(grads.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .zip(out.par_chunks_mut(CHUNK))
+            .for_each(|((((p, g), m), v), o)| {
+                for ((((p, &g), m), v), o) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()).zip(o.iter_mut()) {
+                    let g = g * factor;
+                    *m = b1 * *m + (1.0 - b1) * g;
+                    *v = b2 * *v + (1.0 - b2) * g * g;
+                    let denom = v.sqrt() / bias2_sqrt + eps;
+                    *p = *p * shrink - step * *m / denom;
+                    *o = T::from_f32(*p);
+                }
+            });
+    }
+
     /// The f32 constants of the update at step `t` (computed in f64 on the host, then rounded): the
     /// CPU loop and the CUDA kernel both use exactly these.
     pub fn coefficients(&self, lr: f64, t: u64, decay: bool) -> AdamWCoefficients {
@@ -75,6 +103,30 @@ impl AdamW {
         let eps = self.eps as f32;
         let shrink = if weight_decay != 0.0 { (1.0 - lr * weight_decay) as f32 } else { 1.0 };
         AdamWCoefficients { b1, b2, bias2_sqrt, step, eps, shrink }
+    }
+}
+
+/// An element type of the compute copy a fused update writes (rounded to nearest even).
+pub trait ComputeElem: Copy + Send + Sync {
+    /// `x` rounded to this type.
+    fn from_f32(x: f32) -> Self;
+}
+
+impl ComputeElem for f32 {
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl ComputeElem for half::bf16 {
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
+impl ComputeElem for half::f16 {
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
     }
 }
 
@@ -146,6 +198,22 @@ mod tests {
                 assert!((f64::from(got) - want).abs() < 1e-6, "element {i} decay {decay}: {got} vs {want}");
             }
         }
+    }
+
+    #[test]
+    fn the_fused_update_equals_scaling_then_updating_then_casting() {
+        let h = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
+        let n = 200_000; // several chunks
+        let g: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let factor = 0.37f32;
+        let (mut p1, mut m1, mut v1) = (vec![0.5f32; n], vec![0.01f32; n], vec![0.02f32; n]);
+        let (mut p2, mut m2, mut v2) = (p1.clone(), m1.clone(), v1.clone());
+        let scaled: Vec<f32> = g.iter().map(|x| x * factor).collect();
+        h.update_decayed(&mut p1, &scaled, &mut m1, &mut v1, 3e-3, 4, 0.1);
+        let mut out = vec![half::bf16::ZERO; n];
+        h.update_fused(&mut p2, &g, &mut m2, &mut v2, factor, 3e-3, 4, 0.1, &mut out);
+        assert_eq!((p1.clone(), m1, v1), (p2, m2, v2));
+        assert!(out.iter().zip(&p1).all(|(o, p)| *o == half::bf16::from_f32(*p)));
     }
 
     #[test]

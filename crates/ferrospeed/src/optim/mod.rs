@@ -12,7 +12,7 @@ mod groups;
 mod optimizer;
 mod schedule;
 
-pub use adamw::{AdamW, AdamWCoefficients};
+pub use adamw::{AdamW, AdamWCoefficients, ComputeElem};
 pub use clip::{clip_coefficient, sum_squares};
 #[cfg(feature = "cuda")]
 pub use cuda_adamw::{adamw_update, cast_into};

@@ -3,9 +3,13 @@
 //! pass that steps every block in order whatever its tier, reading NVMe state ahead and writing it
 //! behind. The trainer asks a block to update; it never branches on where the state is.
 
+#[cfg(feature = "cuda")]
+pub mod host_cuda;
 pub mod nvme;
 
 use super::error::EngineError;
+use super::grads::BlockGrads;
+use super::params::BlockParams;
 use super::DeviceWindow;
 use crate::shard::Tier;
 use nvme::{DiskTraffic, IoPending, NvmeFile, NvmeStore, Pages};
@@ -54,13 +58,15 @@ impl Store {
     }
 }
 
-/// The engine's offload resources: the NVMe folder (when a tier is NVMe) and the number of
-/// block-sized transfer buffers the budget allows.
+/// The engine's offload resources: the NVMe folder (when a tier is NVMe), the number of
+/// block-sized NVMe buffers the budget allows, and (CUDA) the pinned buffers of the host tier.
 pub struct Offload {
     pub nvme: Option<NvmeStore>,
     /// Buffers of `buffer_elems` f32 the update pass may hold at once.
     pub buffers: usize,
     pub buffer_elems: usize,
+    #[cfg(feature = "cuda")]
+    pub host: Option<host_cuda::HostStaging>,
 }
 
 /// One block's need of the offload tiers, for [`Offload::new`].
@@ -69,15 +75,40 @@ pub struct BlockNeed<'a> {
     pub tier: Tier,
     /// Elements of the block's NVMe file (master weights and state over its window).
     pub file_elems: usize,
+    /// Elements the host tier's pinned transfer buffers must hold for this block (GPU runs whose
+    /// window is the whole block), 0 otherwise.
+    pub staged_elems: usize,
 }
 
 impl Offload {
     /// Check the settings against what the blocks need and claim the NVMe folder — before anything
     /// large is allocated, so a bad setting costs nothing.
-    pub fn new(settings: &OffloadSettings, rank: usize, needs: &[BlockNeed<'_>]) -> Result<Self, EngineError> {
+    /// `device` is where blocks compute and `dtype` their compute dtype (the host tier's pinned
+    /// buffers on a GPU).
+    pub fn new(settings: &OffloadSettings, rank: usize, needs: &[BlockNeed<'_>], device: &candle_core::Device, dtype: candle_core::DType) -> Result<Self, EngineError> {
+        let staged = needs.iter().filter(|b| b.staged_elems > 0).max_by_key(|b| b.staged_elems);
+        #[cfg(feature = "cuda")]
+        let host = match (staged, device) {
+            (Some(b), candle_core::Device::Cuda(dev)) => {
+                let bytes = host_cuda::staging_bytes(b.staged_elems, dtype);
+                if settings.pinned_budget != 0 && settings.pinned_budget < bytes {
+                    return Err(EngineError::PinnedBudget { budget_mb: settings.pinned_budget / 1_000_000, block: b.name.to_string(), needed_mb: bytes.div_ceil(1_000_000) });
+                }
+                Some(host_cuda::HostStaging::new(dev, b.staged_elems, dtype)?)
+            }
+            _ => None,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = (staged, device, dtype);
         let nvme_blocks: Vec<&BlockNeed<'_>> = needs.iter().filter(|b| b.tier == Tier::Nvme).collect();
         let Some(largest) = nvme_blocks.iter().max_by_key(|b| b.file_elems) else {
-            return Ok(Self { nvme: None, buffers: 0, buffer_elems: 0 });
+            return Ok(Self {
+                nvme: None,
+                buffers: 0,
+                buffer_elems: 0,
+                #[cfg(feature = "cuda")]
+                host,
+            });
         };
         let buffer_elems = largest.file_elems.div_ceil(nvme::PAGE_ELEMS) * nvme::PAGE_ELEMS;
         let buffer_bytes = buffer_elems as u64 * 4;
@@ -97,7 +128,13 @@ impl Offload {
             reason: "is not set: set zero.nvme_dir to a folder on a fast local disk".into(),
         })?;
         let bytes: u64 = nvme_blocks.iter().map(|b| (b.file_elems.div_ceil(nvme::PAGE_ELEMS) * nvme::PAGE_BYTES) as u64).sum();
-        Ok(Self { nvme: Some(NvmeStore::create(root, rank, bytes)?), buffers, buffer_elems })
+        Ok(Self {
+            nvme: Some(NvmeStore::create(root, rank, bytes)?),
+            buffers,
+            buffer_elems,
+            #[cfg(feature = "cuda")]
+            host,
+        })
     }
 
     /// What the NVMe tier has moved so far (`None` without one).
@@ -107,8 +144,13 @@ impl Offload {
 }
 
 /// One optimizer step's pass over the blocks, in block order: NVMe blocks are read ahead into the
-/// pass's buffers and written behind, at most `Offload::buffers` at a time.
-pub struct UpdatePass {
+/// pass's buffers and written behind, at most `Offload::buffers` at a time; on a GPU, host-tier
+/// blocks' gradients come down ahead of their update (`host_cuda.rs`).
+pub struct UpdatePass<'a> {
+    #[cfg(feature = "cuda")]
+    pub device: Option<host_cuda::DevicePass<'a>>,
+    #[cfg(not(feature = "cuda"))]
+    _device: std::marker::PhantomData<&'a ()>,
     /// NVMe blocks in update order, and their files.
     queue: Vec<(usize, Arc<NvmeFile>)>,
     /// Next entry of `queue` to start reading.
@@ -121,11 +163,15 @@ pub struct UpdatePass {
     buffer_elems: usize,
 }
 
-impl UpdatePass {
+impl<'a> UpdatePass<'a> {
     /// A pass over the blocks whose stores are `stores` (in block order); starts the first reads.
-    pub fn new<'a>(offload: &Offload, stores: impl Iterator<Item = &'a Store>) -> Self {
+    pub fn new<'s>(offload: &'a mut Offload, stores: impl Iterator<Item = &'s Store>) -> Self {
         let queue = stores.enumerate().filter_map(|(i, s)| if let Store::Nvme(f) = s { Some((i, f.clone())) } else { None }).collect();
         let mut pass = Self {
+            #[cfg(feature = "cuda")]
+            device: offload.host.as_mut().map(host_cuda::DevicePass::new),
+            #[cfg(not(feature = "cuda"))]
+            _device: std::marker::PhantomData,
             queue,
             next_read: 0,
             reads: VecDeque::new(),
@@ -137,6 +183,17 @@ impl UpdatePass {
         };
         pass.read_ahead();
         pass
+    }
+
+    /// Before the next block's update: queue the downloads of the coming host-tier gradients (GPU).
+    pub fn before_block(&mut self, params: &[BlockParams], grads: &[BlockGrads]) -> Result<(), EngineError> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &mut self.device {
+            d.download_ahead(params.len(), |j| if params[j].fast_host() { grads[j].device_reduced() } else { None })?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = (params, grads);
+        Ok(())
     }
 
     /// A buffer without waiting, if the budget has one.
@@ -192,6 +249,10 @@ impl UpdatePass {
 
     /// Wait for every write: the files hold the step's state when this returns.
     pub fn finish(mut self) -> Result<(), EngineError> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = self.device.take() {
+            d.finish()?;
+        }
         for (_, r) in self.reads.drain(..) {
             r.wait()?;
         }
@@ -202,7 +263,7 @@ impl UpdatePass {
     }
 }
 
-impl Drop for UpdatePass {
+impl Drop for UpdatePass<'_> {
     /// A pass abandoned on an error still lets its transfers end (their buffers are the pass's).
     fn drop(&mut self) {
         for (_, r) in self.reads.drain(..) {
