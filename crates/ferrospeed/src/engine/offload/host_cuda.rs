@@ -59,8 +59,8 @@ impl HostStaging {
 /// One step's use of the staging: downloads queued ahead, in block order.
 pub struct DevicePass<'a> {
     staging: &'a mut HostStaging,
-    /// Downloads in flight: block, buffer.
-    downs: VecDeque<(usize, usize)>,
+    /// Downloads in flight: block, buffer, the event after the copy.
+    downs: VecDeque<(usize, usize, CudaEvent)>,
     free: Vec<usize>,
     /// The next block to consider for a download.
     next: usize,
@@ -82,8 +82,17 @@ impl<'a> DevicePass<'a> {
                 return Err(cuda(format!("block {j}'s window of {} exceeds the staging of {}", view.len(), self.staging.elems)));
             }
             let b = self.free.pop().expect("checked");
-            self.staging.dev.cuda_stream().memcpy_dtoh(&view, &mut self.staging.grads[b]).map_err(cuda)?;
-            self.downs.push_back((j, b));
+            let stream = self.staging.dev.cuda_stream();
+            let n = view.len();
+            // The raw copy of exactly `n` elements (cudarc's `memcpy_dtoh` copies the whole
+            // destination's length).
+            let dst = &mut self.staging.grads[b].as_mut_slice().map_err(|e| cuda(format!("the pinned gradient buffer: {e}")))?[..n];
+            let (src, _sync) = view.device_ptr(&stream);
+            // SAFETY: `src` holds `n` f32 on the device; `dst` is pinned and not touched by the CPU
+            // until the event below has completed.
+            unsafe { result::memcpy_dtoh_async(dst, src, stream.cu_stream()) }.map_err(|e| cuda(format!("downloading block {j}'s gradient: {e}")))?;
+            let done = stream.record_event(None).map_err(cuda)?;
+            self.downs.push_back((j, b, done));
         }
         Ok(())
     }
@@ -106,7 +115,7 @@ impl<'a> DevicePass<'a> {
         lr: f64,
         t: u64,
     ) -> Result<(), EngineError> {
-        let (j, b) = self.downs.pop_front().ok_or_else(|| cuda(format!("no gradient download queued for block {i}")))?;
+        let (j, b, down) = self.downs.pop_front().ok_or_else(|| cuda(format!("no gradient download queued for block {i}")))?;
         if j != i {
             return Err(cuda(format!("the download queued is block {j}'s, block {i} comes next")));
         }
@@ -118,7 +127,7 @@ impl<'a> DevicePass<'a> {
         }
         let dtype = vars.first().map_or(DType::F32, |v| v.dtype());
         {
-            // Waits for the download (the slice's own event).
+            down.synchronize().map_err(|e| cuda(format!("waiting for block {i}'s gradient: {e}")))?;
             let grads = &self.staging.grads[b].as_slice().map_err(cuda)?[..n];
             let up = self.staging.ups[u].as_mut_slice().map_err(cuda)?;
             match dtype {
@@ -190,5 +199,5 @@ fn upload<T: CudaDType + candle_core::cuda::cudarc::driver::DeviceRepr>(var: &Va
         // stream every use of the variable runs on.
         unsafe { result::memcpy_htod_async(ptr as sys::CUdeviceptr, src, stream.cu_stream()) }.map_err(|e| candle_core::Error::Msg(e.to_string()))
     })
-    .map_err(cuda)
+    .map_err(|e| cuda(format!("uploading the compute copy: {e}")))
 }
