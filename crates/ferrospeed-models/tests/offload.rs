@@ -189,6 +189,11 @@ fn a_bad_nvme_folder_or_budget_is_one_error_before_anything_is_written() {
     assert!(msg.contains("GB free") && msg.contains("zero.offload_ratio"), "{msg}");
     assert_eq!(count_files(dir.path()), 0, "nothing written");
 
+    // Parameter shards on NVMe are refused rather than silently kept in memory.
+    let params_nvme = Run { stage: 3, params: Offload::Nvme, ..run };
+    let e = engine_error(params_nvme, OffloadSettings { nvme_dir: Some(dir.path().to_path_buf()), pinned_budget: 0 });
+    assert!(e.to_string().contains("zero.offload_params = \"nvme\" is not available yet"), "{e}");
+
     // A file where the folder should be.
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();

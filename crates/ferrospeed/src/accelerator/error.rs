@@ -54,7 +54,14 @@ impl AccelError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            AccelError::Config(_) | AccelError::Device(_) | AccelError::RunDirRefused(_) | AccelError::NoCheckpointDir { .. } | AccelError::InitFrom { .. } | AccelError::Args(_) | AccelError::Data(_)
+            AccelError::Config(_)
+                | AccelError::Device(_)
+                | AccelError::RunDirRefused(_)
+                | AccelError::NoCheckpointDir { .. }
+                | AccelError::InitFrom { .. }
+                | AccelError::Args(_)
+                | AccelError::Data(_)
+                | AccelError::Engine(crate::engine::EngineError::Nvme { .. } | crate::engine::EngineError::PinnedBudget { .. })
         )
     }
 }

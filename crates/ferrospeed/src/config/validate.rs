@@ -207,6 +207,20 @@ fn check_paths(config: &Config, scope: Scope) -> Result<(), ConfigError> {
             "create it, or point it at a folder on a fast local disk",
         ));
     }
+    if let Some(dir) = config.zero.nvme_dir.as_ref().filter(|_| nvme) {
+        // A probe file created and removed: a folder that cannot take the state files is refused
+        // before anything else is written.
+        let probe = dir.join(format!(".ferrospeed-probe-{}", std::process::id()));
+        if let Err(e) = std::fs::write(&probe, b"") {
+            return Err(ConfigError::invalid(
+                "zero.nvme_dir",
+                quote_path(dir),
+                &format!("is not writable ({e})"),
+                "choose a folder this user can write, or fix its permissions",
+            ));
+        }
+        let _ = std::fs::remove_file(&probe);
+    }
     if let Some(tok) = config.model.tokenizer.as_ref().filter(|t| !t.is_file()) {
         return Err(ConfigError::invalid("model.tokenizer", quote_path(tok), "does not exist", "point it at a tokenizer.json, or remove the key"));
     }

@@ -165,6 +165,11 @@ impl Engine {
                 cfg.optimizer.name()
             )));
         }
+        if cfg.strategy.offload_params == crate::shard::Offload::Nvme {
+            return Err(EngineError::Unsupported(
+                "zero.offload_params = \"nvme\" is not available yet: use \"cpu\" (the optimizer state can be on NVMe with zero.offload_optimizer = \"nvme\")".into(),
+            ));
+        }
         // Where each block's optimizer state goes, checked (NVMe folder, buffer budget) before
         // anything large is allocated.
         let num_states = cfg.optimizer.state_names().len();
