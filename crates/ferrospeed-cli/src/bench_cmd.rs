@@ -56,7 +56,7 @@ pub struct BenchTrainArgs {
 
 /// The model `name` for sequences of `seq_len`: GPT-2 sizes, or the Llama shapes of `anchor_llama.py`
 /// (rope theta 500000, eps 1e-5, as there).
-fn shape(name: &str, seq_len: usize) -> Option<Family> {
+pub(crate) fn shape(name: &str, seq_len: usize) -> Option<Family> {
     let gpt = |n_layer, d_model, n_head| Family::Gpt(Gpt::new(GptConfig { n_layer, n_head, d_model, seq_len, vocab_size: 50304 }));
     let llama = |l, d, h, kv, ffn, v, tied| {
         let cfg = LlamaConfig { d_ff: ffn, rope_theta: 500_000.0, tie_word_embeddings: tied, ..LlamaConfig::tiny(l, d, h, kv, v, seq_len) };

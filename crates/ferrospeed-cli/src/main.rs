@@ -1,6 +1,7 @@
 //! The `ferrospeed` command: `launch` starts ranks, `comm` checks and measures collectives.
 
 mod bench_adamw;
+mod estimate_cmd;
 mod bench_cmd;
 mod checkpoint_cmd;
 mod comm_cmd;
@@ -32,6 +33,8 @@ enum Command {
     BenchTrain(bench_cmd::BenchTrainArgs),
     /// Measure the CPU AdamW (parameters/s, GB/s) against this host's memory bandwidth, as JSON
     BenchAdamw(bench_adamw::BenchAdamwArgs),
+    /// GPU, host and NVMe memory per rank of a config for every ZeRO stage and offload choice
+    EstimateMemory(estimate_cmd::EstimateArgs),
     /// Print what a bug report needs: version, features, devices, driver, libraries
     Env,
     /// Generate text from a Llama (checkpoint, transformers directory or GGUF file), with a KV cache
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Generate(args) => generate_cmd::run(args),
         Command::Env => env_cmd::run(),
+        Command::EstimateMemory(args) => estimate_cmd::run(args),
         Command::BenchTrain(args) => bench_cmd::run(args),
         Command::BenchAdamw(args) => bench_adamw::run(args),
     };

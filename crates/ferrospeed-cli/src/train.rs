@@ -40,6 +40,11 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let (family, tokenizer) = Family::from_config(&cfg.model).map_err(|e| usage_error(e.to_string()))?;
     family.check_inputs(cfg.model.init_from.as_deref(), &tokenizer).map_err(usage_error)?;
     let model = family.model()?;
+    // Before anything is allocated or written: does the config fit this machine?
+    let world = ferrospeed::WorldInfo::from_env()?;
+    let device = ferrospeed::device::select(cfg.train.device, world.local_rank).map_err(usage_error)?;
+    crate::estimate_cmd::check_fits(&cfg, &family, &model, &device, &world)?;
+    drop(device);
     let source = load_data(&cfg, &tokenizer)?;
     let (windows, packed, padded);
     let dataset: &dyn Dataset = match &source {

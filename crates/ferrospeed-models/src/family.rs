@@ -8,7 +8,7 @@ use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::{Gpt, GptConfig, Llama, LlamaConfig};
 use ferrospeed::accelerator::ParamNames;
 use ferrospeed::config::{ModelConfig, ModelKind};
-use ferrospeed::engine::{EngineError, Model};
+use ferrospeed::engine::{ActivationProfile, EngineError, Model};
 use std::path::Path;
 
 /// Why a `[model]` section cannot be built.
@@ -65,6 +65,29 @@ impl Family {
     }
 
     /// The blocks as the engine sees them.
+    /// What the blocks keep for the backward at `micro_batch` sequences of `seq_len` in a compute
+    /// dtype of `compute_bytes`, from what the fused layers save (`layer_fused.rs`): GPT-2 16·d values
+    /// a token per layer (input, two norms, q/k/v, attention output, residual, MLP pre- and post-GELU);
+    /// Llama 5·d + q/k/v width + 3·d_ff (input, two norms, attention output, residual, q/k/v, gate/up,
+    /// SwiGLU). fp32 takes the composed attention, which also keeps the t × t probabilities. The loss
+    /// holds the logits in f32.
+    pub fn activations(&self, micro_batch: usize, seq_len: usize, compute_bytes: usize) -> ActivationProfile {
+        let (n_layer, d, n_head, vocab, per_token) = match self {
+            Family::Gpt(g) => (g.cfg.n_layer, g.cfg.d_model, g.cfg.n_head, g.cfg.vocab_size, 16 * g.cfg.d_model),
+            Family::Llama(l) => {
+                let c = &l.cfg;
+                let qkv = (c.n_head + 2 * c.n_kv_head) * c.head_dim;
+                (c.n_layer, c.d_model, c.n_head, c.vocab_size, 5 * c.d_model + qkv + 3 * c.d_ff)
+            }
+        };
+        let (tokens, cb) = ((micro_batch * seq_len) as u64, compute_bytes as u64);
+        let probs = if compute_bytes == 4 { (micro_batch * n_head * seq_len * seq_len * 4) as u64 } else { 0 };
+        let layer = tokens * per_token as u64 * cb + probs;
+        let logits = tokens * vocab as u64 * 4;
+        let boundaries = tokens * (n_layer as u64 + 1) * d as u64 * cb;
+        ActivationProfile { kept: n_layer as u64 * layer + logits, recomputed: boundaries + layer.max(logits) }
+    }
+
     pub fn model(&self) -> Result<Model, EngineError> {
         match self {
             Family::Gpt(g) => g.model(),

@@ -116,3 +116,21 @@ pub fn use_nccl(device: &Device, world_size: usize) -> bool {
         && !std::env::var(ENV_SHARE_GPUS).is_ok_and(|v| v == "1")
         && !std::env::var(ENV_NCCL).is_ok_and(|v| v == "0")
 }
+
+/// Free and total bytes of the device's memory (`None` on the CPU or without the `cuda` feature).
+pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let _ = d.cuda_stream().context().bind_to_thread();
+        return candle_core::cuda::cudarc::driver::result::mem_get_info().ok().map(|(free, total)| (free as u64, total as u64));
+    }
+    let _ = device;
+    None
+}
+
+/// Host memory available to a new allocation (`MemAvailable` of /proc/meminfo), in bytes.
+pub fn host_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}

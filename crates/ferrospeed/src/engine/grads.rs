@@ -180,6 +180,11 @@ impl BlockGrads {
         }
     }
 
+    /// Free the copy [`BlockGrads::host_window`] made from the device (the update is done with it).
+    pub fn release_download(&mut self) {
+        self.downloaded = Vec::new();
+    }
+
     /// The reduced gradient in device memory (CUDA), if this rank holds one.
     #[cfg(feature = "cuda")]
     pub(super) fn device_reduced(&self) -> Option<candle_core::cuda::cudarc::driver::CudaView<'_, f32>> {

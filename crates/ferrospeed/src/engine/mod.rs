@@ -14,6 +14,7 @@ mod device_step;
 #[cfg(not(feature = "cuda"))]
 mod device_stub;
 mod error;
+mod estimate;
 mod grads;
 mod host_buf;
 mod memory;
@@ -36,6 +37,7 @@ use crate::comm::nccl::NcclComm as Nccl;
 
 pub use comm_worker::{CommWorker, Pending};
 pub use error::EngineError;
+pub use estimate::{estimate, ActivationProfile, EstimatePlan, MemoryEstimate};
 pub use host_buf::HostBuf;
 pub use memory::MemoryReport;
 pub use model::{Model, SlotSource};

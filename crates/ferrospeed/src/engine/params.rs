@@ -223,6 +223,7 @@ impl BlockParams {
                 let g = grads.host_window(&window)?;
                 let state = self.state.iter_mut().map(Vec::as_mut_slice).collect();
                 host_update(&self.flat, &window, &self.settings, &mut self.master, state, g, up);
+                grads.release_download();
                 return Ok(());
             }
             Store::Nvme(file) => file.clone(),
@@ -231,6 +232,7 @@ impl BlockParams {
         let g = grads.host_window(&window)?;
         let (master, state) = split_state(pages.as_f32_mut(), n, k);
         host_update(&self.flat, &window, &self.settings, master, state, g, up);
+        grads.release_download();
         self.staged = Some(HostBuf::from_f32(self.dtype, &pages.as_f32()[..n]));
         pass.put(&file, pages)
     }
