@@ -194,6 +194,7 @@ mod tests {
             "gpu-2026-12-01-llama/call1/bench.jsonl",
             // Measured after the estimator was written (out of sample).
             "offload-2026-12-01/call5-estimate/bench.jsonl",
+            "offload-2026-12-01/call6-nvme/bench.jsonl",
         ];
         let mut checked = Vec::new();
         for f in files {
@@ -227,9 +228,9 @@ mod tests {
                 checked.push((name.to_string(), stage, offload));
             }
         }
-        // At least five configs: stages 0, 1 and 3, with and without offload, GPT and Llama.
+        // At least five configs: stages 0–3, with and without offload, GPT and Llama.
         assert!(checked.len() >= 5, "{checked:?}");
-        for stage in [ZeroStage::Zero, ZeroStage::One, ZeroStage::Three] {
+        for stage in [ZeroStage::Zero, ZeroStage::One, ZeroStage::Two, ZeroStage::Three] {
             assert!(checked.iter().any(|c| c.1 == stage), "no record at stage {stage}");
         }
         assert!(checked.iter().any(|c| c.2 != Offload::None) && checked.iter().any(|c| c.2 == Offload::None));

@@ -50,3 +50,21 @@ fn the_summary_reports_the_disk_bandwidth() {
     assert!(summary["nvme"]["read_bytes"].as_u64().unwrap() > 0, "{summary}");
     assert!(summary["memory"]["offloaded_nvme"].as_u64().unwrap() > 0, "{summary}");
 }
+
+#[test]
+fn estimate_memory_lists_every_stage_and_offload_choice() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 3\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 1\nprecision = \"bf16\"");
+    let f = run(ferrospeed().args(["estimate-memory", "--config", &config.display().to_string(), "--gpu", "--world", "2", "--set", "zero.stage=2", "--set", "model.d_model=1024", "--set", "model.n_head=8", "--set", "model.n_layer=8"]), std::time::Duration::from_secs(60));
+    assert!(f.status.success(), "{}", f.stderr);
+    let rows: Vec<&str> = f.stdout.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit()) && l.contains("GPU").eq(&false)).skip(1).collect();
+    assert_eq!(rows.len(), 16, "{}", f.stdout);
+    let this: Vec<&&str> = rows.iter().filter(|l| l.contains("this config")).collect();
+    assert_eq!(this.len(), 1, "{}", f.stdout);
+    assert!(this[0].starts_with("2 ") && this[0].contains("on the device"), "{}", this[0]);
+    // Offloading the optimizer state moves bytes from the GPU to the host.
+    // [stage, GPU, host, NVMe]
+    let cols = |l: &str| -> Vec<f64> { l.split_whitespace().filter_map(|x| x.parse().ok()).collect() };
+    let (dev, cpu) = (cols(rows[8]), cols(rows[10]));
+    assert!(cpu[1] < dev[1] && cpu[2] > dev[2], "{}\n{}", rows[8], rows[10]);
+}
