@@ -138,21 +138,21 @@ pub fn run(args: EstimateArgs) -> Result<ExitCode> {
 
 /// Before `train` allocates: refuse a config whose estimate exceeds this machine's free GPU or host
 /// memory, naming the shortfall and the first alternative that fits (`FERROSPEED_MEMORY_CHECK=0`
-/// skips the check).
-pub fn check_fits(cfg: &Config, family: &Family, model: &Model, device: &candle_core::Device, world: &WorldInfo) -> Result<()> {
-    if std::env::var("FERROSPEED_MEMORY_CHECK").is_ok_and(|v| v == "0") {
-        return Ok(());
-    }
+/// skips the check). Returns the estimate and the free GPU memory, for an out-of-memory message.
+pub fn check_fits(cfg: &Config, family: &Family, model: &Model, device: &candle_core::Device, world: &WorldInfo) -> Result<(MemoryEstimate, Option<u64>)> {
     let on_gpu = device.is_cuda();
     let gpu = ferrospeed::device::device_memory(device).map(|(free, _)| free);
-    let Some(host) = ferrospeed::device::host_available_bytes() else { return Ok(()) };
+    let run = shape_of(cfg, world.world_size, on_gpu)?;
+    let e = estimate_run(family, model, strategy_of(cfg), &run);
+    let Some(host) = ferrospeed::device::host_available_bytes() else { return Ok((e, gpu)) };
+    if std::env::var("FERROSPEED_MEMORY_CHECK").is_ok_and(|v| v == "0") {
+        return Ok((e, gpu));
+    }
     // Ranks of this node share the host.
     let local = world.local_world_size.max(1) as u64;
-    let run = shape_of(cfg, world.world_size, on_gpu)?;
     let fits = |e: &MemoryEstimate| gpu.is_none_or(|g| e.device <= g) && e.host * local <= host;
-    let e = estimate_run(family, model, strategy_of(cfg), &run);
     if fits(&e) {
-        return Ok(());
+        return Ok((e, gpu));
     }
     let (what, need, have) = match gpu {
         Some(g) if e.device > g => ("GPU memory per rank", e.device, g),
@@ -181,6 +181,20 @@ pub fn check_fits(cfg: &Config, family: &Family, model: &Model, device: &candle_
 mod tests {
     use super::*;
     use ferrospeed::config::ZeroStage;
+
+    #[test]
+    fn running_out_of_gpu_memory_is_one_line_naming_the_block_phase_and_estimate() {
+        let err = ferrospeed::engine::EngineError::Tensor { block: "h.33".into(), source: candle_core::Error::Msg("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into()).bt() };
+        let est = MemoryEstimate { device: 80 << 30, params: 20 << 30, ..MemoryEstimate::default() };
+        let msg = out_of_memory(err, "forward and backward", &(est, Some(70 << 30))).to_string();
+        for want in ["block h.33", "forward and backward", "80.0 GiB", "70.0 GiB free", "zero.offload_optimizer"] {
+            assert!(msg.contains(want), "{want}: {msg}");
+        }
+        assert!(!msg.contains('\n'), "{msg}");
+        // Other errors pass through unchanged.
+        let other = ferrospeed::engine::EngineError::Unsupported("x".into());
+        assert_eq!(out_of_memory(other, "optimizer step", &(est, None)).to_string(), "x");
+    }
 
     /// Every benchmark line recorded with its peak GPU and host memory (bench-train on one H200, 16
     /// cores), against the estimate of the same run: both within 10%.
@@ -235,5 +249,23 @@ mod tests {
         }
         assert!(checked.iter().any(|c| c.2 != Offload::None) && checked.iter().any(|c| c.2 == Offload::None));
         assert!(checked.iter().any(|c| c.0.starts_with("gpt2")) && checked.iter().any(|c| c.0.starts_with("llama")));
+    }
+}
+
+/// An engine error of `phase` as one line when the GPU ran out of memory anyway: the block, the phase,
+/// what the estimate said and the settings to change; any other error unchanged.
+pub fn out_of_memory(e: ferrospeed::engine::EngineError, phase: &str, estimate: &(MemoryEstimate, Option<u64>)) -> anyhow::Error {
+    let oom = format!("{e:?}").contains("OUT_OF_MEMORY");
+    match e {
+        ferrospeed::engine::EngineError::Tensor { block, .. } if oom => usage_error(format!(
+            "out of GPU memory in block {block} during the {phase}: the estimate was {:.1} GiB per rank (parameters {:.1}, gradients {:.1}, optimizer state {:.1}, activations {:.1}) with {} free; set train.activation_checkpointing = true, a smaller train.micro_batch, a higher zero.stage or zero.offload_optimizer = \"cpu\" (`ferrospeed estimate-memory` shows each)",
+            gib(estimate.0.device),
+            gib(estimate.0.params),
+            gib(estimate.0.grads),
+            gib(estimate.0.state),
+            gib(estimate.0.activations),
+            estimate.1.map_or("unknown".to_string(), |g| format!("{:.1} GiB", gib(g)))
+        )),
+        e => e.into(),
     }
 }

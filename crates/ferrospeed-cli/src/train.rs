@@ -43,7 +43,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     // Before anything is allocated or written: does the config fit this machine?
     let world = ferrospeed::WorldInfo::from_env()?;
     let device = ferrospeed::device::select(cfg.train.device, world.local_rank).map_err(usage_error)?;
-    crate::estimate_cmd::check_fits(&cfg, &family, &model, &device, &world)?;
+    let estimate = crate::estimate_cmd::check_fits(&cfg, &family, &model, &device, &world)?;
+    let oom = |phase: &'static str| move |e| crate::estimate_cmd::out_of_memory(e, phase, &estimate);
     drop(device);
     let source = load_data(&cfg, &tokenizer)?;
     let (windows, packed, padded);
@@ -161,9 +162,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     for step in start_step..t.steps {
         let t0 = Instant::now();
         for batch in data.micro_batches(step as u64).map_err(|e| accel_error(e.into()))? {
-            engine.forward_backward(&batch)?;
+            engine.forward_backward(&batch).map_err(oom("forward and backward"))?;
         }
-        let stats = engine.step()?.context("the step's micro-batches did not complete an optimizer step")?;
+        let stats = engine.step().map_err(oom("optimizer step"))?.context("the step's micro-batches did not complete an optimizer step")?;
         if !stats.skipped && !stats.loss.is_finite() {
             anyhow::bail!("the loss became {} at step {}; lower train.lr or raise train.warmup", stats.loss, step + 1);
         }
