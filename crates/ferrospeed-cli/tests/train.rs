@@ -93,6 +93,7 @@ fn bad_configs_are_one_line_exit_2_and_write_nothing() {
         (good.clone() + "\n[zero]\nstage = 2\noffload_params = \"cpu\"\n", vec![], vec!["zero.offload_params", "zero.stage = 3"]),
         (good.clone() + "\n[zero]\nstage = 3\noffload_params = \"cpu\"\n", vec![], vec!["zero.offload_params", "whole optimizer state offloaded"]),
         (good.clone() + "\n[zero]\noffload_optimizer = \"nvme\"\nnvme_dir = \"/no/such/disk\"\n", vec![], vec!["zero.nvme_dir", "/no/such/disk", "does not exist"]),
+        (good.clone() + "\n[zero]\noffload_optimizer = \"nvme\"\nnvme_dir = \"/proc\"\n", vec![], vec!["zero.nvme_dir", "/proc", "is not writable"]),
         (
             good.replace("n_layer = 2", "n_layer = 400").replace("n_head = 2", "n_head = 128").replace("d_model = 32", "d_model = 16384"),
             vec![],

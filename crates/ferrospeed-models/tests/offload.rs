@@ -103,8 +103,11 @@ fn offloaded_optimizer_state_gives_bitwise_the_losses_of_no_offload() {
             let reference = train(base, nvme.path());
             assert!(reference.losses[STEPS - 1] < reference.losses[0], "the loss falls");
             assert!(reference.tiers.iter().flatten().all(|&t| t == Tier::Device));
-            for (optimizer, ratio) in [(Offload::Cpu, 1.0), (Offload::Cpu, 0.5), (Offload::Nvme, 1.0), (Offload::Nvme, 0.5)] {
-                let run = Run { optimizer, ratio, ..base };
+            // Parameter offload (stage 3) needs the whole optimizer state offloaded.
+            let param_offload: &[(Offload, f64, Offload)] = if stage == 3 { &[(Offload::Cpu, 1.0, Offload::Cpu)] } else { &[] };
+            let plain = [(Offload::Cpu, 1.0, Offload::None), (Offload::Cpu, 0.5, Offload::None), (Offload::Nvme, 1.0, Offload::None), (Offload::Nvme, 0.5, Offload::None)];
+            for &(optimizer, ratio, params) in plain.iter().chain(param_offload) {
+                let run = Run { optimizer, ratio, params, ..base };
                 let got = train(run, nvme.path());
                 assert_eq!(bits(&got.losses), bits(&reference.losses), "{run:?} vs no offload");
                 let tier = optimizer.tier();
