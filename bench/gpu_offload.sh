@@ -28,11 +28,8 @@ if [[ $PARTS == *ours* ]]; then
   done
 fi
 if [[ $PARTS == *anchors* ]]; then
+  source bench/anchor_env.sh && install_anchors .anchors/wheels
   cd .anchors
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site wheels/*.whl >/dev/null 2>&1
-  mkdir -p /tmp/ds && tar xzf wheels/deepspeed-0.19.8.tar.gz -C /tmp/ds && \
-    (cd /tmp/ds/deepspeed-0.19.8 && DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site . >/dev/null 2>&1)
-  export PYTHONPATH=/tmp/site
   ANCHOR_STEPS=4 ANCHOR_WARM=2 TORCH_CUDA_ARCH_LIST=9.0 timeout ${ANCHOR_TIMEOUT:-400} python3 anchor_llama.py ${ANCHORS:-$MODEL:2:ds3-opt $MODEL:2:fsdp-cpu} \
     2>>"$OUT/anchors.err" | tee -a "$OUT/anchors.jsonl"
   tail -5 "$OUT/anchors.err"
