@@ -131,7 +131,16 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             r.meta.zero_stage
         );
     }
+    if let (None, Some(dir), true, true) = (acc.resumed(), &cfg.checkpoint.dir, cfg.checkpoint.resume, acc.is_main_process()) {
+        println!("no checkpoint in {} yet: starting at step 0", dir.display());
+    }
     let start_step = engine.steps_done() as usize;
+    if start_step >= cfg.train.steps && cfg.train.steps > 0 {
+        if acc.is_main_process() {
+            println!("already at step {start_step} of {}: nothing to train (raise train.steps to train longer)", cfg.train.steps);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let interrupted = watch_interrupts()?;
     let data = acc.data(dataset).map_err(accel_error)?;
     let t = &cfg.train;

@@ -159,7 +159,10 @@ impl Accelerator {
         let mut refusal = None;
         if world.rank == 0 && options.track {
             let config_json = serde_json::to_value(cfg).map_err(|e| AccelError::RunDirRefused(format!("serialising the config: {e}")))?;
-            match Tracker::create(&track_dir, cfg.track.tensorboard, &config_json) {
+            // A run that resumes from its checkpoint continues its own directory (the same command
+            // run again); anything else gets a directory of its own.
+            let continuing = cfg.checkpoint.resume && cfg.checkpoint.dir.is_some();
+            match Tracker::continue_or_create(&track_dir, cfg.track.tensorboard, &config_json, continuing) {
                 Ok(t) => tracker = Some(t),
                 Err(e) => refusal = Some(e.to_string()),
             }
@@ -234,6 +237,10 @@ impl Accelerator {
                 let meta = checkpoint::load_into(&mut engine, &found)?;
                 self.resumed = Some(Resumed { path: found, meta });
             }
+        }
+        // A continued run directory keeps the rows of the steps the run continues from.
+        if let Some(t) = self.tracker.as_mut() {
+            t.rewind(self.resumed.as_ref().map_or(0, |r| r.meta.step))?;
         }
         Ok(engine)
     }

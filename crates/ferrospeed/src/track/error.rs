@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum TrackError {
     #[error(
-        "{dir} already holds a run (metrics.jsonl exists); choose another track.dir or move the old run away"
+        "{dir} already holds a run (metrics.jsonl exists); choose another track.dir or move the old run away (the same config with checkpoint.resume = true continues it)"
     )]
     RunExists { dir: PathBuf },
 

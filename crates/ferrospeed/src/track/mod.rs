@@ -7,8 +7,10 @@
 //! - `tensorboard.rs`: [`TensorBoardWriter`], a dependency-free TensorBoard event file writer.
 //! - `progress.rs`: [`Progress`], a progress bar on a terminal, plain lines otherwise.
 //!
-//! Invariant: a run directory is never reused. A directory that already holds `metrics.jsonl` is refused
-//! before anything is written, so an earlier run's outputs cannot be overwritten or mixed with a new one.
+//! Invariant: a run directory belongs to one run. A directory that already holds `metrics.jsonl` is
+//! refused before anything is written, so an earlier run's outputs cannot be overwritten or mixed with
+//! a new one — unless the run resumes from its own checkpoint (`checkpoint.resume`), which continues
+//! it: rows after the checkpoint's step are dropped and computed again, none duplicated or lost.
 //! This module knows nothing of ranks: the caller decides that only rank 0 tracks.
 
 mod error;

@@ -5,6 +5,10 @@
 //! - `metrics.jsonl`: one [`StepMetrics`] JSON object per line, appended and flushed every step;
 //! - `events.out.tfevents.*`: TensorBoard scalars, when enabled;
 //! - `summary.json`: written by [`Tracker::finish`], so its presence means the run ended cleanly.
+//!
+//! A run that resumes (`checkpoint.resume`) into its own directory continues it: [`Tracker::continue_or_create`]
+//! opens it, [`Tracker::rewind`] drops the rows after the checkpoint's step (they are computed again)
+//! and rebuilds the TensorBoard file from the rows kept, so no step is ever duplicated or lost.
 
 use super::run_dir::write_json_pretty;
 use super::{StepMetrics, TensorBoardWriter, TrackError};
@@ -22,6 +26,22 @@ pub struct Tracker {
     metrics_path: PathBuf,
     metrics: File,
     tensorboard: Option<TensorBoardWriter>,
+    /// TensorBoard is on (its writer is created at `rewind` for a continued run).
+    tensorboard_on: bool,
+    /// A continued run: `summary.json` of its earlier part is removed at the first new row.
+    continued: bool,
+}
+
+/// The TensorBoard scalars of one step's metrics.
+fn scalars(m: &StepMetrics) -> Vec<(&'static str, f64)> {
+    let mut scalars = vec![("loss", m.loss), ("lr", m.lr), ("grad_norm", m.grad_norm), ("tokens_per_s", m.tokens_per_s), ("step_ms", m.step_ms)];
+    if let Some(mfu) = m.mfu {
+        scalars.push(("mfu", mfu));
+    }
+    if let Some(loss_scale) = m.loss_scale {
+        scalars.push(("loss_scale", loss_scale));
+    }
+    scalars
 }
 
 impl Tracker {
@@ -56,13 +76,73 @@ impl Tracker {
             }
         });
         match rest {
-            Ok(tensorboard) => Ok(Self { dir: dir.to_path_buf(), metrics_path, metrics, tensorboard }),
+            Ok(tb) => Ok(Self { dir: dir.to_path_buf(), metrics_path, metrics, tensorboard: tb, tensorboard_on: tensorboard, continued: false }),
             Err(e) => {
                 let _ = std::fs::remove_file(&config_path);
                 let _ = std::fs::remove_file(&metrics_path);
                 Err(e)
             }
         }
+    }
+
+    /// As [`Tracker::create`]; when `dir` already holds a run with this config (but for `train.steps`)
+    /// and `continuing` (the run resumes from its checkpoint), opens it instead: `config.json` is
+    /// rewritten, and [`Tracker::rewind`] must be called with the step the run continues from before
+    /// anything is logged. A run with another config is refused as by `create`.
+    pub fn continue_or_create(dir: &Path, tensorboard: bool, config_json: &serde_json::Value, continuing: bool) -> Result<Self, TrackError> {
+        let metrics_path = dir.join(METRICS_FILE);
+        if !continuing || metrics_path.symlink_metadata().is_err() {
+            return Self::create(dir, tensorboard, config_json);
+        }
+        // Only the same run continues: its config must be this one (train.steps may grow).
+        let same = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).is_some_and(|old| {
+            let strip = |mut v: serde_json::Value| {
+                if let Some(t) = v.get_mut("train").and_then(|t| t.as_object_mut()) {
+                    t.remove("steps");
+                }
+                v
+            };
+            strip(old) == strip(config_json.clone())
+        });
+        if !same {
+            return Err(TrackError::RunExists { dir: dir.to_path_buf() });
+        }
+        let metrics = OpenOptions::new().append(true).open(&metrics_path).map_err(|source| TrackError::CreateFile { path: metrics_path.clone(), source })?;
+        write_json_pretty(&dir.join(CONFIG_FILE), config_json)?;
+        Ok(Self { dir: dir.to_path_buf(), metrics_path, metrics, tensorboard: None, tensorboard_on: tensorboard, continued: true })
+    }
+
+    /// Continue after `step` optimizer steps: rows of later steps (and a torn last line) are dropped
+    /// from `metrics.jsonl`, which is replaced atomically, and the TensorBoard file is rebuilt from
+    /// the rows kept. Returns how many rows were dropped. A fresh run has nothing to drop.
+    pub fn rewind(&mut self, step: u64) -> Result<usize, TrackError> {
+        if !self.continued {
+            return Ok(0);
+        }
+        let path = self.metrics_path.clone();
+        let text = std::fs::read_to_string(&path).map_err(|source| TrackError::CreateFile { path: path.clone(), source })?;
+        let rows: Vec<(&str, Option<StepMetrics>)> = text.lines().map(|l| (l, serde_json::from_str::<StepMetrics>(l).ok())).collect();
+        let kept: Vec<(&str, StepMetrics)> = rows.iter().filter_map(|(l, m)| m.clone().filter(|m| m.step <= step).map(|m| (*l, m))).collect();
+        let dropped = rows.len() - kept.len();
+        let tmp = self.dir.join(format!(".{METRICS_FILE}.rewind"));
+        let out: String = kept.iter().map(|(l, _)| format!("{l}\n")).collect();
+        std::fs::write(&tmp, out).map_err(|source| TrackError::Write { path: tmp.clone(), source })?;
+        std::fs::rename(&tmp, &path).map_err(|source| TrackError::Write { path: path.clone(), source })?;
+        self.metrics = OpenOptions::new().append(true).open(&path).map_err(|source| TrackError::CreateFile { path: path.clone(), source })?;
+        if self.tensorboard_on {
+            for e in std::fs::read_dir(&self.dir).map_err(|source| TrackError::CreateDir { path: self.dir.clone(), source })?.flatten() {
+                if e.file_name().to_string_lossy().contains("tfevents") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            let mut tb = TensorBoardWriter::create(&self.dir)?;
+            for (_, m) in &kept {
+                tb.add_scalars(m.step, &scalars(m))?;
+            }
+            tb.flush()?;
+            self.tensorboard = Some(tb);
+        }
+        Ok(dropped)
     }
 
     /// The run directory.
@@ -89,21 +169,12 @@ impl Tracker {
             .and_then(|()| self.metrics.flush())
             .map_err(|source| TrackError::Write { path: self.metrics_path.clone(), source })?;
 
+        if std::mem::take(&mut self.continued) {
+            // The run goes on: the summary of its earlier part no longer describes it.
+            let _ = std::fs::remove_file(self.dir.join(SUMMARY_FILE));
+        }
         if let Some(tb) = self.tensorboard.as_mut() {
-            let mut scalars = vec![
-                ("loss", m.loss),
-                ("lr", m.lr),
-                ("grad_norm", m.grad_norm),
-                ("tokens_per_s", m.tokens_per_s),
-                ("step_ms", m.step_ms),
-            ];
-            if let Some(mfu) = m.mfu {
-                scalars.push(("mfu", mfu));
-            }
-            if let Some(loss_scale) = m.loss_scale {
-                scalars.push(("loss_scale", loss_scale));
-            }
-            tb.add_scalars(m.step, &scalars)?;
+            tb.add_scalars(m.step, &scalars(m))?;
             // Flushed every step so TensorBoard shows a live run; one small write per step is cheap.
             tb.flush()?;
         }
