@@ -348,7 +348,7 @@ fn load_data(cfg: &Config, tokenizer: &Tokenizer) -> Result<TrainData> {
         )));
     }
     if !is_prepared(path) {
-        let corpus = TextCorpus::load_tokenized(path, tokenizer).map_err(|e| usage_error(e.to_string()))?;
+        let corpus = TextCorpus::load_tokenized(path, tokenizer, cfg.data.allow_binary).map_err(|e| usage_error(e.to_string()))?;
         corpus.check_window(cfg.model.seq_len).map_err(|e| usage_error(e.to_string()))?;
         return Ok(TrainData::Text(corpus));
     }

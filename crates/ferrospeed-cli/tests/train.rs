@@ -164,3 +164,43 @@ fn bench_adamw_prints_its_measurements() {
     }
     assert_eq!(v["params"], 100000);
 }
+
+#[test]
+fn binary_data_is_refused_naming_the_file_and_one_window_of_text_is_enough() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("a.txt"), "Plain text, enough of it to train on. ".repeat(20)).unwrap();
+    // A compiled program: not UTF-8.
+    let binary: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    std::fs::write(data.join("b.bin"), &binary).unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 2\nglobal_batch = 2\nmicro_batch = 1\nwarmup = 1");
+    let data_set = format!("data.path={}", data.display());
+    let f = run(&mut train_command(1, &config, &dir.path().join("refused"), &[data_set.clone()]), Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("b.bin") && f.stderr.contains("is not text") && f.stderr.contains("data.allow_binary"), "{}", f.stderr);
+    assert!(!dir.path().join("refused").exists(), "nothing written");
+    let f = run(&mut train_command(1, &config, &dir.path().join("allowed"), &[data_set, "data.allow_binary=true".into()]), Duration::from_secs(60));
+    assert!(f.status.success(), "{}", f.stderr);
+    assert!(f.stderr.contains("b.bin is not text"), "a warning names the file: {}", f.stderr);
+
+    // Mostly control bytes, though valid UTF-8.
+    let control = dir.path().join("control.txt");
+    std::fs::write(&control, "\u{1}\u{2}\u{3}\u{4}abc\u{5}\u{6}".repeat(100)).unwrap();
+    let f = run(&mut train_command(1, &config, &dir.path().join("c"), &[format!("data.path={}", control.display())]), Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("control bytes"), "{}", f.stderr);
+
+    // TINY has seq_len 32: 33 bytes are exactly one window; 32 are refused with the right count.
+    for (len, ok) in [(33usize, true), (32, false)] {
+        let file = dir.path().join(format!("w{len}.txt"));
+        std::fs::write(&file, "x".repeat(len)).unwrap();
+        let f = run(&mut train_command(1, &config, &dir.path().join(format!("t{len}")), &[format!("data.path={}", file.display())]), Duration::from_secs(60));
+        if ok {
+            assert!(f.status.success(), "{len} bytes: {}", f.stderr);
+        } else {
+            assert_eq!(f.status.code(), Some(2), "{len} bytes: {}", f.stderr);
+            assert!(f.stderr.contains("32 tokens, fewer than one window of model.seq_len + 1 = 33 tokens"), "{}", f.stderr);
+        }
+    }
+}

@@ -16,8 +16,20 @@ pub enum DataError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("cannot tokenize {path}: {reason}")]
     Tokenize { path: PathBuf, reason: String },
-    #[error("data at {path} has {len} tokens, fewer than one window of seq_len + 1 = {needed}; use more text or a smaller model.seq_len")]
+    #[error("data at {path} has {len} tokens, fewer than one window of model.seq_len + 1 = {needed} tokens; use more text or a smaller model.seq_len")]
     TooShort { path: PathBuf, len: usize, needed: usize },
+    #[error("{path} is not text ({reason}): point data.path at text files, or set data.allow_binary = true to train on its bytes anyway")]
+    Binary { path: PathBuf, reason: String },
+}
+
+/// Why `bytes` do not look like text: invalid UTF-8, or more than 10% control bytes (other than
+/// tab, newline and carriage return); `None` for text.
+pub fn not_text(bytes: &[u8]) -> Option<String> {
+    if let Err(e) = std::str::from_utf8(bytes) {
+        return Some(format!("invalid UTF-8 at byte {}", e.valid_up_to()));
+    }
+    let control = bytes.iter().filter(|&&b| (b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r')) || b == 0x7f).count();
+    (control * 10 > bytes.len()).then(|| format!("{:.0}% control bytes", 100.0 * control as f64 / bytes.len() as f64))
 }
 
 /// A text corpus as token ids (one per byte unless tokenized with [`TextCorpus::tokenize`]).
@@ -28,8 +40,24 @@ pub struct TextCorpus {
 }
 
 impl TextCorpus {
-    /// A text file, or every regular file (not hidden) of a directory in name order, joined by newlines.
+    /// A text file, or every regular file (not hidden) of a directory in name order, joined by newlines;
+    /// a file that is not text ([`not_text`]) is refused, naming it.
     pub fn load(path: &Path) -> Result<Self, DataError> {
+        Self::load_checked(path, false)
+    }
+
+    /// [`TextCorpus::load`]; with `allow_binary` a file that is not text is kept (and warned about).
+    pub fn load_checked(path: &Path, allow_binary: bool) -> Result<Self, DataError> {
+        let check = |file: &Path, bytes: &[u8]| -> Result<(), DataError> {
+            match not_text(bytes) {
+                Some(reason) if !allow_binary => Err(DataError::Binary { path: file.to_path_buf(), reason }),
+                Some(reason) => {
+                    tracing::warn!("{} is not text ({reason}); training on its bytes (data.allow_binary = true)", file.display());
+                    Ok(())
+                }
+                None => Ok(()),
+            }
+        };
         let read_err = |source| DataError::Read { path: path.to_path_buf(), source };
         let bytes = if path.is_dir() {
             let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -41,19 +69,22 @@ impl TextCorpus {
             let mut all = Vec::new();
             for f in files {
                 let mut b = std::fs::read(&f).map_err(|source| DataError::Read { path: f.clone(), source })?;
+                check(&f, &b)?;
                 all.append(&mut b);
                 all.push(b'\n');
             }
             all
         } else {
-            std::fs::read(path).map_err(read_err)?
+            let b = std::fs::read(path).map_err(read_err)?;
+            check(path, &b)?;
+            b
         };
         Ok(Self { tokens: bytes.into_iter().map(u32::from).collect(), path: path.to_path_buf() })
     }
 
     /// [`TextCorpus::load`] tokenized with `tokenizer` (the bytes must be UTF-8 for a tokenizer.json).
-    pub fn load_tokenized(path: &Path, tokenizer: &Tokenizer) -> Result<Self, DataError> {
-        let corpus = Self::load(path)?;
+    pub fn load_tokenized(path: &Path, tokenizer: &Tokenizer, allow_binary: bool) -> Result<Self, DataError> {
+        let corpus = Self::load_checked(path, allow_binary)?;
         if matches!(tokenizer, Tokenizer::Bytes) {
             return Ok(corpus);
         }
@@ -81,8 +112,8 @@ impl TextCorpus {
 
     /// Check that at least one window fits.
     pub fn check_window(&self, seq_len: usize) -> Result<(), DataError> {
-        if self.tokens.len() < seq_len + 2 {
-            return Err(DataError::TooShort { path: self.path.clone(), len: self.tokens.len(), needed: seq_len + 2 });
+        if self.tokens.len() < seq_len + 1 {
+            return Err(DataError::TooShort { path: self.path.clone(), len: self.tokens.len(), needed: seq_len + 1 });
         }
         Ok(())
     }

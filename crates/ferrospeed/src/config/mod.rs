@@ -98,6 +98,9 @@ pub struct DataConfig {
     /// Prepared data only: pack documents into `seq_len` windows (positions restart and attention stays
     /// inside each document) rather than one padded document per sample. Default true.
     pub packing: bool,
+    /// Raw text data that is not text (invalid UTF-8, or mostly control bytes) is refused unless this
+    /// is true (then it is trained on as bytes, with a warning).
+    pub allow_binary: bool,
 }
 
 

@@ -272,7 +272,7 @@ pub(crate) fn build(table: &toml::Table) -> Config {
             tokenizer: v.path("model", "tokenizer"),
             init_from: v.path("model", "init_from"),
         },
-        data: DataConfig { path: v.str("data", "path").map(PathBuf::from).unwrap_or_default(), packing: v.bool("data", "packing").unwrap_or(true) },
+        data: DataConfig { path: v.str("data", "path").map(PathBuf::from).unwrap_or_default(), packing: v.bool("data", "packing").unwrap_or(true), allow_binary: v.bool("data", "allow_binary").unwrap_or(false) },
         train: TrainConfig {
             steps: v.usize("train", "steps").unwrap_or(train_default.steps),
             global_batch: v.usize("train", "global_batch").unwrap_or(train_default.global_batch),

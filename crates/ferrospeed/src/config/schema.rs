@@ -92,7 +92,7 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
         ],
     },
     // The section may be absent from the text but its `path` may not; the message then names the key.
-    SectionSpec { name: "data", required: false, keys: &[required("path", Kind::Path), key("packing", Kind::Bool)] },
+    SectionSpec { name: "data", required: false, keys: &[required("path", Kind::Path), key("packing", Kind::Bool), key("allow_binary", Kind::Bool)] },
     SectionSpec {
         name: "train",
         required: false,

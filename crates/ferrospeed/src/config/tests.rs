@@ -70,7 +70,7 @@ fn minimal_config_gets_defaults() {
             tokenizer: None,
             init_from: None,
         },
-        data: DataConfig { path: PathBuf::from(data_path()), packing: true },
+        data: DataConfig { path: PathBuf::from(data_path()), packing: true, allow_binary: false },
         train: TrainConfig {
             steps: 20,
             global_batch: 16,
@@ -195,7 +195,7 @@ tensorboard = false
             tokenizer: None,
             init_from: Some(weights.clone()),
         },
-        data: DataConfig { path: dir.path().to_path_buf(), packing: true },
+        data: DataConfig { path: dir.path().to_path_buf(), packing: true, allow_binary: false },
         train: TrainConfig {
             steps: 100,
             global_batch: 32,
