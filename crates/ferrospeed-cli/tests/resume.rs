@@ -102,3 +102,34 @@ fn resume_without_a_checkpoint_says_so_and_another_config_is_refused() {
     assert!(f.stderr.contains("already holds a run"), "{}", f.stderr);
     assert_eq!(std::fs::read(track.join("metrics.jsonl")).unwrap(), before);
 }
+
+#[test]
+fn max_restarts_survives_two_rank_deaths_and_ends_with_the_uninterrupted_losses() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 8\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 2");
+    let sets = |ck: &Path| vec![format!("checkpoint.dir={}", ck.display()), "checkpoint.every=2".to_string()];
+    let whole = train(2, &config, &dir.path().join("whole"), &sets(&dir.path().join("ck-whole")));
+    // Rank 1 dies saving step 4 in the first attempt, rank 0 saving step 6 in the second.
+    let faults = "shards-written@4@1@0,shards-written@6@0@1";
+    let launch = |restarts: usize, name: &str| {
+        let track = dir.path().join(name);
+        let mut cmd = ferrospeed();
+        cmd.args(["launch", "--nproc-per-node", "2", "--max-restarts", &restarts.to_string(), "train", "--config"]).arg(&config);
+        cmd.arg("--set").arg(format!("track.dir={}", track.display()));
+        for s in sets(&dir.path().join(format!("ck-{name}"))) {
+            cmd.args(["--set", &s]);
+        }
+        (run(cmd.env("FERROSPEED_FAULT", faults), Duration::from_secs(180)), track)
+    };
+    let (f, track) = launch(2, "restarted");
+    assert!(f.status.success(), "{}", f.stderr);
+    for said in ["restart 1 of 2: rank 1", "restart 2 of 2: rank 0", "2 restart(s): 1. rank 1"] {
+        assert!(f.stderr.contains(said), "{said:?} in\n{}", f.stderr);
+    }
+    assert_eq!(bits(&metrics(&track)), bits(&whole), "losses equal the uninterrupted run's, every step once");
+
+    // One restart is not enough for two deaths: the launcher gives up, naming the last one.
+    let (f, _) = launch(1, "gave-up");
+    assert!(!f.status.success());
+    assert!(f.stderr.contains("restart 1 of 1: rank 1") && f.stderr.contains("failed: rank 0"), "{}", f.stderr);
+}

@@ -45,6 +45,10 @@ pub struct LaunchArgs {
     /// Seconds to let the other ranks exit after one failed, before killing them
     #[arg(long, default_value_t = 3.0, value_parser = positive_seconds)]
     pub stop_grace: f64,
+    /// When a rank fails, stop the job and start it again with the same command (a training run
+    /// resumes from its latest checkpoint), at most this many times (one node)
+    #[arg(long, default_value_t = 0)]
+    pub max_restarts: usize,
     /// `train`, `comm`, or any executable (a path, or a name on PATH)
     #[arg(value_name = "PROGRAM")]
     pub program: String,
@@ -91,9 +95,59 @@ pub fn run(args: LaunchArgs) -> Result<ExitCode> {
         (None, 1) => 0,
         (None, _) => 29500,
     };
+    if args.max_restarts > 0 && args.nnodes > 1 {
+        return Err(usage_error("--max-restarts works on one node so far (--nnodes 1): restarting several nodes together needs a rendezvous round per attempt"));
+    }
     let (program, prefix_args) = resolve_program(&args.program)?;
     resolve(&format!("{}:{port}", args.master_addr))
         .map_err(|e| usage_error(format!("--master-addr {:?} cannot be resolved ({e}); give node 0's host name or address", args.master_addr)))?;
+    let mut reasons: Vec<String> = Vec::new();
+    for restart in 0..=args.max_restarts {
+        // Every attempt has a store of its own: nothing of the last one's rendezvous is left.
+        let (store, actual_port) = node_store(&args, port)?;
+        let plan = ranks::LaunchPlan {
+            program: program.clone(),
+            args: prefix_args.iter().cloned().chain(args.args.iter().cloned()).collect(),
+            nproc_per_node: args.nproc_per_node,
+            nnodes: args.nnodes,
+            node_rank: args.node_rank,
+            master_addr: args.master_addr.clone(),
+            master_port: actual_port,
+            rdzv_timeout: args.rdzv_timeout,
+            collective_timeout: args.collective_timeout,
+            restart,
+        };
+        let outcome = supervise::supervise(&plan, store, Duration::from_secs_f64(args.stop_grace))?;
+        let summary = |reasons: &[String]| {
+            if !reasons.is_empty() {
+                eprintln!("ferrospeed launch: {} restart(s): {}", reasons.len(), reasons.iter().enumerate().map(|(i, r)| format!("{}. {r}", i + 1)).collect::<Vec<_>>().join("; "));
+            }
+        };
+        match outcome {
+            supervise::Outcome::Failed { message, .. } if restart < args.max_restarts => {
+                eprintln!("ferrospeed launch: restart {} of {}: {message}", restart + 1, args.max_restarts);
+                reasons.push(message);
+            }
+            supervise::Outcome::Failed { message, code } => {
+                summary(&reasons);
+                eprintln!("ferrospeed launch: failed: {message}");
+                return Ok(ExitCode::from(code.max(1)));
+            }
+            supervise::Outcome::Interrupted => {
+                summary(&reasons);
+                return Ok(ExitCode::from(130));
+            }
+            supervise::Outcome::Success => {
+                summary(&reasons);
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// The rendezvous store of one attempt on this node: served here (node 0) or joined; and its port.
+fn node_store(args: &LaunchArgs, port: u16) -> Result<(NodeStore, u16)> {
     let rdzv_timeout = Duration::from_secs_f64(args.rdzv_timeout);
     let store = if args.node_rank == 0 {
         // One node keeps the store on the given (usually loopback) address; several nodes need it reachable.
@@ -120,18 +174,7 @@ pub fn run(args: LaunchArgs) -> Result<ExitCode> {
         NodeStore::Host(s) => s.local_addr().port(),
         NodeStore::Join(_) => port,
     };
-    let plan = ranks::LaunchPlan {
-        program,
-        args: prefix_args.into_iter().chain(args.args.iter().cloned()).collect(),
-        nproc_per_node: args.nproc_per_node,
-        nnodes: args.nnodes,
-        node_rank: args.node_rank,
-        master_addr: args.master_addr.clone(),
-        master_port: actual_port,
-        rdzv_timeout: args.rdzv_timeout,
-        collective_timeout: args.collective_timeout,
-    };
-    supervise::supervise(&plan, store, Duration::from_secs_f64(args.stop_grace))
+    Ok((store, actual_port))
 }
 
 /// The most specific reason inside a communication error, for one-line messages.

@@ -19,6 +19,8 @@ pub struct LaunchPlan {
     pub master_port: u16,
     pub rdzv_timeout: f64,
     pub collective_timeout: Option<f64>,
+    /// Restarts before this attempt (`TORCHELASTIC_RESTART_COUNT` of the ranks).
+    pub restart: usize,
 }
 
 impl LaunchPlan {
@@ -53,6 +55,7 @@ pub fn spawn_rank(plan: &LaunchPlan, local_rank: usize) -> Result<(RankProcess, 
         .env("GROUP_RANK", plan.node_rank.to_string())
         .env("MASTER_ADDR", &plan.master_addr)
         .env("MASTER_PORT", plan.master_port.to_string())
+        .env("TORCHELASTIC_RESTART_COUNT", plan.restart.to_string())
         .env(ferrospeed::comm::ENV_AGENT_STORE, "1")
         // The store's socket handed to this launcher is the launcher's, never a rank's.
         .env_remove(ferrospeed::comm::store::ENV_STORE_FD)

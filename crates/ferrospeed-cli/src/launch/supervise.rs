@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use std::collections::BTreeMap;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{ExitCode, ExitStatus};
+use std::process::ExitStatus;
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,7 +28,17 @@ struct Failure {
     code: u8,
 }
 
-pub fn supervise(plan: &LaunchPlan, store: NodeStore, grace: Duration) -> Result<ExitCode> {
+/// How one attempt of the job ended.
+pub enum Outcome {
+    Success,
+    /// Ctrl-C or a termination signal reached the launcher.
+    Interrupted,
+    /// A rank failed (the first failure's message, and the exit code it maps to).
+    Failed { message: String, code: u8 },
+}
+
+/// Start this node's ranks of `plan` and watch them to the end.
+pub fn supervise(plan: &LaunchPlan, store: NodeStore, grace: Duration) -> Result<Outcome> {
     let (tx, rx) = channel();
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
     let signal_tx = tx.clone();
@@ -122,12 +132,9 @@ pub fn supervise(plan: &LaunchPlan, store: NodeStore, grace: Duration) -> Result
     drain_output(output, Duration::from_secs(5));
     finish_node(&store, plan, failure.is_some());
     Ok(match failure {
-        Some(f) => {
-            eprintln!("ferrospeed launch: failed: {}", f.message);
-            ExitCode::from(f.code.max(1))
-        }
-        None if interrupted > 0 => ExitCode::from(130),
-        None => ExitCode::SUCCESS,
+        Some(f) => Outcome::Failed { message: f.message, code: f.code },
+        None if interrupted > 0 => Outcome::Interrupted,
+        None => Outcome::Success,
     })
 }
 

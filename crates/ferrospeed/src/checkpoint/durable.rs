@@ -141,14 +141,20 @@ pub(crate) fn remove_dir_all(path: &Path) -> std::io::Result<()> {
     fs::remove_dir_all(path)
 }
 
-/// The test hook: abort here if `FERROSPEED_FAULT` names this phase of this step's save (and rank).
+/// The test hook: abort here if `FERROSPEED_FAULT` names this phase of this step's save (and rank,
+/// and launch attempt: `PHASE@STEP[@RANK[@RESTART]]`, several separated by commas; RESTART is the
+/// launcher's `TORCHELASTIC_RESTART_COUNT`).
 #[cfg(feature = "fault-injection")]
 pub(crate) fn fault_point(phase: SavePhase, step: u64, rank: usize) {
-    let Ok(spec) = std::env::var("FERROSPEED_FAULT") else { return };
-    let mut parts = spec.split('@');
-    let matches = parts.next() == Some(phase.as_str())
-        && parts.next().is_none_or(|s| s.parse() == Ok(step))
-        && parts.next().is_none_or(|r| r.parse() == Ok(rank));
+    let Ok(specs) = std::env::var("FERROSPEED_FAULT") else { return };
+    let restart: u64 = std::env::var("TORCHELASTIC_RESTART_COUNT").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let matches = specs.split(',').any(|spec| {
+        let mut parts = spec.split('@');
+        parts.next() == Some(phase.as_str())
+            && parts.next().is_none_or(|s| s.parse() == Ok(step))
+            && parts.next().is_none_or(|r| r.parse() == Ok(rank))
+            && parts.next().is_none_or(|a| a.parse() == Ok(restart))
+    });
     if matches {
         eprintln!("fault injected: rank {rank} aborts at save phase {} of step {step}", phase.as_str());
         std::process::abort();
