@@ -193,16 +193,18 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             loss_scale: stats.loss_scale,
             extra: step_extras(&engine, step, stats.skipped, &device),
         };
-        acc.log(&m)?;
-        if let Some(progress) = progress.as_mut() {
-            progress.update(&m);
-        }
         // Ranks agree on stopping, so that all of them save (a collective) at the same step.
         let stop = any_rank(&engine, interrupted.load(Ordering::SeqCst))?;
         let done = step + 1;
         if acc.checkpoint_due(done as u64) || (stop && cfg.checkpoint.save_on_interrupt && cfg.checkpoint.dir.is_some()) {
             save_checkpoint(&acc, &mut engine)?;
             last_saved = Some(done);
+        }
+        // The row after the save: a checkpoint step's row means its checkpoint exists, so a run that
+        // dies never has to train again more than checkpoint.every − 1 logged steps.
+        acc.log(&m)?;
+        if let Some(progress) = progress.as_mut() {
+            progress.update(&m);
         }
         if stop {
             stopped_at = Some(done);
