@@ -162,7 +162,7 @@ impl Accelerator {
             // A run that resumes from its checkpoint continues its own directory (the same command
             // run again); anything else gets a directory of its own.
             let continuing = cfg.checkpoint.resume && cfg.checkpoint.dir.is_some();
-            match Tracker::continue_or_create(&track_dir, cfg.track.tensorboard, &config_json, continuing) {
+            match Tracker::continue_or_create(&track_dir, cfg.track.outputs(), &config_json, continuing) {
                 Ok(t) => tracker = Some(t),
                 Err(e) => refusal = Some(e.to_string()),
             }

@@ -244,17 +244,39 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// An output of a run besides `metrics.jsonl` (`track.backends`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackBackend {
+    Tensorboard,
+    /// `metrics.csv`.
+    Csv,
+    /// An MLflow file store in `mlruns/`.
+    Mlflow,
+}
+named_enum!(TrackBackend { Tensorboard => "tensorboard", Csv => "csv", Mlflow => "mlflow" });
+
 /// `[track]`: where metrics go.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct TrackConfig {
     /// `None`: the CLI picks a fresh run directory.
     pub dir: Option<PathBuf>,
+    /// `false` turns TensorBoard off whatever `backends` says (the older spelling).
     pub tensorboard: bool,
+    /// Outputs besides `metrics.jsonl`; default `["tensorboard"]`.
+    pub backends: Vec<TrackBackend>,
 }
 
 impl Default for TrackConfig {
     fn default() -> Self {
-        TrackConfig { dir: None, tensorboard: true }
+        TrackConfig { dir: None, tensorboard: true, backends: vec![TrackBackend::Tensorboard] }
+    }
+}
+
+impl TrackConfig {
+    /// The outputs the tracker writes.
+    pub fn outputs(&self) -> crate::track::Backends {
+        let on = |b| self.backends.contains(&b);
+        crate::track::Backends { tensorboard: self.tensorboard && on(TrackBackend::Tensorboard), csv: on(TrackBackend::Csv), mlflow: on(TrackBackend::Mlflow) }
     }
 }
 

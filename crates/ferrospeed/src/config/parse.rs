@@ -10,7 +10,7 @@ use super::error::{one_line, render_value, ConfigError};
 use super::schema::{self, Kind, KeySpec, SectionSpec, SECTIONS};
 use super::{
     CheckpointConfig, Config, DataConfig, DeviceChoice, ModelConfig, ModelKind, Offload, OptimizerKind, Precision,
-    ReduceDtype, TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
+    ReduceDtype, TrackBackend, TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
 };
 
 /// Parses TOML text into a table; a syntax error names the source, line and column.
@@ -197,6 +197,10 @@ fn check_value(section: &SectionSpec, spec: &KeySpec, value: &toml::Value) -> Re
                 Err(ConfigError::invalid(&key, render_value(value), "is not a known choice", fix))
             }
         }
+        (Kind::Choices(names), toml::Value::Array(items)) => match items.iter().find(|i| !i.as_str().is_some_and(|s| names.contains(&s))) {
+            None => Ok(()),
+            Some(bad) => Err(ConfigError::invalid(&key, render_value(bad), "is not a known choice", format!("use {}", schema::quoted_list(names)))),
+        },
         (Kind::Stage, toml::Value::Integer(n)) => match ZeroStage::from_int(*n) {
             Some(_) => Ok(()),
             None => Err(ConfigError::invalid(&key, n, "is out of range", "use 0, 1, 2 or 3")),
@@ -346,6 +350,11 @@ pub(crate) fn build(table: &toml::Table) -> Config {
         track: TrackConfig {
             dir: v.path("track", "dir"),
             tensorboard: v.bool("track", "tensorboard").unwrap_or(track_default.tensorboard),
+            backends: v
+                .get("track", "backends")
+                .and_then(toml::Value::as_array)
+                .map(|a| a.iter().filter_map(|i| i.as_str().and_then(TrackBackend::from_name)).collect())
+                .unwrap_or(track_default.backends),
         },
     }
 }

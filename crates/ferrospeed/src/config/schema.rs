@@ -3,7 +3,7 @@
 //! The schema is data rather than serde attributes so that an unknown key can be answered with the
 //! closest known one, and a wrong type with what the key expects, in our own words.
 
-use super::{DeviceChoice, ModelKind, Offload, OptimizerKind, Precision, ReduceDtype, Vocab};
+use super::{DeviceChoice, ModelKind, Offload, OptimizerKind, Precision, ReduceDtype, TrackBackend, Vocab};
 
 /// What a key accepts. Integer ranges live here because a negative TOML integer cannot become a
 /// `usize`; ranges of floats and relations between keys are in `validate.rs`.
@@ -22,6 +22,8 @@ pub(crate) enum Kind {
     Choice(&'static [&'static str]),
     /// A ZeRO stage: an integer 0..=3.
     Stage,
+    /// A list of strings, each one of a fixed set.
+    Choices(&'static [&'static str]),
 }
 
 impl Kind {
@@ -34,6 +36,7 @@ impl Kind {
             Kind::Bool => "true or false".to_string(),
             Kind::Path => "a path in quotes".to_string(),
             Kind::Choice(names) => format!("one of {}", quoted_list(names)),
+            Kind::Choices(names) => format!("a list of {}", quoted_list(names)),
             Kind::Stage => "an integer 0, 1, 2 or 3".to_string(),
         }
     }
@@ -149,7 +152,7 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
     SectionSpec {
         name: "track",
         required: false,
-        keys: &[key("dir", Kind::Path), key("tensorboard", Kind::Bool)],
+        keys: &[key("dir", Kind::Path), key("tensorboard", Kind::Bool), key("backends", Kind::Choices(TrackBackend::NAMES))],
     },
 ];
 

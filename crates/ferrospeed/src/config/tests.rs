@@ -105,7 +105,7 @@ fn minimal_config_gets_defaults() {
             pinned_budget_mb: 0,
         },
         checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true },
-        track: TrackConfig { dir: None, tensorboard: true },
+        track: TrackConfig { dir: None, tensorboard: true, backends: vec![TrackBackend::Tensorboard] },
     };
     assert_eq!(config, expected);
     assert_eq!(config.train, TrainConfig::default());
@@ -175,6 +175,7 @@ save_on_interrupt = false
 [track]
 dir = \"runs/x\"
 tensorboard = false
+backends = [\"csv\", \"mlflow\"]
 ",
         weights = weights.display(),
         data = dir.path().display(),
@@ -236,7 +237,7 @@ tensorboard = false
             resume: false,
             save_on_interrupt: false,
         },
-        track: TrackConfig { dir: Some("runs/x".into()), tensorboard: false },
+        track: TrackConfig { dir: Some("runs/x".into()), tensorboard: false, backends: vec![TrackBackend::Csv, TrackBackend::Mlflow] },
     };
     assert_eq!(config, expected);
 

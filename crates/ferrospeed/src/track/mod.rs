@@ -13,8 +13,10 @@
 //! it: rows after the checkpoint's step are dropped and computed again, none duplicated or lost.
 //! This module knows nothing of ranks: the caller decides that only rank 0 tracks.
 
+mod csv;
 mod error;
 mod metrics;
+mod mlflow;
 mod progress;
 mod run_dir;
 mod tensorboard;
@@ -28,4 +30,4 @@ pub use metrics::{peak_rss_bytes, reset_peak_rss, rss_bytes, StepMetrics};
 pub use progress::Progress;
 pub use run_dir::fresh_run_dir;
 pub use tensorboard::TensorBoardWriter;
-pub use tracker::Tracker;
+pub use tracker::{Backends, Tracker};

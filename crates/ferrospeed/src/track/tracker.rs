@@ -4,12 +4,15 @@
 //! - `config.json`: the effective config, pretty-printed, written at start;
 //! - `metrics.jsonl`: one [`StepMetrics`] JSON object per line, appended and flushed every step;
 //! - `events.out.tfevents.*`: TensorBoard scalars, when enabled;
+//! - `metrics.csv` and `mlruns/` (an MLflow file store), when enabled (`track.backends`);
 //! - `summary.json`: written by [`Tracker::finish`], so its presence means the run ended cleanly.
 //!
 //! A run that resumes (`checkpoint.resume`) into its own directory continues it: [`Tracker::continue_or_create`]
 //! opens it, [`Tracker::rewind`] drops the rows after the checkpoint's step (they are computed again)
 //! and rebuilds the TensorBoard file from the rows kept, so no step is ever duplicated or lost.
 
+use super::csv::CsvWriter;
+use super::mlflow::MlflowRun;
 use super::run_dir::write_json_pretty;
 use super::{StepMetrics, TensorBoardWriter, TrackError};
 use std::fs::{File, OpenOptions};
@@ -21,19 +24,36 @@ const CONFIG_FILE: &str = "config.json";
 const SUMMARY_FILE: &str = "summary.json";
 
 /// Writes a run's outputs into its directory. Create one on rank 0 only.
+/// Which outputs a run writes besides `metrics.jsonl` (always written: the others are built from it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Backends {
+    pub tensorboard: bool,
+    pub csv: bool,
+    pub mlflow: bool,
+}
+
+impl Backends {
+    /// TensorBoard only (or nothing but `metrics.jsonl`).
+    pub fn tensorboard(on: bool) -> Self {
+        Self { tensorboard: on, ..Self::default() }
+    }
+}
+
 pub struct Tracker {
     dir: PathBuf,
     metrics_path: PathBuf,
     metrics: File,
     tensorboard: Option<TensorBoardWriter>,
-    /// TensorBoard is on (its writer is created at `rewind` for a continued run).
-    tensorboard_on: bool,
+    csv: Option<CsvWriter>,
+    mlflow: Option<MlflowRun>,
+    /// The outputs asked for (a continued run's are created at `rewind`).
+    backends: Backends,
     /// A continued run: `summary.json` of its earlier part is removed at the first new row.
     continued: bool,
 }
 
-/// The TensorBoard scalars of one step's metrics.
-fn scalars(m: &StepMetrics) -> Vec<(&'static str, f64)> {
+/// The TensorBoard (and MLflow) scalars of one step's metrics.
+pub(super) fn scalars(m: &StepMetrics) -> Vec<(&'static str, f64)> {
     let mut scalars = vec![("loss", m.loss), ("lr", m.lr), ("grad_norm", m.grad_norm), ("tokens_per_s", m.tokens_per_s), ("step_ms", m.step_ms)];
     if let Some(mfu) = m.mfu {
         scalars.push(("mfu", mfu));
@@ -44,13 +64,18 @@ fn scalars(m: &StepMetrics) -> Vec<(&'static str, f64)> {
     scalars
 }
 
+/// The run's name: its directory's.
+fn run_name(dir: &Path) -> String {
+    dir.file_name().map_or_else(|| "run".to_string(), |n| n.to_string_lossy().into_owned())
+}
+
 impl Tracker {
     /// Creates `dir` (and its parents), claims it for this run and writes `config.json`.
     ///
     /// Refuses with [`TrackError::RunExists`] if `dir/metrics.jsonl` exists, writing nothing: an earlier
     /// run's outputs are never overwritten or appended to. The claim itself is atomic (the metrics file is
     /// opened with `create_new`), so two processes pointed at the same directory cannot both succeed.
-    pub fn create(dir: &Path, tensorboard: bool, config_json: &serde_json::Value) -> Result<Self, TrackError> {
+    pub fn create(dir: &Path, backends: Backends, config_json: &serde_json::Value) -> Result<Self, TrackError> {
         let metrics_path = dir.join(METRICS_FILE);
         // Checked before creating anything so a refused run leaves no trace, not even a directory.
         if metrics_path.symlink_metadata().is_ok() {
@@ -69,14 +94,13 @@ impl Tracker {
         // the same directory: the files removed here are the ones this call just created.
         let config_path = dir.join(CONFIG_FILE);
         let rest = write_json_pretty(&config_path, config_json).and_then(|()| {
-            if tensorboard {
-                TensorBoardWriter::create(dir).map(Some)
-            } else {
-                Ok(None)
-            }
+            let tb = if backends.tensorboard { Some(TensorBoardWriter::create(dir)?) } else { None };
+            let csv = if backends.csv { Some(CsvWriter::create(dir, &[])?) } else { None };
+            let mlflow = if backends.mlflow { Some(MlflowRun::open(dir, &run_name(dir), config_json)?) } else { None };
+            Ok((tb, csv, mlflow))
         });
         match rest {
-            Ok(tb) => Ok(Self { dir: dir.to_path_buf(), metrics_path, metrics, tensorboard: tb, tensorboard_on: tensorboard, continued: false }),
+            Ok((tensorboard, csv, mlflow)) => Ok(Self { dir: dir.to_path_buf(), metrics_path, metrics, tensorboard, csv, mlflow, backends, continued: false }),
             Err(e) => {
                 let _ = std::fs::remove_file(&config_path);
                 let _ = std::fs::remove_file(&metrics_path);
@@ -89,10 +113,10 @@ impl Tracker {
     /// and `continuing` (the run resumes from its checkpoint), opens it instead: `config.json` is
     /// rewritten, and [`Tracker::rewind`] must be called with the step the run continues from before
     /// anything is logged. A run with another config is refused as by `create`.
-    pub fn continue_or_create(dir: &Path, tensorboard: bool, config_json: &serde_json::Value, continuing: bool) -> Result<Self, TrackError> {
+    pub fn continue_or_create(dir: &Path, backends: Backends, config_json: &serde_json::Value, continuing: bool) -> Result<Self, TrackError> {
         let metrics_path = dir.join(METRICS_FILE);
         if !continuing || metrics_path.symlink_metadata().is_err() {
-            return Self::create(dir, tensorboard, config_json);
+            return Self::create(dir, backends, config_json);
         }
         // Only the same run continues: its config must be this one (train.steps may grow).
         let same = std::fs::read_to_string(dir.join(CONFIG_FILE)).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()).is_some_and(|old| {
@@ -109,7 +133,8 @@ impl Tracker {
         }
         let metrics = OpenOptions::new().append(true).open(&metrics_path).map_err(|source| TrackError::CreateFile { path: metrics_path.clone(), source })?;
         write_json_pretty(&dir.join(CONFIG_FILE), config_json)?;
-        Ok(Self { dir: dir.to_path_buf(), metrics_path, metrics, tensorboard: None, tensorboard_on: tensorboard, continued: true })
+        let mlflow = if backends.mlflow { Some(MlflowRun::open(dir, &run_name(dir), config_json)?) } else { None };
+        Ok(Self { dir: dir.to_path_buf(), metrics_path, metrics, tensorboard: None, csv: None, mlflow, backends, continued: true })
     }
 
     /// Continue after `step` optimizer steps: rows of later steps (and a torn last line) are dropped
@@ -129,14 +154,21 @@ impl Tracker {
         std::fs::write(&tmp, out).map_err(|source| TrackError::Write { path: tmp.clone(), source })?;
         std::fs::rename(&tmp, &path).map_err(|source| TrackError::Write { path: path.clone(), source })?;
         self.metrics = OpenOptions::new().append(true).open(&path).map_err(|source| TrackError::CreateFile { path: path.clone(), source })?;
-        if self.tensorboard_on {
+        let kept: Vec<StepMetrics> = kept.into_iter().map(|(_, m)| m).collect();
+        if self.backends.csv {
+            self.csv = Some(CsvWriter::create(&self.dir, &kept)?);
+        }
+        if let Some(run) = self.mlflow.as_mut() {
+            run.rebuild(&kept)?;
+        }
+        if self.backends.tensorboard {
             for e in std::fs::read_dir(&self.dir).map_err(|source| TrackError::CreateDir { path: self.dir.clone(), source })?.flatten() {
                 if e.file_name().to_string_lossy().contains("tfevents") {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
             let mut tb = TensorBoardWriter::create(&self.dir)?;
-            for (_, m) in &kept {
+            for m in &kept {
                 tb.add_scalars(m.step, &scalars(m))?;
             }
             tb.flush()?;
@@ -173,6 +205,12 @@ impl Tracker {
             // The run goes on: the summary of its earlier part no longer describes it.
             let _ = std::fs::remove_file(self.dir.join(SUMMARY_FILE));
         }
+        if let Some(csv) = self.csv.as_mut() {
+            csv.log(m)?;
+        }
+        if let Some(run) = self.mlflow.as_mut() {
+            run.log(m)?;
+        }
         if let Some(tb) = self.tensorboard.as_mut() {
             tb.add_scalars(m.step, &scalars(m))?;
             // Flushed every step so TensorBoard shows a live run; one small write per step is cheap.
@@ -187,6 +225,9 @@ impl Tracker {
             tb.flush()?;
         }
         self.metrics.sync_data().map_err(|source| TrackError::Write { path: self.metrics_path.clone(), source })?;
+        if let Some(run) = &self.mlflow {
+            run.finish()?;
+        }
         write_json_pretty(&self.dir.join(SUMMARY_FILE), summary)
     }
 }
@@ -231,7 +272,7 @@ mod tests {
     fn run_writes_config_metrics_and_summary() {
         let base = tempfile::tempdir().unwrap();
         let dir = base.path().join("nested/runs/a");
-        let mut tracker = Tracker::create(&dir, false, &config()).unwrap();
+        let mut tracker = Tracker::create(&dir, Backends::tensorboard(false), &config()).unwrap();
         let logged: Vec<StepMetrics> = (1..=3).map(metrics).collect();
         for m in &logged {
             tracker.log(m).unwrap();
@@ -254,10 +295,60 @@ mod tests {
     }
 
     #[test]
+    fn csv_and_mlflow_hold_every_step_and_a_rewind_keeps_them_consistent() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("run-a");
+        let all = Backends { tensorboard: true, csv: true, mlflow: true };
+        let mut tracker = Tracker::create(&dir, all, &config()).unwrap();
+        for step in 1..=3 {
+            tracker.log(&metrics(step)).unwrap();
+        }
+        tracker.finish(&serde_json::json!({})).unwrap();
+        let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines[0], "step,loss,lr,grad_norm,tokens,tokens_per_s,step_ms,peak_mem_bytes,loss_scale");
+        assert_eq!(lines.len(), 4);
+        assert_eq!(lines[3], "3,4.25,0.003,0.5,12288,20000,204.8,3221225472,1024");
+        // The MLflow file store: experiment 0, one run, its metrics, params and name.
+        let exp = dir.join("mlruns/0");
+        assert!(std::fs::read_to_string(exp.join("meta.yaml")).unwrap().contains("experiment_id: '0'\n"));
+        let runs: Vec<PathBuf> = std::fs::read_dir(&exp).unwrap().flatten().map(|e| e.path()).filter(|p| p.is_dir()).collect();
+        assert_eq!(runs.len(), 1);
+        let run = &runs[0];
+        let id = run.file_name().unwrap().to_string_lossy().to_string();
+        assert_eq!(id.len(), 32);
+        let meta = std::fs::read_to_string(run.join("meta.yaml")).unwrap();
+        for want in [format!("run_id: {id}\n"), format!("run_uuid: {id}\n"), "status: 3\n".into(), "run_name: run-a\n".into(), "lifecycle_stage: active\n".into()] {
+            assert!(meta.contains(&want), "{want:?} in {meta}");
+        }
+        let loss = std::fs::read_to_string(run.join("metrics/loss")).unwrap();
+        let rows: Vec<Vec<&str>> = loss.lines().map(|l| l.split(' ').collect()).collect();
+        assert_eq!(rows.len(), 3);
+        assert!(rows.iter().all(|r| r.len() == 3 && r[0].parse::<u128>().is_ok()), "{loss}");
+        assert_eq!((rows[2][1], rows[2][2]), ("4.25", "3"));
+        assert!(run.join("metrics/loss_scale").is_file() && run.join("metrics/mfu").is_file());
+        assert_eq!(std::fs::read_to_string(run.join("params/model.n_layer")).unwrap(), "2");
+        assert_eq!(std::fs::read_to_string(run.join("tags/mlflow.runName")).unwrap(), "run-a");
+
+        // Continued after step 1: every output holds steps 1, 2 (the new one) once.
+        let mut again = Tracker::continue_or_create(&dir, all, &config(), true).unwrap();
+        assert_eq!(again.rewind(1).unwrap(), 2);
+        again.log(&metrics(2)).unwrap();
+        again.finish(&serde_json::json!({})).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("metrics.csv")).unwrap().lines().count(), 3);
+        let loss = std::fs::read_to_string(run.join("metrics/loss")).unwrap();
+        assert_eq!(loss.lines().map(|l| l.split(' ').nth(2).unwrap()).collect::<Vec<_>>(), ["1", "2"]);
+        let steps: Vec<u64> = tfevents_files(&dir).iter().flat_map(|p| read_events(p)).filter(|e| !e.values.is_empty()).map(|e| e.step).collect();
+        assert_eq!(steps, [1, 2]);
+        let text = std::fs::read_to_string(dir.join(METRICS_FILE)).unwrap();
+        assert_eq!(text.lines().count(), 2);
+    }
+
+    #[test]
     fn existing_run_is_refused_and_left_untouched() {
         let base = tempfile::tempdir().unwrap();
         let dir = base.path().join("run");
-        let mut first = Tracker::create(&dir, true, &config()).unwrap();
+        let mut first = Tracker::create(&dir, Backends::tensorboard(true), &config()).unwrap();
         first.log(&metrics(1)).unwrap();
         first.log(&metrics(2)).unwrap();
         drop(first); // a crashed run: no summary.json
@@ -267,7 +358,7 @@ mod tests {
         let old_entries = std::fs::read_dir(&dir).unwrap().count();
 
         let other_config = serde_json::json!({"different": true});
-        let err = Tracker::create(&dir, true, &other_config).err().expect("reuse must be refused");
+        let err = Tracker::create(&dir, Backends::tensorboard(true), &other_config).err().expect("reuse must be refused");
         assert!(matches!(&err, TrackError::RunExists { dir: d } if d == &dir), "{err}");
         let message = err.to_string();
         assert!(message.contains(&dir.display().to_string()), "{message}");
@@ -281,7 +372,7 @@ mod tests {
     #[test]
     fn tensorboard_gets_scalars_for_each_step() {
         let base = tempfile::tempdir().unwrap();
-        let mut tracker = Tracker::create(base.path(), true, &config()).unwrap();
+        let mut tracker = Tracker::create(base.path(), Backends::tensorboard(true), &config()).unwrap();
         for step in 1..=3 {
             tracker.log(&metrics(step)).unwrap();
         }
@@ -307,7 +398,7 @@ mod tests {
         let blocker = base.path().join("not-a-dir");
         std::fs::write(&blocker, b"x").unwrap();
         let dir = blocker.join("run");
-        let err = Tracker::create(&dir, false, &config()).err().expect("cannot create under a file");
+        let err = Tracker::create(&dir, Backends::tensorboard(false), &config()).err().expect("cannot create under a file");
         assert!(err.to_string().contains(&dir.display().to_string()), "{err}");
     }
 }
