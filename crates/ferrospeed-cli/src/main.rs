@@ -2,6 +2,7 @@
 
 mod bench_adamw;
 mod estimate_cmd;
+mod runs_cmd;
 mod bench_cmd;
 mod checkpoint_cmd;
 mod comm_cmd;
@@ -35,6 +36,8 @@ enum Command {
     BenchAdamw(bench_adamw::BenchAdamwArgs),
     /// GPU, host and NVMe memory per rank of a config for every ZeRO stage and offload choice
     EstimateMemory(estimate_cmd::EstimateArgs),
+    /// List the runs of a folder: steps, final loss, tokens/s, status
+    Runs(runs_cmd::RunsArgs),
     /// Print what a bug report needs: version, features, devices, driver, libraries
     Env,
     /// Generate text from a Llama (checkpoint, transformers directory or GGUF file), with a KV cache
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Env => env_cmd::run(),
         Command::EstimateMemory(args) => estimate_cmd::run(args),
+        Command::Runs(args) => runs_cmd::run(args),
         Command::BenchTrain(args) => bench_cmd::run(args),
         Command::BenchAdamw(args) => bench_adamw::run(args),
     };

@@ -76,6 +76,15 @@ fn the_identical_command_continues_a_run_that_died_and_then_has_nothing_to_train
     assert!(!f.stdout.contains("done:"), "{}", f.stdout);
     assert_eq!(std::fs::read(track.join("metrics.jsonl")).unwrap(), before);
 
+    // `runs` lists both runs as finished, with their steps and final loss.
+    let f = run(ferrospeed().args(["runs", &dir.path().display().to_string()]), Duration::from_secs(30));
+    assert!(f.status.success(), "{}", f.stderr);
+    let line = |name: &str| f.stdout.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in {}", f.stdout)).to_string();
+    for name in ["run ", "whole "] {
+        let l = line(name);
+        assert!(l.contains("8/8") && l.contains("finished") && l.contains(&format!("{:.4}", whole[7].1)), "{l}");
+    }
+
     // Training longer with the same command but more steps continues the same directory.
     let mut longer = sets(&ck);
     longer.push("train.steps=10".into());
