@@ -42,7 +42,7 @@ $BIN launch --nproc-per-node 2 --max-restarts "$KILLS" train "${common[@]}" --se
   > "$OUT/soak.log" 2> "$OUT/soak.err" &
 launcher=$!
 kills=0
-starts() { grep -cE "resumed from .* at step|no checkpoint in .* yet" "$OUT/soak.log" 2>/dev/null || echo 0; }
+starts() { local c; c=$(grep -cE "resumed from .* at step|no checkpoint in .* yet" "$OUT/soak.log" 2>/dev/null); echo "${c:-0}"; }
 while [ $kills -lt "$KILLS" ] && kill -0 $launcher 2>/dev/null; do
   # Each kill lands in a new attempt, after it has said where it starts from.
   for _ in $(seq 600); do [ "$(starts)" -gt $kills ] && break; kill -0 $launcher 2>/dev/null || break; sleep 0.05; done

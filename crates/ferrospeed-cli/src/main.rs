@@ -3,6 +3,7 @@
 mod bench_adamw;
 mod estimate_cmd;
 mod runs_cmd;
+mod config_cmd;
 mod bench_cmd;
 mod checkpoint_cmd;
 mod comm_cmd;
@@ -36,6 +37,8 @@ enum Command {
     BenchAdamw(bench_adamw::BenchAdamwArgs),
     /// GPU, host and NVMe memory per rank of a config for every ZeRO stage and offload choice
     EstimateMemory(estimate_cmd::EstimateArgs),
+    /// Write a commented, validated run config (--defaults)
+    Config(config_cmd::ConfigArgs),
     /// List the runs of a folder: steps, final loss, tokens/s, status
     Runs(runs_cmd::RunsArgs),
     /// Print what a bug report needs: version, features, devices, driver, libraries
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
         Command::Env => env_cmd::run(),
         Command::EstimateMemory(args) => estimate_cmd::run(args),
         Command::Runs(args) => runs_cmd::run(args),
+        Command::Config(args) => config_cmd::run(args),
         Command::BenchTrain(args) => bench_cmd::run(args),
         Command::BenchAdamw(args) => bench_adamw::run(args),
     };

@@ -204,3 +204,37 @@ fn binary_data_is_refused_naming_the_file_and_one_window_of_text_is_enough() {
         }
     }
 }
+
+#[test]
+fn config_defaults_writes_a_commented_config_that_validates_and_trains() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run.toml");
+    let corpus = corpus();
+    let args = |extra: &[&str]| {
+        let mut v = vec!["config".to_string(), "--defaults".into(), "--out".into(), out.display().to_string(), "--data".into(), corpus.display().to_string()];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let f = run(ferrospeed().args(args(&[])), Duration::from_secs(30));
+    assert!(f.status.success(), "{}", f.stderr);
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.lines().filter(|l| l.contains('#')).count() >= 20, "commented:\n{text}");
+    for section in ["[model]", "[data]", "[train]", "[zero]", "[checkpoint]", "[track]"] {
+        assert!(text.contains(section), "{section}");
+    }
+    ferrospeed::config::Config::load(&out, &[]).expect("the written config validates");
+    // It trains (shortened, into this test's folders).
+    let sets = [format!("track.dir={}", dir.path().join("t").display()), format!("checkpoint.dir={}", dir.path().join("ck").display()), "train.steps=2".into(), "train.warmup=1".into()];
+    let rows = train(1, &out, &dir.path().join("t"), &sets);
+    assert_eq!(rows.len(), 2);
+    // An existing file is not replaced without --force.
+    let f = run(ferrospeed().args(args(&[])), Duration::from_secs(30));
+    assert_eq!(f.status.code(), Some(2));
+    assert!(f.stderr.contains("exists") && f.stderr.contains("--force"), "{}", f.stderr);
+    assert!(run(ferrospeed().args(args(&["--force"])), Duration::from_secs(30)).status.success());
+    // Bad data is refused before anything is written.
+    let other = dir.path().join("other.toml");
+    let f = run(ferrospeed().args(["config", "--defaults", "--out", &other.display().to_string(), "--data", "/no/such/text"]), Duration::from_secs(30));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("data.path") && !other.exists(), "{}", f.stderr);
+}
