@@ -10,29 +10,10 @@ KILLS=${KILLS:-100}; STEPS=${STEPS:-3000}; EVERY=${EVERY:-10}
 BIN=${BIN:-target/release/ferrospeed}
 [ -x "$BIN" ] || cargo build --release -q -p ferrospeed-cli
 OUT=${OUT:-$(mktemp -d /tmp/soak.XXXX)}; mkdir -p "$OUT"
-cat > "$OUT/soak.toml" <<EOF
-[model]
-n_layer = 2
-n_head = 2
-d_model = 64
-seq_len = 64
-
-[data]
-path = "$PWD/data/rust-book.txt"
-
-[train]
-steps = $STEPS
-global_batch = 8
-micro_batch = 4
-lr = 3e-3
-warmup = 10
-sample_tokens = 0
-
-[checkpoint]
-every = $EVERY
-keep = 2
-EOF
-common=(--config "$OUT/soak.toml" --set track.tensorboard=false)
+# The README's tiny config, smaller and with checkpoints every EVERY steps.
+common=(--config examples/tiny.toml --set model.d_model=64 --set model.n_head=2 --set train.steps="$STEPS" --set train.global_batch=8
+  --set train.micro_batch=4 --set train.warmup=10 --set train.sample_tokens=0 --set checkpoint.every="$EVERY" --set checkpoint.keep=2
+  --set track.tensorboard=false)
 echo "reference run ($STEPS steps)..."
 $BIN launch --nproc-per-node 2 train "${common[@]}" --set track.dir="$OUT/ref" --set checkpoint.dir="$OUT/ck-ref" > "$OUT/ref.log" 2>&1 || { tail "$OUT/ref.log"; exit 1; }
 

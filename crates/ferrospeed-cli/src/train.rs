@@ -197,6 +197,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         let stop = any_rank(&engine, interrupted.load(Ordering::SeqCst))?;
         let done = step + 1;
         if acc.checkpoint_due(done as u64) || (stop && cfg.checkpoint.save_on_interrupt && cfg.checkpoint.dir.is_some()) {
+            // The checkpoint carries its step's row: a run that dies after the save and before the
+            // row is written gets it back when it continues.
+            acc.record(ferrospeed::accelerator::CHECKPOINT_ROW, serde_json::to_value(&m)?);
             save_checkpoint(&acc, &mut engine)?;
             last_saved = Some(done);
         }

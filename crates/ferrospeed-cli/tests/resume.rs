@@ -94,6 +94,23 @@ fn the_identical_command_continues_a_run_that_died_and_then_has_nothing_to_train
 }
 
 #[test]
+fn a_run_that_dies_between_a_checkpoint_and_its_row_gets_the_row_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 6\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 2");
+    let sets = |ck: &Path| vec![format!("checkpoint.dir={}", ck.display()), "checkpoint.every=2".to_string()];
+    let whole = train(2, &config, &dir.path().join("whole"), &sets(&dir.path().join("ck-whole")));
+    let track = dir.path().join("run");
+    let ck = dir.path().join("ck");
+    // Rank 0 dies once `latest` names step 4, before step 4's row is written (found by the soak).
+    let f = run(train_command(2, &config, &track, &sets(&ck)).env("FERROSPEED_FAULT", "after-latest@4@0"), Duration::from_secs(120));
+    assert!(!f.status.success());
+    assert_eq!(metrics(&track).iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2, 3]);
+    let f = run(&mut train_command(2, &config, &track, &sets(&ck)), Duration::from_secs(120));
+    assert!(f.status.success() && f.stdout.contains("at step 4"), "{}", f.stderr);
+    assert_eq!(bits(&metrics(&track)), bits(&whole), "every step once, step 4 from the checkpoint");
+}
+
+#[test]
 fn resume_without_a_checkpoint_says_so_and_another_config_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), TINY, "steps = 2\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 1");

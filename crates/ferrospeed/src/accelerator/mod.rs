@@ -102,6 +102,9 @@ impl Default for Options {
     }
 }
 
+/// The key of [`Accelerator::record`] under which a checkpoint keeps its step's metrics row.
+pub const CHECKPOINT_ROW: &str = "metrics_row";
+
 /// What [`Accelerator::prepare`] resumed from.
 #[derive(Debug, Clone)]
 pub struct Resumed {
@@ -238,9 +241,12 @@ impl Accelerator {
                 self.resumed = Some(Resumed { path: found, meta });
             }
         }
-        // A continued run directory keeps the rows of the steps the run continues from.
+        // A continued run directory keeps the rows of the steps the run continues from (and gets
+        // the checkpoint's own row back if the run died before writing it).
         if let Some(t) = self.tracker.as_mut() {
-            t.rewind(self.resumed.as_ref().map_or(0, |r| r.meta.step))?;
+            let step = self.resumed.as_ref().map_or(0, |r| r.meta.step);
+            let row = self.resumed.as_ref().and_then(|r| r.meta.run.get(CHECKPOINT_ROW)).and_then(|v| serde_json::from_value::<StepMetrics>(v.clone()).ok()).filter(|m| m.step == step);
+            t.rewind(step, row)?;
         }
         Ok(engine)
     }
@@ -251,6 +257,9 @@ impl Accelerator {
     }
 
     /// The checkpoint [`Accelerator::prepare`] resumed from, if any.
+    ///
+    /// (A program that records its step's metrics under [`CHECKPOINT_ROW`] before each save gets the
+    /// row back in a continued run directory when it died between the save and the row.)
     pub fn resumed(&self) -> Option<&Resumed> {
         self.resumed.as_ref()
     }

@@ -139,16 +139,22 @@ impl Tracker {
 
     /// Continue after `step` optimizer steps: rows of later steps (and a torn last line) are dropped
     /// from `metrics.jsonl`, which is replaced atomically, and the TensorBoard file is rebuilt from
-    /// the rows kept. Returns how many rows were dropped. A fresh run has nothing to drop.
-    pub fn rewind(&mut self, step: u64) -> Result<usize, TrackError> {
+    /// the rows kept. `checkpoint_row`, the row the checkpoint of `step` saved, is added when the
+    /// file lacks it (the run died between the save and the row). Returns how many rows were
+    /// dropped. A fresh run has nothing to drop.
+    pub fn rewind(&mut self, step: u64, checkpoint_row: Option<StepMetrics>) -> Result<usize, TrackError> {
         if !self.continued {
             return Ok(0);
         }
         let path = self.metrics_path.clone();
         let text = std::fs::read_to_string(&path).map_err(|source| TrackError::CreateFile { path: path.clone(), source })?;
         let rows: Vec<(&str, Option<StepMetrics>)> = text.lines().map(|l| (l, serde_json::from_str::<StepMetrics>(l).ok())).collect();
-        let kept: Vec<(&str, StepMetrics)> = rows.iter().filter_map(|(l, m)| m.clone().filter(|m| m.step <= step).map(|m| (*l, m))).collect();
+        let mut kept: Vec<(String, StepMetrics)> = rows.iter().filter_map(|(l, m)| m.clone().filter(|m| m.step <= step).map(|m| (l.to_string(), m))).collect();
         let dropped = rows.len() - kept.len();
+        if let Some(m) = checkpoint_row.filter(|m| kept.last().is_none_or(|(_, last)| last.step < m.step)) {
+            let line = serde_json::to_string(&m).map_err(|source| TrackError::Json { path: path.clone(), source })?;
+            kept.push((line, m));
+        }
         let tmp = self.dir.join(format!(".{METRICS_FILE}.rewind"));
         let out: String = kept.iter().map(|(l, _)| format!("{l}\n")).collect();
         std::fs::write(&tmp, out).map_err(|source| TrackError::Write { path: tmp.clone(), source })?;
@@ -332,7 +338,7 @@ mod tests {
 
         // Continued after step 1: every output holds steps 1, 2 (the new one) once.
         let mut again = Tracker::continue_or_create(&dir, all, &config(), true).unwrap();
-        assert_eq!(again.rewind(1).unwrap(), 2);
+        assert_eq!(again.rewind(1, None).unwrap(), 2);
         again.log(&metrics(2)).unwrap();
         again.finish(&serde_json::json!({})).unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("metrics.csv")).unwrap().lines().count(), 3);
