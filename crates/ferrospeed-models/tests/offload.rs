@@ -152,6 +152,39 @@ fn offload_is_bitwise_in_fp16_and_bf16_and_with_parameter_offload() {
     }
 }
 
+/// Every block's master weights and state after `STEPS` steps, read the way a checkpoint reads
+/// them, with a read in the middle too (a save at step 3 fills the host mirror).
+fn final_state(run: Run, nvme: &Path) -> Vec<Vec<u32>> {
+    let corpus = corpus();
+    let out = run_local_world(run.world, &CommConfig::default(), |comm| {
+        let rank = comm.rank();
+        let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(run, nvme)).unwrap();
+        let sampler = BatchSampler { seed: 5, seq_len: CFG.seq_len, micro_batch: 1, accumulation: 2, world_size: run.world, rank };
+        let schedule = LrSchedule { lr: 3e-3, min_lr: 3e-4, warmup: 2, total: STEPS };
+        for step in 0..STEPS {
+            engine.train_step(&support::batches(&sampler, &corpus, step, &Device::Cpu), schedule.at(step)).unwrap();
+            if step == 2 {
+                engine.sync_to_host().unwrap();
+                assert!(!engine.windows().unwrap().is_empty());
+            }
+        }
+        engine.sync_to_host().unwrap();
+        engine.windows().unwrap().iter().map(|w| std::iter::once(w.master).chain(w.state.iter().copied()).flat_map(|b| b.iter().map(|x| x.to_bits())).collect()).collect::<Vec<Vec<u32>>>()
+    })
+    .unwrap();
+    out.into_iter().next().unwrap()
+}
+
+#[test]
+fn a_checkpoint_read_after_more_steps_sees_the_offloaded_state_of_now() {
+    let nvme = tempfile::tempdir().unwrap();
+    let base = Run { world: 1, stage: 1, precision: Precision::Fp32, optimizer: Offload::None, ratio: 1.0, params: Offload::None };
+    let reference = final_state(base, nvme.path());
+    for (optimizer, ratio) in [(Offload::Nvme, 1.0), (Offload::Nvme, 0.5), (Offload::Cpu, 1.0)] {
+        assert!(final_state(Run { optimizer, ratio, ..base }, nvme.path()) == reference, "{optimizer} {ratio}: the state read after the last step differs");
+    }
+}
+
 fn engine_error(run: Run, settings: OffloadSettings) -> EngineError {
     let out = run_local_world(1, &CommConfig::default(), |comm| {
         let mut cfg = config(run, Path::new("/"));

@@ -234,6 +234,8 @@ impl BlockParams {
         host_update(&self.flat, &window, &self.settings, master, state, g, up);
         grads.release_download();
         self.staged = Some(HostBuf::from_f32(self.dtype, &pages.as_f32()[..n]));
+        // The file is the state now: a mirror a checkpoint filled is stale.
+        self.mark_host_stale();
         pass.put(&file, pages)
     }
 
