@@ -51,9 +51,11 @@ struct Outcome {
     disk_read: u64,
 }
 
-fn train(run: Run, nvme: &Path) -> Outcome {
+/// Every rank trains `STEPS` steps of `run` (calling `after_step` after each), then reports `finish`
+/// of its engine and its losses.
+fn run_engine<T: Send>(run: Run, nvme: &Path, after_step: impl Fn(&mut Engine, usize) + Sync, finish: impl Fn(&mut Engine) -> T + Sync) -> Vec<(Vec<f64>, T)> {
     let corpus = corpus();
-    let out = run_local_world(run.world, &CommConfig::default(), |comm| {
+    run_local_world(run.world, &CommConfig::default(), |comm| {
         let rank = comm.rank();
         let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(run, nvme)).unwrap();
         let sampler = BatchSampler { seed: 5, seq_len: CFG.seq_len, micro_batch: 1, accumulation: 2, world_size: run.world, rank };
@@ -62,12 +64,18 @@ fn train(run: Run, nvme: &Path) -> Outcome {
         for step in 0..STEPS {
             let batches = support::batches(&sampler, &corpus, step, &Device::Cpu);
             losses.push(engine.train_step(&batches, schedule.at(step)).unwrap().loss);
+            after_step(&mut engine, step);
         }
-        let files = count_files(nvme);
-        let read = engine.disk_traffic().map_or(0, |t| t.read_bytes);
-        (losses, engine.memory(), engine.state_tiers(), files, read)
+        (losses, finish(&mut engine))
     })
-    .unwrap();
+    .unwrap()
+}
+
+fn train(run: Run, nvme: &Path) -> Outcome {
+    let out: Vec<_> = run_engine(run, nvme, |_, _| {}, |engine| (engine.memory(), engine.state_tiers(), count_files(nvme), engine.disk_traffic().map_or(0, |t| t.read_bytes)))
+        .into_iter()
+        .map(|(losses, (m, t, f, r))| (losses, m, t, f, r))
+        .collect();
     Outcome {
         losses: out[0].0.clone(),
         memory: out.iter().map(|o| o.1).collect(),
@@ -155,24 +163,17 @@ fn offload_is_bitwise_in_fp16_and_bf16_and_with_parameter_offload() {
 /// Every block's master weights and state after `STEPS` steps, read the way a checkpoint reads
 /// them, with a read in the middle too (a save at step 3 fills the host mirror).
 fn final_state(run: Run, nvme: &Path) -> Vec<Vec<u32>> {
-    let corpus = corpus();
-    let out = run_local_world(run.world, &CommConfig::default(), |comm| {
-        let rank = comm.rank();
-        let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(run, nvme)).unwrap();
-        let sampler = BatchSampler { seed: 5, seq_len: CFG.seq_len, micro_batch: 1, accumulation: 2, world_size: run.world, rank };
-        let schedule = LrSchedule { lr: 3e-3, min_lr: 3e-4, warmup: 2, total: STEPS };
-        for step in 0..STEPS {
-            engine.train_step(&support::batches(&sampler, &corpus, step, &Device::Cpu), schedule.at(step)).unwrap();
-            if step == 2 {
-                engine.sync_to_host().unwrap();
-                assert!(!engine.windows().unwrap().is_empty());
-            }
+    let mid_read = |engine: &mut Engine, step: usize| {
+        if step == 2 {
+            engine.sync_to_host().unwrap();
+            assert!(!engine.windows().unwrap().is_empty());
         }
+    };
+    let state = |engine: &mut Engine| -> Vec<Vec<u32>> {
         engine.sync_to_host().unwrap();
-        engine.windows().unwrap().iter().map(|w| std::iter::once(w.master).chain(w.state.iter().copied()).flat_map(|b| b.iter().map(|x| x.to_bits())).collect()).collect::<Vec<Vec<u32>>>()
-    })
-    .unwrap();
-    out.into_iter().next().unwrap()
+        engine.windows().unwrap().iter().map(|w| std::iter::once(w.master).chain(w.state.iter().copied()).flat_map(|b| b.iter().map(|x| x.to_bits())).collect()).collect()
+    };
+    run_engine(run, nvme, mid_read, state).into_iter().next().unwrap().1
 }
 
 #[test]
