@@ -49,6 +49,10 @@ pub struct BenchTrainArgs {
     /// Share of the optimizer state offloaded, in (0, 1] (zero.offload_ratio)
     #[arg(long, default_value_t = 1.0)]
     pub offload_ratio: f64,
+    /// With --offload-optimizer nvme: the share of the state in NVMe files, the offloaded rest in host
+    /// memory (zero.nvme_ratio; default: all of the offloaded state)
+    #[arg(long)]
+    pub nvme_ratio: Option<f64>,
     /// Folder of the NVMe tier's files (zero.nvme_dir)
     #[arg(long)]
     pub nvme_dir: Option<std::path::PathBuf>,
@@ -94,7 +98,8 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let choice = DeviceChoice::from_name(&args.device).ok_or_else(|| usage_error("--device: use auto, cpu or cuda"))?;
     let world = WorldInfo::from_env()?;
     let offload = ferrospeed::config::Offload::from_name(&args.offload_optimizer).ok_or_else(|| usage_error("--offload-optimizer: use none, cpu or nvme"))?;
-    let nvme_dir = args.nvme_dir.as_ref().map(|d| format!("nvme_dir = {:?}\n", d.display().to_string())).unwrap_or_default();
+    let nvme_dir = args.nvme_dir.as_ref().map(|d| format!("nvme_dir = {:?}\n", d.display().to_string())).unwrap_or_default()
+        + &args.nvme_ratio.map(|q| format!("nvme_ratio = {q}\n")).unwrap_or_default();
     // The anchors' settings, as a config: AdamW (0.9, 0.95, 1e-8, decay 0.1), clipping at 1, a constant
     // learning rate of 1e-4, seed 0, one micro-batch per rank per step.
     let toml = format!(
@@ -125,7 +130,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let batch = Batch::tokens(random(n)?, random(n)?);
     let mut step_secs = Vec::new();
     let mut phases = Vec::new();
-    let mut loss = f64::NAN;
+    let mut losses = Vec::new();
     for i in 0..args.warmup + args.steps {
         device.synchronize()?;
         let t0 = Instant::now();
@@ -136,7 +141,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
             step_secs.push(t0.elapsed().as_secs_f64());
             phases.push(stats.times);
         }
-        loss = stats.loss;
+        losses.push(stats.loss);
     }
     step_secs.sort_by(f64::total_cmp);
     let dt = step_secs[step_secs.len() / 2];
@@ -159,6 +164,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
             "checkpointing": args.checkpointing,
             "offload_optimizer": args.offload_optimizer,
             "offload_ratio": args.offload_ratio,
+            "nvme_ratio": args.nvme_ratio,
             "memory": engine.memory(),
             "nvme": engine.disk_traffic().map(|d| serde_json::json!({"read_gbps": d.read_gbps(), "write_gbps": d.write_gbps(), "read_gb": d.read_bytes as f64 / 1e9, "direct": d.direct})),
             "step_ms": (dt * 1e3 * 100.0).round() / 100.0,
@@ -174,7 +180,8 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
                 "optimizer": mean(|t| t.optimizer),
                 "publish": mean(|t| t.publish),
             },
-            "loss": (loss * 1000.0).round() / 1000.0,
+            "loss": (losses.last().copied().unwrap_or(f64::NAN) * 1000.0).round() / 1000.0,
+            "losses": losses.iter().map(|l| (l * 1e4).round() / 1e4).collect::<Vec<_>>(),
             "breakdown_ms": profile,
         });
         println!("{line}");

@@ -66,8 +66,7 @@ fn gib(b: u64) -> f64 {
 }
 
 fn strategy_of(cfg: &Config) -> Strategy {
-    let z = &cfg.zero;
-    Strategy::new(z.stage).with_offload(z.offload_optimizer, z.offload_ratio, z.offload_params)
+    cfg.zero.strategy()
 }
 
 fn shape_of(cfg: &Config, world: usize, on_gpu: bool) -> Result<RunShape> {
@@ -101,6 +100,12 @@ fn alternatives(cfg: &Config, world: usize) -> Vec<(String, Strategy, bool)> {
     }
     if cfg.zero.nvme_dir.is_some() {
         out.push(("set zero.offload_optimizer = \"nvme\", with activation checkpointing".into(), base.with_offload(Offload::Nvme, 1.0, Offload::None), true));
+        // Host memory and the disk together, for state that fits neither alone.
+        out.push((
+            "set zero.offload_optimizer = \"nvme\" and zero.nvme_ratio = 0.5 (half in host memory), with activation checkpointing".into(),
+            base.with_offload(Offload::Nvme, 1.0, Offload::None).with_nvme_ratio(0.5),
+            true,
+        ));
     }
     out
 }
@@ -124,14 +129,25 @@ pub fn run(args: EstimateArgs) -> Result<ExitCode> {
     );
     println!("{:<7} {:<22} {:>9} {:>9} {:>9}", "stage", "optimizer state", "GPU", "host", "NVMe");
     let this = strategy_of(&cfg);
+    let row = |stage: ferrospeed::config::ZeroStage, label: &str, s: Strategy, mark: &str| {
+        let e = estimate_run(&family, &model, s, &run);
+        println!("{:<7} {:<22} {:>9.2} {:>9.2} {:>9.2}{mark}", stage.as_int(), label, gib(e.device), gib(e.host), gib(e.nvme));
+    };
+    let mut shown = false;
     for stage in 0..=3 {
         let stage = ferrospeed::config::ZeroStage::from_int(stage).expect("0..=3");
         for (label, off, ratio) in [("on the device", Offload::None, 1.0), ("half on the CPU", Offload::Cpu, 0.5), ("on the CPU", Offload::Cpu, 1.0), ("on NVMe", Offload::Nvme, 1.0)] {
             let s = Strategy::new(stage).with_offload(off, ratio, Offload::None);
-            let e = estimate_run(&family, &model, s, &run);
-            let mark = if s == (Strategy { offload_params: Offload::None, ..this }) { "  ← this config" } else { "" };
-            println!("{:<7} {:<22} {:>9.2} {:>9.2} {:>9.2}{mark}", stage.as_int(), label, gib(e.device), gib(e.host), gib(e.nvme));
+            let is_this = s == Strategy { offload_params: Offload::None, ..this };
+            shown |= is_this;
+            row(stage, label, s, if is_this { "  ← this config" } else { "" });
         }
+    }
+    if !shown {
+        // A mix the table does not list (another ratio, host and NVMe together, parameter offload).
+        let z = &cfg.zero;
+        let label = format!("{} {}{}", z.offload_optimizer, z.offload_ratio, z.nvme_ratio.map(|q| format!(", NVMe {q}")).unwrap_or_default());
+        row(z.stage, &label, this, "  ← this config");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,6 @@
 //! Offload end to end through `ferrospeed train`: a run with the optimizer state on NVMe (or in
-//! host memory) gives the losses of the run without, a checkpoint saved with offload resumes
-//! without it and the reverse, bit for bit; the summary reports the disk's bandwidth.
+//! host memory, or split between them) gives the losses of the run without, a checkpoint saved with
+//! offload resumes without it and the reverse, bit for bit; the summary reports the disk's bandwidth.
 
 mod support;
 
@@ -16,7 +16,9 @@ fn checkpoints_move_between_offloaded_and_plain_runs_bit_for_bit() {
     let config = write_config(dir.path(), TINY, "steps = 8\nglobal_batch = 8\nmicro_batch = 2\nwarmup = 2");
     let offload = |tier: &str, ratio: f64| vec![format!("zero.offload_optimizer=\"{tier}\""), format!("zero.offload_ratio={ratio}"), format!("zero.nvme_dir={}", nvme.display())];
     let plain: Vec<String> = vec![];
-    for (stage, saved_with, resumed_with) in [(2, offload("nvme", 0.5), plain.clone()), (3, plain.clone(), offload("nvme", 1.0)), (1, offload("cpu", 1.0), offload("nvme", 1.0))] {
+    // Three tiers: half of the state on disk, the rest in host memory.
+    let host_and_disk = [offload("nvme", 1.0), vec!["zero.nvme_ratio=0.5".into()]].concat();
+    for (stage, saved_with, resumed_with) in [(2, offload("nvme", 0.5), plain.clone()), (3, plain.clone(), offload("nvme", 1.0)), (1, offload("cpu", 1.0), host_and_disk)] {
         let base = dir.path().join(format!("s{stage}"));
         let ck = base.join("ck");
         let mut sets = vec![format!("zero.stage={stage}"), format!("checkpoint.dir={}", ck.display()), "checkpoint.every=4".into()];
@@ -67,4 +69,25 @@ fn estimate_memory_lists_every_stage_and_offload_choice() {
     let cols = |l: &str| -> Vec<f64> { l.split_whitespace().filter_map(|x| x.parse().ok()).collect() };
     let (dev, cpu) = (cols(rows[8]), cols(rows[10]));
     assert!(cpu[1] < dev[1] && cpu[2] > dev[2], "{}\n{}", rows[8], rows[10]);
+}
+
+#[test]
+fn estimate_memory_shows_a_config_of_three_tiers_between_host_and_nvme() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 3\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 1\nprecision = \"bf16\"");
+    let nvme = format!("zero.nvme_dir={:?}", dir.path().display().to_string());
+    let mut args = vec!["estimate-memory", "--config", config.to_str().unwrap(), "--gpu", "--set", "model.d_model=2048", "--set", "model.n_head=16", "--set", "model.n_layer=32"];
+    args.extend(["--set", "zero.stage=1", "--set", "zero.offload_optimizer=\"nvme\"", "--set", "zero.nvme_ratio=0.5", "--set", &nvme]);
+    let f = run(ferrospeed().args(&args), std::time::Duration::from_secs(60));
+    assert!(f.status.success(), "{}", f.stderr);
+    let rows: Vec<&str> = f.stdout.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit()) && !l.contains("GPU")).skip(1).collect();
+    assert_eq!(rows.len(), 17, "{}", f.stdout);
+    let this = rows[16];
+    assert!(this.starts_with("1 ") && this.contains("nvme 1, NVMe 0.5") && this.contains("this config"), "{}", f.stdout);
+    // [stage, ratio, ratio, GPU, host, NVMe] for the mix; [stage, GPU, host, NVMe] for the table.
+    let cols = |l: &str| -> Vec<f64> { l.split_whitespace().filter_map(|x| x.trim_end_matches(',').parse().ok()).collect() };
+    let (mix, cpu, disk) = (cols(this), cols(rows[6]), cols(rows[7]));
+    let (mix_host, mix_nvme) = (mix[mix.len() - 2], mix[mix.len() - 1]);
+    assert!(mix_host > disk[2] && mix_host < cpu[2], "host between all-on-disk and all-on-host:\n{}", f.stdout);
+    assert!(mix_nvme > 0.3 * disk[3] && mix_nvme < 0.7 * disk[3], "about half on disk:\n{}", f.stdout);
 }

@@ -35,7 +35,7 @@ fn train_offloaded(
     on_gpu: bool,
     steps: std::ops::Range<usize>,
     ckpt: Option<(&std::path::Path, bool)>,
-    offload: Option<(Offload, f64, &std::path::Path)>,
+    offload: Option<(Offload, f64, f64, &std::path::Path)>,
 ) -> Vec<f64> {
     let corpus = support::corpus("Parameters live in flat buffers; candle sees copies. ", 60);
     let out = run_local_world(world, &CommConfig::default(), |comm| {
@@ -43,8 +43,8 @@ fn train_offloaded(
         let mut cfg = support::engine_config(stage, precision, true, 3);
         cfg.grad_clip = 0.5;
         cfg.device = if on_gpu { Device::new_cuda(0).unwrap() } else { Device::Cpu };
-        if let Some((tier, ratio, dir)) = offload {
-            cfg.strategy = cfg.strategy.with_offload(tier, ratio, Offload::None);
+        if let Some((tier, ratio, nvme_ratio, dir)) = offload {
+            cfg.strategy = cfg.strategy.with_offload(tier, ratio, Offload::None).with_nvme_ratio(nvme_ratio);
             cfg.offload = OffloadSettings { nvme_dir: Some(dir.to_path_buf()), pinned_budget: 0 };
         }
         let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), cfg).unwrap();
@@ -119,9 +119,10 @@ fn offloaded_optimizer_state_trains_on_the_gpu_bitwise_like_the_device_state() {
         // ranks the general host path. The CPU AdamW and the kernel share their arithmetic.
         for (world, stage) in [(1, 0), (1, 1), (1, 3), (2, 2)] {
             let reference = train(world, stage, precision, true, 0..STEPS, None);
-            for (tier, ratio) in [(Offload::Cpu, 1.0), (Offload::Cpu, 0.5), (Offload::Nvme, 1.0)] {
-                let got = train_offloaded(world, stage, precision, true, 0..STEPS, None, Some((tier, ratio, nvme.path())));
-                assert_bitwise(&format!("{precision:?} world {world} stage {stage} {tier} ratio {ratio} vs device state"), &got, &reference);
+            // The last: three tiers (device, host, NVMe).
+            for (tier, ratio, q) in [(Offload::Cpu, 1.0, 1.0), (Offload::Cpu, 0.5, 0.5), (Offload::Nvme, 1.0, 1.0), (Offload::Nvme, 0.8, 0.4)] {
+                let got = train_offloaded(world, stage, precision, true, 0..STEPS, None, Some((tier, ratio, q, nvme.path())));
+                assert_bitwise(&format!("{precision:?} world {world} stage {stage} {tier} ratio {ratio} nvme {q} vs device state"), &got, &reference);
             }
         }
     }

@@ -32,11 +32,16 @@ struct Run {
     optimizer: Offload,
     ratio: f64,
     params: Offload,
+    /// The share of the state in NVMe files (the offloaded rest in host memory); `None`: all of it.
+    nvme_ratio: Option<f64>,
 }
 
 fn config(run: Run, nvme: &Path) -> EngineConfig {
     let mut cfg = support::engine_config(run.stage, run.precision, true, 5);
     cfg.strategy = cfg.strategy.with_offload(run.optimizer, run.ratio, run.params);
+    if let Some(q) = run.nvme_ratio {
+        cfg.strategy = cfg.strategy.with_nvme_ratio(q);
+    }
     cfg.offload = OffloadSettings { nvme_dir: Some(nvme.to_path_buf()), pinned_budget: 0 };
     cfg
 }
@@ -107,7 +112,7 @@ fn offloaded_optimizer_state_gives_bitwise_the_losses_of_no_offload() {
     let nvme = tempfile::tempdir().unwrap();
     for world in [1, 2] {
         for stage in 1..=3 {
-            let base = Run { world, stage, precision: Precision::Fp32, optimizer: Offload::None, ratio: 1.0, params: Offload::None };
+            let base = Run { world, stage, precision: Precision::Fp32, optimizer: Offload::None, ratio: 1.0, params: Offload::None, nvme_ratio: None };
             let reference = train(base, nvme.path());
             assert!(reference.losses[STEPS - 1] < reference.losses[0], "the loss falls");
             assert!(reference.tiers.iter().flatten().all(|&t| t == Tier::Device));
@@ -151,7 +156,7 @@ fn offloaded_optimizer_state_gives_bitwise_the_losses_of_no_offload() {
 fn offload_is_bitwise_in_fp16_and_bf16_and_with_parameter_offload() {
     let nvme = tempfile::tempdir().unwrap();
     for precision in [Precision::Bf16, Precision::Fp16] {
-        let base = Run { world: 2, stage: 3, precision, optimizer: Offload::None, ratio: 1.0, params: Offload::None };
+        let base = Run { world: 2, stage: 3, precision, optimizer: Offload::None, ratio: 1.0, params: Offload::None, nvme_ratio: None };
         let reference = train(base, nvme.path());
         for (optimizer, params) in [(Offload::Nvme, Offload::None), (Offload::Cpu, Offload::Cpu)] {
             let run = Run { optimizer, params, ..base };
@@ -179,11 +184,36 @@ fn final_state(run: Run, nvme: &Path) -> Vec<Vec<u32>> {
 #[test]
 fn a_checkpoint_read_after_more_steps_sees_the_offloaded_state_of_now() {
     let nvme = tempfile::tempdir().unwrap();
-    let base = Run { world: 1, stage: 1, precision: Precision::Fp32, optimizer: Offload::None, ratio: 1.0, params: Offload::None };
+    let base = Run { world: 1, stage: 1, precision: Precision::Fp32, optimizer: Offload::None, ratio: 1.0, params: Offload::None, nvme_ratio: None };
     let reference = final_state(base, nvme.path());
     for (optimizer, ratio) in [(Offload::Nvme, 1.0), (Offload::Nvme, 0.5), (Offload::Cpu, 1.0)] {
         assert!(final_state(Run { optimizer, ratio, ..base }, nvme.path()) == reference, "{optimizer} {ratio}: the state read after the last step differs");
     }
+}
+
+#[test]
+fn three_tiers_device_host_and_nvme_give_bitwise_the_losses_and_state_of_no_offload() {
+    let nvme = tempfile::tempdir().unwrap();
+    for (world, stage) in [(1, 1), (2, 2), (2, 3)] {
+        let base = Run { world, stage, precision: Precision::Fp32, optimizer: Offload::None, ratio: 1.0, params: Offload::None, nvme_ratio: None };
+        let reference = train(base, nvme.path());
+        for (ratio, q) in [(0.8, 0.4), (1.0, 0.5)] {
+            let run = Run { optimizer: Offload::Nvme, ratio, nvme_ratio: Some(q), ..base };
+            let got = train(run, nvme.path());
+            assert_eq!(bits(&got.losses), bits(&reference.losses), "{run:?} vs no offload");
+            for tiers in &got.tiers {
+                let has = |t: Tier| tiers.contains(&t);
+                assert!(has(Tier::Host) && has(Tier::Nvme) && has(Tier::Device) == (ratio < 1.0), "{run:?}: {tiers:?}");
+                // The NVMe blocks are the last ones; host blocks come before them.
+                assert!(tiers.windows(2).all(|w| (w[0], w[1]) != (Tier::Nvme, Tier::Host)), "{run:?}: {tiers:?}");
+            }
+            let m = got.memory[0];
+            assert!(m.offloaded_host > 0 && m.offloaded_nvme > 0 && got.disk_read > 0, "{run:?}: {m:?}");
+        }
+    }
+    let base = Run { world: 1, stage: 1, precision: Precision::Fp32, optimizer: Offload::None, ratio: 1.0, params: Offload::None, nvme_ratio: None };
+    let three = Run { optimizer: Offload::Nvme, ratio: 0.8, nvme_ratio: Some(0.4), ..base };
+    assert!(final_state(three, nvme.path()) == final_state(base, nvme.path()), "the state read after the last step differs");
 }
 
 fn engine_error(run: Run, settings: OffloadSettings) -> EngineError {
@@ -199,7 +229,7 @@ fn engine_error(run: Run, settings: OffloadSettings) -> EngineError {
 #[test]
 fn a_bad_nvme_folder_or_budget_is_one_error_before_anything_is_written() {
     let dir = tempfile::tempdir().unwrap();
-    let run = Run { world: 1, stage: 1, precision: Precision::Fp32, optimizer: Offload::Nvme, ratio: 1.0, params: Offload::None };
+    let run = Run { world: 1, stage: 1, precision: Precision::Fp32, optimizer: Offload::Nvme, ratio: 1.0, params: Offload::None, nvme_ratio: None };
     let missing = dir.path().join("no-such-disk");
     let e = engine_error(run, OffloadSettings { nvme_dir: Some(missing.clone()), pinned_budget: 0 });
     let msg = e.to_string();

@@ -46,7 +46,6 @@ use crate::data::{DataLoader, Dataset, Sampler};
 use crate::engine::{CommWorker, Engine, EngineConfig, Model, OffloadSettings, StepStats};
 use crate::optim::{AdamW, LrSchedule, Optimizer, ParamGroups, Sgd};
 use crate::precision::{LossScalerConfig, Precision};
-use crate::shard::Strategy;
 use crate::track::{fresh_run_dir, StepMetrics, Tracker};
 use crate::{CommConfig, CommExt, ReduceOp, WorldInfo};
 use candle_core::{DType, Device, Tensor};
@@ -200,7 +199,7 @@ impl Accelerator {
             optimizer,
             param_groups: groups,
             seed: t.seed,
-            strategy: Strategy::new(self.cfg.zero.stage).with_offload(z.offload_optimizer, z.offload_ratio, z.offload_params),
+            strategy: z.strategy(),
             offload: OffloadSettings { nvme_dir: z.nvme_dir.clone(), pinned_budget: z.pinned_budget_mb * 1_000_000 },
             precision: t.precision,
             reduce_dtype: match t.grad_reduce_dtype {

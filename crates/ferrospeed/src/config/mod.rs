@@ -208,6 +208,9 @@ pub struct ZeroConfig {
     pub offload_optimizer: Offload,
     /// Share of the optimizer state on the offload tier, in (0, 1]; the rest stays on the device.
     pub offload_ratio: f64,
+    /// With `offload_optimizer = "nvme"`: the share of the whole optimizer state in NVMe files, in
+    /// (0, `offload_ratio`]; the offloaded rest stays in host memory. Default: `offload_ratio`.
+    pub nvme_ratio: Option<f64>,
     /// Stage 3 only.
     pub offload_params: Offload,
     /// Required when either offload is `nvme`.
@@ -216,9 +219,17 @@ pub struct ZeroConfig {
     pub pinned_budget_mb: u64,
 }
 
+impl ZeroConfig {
+    /// The engine's strategy for these settings.
+    pub fn strategy(&self) -> crate::shard::Strategy {
+        let s = crate::shard::Strategy::new(self.stage).with_offload(self.offload_optimizer, self.offload_ratio, self.offload_params);
+        self.nvme_ratio.map_or(s, |q| s.with_nvme_ratio(q))
+    }
+}
+
 impl Default for ZeroConfig {
     fn default() -> Self {
-        Self { stage: ZeroStage::Zero, offload_optimizer: Offload::None, offload_ratio: 1.0, offload_params: Offload::None, nvme_dir: None, pinned_budget_mb: 0 }
+        Self { stage: ZeroStage::Zero, offload_optimizer: Offload::None, offload_ratio: 1.0, nvme_ratio: None, offload_params: Offload::None, nvme_dir: None, pinned_budget_mb: 0 }
     }
 }
 

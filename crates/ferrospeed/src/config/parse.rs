@@ -335,6 +335,7 @@ pub(crate) fn build(table: &toml::Table) -> Config {
                 .and_then(Offload::from_name)
                 .unwrap_or(zero_default.offload_params),
             offload_ratio: v.f64("zero", "offload_ratio").unwrap_or(zero_default.offload_ratio),
+            nvme_ratio: v.f64("zero", "nvme_ratio"),
             nvme_dir: v.path("zero", "nvme_dir"),
             pinned_budget_mb: v.u64("zero", "pinned_budget_mb").unwrap_or(zero_default.pinned_budget_mb),
         },

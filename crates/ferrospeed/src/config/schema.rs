@@ -133,6 +133,7 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
             key("stage", Kind::Stage),
             key("offload_optimizer", Kind::Choice(Offload::NAMES)),
             key("offload_ratio", Kind::Number),
+            key("nvme_ratio", Kind::Number),
             key("offload_params", Kind::Choice(Offload::NAMES)),
             key("nvme_dir", Kind::Path),
             key("pinned_budget_mb", Kind::Count),

@@ -161,6 +161,24 @@ fn check_zero(config: &Config) -> Result<(), ConfigError> {
             "use e.g. 0.5 (half offloaded) or 1.0 (all of it)",
         ));
     }
+    if let Some(q) = zero.nvme_ratio {
+        if zero.offload_optimizer != Offload::Nvme {
+            return Err(ConfigError::invalid(
+                "zero.nvme_ratio",
+                q.to_string(),
+                &format!("needs zero.offload_optimizer = \"nvme\" (it is \"{}\")", zero.offload_optimizer),
+                "set zero.offload_optimizer = \"nvme\", or remove zero.nvme_ratio",
+            ));
+        }
+        if !(q > 0.0 && q <= zero.offload_ratio) {
+            return Err(ConfigError::invalid(
+                "zero.nvme_ratio",
+                q.to_string(),
+                &format!("must be in (0, zero.offload_ratio = {}]: the share of the optimizer state in NVMe files, the offloaded rest in host memory", zero.offload_ratio),
+                "use e.g. half of zero.offload_ratio, or remove the key to put all the offloaded state on NVMe",
+            ));
+        }
+    }
     if zero.offload_params != Offload::None && (zero.offload_optimizer == Offload::None || zero.offload_ratio < 1.0) {
         return Err(ConfigError::invalid(
             "zero.offload_params",

@@ -130,13 +130,11 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     // An NVMe block's compute copy waits in host memory for the publish; off the pinned path, a
     // GPU run copies one block's gradient window down at a time.
     let staged: u64 = on(Tier::Nvme).map(|x| x * c).sum();
-    let download = if plan.on_gpu && (!fast_host || nvme > 0) { windows.iter().zip(&tiers).filter(|(_, &t)| t != Tier::Device).map(|(&x, _)| x * 4).max().unwrap_or(0) } else { 0 };
+    // Blocks off the pinned path: NVMe ones, and host ones where the pinned path does not apply.
+    let host_path = |t: Tier| plan.on_gpu && (t == Tier::Nvme || t == Tier::Host && !fast_host);
+    let download = windows.iter().zip(&tiers).filter(|(_, &t)| host_path(t)).map(|(&x, _)| x * 4).max().unwrap_or(0);
     // Stages 1–2 publish host-path blocks by host all-gathers, all submitted before any finishes.
-    let host_path_padded: u64 = if plan.on_gpu && !fast_host && (1..=2).contains(&stage) || plan.on_gpu && nvme > 0 && (1..=2).contains(&stage) {
-        padded.iter().zip(&tiers).filter(|(_, &t)| t != Tier::Device).map(|(&p, _)| p * c).sum()
-    } else {
-        0
-    };
+    let host_path_padded: u64 = if (1..=2).contains(&stage) { padded.iter().zip(&tiers).filter(|(_, &t)| host_path(t)).map(|(&p, _)| p * c).sum() } else { 0 };
     let buffers = pinned + 3 * max(&nvme_files) + staged + download + host_path_padded;
     let mut largest = padded.clone();
     largest.sort_unstable_by(|a, b| b.cmp(a));

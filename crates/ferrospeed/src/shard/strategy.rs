@@ -87,6 +87,23 @@ impl Offload {
     }
 }
 
+/// The first block of the run of last blocks whose elements are nearest `ratio` of all (`ratio = 1`:
+/// every block).
+fn last_run_nearest(numels: &[usize], ratio: f64) -> usize {
+    let target = ratio * numels.iter().sum::<usize>() as f64;
+    let mut taken = 0usize;
+    let mut start = numels.len();
+    for (i, &n) in numels.iter().enumerate().rev() {
+        // Add the block while that brings the share closer to the target (or it is all).
+        if ratio < 1.0 && taken as f64 + n as f64 / 2.0 > target {
+            break;
+        }
+        start = i;
+        taken += n;
+    }
+    start
+}
+
 /// How gradients of a block are combined across ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GradReduction {
@@ -136,6 +153,10 @@ pub struct Strategy {
     /// The share of the optimizer state (by elements, whole blocks) on the offload tier; the rest
     /// stays on the device (DeepSpeed's Twin-Flow `ratio`). In (0, 1].
     pub offload_ratio: f64,
+    /// With `offload_optimizer = Nvme`: the share of the whole optimizer state in NVMe files, in
+    /// (0, `offload_ratio`]; the offloaded rest stays in host memory. Equal to `offload_ratio` unless
+    /// set by [`Strategy::with_nvme_ratio`].
+    pub nvme_ratio: f64,
     /// Where stage-3 parameter shards live between uses.
     pub offload_params: Offload,
 }
@@ -143,33 +164,35 @@ pub struct Strategy {
 impl Strategy {
     /// The strategy of `stage`, nothing offloaded.
     pub fn new(stage: ZeroStage) -> Self {
-        Self { stage, offload_optimizer: Offload::None, offload_ratio: 1.0, offload_params: Offload::None }
+        Self { stage, offload_optimizer: Offload::None, offload_ratio: 1.0, nvme_ratio: 1.0, offload_params: Offload::None }
     }
 
     /// The same with the optimizer state (`ratio` of it) and the stage-3 parameter shards offloaded.
     pub fn with_offload(self, optimizer: Offload, ratio: f64, params: Offload) -> Self {
-        Self { offload_optimizer: optimizer, offload_ratio: ratio, offload_params: params, ..self }
+        Self { offload_optimizer: optimizer, offload_ratio: ratio, nvme_ratio: ratio, offload_params: params, ..self }
+    }
+
+    /// The same with only `nvme_ratio` of the optimizer state (of `offload_ratio` offloaded) in NVMe
+    /// files and the offloaded rest in host memory: three tiers, for models whose state fits neither
+    /// the host nor the disk alone. Meaningful with `offload_optimizer = Nvme`.
+    pub fn with_nvme_ratio(self, nvme_ratio: f64) -> Self {
+        Self { nvme_ratio: nvme_ratio.min(self.offload_ratio), ..self }
     }
 
     /// The tier of each block's optimizer state, from the blocks' sizes (elements of the window each
     /// rank updates). Whole blocks are offloaded, a run of the last ones — their gradients are complete
     /// first in the backward — until the offloaded elements are nearest `offload_ratio` of all;
-    /// `offload_ratio = 1` offloads every block.
+    /// `offload_ratio = 1` offloads every block. With NVMe, the last of those, nearest `nvme_ratio`
+    /// of all, go to files and the others to host memory.
     pub fn optimizer_tiers(self, numels: &[usize]) -> Vec<Tier> {
         let mut tiers = vec![Tier::Device; numels.len()];
         if self.offload_optimizer == Offload::None {
             return tiers;
         }
-        let total: usize = numels.iter().sum();
-        let target = self.offload_ratio * total as f64;
-        let mut offloaded = 0usize;
-        for (i, &n) in numels.iter().enumerate().rev() {
-            // Add the block while that brings the offloaded share closer to the target (or it is all).
-            if self.offload_ratio < 1.0 && offloaded as f64 + n as f64 / 2.0 > target {
-                break;
-            }
-            tiers[i] = self.offload_optimizer.tier();
-            offloaded += n;
+        let offloaded = last_run_nearest(numels, self.offload_ratio);
+        let on_disk = if self.offload_optimizer == Offload::Nvme { last_run_nearest(numels, self.nvme_ratio) } else { numels.len() };
+        for (i, tier) in tiers.iter_mut().enumerate().skip(offloaded) {
+            *tier = if i >= on_disk { Tier::Nvme } else { Tier::Host };
         }
         tiers
     }
@@ -255,5 +278,12 @@ mod tests {
         // 20: the last block (10), then 30 would overshoot by more than half of it.
         assert_eq!(s(0.2).optimizer_tiers(&sizes), vec![Device, Device, Device, Device, Nvme]);
         assert_eq!(s(0.01).optimizer_tiers(&sizes), vec![Device; 5]);
+        // Three tiers: 50 offloaded, 20 of them (the last block, nearest) on disk, the rest on the host.
+        assert_eq!(s(0.5).with_nvme_ratio(0.2).optimizer_tiers(&sizes), vec![Device, Device, Host, Host, Nvme]);
+        assert_eq!(s(1.0).with_nvme_ratio(0.5).optimizer_tiers(&sizes), vec![Host, Host, Nvme, Nvme, Nvme]);
+        // The NVMe share cannot exceed the offloaded one; a CPU offload ignores it.
+        assert_eq!(s(0.2).with_nvme_ratio(0.9).optimizer_tiers(&sizes), s(0.2).optimizer_tiers(&sizes));
+        let cpu = Strategy::new(ZeroStage::One).with_offload(Offload::Cpu, 0.5, Offload::None);
+        assert_eq!(cpu.with_nvme_ratio(0.2).optimizer_tiers(&sizes), vec![Device, Device, Host, Host, Host]);
     }
 }
