@@ -21,6 +21,9 @@ pub struct BenchTrainArgs {
     /// anchor_llama.py: llama-tiny, llama-1b, llama-3b, llama-8b, llama-13b
     #[arg(long, default_value = "gpt2-124m")]
     pub model: String,
+    /// Layers instead of the shape's own count (a deeper or shallower model of the same width)
+    #[arg(long)]
+    pub layers: Option<usize>,
     #[arg(long, default_value_t = 16)]
     pub micro_batch: usize,
     #[arg(long, default_value_t = 1024)]
@@ -80,6 +83,15 @@ pub(crate) fn shape(name: &str, seq_len: usize) -> Option<Family> {
     })
 }
 
+/// `family` with `layers` layers, if given.
+fn with_layers(family: Family, layers: Option<usize>) -> Family {
+    match (family, layers) {
+        (Family::Gpt(g), Some(n)) => Family::Gpt(Gpt::new(GptConfig { n_layer: n, ..g.cfg })),
+        (Family::Llama(l), Some(n)) => Family::Llama(Llama::new(LlamaConfig { n_layer: n, ..l.cfg })),
+        (f, None) => f,
+    }
+}
+
 /// Layers, width and vocabulary of a bench model.
 fn dims(f: &Family) -> (usize, usize, usize) {
     match f {
@@ -89,7 +101,7 @@ fn dims(f: &Family) -> (usize, usize, usize) {
 }
 
 pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
-    let family = shape(&args.model, args.seq_len).ok_or_else(|| {
+    let family = shape(&args.model, args.seq_len).map(|f| with_layers(f, args.layers)).ok_or_else(|| {
         usage_error(format!("--model {} is unknown: use gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-tiny, llama-1b, llama-3b, llama-8b or llama-13b", args.model))
     })?;
     let (n_layer, d_model, vocab) = dims(&family);
@@ -154,6 +166,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
         let line = serde_json::json!({
             "engine": "ferrospeed",
             "model": args.model,
+            "layers": n_layer,
             "params": params,
             "B": args.micro_batch,
             "T": args.seq_len,

@@ -1,6 +1,9 @@
 //! A small deterministic random number generator (SplitMix64), so initialisation and data sampling
 //! depend only on the seed — never on the platform, the thread count, or a library's RNG.
 
+/// SplitMix64's increment (the golden ratio in 64 bits).
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// SplitMix64: tiny, fast, and good enough for initialisation and sampling.
 #[derive(Debug, Clone)]
 pub struct Rng {
@@ -24,8 +27,14 @@ impl Rng {
         rng
     }
 
+    /// The generator `n` draws of [`Rng::next_u64`] further on, without drawing them: SplitMix64's
+    /// state is a counter, so a stream can be split into chunks drawn in parallel with the same values.
+    pub fn skipped(&self, n: u64) -> Self {
+        Self { state: self.state.wrapping_add(GAMMA.wrapping_mul(n)) }
+    }
+
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.state = self.state.wrapping_add(GAMMA);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -73,5 +82,16 @@ mod tests {
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
         assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
         assert!((0..1000).all(|_| r.below(10) < 10));
+    }
+
+    #[test]
+    fn a_skipped_generator_continues_the_same_stream() {
+        let mut a = Rng::derive(3, "w");
+        let b = a.skipped(1000);
+        (0..1000).for_each(|_| {
+            a.next_u64();
+        });
+        let (mut a, mut b) = (a, b);
+        assert_eq!((0..10).map(|_| a.next_u64()).collect::<Vec<_>>(), (0..10).map(|_| b.next_u64()).collect::<Vec<_>>());
     }
 }

@@ -19,6 +19,7 @@ use crate::optim::{GroupSettings, Hyper, Optimizer, ParamGroups};
 use crate::rng::Rng;
 use crate::shard::{FlatParam, OptimizerWindow, ParamPlacement, Publish, Strategy, Tier};
 use candle_core::{DType, Device, Var};
+use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -147,7 +148,8 @@ impl BlockParams {
             device: device.clone(),
             window,
             master,
-            state: vec![vec![0.0; n]; optimizer.num_states],
+            // One zeroed allocation each (`vec![v; k]` would copy the first into the others).
+            state: (0..optimizer.num_states).map(|_| vec![0.0; n]).collect(),
             settings,
             shard: None,
             vars: None,
@@ -466,13 +468,25 @@ pub fn init_values(model: &Model, i: usize, world: usize, seed: u64) -> Vec<f32>
 }
 
 fn init_param(out: &mut [f32], spec: &ParamSpec, rng: &mut Rng) {
+    // Random values are drawn in chunks on every core: each chunk starts its generator where the
+    // sequential stream would be (a normal takes two draws, a uniform one), so the values are those
+    // of one sequential pass.
+    const CHUNK: usize = 1 << 16;
+    let mut draw = |draws: u64, f: &(dyn Fn(&mut Rng) -> f32 + Sync)| {
+        let start = rng.clone();
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, xs)| {
+            let mut r = start.skipped((c * CHUNK) as u64 * draws);
+            xs.iter_mut().for_each(|x| *x = f(&mut r));
+        });
+        *rng = start.skipped(out.len() as u64 * draws);
+    };
     match spec.init {
         Init::Zeros => out.fill(0.0),
         Init::Ones => out.fill(1.0),
         Init::Const(c) => out.fill(c as f32),
-        Init::Normal { std } => out.iter_mut().for_each(|x| *x = (rng.normal() * std) as f32),
-        Init::NormalMean { mean, std } => out.iter_mut().for_each(|x| *x = (rng.normal() * std + mean) as f32),
-        Init::Uniform { lo, hi } => out.iter_mut().for_each(|x| *x = (lo + (hi - lo) * rng.next_f64()) as f32),
+        Init::Normal { std } => draw(2, &|r| (r.normal() * std) as f32),
+        Init::NormalMean { mean, std } => draw(2, &|r| (r.normal() * std + mean) as f32),
+        Init::Uniform { lo, hi } => draw(1, &|r| (lo + (hi - lo) * r.next_f64()) as f32),
     }
 }
 
@@ -483,4 +497,33 @@ pub struct OptimizerSetup<'a> {
     /// The optimizer's weight decay (for parameters that decay and no group overrides).
     pub weight_decay: f64,
     pub groups: &'a ParamGroups,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chunked, parallel draw gives the values of one sequential pass over the stream, and leaves
+    /// the generator where that pass would.
+    #[test]
+    fn initial_values_drawn_in_parallel_equal_the_sequential_stream() {
+        for init in [Init::Normal { std: 0.02 }, Init::NormalMean { mean: 1.0, std: 0.5 }, Init::Uniform { lo: -0.1, hi: 0.3 }] {
+            let n = 3 * (1 << 16) + 123;
+            let spec = ParamSpec::new("w", &[n], init, true);
+            let mut rng = Rng::derive(9, "b.w");
+            let mut got = vec![0f32; n];
+            init_param(&mut got, &spec, &mut rng);
+            let mut seq = Rng::derive(9, "b.w");
+            let want: Vec<f32> = (0..n)
+                .map(|_| match init {
+                    Init::Normal { std } => (seq.normal() * std) as f32,
+                    Init::NormalMean { mean, std } => (seq.normal() * std + mean) as f32,
+                    Init::Uniform { lo, hi } => (lo + (hi - lo) * seq.next_f64()) as f32,
+                    _ => unreachable!(),
+                })
+                .collect();
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{init:?}");
+            assert_eq!(rng.next_u64(), seq.next_u64(), "{init:?}: the generator ends where the sequential pass does");
+        }
+    }
 }
