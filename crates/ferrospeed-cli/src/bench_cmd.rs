@@ -84,7 +84,7 @@ pub(crate) fn shape(name: &str, seq_len: usize) -> Option<Family> {
 }
 
 /// `family` with `layers` layers, if given.
-fn with_layers(family: Family, layers: Option<usize>) -> Family {
+pub(crate) fn with_layers(family: Family, layers: Option<usize>) -> Family {
     match (family, layers) {
         (Family::Gpt(g), Some(n)) => Family::Gpt(Gpt::new(GptConfig { n_layer: n, ..g.cfg })),
         (Family::Llama(l), Some(n)) => Family::Llama(Llama::new(LlamaConfig { n_layer: n, ..l.cfg })),
@@ -132,6 +132,9 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let optimizer = acc.optimizer_from_config();
     let mut engine = acc.prepare(family.model()?, optimizer, PrepareOptions::default()).map_err(crate::train::accel_error)?;
     let init_s = t_init.elapsed().as_secs_f64();
+    if acc.is_main_process() {
+        eprintln!("initialised in {init_s:.1} s; GPU peak {:?} bytes, host peak {} bytes", ferrospeed::device::peak_device_bytes(&device), ferrospeed::track::peak_rss_bytes());
+    }
     let params = engine.model().num_params();
     let mut rng = Rng::derive(0, &format!("bench/{}", acc.rank()));
     let n = args.micro_batch * args.seq_len;
@@ -149,9 +152,23 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
         engine.forward_backward(&batch)?;
         let stats = engine.step()?.context("one micro-batch per step")?;
         device.synchronize()?;
+        let secs = t0.elapsed().as_secs_f64();
         if i >= args.warmup {
-            step_secs.push(t0.elapsed().as_secs_f64());
+            step_secs.push(secs);
             phases.push(stats.times);
+        }
+        // Progress on stderr: a run that is stopped still says how far it came.
+        if acc.is_main_process() {
+            let t = &stats.times;
+            eprintln!(
+                "step {}/{}: loss {:.4}, {secs:.2} s (optimizer {:.2} s: transfers waited {:.2} s, disk {:.2} s)",
+                i + 1,
+                args.warmup + args.steps,
+                stats.loss,
+                t.optimizer,
+                t.transfer_wait,
+                t.disk_wait
+            );
         }
         losses.push(stats.loss);
     }
@@ -192,6 +209,8 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
                 "reduce_wait": mean(|t| t.reduce_wait),
                 "optimizer": mean(|t| t.optimizer),
                 "publish": mean(|t| t.publish),
+                "transfer_wait": mean(|t| t.transfer_wait),
+                "disk_wait": mean(|t| t.disk_wait),
             },
             "loss": (losses.last().copied().unwrap_or(f64::NAN) * 1000.0).round() / 1000.0,
             "losses": losses.iter().map(|l| (l * 1e4).round() / 1e4).collect::<Vec<_>>(),

@@ -225,6 +225,7 @@ mod tests {
             // Measured after the estimator was written (out of sample).
             "offload-2026-12-01/call5-estimate/bench.jsonl",
             "offload-2026-12-01/call6-nvme/bench.jsonl",
+            "offload-2026-12-01-large/call1/bench.jsonl",
         ];
         let mut checked = Vec::new();
         for f in files {
@@ -234,7 +235,8 @@ mod tests {
                 let (Some(gpu), Some(host)) = (d["peak_gpu_gib"].as_f64(), d["peak_host_gib"].as_f64()) else { continue };
                 let name = d["model"].as_str().unwrap();
                 let (b, t) = (d["B"].as_u64().unwrap() as usize, d["T"].as_u64().unwrap() as usize);
-                let family = crate::bench_cmd::shape(name, t).unwrap();
+                let layers = d["layers"].as_u64().map(|l| l as usize);
+                let family = crate::bench_cmd::with_layers(crate::bench_cmd::shape(name, t).unwrap(), layers);
                 let model = family.model().unwrap();
                 let stage = ZeroStage::from_int(d["stage"].as_i64().unwrap()).unwrap();
                 let offload = d["offload_optimizer"].as_str().and_then(Offload::from_name).unwrap_or(Offload::None);
@@ -249,7 +251,9 @@ mod tests {
                     on_gpu: true,
                     threads: 16,
                 };
-                let e = estimate_run(&family, &model, Strategy::new(stage).with_offload(offload, ratio, Offload::None), &run);
+                let strategy = Strategy::new(stage).with_offload(offload, ratio, Offload::None);
+                let strategy = d["nvme_ratio"].as_f64().map_or(strategy, |q| strategy.with_nvme_ratio(q));
+                let e = estimate_run(&family, &model, strategy, &run);
                 let (eg, eh) = (gib(e.device), gib(e.host));
                 let what = format!("{name} stage {} ckpt {} offload {offload} {ratio}: GPU {eg:.2} vs {gpu}, host {eh:.2} vs {host}", stage.as_int(), run.checkpointing);
                 eprintln!("{what}");

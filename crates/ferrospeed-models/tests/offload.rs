@@ -54,24 +54,28 @@ struct Outcome {
     tiers: Vec<Vec<Tier>>,
     files_during: usize,
     disk_read: u64,
+    /// Seconds the update passes waited on the disk, all ranks and steps.
+    disk_wait: f64,
 }
 
 /// Every rank trains `STEPS` steps of `run` (calling `after_step` after each), then reports `finish`
 /// of its engine and its losses.
-fn run_engine<T: Send>(run: Run, nvme: &Path, after_step: impl Fn(&mut Engine, usize) + Sync, finish: impl Fn(&mut Engine) -> T + Sync) -> Vec<(Vec<f64>, T)> {
+fn run_engine<T: Send>(run: Run, nvme: &Path, after_step: impl Fn(&mut Engine, usize) + Sync, finish: impl Fn(&mut Engine) -> T + Sync) -> Vec<(Vec<f64>, f64, T)> {
     let corpus = corpus();
     run_local_world(run.world, &CommConfig::default(), |comm| {
         let rank = comm.rank();
         let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(run, nvme)).unwrap();
         let sampler = BatchSampler { seed: 5, seq_len: CFG.seq_len, micro_batch: 1, accumulation: 2, world_size: run.world, rank };
         let schedule = LrSchedule { lr: 3e-3, min_lr: 3e-4, warmup: 2, total: STEPS };
-        let mut losses = Vec::new();
+        let (mut losses, mut waited) = (Vec::new(), 0.0);
         for step in 0..STEPS {
             let batches = support::batches(&sampler, &corpus, step, &Device::Cpu);
-            losses.push(engine.train_step(&batches, schedule.at(step)).unwrap().loss);
+            let stats = engine.train_step(&batches, schedule.at(step)).unwrap();
+            losses.push(stats.loss);
+            waited += stats.times.disk_wait;
             after_step(&mut engine, step);
         }
-        (losses, finish(&mut engine))
+        (losses, waited, finish(&mut engine))
     })
     .unwrap()
 }
@@ -79,7 +83,7 @@ fn run_engine<T: Send>(run: Run, nvme: &Path, after_step: impl Fn(&mut Engine, u
 fn train(run: Run, nvme: &Path) -> Outcome {
     let out: Vec<_> = run_engine(run, nvme, |_, _| {}, |engine| (engine.memory(), engine.state_tiers(), count_files(nvme), engine.disk_traffic().map_or(0, |t| t.read_bytes)))
         .into_iter()
-        .map(|(losses, (m, t, f, r))| (losses, m, t, f, r))
+        .map(|(losses, w, (m, t, f, r))| (losses, m, t, f, r, w))
         .collect();
     Outcome {
         losses: out[0].0.clone(),
@@ -87,6 +91,7 @@ fn train(run: Run, nvme: &Path) -> Outcome {
         tiers: out.iter().map(|o| o.2.clone()).collect(),
         files_during: out[0].3,
         disk_read: out.iter().map(|o| o.4).sum(),
+        disk_wait: out.iter().map(|o| o.5).sum(),
     }
 }
 
@@ -143,8 +148,12 @@ fn offloaded_optimizer_state_gives_bitwise_the_losses_of_no_offload() {
                         assert!(m.offloaded_nvme > 0 && m.offloaded_host == 0, "{run:?}: {m:?}");
                         assert!(got.files_during > 0, "{run:?}: state files exist while the engine runs");
                         assert!(got.disk_read > 0, "{run:?}: the state was read back from disk");
+                        assert!(got.disk_wait > 0.0, "{run:?}: the waits on the disk are counted");
                     }
-                    _ => assert!(m.offloaded_host > 0 && m.offloaded_nvme == 0, "{run:?}: {m:?}"),
+                    _ => {
+                        assert!(m.offloaded_host > 0 && m.offloaded_nvme == 0, "{run:?}: {m:?}");
+                        assert_eq!(got.disk_wait, 0.0, "{run:?}: no disk, no wait on it");
+                    }
                 }
                 assert_eq!(count_files(nvme.path()), 0, "{run:?}: the engine removes its state files when dropped");
             }
@@ -178,7 +187,7 @@ fn final_state(run: Run, nvme: &Path) -> Vec<Vec<u32>> {
         engine.sync_to_host().unwrap();
         engine.windows().unwrap().iter().map(|w| std::iter::once(w.master).chain(w.state.iter().copied()).flat_map(|b| b.iter().map(|x| x.to_bits())).collect()).collect()
     };
-    run_engine(run, nvme, mid_read, state).into_iter().next().unwrap().1
+    run_engine(run, nvme, mid_read, state).into_iter().next().unwrap().2
 }
 
 #[test]

@@ -121,8 +121,9 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     let activations = if plan.checkpointing { plan.activations.recomputed } else { plan.activations.kept } + gathers;
 
     let host_tier: u64 = if plan.on_gpu { on(Tier::Host).sum() } else { 0 };
-    // Host-tier stage-3 shards stay on the host, where their update writes them.
-    let offloaded_host = host_tier * 4 * (1 + k) + if gathered { host_tier * c } else { 0 };
+    // Host-tier and NVMe-tier stage-3 shards stay in host memory between uses.
+    let host_shards = if gathered { host_tier + on(Tier::Nvme).sum::<u64>() } else { 0 } * c;
+    let offloaded_host = host_tier * 4 * (1 + k) + host_shards;
     let nvme_files: Vec<u64> = on(Tier::Nvme).map(|x| (x * (1 + k)).div_ceil(1024) * 4096).collect();
     let nvme = sum(&nvme_files);
     let fast_host = plan.on_gpu && !gathered && (stage == 0 || w == 1);
@@ -144,7 +145,7 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     let (device, host) = if plan.on_gpu {
         (on_device, HOST_BASE_GPU + (offloaded_host + buffers).max(init))
     } else {
-        (0, HOST_BASE_CPU + on_device + buffers + init)
+        (0, HOST_BASE_CPU + on_device + offloaded_host + buffers + init)
     };
     MemoryEstimate { device, host, nvme, params, grads, state, offloaded_host, activations, buffers }
 }

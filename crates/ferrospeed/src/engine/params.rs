@@ -222,7 +222,9 @@ impl BlockParams {
                 return Ok(());
             }
             Store::Host => {
+                let t = std::time::Instant::now();
                 let g = grads.host_window(&window)?;
+                pass.copied(t);
                 let state = self.state.iter_mut().map(Vec::as_mut_slice).collect();
                 host_update(&self.flat, &window, &self.settings, &mut self.master, state, g, up);
                 grads.release_download();
@@ -231,7 +233,9 @@ impl BlockParams {
             Store::Nvme(file) => file.clone(),
         };
         let mut pages = pass.take(i)?;
+        let t = std::time::Instant::now();
         let g = grads.host_window(&window)?;
+        pass.copied(t);
         let (master, state) = split_state(pages.as_f32_mut(), n, k);
         host_update(&self.flat, &window, &self.settings, master, state, g, up);
         grads.release_download();

@@ -94,6 +94,11 @@ pub struct StepTimes {
     pub optimizer: f64,
     /// Rebuilding compute parameters (and all-gathers at stages 1–2).
     pub publish: f64,
+    /// Within `optimizer`: the host waiting for transfers between device and host memory (offloaded
+    /// state) — the part of them no CPU update hid.
+    pub transfer_wait: f64,
+    /// Within `optimizer`: the host waiting for NVMe reads and writes — the part no update hid.
+    pub disk_wait: f64,
 }
 
 /// What one optimizer step measured.
@@ -407,9 +412,11 @@ impl Engine {
             pass.before_block(params, grads)?;
             params[i].update(i, &mut grads[i], &up, &mut pass)?;
         }
-        pass.finish()?;
+        let waits = pass.finish()?;
         drop(_adamw);
         times.optimizer = t_opt.elapsed().as_secs_f64();
+        times.transfer_wait = waits.transfer.as_secs_f64();
+        times.disk_wait = waits.disk.as_secs_f64();
         let t_pub = Instant::now();
         profile::scoped_as(Kind::Optimizer, "publish", || self.publish())?;
         times.publish = t_pub.elapsed().as_secs_f64();

@@ -64,11 +64,13 @@ pub struct DevicePass<'a> {
     free: Vec<usize>,
     /// The next block to consider for a download.
     next: usize,
+    /// Time the host waited on copy events.
+    waited: std::time::Duration,
 }
 
 impl<'a> DevicePass<'a> {
     pub fn new(staging: &'a mut HostStaging) -> Self {
-        Self { staging, downs: VecDeque::new(), free: vec![1, 0], next: 0 }
+        Self { staging, downs: VecDeque::new(), free: vec![1, 0], next: 0, waited: std::time::Duration::ZERO }
     }
 
     /// Queue the downloads of the next fast-path blocks (`grad(j)`: block j's reduced gradient window
@@ -122,12 +124,14 @@ impl<'a> DevicePass<'a> {
         let n = window.len();
         let u = self.staging.next_up;
         self.staging.next_up = 1 - u;
+        let waiting = std::time::Instant::now();
         if let Some(e) = self.staging.up_done[u].take() {
             e.synchronize().map_err(cuda)?;
         }
         let dtype = vars.first().map_or(DType::F32, |v| v.dtype());
         {
             down.synchronize().map_err(|e| cuda(format!("waiting for block {i}'s gradient: {e}")))?;
+            self.waited += waiting.elapsed();
             let grads = &self.staging.grads[b].as_slice().map_err(cuda)?[..n];
             let up = self.staging.ups[u].as_mut_slice().map_err(cuda)?;
             match dtype {
@@ -157,12 +161,14 @@ impl<'a> DevicePass<'a> {
         Ok(())
     }
 
-    /// Wait for the uploads, so that nothing the CPU writes next overlaps them.
-    pub fn finish(self) -> Result<(), EngineError> {
+    /// Wait for the uploads, so that nothing the CPU writes next overlaps them; the time the pass
+    /// waited on copies, in all.
+    pub fn finish(self) -> Result<std::time::Duration, EngineError> {
+        let t = std::time::Instant::now();
         for e in self.staging.up_done.iter_mut().filter_map(Option::take) {
             e.synchronize().map_err(cuda)?;
         }
-        Ok(())
+        Ok(self.waited + t.elapsed())
     }
 }
 

@@ -16,6 +16,7 @@ use nvme::{DiskTraffic, IoPending, NvmeFile, NvmeStore, Pages};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Offload settings that are not part of the strategy (paths and budgets).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -161,6 +162,24 @@ pub struct UpdatePass<'a> {
     made: usize,
     buffers: usize,
     buffer_elems: usize,
+    waits: PassWaits,
+}
+
+/// How long an update pass waited on what it moves: the exposed part of its transfers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassWaits {
+    /// Device↔host copies (the pinned pipeline's events, the host path's synchronous copies).
+    pub transfer: Duration,
+    /// NVMe reads and writes.
+    pub disk: Duration,
+}
+
+/// `io`'s buffer, the time waited for it added to `waited`.
+fn timed(waited: &mut Duration, io: IoPending) -> Result<Pages, EngineError> {
+    let t = Instant::now();
+    let pages = io.wait();
+    *waited += t.elapsed();
+    pages
 }
 
 impl<'a> UpdatePass<'a> {
@@ -180,6 +199,7 @@ impl<'a> UpdatePass<'a> {
             made: 0,
             buffers: offload.buffers.max(1),
             buffer_elems: offload.buffer_elems,
+            waits: PassWaits::default(),
         };
         pass.read_ahead();
         pass
@@ -222,7 +242,7 @@ impl<'a> UpdatePass<'a> {
         if self.reads.is_empty() {
             let pages = match self.try_buffer() {
                 Some(p) => p,
-                None => self.writes.pop_front().ok_or_else(|| EngineError::Unsupported("the update pass has no buffer".into()))?.wait()?,
+                None => timed(&mut self.waits.disk, self.writes.pop_front().ok_or_else(|| EngineError::Unsupported("the update pass has no buffer".into()))?)?,
             };
             let (j, file) = self.queue.get(self.next_read).ok_or_else(|| EngineError::Unsupported(format!("block {i} is not on the NVMe tier")))?;
             self.reads.push_back((*j, file.read(pages)));
@@ -232,7 +252,7 @@ impl<'a> UpdatePass<'a> {
         if j != i {
             return Err(EngineError::Unsupported(format!("the update pass read block {j} where block {i} comes next")));
         }
-        read.wait()
+        timed(&mut self.waits.disk, read)
     }
 
     /// Write block `i`'s updated state back (behind: the pass goes on), then read further ahead.
@@ -240,26 +260,32 @@ impl<'a> UpdatePass<'a> {
         self.writes.push_back(file.write(pages));
         // Reclaim finished writes' buffers only when a read needs one: keep at most one write waiting.
         while self.writes.len() > 1 {
-            let done = self.writes.pop_front().expect("checked").wait()?;
+            let done = timed(&mut self.waits.disk, self.writes.pop_front().expect("checked"))?;
             self.free.push(done);
         }
         self.read_ahead();
         Ok(())
     }
 
-    /// Wait for every write: the files hold the step's state when this returns.
-    pub fn finish(mut self) -> Result<(), EngineError> {
+    /// A synchronous device↔host copy of the host path, `since` it started.
+    pub fn copied(&mut self, since: Instant) {
+        self.waits.transfer += since.elapsed();
+    }
+
+    /// Wait for every write: the files hold the step's state when this returns. What the pass
+    /// waited for, in all.
+    pub fn finish(mut self) -> Result<PassWaits, EngineError> {
         #[cfg(feature = "cuda")]
         if let Some(d) = self.device.take() {
-            d.finish()?;
+            self.waits.transfer += d.finish()?;
         }
-        for (_, r) in self.reads.drain(..) {
-            r.wait()?;
+        for (_, r) in std::mem::take(&mut self.reads) {
+            timed(&mut self.waits.disk, r)?;
         }
-        for w in self.writes.drain(..) {
-            w.wait()?;
+        for w in std::mem::take(&mut self.writes) {
+            timed(&mut self.waits.disk, w)?;
         }
-        Ok(())
+        Ok(self.waits)
     }
 }
 
