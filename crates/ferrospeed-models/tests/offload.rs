@@ -174,6 +174,12 @@ fn offload_is_bitwise_in_fp16_and_bf16_and_with_parameter_offload() {
     }
 }
 
+/// Every block's master weights and state, as bits.
+fn state_bits(engine: &mut Engine) -> Vec<Vec<u32>> {
+    engine.sync_to_host().unwrap();
+    engine.windows().unwrap().iter().map(|w| std::iter::once(w.master).chain(w.state.iter().copied()).flat_map(|b| b.iter().map(|x| x.to_bits())).collect()).collect()
+}
+
 /// Every block's master weights and state after `STEPS` steps, read the way a checkpoint reads
 /// them, with a read in the middle too (a save at step 3 fills the host mirror).
 fn final_state(run: Run, nvme: &Path) -> Vec<Vec<u32>> {
@@ -183,11 +189,7 @@ fn final_state(run: Run, nvme: &Path) -> Vec<Vec<u32>> {
             assert!(!engine.windows().unwrap().is_empty());
         }
     };
-    let state = |engine: &mut Engine| -> Vec<Vec<u32>> {
-        engine.sync_to_host().unwrap();
-        engine.windows().unwrap().iter().map(|w| std::iter::once(w.master).chain(w.state.iter().copied()).flat_map(|b| b.iter().map(|x| x.to_bits())).collect()).collect()
-    };
-    run_engine(run, nvme, mid_read, state).into_iter().next().unwrap().2
+    run_engine(run, nvme, mid_read, state_bits).into_iter().next().unwrap().2
 }
 
 #[test]
@@ -223,6 +225,34 @@ fn three_tiers_device_host_and_nvme_give_bitwise_the_losses_and_state_of_no_offl
     let base = Run { world: 1, stage: 1, precision: Precision::Fp32, optimizer: Offload::None, ratio: 1.0, params: Offload::None, nvme_ratio: None };
     let three = Run { optimizer: Offload::Nvme, ratio: 0.8, nvme_ratio: Some(0.4), ..base };
     assert!(final_state(three, nvme.path()) == final_state(base, nvme.path()), "the state read after the last step differs");
+}
+
+/// A checkpoint of state in NVMe files is read and written one block at a time: after the save no
+/// block keeps a host copy, and the checkpoint restores the exact state into a plain engine (and back).
+#[test]
+fn checkpoints_stream_offloaded_state_block_by_block_and_restore_it_exactly() {
+    let nvme = tempfile::tempdir().unwrap();
+    let ck = tempfile::tempdir().unwrap();
+    let base = Run { world: 1, stage: 1, precision: Precision::Fp32, optimizer: Offload::None, ratio: 1.0, params: Offload::None, nvme_ratio: None };
+    let reference = final_state(base, nvme.path());
+    let three = Run { optimizer: Offload::Nvme, ratio: 0.8, nvme_ratio: Some(0.4), ..base };
+    let saved = run_engine(three, nvme.path(), |_, _| {}, |engine| {
+        let dir = ferrospeed::checkpoint::save(engine, &ferrospeed::checkpoint::SaveRequest { root: ck.path(), samples: 0, keep: 1, run: serde_json::Value::Null }).unwrap();
+        let err = engine.windows().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("sync_to_host"), "off-host blocks keep no host copy after the save: {err:?}");
+        dir
+    });
+    let dir = saved.into_iter().next().unwrap().2;
+    for into in [base, three] {
+        let loaded = run_local_world(1, &CommConfig::default(), |comm| {
+            let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(into, nvme.path())).unwrap();
+            ferrospeed::checkpoint::load_into(&mut engine, &dir).unwrap();
+            assert_eq!(engine.steps_done(), STEPS as u64);
+            state_bits(&mut engine)
+        })
+        .unwrap();
+        assert!(loaded[0] == reference, "{into:?}: the restored state differs from the saved one");
+    }
 }
 
 fn engine_error(run: Run, settings: OffloadSettings) -> EngineError {

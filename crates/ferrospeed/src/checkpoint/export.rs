@@ -183,7 +183,7 @@ pub struct ImportStats {
 pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>) -> Result<ImportStats, CheckpointError> {
     let mut files = WeightFiles::open(path)?;
     let mut stats = ImportStats::default();
-    engine.overwrite_blocks(0, |w| -> Result<(), CheckpointError> {
+    engine.overwrite_blocks(0, None, |w| -> Result<(), CheckpointError> {
         stats.largest_block_bytes = stats.largest_block_bytes.max(w.master.len() * 4 * (1 + w.state.len()));
         for (j, part) in w.flat.params_in(w.window.clone()) {
             let spec = &w.flat.specs()[j];

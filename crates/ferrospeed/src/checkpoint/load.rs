@@ -116,20 +116,21 @@ impl<'a> RankFiles<'a> {
 /// Load the checkpoint in `dir` into `engine` (any world size, any stage). Every rank calls this.
 pub fn load_into(engine: &mut Engine, dir: &Path) -> Result<Meta, CheckpointError> {
     let meta = read_meta(dir)?;
-    engine.sync_to_host()?;
     check_model(engine, &meta, dir)?;
     let mut files = RankFiles::new(dir, &meta);
-    for (b, w) in engine.windows_mut()?.into_iter().enumerate() {
-        let numel = meta.blocks[b].numel;
-        let real_end = w.window.end.min(numel);
+    // Block by block: a state larger than host memory (on the GPU, or NVMe) still resumes.
+    let mut b = 0;
+    engine.overwrite_blocks(meta.step, meta.loss_scaler, |w| -> Result<(), CheckpointError> {
+        let real_end = w.window.end.min(meta.blocks[b].numel);
         for (kind, dst) in std::iter::once(w.master).chain(w.state).enumerate() {
-            dst.fill(0.0); // padding stays zero
+            // Zeroed by overwrite_blocks: the padding stays zero.
             if w.window.start < real_end {
                 files.read(b, kind, w.window.start, &mut dst[..real_end - w.window.start])?;
             }
         }
-    }
-    engine.finish_restore(meta.step, meta.loss_scaler)?;
+        b += 1;
+        Ok(())
+    })?;
     Ok(meta)
 }
 
@@ -145,7 +146,7 @@ fn check_model(engine: &Engine, meta: &Meta, dir: &Path) -> Result<(), Checkpoin
             state.join(", ")
         )));
     }
-    let windows = engine.windows()?;
+    let windows = engine.layouts();
     if windows.len() != meta.blocks.len() {
         return Err(mismatch(format!("it has {} blocks, this model {}", meta.blocks.len(), windows.len())));
     }

@@ -56,17 +56,44 @@ pub fn header(tensors: &[(String, Vec<usize>)], dtype: &str, size: usize, metada
     Ok(out)
 }
 
-/// Write f32 tensors as one safetensors file (all in memory: one rank's shard of the state).
-pub fn write_f32_file(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<(), CheckpointError> {
-    let layout: Vec<(String, Vec<usize>)> = tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect();
-    let io = |e| CheckpointError::io(path, e);
-    let mut file = std::io::BufWriter::new(super::durable::create_file(path)?);
-    file.write_all(&f32_header(&layout)?).map_err(io)?;
-    for (_, _, data) in tensors {
-        file.write_all(f32_bytes(data)).map_err(io)?;
+/// A safetensors file of f32 tensors written as their data comes: the header first (every name and
+/// shape is known before any value), then each tensor's values in order, so that no more than one
+/// tensor needs to be in memory at a time. The file is synced by [`F32Writer::finish`].
+pub struct F32Writer {
+    path: std::path::PathBuf,
+    file: std::io::BufWriter<File>,
+    layout: Vec<(String, Vec<usize>)>,
+    /// The next tensor to write.
+    next: usize,
+}
+
+impl F32Writer {
+    /// Create `path` (replacing it) for the tensors of `layout`, in that order.
+    pub fn create(path: &Path, layout: Vec<(String, Vec<usize>)>) -> Result<Self, CheckpointError> {
+        let mut file = std::io::BufWriter::new(super::durable::create_file(path)?);
+        file.write_all(&f32_header(&layout)?).map_err(|e| CheckpointError::io(path, e))?;
+        Ok(Self { path: path.to_path_buf(), file, layout, next: 0 })
     }
-    let file = file.into_inner().map_err(|e| CheckpointError::io(path, e.into_error()))?;
-    super::durable::sync_file(&file, path)
+
+    /// The values of the next tensor, which must have its shape's number of elements.
+    pub fn push(&mut self, data: &[f32]) -> Result<(), CheckpointError> {
+        let (name, shape) = self.layout.get(self.next).ok_or_else(|| CheckpointError::Format(format!("{}: more tensors than its header lists", self.path.display())))?;
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(CheckpointError::Format(format!("{}: tensor {name} has {} values for shape {shape:?}", self.path.display(), data.len())));
+        }
+        self.file.write_all(f32_bytes(data)).map_err(|e| CheckpointError::io(&self.path, e))?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Check that every tensor was written, flush and sync the file.
+    pub fn finish(self) -> Result<(), CheckpointError> {
+        if self.next != self.layout.len() {
+            return Err(CheckpointError::Format(format!("{}: {} of {} tensors written", self.path.display(), self.next, self.layout.len())));
+        }
+        let file = self.file.into_inner().map_err(|e| CheckpointError::io(&self.path, e.into_error()))?;
+        super::durable::sync_file(&file, &self.path)
+    }
 }
 
 /// The bytes of an f32 slice (little-endian hosts; see `wire.rs` of the collectives).
@@ -125,6 +152,33 @@ pub fn read_f32_range(file: &mut File, path: &Path, header: &Header, name: &str,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write_f32_file(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<(), CheckpointError> {
+        let mut w = F32Writer::create(path, tensors.iter().map(|(n, s, _)| (n.clone(), s.clone())).collect())?;
+        tensors.iter().try_for_each(|(_, _, data)| w.push(data))?;
+        w.finish()
+    }
+
+    #[test]
+    fn the_streaming_writer_refuses_values_that_do_not_match_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        let layout = vec![("a".to_string(), vec![2, 2]), ("b".to_string(), vec![3])];
+        let mut w = F32Writer::create(&path, layout.clone()).unwrap();
+        assert!(w.push(&[1.0; 3]).unwrap_err().to_string().contains("tensor a has 3 values for shape [2, 2]"));
+        w.push(&[1.0; 4]).unwrap();
+        assert!(w.finish().unwrap_err().to_string().contains("1 of 2 tensors written"));
+        let mut w = F32Writer::create(&path, layout).unwrap();
+        w.push(&[1.0; 4]).unwrap();
+        w.push(&[2.0; 3]).unwrap();
+        assert!(w.push(&[0.0]).unwrap_err().to_string().contains("more tensors than its header lists"));
+        w.finish().unwrap();
+        let mut f = File::open(&path).unwrap();
+        let h = read_header(&mut f, &path).unwrap();
+        let mut b = [0f32; 3];
+        read_f32_range(&mut f, &path, &h, "b", 0..3, &mut b).unwrap();
+        assert_eq!(b, [2.0; 3]);
+    }
 
     #[test]
     fn round_trip_and_ranges() {

@@ -8,7 +8,7 @@
 use super::durable::{self, fault_point, SavePhase};
 use super::error::CheckpointError;
 use super::format::*;
-use super::safetensors_io::write_f32_file;
+use super::safetensors_io::F32Writer;
 use crate::comm::{CommExt, CommError};
 use crate::engine::Engine;
 use std::path::{Path, PathBuf};
@@ -23,10 +23,8 @@ pub struct SaveRequest<'a> {
 }
 
 /// Save the engine's state under `req.root`; every rank must call this. Returns the checkpoint folder.
-/// On a GPU the optimizer state is first copied to host memory.
+/// State on a GPU or in NVMe files is read block by block, never all of it into host memory.
 pub fn save(engine: &mut Engine, req: &SaveRequest<'_>) -> Result<PathBuf, CheckpointError> {
-    let synced = engine.sync_to_host();
-    let engine = &*engine;
     let (rank, world) = (engine.comm().rank(), engine.comm().world_size());
     let step = engine.steps_done();
     let final_dir = req.root.join(step_dir_name(step));
@@ -39,11 +37,13 @@ pub fn save(engine: &mut Engine, req: &SaveRequest<'_>) -> Result<PathBuf, Check
     } else {
         Ok(())
     };
-    agree(engine, prepared.is_ok() && synced.is_ok())?;
-    synced?;
+    agree(engine, prepared.is_ok())?;
     prepared?;
 
+    // A failure to read the state (from the device or a file) is this rank's write failing: every
+    // rank learns of it below, and nothing is published.
     let written = write_rank_file(engine, &tmp, rank, world);
+    let engine = &*engine;
     if written.is_ok() {
         fault_point(SavePhase::ShardsWritten, step, rank);
     }
@@ -71,27 +71,34 @@ pub fn save(engine: &mut Engine, req: &SaveRequest<'_>) -> Result<PathBuf, Check
     Ok(final_dir)
 }
 
-fn write_rank_file(engine: &Engine, dir: &Path, rank: usize, world: usize) -> Result<(u32, u64), CheckpointError> {
-    let windows = engine.windows()?;
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    for w in &windows {
-        // This rank's shard in the saving world's layout, real elements only.
-        let r = w.flat.layout().range(rank);
-        let local = r.start.saturating_sub(w.window.start)..r.end.saturating_sub(w.window.start);
-        let names = tensor_names(w.block, &state_names(engine));
-        let buffers = std::iter::once(w.master).chain(w.state.iter().copied());
-        for (name, data) in names.into_iter().zip(buffers) {
-            tensors.push((name, vec![local.len()], &data[local.clone()]));
-        }
+/// This rank's file: each block's shard read and written in turn, so that host memory holds one
+/// block's state at a time (its state may be on the GPU or on NVMe, larger than the host).
+fn write_rank_file(engine: &mut Engine, dir: &Path, rank: usize, world: usize) -> Result<(u32, u64), CheckpointError> {
+    let names = state_names(engine);
+    // This rank's shard of a block in the saving world's layout, real elements only, relative to
+    // the window this rank holds.
+    let local = |flat: &crate::shard::FlatParam, window: &std::ops::Range<usize>| {
+        let r = flat.layout().range(rank);
+        r.start.saturating_sub(window.start)..r.end.saturating_sub(window.start)
+    };
+    let mut layout = Vec::new();
+    for b in engine.layouts() {
+        let n = local(b.flat, &b.window).len();
+        layout.extend(tensor_names(b.block, &names).into_iter().map(|name| (name, vec![n])));
     }
     let path = dir.join(rank_file_name(rank, world));
-    write_f32_file(&path, &tensors)?;
+    let mut file = F32Writer::create(&path, layout)?;
+    engine.read_blocks(|w| -> Result<(), CheckpointError> {
+        let local = local(w.flat, &w.window);
+        std::iter::once(w.master).chain(w.state.iter().copied()).try_for_each(|data| file.push(&data[local.clone()]))
+    })?;
+    file.finish()?;
     file_crc(&path).map_err(|e| CheckpointError::io(&path, e))
 }
 
 fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path, files: &[(u32, u64)]) -> Result<(), CheckpointError> {
     let world = files.len();
-    let windows = engine.windows()?;
+    let windows = engine.layouts();
     let cfg = engine.config();
     let meta = Meta {
         format_version: FORMAT_VERSION,

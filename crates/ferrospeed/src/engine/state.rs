@@ -1,7 +1,10 @@
 //! The engine's optimizer state as checkpoints see it: per block, the window of the flat buffer this
 //! rank owns with its master weights and optimizer state; and restoring it (then republishing parameters).
-//! On a CUDA device the state lives in device memory: [`Engine::sync_to_host`] copies it into the
-//! host mirror that `windows` reads, and `finish_restore` uploads what `windows_mut` wrote.
+//! On a CUDA device (or in NVMe files) the state lives elsewhere: [`Engine::sync_to_host`] copies it
+//! into the host mirror that `windows` reads, and `finish_restore` uploads what `windows_mut` wrote.
+//! Checkpoints use the streaming forms, [`Engine::read_blocks`] and [`Engine::overwrite_blocks`],
+//! which mirror one block at a time: a model whose state does not fit host memory still saves and
+//! resumes.
 
 use super::error::EngineError;
 use super::trainer::Engine;
@@ -21,6 +24,16 @@ pub struct WindowRef<'a> {
     pub master: &'a [f32],
     /// One buffer per `Optimizer::state_names`.
     pub state: Vec<&'a [f32]>,
+}
+
+/// Where one block's optimizer state lies, without the state (readable at any time).
+pub struct BlockLayout<'a> {
+    /// The block's name.
+    pub block: &'a str,
+    /// The layout of the block's flat buffer.
+    pub flat: &'a FlatParam,
+    /// Range of the padded flat buffer this rank's state covers.
+    pub window: Range<usize>,
 }
 
 /// The same, writable.
@@ -64,6 +77,27 @@ impl Engine {
             .collect())
     }
 
+    /// Every block's layout, in block order: what [`Engine::windows`] would cover, without reading
+    /// any state.
+    pub fn layouts(&self) -> Vec<BlockLayout<'_>> {
+        self.blocks_state().map(|(name, p)| BlockLayout { block: name, flat: &p.flat, window: p.window.clone() }).collect()
+    }
+
+    /// Read every block's state in block order, one block at a time: each is copied to the host (from
+    /// the device or its file) for `read`, and its copy freed after unless it was current before. Host
+    /// memory holds one block's state at a time, never the model's.
+    pub fn read_blocks<E: From<EngineError>>(&mut self, mut read: impl FnMut(WindowRef<'_>) -> Result<(), E>) -> Result<(), E> {
+        for (name, p) in self.blocks_state_mut() {
+            let mirrored = p.host_fresh();
+            p.sync_to_host()?;
+            read(WindowRef { block: name, flat: &p.flat, window: p.window.clone(), master: &p.master, state: p.state.iter().map(Vec::as_slice).collect() })?;
+            if !mirrored {
+                p.mark_host_stale();
+            }
+        }
+        Ok(())
+    }
+
     /// Every block's state, writable (current values: on a CUDA device they are copied to the host
     /// first). After writing, call [`Engine::finish_restore`].
     pub fn windows_mut(&mut self) -> Result<Vec<WindowMut<'_>>, EngineError> {
@@ -80,19 +114,20 @@ impl Engine {
             .collect())
     }
 
-    /// Overwrite every block's state, one block at a time (an import): `fill` writes the block's
-    /// master weights and optimizer state (zeroed first). On a CUDA device each block is uploaded and
-    /// its host copy freed before the next, so host memory holds one block's state at a time, never the
-    /// model's. Then the step count becomes `steps_done` and the compute copies are rebuilt, as
+    /// Overwrite every block's state, one block at a time (an import, or a checkpoint's restore):
+    /// `fill` writes the block's master weights and optimizer state (zeroed first). Off the host (a
+    /// GPU, NVMe) each block is uploaded or written and its host copy freed before the next, so host
+    /// memory holds one block's state at a time, never the model's. Then the step count becomes
+    /// `steps_done`, the loss scaler `scaler` (if given), and the compute copies are rebuilt, as
     /// [`Engine::finish_restore`] does.
-    pub fn overwrite_blocks<E: From<EngineError>>(&mut self, steps_done: u64, mut fill: impl FnMut(WindowMut<'_>) -> Result<(), E>) -> Result<(), E> {
+    pub fn overwrite_blocks<E: From<EngineError>>(&mut self, steps_done: u64, scaler: Option<ScalerState>, mut fill: impl FnMut(WindowMut<'_>) -> Result<(), E>) -> Result<(), E> {
         for (name, p) in self.blocks_state_mut() {
             p.host_for_overwrite();
             fill(WindowMut { block: name, flat: &p.flat, window: p.window.clone(), master: &mut p.master, state: p.state.iter_mut().map(Vec::as_mut_slice).collect() })?;
             p.upload_host()?;
             p.mark_host_stale();
         }
-        self.set_progress(steps_done, None);
+        self.set_progress(steps_done, scaler);
         Ok(self.republish()?)
     }
 
