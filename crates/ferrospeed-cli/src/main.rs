@@ -11,6 +11,7 @@ mod data_cmd;
 mod env_cmd;
 mod generate_cmd;
 mod launch;
+mod plot_cmd;
 mod train;
 mod usage;
 
@@ -41,6 +42,8 @@ enum Command {
     Config(config_cmd::ConfigArgs),
     /// List the runs of a folder: steps, final loss, tokens/s, status
     Runs(runs_cmd::RunsArgs),
+    /// Draw runs' metrics as one PNG: loss, learning rate, gradient norm, throughput, memory over steps
+    Plot(plot_cmd::PlotArgs),
     /// Print what a bug report needs: version, features, devices, driver, libraries
     Env,
     /// Generate text from a Llama (checkpoint, transformers directory or GGUF file), with a KV cache
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Env => env_cmd::run(),
         Command::EstimateMemory(args) => estimate_cmd::run(args),
         Command::Runs(args) => runs_cmd::run(args),
+        Command::Plot(args) => plot_cmd::run(args),
         Command::Config(args) => config_cmd::run(args),
         Command::BenchTrain(args) => bench_cmd::run(args),
         Command::BenchAdamw(args) => bench_adamw::run(args),

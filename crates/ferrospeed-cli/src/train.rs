@@ -245,6 +245,15 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     };
     let sample_params = if t.sample_tokens > 0 && gpt.is_some() { Some(engine.slot_tensors()?) } else { None };
     if let Some(progress) = progress {
+        // The run as a picture; failing to draw it costs a warning, never the run.
+        let plot = match acc.tracker().map(|t| t.plot()) {
+            Some(Ok(path)) => Some(path),
+            Some(Err(e)) => {
+                eprintln!("warning: no plot of this run: {e}");
+                None
+            }
+            None => None,
+        };
         let first = first_loss.unwrap_or(f64::NAN);
         let tok_s = (tokens_per_step * (t.steps - start_step.min(t.steps)) as u64) as f64 / elapsed;
         let sample = match (&sample_params, gpt) {
@@ -253,10 +262,11 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         };
         let peak_text: Vec<String> = peaks.iter().map(|mb| format!("{mb:.0}")).collect();
         progress.finish(&format!(
-            "done: {} steps in {elapsed:.1} s, loss {first:.4} → {last_loss:.4}, {tok_s:.0} tokens/s, peak memory per rank {} MB; outputs in {}",
+            "done: {} steps in {elapsed:.1} s, loss {first:.4} → {last_loss:.4}, {tok_s:.0} tokens/s, peak memory per rank {} MB; outputs in {}{}",
             t.steps,
             peak_text.join("/"),
-            acc.track_dir().display()
+            acc.track_dir().display(),
+            plot.as_ref().map_or_else(String::new, |p| format!(", plot {}", p.display()))
         ));
         if !sample.is_empty() {
             println!("sample:\n{sample}");
@@ -283,6 +293,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             "sample": sample,
             "memory": memory,
             "peak_rss_bytes": peak_bytes,
+            "plot": plot.map(|p| p.display().to_string()),
             "nvme": disk.map(|d| serde_json::json!({
                 "read_bytes": d.read_bytes, "read_gbps": d.read_gbps(), "write_bytes": d.write_bytes, "write_gbps": d.write_gbps(), "direct": d.direct,
             })),

@@ -21,4 +21,10 @@ pub enum TrackError {
 
     #[error("cannot encode JSON for {path}: {source}; the value must be representable as JSON")]
     Json { path: PathBuf, source: serde_json::Error },
+
+    #[error("{dir} holds no metrics (no metrics.jsonl with a step in it): give a run directory, the track.dir of a run")]
+    NoMetrics { dir: PathBuf },
+
+    #[error("cannot draw the plot: {message}")]
+    Plot { message: String },
 }

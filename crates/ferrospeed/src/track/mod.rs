@@ -1,10 +1,11 @@
-//! Run outputs: `metrics.jsonl`, `config.json`/`summary.json`, a TensorBoard event file, and progress display.
+//! Run outputs: `metrics.jsonl`, `config.json`/`summary.json`, a TensorBoard event file, `plot.png`, and progress display.
 //!
 //! Code map:
 //! - `metrics.rs`: [`StepMetrics`], the one record per optimizer step that every output is built from.
 //! - `run_dir.rs`: choosing a fresh run directory and writing its JSON files.
 //! - `tracker.rs`: [`Tracker`], which owns a run directory and appends metrics to it.
 //! - `tensorboard.rs`: [`TensorBoardWriter`], a dependency-free TensorBoard event file writer.
+//! - `plot.rs`: [`plot_runs`], `plot.png` of one or several runs from their `metrics.jsonl`.
 //! - `progress.rs`: [`Progress`], a progress bar on a terminal, plain lines otherwise.
 //!
 //! Invariant: a run directory belongs to one run. A directory that already holds `metrics.jsonl` is
@@ -17,6 +18,7 @@ mod csv;
 mod error;
 mod metrics;
 mod mlflow;
+mod plot;
 mod progress;
 mod run_dir;
 mod tensorboard;
@@ -27,6 +29,7 @@ mod event_reader;
 
 pub use error::TrackError;
 pub use metrics::{peak_rss_bytes, reset_peak_rss, rss_bytes, StepMetrics};
+pub use plot::{plot_runs, render_png, RunSeries, PLOT_SIZE};
 pub use progress::Progress;
 pub use run_dir::fresh_run_dir;
 pub use tensorboard::TensorBoardWriter;

@@ -5,6 +5,7 @@
 //! - `metrics.jsonl`: one [`StepMetrics`] JSON object per line, appended and flushed every step;
 //! - `events.out.tfevents.*`: TensorBoard scalars, when enabled;
 //! - `metrics.csv` and `mlruns/` (an MLflow file store), when enabled (`track.backends`);
+//! - `plot.png`: the metrics as a picture, written by [`Tracker::plot`] (a program calls it at the end);
 //! - `summary.json`: written by [`Tracker::finish`], so its presence means the run ended cleanly.
 //!
 //! A run that resumes (`checkpoint.resume`) into its own directory continues it: [`Tracker::continue_or_create`]
@@ -19,9 +20,10 @@ use std::fs::{File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
-const METRICS_FILE: &str = "metrics.jsonl";
+pub(super) const METRICS_FILE: &str = "metrics.jsonl";
 const CONFIG_FILE: &str = "config.json";
 const SUMMARY_FILE: &str = "summary.json";
+const PLOT_FILE: &str = "plot.png";
 
 /// Writes a run's outputs into its directory. Create one on rank 0 only.
 /// Which outputs a run writes besides `metrics.jsonl` (always written: the others are built from it).
@@ -223,6 +225,14 @@ impl Tracker {
             tb.flush()?;
         }
         Ok(())
+    }
+
+    /// Draws `plot.png` in the run directory from the rows logged so far (every row is on disk once
+    /// [`Tracker::log`] returns) and returns its path.
+    pub fn plot(&self) -> Result<PathBuf, TrackError> {
+        let path = self.dir.join(PLOT_FILE);
+        super::plot_runs(&[super::RunSeries::read(&self.dir)?], &path)?;
+        Ok(path)
     }
 
     /// Ends the run: syncs the metrics to disk and writes `summary.json` with `summary`.
