@@ -1,24 +1,27 @@
-//! `ferrospeed config --defaults --out FILE [--data PATH]`: a commented config with every section,
-//! the defaults a first run needs (the built-in GPT on the shipped corpus, one rank, ZeRO stage 0),
-//! validated through the same schema `train` uses before it is written. The interactive
-//! questionnaire of `accelerate config` is not built yet (issue 17); this is its non-interactive end.
+//! `ferrospeed config [--out FILE] [--defaults] [--data PATH] [--force]`: a commented run config with
+//! every section, validated through the same schema `train` uses before it is written. Without
+//! `--defaults` it asks (`config_wizard.rs`, in the spirit of `accelerate config`); both end in the one
+//! template here, [`render`], filled from [`Answers`], so the questionnaire cannot write a key the
+//! defaults do not document.
 
 use crate::usage::usage_error;
 use anyhow::Result;
 use clap::Args;
-use ferrospeed::config::Config;
-use std::path::PathBuf;
+use ferrospeed::config::{Config, DeviceChoice, Offload, Precision, ZeroStage};
+use std::io::{ErrorKind, IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Args, Debug)]
 pub struct ConfigArgs {
-    /// Write the defaults without asking (the questionnaire is not available yet)
-    #[arg(long, required = true)]
+    /// Write the defaults without asking (for scripts; without it the command asks on a terminal)
+    #[arg(long)]
     pub defaults: bool,
     /// Where to write the TOML
-    #[arg(long)]
+    #[arg(long, default_value = "ferrospeed.toml")]
     pub out: PathBuf,
-    /// The training text (a file or a folder of text files, or `data prepare` output)
+    /// The training text (a file or a folder of text files, or `data prepare` output); the
+    /// questionnaire offers it as the default answer
     #[arg(long, default_value = "data/rust-book.txt")]
     pub data: PathBuf,
     /// Replace FILE if it exists
@@ -26,56 +29,172 @@ pub struct ConfigArgs {
     pub force: bool,
 }
 
-/// The commented TOML of the defaults, training on `data`.
-pub fn defaults_toml(data: &str) -> String {
+/// The model a config trains: the built-in GPT of a given shape, or a transformers directory (or a
+/// llama GGUF file) whose own shape wins (`model.init_from`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelChoice {
+    Gpt { n_layer: usize, n_head: usize, d_model: usize },
+    InitFrom(String),
+}
+
+/// Everything the template needs: the defaults, or the answers to the questionnaire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answers {
+    /// The command that wrote the file, for its first line.
+    pub written_by: &'static str,
+    pub num_nodes: usize,
+    pub num_procs_per_node: usize,
+    pub device: DeviceChoice,
+    pub model: ModelChoice,
+    pub seq_len: usize,
+    pub data: String,
+    pub steps: usize,
+    pub global_batch: usize,
+    pub micro_batch: usize,
+    pub precision: Precision,
+    pub activation_checkpointing: bool,
+    pub zero_stage: ZeroStage,
+    pub offload: Offload,
+    pub offload_ratio: f64,
+    pub nvme_dir: Option<String>,
+    /// `checkpoint.dir` and `checkpoint.every`; `None` trains without checkpoints.
+    pub checkpoint: Option<(String, usize)>,
+    pub track_dir: String,
+}
+
+impl Answers {
+    /// A first run: the tiny built-in GPT on `data`, one rank, ZeRO stage 0.
+    pub fn defaults(data: &str) -> Self {
+        Self {
+            written_by: "ferrospeed config --defaults",
+            num_nodes: 1,
+            num_procs_per_node: 1,
+            device: DeviceChoice::Auto,
+            model: ModelChoice::Gpt { n_layer: 2, n_head: 2, d_model: 64 },
+            seq_len: 64,
+            data: data.to_string(),
+            steps: 50,
+            global_batch: 8,
+            micro_batch: 4,
+            precision: Precision::Fp32,
+            activation_checkpointing: true,
+            zero_stage: ZeroStage::Zero,
+            offload: Offload::None,
+            offload_ratio: 1.0,
+            nvme_dir: None,
+            checkpoint: Some(("runs/default/ckpt".into(), 10)),
+            track_dir: "runs/default".into(),
+        }
+    }
+
+    /// Ranks of the whole job.
+    pub fn world_size(&self) -> usize {
+        self.num_nodes * self.num_procs_per_node
+    }
+
+    /// The command that starts the run of `config` on this node (node 0 of several).
+    pub fn launch_command(&self, config: &Path) -> String {
+        let nodes = if self.num_nodes > 1 { format!(" --nnodes {} --node-rank 0 --master-addr HOST_OF_NODE_0 --master-port 29500", self.num_nodes) } else { String::new() };
+        format!("ferrospeed launch --nproc-per-node {}{nodes} train --config {}", self.num_procs_per_node, config.display())
+    }
+
+    /// The config as the schema reads it (`source` names it in messages).
+    pub fn validate(&self, source: &str) -> Result<Config, ferrospeed::config::ConfigError> {
+        Config::from_toml_str(&render(self, Path::new(source)), source, &[])
+    }
+}
+
+/// A TOML string (quoted and escaped).
+fn quoted(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// The commented TOML of `a`, to be written to `out`.
+pub fn render(a: &Answers, out: &Path) -> String {
+    let model = match &a.model {
+        ModelChoice::Gpt { n_layer, n_head, d_model } => format!(
+            r#"kind = "gpt"              # "gpt" (GPT-2 family) or "llama"
+n_layer = {n_layer:<16}# transformer layers
+n_head = {n_head:<17}# attention heads (d_model must divide by it)
+d_model = {d_model:<16}# width of the residual stream
+seq_len = {:<16}# tokens per training sequence
+vocab = "bytes"           # "bytes", "gpt2", or a tokenizer.json
+# init_from = "path/to/hf-model-dir"   # a transformers directory or a llama GGUF file: its shape wins"#,
+            a.seq_len
+        ),
+        ModelChoice::InitFrom(dir) => format!(
+            r#"init_from = {}   # a transformers directory or a llama GGUF file: family, shape and tokenizer come from it
+seq_len = {:<16}# tokens per training sequence"#,
+            quoted(dir),
+            a.seq_len
+        ),
+    };
+    let checkpoint = match &a.checkpoint {
+        Some((dir, every)) => format!("dir = {:<20}# remove to train without checkpoints\nevery = {every:<18}# steps between checkpoints (0: only at the end)", quoted(dir)),
+        None => "# dir = \"runs/NAME/ckpt\"   # no checkpoints: a run that dies starts again from step 0\nevery = 10                # steps between checkpoints (0: only at the end)".into(),
+    };
+    let nvme = a.nvme_dir.as_ref().map_or_else(|| "# nvme_dir = \"/path/on/fast/disk\"   # needed when an offload is \"nvme\"".to_string(), |d| format!("nvme_dir = {}   # the optimizer state's files (scratch)", quoted(d)));
+    let world = a.world_size();
+    let accumulation = a.global_batch / (a.micro_batch * world).max(1);
     format!(
-        r#"# ferrospeed run configuration, written by `ferrospeed config --defaults`.
-# Train with:  ferrospeed launch --nproc-per-node 1 train --config THIS_FILE
+        r#"# ferrospeed run configuration, written by `{written_by}`.
+# For {nodes} node(s) × {procs} process(es) per node = {world} rank(s). Train with:
+#   {launch}
 # Any key can be overridden on the command line: --set train.steps=50
 
 [model]
-kind = "gpt"              # "gpt" (GPT-2 family) or "llama"
-n_layer = 2               # transformer layers
-n_head = 2                # attention heads (d_model must divide by it)
-d_model = 64              # width of the residual stream
-seq_len = 64              # tokens per training sequence
-vocab = "bytes"           # "bytes", "gpt2", or a tokenizer.json
-# init_from = "path/to/hf-model-dir"   # a transformers directory or a llama GGUF file: its shape wins
+{model}
 
 [data]
-path = {data:?}
+path = {data}
 # packing = true          # prepared data only: pack documents, attention stays inside each
 # allow_binary = false    # refuse raw files that are not text
 
 [train]
-steps = 50
-global_batch = 8          # sequences per optimizer step, all ranks together
-micro_batch = 4           # sequences per rank per forward; accumulation = global / (micro × ranks)
+steps = {steps}
+global_batch = {global_batch:<11}# sequences per optimizer step, all ranks together
+micro_batch = {micro_batch:<12}# sequences per rank per forward; accumulation = global / (micro × ranks) = {accumulation} at {world} rank(s)
 lr = 3e-3
-warmup = 5
+warmup = {warmup}
 weight_decay = 0.1
 grad_clip = 1.0           # 0 disables clipping
 seed = 1234
-precision = "fp32"        # "fp32", "bf16", or "fp16" (dynamic loss scaling)
-activation_checkpointing = true   # recompute each block in the backward: less memory, ~30% more compute
-device = "auto"           # "auto" (the GPU of LOCAL_RANK when built with --features cuda), "cpu", "cuda"
+precision = {precision:<14}# "fp32", "bf16", or "fp16" (dynamic loss scaling)
+activation_checkpointing = {ckpt}   # recompute each block in the backward: less memory, ~30% more compute
+device = {device:<17}# "auto" (the GPU of LOCAL_RANK when built with --features cuda), "cpu", "cuda"
 
 [zero]
-stage = 0                 # 0 (DDP), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)
-offload_optimizer = "none"   # "none", "cpu" or "nvme": where the fp32 optimizer state lives
-offload_ratio = 1.0       # share of the optimizer state offloaded, in (0, 1]
-# nvme_dir = "/path/on/fast/disk"   # needed when an offload is "nvme"
+stage = {stage}                 # 0 (DDP), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)
+offload_optimizer = {offload}   # "none", "cpu" or "nvme": where the fp32 optimizer state lives
+offload_ratio = {ratio:<10}# share of the optimizer state offloaded, in (0, 1]
+{nvme}
 
 [checkpoint]
-dir = "runs/default/ckpt" # remove to train without checkpoints
-every = 10                # steps between checkpoints (0: only at the end)
+{checkpoint}
 keep = 3                  # checkpoints kept, the oldest removed
 resume = true             # continue from the latest checkpoint (the same command continues a run)
 
 [track]
-dir = "runs/default"      # metrics.jsonl, config.json, summary.json, and the backends below
+dir = {track:<20}# metrics.jsonl, config.json, summary.json, plot.png, and the backends below
 backends = ["tensorboard"]   # any of "tensorboard", "csv", "mlflow"
-"#
+"#,
+        written_by = a.written_by,
+        nodes = a.num_nodes,
+        procs = a.num_procs_per_node,
+        launch = a.launch_command(out),
+        data = quoted(&a.data),
+        steps = a.steps,
+        global_batch = a.global_batch,
+        micro_batch = a.micro_batch,
+        // A tenth of the run, as the defaults' 5 of 50; never longer than the run.
+        warmup = (a.steps / 10).max(1).min(a.steps),
+        precision = quoted(a.precision.name()),
+        ckpt = a.activation_checkpointing,
+        device = quoted(a.device.name()),
+        stage = a.zero_stage.as_int(),
+        offload = quoted(a.offload.name()),
+        ratio = format!("{:?}", a.offload_ratio),
+        track = quoted(&a.track_dir),
     )
 }
 
@@ -83,10 +202,79 @@ pub fn run(args: ConfigArgs) -> Result<ExitCode> {
     if args.out.exists() && !args.force {
         return Err(usage_error(format!("{} exists: choose another --out, or pass --force to replace it", args.out.display())));
     }
-    let text = defaults_toml(&args.data.display().to_string());
-    // Validated exactly as `train` will read it: nothing is written if it would not train.
-    Config::from_toml_str(&text, &args.out.display().to_string(), &[]).map_err(|e| usage_error(format!("{e} (pass --data PATH to train on other text)")))?;
-    std::fs::write(&args.out, text).map_err(|e| usage_error(format!("cannot write {}: {e}", args.out.display())))?;
-    println!("wrote {}; train with: ferrospeed launch --nproc-per-node 1 train --config {}", args.out.display(), args.out.display());
+    let data = args.data.display().to_string();
+    let answers = if args.defaults {
+        let answers = Answers::defaults(&data);
+        // Validated exactly as `train` will read it: nothing is written if it would not train.
+        answers.validate(&args.out.display().to_string()).map_err(|e| usage_error(format!("{e} (pass --data PATH to train on other text)")))?;
+        answers
+    } else {
+        if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+            return Err(usage_error("ferrospeed config asks its questions on a terminal and this is none: pass --defaults (with --out FILE, --data PATH) to write the defaults without asking"));
+        }
+        crate::config_wizard::ask(&args.out, &data)?
+    };
+    write(&args.out, &render(&answers, &args.out), args.force)?;
+    println!("wrote {}; train with:\n  {}", args.out.display(), answers.launch_command(&args.out));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `text` to `out`; without `force` only if `out` does not exist (even one created while the
+/// questions were answered).
+fn write(out: &Path, text: &str, force: bool) -> Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let cannot = |e: std::io::Error| match e.kind() {
+        ErrorKind::AlreadyExists => usage_error(format!("{} exists: choose another --out, or pass --force to replace it", out.display())),
+        _ => usage_error(format!("cannot write {}: {e}", out.display())),
+    };
+    let mut file = options.open(out).map_err(cannot)?;
+    file.write_all(text.as_bytes()).map_err(cannot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus() -> String {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/rust-book.txt").display().to_string()
+    }
+
+    #[test]
+    fn every_shape_of_answers_renders_a_valid_config() {
+        let base = Answers::defaults(&corpus());
+        let cases = [
+            base.clone(),
+            Answers { num_nodes: 2, num_procs_per_node: 4, global_batch: 64, micro_batch: 2, ..base.clone() },
+            Answers { zero_stage: ZeroStage::Three, offload: Offload::Cpu, offload_ratio: 0.5, precision: Precision::Bf16, ..base.clone() },
+            Answers { checkpoint: None, activation_checkpointing: false, steps: 3, device: DeviceChoice::Cpu, ..base.clone() },
+        ];
+        for a in cases {
+            let cfg = a.validate("test.toml").unwrap_or_else(|e| panic!("{a:?}: {e}"));
+            assert_eq!((cfg.train.steps, cfg.train.micro_batch, cfg.zero.stage), (a.steps, a.micro_batch, a.zero_stage));
+            assert_eq!(cfg.accumulation_steps(a.world_size()).unwrap(), a.global_batch / (a.micro_batch * a.world_size()));
+            assert_eq!(cfg.checkpoint.dir.map(|d| d.display().to_string()), a.checkpoint.map(|c| c.0));
+        }
+        // A model directory gives the shape: no n_layer & co. are written, and the schema asks for none.
+        let dir = tempfile::tempdir().unwrap();
+        let hf = Answers { model: ModelChoice::InitFrom(dir.path().display().to_string()), ..base.clone() };
+        let text = render(&hf, Path::new("hf.toml"));
+        assert!(!text.contains("n_layer") && text.contains(&format!("init_from = {:?}", dir.path().display().to_string())), "{text}");
+        assert_eq!(hf.validate("hf.toml").unwrap().model.init_from.as_deref(), Some(dir.path()));
+        let missing = Answers { model: ModelChoice::InitFrom("/no/such/model-dir".into()), ..base };
+        assert!(missing.validate("test.toml").is_err());
+    }
+
+    #[test]
+    fn the_launch_command_names_the_nodes() {
+        let a = Answers { num_nodes: 2, num_procs_per_node: 8, ..Answers::defaults("x") };
+        let cmd = a.launch_command(Path::new("big.toml"));
+        assert!(cmd.starts_with("ferrospeed launch --nproc-per-node 8 --nnodes 2 --node-rank 0 ") && cmd.ends_with(" train --config big.toml"), "{cmd}");
+        assert_eq!(Answers::defaults("x").launch_command(Path::new("a.toml")), "ferrospeed launch --nproc-per-node 1 train --config a.toml");
+    }
 }

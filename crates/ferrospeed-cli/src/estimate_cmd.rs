@@ -61,7 +61,16 @@ pub fn estimate_run(family: &Family, model: &Model, strategy: Strategy, run: &Ru
     estimate(model, &plan)
 }
 
-fn gib(b: u64) -> f64 {
+/// The run `cfg` describes at `world` ranks (a GPU run when `on_gpu`): the model's parameter count
+/// and its memory per rank under the config's own stage and offload.
+pub fn estimate_config(cfg: &Config, world: usize, on_gpu: bool) -> Result<(usize, MemoryEstimate)> {
+    let (family, _) = Family::from_config(&cfg.model).map_err(|e| usage_error(e.to_string()))?;
+    let model = family.model()?;
+    let e = estimate_run(&family, &model, strategy_of(cfg), &shape_of(cfg, world, on_gpu)?);
+    Ok((model.num_params(), e))
+}
+
+pub fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 

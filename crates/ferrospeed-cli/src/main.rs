@@ -4,6 +4,7 @@ mod bench_adamw;
 mod estimate_cmd;
 mod runs_cmd;
 mod config_cmd;
+mod config_wizard;
 mod bench_cmd;
 mod checkpoint_cmd;
 mod comm_cmd;
@@ -38,7 +39,7 @@ enum Command {
     BenchAdamw(bench_adamw::BenchAdamwArgs),
     /// GPU, host and NVMe memory per rank of a config for every ZeRO stage and offload choice
     EstimateMemory(estimate_cmd::EstimateArgs),
-    /// Write a commented, validated run config (--defaults)
+    /// Write a commented, validated run config: asks on a terminal, or --defaults
     Config(config_cmd::ConfigArgs),
     /// List the runs of a folder: steps, final loss, tokens/s, status
     Runs(runs_cmd::RunsArgs),

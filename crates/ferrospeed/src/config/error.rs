@@ -45,6 +45,17 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// The key the error is about, where it names one (`train.micro_batch`); `None` for errors of the
+    /// whole file (unreadable, bad syntax, a missing section). A questionnaire uses it to tell a bad
+    /// answer from a key not asked yet.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::UnknownKey { key, .. } | ConfigError::WrongType { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Batch { .. } => Some("train.global_batch"),
+            ConfigError::Read { .. } | ConfigError::Syntax { .. } | ConfigError::Missing { .. } | ConfigError::BadOverride { .. } => None,
+        }
+    }
+
     /// An `Invalid` error; all arguments are flattened to one line.
     pub(crate) fn invalid(key: &str, value: impl ToString, problem: &str, fix: impl ToString) -> Self {
         ConfigError::Invalid {
