@@ -167,6 +167,7 @@ device = {device:<17}# "auto" (the GPU of LOCAL_RANK when built with --features 
 stage = {stage}                 # 0 (DDP), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)
 offload_optimizer = {offload}   # "none", "cpu" or "nvme": where the fp32 optimizer state lives
 offload_ratio = {ratio:<10}# share of the optimizer state offloaded, in (0, 1]
+# nvme_ratio = 0.5        # with "nvme": the share in files (≤ offload_ratio), the rest of it in host memory
 {nvme}
 
 [checkpoint]

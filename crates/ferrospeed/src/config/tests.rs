@@ -469,3 +469,14 @@ fn names_round_trip_and_suggestions_are_close() {
     assert_eq!(super::schema::closest("zzz", ["steps", "seed"].into_iter()), None);
     assert!(Path::new(&data_path()).exists());
 }
+
+#[test]
+fn errors_name_the_key_they_are_about() {
+    let key = |text: &str| parse(text, &[]).unwrap_err().key().map(str::to_string);
+    assert_eq!(key(&minimal_with("[train]\nmicro_batch = 0")).as_deref(), Some("train.micro_batch"));
+    assert_eq!(key(&minimal_with("[train]\nsteps = \"many\"")).as_deref(), Some("train.steps"));
+    assert_eq!(key(&MINIMAL.replace("DATA", "/no/such/text")).as_deref(), Some("data.path"));
+    // Errors of the whole file name none.
+    assert_eq!(key("[model"), None);
+    assert_eq!(key("[data]\npath = 'DATA'\n"), None);
+}
