@@ -56,6 +56,9 @@ pub struct Answers {
     pub zero_stage: ZeroStage,
     pub offload: Offload,
     pub offload_ratio: f64,
+    /// `zero.nvme_ratio`: with NVMe, the share of the state in files (the offloaded rest in host
+    /// memory); `None`: all of the offloaded state.
+    pub nvme_ratio: Option<f64>,
     pub nvme_dir: Option<String>,
     /// `checkpoint.dir` and `checkpoint.every`; `None` trains without checkpoints.
     pub checkpoint: Option<(String, usize)>,
@@ -81,6 +84,7 @@ impl Answers {
             zero_stage: ZeroStage::Zero,
             offload: Offload::None,
             offload_ratio: 1.0,
+            nvme_ratio: None,
             nvme_dir: None,
             checkpoint: Some(("runs/default/ckpt".into(), 10)),
             track_dir: "runs/default".into(),
@@ -167,7 +171,7 @@ device = {device:<17}# "auto" (the GPU of LOCAL_RANK when built with --features 
 stage = {stage}                 # 0 (DDP), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)
 offload_optimizer = {offload}   # "none", "cpu" or "nvme": where the fp32 optimizer state lives
 offload_ratio = {ratio:<10}# share of the optimizer state offloaded, in (0, 1]
-# nvme_ratio = 0.5        # with "nvme": the share in files (≤ offload_ratio), the rest of it in host memory
+{nvme_ratio}
 {nvme}
 
 [checkpoint]
@@ -195,6 +199,10 @@ backends = ["tensorboard"]   # any of "tensorboard", "csv", "mlflow"
         stage = a.zero_stage.as_int(),
         offload = quoted(a.offload.name()),
         ratio = format!("{:?}", a.offload_ratio),
+        nvme_ratio = a.nvme_ratio.map_or_else(
+            || "# nvme_ratio = 0.5        # with \"nvme\": the share in files (≤ offload_ratio), the rest of it in host memory".to_string(),
+            |q| format!("nvme_ratio = {:<13}# the share in NVMe files; the rest of the offloaded state in host memory", format!("{q:?}"))
+        ),
         track = quoted(&a.track_dir),
     )
 }
@@ -261,6 +269,12 @@ mod tests {
             assert_eq!(cfg.accumulation_steps(a.world_size()).unwrap(), a.global_batch / (a.micro_batch * a.world_size()));
             assert_eq!(cfg.checkpoint.dir.map(|d| d.display().to_string()), a.checkpoint.map(|c| c.0));
         }
+        // Three tiers: a share on NVMe, the offloaded rest in host memory.
+        let disk = tempfile::tempdir().unwrap();
+        let three = Answers { offload: Offload::Nvme, offload_ratio: 0.8, nvme_ratio: Some(0.3), nvme_dir: Some(disk.path().display().to_string()), ..base.clone() };
+        let cfg = three.validate("three.toml").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((cfg.zero.offload_ratio, cfg.zero.nvme_ratio), (0.8, Some(0.3)));
+        assert!(render(&three, Path::new("three.toml")).contains("\nnvme_ratio = 0.3 "));
         // A model directory gives the shape: no n_layer & co. are written, and the schema asks for none.
         let dir = tempfile::tempdir().unwrap();
         let hf = Answers { model: ModelChoice::InitFrom(dir.path().display().to_string()), ..base.clone() };

@@ -60,6 +60,11 @@ fn number(s: &str) -> Result<usize, String> {
     s.trim().parse::<usize>().map_err(|_| format!("{s:?} is not a whole number"))
 }
 
+/// A share such as 0.5, or the one-line reason it is not a number; its range is the schema's to judge.
+fn share(s: &str) -> Result<f64, String> {
+    s.trim().parse::<f64>().map_err(|_| format!("{s:?} is not a number: give e.g. 0.5 or 1.0"))
+}
+
 /// A count of the launcher's (processes, nodes: not config keys), at least 1.
 fn count(s: &str) -> Result<usize, String> {
     number(s).and_then(|n| if n > 0 { Ok(n) } else { Err("must be at least 1".into()) })
@@ -150,7 +155,16 @@ impl Wizard {
             }, no_more)?;
         }
         self.ask("Share of the optimizer state offloaded, in (0, 1]", "1.0".into(), &["zero.offload_ratio"], |a, s| {
-            a.offload_ratio = s.trim().parse::<f64>().map_err(|_| format!("{s:?} is not a number: give e.g. 0.5 or 1.0"))?;
+            a.offload_ratio = share(s)?;
+            Ok(())
+        }, no_more)?;
+        if offload != Offload::Nvme {
+            return Ok(());
+        }
+        let all = format!("{:?}", self.answers.offload_ratio);
+        self.ask("Share of the whole optimizer state in NVMe files, at most the offloaded share (the offloaded rest stays in host memory)", all, &["zero.nvme_ratio"], |a, s| {
+            let q = share(s)?;
+            a.nvme_ratio = (q != a.offload_ratio).then_some(q);
             Ok(())
         }, no_more)
     }

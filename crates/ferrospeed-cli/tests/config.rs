@@ -1,4 +1,5 @@
-//! `ferrospeed config`'s questionnaire driven through a pseudo-terminal: defaults and typed answers,
+//! `ferrospeed config`'s questionnaire driven through a pseudo-terminal: defaults and typed answers
+//! (the optimizer state split between host memory and NVMe files),
 //! bad answers asked again with the schema's message, and a written config that validates and trains;
 //! without a terminal it points to `--defaults`.
 
@@ -36,7 +37,14 @@ fn the_questionnaire_writes_a_config_that_trains() {
     answer(&mut p, "Processes per node", "\r");
     answer(&mut p, "Nodes (machines)", "\r");
     answer(&mut p, "ZeRO stage", "j\r");
-    answer(&mut p, "Optimizer state offload", "\r");
+    // Three tiers: 80% offloaded, of the whole 40% in files on disk, the rest in host memory.
+    let nvme = dir.path().join("nvme");
+    std::fs::create_dir(&nvme).unwrap();
+    answer(&mut p, "Optimizer state offload", "jj\r");
+    answer(&mut p, "Folder for the optimizer state files", &format!("{}\r", nvme.display()));
+    answer(&mut p, "Share of the optimizer state offloaded", "0.8\r");
+    answer(&mut p, "Share of the whole optimizer state in NVMe files", "0.9\r");
+    answer(&mut p, "zero.nvme_ratio = 0.9 must be in (0, zero.offload_ratio = 0.8]", "0.4\r");
     answer(&mut p, "Precision", "\r");
     answer(&mut p, "Activation checkpointing", "\r");
     answer(&mut p, "Model", "\r");
@@ -66,6 +74,8 @@ fn the_questionnaire_writes_a_config_that_trains() {
     let cfg = ferrospeed::config::Config::load(&out, &[]).expect("the written config validates");
     assert_eq!((cfg.train.global_batch, cfg.train.micro_batch, cfg.train.steps, cfg.model.seq_len), (4, 2, 3, 32));
     assert_eq!(cfg.zero.stage.as_int(), 1);
+    assert_eq!((cfg.zero.offload_optimizer, cfg.zero.offload_ratio, cfg.zero.nvme_ratio), (ferrospeed::config::Offload::Nvme, 0.8, Some(0.4)));
+    assert_eq!(cfg.zero.nvme_dir.as_deref(), Some(nvme.as_path()));
     assert_eq!(cfg.checkpoint.dir.as_deref(), Some(ckpt.as_path()));
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(text.starts_with("# ferrospeed run configuration, written by `ferrospeed config`."), "{text}");
