@@ -147,7 +147,7 @@ pub fn run(args: EstimateArgs) -> Result<ExitCode> {
         let stage = ferrospeed::config::ZeroStage::from_int(stage).expect("0..=3");
         for (label, off, ratio) in [("on the device", Offload::None, 1.0), ("half on the CPU", Offload::Cpu, 0.5), ("on the CPU", Offload::Cpu, 1.0), ("on NVMe", Offload::Nvme, 1.0)] {
             let s = Strategy::new(stage).with_offload(off, ratio, Offload::None);
-            let is_this = s == Strategy { offload_params: Offload::None, ..this };
+            let is_this = s == this;
             shown |= is_this;
             row(stage, label, s, if is_this { "  ← this config" } else { "" });
         }
@@ -155,7 +155,8 @@ pub fn run(args: EstimateArgs) -> Result<ExitCode> {
     if !shown {
         // A mix the table does not list (another ratio, host and NVMe together, parameter offload).
         let z = &cfg.zero;
-        let label = format!("{} {}{}", z.offload_optimizer, z.offload_ratio, z.nvme_ratio.map(|q| format!(", NVMe {q}")).unwrap_or_default());
+        let params = if z.offload_params == Offload::None { String::new() } else { format!(", params {}", z.offload_params) };
+        let label = format!("{} {}{}{params}", z.offload_optimizer, z.offload_ratio, z.nvme_ratio.map(|q| format!(", NVMe {q}")).unwrap_or_default());
         row(z.stage, &label, this, "  ← this config");
     }
     Ok(ExitCode::SUCCESS)

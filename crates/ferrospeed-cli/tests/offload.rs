@@ -18,7 +18,7 @@ fn checkpoints_move_between_offloaded_and_plain_runs_bit_for_bit() {
     let plain: Vec<String> = vec![];
     // Three tiers: half of the state on disk, the rest in host memory.
     let host_and_disk = [offload("nvme", 1.0), vec!["zero.nvme_ratio=0.5".into()]].concat();
-    for (stage, saved_with, resumed_with) in [(2, offload("nvme", 0.5), plain.clone()), (3, plain.clone(), offload("nvme", 1.0)), (1, offload("cpu", 1.0), host_and_disk)] {
+    for (stage, saved_with, resumed_with) in [(2, offload("nvme", 0.5), plain.clone()), (3, plain.clone(), [offload("nvme", 1.0), vec!["zero.offload_params=\"nvme\"".into()]].concat()), (1, offload("cpu", 1.0), host_and_disk)] {
         let base = dir.path().join(format!("s{stage}"));
         let ck = base.join("ck");
         let mut sets = vec![format!("zero.stage={stage}"), format!("checkpoint.dir={}", ck.display()), "checkpoint.every=4".into()];
@@ -90,4 +90,19 @@ fn estimate_memory_shows_a_config_of_three_tiers_between_host_and_nvme() {
     let (mix_host, mix_nvme) = (mix[mix.len() - 2], mix[mix.len() - 1]);
     assert!(mix_host > disk[2] && mix_host < cpu[2], "host between all-on-disk and all-on-host:\n{}", f.stdout);
     assert!(mix_nvme > 0.3 * disk[3] && mix_nvme < 0.7 * disk[3], "about half on disk:\n{}", f.stdout);
+
+    // Stage-3 parameter shards on NVMe: they leave host memory for the disk (as f32).
+    let this_row = |params: &str| {
+        let mut a = args.clone();
+        let p = format!("zero.offload_params=\"{params}\"");
+        a.extend(["--set", "zero.stage=3", "--set", &p]);
+        let f = run(ferrospeed().args(&a), std::time::Duration::from_secs(60));
+        assert!(f.status.success(), "{}", f.stderr);
+        let line = f.stdout.lines().find(|l| l.contains("this config")).map(str::to_string).unwrap_or_default();
+        assert!(line.contains(&format!("params {params}")), "{}", f.stdout);
+        cols(&line)
+    };
+    let (cpu, nvme) = (this_row("cpu"), this_row("nvme"));
+    let n = cpu.len();
+    assert!(nvme[n - 2] < cpu[n - 2] && nvme[n - 1] > cpu[n - 1], "host {} → {}, NVMe {} → {}", cpu[n - 2], nvme[n - 2], cpu[n - 1], nvme[n - 1]);
 }

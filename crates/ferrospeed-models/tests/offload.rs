@@ -1,7 +1,8 @@
 //! Offload against no offload, with ranks as threads on the CPU: the optimizer state in host memory
 //! or NVMe files (all of it, or half), at stages 1–3, world 1 and 2, gives bitwise the losses of the
 //! same run without offload; the state really is on the tier asked for (files on disk while the
-//! engine lives, none after); a bad folder or budget is one error before anything is written.
+//! engine lives, none after), stage-3 parameter shards too; a bad folder or budget is one error
+//! before anything is written.
 
 mod support;
 
@@ -56,6 +57,8 @@ struct Outcome {
     disk_read: u64,
     /// Seconds the update passes waited on the disk, all ranks and steps.
     disk_wait: f64,
+    /// Parameter-shard files (`*.params`) during the run.
+    param_files: usize,
 }
 
 /// Every rank trains `STEPS` steps of `run` (calling `after_step` after each), then reports `finish`
@@ -81,9 +84,10 @@ fn run_engine<T: Send>(run: Run, nvme: &Path, after_step: impl Fn(&mut Engine, u
 }
 
 fn train(run: Run, nvme: &Path) -> Outcome {
-    let out: Vec<_> = run_engine(run, nvme, |_, _| {}, |engine| (engine.memory(), engine.state_tiers(), count_files(nvme), engine.disk_traffic().map_or(0, |t| t.read_bytes)))
+    let files = |engine: &mut Engine| (count_files(nvme), walk(nvme).iter().filter(|p| p.extension().is_some_and(|e| e == "params")).count(), engine.disk_traffic().map_or(0, |t| t.read_bytes));
+    let out: Vec<_> = run_engine(run, nvme, |_, _| {}, |engine| (engine.memory(), engine.state_tiers(), files(engine)))
         .into_iter()
-        .map(|(losses, w, (m, t, f, r))| (losses, m, t, f, r, w))
+        .map(|(losses, w, (m, t, (f, pf, r)))| (losses, m, t, f, r, w, pf))
         .collect();
     Outcome {
         losses: out[0].0.clone(),
@@ -92,6 +96,7 @@ fn train(run: Run, nvme: &Path) -> Outcome {
         files_during: out[0].3,
         disk_read: out.iter().map(|o| o.4).sum(),
         disk_wait: out.iter().map(|o| o.5).sum(),
+        param_files: out[0].6,
     }
 }
 
@@ -122,7 +127,7 @@ fn offloaded_optimizer_state_gives_bitwise_the_losses_of_no_offload() {
             assert!(reference.losses[STEPS - 1] < reference.losses[0], "the loss falls");
             assert!(reference.tiers.iter().flatten().all(|&t| t == Tier::Device));
             // Parameter offload (stage 3) needs the whole optimizer state offloaded.
-            let param_offload: &[(Offload, f64, Offload)] = if stage == 3 { &[(Offload::Cpu, 1.0, Offload::Cpu)] } else { &[] };
+            let param_offload: &[(Offload, f64, Offload)] = if stage == 3 { &[(Offload::Cpu, 1.0, Offload::Cpu), (Offload::Nvme, 1.0, Offload::Nvme)] } else { &[] };
             let plain = [(Offload::Cpu, 1.0, Offload::None), (Offload::Cpu, 0.5, Offload::None), (Offload::Nvme, 1.0, Offload::None), (Offload::Nvme, 0.5, Offload::None)];
             for &(optimizer, ratio, params) in plain.iter().chain(param_offload) {
                 let run = Run { optimizer, ratio, params, ..base };
@@ -155,6 +160,14 @@ fn offloaded_optimizer_state_gives_bitwise_the_losses_of_no_offload() {
                         assert_eq!(got.disk_wait, 0.0, "{run:?}: no disk, no wait on it");
                     }
                 }
+                if params != Offload::None {
+                    // Between uses a stage-3 shard is in host memory, or only in its file.
+                    let in_memory = got.memory.iter().map(|m| m.params).sum::<usize>();
+                    assert_eq!(in_memory == 0, params == Offload::Nvme, "{run:?}: {in_memory} bytes of parameters in memory");
+                    if params == Offload::Nvme {
+                        assert!(got.param_files > 0 && 2 * got.param_files == got.files_during, "{run:?}: a parameter file beside each state file: {} of {}", got.param_files, got.files_during);
+                    }
+                }
                 assert_eq!(count_files(nvme.path()), 0, "{run:?}: the engine removes its state files when dropped");
             }
         }
@@ -167,7 +180,7 @@ fn offload_is_bitwise_in_fp16_and_bf16_and_with_parameter_offload() {
     for precision in [Precision::Bf16, Precision::Fp16] {
         let base = Run { world: 2, stage: 3, precision, optimizer: Offload::None, ratio: 1.0, params: Offload::None, nvme_ratio: None };
         let reference = train(base, nvme.path());
-        for (optimizer, params) in [(Offload::Nvme, Offload::None), (Offload::Cpu, Offload::Cpu)] {
+        for (optimizer, params) in [(Offload::Nvme, Offload::None), (Offload::Cpu, Offload::Cpu), (Offload::Nvme, Offload::Nvme)] {
             let run = Run { optimizer, params, ..base };
             assert_eq!(bits(&train(run, nvme.path()).losses), bits(&reference.losses), "{run:?}");
         }
@@ -294,11 +307,6 @@ fn a_bad_nvme_folder_or_budget_is_one_error_before_anything_is_written() {
     let msg = out[0].as_ref().expect("refused").to_string();
     assert!(msg.contains("GB free") && msg.contains("zero.offload_ratio"), "{msg}");
     assert_eq!(count_files(dir.path()), 0, "nothing written");
-
-    // Parameter shards on NVMe are refused rather than silently kept in memory.
-    let params_nvme = Run { stage: 3, params: Offload::Nvme, ..run };
-    let e = engine_error(params_nvme, OffloadSettings { nvme_dir: Some(dir.path().to_path_buf()), pinned_budget: 0 });
-    assert!(e.to_string().contains("zero.offload_params = \"nvme\" is not available yet"), "{e}");
 
     // A file where the folder should be.
     let file = dir.path().join("a-file");

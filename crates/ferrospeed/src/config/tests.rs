@@ -360,6 +360,7 @@ fn bad_cases() -> Vec<BadCase> {
         ("nvme_ratio without nvme", minimal_with("[zero]\noffload_optimizer = \"cpu\"\nnvme_ratio = 0.5"), &[], &["zero.nvme_ratio = 0.5", "needs zero.offload_optimizer = \"nvme\""]),
         ("nvme_ratio above offload_ratio", minimal_with("[zero]\noffload_optimizer = \"nvme\"\noffload_ratio = 0.5\nnvme_ratio = 0.7\nnvme_dir = \"/tmp\""), &[], &["zero.nvme_ratio = 0.7", "(0, zero.offload_ratio = 0.5]"]),
         ("nvme_ratio zero", minimal_with("[zero]\noffload_optimizer = \"nvme\"\nnvme_ratio = 0\nnvme_dir = \"/tmp\""), &[], &["zero.nvme_ratio = 0", "must be in"]),
+        ("params on nvme, state on cpu", minimal_with("[zero]\nstage = 3\noffload_optimizer = \"cpu\"\noffload_params = \"nvme\"\nnvme_dir = \"/tmp\""), &[], &["zero.offload_params = \"nvme\"", "needs the optimizer state on NVMe too"]),
         ("nvme without nvme_dir", minimal_with("[zero]\noffload_optimizer = \"nvme\""), &[], &["zero.offload_optimizer", "needs zero.nvme_dir", "set zero.nvme_dir"]),
         ("min_lr above lr", minimal_with("[train]\nlr = 1e-3\nmin_lr = 1e-2"), &[], &["train.min_lr = 0.01", "use a value between 0 and 0.001"]),
         ("warmup above steps", minimal_with("[train]\nsteps = 10\nwarmup = 30"), &[], &["train.warmup = 30", "use train.warmup ≤ 10"]),

@@ -190,6 +190,14 @@ fn check_zero(config: &Config) -> Result<(), ConfigError> {
             "set zero.offload_optimizer = \"cpu\" (or \"nvme\") and zero.offload_ratio = 1.0",
         ));
     }
+    if zero.offload_params == Offload::Nvme && zero.offload_optimizer != Offload::Nvme {
+        return Err(ConfigError::invalid(
+            "zero.offload_params",
+            "\"nvme\"",
+            &format!("needs the optimizer state on NVMe too (it is zero.offload_optimizer = \"{}\"): a block's parameter shard goes to disk with its state", zero.offload_optimizer),
+            "set zero.offload_optimizer = \"nvme\", or use zero.offload_params = \"cpu\"",
+        ));
+    }
     let offloads = [("zero.offload_optimizer", zero.offload_optimizer), ("zero.offload_params", zero.offload_params)];
     for (key, offload) in offloads {
         if offload == Offload::Nvme && zero.nvme_dir.is_none() {

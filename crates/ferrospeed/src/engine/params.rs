@@ -11,7 +11,7 @@ use super::error::EngineError;
 use super::host_buf::HostBuf;
 use super::grads::BlockGrads;
 use super::model::Model;
-use super::offload::{nvme::NvmeStore, read_now, write_now, Store, UpdatePass};
+use super::offload::{nvme::{NvmeFile, NvmeStore}, read_now, write_now, Store, UpdatePass};
 use super::{DeviceGather, DeviceWindow, Nccl};
 use crate::comm::CommError;
 use crate::engine::{Init, ParamSpec};
@@ -67,6 +67,9 @@ pub struct BlockParams {
     uploaded: bool,
     /// Compute-dtype shard of this rank (parameters not resident): what is all-gathered before use.
     shard: Option<Arc<HostBuf>>,
+    /// With parameters on NVMe: the file holding `shard` instead (as f32, which gives back the
+    /// compute-dtype values exactly), read before each gather.
+    param_file: Option<NvmeFile>,
     /// Variables over the whole block (parameters resident).
     vars: Option<Vec<Var>>,
 }
@@ -152,6 +155,7 @@ impl BlockParams {
             state: (0..optimizer.num_states).map(|_| vec![0.0; n]).collect(),
             settings,
             shard: None,
+            param_file: None,
             vars: None,
             store: Store::Host,
             tier,
@@ -161,7 +165,7 @@ impl BlockParams {
         };
         match strategy.param_placement() {
             ParamPlacement::Resident => p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?),
-            ParamPlacement::Gathered => p.shard = Some(Arc::new(HostBuf::from_f32(dtype, &full[shard_range]))),
+            ParamPlacement::Gathered => p.shard = Some(Arc::new(HostBuf::from_f32(dtype, &full[shard_range.clone()]))),
         }
         match tier {
             // On a CPU run the device is host memory; offloading there changes nothing.
@@ -184,6 +188,12 @@ impl BlockParams {
                 p.upload_host()?;
                 // The compute copy was built from `full` above.
                 p.staged = None;
+                if strategy.params_on_nvme(tier) {
+                    let file = nvme.file(&format!("block-{i:05}.params"), shard_range.len())?;
+                    let shard = p.shard.take().ok_or_else(|| EngineError::Unsupported(format!("block {}: parameters on NVMe need stage 3", p.name)))?;
+                    write_shard(&file, &shard)?;
+                    p.param_file = Some(file);
+                }
             }
         }
         p.mark_host_stale();
@@ -310,7 +320,11 @@ impl BlockParams {
         if let Some(g) = self.store.device().map(|d| d.start_gather(nccl, self.flat.padded_numel())).transpose()?.flatten() {
             return Ok(Gather::Device(g));
         }
-        let shard = self.shard.clone().ok_or_else(|| EngineError::Unsupported(format!("block {} has no shard to gather", self.name)))?;
+        let shard = match (&self.shard, &self.param_file) {
+            (Some(shard), _) => shard.clone(),
+            (None, Some(file)) => Arc::new(HostBuf::from_f32(self.dtype, &read_now(file)?.as_f32()[..self.window.len()])),
+            (None, None) => return Err(EngineError::Unsupported(format!("block {} has no shard to gather", self.name))),
+        };
         Ok(self.host_gather(worker, shard))
     }
 
@@ -351,7 +365,10 @@ impl BlockParams {
         };
         match publish {
             Publish::KeepShard => {
-                self.shard = Some(Arc::new(updated));
+                match &self.param_file {
+                    Some(file) => write_shard(file, &updated)?,
+                    None => self.shard = Some(Arc::new(updated)),
+                }
                 Ok(None)
             }
             Publish::Rebuild => {
@@ -457,6 +474,13 @@ impl BlockParams {
         let device_shard = if self.vars.is_none() { self.store.device().map_or(0, DeviceWindow::compute_bytes) } else { 0 };
         vars + self.shard.as_ref().map_or(device_shard, |s| s.bytes())
     }
+}
+
+/// Write a compute-dtype parameter shard into its NVMe file, as f32.
+fn write_shard(file: &NvmeFile, shard: &HostBuf) -> Result<(), EngineError> {
+    let mut pages = super::offload::nvme::Pages::zeroed(file.elems());
+    pages.as_f32_mut()[..shard.len()].copy_from_slice(&shard.to_f32());
+    write_now(file, pages)
 }
 
 /// Block `i`'s initial values over its padded flat buffer: each parameter from its own stream of the seed

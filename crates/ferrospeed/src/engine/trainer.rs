@@ -170,11 +170,6 @@ impl Engine {
                 cfg.optimizer.name()
             )));
         }
-        if cfg.strategy.offload_params == crate::shard::Offload::Nvme {
-            return Err(EngineError::Unsupported(
-                "zero.offload_params = \"nvme\" is not available yet: use \"cpu\" (the optimizer state can be on NVMe with zero.offload_optimizer = \"nvme\")".into(),
-            ));
-        }
         // Where each block's optimizer state goes, checked (NVMe folder, buffer budget) before
         // anything large is allocated.
         let num_states = cfg.optimizer.state_names().len();
@@ -193,8 +188,16 @@ impl Engine {
         // resident go through pinned buffers straight into their variables (`BlockParams::fast_host`).
         let whole_window = |i: usize| windows[i] == FlatParam::new(model.own_params(i), world).padded_numel();
         let staged = |i: usize| cfg.device.is_cuda() && tiers[i] == Tier::Host && cfg.strategy.param_placement() == ParamPlacement::Resident && whole_window(i);
+        // Stage-3 shards of NVMe-tier blocks in files of their own (`zero.offload_params = "nvme"`).
+        let param_file = |i: usize| cfg.strategy.params_on_nvme(tiers[i]);
         let needs: Vec<BlockNeed<'_>> = (0..model.num_blocks())
-            .map(|i| BlockNeed { name: &names[i], tier: tiers[i], file_elems: windows[i] * (1 + num_states), staged_elems: if staged(i) { windows[i] } else { 0 } })
+            .map(|i| BlockNeed {
+                name: &names[i],
+                tier: tiers[i],
+                file_elems: windows[i] * (1 + num_states),
+                param_file_elems: if param_file(i) { windows[i] } else { 0 },
+                staged_elems: if staged(i) { windows[i] } else { 0 },
+            })
             .collect();
         let offload = Offload::new(&cfg.offload, rank, &needs, &cfg.device, dtype)?;
         let optimizer = OptimizerSetup { num_states, weight_decay: cfg.optimizer.weight_decay(), groups: &cfg.param_groups };

@@ -197,6 +197,12 @@ impl Strategy {
         tiers
     }
 
+    /// Whether a block whose optimizer state is on `tier` keeps its stage-3 parameter shard in an
+    /// NVMe file of its own (`offload_params = Nvme`, the block's state on NVMe) instead of host memory.
+    pub fn params_on_nvme(self, tier: Tier) -> bool {
+        self.offload_params == Offload::Nvme && tier == Tier::Nvme && self.param_placement() == ParamPlacement::Gathered
+    }
+
     /// The tier of stage-3 parameter shards.
     pub fn param_tier(self) -> Tier {
         self.offload_params.tier()

@@ -76,6 +76,8 @@ pub struct BlockNeed<'a> {
     pub tier: Tier,
     /// Elements of the block's NVMe file (master weights and state over its window).
     pub file_elems: usize,
+    /// Elements of its parameter-shard file (stage-3 parameters on NVMe), 0 for none.
+    pub param_file_elems: usize,
     /// Elements the host tier's pinned transfer buffers must hold for this block (GPU runs whose
     /// window is the whole block), 0 otherwise.
     pub staged_elems: usize,
@@ -128,7 +130,8 @@ impl Offload {
             path: PathBuf::new(),
             reason: "is not set: set zero.nvme_dir to a folder on a fast local disk".into(),
         })?;
-        let bytes: u64 = nvme_blocks.iter().map(|b| (b.file_elems.div_ceil(nvme::PAGE_ELEMS) * nvme::PAGE_BYTES) as u64).sum();
+        let pages = |elems: usize| (elems.div_ceil(nvme::PAGE_ELEMS) * nvme::PAGE_BYTES) as u64;
+        let bytes: u64 = nvme_blocks.iter().map(|b| pages(b.file_elems) + pages(b.param_file_elems)).sum();
         Ok(Self {
             nvme: Some(NvmeStore::create(root, rank, bytes)?),
             buffers,
