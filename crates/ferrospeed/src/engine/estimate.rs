@@ -121,14 +121,16 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     let activations = if plan.checkpointing { plan.activations.recomputed } else { plan.activations.kept } + gathers;
 
     let host_tier: u64 = if plan.on_gpu { on(Tier::Host).sum() } else { 0 };
-    // Host-tier and NVMe-tier stage-3 shards stay in host memory between uses.
-    // (With parameters on NVMe, those of NVMe-tier blocks are in files instead, stored as f32.)
-    let nvme_tier_shards: u64 = if gathered { on(Tier::Nvme).sum() } else { 0 };
+    // Host-tier and NVMe-tier stage-3 shards stay in host memory between uses; with parameters on
+    // NVMe, those of NVMe-tier blocks are in files instead (stored as f32).
     let params_on_nvme = plan.strategy.params_on_nvme(Tier::Nvme);
-    let host_shards = if gathered { host_tier } else { 0 } * c + if params_on_nvme { 0 } else { nvme_tier_shards * c };
-    let offloaded_host = host_tier * 4 * (1 + k) + host_shards;
-    let nvme_files: Vec<u64> = on(Tier::Nvme).map(|x| (x * (1 + k)).div_ceil(1024) * 4096).collect();
-    let param_files: u64 = if params_on_nvme { on(Tier::Nvme).map(|x| x.div_ceil(1024) * 4096).sum() } else { 0 };
+    let nvme_tier: u64 = on(Tier::Nvme).sum();
+    let host_shards = if !gathered { 0 } else if params_on_nvme { host_tier } else { host_tier + nvme_tier };
+    let offloaded_host = host_tier * 4 * (1 + k) + host_shards * c;
+    // Files are whole pages of f32.
+    let file_bytes = |elems: u64| elems.div_ceil(1024) * 4096;
+    let nvme_files: Vec<u64> = on(Tier::Nvme).map(|x| file_bytes(x * (1 + k))).collect();
+    let param_files: u64 = if params_on_nvme { on(Tier::Nvme).map(file_bytes).sum() } else { 0 };
     let nvme = sum(&nvme_files) + param_files;
     let fast_host = plan.on_gpu && !gathered && (stage == 0 || w == 1);
     let pinned = if fast_host { 2 * windows.iter().zip(&tiers).filter(|(_, &t)| t == Tier::Host).map(|(&x, _)| x).max().unwrap_or(0) * (4 + c) } else { 0 };
