@@ -84,7 +84,16 @@ fn run_engine<T: Send>(run: Run, nvme: &Path, after_step: impl Fn(&mut Engine, u
 }
 
 fn train(run: Run, nvme: &Path) -> Outcome {
-    let files = |engine: &mut Engine| (count_files(nvme), walk(nvme).iter().filter(|p| p.extension().is_some_and(|e| e == "params")).count(), engine.disk_traffic().map_or(0, |t| t.read_bytes));
+    // Ranks are threads sharing one folder: count between two barriers, so that no rank has dropped
+    // its engine (and removed its files) while another counts.
+    let barrier = |engine: &Engine| engine.comm().run(|c| c.barrier()).unwrap().unwrap();
+    let files = |engine: &mut Engine| {
+        barrier(engine);
+        let paths = walk(nvme);
+        let params = paths.iter().filter(|p| p.extension().is_some_and(|e| e == "params")).count();
+        barrier(engine);
+        (paths.len(), params, engine.disk_traffic().map_or(0, |t| t.read_bytes))
+    };
     let out: Vec<_> = run_engine(run, nvme, |_, _| {}, |engine| (engine.memory(), engine.state_tiers(), files(engine)))
         .into_iter()
         .map(|(losses, w, (m, t, (f, pf, r)))| (losses, m, t, f, r, w, pf))
