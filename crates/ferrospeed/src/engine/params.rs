@@ -11,9 +11,8 @@ use super::error::EngineError;
 use super::host_buf::HostBuf;
 use super::grads::BlockGrads;
 use super::model::Model;
-use super::offload::{nvme::{NvmeFile, NvmeStore}, read_now, write_now, Store, UpdatePass};
+use super::offload::{nvme::{NvmeFile, NvmeStore, Pages}, read_now, write_now, Store, UpdatePass};
 use super::{DeviceGather, DeviceWindow, Nccl};
-use crate::comm::CommError;
 use crate::engine::{Init, ParamSpec};
 use crate::optim::{GroupSettings, Hyper, Optimizer, ParamGroups};
 use crate::rng::Rng;
@@ -25,7 +24,7 @@ use std::sync::Arc;
 
 /// A gather of a block's compute copy in flight: through the host communicator, or on the device.
 pub enum Gather {
-    Host(Pending<Result<HostBuf, CommError>>),
+    Host(Pending<Result<HostBuf, EngineError>>),
     Device(DeviceGather),
 }
 
@@ -320,20 +319,31 @@ impl BlockParams {
         if let Some(g) = self.store.device().map(|d| d.start_gather(nccl, self.flat.padded_numel())).transpose()?.flatten() {
             return Ok(Gather::Device(g));
         }
-        let shard = match (&self.shard, &self.param_file) {
-            (Some(shard), _) => shard.clone(),
-            (None, Some(file)) => Arc::new(HostBuf::from_f32(self.dtype, &read_now(file)?.as_f32()[..self.window.len()])),
-            (None, None) => return Err(EngineError::Unsupported(format!("block {} has no shard to gather", self.name))),
-        };
-        Ok(self.host_gather(worker, shard))
+        match (&self.shard, &self.param_file) {
+            (Some(shard), _) => {
+                let shard = shard.clone();
+                Ok(self.host_gather(worker, move || Ok(shard)))
+            }
+            // Read ahead: the file is read on the NVMe reader thread from now, and the communication
+            // thread converts and gathers it, while the block before this one computes.
+            (None, Some(file)) => {
+                let reading = file.read(Pages::zeroed(file.elems()));
+                let (dtype, n) = (self.dtype, self.window.len());
+                Ok(self.host_gather(worker, move || Ok(Arc::new(HostBuf::from_f32(dtype, &reading.wait()?.as_f32()[..n])))))
+            }
+            (None, None) => Err(EngineError::Unsupported(format!("block {} has no shard to gather", self.name))),
+        }
     }
 
-    /// All-gather every rank's `shard` into the whole block on the communication thread.
-    fn host_gather(&self, worker: &CommWorker, shard: Arc<HostBuf>) -> Gather {
+    /// All-gather every rank's shard (from `shard`, called on the communication thread) into the
+    /// whole block on the communication thread.
+    fn host_gather(&self, worker: &CommWorker, shard: impl FnOnce() -> Result<Arc<HostBuf>, EngineError> + Send + 'static) -> Gather {
         let (dtype, padded) = (self.dtype, self.flat.padded_numel());
         Gather::Host(worker.submit(move |c| {
+            let shard = shard()?;
             let mut full = HostBuf::zeros(dtype, padded);
-            c.all_gather(shard.as_buf(), full.as_buf_mut()).map(|()| full)
+            c.all_gather(shard.as_buf(), full.as_buf_mut())?;
+            Ok(full)
         }))
     }
 
@@ -375,7 +385,10 @@ impl BlockParams {
                 self.vars = Some(self.make_vars(&updated)?);
                 Ok(None)
             }
-            Publish::AllGather => Ok(Some(self.host_gather(worker, Arc::new(updated)))),
+            Publish::AllGather => {
+                let updated = Arc::new(updated);
+                Ok(Some(self.host_gather(worker, move || Ok(updated))))
+            }
         }
     }
 
@@ -450,7 +463,7 @@ impl BlockParams {
             }
             Store::Nvme(file) => {
                 let n = self.window.len();
-                let mut pages = super::offload::nvme::Pages::zeroed(file.elems());
+                let mut pages = Pages::zeroed(file.elems());
                 let all = pages.as_f32_mut();
                 all[..n].copy_from_slice(&self.master);
                 for (s, buf) in self.state.iter().enumerate() {
@@ -478,7 +491,7 @@ impl BlockParams {
 
 /// Write a compute-dtype parameter shard into its NVMe file, as f32.
 fn write_shard(file: &NvmeFile, shard: &HostBuf) -> Result<(), EngineError> {
-    let mut pages = super::offload::nvme::Pages::zeroed(file.elems());
+    let mut pages = Pages::zeroed(file.elems());
     pages.as_f32_mut()[..shard.len()].copy_from_slice(&shard.to_f32());
     write_now(file, pages)
 }
