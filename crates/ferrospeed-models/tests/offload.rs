@@ -323,3 +323,21 @@ fn a_bad_nvme_folder_or_budget_is_one_error_before_anything_is_written() {
     let e = engine_error(run, OffloadSettings { nvme_dir: Some(file), pinned_budget: 0 });
     assert!(e.to_string().contains("not a directory"), "{e}");
 }
+
+/// A new run's NVMe files get only their master weights written: the moments are zeros, which the
+/// files' holes already read as. The training after it is bitwise that of no offload.
+#[test]
+fn a_new_runs_state_files_are_written_master_weights_only() {
+    let nvme = tempfile::tempdir().unwrap();
+    let run = Run { world: 1, stage: 1, precision: Precision::Fp32, optimizer: Offload::Nvme, ratio: 1.0, params: Offload::None, nvme_ratio: None };
+    let (written, files) = run_local_world(1, &CommConfig::default(), |comm| {
+        let engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(run, nvme.path())).unwrap();
+        let files: u64 = walk(nvme.path()).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+        (engine.disk_traffic().unwrap().write_bytes, files)
+    })
+    .unwrap()[0];
+    // Master weights and two moments: about a third of each file (whole pages) is written.
+    assert!(written > 0 && 2 * written < files, "{written} bytes written of {files}");
+    let base = Run { optimizer: Offload::None, ..run };
+    assert_eq!(bits(&train(run, nvme.path()).losses), bits(&train(base, nvme.path()).losses));
+}

@@ -184,7 +184,7 @@ impl BlockParams {
                 let nvme = nvme.ok_or_else(|| EngineError::Unsupported(format!("block {}: an NVMe tier without zero.nvme_dir", p.name)))?;
                 let file = nvme.file(&format!("block-{i:05}.state"), p.file_elems())?;
                 p.store = Store::Nvme(Arc::new(file));
-                p.upload_host()?;
+                p.write_new_file()?;
                 // The compute copy was built from `full` above.
                 p.staged = None;
                 if strategy.params_on_nvme(tier) {
@@ -462,18 +462,39 @@ impl BlockParams {
                 }
             }
             Store::Nvme(file) => {
-                let n = self.window.len();
-                let mut pages = Pages::zeroed(file.elems());
-                let all = pages.as_f32_mut();
-                all[..n].copy_from_slice(&self.master);
-                for (s, buf) in self.state.iter().enumerate() {
-                    all[(s + 1) * n..(s + 2) * n].copy_from_slice(buf);
-                }
-                write_now(file, pages)?;
+                let file = file.clone();
+                write_now(&file, self.file_pages(file.elems()))?;
                 self.staged = Some(HostBuf::from_f32(self.dtype, &self.master));
             }
         }
         Ok(())
+    }
+
+    /// The NVMe file's contents: master weights, then each state buffer, over the window.
+    fn file_pages(&self, elems: usize) -> Pages {
+        let n = self.window.len();
+        let mut pages = Pages::zeroed(elems);
+        let all = pages.as_f32_mut();
+        all[..n].copy_from_slice(&self.master);
+        for (s, buf) in self.state.iter().enumerate() {
+            all[(s + 1) * n..(s + 2) * n].copy_from_slice(buf);
+        }
+        pages
+    }
+
+    /// Fill the NVMe file just created for this block. While the state buffers are all zero bits (a
+    /// new run), only the pages of the master weights are written: the file's hole reads as zeros,
+    /// so the first write of a run moves a third of the bytes (AdamW).
+    fn write_new_file(&mut self) -> Result<(), EngineError> {
+        let Store::Nvme(file) = &self.store else { return self.upload_host() };
+        let n = self.window.len();
+        let zero_state = self.state.iter().all(|b| b.iter().all(|x| x.to_bits() == 0));
+        let pages = self.file_pages(file.elems());
+        if zero_state {
+            file.write_head(pages, n).wait().map(drop)
+        } else {
+            write_now(file, pages)
+        }
     }
 
     /// Bytes of optimizer state (master weights and every state buffer) and the tier they are on.

@@ -173,7 +173,8 @@ impl NvmeStore {
         Ok(Self { dir, reader: spawn_io("nvme-read"), writer: spawn_io("nvme-write"), stats: Arc::default(), direct })
     }
 
-    /// A state file of `elems` f32 (page-rounded) named `name`, created at its full size.
+    /// A state file of `elems` f32 (page-rounded) named `name`, created at its full size: empty,
+    /// so it reads as zeros until written (`NvmeFile::write_head` relies on it).
     pub fn file(&self, name: &str, elems: usize) -> Result<NvmeFile, EngineError> {
         let path = self.dir.join(name);
         let mut opts = OpenOptions::new();
@@ -248,9 +249,9 @@ impl NvmeFile {
         self.pages * PAGE_ELEMS
     }
 
-    fn submit(&self, write: bool, mut pages: Pages) -> IoPending {
+    fn submit(&self, write: bool, mut pages: Pages, len_pages: usize) -> IoPending {
         let (tx, rx) = sync_channel(1);
-        let (file, stats, len) = (self.file.clone(), self.stats.clone(), self.pages * PAGE_BYTES);
+        let (file, stats, len) = (self.file.clone(), self.stats.clone(), len_pages.min(self.pages) * PAGE_BYTES);
         let job: Job = Box::new(move || {
             let t0 = Instant::now();
             let result = if pages.as_bytes().len() < len {
@@ -277,11 +278,17 @@ impl NvmeFile {
 
     /// Start reading the whole file into `pages` (at least `elems()` long).
     pub fn read(&self, pages: Pages) -> IoPending {
-        self.submit(false, pages)
+        self.submit(false, pages, self.pages)
     }
 
     /// Start writing `pages` over the whole file.
     pub fn write(&self, pages: Pages) -> IoPending {
-        self.submit(true, pages)
+        self.submit(true, pages, self.pages)
+    }
+
+    /// Start writing the pages of `pages` that hold its first `elems` f32, leaving the rest of the
+    /// file as it is: on a file just created (a hole, read as zeros) the rest must be zeros.
+    pub fn write_head(&self, pages: Pages, elems: usize) -> IoPending {
+        self.submit(true, pages, elems.div_ceil(PAGE_ELEMS))
     }
 }
