@@ -5,7 +5,7 @@ use super::comm_worker::{CommWorker, Pending};
 use super::error::EngineError;
 use super::grads::Reduced;
 use super::host_buf::HostBuf;
-use super::trainer::Engine;
+use super::grads::BlockGrads;
 use crate::comm::CommError;
 use crate::shard::{FlatParam, GradReduction};
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -104,16 +104,12 @@ impl DeviceGrads {
     }
 }
 
-fn no_cuda() -> EngineError {
-    EngineError::Unsupported("this build has no CUDA support (the `cuda` feature)".into())
+/// Without CUDA the gradients are always in host memory.
+pub(super) fn device_overflow(_: &[BlockGrads]) -> std::result::Result<Option<bool>, EngineError> {
+    Ok(None)
 }
 
-impl Engine {
-    pub(super) fn device_overflow(&self) -> std::result::Result<bool, EngineError> {
-        Err(no_cuda())
-    }
-
-    pub(super) fn device_shard_sums(&self, _: &[usize]) -> std::result::Result<Vec<f64>, EngineError> {
-        Err(no_cuda())
-    }
+/// Without CUDA the gradients are always in host memory.
+pub(super) fn device_shard_sums(_: &[BlockGrads], _: &[Vec<Range<usize>>]) -> std::result::Result<Option<Vec<f64>>, EngineError> {
+    Ok(None)
 }

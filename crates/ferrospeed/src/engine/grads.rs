@@ -4,9 +4,10 @@
 
 use super::comm_worker::{CommWorker, Pending};
 use super::error::EngineError;
-use super::{DeviceGrads, Nccl};
+use super::{device_overflow, device_shard_sums, DeviceGrads, Nccl};
 use super::host_buf::{add_tensor_into, HostBuf};
 use crate::comm::{CommError, ReduceOp};
+use crate::optim::sum_squares;
 use crate::shard::{FlatParam, GradReduction};
 use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
@@ -17,16 +18,21 @@ pub struct BlockGrads {
     /// This rank's shard of the padded buffer.
     shard_range: Range<usize>,
     reduction: GradReduction,
-    /// Accumulator over the whole block. All-reduce strategies keep it across steps; reduce-scatter
-    /// strategies allocate it at the block's first backward and free it after the reduction.
-    full: Option<Vec<f32>>,
-    /// The reduced gradient of this rank's shard (reduce-scatter strategies).
-    shard: Option<Vec<f32>>,
-    /// On a CUDA device the same buffers live there instead (`full` and `shard` stay empty).
-    pub(super) dev: Option<DeviceGrads>,
+    /// Where the buffers live.
+    store: GradStore,
     /// The reduced window copied to the host for an optimizer there (device gradients, offloaded
     /// state); freed at the next step.
     downloaded: Vec<f32>,
+}
+
+/// Where a block's gradient buffers live, and the buffers.
+enum GradStore {
+    /// Host memory: the accumulator over the whole block (all-reduce strategies keep it across steps;
+    /// reduce-scatter strategies allocate it at the block's first backward and free it after the
+    /// reduction), and the reduced gradient of this rank's shard (reduce-scatter strategies).
+    Host { full: Option<Vec<f32>>, shard: Option<Vec<f32>> },
+    /// The same buffers in CUDA memory (`device_grads.rs`).
+    Device(DeviceGrads),
 }
 
 /// What a finished reduction hands back.
@@ -79,91 +85,91 @@ impl BlockGrads {
     /// Buffers on `device`: host memory for the CPU, device memory for a CUDA device.
     pub fn new(flat: &FlatParam, rank: usize, reduction: GradReduction, device: &Device) -> Result<Self, EngineError> {
         let s = flat.layout().shard(rank);
-        let dev = DeviceGrads::new(device).map_err(EngineError::tensor("gradient buffers"))?;
-        Ok(Self { padded: flat.padded_numel(), shard_range: s.offset..s.offset + s.padded_len, reduction, full: None, shard: None, dev, downloaded: Vec::new() })
+        let store = match DeviceGrads::new(device).map_err(EngineError::tensor("gradient buffers"))? {
+            Some(d) => GradStore::Device(d),
+            None => GradStore::Host { full: None, shard: None },
+        };
+        Ok(Self { padded: flat.padded_numel(), shard_range: s.offset..s.offset + s.padded_len, reduction, store, downloaded: Vec::new() })
     }
 
     /// Zero the accumulators for a new step (allocations are kept where the strategy keeps them).
     pub fn begin_step(&mut self) -> Result<(), EngineError> {
         self.downloaded = Vec::new();
-        if let Some(d) = &mut self.dev {
-            return d.begin_step(self.padded, self.reduction).map_err(EngineError::tensor("gradient buffers"));
-        }
+        let full = match &mut self.store {
+            GradStore::Device(d) => return d.begin_step(self.padded, self.reduction).map_err(EngineError::tensor("gradient buffers")),
+            GradStore::Host { full, .. } => full,
+        };
         match self.reduction {
-            GradReduction::AllReduce => self.full.get_or_insert_with(Vec::new).clear(),
-            GradReduction::ReduceScatter => self.full = None,
+            GradReduction::AllReduce => full.get_or_insert_with(Vec::new).clear(),
+            GradReduction::ReduceScatter => *full = None,
         }
-        if let Some(full) = &mut self.full {
+        if let Some(full) = full {
             full.resize(self.padded, 0.0);
         }
         Ok(())
     }
 
-    fn full_mut(&mut self) -> &mut Vec<f32> {
-        let padded = self.padded;
-        self.full.get_or_insert_with(|| vec![0.0; padded])
+    /// The host accumulator over the whole block, allocated zeroed if absent.
+    fn host_full(full: &mut Option<Vec<f32>>, padded: usize) -> &mut Vec<f32> {
+        full.get_or_insert_with(|| vec![0.0; padded])
     }
 
     /// Add a parameter's gradient (any float dtype) at `range` of the flat buffer.
     pub fn accumulate(&mut self, range: Range<usize>, grad: &Tensor) -> candle_core::Result<()> {
-        if let Some(d) = &mut self.dev {
-            return d.accumulate(self.padded, range, grad);
+        match &mut self.store {
+            GradStore::Device(d) => d.accumulate(self.padded, range, grad),
+            GradStore::Host { full, .. } => add_tensor_into(&mut Self::host_full(full, self.padded)[range], grad),
         }
-        add_tensor_into(&mut self.full_mut()[range], grad)
     }
 
     /// Corrupt the accumulator (for tests of overflow handling).
     pub fn poison(&mut self) -> Result<(), EngineError> {
-        if let Some(d) = &mut self.dev {
-            return d.poison(self.padded).map_err(EngineError::tensor("gradient buffers"));
+        match &mut self.store {
+            GradStore::Device(d) => d.poison(self.padded).map_err(EngineError::tensor("gradient buffers")),
+            GradStore::Host { full, .. } => {
+                Self::host_full(full, self.padded)[0] = f32::INFINITY;
+                Ok(())
+            }
         }
-        self.full_mut()[0] = f32::INFINITY;
-        Ok(())
     }
 
     /// Submit the reduction of the complete accumulator (averaged over ranks, in `dtype`).
     /// With `nccl` (CUDA, one GPU per rank) the reduction runs on the GPUs, on NCCL's stream.
     pub fn start_reduce(&mut self, worker: &CommWorker, nccl: Option<&Nccl>, dtype: DType) -> Result<Pending<Result<Reduced, CommError>>, EngineError> {
         let (reduction, padded, shard_range) = (self.reduction, self.padded, self.shard_range.clone());
-        if let Some(d) = &mut self.dev {
-            return d.start_reduce(worker, nccl, dtype, padded, reduction, shard_range);
+        match &mut self.store {
+            GradStore::Device(d) => d.start_reduce(worker, nccl, dtype, padded, reduction, shard_range),
+            GradStore::Host { full, .. } => {
+                let full = std::mem::take(Self::host_full(full, padded));
+                Ok(submit_host_reduce(worker, full, reduction, dtype, shard_range.len()))
+            }
         }
-        let full = std::mem::take(self.full_mut());
-        Ok(submit_host_reduce(worker, full, reduction, dtype, shard_range.len()))
     }
 
     pub fn finish_reduce(&mut self, pending: Pending<Result<Reduced, CommError>>) -> Result<(), EngineError> {
         let reduced = pending.wait()??;
-        if let Some(d) = &mut self.dev {
-            return d.finish_reduce(reduced).map_err(EngineError::tensor("gradient buffers"));
-        }
+        let (full, shard) = match &mut self.store {
+            GradStore::Device(d) => return d.finish_reduce(reduced).map_err(EngineError::tensor("gradient buffers")),
+            GradStore::Host { full, shard } => (full, shard),
+        };
         match reduced {
             Reduced::InPlace => {}
-            Reduced::Full(full) => self.full = Some(full),
-            Reduced::Shard(shard) => {
-                self.full = None;
-                self.shard = Some(shard);
+            Reduced::Full(f) => *full = Some(f),
+            Reduced::Shard(s) => {
+                *full = None;
+                *shard = Some(s);
             }
         }
         Ok(())
     }
 
-    /// The reduced gradient this rank holds: the whole block, or its shard (host buffers only).
-    pub fn reduced(&self) -> &[f32] {
-        match self.reduction {
-            GradReduction::AllReduce => self.full.as_deref().unwrap_or(&[]),
-            GradReduction::ReduceScatter => self.shard.as_deref().unwrap_or(&[]),
-        }
-    }
-
-    /// The reduced gradient over `window` of the flat buffer (the optimizer's window).
-    pub fn window(&mut self, window: &Range<usize>) -> &mut [f32] {
-        match self.reduction {
-            GradReduction::AllReduce => &mut self.full_mut()[window.clone()],
-            GradReduction::ReduceScatter => {
-                let len = window.len();
-                self.shard.get_or_insert_with(|| vec![0.0; len])
-            }
+    /// The reduced gradient this rank holds in host memory: the whole block, or its shard (empty
+    /// where the buffers are on a device).
+    fn host_reduced(&self) -> &[f32] {
+        match (&self.store, self.reduction) {
+            (GradStore::Host { full, .. }, GradReduction::AllReduce) => full.as_deref().unwrap_or(&[]),
+            (GradStore::Host { shard, .. }, GradReduction::ReduceScatter) => shard.as_deref().unwrap_or(&[]),
+            (GradStore::Device(_), _) => &[],
         }
     }
 
@@ -171,9 +177,12 @@ impl BlockGrads {
     /// buffer itself, or a copy from the device.
     pub fn host_window(&mut self, window: &Range<usize>) -> Result<&mut [f32], EngineError> {
         let (reduction, padded) = (self.reduction, self.padded);
-        match &mut self.dev {
-            None => Ok(self.window(window)),
-            Some(d) => {
+        match &mut self.store {
+            GradStore::Host { full, shard } => Ok(match reduction {
+                GradReduction::AllReduce => &mut Self::host_full(full, padded)[window.clone()],
+                GradReduction::ReduceScatter => shard.get_or_insert_with(|| vec![0.0; window.len()]),
+            }),
+            GradStore::Device(d) => {
                 self.downloaded = d.download_window(reduction, padded, window).map_err(EngineError::tensor("gradient buffers"))?;
                 Ok(&mut self.downloaded)
             }
@@ -185,18 +194,32 @@ impl BlockGrads {
         self.downloaded = Vec::new();
     }
 
+    /// The device buffers, where the gradients live on a device.
+    #[cfg(feature = "cuda")]
+    pub(super) fn device_store(&self) -> Option<&DeviceGrads> {
+        match &self.store {
+            GradStore::Device(d) => Some(d),
+            GradStore::Host { .. } => None,
+        }
+    }
+
     /// The reduced gradient in device memory (CUDA), if this rank holds one.
     #[cfg(feature = "cuda")]
     pub(super) fn device_reduced(&self) -> Option<candle_core::cuda::cudarc::driver::CudaView<'_, f32>> {
-        self.dev.as_ref().and_then(|d| d.reduced(self.reduction))
+        match &self.store {
+            GradStore::Device(d) => d.reduced(self.reduction),
+            GradStore::Host { .. } => None,
+        }
     }
 
     /// The reduced gradient over the optimizer's `window`, in device memory (CUDA).
     #[cfg(feature = "cuda")]
     pub(super) fn device_window(&mut self, window: &Range<usize>) -> Result<candle_core::cuda::cudarc::driver::CudaView<'_, f32>, EngineError> {
         let (reduction, padded) = (self.reduction, self.padded);
-        let d = self.dev.as_mut().ok_or_else(|| EngineError::Unsupported("gradients are not on a CUDA device".into()))?;
-        d.window(reduction, padded, window).map_err(EngineError::tensor("gradient buffers"))
+        match &mut self.store {
+            GradStore::Device(d) => d.window(reduction, padded, window).map_err(EngineError::tensor("gradient buffers")),
+            GradStore::Host { .. } => Err(EngineError::Unsupported("gradients are not on a CUDA device".into())),
+        }
     }
 
     /// Offset in the flat buffer of `reduced()[0]`.
@@ -209,12 +232,37 @@ impl BlockGrads {
 
     /// Bytes kept between steps.
     pub fn persistent_bytes(&self) -> usize {
-        if let Some(d) = &self.dev {
-            return d.persistent_bytes();
-        }
-        match self.reduction {
-            GradReduction::AllReduce => self.full.as_ref().map_or(0, Vec::capacity) * 4,
-            GradReduction::ReduceScatter => self.shard.as_ref().map_or(0, Vec::capacity) * 4,
+        match (&self.store, self.reduction) {
+            (GradStore::Device(d), _) => d.persistent_bytes(),
+            (GradStore::Host { full, .. }, GradReduction::AllReduce) => full.as_ref().map_or(0, Vec::capacity) * 4,
+            (GradStore::Host { shard, .. }, GradReduction::ReduceScatter) => shard.as_ref().map_or(0, Vec::capacity) * 4,
         }
     }
+}
+
+/// Whether this rank's reduced gradients (every block's) hold an infinity or NaN, checked where they
+/// live: a kernel and one flag copied back on a device, a scan in host memory.
+pub(super) fn any_overflow(grads: &[BlockGrads]) -> Result<bool, EngineError> {
+    if let Some(found) = device_overflow(grads)? {
+        return Ok(found);
+    }
+    Ok(grads.iter().any(|g| g.host_reduced().iter().any(|x| !x.is_finite())))
+}
+
+/// For each rank `k`, the sum over blocks (in block order, f64) of the squares of block `b`'s reduced
+/// gradient over `ranges[k][b]` (that rank's real elements of the flat buffer), computed where the
+/// gradients live; the same sums either way.
+pub(super) fn shard_sums(grads: &[BlockGrads], ranges: &[Vec<Range<usize>>]) -> Result<Vec<f64>, EngineError> {
+    if let Some(sums) = device_shard_sums(grads, ranges)? {
+        return Ok(sums);
+    }
+    let sum = |g: &BlockGrads, r: &Range<usize>| {
+        // A shard may be all padding.
+        if r.is_empty() {
+            return 0.0;
+        }
+        let off = g.reduced_offset();
+        sum_squares(&g.host_reduced()[r.start - off..r.end - off])
+    };
+    Ok(ranges.iter().map(|rank| grads.iter().zip(rank).map(|(g, r)| sum(g, r)).sum()).collect())
 }

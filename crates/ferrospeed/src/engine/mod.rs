@@ -30,8 +30,10 @@ pub use block::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
 use device_grads::DeviceGrads;
 #[cfg(feature = "cuda")]
 use device_state::{DeviceGather, DeviceWindow};
+#[cfg(feature = "cuda")]
+use device_step::{device_overflow, device_shard_sums};
 #[cfg(not(feature = "cuda"))]
-use device_stub::{DeviceGather, DeviceGrads, DeviceWindow, Nccl};
+use device_stub::{device_overflow, device_shard_sums, DeviceGather, DeviceGrads, DeviceWindow, Nccl};
 #[cfg(feature = "cuda")]
 use crate::comm::nccl::NcclComm as Nccl;
 

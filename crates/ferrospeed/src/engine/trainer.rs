@@ -12,7 +12,7 @@ use super::comm_worker::{CommWorker, Pending};
 use super::grads::Reduced;
 use crate::comm::CommError;
 use super::error::EngineError;
-use super::grads::BlockGrads;
+use super::grads::{self, BlockGrads};
 use super::memory::MemoryReport;
 use super::model::Model;
 use super::offload::{BlockNeed, Offload, OffloadSettings, UpdatePass};
@@ -20,7 +20,7 @@ use super::params::{init_values, BlockParams, BlockSetup, Gather, OptimizerSetup
 use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::profile::{self, Kind};
-use crate::optim::{clip_coefficient, sum_squares, LrSchedule, Optimizer, ParamGroups};
+use crate::optim::{clip_coefficient, LrSchedule, Optimizer, ParamGroups};
 use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision, ScalerState};
 use crate::shard::{FlatParam, GradReduction, OptimizerWindow, ParamPlacement, Strategy, Tier};
 use candle_core::{DType, Device, Tensor};
@@ -382,11 +382,9 @@ impl Engine {
         self.step += 1;
         let t_opt = Instant::now();
 
-        let on_device = self.on_device();
-        let local = match (&self.scaler, on_device) {
-            (None, _) => false,
-            (Some(_), true) => self.device_overflow()?,
-            (Some(_), false) => self.grads.iter().any(|g| g.reduced().iter().any(|x| !x.is_finite())),
+        let local = match &self.scaler {
+            None => false,
+            Some(_) => grads::any_overflow(&self.grads)?,
         };
         if let Some(scaler) = &mut self.scaler {
             let overflow = self.worker.run(move |c| {
@@ -511,27 +509,14 @@ impl Engine {
     /// gradients, with one all-reduce where each holds a shard, and bitwise the same either way.
     fn grad_norm_scaled(&self) -> Result<f64, EngineError> {
         let world = self.worker.world_size();
-        let shard_sum = |rank: usize| -> f64 {
-            self.grads
-                .iter()
-                .zip(&self.params)
-                .map(|(g, p)| {
-                    // The real (unpadded) elements of `rank`'s shard; a shard may be all padding.
-                    let r = p.flat.layout().range(rank);
-                    if r.is_empty() {
-                        return 0.0;
-                    }
-                    let off = g.reduced_offset();
-                    sum_squares(&g.reduced()[r.start - off..r.end - off])
-                })
-                .sum()
-        };
         let reduction = self.cfg.strategy.grad_reduction();
         let ranks: Vec<usize> = match reduction {
             GradReduction::AllReduce => (0..world).collect(),
             GradReduction::ReduceScatter => vec![self.worker.rank()],
         };
-        let sums = if self.on_device() { self.device_shard_sums(&ranks)? } else { ranks.iter().map(|&r| shard_sum(r)).collect() };
+        // The real (unpadded) elements of each rank's shard, per block.
+        let ranges: Vec<Vec<_>> = ranks.iter().map(|&r| self.params.iter().map(|p| p.flat.layout().range(r)).collect()).collect();
+        let sums = grads::shard_sums(&self.grads, &ranges)?;
         let total = match reduction {
             GradReduction::AllReduce => sums[1..].iter().fold(sums[0] as f32, |acc, &s| acc + s as f32),
             GradReduction::ReduceScatter => {
@@ -543,11 +528,6 @@ impl Engine {
             }
         };
         Ok(f64::from(total).sqrt())
-    }
-
-    /// Whether the optimizer state and gradients live in CUDA memory.
-    pub(super) fn on_device(&self) -> bool {
-        cfg!(feature = "cuda") && self.cfg.device.is_cuda()
     }
 
     /// Refresh the parameters blocks compute on from the updated master weights; stages 1–2 gather
