@@ -91,7 +91,7 @@ fn estimate_memory_shows_a_config_of_three_tiers_between_host_and_nvme() {
     assert!(mix_host > disk[2] && mix_host < cpu[2], "host between all-on-disk and all-on-host:\n{}", f.stdout);
     assert!(mix_nvme > 0.3 * disk[3] && mix_nvme < 0.7 * disk[3], "about half on disk:\n{}", f.stdout);
 
-    // Stage-3 parameter shards on NVMe: they leave host memory for the disk (as f32).
+    // Stage-3 parameter shards on NVMe: they leave host memory for the disk.
     let this_row = |params: &str| {
         let mut a = args.clone();
         let p = format!("zero.offload_params=\"{params}\"");

@@ -57,8 +57,9 @@ struct Outcome {
     disk_read: u64,
     /// Seconds the update passes waited on the disk, all ranks and steps.
     disk_wait: f64,
-    /// Parameter-shard files (`*.params`) during the run.
+    /// Parameter-shard files (`*.params`) during the run, and their bytes (every rank's).
     param_files: usize,
+    param_bytes: u64,
 }
 
 /// Every rank trains `STEPS` steps of `run` (calling `after_step` after each), then reports `finish`
@@ -90,9 +91,10 @@ fn train(run: Run, nvme: &Path) -> Outcome {
     let files = |engine: &mut Engine| {
         barrier(engine);
         let paths = walk(nvme);
-        let params = paths.iter().filter(|p| p.extension().is_some_and(|e| e == "params")).count();
+        let params: Vec<_> = paths.iter().filter(|p| p.extension().is_some_and(|e| e == "params")).collect();
+        let param_bytes = params.iter().map(|p| std::fs::metadata(p).unwrap().len()).sum::<u64>();
         barrier(engine);
-        (paths.len(), params, engine.disk_traffic().map_or(0, |t| t.read_bytes))
+        (paths.len(), (params.len(), param_bytes), engine.disk_traffic().map_or(0, |t| t.read_bytes))
     };
     let out: Vec<_> = run_engine(run, nvme, |_, _| {}, |engine| (engine.memory(), engine.state_tiers(), files(engine)))
         .into_iter()
@@ -105,7 +107,8 @@ fn train(run: Run, nvme: &Path) -> Outcome {
         files_during: out[0].3,
         disk_read: out.iter().map(|o| o.4).sum(),
         disk_wait: out.iter().map(|o| o.5).sum(),
-        param_files: out[0].6,
+        param_files: out[0].6 .0,
+        param_bytes: out[0].6 .1,
     }
 }
 
@@ -186,12 +189,18 @@ fn offloaded_optimizer_state_gives_bitwise_the_losses_of_no_offload() {
 #[test]
 fn offload_is_bitwise_in_fp16_and_bf16_and_with_parameter_offload() {
     let nvme = tempfile::tempdir().unwrap();
+    let fp32_files = train(Run { world: 2, stage: 3, precision: Precision::Fp32, optimizer: Offload::Nvme, ratio: 1.0, params: Offload::Nvme, nvme_ratio: None }, nvme.path()).param_bytes;
     for precision in [Precision::Bf16, Precision::Fp16] {
         let base = Run { world: 2, stage: 3, precision, optimizer: Offload::None, ratio: 1.0, params: Offload::None, nvme_ratio: None };
         let reference = train(base, nvme.path());
         for (optimizer, params) in [(Offload::Nvme, Offload::None), (Offload::Cpu, Offload::Cpu), (Offload::Nvme, Offload::Nvme)] {
             let run = Run { optimizer, params, ..base };
-            assert_eq!(bits(&train(run, nvme.path()).losses), bits(&reference.losses), "{run:?}");
+            let got = train(run, nvme.path());
+            assert_eq!(bits(&got.losses), bits(&reference.losses), "{run:?}");
+            if params == Offload::Nvme {
+                // The shard is stored in the compute dtype: about half the bytes of fp32's (whole pages).
+                assert!(got.param_bytes > 0 && 10 * got.param_bytes <= 6 * fp32_files, "{run:?}: {} bytes of parameter files, fp32 {fp32_files}", got.param_bytes);
+            }
         }
     }
 }

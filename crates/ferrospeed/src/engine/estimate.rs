@@ -122,7 +122,7 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
 
     let host_tier: u64 = if plan.on_gpu { on(Tier::Host).sum() } else { 0 };
     // Host-tier and NVMe-tier stage-3 shards stay in host memory between uses; with parameters on
-    // NVMe, those of NVMe-tier blocks are in files instead (stored as f32).
+    // NVMe, those of NVMe-tier blocks are in files instead (in the compute dtype).
     let params_on_nvme = plan.strategy.params_on_nvme(Tier::Nvme);
     let nvme_tier: u64 = on(Tier::Nvme).sum();
     let host_shards = if !gathered { 0 } else if params_on_nvme { host_tier } else { host_tier + nvme_tier };
@@ -130,7 +130,7 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     // Files are whole pages of f32.
     let file_bytes = |elems: u64| elems.div_ceil(1024) * 4096;
     let nvme_files: Vec<u64> = on(Tier::Nvme).map(|x| file_bytes(x * (1 + k))).collect();
-    let param_files: u64 = if params_on_nvme { on(Tier::Nvme).map(file_bytes).sum() } else { 0 };
+    let param_files: u64 = if params_on_nvme { on(Tier::Nvme).map(|x| file_bytes((x * c).div_ceil(4))).sum() } else { 0 };
     let nvme = sum(&nvme_files) + param_files;
     let fast_host = plan.on_gpu && !gathered && (stage == 0 || w == 1);
     let pinned = if fast_host { 2 * windows.iter().zip(&tiers).filter(|(_, &t)| t == Tier::Host).map(|(&x, _)| x).max().unwrap_or(0) * (4 + c) } else { 0 };

@@ -49,6 +49,41 @@ impl HostBuf {
         self.len() == 0
     }
 
+    /// f32 words that hold `len` elements of `dtype` packed by [`HostBuf::pack_into`] (two 16-bit
+    /// values a word).
+    pub fn packed_words(dtype: DType, len: usize) -> usize {
+        match dtype {
+            DType::BF16 | DType::F16 => len.div_ceil(2),
+            _ => len,
+        }
+    }
+
+    /// The elements' bits packed into the first `packed_words` f32 words of `words` (an f32 file
+    /// page holds them exactly: only bits are moved, no value is converted).
+    pub fn pack_into(&self, words: &mut [f32]) {
+        let pack16 = |bits: &mut dyn Iterator<Item = u16>, words: &mut [f32]| {
+            for w in words.iter_mut() {
+                let (Some(lo), hi) = (bits.next(), bits.next()) else { break };
+                *w = f32::from_bits(u32::from(lo) | u32::from(hi.unwrap_or(0)) << 16);
+            }
+        };
+        match self {
+            Self::F32(v) => words[..v.len()].copy_from_slice(v),
+            Self::Bf16(v) => pack16(&mut v.iter().map(|x| x.to_bits()), words),
+            Self::F16(v) => pack16(&mut v.iter().map(|x| x.to_bits()), words),
+        }
+    }
+
+    /// `len` elements of `dtype` from `words` as [`HostBuf::pack_into`] packed them.
+    pub fn unpack(dtype: DType, words: &[f32], len: usize) -> Self {
+        let bits = || words.iter().flat_map(|w| [w.to_bits() as u16, (w.to_bits() >> 16) as u16]).take(len);
+        match dtype {
+            DType::BF16 => Self::Bf16(bits().map(bf16::from_bits).collect()),
+            DType::F16 => Self::F16(bits().map(f16::from_bits).collect()),
+            _ => Self::F32(words[..len].to_vec()),
+        }
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match self {
@@ -134,4 +169,26 @@ pub fn add_tensor_into(dst: &mut [f32], grad: &Tensor) -> candle_core::Result<()
     }
     dst.iter_mut().zip(&g).for_each(|(d, s)| *d += s);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_into_f32_words_gives_back_every_bit_in_each_dtype() {
+        // Odd lengths, and bit patterns that are NaNs or subnormals as f32 words.
+        let values: Vec<f32> = (0..1001).map(|i| ((i as f32) * 0.37 - 150.0).powi(3) * 1e-3).chain([f32::NAN, -0.0, f32::INFINITY, 1e-40]).collect();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let buf = HostBuf::from_f32(dtype, &values);
+            let mut words = vec![0f32; HostBuf::packed_words(dtype, buf.len()) + 3];
+            buf.pack_into(&mut words);
+            let back = HostBuf::unpack(dtype, &words, buf.len());
+            let bits = |b: &HostBuf| b.to_f32().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&back), bits(&buf), "{dtype:?}");
+            assert_eq!(back.bytes(), buf.bytes());
+        }
+        assert_eq!(HostBuf::packed_words(DType::BF16, 5), 3);
+        assert_eq!(HostBuf::packed_words(DType::F32, 5), 5);
+    }
 }

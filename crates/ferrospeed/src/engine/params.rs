@@ -66,8 +66,8 @@ pub struct BlockParams {
     uploaded: bool,
     /// Compute-dtype shard of this rank (parameters not resident): what is all-gathered before use.
     shard: Option<Arc<HostBuf>>,
-    /// With parameters on NVMe: the file holding `shard` instead (as f32, which gives back the
-    /// compute-dtype values exactly), read before each gather.
+    /// With parameters on NVMe: the file holding `shard` instead (its compute-dtype bits packed in
+    /// f32 pages), read ahead of each gather.
     param_file: Option<NvmeFile>,
     /// Variables over the whole block (parameters resident).
     vars: Option<Vec<Var>>,
@@ -188,7 +188,7 @@ impl BlockParams {
                 // The compute copy was built from `full` above.
                 p.staged = None;
                 if strategy.params_on_nvme(tier) {
-                    let file = nvme.file(&format!("block-{i:05}.params"), shard_range.len())?;
+                    let file = nvme.file(&format!("block-{i:05}.params"), HostBuf::packed_words(dtype, shard_range.len()))?;
                     let shard = p.shard.take().ok_or_else(|| EngineError::Unsupported(format!("block {}: parameters on NVMe need stage 3", p.name)))?;
                     write_shard(&file, &shard)?;
                     p.param_file = Some(file);
@@ -329,7 +329,7 @@ impl BlockParams {
             (None, Some(file)) => {
                 let reading = file.read(Pages::zeroed(file.elems()));
                 let (dtype, n) = (self.dtype, self.window.len());
-                Ok(self.host_gather(worker, move || Ok(Arc::new(HostBuf::from_f32(dtype, &reading.wait()?.as_f32()[..n])))))
+                Ok(self.host_gather(worker, move || Ok(Arc::new(HostBuf::unpack(dtype, reading.wait()?.as_f32(), n)))))
             }
             (None, None) => Err(EngineError::Unsupported(format!("block {} has no shard to gather", self.name))),
         }
@@ -513,7 +513,7 @@ impl BlockParams {
 /// Write a compute-dtype parameter shard into its NVMe file, as f32.
 fn write_shard(file: &NvmeFile, shard: &HostBuf) -> Result<(), EngineError> {
     let mut pages = Pages::zeroed(file.elems());
-    pages.as_f32_mut()[..shard.len()].copy_from_slice(&shard.to_f32());
+    shard.pack_into(pages.as_f32_mut());
     write_now(file, pages)
 }
 

@@ -13,6 +13,7 @@ use super::grads::Reduced;
 use crate::comm::CommError;
 use super::error::EngineError;
 use super::grads::{self, BlockGrads};
+use super::host_buf::HostBuf;
 use super::memory::MemoryReport;
 use super::model::Model;
 use super::offload::{BlockNeed, Offload, OffloadSettings, UpdatePass};
@@ -195,7 +196,7 @@ impl Engine {
                 name: &names[i],
                 tier: tiers[i],
                 file_elems: windows[i] * (1 + num_states),
-                param_file_elems: if param_file(i) { windows[i] } else { 0 },
+                param_file_elems: if param_file(i) { HostBuf::packed_words(dtype, windows[i]) } else { 0 },
                 staged_elems: if staged(i) { windows[i] } else { 0 },
             })
             .collect();
