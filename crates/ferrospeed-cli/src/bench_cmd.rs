@@ -59,6 +59,9 @@ pub struct BenchTrainArgs {
     /// Folder of the NVMe tier's files (zero.nvme_dir)
     #[arg(long)]
     pub nvme_dir: Option<std::path::PathBuf>,
+    /// Where stage 3 keeps parameter shards between uses: none, cpu or nvme (zero.offload_params)
+    #[arg(long, default_value = "none")]
+    pub offload_params: String,
 }
 
 /// The model `name` for sequences of `seq_len`: GPT-2 sizes, or the Llama shapes of `anchor_llama.py`
@@ -110,12 +113,13 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let choice = DeviceChoice::from_name(&args.device).ok_or_else(|| usage_error("--device: use auto, cpu or cuda"))?;
     let world = WorldInfo::from_env()?;
     let offload = ferrospeed::config::Offload::from_name(&args.offload_optimizer).ok_or_else(|| usage_error("--offload-optimizer: use none, cpu or nvme"))?;
+    let offload_params = ferrospeed::config::Offload::from_name(&args.offload_params).ok_or_else(|| usage_error("--offload-params: use none, cpu or nvme"))?;
     let nvme_dir = args.nvme_dir.as_ref().map(|d| format!("nvme_dir = {:?}\n", d.display().to_string())).unwrap_or_default()
         + &args.nvme_ratio.map(|q| format!("nvme_ratio = {q}\n")).unwrap_or_default();
     // The anchors' settings, as a config: AdamW (0.9, 0.95, 1e-8, decay 0.1), clipping at 1, a constant
     // learning rate of 1e-4, seed 0, one micro-batch per rank per step.
     let toml = format!(
-        "[train]\nsteps = {steps}\nglobal_batch = {global}\nmicro_batch = {micro}\nlr = 1e-4\nmin_lr = 1e-4\nwarmup = 0\nweight_decay = 0.1\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\ngrad_clip = 1.0\nseed = 0\nprecision = \"{precision}\"\nactivation_checkpointing = {ckpt}\ndevice = \"{device}\"\nloss_scale_initial = 65536.0\nloss_scale_growth_interval = 2000\n\n[zero]\nstage = {stage}\noffload_optimizer = \"{offload}\"\noffload_ratio = {ratio}\n{nvme_dir}",
+        "[train]\nsteps = {steps}\nglobal_batch = {global}\nmicro_batch = {micro}\nlr = 1e-4\nmin_lr = 1e-4\nwarmup = 0\nweight_decay = 0.1\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\ngrad_clip = 1.0\nseed = 0\nprecision = \"{precision}\"\nactivation_checkpointing = {ckpt}\ndevice = \"{device}\"\nloss_scale_initial = 65536.0\nloss_scale_growth_interval = 2000\n\n[zero]\nstage = {stage}\noffload_optimizer = \"{offload}\"\noffload_ratio = {ratio}\noffload_params = \"{offload_params}\"\n{nvme_dir}",
         steps = args.warmup + args.steps + 1,
         global = args.micro_batch * world.world_size,
         micro = args.micro_batch,
@@ -195,6 +199,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
             "offload_optimizer": args.offload_optimizer,
             "offload_ratio": args.offload_ratio,
             "nvme_ratio": args.nvme_ratio,
+            "offload_params": args.offload_params,
             "memory": engine.memory(),
             "nvme": engine.disk_traffic().map(|d| serde_json::json!({"read_gbps": d.read_gbps(), "write_gbps": d.write_gbps(), "read_gb": d.read_bytes as f64 / 1e9, "direct": d.direct})),
             "step_ms": (dt * 1e3 * 100.0).round() / 100.0,
