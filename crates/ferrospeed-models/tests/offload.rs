@@ -14,6 +14,7 @@ use ferrospeed::precision::Precision;
 use ferrospeed::shard::{Offload, Tier};
 use ferrospeed::{CommConfig, Communicator};
 use ferrospeed_models::{BatchSampler, Gpt, GptConfig, TextCorpus};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 use support::bits;
@@ -334,7 +335,9 @@ fn a_bad_nvme_folder_or_budget_is_one_error_before_anything_is_written() {
 }
 
 /// A new run's NVMe files get only their master weights written: the moments are zeros, which the
-/// files' holes already read as. The training after it is bitwise that of no offload.
+/// files' reserved, unwritten space already reads as. Their whole size is reserved on the disk all the
+/// same (a disk filling up later cannot fail a write-back). The training after it is bitwise that of
+/// no offload.
 #[test]
 fn a_new_runs_state_files_are_written_master_weights_only() {
     let nvme = tempfile::tempdir().unwrap();
@@ -342,6 +345,10 @@ fn a_new_runs_state_files_are_written_master_weights_only() {
     let (written, files) = run_local_world(1, &CommConfig::default(), |comm| {
         let engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(run, nvme.path())).unwrap();
         let files: u64 = walk(nvme.path()).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+        for path in walk(nvme.path()) {
+            let m = std::fs::metadata(&path).unwrap();
+            assert!(m.blocks() * 512 >= m.len(), "{}: {} bytes reserved of {}", path.display(), m.blocks() * 512, m.len());
+        }
         (engine.disk_traffic().unwrap().write_bytes, files)
     })
     .unwrap()[0];

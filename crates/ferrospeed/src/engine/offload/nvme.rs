@@ -11,6 +11,7 @@
 use super::super::error::EngineError;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
@@ -173,8 +174,8 @@ impl NvmeStore {
         Ok(Self { dir, reader: spawn_io("nvme-read"), writer: spawn_io("nvme-write"), stats: Arc::default(), direct })
     }
 
-    /// A state file of `elems` f32 (page-rounded) named `name`, created at its full size: empty,
-    /// so it reads as zeros until written (`NvmeFile::write_head` relies on it).
+    /// A state file of `elems` f32 (page-rounded) named `name`, created at its full size, its space
+    /// reserved: it reads as zeros until written (`NvmeFile::write_head` relies on it).
     pub fn file(&self, name: &str, elems: usize) -> Result<NvmeFile, EngineError> {
         let path = self.dir.join(name);
         let mut opts = OpenOptions::new();
@@ -184,7 +185,13 @@ impl NvmeStore {
         }
         let file = opts.open(&path).map_err(|e| EngineError::Nvme { path: path.clone(), reason: e.to_string() })?;
         let pages = elems.div_ceil(PAGE_ELEMS);
-        file.set_len((pages * PAGE_BYTES) as u64).map_err(|e| EngineError::Nvme { path: path.clone(), reason: e.to_string() })?;
+        reserve(&file, (pages * PAGE_BYTES) as u64).map_err(|e| EngineError::Nvme {
+            path: path.clone(),
+            reason: match e.raw_os_error() {
+                Some(libc::ENOSPC) => "the disk is full: free space on it, choose another zero.nvme_dir, or lower zero.offload_ratio".into(),
+                _ => e.to_string(),
+            },
+        })?;
         Ok(NvmeFile { file: Arc::new(file), path, pages, reader: self.reader.clone(), writer: self.writer.clone(), stats: self.stats.clone() })
     }
 
@@ -231,6 +238,21 @@ fn free_bytes(path: &Path) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+/// Give `file` its `len` bytes as space reserved on the disk that reads as zeros (`fallocate`), so
+/// that a disk filling up later cannot fail a write-back in the middle of a run, and nothing needs
+/// writing yet; where the file system cannot reserve, a sparse file of that length.
+fn reserve(file: &File, len: u64) -> std::io::Result<()> {
+    // SAFETY: a system call on a descriptor `file` keeps open; no memory is passed.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => file.set_len(len),
+        _ => Err(e),
+    }
 }
 
 /// One block's state file.
