@@ -3,7 +3,11 @@
 use crate::comm::{Buf, BufMut};
 use candle_core::{DType, Device, Tensor, Var};
 use half::{bf16, f16};
+use rayon::prelude::*;
 use std::ops::Range;
+
+/// Elements below which a conversion runs on the calling thread.
+const PARALLEL_MIN: usize = 1 << 16;
 
 /// Parameters or gradients in a compute dtype.
 #[derive(Debug, Clone)]
@@ -17,11 +21,18 @@ pub enum HostBuf {
 }
 
 impl HostBuf {
-    /// `values` rounded to `dtype` (f32, bf16 or f16).
+    /// `values` rounded to `dtype` (f32, bf16 or f16); on every core for a large buffer (a block's
+    /// compute copy at start-up and at each publish), the same values either way.
     pub fn from_f32(dtype: DType, values: &[f32]) -> Self {
+        fn convert<T: Send>(values: &[f32], f: impl Fn(f32) -> T + Sync) -> Vec<T> {
+            if values.len() < PARALLEL_MIN {
+                return values.iter().map(|&v| f(v)).collect();
+            }
+            values.par_iter().with_min_len(PARALLEL_MIN).map(|&v| f(v)).collect()
+        }
         match dtype {
-            DType::BF16 => Self::Bf16(values.iter().map(|&v| bf16::from_f32(v)).collect()),
-            DType::F16 => Self::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
+            DType::BF16 => Self::Bf16(convert(values, bf16::from_f32)),
+            DType::F16 => Self::F16(convert(values, f16::from_f32)),
             _ => Self::F32(values.to_vec()),
         }
     }

@@ -140,8 +140,7 @@ impl BlockParams {
             OptimizerWindow::Shard => shard_range.clone(),
             OptimizerWindow::Whole => 0..full.len(),
         };
-        let master = full[window.clone()].to_vec();
-        let n = master.len();
+        let n = window.len();
         let settings = flat.specs().iter().map(|s| optimizer.groups.resolve(&name, s, optimizer.weight_decay)).collect();
         let mut p = Self {
             flat,
@@ -149,7 +148,7 @@ impl BlockParams {
             dtype,
             device: device.clone(),
             window,
-            master,
+            master: Vec::new(),
             // One zeroed allocation each (`vec![v; k]` would copy the first into the others).
             state: (0..optimizer.num_states).map(|_| vec![0.0; n]).collect(),
             settings,
@@ -166,6 +165,9 @@ impl BlockParams {
             ParamPlacement::Resident => p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?),
             ParamPlacement::Gathered => p.shard = Some(Arc::new(HostBuf::from_f32(dtype, &full[shard_range.clone()]))),
         }
+        // The master weights: the initial values themselves where the window is the whole block (no
+        // copy), else the window's part of them.
+        p.master = if p.window.len() == full.len() { full } else { full[p.window.clone()].to_vec() };
         match tier {
             // On a CPU run the device is host memory; offloading there changes nothing.
             Tier::Device | Tier::Host if !device.is_cuda() => {}
