@@ -174,12 +174,34 @@ impl HostBuf {
 
 /// Add a gradient tensor (any float dtype) into an f32 accumulator, converting on the way.
 pub fn add_tensor_into(dst: &mut [f32], grad: &Tensor) -> candle_core::Result<()> {
-    let g = grad.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    if g.len() != dst.len() {
-        return Err(candle_core::Error::Msg(format!("gradient of {} elements for a parameter of {}", g.len(), dst.len())));
+    if grad.elem_count() != dst.len() {
+        return Err(candle_core::Error::Msg(format!("gradient of {} elements for a parameter of {}", grad.elem_count(), dst.len())));
     }
-    dst.iter_mut().zip(&g).for_each(|(d, s)| *d += s);
+    // A contiguous CPU tensor is read where it is: no copy of it per micro-batch (a copy of every
+    // gradient was most of a CPU step's time, in clearing the pages of fresh allocations).
+    {
+        let (storage, layout) = grad.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            match cpu {
+                candle_core::CpuStorage::F32(v) => return Ok(add_into(dst, &v[start..end], |x| x)),
+                candle_core::CpuStorage::BF16(v) => return Ok(add_into(dst, &v[start..end], bf16::to_f32)),
+                candle_core::CpuStorage::F16(v) => return Ok(add_into(dst, &v[start..end], f16::to_f32)),
+                _ => {}
+            }
+        }
+    }
+    let g = grad.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    add_into(dst, &g, |x| x);
     Ok(())
+}
+
+/// `dst[i] += f(src[i])`, on every core for a large buffer (elementwise: the same sums either way).
+fn add_into<T: Copy + Sync>(dst: &mut [f32], src: &[T], f: impl Fn(T) -> f32 + Sync) {
+    if dst.len() < PARALLEL_MIN {
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d += f(s));
+        return;
+    }
+    dst.par_chunks_mut(PARALLEL_MIN).zip(src.par_chunks(PARALLEL_MIN)).for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, &s)| *d += f(s)));
 }
 
 #[cfg(test)]
@@ -200,6 +222,28 @@ mod tests {
             assert_eq!(back.bytes(), buf.bytes());
         }
         assert_eq!(HostBuf::packed_words(DType::BF16, 5), 3);
+    }
+
+    #[test]
+    fn adding_a_gradient_in_place_gives_the_sums_of_adding_a_copy() {
+        let dev = Device::Cpu;
+        // Large enough for the parallel path, and a small one; a transposed (non-contiguous) view
+        // and a narrowed one (an offset into its storage).
+        let big = Tensor::arange(0f32, 300_000.0, &dev).unwrap().affine(1e-3, -7.0).unwrap().reshape((600, 500)).unwrap();
+        let small = Tensor::arange(0f32, 60.0, &dev).unwrap().affine(0.3, -2.0).unwrap().reshape((6, 10)).unwrap();
+        let cases = [big.clone(), big.t().unwrap(), big.narrow(0, 100, 300).unwrap(), small.clone(), small.t().unwrap()];
+        for t in cases {
+            for dtype in [DType::F32, DType::BF16, DType::F16] {
+                let g = t.to_dtype(dtype).unwrap();
+                let start: Vec<f32> = (0..g.elem_count()).map(|i| (i % 97) as f32 * 0.25 - 3.0).collect();
+                let copy = g.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                let want: Vec<u32> = start.iter().zip(&copy).map(|(a, b)| (a + b).to_bits()).collect();
+                let mut got = start.clone();
+                add_tensor_into(&mut got, &g).unwrap();
+                assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want, "{:?} {dtype:?}", g.dims());
+            }
+        }
+        assert!(add_tensor_into(&mut [0.0; 3], &small).is_err(), "a wrong size is an error");
         assert_eq!(HostBuf::packed_words(DType::F32, 5), 5);
     }
 }
