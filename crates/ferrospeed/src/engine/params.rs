@@ -327,7 +327,7 @@ impl BlockParams {
                 Ok(self.host_gather(worker, move || Ok(shard)))
             }
             // Read ahead: the file is read on the NVMe reader thread from now, and the communication
-            // thread converts and gathers it, while the block before this one computes.
+            // thread unpacks and gathers it, while the block before this one computes.
             (None, Some(file)) => {
                 let reading = file.read(Pages::zeroed(file.elems()));
                 let (dtype, n) = (self.dtype, self.window.len());
@@ -484,19 +484,16 @@ impl BlockParams {
         pages
     }
 
-    /// Fill the NVMe file just created for this block. While the state buffers are all zero bits (a
-    /// new run), only the pages of the master weights are written: the file's hole reads as zeros,
-    /// so the first write of a run moves a third of the bytes (AdamW).
+    /// Fill the NVMe file just created for a new block, whose state buffers are zeros: only the
+    /// pages of the master weights are written, as the rest of the new file reads as zeros, so the
+    /// first write of a run moves a third of the bytes (AdamW).
     fn write_new_file(&mut self) -> Result<(), EngineError> {
         let Store::Nvme(file) = &self.store else { return self.upload_host() };
+        debug_assert!(self.state.iter().all(|b| b.iter().all(|x| x.to_bits() == 0)), "a new block's state is zeros");
         let n = self.window.len();
-        let zero_state = self.state.iter().all(|b| b.iter().all(|x| x.to_bits() == 0));
-        let pages = self.file_pages(file.elems());
-        if zero_state {
-            file.write_head(pages, n).wait().map(drop)
-        } else {
-            write_now(file, pages)
-        }
+        let mut pages = Pages::zeroed(n);
+        pages.as_f32_mut()[..n].copy_from_slice(&self.master);
+        file.write_head(pages, n).wait().map(drop)
     }
 
     /// Bytes of optimizer state (master weights and every state buffer) and the tier they are on.
@@ -512,7 +509,7 @@ impl BlockParams {
     }
 }
 
-/// Write a compute-dtype parameter shard into its NVMe file, as f32.
+/// Write a compute-dtype parameter shard into its NVMe file (its bits packed in f32 pages).
 fn write_shard(file: &NvmeFile, shard: &HostBuf) -> Result<(), EngineError> {
     let mut pages = Pages::zeroed(file.elems());
     shard.pack_into(pages.as_f32_mut());

@@ -309,7 +309,7 @@ impl NvmeFile {
     }
 
     /// Start writing the pages of `pages` that hold its first `elems` f32, leaving the rest of the
-    /// file as it is: on a file just created (a hole, read as zeros) the rest must be zeros.
+    /// file as it is: on a file just created (reserved, read as zeros) the rest must be zeros.
     pub fn write_head(&self, pages: Pages, elems: usize) -> IoPending {
         self.submit(true, pages, elems.div_ceil(PAGE_ELEMS))
     }
