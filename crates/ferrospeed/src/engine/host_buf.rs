@@ -72,16 +72,16 @@ impl HostBuf {
     /// The elements' bits packed into the first `packed_words` f32 words of `words` (an f32 file
     /// page holds them exactly: only bits are moved, no value is converted).
     pub fn pack_into(&self, words: &mut [f32]) {
-        let pack16 = |bits: &mut dyn Iterator<Item = u16>, words: &mut [f32]| {
-            for w in words.iter_mut() {
-                let (Some(lo), hi) = (bits.next(), bits.next()) else { break };
-                *w = f32::from_bits(u32::from(lo) | u32::from(hi.unwrap_or(0)) << 16);
+        fn pack16<T: Copy>(v: &[T], bits: impl Fn(T) -> u16, words: &mut [f32]) {
+            for (w, pair) in words.iter_mut().zip(v.chunks(2)) {
+                let hi = pair.get(1).map_or(0, |&x| bits(x));
+                *w = f32::from_bits(u32::from(bits(pair[0])) | u32::from(hi) << 16);
             }
-        };
+        }
         match self {
             Self::F32(v) => words[..v.len()].copy_from_slice(v),
-            Self::Bf16(v) => pack16(&mut v.iter().map(|x| x.to_bits()), words),
-            Self::F16(v) => pack16(&mut v.iter().map(|x| x.to_bits()), words),
+            Self::Bf16(v) => pack16(v, bf16::to_bits, words),
+            Self::F16(v) => pack16(v, f16::to_bits, words),
         }
     }
 
