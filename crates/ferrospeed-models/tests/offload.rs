@@ -99,7 +99,7 @@ fn train(run: Run, nvme: &Path) -> Outcome {
     };
     let out: Vec<_> = run_engine(run, nvme, |_, _| {}, |engine| (engine.memory(), engine.state_tiers(), files(engine)))
         .into_iter()
-        .map(|(losses, w, (m, t, (f, pf, r)))| (losses, m, t, f, r, w, pf))
+        .map(|(losses, w, (m, t, (f, (pf, pb), r)))| (losses, m, t, f, r, w, pf, pb))
         .collect();
     Outcome {
         losses: out[0].0.clone(),
@@ -108,8 +108,8 @@ fn train(run: Run, nvme: &Path) -> Outcome {
         files_during: out[0].3,
         disk_read: out.iter().map(|o| o.4).sum(),
         disk_wait: out.iter().map(|o| o.5).sum(),
-        param_files: out[0].6 .0,
-        param_bytes: out[0].6 .1,
+        param_files: out[0].6,
+        param_bytes: out[0].7,
     }
 }
 
@@ -344,10 +344,11 @@ fn a_new_runs_state_files_are_written_master_weights_only() {
     let run = Run { world: 1, stage: 1, precision: Precision::Fp32, optimizer: Offload::Nvme, ratio: 1.0, params: Offload::None, nvme_ratio: None };
     let (written, files) = run_local_world(1, &CommConfig::default(), |comm| {
         let engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(run, nvme.path())).unwrap();
-        let files: u64 = walk(nvme.path()).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+        let mut files = 0;
         for path in walk(nvme.path()) {
             let m = std::fs::metadata(&path).unwrap();
             assert!(m.blocks() * 512 >= m.len(), "{}: {} bytes reserved of {}", path.display(), m.blocks() * 512, m.len());
+            files += m.len();
         }
         (engine.disk_traffic().unwrap().write_bytes, files)
     })
