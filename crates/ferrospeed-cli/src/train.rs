@@ -136,10 +136,18 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
     let start_step = engine.steps_done() as usize;
     if start_step >= cfg.train.steps && cfg.train.steps > 0 {
+        // A run that died after its last checkpoint and before its ending (summary, sample, plot)
+        // gets its ending now; a finished one has nothing left to do.
+        let unfinished = any_rank(&engine, acc.tracker().is_some_and(|t| !t.finished()))?;
         if acc.is_main_process() {
-            println!("already at step {start_step} of {}: nothing to train (raise train.steps to train longer)", cfg.train.steps);
+            match unfinished {
+                true => println!("already at step {start_step} of {}: finishing the run's outputs (summary, plot)", cfg.train.steps),
+                false => println!("already at step {start_step} of {}: nothing to train (raise train.steps to train longer)", cfg.train.steps),
+            }
         }
-        return Ok(ExitCode::SUCCESS);
+        if !unfinished {
+            return Ok(ExitCode::SUCCESS);
+        }
     }
     let interrupted = watch_interrupts()?;
     let data = acc.data(dataset).map_err(accel_error)?;
@@ -199,7 +207,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         if acc.checkpoint_due(done as u64) || (stop && cfg.checkpoint.save_on_interrupt && cfg.checkpoint.dir.is_some()) {
             // The checkpoint carries its step's row: a run that dies after the save and before the
             // row is written gets it back when it continues.
-            acc.record(ferrospeed::accelerator::CHECKPOINT_ROW, serde_json::to_value(&m)?);
+            acc.record_checkpoint_row(&m)?;
             save_checkpoint(&acc, &mut engine)?;
             last_saved = Some(done);
         }
@@ -254,8 +262,19 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             }
             None => None,
         };
-        let first = first_loss.unwrap_or(f64::NAN);
-        let tok_s = (tokens_per_step * (t.steps - start_step.min(t.steps)) as u64) as f64 / elapsed;
+        let mut first = first_loss.unwrap_or(f64::NAN);
+        let mut tok_s = (tokens_per_step * (t.steps - start_step.min(t.steps)) as u64) as f64 / elapsed;
+        let mut elapsed = elapsed;
+        if first_loss.is_none() {
+            // Nothing trained in this attempt (it only finishes the run): the run's own rows say
+            // what it did.
+            if let Ok(run) = ferrospeed::track::RunSeries::read(acc.track_dir()) {
+                first = run.rows.first().map_or(f64::NAN, |r| r.loss);
+                last_loss = run.rows.last().map_or(f64::NAN, |r| r.loss);
+                elapsed = run.rows.iter().map(|r| r.step_ms).sum::<f64>() / 1e3;
+                tok_s = (tokens_per_step * run.rows.len() as u64) as f64 / elapsed;
+            }
+        }
         let sample = match (&sample_params, gpt) {
             (Some(params), Some(gpt)) => sample_text(gpt, params, t.sample_tokens, t.seed)?,
             _ => String::new(),
@@ -331,7 +350,12 @@ fn any_rank(engine: &Engine, local: bool) -> Result<bool> {
 
 fn save_checkpoint(acc: &Accelerator, engine: &mut Engine) -> Result<()> {
     let t0 = Instant::now();
-    let saved = acc.save_checkpoint(engine).context("saving a checkpoint")?;
+    let saved = match acc.save_checkpoint(engine) {
+        Ok(saved) => saved,
+        // Training on would only lose more: the disk needs the user (exit 2, not restarted).
+        Err(e @ AccelError::Checkpoint(ferrospeed::checkpoint::CheckpointError::DiskFull { .. })) => return Err(usage_error(e.to_string())),
+        Err(e) => return Err(anyhow::Error::from(e).context("saving a checkpoint")),
+    };
     if acc.is_main_process() {
         tracing::info!("saved {} in {:.2} s", saved.display(), t0.elapsed().as_secs_f64());
     }

@@ -7,6 +7,8 @@
 //! Without the GGUF file the three tests that need it say so and pass, unless
 //! `FERROSPEED_REQUIRE_SMOLLM2=1` (set by `.ci/run`, which fetches it) makes its absence a failure.
 
+mod support;
+
 use candle_core::Device;
 use ferrospeed::checkpoint::WeightFiles;
 use ferrospeed_models::gguf::GgufFile;
@@ -32,7 +34,7 @@ fn smollm2(test: &str) -> Option<PathBuf> {
         return Some(path);
     }
     assert!(std::env::var("FERROSPEED_REQUIRE_SMOLLM2").is_err(), "{test}: {} is missing: run scripts/fetch-smollm2.sh", path.display());
-    eprintln!("SKIPPED {test}: {} is missing (scripts/fetch-smollm2.sh fetches it)", path.display());
+    support::skip(test, &format!("{} is missing (scripts/fetch-smollm2.sh fetches it)", path.display()));
     None
 }
 

@@ -128,6 +128,19 @@ pub fn device_memory(device: &Device) -> Option<(u64, u64)> {
     None
 }
 
+/// Bytes an unprivileged writer can still put on the file system of `path` (statvfs `f_bavail`).
+pub fn disk_free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: all zeros is a valid `statvfs` (plain integers) for the call to fill.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `s` a valid out-parameter.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
 /// Host memory available to a new allocation (`MemAvailable` of /proc/meminfo), in bytes.
 pub fn host_available_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;

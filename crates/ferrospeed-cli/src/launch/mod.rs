@@ -124,7 +124,8 @@ pub fn run(args: LaunchArgs) -> Result<ExitCode> {
             }
         };
         match outcome {
-            supervise::Outcome::Failed { message, .. } if restart < args.max_restarts => {
+            // Exit code 2 is bad input (or a full disk): the same command would fail the same way.
+            supervise::Outcome::Failed { message, code } if restart < args.max_restarts && code != 2 => {
                 eprintln!("ferrospeed launch: restart {} of {}: {message}", restart + 1, args.max_restarts);
                 reasons.push(message);
             }

@@ -233,3 +233,29 @@ pub fn root_with(step_dir: &Path, root: &Path) -> PathBuf {
     std::fs::write(root.join("latest"), format!("{}\n", name.to_string_lossy())).unwrap();
     root.to_path_buf()
 }
+
+/// Record that `test` did not run (and why): a line on stderr, and one in the file named by
+/// `FERROSPEED_SKIP_LOG` when set (`.ci/run` counts them and prints the total at the end).
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(log) = std::env::var_os("FERROSPEED_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{test}\t{reason}");
+        }
+    }
+}
+
+/// The SmolLM2 GGUF file (`scripts/fetch-smollm2.sh`), or `None` after recording the skip. With
+/// `FERROSPEED_REQUIRE_SMOLLM2` set (CI) its absence fails the test instead.
+#[track_caller]
+pub fn smollm2() -> Option<PathBuf> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(std::env::var_os("FERROSPEED_REQUIRE_SMOLLM2").is_none(), "{} is missing: run scripts/fetch-smollm2.sh", path.display());
+    let caller = std::panic::Location::caller();
+    skip(&format!("{}:{}", caller.file(), caller.line()), &format!("{} is missing (scripts/fetch-smollm2.sh fetches it)", path.display()));
+    None
+}

@@ -66,6 +66,18 @@ pub fn random_ids(shape: &[usize], seed: u64, below: u32) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
+/// Record that `test` did not run (and why): a line on stderr, and one in the file named by
+/// `FERROSPEED_SKIP_LOG` when set (`.ci/run` counts them and prints the total at the end).
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("SKIPPED {test}: {reason}");
+    if let Some(log) = std::env::var_os("FERROSPEED_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{test}\t{reason}");
+        }
+    }
+}
+
 /// GPU 0, or `None` after printing the one line the GPU scripts count:
 /// `GPU-TEST-SKIPPED needs=1 test=<test>: <reason>`. Without a driver cudarc panics while loading
 /// libcuda; that counts as "no GPU" too, so the probe catches the panic.

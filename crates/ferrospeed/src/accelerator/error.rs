@@ -43,6 +43,12 @@ pub enum AccelError {
         /// Why it could not be loaded.
         source: crate::checkpoint::CheckpointError,
     },
+    /// The checkpoint `checkpoint.resume` found cannot be resumed by this run.
+    #[error("{source}: resume it with the config that saved it, or give this run another checkpoint.dir (or checkpoint.resume = false)")]
+    Resume {
+        /// Why it cannot.
+        source: crate::checkpoint::CheckpointError,
+    },
     /// Command-line arguments of a program built on the `Accelerator`.
     #[error("{0}")]
     Args(String),
@@ -59,6 +65,8 @@ impl AccelError {
                 | AccelError::RunDirRefused(_)
                 | AccelError::NoCheckpointDir { .. }
                 | AccelError::InitFrom { .. }
+                | AccelError::Resume { .. }
+                | AccelError::Checkpoint(crate::checkpoint::CheckpointError::DiskFull { .. })
                 | AccelError::Args(_)
                 | AccelError::Data(_)
                 | AccelError::Engine(crate::engine::EngineError::Nvme { .. } | crate::engine::EngineError::PinnedBudget { .. })

@@ -33,6 +33,7 @@
 #![warn(missing_docs)]
 
 mod args;
+mod claim;
 mod error;
 
 pub use args::config_from_args;
@@ -47,6 +48,7 @@ use crate::engine::{CommWorker, Engine, EngineConfig, Model, OffloadSettings, St
 use crate::optim::{AdamW, LrSchedule, Optimizer, ParamGroups, Sgd};
 use crate::precision::{LossScalerConfig, Precision};
 use crate::track::{fresh_run_dir, StepMetrics, Tracker};
+use claim::Claim;
 use crate::{CommConfig, CommExt, ReduceOp, WorldInfo};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -127,6 +129,11 @@ pub struct Accelerator {
     /// Extra entries of every checkpoint's `meta.json` `run` record (see [`Accelerator::record`]).
     extra_run: serde_json::Map<String, serde_json::Value>,
     import: Option<ImportReport>,
+    /// Rank 0's locks on the job's directories and what this start added to them.
+    claim: Option<Claim>,
+    /// A step was logged, a checkpoint saved or the run finished: the start succeeded, and a
+    /// failure from now on keeps the run directory.
+    started: std::sync::atomic::AtomicBool,
 }
 
 /// What `prepare` measured of importing `model.init_from` on this rank.
@@ -149,7 +156,10 @@ impl Accelerator {
 
     /// Set up this rank: rank and world from the environment (a single process without one), the batch
     /// arithmetic, the device (`train.device`, GPU `LOCAL_RANK`), the process group, and on rank 0 the
-    /// run directory — refused on every rank if it already holds a run, before anything is trained.
+    /// locks on `track.dir` and `checkpoint.dir` and the run directory — refused on every rank if
+    /// another job holds them or the directory already holds another run, before anything is trained.
+    /// A start that fails before its first step (the `Accelerator` dropped before a step is logged
+    /// or a checkpoint saved) removes what it added to them.
     pub fn new(cfg: &Config, options: Options) -> Result<Self, AccelError> {
         let world = WorldInfo::from_env()?;
         let accumulation = cfg.accumulation_steps(world.world_size)?;
@@ -158,26 +168,35 @@ impl Accelerator {
         let worker = Arc::new(CommWorker::spawn(comm));
         let track_dir = cfg.track.dir.clone().unwrap_or_else(|| fresh_run_dir(Path::new("runs"), &options.run_name));
         let mut tracker = None;
+        let mut claim = None;
         let mut refusal = None;
-        if world.rank == 0 && options.track {
+        if world.rank == 0 {
             let config_json = serde_json::to_value(cfg).map_err(|e| AccelError::RunDirRefused(format!("serialising the config: {e}")))?;
             // A run that resumes from its checkpoint continues its own directory (the same command
             // run again); anything else gets a directory of its own.
-            let continuing = cfg.checkpoint.resume && cfg.checkpoint.dir.is_some();
-            match Tracker::continue_or_create(&track_dir, cfg.track.outputs(), &config_json, continuing) {
-                Ok(t) => tracker = Some(t),
+            match Claim::take(cfg, &track_dir, options.track, cfg.track.outputs(), &config_json) {
+                Ok((c, t)) => (claim, tracker) = (Some(c), t),
                 Err(e) => refusal = Some(e.to_string()),
             }
         }
-        let local = refusal.is_some();
-        let refused = worker.run(move |c| {
-            let mut flag = [if local { 1f32 } else { 0.0 }];
-            c.all_reduce_slice(&mut flag, ReduceOp::Max).map(|()| flag[0] > 0.0)
+        // Every rank learns rank 0's reason (the launcher may report any rank's exit first): its
+        // length, then its bytes, as exact small integers in f32 sums over zeros.
+        let mine = refusal.clone().unwrap_or_default().into_bytes();
+        let reason = worker.run(move |c| -> Result<Option<String>, crate::CommError> {
+            let mut len = [mine.len() as f32];
+            c.all_reduce_slice(&mut len, ReduceOp::Max)?;
+            if len[0] == 0.0 {
+                return Ok(None);
+            }
+            let mut bytes: Vec<f32> = (0..len[0] as usize).map(|i| mine.get(i).map_or(0.0, |&b| f32::from(b))).collect();
+            c.all_reduce_slice(&mut bytes, ReduceOp::Sum)?;
+            Ok(Some(String::from_utf8_lossy(&bytes.iter().map(|&b| b as u8).collect::<Vec<u8>>()).into_owned()))
         })??;
-        if refused {
-            return Err(AccelError::RunDirRefused(refusal.unwrap_or_else(|| "rank 0 could not create the run directory".into())));
+        let acc = Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None, extra_run: serde_json::Map::new(), import: None, claim, started: false.into() };
+        match reason {
+            Some(reason) => Err(AccelError::RunDirRefused(reason)),
+            None => Ok(acc),
         }
-        Ok(Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None, extra_run: serde_json::Map::new(), import: None })
     }
 
     /// The optimizer `train.optimizer` names, with the config's hyper-parameters.
@@ -236,7 +255,10 @@ impl Accelerator {
         }
         if let (Some(dir), true) = (&self.cfg.checkpoint.dir, self.cfg.checkpoint.resume) {
             if let Some(found) = checkpoint::latest(dir)? {
-                let meta = checkpoint::load_into(&mut engine, &found)?;
+                let meta = checkpoint::load_into(&mut engine, &found).map_err(|e| match e {
+                    e @ (checkpoint::CheckpointError::Mismatch { .. } | checkpoint::CheckpointError::Corrupt { .. } | checkpoint::CheckpointError::Checksum { .. }) => AccelError::Resume { source: e },
+                    e => e.into(),
+                })?;
                 self.resumed = Some(Resumed { path: found, meta });
             }
         }
@@ -244,8 +266,13 @@ impl Accelerator {
         // the checkpoint's own row back if the run died before writing it).
         if let Some(t) = self.tracker.as_mut() {
             let step = self.resumed.as_ref().map_or(0, |r| r.meta.step);
-            let row = self.resumed.as_ref().and_then(|r| r.meta.run.get(CHECKPOINT_ROW)).and_then(|v| serde_json::from_value::<StepMetrics>(v.clone()).ok()).filter(|m| m.step == step);
-            t.rewind(step, row)?;
+            let row = self.resumed.as_ref().and_then(|r| r.meta.run.get(CHECKPOINT_ROW)).and_then(|v| match v {
+                // The row's own text (see `record_checkpoint_row`): the line comes back as written.
+                serde_json::Value::String(line) => Some(line.clone()),
+                // Checkpoints of earlier versions hold the row as an object.
+                other => serde_json::to_string(other).ok(),
+            });
+            t.rewind(step, row.as_deref())?;
         }
         Ok(engine)
     }
@@ -274,6 +301,7 @@ impl Accelerator {
 
     /// Append one step's metrics to the run (rank 0; a no-op elsewhere).
     pub fn log(&mut self, metrics: &StepMetrics) -> Result<(), AccelError> {
+        self.started.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(t) = &mut self.tracker {
             t.log(metrics)?;
         }
@@ -301,8 +329,9 @@ impl Accelerator {
     }
 
     /// Finish the run's outputs with `summary` (rank 0 writes `summary.json`).
-    pub fn finish(self, summary: &serde_json::Value) -> Result<(), AccelError> {
-        if let Some(t) = self.tracker {
+    pub fn finish(mut self, summary: &serde_json::Value) -> Result<(), AccelError> {
+        self.started.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.tracker.take() {
             t.finish(summary)?;
         }
         Ok(())
@@ -342,6 +371,15 @@ impl Accelerator {
             .map_err(|e| crate::engine::EngineError::from_candle("a reduced tensor".into(), e).into())
     }
 
+    /// Record `row`, the metrics of the step about to be saved, in every checkpoint from now (under
+    /// [`CHECKPOINT_ROW`], as its JSON line): a run that dies between the save and its row gets the
+    /// row back, byte for byte, when it continues.
+    pub fn record_checkpoint_row(&mut self, row: &StepMetrics) -> Result<(), AccelError> {
+        let line = serde_json::to_string(row).map_err(|source| crate::track::TrackError::Json { path: self.track_dir.join("metrics.jsonl"), source })?;
+        self.record(CHECKPOINT_ROW, serde_json::Value::String(line));
+        Ok(())
+    }
+
     /// Record `value` under `key` in the `run` section of every checkpoint's `meta.json` (what an
     /// export needs later, e.g. the model's resolved `config.json` and its tokenizer).
     pub fn record(&mut self, key: &str, value: serde_json::Value) {
@@ -356,6 +394,7 @@ impl Accelerator {
     /// Save `engine`'s state in `checkpoint.dir` (a collective; crash-safe, see `checkpoint/`). Returns
     /// the checkpoint folder.
     pub fn save_checkpoint(&self, engine: &mut Engine) -> Result<PathBuf, AccelError> {
+        self.started.store(true, std::sync::atomic::Ordering::Relaxed);
         let root = self.cfg.checkpoint.dir.as_deref().ok_or(AccelError::NoCheckpointDir { what: "save_checkpoint" })?;
         let mut run = serde_json::to_value(&self.cfg).unwrap_or_default();
         if let serde_json::Value::Object(m) = &mut run {
@@ -420,5 +459,20 @@ impl Accelerator {
     /// The run's tracker (rank 0 only).
     pub fn tracker(&self) -> Option<&Tracker> {
         self.tracker.as_ref()
+    }
+}
+
+impl Drop for Accelerator {
+    /// A start that failed before its first step leaves nothing behind (see [`Accelerator::new`]);
+    /// otherwise the locks are released.
+    fn drop(&mut self) {
+        if let Some(claim) = self.claim.take() {
+            if *self.started.get_mut() {
+                drop(self.tracker.take());
+                drop(claim);
+            } else {
+                claim.abandon(self.tracker.take());
+            }
+        }
     }
 }

@@ -161,6 +161,24 @@ pub(crate) fn fault_point(phase: SavePhase, step: u64, rank: usize) {
     }
 }
 
+/// The test hook for a full disk: `FERROSPEED_FAULT=enospc@STEP[@RANK]` makes this rank's write of
+/// the checkpoint of STEP fail as a full disk does (ENOSPC).
+#[cfg(feature = "fault-injection")]
+pub(crate) fn injected_enospc(step: u64, rank: usize) -> Option<std::io::Error> {
+    let specs = std::env::var("FERROSPEED_FAULT").ok()?;
+    let hit = specs.split(',').any(|spec| {
+        let mut parts = spec.split('@');
+        parts.next() == Some("enospc") && parts.next().is_none_or(|s| s.parse() == Ok(step)) && parts.next().is_none_or(|r| r.parse() == Ok(rank))
+    });
+    hit.then(|| std::io::Error::from_raw_os_error(libc::ENOSPC))
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub(crate) fn injected_enospc(_step: u64, _rank: usize) -> Option<std::io::Error> {
+    None
+}
+
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub(crate) fn fault_point(_phase: SavePhase, _step: u64, _rank: usize) {}

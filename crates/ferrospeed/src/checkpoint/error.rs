@@ -24,6 +24,12 @@ pub enum CheckpointError {
     Unsupported { path: PathBuf, reason: String },
     #[error("checkpoint format: {0}")]
     Format(String),
+    /// The disk of `checkpoint.dir` cannot hold the checkpoint.
+    #[error(
+        "checkpoint.dir = {dir} has no room for the checkpoint of step {step}: it needs about {needed_mb} MB and {free_mb} MB are free; \
+         free space there, lower checkpoint.keep, or point checkpoint.dir at a larger disk (nothing of it was kept)"
+    )]
+    DiskFull { dir: PathBuf, step: u64, needed_mb: u64, free_mb: u64 },
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
 }

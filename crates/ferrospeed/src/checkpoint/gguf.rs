@@ -51,7 +51,7 @@ impl std::fmt::Debug for GgufWeights {
 pub fn read_content(path: &Path) -> Result<Content, CheckpointError> {
     let mut file = File::open(path).map_err(|e| CheckpointError::io(path, e))?;
     Content::read(&mut file).map_err(|e| {
-        let e = e.to_string();
+        let e = crate::engine::candle_message(&e);
         let hint = if e.contains("dtype") { "; F32, F16, BF16, Q4_0, Q4_1 and Q8_0 can be imported" } else { "" };
         CheckpointError::corrupt(path, &format!("is not a GGUF file this build can read ({e}){hint}"))
     })
@@ -150,11 +150,11 @@ impl GgufWeights {
     pub(crate) fn tensor(&mut self, name: &str) -> Result<&[f32], CheckpointError> {
         if self.cache.as_ref().is_none_or(|(n, _)| n != name) {
             let m = self.tensors.get(name).ok_or_else(|| CheckpointError::Format(format!("no tensor {name}")))?.clone();
-            let q = self.content.tensor(&mut self.file, &m.gguf, &Device::Cpu).map_err(|e| CheckpointError::corrupt(&self.path, &format!("tensor {}: {e}", m.gguf)))?;
+            let q = self.content.tensor(&mut self.file, &m.gguf, &Device::Cpu).map_err(|e| CheckpointError::corrupt(&self.path, &format!("tensor {}: {} (the file is cut short or damaged: fetch it again)", m.gguf, crate::engine::candle_message(&e))))?;
             let values = q
                 .dequantize(&Device::Cpu)
                 .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-                .map_err(|e| CheckpointError::corrupt(&self.path, &format!("tensor {}: {e}", m.gguf)))?;
+                .map_err(|e| CheckpointError::corrupt(&self.path, &format!("tensor {}: {} (the file is cut short or damaged: fetch it again)", m.gguf, crate::engine::candle_message(&e))))?;
             let values = match m.heads {
                 Some(h) => unpermute(&values, &m.shape, h),
                 None => values,

@@ -24,25 +24,62 @@ pub struct SaveRequest<'a> {
 
 /// Save the engine's state under `req.root`; every rank must call this. Returns the checkpoint folder.
 /// State on a GPU or in NVMe files is read block by block, never all of it into host memory.
+/// A save that fails leaves nothing: its temporary folder is removed; a disk too small for it is
+/// [`CheckpointError::DiskFull`], checked before anything is written and when a write finds it full.
 pub fn save(engine: &mut Engine, req: &SaveRequest<'_>) -> Result<PathBuf, CheckpointError> {
     let (rank, world) = (engine.comm().rank(), engine.comm().world_size());
     let step = engine.steps_done();
     let final_dir = req.root.join(step_dir_name(step));
     let tmp = req.root.join(format!(".tmp-{}", step_dir_name(step)));
-    // Rank 0 prepares the temporary folder (a stale one from a crash is only ever garbage).
+    let needed = checkpoint_bytes(engine);
+    let full = |free: u64| CheckpointError::DiskFull { dir: req.root.to_path_buf(), step, needed_mb: needed.div_ceil(1_000_000), free_mb: free / 1_000_000 };
+    // Rank 0 prepares the temporary folder (a stale one from a crash is only ever garbage), once it
+    // knows the disk can hold the checkpoint beside the ones it keeps.
     let prepared = if rank == 0 {
         durable::create_dir_all(req.root)
             .and_then(|()| if tmp.exists() { durable::remove_dir_all(&tmp).map_err(|e| CheckpointError::io(&tmp, e)) } else { Ok(()) })
+            .and_then(|()| match crate::device::disk_free_bytes(req.root) {
+                Ok(free) if free < needed => Err(full(free)),
+                _ => Ok(()),
+            })
             .and_then(|()| durable::create_dir(&tmp))
     } else {
         Ok(())
     };
-    agree(engine, prepared.is_ok())?;
-    prepared?;
+    let saved = agree(engine, prepared.is_ok()).and(prepared).and_then(|()| save_into(engine, req, &tmp, &final_dir, rank, world));
+    match saved {
+        Ok(()) => Ok(final_dir),
+        Err(e) => {
+            // Every rank is past its writes here (each failure is agreed on before anyone returns):
+            // rank 0 removes what the save wrote.
+            if rank == 0 && tmp.exists() {
+                let _ = durable::remove_dir_all(&tmp);
+            }
+            Err(match e {
+                CheckpointError::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => full(crate::device::disk_free_bytes(req.root).unwrap_or(0)),
+                e => e,
+            })
+        }
+    }
+}
 
+/// Bytes of a checkpoint of `engine` over every rank: the master weights and optimizer state of
+/// every parameter (headers and `meta.json` are small beside them; a page each is allowed).
+fn checkpoint_bytes(engine: &Engine) -> u64 {
+    let per_elem = 4 * (1 + state_names(engine).len()) as u64;
+    let world = engine.comm().world_size() as u64;
+    engine.layouts().iter().map(|b| b.flat.numel() as u64 * per_elem).sum::<u64>() + (world + 1) * 64 * 1024
+}
+
+/// The save after the temporary folder exists: every rank's file, then rank 0 publishes.
+fn save_into(engine: &mut Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path, rank: usize, world: usize) -> Result<(), CheckpointError> {
+    let step = engine.steps_done();
     // A failure to read the state (from the device or a file) is this rank's write failing: every
     // rank learns of it below, and nothing is published.
-    let written = write_rank_file(engine, &tmp, rank, world);
+    let written = match durable::injected_enospc(step, rank) {
+        Some(e) => Err(CheckpointError::io(&tmp.join(rank_file_name(rank, world)), e)),
+        None => write_rank_file(engine, tmp, rank, world),
+    };
     let engine = &*engine;
     if written.is_ok() {
         fault_point(SavePhase::ShardsWritten, step, rank);
@@ -65,10 +102,9 @@ pub fn save(engine: &mut Engine, req: &SaveRequest<'_>) -> Result<PathBuf, Check
     if let Some(r) = files.iter().position(|(_, b)| *b == u64::MAX) {
         return Err(CheckpointError::Format(format!("rank {r} could not write its checkpoint file; nothing was published")));
     }
-    let published = if rank == 0 { publish(engine, req, &tmp, &final_dir, &files) } else { Ok(()) };
+    let published = if rank == 0 { publish(engine, req, tmp, final_dir, &files) } else { Ok(()) };
     agree(engine, published.is_ok())?;
-    published?;
-    Ok(final_dir)
+    published
 }
 
 /// This rank's file: each block's shard read and written in turn, so that host memory holds one

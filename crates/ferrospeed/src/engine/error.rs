@@ -10,7 +10,7 @@ pub enum EngineError {
     #[error("model definition: {0}")]
     Model(String),
     /// A candle operation of a block's forward or backward pass failed.
-    #[error("tensor computation in block {block}: {source}")]
+    #[error("tensor computation in block {block}: {}", candle_message(source))]
     Tensor {
         /// The block's name.
         block: String,
@@ -76,6 +76,15 @@ pub enum EngineError {
         /// The names of the tensors the batch holds, comma-separated.
         present: String,
     },
+}
+
+/// A candle error as one line: without the backtrace candle attaches when `RUST_BACKTRACE` is set,
+/// its context and cause joined.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; "),
+    }
 }
 
 impl EngineError {

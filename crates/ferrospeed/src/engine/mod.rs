@@ -38,7 +38,7 @@ use device_stub::{device_overflow, device_shard_sums, DeviceGather, DeviceGrads,
 use crate::comm::nccl::NcclComm as Nccl;
 
 pub use comm_worker::{CommWorker, Pending};
-pub use error::EngineError;
+pub use error::{candle_message, EngineError};
 pub use estimate::{estimate, ActivationProfile, EstimatePlan, MemoryEstimate};
 pub use host_buf::HostBuf;
 pub use memory::MemoryReport;

@@ -10,6 +10,9 @@ pub enum TrackError {
     )]
     RunExists { dir: PathBuf },
 
+    #[error("{key} = {dir} is in use by another job ({holder}): wait for that job to end, or give this one another {key}")]
+    Locked { key: String, dir: PathBuf, holder: String },
+
     #[error("cannot create directory {path}: {source}; check that the parent is writable")]
     CreateDir { path: PathBuf, source: std::io::Error },
 

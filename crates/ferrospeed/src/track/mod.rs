@@ -7,6 +7,7 @@
 //! - `tensorboard.rs`: [`TensorBoardWriter`], a dependency-free TensorBoard event file writer.
 //! - `plot.rs`: [`plot_runs`], `plot.png` of one or several runs from their `metrics.jsonl`.
 //! - `progress.rs`: [`Progress`], a progress bar on a terminal, plain lines otherwise.
+//! - `lock.rs`: [`DirLock`], the job's exclusive lock on `track.dir` and `checkpoint.dir`.
 //!
 //! Invariant: a run directory belongs to one run. A directory that already holds `metrics.jsonl` is
 //! refused before anything is written, so an earlier run's outputs cannot be overwritten or mixed with
@@ -16,6 +17,7 @@
 
 mod csv;
 mod error;
+mod lock;
 mod metrics;
 mod mlflow;
 mod plot;
@@ -28,6 +30,7 @@ mod tracker;
 mod event_reader;
 
 pub use error::TrackError;
+pub use lock::{DirLock, LockHolder, LOCK_FILE};
 pub use metrics::{peak_rss_bytes, reset_peak_rss, rss_bytes, StepMetrics};
 pub use plot::{plot_runs, render_png, RunSeries, PLOT_SIZE};
 pub use progress::Progress;

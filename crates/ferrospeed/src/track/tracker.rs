@@ -141,10 +141,10 @@ impl Tracker {
 
     /// Continue after `step` optimizer steps: rows of later steps (and a torn last line) are dropped
     /// from `metrics.jsonl`, which is replaced atomically, and the TensorBoard file is rebuilt from
-    /// the rows kept. `checkpoint_row`, the row the checkpoint of `step` saved, is added when the
-    /// file lacks it (the run died between the save and the row). Returns how many rows were
-    /// dropped. A fresh run has nothing to drop.
-    pub fn rewind(&mut self, step: u64, checkpoint_row: Option<StepMetrics>) -> Result<usize, TrackError> {
+    /// the rows kept. `checkpoint_row`, the line of the row the checkpoint of `step` saved, is added
+    /// as it is when the file lacks it (the run died between the save and the row); a line of
+    /// another step is ignored. Returns how many rows were dropped. A fresh run has nothing to drop.
+    pub fn rewind(&mut self, step: u64, checkpoint_row: Option<&str>) -> Result<usize, TrackError> {
         if !self.continued {
             return Ok(0);
         }
@@ -153,8 +153,8 @@ impl Tracker {
         let rows: Vec<(&str, Option<StepMetrics>)> = text.lines().map(|l| (l, serde_json::from_str::<StepMetrics>(l).ok())).collect();
         let mut kept: Vec<(String, StepMetrics)> = rows.iter().filter_map(|(l, m)| m.clone().filter(|m| m.step <= step).map(|m| (l.to_string(), m))).collect();
         let dropped = rows.len() - kept.len();
-        if let Some(m) = checkpoint_row.filter(|m| kept.last().is_none_or(|(_, last)| last.step < m.step)) {
-            let line = serde_json::to_string(&m).map_err(|source| TrackError::Json { path: path.clone(), source })?;
+        let row = checkpoint_row.and_then(|l| serde_json::from_str::<StepMetrics>(l).ok().map(|m| (l.to_string(), m)));
+        if let Some((line, m)) = row.filter(|(_, m)| m.step == step && kept.last().is_none_or(|(_, last)| last.step < m.step)) {
             kept.push((line, m));
         }
         let tmp = self.dir.join(format!(".{METRICS_FILE}.rewind"));
@@ -183,6 +183,12 @@ impl Tracker {
             self.tensorboard = Some(tb);
         }
         Ok(dropped)
+    }
+
+    /// Whether the run has ended cleanly: its `summary.json` is there (a continued run's earlier
+    /// summary is removed at its first new row).
+    pub fn finished(&self) -> bool {
+        self.dir.join(SUMMARY_FILE).is_file()
     }
 
     /// The run directory.

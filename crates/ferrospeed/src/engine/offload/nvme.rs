@@ -152,7 +152,7 @@ impl NvmeStore {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
         remove_stale(root, &host);
         let local_ranks: u64 = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-        let free = free_bytes(root).map_err(|e| bad(format!("cannot read its free space: {e}")))?;
+        let free = crate::device::disk_free_bytes(root).map_err(|e| bad(format!("cannot read its free space: {e}")))?;
         if free < bytes.saturating_mul(local_ranks) {
             return Err(bad(format!(
                 "has {:.2} GB free; the offloaded state needs {:.2} GB ({} rank(s) of this node × {:.2} GB): free space, choose another disk, or lower zero.offload_ratio",
@@ -227,17 +227,6 @@ fn remove_stale(root: &Path, host: &str) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
-}
-
-fn free_bytes(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid C string and `s` a valid out-parameter.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(s.f_bavail as u64 * s.f_frsize as u64)
 }
 
 /// Give `file` its `len` bytes as space reserved on the disk that reads as zeros (`fallocate`), so
