@@ -9,7 +9,8 @@ use crate::comm::nccl::{NcclComm, NcclPending};
 use crate::comm::CommError;
 use crate::optim::{adamw_update, cast_into, AdamW};
 use crate::shard::FlatParam;
-use candle_core::cuda::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
+use candle_core::cuda::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, DeviceRepr};
+use std::sync::Arc;
 use candle_core::cuda::cudarc::nccl::NcclType;
 use candle_core::cuda::{CudaDType, CudaDevice};
 use candle_core::op::BackpropOp;
@@ -18,13 +19,36 @@ use half::{bf16, f16};
 use std::ops::Range;
 
 /// A block's compute copy gathered on the device: every rank's window side by side (the whole padded
-/// flat buffer), complete once the compute stream has waited for the NCCL all-gather, if there is one.
+/// flat buffer), complete once the compute stream has waited for what fills it: the NCCL all-gather,
+/// or the upload of a pinned shard on the copy stream, if there is one.
 pub struct DeviceGather {
     full: Tensor,
-    pending: Option<NcclPending>,
+    pending: Option<GatherWait>,
+}
+
+/// What a gathered buffer waits for.
+pub enum GatherWait {
+    /// An NCCL all-gather writing it.
+    Nccl(NcclPending),
+    /// A copy on another stream writing it, complete at `event`; `stream` (the compute stream) waits.
+    Copy { event: CudaEvent, stream: Arc<CudaStream> },
+}
+
+impl GatherWait {
+    fn wait(self) -> std::result::Result<(), CommError> {
+        match self {
+            GatherWait::Nccl(p) => p.wait(),
+            GatherWait::Copy { event, stream } => stream.wait(&event).map_err(|e| CommError::Unsupported { what: "a parameter upload".into(), reason: e.to_string() }),
+        }
+    }
 }
 
 impl DeviceGather {
+    /// `full`, complete once `pending` is.
+    pub fn new(full: Tensor, pending: Option<GatherWait>) -> Self {
+        Self { full, pending }
+    }
+
     /// The gathered buffer; later work on the compute stream sees the collective's result.
     pub fn finish(mut self) -> std::result::Result<Tensor, CommError> {
         if let Some(p) = self.pending.take() {
@@ -42,6 +66,37 @@ impl Drop for DeviceGather {
             let _ = p.wait();
         }
     }
+}
+
+/// Start gathering every rank's compute copy `compute` into the whole block on the device: `compute`
+/// itself when it is the whole block (world 1), else an NCCL all-gather. `None` without NCCL at
+/// world > 1 (the host path gathers).
+pub fn device_gather(dev: &CudaDevice, compute: &Tensor, nccl: Option<&NcclComm>, padded: usize) -> std::result::Result<Option<DeviceGather>, CommError> {
+    if compute.elem_count() == padded {
+        return Ok(Some(DeviceGather { full: compute.clone(), pending: None }));
+    }
+    let Some(nccl) = nccl else { return Ok(None) };
+    fn run<T: CudaDType + DeviceRepr + NcclType>(dev: &CudaDevice, nccl: &NcclComm, compute: &Tensor, padded: usize) -> std::result::Result<DeviceGather, CommError> {
+        let cuda = |e: candle_core::Error| CommError::Unsupported { what: "a device all-gather".into(), reason: e.to_string() };
+        let mut full = unsafe { dev.alloc::<T>(padded) }.map_err(cuda)?;
+        let pending = {
+            let (storage, layout) = compute.storage_and_layout();
+            let Storage::Cuda(cs) = &*storage else { return Err(cuda(candle_core::Error::Msg("the compute copy is not on the GPU".into()))) };
+            if layout.start_offset() != 0 || !layout.is_contiguous() {
+                return Err(cuda(candle_core::Error::Msg("the compute copy is not a whole contiguous buffer".into())));
+            }
+            nccl.all_gather(cs.as_cuda_slice::<T>().map_err(cuda)?, &mut full)?
+        };
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(full, dev.clone()));
+        let full = Tensor::from_storage(storage, padded, BackpropOp::none(), false);
+        Ok(DeviceGather { full, pending: Some(GatherWait::Nccl(pending)) })
+    }
+    let gather = match compute.dtype() {
+        DType::BF16 => run::<bf16>(dev, nccl, compute, padded)?,
+        DType::F16 => run::<f16>(dev, nccl, compute, padded)?,
+        _ => run::<f32>(dev, nccl, compute, padded)?,
+    };
+    Ok(Some(gather))
 }
 
 pub struct DeviceWindow {
@@ -107,31 +162,10 @@ impl DeviceWindow {
     /// when it is the whole block (world 1), else an NCCL all-gather. `None` without a compute copy
     /// (stage 0) or without NCCL at world > 1 (the host path gathers).
     pub fn start_gather(&self, nccl: Option<&NcclComm>, padded: usize) -> std::result::Result<Option<DeviceGather>, CommError> {
-        let Some(compute) = self.compute.as_ref().filter(|_| self.gathers_on_device(nccl.is_some(), padded)) else { return Ok(None) };
-        let Some(nccl) = nccl.filter(|_| compute.elem_count() != padded) else {
-            return Ok(Some(DeviceGather { full: compute.clone(), pending: None }));
-        };
-        fn run<T: CudaDType + DeviceRepr + NcclType>(dev: &CudaDevice, nccl: &NcclComm, compute: &Tensor, padded: usize) -> std::result::Result<DeviceGather, CommError> {
-            let cuda = |e: candle_core::Error| CommError::Unsupported { what: "a device all-gather".into(), reason: e.to_string() };
-            let mut full = unsafe { dev.alloc::<T>(padded) }.map_err(cuda)?;
-            let pending = {
-                let (storage, layout) = compute.storage_and_layout();
-                let Storage::Cuda(cs) = &*storage else { return Err(cuda(candle_core::Error::Msg("the compute copy is not on the GPU".into()))) };
-                if layout.start_offset() != 0 || !layout.is_contiguous() {
-                    return Err(cuda(candle_core::Error::Msg("the compute copy is not a whole contiguous buffer".into())));
-                }
-                nccl.all_gather(cs.as_cuda_slice::<T>().map_err(cuda)?, &mut full)?
-            };
-            let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(full, dev.clone()));
-            let full = Tensor::from_storage(storage, padded, BackpropOp::none(), false);
-            Ok(DeviceGather { full, pending: Some(pending) })
+        match self.compute.as_ref() {
+            Some(compute) => device_gather(&self.dev, compute, nccl, padded),
+            None => Ok(None),
         }
-        let gather = match compute.dtype() {
-            DType::BF16 => run::<bf16>(&self.dev, nccl, compute, padded)?,
-            DType::F16 => run::<f16>(&self.dev, nccl, compute, padded)?,
-            _ => run::<f32>(&self.dev, nccl, compute, padded)?,
-        };
-        Ok(Some(gather))
     }
 
     /// Whether [`Self::start_gather`] gathers on the device (given NCCL or not) for a block of `padded`.

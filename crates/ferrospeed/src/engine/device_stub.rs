@@ -52,6 +52,59 @@ impl DeviceWindow {
     }
 }
 
+/// No device memory without the `cuda` feature: shards stay in host memory.
+pub enum DeviceShard {}
+
+impl DeviceShard {
+    pub fn new(_: &Device, _: &HostBuf) -> Result<Option<Self>> {
+        Ok(None)
+    }
+
+    pub fn set(&mut self, _: &HostBuf) -> Result<()> {
+        match *self {}
+    }
+
+    pub fn to_host(&self) -> Result<HostBuf> {
+        match *self {}
+    }
+
+    pub fn start_gather(&self, _: Option<&Nccl>, _: usize) -> std::result::Result<Option<DeviceGather>, CommError> {
+        match *self {}
+    }
+
+    pub fn bytes(&self) -> usize {
+        match *self {}
+    }
+}
+
+pub enum PinnedShard {}
+
+impl PinnedShard {
+    pub fn set(&mut self, _: &HostBuf) -> Result<()> {
+        match *self {}
+    }
+
+    pub fn start_upload(&self, _: usize) -> Result<DeviceGather> {
+        match *self {}
+    }
+
+    pub fn bytes(&self) -> usize {
+        match *self {}
+    }
+}
+
+pub enum CopyStream {}
+
+impl CopyStream {
+    pub fn new(_: &Device) -> Result<Option<Self>> {
+        Ok(None)
+    }
+
+    pub fn pinned(&self, _: &HostBuf) -> Result<PinnedShard> {
+        match *self {}
+    }
+}
+
 pub enum DeviceGather {}
 
 impl DeviceGather {

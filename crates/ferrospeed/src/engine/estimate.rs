@@ -4,7 +4,8 @@
 //! adds — the model family describes its activations (`ActivationProfile`), this file the rest.
 //!
 //! What each term counts, and why (checked against measured peaks in `bench/results/`):
-//! - parameters: the compute-dtype variables (stages 0–2), or the rank's shard (stage 3, device tier);
+//! - parameters: the compute-dtype variables (stages 0–2), or the rank's shards (stage 3: every
+//!   block's on a GPU unless `zero.offload_params` moves those of offloaded blocks off it);
 //!   stages 1–2 keep a compute copy of a device-tier window besides the variables (the all-gather's
 //!   source);
 //! - gradients: the fp32 accumulators (whole at stages 0–1; at 2–3 the shard, plus the whole
@@ -13,8 +14,8 @@
 //! - activations: all blocks' saved tensors, or with recomputation the boundaries and the larger of
 //!   one block's and the loss's; stage 3 without recomputation keeps every gathered block for the
 //!   backward, with it two (the current one and the prefetch);
-//! - host: the offloaded state, the pinned transfer buffers (two of the largest host-tier window in
-//!   f32 and compute dtype), the NVMe buffers (three of the largest NVMe file) and the compute copies
+//! - host: the offloaded state, the staging buffers (two of the largest host-tier window in f32 and
+//!   compute dtype; pinned on a GPU), the NVMe buffers (three of the largest NVMe file) and the compute copies
 //!   NVMe updates leave for the publish, one gradient window copied down, the initialisation's
 //!   values (as many blocks at once as there are threads), and the process itself.
 
@@ -106,7 +107,11 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     // On a CPU run the device and host tiers are the same memory.
     let device_tier: u64 = on(Tier::Device).sum::<u64>() + if plan.on_gpu { 0 } else { on(Tier::Host).sum() };
 
-    let params = if gathered { device_tier * c } else { sum(&padded) * c } + if plan.on_gpu && (1..=2).contains(&stage) { device_tier * c } else { 0 };
+    // Stage 3 on a GPU keeps every block's shard in device memory unless `zero.offload_params`
+    // puts those of offloaded blocks in host memory or files.
+    let shards_on_device = plan.on_gpu && gathered && plan.strategy.offload_params == crate::shard::Offload::None;
+    let offloaded_windows: u64 = if shards_on_device { on(Tier::Host).sum::<u64>() + on(Tier::Nvme).sum::<u64>() } else { 0 };
+    let params = if gathered { (device_tier + offloaded_windows) * c } else { sum(&padded) * c } + if plan.on_gpu && (1..=2).contains(&stage) { device_tier * c } else { 0 };
     let grads = if stage <= 1 {
         sum(&padded) * 4
     } else {
@@ -125,20 +130,23 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     // NVMe, those of NVMe-tier blocks are in files instead (in the compute dtype).
     let params_on_nvme = plan.strategy.params_on_nvme(Tier::Nvme);
     let nvme_tier: u64 = on(Tier::Nvme).sum();
-    let host_shards = if !gathered { 0 } else if params_on_nvme { host_tier } else { host_tier + nvme_tier };
+    let host_shards = if !gathered || shards_on_device { 0 } else if params_on_nvme { host_tier } else { host_tier + nvme_tier };
     let offloaded_host = host_tier * 4 * (1 + k) + host_shards * c;
     // Files are whole pages of f32.
     let file_bytes = |elems: u64| elems.div_ceil(1024) * 4096;
     let nvme_files: Vec<u64> = on(Tier::Nvme).map(|x| file_bytes(x * (1 + k))).collect();
     let param_files: u64 = if params_on_nvme { on(Tier::Nvme).map(|x| file_bytes((x * c).div_ceil(4))).sum() } else { 0 };
     let nvme = sum(&nvme_files) + param_files;
-    let fast_host = plan.on_gpu && !gathered && (stage == 0 || w == 1);
+    // The host tier's staging buffers (pinned on a GPU, plain host memory on a CPU run).
+    let fast_host = !gathered && (stage == 0 || w == 1);
     let pinned = if fast_host { 2 * windows.iter().zip(&tiers).filter(|(_, &t)| t == Tier::Host).map(|(&x, _)| x).max().unwrap_or(0) * (4 + c) } else { 0 };
     // An NVMe block's compute copy waits in host memory for the publish; off the pinned path, a
     // GPU run copies one block's gradient window down at a time.
     let staged: u64 = on(Tier::Nvme).map(|x| x * c).sum();
     // Blocks off the pinned path: NVMe ones, and host ones where the pinned path does not apply.
     let host_path = |t: Tier| plan.on_gpu && (t == Tier::Nvme || t == Tier::Host && !fast_host);
+    // Each stage-3 shard of an offloaded block goes up to the device once per step from its update.
+    let staged = staged + if shards_on_device { max(&windows) * c } else { 0 };
     let download = windows.iter().zip(&tiers).filter(|(_, &t)| host_path(t)).map(|(&x, _)| x * 4).max().unwrap_or(0);
     // Stages 1–2 publish host-path blocks by host all-gathers, all submitted before any finishes.
     let host_path_padded: u64 = if (1..=2).contains(&stage) { padded.iter().zip(&tiers).filter(|(_, &t)| host_path(t)).map(|(&p, _)| p * c).sum() } else { 0 };

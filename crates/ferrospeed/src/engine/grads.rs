@@ -165,7 +165,7 @@ impl BlockGrads {
 
     /// The reduced gradient this rank holds in host memory: the whole block, or its shard (empty
     /// where the buffers are on a device).
-    fn host_reduced(&self) -> &[f32] {
+    pub(super) fn host_reduced(&self) -> &[f32] {
         match (&self.store, self.reduction) {
             (GradStore::Host { full, .. }, GradReduction::AllReduce) => full.as_deref().unwrap_or(&[]),
             (GradStore::Host { shard, .. }, GradReduction::ReduceScatter) => shard.as_deref().unwrap_or(&[]),

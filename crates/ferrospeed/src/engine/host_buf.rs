@@ -95,6 +95,37 @@ impl HostBuf {
         }
     }
 
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::F32(_) => DType::F32,
+            Self::Bf16(_) => DType::BF16,
+            Self::F16(_) => DType::F16,
+        }
+    }
+
+    /// The elements' bytes (no copy).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::F32(v) => bytemuck::cast_slice(v),
+            Self::Bf16(v) => bytemuck::cast_slice(v),
+            Self::F16(v) => bytemuck::cast_slice(v),
+        }
+    }
+
+    /// Elements of `dtype` from their bytes (any alignment; one copy).
+    pub fn from_bytes(dtype: DType, bytes: &[u8]) -> Self {
+        let mut out = Self::zeros(dtype, bytes.len() / dtype.size_in_bytes().max(1));
+        let dst: &mut [u8] = match &mut out {
+            Self::F32(v) => bytemuck::cast_slice_mut(v),
+            Self::Bf16(v) => bytemuck::cast_slice_mut(v),
+            Self::F16(v) => bytemuck::cast_slice_mut(v),
+        };
+        let n = dst.len();
+        dst.copy_from_slice(&bytes[..n]);
+        out
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         match self {

@@ -18,6 +18,8 @@ pub struct MemoryReport {
     pub offloaded_nvme: usize,
     /// Largest amount of all-gathered (stage 3) parameters alive at once during the last step.
     pub gathered_peak: usize,
+    /// The host tier's staging buffers in host memory (page-locked on a GPU).
+    pub staging: usize,
 }
 
 impl MemoryReport {

@@ -8,6 +8,8 @@ mod comm_worker;
 #[cfg(feature = "cuda")]
 mod device_grads;
 #[cfg(feature = "cuda")]
+mod device_shard;
+#[cfg(feature = "cuda")]
 mod device_state;
 #[cfg(feature = "cuda")]
 mod device_step;
@@ -29,11 +31,13 @@ pub use block::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
 #[cfg(feature = "cuda")]
 use device_grads::DeviceGrads;
 #[cfg(feature = "cuda")]
+use device_shard::{CopyStream, DeviceShard, PinnedShard};
+#[cfg(feature = "cuda")]
 use device_state::{DeviceGather, DeviceWindow};
 #[cfg(feature = "cuda")]
 use device_step::{device_overflow, device_shard_sums};
 #[cfg(not(feature = "cuda"))]
-use device_stub::{device_overflow, device_shard_sums, DeviceGather, DeviceGrads, DeviceWindow, Nccl};
+use device_stub::{device_overflow, device_shard_sums, CopyStream, DeviceGather, DeviceGrads, DeviceShard, DeviceWindow, Nccl, PinnedShard};
 #[cfg(feature = "cuda")]
 use crate::comm::nccl::NcclComm as Nccl;
 

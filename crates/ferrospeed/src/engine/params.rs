@@ -11,12 +11,12 @@ use super::error::EngineError;
 use super::host_buf::HostBuf;
 use super::grads::BlockGrads;
 use super::model::Model;
-use super::offload::{nvme::{NvmeFile, NvmeStore, Pages}, read_now, write_now, Store, UpdatePass};
-use super::{DeviceGather, DeviceWindow, Nccl};
+use super::offload::{nvme::{NvmeFile, NvmeStore, Pages}, read_now, write_now, staging::HostState, Store, UpdatePass};
+use super::{CopyStream, DeviceGather, DeviceShard, DeviceWindow, Nccl, PinnedShard};
 use crate::engine::{Init, ParamSpec};
 use crate::optim::{GroupSettings, Hyper, Optimizer, ParamGroups};
 use crate::rng::Rng;
-use crate::shard::{FlatParam, OptimizerWindow, ParamPlacement, Publish, Strategy, Tier};
+use crate::shard::{FlatParam, Offload as ParamOffload, OptimizerWindow, ParamPlacement, Publish, Strategy, Tier};
 use candle_core::{DType, Device, Var};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -62,8 +62,10 @@ pub struct BlockParams {
     /// The compute copy of the window an NVMe update produced, for `start_publish` (the mirror it
     /// came from is gone by then).
     staged: Option<HostBuf>,
-    /// The last update already wrote the compute copy into the variables (host tier on a GPU).
+    /// The last update already wrote the compute copy into the variables (the host tier's pipeline).
     uploaded: bool,
+    /// The block's update takes the host tier's staging pipeline (`offload/staging.rs`).
+    staged_update: bool,
     /// Compute-dtype shard of this rank (parameters not resident): what is all-gathered before use.
     shard: Option<Arc<HostBuf>>,
     /// With parameters on NVMe: the file holding `shard` instead (its compute-dtype bits packed in
@@ -71,6 +73,10 @@ pub struct BlockParams {
     param_file: Option<NvmeFile>,
     /// Variables over the whole block (parameters resident).
     vars: Option<Vec<Var>>,
+    /// Stage 3 on a GPU, host or NVMe tier: `shard` in device memory (`zero.offload_params = "none"`).
+    dev_shard: Option<DeviceShard>,
+    /// The same in page-locked host memory, uploaded before each use (`"cpu"`, one rank).
+    pinned: Option<PinnedShard>,
 }
 
 /// What every block's set-up shares.
@@ -84,6 +90,8 @@ pub struct BlockSetup<'a> {
     pub optimizer: OptimizerSetup<'a>,
     /// The NVMe folder, when a tier is NVMe.
     pub nvme: Option<&'a NvmeStore>,
+    /// The stream that uploads page-locked parameter shards (`zero.offload_params = "cpu"` on a GPU).
+    pub copies: Option<&'a CopyStream>,
 }
 
 /// What one block's update needs of the step.
@@ -128,7 +136,7 @@ impl BlockParams {
     /// Block `i` from its initial values (`init_values`: every rank computes the same ones), keeping what
     /// the strategy says this rank holds, its optimizer state on `tier`.
     pub fn from_full(model: &Model, i: usize, full: Vec<f32>, setup: &BlockSetup<'_>, tier: Tier) -> Result<Self, EngineError> {
-        let BlockSetup { strategy, rank, world, dtype, device, ref optimizer, nvme } = *setup;
+        let BlockSetup { strategy, rank, world, dtype, device, ref optimizer, nvme, copies } = *setup;
         let name = model.block(i).name();
         let flat = FlatParam::new(model.own_params(i), world);
         if full.len() != flat.padded_numel() {
@@ -160,6 +168,9 @@ impl BlockParams {
             host_fresh: true,
             staged: None,
             uploaded: false,
+            staged_update: false,
+            dev_shard: None,
+            pinned: None,
         };
         match strategy.param_placement() {
             ParamPlacement::Resident => p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?),
@@ -168,9 +179,13 @@ impl BlockParams {
         // The master weights: the initial values themselves where the window is the whole block (no
         // copy), else the window's part of them.
         p.master = if p.window.len() == full.len() { full } else { full[p.window.clone()].to_vec() };
+        // Host-tier blocks whose variables are resident and whose window is the whole block take
+        // the staging pipeline: on a GPU through pinned buffers, on a CPU through host buffers, so
+        // that CPU runs test the same steps (AdamW: the pipeline's update is its fused pass).
+        p.staged_update = tier == Tier::Host && p.vars.is_some() && p.window.len() == p.flat.padded_numel() && optimizer.adamw;
         match tier {
-            // On a CPU run the device is host memory; offloading there changes nothing.
-            Tier::Device | Tier::Host if !device.is_cuda() => {}
+            // On a CPU run the device is host memory: the state stays in the host vectors.
+            Tier::Device if !device.is_cuda() => {}
             Tier::Host => {}
             Tier::Device => {
                 // The update writes the variables themselves unless the window is gathered (stages 1–3).
@@ -197,15 +212,31 @@ impl BlockParams {
                 }
             }
         }
+        // Stage 3 on a GPU: the shard of a block whose state is not in device memory goes to the
+        // device (`zero.offload_params = "none"`: gathered there, uploaded once per step by the
+        // publish), or to page-locked memory uploaded before each use (`"cpu"`, one rank).
+        if let (Some(shard), false) = (p.shard.clone(), matches!(p.store, Store::Device(_))) {
+            match strategy.offload_params {
+                ParamOffload::None => {
+                    if let Some(d) = DeviceShard::new(device, &shard).map_err(EngineError::tensor(p.name.clone()))? {
+                        (p.dev_shard, p.shard) = (Some(d), None);
+                    }
+                }
+                _ => {
+                    if let (Some(copies), true) = (copies, shard.len() == p.flat.padded_numel()) {
+                        (p.pinned, p.shard) = (Some(copies.pinned(&shard).map_err(EngineError::tensor(p.name.clone()))?), None);
+                    }
+                }
+            }
+        }
         p.mark_host_stale();
         Ok(p)
     }
 
-    /// Whether this block's update takes the pinned pipeline of the host tier on a GPU: state on the
-    /// host, variables resident, the window the whole block (`host_cuda.rs`).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    /// Whether this block's update takes the host tier's staging pipeline: state on the host tier,
+    /// variables resident, the window the whole block, AdamW (`offload/staging.rs`).
     pub fn fast_host(&self) -> bool {
-        matches!(self.store, Store::Host) && self.device.is_cuda() && self.vars.is_some() && self.window == (0..self.flat.padded_numel())
+        self.staged_update
     }
 
     /// Elements of the block's NVMe file: master weights and every state buffer over the window.
@@ -222,13 +253,13 @@ impl BlockParams {
         let k = self.state.len();
         let file = match &self.store {
             Store::Device(_) => return self.device_step(grads, up),
-            #[cfg(feature = "cuda")]
             Store::Host if self.fast_host() => {
-                let (Some(device), Some(vars), Some(opt)) = (pass.device.as_mut(), self.vars.as_deref(), up.optimizer.as_adamw()) else {
-                    return Err(EngineError::Unsupported(format!("block {}: the host tier on a GPU needs AdamW and the pinned buffers", self.name)));
+                let (Some(staging), Some(vars), Some(opt)) = (pass.staging.as_mut(), self.vars.as_deref(), up.optimizer.as_adamw()) else {
+                    return Err(EngineError::Unsupported(format!("block {}: the host tier's pipeline needs AdamW and the staging buffers", self.name)));
                 };
                 let [m, v] = self.state.as_mut_slice() else { return Err(EngineError::Unsupported("AdamW has two state buffers".into())) };
-                device.update(i, opt, &self.flat, &window, &mut self.master, m, v, vars, &self.settings, up.factor, up.lr, up.t)?;
+                let state = HostState { flat: &self.flat, window: &window, master: &mut self.master, m, v, vars, settings: &self.settings };
+                staging.update(i, opt, state, up.factor, up.lr, up.t)?;
                 self.uploaded = true;
                 return Ok(());
             }
@@ -318,8 +349,20 @@ impl BlockParams {
 
     /// Start all-gathering this block's shard (stage 3); `finish_gather` turns the result into variables.
     pub fn start_gather(&self, worker: &CommWorker, nccl: Option<&Nccl>) -> Result<Gather, EngineError> {
-        if let Some(g) = self.store.device().map(|d| d.start_gather(nccl, self.flat.padded_numel())).transpose()?.flatten() {
+        let padded = self.flat.padded_numel();
+        if let Some(g) = self.store.device().map(|d| d.start_gather(nccl, padded)).transpose()?.flatten() {
             return Ok(Gather::Device(g));
+        }
+        if let Some(d) = &self.dev_shard {
+            if let Some(g) = d.start_gather(nccl, padded)? {
+                return Ok(Gather::Device(g));
+            }
+            // No NCCL at world > 1: the host path gathers a copy.
+            let shard = Arc::new(d.to_host().map_err(EngineError::tensor(self.name.clone()))?);
+            return Ok(self.host_gather(worker, move || Ok(shard)));
+        }
+        if let Some(p) = &self.pinned {
+            return Ok(Gather::Device(p.start_upload(padded).map_err(EngineError::tensor(self.name.clone()))?));
         }
         match (&self.shard, &self.param_file) {
             (Some(shard), _) => {
@@ -377,9 +420,12 @@ impl BlockParams {
         };
         match publish {
             Publish::KeepShard => {
-                match &self.param_file {
-                    Some(file) => write_shard(file, &updated)?,
-                    None => self.shard = Some(Arc::new(updated)),
+                let name = self.name.clone();
+                match (&self.param_file, &mut self.dev_shard, &mut self.pinned) {
+                    (Some(file), ..) => write_shard(file, &updated)?,
+                    (None, Some(d), _) => d.set(&updated).map_err(EngineError::tensor(name))?,
+                    (None, None, Some(p)) => p.set(&updated).map_err(EngineError::tensor(name))?,
+                    (None, None, None) => self.shard = Some(Arc::new(updated)),
                 }
                 Ok(None)
             }
@@ -505,7 +551,8 @@ impl BlockParams {
     pub fn param_bytes(&self) -> usize {
         let vars: usize = self.vars.iter().flatten().map(|v| v.elem_count() * v.dtype().size_in_bytes()).sum();
         let device_shard = if self.vars.is_none() { self.store.device().map_or(0, DeviceWindow::compute_bytes) } else { 0 };
-        vars + self.shard.as_ref().map_or(device_shard, |s| s.bytes())
+        let placed = self.dev_shard.as_ref().map_or(0, DeviceShard::bytes) + self.pinned.as_ref().map_or(0, PinnedShard::bytes);
+        vars + placed + self.shard.as_ref().map_or(device_shard, |s| s.bytes())
     }
 }
 
@@ -555,6 +602,8 @@ fn init_param(out: &mut [f32], spec: &ParamSpec, rng: &mut Rng) {
 pub struct OptimizerSetup<'a> {
     /// `Optimizer::state_names().len()`.
     pub num_states: usize,
+    /// The optimizer is AdamW (whose fused update the host tier's pipeline runs).
+    pub adamw: bool,
     /// The optimizer's weight decay (for parameters that decay and no group overrides).
     pub weight_decay: f64,
     pub groups: &'a ParamGroups,

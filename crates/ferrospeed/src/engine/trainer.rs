@@ -17,6 +17,7 @@ use super::host_buf::HostBuf;
 use super::memory::MemoryReport;
 use super::model::Model;
 use super::offload::{BlockNeed, Offload, OffloadSettings, UpdatePass};
+use super::CopyStream;
 use super::params::{init_values, BlockParams, BlockSetup, Gather, OptimizerSetup, StepUpdate};
 use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
@@ -185,10 +186,12 @@ impl Engine {
             })
             .collect();
         let tiers = cfg.strategy.optimizer_tiers(&windows);
-        // Host-tier blocks of a GPU run whose window is the whole block and whose variables stay
-        // resident go through pinned buffers straight into their variables (`BlockParams::fast_host`).
+        // Host-tier blocks whose window is the whole block and whose variables stay resident go
+        // through staging buffers straight into their variables (`BlockParams::fast_host`): pinned
+        // on a GPU, plain host buffers on a CPU run.
         let whole_window = |i: usize| windows[i] == FlatParam::new(model.own_params(i), world).padded_numel();
-        let staged = |i: usize| cfg.device.is_cuda() && tiers[i] == Tier::Host && cfg.strategy.param_placement() == ParamPlacement::Resident && whole_window(i);
+        let adamw = cfg.optimizer.as_adamw().is_some();
+        let staged = |i: usize| adamw && tiers[i] == Tier::Host && cfg.strategy.param_placement() == ParamPlacement::Resident && whole_window(i);
         // Stage-3 shards of NVMe-tier blocks in files of their own (`zero.offload_params = "nvme"`).
         let param_file = |i: usize| cfg.strategy.params_on_nvme(tiers[i]);
         let needs: Vec<BlockNeed<'_>> = (0..model.num_blocks())
@@ -201,8 +204,14 @@ impl Engine {
             })
             .collect();
         let offload = Offload::new(&cfg.offload, rank, &needs, &cfg.device, dtype)?;
-        let optimizer = OptimizerSetup { num_states, weight_decay: cfg.optimizer.weight_decay(), groups: &cfg.param_groups };
-        let setup = BlockSetup { strategy: cfg.strategy, rank, world, dtype, device: &cfg.device, optimizer, nvme: offload.nvme.as_ref() };
+        let optimizer = OptimizerSetup { num_states, adamw, weight_decay: cfg.optimizer.weight_decay(), groups: &cfg.param_groups };
+        // Page-locked stage-3 shards (`zero.offload_params = "cpu"` on a GPU) go up on a stream of their own.
+        let copies = if cfg.strategy.param_placement() == ParamPlacement::Gathered && cfg.strategy.offload_params != crate::shard::Offload::None {
+            CopyStream::new(&cfg.device).map_err(EngineError::tensor("the parameter copy stream"))?
+        } else {
+            None
+        };
+        let setup = BlockSetup { strategy: cfg.strategy, rank, world, dtype, device: &cfg.device, optimizer, nvme: offload.nvme.as_ref(), copies: copies.as_ref() };
         let mut params = Vec::with_capacity(model.num_blocks());
         let mut grads = Vec::with_capacity(model.num_blocks());
         // Drawing the initial values is most of the start-up (1.5B normal samples: a minute on one core):
@@ -278,6 +287,7 @@ impl Engine {
             offloaded_host: on(Tier::Host).map(|p| p.state_bytes().1).sum(),
             offloaded_nvme: on(Tier::Nvme).map(|p| p.state_bytes().1).sum(),
             gathered_peak: self.gathered_peak,
+            staging: self.offload.staging_bytes(),
         }
     }
 

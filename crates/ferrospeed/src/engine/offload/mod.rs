@@ -6,6 +6,7 @@
 #[cfg(feature = "cuda")]
 pub mod host_cuda;
 pub mod nvme;
+pub mod staging;
 
 use super::error::EngineError;
 use super::grads::BlockGrads;
@@ -59,15 +60,47 @@ impl Store {
     }
 }
 
+/// The staging buffers of the host tier's pipeline (`staging.rs`), on the link of the run's device.
+pub enum HostStaging {
+    Cpu(staging::Staging<staging::HostLink>),
+    #[cfg(feature = "cuda")]
+    Cuda(staging::Staging<host_cuda::CudaLink>),
+}
+
+/// One update pass's use of the [`HostStaging`].
+pub enum StagingPass<'a> {
+    Cpu(staging::StagingPass<'a, staging::HostLink>),
+    #[cfg(feature = "cuda")]
+    Cuda(staging::StagingPass<'a, host_cuda::CudaLink>),
+}
+
+impl StagingPass<'_> {
+    /// Update block `i` through the pipeline (see [`staging::StagingPass::update`]).
+    pub fn update(&mut self, i: usize, opt: &crate::optim::AdamW, s: staging::HostState<'_>, factor: f32, lr: f64, t: u64) -> Result<(), EngineError> {
+        match self {
+            StagingPass::Cpu(p) => p.update(i, opt, s, factor, lr, t),
+            #[cfg(feature = "cuda")]
+            StagingPass::Cuda(p) => p.update(i, opt, s, factor, lr, t),
+        }
+    }
+
+    fn finish(self) -> Result<Duration, EngineError> {
+        match self {
+            StagingPass::Cpu(p) => p.finish(),
+            #[cfg(feature = "cuda")]
+            StagingPass::Cuda(p) => p.finish(),
+        }
+    }
+}
+
 /// The engine's offload resources: the NVMe folder (when a tier is NVMe), the number of
-/// block-sized NVMe buffers the budget allows, and (CUDA) the pinned buffers of the host tier.
+/// block-sized NVMe buffers the budget allows, and the staging buffers of the host tier.
 pub struct Offload {
     pub nvme: Option<NvmeStore>,
     /// Buffers of `buffer_elems` f32 the update pass may hold at once.
     pub buffers: usize,
     pub buffer_elems: usize,
-    #[cfg(feature = "cuda")]
-    pub host: Option<host_cuda::HostStaging>,
+    pub host: Option<HostStaging>,
 }
 
 /// One block's need of the offload tiers, for [`Offload::new`].
@@ -78,8 +111,8 @@ pub struct BlockNeed<'a> {
     pub file_elems: usize,
     /// Elements of its parameter-shard file (stage-3 parameters on NVMe), 0 for none.
     pub param_file_elems: usize,
-    /// Elements the host tier's pinned transfer buffers must hold for this block (GPU runs whose
-    /// window is the whole block), 0 otherwise.
+    /// Elements the host tier's staging buffers must hold for this block (blocks whose window is
+    /// the whole block), 0 otherwise.
     pub staged_elems: usize,
 }
 
@@ -90,28 +123,21 @@ impl Offload {
     /// buffers on a GPU).
     pub fn new(settings: &OffloadSettings, rank: usize, needs: &[BlockNeed<'_>], device: &candle_core::Device, dtype: candle_core::DType) -> Result<Self, EngineError> {
         let staged = needs.iter().filter(|b| b.staged_elems > 0).max_by_key(|b| b.staged_elems);
-        #[cfg(feature = "cuda")]
         let host = match (staged, device) {
+            #[cfg(feature = "cuda")]
             (Some(b), candle_core::Device::Cuda(dev)) => {
                 let bytes = host_cuda::staging_bytes(b.staged_elems, dtype);
                 if settings.pinned_budget != 0 && settings.pinned_budget < bytes {
                     return Err(EngineError::PinnedBudget { budget_mb: settings.pinned_budget / 1_000_000, block: b.name.to_string(), needed_mb: bytes.div_ceil(1_000_000) });
                 }
-                Some(host_cuda::HostStaging::new(dev, b.staged_elems, dtype)?)
+                Some(HostStaging::Cuda(staging::Staging::new(host_cuda::CudaLink::new(dev, b.staged_elems, dtype)?)))
             }
-            _ => None,
+            (Some(b), _) => Some(HostStaging::Cpu(staging::Staging::new(staging::HostLink::new(b.staged_elems, dtype)))),
+            (None, _) => None,
         };
-        #[cfg(not(feature = "cuda"))]
-        let _ = (staged, device, dtype);
         let nvme_blocks: Vec<&BlockNeed<'_>> = needs.iter().filter(|b| b.tier == Tier::Nvme).collect();
         let Some(largest) = nvme_blocks.iter().max_by_key(|b| b.file_elems) else {
-            return Ok(Self {
-                nvme: None,
-                buffers: 0,
-                buffer_elems: 0,
-                #[cfg(feature = "cuda")]
-                host,
-            });
+            return Ok(Self { nvme: None, buffers: 0, buffer_elems: 0, host });
         };
         let buffer_elems = largest.file_elems.div_ceil(nvme::PAGE_ELEMS) * nvme::PAGE_ELEMS;
         let buffer_bytes = buffer_elems as u64 * 4;
@@ -136,9 +162,18 @@ impl Offload {
             nvme: Some(NvmeStore::create(root, rank, bytes)?),
             buffers,
             buffer_elems,
-            #[cfg(feature = "cuda")]
             host,
         })
+    }
+
+    /// Bytes of the host tier's staging buffers.
+    pub fn staging_bytes(&self) -> usize {
+        match &self.host {
+            Some(HostStaging::Cpu(s)) => s.bytes(),
+            #[cfg(feature = "cuda")]
+            Some(HostStaging::Cuda(s)) => s.bytes(),
+            None => 0,
+        }
     }
 
     /// What the NVMe tier has moved so far (`None` without one).
@@ -148,13 +183,10 @@ impl Offload {
 }
 
 /// One optimizer step's pass over the blocks, in block order: NVMe blocks are read ahead into the
-/// pass's buffers and written behind, at most `Offload::buffers` at a time; on a GPU, host-tier
-/// blocks' gradients come down ahead of their update (`host_cuda.rs`).
+/// pass's buffers and written behind, at most `Offload::buffers` at a time; host-tier blocks'
+/// gradients are staged ahead of their update (`staging.rs`).
 pub struct UpdatePass<'a> {
-    #[cfg(feature = "cuda")]
-    pub device: Option<host_cuda::DevicePass<'a>>,
-    #[cfg(not(feature = "cuda"))]
-    _device: std::marker::PhantomData<&'a ()>,
+    pub staging: Option<StagingPass<'a>>,
     /// NVMe blocks in update order, and their files.
     queue: Vec<(usize, Arc<NvmeFile>)>,
     /// Next entry of `queue` to start reading.
@@ -189,11 +221,13 @@ impl<'a> UpdatePass<'a> {
     /// A pass over the blocks whose stores are `stores` (in block order); starts the first reads.
     pub fn new<'s>(offload: &'a mut Offload, stores: impl Iterator<Item = &'s Store>) -> Self {
         let queue = stores.enumerate().filter_map(|(i, s)| if let Store::Nvme(f) = s { Some((i, f.clone())) } else { None }).collect();
-        let mut pass = Self {
+        let staging = offload.host.as_mut().map(|h| match h {
+            HostStaging::Cpu(s) => StagingPass::Cpu(staging::StagingPass::new(s)),
             #[cfg(feature = "cuda")]
-            device: offload.host.as_mut().map(host_cuda::DevicePass::new),
-            #[cfg(not(feature = "cuda"))]
-            _device: std::marker::PhantomData,
+            HostStaging::Cuda(s) => StagingPass::Cuda(staging::StagingPass::new(s)),
+        });
+        let mut pass = Self {
+            staging,
             queue,
             next_read: 0,
             reads: VecDeque::new(),
@@ -208,15 +242,14 @@ impl<'a> UpdatePass<'a> {
         pass
     }
 
-    /// Before the next block's update: queue the downloads of the coming host-tier gradients (GPU).
+    /// Before the next block's update: queue the downloads of the coming host-tier gradients.
     pub fn before_block(&mut self, params: &[BlockParams], grads: &[BlockGrads]) -> Result<(), EngineError> {
-        #[cfg(feature = "cuda")]
-        if let Some(d) = &mut self.device {
-            d.download_ahead(params.len(), |j| if params[j].fast_host() { grads[j].device_reduced() } else { None })?;
+        match &mut self.staging {
+            Some(StagingPass::Cpu(d)) => d.download_ahead(params.len(), |j| params[j].fast_host().then(|| grads[j].host_reduced())),
+            #[cfg(feature = "cuda")]
+            Some(StagingPass::Cuda(d)) => d.download_ahead(params.len(), |j| if params[j].fast_host() { grads[j].device_reduced() } else { None }),
+            None => Ok(()),
         }
-        #[cfg(not(feature = "cuda"))]
-        let _ = (params, grads);
-        Ok(())
     }
 
     /// A buffer without waiting, if the budget has one.
@@ -278,8 +311,7 @@ impl<'a> UpdatePass<'a> {
     /// Wait for every write: the files hold the step's state when this returns. What the pass
     /// waited for, in all.
     pub fn finish(mut self) -> Result<PassWaits, EngineError> {
-        #[cfg(feature = "cuda")]
-        if let Some(d) = self.device.take() {
+        if let Some(d) = self.staging.take() {
             self.waits.transfer += d.finish()?;
         }
         for (_, r) in std::mem::take(&mut self.reads) {
