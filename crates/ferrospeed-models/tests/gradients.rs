@@ -4,9 +4,12 @@
 //! blocks' hand-written backward. Llama runs with and without grouped K/V heads, tied and untied,
 //! with q/k/v biases and with Llama 3's rope scaling.
 
-use candle_core::{DType, Device, Tensor, Var};
-use ferrospeed::engine::{blockwise, Batch, Init, Model, Upstream};
+mod support;
+
+use candle_core::{Device, Tensor, Var};
+use ferrospeed::engine::{Batch, Model, Upstream};
 use ferrospeed::rng::Rng;
+use support::fd::{analytic, loss, random_params, slots};
 use ferrospeed_models::ops::rope::Llama3Scaling;
 use ferrospeed_models::{Gpt, GptConfig, Llama, LlamaConfig};
 
@@ -27,80 +30,10 @@ fn models() -> Vec<(String, Model, usize)> {
     out
 }
 
-/// Random f64 values for every parameter each block owns (not the GPT init: larger, so every path matters).
-fn random_params(model: &Model) -> Vec<Vec<Vec<f64>>> {
-    let mut rng = Rng::new(42);
-    (0..model.num_blocks())
-        .map(|i| {
-            model
-                .own_params(i)
-                .iter()
-                .map(|s| {
-                    let base = if s.init == Init::Ones { 1.0 } else { 0.0 };
-                    (0..s.numel()).map(|_| base + 0.3 * rng.normal()).collect()
-                })
-                .collect()
-        })
-        .collect()
-}
-
 fn batch() -> Batch {
     let tokens = Tensor::new(&[[1u32, 4, 9, 2, 7], [3, 3, 10, 0, 5]], &Device::Cpu).unwrap();
     let targets = Tensor::new(&[[4u32, 9, 2, 7, 1], [3, 10, 0, 5, 6]], &Device::Cpu).unwrap();
     Batch::tokens(tokens, targets)
-}
-
-/// Slot tensors of every block from the owned values (as variables when `vars` is given).
-fn slots(model: &Model, owned: &[Vec<Vec<f64>>], vars: Option<&[Vec<Var>]>) -> Vec<Vec<Tensor>> {
-    (0..model.num_blocks())
-        .map(|i| {
-            model
-                .slots(i)
-                .iter()
-                .map(|src| match vars {
-                    Some(v) => v[src.block][src.index].as_tensor().clone(),
-                    None => {
-                        let spec = &model.own_params(src.block)[src.index];
-                        Tensor::from_slice(&owned[src.block][src.index], spec.shape.as_slice(), &Device::Cpu).unwrap()
-                    }
-                })
-                .collect()
-        })
-        .collect()
-}
-
-fn loss(model: &Model, owned: &[Vec<Vec<f64>>], batch: &Batch) -> f64 {
-    let params = slots(model, owned, None);
-    let tape = blockwise::forward(model, &mut &params[..], batch, true).unwrap();
-    tape.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
-}
-
-/// Analytic gradients of every owned parameter through the block-wise backward.
-fn analytic(model: &Model, owned: &[Vec<Vec<f64>>], batch: &Batch, checkpointing: bool) -> Vec<Vec<Vec<f64>>> {
-    let vars: Vec<Vec<Var>> = (0..model.num_blocks())
-        .map(|i| {
-            model
-                .own_params(i)
-                .iter()
-                .zip(&owned[i])
-                .map(|(s, v)| Var::from_slice(v, s.shape.as_slice(), &Device::Cpu).unwrap())
-                .collect()
-        })
-        .collect();
-    let params = slots(model, owned, Some(&vars));
-    let mut grads: Vec<Vec<Vec<f64>>> = owned.iter().map(|b| b.iter().map(|p| vec![0.0; p.len()]).collect()).collect();
-    let tape = blockwise::forward(model, &mut &params[..], batch, checkpointing).unwrap();
-    blockwise::backward(model, &mut &params[..], batch, tape, 1.0, |i, slot_grads| {
-        for (src, g) in model.slots(i).iter().zip(slot_grads) {
-            if let Some(g) = g {
-                let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
-                grads[src.block][src.index].iter_mut().zip(g).for_each(|(a, b)| *a += b);
-            }
-        }
-        Ok(())
-    })
-    .unwrap();
-    grads
 }
 
 #[test]

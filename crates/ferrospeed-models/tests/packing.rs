@@ -1,10 +1,16 @@
 //! Loss masks and packing, through the blocks' forward and hand-written backward (what training runs)
 //! and their autograd forward: masked targets contribute exactly nothing; a packed row of documents gives
 //! each document the loss it has alone (positions restart, no attention across a boundary); prepared
-//! data gives those rows.
+//! data gives those rows. In f64 on tiny models, the gradients of packed rows — of every parameter, and
+//! of every layer's input — match central finite differences along both paths, and equal the gradients
+//! of the documents run alone, weighted as the loss mask weighs them.
+
+mod support;
 
 use candle_core::{DType, Device, Tensor, Var};
 use ferrospeed::engine::{Batch, Model, Upstream};
+use ferrospeed::rng::Rng;
+use support::fd::{analytic, autograd, central, composed_loss, loss, random_params, slots, Owned};
 use ferrospeed_models::ops::docs::{LOSS_MASK, POSITIONS};
 use ferrospeed_models::{Gpt, GptConfig, Llama, LlamaConfig};
 
@@ -159,4 +165,176 @@ fn prepared_packed_windows_carry_positions_and_cross_document_masks() {
     // Window 1 starts inside the second document: its positions start at 0 there.
     let (_, _, _, pos) = w.row(1);
     assert_eq!(pos.unwrap(), vec![0, 1, 0, 1, 2, 3, 4, 5]);
+}
+
+// Finite differences of packed rows, in f64, on the shapes of `gradients.rs` with rows of 12 tokens.
+//
+// Tolerance, as in `gradients.rs`: |analytic − fd| ≤ 1e-7 + 1e-5·|fd| with steps of 1e-5. The central
+// difference is off by eps²/6 times the third derivative (about 1e-11 here) plus rounding of about
+// 1e-16·|loss|/eps (about 1e-11), so the bound leaves four orders of magnitude for the arithmetic.
+// Autograd through candle's GELU is allowed 1e-5 of the tensor's largest gradient more: candle's GELU
+// derivative is written with six-digit constants (0.797885 for √(2/π), …: 7e-7 relative), and a
+// gradient summed from such terms can cancel down to an element far smaller than they are (seen:
+// 6.7e-7 off at an element of 3.4e-2). A backward that ignores the document structure is off by far
+// more (the commit that added these tests names the mutations it ran and what they printed).
+
+const T: usize = 12;
+
+fn f64_models() -> Vec<(&'static str, Model, usize)> {
+    vec![
+        ("llama", Llama::new(LlamaConfig::tiny(2, 8, 4, 2, 11, T)).model().unwrap(), 8),
+        ("gpt", Gpt::new(GptConfig { n_layer: 2, n_head: 2, d_model: 8, seq_len: T, vocab_size: 11 }).model().unwrap(), 8),
+    ]
+}
+
+/// Two packed rows of `T` tokens — documents of 4, 5 and 3 tokens, then of 7 and 5 — with their
+/// positions and loss mask (a document's last token, whose target begins the next document, does not
+/// count; nor does the first target of the second document, a prompt), and each document alone with
+/// the number of its targets that count.
+fn packed_documents() -> (Batch, Vec<(Batch, f64)>) {
+    let rows = [vec![4usize, 5, 3], vec![7, 5]];
+    let (mut tokens, mut targets, mut positions, mut mask, mut alone) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut k = 0;
+    for lens in &rows {
+        let docs: Vec<Vec<u32>> = lens.iter().enumerate().map(|(d, &n)| (0..n as u32).map(|j| (j * 5 + (k + d) as u32 * 3 + 1) % 11).collect()).collect();
+        for (d, doc) in docs.iter().enumerate() {
+            let n = doc.len();
+            let next_first = docs.get(d + 1).map_or(0, |next| next[0]);
+            let counts: Vec<f32> = (0..n).map(|j| if j + 1 == n || (k + d == 1 && j == 0) { 0.0 } else { 1.0 }).collect();
+            tokens.extend_from_slice(doc);
+            targets.extend(doc[1..].iter().copied().chain([next_first]));
+            positions.extend(0..n as u32);
+            mask.extend_from_slice(&counts);
+            let one = |v: &[u32]| Tensor::from_slice(v, (1, n - 1), &Device::Cpu).unwrap();
+            let batch = Batch::tokens(one(&doc[..n - 1]), one(&doc[1..])).with(LOSS_MASK, Tensor::from_slice(&counts[..n - 1], (1, n - 1), &Device::Cpu).unwrap());
+            alone.push((batch, counts.iter().sum::<f32>() as f64));
+        }
+        k += docs.len();
+    }
+    let two = |v: Vec<u32>| Tensor::from_vec(v, (2, T), &Device::Cpu).unwrap();
+    let packed = Batch::tokens(two(tokens), two(targets)).with(POSITIONS, two(positions)).with(LOSS_MASK, Tensor::from_vec(mask, (2, T), &Device::Cpu).unwrap());
+    (packed, alone)
+}
+
+/// Whether `an` is `fd` within the tolerance above; `largest` is the largest gradient of its tensor,
+/// given for autograd's.
+fn close(an: f64, fd: f64, largest: Option<f64>) -> bool {
+    (fd - an).abs() <= 1e-7 + 1e-5 * fd.abs() + largest.map_or(0.0, |m| 1e-5 * m)
+}
+
+fn largest(v: &[f64]) -> f64 {
+    v.iter().fold(0.0, |m, x| m.max(x.abs()))
+}
+
+/// Which elements of a parameter of `n` to check: all of the embedding-sized ones, 16 spread over
+/// the larger ones.
+fn picks(n: usize) -> Vec<usize> {
+    if n <= 100 { (0..n).collect() } else { (0..16).map(|k| (k * 7919 + 3) % n).collect() }
+}
+
+#[test]
+fn packed_parameter_gradients_match_finite_differences_on_both_paths() {
+    let (packed, _) = packed_documents();
+    for (family, model, _) in f64_models() {
+        let owned = random_params(&model);
+        let (lf, lc) = (loss(&model, &owned, &packed), composed_loss(&model, &owned, &packed));
+        assert!((lf - lc).abs() <= 1e-12 * lf.abs(), "{family}: the composed forward's loss {lc} differs from the blocks' {lf}");
+        type LossFn = fn(&Model, &Owned, &Batch) -> f64;
+        let paths: [(&str, Owned, LossFn); 2] = [("hand-written", analytic(&model, &owned, &packed, true), loss), ("autograd", autograd(&model, &owned, &packed), composed_loss)];
+        for (path, grads, loss_of) in paths {
+            let mut checked = 0;
+            for b in 0..model.num_blocks() {
+                for (p, spec) in model.own_params(b).iter().enumerate() {
+                    let at = |v: &[f64]| {
+                        let mut o = owned.clone();
+                        o[b][p] = v.to_vec();
+                        loss_of(&model, &o, &packed)
+                    };
+                    for e in picks(spec.numel()) {
+                        let fd = central(at, &owned[b][p], e, 1e-5);
+                        let an = grads[b][p][e];
+                        assert!(close(an, fd, (path == "autograd").then(|| largest(&grads[b][p]))), "{family} {path}: block {} {}[{e}]: analytic {an:e} vs finite difference {fd:e}", model.block(b).name(), spec.name);
+                        checked += 1;
+                    }
+                }
+            }
+            assert!(checked > 300, "{family} {path}: checked {checked} elements");
+        }
+    }
+}
+
+#[test]
+fn packed_input_gradients_of_every_layer_match_finite_differences_on_both_paths() {
+    // For each layer d(sum(y · r))/dx, for the head d(loss)/dx, at every element of x, on the packed
+    // rows: the hand-written backward against differences of the blocks' forward, autograd of the
+    // composed forward against differences of the composed forward.
+    let (packed, _) = packed_documents();
+    for (family, model, d) in f64_models() {
+        let owned = random_params(&model);
+        let params = slots(&model, &owned, None);
+        let shape = (2, T, d);
+        let mut rng = Rng::new(9);
+        let x0: Vec<f64> = (0..2 * T * d).map(|_| rng.normal()).collect();
+        for b in 1..model.num_blocks() {
+            let block = model.block(b);
+            let head = b + 1 == model.num_blocks();
+            let r = Tensor::from_vec((0..x0.len()).map(|_| rng.normal()).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap();
+            let objective = |y: &Tensor| -> f64 {
+                let y = if head { y.clone() } else { (y * &r).unwrap() };
+                y.sum_all().unwrap().to_scalar::<f64>().unwrap()
+            };
+            let input = |x: &[f64]| Tensor::from_slice(x, shape, &Device::Cpu).unwrap();
+            let blocks_forward = |x: &[f64]| objective(&block.forward(&params[b], &[input(x)], &packed).unwrap()[0]);
+            let composed_forward = |x: &[f64]| objective(&block.forward(&params[b], &[Var::from_tensor(&input(x)).unwrap().as_tensor().clone()], &packed).unwrap()[0]);
+
+            let (_, saved) = block.forward_saving(&params[b], &[input(&x0)], &packed).unwrap().unwrap();
+            let r_grads = [Some(r.clone())];
+            let upstream = if head { Upstream::Loss(1.0) } else { Upstream::Grads(&r_grads) };
+            let (_, dx) = block.backward(&params[b], saved, upstream).unwrap();
+            let hand: Vec<f64> = dx.into_iter().next().flatten().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+
+            let xv = Var::from_tensor(&input(&x0)).unwrap();
+            let y = block.forward(&params[b], &[xv.as_tensor().clone()], &packed).unwrap().remove(0);
+            let out = if head { y } else { (y * &r).unwrap().sum_all().unwrap() };
+            let auto: Vec<f64> = out.backward().unwrap().get(xv.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+
+            for e in 0..x0.len() {
+                let fd = central(blocks_forward, &x0, e, 1e-5);
+                assert!(close(hand[e], fd, None), "{family} block {} x[{e}]: hand-written {:e} vs finite difference {fd:e}", block.name(), hand[e]);
+                let fd = central(composed_forward, &x0, e, 1e-5);
+                assert!(close(auto[e], fd, Some(largest(&auto))), "{family} block {} x[{e}]: autograd {:e} vs finite difference {fd:e}", block.name(), auto[e]);
+            }
+        }
+    }
+}
+
+#[test]
+fn packed_gradients_are_the_documents_gradients_weighted_by_the_mask() {
+    // The packed loss is the mean over the N counted targets of both rows, so its gradient is
+    // Σ_d (n_d / N) · (gradient of document d alone, the mean over its own n_d targets).
+    let (packed, alone) = packed_documents();
+    let total: f64 = alone.iter().map(|a| a.1).sum();
+    for (family, model, _) in f64_models() {
+        let owned = random_params(&model);
+        type GradFn = fn(&Model, &Owned, &Batch) -> Owned;
+        let paths: [(&str, GradFn); 2] = [("hand-written", |m, o, b| analytic(m, o, b, true)), ("autograd", autograd)];
+        for (path, grads_of) in paths {
+            let got = grads_of(&model, &owned, &packed);
+            let mut want: Owned = owned.iter().map(|b| b.iter().map(|p| vec![0.0; p.len()]).collect()).collect();
+            for (batch, n) in &alone {
+                let g = grads_of(&model, &owned, batch);
+                for (w, g) in want.iter_mut().flatten().zip(g.iter().flatten()) {
+                    w.iter_mut().zip(g).for_each(|(a, b)| *a += n / total * b);
+                }
+            }
+            for b in 0..model.num_blocks() {
+                for (p, spec) in model.own_params(b).iter().enumerate() {
+                    let scale = want[b][p].iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+                    for (e, (g, w)) in got[b][p].iter().zip(&want[b][p]).enumerate() {
+                        assert!((g - w).abs() <= 1e-10 * scale, "{family} {path}: block {} {}[{e}]: packed {g:e} vs documents alone {w:e}", model.block(b).name(), spec.name);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -3,6 +3,8 @@
 //! probe that follows the skip protocol the GPU scripts count.
 #![allow(dead_code)]
 
+pub mod fd;
+
 use candle_core::{Device, Tensor};
 use ferrospeed::config::ZeroStage;
 use ferrospeed::engine::{Batch, EngineConfig};
