@@ -33,20 +33,44 @@ pub struct GenerateArgs {
     /// A system message (with --chat)
     #[arg(long)]
     pub system: Option<String>,
-    /// New tokens at most (generation stops at EOS)
-    #[arg(long, default_value_t = 128)]
+    /// New tokens at most, 1 or more (generation stops at EOS)
+    #[arg(long, default_value_t = 128, value_parser = max_tokens, allow_negative_numbers = true)]
     pub max_tokens: usize,
-    /// 0 is greedy
-    #[arg(long, default_value_t = 0.0)]
+    /// A finite number ≥ 0; 0 is greedy
+    #[arg(long, default_value_t = 0.0, value_parser = temperature, allow_negative_numbers = true)]
     pub temperature: f64,
-    /// Nucleus sampling: keep the most likely tokens up to this probability
-    #[arg(long, default_value_t = 0.9)]
+    /// Nucleus sampling: keep the most likely tokens up to this probability (above 0, at most 1)
+    #[arg(long, default_value_t = 0.9, value_parser = top_p, allow_negative_numbers = true)]
     pub top_p: f64,
-    #[arg(long, default_value_t = 0)]
+    /// A whole number from 0 to 2^64 − 1
+    #[arg(long, default_value_t = 0, value_parser = seed, allow_negative_numbers = true)]
     pub seed: u64,
     /// auto (a GPU when there is one), cpu or cuda
     #[arg(long, default_value = "auto")]
     pub device: String,
+}
+
+fn max_tokens(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("it must be a whole number of tokens, 1 or more".into()),
+    }
+}
+
+fn seed(s: &str) -> Result<u64, String> {
+    s.parse::<u64>().map_err(|_| format!("it must be a whole number from 0 to {}", u64::MAX))
+}
+
+fn number(s: &str) -> Result<f64, String> {
+    s.parse::<f64>().map_err(|_| "it must be a number".to_string())
+}
+
+fn temperature(s: &str) -> Result<f64, String> {
+    Sampler::check_temperature(number(s)?).map_err(|e| e.to_string())
+}
+
+fn top_p(s: &str) -> Result<f64, String> {
+    Sampler::check_top_p(number(s)?).map_err(|e| e.to_string())
 }
 
 /// Positions the rotary tables of a model without a limit of its own cover.
@@ -130,7 +154,7 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     if prompt.len() + args.max_tokens > model.max_len() {
         eprintln!("note: generation stops at the model's {} positions, before --max-tokens {}", model.max_len(), args.max_tokens);
     }
-    let mut sampler = Sampler { temperature: args.temperature, top_p: args.top_p, rng: Rng::derive(args.seed, "generate") };
+    let mut sampler = Sampler::new(args.temperature, args.top_p, Rng::derive(args.seed, "generate")).map_err(|e| usage_error(e.to_string()))?;
     let t1 = Instant::now();
     let (out, prefill) = model.generate(&prompt, args.max_tokens, tok.eos_id(), &mut sampler)?;
     let secs = t1.elapsed().as_secs_f64();

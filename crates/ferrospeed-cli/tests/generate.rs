@@ -1,6 +1,7 @@
 //! `ferrospeed generate` end to end: from a checkpoint of each family (exported on the fly), greedy
-//! output repeats and top-p output depends on the seed; bad requests are one line; SmolLM2 from its GGUF
-//! file answers a question (when `scripts/fetch-smollm2.sh` has fetched it).
+//! output repeats and top-p output depends on the seed; bad requests (sampling settings among them)
+//! are one line; SmolLM2 from its GGUF file answers a question (when `scripts/fetch-smollm2.sh` has
+//! fetched it).
 
 mod support;
 
@@ -50,6 +51,35 @@ fn generate_from_checkpoints_of_both_families() {
     let f = generate(&["--model", dir.path().to_str().unwrap(), "--prompt", "hi"]);
     assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
     assert!(f.stderr.trim().lines().count() == 1 && f.stderr.contains("not a model directory, GGUF file or checkpoint"), "{}", f.stderr);
+}
+
+#[test]
+fn bad_sampling_settings_are_one_line_naming_the_flag_and_the_value() {
+    // Checked while the arguments are read: no model is opened (this one does not exist).
+    let cases: [(&[&str], &str, &str); 12] = [
+        (&["--temperature=-1"], "--temperature", "'-1'"),
+        (&["--temperature", "-1"], "--temperature", "'-1'"),
+        (&["--temperature", "nan"], "--temperature", "'nan'"),
+        (&["--temperature", "inf"], "--temperature", "'inf'"),
+        (&["--temperature", "warm"], "--temperature", "'warm'"),
+        (&["--top-p", "2"], "--top-p", "'2'"),
+        (&["--top-p", "-0.5"], "--top-p", "'-0.5'"),
+        (&["--top-p", "0"], "--top-p", "'0'"),
+        (&["--top-p", "NaN"], "--top-p", "'NaN'"),
+        (&["--max-tokens", "0"], "--max-tokens", "'0'"),
+        (&["--max-tokens", "-3"], "--max-tokens", "'-3'"),
+        (&["--seed", "-1"], "--seed", "'-1'"),
+    ];
+    for (args, flag, value) in cases {
+        let f = generate(&[&["--model", "/nonexistent/model", "--prompt", "hi"], args].concat());
+        assert_eq!(f.status.code(), Some(2), "{args:?}: {}", f.stderr);
+        assert_eq!(f.stderr.trim().lines().count(), 1, "{args:?}: one line please: {}", f.stderr);
+        assert!(f.stderr.contains(flag) && f.stderr.contains(value) && f.stderr.contains("must be"), "{args:?}: {}", f.stderr);
+    }
+    let f = generate(&["--model", "/nonexistent/model", "--prompt", "hi", "--temperature", "nan"]);
+    assert!(f.stderr.contains("a finite number ≥ 0 (0 is greedy)"), "{}", f.stderr);
+    let f = generate(&["--model", "/nonexistent/model", "--prompt", "hi", "--top-p", "2"]);
+    assert!(f.stderr.contains("above 0 and at most 1"), "{}", f.stderr);
 }
 
 #[test]
