@@ -158,7 +158,9 @@ pub fn run(args: GenerateArgs) -> Result<ExitCode> {
     let t1 = Instant::now();
     let (out, prefill) = model.generate(&prompt, args.max_tokens, tok.eos_id(), &mut sampler)?;
     let secs = t1.elapsed().as_secs_f64();
-    println!("{}", tok.decode(&out)?);
+    // The EOS that ended the text is not part of it.
+    let text_ids = if out.last().is_some_and(|&t| Some(t) == tok.eos_id()) { &out[..out.len() - 1] } else { &out[..] };
+    println!("{}", tok.decode(text_ids)?);
     let decode = (secs - prefill).max(1e-9);
     eprintln!(
         "generate: {} prompt tokens in {:.3} s, {} new tokens in {:.2} s ({:.1} tokens/s) on {:?}; weights loaded in {:.1} s",

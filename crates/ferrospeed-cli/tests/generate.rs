@@ -1,6 +1,7 @@
 //! `ferrospeed generate` end to end: from a checkpoint of each family (exported on the fly), greedy
-//! output repeats and top-p output depends on the seed; bad requests (sampling settings among them)
-//! are one line; SmolLM2 from its GGUF file answers a question (when `scripts/fetch-smollm2.sh` has
+//! output repeats and top-p output depends on the seed; a model trained until it knows its corpus by
+//! heart continues it, as many tokens as asked or up to its EOS; bad requests are one line; SmolLM2
+//! from its GGUF file answers a question as transformers does (when `scripts/fetch-smollm2.sh` has
 //! fetched it).
 
 mod support;
@@ -53,6 +54,41 @@ fn generate_from_checkpoints_of_both_families() {
     assert!(f.stderr.trim().lines().count() == 1 && f.stderr.contains("not a model directory, GGUF file or checkpoint"), "{}", f.stderr);
 }
 
+/// The number of new tokens `generate` reports on stderr.
+fn new_tokens(f: &Finished) -> usize {
+    let (_, after) = f.stderr.split_once(" prompt tokens in ").unwrap_or_else(|| panic!("{}", f.stderr));
+    let (_, after) = after.split_once(" s, ").unwrap();
+    after.split_once(" new tokens").unwrap().0.parse().unwrap()
+}
+
+#[test]
+fn a_model_that_knows_its_corpus_continues_it_and_stops_at_eos() {
+    // Documents of the alphabet, each ending in the bytes tokenizer's EOS (0): a small GPT learns
+    // them by heart, so the greedy continuation of "abc" is known letter for letter.
+    let dir = tempfile::tempdir().unwrap();
+    let docs: String = (0..64).map(|_| "{\"text\": \"abcdefghijklmnopqrstuvwxyz\"}\n").collect();
+    std::fs::write(dir.path().join("alphabet.jsonl"), docs).unwrap();
+    let data = dir.path().join("data");
+    let f = run(ferrospeed().args(["data", "prepare"]).arg(dir.path().join("alphabet.jsonl")).args(["--tokenizer", "bytes", "--out"]).arg(&data), Duration::from_secs(60));
+    assert!(f.status.success(), "{}", f.stderr);
+    let config = write_config(dir.path(), "kind = \"gpt\"\nn_layer = 1\nn_head = 2\nd_model = 32\nseq_len = 32\nvocab = \"bytes\"", "steps = 150\nwarmup = 5\nglobal_batch = 8\nmicro_batch = 8\nlr = 1e-2");
+    let ck = dir.path().join("ck");
+    let losses = train(1, &config, &dir.path().join("track"), &[format!("data.path={}", data.display()), format!("checkpoint.dir={}", ck.display())]);
+    assert!(losses.last().unwrap().1 < 0.05, "the model has not learnt the alphabet: {losses:?}");
+    let ck = ck.to_str().unwrap();
+    // As many tokens as asked, when no EOS comes first.
+    let f = generate(&["--model", ck, "--prompt", "abc", "--max-tokens", "5"]);
+    assert_eq!(ok(&f), "defgh\n");
+    assert_eq!(new_tokens(&f), 5, "{}", f.stderr);
+    // Up to the EOS after "z" (23 letters and the EOS, fewer than the 30 asked), which is not printed.
+    let f = generate(&["--model", ck, "--prompt", "abc", "--max-tokens", "30"]);
+    assert_eq!(ok(&f), "defghijklmnopqrstuvwxyz\n");
+    assert_eq!(new_tokens(&f), 24, "{}", f.stderr);
+    // Sampling that keeps only the most likely token is greedy, whatever the temperature.
+    let f = generate(&["--model", ck, "--prompt", "abc", "--max-tokens", "30", "--temperature", "2", "--top-p", "1e-6", "--seed", "7"]);
+    assert_eq!(ok(&f), "defghijklmnopqrstuvwxyz\n");
+}
+
 #[test]
 fn bad_sampling_settings_are_one_line_naming_the_flag_and_the_value() {
     // Checked while the arguments are read: no model is opened (this one does not exist).
@@ -90,6 +126,9 @@ fn smollm2_answers_from_its_gguf_file() {
         eprintln!("SKIPPED smollm2_answers_from_its_gguf_file: {} is missing", path.display());
         return;
     }
-    let out = ok(&generate(&["--model", path.to_str().unwrap(), "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "20"]));
-    assert!(out.contains("Paris"), "{out}");
+    let f = generate(&["--model", path.to_str().unwrap(), "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "20"]);
+    // What transformers answers (greedy, the same prompt through apply_chat_template), stopping at the
+    // same EOS (bench/results/finetune-2026-12-01.md): 7 tokens of text and <|im_end|>, not printed.
+    assert_eq!(ok(&f), "The capital of France is Paris.\n");
+    assert_eq!(new_tokens(&f), 8, "{}", f.stderr);
 }

@@ -2,7 +2,8 @@
 //! the same file (fixtures from `tests/fixtures/make_gguf_fixtures.py`): dequantised weights → logits
 //! within 1e-4, the tokenizer built from the GGUF vocabulary on a corpus of Unicode edge cases, and the
 //! chat template as `apply_chat_template` renders it. Files of an unsupported architecture or
-//! quantisation are refused with one line. The KV cache of `generate` against a full forward.
+//! quantisation are refused with one line. The KV cache of `generate` against a full forward, and
+//! greedy generation against the argmax of a full forward at every step, stopping at its stop token.
 //!
 //! Without the GGUF file the three tests that need it say so and pass, unless
 //! `FERROSPEED_REQUIRE_SMOLLM2=1` (set by `.ci/run`, which fetches it) makes its absence a failure.
@@ -12,7 +13,8 @@ mod support;
 use candle_core::Device;
 use ferrospeed::checkpoint::WeightFiles;
 use ferrospeed_models::gguf::GgufFile;
-use ferrospeed_models::infer::{Generator, KvCache};
+use ferrospeed::rng::Rng;
+use ferrospeed_models::infer::{Generator, KvCache, Sampler};
 use ferrospeed_models::llama::infer::LlamaInfer;
 use ferrospeed_models::prepared::{ChatTemplate, Message};
 use std::path::{Path, PathBuf};
@@ -163,15 +165,96 @@ fn unsupported_gguf_files_are_refused_in_one_line() {
 
 #[test]
 fn the_kv_cache_gives_the_logits_of_a_full_forward() {
-    use ferrospeed_models::hf::{read_config, HfModel};
     for name in ["gqa_untied", "gpt2"] {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
-        let mut files = WeightFiles::open(&dir).unwrap();
-        let (model, vocab): (Box<dyn Generator>, usize) = match read_config(&dir, 16).unwrap() {
-            HfModel::Llama(c) => (Box::new(LlamaInfer::load(c, &mut files, &Device::Cpu, 16).unwrap()), c.vocab_size),
-            HfModel::Gpt(c) => (Box::new(ferrospeed_models::gpt::infer::GptInfer::load(c, &mut files, &Device::Cpu).unwrap()), c.vocab_size),
-        };
+        let (model, vocab) = generator(&hf_fixture(name), 16);
         kv_cache_matches_full_forward(name, model.as_ref(), vocab as u32);
+    }
+}
+
+/// The transformers fixture `name` (`tests/fixtures/hf`).
+fn hf_fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
+}
+
+/// The model in `dir` (a transformers directory) as a generator for contexts of `max_len`, and its
+/// vocabulary size.
+fn generator(dir: &Path, max_len: usize) -> (Box<dyn Generator>, usize) {
+    use ferrospeed_models::hf::{read_config, HfModel};
+    let mut files = WeightFiles::open(dir).unwrap();
+    match read_config(dir, max_len).unwrap() {
+        HfModel::Llama(c) => (Box::new(LlamaInfer::load(c, &mut files, &Device::Cpu, max_len).unwrap()), c.vocab_size),
+        HfModel::Gpt(c) => (Box::new(ferrospeed_models::gpt::infer::GptInfer::load(c, &mut files, &Device::Cpu).unwrap()), c.vocab_size),
+    }
+}
+
+/// A copy of fixture `name` with seeded random weights of spread `std` (norm weights about 1): the
+/// GPT-2 fixture's own initialisation is so small that greedy decoding repeats one token.
+fn randomised(name: &str, std: f64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(hf_fixture(name).join("config.json"), dir.path().join("config.json")).unwrap();
+    let weights = candle_core::safetensors::load(hf_fixture(name).join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut rng = Rng::new(17);
+    let random: std::collections::HashMap<String, candle_core::Tensor> = weights
+        .into_iter()
+        .map(|(n, t)| {
+            let base = if n.contains("ln") && n.ends_with("weight") { 1.0 } else { 0.0 };
+            let v: Vec<f32> = (0..t.elem_count()).map(|_| (base + std * rng.normal()) as f32).collect();
+            (n, candle_core::Tensor::from_vec(v, t.shape(), &Device::Cpu).unwrap())
+        })
+        .collect();
+    candle_core::safetensors::save(&random, dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+/// The models the generation tests run: Llama fixtures (grouped and plain K/V heads, Qwen2's biases)
+/// and GPT-2 with random weights, as (name, generator, vocabulary size).
+fn generators(max_len: usize) -> Vec<(&'static str, Box<dyn Generator>, usize)> {
+    let gpt2 = randomised("gpt2", 0.5);
+    let mut out: Vec<_> = ["gqa_untied", "mha_tied", "qwen2"].into_iter().map(|n| {
+        let (g, v) = generator(&hf_fixture(n), max_len);
+        (n, g, v)
+    }).collect();
+    let (g, v) = generator(gpt2.path(), max_len);
+    out.push(("gpt2 (random weights)", g, v));
+    out
+}
+
+fn greedy() -> Sampler {
+    Sampler::new(0.0, 1.0, Rng::new(0)).unwrap()
+}
+
+/// The most likely next token after `ids`, from a forward over all of them with a fresh cache.
+fn argmax_of_full_forward(model: &dyn Generator, ids: &[u32]) -> u32 {
+    let row: Vec<f32> = model.forward(ids, &mut KvCache::default()).unwrap().get(ids.len() - 1).unwrap().to_vec1().unwrap();
+    (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap() as u32
+}
+
+#[test]
+fn greedy_generation_is_the_argmax_of_a_full_forward_at_every_step() {
+    for (name, model, vocab) in generators(32) {
+        let prompt: Vec<u32> = (0..5u32).map(|i| (i * 7 + 3) % vocab as u32).collect();
+        let (out, _) = model.generate(&prompt, 10, None, &mut greedy()).unwrap();
+        assert_eq!(out.len(), 10, "{name}: as many tokens as asked when nothing stops them");
+        for k in 0..out.len() {
+            let seen = [&prompt[..], &out[..k]].concat();
+            assert_eq!(out[k], argmax_of_full_forward(model.as_ref(), &seen), "{name}: token {k} of {out:?}");
+        }
+        assert!(out.iter().any(|&t| t != out[0]), "{name}: a continuation of one repeated token tells little: {out:?}");
+    }
+}
+
+#[test]
+fn generation_stops_after_its_stop_token() {
+    for (name, model, vocab) in generators(32) {
+        let prompt: Vec<u32> = (0..5u32).map(|i| (i * 7 + 3) % vocab as u32).collect();
+        let (free, _) = model.generate(&prompt, 12, None, &mut greedy()).unwrap();
+        // The first token that was not generated before it: stopping at it ends the output there.
+        let k = (1..free.len()).find(|&k| !free[..k].contains(&free[k])).unwrap_or_else(|| panic!("{name}: {free:?}"));
+        let (stopped, _) = model.generate(&prompt, 12, Some(free[k]), &mut greedy()).unwrap();
+        assert_eq!(stopped, free[..=k], "{name}: the output ends with the stop token {}", free[k]);
+        // A stop token the model never produces stops nothing.
+        let never = (0..vocab as u32).find(|t| !free.contains(t)).unwrap();
+        assert_eq!(model.generate(&prompt, 12, Some(never), &mut greedy()).unwrap().0, free, "{name}");
     }
 }
 
