@@ -1,6 +1,8 @@
 //! `ferrospeed plot RUN_DIR [RUN_DIR…] [--out FILE.png]`: the runs' `metrics.jsonl` as one PNG (loss,
 //! learning rate, gradient norm, throughput, memory over steps; the runs overlaid), drawn by the
-//! library's `track::plot_runs` — the same picture `train` leaves in every run directory.
+//! library's `track::plot_runs` — the same picture `train` leaves in every run directory. Lines of a
+//! `metrics.jsonl` that are not rows are named in one warning per file and the other rows drawn; a
+//! file with no row at all is refused.
 
 use crate::usage::usage_error;
 use anyhow::Result;
@@ -26,11 +28,14 @@ pub fn run(args: PlotArgs) -> Result<ExitCode> {
         (None, [one]) => one.join("plot.png"),
         (None, _) => return Err(usage_error(format!("{} runs to overlay: give --out FILE.png (one run's plot goes to RUN_DIR/plot.png)", args.runs.len()))),
     };
-    let runs = args
-        .runs
-        .iter()
-        .map(|dir| RunSeries::read(dir).map_err(|e| usage_error(e.to_string())))
-        .collect::<Result<Vec<_>>>()?;
+    let mut runs = Vec::with_capacity(args.runs.len());
+    for dir in &args.runs {
+        let (run, warning) = RunSeries::read_noting(dir).map_err(|e| usage_error(e.to_string()))?;
+        if let Some(w) = warning {
+            eprintln!("{w}");
+        }
+        runs.push(run);
+    }
     plot_runs(&runs, &out).map_err(|e| match e {
         TrackError::Write { .. } => usage_error(e.to_string()),
         e => e.into(),

@@ -1,5 +1,6 @@
 //! `plot.png`: `train` leaves one in the run directory and names it in the summary; `ferrospeed plot`
-//! redraws one run (the same bytes), overlays several, and refuses a directory without metrics.
+//! redraws one run (the same bytes), overlays several, and refuses a directory without metrics; lines
+//! of `metrics.jsonl` that are not rows are named in one warning by `plot` and `runs`.
 
 mod support;
 
@@ -95,4 +96,45 @@ fn a_plot_that_cannot_be_written_is_a_warning_and_the_run_succeeds() {
     assert!(warnings[0].contains("warning: no plot of this run:") && warnings[0].contains("plot.png"), "{}", f.stderr);
     assert!(summary(&track)["plot"].is_null());
     assert_eq!(metrics(&track).len(), 2);
+}
+
+#[test]
+fn lines_of_metrics_that_are_not_rows_are_named_by_plot_and_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 4\nglobal_batch = 2\nmicro_batch = 2\nwarmup = 1");
+    let track = dir.path().join("run");
+    train(1, &config, &track, &[]);
+    let path = track.join("metrics.jsonl");
+    let rows: Vec<String> = std::fs::read_to_string(&path).unwrap().lines().map(String::from).collect();
+    assert_eq!(rows.len(), 4);
+    // Not JSON (line 2), a row without its loss (line 4), a torn last line (line 7).
+    let mut no_loss: serde_json::Value = serde_json::from_str(&rows[2]).unwrap();
+    no_loss.as_object_mut().unwrap().remove("loss");
+    let text = [rows[0].clone(), "<<<<<<< HEAD".into(), rows[1].clone(), no_loss.to_string(), rows[2].clone(), rows[3].clone(), rows[3][..20].to_string()].join("\n");
+    std::fs::write(&path, text).unwrap();
+    let warning = format!("warning: {}: 3 lines are not metrics rows and skipped (lines 2, 4, 7)", path.display());
+
+    // `plot` draws the four good rows and says which lines it skipped, in one line.
+    let out = dir.path().join("run.png");
+    let f = plot(&[&track], Some(&out));
+    assert!(f.status.success(), "{}", f.stderr);
+    assert_eq!(f.stderr.trim(), warning);
+    assert!(f.stdout.contains("run (4 steps)"), "{}", f.stdout);
+    assert_eq!(png_size(&out), (1500, 900));
+
+    // `runs` shows the run from its good rows, with the same warning.
+    let f = run(ferrospeed().args(["runs"]).arg(dir.path()), Duration::from_secs(30));
+    assert!(f.status.success(), "{}", f.stderr);
+    assert_eq!(f.stderr.trim(), warning);
+    let line = f.stdout.lines().find(|l| l.starts_with("run ")).unwrap_or_else(|| panic!("{}", f.stdout));
+    assert!(line.contains("4/4") && line.contains("finished"), "{line}");
+
+    // No good row left: `plot` refuses in one line naming the file; nothing is written.
+    std::fs::write(&path, "not a row\n{\"step\": 1}\n").unwrap();
+    std::fs::remove_file(&out).unwrap();
+    let f = plot(&[&track], Some(&out));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert_eq!(f.stderr.trim().lines().count(), 1, "{}", f.stderr);
+    assert!(f.stderr.contains(&path.display().to_string()) && f.stderr.contains("none of its 2 lines is a metrics row"), "{}", f.stderr);
+    assert!(!out.exists());
 }

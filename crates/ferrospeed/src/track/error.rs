@@ -28,6 +28,9 @@ pub enum TrackError {
     #[error("{dir} holds no metrics (no metrics.jsonl with a step in it): give a run directory, the track.dir of a run")]
     NoMetrics { dir: PathBuf },
 
+    #[error("{path}: none of its {lines} lines is a metrics row (line {first} is not): give the track.dir of a run whose metrics.jsonl is intact")]
+    CorruptMetrics { path: PathBuf, lines: usize, first: usize },
+
     #[error("cannot draw the plot: {message}")]
     Plot { message: String },
 }

@@ -38,6 +38,43 @@ pub struct StepMetrics {
     pub extra: BTreeMap<String, serde_json::Value>,
 }
 
+/// A `metrics.jsonl` as read back: every line that is a [`StepMetrics`], in file order, and the
+/// 1-based numbers of the lines that are not (not JSON, a field missing or of another type, a torn
+/// last line). Blank lines are neither.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MetricsLines {
+    pub rows: Vec<StepMetrics>,
+    pub bad_lines: Vec<usize>,
+}
+
+impl MetricsLines {
+    pub fn parse(text: &str) -> Self {
+        let mut out = Self::default();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            match serde_json::from_str(line) {
+                Ok(row) => out.rows.push(row),
+                Err(_) => out.bad_lines.push(i + 1),
+            }
+        }
+        out
+    }
+
+    /// One line for a person reading `path`, when some of its lines are not rows: how many, and
+    /// which (the first five).
+    pub fn warning(&self, path: &std::path::Path) -> Option<String> {
+        let n = self.bad_lines.len();
+        if n == 0 {
+            return None;
+        }
+        let mut which: Vec<String> = self.bad_lines.iter().take(5).map(usize::to_string).collect();
+        if n > 5 {
+            which.push("…".into());
+        }
+        let (lines, are) = if n == 1 { ("line", "is") } else { ("lines", "are") };
+        Some(format!("warning: {}: {n} {lines} {are} not metrics rows and skipped ({lines} {})", path.display(), which.join(", ")))
+    }
+}
+
 /// Reads a float that serde_json may have written as `null` (NaN or infinity) back as NaN.
 fn f64_or_nan<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
     Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))

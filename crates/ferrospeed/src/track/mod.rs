@@ -31,7 +31,7 @@ mod event_reader;
 
 pub use error::TrackError;
 pub use lock::{DirLock, LockHolder, LOCK_FILE};
-pub use metrics::{peak_rss_bytes, reset_peak_rss, rss_bytes, StepMetrics};
+pub use metrics::{peak_rss_bytes, reset_peak_rss, rss_bytes, MetricsLines, StepMetrics};
 pub use plot::{plot_runs, render_png, RunSeries, PLOT_SIZE};
 pub use progress::Progress;
 pub use run_dir::fresh_run_dir;

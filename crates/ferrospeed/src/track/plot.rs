@@ -7,7 +7,7 @@
 //! Nothing is looked up on the machine — no fontconfig, no system fonts — so a plot draws the same
 //! on a CI box without a display as on a workstation, and the same rows give the same bytes.
 
-use super::{StepMetrics, TrackError};
+use super::{MetricsLines, StepMetrics, TrackError};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -27,19 +27,29 @@ pub struct RunSeries {
 }
 
 impl RunSeries {
-    /// The run in `dir`: the rows of its `metrics.jsonl`, named after the directory. A line that does
-    /// not parse (a torn last line of a run that died) is skipped; a directory without a single row is
-    /// [`TrackError::NoMetrics`].
+    /// The run in `dir`: the rows of its `metrics.jsonl`, named after the directory. Lines that are
+    /// not rows are skipped ([`RunSeries::read_noting`] says which); a directory without a single row
+    /// is [`TrackError::NoMetrics`], or [`TrackError::CorruptMetrics`] when it has lines but none is a row.
     pub fn read(dir: &Path) -> Result<Self, TrackError> {
-        let no_metrics = || TrackError::NoMetrics { dir: dir.to_path_buf() };
-        let text = std::fs::read_to_string(dir.join(super::tracker::METRICS_FILE)).map_err(|_| no_metrics())?;
-        let mut rows: Vec<StepMetrics> = text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        Self::read_noting(dir).map(|(run, _)| run)
+    }
+
+    /// [`RunSeries::read`], and a one-line warning naming the lines of `metrics.jsonl` that were
+    /// skipped, when there are any.
+    pub fn read_noting(dir: &Path) -> Result<(Self, Option<String>), TrackError> {
+        let path = dir.join(super::tracker::METRICS_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|_| TrackError::NoMetrics { dir: dir.to_path_buf() })?;
+        let MetricsLines { mut rows, bad_lines } = MetricsLines::parse(&text);
         if rows.is_empty() {
-            return Err(no_metrics());
+            return Err(match bad_lines.first() {
+                Some(&first) => TrackError::CorruptMetrics { path, lines: bad_lines.len(), first },
+                None => TrackError::NoMetrics { dir: dir.to_path_buf() },
+            });
         }
+        let warning = MetricsLines { rows: Vec::new(), bad_lines }.warning(&path);
         rows.sort_by_key(|m| m.step);
         let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
-        Ok(Self { name, rows })
+        Ok((Self { name, rows }, warning))
     }
 }
 
@@ -293,7 +303,27 @@ mod tests {
         let err = RunSeries::read(dir.path()).unwrap_err();
         assert!(matches!(&err, TrackError::NoMetrics { dir: d } if d == dir.path()), "{err}");
         std::fs::write(dir.path().join("metrics.jsonl"), "{\"step\": 1, \"torn").unwrap();
-        assert!(RunSeries::read(dir.path()).is_err());
+        let err = RunSeries::read(dir.path()).unwrap_err();
+        assert!(matches!(&err, TrackError::CorruptMetrics { lines: 1, first: 1, .. }), "{err}");
+    }
+
+    #[test]
+    fn lines_that_are_not_rows_are_skipped_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = |step: u64| serde_json::to_string(&row(step, 3.0 - step as f64 / 10.0)).unwrap();
+        let mut missing_loss: serde_json::Value = serde_json::from_str(&good(3)).unwrap();
+        missing_loss.as_object_mut().unwrap().remove("loss");
+        let text = [good(1), "not json".into(), good(2), String::new(), missing_loss.to_string(), good(4), "{\"step\": 5, \"lo".into()].join("\n");
+        std::fs::write(dir.path().join("metrics.jsonl"), text).unwrap();
+        let (run, warning) = RunSeries::read_noting(dir.path()).unwrap();
+        assert_eq!(run.rows.iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2, 4]);
+        let path = dir.path().join("metrics.jsonl");
+        assert_eq!(warning.unwrap(), format!("warning: {}: 3 lines are not metrics rows and skipped (lines 2, 5, 7)", path.display()));
+        std::fs::write(&path, [good(1), good(2)].join("\n")).unwrap();
+        assert_eq!(RunSeries::read_noting(dir.path()).unwrap().1, None);
+        let many: Vec<String> = (0..7).map(|_| "x".to_string()).chain([good(1)]).collect();
+        std::fs::write(&path, many.join("\n")).unwrap();
+        assert!(RunSeries::read_noting(dir.path()).unwrap().1.unwrap().ends_with("7 lines are not metrics rows and skipped (lines 1, 2, 3, 4, 5, …)"));
     }
 
     #[test]
