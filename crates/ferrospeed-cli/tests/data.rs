@@ -1,5 +1,6 @@
-//! `ferrospeed data prepare` end to end: re-runs do nothing, bad input is one line and writes nothing,
-//! chat loss masks, and `train` on prepared data (packed and padded) resuming bit for bit.
+//! `ferrospeed data prepare` end to end: re-runs do nothing, bad input is one line and writes nothing, an
+//! output folder that cannot be made is named as given, chat loss masks, and `train` on prepared data
+//! (packed and padded) resuming bit for bit.
 
 mod support;
 
@@ -357,4 +358,41 @@ fn masked_losses_do_not_depend_on_the_micro_batch_split() {
             assert!(((a - b) / b).abs() < 1e-5, "{name} step {step}: {a} vs {b}");
         }
     }
+}
+
+#[test]
+fn an_out_that_cannot_be_created_is_named_as_given_and_nothing_stays_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write(&dir.path().join("notes.txt"), "Hello there.\n");
+    let file = write(&dir.path().join("a-file"), "not a folder");
+    // Under a regular file (directly and deeper), and under /proc (which not even root can write):
+    // failures as real for root as for anyone.
+    let mut outs = vec![file.join("prepared"), file.join("deeper/still/prepared"), PathBuf::from("/proc/ferrospeed-prepared")];
+    // A read-only folder stops everyone but root: checked where the test is not run as root.
+    let read_only = dir.path().join("read-only");
+    std::fs::create_dir(&read_only).unwrap();
+    let mut perms = std::fs::metadata(&read_only).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o555);
+    std::fs::set_permissions(&read_only, perms).unwrap();
+    if std::fs::create_dir(read_only.join("probe")).is_err() {
+        outs.push(read_only.join("prepared"));
+    } else {
+        eprintln!("note: running as root, so the read-only folder case is left out (the others stand for it)");
+        std::fs::remove_dir(read_only.join("probe")).unwrap();
+    }
+    let before = names_in(dir.path());
+    for out in &outs {
+        let f = prepare(&[&input], out, &[]);
+        one_line_exit_2(&f, &out.display().to_string());
+        assert!(f.stderr.contains(&format!("cannot write {}: ", out.display())), "{}: the path given, please: {}", out.display(), f.stderr);
+        assert!(f.stderr.contains("choose an --out in a folder you can write to") && !f.stderr.contains(".tmp-"), "{}", f.stderr);
+        assert_eq!(names_in(dir.path()), before, "{}: nothing stays behind", out.display());
+        assert!(names_in(&read_only).is_empty());
+    }
+    // Folders created for --out are removed again when the prepare fails (here on bad input).
+    let bad = write(&dir.path().join("bad.jsonl"), "{\"text\": \"broken\"\n");
+    let f = prepare(&[&bad], &dir.path().join("new/parent/prepared"), &[]);
+    one_line_exit_2(&f, "bad input");
+    assert!(f.stderr.contains("bad.jsonl:1"), "{}", f.stderr);
+    assert!(!dir.path().join("new").exists(), "the folders made for --out stay behind");
 }

@@ -42,8 +42,18 @@ pub enum PrepareError {
     Line { path: PathBuf, line: usize, reason: String },
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
-    #[error("cannot write {path}: {source}")]
+    /// The output directory `path` (the one the caller named) could not be written.
+    #[error("cannot write {path}: {source}; {}", write_fix(.source))]
     Write { path: PathBuf, source: std::io::Error },
+}
+
+/// What to do when the output cannot be written.
+fn write_fix(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        "free space on that disk, or choose an --out on another"
+    } else {
+        "choose an --out in a folder you can write to"
+    }
 }
 
 impl PrepareError {

@@ -1,5 +1,7 @@
 //! `data prepare`: inputs → token shards, in parallel over all cores (rayon), written into a temporary
-//! directory that is renamed into place only when complete, so a failure or bad line leaves nothing.
+//! directory that is renamed into place only when complete, so a failure or bad line leaves nothing
+//! (nor the folders made above it); a failure to write is reported as the output directory the caller
+//! named, never as the temporary one.
 //!
 //! Work is cut into units of about `chunk_bytes`: JSONL files at line ends (a line is a document), text
 //! files (one document each) after a single newline between a non-space and a letter or digit — where a byte-level
@@ -346,28 +348,41 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, PrepareError> {
     let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "prepared".into());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    // The folders above `out` that this call creates, removed again (if still empty) when it fails.
+    let created: Vec<&Path> = parent.ancestors().take_while(|p| !p.as_os_str().is_empty() && !p.exists()).collect();
+    let undo = || {
+        let _ = std::fs::remove_dir_all(&tmp);
+        created.iter().for_each(|d| drop(std::fs::remove_dir(d)));
+    };
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|source| PrepareError::Write { path: tmp.clone(), source })?;
-    let result = write_all(opts, &files, &data, &ctx, &tmp, hash);
+    let result = std::fs::create_dir_all(&tmp).map_err(|source| PrepareError::Write { path: tmp.clone(), source }).and_then(|()| write_all(opts, &files, &data, &ctx, &tmp, hash));
     let index = match result {
         Ok(index) => index,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
+            undo();
+            // A write into the temporary folder is reported as the output directory the user named.
+            return Err(match e {
+                PrepareError::Write { source, .. } => PrepareError::Write { path: out.clone(), source },
+                e => e,
+            });
         }
     };
     if out.exists() {
         let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(out, &old).map_err(|source| PrepareError::Write { path: out.clone(), source })?;
+        if let Err(source) = std::fs::rename(out, &old) {
+            undo();
+            return Err(PrepareError::Write { path: out.clone(), source });
+        }
         if let Err(source) = std::fs::rename(&tmp, out) {
             // Put the old data back: a failed --force loses nothing.
             let _ = std::fs::rename(&old, out);
-            let _ = std::fs::remove_dir_all(&tmp);
+            undo();
             return Err(PrepareError::Write { path: out.clone(), source });
         }
         let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(&tmp, out).map_err(|source| PrepareError::Write { path: out.clone(), source })?;
+    } else if let Err(source) = std::fs::rename(&tmp, out) {
+        undo();
+        return Err(PrepareError::Write { path: out.clone(), source });
     }
     Ok(PrepareSummary { index, up_to_date: false, seconds: started.elapsed().as_secs_f64(), input_bytes, threads })
 }
