@@ -9,7 +9,7 @@ mod support;
 use candle_core::{Device, Tensor, Var};
 use ferrospeed::engine::{Batch, Model, Upstream};
 use ferrospeed::rng::Rng;
-use support::fd::{analytic, loss, random_params, slots};
+use support::fd::{analytic, loss, random_params, randn_f64, slots, weighted_sum};
 use ferrospeed_models::ops::rope::Llama3Scaling;
 use ferrospeed_models::{Gpt, GptConfig, Llama, LlamaConfig};
 
@@ -135,12 +135,9 @@ fn every_hand_written_input_gradient(family: &str, model: &Model, d: usize) {
     for b in 1..model.num_blocks() {
         let block = model.block(b);
         let head = b + 1 == model.num_blocks();
-        let r = Tensor::from_vec((0..x0.len()).map(|_| rng.normal()).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap();
+        let r = randn_f64(&mut rng, shape);
         // The head's output is the loss itself; a layer's is weighted by r.
-        let objective = |y: &Tensor| -> f64 {
-            let y = if head { y.clone() } else { (y * &r).unwrap() };
-            y.sum_all().unwrap().to_scalar::<f64>().unwrap()
-        };
+        let objective = |y: &Tensor| weighted_sum(y, (!head).then_some(&r));
         let forward = |x: &[f64]| block.forward(&params[b], &[Tensor::from_slice(x, shape, &Device::Cpu).unwrap()], &batch).unwrap().remove(0);
         let x = Tensor::from_slice(&x0, shape, &Device::Cpu).unwrap();
         let (mut y, saved) = block.forward_saving(&params[b], &[x.clone()], &batch).unwrap().unwrap_or_else(|| panic!("block {} has no hand-written backward", block.name()));

@@ -10,7 +10,7 @@ mod support;
 use candle_core::{DType, Device, Tensor, Var};
 use ferrospeed::engine::{Batch, Model, Upstream};
 use ferrospeed::rng::Rng;
-use support::fd::{analytic, autograd, central, composed_loss, loss, random_params, slots, Owned};
+use support::fd::{analytic, autograd, central, composed_loss, loss, random_params, randn_f64, slots, weighted_sum, Owned};
 use ferrospeed_models::ops::docs::{LOSS_MASK, POSITIONS};
 use ferrospeed_models::{Gpt, GptConfig, Llama, LlamaConfig};
 
@@ -278,11 +278,8 @@ fn packed_input_gradients_of_every_layer_match_finite_differences_on_both_paths(
         for b in 1..model.num_blocks() {
             let block = model.block(b);
             let head = b + 1 == model.num_blocks();
-            let r = Tensor::from_vec((0..x0.len()).map(|_| rng.normal()).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap();
-            let objective = |y: &Tensor| -> f64 {
-                let y = if head { y.clone() } else { (y * &r).unwrap() };
-                y.sum_all().unwrap().to_scalar::<f64>().unwrap()
-            };
+            let r = randn_f64(&mut rng, shape);
+            let objective = |y: &Tensor| weighted_sum(y, (!head).then_some(&r));
             let input = |x: &[f64]| Tensor::from_slice(x, shape, &Device::Cpu).unwrap();
             let blocks_forward = |x: &[f64]| objective(&block.forward(&params[b], &[input(x)], &packed).unwrap()[0]);
             let composed_forward = |x: &[f64]| objective(&block.forward(&params[b], &[Var::from_tensor(&input(x)).unwrap().as_tensor().clone()], &packed).unwrap()[0]);

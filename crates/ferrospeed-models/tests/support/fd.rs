@@ -117,3 +117,19 @@ pub fn central(f: impl Fn(&[f64]) -> f64, x: &[f64], e: usize, eps: f64) -> f64 
     minus[e] -= eps;
     (f(&plus) - f(&minus)) / (2.0 * eps)
 }
+
+/// A block input's or output's worth of seeded normal values `[b, t, d]` (f64).
+pub fn randn_f64(rng: &mut Rng, shape: (usize, usize, usize)) -> Tensor {
+    let n = shape.0 * shape.1 * shape.2;
+    Tensor::from_vec((0..n).map(|_| rng.normal()).collect::<Vec<f64>>(), shape, &Device::Cpu).unwrap()
+}
+
+/// What an input-gradient test differentiates: a layer's output `y` weighted by `r`, `sum(y · r)`, or
+/// the head's output (the loss) itself when there is no `r`.
+pub fn weighted_sum(y: &Tensor, r: Option<&Tensor>) -> f64 {
+    let y = match r {
+        Some(r) => (y * r).unwrap(),
+        None => y.clone(),
+    };
+    y.sum_all().unwrap().to_scalar::<f64>().unwrap()
+}
