@@ -92,6 +92,15 @@ fn ctrl_c_is_passed_to_the_ranks() {
     }
 }
 
+/// A file holding `token`, readable by its owner only (what `--rdzv-token-file` wants).
+fn token_file(dir: &std::path::Path, name: &str, token: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("{token}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
 #[test]
 fn two_nodes_on_one_machine_form_one_world_of_four() {
     // The test binds the store's port and hands the socket to node 0: nothing can take it in between.
@@ -99,6 +108,8 @@ fn two_nodes_on_one_machine_form_one_world_of_four() {
     let port = store.local_addr().unwrap().port().to_string();
     let node = |rank: &str| {
         let mut cmd = ferrospeed();
+        // The secret every node shares, as a user would export it.
+        cmd.env("FERROSPEED_RDZV_TOKEN", "d1c3a0e6b9f24c7e8a5b0f1e2d3c4b5a");
         cmd.args([
             "launch", "--nnodes", "2", "--node-rank", rank, "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
             "--master-port", &port, "comm", "check", "--sizes", "0,3,5,1001",
@@ -225,7 +236,10 @@ fn bad_input_is_one_line_exit_2_and_starts_nothing() {
         (vec!["--master-port", &busy_port], "pass a free --master-port"),
         (vec!["--master-port", "70000"], "70000 is not in 0..=65535"),
         (vec!["--master-port", "http"], "invalid value 'http'"),
-        (vec!["--nnodes", "2", "--node-rank", "1", "--master-port", &closed_port, "--rdzv-timeout", "1"], "cannot reach node 0"),
+        (vec!["--nnodes", "2", "--node-rank", "1", "--master-port", &closed_port, "--rdzv-timeout", "1", "--rdzv-token", "0123456789abcdef0123"], "cannot reach node 0"),
+        (vec!["--nnodes", "2", "--node-rank", "1", "--master-port", &closed_port], "needs a rendezvous secret shared by every node"),
+        (vec!["--rdzv-token", "short"], "at least 16"),
+        (vec!["--rdzv-token-file", "/no/such/token"], "cannot read it"),
         (vec!["--master-addr", "no-such-host.invalid"], "cannot be resolved"),
         (vec!["--nnodes", "2", "--node-rank", "2"], "--node-rank 2 is out of range"),
         (vec!["--nnodes", "2", "--master-port", "0"], "--master-port 0"),
@@ -235,7 +249,7 @@ fn bad_input_is_one_line_exit_2_and_starts_nothing() {
         let mut args = vec!["launch"];
         args.extend(&flags);
         args.extend(["sh", "-c", &program]);
-        let f = run(ferrospeed().args(&args), Duration::from_secs(30));
+        let f = run(ferrospeed().env_remove("FERROSPEED_RDZV_TOKEN").args(&args), Duration::from_secs(30));
         assert_eq!(f.status.code(), Some(2), "{flags:?}: {}", f.stderr);
         assert_eq!(f.stderr.trim().lines().count(), 1, "{flags:?}: one line please: {}", f.stderr);
         assert!(f.stderr.contains(expect), "{flags:?}: expected {expect:?} in {}", f.stderr);
@@ -248,4 +262,55 @@ fn bad_input_is_one_line_exit_2_and_starts_nothing() {
         assert!(f.stderr.contains("not found"), "{}", f.stderr);
     }
     drop((busy, refusing));
+}
+
+#[test]
+fn a_node_without_the_jobs_token_is_refused_in_one_line_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = token_file(dir.path(), "good", "5f0e7a9c3b1d4e6f8a2c0b9d7e5f3a1c");
+    let bad = token_file(dir.path(), "bad", "0000000000000000000000000000000000");
+    let store = listener();
+    let port = store.local_addr().unwrap().port().to_string();
+    let node = |rank: &str, token: &std::path::Path, program: &str| {
+        let mut cmd = ferrospeed();
+        cmd.env_remove("FERROSPEED_RDZV_TOKEN").args(["launch", "--nnodes", "2", "--node-rank", rank, "--master-port", &port, "--rdzv-timeout", "20"]);
+        cmd.arg("--rdzv-token-file").arg(token).args(["sh", "-c", program]);
+        cmd
+    };
+    // Node 0 serves the store until the test stops it.
+    let mut n0 = node("0", &good, "sleep 60");
+    hand_over(&mut n0, &store);
+    let n0 = start(&mut n0);
+    let marker = dir.path().join("started");
+    let f = run(&mut node("1", &bad, &format!("touch {}", marker.display())), Duration::from_secs(30));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert_eq!(f.stderr.trim().lines().count(), 1, "one line please: {}", f.stderr);
+    assert!(f.stderr.contains("refused this process's rendezvous token") && f.stderr.contains("--rdzv-token"), "{}", f.stderr);
+    assert!(!marker.exists(), "a rank was started");
+    // (A stopped node 0 would wait a minute for node 1 to finish; its guard takes the ranks with it.)
+    unsafe { libc::kill(n0.id() as i32, libc::SIGKILL) };
+    finish(n0, Duration::from_secs(30));
+}
+
+#[test]
+fn each_launch_gives_its_ranks_a_fresh_token_in_their_environment_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let tokens: Vec<String> = (0..2)
+        .map(|attempt| {
+            let script = format!("echo \"$FERROSPEED_RDZV_TOKEN\" > {d}/token.{attempt}.$RANK; tr '\\0' ' ' < /proc/$$/cmdline > {d}/cmdline.$RANK");
+            let f = run(ferrospeed().env_remove("FERROSPEED_RDZV_TOKEN").args(["launch", "--nproc-per-node", "2", "sh", "-c", &script]), Duration::from_secs(30));
+            assert!(f.status.success(), "{}", f.stderr);
+            let read = |rank: usize| std::fs::read_to_string(dir.path().join(format!("token.{attempt}.{rank}"))).unwrap().trim().to_string();
+            let token = read(0);
+            assert_eq!(token, read(1), "one token for the job's ranks");
+            assert_eq!(token.len(), 64, "{token}");
+            for rank in 0..2 {
+                let cmdline = std::fs::read_to_string(dir.path().join(format!("cmdline.{rank}"))).unwrap();
+                assert!(!cmdline.contains(&token), "the token is on a command line: {cmdline}");
+            }
+            token
+        })
+        .collect();
+    assert_ne!(tokens[0], tokens[1], "every launch makes its own");
 }

@@ -3,6 +3,10 @@
 //!
 //! Nothing is started until every argument is valid, the program exists, and the store is up (node 0)
 //! or reachable (other nodes); each of those failures is a one-line [`UsageError`] with exit code 2.
+//!
+//! The store answers only those who hold the job's secret: one node makes a fresh token per attempt;
+//! several nodes share the one the user gives each (`--rdzv-token-file`, `FERROSPEED_RDZV_TOKEN`,
+//! `--rdzv-token`). The ranks get it in their environment, never on a command line.
 
 pub mod guard;
 mod ranks;
@@ -11,7 +15,8 @@ mod supervise;
 use crate::usage::usage_error;
 use anyhow::Result;
 use clap::Args;
-use ferrospeed::comm::store::{resolve, StoreClient, StoreServer};
+use ferrospeed::comm::store::{resolve, StoreClient, StoreConfig, StoreServer};
+use ferrospeed::comm::{RdzvToken, ENV_RDZV_TOKEN};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -36,6 +41,13 @@ pub struct LaunchArgs {
     /// Port of the rendezvous store on node 0 [default: 0 (any free port) on one node, 29500 on several]
     #[arg(long)]
     pub master_port: Option<u16>,
+    /// The job's rendezvous secret, the same on every node (required with --nnodes above 1; one node
+    /// makes its own). Other users can see it in `ps`: prefer --rdzv-token-file or FERROSPEED_RDZV_TOKEN
+    #[arg(long, value_name = "TOKEN", conflicts_with = "rdzv_token_file")]
+    pub rdzv_token: Option<String>,
+    /// A file only you can read (chmod 600) holding the rendezvous secret, e.g. from `openssl rand -hex 32`
+    #[arg(long, value_name = "PATH")]
+    pub rdzv_token_file: Option<PathBuf>,
     /// Seconds to wait for node 0 and for all ranks to join
     #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
     pub rdzv_timeout: f64,
@@ -98,13 +110,26 @@ pub fn run(args: LaunchArgs) -> Result<ExitCode> {
     if args.max_restarts > 0 && args.nnodes > 1 {
         return Err(usage_error("--max-restarts works on one node so far (--nnodes 1): restarting several nodes together needs a rendezvous round per attempt"));
     }
+    let given_token = given_token(&args)?;
+    if args.nnodes > 1 && given_token.is_none() {
+        return Err(usage_error(format!(
+            "--nnodes {} needs a rendezvous secret shared by every node: give each the same --rdzv-token-file PATH \
+             (chmod 600), {ENV_RDZV_TOKEN} or --rdzv-token, e.g. from `openssl rand -hex 32`",
+            args.nnodes
+        )));
+    }
     let (program, prefix_args) = resolve_program(&args.program)?;
     resolve(&format!("{}:{port}", args.master_addr))
         .map_err(|e| usage_error(format!("--master-addr {:?} cannot be resolved ({e}); give node 0's host name or address", args.master_addr)))?;
     let mut reasons: Vec<String> = Vec::new();
     for restart in 0..=args.max_restarts {
-        // Every attempt has a store of its own: nothing of the last one's rendezvous is left.
-        let (store, actual_port) = node_store(&args, port)?;
+        // Every attempt has a store of its own: nothing of the last one's rendezvous is left, and no
+        // process of the last attempt holds this one's secret (unless the user gave it).
+        let token = match &given_token {
+            Some(t) => t.clone(),
+            None => RdzvToken::generate()?,
+        };
+        let (store, actual_port) = node_store(&args, port, &token)?;
         let plan = ranks::LaunchPlan {
             program: program.clone(),
             args: prefix_args.iter().cloned().chain(args.args.iter().cloned()).collect(),
@@ -116,6 +141,7 @@ pub fn run(args: LaunchArgs) -> Result<ExitCode> {
             rdzv_timeout: args.rdzv_timeout,
             collective_timeout: args.collective_timeout,
             restart,
+            token,
         };
         let outcome = supervise::supervise(&plan, store, Duration::from_secs_f64(args.stop_grace))?;
         let summary = |reasons: &[String]| {
@@ -147,27 +173,48 @@ pub fn run(args: LaunchArgs) -> Result<ExitCode> {
     unreachable!("the last attempt returns")
 }
 
+/// The secret the user gave: `--rdzv-token-file`, `--rdzv-token`, or `FERROSPEED_RDZV_TOKEN`, in that order.
+fn given_token(args: &LaunchArgs) -> Result<Option<RdzvToken>> {
+    let token = if let Some(path) = &args.rdzv_token_file {
+        Some(RdzvToken::from_file(path))
+    } else if let Some(text) = &args.rdzv_token {
+        Some(RdzvToken::new(text, "--rdzv-token"))
+    } else {
+        RdzvToken::from_vars(|k| std::env::var(k).ok()).transpose()
+    };
+    token.transpose().map_err(|e| usage_error(e.to_string()))
+}
+
 /// The rendezvous store of one attempt on this node: served here (node 0) or joined; and its port.
-fn node_store(args: &LaunchArgs, port: u16) -> Result<(NodeStore, u16)> {
+fn node_store(args: &LaunchArgs, port: u16, token: &RdzvToken) -> Result<(NodeStore, u16)> {
     let rdzv_timeout = Duration::from_secs_f64(args.rdzv_timeout);
     let store = if args.node_rank == 0 {
-        // One node keeps the store on the given (usually loopback) address; several nodes need it reachable.
-        let host = if args.nnodes == 1 { args.master_addr.as_str() } else { "0.0.0.0" };
-        let server = StoreServer::bind(&format!("{host}:{port}")).map_err(|e| {
+        // One node keeps the store on the given (usually loopback) address; several nodes need it
+        // reachable, on the master address's interface when it is one of this host's.
+        let listener = if args.nnodes == 1 {
+            StoreServer::listen(&format!("{}:{port}", args.master_addr))
+        } else {
+            StoreServer::listen_for_hosts(&args.master_addr, port)
+        };
+        let world_size = args.nproc_per_node * args.nnodes;
+        let server = listener.and_then(|l| StoreServer::serve(l, StoreConfig::new(token.clone(), world_size))).map_err(|e| {
             usage_error(format!(
-                "cannot listen on {host}:{port} ({}); pass a free --master-port, or 0 to pick one (single node)",
+                "cannot listen on {}:{port} ({}); pass a free --master-port, or 0 to pick one (single node)",
+                args.master_addr,
                 io_reason(&e)
             ))
         })?;
         NodeStore::Host(server)
     } else {
         let addr = format!("{}:{port}", args.master_addr);
-        let client = StoreClient::connect(&addr, rdzv_timeout).map_err(|e| {
-            usage_error(format!(
+        let client = StoreClient::connect(&addr, token, rdzv_timeout).map_err(|e| match e {
+            ferrospeed::CommError::StoreUnreachable { .. } => usage_error(format!(
                 "cannot reach node 0 at {addr} within {:.0} s ({}); start node 0's launcher first, or check --master-addr/--master-port",
                 args.rdzv_timeout,
                 io_reason(&e)
-            ))
+            )),
+            // A refused token, or something else on that port: the error names it and the fix.
+            other => usage_error(other.to_string()),
         })?;
         NodeStore::Join(client)
     };

@@ -21,6 +21,8 @@ pub struct LaunchPlan {
     pub collective_timeout: Option<f64>,
     /// Restarts before this attempt (`TORCHELASTIC_RESTART_COUNT` of the ranks).
     pub restart: usize,
+    /// The attempt's rendezvous secret, given to the ranks as `FERROSPEED_RDZV_TOKEN`.
+    pub token: ferrospeed::comm::RdzvToken,
 }
 
 impl LaunchPlan {
@@ -57,6 +59,8 @@ pub fn spawn_rank(plan: &LaunchPlan, local_rank: usize) -> Result<(RankProcess, 
         .env("MASTER_PORT", plan.master_port.to_string())
         .env("TORCHELASTIC_RESTART_COUNT", plan.restart.to_string())
         .env(ferrospeed::comm::ENV_AGENT_STORE, "1")
+        // In the environment, which only this user can read (/proc/PID/environ), never in the arguments.
+        .env(ferrospeed::comm::ENV_RDZV_TOKEN, plan.token.expose())
         // The store's socket handed to this launcher is the launcher's, never a rank's.
         .env_remove(ferrospeed::comm::store::ENV_STORE_FD)
         .env(ferrospeed::comm::ENV_RDZV_TIMEOUT, plan.rdzv_timeout.to_string())

@@ -1,6 +1,7 @@
 //! Who am I in the job: rank, world size and master address from torchrun, Slurm or Open MPI variables.
 
 use super::error::CommError;
+use super::token::RdzvToken;
 
 /// Where the rank information came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,9 @@ pub struct WorldInfo {
     /// The launcher serves the store (`FERROSPEED_AGENT_STORE=1`); otherwise rank 0 serves it.
     pub agent_store: bool,
     pub source: EnvSource,
+    /// The job's rendezvous secret (`FERROSPEED_RDZV_TOKEN`), if given; see `comm/token.rs` for what
+    /// happens without it.
+    pub token: Option<RdzvToken>,
 }
 
 /// Set by `ferrospeed launch` when it serves the rendezvous store itself.
@@ -45,6 +49,7 @@ impl WorldInfo {
             master_port: 0,
             agent_store: false,
             source: EnvSource::Single,
+            token: None,
         }
     }
 
@@ -56,6 +61,7 @@ impl WorldInfo {
     /// Read rank information through `get` (the environment, or a map in tests).
     pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> Result<Self, CommError> {
         let agent_store = get(ENV_AGENT_STORE).is_some_and(|v| v == "1");
+        let token = RdzvToken::from_vars(&get)?;
         let info = if get("RANK").is_some() || get("WORLD_SIZE").is_some() {
             let rank = required_usize(&get, "RANK")?;
             let world_size = required_usize(&get, "WORLD_SIZE")?;
@@ -68,6 +74,7 @@ impl WorldInfo {
                 master_port: master_port(&get, world_size, None)?,
                 agent_store,
                 source: EnvSource::Torchrun,
+                token,
             }
         } else if get("OMPI_COMM_WORLD_RANK").is_some() {
             let world_size = required_usize(&get, "OMPI_COMM_WORLD_SIZE")?;
@@ -83,6 +90,7 @@ impl WorldInfo {
                 master_port: master_port(&get, world_size, Some(DEFAULT_PORT))?,
                 agent_store,
                 source: EnvSource::OpenMpi,
+                token,
             }
         } else if get("SLURM_PROCID").is_some() {
             let world_size = required_usize(&get, "SLURM_NTASKS")?;
@@ -99,6 +107,7 @@ impl WorldInfo {
                 master_port: master_port(&get, world_size, Some(port.unwrap_or(DEFAULT_PORT)))?,
                 agent_store,
                 source: EnvSource::Slurm,
+                token,
             }
         } else {
             Self::single()
@@ -259,6 +268,16 @@ mod tests {
         ])
         .unwrap_err();
         assert!(err.to_string().contains("MASTER_ADDR"), "{err}");
+    }
+
+    #[test]
+    fn the_rendezvous_token_comes_from_its_variable_and_a_bad_one_is_named() {
+        let base = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1")];
+        assert_eq!(from(&base).unwrap().token, None);
+        let w = from(&[&base[..], &[("FERROSPEED_RDZV_TOKEN", "0123456789abcdef0123\n")]].concat()).unwrap();
+        assert_eq!(w.token.as_ref().map(RdzvToken::expose), Some("0123456789abcdef0123"));
+        let err = from(&[&base[..], &[("FERROSPEED_RDZV_TOKEN", "abc")]].concat()).unwrap_err().to_string();
+        assert!(err.contains("FERROSPEED_RDZV_TOKEN") && err.contains("at least 16"), "{err}");
     }
 
     #[test]

@@ -24,6 +24,36 @@ pub enum CommError {
     #[error("rendezvous store at {addr}: {reason}")]
     Store { addr: String, reason: String },
 
+    #[error(
+        "{endpoint} refused this process's rendezvous token: give every node the same --rdzv-token (or \
+         FERROSPEED_RDZV_TOKEN, --rdzv-token-file)"
+    )]
+    TokenRefused { endpoint: String },
+
+    #[error(
+        "{endpoint} does not hold this job's rendezvous token ({reason}): is another job on that address? check \
+         MASTER_ADDR/MASTER_PORT and that every node has the same --rdzv-token"
+    )]
+    NotAuthentic { endpoint: String, reason: String },
+
+    #[error("{endpoint} has as many clients as it takes: is another job using MASTER_PORT?")]
+    StoreFull { endpoint: String },
+
+    #[error("authenticating with {endpoint} broke off: {reason}")]
+    AuthBroken { endpoint: String, reason: String },
+
+    #[error("no rendezvous token: {reason}")]
+    MissingToken { reason: String },
+
+    #[error("the rendezvous token from {origin} is unusable: {reason}")]
+    BadToken { origin: String, reason: String },
+
+    #[error("rendezvous token file {path}: {reason}")]
+    TokenFile { path: std::path::PathBuf, reason: String },
+
+    #[error("the operating system's random source failed: {reason}")]
+    Random { reason: String },
+
     #[error("rendezvous timed out on rank {rank} after {waited:.1?} waiting for {what}")]
     RendezvousTimeout { rank: usize, waited: Duration, what: String },
 

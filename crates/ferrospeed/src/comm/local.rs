@@ -1,8 +1,9 @@
-//! A world of ranks as threads of one process, each with its own TCP links and a private store:
-//! for tests and examples that need several ranks without launching processes.
+//! A world of ranks as threads of one process, each with its own TCP links and a private store (with a
+//! token of its own): for tests and examples that need several ranks without launching processes.
 
 use super::env::{EnvSource, WorldInfo};
-use super::store::StoreServer;
+use super::store::{StoreConfig, StoreServer};
+use super::token::RdzvToken;
 use super::tcp::TcpCommunicator;
 use super::{CommConfig, CommError};
 
@@ -13,12 +14,13 @@ pub fn run_local_world<R: Send>(
     cfg: &CommConfig,
     f: impl Fn(TcpCommunicator) -> R + Sync,
 ) -> Result<Vec<R>, CommError> {
-    let server = StoreServer::bind("127.0.0.1:0")?;
+    let token = RdzvToken::generate()?;
+    let server = StoreServer::bind("127.0.0.1:0", StoreConfig::new(token.clone(), world_size))?;
     let port = server.local_addr().port();
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..world_size)
             .map(|rank| {
-                let f = &f;
+                let (f, token) = (&f, token.clone());
                 s.spawn(move || {
                     let info = WorldInfo {
                         rank,
@@ -29,6 +31,7 @@ pub fn run_local_world<R: Send>(
                         master_port: port,
                         agent_store: true,
                         source: EnvSource::Torchrun,
+                        token: Some(token),
                     };
                     TcpCommunicator::connect(&info, cfg).map(f)
                 })

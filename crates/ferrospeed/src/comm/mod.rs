@@ -5,6 +5,7 @@
 //! the ranks that have not arrived. Reductions sum in rank order (0, 1, …, W−1) in f32, whatever the
 //! chunking, so `all_reduce` and `reduce_scatter` + `all_gather` agree bit for bit and runs repeat exactly.
 
+mod auth;
 mod buffer;
 mod config;
 mod element;
@@ -19,6 +20,7 @@ pub mod store;
 mod tcp;
 mod tcp_ops;
 mod tensor;
+mod token;
 mod wire;
 
 pub use buffer::{Buf, BufMut, DType};
@@ -31,6 +33,7 @@ pub use reduce::reference_reduce;
 pub use recorder::{FlightRecorder, OpRecord, OpStatus};
 pub use tcp::TcpCommunicator;
 pub use tensor::TensorCollectives;
+pub use token::{RdzvToken, ENV_RDZV_TOKEN};
 
 use std::fmt;
 

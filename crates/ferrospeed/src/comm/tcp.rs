@@ -9,10 +9,12 @@ use super::buffer::DType;
 use super::config::CommConfig;
 use super::env::WorldInfo;
 use super::error::CommError;
+use super::auth::{self, read_exact_until, Admission, Context};
 use super::recorder::FlightRecorder;
-use super::store::{StoreClient, StoreServer};
+use super::store::{StoreClient, StoreConfig, StoreServer};
+use super::token::{LocalTokenFile, RdzvToken, Secret};
 use super::OpKind;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -20,6 +22,8 @@ use std::time::{Duration, Instant};
 
 const HANDSHAKE_MAGIC: u32 = 0xFE55_0A11;
 const KEY_PREFIX: &str = "ferrospeed/";
+/// How long a connection to this rank's listening socket has to prove the job's secret and say who it is.
+const PEER_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A group of ranks connected pairwise over TCP; the CPU backend and the reference for all others.
 pub struct TcpCommunicator {
@@ -31,6 +35,8 @@ pub struct TcpCommunicator {
     state: Mutex<OpState>,
     store: Option<StoreClient>,
     reporter: Option<ProgressReporter>,
+    // Dropped before the server (fields drop in order): the file goes while the port is still ours.
+    _token_file: Option<LocalTokenFile>,
     _server: Option<StoreServer>,
 }
 
@@ -92,7 +98,9 @@ impl TcpCommunicator {
     ///
     /// Rank 0 serves the store unless the launcher does (`agent_store`). Every rank publishes a
     /// listening address, connects to the lower ranks and accepts the higher ones, then all ranks
-    /// run a barrier. Fails with a clear error if any step exceeds `cfg.rendezvous_timeout`.
+    /// run a barrier. Every connection, to the store and between ranks, first proves the job's secret
+    /// both ways (`Secret::for_world` says where it comes from). Fails with a clear error if any step
+    /// exceeds `cfg.rendezvous_timeout`.
     pub fn connect(world: &WorldInfo, cfg: &CommConfig) -> Result<Self, CommError> {
         let (rank, world_size) = (world.rank, world.world_size);
         let mut comm = Self {
@@ -103,18 +111,35 @@ impl TcpCommunicator {
             state: Mutex::new(OpState { next_seq: 0, poisoned: None, recorder: FlightRecorder::new(cfg.recorder_len) }),
             store: None,
             reporter: None,
+            _token_file: None,
             _server: None,
         };
         if world_size == 1 {
             return Ok(comm);
         }
         let start = Instant::now();
+        let mut secret = Secret::for_world(world)?;
         if rank == 0 && !world.agent_store {
             // Across nodes the store must be reachable from other hosts; on one node, keep it local.
-            let host = if world.local_world_size < world_size { "0.0.0.0" } else { world.master_addr.as_str() };
-            comm._server = Some(StoreServer::bind(&format!("{host}:{}", world.master_port))?);
+            let listener = if world.local_world_size < world_size {
+                StoreServer::listen_for_hosts(&world.master_addr, world.master_port)?
+            } else {
+                StoreServer::listen(&world.store_addr())?
+            };
+            let token = match &secret {
+                Secret::Token(token) => token.clone(),
+                Secret::LocalFile { port } => {
+                    // Written before the store answers anyone: a rank reads it once challenged.
+                    let token = RdzvToken::generate()?;
+                    comm._token_file = Some(LocalTokenFile::create(*port, &token)?);
+                    token
+                }
+            };
+            comm._server = Some(StoreServer::serve(listener, StoreConfig::new(token.clone(), world_size))?);
+            secret = Secret::Token(token);
         }
-        let store = StoreClient::connect(&world.store_addr(), cfg.rendezvous_timeout)?;
+        let store = StoreClient::connect_with(&world.store_addr(), &secret, cfg.rendezvous_timeout)?;
+        let token = store.token().clone();
         let left = |what: &str| {
             cfg.rendezvous_timeout.checked_sub(start.elapsed()).ok_or_else(|| CommError::RendezvousTimeout {
                 rank,
@@ -138,6 +163,8 @@ impl TcpCommunicator {
             })?;
             let addr = String::from_utf8_lossy(&addr).to_string();
             let mut stream = TcpStream::connect(&addr).map_err(|e| io_err(rank, &format!("connecting to rank {peer} at {addr}"), e))?;
+            auth::connect(&stream, &Secret::Token(token.clone()), Context::Peer, start + cfg.rendezvous_timeout)
+                .map_err(|e| auth::describe(e, &format!("rank {peer} at {addr}")))?;
             let mut hello = Vec::with_capacity(12);
             hello.extend_from_slice(&HANDSHAKE_MAGIC.to_le_bytes());
             hello.extend_from_slice(&(rank as u32).to_le_bytes());
@@ -152,10 +179,12 @@ impl TcpCommunicator {
             match listener.accept() {
                 Ok((stream, _)) => {
                     stream.set_nonblocking(false).map_err(|e| io_err(rank, "configuring a connection", e))?;
-                    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| io_err(rank, "configuring a connection", e))?;
+                    let deadline = (Instant::now() + PEER_AUTH_TIMEOUT).min(start + cfg.rendezvous_timeout);
                     let mut hello = [0u8; 12];
-                    if (&stream).read_exact(&mut hello).is_err() {
-                        continue; // not one of ours (a port scanner, a stale client): ignore it
+                    let ours = auth::accept(&stream, &token, Context::Peer, deadline, || Admission::Admit).is_ok()
+                        && read_exact_until(&stream, &mut hello, deadline).is_ok();
+                    if !ours {
+                        continue; // not one of ours (a port scanner, a stale client, no token): ignore it
                     }
                     let magic = u32::from_le_bytes(hello[0..4].try_into().expect("4 bytes"));
                     let peer = u32::from_le_bytes(hello[4..8].try_into().expect("4 bytes")) as usize;
@@ -187,7 +216,7 @@ impl TcpCommunicator {
                 Err(e) => return Err(io_err(rank, "accepting connections", e)),
             }
         }
-        let reporter_store = StoreClient::connect(&world.store_addr(), cfg.rendezvous_timeout)?;
+        let reporter_store = StoreClient::connect(&world.store_addr(), &token, left("the store")?)?;
         comm.reporter = Some(ProgressReporter::spawn(reporter_store, rank));
         comm.store = Some(store);
         // Everyone is connected to everyone once this returns.
