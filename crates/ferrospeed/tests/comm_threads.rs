@@ -393,3 +393,48 @@ fn sums_do_not_depend_on_chunking() {
         assert_eq!(differences(&a[333..777], &b), None);
     }
 }
+
+#[test]
+fn a_stranger_claiming_a_ranks_place_on_a_link_is_ignored() {
+    use ferrospeed::comm::store::{StoreClient, StoreConfig, StoreServer};
+    use ferrospeed::comm::{EnvSource, RdzvToken};
+    use ferrospeed::WorldInfo;
+    use std::io::Write;
+    let token = RdzvToken::generate().unwrap();
+    let server = StoreServer::bind("127.0.0.1:0", StoreConfig::new(token.clone(), 2)).unwrap();
+    let port = server.local_addr().port();
+    let world = |rank| WorldInfo {
+        rank,
+        world_size: 2,
+        local_rank: rank,
+        local_world_size: 2,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+        agent_store: true,
+        source: EnvSource::Torchrun,
+        token: Some(token.clone()),
+    };
+    let cfg = CommConfig { timeout: Duration::from_secs(20), rendezvous_timeout: Duration::from_secs(60), ..CommConfig::default() };
+    let sum = |c: TcpCommunicator| {
+        let mut v = [c.rank() as f32 + 1.0];
+        c.all_reduce_slice(&mut v, ReduceOp::Sum).map(|()| v[0])
+    };
+    std::thread::scope(|s| {
+        let rank0 = s.spawn(|| TcpCommunicator::connect(&world(0), &cfg).and_then(sum));
+        // Rank 0 now listens for rank 1: a stranger gets there first with the greeting rank 1 would
+        // send (magic, rank 1, world 2), padded to the length of an answer to the challenge.
+        let watcher = StoreClient::connect(&server.local_addr().to_string(), &token, Duration::from_secs(10)).unwrap();
+        let addr = watcher.wait("ferrospeed/addr/0", Duration::from_secs(60)).unwrap().expect("rank 0 publishes its address");
+        let stranger = std::net::TcpStream::connect(String::from_utf8(addr).unwrap()).unwrap();
+        let mut hello = Vec::new();
+        for word in [0xFE55_0A11u32, 1, 2] {
+            hello.extend_from_slice(&word.to_le_bytes());
+        }
+        hello.resize(64, 0);
+        (&stranger).write_all(&hello).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        let rank1 = s.spawn(|| TcpCommunicator::connect(&world(1), &cfg).and_then(sum));
+        let (r0, r1) = (rank0.join().unwrap(), rank1.join().unwrap());
+        assert_eq!((r0.unwrap(), r1.unwrap()), (3.0, 3.0), "the real rank 1 joined, not the stranger");
+    });
+}
