@@ -314,3 +314,172 @@ fn each_launch_gives_its_ranks_a_fresh_token_in_their_environment_only() {
         .collect();
     assert_ne!(tokens[0], tokens[1], "every launch makes its own");
 }
+
+/// A field of `/proc/PID/status` in kB (`VmHWM`, `VmRSS`) or as a count (`Threads`).
+fn proc_status(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(&format!("{field}:")))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The rendezvous store's command frame as the first protocol took it: `cmd ‖ len ‖ key ‖ arg ‖ len ‖ value`.
+fn store_command(cmd: u8, key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut msg = vec![cmd];
+    msg.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    msg.extend_from_slice(key);
+    msg.extend_from_slice(&0u64.to_le_bytes());
+    msg.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    msg.extend_from_slice(value);
+    msg
+}
+
+/// Read until the peer closes `conn` or `limit` passes; whether it closed.
+fn closed_within(mut conn: &std::net::TcpStream, limit: Duration) -> bool {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 4096];
+    while start.elapsed() < limit {
+        conn.set_read_timeout(Some(limit.saturating_sub(start.elapsed()).max(Duration::from_millis(1)))).unwrap();
+        match conn.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return false,
+            Err(_) => return true, // reset: closed with our bytes unread
+        }
+    }
+    false
+}
+
+#[test]
+fn a_jobs_store_shrugs_off_garbage_idle_connections_huge_claims_and_a_forged_failure() {
+    use std::io::Write;
+    use std::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), TINY, "steps = 30\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 1");
+    let quiet = train(2, &config, &dir.path().join("quiet"), &[]);
+
+    let store = listener();
+    let addr = store.local_addr().unwrap();
+    let track = dir.path().join("attacked");
+    let mut cmd = train_command(2, &config, &track, &[]);
+    hand_over(&mut cmd, &store);
+    let child = start(&mut cmd);
+    // The port is the launcher's alone now: if the attack stops the job, connecting fails at once.
+    drop(store);
+    let launcher = child.id();
+    // If an assertion fails while the ranks are paused, kill the launcher (its guard takes the ranks).
+    struct KillOnPanic(u32);
+    impl Drop for KillOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+            }
+        }
+    }
+    let cleanup = KillOnPanic(launcher);
+    // Peak memory and threads of the launcher, sampled until it exits.
+    let sampler = std::thread::spawn(move || {
+        let (mut hwm, mut threads) = (0, 0);
+        while let (Some(h), Some(t)) = (proc_status(launcher, "VmHWM"), proc_status(launcher, "Threads")) {
+            (hwm, threads) = (hwm.max(h), threads.max(t));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (hwm, threads)
+    });
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(track.join("metrics.jsonl")).map_or(0, |m| m.lines().count()) < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(120), "training did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The ranks pause mid-training, so the whole attack lands on a live job however fast this machine is.
+    let ranks: Vec<i32> = (0..2).map(|r| rank_pid(launcher, r).expect("the ranks are running")).collect();
+    for pid in &ranks {
+        unsafe { libc::kill(*pid, libc::SIGSTOP) };
+    }
+    let base_threads = proc_status(launcher, "Threads").unwrap();
+    const GONE: &str = "the store is gone: the attack stopped the job";
+
+    // 1. Garbage.
+    let mut noise = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..5 {
+        let conn = TcpStream::connect(addr).expect(GONE);
+        let bytes: Vec<u8> = (0..65536).map(|_| {
+            noise ^= noise << 13;
+            noise ^= noise >> 7;
+            noise ^= noise << 17;
+            noise as u8
+        }).collect();
+        let _ = (&conn).write_all(&bytes);
+        assert!(closed_within(&conn, Duration::from_secs(30)), "garbage kept a connection open");
+    }
+    // 2. A well-formed SET of the failure key, without the secret: as the old protocol took it, and after
+    //    a made-up answer to the challenge.
+    let forged = store_command(1, b"ferrospeed/launch/failed", b"rank 1 (pid 1) exited with code 1");
+    for answer in [&[][..], &[7u8; 64][..]] {
+        let conn = TcpStream::connect(addr).expect(GONE);
+        let _ = (&conn).write_all(&[answer, &forged[..]].concat());
+        assert!(closed_within(&conn, Duration::from_secs(30)), "a forged SET kept its connection open");
+    }
+    // 3. Forty connections claiming 60 MB fields (after a made-up answer) and sending 8 MB of them,
+    //    held open together.
+    let claims: Vec<TcpStream> = (0..40)
+        .map(|i| {
+            let conn = TcpStream::connect(addr).expect(GONE);
+            let key_claim = if i % 2 == 0 { 60u32 << 20 } else { 3 };
+            let mut head = vec![7u8; 64];
+            head.push(1);
+            head.extend_from_slice(&key_claim.to_le_bytes());
+            if key_claim == 3 {
+                head.extend_from_slice(b"big");
+                head.extend_from_slice(&0u64.to_le_bytes());
+                head.extend_from_slice(&(60u32 << 20).to_le_bytes());
+            }
+            conn.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+            let chunk = vec![0xAB; 64 << 10];
+            if (&conn).write_all(&head).is_ok() {
+                for _ in 0..128 {
+                    if (&conn).write_all(&chunk).is_err() {
+                        break;
+                    }
+                }
+            }
+            conn
+        })
+        .collect();
+    // 4. A hundred idle connections, held open together.
+    let idle: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(addr).expect(GONE)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let attack_threads = proc_status(launcher, "Threads").unwrap();
+    // The store drops what does not authenticate within its few seconds.
+    let start = std::time::Instant::now();
+    for conn in idle.iter().chain(&claims) {
+        assert!(closed_within(conn, Duration::from_secs(60)), "an idle connection is still open after {:?}", start.elapsed());
+    }
+    let dropped_after = start.elapsed();
+    drop((idle, claims));
+    // Nothing above stopped the job: the paused ranks are alive (the launcher would have killed them
+    // after its 3 s grace), and carry on.
+    for pid in &ranks {
+        assert!(alive(*pid), "rank {pid} was stopped by the attack");
+    }
+    // Our own client with another job's token is refused too, in one line.
+    let stranger = ferrospeed::comm::RdzvToken::new("0123456789abcdef0123456789abcdef", "test").unwrap();
+    let err = ferrospeed::comm::store::StoreClient::connect(&addr.to_string(), &stranger, Duration::from_secs(30)).err().expect("refused");
+    assert!(err.to_string().contains("refused this process's rendezvous token"), "{err}");
+    for pid in &ranks {
+        unsafe { libc::kill(*pid, libc::SIGCONT) };
+    }
+    std::mem::forget(cleanup); // `finish` reaps the launcher: its pid is no longer ours to signal
+    let f = finish(child, Duration::from_secs(300));
+    let (hwm_kb, peak_threads) = sampler.join().unwrap();
+    eprintln!(
+        "launcher: VmHWM {:.1} MB, threads {base_threads} before the attack, {attack_threads} under it (peak {peak_threads}); \
+         idle connections dropped within {dropped_after:?}",
+        hwm_kb as f64 / 1024.0
+    );
+    assert!(f.status.success(), "the attacked job failed:\n{}\n{}", f.stdout, f.stderr);
+    assert!(!f.stderr.contains("another node reported"), "{}", f.stderr);
+    assert_eq!(bits(&metrics(&track)), bits(&quiet), "the attacked run's losses differ from the quiet run's");
+    assert!(hwm_kb > 0 && hwm_kb < 100 * 1024, "the launcher's peak RSS is {hwm_kb} kB");
+    assert!(attack_threads <= base_threads + 64 + 1, "{attack_threads} threads under attack, {base_threads} before");
+}
