@@ -837,6 +837,22 @@ mod tests {
     }
 
     #[test]
+    fn a_store_for_several_hosts_listens_on_the_master_addresss_interface_when_it_is_this_hosts() {
+        let ip = |l: TcpListener| l.local_addr().unwrap().ip();
+        // A loopback alias, or an address that is not this host's (behind NAT): every interface.
+        assert!(ip(StoreServer::listen_for_hosts("127.0.0.1", 0).unwrap()).is_unspecified());
+        assert!(ip(StoreServer::listen_for_hosts("203.0.113.254", 0).unwrap()).is_unspecified());
+        // One of this host's own addresses (the one its default route leaves by, if it has one).
+        let probe = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        match probe.connect("203.0.113.254:9").and_then(|()| probe.local_addr()) {
+            Ok(own) if !own.ip().is_loopback() => {
+                assert_eq!(ip(StoreServer::listen_for_hosts(&own.ip().to_string(), 0).unwrap()), own.ip());
+            }
+            _ => eprintln!("no route off this host: only loopback and foreign addresses checked"),
+        }
+    }
+
+    #[test]
     fn unresolvable_host_names_the_address() {
         let err = StoreClient::connect("no-such-host.invalid:1234", &token(), Duration::from_secs(1)).err().unwrap();
         assert!(err.to_string().contains("no-such-host.invalid:1234"), "{err}");
