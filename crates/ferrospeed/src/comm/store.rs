@@ -825,10 +825,13 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let addr = format!("127.0.0.1:{port}");
-        let member = thread::spawn(move || StoreClient::connect_with(&addr, &Secret::LocalFile { port }, Duration::from_secs(30)));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("tokens");
+        let secret = Secret::LocalFile { dir: dir.clone(), port };
+        let member = thread::spawn(move || StoreClient::connect_with(&addr, &secret, Duration::from_secs(30)));
         thread::sleep(Duration::from_millis(300));
         let t = token();
-        let _file = super::super::token::LocalTokenFile::create(port, &t).unwrap();
+        let _file = super::super::token::LocalTokenFile::create(&dir, port, &t).unwrap();
         let server = StoreServer::serve(listener, StoreConfig::new(t.clone(), 2)).unwrap();
         let c = member.join().unwrap().unwrap();
         assert_eq!(c.token(), &t);

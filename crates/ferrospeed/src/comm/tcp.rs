@@ -128,10 +128,10 @@ impl TcpCommunicator {
             };
             let token = match &secret {
                 Secret::Token(token) => token.clone(),
-                Secret::LocalFile { port } => {
+                Secret::LocalFile { dir, port } => {
                     // Written before the store answers anyone: a rank reads it once challenged.
                     let token = RdzvToken::generate()?;
-                    comm._token_file = Some(LocalTokenFile::create(*port, &token)?);
+                    comm._token_file = Some(LocalTokenFile::create(dir, *port, &token)?);
                     token
                 }
             };

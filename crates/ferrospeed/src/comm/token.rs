@@ -106,9 +106,10 @@ pub(crate) fn fill_random(buf: &mut [u8]) -> Result<(), CommError> {
 pub(crate) enum Secret {
     /// Known from the start.
     Token(RdzvToken),
-    /// In the per-user token file of this host's store on `port`, written by rank 0 before its store
-    /// answers anyone: read after the store's challenge arrives.
-    LocalFile { port: u16 },
+    /// In the token file of this host's store on `port`, in the private folder `dir`
+    /// ([`host_token_dir`]), written by rank 0 before its store answers anyone: read after the store's
+    /// challenge arrives.
+    LocalFile { dir: PathBuf, port: u16 },
 }
 
 impl Secret {
@@ -134,14 +135,14 @@ impl Secret {
                 ),
             });
         }
-        Ok(Self::LocalFile { port: world.master_port })
+        Ok(Self::LocalFile { dir: host_token_dir(), port: world.master_port })
     }
 
     /// The token itself (reads the file of [`Secret::LocalFile`]).
     pub(crate) fn resolve(&self) -> Result<RdzvToken, CommError> {
         match self {
             Self::Token(t) => Ok(t.clone()),
-            Self::LocalFile { port } => read_local_token(*port),
+            Self::LocalFile { dir, port } => read_local_token(dir, *port),
         }
     }
 }
@@ -154,9 +155,10 @@ pub(crate) struct LocalTokenFile {
 }
 
 impl LocalTokenFile {
-    /// Write `token` as the token of this host's store on `port` (replacing any older file).
-    pub(crate) fn create(port: u16, token: &RdzvToken) -> Result<Self, CommError> {
-        let dir = private_dir(true)?;
+    /// Write `token` as the token of this host's store on `port` into the private folder `dir`, made
+    /// if missing (replacing any older file).
+    pub(crate) fn create(dir: &Path, port: u16, token: &RdzvToken) -> Result<Self, CommError> {
+        check_private_dir(dir, true)?;
         let path = dir.join(format!("rdzv-{port}.token"));
         let fail = |e: std::io::Error| CommError::TokenFile { path: path.clone(), reason: e.to_string() };
         // A fresh file of mode 0600 renamed into place: a reader sees the old token or the new, whole.
@@ -184,9 +186,9 @@ impl Drop for LocalTokenFile {
     }
 }
 
-/// The token of this host's store on `port`, from the file its rank 0 wrote.
-fn read_local_token(port: u16) -> Result<RdzvToken, CommError> {
-    let dir = private_dir(false)?;
+/// The token of this host's store on `port`, from the file its rank 0 wrote into `dir`.
+fn read_local_token(dir: &Path, port: u16) -> Result<RdzvToken, CommError> {
+    check_private_dir(dir, false)?;
     let path = dir.join(format!("rdzv-{port}.token"));
     let fail = |reason: String| CommError::TokenFile {
         path: path.clone(),
@@ -207,27 +209,33 @@ fn read_local_token(port: u16) -> Result<RdzvToken, CommError> {
     RdzvToken::new(&text, &path.display().to_string())
 }
 
-/// `$TMPDIR/ferrospeed-<uid>`: a folder only this user can enter (made so when `create`), refused if
-/// anyone else owns it or can read it.
-fn private_dir(create: bool) -> Result<PathBuf, CommError> {
+/// `$TMPDIR/ferrospeed-<uid>`: where ranks of one host without a launcher keep their store's token.
+pub(crate) fn host_token_dir() -> PathBuf {
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
-    let dir = std::env::temp_dir().join(format!("ferrospeed-{me}"));
-    let fail = |reason: String| CommError::TokenFile { path: dir.clone(), reason };
+    std::env::temp_dir().join(format!("ferrospeed-{me}"))
+}
+
+/// Refuse `dir` unless it is a folder of this user that nobody else can enter (made so when `create`
+/// and missing): anyone who could write there could plant a token of their own.
+fn check_private_dir(dir: &Path, create: bool) -> Result<(), CommError> {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let fail = |reason: String| CommError::TokenFile { path: dir.to_path_buf(), reason };
     if create {
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        match std::fs::DirBuilder::new().mode(0o700).create(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(fail(format!("cannot create it ({e})"))),
         }
     }
-    let meta = std::fs::symlink_metadata(&dir).map_err(|e| fail(format!("cannot read it ({e})")))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| fail(format!("cannot read it ({e})")))?;
     if !meta.is_dir() || meta.uid() != me || meta.permissions().mode() & 0o077 != 0 {
         return Err(fail(format!(
             "it must be a folder of this user that nobody else can open (mode 700); remove it or set {ENV_RDZV_TOKEN}"
         )));
     }
-    Ok(dir)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -277,7 +285,7 @@ mod tests {
     fn the_secret_comes_from_the_token_then_the_host_and_never_from_nothing_across_hosts() {
         let t = RdzvToken::generate().unwrap();
         assert!(matches!(Secret::for_world(&world(1, 4, 2, Some(t.clone()))).unwrap(), Secret::Token(x) if x == t));
-        assert!(matches!(Secret::for_world(&world(1, 4, 4, None)).unwrap(), Secret::LocalFile { port: 1 }));
+        assert!(matches!(Secret::for_world(&world(1, 4, 4, None)).unwrap(), Secret::LocalFile { port: 1, dir } if dir == host_token_dir()));
         let err = Secret::for_world(&world(1, 4, 2, None)).unwrap_err().to_string();
         assert!(err.contains("span several hosts") && err.contains(ENV_RDZV_TOKEN), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
@@ -289,21 +297,26 @@ mod tests {
 
     #[test]
     fn rank_0_writes_the_host_token_file_privately_and_removes_it() {
-        // A port no store of this test binary uses: the file's name is keyed by it.
-        let port = 1;
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, port) = (tmp.path().join("tokens"), 29500);
+        let secret = Secret::LocalFile { dir: dir.clone(), port };
         let token = RdzvToken::generate().unwrap();
-        let file = LocalTokenFile::create(port, &token).unwrap();
-        let meta = std::fs::metadata(&file.path).unwrap();
-        assert_eq!(meta.mode() & 0o777, 0o600);
-        assert_eq!(std::fs::metadata(file.path.parent().unwrap()).unwrap().mode() & 0o777, 0o700);
-        assert_eq!(Secret::LocalFile { port }.resolve().unwrap(), token);
+        let file = LocalTokenFile::create(&dir, port, &token).unwrap();
+        assert_eq!(std::fs::metadata(&file.path).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(secret.resolve().unwrap(), token);
         // A newer job on the port replaces it whole.
         let newer = RdzvToken::generate().unwrap();
-        let file2 = LocalTokenFile::create(port, &newer).unwrap();
-        assert_eq!(Secret::LocalFile { port }.resolve().unwrap(), newer);
+        let file2 = LocalTokenFile::create(&dir, port, &newer).unwrap();
+        assert_eq!(secret.resolve().unwrap(), newer);
         drop(file2);
-        let err = Secret::LocalFile { port }.resolve().unwrap_err().to_string();
-        assert!(err.contains("rdzv-1.token") && err.contains(ENV_RDZV_TOKEN), "{err}");
+        let err = secret.resolve().unwrap_err().to_string();
+        assert!(err.contains("rdzv-29500.token") && err.contains(ENV_RDZV_TOKEN), "{err}");
         drop(file);
+        // A folder others can enter is refused on both sides: someone could have planted a token there.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = LocalTokenFile::create(&dir, port, &token).unwrap_err().to_string();
+        assert!(err.contains("mode 700") && err.contains(ENV_RDZV_TOKEN), "{err}");
+        assert!(secret.resolve().unwrap_err().to_string().contains("mode 700"));
     }
 }
