@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 use support::*;
 
@@ -120,12 +119,7 @@ fn bad_sampling_settings_are_one_line_naming_the_flag_and_the_value() {
 
 #[test]
 fn smollm2_answers_from_its_gguf_file() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.is_file() {
-        assert!(std::env::var("FERROSPEED_REQUIRE_SMOLLM2").is_err(), "{} is missing: run scripts/fetch-smollm2.sh", path.display());
-        eprintln!("SKIPPED smollm2_answers_from_its_gguf_file: {} is missing", path.display());
-        return;
-    }
+    let Some(path) = smollm2() else { return };
     let f = generate(&["--model", path.to_str().unwrap(), "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "20"]);
     // What transformers answers (greedy, the same prompt through apply_chat_template), stopping at the
     // same EOS (bench/results/finetune-2026-12-01.md): 7 tokens of text and <|im_end|>, not printed.
