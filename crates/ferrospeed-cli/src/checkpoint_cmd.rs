@@ -99,13 +99,14 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The files of an exported directory besides the weights: `config.json` (the run's resolved model,
-/// in `torch_dtype`), and the tokenizer files of the run's tokenizer or model directory.
+/// The files of an exported directory besides the weights: `config.json` (the one the run recorded:
+/// its source's own, or the model's shape; in `torch_dtype`), and the tokenizer files of the run's
+/// tokenizer or model directory.
 pub(crate) fn dir_files(meta: &Meta, torch_dtype: &str) -> Result<Vec<(String, Vec<u8>)>> {
     let mut config = meta.run.get("hf_config").cloned().ok_or_else(|| {
         usage_error("this checkpoint does not record its model's config.json (saved before HuggingFace export existed): export to a FILE.safetensors instead")
     })?;
-    config["torch_dtype"] = torch_dtype.into();
+    ferrospeed_models::hf::set_dtype(&mut config, torch_dtype);
     let mut files = vec![("config.json".to_string(), serde_json::to_vec_pretty(&config)?)];
     let from = |key: &str| meta.run.get(key).and_then(|v| v.as_str()).map(std::path::PathBuf::from);
     // The model directory's tokenizer files, with the run's own tokenizer.json (model.tokenizer) first.

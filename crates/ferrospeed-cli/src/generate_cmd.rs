@@ -15,7 +15,7 @@ use ferrospeed_models::gpt::infer::GptInfer;
 use ferrospeed_models::infer::{Generator, Sampler};
 use ferrospeed_models::llama::infer::LlamaInfer;
 use ferrospeed_models::prepared::{ChatTemplate, Message};
-use ferrospeed_models::Tokenizer;
+use ferrospeed_models::{Family, Gpt, Llama, Tokenizer};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -79,14 +79,30 @@ const DEFAULT_CONTEXT: usize = 4096;
 const MAX_CONTEXT: usize = 32_768;
 
 /// The model's shape, weights and tokenizer, from whichever source `path` is; Llama contexts are the
-/// model's own (`llama.context_length`, `max_position_embeddings`), at most [`MAX_CONTEXT`].
+/// model's own (`llama.context_length`, `max_position_embeddings`), at most [`MAX_CONTEXT`]. The
+/// weights are checked against the shape as `train` checks them: every tensor there with its shape,
+/// none left unused.
 fn open(path: &Path, tmp: &tempfile::TempDir) -> Result<(HfModel, WeightFiles, Tokenizer)> {
+    let (cfg, weights, tok) = open_unchecked(path, tmp)?;
+    let family = match cfg {
+        HfModel::Llama(c) => Family::Llama(Llama::new(c)),
+        HfModel::Gpt(c) => Family::Gpt(Gpt::new(c)),
+    };
+    if let Some(note) = family.check_inputs(Some(&weights), &tok, "the weights of --model").map_err(usage_error)? {
+        eprintln!("warning: {note}");
+    }
+    let files = WeightFiles::open(&weights).map_err(|e| usage_error(format!("--model {}: {e}", path.display())))?;
+    Ok((cfg, files, tok))
+}
+
+/// [`open`] before the check: the shape, where the weights are, the tokenizer.
+fn open_unchecked(path: &Path, tmp: &tempfile::TempDir) -> Result<(HfModel, PathBuf, Tokenizer)> {
     let bad = |e: String| usage_error(format!("--model {}: {e}", path.display()));
     if path.extension().is_some_and(|e| e == "gguf") {
         let g = GgufFile::open(path).map_err(|e| bad(e.reason))?;
         let cfg = g.llama_config(g.context_length().unwrap_or(DEFAULT_CONTEXT).min(MAX_CONTEXT)).map_err(|e| bad(e.reason))?;
         let tok = g.tokenizer().map_err(|e| bad(e.reason))?;
-        return Ok((HfModel::Llama(cfg), WeightFiles::open(path).map_err(|e| bad(e.to_string()))?, tok));
+        return Ok((HfModel::Llama(cfg), path.to_path_buf(), tok));
     }
     let dir = if path.join("config.json").is_file() {
         path.to_path_buf()
@@ -117,7 +133,7 @@ fn open(path: &Path, tmp: &tempfile::TempDir) -> Result<(HfModel, WeightFiles, T
     } else {
         return Err(bad(format!("no tokenizer.json for its vocabulary of {vocab} (the run's tokenizer files were moved or deleted?): copy the model's tokenizer files beside its config.json")));
     };
-    Ok((cfg, WeightFiles::open(&dir).map_err(|e| bad(e.to_string()))?, tok))
+    Ok((cfg, dir, tok))
 }
 
 pub fn run(args: GenerateArgs) -> Result<ExitCode> {

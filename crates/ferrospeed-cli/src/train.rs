@@ -38,10 +38,13 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let cfg = Config::load(&args.config, &args.overrides).map_err(|e| usage_error(e.to_string()))?;
     let (family, tokenizer) = Family::from_config(&cfg.model).map_err(|e| usage_error(e.to_string()))?;
-    family.check_inputs(cfg.model.init_from.as_deref(), &tokenizer).map_err(usage_error)?;
+    let ignored = family.check_inputs(cfg.model.init_from.as_deref(), &tokenizer, "model.init_from").map_err(usage_error)?;
     let model = family.model()?;
     // Before anything is allocated or written: does the config fit this machine?
     let world = ferrospeed::WorldInfo::from_env()?;
+    if let Some(note) = ignored.filter(|_| world.rank == 0) {
+        eprintln!("warning: {note}");
+    }
     let device = ferrospeed::device::select(cfg.train.device, world.local_rank).map_err(usage_error)?;
     let estimate = crate::estimate_cmd::check_fits(&cfg, &family, &model, &device, &world)?;
     let oom = |phase: &'static str| move |e| crate::estimate_cmd::out_of_memory(e, phase, &estimate);
@@ -75,14 +78,16 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
     let mut acc = Accelerator::new(&cfg, Options { run_name: config_stem(&args.config), track: true }).map_err(accel_error)?;
     let (rank, world_size, device) = (acc.rank(), acc.world_size(), acc.device().clone());
-    // What `checkpoint export` needs to write a transformers directory later.
-    let mut hf_config = family.config_json("float32");
-    // The special tokens' ids, so that transformers' generate stops where ours does.
+    // What `checkpoint export` needs to write a transformers directory later: the source's own
+    // config.json (every key), or the shape of a model from a GGUF file or from scratch.
+    let mut hf_config = family.export_config(cfg.model.init_from.as_deref(), "float32").map_err(|e| usage_error(e.to_string()))?;
+    // The special tokens' ids where the config names none, so that transformers' generate stops where ours does.
     let specials = tokenizer.specials();
-    if let Some((_, id)) = specials.eos {
+    let unset = |c: &serde_json::Value, k: &str| c.get(k).is_none_or(serde_json::Value::is_null);
+    if let Some((_, id)) = specials.eos.filter(|_| unset(&hf_config, "eos_token_id")) {
         hf_config["eos_token_id"] = id.into();
     }
-    if let Some(id) = specials.bos.as_deref().and_then(|b| tokenizer.token_id(b)) {
+    if let Some(id) = specials.bos.as_deref().and_then(|b| tokenizer.token_id(b)).filter(|_| unset(&hf_config, "bos_token_id")) {
         hf_config["bos_token_id"] = id.into();
     }
     acc.record("hf_config", hf_config);

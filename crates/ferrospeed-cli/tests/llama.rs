@@ -1,7 +1,10 @@
 //! The Llama family through `ferrospeed train` on CPU: bitwise across ZeRO stages 0–3 at world 1, 2
 //! and 3, within 1e-5 across world sizes, resume bit for bit; transformers directories (Llama, GPT-2)
 //! import and export (sharded, bf16) with the weights unchanged, and transformers loads the export
-//! where Python has it; bad model directories are refused in one line with nothing written.
+//! where Python has it; an export writes back its source's config.json key by key (architecture,
+//! positions, rope, biases) and tokenizer files byte for byte, and an old checkpoint's recorded config
+//! as before; bad model directories are refused in one line with nothing written, by `train` and by
+//! `generate`.
 
 mod support;
 
@@ -78,7 +81,13 @@ fn tensors(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
 
 /// Import `init_from`, train 0 steps (save the imported weights as a checkpoint) and export it.
 fn import_export(dir: &Path, init_from: &Path, out: &Path, export_args: &[&str]) {
-    let config = write_config(dir, &format!("seq_len = 8\ninit_from = \"{}\"\ntokenizer = \"{}\"", init_from.display(), tokenizer(dir).display()), "steps = 0\nglobal_batch = 2\nmicro_batch = 1\nwarmup = 0");
+    let model = format!("seq_len = 8\ninit_from = \"{}\"\ntokenizer = \"{}\"", init_from.display(), tokenizer(dir).display());
+    import_export_model(dir, &model, out, export_args);
+}
+
+/// [`import_export`] with the `[model]` keys `model`.
+fn import_export_model(dir: &Path, model: &str, out: &Path, export_args: &[&str]) {
+    let config = write_config(dir, model, "steps = 0\nglobal_batch = 2\nmicro_batch = 1\nwarmup = 0");
     let ckpt = dir.join(format!("ckpt-{}", out.file_name().unwrap().to_string_lossy()));
     train(2, &config, &dir.join(format!("track-{}", out.file_name().unwrap().to_string_lossy())), &[format!("checkpoint.dir={}", ckpt.display()), "zero.stage=3".into()]);
     let mut cmd = ferrospeed();
@@ -197,4 +206,105 @@ fn bad_model_directories_are_refused_in_one_line_with_nothing_written() {
     // Explicit TOML keys that disagree with config.json name the key.
     refused(dir.path(), &fixture("gqa_untied"), &format!("{with_tok}\nn_layer = 3"), &["model.n_layer = 3", "num_hidden_layers = 2"]);
     refused(dir.path(), &fixture("gqa_untied"), &format!("{with_tok}\nn_kv_head = 4"), &["model.n_kv_head = 4", "num_key_value_heads = 2"]);
+}
+
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))).unwrap()
+}
+
+#[test]
+fn an_export_writes_back_the_source_config_json_and_tokenizer_files() {
+    let dir = tempfile::tempdir().unwrap();
+    // (fixture, export dtype): Qwen2 stays Qwen2ForCausalLM; Llama's biases, Llama 3 rope scaling, GPT-2.
+    for (variant, dtype, torch) in [("qwen2", "bf16", "bfloat16"), ("llama_attention_bias", "f32", "float32"), ("llama_mlp_bias", "f16", "float16"), ("gqa_llama3_rope", "bf16", "bfloat16"), ("gpt2", "f32", "float32")] {
+        // The source: the fixture as transformers saved it, with tokenizer files of its own.
+        let src = dir.path().join(format!("src-{variant}"));
+        copy_dir(&fixture(variant), &src);
+        std::fs::copy(tokenizer(dir.path()), src.join("tokenizer.json")).unwrap();
+        std::fs::write(src.join("tokenizer_config.json"), "{\"model_max_length\": 64, \"clean_up_tokenization_spaces\": false}\n").unwrap();
+        let out = dir.path().join(format!("out-{variant}"));
+        import_export_model(dir.path(), &format!("seq_len = 8\ninit_from = \"{}\"", src.display()), &out, &["--dtype", dtype]);
+        // config.json key by key: the fixture's (made by transformers) with one difference allowed,
+        // the element type of the export under the key the source used (5.x `dtype`).
+        let (want, got) = (read_json(&src.join("config.json")), read_json(&out.join("config.json")));
+        let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<std::collections::BTreeSet<_>>();
+        assert_eq!(keys(&got), keys(&want), "{variant}: the keys of config.json");
+        for key in keys(&want) {
+            let expected = if key == "dtype" { serde_json::json!(torch) } else { want[&key].clone() };
+            assert_eq!(got[&key], expected, "{variant}: config.json key {key}");
+        }
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            assert_eq!(std::fs::read(out.join(f)).unwrap(), std::fs::read(src.join(f)).unwrap(), "{variant}: {f} as the source's");
+        }
+        // f32: every tensor, the biases with the rest, bit for bit.
+        if dtype == "f32" {
+            assert_eq!(tensors(&out), tensors(&src.join("model.safetensors")), "{variant}: tensors");
+        }
+    }
+    let names: Vec<String> = tensors(&dir.path().join("out-llama_mlp_bias")).into_iter().map(|t| t.0).collect();
+    for b in ["mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"] {
+        assert!(names.contains(&format!("model.layers.1.{b}")), "the f16 export has {b}: {names:?}");
+    }
+    // transformers loads the bias exports and reproduces the fixtures' logits, where Python has it.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/make_hf_fixtures.py");
+    if std::process::Command::new("python3").args(["-c", "import transformers"]).output().is_ok_and(|o| o.status.success()) {
+        for variant in ["llama_attention_bias", "qwen2"] {
+            let out = std::process::Command::new("python3").arg(&script).arg("--check-export").arg(dir.path().join(format!("out-{variant}"))).arg(variant).output().unwrap();
+            assert!(out.status.success(), "transformers on the {variant} export:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+#[test]
+fn an_old_checkpoint_exports_its_recorded_config_as_before() {
+    // Checkpoints from before the source's config.json was recorded hold the model's shape in
+    // `run.hf_config` (max_position_embeddings = the training seq_len, `torch_dtype`): exported as it is,
+    // the element type set.
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    import_export(dir.path(), &fixture("gqa_untied"), &first, &["--dtype", "f32"]);
+    let ckpt = dir.path().join("ckpt-first");
+    let step = std::fs::read_dir(&ckpt).unwrap().flatten().map(|e| e.path()).find(|p| p.file_name().unwrap().to_string_lossy().starts_with("step-")).unwrap();
+    let old = serde_json::json!({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 4, "vocab_size": 64, "max_position_embeddings": 8,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": null, "tie_word_embeddings": false, "attention_bias": false, "mlp_bias": false,
+        "hidden_act": "silu", "initializer_range": 0.2, "torch_dtype": "float32", "use_cache": true});
+    let mut meta = read_json(&step.join("meta.json"));
+    meta["run"]["hf_config"] = old.clone();
+    std::fs::write(step.join("meta.json"), serde_json::to_vec_pretty(&meta).unwrap()).unwrap();
+    let out = dir.path().join("old-export");
+    let f = run(ferrospeed().args(["checkpoint", "export"]).arg(&ckpt).arg(&out), std::time::Duration::from_secs(60));
+    assert!(f.status.success(), "{}", f.stderr);
+    let mut want = old;
+    want["torch_dtype"] = "bfloat16".into();
+    assert_eq!(read_json(&out.join("config.json")), want);
+}
+
+#[test]
+fn generate_refuses_weights_its_config_json_does_not_describe() {
+    let dir = tempfile::tempdir().unwrap();
+    let generate = |model: &Path| run(ferrospeed().args(["generate", "--device", "cpu", "--max-tokens", "2", "--prompt", "the", "--model"]).arg(model), std::time::Duration::from_secs(60));
+    // The fixture with a tokenizer generates.
+    let good = dir.path().join("good");
+    copy_dir(&fixture("gqa_untied"), &good);
+    std::fs::copy(tokenizer(dir.path()), good.join("tokenizer.json")).unwrap();
+    let f = generate(&good);
+    assert!(f.status.success(), "{}", f.stderr);
+    // A config.json whose shape the tensors do not have: refused like train, naming the tensor.
+    let wrong = dir.path().join("wrong-shape");
+    copy_dir(&good, &wrong);
+    let text = std::fs::read_to_string(wrong.join("config.json")).unwrap().replace("\"intermediate_size\": 32", "\"intermediate_size\": 48");
+    std::fs::write(wrong.join("config.json"), text).unwrap();
+    let f = generate(&wrong);
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("mlp.gate_proj.weight has shape [32, 16] there but [48, 16]"), "{}", f.stderr);
+    // Biases the config does not ask for: refused naming the first, not silently dropped.
+    let biased = dir.path().join("biased");
+    copy_dir(&fixture("llama_attention_bias"), &biased);
+    std::fs::copy(tokenizer(dir.path()), biased.join("tokenizer.json")).unwrap();
+    let text = std::fs::read_to_string(biased.join("config.json")).unwrap().replace("\"attention_bias\": true", "\"attention_bias\": false");
+    std::fs::write(biased.join("config.json"), text).unwrap();
+    let f = generate(&biased);
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("model.layers.0.self_attn.") && f.stderr.contains("_proj.bias") && f.stderr.contains("does not use"), "{}", f.stderr);
 }

@@ -28,6 +28,14 @@ pub enum FamilyError {
     TooLong { seq_len: usize, positions: usize, path: String },
 }
 
+/// Tensors a model file may hold that the model does not use, and why that is harmless: buffers
+/// transformers recomputes or ignores on load (matched as name suffixes).
+pub const HARMLESS: &[(&str, &str)] = &[
+    (".rotary_emb.inv_freq", "rotary frequencies, recomputed from the config as transformers does"),
+    (".attn.bias", "GPT-2's causal-mask buffer, which transformers does not load"),
+    (".attn.masked_bias", "GPT-2's mask fill value, which transformers does not load"),
+];
+
 /// A model of one of the built-in families.
 #[derive(Debug, Clone)]
 pub enum Family {
@@ -119,9 +127,12 @@ impl Family {
         }
     }
 
-    /// Check before anything runs that `path` (a model directory or safetensors file) holds every
-    /// parameter of this model with its shape, and that `tokenizer`'s ids fit the vocabulary.
-    pub fn check_inputs(&self, init_from: Option<&Path>, tokenizer: &Tokenizer) -> Result<(), String> {
+    /// Check before anything runs that `path` (a model directory, safetensors or GGUF file) holds
+    /// every parameter of this model with its shape and nothing else, and that `tokenizer`'s ids fit
+    /// the vocabulary. A tensor the model would not use is an error naming it, except buffers that
+    /// transformers does not load either ([`HARMLESS`]): those come back as one warning line.
+    /// Messages name the path as `named = PATH` (`named`: how the user gave it, e.g. `model.init_from`).
+    pub fn check_inputs(&self, init_from: Option<&Path>, tokenizer: &Tokenizer, named: &str) -> Result<Option<String>, String> {
         let vocab = match self {
             Family::Gpt(g) => g.cfg.vocab_size,
             Family::Llama(l) => l.cfg.vocab_size,
@@ -132,30 +143,74 @@ impl Family {
                 tokenizer.vocab_size()
             ));
         }
-        let Some(path) = init_from else { return Ok(()) };
+        let Some(path) = init_from else { return Ok(None) };
         let files = ferrospeed::checkpoint::WeightFiles::open(path).map_err(|e| e.to_string())?;
         let model = self.model().map_err(|e| e.to_string())?;
         let name_of = self.names().map;
+        let mut used = std::collections::BTreeSet::new();
         for b in 0..model.num_blocks() {
             for spec in model.own_params(b) {
                 let name = name_of(&model.block_names()[b], &spec.name);
+                used.insert(name.clone());
                 match files.info(&name) {
-                    None => return Err(format!("model.init_from = {}: it has no tensor {name}; is it a model of this family?", path.display())),
+                    None => return Err(format!("{named} = {}: it has no tensor {name}; is it a model of this family?", path.display())),
                     Some(info) if info.shape != spec.shape => {
-                        return Err(format!("model.init_from = {}: {name} has shape {:?} there but {:?} in this model", path.display(), info.shape, spec.shape))
+                        return Err(format!("{named} = {}: {name} has shape {:?} there but {:?} in this model", path.display(), info.shape, spec.shape))
                     }
                     Some(_) => {}
                 }
             }
         }
-        Ok(())
+        let (mut ignored, mut unused) = (Vec::new(), Vec::new());
+        for name in files.names().filter(|n| !used.contains(*n)) {
+            match HARMLESS.iter().find(|(suffix, _)| name.ends_with(suffix)) {
+                Some(_) => ignored.push(name),
+                None => unused.push(name),
+            }
+        }
+        if let Some(first) = unused.first() {
+            let more = if unused.len() > 1 { format!(" (and {} more)", unused.len() - 1) } else { String::new() };
+            return Err(format!(
+                "{named} = {}: it has a tensor {first}{more} that this model does not use, so its weights would be silently dropped; is config.json right for these weights (attention_bias, mlp_bias, tie_word_embeddings)?",
+                path.display()
+            ));
+        }
+        Ok(ignored.first().map(|first| {
+            let why = HARMLESS.iter().find(|(s, _)| first.ends_with(s)).map_or("", |h| h.1);
+            let more = if ignored.len() > 1 { format!(" and {} more like it", ignored.len() - 1) } else { String::new() };
+            format!("{named} = {}: ignoring {first}{more} ({why})", path.display())
+        }))
+    }
+
+    /// The `config.json` an export of this model writes, for weights of `dtype`: a model started from
+    /// a transformers directory gets that directory's own `config.json` back, every key as it was
+    /// (architecture, `max_position_embeddings`, rope settings, keys ferrospeed does not read); one
+    /// from a GGUF file what transformers makes of it (`max_position_embeddings` its
+    /// `llama.context_length`); one trained from scratch its shape, with the positions it was trained
+    /// on (`model.seq_len`).
+    pub fn export_config(&self, init_from: Option<&Path>, dtype: &str) -> Result<serde_json::Value, FamilyError> {
+        let mut config = match (self, init_from) {
+            (_, Some(dir)) if dir.is_dir() => crate::hf::source_config(dir)?,
+            (Family::Llama(l), Some(file)) if file.extension().is_some_and(|e| e == "gguf") => {
+                let gguf = crate::gguf::GgufFile::open(file)?;
+                let positions = gguf.context_length().unwrap_or(l.cfg.seq_len);
+                let mut config = crate::hf::llama_config_json(&l.cfg, dtype, positions.max(l.cfg.seq_len));
+                for (key, id) in gguf.token_ids() {
+                    config[key] = id.into();
+                }
+                config
+            }
+            _ => self.config_json(dtype),
+        };
+        crate::hf::set_dtype(&mut config, dtype);
+        Ok(config)
     }
 
     /// The `config.json` of an export in `dtype` (`"bfloat16"`, `"float16"`, `"float32"`).
     pub fn config_json(&self, dtype: &str) -> serde_json::Value {
         match self {
             Family::Gpt(g) => crate::hf::gpt_config_json(&g.cfg, dtype),
-            Family::Llama(l) => crate::hf::llama_config_json(&l.cfg, dtype),
+            Family::Llama(l) => crate::hf::llama_config_json(&l.cfg, dtype, l.cfg.seq_len),
         }
     }
 }

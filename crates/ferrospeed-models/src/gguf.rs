@@ -60,6 +60,15 @@ impl GgufFile {
         meta_usize(&self.content, "llama.context_length")
     }
 
+    /// The special tokens' ids under transformers' `config.json` keys (`bos_token_id`, `eos_token_id`,
+    /// `pad_token_id`, `unk_token_id`), as its GGUF loader sets them from `tokenizer.ggml.*`.
+    pub fn token_ids(&self) -> Vec<(&'static str, usize)> {
+        [("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id"), ("unk_token_id", "unknown_token_id")]
+            .into_iter()
+            .filter_map(|(key, gguf)| meta_usize(&self.content, &format!("tokenizer.ggml.{gguf}")).map(|id| (key, id)))
+            .collect()
+    }
+
     /// The model's shape, for training `seq_len` positions.
     pub fn llama_config(&self, seq_len: usize) -> Result<LlamaConfig, GgufError> {
         let arch = meta_str(&self.content, "general.architecture").unwrap_or("(none)");
@@ -93,6 +102,8 @@ impl GgufFile {
             rms_norm_eps: self.f64_or("llama.attention.layer_norm_rms_epsilon", 1e-5),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
             attention_bias: self.content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+            o_proj_bias: self.content.tensor_infos.contains_key("blk.0.attn_output.bias"),
+            mlp_bias: self.content.tensor_infos.contains_key("blk.0.ffn_gate.bias"),
             initializer_range: 0.02,
         })
     }

@@ -67,7 +67,21 @@ pub fn read_config(dir: &Path, seq_len: usize) -> Result<HfModel, HfError> {
                     other => return Err(key("rope_scaling", &format!("rope_type \"{other}\" is not supported (\"default\" and \"llama3\" are)"))),
                 },
             };
-            let attention_bias = v["attention_bias"].as_bool().unwrap_or(arch.starts_with("Qwen2") || arch == "qwen2");
+            // Which projections have biases, as transformers builds each architecture: Llama's
+            // `attention_bias` gives q, k, v and o_proj theirs and `mlp_bias` gate, up and down; Qwen2
+            // always has q/k/v biases and no others; Mistral has none (it ignores both keys).
+            let (qwen2, mistral) = (arch.starts_with("Qwen2") || arch == "qwen2", arch.starts_with("Mistral") || arch == "mistral");
+            let llama_bias = |k: &str| -> Result<bool, HfError> {
+                match &v[k] {
+                    Value::Null => Ok(false),
+                    b => b.as_bool().ok_or_else(|| key(k, "expected true or false")),
+                }
+            };
+            let (attention_bias, o_proj_bias, mlp_bias) = match (qwen2, mistral) {
+                (true, _) => (true, false, false),
+                (_, true) => (false, false, false),
+                _ => (llama_bias("attention_bias")?, llama_bias("attention_bias")?, llama_bias("mlp_bias")?),
+            };
             Ok(HfModel::Llama(LlamaConfig {
                 n_layer: int("num_hidden_layers")?,
                 d_model: d,
@@ -82,6 +96,8 @@ pub fn read_config(dir: &Path, seq_len: usize) -> Result<HfModel, HfError> {
                 rms_norm_eps: v["rms_norm_eps"].as_f64().unwrap_or(1e-6),
                 tie_word_embeddings: v["tie_word_embeddings"].as_bool().unwrap_or(false),
                 attention_bias,
+                o_proj_bias,
+                mlp_bias,
                 initializer_range: v["initializer_range"].as_f64().unwrap_or(0.02),
             }))
         }
@@ -96,16 +112,20 @@ pub fn read_config(dir: &Path, seq_len: usize) -> Result<HfModel, HfError> {
     }
 }
 
-/// A `config.json` transformers 4.x and 5.x read as `LlamaForCausalLM`, for weights of `dtype`
-/// (`"bfloat16"`, `"float16"`, `"float32"`).
-pub fn llama_config_json(c: &LlamaConfig, dtype: &str) -> Value {
+/// A `config.json` transformers 4.x and 5.x read as this model, for weights of `dtype` (`"bfloat16"`,
+/// `"float16"`, `"float32"`) and `max_positions` positions (`max_position_embeddings`: the source's
+/// context, or the training `seq_len` of a model trained from scratch). `LlamaForCausalLM`, or
+/// `Qwen2ForCausalLM` for biases on q/k/v alone (Llama's `attention_bias` includes o_proj's).
+pub fn llama_config_json(c: &LlamaConfig, dtype: &str, max_positions: usize) -> Value {
     let rope_scaling = c.rope_scaling.map(|s| {
         json!({"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
                "original_max_position_embeddings": s.original_max_position_embeddings})
     });
+    let qwen2 = c.attention_bias && !c.o_proj_bias && !c.mlp_bias;
+    let (arch, model_type) = if qwen2 { ("Qwen2ForCausalLM", "qwen2") } else { ("LlamaForCausalLM", "llama") };
     json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [arch],
+        "model_type": model_type,
         "hidden_size": c.d_model,
         "intermediate_size": c.d_ff,
         "num_hidden_layers": c.n_layer,
@@ -113,18 +133,35 @@ pub fn llama_config_json(c: &LlamaConfig, dtype: &str) -> Value {
         "num_key_value_heads": c.n_kv_head,
         "head_dim": c.head_dim,
         "vocab_size": c.vocab_size,
-        "max_position_embeddings": c.rope_scaling.map_or(c.seq_len, |s| s.original_max_position_embeddings).max(c.seq_len),
+        "max_position_embeddings": max_positions,
         "rms_norm_eps": c.rms_norm_eps,
         "rope_theta": c.rope_theta,
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": c.tie_word_embeddings,
-        "attention_bias": c.attention_bias,
-        "mlp_bias": false,
+        "attention_bias": c.attention_bias || c.o_proj_bias,
+        "mlp_bias": c.mlp_bias,
         "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "pretraining_tp": 1,
         "initializer_range": c.initializer_range,
         "torch_dtype": dtype,
         "use_cache": true,
     })
+}
+
+/// Set the element type of an exported `config.json`: transformers 5.x's `dtype` where the config has
+/// it, else 4.x's `torch_dtype` (which 5.x reads too).
+pub fn set_dtype(config: &mut Value, dtype: &str) {
+    let key = if config.get("dtype").is_some() { "dtype" } else { "torch_dtype" };
+    config[key] = dtype.into();
+}
+
+/// A model directory's `config.json` as it is, every key kept (what an export of a model started from
+/// it writes back).
+pub fn source_config(dir: &Path) -> Result<Value, HfError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| HfError::Read { path: path.clone(), source })?;
+    serde_json::from_str(&text).map_err(|e| HfError::Json { path, reason: e.to_string() })
 }
 
 /// A GPT-2 `config.json` (`GPT2LMHeadModel`).
@@ -166,8 +203,46 @@ mod tests {
         assert_eq!(a, b);
         let HfModel::Llama(c) = a else { panic!("not llama") };
         assert_eq!((c.n_kv_head, c.head_dim, c.rope_theta, c.rope_scaling.unwrap().factor), (2, 16, 500000.0, 32.0));
-        write(dir.path(), llama_config_json(&c, "float32"));
+        write(dir.path(), llama_config_json(&c, "float32", 8192));
         assert_eq!(read_config(dir.path(), 32).unwrap(), HfModel::Llama(c));
+    }
+
+    #[test]
+    fn biases_follow_each_architecture_and_survive_a_written_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = json!({"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100});
+        let flags = |arch: &str, extra: Value| {
+            let mut v = base.clone();
+            v["architectures"] = json!([arch]);
+            extra.as_object().unwrap().iter().for_each(|(k, x)| v[k] = x.clone());
+            write(dir.path(), v);
+            match read_config(dir.path(), 32).unwrap() {
+                HfModel::Llama(c) => (c.attention_bias, c.o_proj_bias, c.mlp_bias),
+                HfModel::Gpt(_) => panic!("not llama"),
+            }
+        };
+        // transformers' LlamaAttention: attention_bias on q, k, v and o; LlamaMLP: mlp_bias on all three.
+        assert_eq!(flags("LlamaForCausalLM", json!({"attention_bias": true})), (true, true, false));
+        assert_eq!(flags("LlamaForCausalLM", json!({"mlp_bias": true})), (false, false, true));
+        assert_eq!(flags("LlamaForCausalLM", json!({})), (false, false, false));
+        // Qwen2: q/k/v always, nothing else; Mistral: none, whatever the keys say.
+        assert_eq!(flags("Qwen2ForCausalLM", json!({"mlp_bias": true})), (true, false, false));
+        assert_eq!(flags("MistralForCausalLM", json!({"attention_bias": true, "mlp_bias": true})), (false, false, false));
+        let mut bad = base.clone();
+        bad["architectures"] = json!(["LlamaForCausalLM"]);
+        bad["mlp_bias"] = json!("yes");
+        write(dir.path(), bad);
+        assert!(read_config(dir.path(), 32).unwrap_err().to_string().contains("mlp_bias"));
+        // Written for a model without a source config.json (a GGUF file's), read back the same, under
+        // the architecture that has those biases.
+        let c = LlamaConfig::tiny(2, 64, 4, 2, 100, 32);
+        for (attention_bias, o_proj_bias, mlp_bias, arch) in [(true, true, true, "LlamaForCausalLM"), (true, false, false, "Qwen2ForCausalLM"), (false, false, true, "LlamaForCausalLM")] {
+            let c = LlamaConfig { attention_bias, o_proj_bias, mlp_bias, ..c };
+            let v = llama_config_json(&c, "bfloat16", 4096);
+            assert_eq!((v["architectures"][0].as_str(), v["max_position_embeddings"].as_u64()), (Some(arch), Some(4096)));
+            write(dir.path(), v);
+            assert_eq!(read_config(dir.path(), 32).unwrap(), HfModel::Llama(c), "{arch}");
+        }
     }
 
     #[test]

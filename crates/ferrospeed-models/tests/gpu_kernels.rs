@@ -158,6 +158,9 @@ fn llama_blocks_forward_and_backward_match_the_cpu() {
     blocks_match_the_cpu(&dev, "llama", &ferrospeed_models::Llama::new(cfg).model().unwrap(), 256);
     let tied = ferrospeed_models::LlamaConfig { tie_word_embeddings: true, attention_bias: true, ..ferrospeed_models::LlamaConfig::tiny(1, 256, 4, 2, 300, 96) };
     blocks_match_the_cpu(&dev, "llama tied, biased", &ferrospeed_models::Llama::new(tied).model().unwrap(), 256);
+    // Llama's attention_bias (o_proj too) and mlp_bias: the fused bias kernels and column sums.
+    let all = ferrospeed_models::LlamaConfig { o_proj_bias: true, mlp_bias: true, ..tied };
+    blocks_match_the_cpu(&dev, "llama o_proj and mlp biases", &ferrospeed_models::Llama::new(all).model().unwrap(), 256);
     // A packed batch: positions restart at every document, attention stays inside it, a loss mask.
     blocks_match_the_cpu_packed(&dev, "llama packed", &ferrospeed_models::Llama::new(cfg).model().unwrap(), 256, true);
 }

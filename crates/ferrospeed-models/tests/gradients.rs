@@ -23,6 +23,7 @@ fn models() -> Vec<(String, Model, usize)> {
         ("llama gqa untied", base),
         ("llama mha tied", LlamaConfig { n_kv_head: 4, tie_word_embeddings: true, ..base }),
         ("llama gqa 4:1 bias", LlamaConfig { n_kv_head: 1, attention_bias: true, ..base }),
+        ("llama all biases", LlamaConfig { attention_bias: true, o_proj_bias: true, mlp_bias: true, ..base }),
         ("llama rope scaling", LlamaConfig { rope_scaling: Some(scaling), rope_theta: 100.0, ..base }),
     ];
     let mut out = vec![("gpt".to_string(), Gpt::new(CFG).model().unwrap(), CFG.d_model)];

@@ -1,9 +1,11 @@
 //! The Llama family and GPT-2 against HuggingFace transformers on CPU, from fixtures made by
 //! `fixtures/make_hf_fixtures.py`: tiny random `LlamaForCausalLM`s (grouped and plain K/V heads, tied
-//! and untied, Llama 3 rope scaling), a `Qwen2ForCausalLM` (q/k/v biases) and a `GPT2LMHeadModel`.
+//! and untied, Llama 3 rope scaling, `attention_bias` (q/k/v and o_proj biases), `mlp_bias`), a
+//! `Qwen2ForCausalLM` (q/k/v biases) and a `GPT2LMHeadModel`.
 //! Imported from the directory `save_pretrained` wrote, our blocks give the same logits and loss within
 //! 1e-5 and the same gradient for every parameter within 1e-4 (relative to its largest); `generate`'s
-//! forward with its key/value cache gives the same logits.
+//! forward with its key/value cache gives the same logits. An import uses every tensor of the files:
+//! one the model would not use is refused by name, known buffers (`rotary_emb.inv_freq`) are a warning.
 
 use candle_core::{DType, Device, Tensor, Var};
 use ferrospeed::checkpoint::WeightFiles;
@@ -139,6 +141,16 @@ fn llama3_rope_scaling_matches_transformers() {
 }
 
 #[test]
+fn llama_attention_bias_on_q_k_v_and_o_proj_matches_transformers() {
+    check("llama_attention_bias");
+}
+
+#[test]
+fn llama_mlp_bias_on_gate_up_and_down_matches_transformers() {
+    check("llama_mlp_bias");
+}
+
+#[test]
 fn qwen2_with_qkv_biases_matches_transformers() {
     check("qwen2");
 }
@@ -165,4 +177,86 @@ fn a_byte_level_bpe_tokenizer_json_encodes_as_the_tokenizers_library_does() {
         assert_eq!(ids, want, "ids of {text:?}");
         assert_eq!(tok.decode(&ids).unwrap(), case["decoded"].as_str().unwrap(), "decoding {text:?}");
     }
+}
+
+/// A safetensors file of f32 tensors.
+fn write_safetensors(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, shape, data) in tensors {
+        header.insert(name.clone(), serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + 4 * data.len()]}));
+        offset += 4 * data.len();
+    }
+    let mut json = serde_json::Value::Object(header).to_string().into_bytes();
+    json.resize(json.len().div_ceil(8) * 8, b' ');
+    let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(json);
+    for (_, _, data) in tensors {
+        bytes.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// A copy of fixture `variant` with `extra` tensors added to its weights.
+fn fixture_with(variant: &str, extra: &[(&str, Vec<usize>)], into: &std::path::Path) -> PathBuf {
+    let src = fixture(variant);
+    let dir = into.join(variant);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut files = WeightFiles::open(&src).unwrap();
+    let names: Vec<String> = files.names().map(str::to_string).collect();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = names.iter().map(|n| { let (v, s) = read_all(&mut files, n); (n.clone(), s, v) }).collect();
+    for (name, shape) in extra {
+        tensors.push((name.to_string(), shape.clone(), vec![0.5; shape.iter().product()]));
+    }
+    write_safetensors(&dir.join("model.safetensors"), &tensors);
+    dir
+}
+
+fn family_of(dir: &std::path::Path) -> ferrospeed_models::Family {
+    match read_config(dir, 8).unwrap() {
+        HfModel::Llama(c) => ferrospeed_models::Family::Llama(llama::Llama::new(c)),
+        HfModel::Gpt(c) => ferrospeed_models::Family::Gpt(gpt::Gpt::new(c)),
+    }
+}
+
+#[test]
+fn an_import_uses_every_tensor_or_names_the_one_it_would_drop() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A word-level tokenizer of 3 ids (within the fixtures' vocabulary of 64).
+    let tok_path = tmp.path().join("tokenizer.json");
+    let spec = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "a": 1, "b": 2}, "unk_token": "[UNK]"}});
+    std::fs::write(&tok_path, spec.to_string()).unwrap();
+    let tok = ferrospeed_models::Tokenizer::from_file(&tok_path).unwrap();
+    // Every fixture as transformers saved it: nothing left over, no warning.
+    for v in ["gqa_untied", "mha_tied", "qwen2", "llama_attention_bias", "llama_mlp_bias", "gpt2"] {
+        assert_eq!(family_of(&fixture(v)).check_inputs(Some(&fixture(v)), &tok, "model.init_from").unwrap(), None, "{v}");
+    }
+    // o_proj biases in the files of a config without attention_bias (what a Llama with attention_bias
+    // read as one without would silently drop): refused, naming the first.
+    let biased = fixture_with("gqa_untied", &[("model.layers.0.self_attn.o_proj.bias", vec![16]), ("model.layers.1.self_attn.o_proj.bias", vec![16])], tmp.path());
+    let e = family_of(&biased).check_inputs(Some(&biased), &tok, "model.init_from").unwrap_err();
+    assert!(e.contains("model.layers.0.self_attn.o_proj.bias") && e.contains("and 1 more") && e.contains("does not use") && e.contains("attention_bias"), "{e}");
+    assert!(!e.contains('\n'), "one line: {e}");
+    // The bias fixtures' own biases are all used: dropping mlp_bias from the config leaves them over.
+    let no_mlp = tmp.path().join("no_mlp_bias");
+    std::fs::create_dir_all(&no_mlp).unwrap();
+    std::fs::copy(fixture("llama_mlp_bias").join("model.safetensors"), no_mlp.join("model.safetensors")).unwrap();
+    let text = std::fs::read_to_string(fixture("llama_mlp_bias").join("config.json")).unwrap().replace("\"mlp_bias\": true", "\"mlp_bias\": false");
+    std::fs::write(no_mlp.join("config.json"), text).unwrap();
+    let e = family_of(&no_mlp).check_inputs(Some(&no_mlp), &tok, "model.init_from").unwrap_err();
+    assert!(e.contains("mlp.down_proj.bias") || e.contains("mlp.gate_proj.bias"), "{e}");
+    // Buffers transformers does not load either: one warning line, the import goes on.
+    let inv_freq = fixture_with("mha_tied", &[("model.layers.0.self_attn.rotary_emb.inv_freq", vec![2]), ("model.layers.1.self_attn.rotary_emb.inv_freq", vec![2])], tmp.path());
+    let w = family_of(&inv_freq).check_inputs(Some(&inv_freq), &tok, "model.init_from").unwrap().expect("a warning");
+    assert!(w.contains("model.layers.0.self_attn.rotary_emb.inv_freq") && w.contains("and 1 more") && !w.contains('\n'), "{w}");
+    let gpt = fixture_with("gpt2", &[("transformer.h.0.attn.bias", vec![1, 1, 16, 16]), ("transformer.h.0.attn.masked_bias", vec![1])], tmp.path());
+    let w = family_of(&gpt).check_inputs(Some(&gpt), &tok, "model.init_from").unwrap().expect("a warning");
+    assert!(w.contains("transformer.h.0.attn.bias") && w.contains("GPT-2"), "{w}");
+    // GPT-2 holds no tensor it would not use either.
+    let odd = fixture_with("gpt2", &[("transformer.h.0.attn.c_extra.weight", vec![4])], tmp.path().join("odd").as_path());
+    let e = family_of(&odd).check_inputs(Some(&odd), &tok, "model.init_from").unwrap_err();
+    assert!(e.contains("transformer.h.0.attn.c_extra.weight"), "{e}");
 }

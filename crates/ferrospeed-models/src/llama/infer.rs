@@ -20,10 +20,13 @@ struct LayerWeights {
     v: Tensor,
     bias: Option<(Tensor, Tensor, Tensor)>,
     o: Tensor,
+    o_bias: Option<Tensor>,
     post_norm: Tensor,
     gate: Tensor,
     up: Tensor,
     down: Tensor,
+    /// gate, up, down biases.
+    mlp_bias: Option<(Tensor, Tensor, Tensor)>,
 }
 
 /// A Llama ready to generate.
@@ -42,6 +45,15 @@ fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.broadcast_matmul(&w.t()?)
 }
 
+/// `x·wᵀ (+ b)`.
+fn linear_b(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let y = linear(x, w)?;
+    match b {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 impl LlamaInfer {
     /// The model `cfg` from `files` (transformers' names), on `device`, for contexts up to `max_len`.
     pub fn load(cfg: LlamaConfig, files: &mut WeightFiles, device: &Device, max_len: usize) -> std::result::Result<Self, String> {
@@ -54,6 +66,12 @@ impl LlamaInfer {
             } else {
                 None
             };
+            let o_bias = if cfg.o_proj_bias { Some(get(files, &p("self_attn.o_proj.bias"))?) } else { None };
+            let mlp_bias = if cfg.mlp_bias {
+                Some((get(files, &p("mlp.gate_proj.bias"))?, get(files, &p("mlp.up_proj.bias"))?, get(files, &p("mlp.down_proj.bias"))?))
+            } else {
+                None
+            };
             layers.push(LayerWeights {
                 input_norm: get(files, &p("input_layernorm.weight"))?,
                 q: get(files, &p("self_attn.q_proj.weight"))?,
@@ -61,10 +79,12 @@ impl LlamaInfer {
                 v: get(files, &p("self_attn.v_proj.weight"))?,
                 bias,
                 o: get(files, &p("self_attn.o_proj.weight"))?,
+                o_bias,
                 post_norm: get(files, &p("post_attention_layernorm.weight"))?,
                 gate: get(files, &p("mlp.gate_proj.weight"))?,
                 up: get(files, &p("mlp.up_proj.weight"))?,
                 down: get(files, &p("mlp.down_proj.weight"))?,
+                mlp_bias,
             });
         }
         let embed = get(files, "model.embed_tokens.weight")?;
@@ -104,12 +124,7 @@ impl Generator for LlamaInfer {
         for (l, w) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &w.input_norm, c.rms_norm_eps)?;
             let proj = |wt: &Tensor, b: Option<&Tensor>, n: usize| -> Result<Tensor> {
-                let y = linear(&h, wt)?;
-                let y = match b {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                y.reshape((1, s, n, hd))?.transpose(1, 2)?.contiguous()
+                linear_b(&h, wt, b)?.reshape((1, s, n, hd))?.transpose(1, 2)?.contiguous()
             };
             let b = w.bias.as_ref();
             let q = rope_composed(&proj(&w.q, b.map(|b| &b.0), nh)?, &cos, &sin)?;
@@ -133,10 +148,11 @@ impl Generator for LlamaInfer {
             let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
             let y = p.reshape((1, nkv, g * s, t))?.matmul(&v)?.reshape((1, nh, s, hd))?;
             let y = y.transpose(1, 2)?.contiguous()?.reshape((1, s, nh * hd))?;
-            x = (x + linear(&y, &w.o)?)?;
+            x = (x + linear_b(&y, &w.o, w.o_bias.as_ref())?)?;
             let h2 = rms_norm(&x, &w.post_norm, c.rms_norm_eps)?;
-            let act = (linear(&h2, &w.gate)?.silu()? * linear(&h2, &w.up)?)?;
-            x = (x + linear(&act, &w.down)?)?;
+            let mb = w.mlp_bias.as_ref();
+            let act = (linear_b(&h2, &w.gate, mb.map(|b| &b.0))?.silu()? * linear_b(&h2, &w.up, mb.map(|b| &b.1))?)?;
+            x = (x + linear_b(&act, &w.down, mb.map(|b| &b.2))?)?;
         }
         cache.len += s;
         let h = rms_norm(&x, &self.norm, c.rms_norm_eps)?;

@@ -22,25 +22,35 @@ pub struct Layer {
     rope: Arc<RopeCache>,
 }
 
-/// Slot positions of the layer's parameters (the q/k/v biases exist only with `attention_bias`).
+/// Slot positions of the layer's parameters, in `Layer::params` order: the norms and weights, with
+/// the biases transformers' config asks for (`attention_bias`: q/k/v and, in Llama, o_proj;
+/// `mlp_bias`: gate/up/down) after the weights of their part.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Slots {
     pub input_norm: usize,
     pub q: usize,
     pub k: usize,
     pub v: usize,
+    /// The q, k and v biases (three slots from here).
     pub bias: Option<usize>,
     pub o: usize,
+    pub o_bias: Option<usize>,
     pub post_norm: usize,
     pub gate: usize,
     pub up: usize,
     pub down: usize,
+    /// The gate, up and down biases (three slots from here).
+    pub mlp_bias: Option<usize>,
 }
 
 impl Slots {
     pub(crate) fn of(cfg: &LlamaConfig) -> Self {
-        let b = usize::from(cfg.attention_bias) * 3;
-        Slots { input_norm: 0, q: 1, k: 2, v: 3, bias: cfg.attention_bias.then_some(4), o: 4 + b, post_norm: 5 + b, gate: 6 + b, up: 7 + b, down: 8 + b }
+        let qkv_bias = cfg.attention_bias.then_some(4);
+        let o = 4 + 3 * usize::from(cfg.attention_bias);
+        let o_bias = cfg.o_proj_bias.then_some(o + 1);
+        let post_norm = o + 1 + usize::from(cfg.o_proj_bias);
+        let (gate, up, down) = (post_norm + 1, post_norm + 2, post_norm + 3);
+        Slots { input_norm: 0, q: 1, k: 2, v: 3, bias: qkv_bias, o, o_bias, post_norm, gate, up, down, mlp_bias: cfg.mlp_bias.then_some(down + 1) }
     }
 }
 
@@ -71,13 +81,21 @@ impl Block for Layer {
             params.push(p("self_attn.k_proj.bias", &[kv], Init::Zeros, false));
             params.push(p("self_attn.v_proj.bias", &[kv], Init::Zeros, false));
         }
+        params.push(p("self_attn.o_proj.weight", &[d, q], w, true));
+        if c.o_proj_bias {
+            params.push(p("self_attn.o_proj.bias", &[d], Init::Zeros, false));
+        }
         params.extend([
-            p("self_attn.o_proj.weight", &[d, q], w, true),
             p("post_attention_layernorm.weight", &[d], Init::Ones, false),
             p("mlp.gate_proj.weight", &[f, d], w, true),
             p("mlp.up_proj.weight", &[f, d], w, true),
             p("mlp.down_proj.weight", &[d, f], w, true),
         ]);
+        if c.mlp_bias {
+            params.push(p("mlp.gate_proj.bias", &[f], Init::Zeros, false));
+            params.push(p("mlp.up_proj.bias", &[f], Init::Zeros, false));
+            params.push(p("mlp.down_proj.bias", &[d], Init::Zeros, false));
+        }
         params
     }
 
@@ -165,9 +183,10 @@ impl Layer {
         }
         let y = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?.matmul(&v)?;
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
-        let x = (x + linear(&y, &p[s.o], None)?)?;
+        let x = (x + linear(&y, &p[s.o], s.o_bias.map(|i| &p[i]))?)?;
         let h = rms_norm(&x, &p[s.post_norm], c.rms_norm_eps)?;
-        let act = (linear(&h, &p[s.gate], None)?.silu()? * linear(&h, &p[s.up], None)?)?;
-        (x + linear(&act, &p[s.down], None)?)?.reshape((b, t, d))
+        let mlp_bias = |i: usize| s.mlp_bias.map(|b0| &p[b0 + i]);
+        let act = (linear(&h, &p[s.gate], mlp_bias(0))?.silu()? * linear(&h, &p[s.up], mlp_bias(1))?)?;
+        (x + linear(&act, &p[s.down], mlp_bias(2))?)?.reshape((b, t, d))
     }
 }

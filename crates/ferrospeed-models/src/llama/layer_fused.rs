@@ -1,15 +1,16 @@
 //! The Llama layer's forward on fused ops, keeping what its hand-written backward needs, and that
 //! backward. q, k and v come from one matmul against the three weights stacked `[(nh + 2·nkv)·hd, d]`
 //! (and gate and up from one against `[2·f, d]`); RoPE rotates q and k in that layout, and the fused
-//! attention reads grouped K/V heads from it directly. Ops are marked with their kind of work
-//! (`ferrospeed::profile`) for the GPU step breakdown.
+//! attention reads grouped K/V heads from it directly. Biases (q/k/v, o_proj, gate/up/down, as the
+//! config has them) are added by the fused bias kernels and their gradients are column sums. Ops are
+//! marked with their kind of work (`ferrospeed::profile`) for the GPU step breakdown.
 
 use super::layer::Slots;
 use super::LlamaConfig;
 use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
 use crate::ops::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
 use crate::ops::docs::Docs;
-use crate::ops::fused::col_sum;
+use crate::ops::fused::{bias_add, bias_residual, col_sum};
 use crate::ops::rms_norm::{rms_backward, rms_forward};
 use crate::ops::rope::rope_qkv;
 use crate::ops::swiglu::{swiglu, swiglu_backward};
@@ -85,7 +86,7 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
     let mut qkv = matmul(&norm1.y, &w_qkv.t()?)?;
     if let Some(b0) = s.bias {
         let bias = stack(&[&p[b0], &p[b0 + 1], &p[b0 + 2]])?;
-        qkv = scoped_as(ew, "bias_add", || qkv.broadcast_add(&bias))?;
+        qkv = scoped_as(ew, "bias_add", || bias_add(&qkv, &bias))?;
     }
     let (cos, sin, period) = row_tables(rope, docs, b, t)?;
     let qkv = scoped_as(ew, "rope", || rope_qkv(&qkv, &cos, &sin, period, nh, nkv, false))?;
@@ -95,14 +96,27 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
     } else {
         composed_attention(&qkv, b, t, nh, nkv, hd, docs)?
     };
-    let x2 = (&x + matmul(&y, &p[s.o].t()?)?)?;
+    let proj = matmul(&y, &p[s.o].t()?)?;
+    let x2 = match s.o_bias {
+        Some(i) => scoped_as(ew, "bias_residual", || bias_residual(&x, &proj, &p[i]))?,
+        None => (&x + proj)?,
+    };
 
     // MLP.
     let norm2 = scoped_as(ew, "rms_norm", || rms_forward(&x2, &p[s.post_norm], c.rms_norm_eps))?;
     let w_gu = stack(&[&p[s.gate], &p[s.up]])?;
-    let gu = matmul(&norm2.y, &w_gu.t()?)?;
+    let mut gu = matmul(&norm2.y, &w_gu.t()?)?;
+    if let Some(b0) = s.mlp_bias {
+        let bias = stack(&[&p[b0], &p[b0 + 1]])?;
+        gu = scoped_as(ew, "bias_add", || bias_add(&gu, &bias))?;
+    }
     let act = scoped_as(ew, "swiglu", || swiglu(&gu))?;
-    let out = (&x2 + matmul(&act, &p[s.down].t()?)?)?.reshape((b, t, d))?;
+    let down = matmul(&act, &p[s.down].t()?)?;
+    let out = match s.mlp_bias {
+        Some(b0) => scoped_as(ew, "bias_residual", || bias_residual(&x2, &down, &p[b0 + 2]))?,
+        None => (&x2 + down)?,
+    }
+    .reshape((b, t, d))?;
     let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1: norm1.y, attn, y, x2, rstd2: norm2.rstd, h2: norm2.y, gu, act, dims: (b, t), docs: docs.cloned() });
     Ok((out, saved))
 }
@@ -135,11 +149,20 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     let ew = Kind::Elementwise;
     let mut grads: Vec<Option<Tensor>> = vec![None; p.len()];
 
-    // MLP: out = x2 + act·W_downᵀ, act = swiglu(h2·[W_gate; W_up]ᵀ), h2 = rms(x2).
+    // MLP: out = x2 + act·W_downᵀ (+ b_down), act = swiglu(h2·[W_gate; W_up]ᵀ (+ [b_gate; b_up])), h2 = rms(x2).
+    // A bias's gradient is the column sum of its output's gradient.
     grads[s.down] = Some(matmul(&g.t()?, &sv.act)?);
+    if let Some(b0) = s.mlp_bias {
+        grads[b0 + 2] = Some(scoped_as(ew, "bias_grad", || col_sum(&g))?);
+    }
     let d_act = matmul(&g, &p[s.down])?;
     let d_gu = scoped_as(ew, "swiglu_backward", || swiglu_backward(&sv.gu, &d_act))?;
     drop(d_act);
+    if let Some(b0) = s.mlp_bias {
+        let d_bgu = scoped_as(ew, "bias_grad", || col_sum(&d_gu))?;
+        grads[b0] = Some(d_bgu.narrow(0, 0, f)?);
+        grads[b0 + 1] = Some(d_bgu.narrow(0, f, f)?);
+    }
     let d_wgu = matmul(&d_gu.t()?, &sv.h2)?;
     grads[s.gate] = Some(d_wgu.narrow(0, 0, f)?);
     grads[s.up] = Some(d_wgu.narrow(0, f, f)?);
@@ -149,8 +172,11 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     let (d_x2, d_post) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h2, &sv.x2, &p[s.post_norm], &sv.rstd2, Some(&g)))?;
     grads[s.post_norm] = Some(d_post);
 
-    // Attention: x2 = x + y·W_oᵀ, y = attention(rope(h1·W_qkvᵀ + b)), h1 = rms(x).
+    // Attention: x2 = x + y·W_oᵀ (+ b_o), y = attention(rope(h1·W_qkvᵀ + b)), h1 = rms(x).
     grads[s.o] = Some(matmul(&d_x2.t()?, &sv.y)?);
+    if let Some(i) = s.o_bias {
+        grads[i] = Some(scoped_as(ew, "bias_grad", || col_sum(&d_x2))?);
+    }
     let d_y = matmul(&d_x2, &p[s.o])?;
     let d_qkv = match sv.attn {
         AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &sv.y, &lse, &d_y, b, t, nh, nkv, sv.docs.as_ref().map(Docs::starts)))?,

@@ -49,8 +49,12 @@ pub struct LlamaConfig {
     pub rms_norm_eps: f64,
     /// The head reuses the embedding matrix (`tie_word_embeddings`).
     pub tie_word_embeddings: bool,
-    /// Biases on the q, k and v projections (`attention_bias`; Qwen2 has them).
+    /// Biases on the q, k and v projections (Llama's `attention_bias`; Qwen2 always has them).
     pub attention_bias: bool,
+    /// A bias on the output projection `o_proj` (Llama's `attention_bias` gives it with q/k/v; Qwen2 has none).
+    pub o_proj_bias: bool,
+    /// Biases on the MLP's gate, up and down projections (`mlp_bias`).
+    pub mlp_bias: bool,
     /// Standard deviation of the random initialisation (`initializer_range`).
     pub initializer_range: f64,
 }
@@ -73,6 +77,8 @@ impl LlamaConfig {
             rms_norm_eps: 1e-5,
             tie_word_embeddings: false,
             attention_bias: false,
+            o_proj_bias: false,
+            mlp_bias: false,
             initializer_range: 0.02,
         }
     }

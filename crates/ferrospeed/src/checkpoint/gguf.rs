@@ -5,8 +5,9 @@
 //!
 //! transformers' mapping (`modeling_gguf_pytorch_utils.py`): `token_embd` → `model.embed_tokens`,
 //! `blk.N.attn_norm` → `model.layers.N.input_layernorm`, `attn_q/k/v/output` → `self_attn.q/k/v/o_proj`,
-//! `ffn_norm` → `post_attention_layernorm`, `ffn_gate/up/down` → `mlp.gate/up/down_proj`,
-//! `output_norm` → `model.norm`, `output` → `lm_head` (absent: tied embeddings). llama.cpp's converter
+//! `ffn_norm` → `post_attention_layernorm`, `ffn_gate/up/down` → `mlp.gate/up/down_proj` (their
+//! `.bias` likewise), `output_norm` → `model.norm`, `output` → `lm_head` (absent: tied embeddings);
+//! any other tensor keeps its GGUF name, so an import that would not use it is refused. llama.cpp's converter
 //! permutes the rows of q and k for its interleaved rotary layout; reading undoes it: row
 //! `h·hd + s·hd/2 + j` of transformers' matrix is row `h·hd + 2j + s` of the file's (heads of q:
 //! `llama.attention.head_count`, of k: `head_count_kv`).
@@ -110,10 +111,14 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_k.bias" => "self_attn.k_proj.bias",
         "attn_v.bias" => "self_attn.v_proj.bias",
         "attn_output.weight" => "self_attn.o_proj.weight",
+        "attn_output.bias" => "self_attn.o_proj.bias",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
         "ffn_gate.weight" => "mlp.gate_proj.weight",
         "ffn_up.weight" => "mlp.up_proj.weight",
         "ffn_down.weight" => "mlp.down_proj.weight",
+        "ffn_gate.bias" => "mlp.gate_proj.bias",
+        "ffn_up.bias" => "mlp.up_proj.bias",
+        "ffn_down.bias" => "mlp.down_proj.bias",
         _ => return None,
     };
     Some(format!("model.layers.{layer}.{hf}"))
@@ -132,7 +137,9 @@ impl GgufWeights {
         let kv_heads = meta_usize(&content, "llama.attention.head_count_kv").or(heads);
         let mut tensors = BTreeMap::new();
         for (name, info) in &content.tensor_infos {
-            let Some(hf) = hf_name(name) else { continue };
+            // A tensor without a transformers name stays under its own, so that an import sees it
+            // and can refuse a file whose tensors it would not all use.
+            let hf = hf_name(name).unwrap_or_else(|| name.clone());
             let h = if name.ends_with("attn_q.weight") || name.ends_with("attn_q.bias") {
                 heads
             } else if name.ends_with("attn_k.weight") || name.ends_with("attn_k.bias") {
