@@ -156,13 +156,12 @@ fn chat_masks_only_assistant_tokens() {
             text.extend_from_slice(reply.as_bytes());
             want.extend(std::iter::repeat_n(u8::from(*role == "assistant"), reply.len()));
         }
-        // The EOS ending the document is in the loss after a final reply (the model learns to stop).
-        text.push(0);
-        want.push(u8::from(conv.last().unwrap().0 == "assistant"));
+        // Nothing after the rendered conversation (TRL appends no EOS to a chat): the template's
+        // end-of-turn ends the document, in the loss after a final reply (the model learns to stop).
         let (a, b) = (docs[d] as usize, docs[d + 1] as usize);
         let got: Vec<u8> = tokens[a..b].iter().map(|&t| u8::try_from(t).unwrap()).collect();
         assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&text), "document {d}: tokens");
-        assert_eq!(tokens[b - 1], 0, "document {d} ends with the EOS");
+        assert!(got.ends_with(b"</s>"), "document {d} ends with the template's end-of-turn");
         assert_eq!(&mask[a..b], &want[..], "document {d}: mask");
     }
     assert_eq!(index["loss_tokens"].as_u64(), Some(mask.iter().map(|&m| m as u64).sum()));

@@ -1,11 +1,12 @@
 //! SmolLM2-135M-Instruct from its GGUF file (`scripts/fetch-smollm2.sh`) against transformers loading
 //! the same file (fixtures from `tests/fixtures/make_gguf_fixtures.py`): dequantised weights → logits
 //! within 1e-4, the tokenizer built from the GGUF vocabulary on a corpus of Unicode edge cases, and the
-//! chat template as `apply_chat_template` renders it. Files of an unsupported architecture or
+//! chat template as `apply_chat_template` renders it, and a chat prepared for training as SFT trains on
+//! it (transformers' assistant token masks, no EOS appended, as TRL). Files of an unsupported architecture or
 //! quantisation are refused with one line. The KV cache of `generate` against a full forward, and
 //! greedy generation against the argmax of a full forward at every step, stopping at its stop token.
 //!
-//! Without the GGUF file the three tests that need it say so and pass, unless
+//! Without the GGUF file the tests that need it say so and pass, unless
 //! `FERROSPEED_REQUIRE_SMOLLM2=1` (set by `.ci/run`, which fetches it) makes its absence a failure.
 
 mod support;
@@ -293,4 +294,60 @@ fn prepared_text_in_small_units_tokenizes_as_the_whole_file() {
     want.push(tok.eos_id().unwrap());
     assert_eq!(tokens.len(), want.len());
     assert_eq!(tokens, want);
+}
+
+#[test]
+fn a_prepared_chat_is_what_sft_trains_on() {
+    // transformers' apply_chat_template(return_assistant_tokens_mask=True) with SmolLM2's template given
+    // {% generation %} markers where TRL's ChatML training templates have them (chat_masks.json): the
+    // rendered conversation's ids, nothing appended (TRL adds no EOS to conversations), and 1 on each
+    // reply with its <|im_end|> and newline.
+    let Some(path) = smollm2("a_prepared_chat_is_what_sft_trains_on") else { return };
+    let tok = GgufFile::open(&path).unwrap().tokenizer().unwrap();
+    let f = json("chat_masks.json");
+    let cases = f["cases"].as_array().unwrap();
+    assert!(cases.len() >= 2);
+    let dir = tempfile::tempdir().unwrap();
+    let lines: String = cases.iter().map(|c| serde_json::json!({"messages": c["messages"]}).to_string() + "\n").collect();
+    let input = dir.path().join("chat.jsonl");
+    std::fs::write(&input, lines).unwrap();
+    let out = dir.path().join("prepared");
+    ferrospeed_models::prepared::prepare(&ferrospeed_models::prepared::PrepareOptions::new(vec![input], out.clone(), &tok)).unwrap();
+    let data = ferrospeed_models::PreparedData::open(&out).unwrap();
+    assert_eq!(data.documents(), cases.len());
+    for (i, case) in cases.iter().enumerate() {
+        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let mask: Vec<u8> = case["assistant_masks"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
+        let (got_ids, got_mask) = data.document(i);
+        assert_eq!(got_ids, ids, "case {i}: tokens");
+        assert_eq!(got_mask, mask, "case {i}: loss mask");
+        // The end: <|im_end|> and the template's newline once, both in the loss.
+        let (n, eos) = (got_ids.len(), tok.eos_id().unwrap());
+        assert_eq!((got_ids[n - 2], tok.decode(&got_ids[n - 1..]).unwrap().as_str(), &got_mask[n - 2..]), (eos, "\n", &[1u8, 1][..]), "case {i}");
+    }
+}
+
+#[test]
+fn an_export_of_a_gguf_model_writes_the_config_json_transformers_writes() {
+    // config.json: transformers' save_pretrained of the model it loads from the GGUF. Ours must have
+    // every key with the same value; the differences allowed are the element type (the export's own),
+    // `transformers_version`, `_model_name_or_path`, and rope_theta at the top level (transformers 4.x's
+    // layout, which 5.x reads) for 5.x's `rope_parameters` of the default rope.
+    let Some(path) = smollm2("an_export_of_a_gguf_model_writes_the_config_json_transformers_writes") else { return };
+    let c = GgufFile::open(&path).unwrap().llama_config(256).unwrap();
+    let ours = ferrospeed_models::Family::Llama(ferrospeed_models::Llama::new(c)).export_config(Some(&path), "bfloat16").unwrap();
+    let theirs = json("config.json");
+    assert_eq!(ours["max_position_embeddings"], 8192, "the GGUF's context, not model.seq_len");
+    assert_eq!(ours["torch_dtype"], "bfloat16");
+    for (key, want) in theirs.as_object().unwrap() {
+        match key.as_str() {
+            "_model_name_or_path" | "transformers_version" | "dtype" | "torch_dtype" => {}
+            "rope_parameters" => {
+                assert_eq!(want["rope_type"], "default");
+                assert_eq!(ours["rope_theta"], want["rope_theta"], "rope_theta");
+                assert!(ours["rope_scaling"].is_null(), "{}", ours["rope_scaling"]);
+            }
+            _ => assert_eq!(&ours[key.as_str()], want, "config.json key {key}"),
+        }
+    }
 }

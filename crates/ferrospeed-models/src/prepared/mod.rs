@@ -5,8 +5,9 @@
 //!
 //! A prepared directory holds `index.json` (format, content hash, tokenizer, counts, shards) and per
 //! shard `NAME.tokens` (u16 or u32 little-endian, by vocabulary size), `NAME.mask` (one byte a token)
-//! and `NAME.docs` (u64 little-endian: the start of every document in the shard, then its end). Every
-//! document ends with the tokenizer's EOS. Training reads it through [`PackedWindows`] or [`PaddedDocs`].
+//! and `NAME.docs` (u64 little-endian: the start of every document in the shard, then its end). A text
+//! document ends with the tokenizer's EOS; a chat document is its rendered conversation, which its
+//! template's end-of-turn ends (nothing is appended, as in TRL's SFTTrainer). Training reads it through [`PackedWindows`] or [`PaddedDocs`].
 
 mod chat;
 mod samples;
@@ -21,6 +22,12 @@ use std::path::{Path, PathBuf};
 
 /// The `format` of `index.json`.
 pub const FORMAT: &str = "ferrospeed-tokens/1";
+
+/// How chat documents are rendered and masked (`index.json`'s `chat_rendering`; 0 where it is absent):
+/// 1 appended an EOS after the template's last end-of-turn; 2 writes the rendered conversation alone,
+/// as transformers' `apply_chat_template` and TRL's SFTTrainer do. A directory with chat documents of
+/// another rendering is refused (prepare it again).
+pub const CHAT_RENDERING: u32 = 2;
 
 /// One message of a chat conversation.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -116,6 +123,9 @@ pub struct Index {
     /// The longest document, in tokens.
     pub longest: u64,
     pub chat_documents: u64,
+    /// [`CHAT_RENDERING`] of the build that wrote it.
+    #[serde(default)]
+    pub chat_rendering: u32,
     pub shards: Vec<ShardInfo>,
     pub inputs: Vec<String>,
 }
@@ -165,6 +175,12 @@ impl PreparedData {
         let index: Index = serde_json::from_str(&text).map_err(|e| PrepareError::file(&index_path, format!("is not a prepared-data index ({e})")))?;
         if index.format != FORMAT {
             return Err(PrepareError::file(&index_path, format!("has format {:?}, this build reads {FORMAT:?}: run data prepare again", index.format)));
+        }
+        if index.chat_documents > 0 && index.chat_rendering != CHAT_RENDERING {
+            return Err(PrepareError::file(
+                &index_path,
+                "holds chat documents rendered by an older ferrospeed (an extra EOS after each conversation, in the loss): run data prepare again with --force",
+            ));
         }
         let (mut shards, mut shard_starts, mut doc_starts) = (Vec::new(), vec![0u64], Vec::new());
         for s in &index.shards {

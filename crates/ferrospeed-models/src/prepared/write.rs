@@ -9,7 +9,7 @@
 //! waves and written in input order, so the output does not depend on the number of threads.
 
 use super::chat::ChatTemplate;
-use super::{is_prepared, Index, Message, PrepareError, ShardInfo, TokenWidth, FORMAT, ROLES};
+use super::{is_prepared, Index, Message, PrepareError, ShardInfo, TokenWidth, CHAT_RENDERING, FORMAT, ROLES};
 use crate::tokenizer::Tokenizer;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
@@ -177,18 +177,15 @@ fn jsonl_line(ctx: &Ctx, path: &Path, line: usize, text: &str, piece: &mut Piece
         let template = ctx.template.ok_or_else(|| err("a chat line needs a chat template: the tokenizer has none; pass --chat-template FILE".into()))?;
         let r = template.render_with_spans(&messages).map_err(|e| err(format!("the chat template failed: {e}")))?;
         let (tokens, offsets) = ctx.tokenizer.encode_with_offsets(&r.text).map_err(|e| err(e.to_string()))?;
-        let in_reply = |start: usize| r.assistant.iter().any(|&(a, b)| start >= a && start < b);
-        let mask: Vec<u8> = offsets.iter().map(|o| u8::from(in_reply(o.0))).collect();
-        // The EOS after the document, unless the rendered text already ends with it.
-        if tokens.last() != Some(&ctx.eos) {
-            piece.tokens.extend(tokens);
-            piece.mask.extend(mask);
-            piece.tokens.push(ctx.eos);
-            piece.mask.push(u8::from(messages.last().is_some_and(|m| m.role == "assistant")));
-        } else {
-            piece.tokens.extend(tokens);
-            piece.mask.extend(mask);
+        if tokens.is_empty() {
+            return Err(err("the chat template renders this conversation as no text: give it messages with content".into()));
         }
+        // The document is the rendered conversation and nothing else (TRL's SFTTrainer appends no EOS to
+        // conversations: the template's end-of-turn ends it), and a token counts in the loss where it
+        // covers any byte of a reply, as transformers' `return_assistant_tokens_mask` marks the tokens
+        // from the one holding a span's first character to the one holding its last.
+        piece.mask.extend(offsets.iter().map(|&(s, e)| u8::from(r.assistant.iter().any(|&(a, b)| s < b && e.max(s + 1) > a))));
+        piece.tokens.extend(tokens);
         piece.chat += 1;
     } else {
         return Err(err("a line needs \"text\" (a string) or \"messages\" (a chat)".into()));
@@ -312,6 +309,10 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, PrepareError> {
 
     let mut h = Sha256::new();
     h.update(FORMAT.as_bytes());
+    if template_src.is_some() {
+        // How conversations are rendered and masked: a change there is a change of the tokens.
+        h.update(CHAT_RENDERING.to_le_bytes());
+    }
     h.update(opts.tokenizer.fingerprint().as_bytes());
     h.update(template_src.as_deref().unwrap_or("").as_bytes());
     h.update(eos.to_le_bytes());
@@ -331,7 +332,7 @@ pub fn prepare(opts: &PrepareOptions) -> Result<PrepareSummary, PrepareError> {
                 }
             }
             if !opts.force {
-                return Err(PrepareError::file(out, "holds data prepared from other inputs: choose another --out, or pass --force to replace it"));
+                return Err(PrepareError::file(out, "holds data prepared from other inputs (or by a ferrospeed that rendered chats differently): choose another --out, or pass --force to replace it"));
             }
         } else if std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
             return Err(PrepareError::file(out, "exists and is not a prepared-data directory: choose another --out"));
@@ -442,6 +443,7 @@ fn write_all(opts: &PrepareOptions, files: &[PathBuf], data: &[memmap2::Mmap], c
         loss_tokens,
         longest,
         chat_documents: chat,
+        chat_rendering: CHAT_RENDERING,
         shards: shards.done,
         inputs: files.iter().map(|p| p.display().to_string()).collect(),
     };
