@@ -216,7 +216,7 @@ fn read_json(path: &Path) -> serde_json::Value {
 fn an_export_writes_back_the_source_config_json_and_tokenizer_files() {
     let dir = tempfile::tempdir().unwrap();
     // (fixture, export dtype): Qwen2 stays Qwen2ForCausalLM; Llama's biases, Llama 3 rope scaling, GPT-2.
-    for (variant, dtype, torch) in [("qwen2", "bf16", "bfloat16"), ("llama_attention_bias", "f32", "float32"), ("llama_mlp_bias", "f16", "float16"), ("gqa_llama3_rope", "bf16", "bfloat16"), ("gpt2", "f32", "float32")] {
+    for (variant, dtype, torch) in [("qwen2", "f32", "float32"), ("llama_attention_bias", "f32", "float32"), ("llama_mlp_bias", "f16", "float16"), ("gqa_llama3_rope", "bf16", "bfloat16"), ("gpt2", "bf16", "bfloat16")] {
         // The source: the fixture as transformers saved it, with tokenizer files of its own.
         let src = dir.path().join(format!("src-{variant}"));
         copy_dir(&fixture(variant), &src);
@@ -245,7 +245,8 @@ fn an_export_writes_back_the_source_config_json_and_tokenizer_files() {
     for b in ["mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"] {
         assert!(names.contains(&format!("model.layers.1.{b}")), "the f16 export has {b}: {names:?}");
     }
-    // transformers loads the bias exports and reproduces the fixtures' logits, where Python has it.
+    // transformers loads the f32 bias exports (Qwen2ForCausalLM again, no o_proj.bias missing) and
+    // reproduces the fixtures' logits, where Python has it.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/make_hf_fixtures.py");
     if std::process::Command::new("python3").args(["-c", "import transformers"]).output().is_ok_and(|o| o.status.success()) {
         for variant in ["llama_attention_bias", "qwen2"] {
