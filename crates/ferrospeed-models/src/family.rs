@@ -161,9 +161,18 @@ impl Family {
                 }
             }
         }
+        // A tied head's own copy (some files store it beside the embedding): transformers ties it
+        // to the embedding on load and ignores the stored one; so do we.
+        let tied = matches!(self, Family::Llama(l) if l.cfg.tie_word_embeddings);
+        let harmless = |name: &str| -> Option<&'static str> {
+            if tied && name == "lm_head.weight" {
+                return Some("the head is tied to the embedding (tie_word_embeddings = true), so transformers ignores it too");
+            }
+            HARMLESS.iter().find(|(suffix, _)| name.ends_with(suffix)).map(|h| h.1)
+        };
         let (mut ignored, mut unused) = (Vec::new(), Vec::new());
         for name in files.names().filter(|n| !used.contains(*n)) {
-            match HARMLESS.iter().find(|(suffix, _)| name.ends_with(suffix)) {
+            match harmless(name) {
                 Some(_) => ignored.push(name),
                 None => unused.push(name),
             }
@@ -176,7 +185,7 @@ impl Family {
             ));
         }
         Ok(ignored.first().map(|first| {
-            let why = HARMLESS.iter().find(|(s, _)| first.ends_with(s)).map_or("", |h| h.1);
+            let why = harmless(first).unwrap_or("");
             let more = if ignored.len() > 1 { format!(" and {} more like it", ignored.len() - 1) } else { String::new() };
             format!("{named} = {}: ignoring {first}{more} ({why})", path.display())
         }))

@@ -255,6 +255,11 @@ fn an_import_uses_every_tensor_or_names_the_one_it_would_drop() {
     let gpt = fixture_with("gpt2", &[("transformer.h.0.attn.bias", vec![1, 1, 16, 16]), ("transformer.h.0.attn.masked_bias", vec![1])], tmp.path());
     let w = family_of(&gpt).check_inputs(Some(&gpt), &tok, "model.init_from").unwrap().expect("a warning");
     assert!(w.contains("transformer.h.0.attn.bias") && w.contains("GPT-2"), "{w}");
+    // A tied model's file that also stores the head (as some save it): ignored with a warning, as
+    // transformers ties it on load; an untied model must use its own head, so nothing to ignore there.
+    let tied_head = fixture_with("mha_tied", &[("lm_head.weight", vec![64, 16])], tmp.path().join("tied").as_path());
+    let w = family_of(&tied_head).check_inputs(Some(&tied_head), &tok, "model.init_from").unwrap().expect("a warning");
+    assert!(w.contains("lm_head.weight") && w.contains("tie_word_embeddings"), "{w}");
     // GPT-2 holds no tensor it would not use either.
     let odd = fixture_with("gpt2", &[("transformer.h.0.attn.c_extra.weight", vec![4])], tmp.path().join("odd").as_path());
     let e = family_of(&odd).check_inputs(Some(&odd), &tok, "model.init_from").unwrap_err();
