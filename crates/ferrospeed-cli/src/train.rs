@@ -235,6 +235,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
                 _ => eprintln!("interrupted after step {step}; no checkpoint saved (set checkpoint.dir to keep progress)"),
             }
         }
+        acc.interrupted();
         return Ok(ExitCode::from(130));
     }
     // train.steps = 0 converts: the imported (or initial) weights become a checkpoint to export.

@@ -174,9 +174,12 @@ impl Accelerator {
             let config_json = serde_json::to_value(cfg).map_err(|e| AccelError::RunDirRefused(format!("serialising the config: {e}")))?;
             // A run that resumes from its checkpoint continues its own directory (the same command
             // run again); anything else gets a directory of its own.
-            match Claim::take(cfg, &track_dir, options.track, cfg.track.outputs(), &config_json) {
+            // Where MLflow logs may come from the environment (MLFLOW_TRACKING_URI): read on rank 0,
+            // and a bad value refused like a run directory, on every rank.
+            let taken = cfg.track.outputs().map_err(|e| e.to_string()).and_then(|outputs| Claim::take(cfg, &track_dir, options.track, outputs, &config_json).map_err(|e| e.to_string()));
+            match taken {
                 Ok((c, t)) => (claim, tracker) = (Some(c), t),
-                Err(e) => refusal = Some(e.to_string()),
+                Err(e) => refusal = Some(e),
             }
         }
         // Every rank learns rank 0's reason (the launcher may report any rank's exit first): its
@@ -326,6 +329,16 @@ impl Accelerator {
             extra: Default::default(),
         };
         self.log(&m)
+    }
+
+    /// End a run stopped by a signal before its last step (no summary: the same command continues
+    /// it; an MLflow server's run is marked KILLED).
+    pub fn interrupted(mut self) {
+        // A step was trained (the interrupt comes at a step's end): what the run wrote stays.
+        self.started.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.tracker.take() {
+            t.interrupted();
+        }
     }
 
     /// Finish the run's outputs with `summary` (rank 0 writes `summary.json`).

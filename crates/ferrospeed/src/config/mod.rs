@@ -261,7 +261,8 @@ pub enum TrackBackend {
     Tensorboard,
     /// `metrics.csv`.
     Csv,
-    /// An MLflow file store in `mlruns/`.
+    /// MLflow: the tracking server of `track.mlflow_uri` (or `MLFLOW_TRACKING_URI`), else a file
+    /// store in `mlruns/`.
     Mlflow,
 }
 named_enum!(TrackBackend { Tensorboard => "tensorboard", Csv => "csv", Mlflow => "mlflow" });
@@ -275,19 +276,50 @@ pub struct TrackConfig {
     pub tensorboard: bool,
     /// Outputs besides `metrics.jsonl`; default `["tensorboard"]`.
     pub backends: Vec<TrackBackend>,
+    /// An MLflow tracking server (`http://host:port`, `https://…`), validated; setting it turns
+    /// MLflow logging on. Absent from the serialised config when unset, so the `config.json` of runs
+    /// made before the key existed still matches (a continued run compares them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlflow_uri: Option<String>,
+    /// The server's experiment; `None`: `MLFLOW_EXPERIMENT_NAME`, else "Default" (MLflow's own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlflow_experiment: Option<String>,
 }
 
 impl Default for TrackConfig {
     fn default() -> Self {
-        TrackConfig { dir: None, tensorboard: true, backends: vec![TrackBackend::Tensorboard] }
+        TrackConfig { dir: None, tensorboard: true, backends: vec![TrackBackend::Tensorboard], mlflow_uri: None, mlflow_experiment: None }
     }
 }
 
 impl TrackConfig {
-    /// The outputs the tracker writes.
-    pub fn outputs(&self) -> crate::track::Backends {
+    /// The outputs the tracker writes, with MLflow's server taken from the environment where the
+    /// config leaves it open (`MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_NAME`, as MLflow's own client).
+    pub fn outputs(&self) -> Result<crate::track::Backends, ConfigError> {
+        self.outputs_with_env(|name| std::env::var(name).ok())
+    }
+
+    /// As [`TrackConfig::outputs`], with the environment given by `env` (tests).
+    ///
+    /// Where MLflow logs, first match wins: `track.mlflow_uri` (which turns MLflow on by itself);
+    /// `MLFLOW_TRACKING_URI` when `track.backends` holds "mlflow" and the variable names an http(s)
+    /// server (another kind of URI, such as a path or `databricks`, is noted and the file store used);
+    /// else the file store `mlruns/` in the run directory. A malformed http(s) URI in the variable is
+    /// an error naming it, as the key's would be.
+    pub fn outputs_with_env(&self, env: impl Fn(&str) -> Option<String>) -> Result<crate::track::Backends, ConfigError> {
+        use crate::track::{MlflowServer, MlflowTarget};
         let on = |b| self.backends.contains(&b);
-        crate::track::Backends { tensorboard: self.tensorboard && on(TrackBackend::Tensorboard), csv: on(TrackBackend::Csv), mlflow: on(TrackBackend::Mlflow) }
+        let env_uri = env("MLFLOW_TRACKING_URI").filter(|u| !u.trim().is_empty());
+        let experiment = || self.mlflow_experiment.clone().or_else(|| env("MLFLOW_EXPERIMENT_NAME").filter(|e| !e.trim().is_empty())).unwrap_or_else(|| "Default".into());
+        let mlflow = match (&self.mlflow_uri, on(TrackBackend::Mlflow), env_uri) {
+            (Some(uri), _, _) => Some(MlflowTarget::Server(MlflowServer { uri: validate::mlflow_uri("track.mlflow_uri", uri)?, experiment: experiment(), source: "track.mlflow_uri" })),
+            (None, true, Some(uri)) if validate::is_http(&uri) => {
+                Some(MlflowTarget::Server(MlflowServer { uri: validate::mlflow_uri("MLFLOW_TRACKING_URI", &uri)?, experiment: experiment(), source: "MLFLOW_TRACKING_URI" }))
+            }
+            (None, true, other) => Some(MlflowTarget::FileStore { ignored_env_uri: other }),
+            (None, false, _) => None,
+        };
+        Ok(crate::track::Backends { tensorboard: self.tensorboard && on(TrackBackend::Tensorboard), csv: on(TrackBackend::Csv), mlflow })
     }
 }
 

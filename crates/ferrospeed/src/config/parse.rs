@@ -62,8 +62,8 @@ pub(crate) fn apply_override(table: &mut toml::Table, arg: &str) -> Result<(), C
         hint: schema::unknown_key_hint(section, key_name),
     })?;
     let value = match (spec.kind, parse_value(raw.trim())) {
-        (Kind::Path | Kind::Choice(_), Some(toml::Value::String(s))) => toml::Value::String(s),
-        (Kind::Path | Kind::Choice(_), _) => toml::Value::String(raw.trim().to_string()),
+        (Kind::Path | Kind::Text | Kind::Choice(_), Some(toml::Value::String(s))) => toml::Value::String(s),
+        (Kind::Path | Kind::Text | Kind::Choice(_), _) => toml::Value::String(raw.trim().to_string()),
         (_, Some(value)) => value,
         (_, None) => toml::Value::String(raw.trim().to_string()),
     };
@@ -188,7 +188,7 @@ fn check_value(section: &SectionSpec, spec: &KeySpec, value: &toml::Value) -> Re
         }
         (Kind::Number, toml::Value::Float(_) | toml::Value::Integer(_)) => Ok(()),
         (Kind::Bool, toml::Value::Boolean(_)) => Ok(()),
-        (Kind::Path, toml::Value::String(_)) => Ok(()),
+        (Kind::Path | Kind::Text, toml::Value::String(_)) => Ok(()),
         (Kind::Choice(names), toml::Value::String(s)) => {
             if names.contains(&s.as_str()) {
                 Ok(())
@@ -356,6 +356,9 @@ pub(crate) fn build(table: &toml::Table) -> Config {
                 .and_then(toml::Value::as_array)
                 .map(|a| a.iter().filter_map(|i| i.as_str().and_then(TrackBackend::from_name)).collect())
                 .unwrap_or(track_default.backends),
+            // An empty string means "not set", as for paths (`--set track.mlflow_uri=` clears it).
+            mlflow_uri: v.str("track", "mlflow_uri").filter(|s| !s.is_empty()).map(str::to_string),
+            mlflow_experiment: v.str("track", "mlflow_experiment").filter(|s| !s.is_empty()).map(str::to_string),
         },
     }
 }

@@ -18,6 +18,8 @@ pub(crate) enum Kind {
     Bool,
     /// A string holding a file system path.
     Path,
+    /// Any other string (a URL, a name); its form is checked in `validate.rs`.
+    Text,
     /// One of a fixed set of strings.
     Choice(&'static [&'static str]),
     /// A ZeRO stage: an integer 0..=3.
@@ -35,6 +37,7 @@ impl Kind {
             Kind::Number => "a number".to_string(),
             Kind::Bool => "true or false".to_string(),
             Kind::Path => "a path in quotes".to_string(),
+            Kind::Text => "a string in quotes".to_string(),
             Kind::Choice(names) => format!("one of {}", quoted_list(names)),
             Kind::Choices(names) => format!("a list of {}", quoted_list(names)),
             Kind::Stage => "an integer 0, 1, 2 or 3".to_string(),
@@ -153,7 +156,13 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
     SectionSpec {
         name: "track",
         required: false,
-        keys: &[key("dir", Kind::Path), key("tensorboard", Kind::Bool), key("backends", Kind::Choices(TrackBackend::NAMES))],
+        keys: &[
+            key("dir", Kind::Path),
+            key("tensorboard", Kind::Bool),
+            key("backends", Kind::Choices(TrackBackend::NAMES)),
+            key("mlflow_uri", Kind::Text),
+            key("mlflow_experiment", Kind::Text),
+        ],
     },
 ];
 

@@ -106,7 +106,7 @@ fn minimal_config_gets_defaults() {
             pinned_budget_mb: 0,
         },
         checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true },
-        track: TrackConfig { dir: None, tensorboard: true, backends: vec![TrackBackend::Tensorboard] },
+        track: TrackConfig { dir: None, tensorboard: true, backends: vec![TrackBackend::Tensorboard], mlflow_uri: None, mlflow_experiment: None },
     };
     assert_eq!(config, expected);
     assert_eq!(config.train, TrainConfig::default());
@@ -177,6 +177,8 @@ save_on_interrupt = false
 dir = \"runs/x\"
 tensorboard = false
 backends = [\"csv\", \"mlflow\"]
+mlflow_uri = \"https://mlflow.example.com/team/\"
+mlflow_experiment = \"llama-sft\"
 ",
         weights = weights.display(),
         data = dir.path().display(),
@@ -239,7 +241,13 @@ backends = [\"csv\", \"mlflow\"]
             resume: false,
             save_on_interrupt: false,
         },
-        track: TrackConfig { dir: Some("runs/x".into()), tensorboard: false, backends: vec![TrackBackend::Csv, TrackBackend::Mlflow] },
+        track: TrackConfig {
+            dir: Some("runs/x".into()),
+            tensorboard: false,
+            backends: vec![TrackBackend::Csv, TrackBackend::Mlflow],
+            mlflow_uri: Some("https://mlflow.example.com/team/".into()),
+            mlflow_experiment: Some("llama-sft".into()),
+        },
     };
     assert_eq!(config, expected);
 
@@ -387,6 +395,13 @@ fn bad_cases() -> Vec<BadCase> {
         ("--set wrong type", MINIMAL.to_string(), &["train.micro_batch=ten"], &["train.micro_batch = \"ten\"", "expected a positive integer"]),
         ("--set zero size", MINIMAL.to_string(), &["train.micro_batch=0"], &["train.micro_batch = 0", "must be ≥ 1"]),
         ("--set bad enum", MINIMAL.to_string(), &["zero.offload_optimizer=disk"], &["zero.offload_optimizer = \"disk\"", "use \"none\", \"cpu\" or \"nvme\""]),
+        ("mlflow_uri not http", minimal_with("[track]\nmlflow_uri = \"mlruns\""), &[], &["track.mlflow_uri = \"mlruns\" is not an http or https URL", "http://127.0.0.1:5000"]),
+        ("mlflow_uri no host", minimal_with("[track]\nmlflow_uri = \"http://:5000\""), &[], &["track.mlflow_uri", "has no host"]),
+        ("mlflow_uri bad port", MINIMAL.to_string(), &["track.mlflow_uri=http://host:50000000"], &["track.mlflow_uri = \"http://host:50000000\"", "port"]),
+        ("mlflow_uri with credentials", minimal_with("[track]\nmlflow_uri = \"https://me:secret@host\""), &[], &["track.mlflow_uri", "MLFLOW_TRACKING_USERNAME"]),
+        ("mlflow_uri typo", minimal_with("[track]\nmlflow_url = \"http://host:5000\""), &[], &["track.mlflow_url", "did you mean `track.mlflow_uri`?"]),
+        ("mlflow_uri number", minimal_with("[track]\nmlflow_uri = 5000"), &[], &["track.mlflow_uri = 5000", "expected a string"]),
+        ("empty mlflow_experiment", minimal_with("[track]\nmlflow_experiment = \" \""), &[], &["track.mlflow_experiment", "name the experiment"]),
     ]
 }
 
@@ -480,4 +495,31 @@ fn errors_name_the_key_they_are_about() {
     // Errors of the whole file name none.
     assert_eq!(key("[model"), None);
     assert_eq!(key("[data]\npath = 'DATA'\n"), None);
+}
+
+#[test]
+fn mlflow_goes_to_the_key_then_the_environment_then_the_file_store() {
+    use crate::track::{MlflowServer, MlflowTarget};
+    let env = |vars: &'static [(&'static str, &'static str)]| move |name: &str| vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+    let target = |sets: &[&str], vars: &'static [(&'static str, &'static str)]| check_ok(MINIMAL, sets).track.outputs_with_env(env(vars)).map(|b| b.mlflow);
+    let server = |uri: &str, experiment: &str, source| Ok(Some(MlflowTarget::Server(MlflowServer { uri: uri.into(), experiment: experiment.into(), source })));
+    let tracking = &[("MLFLOW_TRACKING_URI", "http://10.0.0.1:5000/"), ("MLFLOW_EXPERIMENT_NAME", "team")];
+    // The key turns MLflow on by itself; the experiment falls back to the environment, then "Default".
+    assert_eq!(target(&["track.mlflow_uri=http://h:1/"], &[]), server("http://h:1", "Default", "track.mlflow_uri"));
+    assert_eq!(target(&["track.mlflow_uri=http://h:1", "track.mlflow_experiment=x"], tracking), server("http://h:1", "x", "track.mlflow_uri"));
+    assert_eq!(target(&["track.mlflow_uri=http://h:1"], tracking), server("http://h:1", "team", "track.mlflow_uri"));
+    // The environment is read only when "mlflow" is asked for, as MLflow's client reads it.
+    assert_eq!(target(&[], tracking), Ok(None));
+    assert_eq!(target(&["track.backends=[\"mlflow\"]"], tracking), server("http://10.0.0.1:5000", "team", "MLFLOW_TRACKING_URI"));
+    assert_eq!(target(&["track.backends=[\"mlflow\"]"], &[]), Ok(Some(MlflowTarget::FileStore { ignored_env_uri: None })));
+    assert_eq!(
+        target(&["track.backends=[\"mlflow\"]"], &[("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")]),
+        Ok(Some(MlflowTarget::FileStore { ignored_env_uri: Some("file:///tmp/mlruns".into()) }))
+    );
+    let bad = target(&["track.backends=[\"mlflow\"]"], &[("MLFLOW_TRACKING_URI", "http://")]).unwrap_err().to_string();
+    assert!(bad.contains("MLFLOW_TRACKING_URI = \"http://\" has no host"), "{bad}");
+    // An empty --set clears the key; the serialised config leaves unset keys out.
+    assert_eq!(check_ok(MINIMAL, &["track.mlflow_uri=http://h:1", "track.mlflow_uri="]).track.mlflow_uri, None);
+    let json = serde_json::to_value(check_ok(MINIMAL, &[])).unwrap();
+    assert!(json["track"].get("mlflow_uri").is_none() && json["track"].get("mlflow_experiment").is_none(), "{json}");
 }

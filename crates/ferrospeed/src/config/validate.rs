@@ -4,7 +4,7 @@
 //! Pure checks come before file system checks so that the same mistake gives the same message on any
 //! machine; the order is otherwise the order of the sections in a config file.
 
-use super::error::{quote_path, ConfigError};
+use super::error::{quote, quote_path, ConfigError};
 use super::{Config, Offload, Vocab, ZeroStage};
 
 /// Which sections a config is checked for: all of them for `ferrospeed train`; for a user's own
@@ -74,7 +74,76 @@ pub(crate) fn validate(config: &Config, scope: Scope) -> Result<(), ConfigError>
         ));
     }
     check_zero(config)?;
+    check_track(config)?;
     check_paths(config, scope)
+}
+
+/// `[track]`: the MLflow server's URI and experiment name, in the forms the server takes.
+fn check_track(config: &Config) -> Result<(), ConfigError> {
+    let track = &config.track;
+    if let Some(uri) = &track.mlflow_uri {
+        mlflow_uri("track.mlflow_uri", uri)?;
+    }
+    if let Some(name) = &track.mlflow_experiment {
+        // MLflow's own limit on experiment names.
+        if name.trim().is_empty() || name.chars().count() > 500 {
+            return Err(ConfigError::invalid("track.mlflow_experiment", quote(name), "is empty or longer than 500 characters", "name the experiment, e.g. \"ferrospeed\""));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `uri` names an http(s) server (its scheme, in any case).
+pub(crate) fn is_http(uri: &str) -> bool {
+    let lower = uri.trim().to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
+/// An MLflow tracking server's URI as the REST client uses it (no trailing `/`), or an error
+/// naming `key` (the config key, or the environment variable it came from). The URI may have a path
+/// (a server behind a proxy at `https://host/mlflow`); credentials belong in the environment.
+pub(crate) fn mlflow_uri(key: &str, uri: &str) -> Result<String, ConfigError> {
+    let fix = "write it as http://host:port or https://host[/path], e.g. \"http://127.0.0.1:5000\"";
+    let bad = |problem: &str| ConfigError::invalid(key, quote(uri), problem, fix);
+    if !is_http(uri) {
+        return Err(bad("is not an http or https URL"));
+    }
+    if uri.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("contains spaces or control characters"));
+    }
+    let rest = &uri[uri.find("://").map_or(0, |i| i + 3)..];
+    if rest.contains(['?', '#']) {
+        return Err(bad("has a query or fragment"));
+    }
+    let authority = rest.split('/').next().unwrap_or("");
+    if authority.contains('@') {
+        return Err(ConfigError::invalid(
+            key,
+            "(a URL with credentials, not repeated here)",
+            "holds credentials",
+            "remove them from the URL and set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN",
+        ));
+    }
+    // The host, then an optional `:port`; an IPv6 literal is bracketed (`[::1]:5000`).
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, tail)) => (h, tail.strip_prefix(':')),
+            None => return Err(bad("has an unclosed [ in its host")),
+        },
+        None => match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        },
+    };
+    if host.is_empty() {
+        return Err(bad("has no host"));
+    }
+    if let Some(p) = port {
+        if !p.parse::<u16>().is_ok_and(|p| p > 0) {
+            return Err(bad("has a port that is not a number from 1 to 65535"));
+        }
+    }
+    Ok(uri.trim_end_matches('/').to_string())
 }
 
 /// Float hyper-parameters. Conditions are written so that NaN fails them too.

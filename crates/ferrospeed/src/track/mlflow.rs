@@ -35,7 +35,7 @@ pub struct MlflowRun {
 }
 
 /// `section.key` = value for every leaf of the config (lists and tables joined as JSON).
-fn params(config: &serde_json::Value) -> Vec<(String, String)> {
+pub(super) fn params(config: &serde_json::Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
     if let Some(sections) = config.as_object() {
         for (section, keys) in sections {

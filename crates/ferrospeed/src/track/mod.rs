@@ -5,6 +5,9 @@
 //! - `run_dir.rs`: choosing a fresh run directory and writing its JSON files.
 //! - `tracker.rs`: [`Tracker`], which owns a run directory and appends metrics to it.
 //! - `tensorboard.rs`: [`TensorBoardWriter`], a dependency-free TensorBoard event file writer.
+//! - `csv.rs`, `mlflow.rs`: `metrics.csv`, and an MLflow file store in `mlruns/`.
+//! - `mlflow_server.rs`: [`ServerRun`], a run on an MLflow tracking server, logged from a background
+//!   thread that never holds up training; `mlflow_rest.rs`: the REST calls it makes.
 //! - `plot.rs`: [`plot_runs`], `plot.png` of one or several runs from their `metrics.jsonl`.
 //! - `progress.rs`: [`Progress`], a progress bar on a terminal, plain lines otherwise.
 //! - `lock.rs`: [`DirLock`], the job's exclusive lock on `track.dir` and `checkpoint.dir`.
@@ -20,6 +23,8 @@ mod error;
 mod lock;
 mod metrics;
 mod mlflow;
+mod mlflow_rest;
+mod mlflow_server;
 mod plot;
 mod progress;
 mod run_dir;
@@ -28,6 +33,8 @@ mod tracker;
 
 #[cfg(test)]
 mod event_reader;
+#[cfg(test)]
+mod mlflow_tests;
 
 pub use error::TrackError;
 pub use lock::{DirLock, LockHolder, LOCK_FILE};
@@ -36,4 +43,5 @@ pub use plot::{plot_runs, render_png, RunSeries, PLOT_SIZE};
 pub use progress::Progress;
 pub use run_dir::fresh_run_dir;
 pub use tensorboard::TensorBoardWriter;
-pub use tracker::{Backends, Tracker};
+pub use mlflow_server::{MlflowServer, RunEnd, ServerRun};
+pub use tracker::{Backends, MlflowTarget, Tracker};

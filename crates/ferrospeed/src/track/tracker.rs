@@ -4,7 +4,8 @@
 //! - `config.json`: the effective config, pretty-printed, written at start;
 //! - `metrics.jsonl`: one [`StepMetrics`] JSON object per line, appended and flushed every step;
 //! - `events.out.tfevents.*`: TensorBoard scalars, when enabled;
-//! - `metrics.csv` and `mlruns/` (an MLflow file store), when enabled (`track.backends`);
+//! - `metrics.csv` and `mlruns/` (an MLflow file store), when enabled (`track.backends`); with an
+//!   MLflow tracking server instead, `mlflow_run.json` names the run there (`mlflow_server.rs`);
 //! - `plot.png`: the metrics as a picture, written by [`Tracker::plot`] (a program calls it at the end);
 //! - `summary.json`: written by [`Tracker::finish`], so its presence means the run ended cleanly.
 //!
@@ -14,6 +15,7 @@
 
 use super::csv::CsvWriter;
 use super::mlflow::MlflowRun;
+use super::mlflow_server::{MlflowServer, RunEnd, ServerRun};
 use super::run_dir::write_json_pretty;
 use super::{StepMetrics, TensorBoardWriter, TrackError};
 use std::fs::{File, OpenOptions};
@@ -25,15 +27,45 @@ const CONFIG_FILE: &str = "config.json";
 const SUMMARY_FILE: &str = "summary.json";
 const PLOT_FILE: &str = "plot.png";
 
-/// Writes a run's outputs into its directory. Create one on rank 0 only.
 /// Which outputs a run writes besides `metrics.jsonl` (always written: the others are built from it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Backends {
     pub tensorboard: bool,
     pub csv: bool,
-    pub mlflow: bool,
+    pub mlflow: Option<MlflowTarget>,
 }
 
+/// Where MLflow logging goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MlflowTarget {
+    /// The file store `mlruns/` in the run directory; `ignored_env_uri`: an `MLFLOW_TRACKING_URI`
+    /// that names no http(s) server, said once at the start.
+    FileStore { ignored_env_uri: Option<String> },
+    /// A tracking server, through its REST API.
+    Server(MlflowServer),
+}
+
+/// A run's MLflow output, of either kind.
+enum Mlflow {
+    Files(MlflowRun),
+    Server(ServerRun),
+}
+
+impl Mlflow {
+    fn open(target: &MlflowTarget, dir: &Path, config_json: &serde_json::Value, continuing: bool) -> Result<Self, TrackError> {
+        match target {
+            MlflowTarget::FileStore { ignored_env_uri } => {
+                if let Some(uri) = ignored_env_uri {
+                    eprintln!("note: MLFLOW_TRACKING_URI = {uri} is not an http(s) tracking server: MLflow logging goes to the file store {}", dir.join("mlruns").display());
+                }
+                Ok(Mlflow::Files(MlflowRun::open(dir, &run_name(dir), config_json)?))
+            }
+            MlflowTarget::Server(server) => Ok(Mlflow::Server(ServerRun::start(server, dir, &run_name(dir), config_json, continuing)?)),
+        }
+    }
+}
+
+/// Writes a run's outputs into its directory. Create one on rank 0 only.
 impl Backends {
     /// TensorBoard only (or nothing but `metrics.jsonl`).
     pub fn tensorboard(on: bool) -> Self {
@@ -47,7 +79,7 @@ pub struct Tracker {
     metrics: File,
     tensorboard: Option<TensorBoardWriter>,
     csv: Option<CsvWriter>,
-    mlflow: Option<MlflowRun>,
+    mlflow: Option<Mlflow>,
     /// The outputs asked for (a continued run's are created at `rewind`).
     backends: Backends,
     /// A continued run: `summary.json` of its earlier part is removed at the first new row.
@@ -98,7 +130,7 @@ impl Tracker {
         let rest = write_json_pretty(&config_path, config_json).and_then(|()| {
             let tb = if backends.tensorboard { Some(TensorBoardWriter::create(dir)?) } else { None };
             let csv = if backends.csv { Some(CsvWriter::create(dir, &[])?) } else { None };
-            let mlflow = if backends.mlflow { Some(MlflowRun::open(dir, &run_name(dir), config_json)?) } else { None };
+            let mlflow = backends.mlflow.as_ref().map(|m| Mlflow::open(m, dir, config_json, false)).transpose()?;
             Ok((tb, csv, mlflow))
         });
         match rest {
@@ -135,7 +167,7 @@ impl Tracker {
         }
         let metrics = OpenOptions::new().append(true).open(&metrics_path).map_err(|source| TrackError::CreateFile { path: metrics_path.clone(), source })?;
         write_json_pretty(&dir.join(CONFIG_FILE), config_json)?;
-        let mlflow = if backends.mlflow { Some(MlflowRun::open(dir, &run_name(dir), config_json)?) } else { None };
+        let mlflow = backends.mlflow.as_ref().map(|m| Mlflow::open(m, dir, config_json, true)).transpose()?;
         Ok(Self { dir: dir.to_path_buf(), metrics_path, metrics, tensorboard: None, csv: None, mlflow, backends, continued: true })
     }
 
@@ -166,8 +198,10 @@ impl Tracker {
         if self.backends.csv {
             self.csv = Some(CsvWriter::create(&self.dir, &kept)?);
         }
-        if let Some(run) = self.mlflow.as_mut() {
-            run.rebuild(&kept)?;
+        match self.mlflow.as_mut() {
+            Some(Mlflow::Files(run)) => run.rebuild(&kept)?,
+            Some(Mlflow::Server(run)) => run.resend(&kept),
+            None => {}
         }
         if self.backends.tensorboard {
             for e in std::fs::read_dir(&self.dir).map_err(|source| TrackError::CreateDir { path: self.dir.clone(), source })?.flatten() {
@@ -222,8 +256,11 @@ impl Tracker {
         if let Some(csv) = self.csv.as_mut() {
             csv.log(m)?;
         }
-        if let Some(run) = self.mlflow.as_mut() {
-            run.log(m)?;
+        match self.mlflow.as_mut() {
+            Some(Mlflow::Files(run)) => run.log(m)?,
+            // Queued for the server's thread: never waits.
+            Some(Mlflow::Server(run)) => run.log(m),
+            None => {}
         }
         if let Some(tb) = self.tensorboard.as_mut() {
             tb.add_scalars(m.step, &scalars(m))?;
@@ -247,10 +284,22 @@ impl Tracker {
             tb.flush()?;
         }
         self.metrics.sync_data().map_err(|source| TrackError::Write { path: self.metrics_path.clone(), source })?;
-        if let Some(run) = &self.mlflow {
-            run.finish()?;
+        match self.mlflow.take() {
+            Some(Mlflow::Files(run)) => run.finish()?,
+            // Waits a bounded time for the values still on their way.
+            Some(Mlflow::Server(run)) => run.end(RunEnd::Finished),
+            None => {}
         }
         write_json_pretty(&self.dir.join(SUMMARY_FILE), summary)
+    }
+
+    /// Ends a run stopped by a signal before its last step: no summary (the run is not over; the
+    /// same command continues it), an MLflow server's run is marked KILLED. Dropping a tracker
+    /// without [`Tracker::finish`] marks it FAILED.
+    pub fn interrupted(mut self) {
+        if let Some(Mlflow::Server(run)) = self.mlflow.take() {
+            run.end(RunEnd::Killed);
+        }
     }
 }
 
@@ -320,8 +369,8 @@ mod tests {
     fn csv_and_mlflow_hold_every_step_and_a_rewind_keeps_them_consistent() {
         let base = tempfile::tempdir().unwrap();
         let dir = base.path().join("run-a");
-        let all = Backends { tensorboard: true, csv: true, mlflow: true };
-        let mut tracker = Tracker::create(&dir, all, &config()).unwrap();
+        let all = Backends { tensorboard: true, csv: true, mlflow: Some(MlflowTarget::FileStore { ignored_env_uri: None }) };
+        let mut tracker = Tracker::create(&dir, all.clone(), &config()).unwrap();
         for step in 1..=3 {
             tracker.log(&metrics(step)).unwrap();
         }
