@@ -272,17 +272,23 @@ fn a_server_that_hangs_then_dies_mid_run_costs_a_warning_not_the_run() {
     server.signal(libc::SIGSTOP);
     let done_then = rows(&track).len();
     assert!(done_then < 300, "the server must go away mid-run: training was over when it did");
-    std::thread::sleep(Duration::from_secs(3));
+    // Longer than a request's time limit (5 s): a client that made training wait would show it.
+    std::thread::sleep(Duration::from_secs(7));
     server.signal(libc::SIGKILL);
     let killed = Instant::now();
     let f = finish(child, Duration::from_secs(300));
     assert!(f.status.success(), "{}\n{}", f.stdout, f.stderr);
     let rows = rows(&track);
     assert_eq!(rows.len(), 300, "every step in metrics.jsonl");
-    // Training never waited on the server: no step took one request's time limit (5 s), and the
-    // run ended within the end's delivery time (10 s) and one request of the kill.
-    let slowest = rows.iter().map(|r| r["step_ms"].as_f64().unwrap()).fold(0.0, f64::max);
-    assert!(slowest < 5000.0, "a step took {slowest} ms");
+    // Training never waited on the server: the training loop's time outside its steps (logging
+    // among them; a step's own time is measured before its row is logged) stayed under a request's
+    // time limit (5 s) and the server's 7 hung seconds, and the run ended within the end's delivery
+    // time (10 s) and one request of the kill.
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(track.join("summary.json")).unwrap()).unwrap();
+    let in_steps: f64 = rows.iter().map(|r| r["step_ms"].as_f64().unwrap()).sum::<f64>() / 1e3;
+    let outside = summary["seconds"].as_f64().unwrap() - in_steps;
+    eprintln!("the loop spent {outside:.2} s outside its steps; the run ended {:?} after the kill", killed.elapsed());
+    assert!(outside < 4.0, "the loop spent {outside:.1} s outside its steps");
     assert!(killed.elapsed() < Duration::from_secs(40), "the run ended {:?} after the server died", killed.elapsed());
     let warnings: Vec<&str> = f.stderr.lines().filter(|l| l.contains("warning: mlflow")).collect();
     assert_eq!(warnings.len(), 2, "one warning when the server went away, one summary at the end: {}", f.stderr);

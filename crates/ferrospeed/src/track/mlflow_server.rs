@@ -471,7 +471,9 @@ impl Worker {
         if dropped > 0 {
             what.push_str(&format!(", and {dropped} steps were dropped while the queue to it was full"));
         }
-        if !self.end_sent && self.gave_up.is_none() {
+        if self.run_id.is_none() {
+            what.push_str(", nor did the run itself");
+        } else if !self.end_sent && self.gave_up.is_none() {
             what.push_str(", and the run's status was not set");
         }
         let why = self.gave_up.as_ref().or(self.stats.last_error.as_ref()).map_or(String::new(), |w| format!(" (last error: {w})"));
