@@ -182,6 +182,8 @@ resume = true             # continue from the latest checkpoint (the same comman
 [track]
 dir = {track:<20}# metrics.jsonl, config.json, summary.json, plot.png, and the backends below
 backends = ["tensorboard"]   # any of "tensorboard", "csv", "mlflow"
+# mlflow_uri = "http://127.0.0.1:5000"   # an MLflow tracking server (turns MLflow on)
+# mlflow_experiment = "ferrospeed"       # its experiment (default: MLFLOW_EXPERIMENT_NAME, else "Default")
 "#,
         written_by = a.written_by,
         nodes = a.num_nodes,

@@ -148,15 +148,19 @@ fn batches_keep_within_mlflow_limits_and_retries_deliver_each_value_once() {
     assert_eq!((stored["run_id"].as_str(), stored["experiment_id"].as_str()), (Some("new-run"), Some("7")));
 }
 
+/// A run continued in `dir` whose run directory names run "old-run" of `fake`.
+fn continued(fake: &Fake, dir: &std::path::Path, config: &serde_json::Value) -> ServerRun {
+    let stored = serde_json::json!({ "tracking_uri": fake.server().uri, "experiment_id": "7", "run_id": "old-run" });
+    std::fs::write(dir.join(RUN_FILE), stored.to_string()).unwrap();
+    ServerRun::start(&fake.server(), dir, "run-a", config, true).unwrap()
+}
+
 #[test]
 fn a_continued_run_sends_only_what_its_mlflow_run_lacks() {
     // The earlier attempt delivered steps 1 and 2 (of 3 kept) before it died.
     let fake = Fake::start(0, vec![1, 2]);
     let dir = tempfile::tempdir().unwrap();
-    let stored = serde_json::json!({ "tracking_uri": fake.server().uri, "experiment_id": "7", "run_id": "old-run" });
-    std::fs::write(dir.path().join(RUN_FILE), stored.to_string()).unwrap();
-    let config = serde_json::json!({ "train": { "steps": 6, "lr": 0.001 } });
-    let run = ServerRun::start(&fake.server(), dir.path(), "run-a", &config, true).unwrap();
+    let run = continued(&fake, dir.path(), &serde_json::json!({ "train": { "steps": 6, "lr": 0.001 } }));
     run.resend(&(1..=3).map(row).collect::<Vec<_>>());
     for step in 4..=6 {
         run.log(&row(step));
@@ -179,9 +183,7 @@ fn a_continued_run_sends_only_what_its_mlflow_run_lacks() {
 fn a_continued_run_with_nothing_new_keeps_its_status_when_dropped() {
     let fake = Fake::start(0, vec![1, 2]);
     let dir = tempfile::tempdir().unwrap();
-    let stored = serde_json::json!({ "tracking_uri": fake.server().uri, "experiment_id": "7", "run_id": "old-run" });
-    std::fs::write(dir.path().join(RUN_FILE), stored.to_string()).unwrap();
-    let run = ServerRun::start(&fake.server(), dir.path(), "run-a", &serde_json::json!({}), true).unwrap();
+    let run = continued(&fake, dir.path(), &serde_json::json!({}));
     run.resend(&(1..=2).map(row).collect::<Vec<_>>());
     drop(run);
     let requests = fake.requests();
