@@ -1,6 +1,7 @@
 //! Logging to an MLflow tracking server: a real `mlflow server` (installed from PyPI by
 //! `scripts/install-mlflow.sh`; `.ci/run` does it and sets `FERROSPEED_MLFLOW` and
-//! `FERROSPEED_REQUIRE_MLFLOW=1`, which makes its absence a failure, not a skip) receives the params
+//! `FERROSPEED_REQUIRE_MLFLOW=1`, which makes its absence a failure; elsewhere the tests skip,
+//! recorded by `support::skip`) receives the params
 //! and every step of a run, read back through its REST API; a run that continues logs each step
 //! once into the same MLflow run; a server that stops answering or dies mid-run costs a warning,
 //! never the run or its pace. A server that is not there at all needs no MLflow to test.
@@ -46,7 +47,7 @@ impl Server {
     fn start(test: &str) -> Option<Server> {
         let Some(mlflow) = mlflow_command() else {
             assert!(std::env::var("FERROSPEED_REQUIRE_MLFLOW").is_err(), "{test}: no mlflow command (FERROSPEED_MLFLOW, .mlflow-venv or PATH): run scripts/install-mlflow.sh");
-            eprintln!("SKIPPED {test}: no mlflow command (scripts/install-mlflow.sh installs it)");
+            skip(test, "no mlflow command (scripts/install-mlflow.sh installs it)");
             return None;
         };
         let turn = TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());

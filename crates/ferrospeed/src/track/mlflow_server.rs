@@ -310,6 +310,11 @@ impl Worker {
                     self.end = Some((how, Instant::now() + FLUSH_TIMEOUT));
                     // One try right away, whatever the backoff had planned.
                     self.next_try = Instant::now();
+                    // A start that failed before its first step, with no run on the server yet:
+                    // nothing to say there (and no wait for a server that is away).
+                    if self.run_id.is_none() && self.pending.is_empty() && how != RunEnd::Finished {
+                        self.end_sent = true;
+                    }
                 }
                 return;
             }
