@@ -2,7 +2,8 @@
 # Reliability soak of `launch --max-restarts`: a 2-rank CPU job while another process kill -9's a random
 # rank at a random moment, KILLS times. Reports the restarts, the steps lost beyond the last checkpoint
 # at each death (the steps a restart trains again; must stay below checkpoint.every), and whether the
-# final per-step losses equal an uninterrupted run's bit for bit.
+# final per-step losses equal an uninterrupted run's bit for bit, and every row's deterministic fields
+# (step, loss, lr, grad_norm, tokens, loss_scale) equal its row as text.
 #   bash bench/restart_soak.sh            (KILLS=100 STEPS=3000 EVERY=10; BIN=target/release/ferrospeed)
 set -u
 cd "$(dirname "$0")/.."
@@ -41,9 +42,13 @@ secs=$(( $(date +%s) - t0 ))
 python3 - "$OUT" "$rc" "$secs" "$EVERY" <<'PY'
 import json, re, sys, pathlib
 out, rc, secs, every = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-rows = lambda d: [json.loads(l) for l in (out / d / "metrics.jsonl").read_text().splitlines()]
+# Numbers kept as the text the run wrote: a row rebuilt from a checkpoint must be the row as written.
+rows = lambda d: [json.loads(l, parse_float=str, parse_int=str) for l in (out / d / "metrics.jsonl").read_text().splitlines()]
 ref, soak = rows("ref"), rows("soak")
-bits = lambda rs: [(r["step"], json.dumps(r["loss"])) for r in rs]
+# Every field that does not depend on timing or memory, as text (step_ms, tokens_per_s, peak_mem_bytes do).
+DETERMINISTIC = ("step", "loss", "lr", "grad_norm", "tokens", "loss_scale")
+text = lambda rs: [tuple((k, r.get(k)) for k in DETERMINISTIC) for r in rs]
+bits = lambda rs: [(r["step"], r["loss"]) for r in rs]
 err = (out / "soak.err").read_text()
 restarts = len(re.findall(r"ferrospeed launch: restart \d+ of", err))
 starts = [int(s or 0) for s in re.findall(r"resumed from \S+ at step (\d+)|no checkpoint in \S+ yet", (out / "soak.log").read_text())]
@@ -53,6 +58,8 @@ kills = [tuple(map(int, l.split())) for l in (out / "kills.txt").read_text().spl
 lost = [max(0, k[2] - r) for k, r in zip(kills, resumed + [None] * len(kills)) if r is not None]
 result = dict(launcher_exit=rc, seconds=secs, kills=len(kills), restarts=restarts, resumes=len(resumed),
               steps=len(soak), steps_unique=len({r["step"] for r in soak}), bitwise_equal=bits(soak) == bits(ref),
+              rows_textually_equal=text(soak) == text(ref),
+              rows_differing=[r["step"] for r, q in zip(soak, ref) if text([r]) != text([q])][:10],
               max_steps_lost=max(lost, default=0), mean_steps_lost=round(sum(lost) / max(len(lost), 1), 2),
               checkpoint_every=every, lost_below_every=all(l < every for l in lost))
 print(json.dumps(result))

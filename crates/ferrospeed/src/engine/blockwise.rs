@@ -3,8 +3,8 @@
 //!
 //! Blocks with a hand-written backward (`Block::forward_saving`/`Block::backward`) keep what it needs
 //! and run it. For the others, with block output `y` and upstream gradient `g`, `sum(y · g).backward()`
-//! gives exactly the parameter and input gradients of one full backward (checked on CPU and H100, see
-//! DESIGN.md); the block input is a fresh `Var`, so each backward touches only its own block's graph.
+//! gives exactly the parameter and input gradients of one full backward (checked on CPU and H100; the
+//! tests of `tests/gradients.rs` hold it); the block input is a fresh `Var`, so each backward touches only its own block's graph.
 
 use super::block::{Batch, Saved, Upstream};
 use super::error::EngineError;
