@@ -27,7 +27,8 @@ fn train(world: usize, stage: u8, precision: Precision, on_gpu: bool, steps: std
     train_offloaded(world, stage, precision, on_gpu, steps, ckpt, None)
 }
 
-/// [`train`] with the optimizer state offloaded (`tier`, `ratio`, the NVMe folder).
+/// [`train`] with the optimizer state offloaded (`tier`, `ratio`, NVMe ratio, the NVMe folder, and
+/// where stage-3 parameter shards go).
 fn train_offloaded(
     world: usize,
     stage: u8,
@@ -35,7 +36,7 @@ fn train_offloaded(
     on_gpu: bool,
     steps: std::ops::Range<usize>,
     ckpt: Option<(&std::path::Path, bool)>,
-    offload: Option<(Offload, f64, f64, &std::path::Path)>,
+    offload: Option<(Offload, f64, f64, &std::path::Path, Offload)>,
 ) -> Vec<f64> {
     let corpus = support::corpus("Parameters live in flat buffers; candle sees copies. ", 60);
     let out = run_local_world(world, &CommConfig::default(), |comm| {
@@ -43,8 +44,8 @@ fn train_offloaded(
         let mut cfg = support::engine_config(stage, precision, true, 3);
         cfg.grad_clip = 0.5;
         cfg.device = if on_gpu { Device::new_cuda(0).unwrap() } else { Device::Cpu };
-        if let Some((tier, ratio, nvme_ratio, dir)) = offload {
-            cfg.strategy = cfg.strategy.with_offload(tier, ratio, Offload::None).with_nvme_ratio(nvme_ratio);
+        if let Some((tier, ratio, nvme_ratio, dir, params)) = offload {
+            cfg.strategy = cfg.strategy.with_offload(tier, ratio, params).with_nvme_ratio(nvme_ratio);
             cfg.offload = OffloadSettings { nvme_dir: Some(dir.to_path_buf()), pinned_budget: 0 };
         }
         let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), cfg).unwrap();
@@ -116,13 +117,19 @@ fn offloaded_optimizer_state_trains_on_the_gpu_bitwise_like_the_device_state() {
     let nvme = tempfile::tempdir().unwrap();
     for precision in [Precision::Fp32, Precision::Bf16] {
         // Stage 0 and 1 on one rank take the pinned pipeline into the variables; stage 3 and two
-        // ranks the general host path. The CPU AdamW and the kernel share their arithmetic.
-        for (world, stage) in [(1, 0), (1, 1), (1, 3), (2, 2)] {
+        // ranks the general host path. The CPU AdamW and the kernel share their arithmetic. At
+        // stage 3 the shards of offloaded blocks stay on the GPU, or (parameter offload) go to
+        // page-locked memory uploaded on the copy stream (one rank) or to host memory / NVMe files.
+        for (world, stage) in [(1, 0), (1, 1), (1, 3), (2, 2), (2, 3)] {
             let reference = train(world, stage, precision, true, 0..STEPS, None);
-            // The last: three tiers (device, host, NVMe).
-            for (tier, ratio, q) in [(Offload::Cpu, 1.0, 1.0), (Offload::Cpu, 0.5, 0.5), (Offload::Nvme, 1.0, 1.0), (Offload::Nvme, 0.8, 0.4)] {
-                let got = train_offloaded(world, stage, precision, true, 0..STEPS, None, Some((tier, ratio, q, nvme.path())));
-                assert_bitwise(&format!("{precision:?} world {world} stage {stage} {tier} ratio {ratio} nvme {q} vs device state"), &got, &reference);
+            // The fourth: three tiers (device, host, NVMe).
+            let mut runs = vec![(Offload::Cpu, 1.0, 1.0, Offload::None), (Offload::Cpu, 0.5, 0.5, Offload::None), (Offload::Nvme, 1.0, 1.0, Offload::None), (Offload::Nvme, 0.8, 0.4, Offload::None)];
+            if stage == 3 {
+                runs.extend([(Offload::Cpu, 1.0, 1.0, Offload::Cpu), (Offload::Nvme, 1.0, 1.0, Offload::Nvme)]);
+            }
+            for (tier, ratio, q, params) in runs {
+                let got = train_offloaded(world, stage, precision, true, 0..STEPS, None, Some((tier, ratio, q, nvme.path(), params)));
+                assert_bitwise(&format!("{precision:?} world {world} stage {stage} {tier} ratio {ratio} nvme {q} params {params} vs device state"), &got, &reference);
             }
         }
     }

@@ -55,12 +55,18 @@ pub fn save(engine: &mut Engine, req: &SaveRequest<'_>) -> Result<PathBuf, Check
             if rank == 0 && tmp.exists() {
                 let _ = durable::remove_dir_all(&tmp);
             }
-            Err(match e {
-                CheckpointError::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) => full(crate::device::disk_free_bytes(req.root).unwrap_or(0)),
-                e => e,
-            })
+            Err(if is_disk_full(&e) { full(crate::device::disk_free_bytes(req.root).unwrap_or(0)) } else { e })
         }
     }
+}
+
+/// Sizes that stand for a rank's failure to write its file in the exchange of (crc, size).
+const FAILED: u64 = u64::MAX;
+const DISK_FULL: u64 = u64::MAX - 1;
+
+/// Whether `e` is a write that found the disk (or the user's quota) full.
+fn is_disk_full(e: &CheckpointError) -> bool {
+    matches!(e, CheckpointError::Io { source, .. } if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
 }
 
 /// Bytes of a checkpoint of `engine` over every rank: the master weights and optimizer state of
@@ -86,9 +92,11 @@ fn save_into(engine: &mut Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: 
     }
     let (crc, bytes) = match &written {
         Ok(v) => *v,
-        Err(_) => (0, u64::MAX),
+        Err(e) if is_disk_full(e) => (0, DISK_FULL),
+        Err(_) => (0, FAILED),
     };
-    // Every rank's (crc, size) to rank 0, as exact 16-bit pieces in f32; size MAX marks a failure.
+    // Every rank's (crc, size) to rank 0, as exact 16-bit pieces in f32; size FAILED or DISK_FULL
+    // marks a failure.
     let pieces = encode(crc, bytes);
     let all = engine
         .comm()
@@ -99,7 +107,11 @@ fn save_into(engine: &mut Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: 
         .map_err(comm_err)?;
     written?;
     let files: Vec<(u32, u64)> = all.chunks(6).map(decode).collect();
-    if let Some(r) = files.iter().position(|(_, b)| *b == u64::MAX) {
+    // A full disk on any rank is every rank's answer (the launcher may report any rank's exit).
+    if let Some(r) = files.iter().position(|(_, b)| *b == DISK_FULL) {
+        return Err(CheckpointError::io(&tmp.join(rank_file_name(r, world)), std::io::Error::from_raw_os_error(libc::ENOSPC)));
+    }
+    if let Some(r) = files.iter().position(|(_, b)| *b == FAILED) {
         return Err(CheckpointError::Format(format!("rank {r} could not write its checkpoint file; nothing was published")));
     }
     let published = if rank == 0 { publish(engine, req, tmp, final_dir, &files) } else { Ok(()) };

@@ -110,14 +110,6 @@ impl PinnedShard {
         Ok(())
     }
 
-    /// The values, on the host.
-    pub fn to_host(&self) -> Result<HostBuf> {
-        if let Some(e) = self.in_flight.lock().map_err(msg)?.as_ref() {
-            e.synchronize().map_err(msg)?;
-        }
-        Ok(HostBuf::from_bytes(self.dtype, &self.host.as_slice().map_err(msg)?[..self.bytes()]))
-    }
-
     /// Start the upload of the whole block (world 1: the shard is the block) into a new device
     /// buffer on the copy stream, ordered after the buffer's allocation on the compute stream;
     /// finishing the gather makes the compute stream wait for it.
