@@ -32,6 +32,13 @@ impl Guard {
         Ok(Self { child, stdin })
     }
 
+    /// The write end of the guard's pipe, for ranks to announce themselves before they exec
+    /// ([`announce`]).
+    pub fn fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.stdin.as_ref().map(AsRawFd::as_raw_fd)
+    }
+
     /// Tell the guard about a rank's process group.
     pub fn protect(&mut self, pgid: i32) {
         if let Some(s) = &mut self.stdin {
@@ -45,6 +52,30 @@ impl Guard {
             let _ = writeln!(s, "done");
         }
         let _ = self.child.wait();
+    }
+}
+
+/// Write `pgid` and a newline to the guard's pipe `fd`, from a forked child before exec: only
+/// async-signal-safe work (digits formatted on the stack, one `write` of fewer than `PIPE_BUF`
+/// bytes, which the pipe keeps whole beside other ranks' lines).
+pub fn announce(fd: std::os::fd::RawFd, pgid: i32) {
+    let mut buf = [0u8; 16];
+    let mut end = buf.len();
+    end -= 1;
+    buf[end] = b'\n';
+    let mut v = pgid.unsigned_abs();
+    loop {
+        end -= 1;
+        buf[end] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    // SAFETY: `buf[end..]` is initialised; write is async-signal-safe. A failed write (the guard
+    // gone) leaves the launcher's own `protect` as before.
+    unsafe {
+        libc::write(fd, buf[end..].as_ptr().cast(), buf.len() - end);
     }
 }
 

@@ -46,7 +46,7 @@ pub struct RankProcess {
 pub type OutputThreads = Vec<thread::JoinHandle<()>>;
 
 /// Start local rank `local_rank`; its stdout and stderr are copied line by line with a `[rankN]: ` prefix.
-pub fn spawn_rank(plan: &LaunchPlan, local_rank: usize) -> Result<(RankProcess, Child, OutputThreads)> {
+pub fn spawn_rank(plan: &LaunchPlan, local_rank: usize, guard_fd: Option<std::os::fd::RawFd>) -> Result<(RankProcess, Child, OutputThreads)> {
     let rank = plan.global_rank(local_rank);
     let mut cmd = Command::new(&plan.program);
     cmd.args(&plan.args)
@@ -95,6 +95,12 @@ pub fn spawn_rank(plan: &LaunchPlan, local_rank: usize) -> Result<(RankProcess, 
             }
             if libc::getppid() != launcher_pid {
                 libc::_exit(1); // the launcher died before the line above took effect
+            }
+            // Tell the guard about this process group before the rank can start anything: were the
+            // launcher killed between this fork and its own `protect`, the rank's children would
+            // otherwise outlive it (the kernel's death signal reaches the rank only).
+            if let Some(fd) = guard_fd {
+                super::guard::announce(fd, libc::getpid());
             }
             Ok(())
         });

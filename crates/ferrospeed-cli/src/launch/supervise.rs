@@ -54,7 +54,7 @@ pub fn supervise(plan: &LaunchPlan, store: NodeStore, grace: Duration) -> Result
     let mut running: BTreeMap<usize, RankProcess> = BTreeMap::new();
     let mut output = Vec::new();
     for local in 0..plan.nproc_per_node {
-        match spawn_rank(plan, local) {
+        match spawn_rank(plan, local, guard.fd()) {
             Ok((proc_, child, threads)) => {
                 output.extend(threads);
                 guard.protect(proc_.pid);
