@@ -17,6 +17,7 @@ pub mod device;
 pub mod engine;
 pub mod nn;
 pub mod optim;
+pub mod parallel;
 pub mod precision;
 pub mod profile;
 pub mod rng;

@@ -75,6 +75,14 @@ impl Buf<'_> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The elements' bytes, as they travel.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Self::F32(s) => bytemuck::cast_slice(s),
+            Self::Bf16(s) => bytemuck::cast_slice(s),
+            Self::F16(s) => bytemuck::cast_slice(s),
+        }
+    }
 }
 
 impl BufMut<'_> {
@@ -94,6 +102,14 @@ impl BufMut<'_> {
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+    /// The elements' bytes, to be overwritten with received ones.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::F32(s) => bytemuck::cast_slice_mut(s),
+            Self::Bf16(s) => bytemuck::cast_slice_mut(s),
+            Self::F16(s) => bytemuck::cast_slice_mut(s),
+        }
     }
 }
 

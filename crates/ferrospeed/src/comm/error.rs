@@ -58,10 +58,13 @@ pub enum CommError {
     RendezvousTimeout { rank: usize, waited: Duration, what: String },
 
     #[error(
-        "{op} #{seq} timed out on rank {rank} after {waited:.1?}: {detail}\nlast operations on rank {rank}:\n{recent}"
+        "{op} #{seq} of {group} timed out on rank {rank} after {waited:.1?}: {detail}\nlast operations on rank {rank}:\n{recent}"
     )]
     Timeout {
+        /// This rank, in world terms (as every rank below).
         rank: usize,
+        /// The group the operation ran in: `the world` or `group dp1 (world ranks [1, 3])`.
+        group: String,
         op: OpKind,
         seq: u64,
         waited: Duration,
@@ -72,15 +75,19 @@ pub enum CommError {
     },
 
     #[error(
-        "{op} #{seq} on rank {rank}: connection to rank {peer} lost ({reason}); did rank {peer} exit or crash?"
+        "{op} #{seq} of {group} on rank {rank}: connection to rank {peer} lost ({reason}); did rank {peer} exit or crash?"
     )]
-    PeerLost { rank: usize, peer: usize, op: OpKind, seq: u64, reason: String },
+    PeerLost { rank: usize, peer: usize, group: String, op: OpKind, seq: u64, reason: String },
 
     #[error(
-        "collective mismatch on rank {rank}: rank {peer} sent {got} while this rank is in {expected}; every \
-         rank must issue the same collectives in the same order with the same sizes"
+        "collective mismatch in {group} on rank {rank}: rank {peer} sent {got} while this rank is in {expected}; \
+         every rank must issue the same collectives in the same order with the same sizes (and the same \
+         sends and receives)"
     )]
-    Desync { rank: usize, peer: usize, got: String, expected: String },
+    Desync { rank: usize, peer: usize, group: String, got: String, expected: String },
+
+    #[error("cannot split {group} along {axis:?}: {reason}")]
+    Split { group: String, axis: String, reason: String },
 
     #[error("invalid arguments to {op}: {reason}")]
     InvalidArgument { op: OpKind, reason: String },

@@ -19,6 +19,7 @@ mod reduce;
 pub mod store;
 mod tcp;
 mod tcp_ops;
+mod tcp_p2p;
 mod tensor;
 mod token;
 mod wire;
@@ -31,7 +32,7 @@ pub use error::CommError;
 pub use local::run_local_world;
 pub use reduce::reference_reduce;
 pub use recorder::{FlightRecorder, OpRecord, OpStatus};
-pub use tcp::TcpCommunicator;
+pub use tcp::{GroupInfo, TcpCommunicator};
 pub use tensor::TensorCollectives;
 pub use token::{RdzvToken, ENV_RDZV_TOKEN};
 
@@ -57,6 +58,9 @@ pub enum OpKind {
     AllGather = 3,
     Broadcast = 4,
     Barrier = 5,
+    /// A batch of point-to-point sends and receives.
+    SendRecv = 6,
+    AllToAll = 7,
 }
 
 impl OpKind {
@@ -67,6 +71,8 @@ impl OpKind {
             3 => Self::AllGather,
             4 => Self::Broadcast,
             5 => Self::Barrier,
+            6 => Self::SendRecv,
+            7 => Self::AllToAll,
             _ => return None,
         })
     }
@@ -79,6 +85,8 @@ impl OpKind {
             Self::AllGather => "all_gather",
             Self::Broadcast => "broadcast",
             Self::Barrier => "barrier",
+            Self::SendRecv => "send_recv",
+            Self::AllToAll => "all_to_all",
         }
     }
 }
@@ -89,12 +97,21 @@ impl fmt::Display for OpKind {
     }
 }
 
+/// One half of a point-to-point transfer in a [`Communicator::send_recv`] batch. `peer` is a rank of
+/// the communicator's group.
+#[derive(Debug)]
+pub enum P2p<'a> {
+    Send { peer: usize, buf: Buf<'a> },
+    Recv { peer: usize, buf: BufMut<'a> },
+}
+
 /// Collectives over a fixed group of ranks.
 ///
 /// Buffers are split over ranks by [`crate::ShardLayout`] with `align = 1`: rank `r` owns
 /// `ShardLayout::new(n, world_size, 1).range(r)`. `reduce_scatter` leaves rank `r` with the reduced
 /// elements of its range; `all_gather` places rank `r`'s input at its range of the output.
 /// All ranks must call the same collectives in the same order with the same sizes and dtypes.
+/// Ranks are the group's (`0..world_size`); errors name ranks in world terms and name the group.
 pub trait Communicator: Send + Sync {
     /// This process's rank, `0..world_size`.
     fn rank(&self) -> usize;
@@ -112,6 +129,23 @@ pub trait Communicator: Send + Sync {
     fn barrier(&self) -> Result<(), CommError>;
     /// The flight recorder's last operations, one per line, oldest first.
     fn recent_ops(&self) -> String;
+    /// Run a batch of sends and receives with peers of this group, all progressing together (NCCL's
+    /// grouped `ncclSend`/`ncclRecv`): as long as each send has its receive in the peer's batch, no
+    /// order in which ranks post their batches can deadlock. For each ordered pair of ranks, the k-th
+    /// message sent is the k-th received; its dtype and length must match (else
+    /// [`CommError::Desync`]). Only the ranks named take part; a peer that never posts its half is
+    /// named in a [`CommError::Timeout`] with what it is doing instead.
+    fn send_recv(&self, ops: Vec<P2p<'_>>) -> Result<(), CommError>;
+    /// Every rank sends `send_counts[p]` consecutive elements of `input` (in rank order) to rank `p`
+    /// and receives `recv_counts[p]` from it into `output` (in rank order): uneven splits, as expert
+    /// and context parallelism need. `recv_counts[p]` on this rank must equal `send_counts[this]` on `p`.
+    fn all_to_all(&self, input: Buf<'_>, send_counts: &[usize], output: BufMut<'_>, recv_counts: &[usize]) -> Result<(), CommError>;
+    /// Form sub-groups: `groups` partitions this group's ranks; this rank gets the one holding it,
+    /// named `<axis><index>`, with its own connections, sequence numbers and recorder. A collective
+    /// over this group (same arguments on every rank).
+    fn split(&self, axis: &str, groups: &[Vec<usize>]) -> Result<Box<dyn Communicator>, CommError>;
+    /// Which ranks of the world this group holds, and its name.
+    fn group(&self) -> &GroupInfo;
 }
 
 /// Typed conveniences over any [`Communicator`] (the trait itself stays object-safe).
@@ -127,6 +161,9 @@ pub trait CommExt: Communicator {
     }
     fn broadcast_slice<T: Element>(&self, buf: &mut [T], root: usize) -> Result<(), CommError> {
         self.broadcast(T::buf_mut(buf), root)
+    }
+    fn all_to_all_slice<T: Element>(&self, input: &[T], send_counts: &[usize], output: &mut [T], recv_counts: &[usize]) -> Result<(), CommError> {
+        self.all_to_all(T::buf(input), send_counts, T::buf_mut(output), recv_counts)
     }
 }
 

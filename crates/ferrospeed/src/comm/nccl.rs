@@ -4,6 +4,11 @@
 //! so reductions run while later blocks compute. The unique id goes from rank 0 to the others over
 //! the host group (whose connections the rendezvous store formed).
 //!
+//! Sub-groups: an `NcclComm` is formed over any host group, so the NCCL communicator of a mesh axis
+//! is `NcclComm::new(&tcp_group, …)` on the group [`super::TcpCommunicator::split`] formed (a fresh
+//! unique id per group rather than `ncclCommSplit`: cudarc's `Comm` cannot wrap a split handle, and
+//! the host group exists anyway for the id and for timeouts that name ranks).
+//!
 //! NCCL itself never times out: a rank that stops issuing collectives leaves the others spinning in a
 //! kernel. [`NcclComm::sync`] therefore polls every outstanding collective with the group's timeout,
 //! aborts the communicator when one does not finish, and names the operation; a rank that dies is
@@ -11,7 +16,7 @@
 
 use super::{CommError, CommExt, Communicator, OpKind};
 use candle_core::cuda::cudarc::driver::sys::CUevent_flags;
-use candle_core::cuda::cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
+use candle_core::cuda::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, CudaViewMut};
 use candle_core::cuda::cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,12 +37,32 @@ impl NcclPending {
     }
 }
 
+/// Run `f`'s NCCL calls as one group (`ncclGroupStart` … `ncclGroupEnd`): issued together, so
+/// sends and receives to several peers cannot wait on each other's order. The group is closed even
+/// when a call fails.
+fn grouped(f: impl FnOnce() -> Result<(), String>) -> Result<(), String> {
+    use candle_core::cuda::cudarc::nccl::result::{group_end, group_start};
+    group_start().map_err(|e| format!("{e:?}"))?;
+    let r = f();
+    let end = group_end().map(|_| ()).map_err(|e| format!("{e:?}"));
+    r.and(end)
+}
+
+/// One half of a point-to-point transfer in an [`NcclComm::send_recv`] batch.
+pub enum NcclP2p<'a, T> {
+    Send { peer: usize, buf: CudaView<'a, T> },
+    Recv { peer: usize, buf: CudaViewMut<'a, T> },
+}
+
 /// NCCL over this rank's GPU.
 pub struct NcclComm {
     /// Taken (and so aborted, by its drop) when a collective times out.
     comm: Mutex<Option<Comm>>,
     rank: usize,
     world: usize,
+    /// This rank in world terms, and how errors name the group (from the host group).
+    world_rank: usize,
+    group: String,
     compute: Arc<CudaStream>,
     stream: Arc<CudaStream>,
     timeout: Duration,
@@ -80,7 +105,18 @@ impl NcclComm {
         compute.context().bind_to_thread().map_err(|e| err(rank, "context", e))?;
         let stream = compute.fork().map_err(|e| err(rank, "stream", e))?;
         let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(internal)).map_err(|e| err(rank, "init", e))?;
-        Ok(Self { comm: Mutex::new(Some(comm)), rank, world, compute, stream, timeout, outstanding: Mutex::new(Vec::new()), seq: Mutex::new(0) })
+        Ok(Self {
+            comm: Mutex::new(Some(comm)),
+            rank,
+            world,
+            world_rank: group.group().world_rank(rank),
+            group: group.group().describe(),
+            compute,
+            stream,
+            timeout,
+            outstanding: Mutex::new(Vec::new()),
+            seq: Mutex::new(0),
+        })
     }
 
     pub fn rank(&self) -> usize {
@@ -133,6 +169,55 @@ impl NcclComm {
         self.issue(OpKind::AllGather, |c| c.all_gather(input, output).map(|_| ()).map_err(|e| format!("{e:?}")))
     }
 
+    /// A batch of sends and receives with peers of this group, grouped (`ncclGroupStart`/`End`) so
+    /// that no posting order deadlocks; per pair, messages match in order, as on TCP.
+    pub fn send_recv<T: NcclType>(&self, ops: Vec<NcclP2p<'_, T>>) -> Result<NcclPending, CommError> {
+        for op in &ops {
+            let peer = match op {
+                NcclP2p::Send { peer, .. } | NcclP2p::Recv { peer, .. } => *peer,
+            };
+            if peer >= self.world || peer == self.rank {
+                return Err(CommError::InvalidArgument { op: OpKind::SendRecv, reason: format!("peer {peer} is not another rank of {}", self.group) });
+            }
+        }
+        self.issue(OpKind::SendRecv, |c| {
+            grouped(|| {
+                for mut op in ops {
+                    match &mut op {
+                        NcclP2p::Send { peer, buf } => c.send(buf, *peer as i32).map_err(|e| format!("{e:?}"))?,
+                        NcclP2p::Recv { peer, buf } => c.recv(buf, *peer as i32).map(|_| ()).map_err(|e| format!("{e:?}"))?,
+                    }
+                }
+                Ok(())
+            })
+        })
+    }
+
+    /// [`super::Communicator::all_to_all`] on device buffers: `send_counts[p]` elements of `input` (in
+    /// rank order) to rank `p`, `recv_counts[p]` from it into `output`; one grouped send/receive per peer.
+    pub fn all_to_all<T: NcclType>(&self, input: &CudaSlice<T>, send_counts: &[usize], output: &mut CudaSlice<T>, recv_counts: &[usize]) -> Result<NcclPending, CommError> {
+        let w = self.world;
+        if send_counts.len() != w || recv_counts.len() != w || send_counts.iter().sum::<usize>() != input.len() || recv_counts.iter().sum::<usize>() != output.len() {
+            return Err(CommError::InvalidArgument {
+                op: OpKind::AllToAll,
+                reason: format!("counts {send_counts:?} / {recv_counts:?} do not fit {w} ranks, an input of {} and an output of {}", input.len(), output.len()),
+            });
+        }
+        let offsets = |c: &[usize]| c.iter().scan(0, |o, n| (*o += n, *o - n).1.into()).collect::<Vec<usize>>();
+        let (so, ro) = (offsets(send_counts), offsets(recv_counts));
+        self.issue(OpKind::AllToAll, |c| {
+            grouped(|| {
+                for p in (0..w).filter(|&p| send_counts[p] > 0) {
+                    c.send(&input.slice(so[p]..so[p] + send_counts[p]), p as i32).map_err(|e| format!("{e:?}"))?;
+                }
+                for p in (0..w).filter(|&p| recv_counts[p] > 0) {
+                    c.recv(&mut output.slice_mut(ro[p]..ro[p] + recv_counts[p]), p as i32).map(|_| ()).map_err(|e| format!("{e:?}"))?;
+                }
+                Ok(())
+            })
+        })
+    }
+
     /// Make the compute stream wait (on the device) for `p`; its result may be used from now on.
     pub fn wait(&self, p: NcclPending) -> Result<(), CommError> {
         p.wait()
@@ -154,7 +239,8 @@ impl NcclComm {
                     // Dropping cudarc's communicator aborts it, which also ends the spinning kernels.
                     drop(self.comm.lock().unwrap_or_else(|p| p.into_inner()).take());
                     return Err(CommError::Timeout {
-                        rank,
+                        rank: self.world_rank,
+                        group: self.group.clone(),
                         op: *op,
                         seq: *seq,
                         waited: t0.elapsed(),

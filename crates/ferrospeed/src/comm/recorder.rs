@@ -45,9 +45,9 @@ impl FlightRecorder {
         self.ring.push_back(OpRecord { seq, op, dtype, numel, started: Instant::now(), status: OpStatus::Running });
     }
 
-    /// Record how the operation `seq` ended.
-    pub fn finish(&mut self, seq: u64, result: Result<(), String>) {
-        if let Some(rec) = self.ring.iter_mut().rev().find(|r| r.seq == seq) {
+    /// Record how the operation `seq` of kind `op` ended (point-to-point batches are numbered apart).
+    pub fn finish(&mut self, seq: u64, op: OpKind, result: Result<(), String>) {
+        if let Some(rec) = self.ring.iter_mut().rev().find(|r| r.seq == seq && r.op == op) {
             rec.status = match result {
                 Ok(()) => OpStatus::Done(rec.started.elapsed()),
                 Err(e) => OpStatus::Failed(e),
@@ -90,11 +90,11 @@ mod tests {
     fn keeps_the_last_operations_with_their_outcome() {
         let mut rec = FlightRecorder::new(2);
         rec.start(1, OpKind::Barrier, None, 0);
-        rec.finish(1, Ok(()));
+        rec.finish(1, OpKind::Barrier, Ok(()));
         rec.start(2, OpKind::AllReduce, Some(DType::F32), 10);
-        rec.finish(2, Ok(()));
+        rec.finish(2, OpKind::AllReduce, Ok(()));
         rec.start(3, OpKind::AllGather, Some(DType::Bf16), 7);
-        rec.finish(3, Err("timed out".into()));
+        rec.finish(3, OpKind::AllGather, Err("timed out".into()));
         let seqs: Vec<u64> = rec.records().map(|r| r.seq).collect();
         assert_eq!(seqs, vec![2, 3]);
         let text = rec.render();

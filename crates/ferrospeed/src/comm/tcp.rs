@@ -16,6 +16,7 @@ use super::token::{LocalTokenFile, RdzvToken, Secret};
 use super::OpKind;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -26,15 +27,26 @@ const KEY_PREFIX: &str = "ferrospeed/";
 const PEER_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A group of ranks connected pairwise over TCP; the CPU backend and the reference for all others.
+///
+/// The world is formed by [`TcpCommunicator::connect`]; [`TcpCommunicator::split`] forms sub-groups
+/// (one per mesh axis) with connections, sequence numbers, flight recorder and progress keys of
+/// their own, so a group's collectives never wait behind another group's.
 pub struct TcpCommunicator {
+    /// This rank's index in the group.
     pub(crate) rank: usize,
+    /// Ranks in the group.
     pub(crate) world_size: usize,
     /// One connection per peer; `None` at this rank's own index.
     pub(crate) peers: Vec<Option<TcpStream>>,
     pub(crate) cfg: CommConfig,
+    pub(crate) group: GroupInfo,
     state: Mutex<OpState>,
-    store: Option<StoreClient>,
+    store: Option<Arc<StoreClient>>,
+    /// The connection the progress reporters of this group and its sub-groups publish through.
+    reporter_store: Option<Arc<StoreClient>>,
     reporter: Option<ProgressReporter>,
+    /// Sub-groups split from this group so far: part of their store keys, the same on every rank.
+    splits: AtomicU64,
     // Dropped before the server (fields drop in order): the file goes while the port is still ours.
     _token_file: Option<LocalTokenFile>,
     _server: Option<StoreServer>,
@@ -42,8 +54,52 @@ pub struct TcpCommunicator {
 
 struct OpState {
     next_seq: u64,
+    /// Point-to-point messages sent to / received from each peer so far (their sequence numbers).
+    sent: Vec<u64>,
+    received: Vec<u64>,
+    next_p2p: u64,
     poisoned: Option<String>,
     recorder: FlightRecorder,
+}
+
+/// Which ranks of the world a group holds, and its name in errors and store keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    name: String,
+    /// World rank of each group rank.
+    members: Vec<usize>,
+    /// Prefix of this group's keys in the rendezvous store.
+    prefix: String,
+}
+
+impl GroupInfo {
+    fn world(size: usize) -> Self {
+        Self { name: "world".into(), members: (0..size).collect(), prefix: KEY_PREFIX.into() }
+    }
+
+    /// The group's name: `world`, or the axis and index a split gave it (`pp0`, `dp3`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// World rank of each group rank, in group-rank order.
+    pub fn members(&self) -> &[usize] {
+        &self.members
+    }
+
+    /// The world rank of group rank `r`.
+    pub fn world_rank(&self, r: usize) -> usize {
+        self.members.get(r).copied().unwrap_or(r)
+    }
+
+    /// How errors name the group: `the world`, or `group dp1 (world ranks [1, 3])`.
+    pub fn describe(&self) -> String {
+        if self.name == "world" {
+            "the world".into()
+        } else {
+            format!("group {} (world ranks {:?})", self.name, self.members)
+        }
+    }
 }
 
 /// Why one link of a collective failed; turned into a [`CommError`] with context by `run_op`.
@@ -93,7 +149,46 @@ impl OpCtx<'_> {
     }
 }
 
+/// How an operation is numbered: collectives by the group's sequence, point-to-point batches by
+/// their own (only the ranks involved take part, so they cannot use the group's).
+pub(crate) enum Numbering {
+    Collective,
+    /// A batch of sends and receives: the peers' message counts in and out, advanced on success.
+    P2p { sends: Vec<(usize, u64)>, recvs: Vec<(usize, u64)> },
+}
+
+/// The first message numbers of a point-to-point batch, per peer, handed to its body.
+pub(crate) struct P2pBase {
+    pub sent: Vec<u64>,
+    pub received: Vec<u64>,
+}
+
 impl TcpCommunicator {
+    fn unconnected(group: GroupInfo, rank: usize, cfg: &CommConfig) -> Self {
+        let world_size = group.members.len();
+        Self {
+            rank,
+            world_size,
+            peers: (0..world_size).map(|_| None).collect(),
+            cfg: cfg.clone(),
+            group,
+            state: Mutex::new(OpState {
+                next_seq: 0,
+                sent: vec![0; world_size],
+                received: vec![0; world_size],
+                next_p2p: 0,
+                poisoned: None,
+                recorder: FlightRecorder::new(cfg.recorder_len),
+            }),
+            store: None,
+            reporter_store: None,
+            reporter: None,
+            splits: AtomicU64::new(0),
+            _token_file: None,
+            _server: None,
+        }
+    }
+
     /// Form the group described by `world` (usually [`WorldInfo::from_env`]).
     ///
     /// Rank 0 serves the store unless the launcher does (`agent_store`). Every rank publishes a
@@ -103,17 +198,7 @@ impl TcpCommunicator {
     /// exceeds `cfg.rendezvous_timeout`.
     pub fn connect(world: &WorldInfo, cfg: &CommConfig) -> Result<Self, CommError> {
         let (rank, world_size) = (world.rank, world.world_size);
-        let mut comm = Self {
-            rank,
-            world_size,
-            peers: (0..world_size).map(|_| None).collect(),
-            cfg: cfg.clone(),
-            state: Mutex::new(OpState { next_seq: 0, poisoned: None, recorder: FlightRecorder::new(cfg.recorder_len) }),
-            store: None,
-            reporter: None,
-            _token_file: None,
-            _server: None,
-        };
+        let mut comm = Self::unconnected(GroupInfo::world(world_size), rank, cfg);
         if world_size == 1 {
             return Ok(comm);
         }
@@ -138,11 +223,82 @@ impl TcpCommunicator {
             comm._server = Some(StoreServer::serve(listener, StoreConfig::new(token.clone(), world_size))?);
             secret = Secret::Token(token);
         }
-        let store = StoreClient::connect_with(&world.store_addr(), &secret, cfg.rendezvous_timeout)?;
+        let store = Arc::new(StoreClient::connect_with(&world.store_addr(), &secret, cfg.rendezvous_timeout)?);
+        comm.form_mesh(&store, start)?;
         let token = store.token().clone();
+        let left = cfg.rendezvous_timeout.checked_sub(start.elapsed()).ok_or_else(|| CommError::RendezvousTimeout {
+            rank,
+            waited: start.elapsed(),
+            what: "the store".into(),
+        })?;
+        let reporter_store = Arc::new(StoreClient::connect(&world.store_addr(), &token, left)?);
+        comm.finish_forming(store, reporter_store, start)?;
+        Ok(comm)
+    }
+
+    /// Form sub-groups of this group: `groups` partitions its ranks (group ranks, each exactly once;
+    /// a sub-group's ranks are numbered in the order listed), and this rank joins the one holding it,
+    /// named `<axis><index>`. A collective over this group: every rank calls it with the same
+    /// arguments, in the same order as its other collectives.
+    pub fn split(&self, axis: &str, groups: &[Vec<usize>]) -> Result<TcpCommunicator, CommError> {
+        let invalid = |reason: String| CommError::Split { group: self.group.describe(), axis: axis.to_string(), reason };
+        if axis.is_empty() || !axis.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(invalid("the axis name must be letters, digits or '_'".into()));
+        }
+        let mut seen = vec![false; self.world_size];
+        for g in groups {
+            if g.is_empty() {
+                return Err(invalid("a group is empty".into()));
+            }
+            for &r in g {
+                if r >= self.world_size {
+                    return Err(invalid(format!("rank {r} is not in this group of {}", self.world_size)));
+                }
+                if std::mem::replace(&mut seen[r], true) {
+                    return Err(invalid(format!("rank {r} is in two groups")));
+                }
+            }
+        }
+        if let Some(r) = seen.iter().position(|s| !s) {
+            return Err(invalid(format!("rank {r} is in no group; the groups must cover every rank once")));
+        }
+        let n = self.splits.fetch_add(1, Ordering::Relaxed);
+        let (index, mine) = groups.iter().enumerate().find(|(_, g)| g.contains(&self.rank)).expect("every rank is in a group");
+        let info = GroupInfo {
+            name: format!("{axis}{index}"),
+            members: mine.iter().map(|&r| self.group.world_rank(r)).collect(),
+            prefix: format!("{}s{n}/{axis}{index}/", self.group.prefix),
+        };
+        let rank = mine.iter().position(|&r| r == self.rank).expect("the rank is in its group");
+        let mut comm = Self::unconnected(info, rank, &self.cfg);
+        if mine.len() == 1 {
+            return Ok(comm);
+        }
+        let (Some(store), Some(reporter_store)) = (&self.store, &self.reporter_store) else {
+            return Err(invalid("this group has no rendezvous store to form sub-groups through".into()));
+        };
+        let start = Instant::now();
+        comm.form_mesh(store, start)?;
+        comm.finish_forming(store.clone(), reporter_store.clone(), start)?;
+        Ok(comm)
+    }
+
+    /// Who this group is: its name and its members' world ranks.
+    pub fn group(&self) -> &GroupInfo {
+        &self.group
+    }
+
+    /// Publish this rank's listening address under the group's keys, connect to every lower rank
+    /// and accept every higher one, each connection proving the job's secret both ways.
+    fn form_mesh(&mut self, store: &StoreClient, start: Instant) -> Result<(), CommError> {
+        let (rank, world_size, cfg) = (self.rank, self.world_size, self.cfg.clone());
+        let token = store.token().clone();
+        let prefix = self.group.prefix.clone();
+        let group = self.group.clone();
+        let me = group.world_rank(rank);
         let left = |what: &str| {
             cfg.rendezvous_timeout.checked_sub(start.elapsed()).ok_or_else(|| CommError::RendezvousTimeout {
-                rank,
+                rank: me,
                 waited: start.elapsed(),
                 what: what.to_string(),
             })
@@ -150,35 +306,37 @@ impl TcpCommunicator {
 
         let ip = store.local_ip().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let listener = TcpListener::bind((ip, 0)).map_err(|source| CommError::Bind { addr: format!("{ip}:0"), source })?;
-        let my_addr = listener.local_addr().map_err(|e| io_err(rank, "reading the listening address", e))?;
-        store.set(&format!("{KEY_PREFIX}addr/{rank}"), my_addr.to_string().as_bytes())?;
+        let my_addr = listener.local_addr().map_err(|e| io_err(me, "reading the listening address", e))?;
+        store.set(&format!("{prefix}addr/{rank}"), my_addr.to_string().as_bytes())?;
 
         // Connect to every lower rank; their listen backlog accepts us even before they call accept.
         for peer in 0..rank {
-            let key = format!("{KEY_PREFIX}addr/{peer}");
+            let key = format!("{prefix}addr/{peer}");
+            let wpeer = group.world_rank(peer);
             let addr = store.wait(&key, left("addresses")?)?.ok_or_else(|| CommError::RendezvousTimeout {
-                rank,
+                rank: me,
                 waited: start.elapsed(),
-                what: format!("rank {peer} to publish its address (is it running?)"),
+                what: format!("rank {wpeer} to publish its address in {} (is it running?)", group.describe()),
             })?;
             let addr = String::from_utf8_lossy(&addr).to_string();
-            let mut stream = TcpStream::connect(&addr).map_err(|e| io_err(rank, &format!("connecting to rank {peer} at {addr}"), e))?;
+            let mut stream =
+                TcpStream::connect(&addr).map_err(|e| io_err(me, &format!("connecting to rank {wpeer} at {addr}"), e))?;
             auth::connect(&stream, &Secret::Token(token.clone()), Context::Peer, start + cfg.rendezvous_timeout)
-                .map_err(|e| auth::describe(e, &format!("rank {peer} at {addr}")))?;
+                .map_err(|e| auth::describe(e, &format!("rank {wpeer} at {addr}")))?;
             let mut hello = Vec::with_capacity(12);
             hello.extend_from_slice(&HANDSHAKE_MAGIC.to_le_bytes());
             hello.extend_from_slice(&(rank as u32).to_le_bytes());
             hello.extend_from_slice(&(world_size as u32).to_le_bytes());
-            stream.write_all(&hello).map_err(|e| io_err(rank, &format!("greeting rank {peer}"), e))?;
-            comm.peers[peer] = Some(configure(stream, rank)?);
+            stream.write_all(&hello).map_err(|e| io_err(me, &format!("greeting rank {wpeer}"), e))?;
+            self.peers[peer] = Some(configure(stream, me)?);
         }
         // Accept every higher rank.
-        listener.set_nonblocking(true).map_err(|e| io_err(rank, "configuring the listener", e))?;
+        listener.set_nonblocking(true).map_err(|e| io_err(me, "configuring the listener", e))?;
         let mut pending = world_size - 1 - rank;
         while pending > 0 {
             match listener.accept() {
                 Ok((stream, _)) => {
-                    stream.set_nonblocking(false).map_err(|e| io_err(rank, "configuring a connection", e))?;
+                    stream.set_nonblocking(false).map_err(|e| io_err(me, "configuring a connection", e))?;
                     let deadline = (Instant::now() + PEER_AUTH_TIMEOUT).min(start + cfg.rendezvous_timeout);
                     let mut hello = [0u8; 12];
                     let ours = auth::accept(&stream, &token, Context::Peer, deadline, || Admission::Admit).is_ok()
@@ -189,41 +347,56 @@ impl TcpCommunicator {
                     let magic = u32::from_le_bytes(hello[0..4].try_into().expect("4 bytes"));
                     let peer = u32::from_le_bytes(hello[4..8].try_into().expect("4 bytes")) as usize;
                     let theirs = u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes")) as usize;
-                    if magic != HANDSHAKE_MAGIC || peer <= rank || peer >= world_size || comm.peers[peer].is_some() {
+                    if magic != HANDSHAKE_MAGIC || peer <= rank || peer >= world_size || self.peers[peer].is_some() {
                         continue;
                     }
                     if theirs != world_size {
                         return Err(CommError::BadEnv {
                             var: "WORLD_SIZE".into(),
                             value: theirs.to_string(),
-                            reason: format!("rank {peer} says the world has {theirs} ranks, rank {rank} says {world_size}"),
+                            reason: format!(
+                                "rank {} says {} has {theirs} ranks, rank {me} says {world_size}",
+                                group.world_rank(peer),
+                                group.describe()
+                            ),
                         });
                     }
-                    comm.peers[peer] = Some(configure(stream, rank)?);
+                    self.peers[peer] = Some(configure(stream, me)?);
                     pending -= 1;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if start.elapsed() >= cfg.rendezvous_timeout {
-                        let missing: Vec<usize> = (rank + 1..world_size).filter(|p| comm.peers[*p].is_none()).collect();
+                        let missing: Vec<usize> =
+                            (rank + 1..world_size).filter(|p| self.peers[*p].is_none()).map(|p| group.world_rank(p)).collect();
                         return Err(CommError::RendezvousTimeout {
-                            rank,
+                            rank: me,
                             waited: start.elapsed(),
-                            what: format!("ranks {missing:?} to connect (are they running?)"),
+                            what: format!("ranks {missing:?} to connect in {} (are they running?)", group.describe()),
                         });
                     }
                     thread::sleep(Duration::from_millis(2));
                 }
-                Err(e) => return Err(io_err(rank, "accepting connections", e)),
+                Err(e) => return Err(io_err(me, "accepting connections", e)),
             }
         }
-        let reporter_store = StoreClient::connect(&world.store_addr(), &token, left("the store")?)?;
-        comm.reporter = Some(ProgressReporter::spawn(reporter_store, rank));
-        comm.store = Some(store);
+        Ok(())
+    }
+
+    /// Start reporting progress and run the first barrier within the rendezvous deadline.
+    fn finish_forming(&mut self, store: Arc<StoreClient>, reporter_store: Arc<StoreClient>, start: Instant) -> Result<(), CommError> {
+        self.reporter = Some(ProgressReporter::spawn(reporter_store.clone(), format!("{}progress/{}", self.group.prefix, self.rank)));
+        self.reporter_store = Some(reporter_store);
+        self.store = Some(store);
         // Everyone is connected to everyone once this returns.
-        let saved = std::mem::replace(&mut comm.cfg.timeout, left("the first barrier")?);
-        super::Communicator::barrier(&comm)?;
-        comm.cfg.timeout = saved;
-        Ok(comm)
+        let left = self.cfg.rendezvous_timeout.checked_sub(start.elapsed()).ok_or_else(|| CommError::RendezvousTimeout {
+            rank: self.group.world_rank(self.rank),
+            waited: start.elapsed(),
+            what: "the first barrier".into(),
+        })?;
+        let saved = std::mem::replace(&mut self.cfg.timeout, left);
+        super::Communicator::barrier(self)?;
+        self.cfg.timeout = saved;
+        Ok(())
     }
 
     fn lock_state(&self) -> MutexGuard<'_, OpState> {
@@ -239,32 +412,63 @@ impl TcpCommunicator {
         numel: usize,
         body: impl FnOnce(&OpCtx<'_>),
     ) -> Result<(), CommError> {
+        self.execute(op, dtype, numel, Numbering::Collective, |ctx, _| body(ctx))
+    }
+
+    /// Run an operation numbered by `numbering` (see [`Numbering`]); `body` gets the point-to-point
+    /// message numbers of the peers it names (empty for a collective).
+    pub(crate) fn execute(
+        &self,
+        op: OpKind,
+        dtype: Option<DType>,
+        numel: usize,
+        numbering: Numbering,
+        body: impl FnOnce(&OpCtx<'_>, &P2pBase),
+    ) -> Result<(), CommError> {
         let mut state = self.lock_state();
         if let Some(first) = &state.poisoned {
-            return Err(CommError::Poisoned { rank: self.rank, first: first.clone() });
+            return Err(CommError::Poisoned { rank: self.group.world_rank(self.rank), first: first.clone() });
         }
-        let seq = state.next_seq;
-        state.next_seq += 1;
+        let base = P2pBase { sent: state.sent.clone(), received: state.received.clone() };
+        let seq = match &numbering {
+            Numbering::Collective => {
+                let seq = state.next_seq;
+                state.next_seq += 1;
+                if let Some(r) = &self.reporter {
+                    r.entered(seq, op);
+                }
+                seq
+            }
+            Numbering::P2p { .. } => {
+                state.next_p2p += 1;
+                state.next_p2p - 1
+            }
+        };
         state.recorder.start(seq, op, dtype, numel);
-        if let Some(r) = &self.reporter {
-            r.entered(seq, op);
-        }
         let started = Instant::now();
         let ctx = OpCtx { comm: self, seq, op, dtype, deadline: started + self.cfg.timeout, failure: Mutex::new(None) };
-        body(&ctx);
+        body(&ctx, &base);
         let failure = ctx.failure.into_inner().unwrap_or_else(|p| p.into_inner());
         let Some(link) = failure else {
-            state.recorder.finish(seq, Ok(()));
+            state.recorder.finish(seq, op, Ok(()));
+            if let Numbering::P2p { sends, recvs } = numbering {
+                for (peer, n) in sends {
+                    state.sent[peer] += n;
+                }
+                for (peer, n) in recvs {
+                    state.received[peer] += n;
+                }
+            }
             return Ok(());
         };
         if link.closes_links() {
             self.shutdown_links();
         }
-        state.recorder.finish(seq, Err(short_reason(&link)));
+        state.recorder.finish(seq, op, Err(self.short_reason(&link)));
         let err = self.describe_failure(link, op, seq, started.elapsed(), state.recorder.render());
         let first_line = err.to_string().lines().next().unwrap_or_default().to_string();
         if let Some(store) = &self.store {
-            let _ = store.set(&format!("{KEY_PREFIX}abort/{}", self.rank), first_line.as_bytes());
+            let _ = store.set(&format!("{}abort/{}", self.group.prefix, self.rank), first_line.as_bytes());
         }
         state.poisoned = Some(first_line);
         Err(err)
@@ -281,21 +485,26 @@ impl TcpCommunicator {
     }
 
     fn describe_failure(&self, link: LinkError, op: OpKind, seq: u64, waited: Duration, recent: String) -> CommError {
-        let rank = self.rank;
+        let (rank, group) = (self.group.world_rank(self.rank), self.group.describe());
         match link {
             LinkError::Timeout { peer } => self.timeout_error(op, seq, waited, vec![peer], recent),
             LinkError::Closed { peer, reason } => {
                 // If the peer gave up on this collective because of a timeout, this rank is waiting on
                 // the same missing ranks: report the timeout, not the side effect.
                 let cause = self.abort_reason(peer);
+                let wpeer = self.group.world_rank(peer);
                 match cause {
                     Some(c) if c.contains(" timed out ") => self.timeout_error(op, seq, waited, vec![], recent),
-                    Some(c) => CommError::PeerLost { rank, peer, op, seq, reason: format!("{reason}; rank {peer} reported: {c}") },
-                    None => CommError::PeerLost { rank, peer, op, seq, reason },
+                    Some(c) => CommError::PeerLost { rank, peer: wpeer, group, op, seq, reason: format!("{reason}; rank {wpeer} reported: {c}") },
+                    None => CommError::PeerLost { rank, peer: wpeer, group, op, seq, reason },
                 }
             }
-            LinkError::Desync { peer, got, expected } => CommError::Desync { rank, peer, got, expected },
-            LinkError::Internal(reason) => CommError::Io { rank, what: format!("{op} #{seq}"), source: std::io::Error::other(reason) },
+            LinkError::Desync { peer, got, expected } => {
+                CommError::Desync { rank, peer: self.group.world_rank(peer), group, got, expected }
+            }
+            LinkError::Internal(reason) => {
+                CommError::Io { rank, what: format!("{op} #{seq} of {group}"), source: std::io::Error::other(reason) }
+            }
         }
     }
 
@@ -303,7 +512,7 @@ impl TcpCommunicator {
         let store = self.store.as_ref()?;
         // The peer publishes its reason just before closing; give it a moment to land.
         for _ in 0..10 {
-            if let Ok(Some(v)) = store.get(&format!("{KEY_PREFIX}abort/{peer}")) {
+            if let Ok(Some(v)) = store.get(&format!("{}abort/{peer}", self.group.prefix)) {
                 return Some(String::from_utf8_lossy(&v).to_string());
             }
             thread::sleep(Duration::from_millis(20));
@@ -311,24 +520,38 @@ impl TcpCommunicator {
         None
     }
 
-    /// Ask the store which ranks have not entered collective `seq`.
+    /// What `peer` (a group rank) last entered, from its progress key: `(seq, op)`, or `None` if it
+    /// entered nothing; `Err` if the store could not be asked.
+    fn progress_of(&self, store: &StoreClient, peer: usize) -> Result<Option<(u64, String)>, CommError> {
+        let v = store.get(&format!("{}progress/{peer}", self.group.prefix))?;
+        // The value is "<seq> <op>", e.g. "11 all_reduce".
+        let text = v.map(|v| String::from_utf8_lossy(&v).to_string());
+        Ok(text.as_deref().and_then(|t| t.split_once(' ')).and_then(|(s, o)| Some((s.parse::<u64>().ok()?, o.to_string()))))
+    }
+
+    /// Ask the store which ranks have not entered collective `seq` (for a point-to-point batch: what
+    /// the silent peer is doing instead). Ranks are named in world terms.
     fn timeout_error(&self, op: OpKind, seq: u64, waited: Duration, stalled: Vec<usize>, recent: String) -> CommError {
+        let world_of = |v: &[usize]| v.iter().map(|&p| self.group.world_rank(p)).collect::<Vec<_>>();
         let mut missing = Vec::new();
         let mut notes = Vec::new();
         let mut store_error = None;
+        let asked: Vec<usize> = if op == OpKind::SendRecv {
+            stalled.clone()
+        } else {
+            (0..self.world_size).filter(|p| *p != self.rank).collect()
+        };
         if let Some(store) = &self.store {
-            for peer in (0..self.world_size).filter(|p| *p != self.rank) {
-                match store.get(&format!("{KEY_PREFIX}progress/{peer}")) {
-                    Ok(v) => {
-                        // The value is "<seq> <op>", e.g. "11 all_reduce".
-                        let text = v.map(|v| String::from_utf8_lossy(&v).to_string());
-                        let parsed = text.as_deref().and_then(|t| t.split_once(' '));
-                        let reached = parsed.and_then(|(s, _)| s.parse::<u64>().ok());
-                        if reached.is_none_or(|s| s < seq) {
-                            missing.push(peer);
-                            notes.push(match parsed {
-                                Some((s, o)) => format!("rank {peer} last entered {o} #{s}"),
-                                None => format!("rank {peer} has entered no collective"),
+            for peer in asked {
+                let wpeer = self.group.world_rank(peer);
+                match self.progress_of(store, peer) {
+                    Ok(reached) => {
+                        let behind = op == OpKind::SendRecv || reached.as_ref().is_none_or(|(s, _)| *s < seq);
+                        if behind {
+                            missing.push(wpeer);
+                            notes.push(match reached {
+                                Some((s, o)) => format!("rank {wpeer} last entered {o} #{s}"),
+                                None => format!("rank {wpeer} has entered no collective"),
                             });
                         }
                     }
@@ -339,15 +562,39 @@ impl TcpCommunicator {
                 }
             }
         }
+        let stalled = world_of(&stalled);
         let detail = if let Some(e) = store_error {
             missing = stalled.clone();
             format!("no data from ranks {stalled:?}; could not ask the store which ranks arrived ({e})")
+        } else if op == OpKind::SendRecv {
+            missing = stalled.clone();
+            let notes = if notes.is_empty() { String::new() } else { format!(" ({})", notes.join("; ")) };
+            format!("ranks {stalled:?} did not post the matching send or receive{notes}")
         } else if missing.is_empty() {
             format!("every rank entered it, but data from ranks {stalled:?} did not arrive in time (slow network or a stalled peer)")
         } else {
             format!("ranks {missing:?} have not arrived ({})", notes.join("; "))
         };
-        CommError::Timeout { rank: self.rank, op, seq, waited, missing, detail, recent }
+        CommError::Timeout {
+            rank: self.group.world_rank(self.rank),
+            group: self.group.describe(),
+            op,
+            seq,
+            waited,
+            missing,
+            detail,
+            recent,
+        }
+    }
+
+    fn short_reason(&self, link: &LinkError) -> String {
+        let w = |p: &usize| self.group.world_rank(*p);
+        match link {
+            LinkError::Timeout { peer } => format!("timed out waiting for rank {}", w(peer)),
+            LinkError::Closed { peer, reason } => format!("connection to rank {} lost: {reason}", w(peer)),
+            LinkError::Desync { peer, got, .. } => format!("rank {} sent {got}", w(peer)),
+            LinkError::Internal(r) => r.clone(),
+        }
     }
 }
 
@@ -366,15 +613,6 @@ fn io_err(rank: usize, what: &str, source: std::io::Error) -> CommError {
     CommError::Io { rank, what: what.to_string(), source }
 }
 
-fn short_reason(link: &LinkError) -> String {
-    match link {
-        LinkError::Timeout { peer } => format!("timed out waiting for rank {peer}"),
-        LinkError::Closed { peer, reason } => format!("connection to rank {peer} lost: {reason}"),
-        LinkError::Desync { peer, got, .. } => format!("rank {peer} sent {got}"),
-        LinkError::Internal(r) => r.clone(),
-    }
-}
-
 /// Publishes, from a background thread, the last collective this rank entered, so a rank that times
 /// out can tell which ranks never arrived. The hot path only updates a mutex.
 struct ProgressReporter {
@@ -389,11 +627,10 @@ struct Progress {
 }
 
 impl ProgressReporter {
-    fn spawn(store: StoreClient, rank: usize) -> Self {
+    fn spawn(store: Arc<StoreClient>, key: String) -> Self {
         let shared = Arc::new((Mutex::new(Progress::default()), Condvar::new()));
         let s = shared.clone();
         let spawned = thread::Builder::new().name("comm-progress".into()).spawn(move || {
-            let key = format!("{KEY_PREFIX}progress/{rank}");
             loop {
                 let (lock, cv) = &*s;
                 let mut p = lock.lock().unwrap_or_else(|e| e.into_inner());

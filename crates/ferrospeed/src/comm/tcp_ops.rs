@@ -13,9 +13,9 @@ use super::buffer::{Buf, BufMut};
 use super::element::Element;
 use super::error::CommError;
 use super::reduce;
-use super::tcp::{LinkError, OpCtx, TcpCommunicator};
+use super::tcp::{GroupInfo, LinkError, OpCtx, TcpCommunicator};
 use super::wire::{Header, HEADER_LEN};
-use super::{Communicator, OpKind, ReduceOp};
+use super::{Communicator, OpKind, P2p, ReduceOp};
 use crate::shard::ShardLayout;
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -46,7 +46,7 @@ impl OpCtx<'_> {
             .ok_or(LinkError::Timeout { peer })
     }
 
-    fn write(&self, peer: usize, mut bytes: &[u8]) -> Result<(), LinkError> {
+    pub(super) fn write(&self, peer: usize, mut bytes: &[u8]) -> Result<(), LinkError> {
         let mut s = self.stream(peer)?;
         while !bytes.is_empty() {
             s.set_write_timeout(Some(self.remaining(peer)?)).map_err(|e| LinkError::Internal(e.to_string()))?;
@@ -60,7 +60,7 @@ impl OpCtx<'_> {
         Ok(())
     }
 
-    fn read(&self, peer: usize, mut buf: &mut [u8]) -> Result<(), LinkError> {
+    pub(super) fn read(&self, peer: usize, mut buf: &mut [u8]) -> Result<(), LinkError> {
         let mut s = self.stream(peer)?;
         while !buf.is_empty() {
             s.set_read_timeout(Some(self.remaining(peer)?)).map_err(|e| LinkError::Internal(e.to_string()))?;
@@ -80,9 +80,13 @@ impl OpCtx<'_> {
 
     /// Read the next header from `peer` and check it is the message this rank expects.
     fn expect_header(&self, peer: usize, phase: u8, numel: usize) -> Result<(), LinkError> {
+        self.expect(peer, self.header(phase, numel))
+    }
+
+    /// Read the next header from `peer` and check it is `expected`.
+    pub(super) fn expect(&self, peer: usize, expected: Header) -> Result<(), LinkError> {
         let mut b = [0u8; HEADER_LEN];
         self.read(peer, &mut b)?;
-        let expected = self.header(phase, numel);
         match Header::read(&mut &b[..]) {
             Ok(got) if got == expected => Ok(()),
             Ok(got) => Err(LinkError::Desync { peer, got: got.describe(), expected: expected.describe() }),
@@ -330,6 +334,55 @@ impl TcpCommunicator {
     }
 }
 
+impl TcpCommunicator {
+    fn all_to_all_typed<T: Element>(&self, input: &[T], send_counts: &[usize], output: &mut [T], recv_counts: &[usize]) -> Result<(), CommError> {
+        let (rank, world) = (self.rank, self.world_size);
+        let invalid = |reason: String| CommError::InvalidArgument { op: OpKind::AllToAll, reason };
+        if send_counts.len() != world || recv_counts.len() != world {
+            return Err(invalid(format!(
+                "{} send counts and {} receive counts for a group of {world}: give one count per rank",
+                send_counts.len(),
+                recv_counts.len()
+            )));
+        }
+        let (sent, received) = (send_counts.iter().sum::<usize>(), recv_counts.iter().sum::<usize>());
+        if sent != input.len() || received != output.len() {
+            return Err(invalid(format!(
+                "the send counts add up to {sent} for an input of {}, the receive counts to {received} for an output of {}",
+                input.len(),
+                output.len()
+            )));
+        }
+        if send_counts[rank] != recv_counts[rank] {
+            return Err(invalid(format!(
+                "rank {} sends itself {} elements but expects {} from itself",
+                self.group.world_rank(rank),
+                send_counts[rank],
+                recv_counts[rank]
+            )));
+        }
+        let mut ins: Vec<&[T]> = Vec::with_capacity(world);
+        let mut rest = input;
+        for &n in send_counts {
+            let (head, tail) = rest.split_at(n);
+            ins.push(head);
+            rest = tail;
+        }
+        let mut outs: Vec<&mut [T]> = Vec::with_capacity(world);
+        let mut rest = output;
+        for &n in recv_counts {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            outs.push(head);
+            rest = tail;
+        }
+        outs[rank].copy_from_slice(ins[rank]);
+        let sends: Vec<(usize, &[T])> = peers_of(rank, world).map(|p| (p, ins[p])).collect();
+        self.run_op(OpKind::AllToAll, Some(T::DTYPE), input.len(), |ctx| {
+            exchange(ctx, 0, &sends, others(outs, rank));
+        })
+    }
+}
+
 impl Communicator for TcpCommunicator {
     fn rank(&self) -> usize {
         self.rank
@@ -384,6 +437,27 @@ impl Communicator for TcpCommunicator {
 
     fn recent_ops(&self) -> String {
         self.render_recorder()
+    }
+
+    fn send_recv(&self, ops: Vec<P2p<'_>>) -> Result<(), CommError> {
+        self.send_recv_batch(ops)
+    }
+
+    fn all_to_all(&self, input: Buf<'_>, send_counts: &[usize], output: BufMut<'_>, recv_counts: &[usize]) -> Result<(), CommError> {
+        match (input, output) {
+            (Buf::F32(i), BufMut::F32(o)) => self.all_to_all_typed(i, send_counts, o, recv_counts),
+            (Buf::Bf16(i), BufMut::Bf16(o)) => self.all_to_all_typed(i, send_counts, o, recv_counts),
+            (Buf::F16(i), BufMut::F16(o)) => self.all_to_all_typed(i, send_counts, o, recv_counts),
+            (i, o) => Err(dtype_mismatch(OpKind::AllToAll, i, &o)),
+        }
+    }
+
+    fn split(&self, axis: &str, groups: &[Vec<usize>]) -> Result<Box<dyn Communicator>, CommError> {
+        Ok(Box::new(TcpCommunicator::split(self, axis, groups)?))
+    }
+
+    fn group(&self) -> &GroupInfo {
+        &self.group
     }
 }
 
