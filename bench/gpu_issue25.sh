@@ -32,7 +32,7 @@ bench() { local label=$1 bin=$2; shift 2; timeout "${RUN_TIMEOUT:-240}" "$bin" b
 S124="--model gpt2-124m --micro-batch 16 --precision bf16 --device cuda --steps 8 --warmup 3 --stage 0"
 S1B="--model llama-1b --micro-batch 4 --stage 0 --precision bf16 --device cuda --seq-len 2048 --steps 6 --warmup 2"
 if [[ $PARTS == *speed* ]]; then
-  for round in 1 2; do
+  for round in $(seq 1 "${ROUNDS:-2}"); do
     bench "new-124m-$round" $BIN $S124
     [ -x /tmp/bin/base-ferrospeed ] && bench "base-124m-$round" /tmp/bin/base-ferrospeed $S124
     bench "new-1b-$round" $BIN $S1B

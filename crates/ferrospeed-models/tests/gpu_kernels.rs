@@ -226,7 +226,10 @@ fn blocks_match_the_cpu_packed(dev: &Device, family: &str, model: &ferrospeed::e
                 ("head", DType::F32) => 4e-6,
                 ("head", _) if k == 0 => 1e-3,
                 ("head", _) => 3e-2,
-                (_, DType::F32) => 1e-5,
+                // A layer's F32 outputs: ≤ 6.2e-6 without biases; with o_proj and MLP biases one
+                // gradient measured 1.13e-5 on an H200 (2026-12-07): a bias gradient is a column
+                // sum over all B·T rows, which the GPU adds in another order than the CPU.
+                (_, DType::F32) => 2e-5,
                 // Llama's layer (more bf16 roundings: RoPE, SwiGLU, stacked projections): measured ≤ 5.6e-2
                 // on an H200 (bench/results/gpu-2026-12-01-llama), F32 ≤ 6.2e-6.
                 (name, _) if name.starts_with("layers.") => 1e-1,

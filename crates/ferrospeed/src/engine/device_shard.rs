@@ -42,6 +42,11 @@ impl DeviceShard {
         Ok(())
     }
 
+    /// The shard's tensor (the host tier's pipeline uploads the updated shard into it).
+    pub fn tensor(&self) -> &Tensor {
+        &self.compute
+    }
+
     /// The values, on the host (checkpoints of the compute copy, host gathers).
     pub fn to_host(&self) -> Result<HostBuf> {
         HostBuf::from_tensor(&self.compute)
@@ -108,6 +113,16 @@ impl PinnedShard {
         }
         self.host.as_mut_slice().map_err(msg)?[..shard.bytes()].copy_from_slice(shard.as_bytes());
         Ok(())
+    }
+
+    /// The page-locked bytes, to be rewritten in place (the host tier's pipeline writes the updated
+    /// shard there), once the last upload from them has completed.
+    pub fn host_mut(&mut self) -> Result<&mut [u8]> {
+        if let Some(e) = self.in_flight.get_mut().map_err(msg)?.take() {
+            e.synchronize().map_err(msg)?;
+        }
+        let n = self.bytes();
+        Ok(&mut self.host.as_mut_slice().map_err(msg)?[..n])
     }
 
     /// Start the upload of the whole block (world 1: the shard is the block) into a new device

@@ -113,6 +113,15 @@ impl HostBuf {
         }
     }
 
+    /// The elements' bytes, writable in place.
+    pub fn as_bytes_mut(&mut self) -> &mut [u8] {
+        match self {
+            Self::F32(v) => bytemuck::cast_slice_mut(v),
+            Self::Bf16(v) => bytemuck::cast_slice_mut(v),
+            Self::F16(v) => bytemuck::cast_slice_mut(v),
+        }
+    }
+
     /// Elements of `dtype` from their bytes (any alignment; one copy).
     pub fn from_bytes(dtype: DType, bytes: &[u8]) -> Self {
         let mut out = Self::zeros(dtype, bytes.len() / dtype.size_in_bytes().max(1));

@@ -11,7 +11,7 @@ use super::error::EngineError;
 use super::host_buf::HostBuf;
 use super::grads::BlockGrads;
 use super::model::Model;
-use super::offload::{nvme::{NvmeFile, NvmeStore, Pages}, read_now, write_now, staging::HostState, Store, UpdatePass};
+use super::offload::{nvme::{NvmeFile, NvmeStore, Pages}, read_now, write_now, staging::{Dest, HostState}, Store, UpdatePass};
 use super::{CopyStream, DeviceGather, DeviceShard, DeviceWindow, Nccl, PinnedShard};
 use crate::engine::{Init, ParamSpec};
 use crate::optim::{GroupSettings, Hyper, Optimizer, ParamGroups};
@@ -182,7 +182,11 @@ impl BlockParams {
         // Host-tier blocks whose variables are resident and whose window is the whole block take
         // the staging pipeline: on a GPU through pinned buffers, on a CPU through host buffers, so
         // that CPU runs test the same steps (AdamW: the pipeline's update is its fused pass).
-        p.staged_update = tier == Tier::Host && p.vars.is_some() && p.window.len() == p.flat.padded_numel() && optimizer.adamw;
+        // Stage 3: the window is the shard, which the update writes wherever it lives (not in an
+        // NVMe file: that tier has its own pass).
+        let whole = p.vars.is_some() && p.window.len() == p.flat.padded_numel();
+        let shard = p.shard.is_some() && p.window == shard_range;
+        p.staged_update = tier == Tier::Host && optimizer.adamw && (whole || shard);
         match tier {
             // On a CPU run the device is host memory: the state stays in the host vectors.
             Tier::Device if !device.is_cuda() => {}
@@ -254,11 +258,19 @@ impl BlockParams {
         let file = match &self.store {
             Store::Device(_) => return self.device_step(grads, up),
             Store::Host if self.fast_host() => {
-                let (Some(staging), Some(vars), Some(opt)) = (pass.staging.as_mut(), self.vars.as_deref(), up.optimizer.as_adamw()) else {
+                let (Some(staging), Some(opt)) = (pass.staging.as_mut(), up.optimizer.as_adamw()) else {
                     return Err(EngineError::Unsupported(format!("block {}: the host tier's pipeline needs AdamW and the staging buffers", self.name)));
                 };
+                let name = self.name.clone();
+                let dest = match (self.vars.as_deref(), &self.dev_shard, &mut self.pinned, &mut self.shard) {
+                    (Some(vars), ..) => Dest::Vars(vars),
+                    (None, Some(d), ..) => Dest::Window(d.tensor()),
+                    (None, None, Some(p), _) => Dest::Host(p.host_mut().map_err(EngineError::tensor(name))?),
+                    (None, None, None, Some(shard)) => Dest::Host(Arc::make_mut(shard).as_bytes_mut()),
+                    (None, None, None, None) => return Err(EngineError::Unsupported(format!("block {name} has no compute copy to update"))),
+                };
                 let [m, v] = self.state.as_mut_slice() else { return Err(EngineError::Unsupported("AdamW has two state buffers".into())) };
-                let state = HostState { flat: &self.flat, window: &window, master: &mut self.master, m, v, vars, settings: &self.settings };
+                let state = HostState { flat: &self.flat, window: &window, master: &mut self.master, m, v, dtype: self.dtype, dest, settings: &self.settings };
                 staging.update(i, opt, state, up.factor, up.lr, up.t)?;
                 self.uploaded = true;
                 return Ok(());

@@ -186,14 +186,21 @@ impl Engine {
             })
             .collect();
         let tiers = cfg.strategy.optimizer_tiers(&windows);
-        // Host-tier blocks whose window is the whole block and whose variables stay resident go
-        // through staging buffers straight into their variables (`BlockParams::fast_host`): pinned
-        // on a GPU, plain host buffers on a CPU run.
-        let whole_window = |i: usize| windows[i] == FlatParam::new(model.own_params(i), world).padded_numel();
-        let adamw = cfg.optimizer.as_adamw().is_some();
-        let staged = |i: usize| adamw && tiers[i] == Tier::Host && cfg.strategy.param_placement() == ParamPlacement::Resident && whole_window(i);
         // Stage-3 shards of NVMe-tier blocks in files of their own (`zero.offload_params = "nvme"`).
         let param_file = |i: usize| cfg.strategy.params_on_nvme(tiers[i]);
+        // Host-tier blocks whose window is the whole block and whose variables stay resident, or
+        // whose window is their stage-3 shard, go through staging buffers straight into their
+        // compute copy (`BlockParams::fast_host`): pinned on a GPU, plain host buffers on a CPU run.
+        let whole_window = |i: usize| windows[i] == FlatParam::new(model.own_params(i), world).padded_numel();
+        let adamw = cfg.optimizer.as_adamw().is_some();
+        let staged = |i: usize| {
+            adamw
+                && tiers[i] == Tier::Host
+                && match cfg.strategy.param_placement() {
+                    ParamPlacement::Resident => whole_window(i),
+                    ParamPlacement::Gathered => !param_file(i),
+                }
+        };
         let needs: Vec<BlockNeed<'_>> = (0..model.num_blocks())
             .map(|i| BlockNeed {
                 name: &names[i],

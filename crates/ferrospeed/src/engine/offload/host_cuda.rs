@@ -7,7 +7,7 @@ use super::super::error::EngineError;
 use super::staging::Link;
 use candle_core::cuda::cudarc::driver::{result, sys, CudaEvent, CudaView, DevicePtr, PinnedHostSlice};
 use candle_core::cuda::{CudaDType, CudaDevice};
-use candle_core::{DType, Var};
+use candle_core::{DType, Tensor};
 use half::{bf16, f16};
 use std::ops::Range;
 
@@ -84,16 +84,16 @@ impl Link for CudaLink {
         Ok((grads, up))
     }
 
-    fn upload(&mut self, u: usize, offset: usize, var: &Var, range: Range<usize>) -> Result<(), EngineError> {
+    fn upload(&mut self, u: usize, offset: usize, dst: &Tensor, range: Range<usize>) -> Result<(), EngineError> {
         let stream = self.dev.cuda_stream();
-        let size = var.dtype().size_in_bytes();
+        let size = dst.dtype().size_in_bytes();
         let up = &self.ups[u];
         // SAFETY: the pinned buffer outlives the copy (its reuse waits on the pipeline's event).
         let src = unsafe { std::slice::from_raw_parts(up.as_ptr().map_err(cuda)?.add(offset * size), range.len() * size) };
-        match var.dtype() {
-            DType::BF16 => upload::<bf16>(var, range, src, &stream),
-            DType::F16 => upload::<f16>(var, range, src, &stream),
-            _ => upload::<f32>(var, range, src, &stream),
+        match dst.dtype() {
+            DType::BF16 => upload::<bf16>(dst, range, src, &stream),
+            DType::F16 => upload::<f16>(dst, range, src, &stream),
+            _ => upload::<f32>(dst, range, src, &stream),
         }
     }
 
@@ -102,9 +102,9 @@ impl Link for CudaLink {
     }
 }
 
-/// Copy `src` (bytes of `T`, pinned) into `range` of the variable's device storage.
-fn upload<T: CudaDType + candle_core::cuda::cudarc::driver::DeviceRepr>(var: &Var, range: Range<usize>, src: &[u8], stream: &std::sync::Arc<candle_core::cuda::cudarc::driver::CudaStream>) -> Result<(), EngineError> {
-    crate::cuda_kernels::with_tensor_view::<T, _>(var.as_tensor(), range, |_, view| {
+/// Copy `src` (bytes of `T`, pinned) into `range` of the tensor's device storage.
+fn upload<T: CudaDType + candle_core::cuda::cudarc::driver::DeviceRepr>(dst: &Tensor, range: Range<usize>, src: &[u8], stream: &std::sync::Arc<candle_core::cuda::cudarc::driver::CudaStream>) -> Result<(), EngineError> {
+    crate::cuda_kernels::with_tensor_view::<T, _>(dst, range, |_, view| {
         let (ptr, _sync) = view.device_ptr(stream);
         // SAFETY: the view covers `src.len()` bytes of the variable; the copy is ordered on the
         // stream every use of the variable runs on.

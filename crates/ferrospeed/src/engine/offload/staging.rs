@@ -10,13 +10,16 @@
 //! GPU runs, so the CPU tests exercise every step of it: a window not copied out, or a compute copy
 //! not written back, changes their losses.
 //!
-//! Which blocks take it (`BlockParams::fast_host`): state on the host tier, variables resident and
-//! the window the whole block (stage 0, or stages 1–2 on one rank).
+//! Which blocks take it (`BlockParams::fast_host`): state on the host tier, AdamW, and a compute copy
+//! the window maps onto whole — the variables where they are resident and the window is the whole
+//! block (stage 0, or stages 1–2 on one rank), or the stage-3 shard (any world: the window is the
+//! shard), in device memory (one upload per block), page-locked or plain host memory (the update
+//! writes it in place: no upload at all).
 
 use super::super::error::EngineError;
 use crate::optim::{AdamW, ComputeElem, GroupSettings};
 use crate::shard::FlatParam;
-use candle_core::{DType, Var};
+use candle_core::{DType, Tensor, Var};
 use half::{bf16, f16};
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -40,8 +43,9 @@ pub trait Link {
     fn wait(&self, event: Self::Event) -> Result<(), EngineError>;
     /// The first `n` gradients of buffer `b` (complete), and upload buffer `u` (free), at once.
     fn buffers(&mut self, b: usize, n: usize, u: usize) -> Result<(&[f32], &mut [u8]), EngineError>;
-    /// Start copying the elements of upload buffer `u` from element `offset` into `range` of `var`.
-    fn upload(&mut self, u: usize, offset: usize, var: &Var, range: Range<usize>) -> Result<(), EngineError>;
+    /// Start copying the elements of upload buffer `u` from element `offset` into `range` of `dst`
+    /// (a variable's tensor, or a stage-3 shard's).
+    fn upload(&mut self, u: usize, offset: usize, dst: &Tensor, range: Range<usize>) -> Result<(), EngineError>;
     /// An event after every upload issued so far.
     fn record(&mut self) -> Result<Self::Event, EngineError>;
 }
@@ -77,6 +81,17 @@ pub struct StagingPass<'a, L: Link> {
     waited: Duration,
 }
 
+/// Where a block's compute copy goes.
+pub enum Dest<'s> {
+    /// The block's variables (resident; the window is the whole block), written range by range.
+    Vars(&'s [Var]),
+    /// A tensor holding exactly the window: a stage-3 shard in device memory.
+    Window(&'s Tensor),
+    /// Host bytes holding exactly the window: a stage-3 shard in page-locked or plain host memory,
+    /// written by the update itself.
+    Host(&'s mut [u8]),
+}
+
 /// What one block's update needs besides its gradient.
 pub struct HostState<'s> {
     pub flat: &'s FlatParam,
@@ -84,7 +99,9 @@ pub struct HostState<'s> {
     pub master: &'s mut [f32],
     pub m: &'s mut [f32],
     pub v: &'s mut [f32],
-    pub vars: &'s [Var],
+    /// The compute dtype.
+    pub dtype: DType,
+    pub dest: Dest<'s>,
     pub settings: &'s [GroupSettings],
 }
 
@@ -127,19 +144,31 @@ impl<'a, L: Link> StagingPass<'a, L> {
         }
         self.staging.link.wait(down)?;
         self.waited += waiting.elapsed();
-        let dtype = s.vars.first().map_or(DType::F32, |v| v.dtype());
         {
             let (grads, up) = self.staging.link.buffers(b, n, u)?;
+            let HostState { flat, window, master, m, v, dtype, dest, settings } = &mut s;
+            let out: &mut [u8] = match dest {
+                Dest::Host(bytes) => bytes,
+                _ => up,
+            };
+            let st = Fused { flat, window, master, m, v, settings };
             match dtype {
-                DType::BF16 => fused::<bf16>(opt, &mut s, grads, up, factor, lr, t),
-                DType::F16 => fused::<f16>(opt, &mut s, grads, up, factor, lr, t),
-                _ => fused::<f32>(opt, &mut s, grads, up, factor, lr, t),
+                DType::BF16 => fused::<bf16>(opt, st, grads, out, factor, lr, t),
+                DType::F16 => fused::<f16>(opt, st, grads, out, factor, lr, t),
+                _ => fused::<f32>(opt, st, grads, out, factor, lr, t),
             }
         }
         self.free.push(b);
-        for (k, part) in s.flat.params_in(s.window.clone()) {
-            let start = s.flat.range(k).start;
-            self.staging.link.upload(u, part.start - s.window.start, &s.vars[k], part.start - start..part.end - start)?;
+        match &s.dest {
+            Dest::Vars(vars) => {
+                for (k, part) in s.flat.params_in(s.window.clone()) {
+                    let start = s.flat.range(k).start;
+                    self.staging.link.upload(u, part.start - s.window.start, vars[k].as_tensor(), part.start - start..part.end - start)?;
+                }
+            }
+            Dest::Window(t) => self.staging.link.upload(u, 0, t, 0..n)?,
+            // Written in place by the update.
+            Dest::Host(_) => return Ok(()),
         }
         self.staging.up_done[u] = Some(self.staging.link.record()?);
         Ok(())
@@ -156,8 +185,18 @@ impl<'a, L: Link> StagingPass<'a, L> {
     }
 }
 
+/// The state [`fused`] updates.
+struct Fused<'a> {
+    flat: &'a FlatParam,
+    window: &'a Range<usize>,
+    master: &'a mut [f32],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    settings: &'a [GroupSettings],
+}
+
 /// AdamW over each parameter part of the window, the compute copy into `up` (elements of `T`).
-fn fused<T: ComputeElem>(opt: &AdamW, s: &mut HostState<'_>, grads: &[f32], up: &mut [u8], factor: f32, lr: f64, t: u64) {
+fn fused<T: ComputeElem>(opt: &AdamW, s: Fused<'_>, grads: &[f32], up: &mut [u8], factor: f32, lr: f64, t: u64) {
     let n = s.window.len();
     assert!(up.len() >= n * std::mem::size_of::<T>() && up.as_ptr().align_offset(std::mem::align_of::<T>()) == 0, "the upload buffer holds the window");
     // SAFETY: checked above: `up` is aligned for `T` and holds `n` of them; every bit pattern is a `T`.
@@ -216,7 +255,9 @@ impl Link for HostLink {
         Ok((&self.grads[b][..n], bytemuck::cast_slice_mut(&mut self.ups[u])))
     }
 
-    fn upload(&mut self, u: usize, offset: usize, var: &Var, range: Range<usize>) -> Result<(), EngineError> {
+    fn upload(&mut self, u: usize, offset: usize, dst: &Tensor, range: Range<usize>) -> Result<(), EngineError> {
+        // A variable's tensor: the `Var` shares its storage, so `set` writes the variable.
+        let var = Var::from_tensor(dst).map_err(EngineError::tensor("the host tier's upload"))?;
         let bytes: &[u8] = bytemuck::cast_slice(&self.ups[u]);
         let size = var.dtype().size_in_bytes();
         let src = &bytes[offset * size..(offset + range.len()) * size];
