@@ -2,6 +2,8 @@
 
 mod groups;
 mod mesh;
+mod schedule;
 
 pub use groups::MeshComms;
 pub use mesh::{Axis, Coords, Mesh, MeshError};
+pub use schedule::{Action, Costs, Op, Schedule, ScheduleError, ScheduleKind, Timeline};
