@@ -35,6 +35,7 @@ if [[ $PARTS == *speed* ]]; then
   for round in $(seq 1 "${ROUNDS:-2}"); do
     bench "new-124m-$round" $BIN $S124
     [ -x /tmp/bin/base-ferrospeed ] && bench "base-124m-$round" /tmp/bin/base-ferrospeed $S124
+    [ -n "${SKIP_1B:-}" ] && continue
     bench "new-1b-$round" $BIN $S1B
     [ -x /tmp/bin/base-ferrospeed ] && bench "base-1b-$round" /tmp/bin/base-ferrospeed $S1B
   done
@@ -42,7 +43,9 @@ fi
 
 L3="--model llama-3b --micro-batch 2 --precision bf16 --device cuda --seq-len 2048 --stage 3 --steps ${STEPS:-5} --warmup 2"
 if [[ $PARTS == *params* ]]; then
-  for run in "device:" "cpu-opt:--offload-optimizer cpu" "cpu-opt-cpu-params:--offload-optimizer cpu --offload-params cpu"; do
+  # PARAM_RUNS: label:flags entries separated by '|'.
+  IFS='|' read -r -a runs <<< "${PARAM_RUNS:-device:|cpu-opt:--offload-optimizer cpu|cpu-opt-cpu-params:--offload-optimizer cpu --offload-params cpu}"
+  for run in "${runs[@]}"; do
     label=${run%%:*}; args=${run#*:}
     /usr/bin/time -v timeout 400 $BIN bench-train $L3 $args 2>>"$OUT/params-$label.err" | sed "s/^{/{\"label\":\"3b-s3-$label\",/" | tee -a "$OUT/bench.jsonl"
     grep -E "Maximum resident" "$OUT/params-$label.err" | tail -1

@@ -162,6 +162,7 @@ impl Accelerator {
     /// or a checkpoint saved) removes what it added to them.
     pub fn new(cfg: &Config, options: Options) -> Result<Self, AccelError> {
         let world = WorldInfo::from_env()?;
+        cfg.mesh(world.world_size)?;
         let accumulation = cfg.accumulation_steps(world.world_size)?;
         let device = crate::device::select(cfg.train.device, world.local_rank).map_err(AccelError::Device)?;
         let comm = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?)?);

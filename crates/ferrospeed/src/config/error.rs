@@ -40,6 +40,12 @@ pub enum ConfigError {
     BadOverride { arg: String, problem: String },
 
     /// The global batch cannot be split evenly into micro-batches over the ranks.
+    #[error("[parallel] does not fit the job: {0}")]
+    Mesh(#[from] crate::parallel::MeshError),
+
+    #[error("[parallel] {0}")]
+    NotBuilt(String),
+
     #[error("train.global_batch = {global_batch} is not divisible by train.micro_batch ({micro_batch}) × world size ({world_size}) = {product}: {fix}")]
     Batch { global_batch: usize, micro_batch: usize, world_size: usize, product: String, fix: String },
 }
@@ -52,6 +58,7 @@ impl ConfigError {
         match self {
             ConfigError::UnknownKey { key, .. } | ConfigError::WrongType { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
             ConfigError::Batch { .. } => Some("train.global_batch"),
+            ConfigError::Mesh(_) | ConfigError::NotBuilt(_) => Some("parallel"),
             ConfigError::Read { .. } | ConfigError::Syntax { .. } | ConfigError::Missing { .. } | ConfigError::BadOverride { .. } => None,
         }
     }

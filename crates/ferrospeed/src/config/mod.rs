@@ -32,6 +32,7 @@ pub struct Config {
     pub data: DataConfig,
     pub train: TrainConfig,
     pub zero: ZeroConfig,
+    pub parallel: ParallelConfig,
     pub checkpoint: CheckpointConfig,
     pub track: TrackConfig,
 }
@@ -233,6 +234,59 @@ impl Default for ZeroConfig {
     }
 }
 
+/// The order a pipeline runs its micro-batches in (`parallel.pp_schedule`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineSchedule {
+    /// One forward, one backward in turn after the pipe fills (bubble (pp − 1)/m).
+    OneFOneB,
+    /// Every forward, then every backward (the most activation memory).
+    Gpipe,
+    /// 1F1B over `pp_virtual` stages per rank (bubble (pp − 1)/(v·m)).
+    Interleaved,
+    /// ZB-H1: the backward split into input and weight gradients, the latter filling the bubble.
+    ZeroBubble,
+}
+named_enum!(PipelineSchedule { OneFOneB => "1f1b", Gpipe => "gpipe", Interleaved => "interleaved", ZeroBubble => "zb" });
+
+/// `[parallel]`: the axes of parallelism besides data parallelism (the device mesh). The data-parallel
+/// size is what is left: `world / (pp · tp · cp)`; `ep` divides it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ParallelConfig {
+    /// Pipeline stages.
+    pub pp: usize,
+    /// Tensor-parallel ranks per layer.
+    pub tp: usize,
+    /// Sequence parallelism inside the tensor-parallel group (needs `tp > 1`).
+    pub sp: bool,
+    /// Context-parallel ranks per sequence.
+    pub cp: usize,
+    /// Expert-parallel ranks (a divisor of the data-parallel size).
+    pub ep: usize,
+    pub pp_schedule: PipelineSchedule,
+    /// Stages per pipeline rank (`pp_schedule = "interleaved"` only).
+    pub pp_virtual: usize,
+    /// Layers per stage, first to last (`pp · pp_virtual` numbers); empty: split by the cost estimate.
+    pub pp_split: Vec<usize>,
+}
+
+impl ParallelConfig {
+    /// The mesh of `world` ranks these axes describe, or the error naming the numbers to change.
+    pub fn mesh(&self, world: usize) -> Result<crate::parallel::Mesh, crate::parallel::MeshError> {
+        crate::parallel::Mesh::new(world, self.pp, self.tp, self.cp, self.ep)
+    }
+
+    /// Whether any axis besides data parallelism is on.
+    pub fn is_data_parallel(&self) -> bool {
+        self.pp == 1 && self.tp == 1 && self.cp == 1 && self.ep == 1
+    }
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self { pp: 1, tp: 1, sp: false, cp: 1, ep: 1, pp_schedule: PipelineSchedule::OneFOneB, pp_virtual: 1, pp_split: Vec::new() }
+    }
+}
+
 /// `[checkpoint]`: when and where checkpoints are written.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct CheckpointConfig {
@@ -375,6 +429,22 @@ impl Config {
 
     /// Gradient accumulation steps for `world_size` ranks: `global_batch / (micro_batch × world_size)`.
     /// When that does not divide, the error proposes values that do.
+    /// The device mesh of `world_size` ranks that `[parallel]` describes; refused in one line where
+    /// the numbers do not fit the ranks, or name an axis this build does not run yet.
+    pub fn mesh(&self, world_size: usize) -> Result<crate::parallel::Mesh, ConfigError> {
+        let mesh = self.parallel.mesh(world_size)?;
+        let p = &self.parallel;
+        for (key, v, what) in [("pp", p.pp, "pipeline"), ("tp", p.tp, "tensor"), ("cp", p.cp, "context"), ("ep", p.ep, "expert")] {
+            if v > 1 {
+                return Err(ConfigError::NotBuilt(format!(
+                    "parallel.{key} = {v}: {what} parallelism is not in this build yet (the mesh, its groups and the \
+                     pipeline schedules are); set parallel.{key} = 1"
+                )));
+            }
+        }
+        Ok(mesh)
+    }
+
     pub fn accumulation_steps(&self, world_size: usize) -> Result<usize, ConfigError> {
         validate::accumulation_steps(self.train.global_batch, self.train.micro_batch, world_size)
     }

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use super::error::{one_line, render_value, ConfigError};
 use super::schema::{self, Kind, KeySpec, SectionSpec, SECTIONS};
 use super::{
-    CheckpointConfig, Config, DataConfig, DeviceChoice, ModelConfig, ModelKind, Offload, OptimizerKind, Precision,
-    ReduceDtype, TrackBackend, TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
+    CheckpointConfig, Config, DataConfig, DeviceChoice, ModelConfig, ModelKind, Offload, OptimizerKind, ParallelConfig,
+    PipelineSchedule, Precision, ReduceDtype, TrackBackend, TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
 };
 
 /// Parses TOML text into a table; a syntax error names the source, line and column.
@@ -201,6 +201,10 @@ fn check_value(section: &SectionSpec, spec: &KeySpec, value: &toml::Value) -> Re
             None => Ok(()),
             Some(bad) => Err(ConfigError::invalid(&key, render_value(bad), "is not a known choice", format!("use {}", schema::quoted_list(names)))),
         },
+        (Kind::PositiveInts, toml::Value::Array(items)) => match items.iter().find(|i| !i.as_integer().is_some_and(|n| n >= 1)) {
+            None => Ok(()),
+            Some(bad) => Err(ConfigError::invalid(&key, render_value(bad), "is not a positive integer", "list integers ≥ 1, e.g. [7, 8, 8, 7]")),
+        },
         (Kind::Stage, toml::Value::Integer(n)) => match ZeroStage::from_int(*n) {
             Some(_) => Ok(()),
             None => Err(ConfigError::invalid(&key, n, "is out of range", "use 0, 1, 2 or 3")),
@@ -257,6 +261,7 @@ pub(crate) fn build(table: &toml::Table) -> Config {
     let v = Values(table);
     let train_default = TrainConfig::default();
     let zero_default = ZeroConfig::default();
+    let parallel_default = ParallelConfig::default();
     let checkpoint_default = CheckpointConfig::default();
     let track_default = TrackConfig::default();
     let lr = v.f64("train", "lr").unwrap_or(train_default.lr);
@@ -319,6 +324,20 @@ pub(crate) fn build(table: &toml::Table) -> Config {
                 .str("train", "device")
                 .and_then(DeviceChoice::from_name)
                 .unwrap_or(train_default.device),
+        },
+        parallel: ParallelConfig {
+            pp: v.usize("parallel", "pp").unwrap_or(parallel_default.pp),
+            tp: v.usize("parallel", "tp").unwrap_or(parallel_default.tp),
+            sp: v.bool("parallel", "sp").unwrap_or(parallel_default.sp),
+            cp: v.usize("parallel", "cp").unwrap_or(parallel_default.cp),
+            ep: v.usize("parallel", "ep").unwrap_or(parallel_default.ep),
+            pp_schedule: v.str("parallel", "pp_schedule").and_then(PipelineSchedule::from_name).unwrap_or(parallel_default.pp_schedule),
+            pp_virtual: v.usize("parallel", "pp_virtual").unwrap_or(parallel_default.pp_virtual),
+            pp_split: v
+                .get("parallel", "pp_split")
+                .and_then(toml::Value::as_array)
+                .map(|a| a.iter().filter_map(|i| usize::try_from(i.as_integer()?).ok()).collect())
+                .unwrap_or_default(),
         },
         zero: ZeroConfig {
             stage: v

@@ -3,7 +3,7 @@
 //! The schema is data rather than serde attributes so that an unknown key can be answered with the
 //! closest known one, and a wrong type with what the key expects, in our own words.
 
-use super::{DeviceChoice, ModelKind, Offload, OptimizerKind, Precision, ReduceDtype, TrackBackend, Vocab};
+use super::{DeviceChoice, ModelKind, Offload, OptimizerKind, PipelineSchedule, Precision, ReduceDtype, TrackBackend, Vocab};
 
 /// What a key accepts. Integer ranges live here because a negative TOML integer cannot become a
 /// `usize`; ranges of floats and relations between keys are in `validate.rs`.
@@ -26,6 +26,8 @@ pub(crate) enum Kind {
     Stage,
     /// A list of strings, each one of a fixed set.
     Choices(&'static [&'static str]),
+    /// A list of integers ≥ 1.
+    PositiveInts,
 }
 
 impl Kind {
@@ -41,6 +43,7 @@ impl Kind {
             Kind::Choice(names) => format!("one of {}", quoted_list(names)),
             Kind::Choices(names) => format!("a list of {}", quoted_list(names)),
             Kind::Stage => "an integer 0, 1, 2 or 3".to_string(),
+            Kind::PositiveInts => "a list of positive integers, e.g. [7, 8, 8, 7]".to_string(),
         }
     }
 }
@@ -140,6 +143,20 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
             key("offload_params", Kind::Choice(Offload::NAMES)),
             key("nvme_dir", Kind::Path),
             key("pinned_budget_mb", Kind::Count),
+        ],
+    },
+    SectionSpec {
+        name: "parallel",
+        required: false,
+        keys: &[
+            key("pp", Kind::PositiveInt),
+            key("tp", Kind::PositiveInt),
+            key("sp", Kind::Bool),
+            key("cp", Kind::PositiveInt),
+            key("ep", Kind::PositiveInt),
+            key("pp_schedule", Kind::Choice(PipelineSchedule::NAMES)),
+            key("pp_virtual", Kind::PositiveInt),
+            key("pp_split", Kind::PositiveInts),
         ],
     },
     SectionSpec {

@@ -105,6 +105,7 @@ fn minimal_config_gets_defaults() {
             nvme_dir: None,
             pinned_budget_mb: 0,
         },
+        parallel: ParallelConfig { pp: 1, tp: 1, sp: false, cp: 1, ep: 1, pp_schedule: PipelineSchedule::OneFOneB, pp_virtual: 1, pp_split: vec![] },
         checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true },
         track: TrackConfig { dir: None, tensorboard: true, backends: vec![TrackBackend::Tensorboard], mlflow_uri: None, mlflow_experiment: None },
     };
@@ -165,6 +166,16 @@ offload_ratio = 1
 offload_params = \"cpu\"
 nvme_dir = \"/\"
 pinned_budget_mb = 512
+
+[parallel]
+pp = 2
+tp = 4
+sp = true
+cp = 2
+ep = 3
+pp_schedule = \"interleaved\"
+pp_virtual = 2
+pp_split = [3, 2, 2, 1]
 
 [checkpoint]
 dir = \"runs/x/ckpt\"
@@ -234,6 +245,7 @@ mlflow_experiment = \"llama-sft\"
             nvme_dir: Some(PathBuf::from("/")),
             pinned_budget_mb: 512,
         },
+        parallel: ParallelConfig { pp: 2, tp: 4, sp: true, cp: 2, ep: 3, pp_schedule: PipelineSchedule::Interleaved, pp_virtual: 2, pp_split: vec![3, 2, 2, 1] },
         checkpoint: CheckpointConfig {
             dir: Some("runs/x/ckpt".into()),
             every: 10,
@@ -522,4 +534,23 @@ fn mlflow_goes_to_the_key_then_the_environment_then_the_file_store() {
     assert_eq!(check_ok(MINIMAL, &["track.mlflow_uri=http://h:1", "track.mlflow_uri="]).track.mlflow_uri, None);
     let json = serde_json::to_value(check_ok(MINIMAL, &[])).unwrap();
     assert!(json["track"].get("mlflow_uri").is_none() && json["track"].get("mlflow_experiment").is_none(), "{json}");
+}
+
+#[test]
+fn parallel_settings_are_checked_alone_and_against_the_world() {
+    let with = |extra: &str| format!("{MINIMAL}\n[parallel]\n{extra}\n");
+    check_err("virtual", &with("pp_virtual = 2"), &[], &["parallel.pp_virtual = 2 needs parallel.pp_schedule = \"interleaved\""]);
+    check_err("sp", &with("sp = true"), &[], &["parallel.sp = true needs parallel.tp > 1"]);
+    check_err("split", &with("pp = 2\npp_split = [1, 2, 3]"), &[], &["lists 3 stages but parallel.pp · pp_virtual = 2"]);
+    check_err("zero", &with("pp = 0"), &[], &["parallel.pp = 0"]);
+    check_err("negative", &with("pp_split = [2, -1]"), &[], &["is not a positive integer"]);
+    check_err("schedule", &with("pp_schedule = \"1F1B\""), &[], &["\"1f1b\""]);
+    check_err("typo", &with("ppp = 2"), &[], &["ppp"]);
+    let ok = check_ok(&with("pp = 2\ntp = 2\nep = 2"), &[]);
+    let e = ok.mesh(6).unwrap_err().to_string();
+    assert!(e.contains("6 ranks do not split into pp·tp·cp = 4"), "{e}");
+    let e = ok.mesh(8).unwrap_err().to_string();
+    assert!(e.contains("parallel.pp = 2: pipeline parallelism is not in this build yet"), "{e}");
+    let dp = check_ok(MINIMAL, &["parallel.pp=1"]);
+    assert_eq!(dp.mesh(3).unwrap(), crate::parallel::Mesh::data_parallel(3));
 }

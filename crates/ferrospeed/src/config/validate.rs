@@ -5,7 +5,7 @@
 //! machine; the order is otherwise the order of the sections in a config file.
 
 use super::error::{quote, quote_path, ConfigError};
-use super::{Config, Offload, Vocab, ZeroStage};
+use super::{Config, Offload, PipelineSchedule, Vocab, ZeroStage};
 
 /// Which sections a config is checked for: all of them for `ferrospeed train`; for a user's own
 /// program (`Accelerator`) `[model]` and `[data]` only when the file has them.
@@ -74,6 +74,7 @@ pub(crate) fn validate(config: &Config, scope: Scope) -> Result<(), ConfigError>
         ));
     }
     check_zero(config)?;
+    check_parallel(config)?;
     check_track(config)?;
     check_paths(config, scope)
 }
@@ -207,6 +208,45 @@ fn check_loss_scale(config: &Config) -> Result<(), ConfigError> {
                 t.loss_scale_initial
             ),
         ));
+    }
+    Ok(())
+}
+
+/// `[parallel]` settings that need no world size (the mesh itself is checked by `Config::mesh`).
+fn check_parallel(config: &Config) -> Result<(), ConfigError> {
+    let p = &config.parallel;
+    for (key, v) in [("parallel.pp", p.pp), ("parallel.tp", p.tp), ("parallel.cp", p.cp), ("parallel.ep", p.ep), ("parallel.pp_virtual", p.pp_virtual)] {
+        if v == 0 {
+            return Err(ConfigError::invalid(key, 0, "is out of range", "use 1 or more (1 turns the axis off)"));
+        }
+    }
+    if p.pp_virtual > 1 && p.pp_schedule != PipelineSchedule::Interleaved {
+        return Err(ConfigError::invalid(
+            "parallel.pp_virtual",
+            p.pp_virtual,
+            &format!("needs parallel.pp_schedule = \"interleaved\" (it is \"{}\")", p.pp_schedule),
+            "set parallel.pp_schedule = \"interleaved\", or parallel.pp_virtual = 1",
+        ));
+    }
+    if p.sp && p.tp == 1 {
+        return Err(ConfigError::invalid(
+            "parallel.sp",
+            true,
+            "needs parallel.tp > 1 (sequence parallelism splits the norms' activations over the tensor-parallel group)",
+            "set parallel.tp to 2 or more, or parallel.sp = false",
+        ));
+    }
+    let stages = p.pp * p.pp_virtual;
+    if !p.pp_split.is_empty() && p.pp_split.len() != stages {
+        return Err(ConfigError::invalid(
+            "parallel.pp_split",
+            format!("{:?}", p.pp_split),
+            &format!("lists {} stages but parallel.pp · pp_virtual = {stages}", p.pp_split.len()),
+            "give one layer count per stage, or remove pp_split to split by the cost estimate",
+        ));
+    }
+    if p.pp_split.contains(&0) {
+        return Err(ConfigError::invalid("parallel.pp_split", format!("{:?}", p.pp_split), "has a stage of 0 layers", "give every stage at least one layer"));
     }
     Ok(())
 }
