@@ -548,7 +548,7 @@ fn parallel_settings_are_checked_alone_and_against_the_world() {
     check_err("typo", &with("ppp = 2"), &[], &["ppp"]);
     let ok = check_ok(&with("pp = 2\ntp = 2\nep = 2"), &[]);
     let e = ok.mesh(6).unwrap_err().to_string();
-    assert!(e.contains("6 ranks do not split into pp·tp·cp = 4"), "{e}");
+    assert!(e.contains("world size 6 does not split into pp·tp·cp = 4"), "{e}");
     let e = ok.mesh(8).unwrap_err().to_string();
     assert!(e.contains("parallel.pp = 2: pipeline parallelism is not in this build yet"), "{e}");
     let dp = check_ok(MINIMAL, &["parallel.pp=1"]);

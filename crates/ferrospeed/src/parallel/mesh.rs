@@ -67,7 +67,7 @@ pub enum MeshError {
     #[error("parallel.{axis} = 0: every axis needs at least 1 (1 turns it off)")]
     Zero { axis: &'static str },
     #[error(
-        "{world} ranks do not split into pp·tp·cp = {product} (pp = {pp}, tp = {tp}, cp = {cp}): launch a multiple of \
+        "world size {world} does not split into pp·tp·cp = {product} (pp = {pp}, tp = {tp}, cp = {cp}): launch a multiple of \
          {product} ranks, or change [parallel] so that pp·tp·cp divides {world}"
     )]
     Indivisible { world: usize, product: usize, pp: usize, tp: usize, cp: usize },
@@ -283,7 +283,7 @@ mod tests {
     #[test]
     fn invalid_meshes_name_the_numbers_to_change() {
         let msg = Mesh::new(6, 2, 2, 1, 1).unwrap_err().to_string();
-        assert!(msg.contains("6 ranks do not split into pp·tp·cp = 4") && msg.contains("multiple of 4"), "{msg}");
+        assert!(msg.contains("world size 6 does not split into pp·tp·cp = 4") && msg.contains("multiple of 4"), "{msg}");
         let msg = Mesh::new(8, 2, 1, 1, 3).unwrap_err().to_string();
         assert!(msg.contains("parallel.ep = 3 does not divide") && msg.contains("dp = 4") && msg.contains("[1, 2, 4]"), "{msg}");
         let msg = Mesh::new(4, 0, 1, 1, 1).unwrap_err().to_string();
