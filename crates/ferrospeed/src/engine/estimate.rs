@@ -15,7 +15,7 @@
 //!   one block's and the loss's; stage 3 without recomputation keeps every gathered block for the
 //!   backward, with it two (the current one and the prefetch);
 //! - host: the offloaded state, the staging buffers (two of the largest host-tier window in f32 and
-//!   compute dtype; pinned on a GPU), the NVMe buffers (three of the largest NVMe file) and the compute copies
+//!   compute dtype, for host-tier blocks at stage 3 or whose window is the whole block; pinned on a GPU), the NVMe buffers (three of the largest NVMe file) and the compute copies
 //!   NVMe updates leave for the publish, one gradient window copied down, the initialisation's
 //!   values (as many blocks at once as there are threads), and the process itself.
 
@@ -138,15 +138,18 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     let param_files: u64 = if params_on_nvme { on(Tier::Nvme).map(|x| file_bytes((x * c).div_ceil(4))).sum() } else { 0 };
     let nvme = sum(&nvme_files) + param_files;
     // The host tier's staging buffers (pinned on a GPU, plain host memory on a CPU run).
-    let fast_host = !gathered && (stage == 0 || w == 1);
+    // Every host-tier block at stage 3 (its window is its shard); at stages 0–2 where the window is
+    // the whole block.
+    let fast_host = gathered || stage == 0 || w == 1;
     let pinned = if fast_host { 2 * windows.iter().zip(&tiers).filter(|(_, &t)| t == Tier::Host).map(|(&x, _)| x).max().unwrap_or(0) * (4 + c) } else { 0 };
     // An NVMe block's compute copy waits in host memory for the publish; off the pinned path, a
     // GPU run copies one block's gradient window down at a time.
     let staged: u64 = on(Tier::Nvme).map(|x| x * c).sum();
     // Blocks off the pinned path: NVMe ones, and host ones where the pinned path does not apply.
     let host_path = |t: Tier| plan.on_gpu && (t == Tier::Nvme || t == Tier::Host && !fast_host);
-    // Each stage-3 shard of an offloaded block goes up to the device once per step from its update.
-    let staged = staged + if shards_on_device { max(&windows) * c } else { 0 };
+    // Each stage-3 shard of an NVMe-tier block goes up to the device once per step from a host copy
+    // (host-tier ones go up from the staging buffers).
+    let staged = staged + if shards_on_device && on(Tier::Nvme).next().is_some() { max(&windows) * c } else { 0 };
     let download = windows.iter().zip(&tiers).filter(|(_, &t)| host_path(t)).map(|(&x, _)| x * 4).max().unwrap_or(0);
     // Stages 1–2 publish host-path blocks by host all-gathers, all submitted before any finishes.
     let host_path_padded: u64 = if (1..=2).contains(&stage) { padded.iter().zip(&tiers).filter(|(_, &t)| host_path(t)).map(|(&p, _)| p * c).sum() } else { 0 };
