@@ -11,23 +11,6 @@ use half::{bf16, f16};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Every valid mesh of `world` ranks.
-fn meshes(world: usize) -> Vec<Mesh> {
-    let mut out = Vec::new();
-    for pp in 1..=world {
-        for tp in 1..=world {
-            for cp in 1..=world {
-                for ep in 1..=world {
-                    if let Ok(m) = Mesh::new(world, pp, tp, cp, ep) {
-                        out.push(m);
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
 /// A value owned by `rank`, element `i`, tagged by `salt`: exact in bf16 and f16 (small integers).
 fn value(rank: usize, i: usize, salt: usize) -> f32 {
     ((rank * 7 + i * 3 + salt) % 23) as f32 - 11.0
@@ -89,7 +72,7 @@ fn every_group_of_every_mesh_at_worlds_1_to_8_runs_collectives_like_the_referenc
     for world in 1..=8 {
         // Each shape on fresh threads would form the world again; form it once per world size
         // and split it for every shape instead (splits are cheap and must not disturb each other).
-        let shapes = meshes(world);
+        let shapes = Mesh::every(world);
         let out = run_world(world, &cfg, |c| {
             let rank = c.rank();
             let world_comm: Arc<dyn Communicator> = Arc::new(c);
@@ -209,7 +192,7 @@ fn check_all_to_all<T: Element>(comm: &dyn Communicator, salt: usize) -> Result<
 fn all_to_all_with_uneven_splits_matches_the_reference_in_the_world_and_in_groups() {
     let cfg = CommConfig { timeout: Duration::from_secs(60), ..CommConfig::default() };
     for world in 1..=8 {
-        let shapes = meshes(world);
+        let shapes = Mesh::every(world);
         let out = run_world(world, &cfg, |c| {
             let mut errors = Vec::new();
             errors.extend(check_all_to_all::<f32>(&c, 1).err());

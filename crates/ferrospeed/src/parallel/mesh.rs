@@ -114,6 +114,23 @@ impl Mesh {
         Self { world, pp: 1, dp: world.max(1), cp: 1, tp: 1, ep: 1 }
     }
 
+    /// Every valid mesh of `world` ranks: each divisor triple (pp, tp, cp) of the world with each `ep`
+    /// dividing the data-parallel size left (what a layout search, or a test of every shape, walks).
+    pub fn every(world: usize) -> Vec<Mesh> {
+        let divisors = |n: usize| (1..=n).filter(move |d| n % d == 0);
+        let mut out = Vec::new();
+        for pp in divisors(world) {
+            for tp in divisors(world / pp) {
+                for cp in divisors(world / pp / tp) {
+                    for ep in divisors(world / pp / tp / cp) {
+                        out.extend(Mesh::new(world, pp, tp, cp, ep));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn world(&self) -> usize {
         self.world
     }
@@ -206,21 +223,7 @@ mod tests {
 
     /// Every valid mesh of 1 to 8 ranks.
     fn meshes() -> Vec<Mesh> {
-        let mut out = Vec::new();
-        for world in 1..=8 {
-            for pp in 1..=world {
-                for tp in 1..=world {
-                    for cp in 1..=world {
-                        for ep in 1..=world {
-                            if let Ok(m) = Mesh::new(world, pp, tp, cp, ep) {
-                                out.push(m);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        out
+        (1..=8).flat_map(Mesh::every).collect()
     }
 
     #[test]
@@ -278,6 +281,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_lists_exactly_the_meshes_new_accepts() {
+        for world in 1..=12 {
+            let mut brute = Vec::new();
+            for (pp, tp, cp, ep) in (1..=world).flat_map(|a| (1..=world).flat_map(move |b| (1..=world).flat_map(move |c| (1..=world).map(move |d| (a, b, c, d))))) {
+                brute.extend(Mesh::new(world, pp, tp, cp, ep));
+            }
+            assert_eq!(Mesh::every(world), brute, "world {world}");
+        }
+        assert_eq!(Mesh::every(8).len(), 35);
     }
 
     #[test]
