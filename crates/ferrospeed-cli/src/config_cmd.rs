@@ -174,6 +174,13 @@ offload_ratio = {ratio:<10}# share of the optimizer state offloaded, in (0, 1]
 {nvme_ratio}
 {nvme}
 
+# [parallel]              # axes besides data parallelism; data-parallel size = ranks / (pp·tp·cp)
+# pp = 1                  # pipeline stages (pp_schedule "1f1b", "gpipe", "interleaved", "zb"; pp_virtual, pp_split)
+# tp = 1                  # tensor-parallel ranks per layer (sp = true: sequence parallelism over them)
+# cp = 1                  # context-parallel ranks per sequence
+# ep = 1                  # expert-parallel ranks, a divisor of the data-parallel size
+#                         # (this build checks these against the ranks and refuses any above 1)
+
 [checkpoint]
 {checkpoint}
 keep = 3                  # checkpoints kept, the oldest removed
@@ -285,6 +292,23 @@ mod tests {
         assert_eq!(hf.validate("hf.toml").unwrap().model.init_from.as_deref(), Some(dir.path()));
         let missing = Answers { model: ModelChoice::InitFrom("/no/such/model-dir".into()), ..base };
         assert!(missing.validate("test.toml").is_err());
+    }
+
+    #[test]
+    fn the_commented_parallel_section_is_valid_once_uncommented() {
+        let text = render(&Answers::defaults(&corpus()), Path::new("p.toml"));
+        let start = text.find("# [parallel]").expect("the template names [parallel]");
+        let end = start + text[start..].find("\n\n").expect("a blank line ends it");
+        let uncommented: String = text[start..end]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(uncommented.contains("[parallel]") && uncommented.contains("ep = 1"), "{uncommented}");
+        let full = format!("{}{uncommented}{}", &text[..start], &text[end..]);
+        let cfg = ferrospeed::config::Config::from_toml_str(&full, "p.toml", &[]).unwrap_or_else(|e| panic!("{e}\n{full}"));
+        assert_eq!(cfg.parallel, ferrospeed::config::ParallelConfig::default());
     }
 
     #[test]
