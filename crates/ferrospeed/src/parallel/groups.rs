@@ -31,6 +31,7 @@ impl MeshComms {
         Ok(Self { mesh, world, groups })
     }
 
+    /// The mesh the groups were split by.
     pub fn mesh(&self) -> &Mesh {
         &self.mesh
     }

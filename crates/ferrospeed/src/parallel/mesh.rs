@@ -131,6 +131,7 @@ impl Mesh {
         out
     }
 
+    /// Ranks in the job.
     pub fn world(&self) -> usize {
         self.world
     }

@@ -149,7 +149,7 @@ impl ServerRun {
     }
 
     /// Queue one step's metrics; never waits. A full queue drops the row (counted, reported at
-    /// the end): the thread is then [`QUEUE_ROWS`] steps behind and training goes first.
+    /// the end): the thread is then `QUEUE_ROWS` steps behind and training goes first.
     pub fn log(&self, m: &StepMetrics) {
         self.send(Msg::Rows(vec![m.clone()], now_ms()), 1);
     }
@@ -167,7 +167,7 @@ impl ServerRun {
         }
     }
 
-    /// End the run with `how`: the thread delivers what it holds, for at most [`FLUSH_TIMEOUT`]
+    /// End the run with `how`: the thread delivers what it holds, for at most `FLUSH_TIMEOUT`
     /// (plus one request in flight), sets the run's status and reports what it could not send.
     pub fn end(mut self, how: RunEnd) {
         self.end_once(how);

@@ -74,7 +74,7 @@ pub struct IoStats {
     write_nanos: AtomicU64,
 }
 
-/// A snapshot of [`IoStats`].
+/// A snapshot of `IoStats`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DiskTraffic {
     /// Bytes read from the state files.
