@@ -7,6 +7,7 @@
 #           the optimizer on the CPU with the parameter shards in device memory (offload_params none),
 #           and with them in page-locked host memory uploaded per use (offload_params cpu);
 #   anchors FSDP2 on the same shape, without and with CPU offload (.anchors/anchor_llama.py).
+# PARAM_TIMEOUT bounds each params run (s).
 # Carried: .carry/*.xz (bench/gpu_pack.sh; the baseline as base-ferrospeed.xz), .carry/device-env.sh,
 # .anchors/ (a copy of ../shared/bench). Writes JSON lines and logs under $OUT.
 set -u
@@ -47,7 +48,7 @@ if [[ $PARTS == *params* ]]; then
   IFS='|' read -r -a runs <<< "${PARAM_RUNS:-device:|cpu-opt:--offload-optimizer cpu|cpu-opt-cpu-params:--offload-optimizer cpu --offload-params cpu}"
   for run in "${runs[@]}"; do
     label=${run%%:*}; args=${run#*:}
-    /usr/bin/time -v timeout 400 $BIN bench-train $L3 $args 2>>"$OUT/params-$label.err" | sed "s/^{/{\"label\":\"3b-s3-$label\",/" | tee -a "$OUT/bench.jsonl"
+    /usr/bin/time -v timeout "${PARAM_TIMEOUT:-400}" $BIN bench-train $L3 $args 2>>"$OUT/params-$label.err" | sed "s/^{/{\"label\":\"3b-s3-$label\",/" | tee -a "$OUT/bench.jsonl"
     grep -E "Maximum resident" "$OUT/params-$label.err" | tail -1
   done
 fi
