@@ -167,6 +167,43 @@ fn a_cycle_of_large_sends_posted_before_receives_does_not_deadlock() {
     }
 }
 
+#[test]
+fn a_send_on_one_thread_and_a_receive_on_another_run_at_once() {
+    // A pipeline stage hands its sends to a sender thread and receives on its compute thread. Two
+    // ranks each send 16 MiB to the other from a second thread while the first receives: if a batch
+    // held the group for its whole length, both senders would fill the socket buffers with nobody
+    // reading, and both receives would wait behind them until the timeout.
+    let cfg = CommConfig { timeout: Duration::from_secs(30), ..CommConfig::default() };
+    let n = 4 << 20;
+    let out = run_world(2, &cfg, |c| {
+        let rank = c.rank();
+        let peer = 1 - rank;
+        let comm = Arc::new(c);
+        let sender = {
+            let comm = comm.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                // Two batches to the same peer in a row, then a third: their order is their numbering.
+                for k in 0..3 {
+                    let data: Vec<f32> = message(rank, peer, k, n / (k + 1));
+                    comm.send_recv(vec![P2p::Send { peer, buf: f32::buf(&data) }]).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })
+        };
+        for k in 0..3 {
+            let mut got = vec![0f32; n / (k + 1)];
+            comm.send_recv(vec![P2p::Recv { peer, buf: f32::buf_mut(&mut got) }]).map_err(|e| e.to_string())?;
+            if bits(&got) != bits(&message::<f32>(peer, rank, k, n / (k + 1))) {
+                return Err(format!("rank {rank}: message {k} wrong"));
+            }
+        }
+        sender.join().map_err(|_| "sender panicked".to_string())?
+    });
+    for r in out {
+        r.unwrap();
+    }
+}
+
 /// Elements rank `from` sends rank `to` in the all-to-all: uneven, sometimes none.
 fn count(from: usize, to: usize) -> usize {
     (from * 3 + to * 5) % 4

@@ -17,7 +17,7 @@ use super::OpKind;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,13 @@ pub struct TcpCommunicator {
     pub(crate) cfg: CommConfig,
     pub(crate) group: GroupInfo,
     state: Mutex<OpState>,
+    /// Collectives hold it exclusively, point-to-point batches shared: a send and a receive on other
+    /// threads may run at once (a pipeline stage's sender and its compute thread), a collective
+    /// never interleaves its bytes with theirs.
+    traffic: RwLock<()>,
+    /// Per peer, whose turn it is on each direction (receive, send) of its connection: batches that
+    /// send to (or receive from) one peer take turns in the order their messages were numbered.
+    links: Vec<[LinkTurn; 2]>,
     store: Option<Arc<StoreClient>>,
     /// The connection the progress reporters of this group and its sub-groups publish through.
     reporter_store: Option<Arc<StoreClient>>,
@@ -157,6 +164,27 @@ pub(crate) enum Numbering {
     P2p { sends: Vec<(usize, u64)>, recvs: Vec<(usize, u64)> },
 }
 
+/// One direction of a connection: the number of the next message to go through it.
+#[derive(Default)]
+struct LinkTurn {
+    next: Mutex<u64>,
+    turned: Condvar,
+}
+
+/// A batch's turn on one direction of a connection (see [`TcpCommunicator::take_turn`]).
+pub(crate) struct Turn<'a> {
+    link: &'a LinkTurn,
+    after: u64,
+}
+
+impl Drop for Turn<'_> {
+    /// The next batch's turn (after a failure too: the group is poisoned then, and it fails at once).
+    fn drop(&mut self) {
+        *self.link.next.lock().unwrap_or_else(|p| p.into_inner()) = self.after;
+        self.link.turned.notify_all();
+    }
+}
+
 /// The first message numbers of a point-to-point batch, per peer, handed to its body.
 pub(crate) struct P2pBase {
     pub sent: Vec<u64>,
@@ -180,6 +208,8 @@ impl TcpCommunicator {
                 poisoned: None,
                 recorder: FlightRecorder::new(cfg.recorder_len),
             }),
+            traffic: RwLock::new(()),
+            links: (0..world_size).map(|_| [LinkTurn::default(), LinkTurn::default()]).collect(),
             store: None,
             reporter_store: None,
             reporter: None,
@@ -425,6 +455,13 @@ impl TcpCommunicator {
         numbering: Numbering,
         body: impl FnOnce(&OpCtx<'_>, &P2pBase),
     ) -> Result<(), CommError> {
+        // A collective owns every connection; point-to-point batches share them (see `traffic`),
+        // their message numbers reserved up front so that the state lock is not held while they wait.
+        let (_shared, _exclusive);
+        match numbering {
+            Numbering::Collective => _exclusive = Some(self.traffic.write().unwrap_or_else(|p| p.into_inner())),
+            Numbering::P2p { .. } => _shared = Some(self.traffic.read().unwrap_or_else(|p| p.into_inner())),
+        }
         let mut state = self.lock_state();
         if let Some(first) = &state.poisoned {
             return Err(CommError::Poisoned { rank: self.group.world_rank(self.rank), first: first.clone() });
@@ -439,7 +476,13 @@ impl TcpCommunicator {
                 }
                 seq
             }
-            Numbering::P2p { .. } => {
+            Numbering::P2p { sends, recvs } => {
+                for &(peer, n) in sends {
+                    state.sent[peer] += n;
+                }
+                for &(peer, n) in recvs {
+                    state.received[peer] += n;
+                }
                 state.next_p2p += 1;
                 state.next_p2p - 1
             }
@@ -447,18 +490,16 @@ impl TcpCommunicator {
         state.recorder.start(seq, op, dtype, numel);
         let started = Instant::now();
         let ctx = OpCtx { comm: self, seq, op, dtype, deadline: started + self.cfg.timeout, failure: Mutex::new(None) };
-        body(&ctx, &base);
+        if matches!(numbering, Numbering::P2p { .. }) {
+            drop(state);
+            body(&ctx, &base);
+            state = self.lock_state();
+        } else {
+            body(&ctx, &base);
+        }
         let failure = ctx.failure.into_inner().unwrap_or_else(|p| p.into_inner());
         let Some(link) = failure else {
             state.recorder.finish(seq, op, Ok(()));
-            if let Numbering::P2p { sends, recvs } = numbering {
-                for (peer, n) in sends {
-                    state.sent[peer] += n;
-                }
-                for (peer, n) in recvs {
-                    state.received[peer] += n;
-                }
-            }
             return Ok(());
         };
         if link.closes_links() {
@@ -472,6 +513,19 @@ impl TcpCommunicator {
         }
         state.poisoned = Some(first_line);
         Err(err)
+    }
+
+    /// Wait (until `deadline`) for the turn of the batch whose messages on one direction of the
+    /// connection to `peer` (`send`: this rank writes) are numbered `first..first + n`; the turn
+    /// passes on when the guard drops.
+    pub(crate) fn take_turn(&self, peer: usize, send: bool, first: u64, n: u64, deadline: Instant) -> Result<Turn<'_>, LinkError> {
+        let link = &self.links[peer][usize::from(send)];
+        let mut next = link.next.lock().unwrap_or_else(|p| p.into_inner());
+        while *next != first {
+            let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or(LinkError::Timeout { peer })?;
+            next = link.turned.wait_timeout(next, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        Ok(Turn { link, after: first + n })
     }
 
     pub(crate) fn render_recorder(&self) -> String {

@@ -1,6 +1,10 @@
 //! Point-to-point batches on the TCP backend: each peer's sends and receives on a thread of their
 //! own, so a batch progresses with every peer at once and no posting order can deadlock.
 //!
+//! A batch holds the group's connections shared (a collective holds them alone), so batches on other
+//! threads (a pipeline stage's sender beside its receives) run at once; batches that use one
+//! direction of one connection take turns in the order their messages were numbered.
+//!
 //! Messages are numbered per ordered pair of ranks (not by the group's collective sequence, which
 //! ranks outside the batch do not advance); the receiver checks each header's number, dtype and
 //! length, so a batch that does not match its peer's is a [`CommError::Desync`], never mixed data.
@@ -59,6 +63,10 @@ impl TcpCommunicator {
                 for (peer, bufs) in recvs.into_iter().enumerate().filter(|(_, v)| !v.is_empty()) {
                     let first = base.received[peer];
                     s.spawn(move || {
+                        let _turn = match ctx.comm.take_turn(peer, false, first, bufs.len() as u64, ctx.deadline) {
+                            Ok(t) => t,
+                            Err(e) => return ctx.fail(e),
+                        };
                         for (i, mut buf) in bufs.into_iter().enumerate() {
                             let got = ctx
                                 .expect(peer, header(first + i as u64, buf.dtype(), buf.len()))
@@ -72,6 +80,10 @@ impl TcpCommunicator {
                 for (peer, bufs) in sends.into_iter().enumerate().filter(|(_, v)| !v.is_empty()) {
                     let first = base.sent[peer];
                     s.spawn(move || {
+                        let _turn = match ctx.comm.take_turn(peer, true, first, bufs.len() as u64, ctx.deadline) {
+                            Ok(t) => t,
+                            Err(e) => return ctx.fail(e),
+                        };
                         for (i, buf) in bufs.into_iter().enumerate() {
                             let sent = ctx
                                 .write(peer, &header(first + i as u64, buf.dtype(), buf.len()).encode())
