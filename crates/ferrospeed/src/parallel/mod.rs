@@ -3,7 +3,9 @@
 mod groups;
 mod mesh;
 mod schedule;
+mod stages;
 
 pub use groups::MeshComms;
 pub use mesh::{Axis, Coords, Mesh, MeshError};
 pub use schedule::{Action, Costs, Op, Schedule, ScheduleError, ScheduleKind, Timeline};
+pub use stages::{stage_blocks, BlockCost, StageError};
