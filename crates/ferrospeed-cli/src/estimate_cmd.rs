@@ -78,14 +78,18 @@ fn strategy_of(cfg: &Config) -> Strategy {
     cfg.zero.strategy()
 }
 
+/// The run's shape at `world` ranks. ZeRO shards over the data-parallel group; a pipeline stage
+/// is estimated as the whole model over that group (an upper bound: the per-stage split comes with
+/// the stage assignment at start).
 fn shape_of(cfg: &Config, world: usize, on_gpu: bool) -> Result<RunShape> {
+    let dp = cfg.mesh(world).map_err(|e| usage_error(e.to_string()))?.size(ferrospeed::parallel::Axis::Dp);
     Ok(RunShape {
         micro_batch: cfg.train.micro_batch,
         seq_len: cfg.model.seq_len,
         precision: cfg.train.precision,
-        accumulation: cfg.accumulation_steps(world).map_err(|e| usage_error(e.to_string()))?,
+        accumulation: cfg.accumulation_steps(dp).map_err(|e| usage_error(e.to_string()))?,
         checkpointing: cfg.train.activation_checkpointing,
-        world,
+        world: dp,
         on_gpu,
         threads: rayon::current_num_threads(),
     })

@@ -6,7 +6,7 @@
 //! claim the run directory, telling every rank whether that worked, so all ranks exit together.
 
 use crate::usage::usage_error;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor};
 use clap::Args;
 use ferrospeed::accelerator::{AccelError, Accelerator, Options, PrepareOptions};
@@ -102,6 +102,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
 
     let optimizer = acc.optimizer_from_config();
+    let num_params = model.num_params();
     let mut engine = acc.prepare(model, optimizer, PrepareOptions { names: family.names(), ..PrepareOptions::default() }).map_err(accel_error)?;
     if let Some(r) = acc.import_report() {
         // Every rank: what each read and held (the launcher prefixes the rank).
@@ -160,15 +161,20 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let tokens_per_step = (t.global_batch * cfg.model.seq_len) as u64;
     if rank == 0 {
         println!(
-            "ferrospeed train: {} ({:.2}M parameters) on {} rank(s), ZeRO stage {}, {}; global batch {} = micro-batch {} × {} rank(s) × {} accumulation; {} steps; outputs in {}",
+            "ferrospeed train: {} ({:.2}M parameters) on {} rank(s){}, ZeRO stage {}, {}; global batch {} = micro-batch {} × {} {}rank(s) × {} accumulation; {} steps; outputs in {}",
             family.describe(),
-            engine.model().num_params() as f64 / 1e6,
+            num_params as f64 / 1e6,
             world_size,
+            match cfg.parallel.pp {
+                1 => String::new(),
+                pp => format!(" (a pipeline of {pp} stages × {} data-parallel)", acc.data_parallel_size()),
+            },
             cfg.zero.stage.as_int(),
             t.precision,
             t.global_batch,
             t.micro_batch,
-            world_size,
+            acc.data_parallel_size(),
+            if cfg.parallel.pp > 1 { "data-parallel " } else { "" },
             acc.accumulation(),
             t.steps,
             acc.track_dir().display()
@@ -183,10 +189,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let mut stopped_at = None;
     for step in start_step..t.steps {
         let t0 = Instant::now();
-        for batch in data.micro_batches(step as u64).map_err(|e| accel_error(e.into()))? {
-            engine.forward_backward(&batch).map_err(oom("forward and backward"))?;
-        }
-        let stats = engine.step().map_err(oom("optimizer step"))?.context("the step's micro-batches did not complete an optimizer step")?;
+        let batches = data.micro_batches(step as u64).map_err(|e| accel_error(e.into()))?;
+        let stats = engine.train_step(&batches).map_err(oom("training step"))?;
         if !stats.skipped && !stats.loss.is_finite() {
             anyhow::bail!("the loss became {} at step {}; lower train.lr or raise train.warmup", stats.loss, step + 1);
         }
@@ -257,7 +261,8 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         (Family::Gpt(g), Tokenizer::Bytes) => Some(g),
         _ => None,
     };
-    let sample_params = if t.sample_tokens > 0 && gpt.is_some() { Some(engine.slot_tensors()?) } else { None };
+    // A pipeline stage holds part of the model: no sample there (generate one from an export).
+    let sample_params = if t.sample_tokens > 0 && gpt.is_some() && !engine.is_pipeline() { Some(engine.slot_tensors()?) } else { None };
     if let Some(progress) = progress {
         // The run as a picture; failing to draw it costs a warning, never the run.
         let plot = match acc.tracker().map(|t| t.plot()) {

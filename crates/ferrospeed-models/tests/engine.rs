@@ -23,7 +23,7 @@ fn losses(micro: usize, accumulation: usize, checkpointing: bool, steps: usize) 
     let sampler = BatchSampler { seed: 5, seq_len: CFG.seq_len, micro_batch: micro, accumulation, world_size: 1, rank: 0 };
     let schedule = LrSchedule { lr: 3e-3, min_lr: 3e-4, warmup: 2, total: steps };
     let corpus = support::corpus("Ownership is Rust's most unique feature and has deep implications for the rest of the language. ", 40);
-    (0..steps).map(|step| engine.train_step(&batches(&sampler, &corpus, step, &Device::Cpu), schedule.at(step)).unwrap().loss).collect()
+    (0..steps).map(|step| engine.train_step_at(&batches(&sampler, &corpus, step, &Device::Cpu), schedule.at(step)).unwrap().loss).collect()
 }
 
 #[test]

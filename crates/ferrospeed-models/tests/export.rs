@@ -46,7 +46,7 @@ fn export_and_load_consolidated_round_trip_bit_exactly() {
         let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(3)).unwrap();
         let sampler = BatchSampler { seed: 3, seq_len: 16, micro_batch: 2, accumulation: 1, world_size: 2, rank };
         for step in 0..3 {
-            engine.train_step(&batches(&sampler, &corpus, step, &Device::Cpu), 1e-3).unwrap();
+            engine.train_step_at(&batches(&sampler, &corpus, step, &Device::Cpu), 1e-3).unwrap();
         }
         checkpoint::save(&mut engine, &SaveRequest { root: &root, samples: 12, keep: 2, run: serde_json::Value::Null }).unwrap();
         (rank, (0..4).map(|b| (engine.master(b).0, engine.master(b).1.to_vec())).collect::<Vec<_>>())

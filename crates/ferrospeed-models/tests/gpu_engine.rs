@@ -57,7 +57,7 @@ fn train_offloaded(
         let mut losses = Vec::new();
         let dev = engine.config().device.clone();
         for step in steps.clone() {
-            losses.push(engine.train_step(&batches(&sampler, &corpus, step, &dev), schedule.at(step)).unwrap().loss);
+            losses.push(engine.train_step_at(&batches(&sampler, &corpus, step, &dev), schedule.at(step)).unwrap().loss);
         }
         if let Some((dir, false)) = ckpt {
             checkpoint::save(&mut engine, &SaveRequest { root: dir, samples: 0, keep: 2, run: serde_json::Value::Null }).unwrap();

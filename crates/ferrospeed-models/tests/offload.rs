@@ -75,7 +75,7 @@ fn run_engine<T: Send>(run: Run, nvme: &Path, after_step: impl Fn(&mut Engine, u
         let (mut losses, mut waited) = (Vec::new(), 0.0);
         for step in 0..STEPS {
             let batches = support::batches(&sampler, &corpus, step, &Device::Cpu);
-            let stats = engine.train_step(&batches, schedule.at(step)).unwrap();
+            let stats = engine.train_step_at(&batches, schedule.at(step)).unwrap();
             losses.push(stats.loss);
             waited += stats.times.disk_wait;
             after_step(&mut engine, step);

@@ -50,7 +50,7 @@ fn train(run: Run, each_step: impl Fn(&mut Engine, usize) + Sync) -> (Vec<f64>, 
         let mut memory = MemoryReport::default();
         for step in 0..run.steps {
             each_step(&mut engine, step);
-            losses.push(engine.train_step(&batches(&sampler, &corpus, step), schedule.at(step)).unwrap().loss);
+            losses.push(engine.train_step_at(&batches(&sampler, &corpus, step), schedule.at(step)).unwrap().loss);
             if step == 0 {
                 memory = engine.memory();
             }
@@ -158,7 +158,7 @@ fn an_fp16_overflow_on_one_rank_skips_the_step_everywhere_and_halves_the_scale()
                 if step == 2 && rank == 1 {
                     engine.inject_overflow();
                 }
-                let s = engine.train_step(&batches(&sampler, &corpus, step), 1e-3).unwrap();
+                let s = engine.train_step_at(&batches(&sampler, &corpus, step), 1e-3).unwrap();
                 if step == 2 {
                     unchanged = (0..4).all(|b| engine.master(b).1 == before[b].as_slice());
                 }

@@ -44,7 +44,8 @@ use crate::comm::TensorCollectives;
 use crate::comm::TcpCommunicator;
 use crate::config::{Config, OptimizerKind, ReduceDtype};
 use crate::data::{DataLoader, Dataset, Sampler};
-use crate::engine::{CommWorker, Engine, EngineConfig, Model, OffloadSettings, StepStats};
+use crate::engine::{cut_for_stage, CommWorker, Engine, EngineConfig, Model, OffloadSettings, PipelineStage, StepStats};
+use crate::parallel::{stage_blocks, Axis, BlockCost, MeshComms, Schedule, ScheduleKind};
 use crate::optim::{AdamW, LrSchedule, Optimizer, ParamGroups, Sgd};
 use crate::precision::{LossScalerConfig, Precision};
 use crate::track::{fresh_run_dir, StepMetrics, Tracker};
@@ -131,9 +132,19 @@ pub struct Accelerator {
     import: Option<ImportReport>,
     /// Rank 0's locks on the job's directories and what this start added to them.
     claim: Option<Claim>,
+    /// The mesh's groups, where `[parallel]` turns on more than data parallelism.
+    parallel: Option<Parallel>,
     /// A step was logged, a checkpoint saved or the run finished: the start succeeded, and a
     /// failure from now on keeps the run directory.
     started: std::sync::atomic::AtomicBool,
+}
+
+/// The groups of a mesh beyond data parallelism, and the schedule of its pipeline.
+struct Parallel {
+    comms: MeshComms,
+    /// The data-parallel group's communication thread (the engine's collectives).
+    dp: Arc<CommWorker>,
+    schedule: Schedule,
 }
 
 /// What `prepare` measured of importing `model.init_from` on this rank.
@@ -162,10 +173,23 @@ impl Accelerator {
     /// or a checkpoint saved) removes what it added to them.
     pub fn new(cfg: &Config, options: Options) -> Result<Self, AccelError> {
         let world = WorldInfo::from_env()?;
-        cfg.mesh(world.world_size)?;
-        let accumulation = cfg.accumulation_steps(world.world_size)?;
+        let mesh = cfg.mesh(world.world_size)?;
+        let accumulation = cfg.accumulation_steps(mesh.size(Axis::Dp))?;
+        let schedule = match cfg.parallel.pp {
+            1 => None,
+            pp => Some(Schedule::new(pipeline_kind(cfg.parallel.pp_schedule), pp, 1, accumulation).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?),
+        };
         let device = crate::device::select(cfg.train.device, world.local_rank).map_err(AccelError::Device)?;
-        let comm = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?)?);
+        let comm: Arc<dyn crate::Communicator> = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?)?);
+        // The mesh's groups are split from the world before anything else uses it.
+        let parallel = match schedule {
+            None => None,
+            Some(schedule) => {
+                let comms = MeshComms::new(comm.clone(), mesh)?;
+                let dp = Arc::new(CommWorker::spawn(comms.get(Axis::Dp).clone()));
+                Some(Parallel { comms, dp, schedule })
+            }
+        };
         let worker = Arc::new(CommWorker::spawn(comm));
         let track_dir = cfg.track.dir.clone().unwrap_or_else(|| fresh_run_dir(Path::new("runs"), &options.run_name));
         let mut tracker = None;
@@ -196,7 +220,7 @@ impl Accelerator {
             c.all_reduce_slice(&mut bytes, ReduceOp::Sum)?;
             Ok(Some(String::from_utf8_lossy(&bytes.iter().map(|&b| b as u8).collect::<Vec<u8>>()).into_owned()))
         })??;
-        let acc = Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None, extra_run: serde_json::Map::new(), import: None, claim, started: false.into() };
+        let acc = Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None, extra_run: serde_json::Map::new(), import: None, claim, parallel, started: false.into() };
         match reason {
             Some(reason) => Err(AccelError::RunDirRefused(reason)),
             None => Ok(acc),
@@ -246,7 +270,10 @@ impl Accelerator {
     /// in `checkpoint.dir`, its state (at any world size and stage). Every rank calls this.
     pub fn prepare(&mut self, model: Model, optimizer: Arc<dyn Optimizer>, options: PrepareOptions) -> Result<Engine, AccelError> {
         let cfg = self.engine_config(optimizer, options.groups);
-        let mut engine = Engine::with_worker(model, self.worker.clone(), cfg)?;
+        let mut engine = match &self.parallel {
+            None => Engine::with_worker(model, self.worker.clone(), cfg)?,
+            Some(par) => self.pipeline_engine(par, model, cfg)?,
+        };
         self.names = options.names;
         if let Some(path) = &self.cfg.model.init_from {
             let t0 = std::time::Instant::now();
@@ -281,6 +308,43 @@ impl Accelerator {
         Ok(engine)
     }
 
+    /// This rank's stage of the pipeline (the apply function of pipeline parallelism): the blocks
+    /// of every stage by cost (or `parallel.pp_split`), this stage's cut of `model`, the tie group.
+    fn pipeline_engine(&self, par: &Parallel, model: Model, cfg: EngineConfig) -> Result<Engine, AccelError> {
+        let mesh = par.comms.mesh();
+        let stage = mesh.coords(self.world.rank).pp;
+        let costs: Vec<BlockCost> = (0..model.num_blocks())
+            .map(|i| BlockCost { flops: model.block(i).forward_flops_per_token(), params: model.own_params(i).iter().map(|p| p.numel() as f64).sum() })
+            .collect();
+        let ranges = stage_blocks(&costs, mesh.size(Axis::Pp), &self.cfg.parallel.pp_split).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?;
+        let (cut, owner_stage, tied, tie_stages) = cut_for_stage(model, &ranges, stage)?;
+        // The tie group of each pipeline: its ranks at the stages holding tied parameters (a split
+        // of the world, so every rank takes part; the others form groups of one).
+        let tie = if tie_stages.is_empty() {
+            None
+        } else {
+            let mut groups = Vec::new();
+            for g in mesh.groups(Axis::Pp) {
+                groups.push(tie_stages.iter().map(|&s| g[s]).collect::<Vec<_>>());
+                groups.extend((0..g.len()).filter(|s| !tie_stages.contains(s)).map(|s| vec![g[s]]));
+            }
+            let split = self.worker.run(move |c| c.split("tie", &groups))??;
+            Some(Arc::<dyn crate::Communicator>::from(split))
+        };
+        if self.world.rank == 0 {
+            println!(
+                "pipeline: {} stages of blocks {:?}, schedule {} over {} micro-batches (analytic bubble {:.1}%)",
+                ranges.len(),
+                ranges,
+                par.schedule.kind.name(),
+                par.schedule.micro,
+                100.0 * par.schedule.analytic_bubble(crate::parallel::Costs::UNIT)
+            );
+        }
+        let stage = PipelineStage { stage, schedule: par.schedule.clone(), p2p: par.comms.get(Axis::Pp).clone(), tie, world: self.worker.clone(), owner_stage, tied };
+        Ok(Engine::with_pipeline(cut, par.dp.clone(), stage, cfg)?)
+    }
+
     /// What importing `model.init_from` read, held and took on this rank, if it was imported.
     pub fn import_report(&self) -> Option<&ImportReport> {
         self.import.as_ref()
@@ -299,7 +363,13 @@ impl Accelerator {
     /// must hold at least one global batch.
     pub fn data<'a, D: Dataset + ?Sized>(&self, dataset: &'a D) -> Result<DataLoader<'a, D>, AccelError> {
         let t = &self.cfg.train;
-        let sampler = Sampler::new(t.seed, dataset.sampling(), t.micro_batch, self.accumulation, self.world.world_size, self.world.rank, dataset.len())?;
+        // Data parallelism is over the data-parallel group: every stage of a pipeline reads its
+        // group's micro-batches.
+        let (dp, dp_rank) = match &self.parallel {
+            None => (self.world.world_size, self.world.rank),
+            Some(par) => (par.comms.mesh().size(Axis::Dp), par.comms.mesh().coords(self.world.rank).dp),
+        };
+        let sampler = Sampler::new(t.seed, dataset.sampling(), t.micro_batch, self.accumulation, dp, dp_rank, dataset.len())?;
         Ok(DataLoader::new(dataset, sampler, self.device.clone(), t.steps as u64))
     }
 
@@ -455,7 +525,12 @@ impl Accelerator {
         &self.cfg
     }
 
-    /// Micro-batches per rank per optimizer step (`global_batch / (micro_batch × world)`).
+    /// Ranks of the data-parallel group (the world, but in a mesh: `world / (pp · tp · cp)`).
+    pub fn data_parallel_size(&self) -> usize {
+        self.parallel.as_ref().map_or(self.world.world_size, |p| p.comms.mesh().size(Axis::Dp))
+    }
+
+    /// Micro-batches per rank per optimizer step (`global_batch / (micro_batch × data-parallel size)`).
     pub fn accumulation(&self) -> usize {
         self.accumulation
     }
@@ -473,6 +548,17 @@ impl Accelerator {
     /// The run's tracker (rank 0 only).
     pub fn tracker(&self) -> Option<&Tracker> {
         self.tracker.as_ref()
+    }
+}
+
+/// The schedule `parallel.pp_schedule` names.
+fn pipeline_kind(s: crate::config::PipelineSchedule) -> ScheduleKind {
+    use crate::config::PipelineSchedule as P;
+    match s {
+        P::OneFOneB => ScheduleKind::OneFOneB,
+        P::Gpipe => ScheduleKind::Gpipe,
+        P::Interleaved => ScheduleKind::Interleaved,
+        P::ZeroBubble => ScheduleKind::ZeroBubble,
     }
 }
 

@@ -434,11 +434,27 @@ impl Config {
     pub fn mesh(&self, world_size: usize) -> Result<crate::parallel::Mesh, ConfigError> {
         let mesh = self.parallel.mesh(world_size)?;
         let p = &self.parallel;
-        for (key, v, what) in [("pp", p.pp, "pipeline"), ("tp", p.tp, "tensor"), ("cp", p.cp, "context"), ("ep", p.ep, "expert")] {
+        for (key, v, what) in [("tp", p.tp, "tensor"), ("cp", p.cp, "context"), ("ep", p.ep, "expert")] {
             if v > 1 {
                 return Err(ConfigError::NotBuilt(format!(
-                    "parallel.{key} = {v}: {what} parallelism is not in this build yet (the mesh, its groups and the \
-                     pipeline schedules are); set parallel.{key} = 1"
+                    "parallel.{key} = {v}: {what} parallelism is not in this build yet (the mesh, its groups and pipeline \
+                     parallelism are); set parallel.{key} = 1"
+                )));
+            }
+        }
+        if p.pp > 1 {
+            if matches!(p.pp_schedule, PipelineSchedule::Interleaved | PipelineSchedule::ZeroBubble) || p.pp_virtual > 1 {
+                return Err(ConfigError::NotBuilt(format!(
+                    "parallel.pp_schedule = \"{}\" (pp_virtual = {}): this build runs \"1f1b\" and \"gpipe\" (one stage per rank); \
+                     the interleaved and zero-bubble schedules are planned (parallel/schedule.rs) but not executed yet",
+                    p.pp_schedule.name(),
+                    p.pp_virtual
+                )));
+            }
+            if self.checkpoint.dir.is_some() {
+                return Err(ConfigError::NotBuilt(format!(
+                    "parallel.pp = {}: checkpoints of a pipeline are not in this build yet; unset checkpoint.dir, or set parallel.pp = 1",
+                    p.pp
                 )));
             }
         }

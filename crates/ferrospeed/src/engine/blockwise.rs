@@ -38,24 +38,47 @@ enum Kept {
 
 /// What the forward pass leaves for the backward pass.
 pub struct Tape {
-    /// Each block's inputs, detached (empty for the first block).
+    /// The first block it ran.
+    first: usize,
+    /// Each block's inputs, detached (empty for the model's first block), from `first` on.
     inputs: Vec<Vec<Tensor>>,
     /// Without checkpointing: each block's graph.
     kept: Vec<Option<Kept>>,
-    /// The last block's output: the scalar loss.
-    pub loss: Tensor,
+    /// The last block's output, the scalar loss (a whole model's forward; `None` for a span that
+    /// ends before the model does).
+    pub loss: Option<Tensor>,
 }
 
-/// Run every block on the parameters `source` provides (variables, for training).
+/// Run every block on the parameters `source` provides (variables, for training); the last block
+/// returns the scalar loss.
 ///
 /// With `checkpointing`, blocks run on detached parameters and keep no graph; only the boundary
 /// activations stay. Without it, each block's graph is kept for the backward pass.
 pub fn forward(model: &Model, source: &mut dyn ParamSource, batch: &Batch, checkpointing: bool) -> Result<Tape, EngineError> {
     let n = model.num_blocks();
-    let mut inputs = Vec::with_capacity(n);
-    let mut kept = Vec::with_capacity(n);
-    let mut x: Vec<Tensor> = Vec::new();
-    for i in 0..n {
+    if n == 0 {
+        return Err(EngineError::Model("a model needs at least one block".into()));
+    }
+    let (mut tape, outputs) = forward_span(model, source, batch, checkpointing, 0..n, Vec::new())?;
+    tape.loss = Some(scalar_loss(model, n - 1, outputs)?);
+    Ok(tape)
+}
+
+/// The forward of `blocks` (a pipeline stage's), from `input` (what the block before them returned,
+/// detached; nothing for the model's first block). Returns the tape and the last block's outputs.
+pub fn forward_span(
+    model: &Model,
+    source: &mut dyn ParamSource,
+    batch: &Batch,
+    checkpointing: bool,
+    blocks: std::ops::Range<usize>,
+    input: Vec<Tensor>,
+) -> Result<(Tape, Vec<Tensor>), EngineError> {
+    let (first, n) = (blocks.start, blocks.end);
+    let mut inputs = Vec::with_capacity(blocks.len());
+    let mut kept = Vec::with_capacity(blocks.len());
+    let mut x: Vec<Tensor> = input;
+    for i in blocks {
         let block = model.block(i);
         // After the last block, the backward pass starts again from it (when it recomputes).
         let next = if i + 1 < n { Some(i + 1) } else { checkpointing.then_some(i) };
@@ -77,10 +100,12 @@ pub fn forward(model: &Model, source: &mut dyn ParamSource, batch: &Batch, check
         inputs.push(std::mem::take(&mut x));
         x = y.iter().map(Tensor::detach).collect();
     }
-    if n == 0 {
-        return Err(EngineError::Model("a model needs at least one block".into()));
-    }
-    let last = model.block(n - 1).name();
+    Ok((Tape { first, inputs, kept, loss: None }, x))
+}
+
+/// The output of block `last` as the scalar loss, or the error saying what it returned instead.
+pub fn scalar_loss(model: &Model, last: usize, x: Vec<Tensor>) -> Result<Tensor, EngineError> {
+    let last = model.block(last).name();
     let loss = match x.as_slice() {
         [loss] if loss.rank() == 0 => loss.clone(),
         [loss] if loss.elem_count() == 1 => loss.reshape(()).map_err(EngineError::tensor(last))?,
@@ -92,7 +117,7 @@ pub fn forward(model: &Model, source: &mut dyn ParamSource, batch: &Batch, check
             )))
         }
     };
-    Ok(Tape { inputs, kept, loss })
+    Ok(loss)
 }
 
 fn detach_all(params: &[Tensor]) -> Vec<Tensor> {
@@ -124,20 +149,37 @@ pub fn backward(
     model: &Model,
     source: &mut dyn ParamSource,
     batch: &Batch,
+    tape: Tape,
+    loss_scale: f64,
+    on_block: impl FnMut(usize, Vec<Option<Tensor>>) -> Result<(), EngineError>,
+) -> Result<(), EngineError> {
+    backward_span(model, source, batch, tape, None, loss_scale, on_block).map(drop)
+}
+
+/// The backward of the blocks `tape` ran, from `upstream` (the gradients of their last block's
+/// outputs, from the stage after them) or, with `None`, from the loss their last block returned
+/// (multiplied by `loss_scale`). Returns the gradients of the span's input (`None` for integer
+/// tensors), for the stage before it.
+pub fn backward_span(
+    model: &Model,
+    source: &mut dyn ParamSource,
+    batch: &Batch,
     mut tape: Tape,
+    upstream: Option<Vec<Option<Tensor>>>,
     loss_scale: f64,
     mut on_block: impl FnMut(usize, Vec<Option<Tensor>>) -> Result<(), EngineError>,
-) -> Result<(), EngineError> {
+) -> Result<Vec<Option<Tensor>>, EngineError> {
     // The gradients of the current block's outputs; `None` while at the last block (the loss).
-    let mut grad_out: Option<Vec<Option<Tensor>>> = None;
-    for i in (0..model.num_blocks()).rev() {
+    let mut grad_out: Option<Vec<Option<Tensor>>> = upstream;
+    let first = tape.first;
+    for i in (first..first + tape.inputs.len()).rev() {
         let block = model.block(i);
         let err = || EngineError::tensor(block.name());
-        let kept = match tape.kept[i].take() {
+        let kept = match tape.kept[i - first].take() {
             Some(k) => k,
             None => {
-                let params = source.acquire(i, i.checked_sub(1))?;
-                let x = &tape.inputs[i];
+                let params = source.acquire(i, i.checked_sub(1).filter(|&p| p >= first))?;
+                let x = &tape.inputs[i - first];
                 match block.forward_saving(&detach_all(&params), x, batch).map_err(err())? {
                     Some((_, saved)) => Kept::Manual { saved, params },
                     None => {
@@ -147,7 +189,7 @@ pub fn backward(
                 }
             }
         };
-        let num_inputs = tape.inputs[i].len();
+        let num_inputs = tape.inputs[i - first].len();
         let slot_grads = match kept {
             Kept::Manual { saved, params } => {
                 let upstream = match &grad_out {
@@ -210,7 +252,7 @@ pub fn backward(
         source.release(i);
         on_block(i, slot_grads)?;
     }
-    Ok(())
+    Ok(grad_out.unwrap_or_default())
 }
 
 /// `Σ_k sum(y_k · g_k)` over the outputs that receive a gradient (`None` when none does): its

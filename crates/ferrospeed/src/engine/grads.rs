@@ -173,6 +173,15 @@ impl BlockGrads {
         }
     }
 
+    /// The reduced gradient this rank holds, to change in place (`None` where it is on a device).
+    pub(super) fn host_reduced_mut(&mut self) -> Option<&mut [f32]> {
+        match (&mut self.store, self.reduction) {
+            (GradStore::Host { full, .. }, GradReduction::AllReduce) => Some(full.as_deref_mut().unwrap_or(&mut [])),
+            (GradStore::Host { shard, .. }, GradReduction::ReduceScatter) => Some(shard.as_deref_mut().unwrap_or(&mut [])),
+            (GradStore::Device(_), _) => None,
+        }
+    }
+
     /// The reduced gradient over `window` in host memory, for an optimizer that runs there: the
     /// buffer itself, or a copy from the device.
     pub fn host_window(&mut self, window: &Range<usize>) -> Result<&mut [f32], EngineError> {

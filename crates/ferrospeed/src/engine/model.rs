@@ -12,6 +12,16 @@ pub struct SlotSource {
     pub index: usize,
 }
 
+/// What a pipeline stage holds of a model (see [`Model::cut`]).
+pub struct StageModel {
+    /// The ghosts, then the stage's blocks.
+    pub model: Model,
+    /// The stage's own blocks, in `model`'s indices (the ghosts are the blocks before them).
+    pub run: std::ops::Range<usize>,
+    /// Each block's index in the whole model.
+    pub original: Vec<usize>,
+}
+
 /// A sequence of blocks with resolved parameter slots.
 pub struct Model {
     blocks: Vec<Box<dyn Block>>,
@@ -90,6 +100,35 @@ impl Model {
     /// Total number of parameters (tied ones counted once).
     pub fn num_params(&self) -> usize {
         self.own.iter().flatten().map(ParamSpec::numel).sum()
+    }
+
+    /// The part of the model a pipeline stage holds: `blocks`, after the owners of the tied
+    /// parameters they use that lie before them (their "ghosts": held whole so the tied copy starts
+    /// from the owner's values and takes the owner's steps, never run). Names stay the model's, so
+    /// initial values, checkpoints and imports see the same blocks.
+    pub fn cut(self, blocks: std::ops::Range<usize>) -> Result<StageModel, EngineError> {
+        if blocks.is_empty() || blocks.end > self.num_blocks() {
+            return Err(EngineError::Model(format!("blocks {blocks:?} of a model of {} blocks", self.num_blocks())));
+        }
+        let mut ghosts: Vec<usize> =
+            blocks.clone().flat_map(|i| self.slots[i].iter().map(|s| s.block)).filter(|&b| b < blocks.start).collect();
+        ghosts.sort_unstable();
+        ghosts.dedup();
+        let original: Vec<usize> = ghosts.iter().copied().chain(blocks.clone()).collect();
+        let new_index = |b: usize| original.iter().position(|&o| o == b);
+        let mut taken: Vec<Option<Box<dyn Block>>> = self.blocks.into_iter().map(Some).collect();
+        let mut out = Model { blocks: Vec::new(), own: Vec::new(), slots: Vec::new(), names: Vec::new() };
+        for &o in &original {
+            out.blocks.push(taken[o].take().ok_or_else(|| EngineError::Model(format!("block {o} taken twice")))?);
+            out.own.push(self.own[o].clone());
+            out.names.push(self.names[o].clone());
+            let slots = self.slots[o].iter().map(|s| new_index(s.block).map(|block| SlotSource { block, index: s.index }));
+            // A ghost's own slots are its own; a run block's tied slots point at a ghost or at a block
+            // of the span.
+            out.slots.push(slots.collect::<Option<Vec<_>>>().ok_or_else(|| EngineError::Model(format!("block {} uses a block outside its stage", self.names[o])))?);
+        }
+        let g = ghosts.len();
+        Ok(StageModel { model: out, run: g..original.len(), original })
     }
 
     /// Forward FLOPs per token of the whole model.

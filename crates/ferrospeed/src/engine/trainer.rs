@@ -122,36 +122,39 @@ pub struct StepStats {
 
 /// The training engine of one rank.
 pub struct Engine {
-    model: Model,
-    worker: Arc<CommWorker>,
+    pub(super) model: Model,
+    pub(super) worker: Arc<CommWorker>,
     pub(super) params: Vec<BlockParams>,
     pub(super) grads: Vec<BlockGrads>,
-    scaler: Option<LossScaler>,
+    pub(super) scaler: Option<LossScaler>,
     pub(super) cfg: EngineConfig,
     pub(super) step: u64,
     inject_overflow: bool,
-    gathered_peak: usize,
+    pub(super) gathered_peak: usize,
     /// NCCL over the ranks' GPUs (CUDA, one GPU per rank): gradient reductions run there.
-    nccl: Option<super::Nccl>,
+    pub(super) nccl: Option<super::Nccl>,
     /// The offload tiers' resources (NVMe folder, buffers).
     offload: Offload,
     /// The optimizer step being accumulated.
-    acc: Accumulating,
+    pub(super) acc: Accumulating,
+    /// The pipeline stage this engine runs, if any (`None`: the whole model).
+    pub(super) pipe: Option<Box<super::pipeline::Pipe>>,
 }
 
 /// What the micro-batches of the current optimizer step have left for [`Engine::step`].
 #[derive(Default)]
-struct Accumulating {
+pub(super) struct Accumulating {
     /// Micro-batches run so far.
-    done: usize,
-    /// Their losses (read once the step's collectives are known to be done).
-    losses: Vec<Tensor>,
+    pub(super) done: usize,
+    /// Their losses (read once the step's collectives are known to be done; a pipeline's last
+    /// stage's only).
+    pub(super) losses: Vec<Tensor>,
     /// Gradient reductions started on the last micro-batch.
-    pending: Vec<(usize, Pending<Result<Reduced, CommError>>)>,
+    pub(super) pending: Vec<(usize, Pending<Result<Reduced, CommError>>)>,
     /// The loss scale of this step (fp16).
-    loss_scale: Option<f64>,
+    pub(super) loss_scale: Option<f64>,
     /// Seconds of forward and backward so far.
-    seconds: f64,
+    pub(super) seconds: f64,
 }
 
 impl Engine {
@@ -235,7 +238,7 @@ impl Engine {
         }
         let scaler = cfg.loss_scaler.map(LossScaler::new);
         let nccl = make_nccl(worker.communicator(), &cfg.device)?;
-        Ok(Self { model, worker, params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl, offload, acc: Accumulating::default() })
+        Ok(Self { model, worker, params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl, offload, acc: Accumulating::default(), pipe: None })
     }
 
     /// The model being trained.
@@ -246,12 +249,18 @@ impl Engine {
     /// The communication thread: collectives outside the engine go through it too, so that every
     /// collective of this rank is issued in one order.
     pub fn comm(&self) -> &CommWorker {
-        &self.worker
+        self.pipe.as_ref().map_or(&self.worker, |p| &p.world)
     }
 
     /// A shared handle on the communication thread (what the `Accelerator` issues its collectives on).
     pub fn comm_handle(&self) -> Arc<CommWorker> {
-        self.worker.clone()
+        self.pipe.as_ref().map_or(&self.worker, |p| &p.world).clone()
+    }
+
+    /// The data-parallel group's communication thread: the engine's own collectives (gradient
+    /// reductions, gathers) run there. The world's ([`Engine::comm`]) but in a pipeline.
+    pub fn data_parallel_comm(&self) -> &CommWorker {
+        &self.worker
     }
 
     /// Optimizer steps taken so far (skipped steps included).
@@ -337,16 +346,27 @@ impl Engine {
         &self.cfg
     }
 
-    /// One optimizer step over this rank's `micro_batches` (its share of the global batch) at `lr`.
-    pub fn train_step(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats, EngineError> {
+    /// One optimizer step over this rank's `micro_batches` (its share of the global batch: the
+    /// accumulation window) at the schedule's learning rate. In a pipeline, the schedule runs them.
+    pub fn train_step(&mut self, micro_batches: &[Batch]) -> Result<StepStats, EngineError> {
+        let lr = self.next_lr();
+        self.train_step_at(micro_batches, lr)
+    }
+
+    /// [`Engine::train_step`] at learning rate `lr`.
+    pub fn train_step_at(&mut self, micro_batches: &[Batch], lr: f64) -> Result<StepStats, EngineError> {
         if micro_batches.is_empty() {
             return Err(EngineError::Unsupported("a step needs at least one micro-batch".into()));
         }
         if self.acc.done > 0 {
             return Err(self.mid_step_error("train_step"));
         }
-        for (k, batch) in micro_batches.iter().enumerate() {
-            self.run_micro_batch(batch, k, micro_batches.len())?;
+        if self.pipe.is_some() {
+            self.pipeline_micro_batches(micro_batches)?;
+        } else {
+            for (k, batch) in micro_batches.iter().enumerate() {
+                self.run_micro_batch(batch, k, micro_batches.len())?;
+            }
         }
         self.finish_step(lr)
     }
@@ -356,6 +376,11 @@ impl Engine {
     /// its backward ends. Returns this micro-batch's loss (a scalar tensor on the device: reading it
     /// waits for the device). Call [`Engine::step`] after each micro-batch.
     pub fn forward_backward(&mut self, batch: &Batch) -> Result<Tensor, EngineError> {
+        if self.pipe.is_some() {
+            return Err(EngineError::Unsupported(
+                "forward_backward runs one micro-batch, a pipeline runs a step's at once: call Engine::train_step(&micro_batches)".into(),
+            ));
+        }
         let accum = self.cfg.accumulation.max(1);
         if self.acc.done == accum {
             return Err(EngineError::Unsupported(format!(
@@ -405,7 +430,8 @@ impl Engine {
             Some(_) => grads::any_overflow(&self.grads)?,
         };
         if let Some(scaler) = &mut self.scaler {
-            let overflow = self.worker.run(move |c| {
+            let world = self.pipe.as_ref().map_or(&self.worker, |p| &p.world);
+            let overflow = world.run(move |c| {
                 let mut flag = [if local { 1f32 } else { 0.0 }];
                 c.all_reduce_slice(&mut flag, ReduceOp::Max).map(|()| flag[0] > 0.0)
             })??;
@@ -469,7 +495,7 @@ impl Engine {
         let tape = blockwise::forward(model, source, batch, cfg.checkpointing)?;
         // Losses are read after the step's collectives are known to be done (`finish_reductions`):
         // reading one waits for the device, whose stream may be waiting for an NCCL gather, with no timeout.
-        acc.losses.push(tape.loss.clone());
+        acc.losses.push(tape.loss.clone().ok_or_else(|| EngineError::Model("a whole model's forward returns its loss".into()))?);
         let pending = &mut acc.pending;
         blockwise::backward(model, source, batch, tape, loss_scale / accum as f64, |i, slot_grads| {
             for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
@@ -508,6 +534,7 @@ impl Engine {
         }
         // NCCL never times out by itself: wait here, with the group's timeout, for every reduction.
         nccl_sync(self.nccl.as_ref())?;
+        self.pipeline_ties()?;
         drop(_wait);
         times.reduce_wait = t_wait.elapsed().as_secs_f64();
         let mut loss_sum = 0f64;
@@ -519,7 +546,7 @@ impl Engine {
             let mut l = [local];
             c.all_reduce_slice(&mut l, ReduceOp::Avg).map(|()| l[0])
         })??;
-        Ok(f64::from(loss))
+        Ok(f64::from(self.pipeline_loss(loss)?))
     }
 
     /// Global norm of the (still loss-scaled) gradients: squares summed per shard of the world's
@@ -534,7 +561,10 @@ impl Engine {
         };
         // The real (unpadded) elements of each rank's shard, per block.
         let ranges: Vec<Vec<_>> = ranks.iter().map(|&r| self.params.iter().map(|p| p.flat.layout().range(r)).collect()).collect();
-        let sums = grads::shard_sums(&self.grads, &ranges)?;
+        let sums = match self.pipeline_shard_sums(&ranks)? {
+            Some(sums) => sums,
+            None => grads::shard_sums(&self.grads, &ranges)?,
+        };
         let total = match reduction {
             GradReduction::AllReduce => sums[1..].iter().fold(sums[0] as f32, |acc, &s| acc + s as f32),
             GradReduction::ReduceScatter => {

@@ -1,0 +1,319 @@
+//! Pipeline parallelism in the engine: a stage holds a contiguous run of the model's blocks (and the
+//! owners of tied parameters they use, as ghosts), and one executor runs its rank's list of actions
+//! from a [`Schedule`]: a forward receives the previous stage's outputs and sends its own on, a
+//! backward receives the gradients of its outputs and sends those of its inputs back. Sends go
+//! through a sender thread (`pipe_wire.rs`), receives wait, so the schedule's order is the only
+//! order there is.
+//!
+//! The arithmetic is the whole model's: a stage's backwards run in micro-batch order and each
+//! block's gradient is accumulated and reduced (over the stage's data-parallel group) exactly as at
+//! `pp = 1`; the loss is the last stage's, averaged over its data-parallel group and handed to every
+//! rank; the gradient norm adds the same per-block, per-shard sums in the same order. Tied
+//! parameters are the exception: their two ends' gradients are each accumulated over the
+//! micro-batches and then summed over the tie group (as Megatron sums the embedding group), where
+//! `pp = 1` interleaves them micro-batch by micro-batch — equal to rounding, not bitwise.
+
+use super::block::Batch;
+use super::blockwise::{self, ParamSource};
+use super::comm_worker::CommWorker;
+use super::error::EngineError;
+use super::grads;
+use super::model::{Model, StageModel};
+use super::pipe_wire::{self, Flow, Sender};
+use super::sources::{Gathering, Resident};
+use super::trainer::{Accumulating, Engine};
+use crate::comm::{Buf, BufMut, CommExt, Communicator, ReduceOp};
+use crate::parallel::{Op, Schedule};
+use crate::profile::{self, Kind};
+use crate::shard::ParamPlacement;
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A rank's place in a pipeline, for [`Engine::with_pipeline`].
+pub struct PipelineStage {
+    /// This rank's stage (its rank in `p2p`).
+    pub stage: usize,
+    /// The schedule every stage runs (its `micro` is the accumulation).
+    pub schedule: Schedule,
+    /// The pipeline group: one rank per stage, in stage order.
+    pub p2p: Arc<dyn Communicator>,
+    /// The tie group (the stages holding tied parameters, this rank's data-parallel coordinates),
+    /// where there are ties across stages.
+    pub tie: Option<Arc<dyn Communicator>>,
+    /// The whole job's communication thread (what `Engine::comm` issues on).
+    pub world: Arc<CommWorker>,
+    /// The stage that owns each block of the whole model.
+    pub owner_stage: Vec<usize>,
+    /// Blocks of the whole model whose parameters are held on more than one stage (their gradients
+    /// are summed over `tie`).
+    pub tied: Vec<usize>,
+}
+
+/// The cut of a model for one stage of a pipeline (the apply function of pipeline parallelism):
+/// `ranges` are every stage's blocks (see [`crate::parallel::stage_blocks`]). Returns the stage's
+/// part, the stage owning each block, the blocks held on several stages and the stages holding them.
+pub fn cut_for_stage(model: Model, ranges: &[Range<usize>], stage: usize) -> Result<(StageModel, Vec<usize>, Vec<usize>, Vec<usize>), EngineError> {
+    let n = model.num_blocks();
+    let mut owner_stage = vec![0; n];
+    for (s, r) in ranges.iter().enumerate() {
+        owner_stage[r.clone()].iter_mut().for_each(|o| *o = s);
+    }
+    // For each owner block used by a later stage: the stages holding it.
+    let mut holders: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (s, r) in ranges.iter().enumerate() {
+        for i in r.clone() {
+            for src in model.slots(i) {
+                if owner_stage[src.block] != s {
+                    let h = holders.entry(src.block).or_insert_with(|| vec![owner_stage[src.block]]);
+                    if !h.contains(&s) {
+                        h.push(s);
+                    }
+                }
+            }
+        }
+    }
+    let mut tied: Vec<usize> = holders.keys().copied().collect();
+    tied.sort_unstable();
+    let mut tie_stages: Vec<usize> = Vec::new();
+    for b in &tied {
+        let mut h = holders[b].clone();
+        h.sort_unstable();
+        if !tie_stages.is_empty() && tie_stages != h {
+            return Err(EngineError::Unsupported(format!(
+                "tied parameters held on stages {tie_stages:?} and on stages {h:?}: one set of stages per pipeline is supported; change parallel.pp_split"
+            )));
+        }
+        tie_stages = h;
+    }
+    let cut = model.cut(ranges[stage].clone())?;
+    Ok((cut, owner_stage, tied, tie_stages))
+}
+
+/// What the engine keeps of its pipeline stage.
+pub(super) struct Pipe {
+    stage: usize,
+    stages: usize,
+    actions: Vec<crate::parallel::Action>,
+    micro: usize,
+    p2p: Arc<dyn Communicator>,
+    sender: Sender,
+    tie: Option<Arc<dyn Communicator>>,
+    pub(super) world: Arc<CommWorker>,
+    /// The stage's own blocks (after its ghosts), in the stage model's indices.
+    run: Range<usize>,
+    /// The whole model's index of each block of the stage model.
+    original: Vec<usize>,
+    owner_stage: Vec<usize>,
+    /// Blocks of the stage model whose gradients are summed over `tie`, in the whole model's order.
+    tied: Vec<usize>,
+}
+
+impl Pipe {
+    pub(super) fn new(cut: &StageModel, p: PipelineStage) -> Result<Self, EngineError> {
+        let stages = p.p2p.world_size();
+        if p.stage >= stages || p.schedule.ranks != stages || p.schedule.virtual_stages != 1 {
+            return Err(EngineError::Unsupported(format!(
+                "a pipeline of {} stage(s) with a schedule for {} rank(s) × {} virtual stage(s) (one stage per rank so far)",
+                stages, p.schedule.ranks, p.schedule.virtual_stages
+            )));
+        }
+        let tied: Vec<usize> = (0..cut.original.len()).filter(|&i| p.tied.contains(&cut.original[i])).collect();
+        if !tied.is_empty() && p.tie.is_none() {
+            return Err(EngineError::Unsupported("a stage with tied parameters needs the tie group".into()));
+        }
+        Ok(Self {
+            stage: p.stage,
+            stages,
+            actions: p.schedule.actions[p.stage].clone(),
+            micro: p.schedule.micro,
+            sender: Sender::spawn(p.p2p.clone()),
+            p2p: p.p2p,
+            tie: p.tie,
+            world: p.world,
+            run: cut.run.clone(),
+            original: cut.original.clone(),
+            owner_stage: p.owner_stage,
+            tied,
+        })
+    }
+
+    fn is_last(&self) -> bool {
+        self.stage + 1 == self.stages
+    }
+}
+
+impl Engine {
+    /// The engine of one pipeline stage: `cut` (from [`cut_for_stage`]) on the stage's
+    /// data-parallel group's communication thread `dp`, in the pipeline `stage`. Runs whole steps
+    /// with [`Engine::train_step`].
+    pub fn with_pipeline(cut: StageModel, dp: Arc<CommWorker>, stage: PipelineStage, cfg: super::EngineConfig) -> Result<Self, EngineError> {
+        let pipe = Pipe::new(&cut, stage)?;
+        if cfg.accumulation != pipe.micro {
+            return Err(EngineError::Unsupported(format!("the schedule has {} micro-batches, the step {}", pipe.micro, cfg.accumulation)));
+        }
+        let mut engine = Self::with_worker(cut.model, dp, cfg)?;
+        engine.pipe = Some(Box::new(pipe));
+        Ok(engine)
+    }
+
+    /// Whether the engine runs one stage of a pipeline.
+    pub fn is_pipeline(&self) -> bool {
+        self.pipe.is_some()
+    }
+
+    /// One step of the schedule over `micro_batches` (every stage gets the same ones: the first
+    /// reads the inputs, the last the targets).
+    pub(super) fn pipeline_micro_batches(&mut self, micro_batches: &[Batch]) -> Result<(), EngineError> {
+        let t0 = Instant::now();
+        let mut pipe = self.pipe.take().ok_or_else(|| EngineError::Unsupported("not a pipeline stage".into()))?;
+        let result = self.run_schedule(&mut pipe, micro_batches);
+        self.pipe = Some(pipe);
+        result?;
+        self.acc.seconds += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn run_schedule(&mut self, pipe: &mut Pipe, batches: &[Batch]) -> Result<(), EngineError> {
+        let m = pipe.micro;
+        if batches.len() != m {
+            return Err(EngineError::Unsupported(format!("the pipeline's schedule takes {m} micro-batches a step, train_step got {}", batches.len())));
+        }
+        self.acc = Accumulating { loss_scale: self.scaler.as_ref().map(crate::precision::LossScaler::scale), ..Accumulating::default() };
+        for g in &mut self.grads {
+            g.begin_step()?;
+        }
+        let loss_scale = self.acc.loss_scale.unwrap_or(1.0) / m as f64;
+        let device = self.cfg.device.clone();
+        let mut tapes = HashMap::new();
+        let mut losses: Vec<Option<Tensor>> = vec![None; m];
+        let run = pipe.run.clone();
+        for action in pipe.actions.clone() {
+            let k = action.micro;
+            let batch = &batches[k];
+            let Self { model, worker, params, grads, cfg, nccl, acc, .. } = self;
+            let mut resident = Resident { model, params };
+            let mut gathering = Gathering::new(model, params, worker, nccl.as_ref());
+            let source: &mut dyn ParamSource = match cfg.strategy.param_placement() {
+                ParamPlacement::Resident => &mut resident,
+                ParamPlacement::Gathered => &mut gathering,
+            };
+            match action.op {
+                Op::Forward => {
+                    let input = if pipe.stage == 0 {
+                        Vec::new()
+                    } else {
+                        let got = profile::scoped_as(Kind::Communication, "pipe_recv", || pipe_wire::receive(pipe.p2p.as_ref(), pipe.stage - 1, Flow::Activations, k, &device))?;
+                        got.into_iter().map(|t| t.ok_or_else(|| EngineError::Model("a stage boundary lost a tensor".into()))).collect::<Result<_, _>>()?
+                    };
+                    let (tape, out) = blockwise::forward_span(model, source, batch, cfg.checkpointing, run.clone(), input)?;
+                    if pipe.is_last() {
+                        losses[k] = Some(blockwise::scalar_loss(model, run.end - 1, out)?);
+                    } else {
+                        let outs: Vec<Option<Tensor>> = out.into_iter().map(Some).collect();
+                        pipe.sender.post(pipe_wire::pack(pipe.stage + 1, Flow::Activations, k, &outs)?)?;
+                    }
+                    tapes.insert(k, tape);
+                }
+                Op::Backward => {
+                    let tape = tapes.remove(&k).ok_or_else(|| EngineError::Unsupported(format!("the schedule runs the backward of micro-batch {k} before its forward")))?;
+                    let upstream = if pipe.is_last() {
+                        None
+                    } else {
+                        Some(profile::scoped_as(Kind::Communication, "pipe_recv", || pipe_wire::receive(pipe.p2p.as_ref(), pipe.stage + 1, Flow::Gradients, k, &device))?)
+                    };
+                    let last = k + 1 == m;
+                    let pending = &mut acc.pending;
+                    let grad_in = blockwise::backward_span(model, source, batch, tape, upstream, loss_scale, |i, slot_grads| {
+                        for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
+                            if let Some(grad) = grad {
+                                let range = params[slot.block].flat.range(slot.index);
+                                profile::scoped_as(Kind::Elementwise, "grad_accumulate", || grads[slot.block].accumulate(range, &grad)).map_err(EngineError::tensor(model.block(i).name()))?;
+                            }
+                        }
+                        if last {
+                            pending.push((i, grads[i].start_reduce(worker, nccl.as_ref(), cfg.reduce_dtype)?));
+                        }
+                        Ok(())
+                    })?;
+                    if last {
+                        // The ghosts' gradients are complete once the stage's blocks are done.
+                        for g in 0..run.start {
+                            pending.push((g, grads[g].start_reduce(worker, nccl.as_ref(), cfg.reduce_dtype)?));
+                        }
+                    }
+                    if pipe.stage > 0 {
+                        pipe.sender.post(pipe_wire::pack(pipe.stage - 1, Flow::Gradients, k, &grad_in)?)?;
+                    }
+                }
+                op => return Err(EngineError::Unsupported(format!("the {op:?} action (split backward) is not in this build yet"))),
+            }
+            self.gathered_peak = self.gathered_peak.max(gathering.peak_bytes);
+        }
+        pipe.sender.flush()?;
+        if !tapes.is_empty() {
+            return Err(EngineError::Unsupported(format!("the schedule left {} forward(s) without their backward", tapes.len())));
+        }
+        self.acc.losses = losses.into_iter().flatten().collect();
+        self.acc.done = m;
+        Ok(())
+    }
+
+    /// After the data-parallel reductions: tied parameters' gradients summed over the tie group.
+    pub(super) fn pipeline_ties(&mut self) -> Result<(), EngineError> {
+        let Some(pipe) = self.pipe.as_ref() else { return Ok(()) };
+        let Some(tie) = pipe.tie.as_ref() else { return Ok(()) };
+        for &b in &pipe.tied {
+            let g = self.grads[b].host_reduced_mut().ok_or_else(|| {
+                EngineError::Unsupported("tied parameters across pipeline stages with gradients in GPU memory are not in this build yet (untie them, or keep them on one stage with parallel.pp_split)".into())
+            })?;
+            tie.all_reduce(BufMut::F32(g), ReduceOp::Sum)?;
+        }
+        Ok(())
+    }
+
+    /// The mean loss of the step: the last stage's, averaged over its data-parallel group, on every
+    /// rank (the other stages add zeros).
+    pub(super) fn pipeline_loss(&self, dp_mean: f32) -> Result<f32, EngineError> {
+        let Some(pipe) = self.pipe.as_ref() else { return Ok(dp_mean) };
+        let mut l = [if pipe.is_last() { dp_mean } else { 0.0 }];
+        pipe.p2p.all_reduce_slice(&mut l, ReduceOp::Sum)?;
+        Ok(l[0])
+    }
+
+    /// The per-rank sums of squares of the whole model's gradients, as `grads::shard_sums` gives
+    /// them at `pp = 1`: each stage's per-block, per-shard sums (its ghosts left out), exchanged
+    /// bit for bit over the pipeline group and added in block order.
+    pub(super) fn pipeline_shard_sums(&self, ranks: &[usize]) -> Result<Option<Vec<f64>>, EngineError> {
+        let Some(pipe) = self.pipe.as_ref() else { return Ok(None) };
+        let blocks = pipe.owner_stage.len();
+        // table[r][b] for this stage's own blocks; zeros elsewhere.
+        let mut mine = vec![0f64; ranks.len() * blocks];
+        for i in pipe.run.clone() {
+            let ranges: Vec<Vec<Range<usize>>> = ranks.iter().map(|&r| vec![self.params[i].flat.layout().range(r)]).collect();
+            let sums = grads::shard_sums(std::slice::from_ref(&self.grads[i]), &ranges)?;
+            for (ri, s) in sums.into_iter().enumerate() {
+                mine[ri * blocks + pipe.original[i]] = s;
+            }
+        }
+        // f64 bits as pairs of f32 words: an all-gather moves bytes, never rounds them.
+        let words: Vec<f32> = mine.iter().flat_map(|x| {
+            let b = x.to_bits();
+            [f32::from_bits(b as u32), f32::from_bits((b >> 32) as u32)]
+        }).collect();
+        let mut all = vec![0f32; words.len() * pipe.stages];
+        pipe.p2p.all_gather(Buf::F32(&words), BufMut::F32(&mut all))?;
+        let value = |s: usize, k: usize| {
+            let w = &all[s * words.len() + 2 * k..];
+            f64::from_bits(u64::from(w[0].to_bits()) | (u64::from(w[1].to_bits()) << 32))
+        };
+        Ok(Some(
+            (0..ranks.len())
+                .map(|ri| (0..blocks).map(|b| value(pipe.owner_stage[b], ri * blocks + b)).sum::<f64>())
+                .collect(),
+        ))
+    }
+
+}
