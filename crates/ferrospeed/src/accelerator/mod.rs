@@ -44,7 +44,7 @@ use crate::comm::TensorCollectives;
 use crate::comm::TcpCommunicator;
 use crate::config::{Config, OptimizerKind, ReduceDtype};
 use crate::data::{DataLoader, Dataset, Sampler};
-use crate::engine::{cut_for_stage, CommWorker, Engine, EngineConfig, Model, OffloadSettings, PipelineStage, StepStats};
+use crate::engine::{cut_for_stage, StageCut, CommWorker, Engine, EngineConfig, Model, OffloadSettings, PipelineStage, StepStats};
 use crate::parallel::{stage_blocks, Axis, BlockCost, MeshComms, Schedule, ScheduleKind};
 use crate::optim::{AdamW, LrSchedule, Optimizer, ParamGroups, Sgd};
 use crate::precision::{LossScalerConfig, Precision};
@@ -317,7 +317,7 @@ impl Accelerator {
             .map(|i| BlockCost { flops: model.block(i).forward_flops_per_token(), params: model.own_params(i).iter().map(|p| p.numel() as f64).sum() })
             .collect();
         let ranges = stage_blocks(&costs, mesh.size(Axis::Pp), &self.cfg.parallel.pp_split).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?;
-        let (cut, owner_stage, tied, tie_stages) = cut_for_stage(model, &ranges, stage)?;
+        let StageCut { model: cut, owner_stage, tied, tie_stages, whole } = cut_for_stage(model, &ranges, stage)?;
         // The tie group of each pipeline: its ranks at the stages holding tied parameters (a split
         // of the world, so every rank takes part; the others form groups of one).
         let tie = if tie_stages.is_empty() {
@@ -341,7 +341,8 @@ impl Accelerator {
                 100.0 * par.schedule.analytic_bubble(crate::parallel::Costs::UNIT)
             );
         }
-        let stage = PipelineStage { stage, schedule: par.schedule.clone(), p2p: par.comms.get(Axis::Pp).clone(), tie, world: self.worker.clone(), owner_stage, tied };
+        let ranks = (0..mesh.world()).map(|r| (mesh.coords(r).pp, mesh.coords(r).dp)).collect();
+        let stage = PipelineStage { stage, schedule: par.schedule.clone(), p2p: par.comms.get(Axis::Pp).clone(), tie, world: self.worker.clone(), owner_stage, tied, whole, ranks };
         Ok(Engine::with_pipeline(cut, par.dp.clone(), stage, cfg)?)
     }
 

@@ -118,9 +118,13 @@ pub fn load_into(engine: &mut Engine, dir: &Path) -> Result<Meta, CheckpointErro
     let meta = read_meta(dir)?;
     check_model(engine, &meta, dir)?;
     let mut files = RankFiles::new(dir, &meta);
+    // Each block of this engine is a block of the checkpoint (a pipeline stage holds some of them,
+    // and its ghosts take their owners' state).
+    let blocks: Vec<usize> = engine.checkpoint_plan().local.iter().map(|&(b, _)| b).collect();
     // Block by block: a state larger than host memory (on the GPU, or NVMe) still resumes.
-    let mut b = 0;
+    let mut k = 0;
     engine.overwrite_blocks(meta.step, meta.loss_scaler, |w| -> Result<(), CheckpointError> {
+        let b = blocks[k];
         let real_end = w.window.end.min(meta.blocks[b].numel);
         for (kind, dst) in std::iter::once(w.master).chain(w.state).enumerate() {
             // Zeroed by overwrite_blocks: the padding stays zero.
@@ -128,7 +132,7 @@ pub fn load_into(engine: &mut Engine, dir: &Path) -> Result<Meta, CheckpointErro
                 files.read(b, kind, w.window.start, &mut dst[..real_end - w.window.start])?;
             }
         }
-        b += 1;
+        k += 1;
         Ok(())
     })?;
     Ok(meta)
@@ -146,23 +150,23 @@ fn check_model(engine: &Engine, meta: &Meta, dir: &Path) -> Result<(), Checkpoin
             state.join(", ")
         )));
     }
-    let windows = engine.layouts();
-    if windows.len() != meta.blocks.len() {
-        return Err(mismatch(format!("it has {} blocks, this model {}", meta.blocks.len(), windows.len())));
+    let plan = engine.checkpoint_plan();
+    if plan.blocks.len() != meta.blocks.len() {
+        return Err(mismatch(format!("it has {} blocks, this model {}", meta.blocks.len(), plan.blocks.len())));
     }
-    for (w, b) in windows.iter().zip(&meta.blocks) {
-        if w.block != b.name {
-            return Err(mismatch(format!("block {} of the checkpoint is where this model has {}", b.name, w.block)));
+    for ((name, flat), b) in plan.blocks.iter().zip(&meta.blocks) {
+        if *name != b.name {
+            return Err(mismatch(format!("block {} of the checkpoint is where this model has {}", b.name, name)));
         }
-        let specs = w.flat.specs();
+        let specs = flat.specs();
         if specs.len() != b.params.len() {
             return Err(mismatch(format!("block {} has {} parameters, this model's {}", b.name, b.params.len(), specs.len())));
         }
         for (j, (s, p)) in specs.iter().zip(&b.params).enumerate() {
-            if s.name != p.name || s.shape != p.shape || w.flat.range(j).start != p.offset {
+            if s.name != p.name || s.shape != p.shape || flat.range(j).start != p.offset {
                 return Err(mismatch(format!(
                     "parameter {}.{} has shape {:?} in the checkpoint but {}.{} has shape {:?} in this model",
-                    b.name, p.name, p.shape, w.block, s.name, s.shape
+                    b.name, p.name, p.shape, name, s.name, s.shape
                 )));
             }
         }

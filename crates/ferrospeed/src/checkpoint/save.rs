@@ -74,7 +74,7 @@ fn is_disk_full(e: &CheckpointError) -> bool {
 fn checkpoint_bytes(engine: &Engine) -> u64 {
     let per_elem = 4 * (1 + state_names(engine).len()) as u64;
     let world = engine.comm().world_size() as u64;
-    engine.layouts().iter().map(|b| b.flat.numel() as u64 * per_elem).sum::<u64>() + (world + 1) * 64 * 1024
+    engine.checkpoint_plan().blocks.iter().map(|(_, f)| f.numel() as u64 * per_elem).sum::<u64>() + (world + 1) * 64 * 1024
 }
 
 /// The save after the temporary folder exists: every rank's file, then rank 0 publishes.
@@ -123,20 +123,29 @@ fn save_into(engine: &mut Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: 
 /// block's state at a time (its state may be on the GPU or on NVMe, larger than the host).
 fn write_rank_file(engine: &mut Engine, dir: &Path, rank: usize, world: usize) -> Result<(u32, u64), CheckpointError> {
     let names = state_names(engine);
-    // This rank's shard of a block in the saving world's layout, real elements only, relative to
-    // the window this rank holds.
+    let plan = engine.checkpoint_plan();
+    // This rank's shard of a block in the saving group's layout (the data-parallel rank's), real
+    // elements only, relative to the window this rank holds.
     let local = |flat: &crate::shard::FlatParam, window: &std::ops::Range<usize>| {
-        let r = flat.layout().range(rank);
+        let r = flat.layout().range(plan.shard_rank);
         r.start.saturating_sub(window.start)..r.end.saturating_sub(window.start)
     };
     let mut layout = Vec::new();
-    for b in engine.layouts() {
-        let n = local(b.flat, &b.window).len();
-        layout.extend(tensor_names(b.block, &names).into_iter().map(|name| (name, vec![n])));
+    for (b, &(_, saved)) in engine.layouts().into_iter().zip(&plan.local) {
+        if saved {
+            let n = local(b.flat, &b.window).len();
+            layout.extend(tensor_names(b.block, &names).into_iter().map(|name| (name, vec![n])));
+        }
     }
     let path = dir.join(rank_file_name(rank, world));
     let mut file = F32Writer::create(&path, layout)?;
+    let mut k = 0;
     engine.read_blocks(|w| -> Result<(), CheckpointError> {
+        let saved = plan.local[k].1;
+        k += 1;
+        if !saved {
+            return Ok(());
+        }
         let local = local(w.flat, &w.window);
         std::iter::once(w.master).chain(w.state.iter().copied()).try_for_each(|data| file.push(&data[local.clone()]))
     })?;
@@ -146,7 +155,7 @@ fn write_rank_file(engine: &mut Engine, dir: &Path, rank: usize, world: usize) -
 
 fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path, files: &[(u32, u64)]) -> Result<(), CheckpointError> {
     let world = files.len();
-    let windows = engine.layouts();
+    let plan = engine.checkpoint_plan();
     let cfg = engine.config();
     let meta = Meta {
         format_version: FORMAT_VERSION,
@@ -158,17 +167,17 @@ fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path,
         loss_scaler: engine.scaler_state(),
         optimizer: cfg.optimizer.name().to_string(),
         optimizer_state: state_names(engine),
-        blocks: windows
+        blocks: plan
+            .blocks
             .iter()
-            .map(|w| BlockMeta {
-                name: w.block.to_string(),
-                numel: w.flat.numel(),
-                params: w
-                    .flat
+            .map(|(name, flat)| BlockMeta {
+                name: name.clone(),
+                numel: flat.numel(),
+                params: flat
                     .specs()
                     .iter()
                     .enumerate()
-                    .map(|(j, s)| ParamMeta { name: s.name.clone(), shape: s.shape.clone(), offset: w.flat.range(j).start })
+                    .map(|(j, s)| ParamMeta { name: s.name.clone(), shape: s.shape.clone(), offset: flat.range(j).start })
                     .collect(),
             })
             .collect(),
@@ -180,7 +189,7 @@ fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path,
                 rank: r,
                 bytes: *bytes,
                 crc32c: *crc,
-                windows: windows.iter().map(|w| (w.flat.layout().range(r).start, w.flat.layout().range(r).len())).collect(),
+                windows: plan.files[r].iter().map(|w| (w.start, w.len())).collect(),
             })
             .collect(),
         run: req.run.clone(),

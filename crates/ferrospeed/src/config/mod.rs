@@ -451,12 +451,6 @@ impl Config {
                     p.pp_virtual
                 )));
             }
-            if self.checkpoint.dir.is_some() {
-                return Err(ConfigError::NotBuilt(format!(
-                    "parallel.pp = {}: checkpoints of a pipeline are not in this build yet; unset checkpoint.dir, or set parallel.pp = 1",
-                    p.pp
-                )));
-            }
         }
         Ok(mesh)
     }

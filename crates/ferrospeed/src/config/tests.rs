@@ -550,7 +550,13 @@ fn parallel_settings_are_checked_alone_and_against_the_world() {
     let e = ok.mesh(6).unwrap_err().to_string();
     assert!(e.contains("world size 6 does not split into pp·tp·cp = 4"), "{e}");
     let e = ok.mesh(8).unwrap_err().to_string();
-    assert!(e.contains("parallel.pp = 2: pipeline parallelism is not in this build yet"), "{e}");
+    assert!(e.contains("parallel.tp = 2: tensor parallelism is not in this build yet"), "{e}");
+    let pp = check_ok(&with("pp = 2"), &[]);
+    assert_eq!(pp.mesh(4).unwrap().size(crate::parallel::Axis::Dp), 2);
+    let zb = check_ok(&with("pp = 2
+pp_schedule = \"zb\""), &[]);
+    let e = zb.mesh(4).unwrap_err().to_string();
+    assert!(e.contains("this build runs \"1f1b\" and \"gpipe\""), "{e}");
     let dp = check_ok(MINIMAL, &["parallel.pp=1"]);
     assert_eq!(dp.mesh(3).unwrap(), crate::parallel::Mesh::data_parallel(3));
 }

@@ -36,17 +36,21 @@ enum Kept {
     Manual { saved: Saved, params: Vec<Tensor> },
 }
 
-/// What the forward pass leaves for the backward pass.
-pub struct Tape {
+/// What the forward pass of a run of blocks leaves for their backward pass.
+pub struct SpanTape {
     /// The first block it ran.
     first: usize,
     /// Each block's inputs, detached (empty for the model's first block), from `first` on.
     inputs: Vec<Vec<Tensor>>,
     /// Without checkpointing: each block's graph.
     kept: Vec<Option<Kept>>,
-    /// The last block's output, the scalar loss (a whole model's forward; `None` for a span that
-    /// ends before the model does).
-    pub loss: Option<Tensor>,
+}
+
+/// What the forward pass of the whole model leaves for the backward pass.
+pub struct Tape {
+    span: SpanTape,
+    /// The last block's output: the scalar loss.
+    pub loss: Tensor,
 }
 
 /// Run every block on the parameters `source` provides (variables, for training); the last block
@@ -59,9 +63,8 @@ pub fn forward(model: &Model, source: &mut dyn ParamSource, batch: &Batch, check
     if n == 0 {
         return Err(EngineError::Model("a model needs at least one block".into()));
     }
-    let (mut tape, outputs) = forward_span(model, source, batch, checkpointing, 0..n, Vec::new())?;
-    tape.loss = Some(scalar_loss(model, n - 1, outputs)?);
-    Ok(tape)
+    let (span, outputs) = forward_span(model, source, batch, checkpointing, 0..n, Vec::new())?;
+    Ok(Tape { span, loss: scalar_loss(model, n - 1, outputs)? })
 }
 
 /// The forward of `blocks` (a pipeline stage's), from `input` (what the block before them returned,
@@ -73,7 +76,7 @@ pub fn forward_span(
     checkpointing: bool,
     blocks: std::ops::Range<usize>,
     input: Vec<Tensor>,
-) -> Result<(Tape, Vec<Tensor>), EngineError> {
+) -> Result<(SpanTape, Vec<Tensor>), EngineError> {
     let (first, n) = (blocks.start, blocks.end);
     let mut inputs = Vec::with_capacity(blocks.len());
     let mut kept = Vec::with_capacity(blocks.len());
@@ -100,7 +103,7 @@ pub fn forward_span(
         inputs.push(std::mem::take(&mut x));
         x = y.iter().map(Tensor::detach).collect();
     }
-    Ok((Tape { first, inputs, kept, loss: None }, x))
+    Ok((SpanTape { first, inputs, kept }, x))
 }
 
 /// The output of block `last` as the scalar loss, or the error saying what it returned instead.
@@ -153,7 +156,7 @@ pub fn backward(
     loss_scale: f64,
     on_block: impl FnMut(usize, Vec<Option<Tensor>>) -> Result<(), EngineError>,
 ) -> Result<(), EngineError> {
-    backward_span(model, source, batch, tape, None, loss_scale, on_block).map(drop)
+    backward_span(model, source, batch, tape.span, None, loss_scale, on_block).map(drop)
 }
 
 /// The backward of the blocks `tape` ran, from `upstream` (the gradients of their last block's
@@ -164,7 +167,7 @@ pub fn backward_span(
     model: &Model,
     source: &mut dyn ParamSource,
     batch: &Batch,
-    mut tape: Tape,
+    mut tape: SpanTape,
     upstream: Option<Vec<Option<Tensor>>>,
     loss_scale: f64,
     mut on_block: impl FnMut(usize, Vec<Option<Tensor>>) -> Result<(), EngineError>,

@@ -25,7 +25,8 @@ use super::trainer::{Accumulating, Engine};
 use crate::comm::{Buf, BufMut, CommExt, Communicator, ReduceOp};
 use crate::parallel::{Op, Schedule};
 use crate::profile::{self, Kind};
-use crate::shard::ParamPlacement;
+use crate::shard::{FlatParam, ParamPlacement};
+use super::block::ParamSpec;
 use candle_core::Tensor;
 use std::collections::HashMap;
 use std::ops::Range;
@@ -50,13 +51,18 @@ pub struct PipelineStage {
     /// Blocks of the whole model whose parameters are held on more than one stage (their gradients
     /// are summed over `tie`).
     pub tied: Vec<usize>,
+    /// Every block of the whole model: its name and parameters (what a checkpoint records).
+    pub whole: Vec<(String, Vec<ParamSpec>)>,
+    /// (stage, data-parallel rank) of every rank of the world (whose file holds what).
+    pub ranks: Vec<(usize, usize)>,
 }
 
 /// The cut of a model for one stage of a pipeline (the apply function of pipeline parallelism):
 /// `ranges` are every stage's blocks (see [`crate::parallel::stage_blocks`]). Returns the stage's
 /// part, the stage owning each block, the blocks held on several stages and the stages holding them.
-pub fn cut_for_stage(model: Model, ranges: &[Range<usize>], stage: usize) -> Result<(StageModel, Vec<usize>, Vec<usize>, Vec<usize>), EngineError> {
+pub fn cut_for_stage(model: Model, ranges: &[Range<usize>], stage: usize) -> Result<StageCut, EngineError> {
     let n = model.num_blocks();
+    let whole = (0..n).map(|i| (model.block_names()[i].clone(), model.own_params(i).to_vec())).collect();
     let mut owner_stage = vec![0; n];
     for (s, r) in ranges.iter().enumerate() {
         owner_stage[r.clone()].iter_mut().for_each(|o| *o = s);
@@ -89,7 +95,21 @@ pub fn cut_for_stage(model: Model, ranges: &[Range<usize>], stage: usize) -> Res
         tie_stages = h;
     }
     let cut = model.cut(ranges[stage].clone())?;
-    Ok((cut, owner_stage, tied, tie_stages))
+    Ok(StageCut { model: cut, owner_stage, tied, tie_stages, whole })
+}
+
+/// What [`cut_for_stage`] gives a stage.
+pub struct StageCut {
+    /// The stage's blocks, after its ghosts.
+    pub model: StageModel,
+    /// The stage that owns each block of the whole model.
+    pub owner_stage: Vec<usize>,
+    /// The blocks held on several stages (tied parameters), in the whole model's indices.
+    pub tied: Vec<usize>,
+    /// The stages holding them (empty without ties across stages).
+    pub tie_stages: Vec<usize>,
+    /// Every block of the whole model: name and parameters.
+    pub whole: Vec<(String, Vec<ParamSpec>)>,
 }
 
 /// What the engine keeps of its pipeline stage.
@@ -109,6 +129,8 @@ pub(super) struct Pipe {
     owner_stage: Vec<usize>,
     /// Blocks of the stage model whose gradients are summed over `tie`, in the whole model's order.
     tied: Vec<usize>,
+    whole: Vec<(String, Vec<ParamSpec>)>,
+    ranks: Vec<(usize, usize)>,
 }
 
 impl Pipe {
@@ -137,6 +159,8 @@ impl Pipe {
             original: cut.original.clone(),
             owner_stage: p.owner_stage,
             tied,
+            whole: p.whole,
+            ranks: p.ranks,
         })
     }
 
@@ -157,6 +181,21 @@ impl Engine {
         let mut engine = Self::with_worker(cut.model, dp, cfg)?;
         engine.pipe = Some(Box::new(pipe));
         Ok(engine)
+    }
+
+    /// A checkpoint's layout in a pipeline: every block of the whole model over the data-parallel
+    /// group, held by the files of its stage's ranks; the ghosts are not saved (their owner's are).
+    pub(super) fn pipeline_checkpoint_plan(&self) -> Option<super::state::CheckpointPlan> {
+        let pipe = self.pipe.as_ref()?;
+        let dp = self.worker.world_size();
+        let blocks: Vec<(String, FlatParam)> = pipe.whole.iter().map(|(n, specs)| (n.clone(), FlatParam::new(specs, dp))).collect();
+        let files = pipe
+            .ranks
+            .iter()
+            .map(|&(stage, d)| blocks.iter().enumerate().map(|(b, (_, f))| if pipe.owner_stage[b] == stage { f.layout().range(d) } else { 0..0 }).collect())
+            .collect();
+        let local = pipe.original.iter().enumerate().map(|(i, &o)| (o, i >= pipe.run.start)).collect();
+        Some(super::state::CheckpointPlan { blocks, files, local, shard_rank: self.worker.rank() })
     }
 
     /// Whether the engine runs one stage of a pipeline.

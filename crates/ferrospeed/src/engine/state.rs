@@ -50,7 +50,34 @@ pub struct WindowMut<'a> {
     pub state: Vec<&'a mut [f32]>,
 }
 
+/// How a checkpoint lays out the whole model's state over the ranks' files, and this rank's part:
+/// the same at `pp = 1` as the engine's own layouts; in a pipeline, every stage's blocks, each held
+/// by the files of its stage's ranks.
+pub struct CheckpointPlan {
+    /// Every block of the whole model: its name and its flat layout over the data-parallel group.
+    pub blocks: Vec<(String, FlatParam)>,
+    /// For each rank of the world (a file), the range of each block's flat buffer it holds (empty
+    /// for blocks of other stages).
+    pub files: Vec<Vec<Range<usize>>>,
+    /// For each block of this engine: its index in `blocks`, and whether this rank saves it (a
+    /// ghost's state is its owner's).
+    pub local: Vec<(usize, bool)>,
+    /// This rank's shard in the blocks' layouts (its data-parallel rank).
+    pub shard_rank: usize,
+}
+
 impl Engine {
+    /// The layout of a checkpoint of this engine (see [`CheckpointPlan`]).
+    pub fn checkpoint_plan(&self) -> CheckpointPlan {
+        if let Some(plan) = self.pipeline_checkpoint_plan() {
+            return plan;
+        }
+        let world = self.worker.world_size();
+        let blocks: Vec<(String, FlatParam)> = self.blocks_state().map(|(n, p)| (n.to_string(), p.flat.clone())).collect();
+        let files = (0..world).map(|r| blocks.iter().map(|(_, f)| f.layout().range(r)).collect()).collect();
+        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, shard_rank: self.worker.rank() }
+    }
+
     /// Copy the optimizer state from the device into host memory (a no-op on the CPU, or when the
     /// host copy is current). Needed before [`Engine::windows`] and [`Engine::master`] on a GPU.
     pub fn sync_to_host(&mut self) -> Result<(), EngineError> {

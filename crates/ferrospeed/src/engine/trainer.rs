@@ -495,7 +495,7 @@ impl Engine {
         let tape = blockwise::forward(model, source, batch, cfg.checkpointing)?;
         // Losses are read after the step's collectives are known to be done (`finish_reductions`):
         // reading one waits for the device, whose stream may be waiting for an NCCL gather, with no timeout.
-        acc.losses.push(tape.loss.clone().ok_or_else(|| EngineError::Model("a whole model's forward returns its loss".into()))?);
+        acc.losses.push(tape.loss.clone());
         let pending = &mut acc.pending;
         blockwise::backward(model, source, batch, tape, loss_scale / accum as f64, |i, slot_grads| {
             for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
