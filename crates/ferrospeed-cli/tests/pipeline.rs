@@ -142,6 +142,28 @@ fn a_pipeline_checkpoint_resumes_at_other_pipeline_and_data_parallel_shapes() {
 }
 
 #[test]
+fn a_stage_killed_mid_schedule_is_restarted_from_the_last_checkpoint() {
+    // Rank 1 (the last stage) aborts halfway through step 3's actions in the first attempt, while
+    // rank 0 waits for its gradients: the launcher stops it, restarts both, and they resume at step 2.
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), LLAMA, STEPS);
+    let d = dir.path();
+    let sets = |name: &str| vec!["parallel.pp=2".to_string(), format!("checkpoint.dir={}", d.join(name).display()), "checkpoint.every=2".into()];
+    let whole = train(d, &config, "whole", 2, &sets("ck-whole").iter().map(String::as_str).collect::<Vec<_>>());
+    let track = d.join("restarted");
+    let mut cmd = support::ferrospeed();
+    cmd.args(["launch", "--nproc-per-node", "2", "--max-restarts", "1", "train", "--config"]).arg(&config);
+    cmd.arg("--set").arg(format!("track.dir={}", track.display()));
+    for s in sets("ck-restarted") {
+        cmd.args(["--set", &s]);
+    }
+    let f = run(cmd.env("FERROSPEED_FAULT", "mid-schedule@3@1@0"), Duration::from_secs(180));
+    assert!(f.status.success(), "{}", f.stderr);
+    assert!(f.stderr.contains("aborts at mid-schedule of step 3") && f.stderr.contains("restart 1 of 1: rank 1"), "{}", f.stderr);
+    assert_eq!(rows(&track), whole, "the restarted pipeline trains the uninterrupted run's steps, each once");
+}
+
+#[test]
 fn bad_pipelines_are_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), GPT, STEPS);

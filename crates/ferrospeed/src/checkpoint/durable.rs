@@ -146,17 +146,24 @@ pub(crate) fn remove_dir_all(path: &Path) -> std::io::Result<()> {
 /// launcher's `TORCHELASTIC_RESTART_COUNT`).
 #[cfg(feature = "fault-injection")]
 pub(crate) fn fault_point(phase: SavePhase, step: u64, rank: usize) {
+    fault_at(phase.as_str(), step, rank);
+}
+
+/// [`fault_point`] at a named point outside a save (`mid-schedule`: a pipeline stage halfway
+/// through a step's actions).
+#[cfg(feature = "fault-injection")]
+pub(crate) fn fault_at(point: &str, step: u64, rank: usize) {
     let Ok(specs) = std::env::var("FERROSPEED_FAULT") else { return };
     let restart: u64 = std::env::var("TORCHELASTIC_RESTART_COUNT").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let matches = specs.split(',').any(|spec| {
         let mut parts = spec.split('@');
-        parts.next() == Some(phase.as_str())
+        parts.next() == Some(point)
             && parts.next().is_none_or(|s| s.parse() == Ok(step))
             && parts.next().is_none_or(|r| r.parse() == Ok(rank))
             && parts.next().is_none_or(|a| a.parse() == Ok(restart))
     });
     if matches {
-        eprintln!("fault injected: rank {rank} aborts at save phase {} of step {step}", phase.as_str());
+        eprintln!("fault injected: rank {rank} aborts at {point} of step {step}");
         std::process::abort();
     }
 }
@@ -182,6 +189,10 @@ pub(crate) fn injected_enospc(_step: u64, _rank: usize) -> Option<std::io::Error
 #[cfg(not(feature = "fault-injection"))]
 #[inline(always)]
 pub(crate) fn fault_point(_phase: SavePhase, _step: u64, _rank: usize) {}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub(crate) fn fault_at(_point: &str, _step: u64, _rank: usize) {}
 
 #[cfg(feature = "fault-injection")]
 fn trace(op: &str, path: &Path, arg: &str) {

@@ -11,6 +11,7 @@ mod save;
 mod weights;
 
 pub use durable::SavePhase;
+pub(crate) use durable::fault_at;
 pub use error::CheckpointError;
 pub use export::{export, export_dir, load_consolidated, DirExport, ExportStats, ImportStats, NameMap};
 pub use format::{list_checkpoints, step_dir_name, BlockMeta, FileMeta, Meta, ParamMeta, FORMAT_VERSION, LATEST, META};

@@ -229,7 +229,11 @@ impl Engine {
         let mut tapes = HashMap::new();
         let mut losses: Vec<Option<Tensor>> = vec![None; m];
         let run = pipe.run.clone();
-        for action in pipe.actions.clone() {
+        let world_rank = pipe.world.rank();
+        for (a, action) in pipe.actions.clone().into_iter().enumerate() {
+            if a == pipe.actions.len() / 2 {
+                crate::checkpoint::fault_at("mid-schedule", self.step + 1, world_rank);
+            }
             let k = action.micro;
             let batch = &batches[k];
             let Self { model, worker, params, grads, cfg, nccl, acc, .. } = self;
