@@ -3,7 +3,8 @@
 //! `anchor_llama.py`), printed as one JSON line (tok/s, MFU, memory, and where the step time went).
 
 use crate::usage::usage_error;
-use anyhow::{Context, Result};
+use anyhow::Result;
+use ferrospeed::CommExt;
 use candle_core::Tensor;
 use clap::Args;
 use ferrospeed::accelerator::{Accelerator, Options, PrepareOptions};
@@ -62,6 +63,21 @@ pub struct BenchTrainArgs {
     /// Where stage 3 keeps parameter shards between uses: none, cpu or nvme (zero.offload_params)
     #[arg(long, default_value = "none")]
     pub offload_params: String,
+    /// Pipeline stages (parallel.pp; run under `launch` with a multiple of it)
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// The pipeline schedule: 1f1b or gpipe (parallel.pp_schedule)
+    #[arg(long, default_value = "1f1b")]
+    pub schedule: String,
+    /// Blocks per stage, comma-separated (parallel.pp_split; default: split by cost)
+    #[arg(long)]
+    pub pp_split: Option<String>,
+    /// Micro-batches per step per data-parallel rank (the accumulation; a pipeline's micro-batches)
+    #[arg(long, default_value_t = 1)]
+    pub micro_batches: usize,
+    /// Vocabulary instead of the shape's own (a lighter or heavier head)
+    #[arg(long)]
+    pub vocab: Option<usize>,
 }
 
 /// The model `name` for sequences of `seq_len`: GPT-2 sizes, or the Llama shapes of `anchor_llama.py`
@@ -95,6 +111,15 @@ pub(crate) fn with_layers(family: Family, layers: Option<usize>) -> Family {
     }
 }
 
+/// `family` with a vocabulary of `vocab`, if given.
+fn with_vocab(family: Family, vocab: Option<usize>) -> Family {
+    match (family, vocab) {
+        (Family::Gpt(g), Some(v)) => Family::Gpt(Gpt::new(GptConfig { vocab_size: v, ..g.cfg })),
+        (Family::Llama(l), Some(v)) => Family::Llama(Llama::new(LlamaConfig { vocab_size: v, ..l.cfg })),
+        (f, None) => f,
+    }
+}
+
 /// Layers, width and vocabulary of a bench model.
 fn dims(f: &Family) -> (usize, usize, usize) {
     match f {
@@ -104,7 +129,7 @@ fn dims(f: &Family) -> (usize, usize, usize) {
 }
 
 pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
-    let family = shape(&args.model, args.seq_len).map(|f| with_layers(f, args.layers)).ok_or_else(|| {
+    let family = shape(&args.model, args.seq_len).map(|f| with_vocab(with_layers(f, args.layers), args.vocab)).ok_or_else(|| {
         usage_error(format!("--model {} is unknown: use gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-tiny, llama-1b, llama-3b, llama-8b or llama-13b", args.model))
     })?;
     let (n_layer, d_model, vocab) = dims(&family);
@@ -116,12 +141,18 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let offload_params = ferrospeed::config::Offload::from_name(&args.offload_params).ok_or_else(|| usage_error("--offload-params: use none, cpu or nvme"))?;
     let nvme_dir = args.nvme_dir.as_ref().map(|d| format!("nvme_dir = {:?}\n", d.display().to_string())).unwrap_or_default()
         + &args.nvme_ratio.map(|q| format!("nvme_ratio = {q}\n")).unwrap_or_default();
+    if args.pp == 0 || world.world_size % args.pp != 0 || args.micro_batches == 0 {
+        return Err(usage_error(format!("--pp {} and --micro-batches {}: both at least 1, and --pp must divide the {} rank(s)", args.pp, args.micro_batches, world.world_size)));
+    }
+    let dp = world.world_size / args.pp;
+    let split = args.pp_split.as_deref().map(|s| format!("pp_split = [{s}]\n")).unwrap_or_default();
+    let parallel = format!("\n[parallel]\npp = {}\npp_schedule = \"{}\"\n{split}", args.pp, args.schedule);
     // The anchors' settings, as a config: AdamW (0.9, 0.95, 1e-8, decay 0.1), clipping at 1, a constant
-    // learning rate of 1e-4, seed 0, one micro-batch per rank per step.
+    // learning rate of 1e-4, seed 0, one micro-batch per rank per step (--micro-batches: more).
     let toml = format!(
-        "[train]\nsteps = {steps}\nglobal_batch = {global}\nmicro_batch = {micro}\nlr = 1e-4\nmin_lr = 1e-4\nwarmup = 0\nweight_decay = 0.1\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\ngrad_clip = 1.0\nseed = 0\nprecision = \"{precision}\"\nactivation_checkpointing = {ckpt}\ndevice = \"{device}\"\nloss_scale_initial = 65536.0\nloss_scale_growth_interval = 2000\n\n[zero]\nstage = {stage}\noffload_optimizer = \"{offload}\"\noffload_ratio = {ratio}\noffload_params = \"{offload_params}\"\n{nvme_dir}",
+        "[train]\nsteps = {steps}\nglobal_batch = {global}\nmicro_batch = {micro}\nlr = 1e-4\nmin_lr = 1e-4\nwarmup = 0\nweight_decay = 0.1\nbeta1 = 0.9\nbeta2 = 0.95\neps = 1e-8\ngrad_clip = 1.0\nseed = 0\nprecision = \"{precision}\"\nactivation_checkpointing = {ckpt}\ndevice = \"{device}\"\nloss_scale_initial = 65536.0\nloss_scale_growth_interval = 2000\n\n[zero]\nstage = {stage}\noffload_optimizer = \"{offload}\"\noffload_ratio = {ratio}\noffload_params = \"{offload_params}\"\n{nvme_dir}{parallel}",
         steps = args.warmup + args.steps + 1,
-        global = args.micro_batch * world.world_size,
+        global = args.micro_batch * dp * args.micro_batches,
         micro = args.micro_batch,
         precision = precision.name(),
         ckpt = args.checkpointing,
@@ -140,21 +171,21 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
         eprintln!("initialised in {init_s:.1} s; GPU peak {:?} bytes, host peak {} bytes", ferrospeed::device::peak_device_bytes(&device), ferrospeed::track::peak_rss_bytes());
     }
     let params = engine.model().num_params();
-    let mut rng = Rng::derive(0, &format!("bench/{}", acc.rank()));
+    // Tokens by data-parallel rank: the stages of a pipeline read the same micro-batches.
+    let mut rng = Rng::derive(0, &format!("bench/{}", acc.data_parallel_rank()));
     let n = args.micro_batch * args.seq_len;
     let mut random = |len: usize| -> Result<Tensor> {
         let v: Vec<u32> = (0..len).map(|_| rng.below(vocab as u64) as u32).collect();
         Ok(Tensor::from_vec(v, (args.micro_batch, args.seq_len), &device)?)
     };
-    let batch = Batch::tokens(random(n)?, random(n)?);
+    let batches = (0..args.micro_batches).map(|_| Ok(Batch::tokens(random(n)?, random(n)?))).collect::<Result<Vec<_>>>()?;
     let mut step_secs = Vec::new();
     let mut phases = Vec::new();
     let mut losses = Vec::new();
     for i in 0..args.warmup + args.steps {
         device.synchronize()?;
         let t0 = Instant::now();
-        engine.forward_backward(&batch)?;
-        let stats = engine.step()?.context("one micro-batch per step")?;
+        let stats = engine.train_step(&batches)?;
         device.synchronize()?;
         let secs = t0.elapsed().as_secs_f64();
         if i >= args.warmup {
@@ -178,11 +209,21 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     }
     step_secs.sort_by(f64::total_cmp);
     let dt = step_secs[step_secs.len() / 2];
-    let tokens = (n * acc.world_size()) as f64;
+    let tokens = (n * dp * args.micro_batches) as f64;
+    // Each stage's idle share: its waits for the stages beside it over its own work, against the
+    // schedule's analytic bubble ((pp − 1)/m for 1f1b and gpipe).
+    let idle: Vec<f64> = phases.iter().map(|t| t.pipeline_wait / (t.forward_backward - t.pipeline_wait).max(1e-12)).collect();
+    let mut idle_sorted = idle.clone();
+    idle_sorted.sort_by(f64::total_cmp);
+    let my_idle = idle_sorted.get(idle_sorted.len() / 2).copied().unwrap_or(0.0) as f32;
+    let stage_idle = engine.comm().run(move |c| {
+        let mut all = vec![0f32; c.world_size()];
+        c.all_gather_slice(&[my_idle], &mut all).map(|()| all)
+    })??;
     let tok_s = tokens / dt;
     let flops_per_token = 6.0 * params as f64 + 12.0 * (n_layer * d_model * args.seq_len) as f64;
     let mean = |f: fn(&StepTimes) -> f64| phases.iter().map(f).sum::<f64>() / phases.len().max(1) as f64 * 1e3;
-    let profile = if args.profile { Some(profile_step(&mut engine, &batch, &device)?) } else { None };
+    let profile = if args.profile { Some(profile_step(&mut engine, &batches, &device)?) } else { None };
     if acc.is_main_process() {
         let line = serde_json::json!({
             "engine": "ferrospeed",
@@ -192,6 +233,14 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
             "B": args.micro_batch,
             "T": args.seq_len,
             "world": acc.world_size(),
+            "pp": args.pp,
+            "micro_batches": args.micro_batches,
+            "schedule": if args.pp > 1 { Some(&args.schedule) } else { None },
+            "bubble": (args.pp > 1).then(|| serde_json::json!({
+                "analytic": (args.pp - 1) as f64 / args.micro_batches as f64,
+                // Stage s's idle over busy time (median over the timed steps), first data-parallel group.
+                "measured_per_stage": (0..args.pp).map(|s| (f64::from(stage_idle[s * dp]) * 1e4).round() / 1e4).collect::<Vec<_>>(),
+            })),
             "stage": args.stage,
             "precision": args.precision,
             "device": format!("{device:?}").split('(').next().unwrap_or("").to_lowercase(),
@@ -216,6 +265,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
                 "publish": mean(|t| t.publish),
                 "transfer_wait": mean(|t| t.transfer_wait),
                 "disk_wait": mean(|t| t.disk_wait),
+                "pipeline_wait": mean(|t| t.pipeline_wait),
             },
             "loss": (losses.last().copied().unwrap_or(f64::NAN) * 1000.0).round() / 1000.0,
             "losses": losses.iter().map(|l| (l * 1e4).round() / 1e4).collect::<Vec<_>>(),
@@ -227,11 +277,11 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
 }
 
 /// One more step with every op's kind of work timed by CUDA events (host clock on the CPU).
-fn profile_step(engine: &mut Engine, batch: &Batch, device: &candle_core::Device) -> Result<serde_json::Value> {
+fn profile_step(engine: &mut Engine, batches: &[Batch], device: &candle_core::Device) -> Result<serde_json::Value> {
     use ferrospeed::profile::{self, Kind};
     device.synchronize()?;
     profile::start(device);
-    let step = engine.forward_backward(batch).and_then(|_| engine.step());
+    let step = engine.train_step(batches);
     device.synchronize()?;
     let b = profile::finish().map_err(|e| anyhow::anyhow!("profiling the step: {e}"))?;
     step?;

@@ -230,6 +230,10 @@ fn blocks_match_the_cpu_packed(dev: &Device, family: &str, model: &ferrospeed::e
                 // gradient measured 1.13e-5 on an H200 (2026-12-07): a bias gradient is a column
                 // sum over all B·T rows, which the GPU adds in another order than the CPU.
                 (_, DType::F32) => 2e-5,
+                // With o_proj and MLP biases the bf16 input gradient measured 1.22e-1 on an H100
+                // (2026-12-07, bench/results/gpu-2026-12-07-issue25b), the same layer's F32 one 6.4e-6:
+                // the arithmetic is right, the bf16 roundings of two more bias adds are what moved.
+                (name, _) if name.starts_with("layers.") && family.contains("mlp biases") => 2.5e-1,
                 // Llama's layer (more bf16 roundings: RoPE, SwiGLU, stacked projections): measured ≤ 5.6e-2
                 // on an H200 (bench/results/gpu-2026-12-01-llama), F32 ≤ 6.2e-6.
                 (name, _) if name.starts_with("layers.") => 1e-1,

@@ -531,6 +531,12 @@ impl Accelerator {
         self.parallel.as_ref().map_or(self.world.world_size, |p| p.comms.mesh().size(Axis::Dp))
     }
 
+    /// This rank's place in the data-parallel group (its rank, but in a mesh: every stage of a
+    /// pipeline has the same, and reads the same micro-batches).
+    pub fn data_parallel_rank(&self) -> usize {
+        self.parallel.as_ref().map_or(self.world.rank, |p| p.comms.mesh().coords(self.world.rank).dp)
+    }
+
     /// Micro-batches per rank per optimizer step (`global_batch / (micro_batch × data-parallel size)`).
     pub fn accumulation(&self) -> usize {
         self.accumulation

@@ -174,6 +174,11 @@ impl DeviceGrads {
         }
     }
 
+    /// The reduced gradient this rank holds, copied to the host (`None` before any reduction).
+    pub fn download_reduced(&self, reduction: GradReduction) -> Result<Option<Vec<f32>>> {
+        self.reduced(reduction).map(|v| self.dev.clone_dtoh(&v)).transpose()
+    }
+
     /// The reduced gradient over `window`, copied to the host (for an optimizer running there).
     pub fn download_window(&mut self, reduction: GradReduction, padded: usize, window: &Range<usize>) -> Result<Vec<f32>> {
         let dev = self.dev.clone();

@@ -160,6 +160,10 @@ impl DeviceGrads {
         match *self {}
     }
 
+    pub fn download_reduced(&self, _: GradReduction) -> Result<Option<Vec<f32>>> {
+        match *self {}
+    }
+
     pub fn download_window(&mut self, _: GradReduction, _: usize, _: &Range<usize>) -> Result<Vec<f32>> {
         match *self {}
     }

@@ -173,13 +173,31 @@ impl BlockGrads {
         }
     }
 
-    /// The reduced gradient this rank holds, to change in place (`None` where it is on a device).
-    pub(super) fn host_reduced_mut(&mut self) -> Option<&mut [f32]> {
-        match (&mut self.store, self.reduction) {
-            (GradStore::Host { full, .. }, GradReduction::AllReduce) => Some(full.as_deref_mut().unwrap_or(&mut [])),
-            (GradStore::Host { shard, .. }, GradReduction::ReduceScatter) => Some(shard.as_deref_mut().unwrap_or(&mut [])),
-            (GradStore::Device(_), _) => None,
+    /// Add the reduced gradients of the other holders of this block over `tie` (tied parameters
+    /// held on several pipeline stages): every holder ends with the same sum. Through the host for
+    /// gradients in device memory.
+    pub(super) fn tie_sum(&mut self, tie: &dyn crate::comm::Communicator) -> Result<(), EngineError> {
+        let err = EngineError::tensor("tied gradients");
+        let reduction = self.reduction;
+        match &mut self.store {
+            GradStore::Host { full, shard } => {
+                let g = match reduction {
+                    GradReduction::AllReduce => full.as_deref_mut(),
+                    GradReduction::ReduceScatter => shard.as_deref_mut(),
+                };
+                tie.all_reduce(crate::comm::BufMut::F32(g.unwrap_or(&mut [])), ReduceOp::Sum)?;
+            }
+            GradStore::Device(d) => {
+                let mut host = d.download_reduced(reduction).map_err(err)?.unwrap_or_default();
+                tie.all_reduce(crate::comm::BufMut::F32(&mut host), ReduceOp::Sum)?;
+                let reduced = match reduction {
+                    GradReduction::AllReduce => Reduced::Full(host),
+                    GradReduction::ReduceScatter => Reduced::Shard(host),
+                };
+                d.finish_reduce(reduced).map_err(EngineError::tensor("tied gradients"))?;
+            }
         }
+        Ok(())
     }
 
     /// The reduced gradient over `window` in host memory, for an optimizer that runs there: the

@@ -248,7 +248,9 @@ impl Engine {
                     let input = if pipe.stage == 0 {
                         Vec::new()
                     } else {
+                        let t = Instant::now();
                         let got = profile::scoped_as(Kind::Communication, "pipe_recv", || pipe_wire::receive(pipe.p2p.as_ref(), pipe.stage - 1, Flow::Activations, k, &device))?;
+                        acc.pipeline_wait += t.elapsed().as_secs_f64();
                         got.into_iter().map(|t| t.ok_or_else(|| EngineError::Model("a stage boundary lost a tensor".into()))).collect::<Result<_, _>>()?
                     };
                     let (tape, out) = blockwise::forward_span(model, source, batch, cfg.checkpointing, run.clone(), input)?;
@@ -265,7 +267,10 @@ impl Engine {
                     let upstream = if pipe.is_last() {
                         None
                     } else {
-                        Some(profile::scoped_as(Kind::Communication, "pipe_recv", || pipe_wire::receive(pipe.p2p.as_ref(), pipe.stage + 1, Flow::Gradients, k, &device))?)
+                        let t = Instant::now();
+                        let got = profile::scoped_as(Kind::Communication, "pipe_recv", || pipe_wire::receive(pipe.p2p.as_ref(), pipe.stage + 1, Flow::Gradients, k, &device))?;
+                        acc.pipeline_wait += t.elapsed().as_secs_f64();
+                        Some(got)
                     };
                     let last = k + 1 == m;
                     let pending = &mut acc.pending;
@@ -295,7 +300,9 @@ impl Engine {
             }
             self.gathered_peak = self.gathered_peak.max(gathering.peak_bytes);
         }
+        let t = Instant::now();
         pipe.sender.flush()?;
+        self.acc.pipeline_wait += t.elapsed().as_secs_f64();
         if !tapes.is_empty() {
             return Err(EngineError::Unsupported(format!("the schedule left {} forward(s) without their backward", tapes.len())));
         }
@@ -309,10 +316,7 @@ impl Engine {
         let Some(pipe) = self.pipe.as_ref() else { return Ok(()) };
         let Some(tie) = pipe.tie.as_ref() else { return Ok(()) };
         for &b in &pipe.tied {
-            let g = self.grads[b].host_reduced_mut().ok_or_else(|| {
-                EngineError::Unsupported("tied parameters across pipeline stages with gradients in GPU memory are not in this build yet (untie them, or keep them on one stage with parallel.pp_split)".into())
-            })?;
-            tie.all_reduce(BufMut::F32(g), ReduceOp::Sum)?;
+            self.grads[b].tie_sum(tie.as_ref())?;
         }
         Ok(())
     }

@@ -101,6 +101,9 @@ pub struct StepTimes {
     pub transfer_wait: f64,
     /// Within `optimizer`: the host waiting for NVMe reads and writes — the part no update hid.
     pub disk_wait: f64,
+    /// Within `forward_backward`, a pipeline stage waiting for the activations or gradients of
+    /// the stages beside it: its share of the pipeline's bubble.
+    pub pipeline_wait: f64,
 }
 
 /// What one optimizer step measured.
@@ -155,6 +158,8 @@ pub(super) struct Accumulating {
     pub(super) loss_scale: Option<f64>,
     /// Seconds of forward and backward so far.
     pub(super) seconds: f64,
+    /// Of them, seconds a pipeline stage waited for its neighbours.
+    pub(super) pipeline_wait: f64,
 }
 
 impl Engine {
@@ -527,6 +532,7 @@ impl Engine {
         let acc = std::mem::take(&mut self.acc);
         let accum = acc.done;
         times.forward_backward = acc.seconds;
+        times.pipeline_wait = acc.pipeline_wait;
         let t_wait = Instant::now();
         let _wait = profile::span_as(Kind::Communication, "reduce_wait");
         for (i, p) in acc.pending {

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One device call for issue 26 (PARTS picks what it runs):
+#   tests    every carried GPU test binary (bench/gpu_tests.sh);
+#   pipe     the Llama-1B shape (bf16, T=1024, micro-batch 2, 4 micro-batches a step) at pp=1 on the GPU and
+#            at pp=2 with both ranks on it (FERROSPEED_SHARE_GPUS=1); PASS when every step's loss of pp=2 is
+#            within PIPE_TOL (relative) of pp=1's, into $OUT/pipeline-check.txt;
+#   bubble   4 CPU stages (GPT-2 width, 16 layers, vocabulary 4096 so the head weighs a third of a layer,
+#            pp_split 5,4,4,5), 1f1b and gpipe at 8 and 16 micro-batches: each stage's measured idle share
+#            beside the analytic (p − 1)/m (bench-train's "bubble"), RAYON_NUM_THREADS cores a rank.
+# Carried: .carry/*.xz (bench/gpu_pack.sh), .carry/device-env.sh. Writes JSON lines and logs under $OUT.
+set -u
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT" /tmp/bin
+PARTS=${PARTS:-tests pipe bubble}
+for f in .carry/*.xz; do
+  b=/tmp/bin/$(basename "$f" .xz)
+  [ -x "$b" ] || { xz -dc "$f" > "$b" && chmod +x "$b"; }
+done
+source .carry/device-env.sh
+BIN=/tmp/bin/ferrospeed
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; } | tee "$OUT/env.txt"
+
+if [[ $PARTS == *tests* ]]; then
+  LOGS=$OUT; source bench/gpu_tests.sh
+  TESTS=$(ls /tmp/bin/test-* | grep -v base) gpu_tests
+fi
+
+label() { sed "s/^{/{\"label\":\"$1\",/"; }
+if [[ $PARTS == *pipe* ]]; then
+  P="--model llama-1b --micro-batch 2 --seq-len 1024 --micro-batches 4 --precision bf16 --device cuda --steps ${PIPE_STEPS:-4} --warmup 1"
+  timeout 200 $BIN bench-train $P 2>>"$OUT/pipe.err" | label pp1 | tee -a "$OUT/pipe.jsonl"
+  FERROSPEED_SHARE_GPUS=1 timeout 240 $BIN launch --nproc-per-node 2 bench-train $P --pp 2 2>>"$OUT/pipe.err" | sed 's/^\[rank0\]: //' | grep '^{' | label pp2 | tee -a "$OUT/pipe.jsonl"
+  python3 - "$OUT/pipe.jsonl" "${PIPE_TOL:-2e-2}" <<'EOF' | tee "$OUT/pipeline-check.txt"
+import json, sys
+rows = {r["label"]: r for r in map(json.loads, open(sys.argv[1]))}
+tol = float(sys.argv[2])
+if "pp1" not in rows or "pp2" not in rows or rows["pp2"].get("pp") != 2:
+    print("FAIL: a run is missing", sorted(rows)); sys.exit(1)
+a, b = rows["pp1"]["losses"], rows["pp2"]["losses"]
+worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+ok = len(a) == len(b) and worst <= tol
+print(f"{'PASS' if ok else 'FAIL'}: pp=2 vs pp=1 losses {b} vs {a}: worst relative difference {worst:.2e} (tolerance {tol:g}); "
+      f"tok/s {rows['pp2']['tok_s']} vs {rows['pp1']['tok_s']}, GPU peak {rows['pp2']['peak_gpu_gib']} vs {rows['pp1']['peak_gpu_gib']} GiB")
+EOF
+fi
+
+if [[ $PARTS == *bubble* ]]; then
+  C="--model gpt2-124m --layers 16 --vocab 4096 --seq-len ${BUBBLE_T:-128} --micro-batch 2 --device cpu --precision fp32 --pp 4 --pp-split 5,4,4,5 --steps 3 --warmup 1"
+  for m in 8 16; do
+    for s in 1f1b gpipe; do
+      RAYON_NUM_THREADS=${BUBBLE_THREADS:-4} timeout 150 $BIN launch --nproc-per-node 4 bench-train $C --micro-batches $m --schedule $s 2>>"$OUT/bubble.err" \
+        | sed 's/^\[rank0\]: //' | grep '^{' | label "bubble-$s-m$m" | tee -a "$OUT/bubble.jsonl"
+    done
+  done
+fi
