@@ -7,10 +7,13 @@
 //! ```sh
 //! cargo run --release --example transformer
 //! ferrospeed launch --nproc-per-node 2 target/release/examples/transformer --set zero.stage=3
+//! ferrospeed launch --nproc-per-node 4 target/release/examples/transformer --set parallel.pp=2
 //! ```
 //!
 //! Each block is the unit ZeRO-3 gathers: with several blocks, only one block's parameters (plus the
-//! next one's, prefetched) are whole on a rank at a time.
+//! next one's, prefetched) are whole on a rank at a time. It is also the unit of a pipeline's stages:
+//! with `parallel.pp = 2` the same code runs half the blocks on each stage (the head's tied weight on
+//! both ends), and `Engine::train_step` runs each step's micro-batches through the schedule.
 
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
@@ -156,18 +159,17 @@ fn main() -> Result<()> {
     let data = acc.data(&windows)?;
     let tokens_per_step = (cfg.train.global_batch * SEQ) as u64;
     let start = engine.steps_done();
-    let mut t0 = Instant::now();
-    for batch in data.from_step(engine.steps_done()) {
-        engine.forward_backward(&batch?)?;
-        if let Some(stats) = engine.step()? {
-            acc.log_step(&engine, &stats, tokens_per_step, t0.elapsed().as_secs_f64())?;
-            if acc.is_main_process() && (engine.steps_done() % 10 == 0 || engine.steps_done() == 1) {
-                println!("step {:>3}  loss {:.4}  grad norm {:.3}", engine.steps_done(), stats.loss, stats.grad_norm);
-            }
-            if acc.checkpoint_due(engine.steps_done()) {
-                acc.save_checkpoint(&mut engine)?;
-            }
-            t0 = Instant::now();
+    // A whole step at a time: its micro-batches (the accumulation window) in one call, which a
+    // pipeline runs through its schedule (`forward_backward` + `step` take them one by one at pp = 1).
+    for step in start..cfg.train.steps as u64 {
+        let t0 = Instant::now();
+        let stats = engine.train_step(&data.micro_batches(step)?)?;
+        acc.log_step(&engine, &stats, tokens_per_step, t0.elapsed().as_secs_f64())?;
+        if acc.is_main_process() && (engine.steps_done() % 10 == 0 || engine.steps_done() == 1) {
+            println!("step {:>3}  loss {:.4}  grad norm {:.3}", engine.steps_done(), stats.loss, stats.grad_norm);
+        }
+        if acc.checkpoint_due(engine.steps_done()) {
+            acc.save_checkpoint(&mut engine)?;
         }
     }
     if acc.config().checkpoint.dir.is_some() && engine.steps_done() > start && !acc.checkpoint_due(engine.steps_done()) {
