@@ -23,6 +23,7 @@ mod memory;
 mod model;
 mod offload;
 mod params;
+mod placement;
 mod pipe_wire;
 mod pipeline;
 mod sources;

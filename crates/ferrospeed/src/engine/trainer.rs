@@ -13,18 +13,16 @@ use super::grads::Reduced;
 use crate::comm::CommError;
 use super::error::EngineError;
 use super::grads::{self, BlockGrads};
-use super::host_buf::HostBuf;
 use super::memory::MemoryReport;
 use super::model::Model;
-use super::offload::{BlockNeed, Offload, OffloadSettings, UpdatePass};
-use super::CopyStream;
+use super::offload::{Offload, OffloadSettings, UpdatePass};
 use super::params::{init_values, BlockParams, BlockSetup, Gather, OptimizerSetup, StepUpdate};
 use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::profile::{self, Kind};
 use crate::optim::{clip_coefficient, LrSchedule, Optimizer, ParamGroups};
 use crate::precision::{LossScaler, LossScalerConfig, Precision, ScaleDecision, ScalerState};
-use crate::shard::{FlatParam, GradReduction, OptimizerWindow, ParamPlacement, Strategy, Tier};
+use crate::shard::{GradReduction, ParamPlacement, Strategy, Tier};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -180,51 +178,14 @@ impl Engine {
                 cfg.optimizer.name()
             )));
         }
-        // Where each block's optimizer state goes, checked (NVMe folder, buffer budget) before
-        // anything large is allocated.
-        let num_states = cfg.optimizer.state_names().len();
-        let names = model.block_names();
-        let windows: Vec<usize> = (0..model.num_blocks())
-            .map(|i| {
-                let flat = FlatParam::new(model.own_params(i), world);
-                match cfg.strategy.optimizer_window() {
-                    OptimizerWindow::Whole => flat.padded_numel(),
-                    OptimizerWindow::Shard => flat.layout().shard(rank).padded_len,
-                }
-            })
-            .collect();
-        let tiers = cfg.strategy.optimizer_tiers(&windows);
-        // Stage-3 shards of NVMe-tier blocks in files of their own (`zero.offload_params = "nvme"`).
-        let param_file = |i: usize| cfg.strategy.params_on_nvme(tiers[i]);
-        // Host-tier blocks whose window is the whole block and whose variables stay resident, or
-        // whose window is their stage-3 shard, go through staging buffers straight into their
-        // compute copy (`BlockParams::fast_host`): pinned on a GPU, plain host buffers on a CPU run.
-        let whole_window = |i: usize| windows[i] == FlatParam::new(model.own_params(i), world).padded_numel();
-        let adamw = cfg.optimizer.as_adamw().is_some();
-        let staged = |i: usize| {
-            adamw
-                && tiers[i] == Tier::Host
-                && match cfg.strategy.param_placement() {
-                    ParamPlacement::Resident => whole_window(i),
-                    ParamPlacement::Gathered => !param_file(i),
-                }
-        };
-        let needs: Vec<BlockNeed<'_>> = (0..model.num_blocks())
-            .map(|i| BlockNeed {
-                name: &names[i],
-                tier: tiers[i],
-                file_elems: windows[i] * (1 + num_states),
-                param_file_elems: if param_file(i) { HostBuf::packed_words(dtype, windows[i]) } else { 0 },
-                staged_elems: if staged(i) { windows[i] } else { 0 },
-            })
-            .collect();
-        let offload = Offload::new(&cfg.offload, rank, &needs, &cfg.device, dtype)?;
-        let optimizer = OptimizerSetup { num_states, adamw, weight_decay: cfg.optimizer.weight_decay(), groups: &cfg.param_groups };
-        // Page-locked stage-3 shards (`zero.offload_params = "cpu"` on a GPU) go up on a stream of their own.
-        let copies = if cfg.strategy.param_placement() == ParamPlacement::Gathered && cfg.strategy.offload_params != crate::shard::Offload::None {
-            CopyStream::new(&cfg.device).map_err(EngineError::tensor("the parameter copy stream"))?
-        } else {
-            None
+        // Where each block's state goes, checked (NVMe folder, buffer budget) before anything large
+        // is allocated.
+        let super::placement::Placement { tiers, offload, copies } = super::placement::place(&model, &cfg, rank, world)?;
+        let optimizer = OptimizerSetup {
+            num_states: cfg.optimizer.state_names().len(),
+            adamw: cfg.optimizer.as_adamw().is_some(),
+            weight_decay: cfg.optimizer.weight_decay(),
+            groups: &cfg.param_groups,
         };
         let setup = BlockSetup { strategy: cfg.strategy, rank, world, dtype, device: &cfg.device, optimizer, nvme: offload.nvme.as_ref(), copies: copies.as_ref() };
         let mut params = Vec::with_capacity(model.num_blocks());
