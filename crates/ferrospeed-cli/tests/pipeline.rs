@@ -1,4 +1,5 @@
-//! Pipeline parallelism under `launch`: every schedule at pp ∈ {2, 3, 4} × dp ∈ {1, 2} trains the
+//! Pipeline parallelism under `launch`: 1f1b and gpipe at pp ∈ {2, 3, 4} and interleaved with 2–4
+//! virtual stages a rank, × dp ∈ {1, 2}, train the
 //! same per-step losses and gradient norms as pp = 1 at the same dp — bit for bit for an untied
 //! Llama, within 1e-6 where the head is tied to the embedding (GPT; a tied Llama at ZeRO-1 with
 //! activation checkpointing); bad pipelines are refused in one line.
@@ -34,7 +35,24 @@ fn train(dir: &Path, config: &Path, name: &str, nproc: usize, sets: &[&str]) -> 
     rows(&track)
 }
 
-/// Tied parameters are the exception to bitwise (see `engine/pipeline.rs`): their two ends'
+/// `got` against pp = 1's `reference`: bit for bit, or within `tolerance` (relative) on the loss and
+/// the gradient norm of every step.
+fn compare(got: &[(u64, u64, u64)], reference: &[(u64, u64, u64)], tolerance: Option<f64>, what: &str) {
+    match tolerance {
+        None => assert_eq!(got, reference, "{what}: (step, loss bits, grad-norm bits) differ from pp = 1"),
+        Some(tol) => {
+            assert_eq!(got.len(), reference.len(), "{what}");
+            for (g, r) in got.iter().zip(reference) {
+                for (a, b) in [(g.1, r.1), (g.2, r.2)] {
+                    let (a, b) = (f64::from_bits(a), f64::from_bits(b));
+                    assert!((a - b).abs() <= tol * b.abs(), "{what}: step {}: {a} vs {b} at pp = 1", g.0);
+                }
+            }
+        }
+    }
+}
+
+/// Tied parameters are the exception to bitwise (see `engine/step/pipeline.rs`): their two ends'
 /// gradients are summed once per step, not interleaved per micro-batch as at pp = 1. Such runs are
 /// held to the losses and gradient norms within `tied_tolerance` (relative) instead.
 fn every_pipeline_matches_pp1(model: &str, extra: &[&str], tied_tolerance: Option<f64>) {
@@ -49,19 +67,7 @@ fn every_pipeline_matches_pp1(model: &str, extra: &[&str], tied_tolerance: Optio
                 sets.extend(extra.iter().map(|s| s.to_string()));
                 let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
                 let got = train(dir.path(), &config, &format!("pp{pp}dp{dp}{schedule}"), pp * dp, &sets);
-                let what = format!("pp = {pp}, dp = {dp}, {schedule} {extra:?}");
-                match tied_tolerance {
-                    None => assert_eq!(got, reference, "{what}: (step, loss bits, grad-norm bits) differ from pp = 1"),
-                    Some(tol) => {
-                        assert_eq!(got.len(), reference.len(), "{what}");
-                        for (g, r) in got.iter().zip(&reference) {
-                            for (a, b) in [(g.1, r.1), (g.2, r.2)] {
-                                let (a, b) = (f64::from_bits(a), f64::from_bits(b));
-                                assert!((a - b).abs() <= tol * b.abs(), "{what}: step {}: {a} vs {b} at pp = 1", g.0);
-                            }
-                        }
-                    }
-                }
+                compare(&got, &reference, tied_tolerance, &format!("pp = {pp}, dp = {dp}, {schedule} {extra:?}"));
             }
         }
     }
@@ -80,6 +86,25 @@ fn llama_pipelines_train_the_losses_of_pp1_bit_for_bit() {
 #[test]
 fn a_tied_llama_pipeline_with_zero_1_and_checkpointing_matches_pp1() {
     every_pipeline_matches_pp1(LLAMA_TIED, &["zero.stage=1", "train.activation_checkpointing=true"], Some(1e-6));
+}
+
+#[test]
+fn interleaved_pipelines_with_virtual_stages_match_pp1() {
+    // Six layers (eight blocks): pp 2 and 4 with 2 stages a rank, pp 2 with 4; GPT's tied head on
+    // another rank than its embedding within 1e-6, the untied Llama bit for bit.
+    let dir = tempfile::tempdir().unwrap();
+    for (f, (model, tol)) in [(LLAMA.replace("n_layer = 3", "n_layer = 6"), None), (GPT.replace("n_layer = 3", "n_layer = 6"), Some(1e-6))].into_iter().enumerate() {
+        let config = write_config(dir.path(), &model, STEPS);
+        for dp in [1, 2] {
+            let reference = train(dir.path(), &config, &format!("i{f}-dp{dp}"), dp, &[]);
+            for (pp, v) in [(2, 2), (4, 2), (2, 4)] {
+                let sets = [format!("parallel.pp={pp}"), format!("parallel.pp_virtual={v}"), "parallel.pp_schedule=interleaved".to_string()];
+                let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+                let got = train(dir.path(), &config, &format!("i{f}-pp{pp}v{v}dp{dp}"), pp * dp, &sets);
+                compare(&got, &reference, tol, &format!("interleaved pp = {pp} × {v} virtual, dp = {dp}, {}", model.lines().next().unwrap_or("")));
+            }
+        }
+    }
 }
 
 #[test]
@@ -167,10 +192,11 @@ fn a_stage_killed_mid_schedule_is_restarted_from_the_last_checkpoint() {
 fn bad_pipelines_are_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), GPT, STEPS);
-    let cases: [(usize, &[&str], &str); 4] = [
+    let cases: [(usize, &[&str], &str); 5] = [
         // 16 / (8 × 1) = 2 micro-batches for 4 stages.
         (4, &["parallel.pp=4", "train.micro_batch=8"], "at least one micro-batch per stage"),
         (2, &["parallel.pp=2", "parallel.pp_schedule=zb"], "not executed yet"),
+        (2, &["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2", "train.micro_batch=1", "train.global_batch=3"], "multiple of parallel.pp = 2"),
         (2, &["parallel.pp=2", "parallel.pp_split=[2, 2]"], "add up to 5"),
         (3, &["parallel.pp=2"], "does not split into"),
     ];

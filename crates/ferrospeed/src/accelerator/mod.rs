@@ -177,7 +177,7 @@ impl Accelerator {
         let accumulation = cfg.accumulation_steps(mesh.size(Axis::Dp))?;
         let schedule = match cfg.parallel.pp {
             1 => None,
-            pp => Some(Schedule::new(pipeline_kind(cfg.parallel.pp_schedule), pp, 1, accumulation).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?),
+            pp => Some(Schedule::new(pipeline_kind(cfg.parallel.pp_schedule), pp, cfg.parallel.pp_virtual, accumulation).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?),
         };
         let device = crate::device::select(cfg.train.device, world.local_rank).map_err(AccelError::Device)?;
         let comm: Arc<dyn crate::Communicator> = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?)?);
@@ -312,12 +312,13 @@ impl Accelerator {
     /// of every stage by cost (or `parallel.pp_split`), this stage's cut of `model`, the tie group.
     fn pipeline_engine(&self, par: &Parallel, model: Model, cfg: EngineConfig) -> Result<Engine, AccelError> {
         let mesh = par.comms.mesh();
-        let stage = mesh.coords(self.world.rank).pp;
+        let rank = mesh.coords(self.world.rank).pp;
+        let pp = mesh.size(Axis::Pp);
         let costs: Vec<BlockCost> = (0..model.num_blocks())
             .map(|i| BlockCost { flops: model.block(i).forward_flops_per_token(), params: model.own_params(i).iter().map(|p| p.numel() as f64).sum() })
             .collect();
-        let ranges = stage_blocks(&costs, mesh.size(Axis::Pp), &self.cfg.parallel.pp_split).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?;
-        let StageCut { model: cut, owner_stage, tied, tie_stages, whole } = cut_for_stage(model, &ranges, stage)?;
+        let ranges = stage_blocks(&costs, pp * par.schedule.virtual_stages, &self.cfg.parallel.pp_split).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?;
+        let StageCut { model: cut, owner_stage, tied, tie_stages, whole } = cut_for_stage(model, &ranges, rank, pp)?;
         // The tie group of each pipeline: its ranks at the stages holding tied parameters (a split
         // of the world, so every rank takes part; the others form groups of one).
         let tie = if tie_stages.is_empty() {
@@ -342,7 +343,7 @@ impl Accelerator {
             );
         }
         let ranks = (0..mesh.world()).map(|r| (mesh.coords(r).pp, mesh.coords(r).dp)).collect();
-        let stage = PipelineStage { stage, schedule: par.schedule.clone(), p2p: par.comms.get(Axis::Pp).clone(), tie, world: self.worker.clone(), owner_stage, tied, whole, ranks };
+        let stage = PipelineStage { rank, schedule: par.schedule.clone(), p2p: par.comms.get(Axis::Pp).clone(), tie, world: self.worker.clone(), owner_stage, tied, whole, ranks };
         Ok(Engine::with_pipeline(cut, par.dp.clone(), stage, cfg)?)
     }
 

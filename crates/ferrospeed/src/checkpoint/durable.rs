@@ -146,13 +146,18 @@ pub(crate) fn remove_dir_all(path: &Path) -> std::io::Result<()> {
 /// launcher's `TORCHELASTIC_RESTART_COUNT`).
 #[cfg(feature = "fault-injection")]
 pub(crate) fn fault_point(phase: SavePhase, step: u64, rank: usize) {
-    fault_at(phase.as_str(), step, rank);
+    fault(phase.as_str(), "save phase ", step, rank);
 }
 
 /// [`fault_point`] at a named point outside a save (`mid-schedule`: a pipeline stage halfway
 /// through a step's actions).
 #[cfg(feature = "fault-injection")]
 pub(crate) fn fault_at(point: &str, step: u64, rank: usize) {
+    fault(point, "", step, rank);
+}
+
+#[cfg(feature = "fault-injection")]
+fn fault(point: &str, kind: &str, step: u64, rank: usize) {
     let Ok(specs) = std::env::var("FERROSPEED_FAULT") else { return };
     let restart: u64 = std::env::var("TORCHELASTIC_RESTART_COUNT").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let matches = specs.split(',').any(|spec| {
@@ -163,7 +168,7 @@ pub(crate) fn fault_at(point: &str, step: u64, rank: usize) {
             && parts.next().is_none_or(|a| a.parse() == Ok(restart))
     });
     if matches {
-        eprintln!("fault injected: rank {rank} aborts at {point} of step {step}");
+        eprintln!("fault injected: rank {rank} aborts at {kind}{point} of step {step}");
         std::process::abort();
     }
 }

@@ -443,13 +443,13 @@ impl Config {
             }
         }
         if p.pp > 1 {
-            if matches!(p.pp_schedule, PipelineSchedule::Interleaved | PipelineSchedule::ZeroBubble) || p.pp_virtual > 1 {
-                return Err(ConfigError::NotBuilt(format!(
-                    "parallel.pp_schedule = \"{}\" (pp_virtual = {}): this build runs \"1f1b\" and \"gpipe\" (one stage per rank); \
-                     the interleaved and zero-bubble schedules are planned (parallel/schedule.rs) but not executed yet",
-                    p.pp_schedule.name(),
-                    p.pp_virtual
-                )));
+            if p.pp_schedule == PipelineSchedule::ZeroBubble {
+                return Err(ConfigError::NotBuilt(
+                    "parallel.pp_schedule = \"zb\": this build runs \"1f1b\", \"gpipe\" and \"interleaved\"; the zero-bubble \
+                     schedule is planned (parallel/schedule.rs) but not executed yet (it needs the backward split into input and \
+                     weight gradients)"
+                        .into(),
+                ));
             }
         }
         Ok(mesh)

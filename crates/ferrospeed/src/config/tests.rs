@@ -556,7 +556,7 @@ fn parallel_settings_are_checked_alone_and_against_the_world() {
     let zb = check_ok(&with("pp = 2
 pp_schedule = \"zb\""), &[]);
     let e = zb.mesh(4).unwrap_err().to_string();
-    assert!(e.contains("this build runs \"1f1b\" and \"gpipe\""), "{e}");
+    assert!(e.contains("this build runs \"1f1b\", \"gpipe\" and \"interleaved\""), "{e}");
     let dp = check_ok(MINIMAL, &["parallel.pp=1"]);
     assert_eq!(dp.mesh(3).unwrap(), crate::parallel::Mesh::data_parallel(3));
 }

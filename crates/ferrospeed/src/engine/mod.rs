@@ -2,33 +2,59 @@
 
 #![warn(missing_docs)]
 
+// The folder groups the files by concern; the modules stay one flat namespace (`super::params`, …):
+// step/ runs a step (the schedule of forwards, backwards and the update), state/ holds what a rank
+// owns (parameters, gradients, their checkpoint view), placement/ decides where it lives (ZeRO
+// windows, offload tiers, the memory estimate), device/ keeps it in GPU memory (feature `cuda`).
 mod block;
-pub mod blockwise;
-mod comm_worker;
-#[cfg(feature = "cuda")]
-mod device_grads;
-#[cfg(feature = "cuda")]
-mod device_shard;
-#[cfg(feature = "cuda")]
-mod device_state;
-#[cfg(feature = "cuda")]
-mod device_step;
-#[cfg(not(feature = "cuda"))]
-mod device_stub;
 mod error;
-mod estimate;
-mod grads;
-mod host_buf;
 mod memory;
 mod model;
-mod offload;
-mod params;
-mod placement;
+
+#[path = "step/blockwise.rs"]
+pub mod blockwise;
+#[path = "step/comm_worker.rs"]
+mod comm_worker;
+#[path = "step/pipe_wire.rs"]
 mod pipe_wire;
+#[path = "step/pipeline.rs"]
 mod pipeline;
+#[path = "step/sources.rs"]
 mod sources;
-mod state;
+#[path = "step/trainer.rs"]
 mod trainer;
+
+#[path = "state/grads.rs"]
+mod grads;
+#[path = "state/host_buf.rs"]
+mod host_buf;
+#[path = "state/params.rs"]
+mod params;
+#[path = "state/state.rs"]
+mod state;
+
+#[path = "placement/estimate.rs"]
+mod estimate;
+#[path = "placement/offload/mod.rs"]
+mod offload;
+#[path = "placement/place.rs"]
+mod placement;
+
+#[cfg(feature = "cuda")]
+#[path = "device/device_grads.rs"]
+mod device_grads;
+#[cfg(feature = "cuda")]
+#[path = "device/device_shard.rs"]
+mod device_shard;
+#[cfg(feature = "cuda")]
+#[path = "device/device_state.rs"]
+mod device_state;
+#[cfg(feature = "cuda")]
+#[path = "device/device_step.rs"]
+mod device_step;
+#[cfg(not(feature = "cuda"))]
+#[path = "device/device_stub.rs"]
+mod device_stub;
 
 pub use block::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
 #[cfg(feature = "cuda")]

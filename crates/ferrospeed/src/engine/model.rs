@@ -12,12 +12,14 @@ pub struct SlotSource {
     pub index: usize,
 }
 
-/// What a pipeline stage holds of a model (see [`Model::cut`]).
+/// What a pipeline rank holds of a model (see [`Model::cut`]).
 pub struct StageModel {
-    /// The ghosts, then the stage's blocks.
+    /// The ghosts, then the blocks of each of the rank's stages.
     pub model: Model,
-    /// The stage's own blocks, in `model`'s indices (the ghosts are the blocks before them).
-    pub run: std::ops::Range<usize>,
+    /// How many ghosts come first.
+    pub ghosts: usize,
+    /// The blocks of each of the rank's stages, in `model`'s indices.
+    pub runs: Vec<std::ops::Range<usize>>,
     /// Each block's index in the whole model.
     pub original: Vec<usize>,
 }
@@ -102,19 +104,22 @@ impl Model {
         self.own.iter().flatten().map(ParamSpec::numel).sum()
     }
 
-    /// The part of the model a pipeline stage holds: `blocks`, after the owners of the tied
-    /// parameters they use that lie before them (their "ghosts": held whole so the tied copy starts
-    /// from the owner's values and takes the owner's steps, never run). Names stay the model's, so
-    /// initial values, checkpoints and imports see the same blocks.
-    pub fn cut(self, blocks: std::ops::Range<usize>) -> Result<StageModel, EngineError> {
-        if blocks.is_empty() || blocks.end > self.num_blocks() {
-            return Err(EngineError::Model(format!("blocks {blocks:?} of a model of {} blocks", self.num_blocks())));
+    /// The part of the model a pipeline rank holds: the blocks of its stages (`chunks`, in order: one
+    /// range, or several with virtual stages), after the owners of the tied parameters they use that
+    /// none of its stages holds (their "ghosts": held whole so the tied copy starts from the owner's
+    /// values and takes the owner's steps, never run). Names stay the model's, so initial values,
+    /// checkpoints and imports see the same blocks.
+    pub fn cut(self, chunks: &[std::ops::Range<usize>]) -> Result<StageModel, EngineError> {
+        let n = self.num_blocks();
+        let held = |b: usize| chunks.iter().any(|c| c.contains(&b));
+        if chunks.iter().any(|c| c.is_empty() || c.end > n) {
+            return Err(EngineError::Model(format!("blocks {chunks:?} of a model of {n} blocks")));
         }
         let mut ghosts: Vec<usize> =
-            blocks.clone().flat_map(|i| self.slots[i].iter().map(|s| s.block)).filter(|&b| b < blocks.start).collect();
+            chunks.iter().flat_map(|c| c.clone()).flat_map(|i| self.slots[i].iter().map(|s| s.block)).filter(|&b| !held(b)).collect();
         ghosts.sort_unstable();
         ghosts.dedup();
-        let original: Vec<usize> = ghosts.iter().copied().chain(blocks.clone()).collect();
+        let original: Vec<usize> = ghosts.iter().copied().chain(chunks.iter().flat_map(|c| c.clone())).collect();
         let new_index = |b: usize| original.iter().position(|&o| o == b);
         let mut taken: Vec<Option<Box<dyn Block>>> = self.blocks.into_iter().map(Some).collect();
         let mut out = Model { blocks: Vec::new(), own: Vec::new(), slots: Vec::new(), names: Vec::new() };
@@ -123,12 +128,17 @@ impl Model {
             out.own.push(self.own[o].clone());
             out.names.push(self.names[o].clone());
             let slots = self.slots[o].iter().map(|s| new_index(s.block).map(|block| SlotSource { block, index: s.index }));
-            // A ghost's own slots are its own; a run block's tied slots point at a ghost or at a block
-            // of the span.
             out.slots.push(slots.collect::<Option<Vec<_>>>().ok_or_else(|| EngineError::Model(format!("block {} uses a block outside its stage", self.names[o])))?);
         }
-        let g = ghosts.len();
-        Ok(StageModel { model: out, run: g..original.len(), original })
+        let mut start = ghosts.len();
+        let runs = chunks
+            .iter()
+            .map(|c| {
+                start += c.len();
+                start - c.len()..start
+            })
+            .collect();
+        Ok(StageModel { model: out, ghosts: ghosts.len(), runs, original })
     }
 
     /// Forward FLOPs per token of the whole model.

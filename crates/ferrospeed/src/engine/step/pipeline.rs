@@ -35,47 +35,50 @@ use std::time::Instant;
 
 /// A rank's place in a pipeline, for [`Engine::with_pipeline`].
 pub struct PipelineStage {
-    /// This rank's stage (its rank in `p2p`).
-    pub stage: usize,
-    /// The schedule every stage runs (its `micro` is the accumulation).
+    /// This rank's place in the pipeline (its rank in `p2p`): it runs stages `rank`, `rank + pp`, …
+    pub rank: usize,
+    /// The schedule every rank runs (its `micro` is the accumulation, its `virtual_stages` the
+    /// stages a rank holds).
     pub schedule: Schedule,
-    /// The pipeline group: one rank per stage, in stage order.
+    /// The pipeline group: its ranks in pipeline order.
     pub p2p: Arc<dyn Communicator>,
-    /// The tie group (the stages holding tied parameters, this rank's data-parallel coordinates),
-    /// where there are ties across stages.
+    /// The tie group (the pipeline ranks holding tied parameters, at this rank's data-parallel
+    /// coordinates), where there are ties across ranks.
     pub tie: Option<Arc<dyn Communicator>>,
     /// The whole job's communication thread (what `Engine::comm` issues on).
     pub world: Arc<CommWorker>,
-    /// The stage that owns each block of the whole model.
+    /// The stage that owns each block of the whole model (stage `s` runs on pipeline rank `s % pp`).
     pub owner_stage: Vec<usize>,
     /// Blocks of the whole model whose parameters are held on more than one stage (their gradients
     /// are summed over `tie`).
     pub tied: Vec<usize>,
     /// Every block of the whole model: its name and parameters (what a checkpoint records).
     pub whole: Vec<(String, Vec<ParamSpec>)>,
-    /// (stage, data-parallel rank) of every rank of the world (whose file holds what).
+    /// (pipeline rank, data-parallel rank) of every rank of the world (whose file holds what).
     pub ranks: Vec<(usize, usize)>,
 }
 
-/// The cut of a model for one stage of a pipeline (the apply function of pipeline parallelism):
-/// `ranges` are every stage's blocks (see [`crate::parallel::stage_blocks`]). Returns the stage's
-/// part, the stage owning each block, the blocks held on several stages and the stages holding them.
-pub fn cut_for_stage(model: Model, ranges: &[Range<usize>], stage: usize) -> Result<StageCut, EngineError> {
+/// The cut of a model for one rank of a pipeline (the apply function of pipeline parallelism):
+/// `ranges` are every stage's blocks (see [`crate::parallel::stage_blocks`]), stage `s` on pipeline
+/// rank `s % pp`. Returns the rank's part, the stage owning each block, the blocks held on several
+/// ranks (tied parameters) and the pipeline ranks holding them.
+pub fn cut_for_stage(model: Model, ranges: &[Range<usize>], rank: usize, pp: usize) -> Result<StageCut, EngineError> {
     let n = model.num_blocks();
     let whole = (0..n).map(|i| (model.block_names()[i].clone(), model.own_params(i).to_vec())).collect();
     let mut owner_stage = vec![0; n];
     for (s, r) in ranges.iter().enumerate() {
         owner_stage[r.clone()].iter_mut().for_each(|o| *o = s);
     }
-    // For each owner block used by a later stage: the stages holding it.
+    // For each owner block used on another rank: the ranks holding it.
     let mut holders: HashMap<usize, Vec<usize>> = HashMap::new();
     for (s, r) in ranges.iter().enumerate() {
         for i in r.clone() {
             for src in model.slots(i) {
-                if owner_stage[src.block] != s {
-                    let h = holders.entry(src.block).or_insert_with(|| vec![owner_stage[src.block]]);
-                    if !h.contains(&s) {
-                        h.push(s);
+                let owner = owner_stage[src.block] % pp;
+                if owner != s % pp {
+                    let h = holders.entry(src.block).or_insert_with(|| vec![owner]);
+                    if !h.contains(&(s % pp)) {
+                        h.push(s % pp);
                     }
                 }
             }
@@ -89,12 +92,13 @@ pub fn cut_for_stage(model: Model, ranges: &[Range<usize>], stage: usize) -> Res
         h.sort_unstable();
         if !tie_stages.is_empty() && tie_stages != h {
             return Err(EngineError::Unsupported(format!(
-                "tied parameters held on stages {tie_stages:?} and on stages {h:?}: one set of stages per pipeline is supported; change parallel.pp_split"
+                "tied parameters held on pipeline ranks {tie_stages:?} and on ranks {h:?}: one set of ranks per pipeline is supported; change parallel.pp_split"
             )));
         }
         tie_stages = h;
     }
-    let cut = model.cut(ranges[stage].clone())?;
+    let chunks: Vec<Range<usize>> = ranges.iter().skip(rank).step_by(pp).cloned().collect();
+    let cut = model.cut(&chunks)?;
     Ok(StageCut { model: cut, owner_stage, tied, tie_stages, whole })
 }
 
@@ -106,24 +110,31 @@ pub struct StageCut {
     pub owner_stage: Vec<usize>,
     /// The blocks held on several stages (tied parameters), in the whole model's indices.
     pub tied: Vec<usize>,
-    /// The stages holding them (empty without ties across stages).
+    /// The pipeline ranks holding them (empty without ties across ranks).
     pub tie_stages: Vec<usize>,
     /// Every block of the whole model: name and parameters.
     pub whole: Vec<(String, Vec<ParamSpec>)>,
 }
 
-/// What the engine keeps of its pipeline stage.
+/// What the engine keeps of its place in the pipeline.
 pub(super) struct Pipe {
-    stage: usize,
+    /// This rank in the pipeline group, and the group's size.
+    rank: usize,
+    ranks_in_pipe: usize,
+    /// Stages over all ranks (`pp · pp_virtual`).
     stages: usize,
     actions: Vec<crate::parallel::Action>,
     micro: usize,
     p2p: Arc<dyn Communicator>,
     sender: Sender,
+    /// Messages received before the action that wanted them (a neighbour sent them earlier).
+    mailbox: HashMap<(usize, Flow, usize, usize), Vec<Option<Tensor>>>,
     tie: Option<Arc<dyn Communicator>>,
     pub(super) world: Arc<CommWorker>,
-    /// The stage's own blocks (after its ghosts), in the stage model's indices.
-    run: Range<usize>,
+    /// How many ghosts come first in the stage model.
+    ghosts: usize,
+    /// The blocks of each of this rank's stages (`rank`, `rank + pp`, …), in the stage model's indices.
+    runs: Vec<Range<usize>>,
     /// The whole model's index of each block of the stage model.
     original: Vec<usize>,
     owner_stage: Vec<usize>,
@@ -135,11 +146,13 @@ pub(super) struct Pipe {
 
 impl Pipe {
     pub(super) fn new(cut: &StageModel, p: PipelineStage) -> Result<Self, EngineError> {
-        let stages = p.p2p.world_size();
-        if p.stage >= stages || p.schedule.ranks != stages || p.schedule.virtual_stages != 1 {
+        let n = p.p2p.world_size();
+        let v = p.schedule.virtual_stages;
+        if p.rank >= n || p.schedule.ranks != n || cut.runs.len() != v {
             return Err(EngineError::Unsupported(format!(
-                "a pipeline of {} stage(s) with a schedule for {} rank(s) × {} virtual stage(s) (one stage per rank so far)",
-                stages, p.schedule.ranks, p.schedule.virtual_stages
+                "a pipeline of {n} rank(s) holding {} stage(s) each, with a schedule for {} rank(s) × {v} virtual stage(s)",
+                cut.runs.len(),
+                p.schedule.ranks
             )));
         }
         let tied: Vec<usize> = (0..cut.original.len()).filter(|&i| p.tied.contains(&cut.original[i])).collect();
@@ -147,15 +160,18 @@ impl Pipe {
             return Err(EngineError::Unsupported("a stage with tied parameters needs the tie group".into()));
         }
         Ok(Self {
-            stage: p.stage,
-            stages,
-            actions: p.schedule.actions[p.stage].clone(),
+            rank: p.rank,
+            ranks_in_pipe: n,
+            stages: n * v,
+            actions: p.schedule.actions[p.rank].clone(),
             micro: p.schedule.micro,
             sender: Sender::spawn(p.p2p.clone()),
+            mailbox: HashMap::new(),
             p2p: p.p2p,
             tie: p.tie,
             world: p.world,
-            run: cut.run.clone(),
+            ghosts: cut.ghosts,
+            runs: cut.runs.clone(),
             original: cut.original.clone(),
             owner_stage: p.owner_stage,
             tied,
@@ -164,8 +180,32 @@ impl Pipe {
         })
     }
 
+    /// Whether this rank holds the last stage (the loss).
     fn is_last(&self) -> bool {
-        self.stage + 1 == self.stages
+        self.rank + 1 == self.ranks_in_pipe
+    }
+
+    /// The pipeline rank that runs `stage`.
+    fn rank_of(&self, stage: usize) -> usize {
+        stage % self.ranks_in_pipe
+    }
+
+    /// The stage model's blocks of `stage` (one of this rank's).
+    fn run_of(&self, stage: usize) -> Range<usize> {
+        self.runs[stage / self.ranks_in_pipe].clone()
+    }
+
+    /// What the rank of `from_stage` sent for `stage` (`flow` of micro-batch `micro`): from the
+    /// mailbox, or received now, keeping what arrives first for the actions that want it.
+    fn receive(&mut self, from_stage: usize, flow: Flow, stage: usize, micro: usize, device: &candle_core::Device) -> Result<Vec<Option<Tensor>>, EngineError> {
+        let peer = self.rank_of(from_stage);
+        loop {
+            if let Some(t) = self.mailbox.remove(&(peer, flow, stage, micro)) {
+                return Ok(t);
+            }
+            let (tag, tensors) = pipe_wire::receive(self.p2p.as_ref(), peer, device)?;
+            self.mailbox.insert((peer, tag.flow, tag.stage, tag.micro), tensors);
+        }
     }
 }
 
@@ -192,9 +232,9 @@ impl Engine {
         let files = pipe
             .ranks
             .iter()
-            .map(|&(stage, d)| blocks.iter().enumerate().map(|(b, (_, f))| if pipe.owner_stage[b] == stage { f.layout().range(d) } else { 0..0 }).collect())
+            .map(|&(r, d)| blocks.iter().enumerate().map(|(b, (_, f))| if pipe.rank_of(pipe.owner_stage[b]) == r { f.layout().range(d) } else { 0..0 }).collect())
             .collect();
-        let local = pipe.original.iter().enumerate().map(|(i, &o)| (o, i >= pipe.run.start)).collect();
+        let local = pipe.original.iter().enumerate().map(|(i, &o)| (o, i >= pipe.ghosts)).collect();
         Some(super::state::CheckpointPlan { blocks, files, local, shard_rank: self.worker.rank() })
     }
 
@@ -228,13 +268,14 @@ impl Engine {
         let device = self.cfg.device.clone();
         let mut tapes = HashMap::new();
         let mut losses: Vec<Option<Tensor>> = vec![None; m];
-        let run = pipe.run.clone();
+        let last_stage = pipe.stages - 1;
         let world_rank = pipe.world.rank();
         for (a, action) in pipe.actions.clone().into_iter().enumerate() {
             if a == pipe.actions.len() / 2 {
                 crate::checkpoint::fault_at("mid-schedule", self.step + 1, world_rank);
             }
-            let k = action.micro;
+            let (k, stage) = (action.micro, action.stage);
+            let run = pipe.run_of(stage);
             let batch = &batches[k];
             let Self { model, worker, params, grads, cfg, nccl, acc, .. } = self;
             let mut resident = Resident { model, params };
@@ -245,33 +286,36 @@ impl Engine {
             };
             match action.op {
                 Op::Forward => {
-                    let input = if pipe.stage == 0 {
+                    let input = if stage == 0 {
                         Vec::new()
                     } else {
                         let t = Instant::now();
-                        let got = profile::scoped_as(Kind::Communication, "pipe_recv", || pipe_wire::receive(pipe.p2p.as_ref(), pipe.stage - 1, Flow::Activations, k, &device))?;
+                        let got = profile::scoped_as(Kind::Communication, "pipe_recv", || pipe.receive(stage - 1, Flow::Activations, stage, k, &device))?;
                         acc.pipeline_wait += t.elapsed().as_secs_f64();
                         got.into_iter().map(|t| t.ok_or_else(|| EngineError::Model("a stage boundary lost a tensor".into()))).collect::<Result<_, _>>()?
                     };
                     let (tape, out) = blockwise::forward_span(model, source, batch, cfg.checkpointing, run.clone(), input)?;
-                    if pipe.is_last() {
+                    if stage == last_stage {
                         losses[k] = Some(blockwise::scalar_loss(model, run.end - 1, out)?);
                     } else {
                         let outs: Vec<Option<Tensor>> = out.into_iter().map(Some).collect();
-                        pipe.sender.post(pipe_wire::pack(pipe.stage + 1, Flow::Activations, k, &outs)?)?;
+                        let to = pipe.rank_of(stage + 1);
+                        pipe.sender.post(pipe_wire::pack(to, Flow::Activations, stage + 1, k, &outs)?)?;
                     }
-                    tapes.insert(k, tape);
+                    tapes.insert((stage, k), tape);
                 }
                 Op::Backward => {
-                    let tape = tapes.remove(&k).ok_or_else(|| EngineError::Unsupported(format!("the schedule runs the backward of micro-batch {k} before its forward")))?;
-                    let upstream = if pipe.is_last() {
+                    let tape = tapes.remove(&(stage, k)).ok_or_else(|| EngineError::Unsupported(format!("the schedule runs the backward of stage {stage}, micro-batch {k} before its forward")))?;
+                    let upstream = if stage == last_stage {
                         None
                     } else {
                         let t = Instant::now();
-                        let got = profile::scoped_as(Kind::Communication, "pipe_recv", || pipe_wire::receive(pipe.p2p.as_ref(), pipe.stage + 1, Flow::Gradients, k, &device))?;
+                        let got = profile::scoped_as(Kind::Communication, "pipe_recv", || pipe.receive(stage + 1, Flow::Gradients, stage, k, &device))?;
                         acc.pipeline_wait += t.elapsed().as_secs_f64();
                         Some(got)
                     };
+                    // Each stage's backwards run in micro-batch order: the last one completes its blocks'
+                    // gradients, which are reduced as they finish.
                     let last = k + 1 == m;
                     let pending = &mut acc.pending;
                     let grad_in = blockwise::backward_span(model, source, batch, tape, upstream, loss_scale, |i, slot_grads| {
@@ -286,25 +330,28 @@ impl Engine {
                         }
                         Ok(())
                     })?;
-                    if last {
-                        // The ghosts' gradients are complete once the stage's blocks are done.
-                        for g in 0..run.start {
-                            pending.push((g, grads[g].start_reduce(worker, nccl.as_ref(), cfg.reduce_dtype)?));
-                        }
-                    }
-                    if pipe.stage > 0 {
-                        pipe.sender.post(pipe_wire::pack(pipe.stage - 1, Flow::Gradients, k, &grad_in)?)?;
+                    if stage > 0 {
+                        let to = pipe.rank_of(stage - 1);
+                        pipe.sender.post(pipe_wire::pack(to, Flow::Gradients, stage - 1, k, &grad_in)?)?;
                     }
                 }
                 op => return Err(EngineError::Unsupported(format!("the {op:?} action (split backward) is not in this build yet"))),
             }
             self.gathered_peak = self.gathered_peak.max(gathering.peak_bytes);
         }
+        // The ghosts' gradients are complete once every stage of the rank is done.
+        for g in 0..pipe.ghosts {
+            let p = self.grads[g].start_reduce(&self.worker, self.nccl.as_ref(), self.cfg.reduce_dtype)?;
+            self.acc.pending.push((g, p));
+        }
         let t = Instant::now();
         pipe.sender.flush()?;
         self.acc.pipeline_wait += t.elapsed().as_secs_f64();
         if !tapes.is_empty() {
             return Err(EngineError::Unsupported(format!("the schedule left {} forward(s) without their backward", tapes.len())));
+        }
+        if !pipe.mailbox.is_empty() {
+            return Err(EngineError::Unsupported(format!("{} message(s) from other stages were never used: the ranks run different schedules", pipe.mailbox.len())));
         }
         self.acc.losses = losses.into_iter().flatten().collect();
         self.acc.done = m;
@@ -338,7 +385,7 @@ impl Engine {
         let blocks = pipe.owner_stage.len();
         // table[r][b] for this stage's own blocks; zeros elsewhere.
         let mut mine = vec![0f64; ranks.len() * blocks];
-        for i in pipe.run.clone() {
+        for i in pipe.ghosts..pipe.original.len() {
             let ranges: Vec<Vec<Range<usize>>> = ranks.iter().map(|&r| vec![self.params[i].flat.layout().range(r)]).collect();
             let sums = grads::shard_sums(std::slice::from_ref(&self.grads[i]), &ranges)?;
             for (ri, s) in sums.into_iter().enumerate() {
@@ -350,7 +397,7 @@ impl Engine {
             let b = x.to_bits();
             [f32::from_bits(b as u32), f32::from_bits((b >> 32) as u32)]
         }).collect();
-        let mut all = vec![0f32; words.len() * pipe.stages];
+        let mut all = vec![0f32; words.len() * pipe.ranks_in_pipe];
         pipe.p2p.all_gather(Buf::F32(&words), BufMut::F32(&mut all))?;
         let value = |s: usize, k: usize| {
             let w = &all[s * words.len() + 2 * k..];
@@ -358,7 +405,7 @@ impl Engine {
         };
         Ok(Some(
             (0..ranks.len())
-                .map(|ri| (0..blocks).map(|b| value(pipe.owner_stage[b], ri * blocks + b)).sum::<f64>())
+                .map(|ri| (0..blocks).map(|b| value(pipe.rank_of(pipe.owner_stage[b]), ri * blocks + b)).sum::<f64>())
                 .collect(),
         ))
     }

@@ -10,13 +10,14 @@ use half::{bf16, f16};
 use std::sync::mpsc;
 use std::sync::Arc;
 
-/// Header length in f32 words: kind, micro-batch, count, then per tensor present/dtype/rank/dims.
+/// Header length in f32 words: kind, stage, micro-batch, count, then per tensor present/dtype/rank/dims.
 const HEADER: usize = 64;
+const FIXED: usize = 4;
 const MAX_RANK: usize = 6;
 const PER_TENSOR: usize = 3 + MAX_RANK;
 
 /// Which way a message goes: activations forward, their gradients back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum Flow {
     Activations = 1,
     Gradients = 2,
@@ -55,18 +56,26 @@ fn dtype_code(d: DType) -> Option<f32> {
     }
 }
 
-/// `tensors` (absent ones allowed: an integer input's gradient) for `peer`, tagged with `flow` and
-/// `micro`. Floating-point tensors only; shapes of up to six dimensions.
-pub(super) fn pack(peer: usize, flow: Flow, micro: usize, tensors: &[Option<Tensor>]) -> Result<Message, EngineError> {
-    if 3 + tensors.len() * PER_TENSOR > HEADER {
-        return Err(EngineError::Model(format!("a pipeline stage passes {} tensors: at most {}", tensors.len(), (HEADER - 3) / PER_TENSOR)));
+/// What a message is: which way it goes, the stage it is for, the micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Tag {
+    pub flow: Flow,
+    pub stage: usize,
+    pub micro: usize,
+}
+
+/// `tensors` (absent ones allowed: an integer input's gradient) for `peer`, tagged with `flow`, the
+/// stage they are for and `micro`. Floating-point tensors only; shapes of up to six dimensions.
+pub(super) fn pack(peer: usize, flow: Flow, stage: usize, micro: usize, tensors: &[Option<Tensor>]) -> Result<Message, EngineError> {
+    if FIXED + tensors.len() * PER_TENSOR > HEADER {
+        return Err(EngineError::Model(format!("a pipeline stage passes {} tensors: at most {}", tensors.len(), (HEADER - FIXED) / PER_TENSOR)));
     }
     let mut header = vec![0f32; HEADER];
-    (header[0], header[1], header[2]) = (flow as u8 as f32, micro as f32, tensors.len() as f32);
+    (header[0], header[1], header[2], header[3]) = (flow as u8 as f32, stage as f32, micro as f32, tensors.len() as f32);
     let mut data = Vec::new();
     for (k, t) in tensors.iter().enumerate() {
         let Some(t) = t else { continue };
-        let h = &mut header[3 + k * PER_TENSOR..3 + (k + 1) * PER_TENSOR];
+        let h = &mut header[FIXED + k * PER_TENSOR..FIXED + (k + 1) * PER_TENSOR];
         let code = dtype_code(t.dtype()).ok_or_else(|| {
             EngineError::Model(format!(
                 "a pipeline stage's output {k} is {:?}: blocks at a stage boundary pass floating-point tensors (integer ones, such as masks, come from the batch)",
@@ -91,21 +100,21 @@ pub(super) fn pack(peer: usize, flow: Flow, micro: usize, tensors: &[Option<Tens
     Ok(Message { peer, header, data })
 }
 
-/// Receive what [`pack`] sent from `peer`: tensors on `device`, checked to be `flow` of `micro`.
-pub(super) fn receive(comm: &dyn Communicator, peer: usize, flow: Flow, micro: usize, device: &Device) -> Result<Vec<Option<Tensor>>, EngineError> {
+/// Receive the next message [`pack`] sent from `peer`: its tag and its tensors on `device`.
+pub(super) fn receive(comm: &dyn Communicator, peer: usize, device: &Device) -> Result<(Tag, Vec<Option<Tensor>>), EngineError> {
     let mut header = vec![0f32; HEADER];
     comm.send_recv(vec![P2p::Recv { peer, buf: BufMut::F32(&mut header) }])?;
-    if header[0] != flow as u8 as f32 || header[1] != micro as f32 {
-        return Err(EngineError::Model(format!(
-            "pipeline: expected {flow:?} of micro-batch {micro} from stage rank {peer}, got kind {} of micro-batch {} (the stages run different schedules)",
-            header[0], header[1]
-        )));
-    }
-    let count = header[2] as usize;
+    let flow = match header[0] as u8 {
+        1 => Flow::Activations,
+        2 => Flow::Gradients,
+        k => return Err(EngineError::Model(format!("pipeline: a message of kind {k} from pipeline rank {peer}, which is not a stage boundary's"))),
+    };
+    let tag = Tag { flow, stage: header[1] as usize, micro: header[2] as usize };
+    let count = header[3] as usize;
     let mut shapes = Vec::with_capacity(count);
     let mut bufs: Vec<Option<HostData>> = Vec::with_capacity(count);
     for k in 0..count {
-        let h = &header[3 + k * PER_TENSOR..3 + (k + 1) * PER_TENSOR];
+        let h = &header[FIXED + k * PER_TENSOR..FIXED + (k + 1) * PER_TENSOR];
         if h[0] == 0.0 {
             (shapes.push(Vec::new()), bufs.push(None));
             continue;
@@ -135,7 +144,8 @@ pub(super) fn receive(comm: &dyn Communicator, peer: usize, flow: Flow, micro: u
         comm.send_recv(ops)?;
     }
     let err = || EngineError::tensor("a stage boundary");
-    bufs.into_iter()
+    let tensors = bufs
+        .into_iter()
         .zip(shapes)
         .map(|(b, dims)| {
             let Some(b) = b else { return Ok(None) };
@@ -146,7 +156,8 @@ pub(super) fn receive(comm: &dyn Communicator, peer: usize, flow: Flow, micro: u
             };
             t.and_then(|t| t.to_device(device)).map(Some).map_err(err())
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((tag, tensors))
 }
 
 /// The thread that posts a stage's sends in order (a send waits for its receiver; the compute
