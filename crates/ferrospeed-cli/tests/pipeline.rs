@@ -189,6 +189,28 @@ fn a_stage_killed_mid_schedule_is_restarted_from_the_last_checkpoint() {
 }
 
 #[test]
+fn a_tied_transformers_llama_imports_into_both_ends_of_a_pipeline() {
+    // transformers' tied Llama (fixtures/hf/mha_tied): stage 0 loads `embed_tokens` into its
+    // embedding, the last stage the same tensor into its ghost, so the first loss is pp = 1's bit for
+    // bit and the training follows within 1e-6.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        "the a of to and in is it that for on with as be by this are or not [UNK]".split(' ').enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
+    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}});
+    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/hf/mha_tied");
+    let model = format!("seq_len = 8\ninit_from = \"{}\"\ntokenizer = \"{}\"", fixture.display(), d.join("tokenizer.json").display());
+    let config = write_config(d, &model, "steps = 3\nglobal_batch = 4\nmicro_batch = 1\nwarmup = 0\nlr = 1e-2");
+    let flat = train(d, &config, "flat", 1, &[]);
+    let piped = train(d, &config, "piped", 2, &["parallel.pp=2"]);
+    assert_eq!(piped[0].1, flat[0].1, "the imported weights give pp = 1's first loss");
+    compare(&piped, &flat, Some(1e-6), "imported tied Llama at pp = 2");
+}
+
+#[test]
 fn bad_pipelines_are_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), GPT, STEPS);
