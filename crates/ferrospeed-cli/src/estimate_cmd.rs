@@ -30,8 +30,21 @@ pub struct EstimateArgs {
     pub overrides: Vec<String>,
 }
 
+/// A pipeline's shape, for the estimate of its ranks.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipeShape {
+    /// Pipeline ranks (`parallel.pp`).
+    pub pp: usize,
+    /// Stages a rank holds (`parallel.pp_virtual`).
+    pub virtual_stages: usize,
+    /// `parallel.pp_schedule`.
+    pub schedule: ferrospeed::config::PipelineSchedule,
+    /// `parallel.pp_split` (empty: by cost).
+    pub split: Vec<usize>,
+}
+
 /// How a run of `cfg` sets up: what the estimate needs besides the model.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunShape {
     pub micro_batch: usize,
     pub seq_len: usize,
@@ -42,10 +55,58 @@ pub struct RunShape {
     pub on_gpu: bool,
     /// Threads drawing the initial values (this machine's cores).
     pub threads: usize,
+    /// The pipeline, where `parallel.pp > 1` (`world` is then the data-parallel size).
+    pub pipe: Option<PipeShape>,
 }
 
-/// The estimate of `model` (of `family`) under `strategy` for a run shaped `run`.
+/// The estimate of `model` (of `family`) under `strategy` for a run shaped `run`: per rank, or in a
+/// pipeline that of its most demanding rank (see [`estimate_pipeline`]).
 pub fn estimate_run(family: &Family, model: &Model, strategy: Strategy, run: &RunShape) -> MemoryEstimate {
+    match &run.pipe {
+        None => estimate_whole(model, strategy, run, family.activations(run.micro_batch, run.seq_len, run.precision.compute_dtype().size_in_bytes())),
+        Some(pipe) => estimate_pipeline(family, model, strategy, run, pipe)
+            .into_iter()
+            .max_by_key(|e| if run.on_gpu { (e.device, e.host) } else { (e.host, e.device) })
+            .unwrap_or_default(),
+    }
+}
+
+/// Each pipeline rank's estimate: its blocks (and ghosts) as the engine cuts them, with the
+/// activations of the micro-batches its schedule holds at once (1f1b: `pp − rank`; gpipe: all of
+/// them; interleaved: its warm-up plus one, in units of one of its stages), each the rank's share of
+/// the model's activations by its blocks' forward FLOPs.
+pub fn estimate_pipeline(family: &Family, model: &Model, strategy: Strategy, run: &RunShape, pipe: &PipeShape) -> Vec<MemoryEstimate> {
+    use ferrospeed::config::PipelineSchedule;
+    let stages = pipe.pp * pipe.virtual_stages;
+    let costs: Vec<ferrospeed::parallel::BlockCost> = (0..model.num_blocks())
+        .map(|i| ferrospeed::parallel::BlockCost { flops: model.block(i).forward_flops_per_token(), params: model.own_params(i).iter().map(|p| p.numel() as f64).sum() })
+        .collect();
+    let Ok(ranges) = ferrospeed::parallel::stage_blocks(&costs, stages, &pipe.split) else {
+        return vec![estimate_whole(model, strategy, run, family.activations(run.micro_batch, run.seq_len, run.precision.compute_dtype().size_in_bytes()))];
+    };
+    let total_flops: f64 = costs.iter().map(|c| c.flops).sum::<f64>().max(1.0);
+    let whole = family.activations(run.micro_batch, run.seq_len, run.precision.compute_dtype().size_in_bytes());
+    let m = run.accumulation;
+    (0..pipe.pp)
+        .filter_map(|r| {
+            let chunks: Vec<std::ops::Range<usize>> = ranges.iter().skip(r).step_by(pipe.pp).cloned().collect();
+            let share = chunks.iter().flat_map(|c| c.clone()).map(|i| costs[i].flops).sum::<f64>() / total_flops;
+            // Micro-batches of the rank's blocks held at once (interleaved: stage-sized units).
+            let held = match pipe.schedule {
+                PipelineSchedule::Gpipe => m as f64,
+                PipelineSchedule::Interleaved => ((pipe.pp - r - 1) * 2 + (pipe.virtual_stages - 1) * pipe.pp + 1).min(m * pipe.virtual_stages) as f64 / pipe.virtual_stages as f64,
+                _ => (pipe.pp - r).min(m) as f64,
+            };
+            let scale = |b: u64| (b as f64 * share * held) as u64;
+            let acts = ferrospeed::engine::ActivationProfile { kept: scale(whole.kept), recomputed: scale(whole.recomputed) };
+            let cut = family.model().ok()?.cut(&chunks).ok()?;
+            Some(estimate_whole(&cut.model, strategy, run, acts))
+        })
+        .collect()
+}
+
+/// The estimate of `model` with activations `activations` at one micro-batch.
+fn estimate_whole(model: &Model, strategy: Strategy, run: &RunShape, activations: ferrospeed::engine::ActivationProfile) -> MemoryEstimate {
     let compute_bytes = run.precision.compute_dtype().size_in_bytes();
     let plan = EstimatePlan {
         strategy,
@@ -55,7 +116,7 @@ pub fn estimate_run(family: &Family, model: &Model, strategy: Strategy, run: &Ru
         accumulation: run.accumulation,
         checkpointing: run.checkpointing,
         on_gpu: run.on_gpu,
-        activations: family.activations(run.micro_batch, run.seq_len, compute_bytes),
+        activations,
         init_threads: run.threads,
     };
     estimate(model, &plan)
@@ -78,9 +139,8 @@ fn strategy_of(cfg: &Config) -> Strategy {
     cfg.zero.strategy()
 }
 
-/// The run's shape at `world` ranks. ZeRO shards over the data-parallel group; a pipeline stage
-/// is estimated as the whole model over that group (an upper bound: the per-stage split comes with
-/// the stage assignment at start).
+/// The run's shape at `world` ranks: ZeRO shards over the data-parallel group; a pipeline's ranks
+/// are estimated one by one (`estimate_pipeline`).
 fn shape_of(cfg: &Config, world: usize, on_gpu: bool) -> Result<RunShape> {
     let dp = cfg.mesh(world).map_err(|e| usage_error(e.to_string()))?.size(ferrospeed::parallel::Axis::Dp);
     Ok(RunShape {
@@ -92,6 +152,12 @@ fn shape_of(cfg: &Config, world: usize, on_gpu: bool) -> Result<RunShape> {
         world: dp,
         on_gpu,
         threads: rayon::current_num_threads(),
+        pipe: (cfg.parallel.pp > 1).then(|| PipeShape {
+            pp: cfg.parallel.pp,
+            virtual_stages: cfg.parallel.pp_virtual,
+            schedule: cfg.parallel.pp_schedule,
+            split: cfg.parallel.pp_split.clone(),
+        }),
     })
 }
 
@@ -131,12 +197,16 @@ pub fn run(args: EstimateArgs) -> Result<ExitCode> {
     let on_gpu = args.gpu || cfg!(feature = "cuda") && cfg.train.device != ferrospeed::config::DeviceChoice::Cpu;
     let run = shape_of(&cfg, world, on_gpu)?;
     println!(
-        "{} parameters, micro-batch {} × {} tokens, {}, {} rank(s), activation checkpointing {}; GiB per rank{}:",
+        "{} parameters, micro-batch {} × {} tokens, {}, {} rank(s){}, activation checkpointing {}; GiB per rank{}:",
         model.num_params(),
         run.micro_batch,
         run.seq_len,
         run.precision,
         world,
+        match &run.pipe {
+            Some(p) => format!(" (a pipeline of {} ranks × {} data-parallel: its most demanding rank)", p.pp, run.world),
+            None => String::new(),
+        },
         if run.checkpointing { "on" } else { "off" },
         if on_gpu { "" } else { " (a CPU run: everything is host memory; --gpu for a GPU run)" }
     );
@@ -191,7 +261,7 @@ pub fn check_fits(cfg: &Config, family: &Family, model: &Model, device: &candle_
     let fix = alternatives(cfg, world.world_size)
         .into_iter()
         .find_map(|(label, s, ckpt)| {
-            let alt = estimate_run(family, model, s, &RunShape { checkpointing: ckpt, ..run });
+            let alt = estimate_run(family, model, s, &RunShape { checkpointing: ckpt, ..run.clone() });
             fits(&alt).then(|| format!("{label} (estimated {:.1} GiB GPU, {:.1} GiB host per rank)", gib(alt.device), gib(alt.host)))
         })
         .unwrap_or_else(|| "use more ranks or a smaller micro-batch (no offload setting fits this machine)".into());
@@ -264,6 +334,7 @@ mod tests {
                     world: d["world"].as_u64().unwrap() as usize,
                     on_gpu: true,
                     threads: 16,
+                    pipe: None,
                 };
                 let strategy = Strategy::new(stage).with_offload(offload, ratio, Offload::None);
                 let strategy = d["nvme_ratio"].as_f64().map_or(strategy, |q| strategy.with_nvme_ratio(q));
@@ -283,6 +354,43 @@ mod tests {
         }
         assert!(checked.iter().any(|c| c.2 != Offload::None) && checked.iter().any(|c| c.2 == Offload::None));
         assert!(checked.iter().any(|c| c.0.starts_with("gpt2")) && checked.iter().any(|c| c.0.starts_with("llama")));
+    }
+
+    /// The pipeline recorded on one H100 (bench/results/gpu-2026-12-07-issue26: Llama-1B shape, bf16,
+    /// T 1024, micro-batch 2, 4 micro-batches, 1f1b): pp = 1's peak and pp = 2's rank 0 (the one that
+    /// prints) against their estimates, within 10%.
+    #[test]
+    fn a_pipeline_rank_is_estimated_by_its_own_blocks_and_micro_batches() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/results/gpu-2026-12-07-issue26/pipe.jsonl");
+        let text = std::fs::read_to_string(&root).unwrap();
+        let mut seen = 0;
+        for line in text.lines() {
+            let d: serde_json::Value = serde_json::from_str(line).unwrap();
+            let pp = d["pp"].as_u64().unwrap() as usize;
+            let family = crate::bench_cmd::shape(d["model"].as_str().unwrap(), d["T"].as_u64().unwrap() as usize).unwrap();
+            let model = family.model().unwrap();
+            let run = RunShape {
+                micro_batch: d["B"].as_u64().unwrap() as usize,
+                seq_len: d["T"].as_u64().unwrap() as usize,
+                precision: Precision::from_name(d["precision"].as_str().unwrap()).unwrap(),
+                accumulation: d["micro_batches"].as_u64().unwrap() as usize,
+                checkpointing: false,
+                world: 1,
+                on_gpu: true,
+                threads: 16,
+                pipe: (pp > 1).then(|| PipeShape { pp, virtual_stages: 1, schedule: ferrospeed::config::PipelineSchedule::OneFOneB, split: vec![] }),
+            };
+            let strategy = Strategy::new(ZeroStage::Zero);
+            let e = match &run.pipe {
+                None => estimate_run(&family, &model, strategy, &run),
+                Some(p) => estimate_pipeline(&family, &model, strategy, &run, p)[0],
+            };
+            let gpu = d["peak_gpu_gib"].as_f64().unwrap();
+            eprintln!("pp {pp}: estimate {:.2} GiB (params {:.2}, grads {:.2}, state {:.2}, activations {:.2}) vs measured {gpu}", gib(e.device), gib(e.params), gib(e.grads), gib(e.state), gib(e.activations));
+            assert!((gib(e.device) / gpu - 1.0).abs() <= 0.10, "pp {pp}: {:.2} vs {gpu}", gib(e.device));
+            seen += 1;
+        }
+        assert_eq!(seen, 2);
     }
 }
 
