@@ -44,6 +44,8 @@ pub struct Answers {
     pub written_by: &'static str,
     pub num_nodes: usize,
     pub num_procs_per_node: usize,
+    /// `parallel.pp`: pipeline stages (1: data parallelism only).
+    pub pp: usize,
     pub device: DeviceChoice,
     pub model: ModelChoice,
     pub seq_len: usize,
@@ -72,6 +74,7 @@ impl Answers {
             written_by: "ferrospeed config --defaults",
             num_nodes: 1,
             num_procs_per_node: 1,
+            pp: 1,
             device: DeviceChoice::Auto,
             model: ModelChoice::Gpt { n_layer: 2, n_head: 2, d_model: 64 },
             seq_len: 64,
@@ -94,6 +97,11 @@ impl Answers {
     /// Ranks of the whole job.
     pub fn world_size(&self) -> usize {
         self.num_nodes * self.num_procs_per_node
+    }
+
+    /// Ranks of the data-parallel group (the batch is split over them): the world over the pipeline.
+    pub fn data_parallel_size(&self) -> usize {
+        (self.world_size() / self.pp.max(1)).max(1)
     }
 
     /// The command that starts the run of `config` on this node (node 0 of several).
@@ -139,7 +147,32 @@ seq_len = {:<16}# tokens per training sequence"#,
     };
     let nvme = a.nvme_dir.as_ref().map_or_else(|| "# nvme_dir = \"/path/on/fast/disk\"   # needed when an offload is \"nvme\"".to_string(), |d| format!("nvme_dir = {}   # the optimizer state's files (scratch)", quoted(d)));
     let world = a.world_size();
-    let accumulation = a.global_batch / (a.micro_batch * world).max(1);
+    let dp = a.data_parallel_size();
+    let accumulation = a.global_batch / (a.micro_batch * dp).max(1);
+    let (ranks, at) = match a.pp {
+        1 => ("ranks", format!("{world} rank(s)")),
+        _ => ("data-parallel ranks", format!("{dp} data-parallel of {world} rank(s)")),
+    };
+    let parallel = if a.pp > 1 {
+        format!(
+            "[parallel]                # axes besides data parallelism; data-parallel size = ranks / (pp·tp·cp) = {dp}\n\
+             pp = {:<20}# pipeline stages, blocks split by cost (pp_split = [..] to place them yourself)\n\
+             pp_schedule = \"1f1b\"      # \"1f1b\", \"gpipe\" or \"interleaved\" (with pp_virtual stages a rank)\n\
+             # tp = 1                  # tensor-parallel ranks per layer (sp = true: sequence parallelism over them)\n\
+             # cp = 1                  # context-parallel ranks per sequence\n\
+             # ep = 1                  # expert-parallel ranks, a divisor of the data-parallel size\n\
+             #                         # (this build refuses tp, cp and ep above 1)",
+            a.pp
+        )
+    } else {
+        "# [parallel]              # axes besides data parallelism; data-parallel size = ranks / (pp·tp·cp)\n\
+         # pp = 1                  # pipeline stages (pp_schedule \"1f1b\", \"gpipe\", \"interleaved\"; pp_virtual, pp_split)\n\
+         # tp = 1                  # tensor-parallel ranks per layer (sp = true: sequence parallelism over them)\n\
+         # cp = 1                  # context-parallel ranks per sequence\n\
+         # ep = 1                  # expert-parallel ranks, a divisor of the data-parallel size\n\
+         #                         # (this build refuses tp, cp and ep above 1)"
+            .to_string()
+    };
     format!(
         r#"# ferrospeed run configuration, written by `{written_by}`.
 # For {nodes} node(s) × {procs} process(es) per node = {world} rank(s). Train with:
@@ -157,7 +190,7 @@ path = {data}
 [train]
 steps = {steps}
 global_batch = {global_batch:<11}# sequences per optimizer step, all ranks together
-micro_batch = {micro_batch:<12}# sequences per rank per forward; accumulation = global / (micro × ranks) = {accumulation} at {world} rank(s)
+micro_batch = {micro_batch:<12}# sequences per rank per forward; accumulation = global / (micro × {ranks}) = {accumulation} at {at}
 lr = 3e-3
 warmup = {warmup}
 weight_decay = 0.1
@@ -174,12 +207,7 @@ offload_ratio = {ratio:<10}# share of the optimizer state offloaded, in (0, 1]
 {nvme_ratio}
 {nvme}
 
-# [parallel]              # axes besides data parallelism; data-parallel size = ranks / (pp·tp·cp)
-# pp = 1                  # pipeline stages (pp_schedule "1f1b", "gpipe", "interleaved", "zb"; pp_virtual, pp_split)
-# tp = 1                  # tensor-parallel ranks per layer (sp = true: sequence parallelism over them)
-# cp = 1                  # context-parallel ranks per sequence
-# ep = 1                  # expert-parallel ranks, a divisor of the data-parallel size
-#                         # (this build checks these against the ranks and refuses any above 1)
+{parallel}
 
 [checkpoint]
 {checkpoint}
@@ -269,13 +297,17 @@ mod tests {
         let cases = [
             base.clone(),
             Answers { num_nodes: 2, num_procs_per_node: 4, global_batch: 64, micro_batch: 2, ..base.clone() },
+            // Two pipelines of four stages: 64 / (2 × 2) = 16 micro-batches a step.
+            Answers { num_nodes: 2, num_procs_per_node: 4, pp: 4, global_batch: 64, micro_batch: 2, ..base.clone() },
             Answers { zero_stage: ZeroStage::Three, offload: Offload::Cpu, offload_ratio: 0.5, precision: Precision::Bf16, ..base.clone() },
             Answers { checkpoint: None, activation_checkpointing: false, steps: 3, device: DeviceChoice::Cpu, ..base.clone() },
         ];
         for a in cases {
             let cfg = a.validate("test.toml").unwrap_or_else(|e| panic!("{a:?}: {e}"));
             assert_eq!((cfg.train.steps, cfg.train.micro_batch, cfg.zero.stage), (a.steps, a.micro_batch, a.zero_stage));
-            assert_eq!(cfg.accumulation_steps(a.world_size()).unwrap(), a.global_batch / (a.micro_batch * a.world_size()));
+            assert_eq!(cfg.accumulation_steps(a.data_parallel_size()).unwrap(), a.global_batch / (a.micro_batch * a.data_parallel_size()));
+            assert_eq!(cfg.parallel.pp, a.pp);
+            cfg.mesh(a.world_size()).unwrap_or_else(|e| panic!("{a:?}: {e}"));
             assert_eq!(cfg.checkpoint.dir.map(|d| d.display().to_string()), a.checkpoint.map(|c| c.0));
         }
         // Three tiers: a share on NVMe, the offloaded rest in host memory.

@@ -125,7 +125,19 @@ impl Wizard {
         self.asked.push("train.device");
         let per_node = if gpu { "Processes per node (one per GPU)" } else { "Processes per node" };
         self.ask(per_node, "1".into(), &[], |a, s| count(s).map(|v| a.num_procs_per_node = v), no_more)?;
-        self.ask("Nodes (machines)", "1".into(), &[], |a, s| count(s).map(|v| a.num_nodes = v), no_more)
+        self.ask("Nodes (machines)", "1".into(), &[], |a, s| count(s).map(|v| a.num_nodes = v), no_more)?;
+        self.asked.push("parallel.pp");
+        if self.answers.world_size() == 1 {
+            return Ok(());
+        }
+        // The mesh's own check (the stages must divide the ranks), whatever is still unanswered.
+        let prompt = format!("Pipeline stages (parallel.pp; 1: every rank holds the whole model; must divide the {} ranks)", self.answers.world_size());
+        self.ask(&prompt, "1".into(), &["parallel.pp"], |a, s| {
+            let pp = count(s)?;
+            ferrospeed::parallel::Mesh::new(a.world_size(), pp, 1, 1, 1).map_err(|e| e.to_string())?;
+            a.pp = pp;
+            Ok(())
+        }, no_more)
     }
 
     fn zero(&mut self) -> Result<()> {
@@ -204,16 +216,17 @@ impl Wizard {
 
     fn batches(&mut self) -> Result<()> {
         self.ask("Global batch (sequences per optimizer step, all ranks together)", self.answers.global_batch.to_string(), &["train.global_batch"], |a, s| number(s).map(|v| a.global_batch = v), no_more)?;
-        let accumulation = |a: &Answers, cfg: &Config| cfg.accumulation_steps(a.world_size()).map(|_| ()).map_err(|e| e.to_string());
+        let accumulation = |a: &Answers, cfg: &Config| cfg.accumulation_steps(a.data_parallel_size()).map(|_| ()).map_err(|e| e.to_string());
         let default = self.answers.micro_batch.min(self.answers.global_batch).to_string();
         self.ask("Micro-batch (sequences per rank per forward)", default, &["train.micro_batch"], |a, s| number(s).map(|v| a.micro_batch = v), accumulation)?;
         let a = &self.answers;
         eprintln!(
-            "  gradient accumulation steps = global batch / (micro-batch × ranks) = {} / ({} × {}) = {}",
+            "  gradient accumulation steps = global batch / (micro-batch × {}ranks) = {} / ({} × {}) = {}",
+            if a.pp > 1 { "data-parallel " } else { "" },
             a.global_batch,
             a.micro_batch,
-            a.world_size(),
-            a.global_batch / (a.micro_batch * a.world_size())
+            a.data_parallel_size(),
+            a.global_batch / (a.micro_batch * a.data_parallel_size())
         );
         Ok(())
     }

@@ -92,6 +92,43 @@ fn the_questionnaire_writes_a_config_that_trains() {
 }
 
 #[test]
+fn with_several_ranks_it_asks_for_pipeline_stages_and_the_config_trains_as_a_pipeline() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pipe.toml");
+    let mut p = wizard(dir.path(), &out);
+    answer(&mut p, "Where does it train?", "\r");
+    answer(&mut p, "Processes per node", "4\r");
+    answer(&mut p, "Nodes (machines)", "\r");
+    // Stages that do not divide the ranks: the mesh's one-line message, asked again.
+    answer(&mut p, "Pipeline stages (parallel.pp", "3\r");
+    answer(&mut p, "world size 4 does not split into pp", "2\r");
+    answer(&mut p, "ZeRO stage", "\r");
+    answer(&mut p, "Optimizer state offload", "\r");
+    answer(&mut p, "Precision", "\r");
+    answer(&mut p, "Activation checkpointing", "\r");
+    answer(&mut p, "Model", "\r");
+    answer(&mut p, "Sequence length", "32\r");
+    answer(&mut p, "Training data", &format!("{}\r", corpus().display()));
+    answer(&mut p, "Global batch", "8\r");
+    answer(&mut p, "Micro-batch", "2\r");
+    // 8 / (2 × 2 data-parallel ranks): the pipeline's ranks do not split the batch.
+    p.exp_string("= 8 / (2 ").unwrap();
+    p.exp_string("2) = 2\r\n").unwrap();
+    answer(&mut p, "Optimizer steps", "2\r");
+    answer(&mut p, "Save checkpoints", "n\r");
+    p.exp_string("memory per rank (estimate,").unwrap();
+    p.exp_string("ferrospeed launch --nproc-per-node 4 train --config").unwrap();
+    p.exp_eof().unwrap();
+    let cfg = ferrospeed::config::Config::load(&out, &[]).expect("the written config validates");
+    assert_eq!((cfg.parallel.pp, cfg.train.global_batch, cfg.train.micro_batch), (2, 8, 2));
+    assert_eq!(cfg.accumulation_steps(cfg.mesh(4).unwrap().size(ferrospeed::parallel::Axis::Dp)).unwrap(), 2);
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("= 2 at 2 data-parallel of 4 rank(s)") && text.contains("\n[parallel]"), "{text}");
+    let rows = train(4, &out, &dir.path().join("t"), &[]);
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 2]);
+}
+
+#[test]
 fn without_a_terminal_it_points_to_defaults_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.toml");
