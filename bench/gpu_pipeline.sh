@@ -5,8 +5,9 @@
 #            at pp=2 with both ranks on it (FERROSPEED_SHARE_GPUS=1); PASS when every step's loss of pp=2 is
 #            within PIPE_TOL (relative) of pp=1's, into $OUT/pipeline-check.txt;
 #   bubble   4 CPU stages (GPT-2 width, 16 layers, vocabulary 4096 so the head weighs a third of a layer,
-#            pp_split 5,4,4,5), 1f1b and gpipe at 8 and 16 micro-batches: each stage's measured idle share
-#            beside the analytic (p − 1)/m (bench-train's "bubble"), RAYON_NUM_THREADS cores a rank.
+#            pp_split 5,4,4,5), BUBBLE_SCHEDULES (default 1f1b gpipe; interleaved: 2 stages a rank, split
+#            3,2,2,2,2,2,2,3) at 8 and 16 micro-batches: each rank's measured idle share beside the analytic
+#            (p − 1)/m, or (p − 1)/(v·m) (bench-train's "bubble"), RAYON_NUM_THREADS cores a rank.
 # Carried: .carry/*.xz (bench/gpu_pack.sh), .carry/device-env.sh. Writes JSON lines and logs under $OUT.
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT" /tmp/bin
@@ -44,10 +45,12 @@ EOF
 fi
 
 if [[ $PARTS == *bubble* ]]; then
-  C="--model gpt2-124m --layers 16 --vocab 4096 --seq-len ${BUBBLE_T:-128} --micro-batch 2 --device cpu --precision fp32 --pp 4 --pp-split 5,4,4,5 --steps 3 --warmup 1"
+  C="--model gpt2-124m --layers 16 --vocab 4096 --seq-len ${BUBBLE_T:-128} --micro-batch 2 --device cpu --precision fp32 --pp 4 --steps 3 --warmup 1"
   for m in 8 16; do
-    for s in 1f1b gpipe; do
-      RAYON_NUM_THREADS=${BUBBLE_THREADS:-4} timeout 150 $BIN launch --nproc-per-node 4 bench-train $C --micro-batches $m --schedule $s 2>>"$OUT/bubble.err" \
+    for s in ${BUBBLE_SCHEDULES:-1f1b gpipe}; do
+      split="--pp-split 5,4,4,5"
+      [ "$s" = interleaved ] && split="--pp-virtual 2 --pp-split 3,2,2,2,2,2,2,3"
+      RAYON_NUM_THREADS=${BUBBLE_THREADS:-4} timeout 150 $BIN launch --nproc-per-node 4 bench-train $C $split --micro-batches $m --schedule $s 2>>"$OUT/bubble.err" \
         | sed 's/^\[rank0\]: //' | grep '^{' | label "bubble-$s-m$m" | tee -a "$OUT/bubble.jsonl"
     done
   done

@@ -66,9 +66,12 @@ pub struct BenchTrainArgs {
     /// Pipeline stages (parallel.pp; run under `launch` with a multiple of it)
     #[arg(long, default_value_t = 1)]
     pub pp: usize,
-    /// The pipeline schedule: 1f1b or gpipe (parallel.pp_schedule)
+    /// The pipeline schedule: 1f1b, gpipe or interleaved (parallel.pp_schedule)
     #[arg(long, default_value = "1f1b")]
     pub schedule: String,
+    /// Stages a rank holds with --schedule interleaved (parallel.pp_virtual)
+    #[arg(long, default_value_t = 1)]
+    pub pp_virtual: usize,
     /// Blocks per stage, comma-separated (parallel.pp_split; default: split by cost)
     #[arg(long)]
     pub pp_split: Option<String>,
@@ -146,7 +149,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     }
     let dp = world.world_size / args.pp;
     let split = args.pp_split.as_deref().map(|s| format!("pp_split = [{s}]\n")).unwrap_or_default();
-    let parallel = format!("\n[parallel]\npp = {}\npp_schedule = \"{}\"\n{split}", args.pp, args.schedule);
+    let parallel = format!("\n[parallel]\npp = {}\npp_schedule = \"{}\"\npp_virtual = {}\n{split}", args.pp, args.schedule, args.pp_virtual);
     // The anchors' settings, as a config: AdamW (0.9, 0.95, 1e-8, decay 0.1), clipping at 1, a constant
     // learning rate of 1e-4, seed 0, one micro-batch per rank per step (--micro-batches: more).
     let toml = format!(
@@ -237,7 +240,9 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
             "micro_batches": args.micro_batches,
             "schedule": if args.pp > 1 { Some(&args.schedule) } else { None },
             "bubble": (args.pp > 1).then(|| serde_json::json!({
-                "analytic": (args.pp - 1) as f64 / args.micro_batches as f64,
+                // (p − 1)/m, or (p − 1)/(v·m) with v stages a rank (interleaved).
+                "analytic": (args.pp - 1) as f64 / (args.pp_virtual * args.micro_batches) as f64,
+                "virtual_stages": args.pp_virtual,
                 // Stage s's idle over busy time (median over the timed steps), first data-parallel group.
                 "measured_per_stage": (0..args.pp).map(|s| (f64::from(stage_idle[s * dp]) * 1e4).round() / 1e4).collect::<Vec<_>>(),
             })),
