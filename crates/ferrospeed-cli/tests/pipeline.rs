@@ -108,7 +108,7 @@ fn interleaved_pipelines_with_virtual_stages_match_pp1() {
 }
 
 #[test]
-fn zero_2_and_3_and_offload_inside_each_stage_match_pp1_bit_for_bit() {
+fn zero_2_and_3_offload_and_fp16_inside_each_stage_match_pp1_bit_for_bit() {
     // DeepSpeed refuses ZeRO-2/3 with a pipeline; here each stage's data-parallel group shards its
     // own blocks, and the arithmetic is that of pp = 1 at stage 0.
     let dir = tempfile::tempdir().unwrap();
@@ -121,6 +121,9 @@ fn zero_2_and_3_and_offload_inside_each_stage_match_pp1_bit_for_bit() {
         let got = train(dir.path(), &config, &format!("pp{pp}{}", zero.join("-")), pp * 2, &sets);
         assert_eq!(got, reference, "pp = {pp}, dp = 2, {zero:?}: (step, loss bits, grad-norm bits) differ from pp = 1 at stage 0");
     }
+    // fp16 with dynamic loss scaling: the overflow check is agreed over the world, the scale the same.
+    let fp16 = train(dir.path(), &config, "fp16", 1, &["train.precision=fp16"]);
+    assert_eq!(train(dir.path(), &config, "fp16-pp2", 2, &["train.precision=fp16", "parallel.pp=2"]), fp16, "fp16 at pp = 2");
 }
 
 /// A copy of checkpoint folder `from` whose `latest` is its step `step`.
