@@ -88,7 +88,7 @@ pub fn estimate_pipeline(family: &Family, model: &Model, strategy: Strategy, run
     let whole = family.activations(run.micro_batch, run.seq_len, run.precision.compute_dtype().size_in_bytes());
     let m = run.accumulation;
     (0..pipe.pp)
-        .filter_map(|r| {
+        .map(|r| {
             let chunks: Vec<std::ops::Range<usize>> = ranges.iter().skip(r).step_by(pipe.pp).cloned().collect();
             let share = chunks.iter().flat_map(|c| c.clone()).map(|i| costs[i].flops).sum::<f64>() / total_flops;
             // Micro-batches of the rank's blocks held at once (interleaved: stage-sized units).
@@ -99,8 +99,12 @@ pub fn estimate_pipeline(family: &Family, model: &Model, strategy: Strategy, run
             };
             let scale = |b: u64| (b as f64 * share * held) as u64;
             let acts = ferrospeed::engine::ActivationProfile { kept: scale(whole.kept), recomputed: scale(whole.recomputed) };
-            let cut = family.model().ok()?.cut(&chunks).ok()?;
-            Some(estimate_whole(&cut.model, strategy, run, acts))
+            // A rank that cannot be cut (not expected: the engine cuts the same way) is estimated as
+            // the whole model, never left out.
+            match family.model().ok().and_then(|m| m.cut(&chunks).ok()) {
+                Some(cut) => estimate_whole(&cut.model, strategy, run, acts),
+                None => estimate_whole(model, strategy, run, whole),
+            }
         })
         .collect()
 }
@@ -258,7 +262,7 @@ pub fn check_fits(cfg: &Config, family: &Family, model: &Model, device: &candle_
         Some(g) if e.device > g => ("GPU memory per rank", e.device, g),
         _ => ("host memory for this node's ranks", e.host * local, host),
     };
-    let fix = alternatives(cfg, world.world_size)
+    let fix = alternatives(cfg, run.world)
         .into_iter()
         .find_map(|(label, s, ckpt)| {
             let alt = estimate_run(family, model, s, &RunShape { checkpointing: ckpt, ..run.clone() });

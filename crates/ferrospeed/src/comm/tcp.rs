@@ -177,8 +177,18 @@ pub(crate) struct Turn<'a> {
     after: u64,
 }
 
+/// The turn of a direction whose last batch failed part-way (its bytes may stop mid-message).
+const BROKEN: u64 = u64::MAX;
+
+impl Turn<'_> {
+    /// This batch failed on the direction: no later batch may use it.
+    pub(crate) fn break_link(&mut self) {
+        self.after = BROKEN;
+    }
+}
+
 impl Drop for Turn<'_> {
-    /// The next batch's turn (after a failure too: the group is poisoned then, and it fails at once).
+    /// The next batch's turn, or the direction broken for every later one.
     fn drop(&mut self) {
         *self.link.next.lock().unwrap_or_else(|p| p.into_inner()) = self.after;
         self.link.turned.notify_all();
@@ -522,6 +532,12 @@ impl TcpCommunicator {
         let link = &self.links[peer][usize::from(send)];
         let mut next = link.next.lock().unwrap_or_else(|p| p.into_inner());
         while *next != first {
+            if *next == BROKEN {
+                return Err(LinkError::Internal(format!(
+                    "an earlier batch on the connection to rank {} failed part-way: the group is unusable",
+                    self.group.world_rank(peer)
+                )));
+            }
             let left = deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or(LinkError::Timeout { peer })?;
             next = link.turned.wait_timeout(next, left).unwrap_or_else(|p| p.into_inner()).0;
         }

@@ -63,7 +63,7 @@ impl TcpCommunicator {
                 for (peer, bufs) in recvs.into_iter().enumerate().filter(|(_, v)| !v.is_empty()) {
                     let first = base.received[peer];
                     s.spawn(move || {
-                        let _turn = match ctx.comm.take_turn(peer, false, first, bufs.len() as u64, ctx.deadline) {
+                        let mut turn = match ctx.comm.take_turn(peer, false, first, bufs.len() as u64, ctx.deadline) {
                             Ok(t) => t,
                             Err(e) => return ctx.fail(e),
                         };
@@ -72,6 +72,7 @@ impl TcpCommunicator {
                                 .expect(peer, header(first + i as u64, buf.dtype(), buf.len()))
                                 .and_then(|()| ctx.read(peer, buf.bytes_mut()));
                             if let Err(e) = got {
+                                turn.break_link();
                                 return ctx.fail(e);
                             }
                         }
@@ -80,7 +81,7 @@ impl TcpCommunicator {
                 for (peer, bufs) in sends.into_iter().enumerate().filter(|(_, v)| !v.is_empty()) {
                     let first = base.sent[peer];
                     s.spawn(move || {
-                        let _turn = match ctx.comm.take_turn(peer, true, first, bufs.len() as u64, ctx.deadline) {
+                        let mut turn = match ctx.comm.take_turn(peer, true, first, bufs.len() as u64, ctx.deadline) {
                             Ok(t) => t,
                             Err(e) => return ctx.fail(e),
                         };
@@ -89,6 +90,7 @@ impl TcpCommunicator {
                                 .write(peer, &header(first + i as u64, buf.dtype(), buf.len()).encode())
                                 .and_then(|()| ctx.write(peer, buf.bytes()));
                             if let Err(e) = sent {
+                                turn.break_link();
                                 return ctx.fail(e);
                             }
                         }

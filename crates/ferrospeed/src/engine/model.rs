@@ -127,7 +127,10 @@ impl Model {
             out.blocks.push(taken[o].take().ok_or_else(|| EngineError::Model(format!("block {o} taken twice")))?);
             out.own.push(self.own[o].clone());
             out.names.push(self.names[o].clone());
-            let slots = self.slots[o].iter().map(|s| new_index(s.block).map(|block| SlotSource { block, index: s.index }));
+            // A ghost never runs: its own parameters are all it keeps (its tied slots may point
+            // at blocks this rank does not hold).
+            let ghost = !held(o);
+            let slots = self.slots[o].iter().filter(|s| !ghost || s.block == o).map(|s| new_index(s.block).map(|block| SlotSource { block, index: s.index }));
             out.slots.push(slots.collect::<Option<Vec<_>>>().ok_or_else(|| EngineError::Model(format!("block {} uses a block outside its stage", self.names[o])))?);
         }
         let mut start = ghosts.len();

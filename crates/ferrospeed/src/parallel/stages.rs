@@ -12,11 +12,11 @@ use std::ops::Range;
 /// A split that cannot be made, with what to change.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StageError {
-    #[error("parallel.pp = {stages} stages for a model of {blocks} blocks: every stage needs at least one block (lower parallel.pp)")]
+    #[error("{stages} pipeline stages (parallel.pp × pp_virtual) for a model of {blocks} blocks: every stage needs at least one block (lower parallel.pp or pp_virtual)")]
     TooManyStages { stages: usize, blocks: usize },
     #[error(
-        "parallel.pp_split = {split:?} has {len} entries for {stages} stages: give one block count per stage, first to last \
-         (the embedding and the head count as one block each), or remove it to split by cost"
+        "parallel.pp_split = {split:?} has {len} entries for {stages} stages (parallel.pp × pp_virtual): give one block count \
+         per stage, first to last (the embedding and the head count as one block each), or remove it to split by cost"
     )]
     SplitLength { split: Vec<usize>, len: usize, stages: usize },
     #[error(
@@ -144,6 +144,6 @@ mod tests {
             assert!(e.contains(word) && !e.contains('\n'), "{e}");
         }
         let e = stage_blocks(&uniform(2), 3, &[]).unwrap_err().to_string();
-        assert!(e.contains("lower parallel.pp"), "{e}");
+        assert!(e.contains("lower parallel.pp") && e.contains("3 pipeline stages"), "{e}");
     }
 }

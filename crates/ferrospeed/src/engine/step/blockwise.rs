@@ -210,7 +210,7 @@ pub fn backward_span(
                         num_inputs
                     )));
                 }
-                grad_out = Some(grad_in);
+                grad_out = Some(grad_in.into_iter().map(|g| g.map(|t| t.detach())).collect());
                 slot_grads
             }
             Kept::Graph { inputs, outputs, params } => {
@@ -241,8 +241,12 @@ pub fn backward_span(
                 let mut grad_in = Vec::with_capacity(inputs.len());
                 for (k, v) in inputs.iter().enumerate() {
                     grad_in.push(match v {
+                        // Detached: candle leaves a variable's gradient with the history of the ops
+                        // that made it (here the next block's weights), and the block before would
+                        // otherwise backpropagate through it into them — wrong where they are its
+                        // own (tied), wasted work everywhere else.
                         Some(v) => match grads.get(v.as_tensor()) {
-                            Some(g) => Some(g.clone()),
+                            Some(g) => Some(g.detach()),
                             None => return Err(EngineError::NoGradient { block: block.name(), what: format!("its input {k} (from the block before)") }),
                         },
                         None => None,

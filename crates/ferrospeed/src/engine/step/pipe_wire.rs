@@ -85,6 +85,9 @@ pub(super) fn pack(peer: usize, flow: Flow, stage: usize, micro: usize, tensors:
         if t.rank() > MAX_RANK {
             return Err(EngineError::Model(format!("a pipeline stage's output {k} has {} dimensions: at most {MAX_RANK}", t.rank())));
         }
+        if let Some(&big) = t.dims().iter().find(|&&n| n > 1 << 24) {
+            return Err(EngineError::Model(format!("a pipeline stage's output {k} has a dimension of {big}: at most 2^24 per dimension")));
+        }
         (h[0], h[1], h[2]) = (1.0, code, t.rank() as f32);
         for (d, &n) in t.dims().iter().enumerate() {
             h[3 + d] = n as f32;
@@ -111,6 +114,10 @@ pub(super) fn receive(comm: &dyn Communicator, peer: usize, device: &Device) -> 
     };
     let tag = Tag { flow, stage: header[1] as usize, micro: header[2] as usize };
     let count = header[3] as usize;
+    let bad = |what: String| EngineError::Model(format!("pipeline: a malformed message from pipeline rank {peer}: {what}"));
+    if FIXED + count * PER_TENSOR > HEADER {
+        return Err(bad(format!("{count} tensors")));
+    }
     let mut shapes = Vec::with_capacity(count);
     let mut bufs: Vec<Option<HostData>> = Vec::with_capacity(count);
     for k in 0..count {
@@ -119,12 +126,16 @@ pub(super) fn receive(comm: &dyn Communicator, peer: usize, device: &Device) -> 
             (shapes.push(Vec::new()), bufs.push(None));
             continue;
         }
+        if h[2] as usize > MAX_RANK {
+            return Err(bad(format!("a tensor of {} dimensions", h[2])));
+        }
         let dims: Vec<usize> = h[3..3 + h[2] as usize].iter().map(|&d| d as usize).collect();
         let n = dims.iter().product();
         bufs.push(Some(match h[1] as u8 {
             1 => HostData::F32(vec![0.0; n]),
             2 => HostData::Bf16(vec![bf16::ZERO; n]),
-            _ => HostData::F16(vec![f16::ZERO; n]),
+            3 => HostData::F16(vec![f16::ZERO; n]),
+            code => return Err(bad(format!("dtype code {code}"))),
         }));
         shapes.push(dims);
     }

@@ -142,6 +142,8 @@ pub(super) struct Pipe {
     tied: Vec<usize>,
     whole: Vec<(String, Vec<ParamSpec>)>,
     ranks: Vec<(usize, usize)>,
+    /// A step failed part-way: messages, sends and reductions of it may be left, so no other step runs.
+    failed: Option<String>,
 }
 
 impl Pipe {
@@ -155,7 +157,10 @@ impl Pipe {
                 p.schedule.ranks
             )));
         }
-        let tied: Vec<usize> = (0..cut.original.len()).filter(|&i| p.tied.contains(&cut.original[i])).collect();
+        // In the whole model's order on every rank of the tie group (one all-reduce each, in the same
+        // order everywhere): a rank's ghosts come first in its stage model, its own tied blocks after.
+        let mut tied: Vec<usize> = (0..cut.original.len()).filter(|&i| p.tied.contains(&cut.original[i])).collect();
+        tied.sort_by_key(|&i| cut.original[i]);
         if !tied.is_empty() && p.tie.is_none() {
             return Err(EngineError::Unsupported("a stage with tied parameters needs the tie group".into()));
         }
@@ -177,6 +182,7 @@ impl Pipe {
             tied,
             whole: p.whole,
             ranks: p.ranks,
+            failed: None,
         })
     }
 
@@ -248,7 +254,15 @@ impl Engine {
     pub(super) fn pipeline_micro_batches(&mut self, micro_batches: &[Batch]) -> Result<(), EngineError> {
         let t0 = Instant::now();
         let mut pipe = self.pipe.take().ok_or_else(|| EngineError::Unsupported("not a pipeline stage".into()))?;
+        if let Some(first) = &pipe.failed {
+            let e = EngineError::Unsupported(format!("an earlier step of this pipeline failed part-way ({first}): restart the run (it resumes from its checkpoint)"));
+            self.pipe = Some(pipe);
+            return Err(e);
+        }
         let result = self.run_schedule(&mut pipe, micro_batches);
+        if let Err(e) = &result {
+            pipe.failed = Some(e.to_string().lines().next().unwrap_or_default().to_string());
+        }
         self.pipe = Some(pipe);
         result?;
         self.acc.seconds += t0.elapsed().as_secs_f64();
@@ -299,6 +313,9 @@ impl Engine {
                         losses[k] = Some(blockwise::scalar_loss(model, run.end - 1, out)?);
                     } else {
                         let outs: Vec<Option<Tensor>> = out.into_iter().map(Some).collect();
+                        // Copying the outputs to the host waits for the device, which may wait for this
+                        // action's NCCL gathers: let them finish under the watchdog first.
+                        super::trainer::nccl_sync(nccl.as_ref())?;
                         let to = pipe.rank_of(stage + 1);
                         pipe.sender.post(pipe_wire::pack(to, Flow::Activations, stage + 1, k, &outs)?)?;
                     }
@@ -331,6 +348,7 @@ impl Engine {
                         Ok(())
                     })?;
                     if stage > 0 {
+                        super::trainer::nccl_sync(nccl.as_ref())?;
                         let to = pipe.rank_of(stage - 1);
                         pipe.sender.post(pipe_wire::pack(to, Flow::Gradients, stage - 1, k, &grad_in)?)?;
                     }

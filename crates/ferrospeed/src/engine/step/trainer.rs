@@ -570,7 +570,7 @@ impl Engine {
 }
 
 /// Wait, with the group's timeout, for every NCCL collective issued so far (no-op without NCCL).
-fn nccl_sync(nccl: Option<&super::Nccl>) -> Result<(), EngineError> {
+pub(super) fn nccl_sync(nccl: Option<&super::Nccl>) -> Result<(), EngineError> {
     match nccl {
         Some(n) => Ok(n.sync()?),
         None => Ok(()),
