@@ -128,6 +128,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             )));
         }
     }
+    if let (Some(plan), true) = (acc.pipeline_plan(), acc.is_main_process()) {
+        println!("{plan}");
+    }
     if let (Some(r), true) = (acc.resumed(), acc.is_main_process()) {
         println!(
             "resumed from {} at step {} (saved by {} rank(s) at ZeRO stage {})",

@@ -134,6 +134,8 @@ pub struct Accelerator {
     claim: Option<Claim>,
     /// The mesh's groups, where `[parallel]` turns on more than data parallelism.
     parallel: Option<Parallel>,
+    /// What `prepare` built of the pipeline, in one line.
+    pipeline_plan: Option<String>,
     /// A step was logged, a checkpoint saved or the run finished: the start succeeded, and a
     /// failure from now on keeps the run directory.
     started: std::sync::atomic::AtomicBool,
@@ -220,7 +222,7 @@ impl Accelerator {
             c.all_reduce_slice(&mut bytes, ReduceOp::Sum)?;
             Ok(Some(String::from_utf8_lossy(&bytes.iter().map(|&b| b as u8).collect::<Vec<u8>>()).into_owned()))
         })??;
-        let acc = Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None, extra_run: serde_json::Map::new(), import: None, claim, parallel, started: false.into() };
+        let acc = Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None, extra_run: serde_json::Map::new(), import: None, claim, parallel, pipeline_plan: None, started: false.into() };
         match reason {
             Some(reason) => Err(AccelError::RunDirRefused(reason)),
             None => Ok(acc),
@@ -272,7 +274,11 @@ impl Accelerator {
         let cfg = self.engine_config(optimizer, options.groups);
         let mut engine = match &self.parallel {
             None => Engine::with_worker(model, self.worker.clone(), cfg)?,
-            Some(par) => self.pipeline_engine(par, model, cfg)?,
+            Some(par) => {
+                let (engine, plan) = self.pipeline_engine(par, model, cfg)?;
+                self.pipeline_plan = Some(plan);
+                engine
+            }
         };
         self.names = options.names;
         if let Some(path) = &self.cfg.model.init_from {
@@ -310,7 +316,7 @@ impl Accelerator {
 
     /// This rank's stage of the pipeline (the apply function of pipeline parallelism): the blocks
     /// of every stage by cost (or `parallel.pp_split`), this stage's cut of `model`, the tie group.
-    fn pipeline_engine(&self, par: &Parallel, model: Model, cfg: EngineConfig) -> Result<Engine, AccelError> {
+    fn pipeline_engine(&self, par: &Parallel, model: Model, cfg: EngineConfig) -> Result<(Engine, String), AccelError> {
         let mesh = par.comms.mesh();
         let rank = mesh.coords(self.world.rank).pp;
         let pp = mesh.size(Axis::Pp);
@@ -332,19 +338,23 @@ impl Accelerator {
             let split = self.worker.run(move |c| c.split("tie", &groups))??;
             Some(Arc::<dyn crate::Communicator>::from(split))
         };
-        if self.world.rank == 0 {
-            println!(
-                "pipeline: {} stages of blocks {:?}, schedule {} over {} micro-batches (analytic bubble {:.1}%)",
-                ranges.len(),
-                ranges,
-                par.schedule.kind.name(),
-                par.schedule.micro,
-                100.0 * par.schedule.analytic_bubble(crate::parallel::Costs::UNIT)
-            );
-        }
         let ranks = (0..mesh.world()).map(|r| (mesh.coords(r).pp, mesh.coords(r).dp)).collect();
         let stage = PipelineStage { rank, schedule: par.schedule.clone(), p2p: par.comms.get(Axis::Pp).clone(), tie, world: self.worker.clone(), owner_stage, tied, whole, ranks };
-        Ok(Engine::with_pipeline(cut, par.dp.clone(), stage, cfg)?)
+        let plan = format!(
+            "pipeline: {} stages of blocks {:?}, schedule {} over {} micro-batches (analytic bubble {:.1}%)",
+            ranges.len(),
+            ranges,
+            par.schedule.kind.name(),
+            par.schedule.micro,
+            100.0 * par.schedule.analytic_bubble(crate::parallel::Costs::UNIT)
+        );
+        Ok((Engine::with_pipeline(cut, par.dp.clone(), stage, cfg)?, plan))
+    }
+
+    /// The pipeline [`Accelerator::prepare`] built, in one line (stages and their blocks, the
+    /// schedule, its analytic bubble); `None` without one.
+    pub fn pipeline_plan(&self) -> Option<&str> {
+        self.pipeline_plan.as_deref()
     }
 
     /// What importing `model.init_from` read, held and took on this rank, if it was imported.

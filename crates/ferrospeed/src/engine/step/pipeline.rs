@@ -21,7 +21,7 @@ use super::grads;
 use super::model::{Model, StageModel};
 use super::pipe_wire::{self, Flow, Sender};
 use super::sources::{Gathering, Resident};
-use super::trainer::{Accumulating, Engine};
+use super::trainer::Engine;
 use crate::comm::{Buf, BufMut, CommExt, Communicator, ReduceOp};
 use crate::parallel::{Op, Schedule};
 use crate::profile::{self, Kind};
@@ -274,10 +274,7 @@ impl Engine {
         if batches.len() != m {
             return Err(EngineError::Unsupported(format!("the pipeline's schedule takes {m} micro-batches a step, train_step got {}", batches.len())));
         }
-        self.acc = Accumulating { loss_scale: self.scaler.as_ref().map(crate::precision::LossScaler::scale), ..Accumulating::default() };
-        for g in &mut self.grads {
-            g.begin_step()?;
-        }
+        self.begin_accumulation()?;
         let loss_scale = self.acc.loss_scale.unwrap_or(1.0) / m as f64;
         let device = self.cfg.device.clone();
         let mut tapes = HashMap::new();
@@ -336,12 +333,7 @@ impl Engine {
                     let last = k + 1 == m;
                     let pending = &mut acc.pending;
                     let grad_in = blockwise::backward_span(model, source, batch, tape, upstream, loss_scale, |i, slot_grads| {
-                        for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
-                            if let Some(grad) = grad {
-                                let range = params[slot.block].flat.range(slot.index);
-                                profile::scoped_as(Kind::Elementwise, "grad_accumulate", || grads[slot.block].accumulate(range, &grad)).map_err(EngineError::tensor(model.block(i).name()))?;
-                            }
-                        }
+                        super::trainer::add_slot_grads(model, params, grads, i, slot_grads)?;
                         if last {
                             pending.push((i, grads[i].start_reduce(worker, nccl.as_ref(), cfg.reduce_dtype)?));
                         }

@@ -215,12 +215,18 @@ impl Engine {
     /// The communication thread: collectives outside the engine go through it too, so that every
     /// collective of this rank is issued in one order.
     pub fn comm(&self) -> &CommWorker {
-        self.pipe.as_ref().map_or(&self.worker, |p| &p.world)
+        self.world_worker()
     }
 
     /// A shared handle on the communication thread (what the `Accelerator` issues its collectives on).
     pub fn comm_handle(&self) -> Arc<CommWorker> {
-        self.pipe.as_ref().map_or(&self.worker, |p| &p.world).clone()
+        self.world_worker().clone()
+    }
+
+    /// The world's communication thread: the engine's own, but in a pipeline (whose engine issues on
+    /// its data-parallel group's).
+    fn world_worker(&self) -> &Arc<CommWorker> {
+        self.pipe.as_ref().map_or(&self.worker, |p| &p.world)
     }
 
     /// The data-parallel group's communication thread: the engine's own collectives (gradient
@@ -440,10 +446,7 @@ impl Engine {
         let last = k + 1 == accum;
         let t0 = Instant::now();
         if k == 0 {
-            self.acc = Accumulating { loss_scale: self.scaler.as_ref().map(LossScaler::scale), ..Accumulating::default() };
-            for g in &mut self.grads {
-                g.begin_step()?;
-            }
+            self.begin_accumulation()?;
         }
         let loss_scale = self.acc.loss_scale.unwrap_or(1.0);
         let Self { model, worker, params, grads, cfg, inject_overflow, nccl, acc, .. } = self;
@@ -464,13 +467,7 @@ impl Engine {
         acc.losses.push(tape.loss.clone());
         let pending = &mut acc.pending;
         blockwise::backward(model, source, batch, tape, loss_scale / accum as f64, |i, slot_grads| {
-            for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
-                if let Some(grad) = grad {
-                    let range = params[slot.block].flat.range(slot.index);
-                    profile::scoped_as(Kind::Elementwise, "grad_accumulate", || grads[slot.block].accumulate(range, &grad))
-                        .map_err(EngineError::tensor(model.block(i).name()))?;
-                }
-            }
+            add_slot_grads(model, params, grads, i, slot_grads)?;
             // Every later block that uses this block's parameters (tied weights) has run, so the
             // gradient is complete: reduce it on the communication thread while earlier blocks compute.
             if last {
@@ -486,6 +483,12 @@ impl Engine {
         self.acc.done += 1;
         self.acc.seconds += t0.elapsed().as_secs_f64();
         Ok(())
+    }
+
+    /// A new optimizer step: its loss scale, zeroed accumulators.
+    pub(super) fn begin_accumulation(&mut self) -> Result<(), EngineError> {
+        self.acc = Accumulating { loss_scale: self.scaler.as_ref().map(LossScaler::scale), ..Accumulating::default() };
+        self.grads.iter_mut().try_for_each(BlockGrads::begin_step)
     }
 
     /// Wait for the step's gradient reductions; returns the mean loss over the global batch.
@@ -526,11 +529,13 @@ impl Engine {
             GradReduction::AllReduce => (0..world).collect(),
             GradReduction::ReduceScatter => vec![self.worker.rank()],
         };
-        // The real (unpadded) elements of each rank's shard, per block.
-        let ranges: Vec<Vec<_>> = ranks.iter().map(|&r| self.params.iter().map(|p| p.flat.layout().range(r)).collect()).collect();
         let sums = match self.pipeline_shard_sums(&ranks)? {
             Some(sums) => sums,
-            None => grads::shard_sums(&self.grads, &ranges)?,
+            None => {
+                // The real (unpadded) elements of each rank's shard, per block.
+                let ranges: Vec<Vec<_>> = ranks.iter().map(|&r| self.params.iter().map(|p| p.flat.layout().range(r)).collect()).collect();
+                grads::shard_sums(&self.grads, &ranges)?
+            }
         };
         let total = match reduction {
             GradReduction::AllReduce => sums[1..].iter().fold(sums[0] as f32, |acc, &s| acc + s as f32),
@@ -567,6 +572,18 @@ impl Engine {
         // The next step's first host read waits for the device: let the gathers finish under the watchdog.
         nccl_sync(nccl)
     }
+}
+
+/// Add block `i`'s slot gradients (`None` where a slot did not influence the loss) into the fp32
+/// accumulators of the blocks that own them (itself, or the owner of a tied slot).
+pub(super) fn add_slot_grads(model: &Model, params: &[BlockParams], grads: &mut [BlockGrads], i: usize, slot_grads: Vec<Option<Tensor>>) -> Result<(), EngineError> {
+    for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
+        if let Some(grad) = grad {
+            let range = params[slot.block].flat.range(slot.index);
+            profile::scoped_as(Kind::Elementwise, "grad_accumulate", || grads[slot.block].accumulate(range, &grad)).map_err(EngineError::tensor(model.block(i).name()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Wait, with the group's timeout, for every NCCL collective issued so far (no-op without NCCL).
