@@ -78,9 +78,7 @@ pub fn estimate_run(family: &Family, model: &Model, strategy: Strategy, run: &Ru
 pub fn estimate_pipeline(family: &Family, model: &Model, strategy: Strategy, run: &RunShape, pipe: &PipeShape) -> Vec<MemoryEstimate> {
     use ferrospeed::config::PipelineSchedule;
     let stages = pipe.pp * pipe.virtual_stages;
-    let costs: Vec<ferrospeed::parallel::BlockCost> = (0..model.num_blocks())
-        .map(|i| ferrospeed::parallel::BlockCost { flops: model.block(i).forward_flops_per_token(), params: model.own_params(i).iter().map(|p| p.numel() as f64).sum() })
-        .collect();
+    let costs = model.stage_costs();
     let Ok(ranges) = ferrospeed::parallel::stage_blocks(&costs, stages, &pipe.split) else {
         return vec![estimate_whole(model, strategy, run, family.activations(run.micro_batch, run.seq_len, run.precision.compute_dtype().size_in_bytes()))];
     };
@@ -244,6 +242,11 @@ pub fn run(args: EstimateArgs) -> Result<ExitCode> {
 /// memory, naming the shortfall and the first alternative that fits (`FERROSPEED_MEMORY_CHECK=0`
 /// skips the check). Returns the estimate and the free GPU memory, for an out-of-memory message.
 pub fn check_fits(cfg: &Config, family: &Family, model: &Model, device: &candle_core::Device, world: &WorldInfo) -> Result<(MemoryEstimate, Option<u64>)> {
+    // A pipeline split that does not fit the model is refused here, before any rank claims anything.
+    if cfg.parallel.pp > 1 {
+        ferrospeed::parallel::stage_blocks(&model.stage_costs(), cfg.parallel.pp * cfg.parallel.pp_virtual, &cfg.parallel.pp_split)
+            .map_err(|e| usage_error(e.to_string()))?;
+    }
     let on_gpu = device.is_cuda();
     let gpu = ferrospeed::device::device_memory(device).map(|(free, _)| free);
     let run = shape_of(cfg, world.world_size, on_gpu)?;

@@ -45,7 +45,7 @@ use crate::comm::TcpCommunicator;
 use crate::config::{Config, OptimizerKind, ReduceDtype};
 use crate::data::{DataLoader, Dataset, Sampler};
 use crate::engine::{cut_for_stage, StageCut, CommWorker, Engine, EngineConfig, Model, OffloadSettings, PipelineStage, StepStats};
-use crate::parallel::{stage_blocks, Axis, BlockCost, MeshComms, Schedule, ScheduleKind};
+use crate::parallel::{stage_blocks, Axis, MeshComms, Schedule, ScheduleKind};
 use crate::optim::{AdamW, LrSchedule, Optimizer, ParamGroups, Sgd};
 use crate::precision::{LossScalerConfig, Precision};
 use crate::track::{fresh_run_dir, StepMetrics, Tracker};
@@ -320,10 +320,7 @@ impl Accelerator {
         let mesh = par.comms.mesh();
         let rank = mesh.coords(self.world.rank).pp;
         let pp = mesh.size(Axis::Pp);
-        let costs: Vec<BlockCost> = (0..model.num_blocks())
-            .map(|i| BlockCost { flops: model.block(i).forward_flops_per_token(), params: model.own_params(i).iter().map(|p| p.numel() as f64).sum() })
-            .collect();
-        let ranges = stage_blocks(&costs, pp * par.schedule.virtual_stages, &self.cfg.parallel.pp_split).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?;
+        let ranges = stage_blocks(&model.stage_costs(), pp * par.schedule.virtual_stages, &self.cfg.parallel.pp_split).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?;
         let StageCut { model: cut, owner_stage, tied, tie_stages, whole } = cut_for_stage(model, &ranges, rank, pp)?;
         // The tie group of each pipeline: its ranks at the stages holding tied parameters (a split
         // of the world, so every rank takes part; the others form groups of one).

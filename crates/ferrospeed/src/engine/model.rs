@@ -144,6 +144,14 @@ impl Model {
         Ok(StageModel { model: out, ghosts: ghosts.len(), runs, original })
     }
 
+    /// What each block costs a pipeline stage (its forward FLOPs per token and its own parameters),
+    /// for [`crate::parallel::stage_blocks`].
+    pub fn stage_costs(&self) -> Vec<crate::parallel::BlockCost> {
+        (0..self.num_blocks())
+            .map(|i| crate::parallel::BlockCost { flops: self.block(i).forward_flops_per_token(), params: self.own[i].iter().map(|p| p.numel() as f64).sum() })
+            .collect()
+    }
+
     /// Forward FLOPs per token of the whole model.
     pub fn forward_flops_per_token(&self) -> f64 {
         self.blocks.iter().map(|b| b.forward_flops_per_token()).sum()
