@@ -66,7 +66,7 @@ pub struct BenchTrainArgs {
     /// Pipeline stages (parallel.pp; run under `launch` with a multiple of it)
     #[arg(long, default_value_t = 1)]
     pub pp: usize,
-    /// The pipeline schedule: 1f1b, gpipe or interleaved (parallel.pp_schedule)
+    /// The pipeline schedule: 1f1b, gpipe, interleaved or zb (parallel.pp_schedule)
     #[arg(long, default_value = "1f1b")]
     pub schedule: String,
     /// Stages a rank holds with --schedule interleaved (parallel.pp_virtual)
@@ -214,7 +214,8 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let dt = step_secs[step_secs.len() / 2];
     let tokens = (n * dp * args.micro_batches) as f64;
     // Each stage's idle share: its waits for the stages beside it over its own work, against the
-    // schedule's analytic bubble ((pp − 1)/m for 1f1b and gpipe).
+    // schedule's analytic bubble ((pp − 1)/m for 1f1b and gpipe, (pp − 1)/(v·m) interleaved, and
+    // (pp − 1)/(3m) for zb with a forward and each backward half of equal cost).
     let idle: Vec<f64> = phases.iter().map(|t| t.pipeline_wait / (t.forward_backward - t.pipeline_wait).max(1e-12)).collect();
     let mut idle_sorted = idle.clone();
     idle_sorted.sort_by(f64::total_cmp);
@@ -227,6 +228,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let flops_per_token = 6.0 * params as f64 + 12.0 * (n_layer * d_model * args.seq_len) as f64;
     let mean = |f: fn(&StepTimes) -> f64| phases.iter().map(f).sum::<f64>() / phases.len().max(1) as f64 * 1e3;
     let profile = if args.profile { Some(profile_step(&mut engine, &batches, &device)?) } else { None };
+    let analytic = if args.pp > 1 { analytic_bubble(&args)? } else { 0.0 };
     if acc.is_main_process() {
         let line = serde_json::json!({
             "engine": "ferrospeed",
@@ -240,8 +242,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
             "micro_batches": args.micro_batches,
             "schedule": if args.pp > 1 { Some(&args.schedule) } else { None },
             "bubble": (args.pp > 1).then(|| serde_json::json!({
-                // (p − 1)/m, or (p − 1)/(v·m) with v stages a rank (interleaved).
-                "analytic": (args.pp - 1) as f64 / (args.pp_virtual * args.micro_batches) as f64,
+                "analytic": analytic,
                 "virtual_stages": args.pp_virtual,
                 // Stage s's idle over busy time (median over the timed steps), first data-parallel group.
                 "measured_per_stage": (0..args.pp).map(|s| (f64::from(stage_idle[s * dp]) * 1e4).round() / 1e4).collect::<Vec<_>>(),
@@ -279,6 +280,14 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
         println!("{line}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The analytic bubble of the run's schedule, at unit costs (forward, input and weight halves alike).
+fn analytic_bubble(args: &BenchTrainArgs) -> Result<f64> {
+    use ferrospeed::config::PipelineSchedule;
+    use ferrospeed::parallel::{Costs, Schedule};
+    let kind = PipelineSchedule::from_name(&args.schedule).ok_or_else(|| anyhow::anyhow!("--schedule {}: use 1f1b, gpipe, interleaved or zb", args.schedule))?;
+    Ok(Schedule::new(kind.into(), args.pp, args.pp_virtual, args.micro_batches)?.analytic_bubble(Costs::UNIT))
 }
 
 /// One more step with every op's kind of work timed by CUDA events (host clock on the CPU).

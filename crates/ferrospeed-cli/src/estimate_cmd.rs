@@ -73,7 +73,8 @@ pub fn estimate_run(family: &Family, model: &Model, strategy: Strategy, run: &Ru
 
 /// Each pipeline rank's estimate: its blocks (and ghosts) as the engine cuts them, with the
 /// activations of the micro-batches its schedule holds at once (1f1b: `pp − rank`; gpipe: all of
-/// them; interleaved: its warm-up plus one, in units of one of its stages), each the rank's share of
+/// them; interleaved: its warm-up plus one, in units of one of its stages; zb: up to `pp + 1`, a
+/// micro-batch counted until its weight half), each the rank's share of
 /// the model's activations by its blocks' forward FLOPs.
 pub fn estimate_pipeline(family: &Family, model: &Model, strategy: Strategy, run: &RunShape, pipe: &PipeShape) -> Vec<MemoryEstimate> {
     use ferrospeed::config::PipelineSchedule;
@@ -85,15 +86,17 @@ pub fn estimate_pipeline(family: &Family, model: &Model, strategy: Strategy, run
     let total_flops: f64 = costs.iter().map(|c| c.flops).sum::<f64>().max(1.0);
     let whole = family.activations(run.micro_batch, run.seq_len, run.precision.compute_dtype().size_in_bytes());
     let m = run.accumulation;
+    let schedule = ferrospeed::parallel::Schedule::new(pipe.schedule.into(), pipe.pp, pipe.virtual_stages, m).and_then(|s| s.simulate(ferrospeed::parallel::Costs::UNIT)).ok();
     (0..pipe.pp)
         .map(|r| {
             let chunks: Vec<std::ops::Range<usize>> = ranges.iter().skip(r).step_by(pipe.pp).cloned().collect();
             let share = chunks.iter().flat_map(|c| c.clone()).map(|i| costs[i].flops).sum::<f64>() / total_flops;
-            // Micro-batches of the rank's blocks held at once (interleaved: stage-sized units).
-            let held = match pipe.schedule {
-                PipelineSchedule::Gpipe => m as f64,
-                PipelineSchedule::Interleaved => ((pipe.pp - r - 1) * 2 + (pipe.virtual_stages - 1) * pipe.pp + 1).min(m * pipe.virtual_stages) as f64 / pipe.virtual_stages as f64,
-                _ => (pipe.pp - r).min(m) as f64,
+            // Micro-batches of the rank's blocks held at once (interleaved: stage-sized units): what the
+            // schedule itself holds, run on the unit-cost model (zb: until each weight half).
+            let held = match &schedule {
+                Some(s) => s.peak_in_flight[r] as f64 / pipe.virtual_stages as f64,
+                None if pipe.schedule == PipelineSchedule::Gpipe => m as f64,
+                None => (pipe.pp - r).min(m) as f64,
             };
             let scale = |b: u64| (b as f64 * share * held) as u64;
             let acts = ferrospeed::engine::ActivationProfile { kept: scale(whole.kept), recomputed: scale(whole.recomputed) };
@@ -398,6 +401,27 @@ mod tests {
             seen += 1;
         }
         assert_eq!(seen, 2);
+    }
+
+    /// Each schedule's ranks hold the micro-batches the schedule itself holds: 1f1b `pp − rank`, zb up
+    /// to one more (until each weight half), gpipe all of them.
+    #[test]
+    fn a_pipeline_ranks_activations_follow_its_schedule() {
+        use ferrospeed::config::PipelineSchedule as S;
+        let family = crate::bench_cmd::shape("llama-1b", 1024).unwrap();
+        let model = family.model().unwrap();
+        let acts = |schedule: S| -> Vec<u64> {
+            let pipe = PipeShape { pp: 4, virtual_stages: 1, schedule, split: vec![] };
+            let run = RunShape { micro_batch: 2, seq_len: 1024, precision: Precision::from_name("bf16").unwrap(), accumulation: 8, checkpointing: false, world: 4, on_gpu: true, threads: 16, pipe: Some(pipe.clone()) };
+            estimate_pipeline(&family, &model, Strategy::new(ZeroStage::Zero), &run, &pipe).iter().map(|e| e.activations).collect()
+        };
+        let (one, zb, all) = (acts(S::OneFOneB), acts(S::ZeroBubble), acts(S::Gpipe));
+        for r in 0..4 {
+            assert!(one[r] <= zb[r] && zb[r] <= all[r], "rank {r}: 1f1b {} zb {} gpipe {}", one[r], zb[r], all[r]);
+        }
+        assert!((0..4).any(|r| zb[r] > one[r]), "zb holds no more than 1f1b: {zb:?} vs {one:?}");
+        // 1f1b's last rank holds one micro-batch, gpipe's all eight (same blocks, same share).
+        assert!((all[3] as f64 / one[3] as f64 - 8.0).abs() < 1e-3, "{all:?} vs {one:?}");
     }
 }
 

@@ -2,7 +2,8 @@
 //! models: every parameter of every block (through the whole chain of blocks, tied embedding included),
 //! and the input gradient of every block, both through autograd of the composed forward and from the
 //! blocks' hand-written backward. Llama runs with and without grouped K/V heads, tied and untied,
-//! with q/k/v biases and with Llama 3's rope scaling.
+//! with q/k/v biases and with Llama 3's rope scaling. The split backward (zero-bubble pipelines)
+//! defers every block's parameter work and gives the whole backward's gradients bit for bit.
 
 mod support;
 
@@ -165,4 +166,32 @@ fn every_hand_written_input_gradient(family: &str, model: &Model, d: usize) {
         }
     }
     assert_eq!(checked, (model.num_blocks() - 1) * x0.len(), "{family}: every layer and the head, every element");
+}
+
+#[test]
+fn every_split_backward_defers_the_weights_and_equals_the_whole_one_bit_for_bit() {
+    let bits = |v: &[Option<Tensor>]| -> Vec<Option<Vec<u64>>> {
+        v.iter().map(|t| t.as_ref().map(|t| t.flatten_all().unwrap().to_vec1::<f64>().unwrap().iter().map(|x| x.to_bits()).collect())).collect()
+    };
+    for (family, model, d) in models() {
+        let owned = random_params(&model);
+        let batch = batch();
+        let params = slots(&model, &owned, None);
+        let mut rng = Rng::new(9);
+        let shape = (2, 5, d);
+        for b in 0..model.num_blocks() {
+            let block = model.block(b);
+            let x: Vec<Tensor> = if b == 0 { Vec::new() } else { vec![randn_f64(&mut rng, shape)] };
+            let r = [Some(randn_f64(&mut rng, shape))];
+            let upstream = if b + 1 == model.num_blocks() { Upstream::Loss(0.5) } else { Upstream::Grads(&r) };
+            let saved = || block.forward_saving(&params[b], &x, &batch).unwrap().unwrap().1;
+            let (slots_whole, in_whole) = block.backward(&params[b], saved(), upstream).unwrap();
+            let (work, in_split) = block.backward_split(&params[b], saved(), upstream).unwrap();
+            assert!(work.is_deferred(), "{family} block {}: its parameter gradients were computed with its input gradient", block.name());
+            assert_eq!(bits(&in_split), bits(&in_whole), "{family} block {}: input gradients", block.name());
+            let slots_split = work.compute().unwrap();
+            assert_eq!(bits(&slots_split), bits(&slots_whole), "{family} block {}: parameter gradients", block.name());
+            assert!(slots_split.iter().all(Option::is_some), "{family} block {}", block.name());
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! Pipeline parallelism through the library API alone (ranks as threads): a candle-nn model whose
 //! tied parameters cross ranks both ways — block `a`'s weight used by the next block, block `b`'s by
-//! the one after — under interleaved 1F1B with two stages a rank and under 1F1B, against the same
+//! the one after — under interleaved 1F1B with two stages a rank, under 1F1B and ZB-H1, against the same
 //! model on one rank, with and without activation checkpointing. Each rank holds the other's tied
 //! block as a ghost: the tie sums must pair the same blocks on both ranks. One rank must not
 //! backpropagate through the history of the gradient a block hands down (candle leaves a variable's
@@ -133,6 +133,9 @@ fn ties_crossing_ranks_both_ways_are_summed_pairwise_and_match_one_rank() {
             // a, b | c, loss: c's tied weight is b's, one block before it (the case where the
             // gradient handed down must not carry the history of c's ops into b's own weight).
             ("1f1b", pipelined(ScheduleKind::OneFOneB, 1, vec![0..2, 2..4], false, checkpointing)),
+            // The same under ZB-H1: autograd blocks do not split, their weight halves hand over
+            // gradients computed with the input halves.
+            ("zb", pipelined(ScheduleKind::ZeroBubble, 1, vec![0..2, 2..4], false, checkpointing)),
         ];
         for (what, piped) in runs {
             for rows in &piped {

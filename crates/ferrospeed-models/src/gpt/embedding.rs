@@ -7,7 +7,7 @@ use crate::ops::docs::POSITIONS;
 use crate::ops::fused::col_sum;
 use crate::ops::lm_head::TokenIds;
 use candle_core::{DType, Result, Tensor};
-use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, Upstream, WeightGrads};
 use ferrospeed::profile::{scoped_as, Kind};
 
 /// `wte` `[vocab, d]` and `wpe` `[seq_len, d]`; output `[batch, t, d]`.
@@ -56,19 +56,34 @@ impl Block for Embedding {
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
-        let g = upstream.grad(0)?;
-        let (ids, positions) = *saved.downcast::<(TokenIds, Option<TokenIds>)>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
-        let (b, t, d) = g.dims3()?;
-        let d_wte = ids.table_grad(g, p[0].dim(0)?)?;
-        if let Some(positions) = positions {
-            return Ok((vec![Some(d_wte), Some(positions.table_grad(g, p[1].dim(0)?)?)], Vec::new()));
-        }
-        scoped_as(Kind::Elementwise, "embedding_backward", || {
-            let acc = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-            let d_wpe = col_sum(&g.reshape((b, t * d))?)?.reshape((t, d))?;
-            let seq = p[1].dim(0)?;
-            let d_wpe = if t < seq { Tensor::cat(&[d_wpe, Tensor::zeros((seq - t, d), acc, g.device())?], 0)? } else { d_wpe };
-            Ok((vec![Some(d_wte), Some(d_wpe)], Vec::new()))
-        })
+        ParamGrads::whole(p.len(), |grads| backward_into(saved, p, upstream, grads))
     }
+
+    fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
+        ParamGrads::split(p.len(), |grads| backward_into(saved, p, upstream, grads))
+    }
+}
+
+/// The backward has no input gradient (the inputs are token ids): it is all parameter work.
+fn backward_into(saved: Saved, p: &[Tensor], upstream: Upstream<'_>, grads: &mut ParamGrads) -> Result<Vec<Option<Tensor>>> {
+    let (ids, positions) = *saved.downcast::<(TokenIds, Option<TokenIds>)>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
+    let (g, vocab, seq) = (upstream.grad(0)?.clone(), p[0].dim(0)?, p[1].dim(0)?);
+    grads.put(move |slots| {
+        let (b, t, d) = g.dims3()?;
+        slots[0] = Some(ids.table_grad(&g, vocab)?);
+        slots[1] = Some(match positions {
+            Some(positions) => positions.table_grad(&g, seq)?,
+            None => scoped_as(Kind::Elementwise, "embedding_backward", || {
+                let acc = if g.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+                let d_wpe = col_sum(&g.reshape((b, t * d))?)?.reshape((t, d))?;
+                if t < seq {
+                    Tensor::cat(&[d_wpe, Tensor::zeros((seq - t, d), acc, g.device())?], 0)
+                } else {
+                    Ok(d_wpe)
+                }
+            })?,
+        });
+        Ok(())
+    })?;
+    Ok(Vec::new())
 }

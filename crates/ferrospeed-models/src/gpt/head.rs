@@ -8,7 +8,7 @@ use crate::ops::docs::loss_weighting;
 use crate::ops::fused::{ln_backward, ln_forward};
 use crate::ops::lm_head::{head_backward, head_loss, reduce_rows, HeadLoss};
 use candle_core::{Result, Tensor};
-use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, Upstream, WeightGrads};
 use ferrospeed::profile::{scoped_as, Kind};
 
 /// `ln_f` and the head; its slot 2 is block 0's `wte`.
@@ -45,6 +45,17 @@ impl Head {
         let (loss, saved) = head_loss(ln.y, &p[2], batch.get("targets")?.flatten_all()?, &loss_weighting(batch)?)?;
         Ok((loss, HeadSaved { x, stats: (ln.mean, ln.rstd), loss: saved, dims: (b, t, d) }))
     }
+
+    /// The hand-written backward: the input's gradient, the slots' into `grads`.
+    fn backward_into(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>, grads: &mut ParamGrads) -> Result<Vec<Option<Tensor>>> {
+        let Upstream::Loss(scale) = upstream else { candle_core::bail!("the head is the last block: its output is the loss") };
+        let s = *saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
+        let d_h = head_backward(s.loss, &p[2], scale, grads, 2)?;
+        let (d_x, d_w, d_b) = scoped_as(Kind::Elementwise, "layer_norm_backward", || ln_backward(&d_h, &s.x, &p[0], &s.stats.0, &s.stats.1, None))?;
+        grads.set(0, d_w);
+        grads.set(1, d_b);
+        Ok(vec![Some(d_x.reshape(s.dims)?)])
+    }
 }
 
 impl Block for Head {
@@ -76,11 +87,11 @@ impl Block for Head {
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
-        let Upstream::Loss(scale) = upstream else { candle_core::bail!("the head is the last block: its output is the loss") };
-        let s = *saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
-        let (d_wte, d_h) = head_backward(s.loss, &p[2], scale)?;
-        let (d_x, d_w, d_b) = scoped_as(Kind::Elementwise, "layer_norm_backward", || ln_backward(&d_h, &s.x, &p[0], &s.stats.0, &s.stats.1, None))?;
-        Ok((vec![Some(d_w), Some(d_b), Some(d_wte)], vec![Some(d_x.reshape(s.dims)?)]))
+        ParamGrads::whole(p.len(), |grads| self.backward_into(p, saved, upstream, grads))
+    }
+
+    fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
+        ParamGrads::split(p.len(), |grads| self.backward_into(p, saved, upstream, grads))
     }
 
     fn forward_flops_per_token(&self) -> f64 {

@@ -8,7 +8,7 @@ use crate::ops::docs::Docs;
 use super::layer_fused::{self, LayerSaved};
 use crate::ops::composed::layer_norm;
 use super::GptConfig;
-use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, Upstream, WeightGrads};
 use candle_core::{Result, Tensor};
 
 /// Layer `index` of the model; its residual projections start smaller, by 1/sqrt(2·n_layer) (GPT-2).
@@ -71,10 +71,11 @@ impl Block for Layer {
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
-        let g = upstream.grad(0)?;
-        let saved = saved.downcast::<LayerSaved>().map_err(|_| candle_core::Error::Msg("layer backward: foreign saved state".into()))?;
-        let (grads, dx) = layer_fused::backward(p, *saved, g)?;
-        Ok((grads, vec![Some(dx)]))
+        ParamGrads::whole(p.len(), |grads| backward_into(saved, p, upstream, grads))
+    }
+
+    fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
+        ParamGrads::split(p.len(), |grads| backward_into(saved, p, upstream, grads))
     }
 
     fn forward_flops_per_token(&self) -> f64 {
@@ -114,4 +115,11 @@ impl Layer {
         let h = linear(&h, &p[8], &p[9])?.gelu()?;
         x + linear(&h, &p[10], &p[11])?.reshape((b, t, d))?
     }
+}
+
+/// The hand-written backward: the input's gradient, the slots' into `grads`.
+fn backward_into(saved: Saved, p: &[Tensor], upstream: Upstream<'_>, grads: &mut ParamGrads) -> Result<Vec<Option<Tensor>>> {
+    let g = upstream.grad(0)?;
+    let saved = saved.downcast::<LayerSaved>().map_err(|_| candle_core::Error::Msg("layer backward: foreign saved state".into()))?;
+    Ok(vec![Some(layer_fused::backward(p, *saved, g, grads)?)])
 }

@@ -5,9 +5,10 @@
 use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
 use crate::ops::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
 use crate::ops::docs::Docs;
-use crate::ops::fused::{bias_add, bias_gelu, bias_gelu_backward, bias_residual, col_sum, ln_backward, ln_forward};
-use crate::ops::{copy, matmul};
+use crate::ops::fused::{bias_add, bias_gelu, bias_gelu_backward, bias_residual, ln_backward, ln_forward};
+use crate::ops::{copy, matmul, put_col_sum, put_matmul_tn};
 use candle_core::{Result, Tensor};
+use ferrospeed::engine::ParamGrads;
 use ferrospeed::profile::{scoped_as, Kind};
 
 /// What the backward needs of one layer's forward (`n = b·t` rows).
@@ -94,29 +95,34 @@ pub fn forward(p: &[Tensor], x: &Tensor, nh: usize, docs: Option<&Docs>, save: b
     Ok((out, saved))
 }
 
-/// Gradients of the twelve parameter slots and of the input, for the output gradient `g` `[b, t, d]`.
-pub fn backward(p: &[Tensor], s: LayerSaved, g: &Tensor) -> Result<(Vec<Option<Tensor>>, Tensor)> {
+/// The gradient of the input for the output gradient `g`; the parameter slots' gradients go to
+/// `grads` (the weight matmuls and bias sums as work: at once for the whole backward, later for a
+/// split one).
+pub fn backward(p: &[Tensor], s: LayerSaved, g: &Tensor, grads: &mut ParamGrads) -> Result<Tensor> {
     let (b, t, nh, hd) = s.dims;
     let (n, d) = (b * t, nh * hd);
     let g = g.reshape((n, d))?;
     let ew = Kind::Elementwise;
     let tr = |m: &Tensor| m.t();
+    let all = |slot: usize| vec![(slot, usize::MAX)];
 
     // MLP: out = x2 + act·W_proj + b_proj, act = gelu(h2·W_fc + b_fc), h2 = ln_2(x2).
-    let d_bproj = scoped_as(ew, "bias_grad", || col_sum(&g))?;
-    let d_wproj = matmul(&tr(&s.act)?, &g)?;
+    put_col_sum(grads, all(11), &g)?;
+    put_matmul_tn(grads, all(10), &s.act, &g)?;
     let d_act = matmul(&g, &tr(&p[10])?)?;
     let d_fc = scoped_as(ew, "bias_gelu_backward", || bias_gelu_backward(&d_act, &s.fc, &p[9]))?;
     drop(d_act);
-    let d_bfc = scoped_as(ew, "bias_grad", || col_sum(&d_fc))?;
-    let d_wfc = matmul(&tr(&s.h2)?, &d_fc)?;
+    put_col_sum(grads, all(9), &d_fc)?;
+    put_matmul_tn(grads, all(8), &s.h2, &d_fc)?;
     let d_h2 = matmul(&d_fc, &tr(&p[8])?)?;
     drop(d_fc);
     let (d_x2, d_ln2w, d_ln2b) = scoped_as(ew, "layer_norm_backward", || ln_backward(&d_h2, &s.x2, &p[6], &s.ln2.0, &s.ln2.1, Some(&g)))?;
+    grads.set(6, d_ln2w);
+    grads.set(7, d_ln2b);
 
     // Attention: x2 = x + y·W_o + b_o, y = softmax(q·kᵀ·scale)·v, qkv = h1·W_qkv + b_qkv, h1 = ln_1(x).
-    let d_bo = scoped_as(ew, "bias_grad", || col_sum(&d_x2))?;
-    let d_wo = matmul(&tr(&s.y)?, &d_x2)?;
+    put_col_sum(grads, all(5), &d_x2)?;
+    put_matmul_tn(grads, all(4), &s.y, &d_x2)?;
     let d_y = matmul(&d_x2, &tr(&p[4])?)?;
     let d_qkv = match s.attn {
         AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &s.y, &lse, &d_y, b, t, nh, nh, s.docs.as_ref().map(Docs::starts)))?,
@@ -132,11 +138,11 @@ pub fn backward(p: &[Tensor], s: LayerSaved, g: &Tensor) -> Result<(Vec<Option<T
             scoped_as(Kind::Copy, "merge_qkv_grads", || Tensor::cat(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2))?.reshape((n, 3 * d))?
         }
     };
-    let d_bqkv = scoped_as(ew, "bias_grad", || col_sum(&d_qkv))?;
-    let d_wqkv = matmul(&tr(&s.h1)?, &d_qkv)?;
+    put_col_sum(grads, all(3), &d_qkv)?;
+    put_matmul_tn(grads, all(2), &s.h1, &d_qkv)?;
     let d_h1 = matmul(&d_qkv, &tr(&p[2])?)?;
     let (d_x, d_ln1w, d_ln1b) = scoped_as(ew, "layer_norm_backward", || ln_backward(&d_h1, &s.x, &p[0], &s.ln1.0, &s.ln1.1, Some(&d_x2)))?;
-
-    let grads = [d_ln1w, d_ln1b, d_wqkv, d_bqkv, d_wo, d_bo, d_ln2w, d_ln2b, d_wfc, d_bfc, d_wproj, d_bproj];
-    Ok((grads.into_iter().map(Some).collect(), d_x.reshape((b, t, d))?))
+    grads.set(0, d_ln1w);
+    grads.set(1, d_ln1b);
+    d_x.reshape((b, t, d))
 }

@@ -4,7 +4,7 @@
 use super::LlamaConfig;
 use crate::ops::lm_head::TokenIds;
 use candle_core::{Result, Tensor};
-use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, Upstream, WeightGrads};
 use ferrospeed::profile::{scoped_as, Kind};
 
 /// `embed_tokens`; output `[batch, t, d]`.
@@ -41,7 +41,21 @@ impl Block for Embedding {
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
-        let ids = saved.downcast::<TokenIds>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
-        Ok((vec![Some(ids.table_grad(upstream.grad(0)?, p[0].dim(0)?)?)], Vec::new()))
+        ParamGrads::whole(p.len(), |grads| backward_into(saved, p, upstream, grads))
     }
+
+    fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
+        ParamGrads::split(p.len(), |grads| backward_into(saved, p, upstream, grads))
+    }
+}
+
+/// The backward has no input gradient (the inputs are token ids): it is all parameter work.
+fn backward_into(saved: Saved, p: &[Tensor], upstream: Upstream<'_>, grads: &mut ParamGrads) -> Result<Vec<Option<Tensor>>> {
+    let ids = saved.downcast::<TokenIds>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
+    let (g, vocab) = (upstream.grad(0)?.clone(), p[0].dim(0)?);
+    grads.put(move |slots| {
+        slots[0] = Some(ids.table_grad(&g, vocab)?);
+        Ok(())
+    })?;
+    Ok(Vec::new())
 }

@@ -7,7 +7,7 @@ use crate::ops::docs::loss_weighting;
 use crate::ops::lm_head::{head_backward, head_loss, reduce_rows, HeadLoss};
 use crate::ops::rms_norm::{rms_backward, rms_forward, rms_norm};
 use candle_core::{Result, Tensor};
-use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, Upstream, WeightGrads};
 use ferrospeed::profile::{scoped_as, Kind};
 
 /// `norm` and the head; slot 1 is `lm_head.weight` `[vocab, d]` or block 0's `embed_tokens.weight`.
@@ -42,6 +42,16 @@ impl Head {
         let (loss, saved) = head_loss(norm.y, &p[1], batch.get("targets")?.flatten_all()?, &loss_weighting(batch)?)?;
         Ok((loss, HeadSaved { x, rstd: norm.rstd, loss: saved, dims: (b, t, d) }))
     }
+
+    /// The hand-written backward: the input's gradient, the slots' into `grads`.
+    fn backward_into(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>, grads: &mut ParamGrads) -> Result<Vec<Option<Tensor>>> {
+        let Upstream::Loss(scale) = upstream else { candle_core::bail!("the head is the last block: its output is the loss") };
+        let s = *saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
+        let d_h = head_backward(s.loss, &p[1], scale, grads, 1)?;
+        let (d_x, d_w) = scoped_as(Kind::Elementwise, "rms_norm_backward", || rms_backward(&d_h, &s.x, &p[0], &s.rstd, None))?;
+        grads.set(0, d_w);
+        Ok(vec![Some(d_x.reshape(s.dims)?)])
+    }
 }
 
 impl Block for Head {
@@ -74,11 +84,11 @@ impl Block for Head {
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
-        let Upstream::Loss(scale) = upstream else { candle_core::bail!("the head is the last block: its output is the loss") };
-        let s = *saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
-        let (d_head, d_h) = head_backward(s.loss, &p[1], scale)?;
-        let (d_x, d_w) = scoped_as(Kind::Elementwise, "rms_norm_backward", || rms_backward(&d_h, &s.x, &p[0], &s.rstd, None))?;
-        Ok((vec![Some(d_w), Some(d_head)], vec![Some(d_x.reshape(s.dims)?)]))
+        ParamGrads::whole(p.len(), |grads| self.backward_into(p, saved, upstream, grads))
+    }
+
+    fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
+        ParamGrads::split(p.len(), |grads| self.backward_into(p, saved, upstream, grads))
     }
 
     fn forward_flops_per_token(&self) -> f64 {

@@ -11,7 +11,7 @@ use super::layer_fused::row_tables;
 use crate::ops::rms_norm::rms_norm;
 use crate::ops::rope::rope_composed;
 use candle_core::{Result, Tensor};
-use ferrospeed::engine::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, Upstream, WeightGrads};
 use std::sync::Arc;
 
 /// Layer `index` of the model.
@@ -57,6 +57,14 @@ impl Slots {
 impl Layer {
     pub(crate) fn new(cfg: LlamaConfig, index: usize, rope: Arc<RopeCache>) -> Self {
         Self { cfg, index, rope }
+    }
+
+    /// The hand-written backward: the input's gradient, the slots' into `grads`.
+    fn backward_into(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>, grads: &mut ParamGrads) -> Result<Vec<Option<Tensor>>> {
+        let g = upstream.grad(0)?;
+        let saved = saved.downcast::<LayerSaved>().map_err(|_| candle_core::Error::Msg("layer backward: foreign saved state".into()))?;
+        let (cos, sin) = self.rope.get(&self.cfg, saved.seq_len(), g.device())?;
+        Ok(vec![Some(layer_fused::backward(&self.cfg, p, *saved, g, (&cos, &sin), grads)?)])
     }
 }
 
@@ -118,11 +126,11 @@ impl Block for Layer {
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
-        let g = upstream.grad(0)?;
-        let saved = saved.downcast::<LayerSaved>().map_err(|_| candle_core::Error::Msg("layer backward: foreign saved state".into()))?;
-        let (cos, sin) = self.rope.get(&self.cfg, saved.seq_len(), g.device())?;
-        let (grads, dx) = layer_fused::backward(&self.cfg, p, *saved, g, (&cos, &sin))?;
-        Ok((grads, vec![Some(dx)]))
+        ParamGrads::whole(p.len(), |grads| self.backward_into(p, saved, upstream, grads))
+    }
+
+    fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
+        ParamGrads::split(p.len(), |grads| self.backward_into(p, saved, upstream, grads))
     }
 
     fn forward_flops_per_token(&self) -> f64 {

@@ -10,12 +10,13 @@ use super::LlamaConfig;
 use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
 use crate::ops::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
 use crate::ops::docs::Docs;
-use crate::ops::fused::{bias_add, bias_residual, col_sum};
+use crate::ops::fused::{bias_add, bias_residual};
 use crate::ops::rms_norm::{rms_backward, rms_forward};
 use crate::ops::rope::rope_qkv;
 use crate::ops::swiglu::{swiglu, swiglu_backward};
-use crate::ops::{copy, matmul};
+use crate::ops::{copy, matmul, put_col_sum, put_matmul_tn};
 use candle_core::{Result, Tensor};
+use ferrospeed::engine::ParamGrads;
 use ferrospeed::profile::{scoped_as, Kind};
 
 /// What the backward needs of one layer's forward (`n = b·t` rows).
@@ -140,42 +141,39 @@ fn composed_attention(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, h
     Ok((AttnSaved::Composed { q, k, v, p: probs }, y))
 }
 
-/// Gradients of every parameter slot and of the input, for the output gradient `g` `[b, t, d]`.
-pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope: (&Tensor, &Tensor)) -> Result<(Vec<Option<Tensor>>, Tensor)> {
+/// The gradient of the input for the output gradient `g` `[b, t, d]`; the parameter slots' gradients go
+/// to `grads` (the weight matmuls and bias sums as work: at once for the whole backward, later for a
+/// split one).
+pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope: (&Tensor, &Tensor), grads: &mut ParamGrads) -> Result<Tensor> {
     let s = Slots::of(c);
     let (b, t) = sv.dims;
     let (n, d, nh, nkv, hd, f) = (b * t, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff);
     let g = g.reshape((n, d))?;
     let ew = Kind::Elementwise;
-    let mut grads: Vec<Option<Tensor>> = vec![None; p.len()];
 
     // MLP: out = x2 + act·W_downᵀ (+ b_down), act = swiglu(h2·[W_gate; W_up]ᵀ (+ [b_gate; b_up])), h2 = rms(x2).
     // A bias's gradient is the column sum of its output's gradient.
-    grads[s.down] = Some(matmul(&g.t()?, &sv.act)?);
+    put_matmul_tn(grads, vec![(s.down, d)], &g, &sv.act)?;
     if let Some(b0) = s.mlp_bias {
-        grads[b0 + 2] = Some(scoped_as(ew, "bias_grad", || col_sum(&g))?);
+        put_col_sum(grads, vec![(b0 + 2, d)], &g)?;
     }
     let d_act = matmul(&g, &p[s.down])?;
     let d_gu = scoped_as(ew, "swiglu_backward", || swiglu_backward(&sv.gu, &d_act))?;
     drop(d_act);
     if let Some(b0) = s.mlp_bias {
-        let d_bgu = scoped_as(ew, "bias_grad", || col_sum(&d_gu))?;
-        grads[b0] = Some(d_bgu.narrow(0, 0, f)?);
-        grads[b0 + 1] = Some(d_bgu.narrow(0, f, f)?);
+        put_col_sum(grads, vec![(b0, f), (b0 + 1, f)], &d_gu)?;
     }
-    let d_wgu = matmul(&d_gu.t()?, &sv.h2)?;
-    grads[s.gate] = Some(d_wgu.narrow(0, 0, f)?);
-    grads[s.up] = Some(d_wgu.narrow(0, f, f)?);
+    put_matmul_tn(grads, vec![(s.gate, f), (s.up, f)], &d_gu, &sv.h2)?;
     let w_gu = stack(&[&p[s.gate], &p[s.up]])?;
     let d_h2 = matmul(&d_gu, &w_gu)?;
     drop((d_gu, w_gu));
     let (d_x2, d_post) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h2, &sv.x2, &p[s.post_norm], &sv.rstd2, Some(&g)))?;
-    grads[s.post_norm] = Some(d_post);
+    grads.set(s.post_norm, d_post);
 
     // Attention: x2 = x + y·W_oᵀ (+ b_o), y = attention(rope(h1·W_qkvᵀ + b)), h1 = rms(x).
-    grads[s.o] = Some(matmul(&d_x2.t()?, &sv.y)?);
+    put_matmul_tn(grads, vec![(s.o, d)], &d_x2, &sv.y)?;
     if let Some(i) = s.o_bias {
-        grads[i] = Some(scoped_as(ew, "bias_grad", || col_sum(&d_x2))?);
+        put_col_sum(grads, vec![(i, d)], &d_x2)?;
     }
     let d_y = matmul(&d_x2, &p[s.o])?;
     let d_qkv = match sv.attn {
@@ -198,18 +196,12 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     let d_qkv = scoped_as(ew, "rope_backward", || rope_qkv(&d_qkv, &cos, &sin, period, nh, nkv, true))?;
     let (q_w, kv_w) = (nh * hd, nkv * hd);
     if let Some(b0) = s.bias {
-        let d_bias = scoped_as(ew, "bias_grad", || col_sum(&d_qkv))?;
-        grads[b0] = Some(d_bias.narrow(0, 0, q_w)?);
-        grads[b0 + 1] = Some(d_bias.narrow(0, q_w, kv_w)?);
-        grads[b0 + 2] = Some(d_bias.narrow(0, q_w + kv_w, kv_w)?);
+        put_col_sum(grads, vec![(b0, q_w), (b0 + 1, kv_w), (b0 + 2, kv_w)], &d_qkv)?;
     }
-    let d_wqkv = matmul(&d_qkv.t()?, &sv.h1)?;
-    grads[s.q] = Some(d_wqkv.narrow(0, 0, q_w)?);
-    grads[s.k] = Some(d_wqkv.narrow(0, q_w, kv_w)?);
-    grads[s.v] = Some(d_wqkv.narrow(0, q_w + kv_w, kv_w)?);
+    put_matmul_tn(grads, vec![(s.q, q_w), (s.k, kv_w), (s.v, kv_w)], &d_qkv, &sv.h1)?;
     let w_qkv = stack(&[&p[s.q], &p[s.k], &p[s.v]])?;
     let d_h1 = matmul(&d_qkv, &w_qkv)?;
     let (d_x, d_in) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h1, &sv.x, &p[s.input_norm], &sv.rstd1, Some(&d_x2)))?;
-    grads[s.input_norm] = Some(d_in);
-    Ok((grads, d_x.reshape((b, t, d))?))
+    grads.set(s.input_norm, d_in);
+    d_x.reshape((b, t, d))
 }

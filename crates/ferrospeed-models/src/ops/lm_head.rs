@@ -12,6 +12,7 @@ use super::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward};
 use super::docs::LossWeighting;
 use super::fused::embedding_grad;
 use candle_core::{DType, Device, Result, Tensor};
+use ferrospeed::engine::ParamGrads;
 use ferrospeed::profile::{scoped, scoped_as, Kind};
 
 /// What [`head_backward`] needs of [`head_loss`].
@@ -47,8 +48,9 @@ pub fn head_loss(h: Tensor, w: &Tensor, targets: Tensor, weighting: &LossWeighti
     Ok((loss, HeadLoss { h, logits, targets, rows, weights }))
 }
 
-/// Gradients `(d_w, d_h)` of `scale` × the loss of [`head_loss`].
-pub fn head_backward(s: HeadLoss, w: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+/// The gradient `d_h` of `scale` × the loss of [`head_loss`]; the vocabulary matrix's gradient goes
+/// to slot `slot` of `grads` (as work: at once, or later for a split backward).
+pub fn head_backward(s: HeadLoss, w: &Tensor, scale: f64, grads: &mut ParamGrads, slot: usize) -> Result<Tensor> {
     let n = s.targets.elem_count();
     // The loss is the mean over rows: each row's loss has weight scale / n (or its masked weight).
     let row_grads = match &s.weights {
@@ -57,9 +59,9 @@ pub fn head_backward(s: HeadLoss, w: &Tensor, scale: f64) -> Result<(Tensor, Ten
     };
     let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || cross_entropy_rows_backward(&s.logits, &s.targets, &row_grads))?;
     drop(s.logits);
-    let d_w = scoped(Kind::Matmul, || d_logits.t()?.matmul(&s.h))?;
-    let d_h = scoped(Kind::Matmul, || d_logits.matmul(w))?;
-    Ok((d_w, d_h))
+    let (dl, h) = (d_logits.clone(), s.h);
+    grads.put_rows(vec![(slot, 0)], move || scoped(Kind::Matmul, || dl.t()?.matmul(&h)))?;
+    scoped(Kind::Matmul, || d_logits.matmul(w))
 }
 
 /// The token ids of a batch as the embedding's backward needs them: on the device, and (for a GPU) on

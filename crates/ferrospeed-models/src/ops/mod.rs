@@ -37,3 +37,16 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub(crate) fn copy(t: &Tensor) -> Result<Tensor> {
     scoped(Kind::Copy, || t.contiguous())
 }
+
+/// A weight gradient `aᵀ · b` as work for `grads` (run at once, or kept for a split backward), its
+/// rows split into `parts` (slot, rows).
+pub(crate) fn put_matmul_tn(grads: &mut ferrospeed::engine::ParamGrads, parts: Vec<(usize, usize)>, a: &Tensor, b: &Tensor) -> Result<()> {
+    let (a, b) = (a.clone(), b.clone());
+    grads.put_rows(parts, move || matmul(&a.t()?, &b))
+}
+
+/// Stacked biases' gradient, the column sum of their output's gradient `dy`, as work split into `parts`.
+pub(crate) fn put_col_sum(grads: &mut ferrospeed::engine::ParamGrads, parts: Vec<(usize, usize)>, dy: &Tensor) -> Result<()> {
+    let dy = dy.clone();
+    grads.put_rows(parts, move || ferrospeed::profile::scoped_as(Kind::Elementwise, "bias_grad", || fused::col_sum(&dy)))
+}

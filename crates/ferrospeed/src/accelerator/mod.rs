@@ -179,7 +179,7 @@ impl Accelerator {
         let accumulation = cfg.accumulation_steps(mesh.size(Axis::Dp))?;
         let schedule = match cfg.parallel.pp {
             1 => None,
-            pp => Some(Schedule::new(pipeline_kind(cfg.parallel.pp_schedule), pp, cfg.parallel.pp_virtual, accumulation).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?),
+            pp => Some(Schedule::new(ScheduleKind::from(cfg.parallel.pp_schedule), pp, cfg.parallel.pp_virtual, accumulation).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?),
         };
         let device = crate::device::select(cfg.train.device, world.local_rank).map_err(AccelError::Device)?;
         let comm: Arc<dyn crate::Communicator> = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?)?);
@@ -563,17 +563,6 @@ impl Accelerator {
     /// The run's tracker (rank 0 only).
     pub fn tracker(&self) -> Option<&Tracker> {
         self.tracker.as_ref()
-    }
-}
-
-/// The schedule `parallel.pp_schedule` names.
-fn pipeline_kind(s: crate::config::PipelineSchedule) -> ScheduleKind {
-    use crate::config::PipelineSchedule as P;
-    match s {
-        P::OneFOneB => ScheduleKind::OneFOneB,
-        P::Gpipe => ScheduleKind::Gpipe,
-        P::Interleaved => ScheduleKind::Interleaved,
-        P::ZeroBubble => ScheduleKind::ZeroBubble,
     }
 }
 

@@ -248,6 +248,19 @@ pub enum PipelineSchedule {
 }
 named_enum!(PipelineSchedule { OneFOneB => "1f1b", Gpipe => "gpipe", Interleaved => "interleaved", ZeroBubble => "zb" });
 
+impl From<PipelineSchedule> for crate::parallel::ScheduleKind {
+    /// The schedule `parallel.pp_schedule` names.
+    fn from(s: PipelineSchedule) -> Self {
+        use crate::parallel::ScheduleKind as K;
+        match s {
+            PipelineSchedule::OneFOneB => K::OneFOneB,
+            PipelineSchedule::Gpipe => K::Gpipe,
+            PipelineSchedule::Interleaved => K::Interleaved,
+            PipelineSchedule::ZeroBubble => K::ZeroBubble,
+        }
+    }
+}
+
 /// `[parallel]`: the axes of parallelism besides data parallelism (the device mesh). The data-parallel
 /// size is what is left: `world / (pp · tp · cp)`; `ep` divides it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -427,8 +440,6 @@ impl Config {
         validate::validate(self, validate::Scope::ALL)
     }
 
-    /// Gradient accumulation steps for `world_size` ranks: `global_batch / (micro_batch × world_size)`.
-    /// When that does not divide, the error proposes values that do.
     /// The device mesh of `world_size` ranks that `[parallel]` describes; refused in one line where
     /// the numbers do not fit the ranks, or name an axis this build does not run yet.
     pub fn mesh(&self, world_size: usize) -> Result<crate::parallel::Mesh, ConfigError> {
@@ -442,19 +453,11 @@ impl Config {
                 )));
             }
         }
-        if p.pp > 1 {
-            if p.pp_schedule == PipelineSchedule::ZeroBubble {
-                return Err(ConfigError::NotBuilt(
-                    "parallel.pp_schedule = \"zb\": this build runs \"1f1b\", \"gpipe\" and \"interleaved\"; the zero-bubble \
-                     schedule is planned (parallel/schedule.rs) but not executed yet (it needs the backward split into input and \
-                     weight gradients)"
-                        .into(),
-                ));
-            }
-        }
         Ok(mesh)
     }
 
+    /// Gradient accumulation steps for `world_size` ranks: `global_batch / (micro_batch × world_size)`.
+    /// When that does not divide, the error proposes values that do.
     pub fn accumulation_steps(&self, world_size: usize) -> Result<usize, ConfigError> {
         validate::accumulation_steps(self.train.global_batch, self.train.micro_batch, world_size)
     }

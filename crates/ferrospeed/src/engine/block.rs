@@ -144,6 +144,16 @@ pub trait Block: Send + Sync {
     fn backward(&self, _params: &[Tensor], _saved: Saved, _upstream: Upstream<'_>) -> candle_core::Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
         candle_core::bail!("block {} has no hand-written backward", self.name())
     }
+
+    /// The hand-written backward split for zero-bubble pipelines (`parallel.pp_schedule = "zb"`): the
+    /// input gradients now, and the parameter gradients as work run later. Blocks whose backward
+    /// builds its gradients with [`ParamGrads`](super::ParamGrads) return `ParamGrads::split` of it
+    /// here. The default runs [`Block::backward`] whole and hands its parameter gradients over
+    /// finished: correct, with nothing left to fill the pipeline's idle time.
+    fn backward_split(&self, params: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> candle_core::Result<(super::WeightGrads, Vec<Option<Tensor>>)> {
+        let (slots, inputs) = self.backward(params, saved, upstream)?;
+        Ok((super::WeightGrads::ready(slots), inputs))
+    }
 }
 
 /// What a block's forward keeps for its hand-written backward.

@@ -10,6 +10,7 @@ mod block;
 mod error;
 mod memory;
 mod model;
+mod param_grads;
 
 #[path = "step/blockwise.rs"]
 pub mod blockwise;
@@ -57,6 +58,7 @@ mod device_step;
 mod device_stub;
 
 pub use block::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+pub use param_grads::{ParamGrads, WeightGrads};
 #[cfg(feature = "cuda")]
 use device_grads::DeviceGrads;
 #[cfg(feature = "cuda")]

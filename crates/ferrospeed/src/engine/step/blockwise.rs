@@ -8,6 +8,7 @@
 
 use super::block::{Batch, Saved, Upstream};
 use super::error::EngineError;
+use super::param_grads::WeightGrads;
 use super::model::Model;
 use candle_core::{Tensor, Var};
 
@@ -167,10 +168,67 @@ pub fn backward_span(
     model: &Model,
     source: &mut dyn ParamSource,
     batch: &Batch,
-    mut tape: SpanTape,
+    tape: SpanTape,
     upstream: Option<Vec<Option<Tensor>>>,
     loss_scale: f64,
     mut on_block: impl FnMut(usize, Vec<Option<Tensor>>) -> Result<(), EngineError>,
+) -> Result<Vec<Option<Tensor>>, EngineError> {
+    backward_blocks(model, source, batch, tape, upstream, loss_scale, false, |i, work| on_block(i, slot_grads(model, i, work)?))
+}
+
+/// The parameter-gradient work a split backward left, block by block in the order to run it.
+pub type WeightTape = Vec<(usize, WeightGrads)>;
+
+/// The input half of [`backward_span`] (a zero-bubble schedule's `I` action): the gradients of the
+/// span's input now, and each block's parameter-gradient work for [`weight_span`]. Blocks without a
+/// split backward ([`Block::backward_split`](super::block::Block::backward_split)'s default, and
+/// autograd blocks) compute theirs here whole.
+pub fn backward_span_input(
+    model: &Model,
+    source: &mut dyn ParamSource,
+    batch: &Batch,
+    tape: SpanTape,
+    upstream: Option<Vec<Option<Tensor>>>,
+    loss_scale: f64,
+) -> Result<(Vec<Option<Tensor>>, WeightTape), EngineError> {
+    let mut work = Vec::new();
+    let grad_in = backward_blocks(model, source, batch, tape, upstream, loss_scale, true, |i, w| {
+        work.push((i, w));
+        Ok(())
+    })?;
+    Ok((grad_in, work))
+}
+
+/// The weight half (the `W` action): run each block's parameter-gradient work, handing its slot
+/// gradients to `on_block` in the order [`backward_span`] would.
+pub fn weight_span(model: &Model, work: WeightTape, mut on_block: impl FnMut(usize, Vec<Option<Tensor>>) -> Result<(), EngineError>) -> Result<(), EngineError> {
+    for (i, w) in work {
+        on_block(i, slot_grads(model, i, w)?)?;
+    }
+    Ok(())
+}
+
+/// Block `i`'s slot gradients from its work, one per slot.
+fn slot_grads(model: &Model, i: usize, work: WeightGrads) -> Result<Vec<Option<Tensor>>, EngineError> {
+    let name = model.block(i).name();
+    let grads = work.compute().map_err(EngineError::tensor(name.clone()))?;
+    let slots = model.slots(i).len();
+    if grads.len() != slots {
+        return Err(EngineError::Model(format!("block {name}: backward returned {} parameter gradients for {slots} parameter slots", grads.len())));
+    }
+    Ok(grads)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_blocks(
+    model: &Model,
+    source: &mut dyn ParamSource,
+    batch: &Batch,
+    mut tape: SpanTape,
+    upstream: Option<Vec<Option<Tensor>>>,
+    loss_scale: f64,
+    split: bool,
+    mut on_block: impl FnMut(usize, WeightGrads) -> Result<(), EngineError>,
 ) -> Result<Vec<Option<Tensor>>, EngineError> {
     // The gradients of the current block's outputs; `None` while at the last block (the loss).
     let mut grad_out: Option<Vec<Option<Tensor>>> = upstream;
@@ -193,25 +251,29 @@ pub fn backward_span(
             }
         };
         let num_inputs = tape.inputs[i - first].len();
-        let slot_grads = match kept {
+        let work = match kept {
             Kept::Manual { saved, params } => {
                 let upstream = match &grad_out {
                     None => Upstream::Loss(loss_scale),
                     Some(g) => Upstream::Grads(g),
                 };
-                let (slot_grads, grad_in) = block.backward(&detach_all(&params), saved, upstream).map_err(err())?;
-                if slot_grads.len() != params.len() || grad_in.len() != num_inputs {
+                let detached = detach_all(&params);
+                let (work, grad_in) = if split {
+                    block.backward_split(&detached, saved, upstream).map_err(err())?
+                } else {
+                    let (slots, grad_in) = block.backward(&detached, saved, upstream).map_err(err())?;
+                    (WeightGrads::ready(slots), grad_in)
+                };
+                if grad_in.len() != num_inputs {
                     return Err(EngineError::Model(format!(
-                        "block {}: backward returned {} parameter and {} input gradients for {} parameter slots and {} inputs",
+                        "block {}: backward returned {} input gradients for {} inputs",
                         block.name(),
-                        slot_grads.len(),
                         grad_in.len(),
-                        params.len(),
                         num_inputs
                     )));
                 }
                 grad_out = Some(grad_in.into_iter().map(|g| g.map(|t| t.detach())).collect());
-                slot_grads
+                work
             }
             Kept::Graph { inputs, outputs, params } => {
                 let target = match &grad_out {
@@ -221,7 +283,7 @@ pub fn backward_span(
                 let Some(target) = target else {
                     // No output carries a gradient: nothing upstream depends on this block.
                     source.release(i);
-                    on_block(i, vec![None; params.len()])?;
+                    on_block(i, WeightGrads::ready(vec![None; params.len()]))?;
                     grad_out = Some(vec![None; num_inputs]);
                     continue;
                 };
@@ -253,11 +315,11 @@ pub fn backward_span(
                     });
                 }
                 grad_out = Some(grad_in);
-                slot_grads
+                WeightGrads::ready(slot_grads)
             }
         };
         source.release(i);
-        on_block(i, slot_grads)?;
+        on_block(i, work)?;
     }
     Ok(grad_out.unwrap_or_default())
 }

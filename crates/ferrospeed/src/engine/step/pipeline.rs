@@ -278,6 +278,7 @@ impl Engine {
         let loss_scale = self.acc.loss_scale.unwrap_or(1.0) / m as f64;
         let device = self.cfg.device.clone();
         let mut tapes = HashMap::new();
+        let mut weights: HashMap<(usize, usize), blockwise::WeightTape> = HashMap::new();
         let mut losses: Vec<Option<Tensor>> = vec![None; m];
         let last_stage = pipe.stages - 1;
         let world_rank = pipe.world.rank();
@@ -294,6 +295,17 @@ impl Engine {
             let source: &mut dyn ParamSource = match cfg.strategy.param_placement() {
                 ParamPlacement::Resident => &mut resident,
                 ParamPlacement::Gathered => &mut gathering,
+            };
+            // Each stage's backwards (or weight halves) run in micro-batch order: the last one completes
+            // its blocks' gradients, which are reduced as they finish.
+            let last = k + 1 == m;
+            let pending = &mut acc.pending;
+            let accumulate = |i: usize, slot_grads: Vec<Option<Tensor>>| -> Result<(), EngineError> {
+                super::trainer::add_slot_grads(model, params, grads, i, slot_grads)?;
+                if last {
+                    pending.push((i, grads[i].start_reduce(worker, nccl.as_ref(), cfg.reduce_dtype)?));
+                }
+                Ok(())
             };
             match action.op {
                 Op::Forward => {
@@ -318,7 +330,7 @@ impl Engine {
                     }
                     tapes.insert((stage, k), tape);
                 }
-                Op::Backward => {
+                Op::Backward | Op::BackwardInput => {
                     let tape = tapes.remove(&(stage, k)).ok_or_else(|| EngineError::Unsupported(format!("the schedule runs the backward of stage {stage}, micro-batch {k} before its forward")))?;
                     let upstream = if stage == last_stage {
                         None
@@ -328,24 +340,24 @@ impl Engine {
                         acc.pipeline_wait += t.elapsed().as_secs_f64();
                         Some(got)
                     };
-                    // Each stage's backwards run in micro-batch order: the last one completes its blocks'
-                    // gradients, which are reduced as they finish.
-                    let last = k + 1 == m;
-                    let pending = &mut acc.pending;
-                    let grad_in = blockwise::backward_span(model, source, batch, tape, upstream, loss_scale, |i, slot_grads| {
-                        super::trainer::add_slot_grads(model, params, grads, i, slot_grads)?;
-                        if last {
-                            pending.push((i, grads[i].start_reduce(worker, nccl.as_ref(), cfg.reduce_dtype)?));
-                        }
-                        Ok(())
-                    })?;
+                    let grad_in = if action.op == Op::Backward {
+                        blockwise::backward_span(model, source, batch, tape, upstream, loss_scale, accumulate)?
+                    } else {
+                        // The input half: the stage before waits for it; the weight half runs later.
+                        let (grad_in, work) = blockwise::backward_span_input(model, source, batch, tape, upstream, loss_scale)?;
+                        weights.insert((stage, k), work);
+                        grad_in
+                    };
                     if stage > 0 {
                         super::trainer::nccl_sync(nccl.as_ref())?;
                         let to = pipe.rank_of(stage - 1);
                         pipe.sender.post(pipe_wire::pack(to, Flow::Gradients, stage - 1, k, &grad_in)?)?;
                     }
                 }
-                op => return Err(EngineError::Unsupported(format!("the {op:?} action (split backward) is not in this build yet"))),
+                Op::BackwardWeight => {
+                    let work = weights.remove(&(stage, k)).ok_or_else(|| EngineError::Unsupported(format!("the schedule runs the weight gradient of stage {stage}, micro-batch {k} before its input gradient")))?;
+                    blockwise::weight_span(model, work, accumulate)?;
+                }
             }
             self.gathered_peak = self.gathered_peak.max(gathering.peak_bytes);
         }
@@ -357,8 +369,8 @@ impl Engine {
         let t = Instant::now();
         pipe.sender.flush()?;
         self.acc.pipeline_wait += t.elapsed().as_secs_f64();
-        if !tapes.is_empty() {
-            return Err(EngineError::Unsupported(format!("the schedule left {} forward(s) without their backward", tapes.len())));
+        if !tapes.is_empty() || !weights.is_empty() {
+            return Err(EngineError::Unsupported(format!("the schedule left {} forward(s) without their backward and {} backward(s) without their weight half", tapes.len(), weights.len())));
         }
         if !pipe.mailbox.is_empty() {
             return Err(EngineError::Unsupported(format!("{} message(s) from other stages were never used: the ranks run different schedules", pipe.mailbox.len())));
