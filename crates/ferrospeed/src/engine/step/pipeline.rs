@@ -5,9 +5,13 @@
 //! through a sender thread (`pipe_wire.rs`), receives wait, so the schedule's order is the only
 //! order there is.
 //!
-//! The arithmetic is the whole model's: a stage's backwards run in micro-batch order and each
-//! block's gradient is accumulated and reduced (over the stage's data-parallel group) exactly as at
-//! `pp = 1`; the loss is the last stage's, averaged over its data-parallel group and handed to every
+//! Under a zero-bubble schedule a backward is two actions: the input half (`I`) sends the gradients
+//! of the stage's inputs back and keeps each block's parameter work (`blockwise::backward_span_input`),
+//! the weight half (`W`) runs it later, where the stage would otherwise wait.
+//!
+//! The arithmetic is the whole model's: a stage's backwards (or weight halves) run in micro-batch
+//! order and each block's gradient is accumulated and reduced (over the stage's data-parallel group)
+//! exactly as at `pp = 1`; the loss is the last stage's, averaged over its data-parallel group and handed to every
 //! rank; the gradient norm adds the same per-block, per-shard sums in the same order. Tied
 //! parameters are the exception: their two ends' gradients are each accumulated over the
 //! micro-batches and then summed over the tie group (as Megatron sums the embedding group), where
