@@ -483,3 +483,23 @@ fn a_jobs_store_shrugs_off_garbage_idle_connections_huge_claims_and_a_forged_fai
     assert!(hwm_kb > 0 && hwm_kb < 100 * 1024, "the launcher's peak RSS is {hwm_kb} kB");
     assert!(attack_threads <= base_threads + 64 + 1, "{attack_threads} threads under attack, {base_threads} before");
 }
+
+#[test]
+fn after_a_refused_start_the_other_ranks_finish_their_own_clean_up_and_a_hung_one_is_stopped() {
+    // Rank 1 refuses its start at once (exit 2, bad input); rank 0 refuses the same input but needs a
+    // moment to remove what its start wrote: SIGTERM at once would cut that short.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let script = format!("if [ \"$RANK\" = 1 ]; then exit 2; fi; sleep 1; touch {d}/cleaned; exit 2");
+    let f = run(ferrospeed().args(["launch", "--nproc-per-node", "2", "sh", "-c", &script]), Duration::from_secs(30));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(dir.path().join("cleaned").exists(), "rank 0 was stopped before it finished: {}", f.stderr);
+    assert!(f.elapsed < Duration::from_secs(4), "the launcher waited {:?} after every rank had exited", f.elapsed);
+    // A rank that does not exit after a refused start is still stopped, a few seconds later.
+    let script = format!("sleep 300 & echo \"$$ $!\" > {d}/pid.$RANK; if [ \"$RANK\" = 1 ]; then exit 2; fi; wait");
+    let f = run(ferrospeed().args(["launch", "--nproc-per-node", "2", "sh", "-c", &script]), Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("rank 1 (pid") && f.stderr.contains("exited with code 2"), "{}", f.stderr);
+    assert!(f.elapsed < Duration::from_secs(20), "took {:?}", f.elapsed);
+    assert_eq!(survivors(&pids_in(dir.path()), Duration::from_secs(2)), Vec::<i32>::new(), "no process may survive");
+}

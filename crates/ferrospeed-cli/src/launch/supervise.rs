@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 const FAILED_KEY: &str = "ferrospeed/launch/failed";
 /// Counter of nodes whose ranks have all ended, so node 0 keeps the store up until then.
 const DONE_KEY: &str = "ferrospeed/launch/nodes_done";
+/// A rank that exits with code 2 refused its start (bad input, one line): the others are refusing the
+/// same input, and rank 0 may be removing what its start added to the run directory. They get this
+/// long to exit on their own before SIGTERM, which would cut that clean-up short.
+const REFUSED_SETTLE: Duration = Duration::from_secs(5);
 
 enum Event {
     Exited { rank: usize, status: std::io::Result<ExitStatus> },
@@ -73,6 +77,8 @@ pub fn supervise(plan: &LaunchPlan, store: NodeStore, grace: Duration) -> Result
     let mut failure: Option<Failure> = None;
     let mut interrupted = 0u32;
     let mut kill_at: Option<Instant> = None;
+    // When the ranks left after a refused start (code 2) are stopped, if they have not exited by then.
+    let mut term_at: Option<Instant> = None;
     let mut last_store_check = Instant::now();
     while !running.is_empty() {
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -92,7 +98,11 @@ pub fn supervise(plan: &LaunchPlan, store: NodeStore, grace: Duration) -> Result
                         server.set_local(FAILED_KEY, message.as_bytes());
                     }
                     failure = Some(Failure { message, code });
-                    stop(&running, libc::SIGTERM, &mut kill_at, grace);
+                    if code == 2 {
+                        term_at = Some(Instant::now() + REFUSED_SETTLE);
+                    } else {
+                        stop(&running, libc::SIGTERM, &mut kill_at, grace);
+                    }
                 }
             }
             Ok(Event::Signal(sig)) => {
@@ -110,6 +120,9 @@ pub fn supervise(plan: &LaunchPlan, store: NodeStore, grace: Duration) -> Result
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if term_at.is_some_and(|t| Instant::now() >= t) && kill_at.is_none() {
+            stop(&running, libc::SIGTERM, &mut kill_at, grace);
         }
         if kill_at.is_some_and(|t| Instant::now() >= t) {
             for p in running.values() {
