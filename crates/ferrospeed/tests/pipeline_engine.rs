@@ -10,12 +10,12 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use ferrospeed::engine::{cut_for_stage, Batch, CommWorker, Engine, EngineConfig, Model, PipelineStage, StageCut};
+use ferrospeed::engine::{Batch, Engine, EngineConfig, Model};
 use ferrospeed::nn::{Forward, NnBlock, Tie};
 use ferrospeed::optim::{AdamW, LrSchedule};
-use ferrospeed::parallel::{Axis, Mesh, MeshComms, Schedule, ScheduleKind};
+use ferrospeed::parallel::{Schedule, ScheduleKind};
 use ferrospeed::rng::Rng;
-use ferrospeed::{CommConfig, Communicator};
+use ferrospeed::CommConfig;
 use std::sync::Arc;
 
 const D: usize = 6;
@@ -97,28 +97,11 @@ fn train(engine: &mut Engine) -> Vec<(f64, f64)> {
 /// `ranges`, on every rank.
 fn pipelined(kind: ScheduleKind, v: usize, ranges: Vec<std::ops::Range<usize>>, tied_on_both: bool, checkpointing: bool) -> Vec<Vec<(f64, f64)>> {
     common::run_world(2, &CommConfig::default(), |comm| {
-        let rank = comm.rank();
-        let world: Arc<dyn Communicator> = Arc::new(comm);
-        let mesh = Mesh::new(2, 2, 1, 1, 1).unwrap();
-        let comms = MeshComms::new(world.clone(), mesh).unwrap();
-        let StageCut { model: cut, owner_stage, tied, tie_stages, whole } = cut_for_stage(model(), &ranges, rank, 2).unwrap();
+        let (mut engine, tied, tie_stages) = common::pipeline_engine(comm, model(), &ranges, Schedule::new(kind, 2, v, 4).unwrap(), config(checkpointing));
         if tied_on_both {
-            assert_eq!((tied.clone(), tie_stages.clone()), (vec![0, 1], vec![0, 1]), "a and b are each held on both ranks");
+            assert_eq!((tied, tie_stages), (vec![0, 1], vec![0, 1]), "a and b are each held on both ranks");
         }
-        let tie: Option<Arc<dyn Communicator>> = (!tie_stages.is_empty()).then(|| Arc::from(world.split("tie", &[tie_stages.clone()]).unwrap()));
-        let stage = PipelineStage {
-            rank,
-            schedule: Schedule::new(kind, 2, v, 4).unwrap(),
-            p2p: comms.get(Axis::Pp).clone(),
-            tie,
-            world: Arc::new(CommWorker::spawn(world.clone())),
-            owner_stage,
-            tied,
-            whole,
-            ranks: (0..2).map(|r| (mesh.coords(r).pp, mesh.coords(r).dp)).collect(),
-        };
-        let dp = Arc::new(CommWorker::spawn(comms.get(Axis::Dp).clone()));
-        train(&mut Engine::with_pipeline(cut, dp, stage, config(checkpointing)).unwrap())
+        train(&mut engine)
     })
 }
 

@@ -7,12 +7,12 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use ferrospeed::engine::{cut_for_stage, Batch, Block, CommWorker, Engine, EngineConfig, Init, Model, ParamGrads, ParamRef, ParamSpec, PipelineStage, Saved, StageCut, Upstream, WeightGrads};
+use ferrospeed::engine::{Batch, Block, Engine, EngineConfig, Init, Model, ParamGrads, ParamRef, ParamSpec, Saved, Upstream, WeightGrads};
 use ferrospeed::nn::{Forward, NnBlock};
 use ferrospeed::optim::{AdamW, LrSchedule};
-use ferrospeed::parallel::{Axis, Mesh, MeshComms, Op, Schedule, ScheduleKind};
+use ferrospeed::parallel::{Op, Schedule, ScheduleKind};
 use ferrospeed::rng::Rng;
-use ferrospeed::{CommConfig, Communicator};
+use ferrospeed::CommConfig;
 use std::sync::{Arc, Mutex};
 
 const D: usize = 5;
@@ -127,25 +127,9 @@ fn split_backwards_run_where_the_zero_bubble_schedule_puts_them_and_train_one_ra
     // first | second, loss: each rank's linear block logs its halves.
     let (schedule, ranges) = (Schedule::new(ScheduleKind::ZeroBubble, 2, 1, MICRO).unwrap(), vec![0..1, 1..3]);
     let runs = common::run_world(2, &CommConfig::default(), |comm| {
-        let rank = comm.rank();
-        let world: Arc<dyn Communicator> = Arc::new(comm);
-        let mesh = Mesh::new(2, 2, 1, 1, 1).unwrap();
-        let comms = MeshComms::new(world.clone(), mesh).unwrap();
         let log = Log::default();
-        let StageCut { model: cut, owner_stage, tied, whole, .. } = cut_for_stage(model(&log), &ranges, rank, 2).unwrap();
-        let stage = PipelineStage {
-            rank,
-            schedule: schedule.clone(),
-            p2p: comms.get(Axis::Pp).clone(),
-            tie: None,
-            world: Arc::new(CommWorker::spawn(world.clone())),
-            owner_stage,
-            tied,
-            whole,
-            ranks: (0..2).map(|r| (mesh.coords(r).pp, mesh.coords(r).dp)).collect(),
-        };
-        let dp = Arc::new(CommWorker::spawn(comms.get(Axis::Dp).clone()));
-        let rows = train(&mut Engine::with_pipeline(cut, dp, stage, config()).unwrap());
+        let (mut engine, ..) = common::pipeline_engine(comm, model(&log), &ranges, schedule.clone(), config());
+        let rows = train(&mut engine);
         let log = log.lock().unwrap().clone();
         (rows, log)
     });

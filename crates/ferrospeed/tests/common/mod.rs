@@ -3,11 +3,38 @@
 #![allow(dead_code)]
 
 use ferrospeed::comm::{run_local_world, TcpCommunicator};
-use ferrospeed::CommConfig;
+use ferrospeed::engine::{cut_for_stage, CommWorker, Engine, EngineConfig, Model, PipelineStage, StageCut};
+use ferrospeed::parallel::{Axis, Mesh, MeshComms, Schedule};
+use ferrospeed::{CommConfig, Communicator};
+use std::sync::Arc;
 
 /// Run `f(communicator)` on `world_size` threads forming one group; results in rank order.
 pub fn run_world<R: Send>(world_size: usize, cfg: &CommConfig, f: impl Fn(TcpCommunicator) -> R + Sync) -> Vec<R> {
     run_local_world(world_size, cfg, f).expect("forming the local world")
+}
+
+/// The engine of this rank (`comm`'s) in a pipeline of all the world's ranks (dp = 1) running
+/// `schedule` over the stages `ranges` of `model`, and the tied blocks and the ranks holding them.
+pub fn pipeline_engine(comm: TcpCommunicator, model: Model, ranges: &[std::ops::Range<usize>], schedule: Schedule, cfg: EngineConfig) -> (Engine, Vec<usize>, Vec<usize>) {
+    let (rank, pp) = (comm.rank(), comm.world_size());
+    let world: Arc<dyn Communicator> = Arc::new(comm);
+    let mesh = Mesh::new(pp, pp, 1, 1, 1).unwrap();
+    let comms = MeshComms::new(world.clone(), mesh).unwrap();
+    let StageCut { model: cut, owner_stage, tied, tie_stages, whole } = cut_for_stage(model, ranges, rank, pp).unwrap();
+    let tie: Option<Arc<dyn Communicator>> = (!tie_stages.is_empty()).then(|| Arc::from(world.split("tie", &[tie_stages.clone()]).unwrap()));
+    let stage = PipelineStage {
+        rank,
+        schedule,
+        p2p: comms.get(Axis::Pp).clone(),
+        tie,
+        world: Arc::new(CommWorker::spawn(world.clone())),
+        owner_stage,
+        tied: tied.clone(),
+        whole,
+        ranks: (0..pp).map(|r| (mesh.coords(r).pp, mesh.coords(r).dp)).collect(),
+    };
+    let dp = Arc::new(CommWorker::spawn(comms.get(Axis::Dp).clone()));
+    (Engine::with_pipeline(cut, dp, stage, cfg).unwrap(), tied, tie_stages)
 }
 
 /// The one line a GPU test prints when it cannot run; the GPU scripts (bench/gpu_*.sh) count these
