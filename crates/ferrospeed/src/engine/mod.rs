@@ -16,6 +16,8 @@ mod param_grads;
 pub mod blockwise;
 #[path = "step/comm_worker.rs"]
 mod comm_worker;
+#[path = "step/eval.rs"]
+mod eval;
 #[path = "step/pipe_wire.rs"]
 mod pipe_wire;
 #[path = "step/pipeline.rs"]

@@ -205,6 +205,12 @@ impl Pipe {
         self.runs[stage / self.ranks_in_pipe].clone()
     }
 
+    /// The inputs of (`stage`, micro-batch `k`): the previous stage's outputs.
+    fn receive_inputs(&mut self, stage: usize, k: usize, device: &candle_core::Device) -> Result<Vec<Tensor>, EngineError> {
+        let got = profile::scoped_as(Kind::Communication, "pipe_recv", || self.receive(stage - 1, Flow::Activations, stage, k, device))?;
+        got.into_iter().map(|t| t.ok_or_else(|| EngineError::Model("a stage boundary lost a tensor".into()))).collect()
+    }
+
     /// What the rank of `from_stage` sent for `stage` (`flow` of micro-batch `micro`): from the
     /// mailbox, or received now, keeping what arrives first for the actions that want it.
     fn receive(&mut self, from_stage: usize, flow: Flow, stage: usize, micro: usize, device: &candle_core::Device) -> Result<Vec<Option<Tensor>>, EngineError> {
@@ -257,20 +263,68 @@ impl Engine {
     /// reads the inputs, the last the targets).
     pub(super) fn pipeline_micro_batches(&mut self, micro_batches: &[Batch]) -> Result<(), EngineError> {
         let t0 = Instant::now();
+        self.with_pipe(|engine, pipe| engine.run_schedule(pipe, micro_batches))?;
+        self.acc.seconds += t0.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// An evaluation's forwards (`Engine::eval_loss`): the last stage's losses of `micro_batches`.
+    pub(super) fn pipeline_forwards(&mut self, micro_batches: &[Batch]) -> Result<Vec<Tensor>, EngineError> {
+        self.with_pipe(|engine, pipe| engine.run_forwards(pipe, micro_batches))
+    }
+
+    /// `f` on the pipeline, which a failure part-way leaves refusing every later pass (messages,
+    /// sends and reductions of the failed one may be left).
+    fn with_pipe<T>(&mut self, f: impl FnOnce(&mut Self, &mut Pipe) -> Result<T, EngineError>) -> Result<T, EngineError> {
         let mut pipe = self.pipe.take().ok_or_else(|| EngineError::Unsupported("not a pipeline stage".into()))?;
         if let Some(first) = &pipe.failed {
             let e = EngineError::Unsupported(format!("an earlier step of this pipeline failed part-way ({first}): restart the run (it resumes from its checkpoint)"));
             self.pipe = Some(pipe);
             return Err(e);
         }
-        let result = self.run_schedule(&mut pipe, micro_batches);
+        let result = f(self, &mut pipe);
         if let Err(e) = &result {
             pipe.failed = Some(e.to_string().lines().next().unwrap_or_default().to_string());
         }
         self.pipe = Some(pipe);
-        result?;
-        self.acc.seconds += t0.elapsed().as_secs_f64();
-        Ok(())
+        result
+    }
+
+    /// Each micro-batch in order through each of this rank's stages in order, keeping nothing for a
+    /// backward; sends never block, so the ranks cannot wait on each other in a cycle.
+    fn run_forwards(&mut self, pipe: &mut Pipe, batches: &[Batch]) -> Result<Vec<Tensor>, EngineError> {
+        let device = self.cfg.device.clone();
+        let last_stage = pipe.stages - 1;
+        let stages: Vec<usize> = (0..pipe.runs.len()).map(|c| c * pipe.ranks_in_pipe + pipe.rank).collect();
+        let mut losses = Vec::new();
+        for (k, batch) in batches.iter().enumerate() {
+            for &stage in &stages {
+                let run = pipe.run_of(stage);
+                let input = if stage == 0 { Vec::new() } else { pipe.receive_inputs(stage, k, &device)? };
+                let Self { model, worker, params, cfg, nccl, .. } = self;
+                let mut resident = Resident { model, params };
+                let mut gathering = Gathering::new(model, params, worker, nccl.as_ref());
+                let source: &mut dyn ParamSource = match cfg.strategy.param_placement() {
+                    ParamPlacement::Resident => &mut resident,
+                    ParamPlacement::Gathered => &mut gathering,
+                };
+                let (_, out) = blockwise::forward_span(model, source, batch, true, run.clone(), input)?;
+                if stage == last_stage {
+                    losses.push(blockwise::scalar_loss(model, run.end - 1, out)?);
+                } else {
+                    super::trainer::nccl_sync(nccl.as_ref())?;
+                    let outs: Vec<Option<Tensor>> = out.into_iter().map(Some).collect();
+                    pipe.sender.post(pipe_wire::pack(pipe.rank_of(stage + 1), Flow::Activations, stage + 1, k, &outs)?)?;
+                }
+                let peak = gathering.peak_bytes;
+                self.gathered_peak = self.gathered_peak.max(peak);
+            }
+        }
+        pipe.sender.flush()?;
+        if !pipe.mailbox.is_empty() {
+            return Err(EngineError::Unsupported(format!("{} message(s) from other stages were never used: the ranks evaluate different batches", pipe.mailbox.len())));
+        }
+        Ok(losses)
     }
 
     fn run_schedule(&mut self, pipe: &mut Pipe, batches: &[Batch]) -> Result<(), EngineError> {
@@ -317,9 +371,9 @@ impl Engine {
                         Vec::new()
                     } else {
                         let t = Instant::now();
-                        let got = profile::scoped_as(Kind::Communication, "pipe_recv", || pipe.receive(stage - 1, Flow::Activations, stage, k, &device))?;
+                        let got = pipe.receive_inputs(stage, k, &device)?;
                         acc.pipeline_wait += t.elapsed().as_secs_f64();
-                        got.into_iter().map(|t| t.ok_or_else(|| EngineError::Model("a stage boundary lost a tensor".into()))).collect::<Result<_, _>>()?
+                        got
                     };
                     let (tape, out) = blockwise::forward_span(model, source, batch, cfg.checkpointing, run.clone(), input)?;
                     if stage == last_stage {

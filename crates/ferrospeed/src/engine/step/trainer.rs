@@ -380,7 +380,7 @@ impl Engine {
         self.cfg.schedule.at(self.step as usize)
     }
 
-    fn mid_step_error(&self, what: &str) -> EngineError {
+    pub(super) fn mid_step_error(&self, what: &str) -> EngineError {
         EngineError::Unsupported(format!(
             "{what} in the middle of a step ({} of {} micro-batches run): finish it with forward_backward and step",
             self.acc.done,
@@ -507,8 +507,15 @@ impl Engine {
         self.pipeline_ties()?;
         drop(_wait);
         times.reduce_wait = t_wait.elapsed().as_secs_f64();
+        self.mean_loss(acc.losses, accum)
+    }
+
+    /// The step's loss from this rank's micro-batch losses (`accum` of them; a pipeline's other stages
+    /// have none): their mean, averaged over the data-parallel group (in f32), then handed from the last
+    /// stage of a pipeline to every rank.
+    pub(super) fn mean_loss(&self, losses: Vec<Tensor>, accum: usize) -> Result<f64, EngineError> {
         let mut loss_sum = 0f64;
-        for l in acc.losses {
+        for l in losses {
             loss_sum += l.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()).map_err(EngineError::tensor("loss"))?;
         }
         let local = (loss_sum / accum as f64) as f32;
