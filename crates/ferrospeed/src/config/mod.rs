@@ -102,6 +102,11 @@ pub struct DataConfig {
     /// Raw text data that is not text (invalid UTF-8, or mostly control bytes) is refused unless this
     /// is true (then it is trained on as bytes, with a warning).
     pub allow_binary: bool,
+    /// Held-out data the run evaluates on (same forms as `path`, same tokenizer).
+    pub eval_path: Option<PathBuf>,
+    /// The fraction of `path` held out for evaluation instead (0 = none): prepared data's samples
+    /// (documents, or packed windows) chosen by the seed, or raw text's last tokens.
+    pub eval_split: f64,
 }
 
 
@@ -167,6 +172,10 @@ pub struct TrainConfig {
     pub loss_scale_min: f64,
     /// Where blocks compute: "cuda" (GPU LOCAL_RANK), "cpu", or "auto" (the GPU when this build has the cuda feature and a GPU is present, else the CPU).
     pub device: DeviceChoice,
+    /// Evaluate the held-out data every this many steps (and after the last); 0 = after the last only.
+    pub eval_every: usize,
+    /// Global batches of held-out data an evaluation reads; 0 = every whole one there is.
+    pub eval_batches: usize,
 }
 
 impl Default for TrainConfig {
@@ -196,6 +205,8 @@ impl Default for TrainConfig {
             loss_scale_backoff: 0.5,
             loss_scale_min: 1.0,
             device: DeviceChoice::Auto,
+            eval_every: 0,
+            eval_batches: 0,
         }
     }
 }

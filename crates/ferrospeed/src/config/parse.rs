@@ -281,7 +281,10 @@ pub(crate) fn build(table: &toml::Table) -> Config {
             tokenizer: v.path("model", "tokenizer"),
             init_from: v.path("model", "init_from"),
         },
-        data: DataConfig { path: v.str("data", "path").map(PathBuf::from).unwrap_or_default(), packing: v.bool("data", "packing").unwrap_or(true), allow_binary: v.bool("data", "allow_binary").unwrap_or(false) },
+        data: DataConfig { path: v.str("data", "path").map(PathBuf::from).unwrap_or_default(), packing: v.bool("data", "packing").unwrap_or(true), allow_binary: v.bool("data", "allow_binary").unwrap_or(false),
+            eval_path: v.path("data", "eval_path"),
+            eval_split: v.f64("data", "eval_split").unwrap_or(0.0),
+        },
         train: TrainConfig {
             steps: v.usize("train", "steps").unwrap_or(train_default.steps),
             global_batch: v.usize("train", "global_batch").unwrap_or(train_default.global_batch),
@@ -320,6 +323,8 @@ pub(crate) fn build(table: &toml::Table) -> Config {
                 .f64("train", "loss_scale_backoff")
                 .unwrap_or(train_default.loss_scale_backoff),
             loss_scale_min: v.f64("train", "loss_scale_min").unwrap_or(train_default.loss_scale_min),
+            eval_every: v.usize("train", "eval_every").unwrap_or(train_default.eval_every),
+            eval_batches: v.usize("train", "eval_batches").unwrap_or(train_default.eval_batches),
             device: v
                 .str("train", "device")
                 .and_then(DeviceChoice::from_name)

@@ -101,7 +101,7 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
         ],
     },
     // The section may be absent from the text but its `path` may not; the message then names the key.
-    SectionSpec { name: "data", required: false, keys: &[required("path", Kind::Path), key("packing", Kind::Bool), key("allow_binary", Kind::Bool)] },
+    SectionSpec { name: "data", required: false, keys: &[required("path", Kind::Path), key("packing", Kind::Bool), key("allow_binary", Kind::Bool), key("eval_path", Kind::Path), key("eval_split", Kind::Number)] },
     SectionSpec {
         name: "train",
         required: false,
@@ -130,6 +130,8 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
             key("loss_scale_backoff", Kind::Number),
             key("loss_scale_min", Kind::Number),
             key("device", Kind::Choice(DeviceChoice::NAMES)),
+            key("eval_every", Kind::Count),
+            key("eval_batches", Kind::Count),
         ],
     },
     SectionSpec {

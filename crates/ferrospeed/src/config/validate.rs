@@ -74,6 +74,7 @@ pub(crate) fn validate(config: &Config, scope: Scope) -> Result<(), ConfigError>
         ));
     }
     check_zero(config)?;
+    check_eval(config)?;
     check_parallel(config)?;
     check_track(config)?;
     check_paths(config, scope)
@@ -212,6 +213,21 @@ fn check_loss_scale(config: &Config) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Evaluation: one source of held-out data, a fraction that leaves data on both sides.
+fn check_eval(config: &Config) -> Result<(), ConfigError> {
+    let (d, t) = (&config.data, &config.train);
+    if !(0.0..1.0).contains(&d.eval_split) {
+        return Err(ConfigError::invalid("data.eval_split", d.eval_split, "is not a fraction in [0, 1)", "use e.g. 0.05 to hold out 5% of data.path, or 0 for none"));
+    }
+    if d.eval_split > 0.0 && d.eval_path.is_some() {
+        return Err(ConfigError::invalid("data.eval_split", d.eval_split, "is set with data.eval_path: two sources of held-out data", "keep one of the two"));
+    }
+    if t.eval_every > 0 && d.eval_split == 0.0 && d.eval_path.is_none() {
+        return Err(ConfigError::invalid("train.eval_every", t.eval_every, "has no held-out data to evaluate", "set data.eval_path or data.eval_split"));
+    }
+    Ok(())
+}
+
 /// `[parallel]` settings that need no world size (the mesh itself is checked by `Config::mesh`).
 fn check_parallel(config: &Config) -> Result<(), ConfigError> {
     let p = &config.parallel;
@@ -332,6 +348,9 @@ fn check_paths(config: &Config, scope: Scope) -> Result<(), ConfigError> {
             "does not exist",
             "point it at a text file or a directory of text files",
         ));
+    }
+    if let Some(eval) = config.data.eval_path.as_ref().filter(|p| scope.data && !p.exists()) {
+        return Err(ConfigError::invalid("data.eval_path", quote_path(eval), "does not exist", "point it at held-out text or prepared data, or remove the key"));
     }
     let nvme = [config.zero.offload_optimizer, config.zero.offload_params].contains(&Offload::Nvme);
     if let Some(dir) = config.zero.nvme_dir.as_ref().filter(|d| nvme && !d.is_dir()) {
