@@ -14,6 +14,7 @@ mod generate_cmd;
 mod launch;
 mod plot_cmd;
 mod train;
+mod train_data;
 mod usage;
 
 use clap::{Parser, Subcommand};

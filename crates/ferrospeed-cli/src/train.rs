@@ -16,8 +16,8 @@ use ferrospeed::rng::Rng;
 use ferrospeed::track::{peak_rss_bytes, Progress, StepMetrics};
 use ferrospeed::{CommExt, ReduceOp};
 use ferrospeed::data::Dataset;
-use ferrospeed_models::prepared::is_prepared;
-use ferrospeed_models::{ByteTokenizer, Family, Gpt, PackedWindows, PaddedDocs, PreparedData, TextCorpus, TextWindows, Tokenizer};
+use crate::train_data::{self, Samples, TrainData};
+use ferrospeed_models::{ByteTokenizer, Family, Gpt, Tokenizer};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -49,21 +49,13 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let estimate = crate::estimate_cmd::check_fits(&cfg, &family, &model, &device, &world)?;
     let oom = |phase: &'static str| move |e| crate::estimate_cmd::out_of_memory(e, phase, &estimate);
     drop(device);
-    let source = load_data(&cfg, &tokenizer)?;
-    let (windows, packed, padded);
-    let dataset: &dyn Dataset = match &source {
-        TrainData::Text(corpus) => {
-            windows = TextWindows { corpus, seq_len: cfg.model.seq_len };
-            &windows
-        }
-        TrainData::Prepared(data) if cfg.data.packing => {
-            packed = PackedWindows { data, seq_len: cfg.model.seq_len };
-            &packed
-        }
-        TrainData::Prepared(data) => {
-            padded = PaddedDocs::new(data, cfg.model.seq_len).map_err(usage_error)?;
-            &padded
-        }
+    let (source, eval_source) = train_data::load(&cfg, &tokenizer)?;
+    let samples = Samples::of(&source, &cfg)?;
+    let eval_samples = eval_source.as_ref().map(|e| Samples::of(e, &cfg)).transpose()?;
+    let (train_subset, eval_set) = train_data::split(&cfg, &samples, eval_samples.as_ref())?;
+    let dataset: &dyn Dataset = match &train_subset {
+        Some(s) => s,
+        None => samples.dataset(),
     };
     // Epochs of prepared data need one global batch of samples; say so before anything is written.
     if matches!(source, TrainData::Prepared(_)) && dataset.len() < cfg.train.global_batch {
@@ -160,6 +152,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
     let interrupted = watch_interrupts()?;
     let data = acc.data(dataset).map_err(accel_error)?;
+    let eval = eval_set.as_ref().map(|e| acc.eval_data(e, cfg.train.eval_batches)).transpose().map_err(accel_error)?;
     let t = &cfg.train;
     let tokens_per_step = (t.global_batch * cfg.model.seq_len) as u64;
     if rank == 0 {
@@ -184,6 +177,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         );
     }
 
+    if let (Some(e), 0) = (&eval, rank) {
+        let samples = e.steps() as usize * t.global_batch;
+        let when = if t.eval_every > 0 { format!("every {} steps and after the last", t.eval_every) } else { "after the last step".into() };
+        println!("evaluating on {} global batch(es) of held-out data ({samples} samples) {when}", e.steps());
+    }
+
     let mut progress = (rank == 0).then(|| Progress::new(t.steps as u64, std::io::stdout().is_terminal(), 1));
     let started = Instant::now();
     let mut first_loss = None;
@@ -198,6 +197,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             anyhow::bail!("the loss became {} at step {}; lower train.lr or raise train.warmup", stats.loss, step + 1);
         }
         let secs = t0.elapsed().as_secs_f64();
+        // The held-out loss every train.eval_every steps and after the last (not timed with the step).
+        let due = (t.eval_every > 0 && (step + 1) % t.eval_every == 0) || step + 1 == t.steps;
+        let eval_loss = match eval.as_ref().filter(|_| due) {
+            Some(eval) => Some(eval_loss(&mut engine, eval).map_err(oom("evaluation"))?),
+            None => None,
+        };
         first_loss.get_or_insert(stats.loss);
         last_loss = stats.loss;
         let m = StepMetrics {
@@ -211,6 +216,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             step_ms: secs * 1e3,
             peak_mem_bytes: peak_rss_bytes(),
             loss_scale: stats.loss_scale,
+            eval_loss,
             extra: step_extras(&engine, step, stats.skipped, &device),
         };
         // Ranks agree on stopping, so that all of them save (a collective) at the same step.
@@ -335,6 +341,16 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The mean held-out loss over the evaluation loader's batches (every rank takes part).
+fn eval_loss<D: Dataset + ?Sized>(engine: &mut Engine, eval: &ferrospeed::data::DataLoader<'_, D>) -> Result<f64, ferrospeed::engine::EngineError> {
+    let mut sum = 0.0;
+    for j in 0..eval.steps() {
+        let batches = eval.micro_batches(j).map_err(|e| ferrospeed::engine::EngineError::Unsupported(e.to_string()))?;
+        sum += engine.eval_loss(&batches)?;
+    }
+    Ok(sum / eval.steps() as f64)
+}
+
 /// An `Accelerator` error: bad input exits with 2 (nothing started), the rest as failures.
 pub fn accel_error(e: AccelError) -> anyhow::Error {
     if e.is_usage() {
@@ -374,56 +390,6 @@ fn save_checkpoint(acc: &Accelerator, engine: &mut Engine) -> Result<()> {
         tracing::info!("saved {} in {:.2} s", saved.display(), t0.elapsed().as_secs_f64());
     }
     Ok(())
-}
-
-/// The run's data: raw text (random windows) or a directory written by `data prepare`.
-enum TrainData {
-    Text(TextCorpus),
-    Prepared(PreparedData),
-}
-
-fn load_data(cfg: &Config, tokenizer: &Tokenizer) -> Result<TrainData> {
-    let path = &cfg.data.path;
-    if !is_prepared(path) && !cfg.data.packing {
-        return Err(usage_error(format!(
-            "data.packing = false applies to data written by `ferrospeed data prepare`, and {} is raw text: prepare it (one document per file or JSONL line), or remove the key",
-            path.display()
-        )));
-    }
-    // JSONL read as raw text would train on the JSON syntax: it goes through `data prepare`.
-    let jsonl = |p: &Path| p.extension().is_some_and(|e| e == "jsonl");
-    let has_jsonl = if path.is_dir() { std::fs::read_dir(path).map(|d| d.filter_map(|e| e.ok()).any(|e| jsonl(&e.path()))).unwrap_or(false) } else { jsonl(path) };
-    if !is_prepared(path) && has_jsonl {
-        let tok = tokenizer.path().map_or_else(|| "bytes".to_string(), |p| p.display().to_string());
-        return Err(usage_error(format!(
-            "data.path = {} holds JSONL: tokenize it first (`ferrospeed data prepare {} --tokenizer {tok} --out DIR`), then set data.path = DIR",
-            path.display(),
-            path.display()
-        )));
-    }
-    if !is_prepared(path) {
-        let corpus = TextCorpus::load_tokenized(path, tokenizer, cfg.data.allow_binary).map_err(|e| usage_error(e.to_string()))?;
-        corpus.check_window(cfg.model.seq_len).map_err(|e| usage_error(e.to_string()))?;
-        return Ok(TrainData::Text(corpus));
-    }
-    let data = PreparedData::open(path).map_err(|e| usage_error(e.to_string()))?;
-    if data.index.tokenizer != tokenizer.fingerprint() {
-        return Err(usage_error(format!(
-            "data.path = {} was prepared with another tokenizer ({}) than this run's ({}): prepare it again with --tokenizer set to this model's",
-            path.display(),
-            data.index.tokenizer,
-            tokenizer.fingerprint()
-        )));
-    }
-    if cfg.data.packing && data.index.tokens < cfg.model.seq_len as u64 + 1 {
-        return Err(usage_error(format!(
-            "data.path = {} has {} tokens, fewer than one window of model.seq_len + 1 = {}: prepare more data or lower model.seq_len",
-            path.display(),
-            data.index.tokens,
-            cfg.model.seq_len + 1
-        )));
-    }
-    Ok(TrainData::Prepared(data))
 }
 
 /// Where `checkpoint export` finds the tokenizer files: the tokenizer.json, or for one built from a GGUF

@@ -110,6 +110,16 @@ impl TextCorpus {
         &self.tokens
     }
 
+    /// The corpus without its last `fraction` of tokens, and those tokens (held out for evaluation).
+    pub fn split_tail(self, fraction: f64) -> (Self, Self) {
+        let n = self.tokens.len();
+        let held = ((n as f64 * fraction).ceil() as usize).min(n);
+        let mut tokens = self.tokens;
+        let tail = tokens.split_off(n - held);
+        let path = self.path;
+        (Self { tokens, path: path.clone() }, Self { tokens: tail, path })
+    }
+
     /// Check that at least one window fits.
     pub fn check_window(&self, seq_len: usize) -> Result<(), DataError> {
         if self.tokens.len() < seq_len + 1 {

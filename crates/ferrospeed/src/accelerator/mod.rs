@@ -43,7 +43,7 @@ use crate::checkpoint::{self, Meta, SaveRequest};
 use crate::comm::TensorCollectives;
 use crate::comm::TcpCommunicator;
 use crate::config::{Config, OptimizerKind, ReduceDtype};
-use crate::data::{DataLoader, Dataset, Sampler};
+use crate::data::{DataLoader, Dataset, Sampler, Sampling};
 use crate::engine::{cut_for_stage, StageCut, CommWorker, Engine, EngineConfig, Model, OffloadSettings, PipelineStage, StepStats};
 use crate::parallel::{stage_blocks, Axis, MeshComms, Schedule, ScheduleKind};
 use crate::optim::{AdamW, LrSchedule, Optimizer, ParamGroups, Sgd};
@@ -374,12 +374,30 @@ impl Accelerator {
         let t = &self.cfg.train;
         // Data parallelism is over the data-parallel group: every stage of a pipeline reads its
         // group's micro-batches.
-        let (dp, dp_rank) = match &self.parallel {
-            None => (self.world.world_size, self.world.rank),
-            Some(par) => (par.comms.mesh().size(Axis::Dp), par.comms.mesh().coords(self.world.rank).dp),
-        };
+        let (dp, dp_rank) = self.data_parallel_coords();
         let sampler = Sampler::new(t.seed, dataset.sampling(), t.micro_batch, self.accumulation, dp, dp_rank, dataset.len())?;
         Ok(DataLoader::new(dataset, sampler, self.device.clone(), t.steps as u64))
+    }
+
+    /// A loader of held-out `dataset` for [`Engine::eval_loss`]: its samples in index order, in
+    /// `batches` global batches of `train.global_batch` (0: every whole one), each rank its
+    /// data-parallel share, every stage of a pipeline the same. The evaluated samples, and so the
+    /// loss, are the same at any world size. Refused when the dataset holds no whole global batch.
+    pub fn eval_data<'a, D: Dataset + ?Sized>(&self, dataset: &'a D, batches: usize) -> Result<DataLoader<'a, D>, AccelError> {
+        let t = &self.cfg.train;
+        let (dp, dp_rank) = self.data_parallel_coords();
+        let sampler = Sampler::new(t.seed, Sampling::Epochs { shuffle: false }, t.micro_batch, self.accumulation, dp, dp_rank, dataset.len())?;
+        let whole = (dataset.len() / sampler.global_batch()) as u64;
+        let n = if batches == 0 { whole } else { (batches as u64).min(whole) };
+        Ok(DataLoader::new(dataset, sampler, self.device.clone(), n))
+    }
+
+    /// The data-parallel group's size and this rank's place in it.
+    fn data_parallel_coords(&self) -> (usize, usize) {
+        match &self.parallel {
+            None => (self.world.world_size, self.world.rank),
+            Some(par) => (par.comms.mesh().size(Axis::Dp), par.comms.mesh().coords(self.world.rank).dp),
+        }
     }
 
     /// Append one step's metrics to the run (rank 0; a no-op elsewhere).
@@ -406,6 +424,7 @@ impl Accelerator {
             step_ms: seconds * 1e3,
             peak_mem_bytes: crate::track::peak_rss_bytes(),
             loss_scale: stats.loss_scale,
+            eval_loss: None,
             extra: Default::default(),
         };
         self.log(&m)

@@ -26,6 +26,11 @@ impl<'a, D: Dataset + ?Sized> DataLoader<'a, D> {
         Self { dataset, sampler, device, steps, counted: Mutex::new(None) }
     }
 
+    /// The optimizer steps (batches) it yields.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
     /// The sampler (which indices each rank takes).
     pub fn sampler(&self) -> &Sampler {
         &self.sampler

@@ -9,8 +9,10 @@
 #![warn(missing_docs)]
 
 mod loader;
+mod subset;
 
 pub use loader::{DataLoader, MicroBatches};
+pub use subset::{held_out, Subset};
 
 use crate::engine::{Batch, EngineError};
 use crate::rng::Rng;

@@ -1,12 +1,12 @@
 //! `metrics.csv`: the run's metrics as a CSV file (one header line, one row per step), for
-//! spreadsheets and pandas. Written by hand: seven numeric columns need no CSV crate's quoting.
+//! spreadsheets and pandas. Written by hand: ten numeric columns need no CSV crate's quoting.
 
 use super::{StepMetrics, TrackError};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const HEADER: &str = "step,loss,lr,grad_norm,tokens,tokens_per_s,step_ms,peak_mem_bytes,loss_scale\n";
+const HEADER: &str = "step,loss,lr,grad_norm,tokens,tokens_per_s,step_ms,peak_mem_bytes,loss_scale,eval_loss\n";
 
 /// Appends each step's metrics to `<dir>/metrics.csv`.
 pub struct CsvWriter {
@@ -15,8 +15,8 @@ pub struct CsvWriter {
 }
 
 fn row(m: &StepMetrics) -> String {
-    let scale = m.loss_scale.map_or(String::new(), |s| s.to_string());
-    format!("{},{},{},{},{},{},{},{},{}\n", m.step, m.loss, m.lr, m.grad_norm, m.tokens, m.tokens_per_s, m.step_ms, m.peak_mem_bytes, scale)
+    let opt = |v: Option<f64>| v.map_or(String::new(), |s| s.to_string());
+    format!("{},{},{},{},{},{},{},{},{},{}\n", m.step, m.loss, m.lr, m.grad_norm, m.tokens, m.tokens_per_s, m.step_ms, m.peak_mem_bytes, opt(m.loss_scale), opt(m.eval_loss))
 }
 
 impl CsvWriter {

@@ -32,6 +32,10 @@ pub struct StepMetrics {
     /// Dynamic loss scale; present only when training in fp16.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<f64>,
+    /// The loss on the held-out data (`Engine::eval_loss` over `train.eval_batches`); present only on
+    /// the steps that evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
     /// Further values (e.g. per-phase timings) written as top-level keys. Keys must not repeat the
     /// names of the fields above, or the JSON object would hold the same key twice.
     #[serde(flatten)]
@@ -96,6 +100,7 @@ mod tests {
             step_ms: 210.0,
             peak_mem_bytes: 1 << 30,
             loss_scale: None,
+            eval_loss: None,
             extra: BTreeMap::new(),
         }
     }

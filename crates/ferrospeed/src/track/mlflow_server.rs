@@ -245,7 +245,7 @@ struct Worker {
 }
 
 /// The metrics a step can have (`tracker::scalars`), whose history a continued run reads.
-const METRIC_KEYS: [&str; 7] = ["loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "mfu", "loss_scale"];
+const METRIC_KEYS: [&str; 8] = ["loss", "lr", "grad_norm", "tokens_per_s", "step_ms", "mfu", "loss_scale", "eval_loss"];
 /// Batches sent before the thread looks at its queue again.
 const BATCHES_PER_TURN: usize = 8;
 

@@ -99,7 +99,7 @@ fn serve(stream: TcpStream, log: &Mutex<Vec<Request>>, failures: &AtomicUsize, o
 }
 
 fn row(step: u64) -> StepMetrics {
-    StepMetrics { step, loss: 4.0 / step as f64, lr: 1e-3, grad_norm: 0.5, tokens: 64 * step, tokens_per_s: 1e4, mfu: None, step_ms: 10.0, peak_mem_bytes: 1, loss_scale: None, extra: BTreeMap::new() }
+    StepMetrics { step, loss: 4.0 / step as f64, lr: 1e-3, grad_norm: 0.5, tokens: 64 * step, tokens_per_s: 1e4, mfu: None, step_ms: 10.0, peak_mem_bytes: 1, loss_scale: None, eval_loss: None, extra: BTreeMap::new() }
 }
 
 /// Every metric value the stand-in accepted, as (key, step), in arrival order.

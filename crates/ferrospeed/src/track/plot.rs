@@ -244,6 +244,7 @@ mod tests {
             step_ms: 50.0,
             peak_mem_bytes: 1 << 28,
             loss_scale: None,
+            eval_loss: None,
             extra: Default::default(),
         }
     }

@@ -109,10 +109,11 @@ pub fn bar_message(m: &StepMetrics) -> String {
 /// `step 5/20 | loss 4.1234 | lr 3.00e-3 | grad 0.812 | 12.3k tok/s | 210 ms/step | ETA 1m02s`.
 pub fn plain_line(m: &StepMetrics, total_steps: u64, eta_secs: f64) -> String {
     format!(
-        "step {}/{} | loss {:.4} | lr {:.2e} | grad {:.3} | {} tok/s | {:.0} ms/step | ETA {}",
+        "step {}/{} | loss {:.4}{} | lr {:.2e} | grad {:.3} | {} tok/s | {:.0} ms/step | ETA {}",
         m.step,
         total_steps,
         m.loss,
+        m.eval_loss.map_or_else(String::new, |e| format!(" | eval {e:.4}")),
         m.lr,
         m.grad_norm,
         format_rate(m.tokens_per_s),
@@ -175,6 +176,7 @@ mod tests {
             step_ms,
             peak_mem_bytes: 0,
             loss_scale: None,
+            eval_loss: None,
             extra: Default::default(),
         }
     }

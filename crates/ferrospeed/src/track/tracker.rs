@@ -95,6 +95,9 @@ pub(super) fn scalars(m: &StepMetrics) -> Vec<(&'static str, f64)> {
     if let Some(loss_scale) = m.loss_scale {
         scalars.push(("loss_scale", loss_scale));
     }
+    if let Some(eval_loss) = m.eval_loss {
+        scalars.push(("eval_loss", eval_loss));
+    }
     scalars
 }
 
@@ -321,6 +324,7 @@ mod tests {
             step_ms: 204.8,
             peak_mem_bytes: 3 << 30,
             loss_scale: if step == 3 { Some(1024.0) } else { None },
+            eval_loss: None,
             extra: BTreeMap::new(),
         }
     }

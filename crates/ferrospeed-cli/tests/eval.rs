@@ -1,0 +1,101 @@
+//! Evaluation during `train`: the held-out loss is the loss of the held-out data as training computes
+//! it, the same at world 1, world 2 (ZeRO-3) and a two-stage pipeline; `data.eval_split` holds data
+//! out the same way at any world size; held-out data too small for one global batch is one line.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+use support::*;
+
+const GPT: &str = "kind = \"gpt\"\nn_layer = 2\nn_head = 2\nd_model = 32\nseq_len = 32";
+
+/// `data prepare` of `docs` short documents (JSONL) into `dir/data`.
+fn prepared_docs(dir: &Path, docs: usize) -> std::path::PathBuf {
+    let text: String = (0..docs).map(|i| serde_json::json!({"text": format!("doc {i}: {}", "xyz".repeat(i % 7 + 1))}).to_string() + "\n").collect();
+    std::fs::write(dir.join("docs.jsonl"), text).unwrap();
+    let out = dir.join("data");
+    let f = run(ferrospeed().args(["data", "prepare"]).arg(dir.join("docs.jsonl")).args(["--tokenizer", "bytes", "--out"]).arg(&out), Duration::from_secs(120));
+    assert!(f.status.success(), "{}", f.stderr);
+    out
+}
+
+/// (step, loss, eval_loss) of each row.
+fn rows(track: &Path) -> Vec<(u64, f64, Option<f64>)> {
+    std::fs::read_to_string(track.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap(), v.get("eval_loss").and_then(|e| e.as_f64()))
+        })
+        .collect()
+}
+
+fn run_train(dir: &Path, config: &Path, name: &str, nproc: usize, sets: &[String]) -> Vec<(u64, f64, Option<f64>)> {
+    let track = dir.join(name);
+    let f = run(&mut train_command(nproc, config, &track, sets), Duration::from_secs(300));
+    assert!(f.status.success(), "{name}: {}\n{}", f.stdout, f.stderr);
+    rows(&track)
+}
+
+fn close(a: f64, b: f64, what: &str) {
+    assert!((a - b).abs() <= 1e-6 * b.abs(), "{what}: {a} vs {b}");
+}
+
+#[test]
+fn the_eval_loss_is_the_held_out_datas_loss_at_any_world_size_and_pipeline() {
+    // Twelve padded documents (loss masks: the mean over every counted target), evaluated whole
+    // (eval_path = the training data) after a step that trains on all twelve at a learning rate too
+    // small to move the loss: the eval loss must be that step's own loss, computed by the training path.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = prepared_docs(d, 12);
+    let config = write_config(d, GPT, "steps = 2\nglobal_batch = 12\nmicro_batch = 2\nwarmup = 0\nlr = 1e-20");
+    let sets = |extra: &[&str]| -> Vec<String> {
+        [format!("data.path={}", data.display()), "data.packing=false".into(), format!("data.eval_path={}", data.display()), "train.eval_every=1".into()]
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect()
+    };
+    let one = run_train(d, &config, "w1", 1, &sets(&[]));
+    assert_eq!(one.len(), 2);
+    for (step, loss, eval) in &one {
+        let eval = eval.unwrap_or_else(|| panic!("step {step} has no eval_loss"));
+        close(eval, *loss, &format!("step {step}: eval loss vs the step's training loss"));
+    }
+    // Every shape evaluates the same samples to the same loss.
+    for (name, nproc, extra) in [("w2-zero3", 2, &["zero.stage=3"][..]), ("pp2", 2, &["parallel.pp=2"]), ("pp2-zb", 2, &["parallel.pp=2", "parallel.pp_schedule=zb"])] {
+        let got = run_train(d, &config, name, nproc, &sets(extra));
+        for ((step, _, e), (_, _, want)) in got.iter().zip(&one) {
+            close(e.unwrap(), want.unwrap(), &format!("{name} step {step}"));
+        }
+    }
+}
+
+#[test]
+fn eval_split_holds_out_the_same_samples_at_any_world_size_and_too_few_is_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = prepared_docs(d, 16);
+    let config = write_config(d, GPT, "steps = 3\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 0\nlr = 3e-3");
+    let sets = |split: &str| vec![format!("data.path={}", data.display()), "data.packing=false".into(), format!("data.eval_split={split}"), "train.eval_every=1".into()];
+    // A quarter of 16 documents: one global batch held out, 12 to train on (3 steps: one epoch).
+    let one = run_train(d, &config, "w1", 1, &sets("0.25"));
+    let two = run_train(d, &config, "w2", 2, &sets("0.25"));
+    for ((step, l1, e1), (_, l2, e2)) in one.iter().zip(&two) {
+        close(*l2, *l1, &format!("step {step} training loss, world 2 vs 1"));
+        close(e2.unwrap(), e1.unwrap(), &format!("step {step} eval loss, world 2 vs 1"));
+    }
+    // Raw text: the corpus's last tokens.
+    let text = run_train(d, &config, "text", 1, &["data.eval_split=0.2".to_string(), "train.eval_every=3".into()]);
+    assert!(text[2].2.is_some() && text[0].2.is_none(), "evaluated at step 3 only: {text:?}");
+    // 10% of 16 documents is 2, fewer than one global batch of 4.
+    let track = d.join("refused");
+    let f = run(&mut train_command(1, &config, &track, &sets("0.1")), Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    let errors: Vec<&str> = f.stderr.lines().filter(|l| l.contains("error:")).collect();
+    assert_eq!(errors.len(), 1, "{}", f.stderr);
+    assert!(errors[0].contains("data.eval_split = 0.1 of data.path holds 2 samples, fewer than one global batch of 4"), "{}", errors[0]);
+    assert!(!track.exists(), "nothing is written");
+}
