@@ -1,5 +1,5 @@
 //! `ferrospeed runs [DIR]`: the runs under DIR (default `runs/`) as a table — name, steps done of
-//! planned, final loss, tokens/s, status (finished: `summary.json` is there; stopped: it is not) —
+//! planned, final loss, the last held-out loss, tokens/s, status (finished: `summary.json` is there; stopped: it is not) —
 //! read from each run directory's `config.json`, `metrics.jsonl` and `summary.json`. Lines of a
 //! `metrics.jsonl` that are not rows are named in one warning per file (on stderr) and left out.
 
@@ -23,6 +23,8 @@ pub struct RunRow {
     pub steps: u64,
     pub planned: Option<u64>,
     pub final_loss: Option<f64>,
+    /// The last held-out loss the run logged.
+    pub eval_loss: Option<f64>,
     pub tokens_per_s: Option<f64>,
     pub finished: bool,
 }
@@ -48,6 +50,7 @@ pub fn read_run(dir: &Path) -> Option<(RunRow, Option<String>)> {
         steps: last.map_or(0, |r| r.step),
         planned: json(&dir.join("config.json")).and_then(|c| c["train"]["steps"].as_u64()),
         final_loss: last.and_then(|r| finite(r.loss)),
+        eval_loss: rows.iter().rev().find_map(|r| r.eval_loss).and_then(finite),
         tokens_per_s: summary.as_ref().and_then(|s| s["tokens_per_s"].as_f64()).or(mean_tok_s),
         finished: summary.is_some(),
     };
@@ -67,12 +70,13 @@ pub fn run(args: RunsArgs) -> Result<ExitCode> {
         eprintln!("{w}");
     }
     let rows: Vec<RunRow> = runs.into_iter().map(|r| r.0).collect();
-    println!("{:<28} {:>13} {:>11} {:>12} {:>9}", "name", "steps", "final loss", "tokens/s", "status");
+    println!("{:<28} {:>13} {:>11} {:>10} {:>12} {:>9}", "name", "steps", "final loss", "eval loss", "tokens/s", "status");
     for r in &rows {
         let steps = r.planned.map_or(r.steps.to_string(), |p| format!("{}/{p}", r.steps));
         let loss = r.final_loss.map_or("-".into(), |l| format!("{l:.4}"));
+        let eval = r.eval_loss.map_or("-".into(), |l| format!("{l:.4}"));
         let tok = r.tokens_per_s.map_or("-".into(), |t| format!("{t:.0}"));
-        println!("{:<28} {:>13} {:>11} {:>12} {:>9}", r.name, steps, loss, tok, if r.finished { "finished" } else { "stopped" });
+        println!("{:<28} {:>13} {:>11} {:>10} {:>12} {:>9}", r.name, steps, loss, eval, tok, if r.finished { "finished" } else { "stopped" });
     }
     if rows.is_empty() {
         println!("(no runs in {})", args.dir.display());

@@ -90,6 +90,9 @@ fn eval_split_holds_out_the_same_samples_at_any_world_size_and_too_few_is_one_li
     // Raw text: the corpus's last tokens.
     let text = run_train(d, &config, "text", 1, &["data.eval_split=0.2".to_string(), "train.eval_every=3".into()]);
     assert!(text[2].2.is_some() && text[0].2.is_none(), "evaluated at step 3 only: {text:?}");
+    // `runs` shows the last held-out loss.
+    let f = run(ferrospeed().arg("runs").arg(d.join("text")), Duration::from_secs(30));
+    assert!(f.stdout.contains("eval loss") && f.stdout.contains(&format!("{:.4}", text[2].2.unwrap())), "{}", f.stdout);
     // 10% of 16 documents is 2, fewer than one global batch of 4.
     let track = d.join("refused");
     let f = run(&mut train_command(1, &config, &track, &sets("0.1")), Duration::from_secs(60));

@@ -57,6 +57,8 @@ impl RunSeries {
 struct Panel {
     title: &'static str,
     value: fn(&StepMetrics) -> f64,
+    /// A second series drawn as circles where a row has it (the loss panel: the held-out loss).
+    marks: Option<fn(&StepMetrics) -> Option<f64>>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -68,11 +70,11 @@ fn memory_gib(m: &StepMetrics) -> f64 {
 }
 
 const PANELS: [Panel; 5] = [
-    Panel { title: "loss", value: |m| m.loss },
-    Panel { title: "learning rate", value: |m| m.lr },
-    Panel { title: "gradient norm (before clipping)", value: |m| m.grad_norm },
-    Panel { title: "throughput (tokens/s)", value: |m| m.tokens_per_s },
-    Panel { title: "peak memory (GiB; GPU where measured, else host)", value: memory_gib },
+    Panel { title: "loss (circles: held-out loss)", value: |m| m.loss, marks: Some(|m| m.eval_loss.filter(|e| e.is_finite())) },
+    Panel { title: "learning rate", value: |m| m.lr, marks: None },
+    Panel { title: "gradient norm (before clipping)", value: |m| m.grad_norm, marks: None },
+    Panel { title: "throughput (tokens/s)", value: |m| m.tokens_per_s, marks: None },
+    Panel { title: "peak memory (GiB; GPU where measured, else host)", value: memory_gib, marks: None },
 ];
 
 /// Writes the plot of `runs` to `out` as a PNG of [`PLOT_SIZE`], through a temporary file and a
@@ -175,7 +177,8 @@ type Area<'a> = DrawingArea<BitMapBackend<'a>, Shift>;
 
 fn draw_panel(area: &Area<'_>, panel: &Panel, runs: &[RunSeries]) -> Result<(), String> {
     let lines: Vec<Vec<Vec<(f64, f64)>>> = runs.iter().map(|r| segments(r, panel)).collect();
-    let points = lines.iter().flatten().flatten();
+    let marks: Vec<Vec<(f64, f64)>> = runs.iter().map(|r| r.rows.iter().filter_map(|m| panel.marks.and_then(|f| f(m)).map(|v| (m.step as f64, v))).collect()).collect();
+    let points = lines.iter().flatten().flatten().chain(marks.iter().flatten());
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in points {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
@@ -211,6 +214,7 @@ fn draw_panel(area: &Area<'_>, panel: &Panel, runs: &[RunSeries]) -> Result<(), 
                 chart.draw_series(LineSeries::new(seg.iter().copied(), style)).map_err(|e| e.to_string())?;
             }
         }
+        chart.draw_series(marks[i].iter().map(|&p| Circle::new(p, 5, colour(i).stroke_width(2)))).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -281,6 +285,13 @@ mod tests {
     fn a_run_of_one_step_or_of_nan_still_draws() {
         assert_eq!(decode(&render_png(&[run("one", &[2.0])]).unwrap()).0, PLOT_SIZE.0);
         assert_eq!(decode(&render_png(&[run("nan", &[f64::NAN, f64::NAN])]).unwrap()).0, PLOT_SIZE.0);
+    }
+
+    #[test]
+    fn held_out_losses_are_drawn_on_the_loss_panel() {
+        let mut with = run("a", &[3.0, 2.5, 2.0]);
+        with.rows[2].eval_loss = Some(2.9);
+        assert_ne!(decode(&render_png(&[run("a", &[3.0, 2.5, 2.0])]).unwrap()).2, decode(&render_png(&[with]).unwrap()).2);
     }
 
     #[test]

@@ -324,7 +324,7 @@ mod tests {
             step_ms: 204.8,
             peak_mem_bytes: 3 << 30,
             loss_scale: if step == 3 { Some(1024.0) } else { None },
-            eval_loss: None,
+            eval_loss: if step == 3 { Some(4.5) } else { None },
             extra: BTreeMap::new(),
         }
     }
@@ -381,9 +381,10 @@ mod tests {
         tracker.finish(&serde_json::json!({})).unwrap();
         let csv = std::fs::read_to_string(dir.join("metrics.csv")).unwrap();
         let lines: Vec<&str> = csv.lines().collect();
-        assert_eq!(lines[0], "step,loss,lr,grad_norm,tokens,tokens_per_s,step_ms,peak_mem_bytes,loss_scale");
+        assert_eq!(lines[0], "step,loss,lr,grad_norm,tokens,tokens_per_s,step_ms,peak_mem_bytes,loss_scale,eval_loss");
         assert_eq!(lines.len(), 4);
-        assert_eq!(lines[3], "3,4.25,0.003,0.5,12288,20000,204.8,3221225472,1024");
+        assert_eq!(lines[2], "2,4.5,0.002,0.5,8192,20000,204.8,3221225472,,");
+        assert_eq!(lines[3], "3,4.25,0.003,0.5,12288,20000,204.8,3221225472,1024,4.5");
         // The MLflow file store: experiment 0, one run, its metrics, params and name.
         let exp = dir.join("mlruns/0");
         assert!(std::fs::read_to_string(exp.join("meta.yaml")).unwrap().contains("experiment_id: '0'\n"));
@@ -461,7 +462,7 @@ mod tests {
         let base_tags = ["loss", "lr", "grad_norm", "tokens_per_s", "step_ms"];
         assert_eq!(tags(1), base_tags);
         assert_eq!(tags(2), [&base_tags[..], &["mfu"]].concat());
-        assert_eq!(tags(3), [&base_tags[..], &["loss_scale"]].concat());
+        assert_eq!(tags(3), [&base_tags[..], &["loss_scale", "eval_loss"]].concat());
         assert_eq!(events[2].step, 2);
         assert_eq!(events[2].values[0].1, 4.5f32);
         assert_eq!(events[3].values[5].1, 1024.0f32);
