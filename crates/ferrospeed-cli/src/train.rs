@@ -136,6 +136,18 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         println!("no checkpoint in {} yet: starting at step 0", dir.display());
     }
     let start_step = engine.steps_done() as usize;
+    // What early stopping knew at the checkpoint: the best held-out loss, the evaluations since, and
+    // whether the run had stopped there.
+    let saved_run = |key: &str| acc.resumed().and_then(|r| r.meta.run.get(key).cloned());
+    let mut best_eval = saved_run("eval_best").and_then(|v| v.as_f64());
+    let mut bad_evals = saved_run("eval_bad").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let stopped_early = saved_run("early_stopped_at").and_then(|v| v.as_u64()).filter(|&s| s == start_step as u64);
+    if let (Some(step), true) = (stopped_early, acc.is_main_process()) {
+        println!("the run stopped early at step {step} (train.early_stopping_patience = {}): nothing to train", cfg.train.early_stopping_patience);
+    }
+    if stopped_early.is_some() {
+        return Ok(ExitCode::SUCCESS);
+    }
     if start_step >= cfg.train.steps && cfg.train.steps > 0 {
         // A run that died after its last checkpoint and before its ending (summary, sample, plot)
         // gets its ending now; a finished one has nothing left to do.
@@ -189,6 +201,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let mut last_loss = f64::NAN;
     let mut last_saved = (start_step > 0).then_some(start_step);
     let mut stopped_at = None;
+    let mut ended_at = t.steps;
     for step in start_step..t.steps {
         let t0 = Instant::now();
         let batches = data.micro_batches(step as u64).map_err(|e| accel_error(e.into()))?;
@@ -222,7 +235,22 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         // Ranks agree on stopping, so that all of them save (a collective) at the same step.
         let stop = any_rank(&engine, interrupted.load(Ordering::SeqCst))?;
         let done = step + 1;
-        if acc.checkpoint_due(done as u64) || (stop && cfg.checkpoint.save_on_interrupt && cfg.checkpoint.dir.is_some()) {
+        // Early stopping: the held-out loss (the same bits on every rank) has not improved for
+        // train.early_stopping_patience evaluations in a row.
+        if let Some(e) = eval_loss {
+            if best_eval.is_none_or(|b| e < b) {
+                (best_eval, bad_evals) = (Some(e), 0);
+            } else {
+                bad_evals += 1;
+            }
+            acc.record("eval_best", best_eval.into());
+            acc.record("eval_bad", bad_evals.into());
+        }
+        let early = t.early_stopping_patience > 0 && bad_evals >= t.early_stopping_patience && done < t.steps;
+        if early {
+            acc.record("early_stopped_at", done.into());
+        }
+        if acc.checkpoint_due(done as u64) || (early && cfg.checkpoint.dir.is_some()) || (stop && cfg.checkpoint.save_on_interrupt && cfg.checkpoint.dir.is_some()) {
             // The checkpoint carries its step's row: a run that dies after the save and before the
             // row is written gets it back when it continues.
             acc.record_checkpoint_row(&m)?;
@@ -239,6 +267,13 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             stopped_at = Some(done);
             break;
         }
+        if early {
+            if rank == 0 {
+                println!("stopping early after step {done}: the held-out loss has not improved on {:.4} for {bad_evals} evaluations (train.early_stopping_patience)", best_eval.unwrap_or(f64::NAN));
+            }
+            ended_at = done;
+            break;
+        }
     }
     let ckpt_dir = cfg.checkpoint.dir.clone();
     if let Some(step) = stopped_at {
@@ -252,7 +287,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         return Ok(ExitCode::from(130));
     }
     // train.steps = 0 converts: the imported (or initial) weights become a checkpoint to export.
-    if ckpt_dir.is_some() && last_saved != Some(t.steps) && (start_step < t.steps || t.steps == 0 && start_step == 0) {
+    if ckpt_dir.is_some() && last_saved != Some(ended_at) && (start_step < t.steps || t.steps == 0 && start_step == 0) {
         save_checkpoint(&acc, &mut engine)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -283,7 +318,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             None => None,
         };
         let mut first = first_loss.unwrap_or(f64::NAN);
-        let mut tok_s = (tokens_per_step * (t.steps - start_step.min(t.steps)) as u64) as f64 / elapsed;
+        let mut tok_s = (tokens_per_step * (ended_at - start_step.min(ended_at)) as u64) as f64 / elapsed;
         let mut elapsed = elapsed;
         if first_loss.is_none() {
             // Nothing trained in this attempt (it only finishes the run): the run's own rows say
@@ -302,7 +337,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         let peak_text: Vec<String> = peaks.iter().map(|mb| format!("{mb:.0}")).collect();
         progress.finish(&format!(
             "done: {} steps in {elapsed:.1} s, loss {first:.4} → {last_loss:.4}, {tok_s:.0} tokens/s, peak memory per rank {} MB; outputs in {}{}",
-            t.steps,
+            ended_at,
             peak_text.join("/"),
             acc.track_dir().display(),
             plot.as_ref().map_or_else(String::new, |p| format!(", plot {}", p.display()))
@@ -323,7 +358,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         }
         let memory = engine.memory();
         acc.finish(&serde_json::json!({
-            "steps": t.steps,
+            "steps": ended_at,
+            "stopped_early": ended_at < t.steps,
+            "best_eval_loss": best_eval,
             "world_size": world_size,
             "seconds": elapsed,
             "first_loss": first,

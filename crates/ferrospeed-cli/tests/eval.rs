@@ -1,6 +1,8 @@
 //! Evaluation during `train`: the held-out loss is the loss of the held-out data as training computes
 //! it, the same at world 1, world 2 (ZeRO-3) and a two-stage pipeline; `data.eval_split` holds data
-//! out the same way at any world size; held-out data too small for one global batch is one line.
+//! out the same way at any world size; held-out data too small for one global batch is one line;
+//! early stopping stops where its rule says and `checkpoint.keep_best` keeps the best checkpoint,
+//! across a resume.
 
 mod support;
 
@@ -101,4 +103,79 @@ fn eval_split_holds_out_the_same_samples_at_any_world_size_and_too_few_is_one_li
     assert_eq!(errors.len(), 1, "{}", f.stderr);
     assert!(errors[0].contains("data.eval_split = 0.1 of data.path holds 2 samples, fewer than one global batch of 4"), "{}", errors[0]);
     assert!(!track.exists(), "nothing is written");
+}
+
+/// `data prepare` of JSONL `lines` into `dir/NAME`.
+fn prepared_jsonl(dir: &Path, name: &str, lines: impl Iterator<Item = String>) -> std::path::PathBuf {
+    let input = dir.join(format!("{name}.jsonl"));
+    std::fs::write(&input, lines.map(|t| serde_json::json!({ "text": t }).to_string() + "\n").collect::<String>()).unwrap();
+    let out = dir.join(name);
+    let f = run(ferrospeed().args(["data", "prepare"]).arg(&input).args(["--tokenizer", "bytes", "--out"]).arg(&out), Duration::from_secs(120));
+    assert!(f.status.success(), "{}", f.stderr);
+    out
+}
+
+#[test]
+fn early_stopping_and_keep_best_follow_the_held_out_loss_across_a_resume() {
+    // Sixteen short documents overfit at lr 1e-2 while the loss on other text rises after a few
+    // steps: with patience 3 the run stops at the third evaluation after the best one, keeping the
+    // best checkpoint beside the latest.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let train_data = prepared_jsonl(d, "train", (0..16).map(|i| format!("doc {i}: {}", "xyz".repeat(i % 7 + 1))));
+    let eval_data = prepared_jsonl(d, "eval", (0..16).map(|i| format!("The quick brown fox {i} jumps over the lazy dog.")));
+    let model = GPT.replace("seq_len = 32", "seq_len = 64");
+    let config = write_config(d, &model, "steps = 40\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 0\nlr = 1e-2\nmin_lr = 1e-2");
+    let ck = d.join("ck");
+    let sets = |steps: usize| -> Vec<String> {
+        vec![
+            format!("data.path={}", train_data.display()),
+            "data.packing=false".into(),
+            format!("data.eval_path={}", eval_data.display()),
+            "train.eval_every=2".into(),
+            "train.early_stopping_patience=3".into(),
+            format!("train.steps={steps}"),
+            format!("checkpoint.dir={}", ck.display()),
+            "checkpoint.every=2".into(),
+            "checkpoint.keep=1".into(),
+            "checkpoint.keep_best=true".into(),
+        ]
+    };
+    let whole = run_train(d, &config, "whole", 1, &sets(40));
+    // The rule, replayed on the logged held-out losses.
+    let (mut best, mut bad, mut best_step, mut stop) = (f64::INFINITY, 0, 0, None);
+    for (step, _, e) in &whole {
+        let Some(e) = e else { continue };
+        if *e < best {
+            (best, bad, best_step) = (*e, 0, *step);
+        } else {
+            bad += 1;
+        }
+        if bad == 3 {
+            stop = Some(*step);
+            break;
+        }
+    }
+    let stop = stop.expect("the held-out loss never stopped improving: the test cannot see early stopping");
+    assert_eq!(whole.last().unwrap().0, stop, "the run stops at the step the rule names: {whole:?}");
+    let kept: Vec<String> = std::fs::read_dir(&ck).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("step-")).collect();
+    let name = |s: u64| ferrospeed::checkpoint::step_dir_name(s);
+    let mut want = vec![name(best_step), name(stop)];
+    want.sort();
+    let mut kept = kept;
+    kept.sort();
+    assert_eq!(kept, want, "keep = 1 keeps the latest and the best");
+    assert_eq!(std::fs::read_to_string(ck.join("best")).unwrap().trim(), name(best_step));
+    // The same command again: nothing to train.
+    let f = run(&mut train_command(1, &config, &d.join("whole"), &sets(40)), Duration::from_secs(60));
+    assert!(f.status.success() && f.stdout.contains(&format!("stopped early at step {stop}")), "{}\n{}", f.stdout, f.stderr);
+    // Trained in two parts (the first ends before the stop), it stops at the same step with the
+    // same losses: the best loss and the count since survive in the checkpoint.
+    std::fs::remove_dir_all(&ck).unwrap();
+    let first = run_train(d, &config, "parts", 1, &sets(stop as usize - 2));
+    let rest = run_train(d, &config, "parts", 1, &sets(40));
+    assert_eq!((first.last().unwrap().0, rest.len()), (stop - 2, whole.len()), "the first part ends two steps before the stop; the run dir holds every step");
+    for (a, b) in rest.iter().zip(&whole) {
+        assert_eq!((a.0, a.1.to_bits(), a.2.map(f64::to_bits)), (b.0, b.1.to_bits(), b.2.map(f64::to_bits)), "resumed run vs whole");
+    }
 }

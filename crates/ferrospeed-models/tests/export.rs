@@ -48,7 +48,7 @@ fn export_and_load_consolidated_round_trip_bit_exactly() {
         for step in 0..3 {
             engine.train_step_at(&batches(&sampler, &corpus, step, &Device::Cpu), 1e-3).unwrap();
         }
-        checkpoint::save(&mut engine, &SaveRequest { root: &root, samples: 12, keep: 2, run: serde_json::Value::Null }).unwrap();
+        checkpoint::save(&mut engine, &SaveRequest { root: &root, samples: 12, keep: 2, keep_best: false, run: serde_json::Value::Null }).unwrap();
         (rank, (0..4).map(|b| (engine.master(b).0, engine.master(b).1.to_vec())).collect::<Vec<_>>())
     })
     .unwrap();

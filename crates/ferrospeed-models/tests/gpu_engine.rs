@@ -60,7 +60,7 @@ fn train_offloaded(
             losses.push(engine.train_step_at(&batches(&sampler, &corpus, step, &dev), schedule.at(step)).unwrap().loss);
         }
         if let Some((dir, false)) = ckpt {
-            checkpoint::save(&mut engine, &SaveRequest { root: dir, samples: 0, keep: 2, run: serde_json::Value::Null }).unwrap();
+            checkpoint::save(&mut engine, &SaveRequest { root: dir, samples: 0, keep: 2, keep_best: false, run: serde_json::Value::Null }).unwrap();
         }
         losses
     })

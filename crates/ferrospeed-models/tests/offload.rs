@@ -273,7 +273,7 @@ fn checkpoints_stream_offloaded_state_block_by_block_and_restore_it_exactly() {
     let reference = final_state(base, nvme.path());
     let three = Run { optimizer: Offload::Nvme, ratio: 0.8, nvme_ratio: Some(0.4), ..base };
     let saved = run_engine(three, nvme.path(), |_, _| {}, |engine| {
-        let dir = ferrospeed::checkpoint::save(engine, &ferrospeed::checkpoint::SaveRequest { root: ck.path(), samples: 0, keep: 1, run: serde_json::Value::Null }).unwrap();
+        let dir = ferrospeed::checkpoint::save(engine, &ferrospeed::checkpoint::SaveRequest { root: ck.path(), samples: 0, keep: 1, keep_best: false, run: serde_json::Value::Null }).unwrap();
         let err = engine.windows().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("sync_to_host"), "off-host blocks keep no host copy after the save: {err:?}");
         dir

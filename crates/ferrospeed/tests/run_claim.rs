@@ -35,7 +35,7 @@ fn config(track: &Path, ck: &Path) -> Config {
 }
 
 fn row(step: u64, loss: f64, lr: f64) -> StepMetrics {
-    StepMetrics { step, loss, lr, grad_norm: 0.5, tokens: 0, tokens_per_s: 0.0, mfu: None, step_ms: 1.0, peak_mem_bytes: 0, loss_scale: None, extra: Default::default() }
+    StepMetrics { step, loss, lr, grad_norm: 0.5, tokens: 0, tokens_per_s: 0.0, mfu: None, step_ms: 1.0, peak_mem_bytes: 0, loss_scale: None, eval_loss: None, extra: Default::default() }
 }
 
 fn refusal(r: Result<Accelerator, AccelError>) -> String {

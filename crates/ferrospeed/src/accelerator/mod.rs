@@ -509,11 +509,14 @@ impl Accelerator {
         self.started.store(true, std::sync::atomic::Ordering::Relaxed);
         let root = self.cfg.checkpoint.dir.as_deref().ok_or(AccelError::NoCheckpointDir { what: "save_checkpoint" })?;
         let mut run = serde_json::to_value(&self.cfg).unwrap_or_default();
+        // The held-out loss of this step's recorded row, which `checkpoint.keep_best` ranks by.
+        let eval_loss = self.extra_run.get(CHECKPOINT_ROW).and_then(|v| v.as_str()).and_then(|l| serde_json::from_str::<StepMetrics>(l).ok()).filter(|m| m.step == engine.steps_done()).and_then(|m| m.eval_loss);
         if let serde_json::Value::Object(m) = &mut run {
             m.insert("param_names".into(), self.names.tag.into());
             m.extend(self.extra_run.clone());
+            m.insert("eval_loss".into(), eval_loss.into());
         }
-        let req = SaveRequest { root, samples: engine.steps_done() * self.cfg.train.global_batch as u64, keep: self.cfg.checkpoint.keep, run };
+        let req = SaveRequest { root, samples: engine.steps_done() * self.cfg.train.global_batch as u64, keep: self.cfg.checkpoint.keep, keep_best: self.cfg.checkpoint.keep_best, run };
         Ok(checkpoint::save(engine, &req)?)
     }
 

@@ -19,8 +19,13 @@ pub struct SaveRequest<'a> {
     pub samples: u64,
     /// Complete checkpoints to keep (the oldest are removed); at least 1.
     pub keep: usize,
+    /// Also keep the checkpoint whose `run.eval_loss` is the lowest, and name it in [`BEST`].
+    pub keep_best: bool,
     pub run: serde_json::Value,
 }
+
+/// The file naming the checkpoint with the lowest held-out loss (`checkpoint.keep_best`).
+pub const BEST: &str = "best";
 
 /// Save the engine's state under `req.root`; every rank must call this. Returns the checkpoint folder.
 /// State on a GPU or in NVMe files is read block by block, never all of it into host memory.
@@ -209,7 +214,27 @@ fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path,
     durable::rename(&latest_tmp, &req.root.join(LATEST))?;
     fault_point(SavePhase::AfterLatest, meta.step, 0);
     durable::sync_dir(req.root)?;
-    prune(req.root, req.keep.max(1), meta.step)
+    let best = if req.keep_best { mark_best(req.root)? } else { None };
+    prune(req.root, req.keep.max(1), meta.step, best)
+}
+
+/// The step of the complete checkpoint with the lowest `run.eval_loss` in its `meta.json` (the
+/// earliest of equals), named in [`BEST`] (written like `latest`: synced, then renamed into place).
+fn mark_best(root: &Path) -> Result<Option<u64>, CheckpointError> {
+    let score = |dir: &Path| -> Option<f64> {
+        let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(META)).ok()?).ok()?;
+        meta["run"]["eval_loss"].as_f64().filter(|l| l.is_finite())
+    };
+    let best = list_checkpoints(root).into_iter().filter_map(|(step, dir)| score(&dir).map(|s| (step, s))).fold(None, |b: Option<(u64, f64)>, (step, s)| match b {
+        Some((_, bs)) if bs <= s => b,
+        _ => Some((step, s)),
+    });
+    let Some((step, _)) = best else { return Ok(None) };
+    let tmp = root.join(".best.tmp");
+    durable::write_synced(&tmp, format!("{}\n", step_dir_name(step)).as_bytes())?;
+    durable::rename(&tmp, &root.join(BEST))?;
+    durable::sync_dir(root)?;
+    Ok(Some(step))
 }
 
 /// Rename the synced temporary folder to its final name. If that name is taken (the same step saved
@@ -240,8 +265,9 @@ fn move_into_place(root: &Path, tmp: &Path, final_dir: &Path, step: u64) -> Resu
 
 /// Remove the oldest complete checkpoints beyond `keep` (never `current`): renamed away first and the
 /// rename made durable, so a half-deleted folder is never taken for a checkpoint, even after a crash.
-fn prune(root: &Path, keep: usize, current: u64) -> Result<(), CheckpointError> {
-    let all = list_checkpoints(root);
+fn prune(root: &Path, keep: usize, current: u64, best: Option<u64>) -> Result<(), CheckpointError> {
+    // The best one, when it is old, is kept beside the `keep` latest.
+    let all: Vec<(u64, PathBuf)> = list_checkpoints(root).into_iter().filter(|(step, _)| Some(*step) != best).collect();
     let excess = all.len().saturating_sub(keep);
     let mut doomed = Vec::new();
     for (step, path) in all.into_iter().take(excess) {

@@ -176,6 +176,8 @@ pub struct TrainConfig {
     pub eval_every: usize,
     /// Global batches of held-out data an evaluation reads; 0 = every whole one there is.
     pub eval_batches: usize,
+    /// Stop when this many evaluations in a row did not lower the best held-out loss; 0 = never.
+    pub early_stopping_patience: usize,
 }
 
 impl Default for TrainConfig {
@@ -207,6 +209,7 @@ impl Default for TrainConfig {
             device: DeviceChoice::Auto,
             eval_every: 0,
             eval_batches: 0,
+            early_stopping_patience: 0,
         }
     }
 }
@@ -325,11 +328,14 @@ pub struct CheckpointConfig {
     /// On Ctrl-C (SIGINT) or SIGTERM, save a checkpoint at the next step boundary before exiting
     /// (needs checkpoint.dir).
     pub save_on_interrupt: bool,
+    /// Never remove the checkpoint with the lowest held-out loss (besides the `keep` latest); the
+    /// file `best` names it.
+    pub keep_best: bool,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true }
+        CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true, keep_best: false }
     }
 }
 

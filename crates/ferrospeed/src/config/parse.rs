@@ -325,6 +325,7 @@ pub(crate) fn build(table: &toml::Table) -> Config {
             loss_scale_min: v.f64("train", "loss_scale_min").unwrap_or(train_default.loss_scale_min),
             eval_every: v.usize("train", "eval_every").unwrap_or(train_default.eval_every),
             eval_batches: v.usize("train", "eval_batches").unwrap_or(train_default.eval_batches),
+            early_stopping_patience: v.usize("train", "early_stopping_patience").unwrap_or(train_default.early_stopping_patience),
             device: v
                 .str("train", "device")
                 .and_then(DeviceChoice::from_name)
@@ -371,6 +372,7 @@ pub(crate) fn build(table: &toml::Table) -> Config {
             save_on_interrupt: v
                 .bool("checkpoint", "save_on_interrupt")
                 .unwrap_or(checkpoint_default.save_on_interrupt),
+            keep_best: v.bool("checkpoint", "keep_best").unwrap_or(checkpoint_default.keep_best),
         },
         track: TrackConfig {
             dir: v.path("track", "dir"),

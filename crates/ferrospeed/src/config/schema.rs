@@ -132,6 +132,7 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
             key("device", Kind::Choice(DeviceChoice::NAMES)),
             key("eval_every", Kind::Count),
             key("eval_batches", Kind::Count),
+            key("early_stopping_patience", Kind::Count),
         ],
     },
     SectionSpec {
@@ -170,6 +171,7 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
             key("keep", Kind::PositiveInt),
             key("resume", Kind::Bool),
             key("save_on_interrupt", Kind::Bool),
+            key("keep_best", Kind::Bool),
         ],
     },
     SectionSpec {

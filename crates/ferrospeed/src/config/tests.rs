@@ -97,6 +97,7 @@ fn minimal_config_gets_defaults() {
             device: DeviceChoice::Auto,
             eval_every: 0,
             eval_batches: 0,
+            early_stopping_patience: 0,
         },
         zero: ZeroConfig {
             stage: ZeroStage::Zero,
@@ -108,7 +109,7 @@ fn minimal_config_gets_defaults() {
             pinned_budget_mb: 0,
         },
         parallel: ParallelConfig { pp: 1, tp: 1, sp: false, cp: 1, ep: 1, pp_schedule: PipelineSchedule::OneFOneB, pp_virtual: 1, pp_split: vec![] },
-        checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true },
+        checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true, keep_best: false },
         track: TrackConfig { dir: None, tensorboard: true, backends: vec![TrackBackend::Tensorboard], mlflow_uri: None, mlflow_experiment: None },
     };
     assert_eq!(config, expected);
@@ -161,8 +162,9 @@ loss_scale_growth_interval = 500
 loss_scale_backoff = 0.25
 loss_scale_min = 0.5
 device = \"cpu\"
-eval_every = 25
+eval_every = 5
 eval_batches = 4
+early_stopping_patience = 3
 
 [zero]
 stage = 3
@@ -188,6 +190,7 @@ every = 10
 keep = 5
 resume = false
 save_on_interrupt = false
+keep_best = true
 
 [track]
 dir = \"runs/x\"
@@ -240,8 +243,9 @@ mlflow_experiment = \"llama-sft\"
             loss_scale_backoff: 0.25,
             loss_scale_min: 0.5,
             device: DeviceChoice::Cpu,
-            eval_every: 25,
+            eval_every: 5,
             eval_batches: 4,
+            early_stopping_patience: 3,
         },
         zero: ZeroConfig {
             stage: ZeroStage::Three,
@@ -259,6 +263,7 @@ mlflow_experiment = \"llama-sft\"
             keep: 5,
             resume: false,
             save_on_interrupt: false,
+            keep_best: true,
         },
         track: TrackConfig {
             dir: Some("runs/x".into()),
@@ -573,6 +578,11 @@ fn evaluation_settings_are_checked() {
     check_err("two sources", MINIMAL, &["data.eval_split=0.1", &format!("data.eval_path={}", data_path())], &["two sources of held-out data"]);
     check_err("nothing to evaluate", MINIMAL, &["train.eval_every=10"], &["train.eval_every = 10 has no held-out data", "data.eval_path or data.eval_split"]);
     check_err("missing", MINIMAL, &["data.eval_path=/no/such/eval"], &["data.eval_path", "does not exist"]);
+    check_err("patience without data", MINIMAL, &["train.early_stopping_patience=2"], &["train.early_stopping_patience = 2 has no held-out data"]);
+    check_err("patience without evals", MINIMAL, &["data.eval_split=0.1", "train.early_stopping_patience=2"], &["needs evaluations during training", "train.eval_every"]);
+    check_err("best without data", MINIMAL, &["checkpoint.keep_best=true"], &["checkpoint.keep_best = true has no held-out data"]);
+    check_err("best between evals", MINIMAL, &["data.eval_split=0.1", "train.eval_every=4", "checkpoint.dir=ck", "checkpoint.every=6", "checkpoint.keep_best=true"], &["needs a held-out loss at every checkpoint"]);
+    check_ok(MINIMAL, &["data.eval_split=0.1", "train.eval_every=3", "checkpoint.dir=ck", "checkpoint.every=6", "checkpoint.keep_best=true", "train.early_stopping_patience=2"]);
     let ok = check_ok(MINIMAL, &["data.eval_split=0.05", "train.eval_every=10", "train.eval_batches=2"]);
     assert_eq!((ok.data.eval_split, ok.train.eval_every, ok.train.eval_batches), (0.05, 10, 2));
 }

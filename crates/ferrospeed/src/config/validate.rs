@@ -222,8 +222,24 @@ fn check_eval(config: &Config) -> Result<(), ConfigError> {
     if d.eval_split > 0.0 && d.eval_path.is_some() {
         return Err(ConfigError::invalid("data.eval_split", d.eval_split, "is set with data.eval_path: two sources of held-out data", "keep one of the two"));
     }
-    if t.eval_every > 0 && d.eval_split == 0.0 && d.eval_path.is_none() {
-        return Err(ConfigError::invalid("train.eval_every", t.eval_every, "has no held-out data to evaluate", "set data.eval_path or data.eval_split"));
+    let held_out = d.eval_split > 0.0 || d.eval_path.is_some();
+    for (key, value) in [("train.eval_every", t.eval_every), ("train.early_stopping_patience", t.early_stopping_patience), ("checkpoint.keep_best", usize::from(config.checkpoint.keep_best))] {
+        if value > 0 && !held_out {
+            let shown = if key == "checkpoint.keep_best" { "true".to_string() } else { value.to_string() };
+            return Err(ConfigError::invalid(key, shown, "has no held-out data to evaluate", "set data.eval_path or data.eval_split"));
+        }
+    }
+    if t.early_stopping_patience > 0 && t.eval_every == 0 {
+        return Err(ConfigError::invalid("train.early_stopping_patience", t.early_stopping_patience, "needs evaluations during training", "set train.eval_every"));
+    }
+    let c = &config.checkpoint;
+    if c.keep_best && (c.dir.is_none() || t.eval_every == 0 || c.every == 0 || c.every % t.eval_every != 0) {
+        return Err(ConfigError::invalid(
+            "checkpoint.keep_best",
+            true,
+            "needs a held-out loss at every checkpoint",
+            "set checkpoint.dir, and checkpoint.every to a multiple of train.eval_every",
+        ));
     }
     Ok(())
 }
