@@ -99,7 +99,11 @@ pub fn estimate_pipeline(family: &Family, model: &Model, strategy: Strategy, run
                 None => (pipe.pp - r).min(m) as f64,
             };
             let scale = |b: u64| (b as f64 * share * held) as u64;
-            let acts = ferrospeed::engine::ActivationProfile { kept: scale(whole.kept), recomputed: scale(whole.recomputed) };
+            // zb: a micro-batch waiting for its weight half keeps what the weight matmuls read (the
+            // layers' inputs and output gradients, the head's logit gradient) even with activation
+            // checkpointing: about what a block keeps without it.
+            let recomputed = if pipe.schedule == PipelineSchedule::ZeroBubble { whole.kept } else { whole.recomputed };
+            let acts = ferrospeed::engine::ActivationProfile { kept: scale(whole.kept), recomputed: scale(recomputed) };
             // A rank that cannot be cut (not expected: the engine cuts the same way) is estimated as
             // the whole model, never left out.
             match family.model().ok().and_then(|m| m.cut(&chunks).ok()) {

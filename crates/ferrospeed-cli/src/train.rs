@@ -120,6 +120,16 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             )));
         }
     }
+    // The held-out data decides what is trained on (data.eval_split of prepared data) and what early
+    // stopping compares: a checkpoint continues only with the same.
+    let eval_data = serde_json::json!({"path": cfg.data.eval_path.as_ref().map(|p| p.display().to_string()), "split": cfg.data.eval_split, "seed": cfg.train.seed});
+    if let Some(saved) = acc.resumed().and_then(|r| r.meta.run.get("eval_data").cloned()).filter(|s| *s != eval_data) {
+        return Err(usage_error(format!(
+            "{} was saved with other held-out data ({saved}) than this run's ({eval_data}): use the same data.eval_path, data.eval_split and train.seed, or start a new checkpoint.dir",
+            acc.resumed().map(|r| r.path.display().to_string()).unwrap_or_default()
+        )));
+    }
+    acc.record("eval_data", eval_data);
     if let (Some(plan), true) = (acc.pipeline_plan(), acc.is_main_process()) {
         println!("{plan}");
     }
@@ -141,21 +151,30 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let saved_run = |key: &str| acc.resumed().and_then(|r| r.meta.run.get(key).cloned());
     let mut best_eval = saved_run("eval_best").and_then(|v| v.as_f64());
     let mut bad_evals = saved_run("eval_bad").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-    let stopped_early = saved_run("early_stopped_at").and_then(|v| v.as_u64()).filter(|&s| s == start_step as u64);
-    if let (Some(step), true) = (stopped_early, acc.is_main_process()) {
-        println!("the run stopped early at step {step} (train.early_stopping_patience = {}): nothing to train", cfg.train.early_stopping_patience);
+    let early_stop_step = saved_run("early_stopped_at").and_then(|v| v.as_u64());
+    // Carried into every later checkpoint, also those saved before this attempt's first evaluation.
+    acc.record("eval_best", best_eval.into());
+    acc.record("eval_bad", bad_evals.into());
+    // The run ends where it stopped early, unless the config no longer stops it there.
+    let patience = cfg.train.early_stopping_patience;
+    let stopped_early = early_stop_step.filter(|&s| s == start_step as u64 && patience > 0 && bad_evals >= patience);
+    if let Some(s) = stopped_early {
+        acc.record("early_stopped_at", s.into());
     }
-    if stopped_early.is_some() {
-        return Ok(ExitCode::SUCCESS);
-    }
-    if start_step >= cfg.train.steps && cfg.train.steps > 0 {
+    let end = stopped_early.map_or(cfg.train.steps, |s| s as usize);
+    if start_step >= end && cfg.train.steps > 0 {
         // A run that died after its last checkpoint and before its ending (summary, sample, plot)
         // gets its ending now; a finished one has nothing left to do.
         let unfinished = any_rank(&engine, acc.tracker().is_some_and(|t| !t.finished()))?;
         if acc.is_main_process() {
+            let why = match stopped_early {
+                Some(s) => format!("the run stopped early at step {s} (train.early_stopping_patience = {patience})"),
+                None => format!("already at step {start_step} of {}", cfg.train.steps),
+            };
             match unfinished {
-                true => println!("already at step {start_step} of {}: finishing the run's outputs (summary, plot)", cfg.train.steps),
-                false => println!("already at step {start_step} of {}: nothing to train (raise train.steps to train longer)", cfg.train.steps),
+                true => println!("{why}: finishing the run's outputs (summary, plot)"),
+                false if stopped_early.is_some() => println!("{why}: nothing to train (raise train.early_stopping_patience, or set it to 0, to train on)"),
+                false => println!("{why}: nothing to train (raise train.steps to train longer)"),
             }
         }
         if !unfinished {
@@ -201,8 +220,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let mut last_loss = f64::NAN;
     let mut last_saved = (start_step > 0).then_some(start_step);
     let mut stopped_at = None;
-    let mut ended_at = t.steps;
-    for step in start_step..t.steps {
+    let mut ended_at = end;
+    let mut last_row = None;
+    for step in start_step..end {
         let t0 = Instant::now();
         let batches = data.micro_batches(step as u64).map_err(|e| accel_error(e.into()))?;
         let stats = engine.train_step(&batches).map_err(oom("training step"))?;
@@ -237,8 +257,11 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         let done = step + 1;
         // Early stopping: the held-out loss (the same bits on every rank) has not improved for
         // train.early_stopping_patience evaluations in a row.
-        if let Some(e) = eval_loss {
-            if best_eval.is_none_or(|b| e < b) {
+        // Only the evaluations every train.eval_every steps count (not the extra one after the last
+        // step, which a longer run would not make); a loss that is not finite never counts as better.
+        let counted = eval_loss.filter(|_| t.eval_every > 0 && done % t.eval_every == 0);
+        if let Some(e) = counted {
+            if e.is_finite() && best_eval.is_none_or(|b| e < b) {
                 (best_eval, bad_evals) = (Some(e), 0);
             } else {
                 bad_evals += 1;
@@ -246,7 +269,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             acc.record("eval_best", best_eval.into());
             acc.record("eval_bad", bad_evals.into());
         }
-        let early = t.early_stopping_patience > 0 && bad_evals >= t.early_stopping_patience && done < t.steps;
+        let early = counted.is_some() && patience > 0 && bad_evals >= patience && done < t.steps;
         if early {
             acc.record("early_stopped_at", done.into());
         }
@@ -263,6 +286,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         if let Some(progress) = progress.as_mut() {
             progress.update(&m);
         }
+        last_row = Some(m);
         if stop {
             stopped_at = Some(done);
             break;
@@ -288,6 +312,10 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
     // train.steps = 0 converts: the imported (or initial) weights become a checkpoint to export.
     if ckpt_dir.is_some() && last_saved != Some(ended_at) && (start_step < t.steps || t.steps == 0 && start_step == 0) {
+        // The last step's row, held-out loss included (what checkpoint.keep_best ranks by).
+        if let Some(m) = &last_row {
+            acc.record_checkpoint_row(m)?;
+        }
         save_checkpoint(&acc, &mut engine)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -378,14 +406,21 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The mean held-out loss over the evaluation loader's batches (every rank takes part).
+/// The held-out loss: the mean over every counted target of the evaluation loader's batches (each
+/// batch's loss weighted by its counted targets; batches of equal weight where every target counts).
+/// Every rank takes part.
 fn eval_loss<D: Dataset + ?Sized>(engine: &mut Engine, eval: &ferrospeed::data::DataLoader<'_, D>) -> Result<f64, ferrospeed::engine::EngineError> {
-    let mut sum = 0.0;
+    let (mut sum, mut weight) = (0.0, 0.0);
     for j in 0..eval.steps() {
+        let w = eval.counted_targets(j).unwrap_or(1.0);
+        if w == 0.0 {
+            continue;
+        }
         let batches = eval.micro_batches(j).map_err(|e| ferrospeed::engine::EngineError::Unsupported(e.to_string()))?;
-        sum += engine.eval_loss(&batches)?;
+        sum += w * engine.eval_loss(&batches)?;
+        weight += w;
     }
-    Ok(sum / eval.steps() as f64)
+    Ok(if weight > 0.0 { sum / weight } else { f64::NAN })
 }
 
 /// An `Accelerator` error: bad input exits with 2 (nothing started), the rest as failures.

@@ -169,6 +169,12 @@ fn early_stopping_and_keep_best_follow_the_held_out_loss_across_a_resume() {
     // The same command again: nothing to train.
     let f = run(&mut train_command(1, &config, &d.join("whole"), &sets(40)), Duration::from_secs(60));
     assert!(f.status.success() && f.stdout.contains(&format!("stopped early at step {stop}")), "{}\n{}", f.stdout, f.stderr);
+    // Other held-out data cannot continue this checkpoint (early stopping's state is about this data).
+    let mut other = sets(40);
+    other[2] = format!("data.eval_path={}", train_data.display());
+    let f = run(&mut train_command(1, &config, &d.join("other"), &other), Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("was saved with other held-out data"), "{}", f.stderr);
     // Trained in two parts (the first ends before the stop), it stops at the same step with the
     // same losses: the best loss and the count since survive in the checkpoint.
     std::fs::remove_dir_all(&ck).unwrap();
@@ -178,4 +184,30 @@ fn early_stopping_and_keep_best_follow_the_held_out_loss_across_a_resume() {
     for (a, b) in rest.iter().zip(&whole) {
         assert_eq!((a.0, a.1.to_bits(), a.2.map(f64::to_bits)), (b.0, b.1.to_bits(), b.2.map(f64::to_bits)), "resumed run vs whole");
     }
+}
+
+#[test]
+fn keep_best_ranks_the_checkpoint_saved_at_the_end_of_the_run() {
+    // Evaluated on its own training data the held-out loss falls at every evaluation, so the best is
+    // the last: the checkpoint the run saves when it ends at step 5 (between checkpoint.every).
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = prepared_docs(d, 8);
+    let config = write_config(d, GPT, "steps = 5\nglobal_batch = 4\nmicro_batch = 2\nwarmup = 0\nlr = 3e-3");
+    let ck = d.join("ck");
+    let sets = vec![
+        format!("data.path={}", data.display()),
+        "data.packing=false".into(),
+        format!("data.eval_path={}", data.display()),
+        "train.eval_every=2".into(),
+        format!("checkpoint.dir={}", ck.display()),
+        "checkpoint.every=2".into(),
+        "checkpoint.keep=1".into(),
+        "checkpoint.keep_best=true".into(),
+    ];
+    let rows = run_train(d, &config, "run", 1, &sets);
+    let evals: Vec<(u64, f64)> = rows.iter().filter_map(|r| r.2.map(|e| (r.0, e))).collect();
+    assert_eq!(evals.iter().map(|e| e.0).collect::<Vec<_>>(), [2, 4, 5]);
+    assert!(evals[2].1 < evals[1].1 && evals[1].1 < evals[0].1, "the held-out loss falls: {evals:?}");
+    assert_eq!(std::fs::read_to_string(ck.join("best")).unwrap().trim(), ferrospeed::checkpoint::step_dir_name(5));
 }

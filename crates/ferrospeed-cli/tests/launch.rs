@@ -503,3 +503,28 @@ fn after_a_refused_start_the_other_ranks_finish_their_own_clean_up_and_a_hung_on
     assert!(f.elapsed < Duration::from_secs(20), "took {:?}", f.elapsed);
     assert_eq!(survivors(&pids_in(dir.path()), Duration::from_secs(2)), Vec::<i32>::new(), "no process may survive");
 }
+
+#[test]
+fn a_refused_start_on_another_node_lets_this_nodes_ranks_finish_their_clean_up() {
+    // Node 1's rank refuses at once (exit 2); node 0's rank 0 refuses the same input after a moment
+    // of clean-up. Node 0 learns of node 1's failure through the store and must not cut it short.
+    let dir = tempfile::tempdir().unwrap();
+    let token = token_file(dir.path(), "token", "5f0e7a9c3b1d4e6f8a2c0b9d7e5f3a1c");
+    let store = listener();
+    let port = store.local_addr().unwrap().port().to_string();
+    let node = |rank: &str, program: &str| {
+        let mut cmd = ferrospeed();
+        cmd.env_remove("FERROSPEED_RDZV_TOKEN").args(["launch", "--nnodes", "2", "--node-rank", rank, "--master-port", &port, "--rdzv-timeout", "20"]);
+        cmd.arg("--rdzv-token-file").arg(&token).args(["sh", "-c", program]);
+        cmd
+    };
+    let cleaned = dir.path().join("cleaned");
+    let mut n0 = node("0", &format!("sleep 1.5; touch {}; exit 2", cleaned.display()));
+    hand_over(&mut n0, &store);
+    let n0 = start(&mut n0);
+    let f1 = run(&mut node("1", "exit 2"), Duration::from_secs(30));
+    assert_eq!(f1.status.code(), Some(2), "{}", f1.stderr);
+    let f0 = finish(n0, Duration::from_secs(30));
+    assert_eq!(f0.status.code(), Some(2), "{}", f0.stderr);
+    assert!(cleaned.exists(), "node 0's rank was stopped before it finished: {}", f0.stderr);
+}

@@ -134,8 +134,15 @@ pub fn supervise(plan: &LaunchPlan, store: NodeStore, grace: Duration) -> Result
             last_store_check = Instant::now();
             if let Some(message) = remote_failure(&store) {
                 eprintln!("ferrospeed launch: another node reported: {message}; stopping this node's ranks");
-                failure = Some(Failure { message, code: 1 });
-                stop(&running, libc::SIGTERM, &mut kill_at, grace);
+                // A refused start elsewhere: this node's ranks are refusing the same input (rank 0 may
+                // be cleaning up), so they get the same settle window as on the failing node.
+                let refused = message.ends_with("exited with code 2");
+                failure = Some(Failure { message, code: if refused { 2 } else { 1 } });
+                if refused {
+                    term_at = Some(Instant::now() + REFUSED_SETTLE);
+                } else {
+                    stop(&running, libc::SIGTERM, &mut kill_at, grace);
+                }
             }
         }
     }

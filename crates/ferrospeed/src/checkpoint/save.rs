@@ -214,18 +214,19 @@ fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path,
     durable::rename(&latest_tmp, &req.root.join(LATEST))?;
     fault_point(SavePhase::AfterLatest, meta.step, 0);
     durable::sync_dir(req.root)?;
-    let best = if req.keep_best { mark_best(req.root)? } else { None };
+    let best = if req.keep_best { mark_best(req.root, meta.step)? } else { None };
     prune(req.root, req.keep.max(1), meta.step, best)
 }
 
 /// The step of the complete checkpoint with the lowest `run.eval_loss` in its `meta.json` (the
-/// earliest of equals), named in [`BEST`] (written like `latest`: synced, then renamed into place).
-fn mark_best(root: &Path) -> Result<Option<u64>, CheckpointError> {
+/// earliest of equals; none after `current`, which another run may have left), named in [`BEST`]
+/// (written like `latest`: synced, then renamed into place).
+fn mark_best(root: &Path, current: u64) -> Result<Option<u64>, CheckpointError> {
     let score = |dir: &Path| -> Option<f64> {
         let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(META)).ok()?).ok()?;
         meta["run"]["eval_loss"].as_f64().filter(|l| l.is_finite())
     };
-    let best = list_checkpoints(root).into_iter().filter_map(|(step, dir)| score(&dir).map(|s| (step, s))).fold(None, |b: Option<(u64, f64)>, (step, s)| match b {
+    let best = list_checkpoints(root).into_iter().filter(|(step, _)| *step <= current).filter_map(|(step, dir)| score(&dir).map(|s| (step, s))).fold(None, |b: Option<(u64, f64)>, (step, s)| match b {
         Some((_, bs)) if bs <= s => b,
         _ => Some((step, s)),
     });
@@ -266,8 +267,11 @@ fn move_into_place(root: &Path, tmp: &Path, final_dir: &Path, step: u64) -> Resu
 /// Remove the oldest complete checkpoints beyond `keep` (never `current`): renamed away first and the
 /// rename made durable, so a half-deleted folder is never taken for a checkpoint, even after a crash.
 fn prune(root: &Path, keep: usize, current: u64, best: Option<u64>) -> Result<(), CheckpointError> {
-    // The best one, when it is old, is kept beside the `keep` latest.
-    let all: Vec<(u64, PathBuf)> = list_checkpoints(root).into_iter().filter(|(step, _)| Some(*step) != best).collect();
+    // The best one, when it is not among the `keep` latest, is kept beside them.
+    let mut all = list_checkpoints(root);
+    if let Some(b) = best.filter(|b| all.iter().rev().take(keep).all(|(step, _)| step != b)) {
+        all.retain(|(step, _)| *step != b);
+    }
     let excess = all.len().saturating_sub(keep);
     let mut doomed = Vec::new();
     for (step, path) in all.into_iter().take(excess) {

@@ -578,6 +578,7 @@ fn evaluation_settings_are_checked() {
     check_err("two sources", MINIMAL, &["data.eval_split=0.1", &format!("data.eval_path={}", data_path())], &["two sources of held-out data"]);
     check_err("nothing to evaluate", MINIMAL, &["train.eval_every=10"], &["train.eval_every = 10 has no held-out data", "data.eval_path or data.eval_split"]);
     check_err("missing", MINIMAL, &["data.eval_path=/no/such/eval"], &["data.eval_path", "does not exist"]);
+    check_err("batches without data", MINIMAL, &["train.eval_batches=3"], &["train.eval_batches = 3 has no held-out data"]);
     check_err("patience without data", MINIMAL, &["train.early_stopping_patience=2"], &["train.early_stopping_patience = 2 has no held-out data"]);
     check_err("patience without evals", MINIMAL, &["data.eval_split=0.1", "train.early_stopping_patience=2"], &["needs evaluations during training", "train.eval_every"]);
     check_err("best without data", MINIMAL, &["checkpoint.keep_best=true"], &["checkpoint.keep_best = true has no held-out data"]);

@@ -223,7 +223,7 @@ fn check_eval(config: &Config) -> Result<(), ConfigError> {
         return Err(ConfigError::invalid("data.eval_split", d.eval_split, "is set with data.eval_path: two sources of held-out data", "keep one of the two"));
     }
     let held_out = d.eval_split > 0.0 || d.eval_path.is_some();
-    for (key, value) in [("train.eval_every", t.eval_every), ("train.early_stopping_patience", t.early_stopping_patience), ("checkpoint.keep_best", usize::from(config.checkpoint.keep_best))] {
+    for (key, value) in [("train.eval_every", t.eval_every), ("train.eval_batches", t.eval_batches), ("train.early_stopping_patience", t.early_stopping_patience), ("checkpoint.keep_best", usize::from(config.checkpoint.keep_best))] {
         if value > 0 && !held_out {
             let shown = if key == "checkpoint.keep_best" { "true".to_string() } else { value.to_string() };
             return Err(ConfigError::invalid(key, shown, "has no held-out data to evaluate", "set data.eval_path or data.eval_split"));

@@ -58,6 +58,13 @@ impl<'a, D: Dataset + ?Sized> DataLoader<'a, D> {
         batch.to_device(&self.device).map_err(|e| DataError::Engine(crate::engine::EngineError::from_candle("moving a batch to the device".into(), e)))
     }
 
+    /// The targets that count in step `step`'s loss, over its whole global batch, for datasets that
+    /// count them ([`Dataset::counted_targets`]); `None` for the others (every target counts).
+    pub fn counted_targets(&self, step: u64) -> Option<f64> {
+        self.dataset.counted_targets(self.sampler.index(step, 0))?;
+        Some(self.counted_in_step(step))
+    }
+
     /// The counted targets of step `step`'s whole global batch.
     fn counted_in_step(&self, step: u64) -> f64 {
         let mut cache = self.counted.lock().unwrap_or_else(|e| e.into_inner());

@@ -39,10 +39,11 @@ impl Engine {
         let Self { model, worker, params, cfg, nccl, .. } = self;
         let mut resident = Resident { model, params };
         let mut gathering = Gathering::new(model, params, worker, nccl.as_ref());
-        let source: &mut dyn ParamSource = match cfg.strategy.param_placement() {
+        let inner: &mut dyn ParamSource = match cfg.strategy.param_placement() {
             ParamPlacement::Resident => &mut resident,
             ParamPlacement::Gathered => &mut gathering,
         };
+        let source = &mut Forwards(inner);
         let mut losses = Vec::with_capacity(micro_batches.len());
         for (k, batch) in micro_batches.iter().enumerate() {
             if k > 0 {
@@ -55,5 +56,20 @@ impl Engine {
         let peak = gathering.peak_bytes;
         self.gathered_peak = self.gathered_peak.max(peak);
         Ok(losses)
+    }
+}
+
+/// A source for forwards only: no backward follows, so after the last block nothing is fetched
+/// ahead (a forward before a backward asks for the last block again, which would keep the head,
+/// under ZeRO-3 gathered, through every later micro-batch).
+pub(super) struct Forwards<'a>(pub(super) &'a mut dyn ParamSource);
+
+impl ParamSource for Forwards<'_> {
+    fn acquire(&mut self, i: usize, next: Option<usize>) -> Result<Vec<Tensor>, EngineError> {
+        self.0.acquire(i, next.filter(|&n| n > i))
+    }
+
+    fn release(&mut self, i: usize) {
+        self.0.release(i)
     }
 }

@@ -308,7 +308,7 @@ impl Engine {
                     ParamPlacement::Resident => &mut resident,
                     ParamPlacement::Gathered => &mut gathering,
                 };
-                let (_, out) = blockwise::forward_span(model, source, batch, true, run.clone(), input)?;
+                let (_, out) = blockwise::forward_span(model, &mut super::eval::Forwards(source), batch, true, run.clone(), input)?;
                 if stage == last_stage {
                     losses.push(blockwise::scalar_loss(model, run.end - 1, out)?);
                 } else {
