@@ -67,7 +67,7 @@ fn the_eval_loss_is_the_held_out_datas_loss_at_any_world_size_and_pipeline() {
         close(eval, *loss, &format!("step {step}: eval loss vs the step's training loss"));
     }
     // Every shape evaluates the same samples to the same loss.
-    for (name, nproc, extra) in [("w2-zero3", 2, &["zero.stage=3"][..]), ("pp2", 2, &["parallel.pp=2"]), ("pp2-zb", 2, &["parallel.pp=2", "parallel.pp_schedule=zb"])] {
+    for (name, nproc, extra) in [("w2-zero3", 2, &["zero.stage=3"][..]), ("pp2", 2, &["parallel.pp=2"]), ("pp2-zb", 2, &["parallel.pp=2", "parallel.pp_schedule=zb"]), ("pp2-interleaved", 2, &["parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2"])] {
         let got = run_train(d, &config, name, nproc, &sets(extra));
         for ((step, _, e), (_, _, want)) in got.iter().zip(&one) {
             close(e.unwrap(), want.unwrap(), &format!("{name} step {step}"));
