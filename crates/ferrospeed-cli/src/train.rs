@@ -54,7 +54,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let eval_samples = eval_source.as_ref().map(|e| Samples::of(e, &cfg)).transpose()?;
     let (train_subset, eval_set) = train_data::split(&cfg, &samples, eval_samples.as_ref())?;
     let dataset: &dyn Dataset = match &train_subset {
-        Some(s) => s,
+        Some(s) => s.as_ref(),
         None => samples.dataset(),
     };
     // Epochs of prepared data need one global batch of samples; say so before anything is written.
@@ -183,7 +183,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
     let interrupted = watch_interrupts()?;
     let data = acc.data(dataset).map_err(accel_error)?;
-    let eval = eval_set.as_ref().map(|e| acc.eval_data(e, cfg.train.eval_batches)).transpose().map_err(accel_error)?;
+    let eval = eval_set.as_ref().map(|e| acc.eval_data(e.as_ref(), cfg.train.eval_batches)).transpose().map_err(accel_error)?;
     let t = &cfg.train;
     let tokens_per_step = (t.global_batch * cfg.model.seq_len) as u64;
     if rank == 0 {

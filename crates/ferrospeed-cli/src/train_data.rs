@@ -1,6 +1,6 @@
 //! What `train` trains and evaluates on: raw text (random windows) or prepared data (packed windows
 //! or padded documents) from `data.path`, and the held-out data from `data.eval_path` or
-//! `data.eval_split` — raw text's last tokens, or prepared data's samples drawn by the seed — read
+//! `data.eval_split` — raw text's last tokens, or prepared data's documents drawn by the seed — read
 //! as non-overlapping samples in order. Every check is a one-line error before anything is written.
 
 use crate::usage::usage_error;
@@ -8,7 +8,7 @@ use anyhow::Result;
 use ferrospeed::config::Config;
 use ferrospeed::data::{held_out, Dataset, Subset};
 use ferrospeed_models::prepared::is_prepared;
-use ferrospeed_models::{PackedWindows, PaddedDocs, PreparedData, TextCorpus, TextWindows, Tokenizer};
+use ferrospeed_models::{PackedDocs, PackedWindows, PaddedDocs, PreparedData, TextCorpus, TextWindows, Tokenizer};
 use std::path::Path;
 
 /// The run's data: raw text (random windows) or a directory written by `data prepare`.
@@ -118,19 +118,26 @@ pub fn load(cfg: &Config, tokenizer: &Tokenizer) -> Result<(TrainData, Option<Tr
     })
 }
 
-/// The training samples (without the held-out ones of `data.eval_split` of prepared data) and the
-/// held-out samples (`None` without held-out data), the latter refused in one line when they do
-/// not fill one global batch.
-pub fn split<'a>(cfg: &Config, samples: &'a Samples<'a>, eval: Option<&'a Samples<'a>>) -> Result<(Option<Subset<'a, dyn Dataset + 'a>>, Option<Subset<'a, dyn Dataset + 'a>>)> {
-    let seq_len = cfg.model.seq_len;
-    let (train, held) = match eval {
-        Some(e) => (None, Some(Subset::new(e.dataset(), e.eval_indices(seq_len)))),
-        None if cfg.data.eval_split > 0.0 && !matches!(samples, Samples::Windows(_)) => {
-            let (train, held) = held_out(samples.dataset().len(), cfg.data.eval_split, cfg.train.seed);
-            (Some(Subset::new(samples.dataset(), train)), Some(Subset::new(samples.dataset(), held)))
+/// A dataset of its own (a subset, or some documents packed).
+pub type Owned<'a> = Box<dyn Dataset + 'a>;
+
+/// The training samples (without the held-out ones of `data.eval_split` of prepared data: whole
+/// documents, packed or padded) and the held-out samples (`None` without held-out data), the latter
+/// refused in one line when they do not fill one global batch.
+pub fn split<'a>(cfg: &Config, samples: &'a Samples<'a>, eval: Option<&'a Samples<'a>>) -> Result<(Option<Owned<'a>>, Option<Owned<'a>>)> {
+    let (seq_len, fraction, seed) = (cfg.model.seq_len, cfg.data.eval_split, cfg.train.seed);
+    let (train, held): (Option<Owned<'a>>, Option<Owned<'a>>) = match (eval, samples) {
+        (Some(e), _) => (None, Some(Box::new(Subset::new(e.dataset(), e.eval_indices(seq_len))))),
+        (None, Samples::Packed(p)) if fraction > 0.0 => {
+            let (train, held) = held_out(p.data.documents(), fraction, seed);
+            (Some(Box::new(PackedDocs::new(p.data, seq_len, train))), Some(Box::new(PackedDocs::new(p.data, seq_len, held))))
         }
-        // Raw text split in `load`: its second half came back as `eval`.
-        None => (None, None),
+        (None, Samples::Padded(_)) if fraction > 0.0 => {
+            let (train, held) = held_out(samples.dataset().len(), fraction, seed);
+            (Some(Box::new(Subset::new(samples.dataset(), train))), Some(Box::new(Subset::new(samples.dataset(), held))))
+        }
+        // Raw text is split in `load` (its last tokens came back as `eval`); nothing held out otherwise.
+        _ => (None, None),
     };
     if let Some(h) = held.as_ref().filter(|h| h.len() < cfg.train.global_batch) {
         let source = match &cfg.data.eval_path {

@@ -89,6 +89,15 @@ fn eval_split_holds_out_the_same_samples_at_any_world_size_and_too_few_is_one_li
         close(*l2, *l1, &format!("step {step} training loss, world 2 vs 1"));
         close(e2.unwrap(), e1.unwrap(), &format!("step {step} eval loss, world 2 vs 1"));
     }
+    // Packed: a quarter of 64 documents held out whole, packed apart from the other 48.
+    let many_dir = d.join("many");
+    std::fs::create_dir(&many_dir).unwrap();
+    let many = prepared_docs(&many_dir, 64);
+    let packed = |nproc: usize| run_train(d, &config, &format!("packed{nproc}"), nproc, &[format!("data.path={}", many.display()), "data.eval_split=0.25".into(), "train.eval_every=1".into()]);
+    let (p1, p2) = (packed(1), packed(2));
+    for ((step, _, e1), (_, _, e2)) in p1.iter().zip(&p2) {
+        close(e2.unwrap(), e1.unwrap(), &format!("packed step {step} eval loss, world 2 vs 1"));
+    }
     // Raw text: the corpus's last tokens.
     let text = run_train(d, &config, "text", 1, &["data.eval_split=0.2".to_string(), "train.eval_every=3".into()]);
     assert!(text[2].2.is_some() && text[0].2.is_none(), "evaluated at step 3 only: {text:?}");

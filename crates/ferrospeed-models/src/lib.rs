@@ -18,5 +18,5 @@ pub use data::{BatchSampler, DataError, TextCorpus, TextWindows};
 pub use family::{Family, FamilyError};
 pub use gpt::{GptConfig, Gpt};
 pub use llama::{Llama, LlamaConfig};
-pub use prepared::{PackedWindows, PaddedDocs, PreparedData};
+pub use prepared::{PackedDocs, PackedWindows, PaddedDocs, PreparedData};
 pub use tokenizer::{ByteTokenizer, Tokenizer, TokenizerError};

@@ -335,3 +335,36 @@ fn packed_gradients_are_the_documents_gradients_weighted_by_the_mask() {
         }
     }
 }
+
+#[test]
+fn some_documents_packed_are_the_windows_of_those_documents_alone() {
+    // PackedDocs of every document is PackedWindows; of documents 0, 2 and 3 it is PackedWindows of a
+    // directory prepared from those three alone (what data.eval_split holds out, and the rest).
+    use ferrospeed::data::Dataset;
+    use ferrospeed_models::prepared::{prepare, PrepareOptions};
+    use ferrospeed_models::{PackedDocs, PackedWindows, PreparedData, Tokenizer};
+    let dir = tempfile::tempdir().unwrap();
+    let docs = ["abcde", "fgh", "ijklmnopq", "rs", "tuvwxyz0123"];
+    let write = |name: &str, which: &[usize]| {
+        let input = dir.path().join(format!("{name}.jsonl"));
+        std::fs::write(&input, which.iter().map(|&i| format!("{{\"text\": \"{}\"}}\n", docs[i])).collect::<String>()).unwrap();
+        let out = dir.path().join(name);
+        prepare(&PrepareOptions::new(vec![input], out.clone(), &Tokenizer::Bytes)).unwrap();
+        PreparedData::open(&out).unwrap()
+    };
+    let all = write("all", &[0, 1, 2, 3, 4]);
+    let some = write("some", &[0, 2, 3]);
+    for seq_len in [3, 4, 7] {
+        let (whole, packed) = (PackedWindows { data: &all, seq_len }, PackedDocs::new(&all, seq_len, (0..5).collect()));
+        assert_eq!(packed.len(), whole.len());
+        for w in 0..whole.len() {
+            assert_eq!(packed.row(w), whole.row(w), "all documents, seq_len {seq_len}, window {w}");
+        }
+        let (alone, chosen) = (PackedWindows { data: &some, seq_len }, PackedDocs::new(&all, seq_len, vec![0, 2, 3]));
+        assert_eq!(chosen.len(), alone.len());
+        assert!(chosen.len() > 1, "seq_len {seq_len}");
+        for w in 0..alone.len() {
+            assert_eq!(chosen.row(w), alone.row(w), "documents 0, 2, 3, seq_len {seq_len}, window {w}");
+        }
+    }
+}

@@ -10,10 +10,12 @@
 //! template's end-of-turn ends (nothing is appended, as in TRL's SFTTrainer). Training reads it through [`PackedWindows`] or [`PaddedDocs`].
 
 mod chat;
+mod packed_docs;
 mod samples;
 mod write;
 
 pub use chat::{ChatTemplate, Rendered};
+pub use packed_docs::PackedDocs;
 pub use samples::{PackedWindows, PaddedDocs};
 pub use write::{prepare, PrepareOptions, PrepareSummary};
 

@@ -19,7 +19,7 @@ use candle_core::{Device, Tensor};
 use ferrospeed::data::{DataError, Dataset, Sampling};
 use ferrospeed::engine::Batch;
 
-fn tensors(indices: &[usize], seq_len: usize, rows: Vec<(Vec<u32>, Vec<u32>, Vec<f32>, Option<Vec<u32>>)>) -> Result<Batch, DataError> {
+pub(super) fn tensors(indices: &[usize], seq_len: usize, rows: Vec<(Vec<u32>, Vec<u32>, Vec<f32>, Option<Vec<u32>>)>) -> Result<Batch, DataError> {
     let err = |e: candle_core::Error| DataError::Sample { index: indices.first().copied().unwrap_or(0), reason: e.to_string() };
     let shape = (rows.len(), seq_len);
     let (mut tok, mut tgt, mut mask, mut pos) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -39,7 +39,7 @@ fn tensors(indices: &[usize], seq_len: usize, rows: Vec<(Vec<u32>, Vec<u32>, Vec
 }
 
 /// Sample `index` alone: its micro-batch of one without the batch dimension.
-fn single(ds: &dyn Dataset, index: usize) -> Result<Batch, DataError> {
+pub(super) fn single(ds: &dyn Dataset, index: usize) -> Result<Batch, DataError> {
     let b = ds.collate(&[index])?;
     let mut one = Batch::new();
     for (name, t) in b.iter() {
@@ -55,7 +55,7 @@ pub struct PackedWindows<'a> {
     pub seq_len: usize,
 }
 
-type Row = (Vec<u32>, Vec<u32>, Vec<f32>, Option<Vec<u32>>);
+pub(super) type Row = (Vec<u32>, Vec<u32>, Vec<f32>, Option<Vec<u32>>);
 
 impl PackedWindows<'_> {
     /// Window `w`: inputs, targets, loss mask and positions.

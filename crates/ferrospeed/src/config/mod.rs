@@ -104,8 +104,8 @@ pub struct DataConfig {
     pub allow_binary: bool,
     /// Held-out data the run evaluates on (same forms as `path`, same tokenizer).
     pub eval_path: Option<PathBuf>,
-    /// The fraction of `path` held out for evaluation instead (0 = none): prepared data's samples
-    /// (documents, or packed windows) chosen by the seed, or raw text's last tokens.
+    /// The fraction of `path` held out for evaluation instead (0 = none): prepared data's documents
+    /// chosen by the seed (packed apart from the training ones), or raw text's last tokens.
     pub eval_split: f64,
 }
 
