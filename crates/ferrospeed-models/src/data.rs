@@ -32,7 +32,7 @@ pub fn not_text(bytes: &[u8]) -> Option<String> {
     (control * 10 > bytes.len()).then(|| format!("{:.0}% control bytes", 100.0 * control as f64 / bytes.len() as f64))
 }
 
-/// A text corpus as token ids (one per byte unless tokenized with [`TextCorpus::tokenize`]).
+/// A text corpus as token ids (one per byte unless tokenized with [`TextCorpus::load_tokenized`]).
 #[derive(Debug, Clone)]
 pub struct TextCorpus {
     tokens: Vec<u32>,
