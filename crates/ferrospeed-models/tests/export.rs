@@ -59,7 +59,7 @@ fn export_and_load_consolidated_round_trip_bit_exactly() {
     let loaded = run_local_world(3, &CommConfig::default(), |comm| {
         let rank = comm.rank();
         let mut engine = Engine::new(Gpt::new(CFG).model().unwrap(), Arc::new(comm), config(1)).unwrap();
-        checkpoint::load_consolidated(&mut engine, &out, &hf_name).unwrap();
+        checkpoint::load_consolidated(&mut engine, &out, &hf_name, checkpoint::ImportScope::All).unwrap();
         (rank, (0..4).map(|b| (engine.master(b).0, engine.master(b).1.to_vec())).collect::<Vec<_>>())
     })
     .unwrap();

@@ -11,11 +11,18 @@ use ferrospeed::profile::{scoped_as, Kind};
 #[derive(Debug, Clone)]
 pub struct Embedding {
     cfg: LlamaConfig,
+    /// The table is frozen (a LoRA base): the backward has nothing to do.
+    frozen: bool,
 }
 
 impl Embedding {
     pub fn new(cfg: LlamaConfig) -> Self {
-        Self { cfg }
+        Self { cfg, frozen: false }
+    }
+
+    /// The block with its parameters frozen (the base of LoRA adapters).
+    pub fn frozen(cfg: LlamaConfig) -> Self {
+        Self { cfg, frozen: true }
     }
 }
 
@@ -26,7 +33,8 @@ impl Block for Embedding {
 
     fn params(&self) -> Vec<ParamRef> {
         let (v, d) = (self.cfg.vocab_size, self.cfg.d_model);
-        vec![ParamRef::Own(ParamSpec::new("embed_tokens.weight", &[v, d], Init::Normal { std: self.cfg.initializer_range }, true))]
+        let spec = ParamSpec::new("embed_tokens.weight", &[v, d], Init::Normal { std: self.cfg.initializer_range }, true);
+        vec![if self.frozen { ParamRef::Frozen(spec) } else { ParamRef::Own(spec) }]
     }
 
     fn forward(&self, params: &[Tensor], _inputs: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
@@ -41,10 +49,16 @@ impl Block for Embedding {
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
+        if self.frozen {
+            return Ok((vec![None], Vec::new()));
+        }
         ParamGrads::whole(p.len(), |grads| backward_into(saved, p, upstream, grads))
     }
 
     fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
+        if self.frozen {
+            return Ok((WeightGrads::ready(vec![None]), Vec::new()));
+        }
         ParamGrads::split(p.len(), |grads| backward_into(saved, p, upstream, grads))
     }
 }

@@ -14,6 +14,8 @@ use ferrospeed::profile::{scoped_as, Kind};
 #[derive(Debug, Clone)]
 pub struct Head {
     cfg: LlamaConfig,
+    /// Norm and head frozen (a LoRA base): only the input's gradient is computed.
+    frozen: bool,
 }
 
 /// What the head's backward needs.
@@ -26,7 +28,12 @@ struct HeadSaved {
 
 impl Head {
     pub fn new(cfg: LlamaConfig) -> Self {
-        Self { cfg }
+        Self { cfg, frozen: false }
+    }
+
+    /// The block with its parameters frozen (the base of LoRA adapters).
+    pub fn frozen(cfg: LlamaConfig) -> Self {
+        Self { cfg, frozen: true }
     }
 
     /// Logits `[b·t, vocab]` for the hidden states `x [b, t, d]` (composed ops).
@@ -47,10 +54,23 @@ impl Head {
     fn backward_into(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>, grads: &mut ParamGrads) -> Result<Vec<Option<Tensor>>> {
         let Upstream::Loss(scale) = upstream else { candle_core::bail!("the head is the last block: its output is the loss") };
         let s = *saved.downcast::<HeadSaved>().map_err(|_| candle_core::Error::Msg("head backward: foreign saved state".into()))?;
+        if self.frozen {
+            grads.freeze([0, 1]);
+        }
         let d_h = head_backward(s.loss, &p[1], scale, grads, 1)?;
         let (d_x, d_w) = scoped_as(Kind::Elementwise, "rms_norm_backward", || rms_backward(&d_h, &s.x, &p[0], &s.rstd, None))?;
         grads.set(0, d_w);
         Ok(vec![Some(d_x.reshape(s.dims)?)])
+    }
+}
+
+impl Head {
+    fn param(&self, spec: ParamSpec) -> ParamRef {
+        if self.frozen {
+            ParamRef::Frozen(spec)
+        } else {
+            ParamRef::Own(spec)
+        }
     }
 }
 
@@ -64,9 +84,9 @@ impl Block for Head {
         let head = if self.cfg.tie_word_embeddings {
             ParamRef::Tied { block: 0, name: "embed_tokens.weight".into() }
         } else {
-            ParamRef::Own(ParamSpec::new("lm_head.weight", &[v, d], Init::Normal { std: self.cfg.initializer_range }, true))
+            self.param(ParamSpec::new("lm_head.weight", &[v, d], Init::Normal { std: self.cfg.initializer_range }, true))
         };
-        vec![ParamRef::Own(ParamSpec::new("norm.weight", &[d], Init::Ones, false)), head]
+        vec![self.param(ParamSpec::new("norm.weight", &[d], Init::Ones, false)), head]
     }
 
     fn forward(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {

@@ -8,6 +8,7 @@ use super::{LlamaConfig, RopeCache};
 use crate::ops::causal_softmax;
 use crate::ops::docs::Docs;
 use super::layer_fused::row_tables;
+use crate::ops::lora::{self, Adapter, LayerLora, MODULES};
 use crate::ops::rms_norm::rms_norm;
 use crate::ops::rope::rope_composed;
 use candle_core::{Result, Tensor};
@@ -20,6 +21,8 @@ pub struct Layer {
     cfg: LlamaConfig,
     index: usize,
     rope: Arc<RopeCache>,
+    /// LoRA adapters: the base's parameters are then frozen.
+    lora: Option<LayerLora>,
 }
 
 /// Slot positions of the layer's parameters, in `Layer::params` order: the norms and weights, with
@@ -52,11 +55,38 @@ impl Slots {
         let (gate, up, down) = (post_norm + 1, post_norm + 2, post_norm + 3);
         Slots { input_norm: 0, q: 1, k: 2, v: 3, bias: qkv_bias, o, o_bias, post_norm, gate, up, down, mlp_bias: cfg.mlp_bias.then_some(down + 1) }
     }
+
+    /// How many slots the base layer has (the adapters' come after them).
+    pub(crate) fn base_len(&self) -> usize {
+        self.mlp_bias.map_or(self.down + 1, |b| b + 3)
+    }
+}
+
+/// The adapter slots of each of [`MODULES`] (A, then B, for each adapted module in order, after the
+/// base's slots).
+pub(crate) fn adapters(cfg: &LlamaConfig, lora: Option<&LayerLora>) -> [Option<Adapter>; 7] {
+    let mut out = [None; 7];
+    if let Some(l) = lora {
+        let mut at = Slots::of(cfg).base_len();
+        for m in 0..MODULES.len() {
+            if l.targets[m] {
+                out[m] = Some(Adapter { a: at });
+                at += 2;
+            }
+        }
+    }
+    out
+}
+
+/// Each of [`MODULES`]' `(in, out)` features.
+pub(crate) fn module_dims(c: &LlamaConfig) -> [(usize, usize); 7] {
+    let (d, q, kv, f) = (c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.d_ff);
+    [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
 }
 
 impl Layer {
-    pub(crate) fn new(cfg: LlamaConfig, index: usize, rope: Arc<RopeCache>) -> Self {
-        Self { cfg, index, rope }
+    pub(crate) fn new(cfg: LlamaConfig, index: usize, rope: Arc<RopeCache>, lora: Option<LayerLora>) -> Self {
+        Self { cfg, index, rope, lora }
     }
 
     /// The hand-written backward: the input's gradient, the slots' into `grads`.
@@ -64,7 +94,7 @@ impl Layer {
         let g = upstream.grad(0)?;
         let saved = saved.downcast::<LayerSaved>().map_err(|_| candle_core::Error::Msg("layer backward: foreign saved state".into()))?;
         let (cos, sin) = self.rope.get(&self.cfg, saved.seq_len(), g.device())?;
-        Ok(vec![Some(layer_fused::backward(&self.cfg, p, *saved, g, (&cos, &sin), grads)?)])
+        Ok(vec![Some(layer_fused::backward(&self.cfg, p, *saved, g, (&cos, &sin), self.lora.as_ref(), grads)?)])
     }
 }
 
@@ -77,7 +107,15 @@ impl Block for Layer {
         let c = &self.cfg;
         let (d, q, kv, f) = (c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.d_ff);
         let w = Init::Normal { std: c.initializer_range };
-        let p = |name: &str, shape: &[usize], init: Init, decay: bool| ParamRef::Own(ParamSpec::new(name, shape, init, decay));
+        // With LoRA the base is frozen.
+        let p = |name: &str, shape: &[usize], init: Init, decay: bool| {
+            let spec = ParamSpec::new(name, shape, init, decay);
+            if self.lora.is_some() {
+                ParamRef::Frozen(spec)
+            } else {
+                ParamRef::Own(spec)
+            }
+        };
         let mut params = vec![
             p("input_layernorm.weight", &[d], Init::Ones, false),
             p("self_attn.q_proj.weight", &[q, d], w, true),
@@ -104,6 +142,15 @@ impl Block for Layer {
             params.push(p("mlp.up_proj.bias", &[f], Init::Zeros, false));
             params.push(p("mlp.down_proj.bias", &[d], Init::Zeros, false));
         }
+        if let Some(l) = &self.lora {
+            // PEFT's initialisation: A Kaiming-uniform (a = √5: U(±1/√in)), B zero.
+            for (m, (inp, out)) in module_dims(c).into_iter().enumerate().filter(|&(m, _)| l.targets[m]) {
+                let bound = 1.0 / (inp as f64).sqrt();
+                let spec = |w: &str, shape: &[usize], init| ParamRef::Own(ParamSpec::new(&format!("{}.{w}.weight", MODULES[m]), shape, init, true));
+                params.push(spec("lora_A", &[l.shape.r, inp], Init::Uniform { lo: -bound, hi: bound }));
+                params.push(spec("lora_B", &[out, l.shape.r], Init::Zeros));
+            }
+        }
         params
     }
 
@@ -114,13 +161,13 @@ impl Block for Layer {
             return Ok(vec![self.forward_composed(p, x, docs.as_ref())?]);
         }
         let (cos, sin) = self.rope.get(&self.cfg, x.dim(1)?, x.device())?;
-        Ok(vec![layer_fused::forward(&self.cfg, p, x, (&cos, &sin), docs.as_ref(), false)?.0])
+        Ok(vec![layer_fused::forward(&self.cfg, p, x, (&cos, &sin), docs.as_ref(), self.lora.as_ref(), false)?.0])
     }
 
     fn forward_saving(&self, p: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
         let x = input(x)?;
         let (cos, sin) = self.rope.get(&self.cfg, x.dim(1)?, x.device())?;
-        let (y, saved) = layer_fused::forward(&self.cfg, p, x, (&cos, &sin), Docs::of(batch)?.as_ref(), true)?;
+        let (y, saved) = layer_fused::forward(&self.cfg, p, x, (&cos, &sin), Docs::of(batch)?.as_ref(), self.lora.as_ref(), true)?;
         let saved = saved.ok_or_else(|| candle_core::Error::Msg("layer forward kept nothing".into()))?;
         Ok(Some((vec![y], Box::new(saved))))
     }
@@ -136,8 +183,12 @@ impl Block for Layer {
     fn forward_flops_per_token(&self) -> f64 {
         let c = &self.cfg;
         let (d, q, w, f, t) = (c.d_model as f64, (c.n_head * c.head_dim) as f64, c.qkv_width() as f64, c.d_ff as f64, c.seq_len as f64);
+        // The adapters: x·Aᵀ and u·Bᵀ for each adapted module.
+        let adapters: f64 = self.lora.map_or(0.0, |l| {
+            module_dims(c).iter().zip(l.targets).filter(|(_, on)| *on).map(|((i, o), _)| 2.0 * (l.shape.r * (i + o)) as f64).sum()
+        });
         // Projections (q, k, v, o) and the MLP (gate, up, down), plus scores and weighted values.
-        2.0 * (d * w + q * d + 3.0 * d * f) + 2.0 * 2.0 * t * q
+        2.0 * (d * w + q * d + 3.0 * d * f) + 2.0 * 2.0 * t * q + adapters
     }
 }
 
@@ -172,12 +223,22 @@ impl Layer {
             None => (cos, sin),
         };
         let x = x.reshape((b * t, d))?;
+        let ad = adapters(c, self.lora.as_ref());
+        let scale = self.lora.map_or(0.0, |l| l.shape.scale());
+        // A linear with its adapter, if any: base (and bias) first, then the update, as PEFT adds it.
+        let adapted = |m: usize, x: &Tensor, w: &Tensor, bias: Option<&Tensor>| -> Result<Tensor> {
+            let y = linear(x, w, bias)?;
+            match ad[m] {
+                Some(a) => y + lora::composed(x, &p[a.a], &p[a.a + 1], scale)?,
+                None => Ok(y),
+            }
+        };
         let h = rms_norm(&x, &p[s.input_norm], c.rms_norm_eps)?;
         let bias = |i: usize| s.bias.map(|b0| &p[b0 + i]);
-        let heads = |w: &Tensor, bias: Option<&Tensor>, n: usize| -> Result<Tensor> { linear(&h, w, bias)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
-        let q = rope_composed(&heads(&p[s.q], bias(0), nh)?, &cos, &sin)?;
-        let k = rope_composed(&heads(&p[s.k], bias(1), nkv)?, &cos, &sin)?;
-        let v = heads(&p[s.v], bias(2), nkv)?;
+        let heads = |m: usize, w: &Tensor, bias: Option<&Tensor>, n: usize| -> Result<Tensor> { adapted(m, &h, w, bias)?.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
+        let q = rope_composed(&heads(0, &p[s.q], bias(0), nh)?, &cos, &sin)?;
+        let k = rope_composed(&heads(1, &p[s.k], bias(1), nkv)?, &cos, &sin)?;
+        let v = heads(2, &p[s.v], bias(2), nkv)?;
         let repeat = |m: Tensor| -> Result<Tensor> {
             if nh == nkv {
                 return Ok(m);
@@ -191,10 +252,10 @@ impl Layer {
         }
         let y = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?.matmul(&v)?;
         let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
-        let x = (x + linear(&y, &p[s.o], s.o_bias.map(|i| &p[i]))?)?;
+        let x = (x + adapted(3, &y, &p[s.o], s.o_bias.map(|i| &p[i]))?)?;
         let h = rms_norm(&x, &p[s.post_norm], c.rms_norm_eps)?;
         let mlp_bias = |i: usize| s.mlp_bias.map(|b0| &p[b0 + i]);
-        let act = (linear(&h, &p[s.gate], mlp_bias(0))?.silu()? * linear(&h, &p[s.up], mlp_bias(1))?)?;
-        (x + linear(&act, &p[s.down], mlp_bias(2))?)?.reshape((b, t, d))
+        let act = (adapted(4, &h, &p[s.gate], mlp_bias(0))?.silu()? * adapted(5, &h, &p[s.up], mlp_bias(1))?)?;
+        (x + adapted(6, &act, &p[s.down], mlp_bias(2))?)?.reshape((b, t, d))
     }
 }

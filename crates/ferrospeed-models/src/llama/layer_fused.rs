@@ -5,8 +5,9 @@
 //! config has them) are added by the fused bias kernels and their gradients are column sums. Ops are
 //! marked with their kind of work (`ferrospeed::profile`) for the GPU step breakdown.
 
-use super::layer::Slots;
+use super::layer::{adapters, Slots};
 use super::LlamaConfig;
+use crate::ops::lora::{self, Adapter, LayerLora, Part};
 use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
 use crate::ops::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
 use crate::ops::docs::Docs;
@@ -38,6 +39,36 @@ pub struct LayerSaved {
     dims: (usize, usize),
     /// The documents of a packed batch.
     docs: Option<Docs>,
+    /// LoRA's `u = x·Aᵀ` of each adapted part, per projection (q/k/v, o, gate/up, down).
+    lora: [Vec<Option<Tensor>>; 4],
+}
+
+/// The adapted parts of a layer's four projections (q/k/v, o, gate/up, down), with their widths.
+fn lora_parts(c: &LlamaConfig, ad: &[Option<Adapter>; 7]) -> [Vec<Part>; 4] {
+    let (d, q, kv, f) = (c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.d_ff);
+    [vec![(ad[0], q), (ad[1], kv), (ad[2], kv)], vec![(ad[3], d)], vec![(ad[4], f), (ad[5], f)], vec![(ad[6], d)]]
+}
+
+/// Add LoRA's update of projection `k` of `x` to its output `y` (keeping each part's `u` in `kept`).
+fn add_lora(y: Tensor, x: &Tensor, p: &[Tensor], parts: &[Part], scale: f64, kept: &mut Vec<Option<Tensor>>) -> Result<Tensor> {
+    match lora::delta(x, p, parts, scale)? {
+        Some((d, us)) => {
+            *kept = us;
+            y + d
+        }
+        None => Ok(y),
+    }
+}
+
+/// The input gradient of a projection: the base's, plus LoRA's where the projection is adapted.
+fn with_lora(base: Tensor, grads: &mut ParamGrads, p: &[Tensor], parts: &[Part], us: &[Option<Tensor>], g: &Tensor, x: &Tensor, scale: f64) -> Result<Tensor> {
+    if us.is_empty() {
+        return Ok(base);
+    }
+    match lora::backward(grads, p, parts, us, g, x, scale)? {
+        Some(extra) => base + extra,
+        None => Ok(base),
+    }
 }
 
 impl LayerSaved {
@@ -74,8 +105,12 @@ pub(crate) fn row_tables(rope: (&Tensor, &Tensor), docs: Option<&Docs>, b: usize
 
 /// The layer on `x` `[b, t, d]`; parameters in slot order (see `Layer::params`). With `docs` (a packed
 /// batch) positions restart and attention stays inside each document.
-pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tensor), docs: Option<&Docs>, save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
+#[allow(clippy::too_many_arguments)]
+pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tensor), docs: Option<&Docs>, lora: Option<&LayerLora>, save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
     let s = Slots::of(c);
+    let parts = lora_parts(c, &adapters(c, lora));
+    let scale = lora.map_or(0.0, |l| l.shape.scale());
+    let mut kept: [Vec<Option<Tensor>>; 4] = Default::default();
     let (b, t, d) = x.dims3()?;
     let (n, nh, nkv, hd) = (b * t, c.n_head, c.n_kv_head, c.head_dim);
     let x = x.reshape((n, d))?;
@@ -89,6 +124,7 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
         let bias = stack(&[&p[b0], &p[b0 + 1], &p[b0 + 2]])?;
         qkv = scoped_as(ew, "bias_add", || bias_add(&qkv, &bias))?;
     }
+    let qkv = add_lora(qkv, &norm1.y, p, &parts[0], scale, &mut kept[0])?;
     let (cos, sin, period) = row_tables(rope, docs, b, t)?;
     let qkv = scoped_as(ew, "rope", || rope_qkv(&qkv, &cos, &sin, period, nh, nkv, false))?;
     let (attn, y) = if fused_attention_available(&qkv, hd) {
@@ -97,7 +133,7 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
     } else {
         composed_attention(&qkv, b, t, nh, nkv, hd, docs)?
     };
-    let proj = matmul(&y, &p[s.o].t()?)?;
+    let proj = add_lora(matmul(&y, &p[s.o].t()?)?, &y, p, &parts[1], scale, &mut kept[1])?;
     let x2 = match s.o_bias {
         Some(i) => scoped_as(ew, "bias_residual", || bias_residual(&x, &proj, &p[i]))?,
         None => (&x + proj)?,
@@ -111,14 +147,15 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
         let bias = stack(&[&p[b0], &p[b0 + 1]])?;
         gu = scoped_as(ew, "bias_add", || bias_add(&gu, &bias))?;
     }
+    let gu = add_lora(gu, &norm2.y, p, &parts[2], scale, &mut kept[2])?;
     let act = scoped_as(ew, "swiglu", || swiglu(&gu))?;
-    let down = matmul(&act, &p[s.down].t()?)?;
+    let down = add_lora(matmul(&act, &p[s.down].t()?)?, &act, p, &parts[3], scale, &mut kept[3])?;
     let out = match s.mlp_bias {
         Some(b0) => scoped_as(ew, "bias_residual", || bias_residual(&x2, &down, &p[b0 + 2]))?,
         None => (&x2 + down)?,
     }
     .reshape((b, t, d))?;
-    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1: norm1.y, attn, y, x2, rstd2: norm2.rstd, h2: norm2.y, gu, act, dims: (b, t), docs: docs.cloned() });
+    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1: norm1.y, attn, y, x2, rstd2: norm2.rstd, h2: norm2.y, gu, act, dims: (b, t), docs: docs.cloned(), lora: kept });
     Ok((out, saved))
 }
 
@@ -144,8 +181,14 @@ fn composed_attention(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, h
 /// The gradient of the input for the output gradient `g` `[b, t, d]`; the parameter slots' gradients go
 /// to `grads` (the weight matmuls and bias sums as work: at once for the whole backward, later for a
 /// split one).
-pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope: (&Tensor, &Tensor), grads: &mut ParamGrads) -> Result<Tensor> {
+/// With LoRA the base's slots are frozen: only the adapters' gradients are computed.
+pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope: (&Tensor, &Tensor), lora: Option<&LayerLora>, grads: &mut ParamGrads) -> Result<Tensor> {
     let s = Slots::of(c);
+    let parts = lora_parts(c, &adapters(c, lora));
+    let scale = lora.map_or(0.0, |l| l.shape.scale());
+    if lora.is_some() {
+        grads.freeze(0..s.base_len());
+    }
     let (b, t) = sv.dims;
     let (n, d, nh, nkv, hd, f) = (b * t, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff);
     let g = g.reshape((n, d))?;
@@ -157,7 +200,7 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     if let Some(b0) = s.mlp_bias {
         put_col_sum(grads, vec![(b0 + 2, d)], &g)?;
     }
-    let d_act = matmul(&g, &p[s.down])?;
+    let d_act = with_lora(matmul(&g, &p[s.down])?, grads, p, &parts[3], &sv.lora[3], &g, &sv.act, scale)?;
     let d_gu = scoped_as(ew, "swiglu_backward", || swiglu_backward(&sv.gu, &d_act))?;
     drop(d_act);
     if let Some(b0) = s.mlp_bias {
@@ -165,7 +208,7 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     }
     put_matmul_tn(grads, vec![(s.gate, f), (s.up, f)], &d_gu, &sv.h2)?;
     let w_gu = stack(&[&p[s.gate], &p[s.up]])?;
-    let d_h2 = matmul(&d_gu, &w_gu)?;
+    let d_h2 = with_lora(matmul(&d_gu, &w_gu)?, grads, p, &parts[2], &sv.lora[2], &d_gu, &sv.h2, scale)?;
     drop((d_gu, w_gu));
     let (d_x2, d_post) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h2, &sv.x2, &p[s.post_norm], &sv.rstd2, Some(&g)))?;
     grads.set(s.post_norm, d_post);
@@ -175,7 +218,7 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     if let Some(i) = s.o_bias {
         put_col_sum(grads, vec![(i, d)], &d_x2)?;
     }
-    let d_y = matmul(&d_x2, &p[s.o])?;
+    let d_y = with_lora(matmul(&d_x2, &p[s.o])?, grads, p, &parts[1], &sv.lora[1], &d_x2, &sv.y, scale)?;
     let d_qkv = match sv.attn {
         AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &sv.y, &lse, &d_y, b, t, nh, nkv, sv.docs.as_ref().map(Docs::starts)))?,
         AttnSaved::Composed { q, k, v, p: probs } => {
@@ -200,7 +243,7 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     }
     put_matmul_tn(grads, vec![(s.q, q_w), (s.k, kv_w), (s.v, kv_w)], &d_qkv, &sv.h1)?;
     let w_qkv = stack(&[&p[s.q], &p[s.k], &p[s.v]])?;
-    let d_h1 = matmul(&d_qkv, &w_qkv)?;
+    let d_h1 = with_lora(matmul(&d_qkv, &w_qkv)?, grads, p, &parts[0], &sv.lora[0], &d_qkv, &sv.h1, scale)?;
     let (d_x, d_in) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h1, &sv.x, &p[s.input_norm], &sv.rstd1, Some(&d_x2)))?;
     grads.set(s.input_norm, d_in);
     d_x.reshape((b, t, d))

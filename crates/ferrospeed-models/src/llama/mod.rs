@@ -17,6 +17,7 @@ pub use head::Head;
 pub use layer::Layer;
 pub use names::{hf_name, HF_NAMES};
 
+use crate::ops::lora::{LayerLora, LoraShape};
 use crate::ops::rope::{inv_freq, tables, Llama3Scaling};
 use candle_core::{Device, Result, Tensor};
 use ferrospeed::engine::{Block, EngineError, Model};
@@ -109,25 +110,51 @@ impl RopeCache {
     }
 }
 
+/// LoRA adapters on a Llama model: their rank and scale, and which modules of each layer they adapt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaLora {
+    /// Rank and scale.
+    pub shape: LoraShape,
+    /// For each layer, one flag per [`crate::ops::lora::MODULES`] entry.
+    pub targets: Vec<[bool; 7]>,
+}
+
 /// A Llama model's blocks (stateless: parameters come from the engine).
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub cfg: LlamaConfig,
     rope: Arc<RopeCache>,
+    /// LoRA adapters: every parameter of the base is then frozen.
+    lora: Option<LlamaLora>,
 }
 
 impl Llama {
     pub fn new(cfg: LlamaConfig) -> Self {
-        Self { cfg, rope: Arc::default() }
+        Self { cfg, rope: Arc::default(), lora: None }
+    }
+
+    /// The model with LoRA adapters (`lora.targets` has one entry per layer); the base is frozen.
+    pub fn with_lora(cfg: LlamaConfig, lora: LlamaLora) -> std::result::Result<Self, EngineError> {
+        if lora.targets.len() != cfg.n_layer || lora.shape.r == 0 {
+            return Err(EngineError::Model(format!("LoRA of rank {} over {} layers for a model of {}", lora.shape.r, lora.targets.len(), cfg.n_layer)));
+        }
+        Ok(Self { cfg, rope: Arc::default(), lora: Some(lora) })
+    }
+
+    /// The adapters, if any.
+    pub fn lora(&self) -> Option<&LlamaLora> {
+        self.lora.as_ref()
     }
 
     /// The blocks in order: embedding, `n_layer` layers, head.
     pub fn blocks(&self) -> Vec<Box<dyn Block>> {
-        let mut blocks: Vec<Box<dyn Block>> = vec![Box::new(Embedding::new(self.cfg))];
+        let frozen = self.lora.is_some();
+        let mut blocks: Vec<Box<dyn Block>> = vec![Box::new(if frozen { Embedding::frozen(self.cfg) } else { Embedding::new(self.cfg) })];
         for l in 0..self.cfg.n_layer {
-            blocks.push(Box::new(Layer::new(self.cfg, l, self.rope.clone())));
+            let lora = self.lora.as_ref().map(|a| LayerLora { shape: a.shape, targets: a.targets[l] });
+            blocks.push(Box::new(Layer::new(self.cfg, l, self.rope.clone(), lora)));
         }
-        blocks.push(Box::new(Head::new(self.cfg)));
+        blocks.push(Box::new(if frozen { Head::frozen(self.cfg) } else { Head::new(self.cfg) }));
         blocks
     }
 

@@ -18,6 +18,7 @@ mod fused_cuda;
 #[cfg(feature = "cuda")]
 mod llama_cuda;
 pub mod lm_head;
+pub mod lora;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;

@@ -5,11 +5,26 @@
 //! differentiated by autograd (what a caller differentiating `forward` gets).
 
 use candle_core::{DType, Device, Tensor, Var};
-use ferrospeed::engine::{blockwise, Batch, Init, Model};
+use ferrospeed::engine::{blockwise, Batch, Init, Model, ParamSpec, SlotSource};
 use ferrospeed::rng::Rng;
 
-/// Values of every parameter, per block, per own parameter, flattened.
+/// Values of every parameter, per block, per own parameter (the trainable ones, then the frozen
+/// ones), flattened.
 pub type Owned = Vec<Vec<Vec<f64>>>;
+
+/// Block `i`'s parameters in [`Owned`] order: trainable, then frozen.
+pub fn specs(model: &Model, i: usize) -> Vec<&ParamSpec> {
+    model.own_params(i).iter().chain(model.frozen_params(i)).collect()
+}
+
+/// A slot's index in its owner's [`Owned`] entry.
+pub fn at(model: &Model, src: SlotSource) -> usize {
+    if src.frozen {
+        model.own_params(src.block).len() + src.index
+    } else {
+        src.index
+    }
+}
 
 /// Random f64 values for every parameter each block owns (not the GPT init: larger, so every path
 /// matters): norms' weights about 1, the rest about 0, both with a spread of 0.3.
@@ -17,9 +32,8 @@ pub fn random_params(model: &Model) -> Owned {
     let mut rng = Rng::new(42);
     (0..model.num_blocks())
         .map(|i| {
-            model
-                .own_params(i)
-                .iter()
+            specs(model, i)
+                .into_iter()
                 .map(|s| {
                     let base = if s.init == Init::Ones { 1.0 } else { 0.0 };
                     (0..s.numel()).map(|_| base + 0.3 * rng.normal()).collect()
@@ -32,7 +46,7 @@ pub fn random_params(model: &Model) -> Owned {
 /// The owned values as variables (autograd tracks what is computed from them).
 pub fn vars(model: &Model, owned: &Owned) -> Vec<Vec<Var>> {
     (0..model.num_blocks())
-        .map(|i| model.own_params(i).iter().zip(&owned[i]).map(|(s, v)| Var::from_slice(v, s.shape.as_slice(), &Device::Cpu).unwrap()).collect())
+        .map(|i| specs(model, i).into_iter().zip(&owned[i]).map(|(s, v)| Var::from_slice(v, s.shape.as_slice(), &Device::Cpu).unwrap()).collect())
         .collect()
 }
 
@@ -43,12 +57,10 @@ pub fn slots(model: &Model, owned: &Owned, vars: Option<&[Vec<Var>]>) -> Vec<Vec
             model
                 .slots(i)
                 .iter()
-                .map(|src| match vars {
-                    Some(v) => v[src.block][src.index].as_tensor().clone(),
-                    None => {
-                        let spec = &model.own_params(src.block)[src.index];
-                        Tensor::from_slice(&owned[src.block][src.index], spec.shape.as_slice(), &Device::Cpu).unwrap()
-                    }
+                .map(|&src| match vars {
+                    // A frozen parameter is a plain tensor, as the engine hands it over.
+                    Some(v) if !src.frozen => v[src.block][at(model, src)].as_tensor().clone(),
+                    _ => Tensor::from_slice(&owned[src.block][at(model, src)], model.spec(src).shape.as_slice(), &Device::Cpu).unwrap(),
                 })
                 .collect()
         })
@@ -72,10 +84,11 @@ pub fn analytic(model: &Model, owned: &Owned, batch: &Batch, checkpointing: bool
     let mut grads: Owned = owned.iter().map(|b| b.iter().map(|p| vec![0.0; p.len()]).collect()).collect();
     let tape = blockwise::forward(model, &mut &params[..], batch, checkpointing).unwrap();
     blockwise::backward(model, &mut &params[..], batch, tape, 1.0, |i, slot_grads| {
-        for (src, g) in model.slots(i).iter().zip(slot_grads) {
+        for (&src, g) in model.slots(i).iter().zip(slot_grads) {
             if let Some(g) = g {
+                assert!(!src.frozen, "block {}: a gradient computed for a frozen parameter", model.block(i).name());
                 let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
-                grads[src.block][src.index].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+                grads[src.block][at(model, src)].iter_mut().zip(g).for_each(|(a, b)| *a += b);
             }
         }
         Ok(())

@@ -87,6 +87,8 @@ pub struct PrepareOptions {
     pub groups: ParamGroups,
     /// The parameters' outside names.
     pub names: ParamNames,
+    /// What `model.init_from` fills: every parameter, or the frozen ones alone (the base of an adapter).
+    pub init_from: checkpoint::ImportScope,
 }
 
 /// Choices of [`Accelerator::new`].
@@ -285,7 +287,7 @@ impl Accelerator {
             let t0 = std::time::Instant::now();
             let measured = crate::track::reset_peak_rss();
             let rss_before = crate::track::rss_bytes();
-            let stats = checkpoint::load_consolidated(&mut engine, path, &options.names.map)
+            let stats = checkpoint::load_consolidated(&mut engine, path, &options.names.map, options.init_from)
                 .map_err(|source| AccelError::InitFrom { path: path.clone(), source })?;
             let host_growth_bytes = measured.then(|| crate::track::peak_rss_bytes().saturating_sub(rss_before));
             self.import = Some(ImportReport { seconds: t0.elapsed().as_secs_f64(), stats, host_growth_bytes });

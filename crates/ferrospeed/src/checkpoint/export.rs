@@ -176,34 +176,53 @@ pub struct ImportStats {
     pub largest_block_bytes: usize,
 }
 
-/// Initialise `engine`'s master weights from weight files (moments zero, step 0): one safetensors
+/// Initialise `engine`'s parameters (those `scope` names) from weight files (moments zero, step 0): one safetensors
 /// file, or a directory as transformers writes it (`model.safetensors` or a sharded index), in F32,
 /// BF16 or F16. Every rank calls this and reads only its window of each parameter, block by block
 /// (on a GPU each block goes to the device before the next is read).
-pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>) -> Result<ImportStats, CheckpointError> {
+pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>, scope: ImportScope) -> Result<ImportStats, CheckpointError> {
     let mut files = WeightFiles::open(path)?;
     let mut stats = ImportStats::default();
-    engine.overwrite_blocks(0, None, |w| -> Result<(), CheckpointError> {
-        stats.largest_block_bytes = stats.largest_block_bytes.max(w.master.len() * 4 * (1 + w.state.len()));
-        for (j, part) in w.flat.params_in(w.window.clone()) {
-            let spec = &w.flat.specs()[j];
-            let name = name_of(w.block, &spec.name);
-            let info = files.info(&name).ok_or_else(|| CheckpointError::Mismatch {
-                path: path.to_path_buf(),
-                reason: format!("it has no tensor {name} (parameter {}.{})", w.block, spec.name),
-            })?;
-            if info.shape != spec.shape {
-                return Err(CheckpointError::Mismatch {
-                    path: path.to_path_buf(),
-                    reason: format!("{name} has shape {:?} in the file but {:?} in this model", info.shape, spec.shape),
-                });
-            }
-            stats.bytes_read += (part.len() * info.dtype.size()) as u64;
-            let start = w.flat.range(j).start;
-            let dst = &mut w.master[part.start - w.window.start..part.end - w.window.start];
-            files.read_f32(&name, part.start - start..part.end - start, dst)?;
-        }
-        Ok(())
-    })?;
+    if scope == ImportScope::All {
+        engine.overwrite_blocks(0, None, |w| -> Result<(), CheckpointError> {
+            stats.largest_block_bytes = stats.largest_block_bytes.max(w.master.len() * 4 * (1 + w.state.len()));
+            read_window(&mut files, path, name_of, w.block, w.flat, w.window, w.master, &mut stats)
+        })?;
+    }
+    engine.overwrite_frozen(|w| read_window(&mut files, path, name_of, w.block, w.flat, w.window, w.values, &mut stats))?;
     Ok(stats)
+}
+
+/// Which parameters an import fills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ImportScope {
+    /// Every parameter, trainable and frozen (a model's weights).
+    #[default]
+    All,
+    /// The frozen ones alone (the base of an adapter, whose own tensors the file does not hold): the
+    /// trainable ones keep their initial values.
+    Frozen,
+}
+
+/// Read `window` of a block's flat buffer (`flat`) from the weight files into `dst`, parameter by parameter.
+#[allow(clippy::too_many_arguments)]
+fn read_window(files: &mut WeightFiles, path: &Path, name_of: NameMap<'_>, block: &str, flat: &crate::shard::FlatParam, window: std::ops::Range<usize>, dst: &mut [f32], stats: &mut ImportStats) -> Result<(), CheckpointError> {
+    for (j, part) in flat.params_in(window.clone()) {
+        let spec = &flat.specs()[j];
+        let name = name_of(block, &spec.name);
+        let info = files.info(&name).ok_or_else(|| CheckpointError::Mismatch {
+            path: path.to_path_buf(),
+            reason: format!("it has no tensor {name} (parameter {block}.{})", spec.name),
+        })?;
+        if info.shape != spec.shape {
+            return Err(CheckpointError::Mismatch {
+                path: path.to_path_buf(),
+                reason: format!("{name} has shape {:?} in the file but {:?} in this model", info.shape, spec.shape),
+            });
+        }
+        stats.bytes_read += (part.len() * info.dtype.size()) as u64;
+        let start = flat.range(j).start;
+        files.read_f32(&name, part.start - start..part.end - start, &mut dst[part.start - window.start..part.end - window.start])?;
+    }
+    Ok(())
 }

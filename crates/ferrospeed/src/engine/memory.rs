@@ -6,6 +6,9 @@
 pub struct MemoryReport {
     /// Compute-dtype parameters: whole blocks (stages 0–2) or this rank's shards (stage 3).
     pub params: usize,
+    /// Frozen parameters (a LoRA base) in the compute dtype: whole blocks (stages 0–2) or this
+    /// rank's shards (stage 3). They have no gradients, master weights or optimizer state.
+    pub frozen: usize,
     /// Reduced fp32 gradients kept between steps: whole (stages 0–1) or this rank's shards (2–3).
     pub grads: usize,
     /// fp32 master weights on the device tier (where blocks compute).
@@ -23,9 +26,9 @@ pub struct MemoryReport {
 }
 
 impl MemoryReport {
-    /// Bytes held between steps where blocks compute: parameters, gradients, master weights and
-    /// optimizer state (offloaded state and `gathered_peak` excluded).
+    /// Bytes held between steps where blocks compute: parameters (frozen ones too), gradients,
+    /// master weights and optimizer state (offloaded state and `gathered_peak` excluded).
     pub fn persistent(&self) -> usize {
-        self.params + self.grads + self.master + self.moments
+        self.params + self.frozen + self.grads + self.master + self.moments
     }
 }

@@ -27,6 +27,8 @@ mod sources;
 #[path = "step/trainer.rs"]
 mod trainer;
 
+#[path = "state/frozen.rs"]
+mod frozen;
 #[path = "state/grads.rs"]
 mod grads;
 #[path = "state/host_buf.rs"]
@@ -83,5 +85,5 @@ pub use model::{Model, SlotSource, StageModel};
 pub use pipeline::{cut_for_stage, PipelineStage, StageCut};
 pub use offload::nvme::DiskTraffic;
 pub use offload::OffloadSettings;
-pub use state::{CheckpointPlan, WindowMut, WindowRef};
+pub use state::{CheckpointPlan, FrozenMut, WindowMut, WindowRef};
 pub use trainer::{Engine, EngineConfig, StepStats, StepTimes};

@@ -3,13 +3,15 @@
 use super::block::{Block, ParamRef, ParamSpec};
 use super::error::EngineError;
 
-/// Where a block's parameter slot lives: in `block`'s own parameters, at `index`.
+/// Where a block's parameter slot lives: in `block`'s own parameters (or its frozen ones), at `index`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotSource {
     /// Index of the block that owns the parameter.
     pub block: usize,
-    /// Index of the parameter among that block's own parameters.
+    /// Index of the parameter among that block's own (trainable) parameters, or its frozen ones.
     pub index: usize,
+    /// The parameter is frozen ([`ParamRef::Frozen`]): no gradient, no optimizer state.
+    pub frozen: bool,
 }
 
 /// What a pipeline rank holds of a model (see [`Model::cut`]).
@@ -29,6 +31,8 @@ pub struct Model {
     blocks: Vec<Box<dyn Block>>,
     /// Parameters each block owns, in declaration order.
     own: Vec<Vec<ParamSpec>>,
+    /// Frozen parameters each block owns, in declaration order.
+    frozen: Vec<Vec<ParamSpec>>,
     /// For each block, where each of its slots comes from.
     slots: Vec<Vec<SlotSource>>,
     names: Vec<String>,
@@ -39,39 +43,45 @@ impl Model {
     /// owner's gradient is complete once the backward pass (which runs in reverse) reaches the owner.
     pub fn new(blocks: Vec<Box<dyn Block>>) -> Result<Self, EngineError> {
         let mut own = Vec::with_capacity(blocks.len());
+        let mut frozen = Vec::with_capacity(blocks.len());
         let mut slots = Vec::with_capacity(blocks.len());
         for (i, block) in blocks.iter().enumerate() {
-            let mut mine = Vec::new();
+            let mut mine: Vec<ParamSpec> = Vec::new();
+            let mut cold: Vec<ParamSpec> = Vec::new();
             let mut sources = Vec::new();
             for slot in block.params() {
-                match slot {
-                    ParamRef::Own(spec) => {
-                        if mine.iter().any(|s: &ParamSpec| s.name == spec.name) {
-                            return Err(EngineError::DuplicateParam { block: block.name(), name: spec.name });
-                        }
-                        sources.push(SlotSource { block: i, index: mine.len() });
-                        mine.push(spec);
-                    }
+                let (spec, is_frozen) = match slot {
+                    ParamRef::Own(spec) => (spec, false),
+                    ParamRef::Frozen(spec) => (spec, true),
                     ParamRef::Tied { block: owner, name } => {
-                        let found = (owner < i)
-                            .then(|| own.get(owner))
-                            .flatten()
-                            .and_then(|specs: &Vec<ParamSpec>| specs.iter().position(|s| s.name == name));
-                        let Some(index) = found else {
+                        let find = |specs: Option<&Vec<ParamSpec>>| specs.and_then(|s| s.iter().position(|s| s.name == name));
+                        let found = (owner < i).then(|| match find(own.get(owner)) {
+                            Some(index) => Some(SlotSource { block: owner, index, frozen: false }),
+                            None => find(frozen.get(owner)).map(|index| SlotSource { block: owner, index, frozen: true }),
+                        });
+                        let Some(source) = found.flatten() else {
                             return Err(EngineError::BadTie { block: block.name(), owner, name });
                         };
-                        sources.push(SlotSource { block: owner, index });
+                        sources.push(source);
+                        continue;
                     }
+                };
+                if mine.iter().chain(&cold).any(|s| s.name == spec.name) {
+                    return Err(EngineError::DuplicateParam { block: block.name(), name: spec.name });
                 }
+                let list = if is_frozen { &mut cold } else { &mut mine };
+                sources.push(SlotSource { block: i, index: list.len(), frozen: is_frozen });
+                list.push(spec);
             }
             own.push(mine);
+            frozen.push(cold);
             slots.push(sources);
         }
         let names: Vec<String> = blocks.iter().map(|b| b.name()).collect();
         if let Some(dup) = names.iter().enumerate().find(|(i, n)| names[..*i].contains(n)) {
             return Err(EngineError::Model(format!("two blocks are named {}", dup.1)));
         }
-        Ok(Self { blocks, own, slots, names })
+        Ok(Self { blocks, own, frozen, slots, names })
     }
 
     /// Number of blocks.
@@ -94,12 +104,36 @@ impl Model {
         &self.own[i]
     }
 
+    /// Frozen parameters block `i` owns ([`ParamRef::Frozen`]).
+    pub fn frozen_params(&self, i: usize) -> &[ParamSpec] {
+        &self.frozen[i]
+    }
+
+    /// The spec of the parameter a slot names.
+    pub fn spec(&self, slot: SlotSource) -> &ParamSpec {
+        if slot.frozen {
+            &self.frozen[slot.block][slot.index]
+        } else {
+            &self.own[slot.block][slot.index]
+        }
+    }
+
+    /// Whether any block has frozen parameters.
+    pub fn has_frozen(&self) -> bool {
+        self.frozen.iter().any(|f| !f.is_empty())
+    }
+
+    /// Number of frozen parameters.
+    pub fn num_frozen_params(&self) -> usize {
+        self.frozen.iter().flatten().map(ParamSpec::numel).sum()
+    }
+
     /// Where each slot of block `i` comes from.
     pub fn slots(&self, i: usize) -> &[SlotSource] {
         &self.slots[i]
     }
 
-    /// Total number of parameters (tied ones counted once).
+    /// Total number of trainable parameters (tied ones counted once).
     pub fn num_params(&self) -> usize {
         self.own.iter().flatten().map(ParamSpec::numel).sum()
     }
@@ -122,15 +156,16 @@ impl Model {
         let original: Vec<usize> = ghosts.iter().copied().chain(chunks.iter().flat_map(|c| c.clone())).collect();
         let new_index = |b: usize| original.iter().position(|&o| o == b);
         let mut taken: Vec<Option<Box<dyn Block>>> = self.blocks.into_iter().map(Some).collect();
-        let mut out = Model { blocks: Vec::new(), own: Vec::new(), slots: Vec::new(), names: Vec::new() };
+        let mut out = Model { blocks: Vec::new(), own: Vec::new(), frozen: Vec::new(), slots: Vec::new(), names: Vec::new() };
         for &o in &original {
             out.blocks.push(taken[o].take().ok_or_else(|| EngineError::Model(format!("block {o} taken twice")))?);
             out.own.push(self.own[o].clone());
+            out.frozen.push(self.frozen[o].clone());
             out.names.push(self.names[o].clone());
             // A ghost never runs: its own parameters are all it keeps (its tied slots may point
             // at blocks this rank does not hold).
             let ghost = !held(o);
-            let slots = self.slots[o].iter().filter(|s| !ghost || s.block == o).map(|s| new_index(s.block).map(|block| SlotSource { block, index: s.index }));
+            let slots = self.slots[o].iter().filter(|s| !ghost || s.block == o).map(|s| new_index(s.block).map(|block| SlotSource { block, ..*s }));
             out.slots.push(slots.collect::<Option<Vec<_>>>().ok_or_else(|| EngineError::Model(format!("block {} uses a block outside its stage", self.names[o])))?);
         }
         let mut start = ghosts.len();
@@ -148,7 +183,7 @@ impl Model {
     /// for [`crate::parallel::stage_blocks`].
     pub fn stage_costs(&self) -> Vec<crate::parallel::BlockCost> {
         (0..self.num_blocks())
-            .map(|i| crate::parallel::BlockCost { flops: self.block(i).forward_flops_per_token(), params: self.own[i].iter().map(|p| p.numel() as f64).sum() })
+            .map(|i| crate::parallel::BlockCost { flops: self.block(i).forward_flops_per_token(), params: self.own[i].iter().chain(&self.frozen[i]).map(|p| p.numel() as f64).sum() })
             .collect()
     }
 

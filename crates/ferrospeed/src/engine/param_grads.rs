@@ -57,11 +57,26 @@ pub struct ParamGrads {
     slots: Vec<Option<Tensor>>,
     /// `Some` when the work waits for [`WeightGrads::compute`].
     later: Option<Vec<Job>>,
+    /// Slots whose gradients nobody wants (frozen parameters): what is set or put for them alone is dropped.
+    frozen: Vec<bool>,
 }
 
 impl ParamGrads {
     fn new(slots: usize, defer: bool) -> Self {
-        Self { slots: vec![None; slots], later: defer.then(Vec::new) }
+        Self { slots: vec![None; slots], later: defer.then(Vec::new), frozen: vec![false; slots] }
+    }
+
+    /// Mark `slots` frozen ([`ParamRef::Frozen`](super::ParamRef::Frozen)): [`ParamGrads::set`] and
+    /// [`ParamGrads::put_rows`] for them alone do nothing, so their work is never run.
+    pub fn freeze(&mut self, slots: impl IntoIterator<Item = usize>) {
+        for s in slots {
+            self.frozen[s] = true;
+        }
+    }
+
+    /// Whether slot `slot` is frozen.
+    pub fn is_frozen(&self, slot: usize) -> bool {
+        self.frozen[slot]
     }
 
     /// The whole backward: `backward` (given the sink, returning the input gradients) with every
@@ -90,9 +105,11 @@ impl ParamGrads {
         Ok((work, inputs))
     }
 
-    /// Set slot `slot`'s gradient now.
+    /// Set slot `slot`'s gradient now (dropped for a frozen slot).
     pub fn set(&mut self, slot: usize, grad: Tensor) {
-        self.slots[slot] = Some(grad);
+        if !self.frozen[slot] {
+            self.slots[slot] = Some(grad);
+        }
     }
 
     /// Work that sets slot gradients (it gets every slot): run now for the whole backward, kept for
@@ -109,8 +126,11 @@ impl ParamGrads {
     }
 
     /// Work whose result is split along dimension 0 into slots: `parts` are (slot, rows), in order
-    /// (one part: the whole tensor, whatever its rows).
+    /// (one part: the whole tensor, whatever its rows). Skipped when every part's slot is frozen.
     pub fn put_rows(&mut self, parts: Vec<(usize, usize)>, work: impl FnOnce() -> Result<Tensor> + Send + 'static) -> Result<()> {
+        if parts.iter().all(|&(slot, _)| self.frozen[slot]) {
+            return Ok(());
+        }
         self.put(move |slots| {
             let t = work()?;
             if let [(slot, _)] = parts[..] {

@@ -58,12 +58,17 @@ impl ParamSpec {
     }
 }
 
-/// A parameter slot of a block: one it owns, or one owned by an earlier block (tied weights, such as
-/// GPT-2's head sharing the token embedding).
+/// A parameter slot of a block: one it owns, one it owns frozen, or one owned by an earlier block
+/// (tied weights, such as GPT-2's head sharing the token embedding).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamRef {
     /// A parameter of this block.
     Own(ParamSpec),
+    /// A parameter of this block that never trains (a LoRA base weight): it gets no gradient and no
+    /// optimizer state, and lives in the compute dtype in a flat buffer of its own (never sharing
+    /// one with trainable parameters), sharded at stage 3 like the trainable ones. Its values come
+    /// from the seed like an `Own` parameter of the same name, or from an import.
+    Frozen(ParamSpec),
     /// Parameter `name` of block `block` (an earlier block, by index).
     Tied {
         /// Index of the owning block in the model.

@@ -8,6 +8,7 @@
 
 use super::comm_worker::{CommWorker, Pending};
 use super::error::EngineError;
+use super::frozen::FrozenParams;
 use super::host_buf::HostBuf;
 use super::grads::BlockGrads;
 use super::model::Model;
@@ -77,6 +78,8 @@ pub struct BlockParams {
     dev_shard: Option<DeviceShard>,
     /// The same in page-locked host memory, uploaded before each use (`"cpu"`, one rank).
     pinned: Option<PinnedShard>,
+    /// The block's frozen parameters (a flat buffer of their own; empty for most blocks).
+    pub frozen: FrozenParams,
 }
 
 /// What every block's set-up shares.
@@ -135,7 +138,7 @@ fn split_state(buf: &mut [f32], n: usize, k: usize) -> (&mut [f32], Vec<&mut [f3
 impl BlockParams {
     /// Block `i` from its initial values (`init_values`: every rank computes the same ones), keeping what
     /// the strategy says this rank holds, its optimizer state on `tier`.
-    pub fn from_full(model: &Model, i: usize, full: Vec<f32>, setup: &BlockSetup<'_>, tier: Tier) -> Result<Self, EngineError> {
+    pub fn from_full(model: &Model, i: usize, full: Vec<f32>, frozen: FrozenParams, setup: &BlockSetup<'_>, tier: Tier) -> Result<Self, EngineError> {
         let BlockSetup { strategy, rank, world, dtype, device, ref optimizer, nvme, copies } = *setup;
         let name = model.block(i).name();
         let flat = FlatParam::new(model.own_params(i), world);
@@ -171,6 +174,7 @@ impl BlockParams {
             staged_update: false,
             dev_shard: None,
             pinned: None,
+            frozen,
         };
         match strategy.param_placement() {
             ParamPlacement::Resident => p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?),
@@ -186,7 +190,8 @@ impl BlockParams {
         // NVMe file: that tier has its own pass).
         let whole = p.vars.is_some() && p.window.len() == p.flat.padded_numel();
         let shard = p.shard.is_some() && p.window == shard_range;
-        p.staged_update = tier == Tier::Host && optimizer.adamw && (whole || shard);
+        // A block with nothing to train (a frozen embedding under LoRA) has nothing to stage.
+        p.staged_update = tier == Tier::Host && optimizer.adamw && (whole || shard) && p.flat.numel() > 0;
         match tier {
             // On a CPU run the device is host memory: the state stays in the host vectors.
             Tier::Device if !device.is_cuda() => {}
@@ -578,8 +583,18 @@ fn write_shard(file: &NvmeFile, shard: &HostBuf) -> Result<(), EngineError> {
 /// Block `i`'s initial values over its padded flat buffer: each parameter from its own stream of the seed
 /// (named after the block and the parameter), so that blocks can be initialised in any order or in parallel.
 pub fn init_values(model: &Model, i: usize, world: usize, seed: u64) -> Vec<f32> {
+    draw_values(model, i, model.own_params(i), world, seed)
+}
+
+/// The same for block `i`'s frozen parameters: a frozen parameter starts where a trainable one of its
+/// name would.
+pub fn init_frozen_values(model: &Model, i: usize, world: usize, seed: u64) -> Vec<f32> {
+    draw_values(model, i, model.frozen_params(i), world, seed)
+}
+
+fn draw_values(model: &Model, i: usize, specs: &[ParamSpec], world: usize, seed: u64) -> Vec<f32> {
     let name = model.block(i).name();
-    let flat = FlatParam::new(model.own_params(i), world);
+    let flat = FlatParam::new(specs, world);
     let mut full = vec![0f32; flat.padded_numel()];
     for (j, spec) in flat.specs().iter().enumerate() {
         init_param(&mut full[flat.range(j)], spec, &mut Rng::derive(seed, &format!("{name}.{}", spec.name)));

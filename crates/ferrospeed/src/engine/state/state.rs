@@ -26,6 +26,18 @@ pub struct WindowRef<'a> {
     pub state: Vec<&'a [f32]>,
 }
 
+/// One block's frozen parameters held by this rank, to overwrite (an import of the base they are).
+pub struct FrozenMut<'a> {
+    /// The block's name.
+    pub block: &'a str,
+    /// The layout of the block's frozen flat buffer.
+    pub flat: &'a FlatParam,
+    /// Range of the padded frozen buffer covered by `values`.
+    pub window: Range<usize>,
+    /// The values (f32; rounded to the compute dtype when stored).
+    pub values: &'a mut [f32],
+}
+
 /// Where one block's optimizer state lies, without the state (readable at any time).
 pub struct BlockLayout<'a> {
     /// The block's name.
@@ -156,6 +168,29 @@ impl Engine {
         }
         self.set_progress(steps_done, scaler);
         Ok(self.republish()?)
+    }
+
+    /// Overwrite every block's frozen parameters ([`crate::engine::ParamRef::Frozen`]) this rank holds,
+    /// one block at a time: `fill` writes their values over the window (zeroed first). Blocks without
+    /// frozen parameters are skipped.
+    pub fn overwrite_frozen<E: From<EngineError>>(&mut self, mut fill: impl FnMut(FrozenMut<'_>) -> Result<(), E>) -> Result<(), E> {
+        for (name, p) in self.blocks_state_mut() {
+            if p.frozen.is_empty() {
+                continue;
+            }
+            let window = p.frozen.window();
+            let mut values = vec![0f32; window.len()];
+            fill(FrozenMut { block: name, flat: &p.frozen.flat, window, values: &mut values })?;
+            p.frozen.set(&values)?;
+        }
+        Ok(())
+    }
+
+    /// Block `i`'s frozen parameters this rank holds: the offset of its window in the block's frozen
+    /// flat buffer, and the values (the compute dtype's, widened to f32).
+    pub fn frozen_values(&self, i: usize) -> Result<(usize, Vec<f32>), EngineError> {
+        let f = &self.params[i].frozen;
+        Ok((f.window().start, f.values()?))
     }
 
     /// Adopt restored state: the step count (schedule, bias correction), the loss scaler, and the

@@ -292,9 +292,13 @@ fn backward_blocks(
                 // (as PyTorch's DDP refuses unused parameters): see `EngineError::NoGradient`.
                 let mut slot_grads = Vec::with_capacity(params.len());
                 for (j, p) in params.iter().enumerate() {
+                    let src = model.slots(i)[j];
+                    if src.frozen {
+                        slot_grads.push(None);
+                        continue;
+                    }
                     let Some(g) = grads.get(p) else {
-                        let src = model.slots(i)[j];
-                        let name = &model.own_params(src.block)[src.index].name;
+                        let name = &model.spec(src).name;
                         let what = format!("parameter `{}.{name}`", model.block_names()[src.block]);
                         return Err(EngineError::NoGradient { block: block.name(), what });
                     };

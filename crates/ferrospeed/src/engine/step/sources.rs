@@ -5,6 +5,8 @@ use super::blockwise::ParamSource;
 use super::comm_worker::CommWorker;
 use super::error::EngineError;
 use super::model::Model;
+use super::comm_worker::Pending;
+use super::host_buf::HostBuf;
 use super::params::{BlockParams, Gather};
 use super::Nccl;
 use candle_core::{Tensor, Var};
@@ -15,13 +17,19 @@ fn owners(model: &Model, i: usize) -> BTreeSet<usize> {
     model.slots(i).iter().map(|s| s.block).collect()
 }
 
-fn slot_tensors(model: &Model, i: usize, vars_of: impl Fn(usize) -> Option<Vec<Tensor>>) -> Result<Vec<Tensor>, EngineError> {
+/// Block `i`'s slot tensors, from each owner's trainable and frozen tensors (`tensors_of(block)`).
+fn slot_tensors(model: &Model, i: usize, tensors_of: impl Fn(usize) -> Option<(Vec<Tensor>, Vec<Tensor>)>) -> Result<Vec<Tensor>, EngineError> {
     let mut out = Vec::with_capacity(model.slots(i).len());
     for s in model.slots(i) {
-        let vars = vars_of(s.block).ok_or_else(|| EngineError::Unsupported(format!("parameters of block {} are not available", s.block)))?;
-        out.push(vars[s.index].clone());
+        let (own, frozen) = tensors_of(s.block).ok_or_else(|| EngineError::Unsupported(format!("parameters of block {} are not available", s.block)))?;
+        out.push(if s.frozen { &frozen } else { &own }[s.index].clone());
     }
     Ok(out)
+}
+
+/// A block's gathered trainable variables and frozen tensors as slot tensors.
+fn gathered((vars, frozen): &(Vec<Var>, Vec<Tensor>)) -> (Vec<Tensor>, Vec<Tensor>) {
+    (vars.iter().map(|v| v.as_tensor().clone()).collect(), frozen.clone())
 }
 
 /// Stages 0–2: every block's variables are always there.
@@ -32,7 +40,11 @@ pub struct Resident<'a> {
 
 impl ParamSource for Resident<'_> {
     fn acquire(&mut self, i: usize, _next: Option<usize>) -> Result<Vec<Tensor>, EngineError> {
-        slot_tensors(self.model, i, |b| self.params[b].resident().map(|v| v.iter().map(|v| v.as_tensor().clone()).collect()))
+        slot_tensors(self.model, i, |b| {
+            let p = &self.params[b];
+            let frozen = if p.frozen.is_empty() { Vec::new() } else { p.frozen.resident()?.to_vec() };
+            p.resident().map(|v| (v.iter().map(|v| v.as_tensor().clone()).collect(), frozen))
+        })
     }
 
     fn release(&mut self, _i: usize) {}
@@ -45,8 +57,9 @@ pub struct Gathering<'a> {
     pub worker: &'a CommWorker,
     /// NCCL when the ranks have one GPU each: shards are then gathered on the devices.
     nccl: Option<&'a Nccl>,
-    ready: HashMap<usize, Vec<Var>>,
-    pending: HashMap<usize, Gather>,
+    /// Gathered blocks: their trainable variables and frozen tensors.
+    ready: HashMap<usize, (Vec<Var>, Vec<Tensor>)>,
+    pending: HashMap<usize, (Gather, Option<Pending<Result<HostBuf, EngineError>>>)>,
     /// Owners needed by the block announced as next, kept across `release`.
     upcoming: BTreeSet<usize>,
     /// Largest number of bytes of gathered parameters alive at once.
@@ -62,15 +75,27 @@ impl<'a> Gathering<'a> {
         if self.ready.contains_key(&block) {
             return Ok(());
         }
-        let pending = match self.pending.remove(&block) {
+        let (pending, frozen) = match self.pending.remove(&block) {
             Some(p) => p,
-            None => self.params[block].start_gather(self.worker, self.nccl)?,
+            None => self.start(block)?,
         };
-        let vars = crate::profile::scoped_as(crate::profile::Kind::Communication, "param_gather", || self.params[block].finish_gather(pending))?;
-        self.ready.insert(block, vars);
-        let bytes: usize = self.ready.values().flatten().map(|v| v.elem_count() * v.dtype().size_in_bytes()).sum();
+        let p = &self.params[block];
+        let got = crate::profile::scoped_as(crate::profile::Kind::Communication, "param_gather", || Ok::<_, EngineError>((p.finish_gather(pending)?, p.frozen.finish_gather(frozen)?)))?;
+        self.ready.insert(block, got);
+        let bytes: usize = self
+            .ready
+            .values()
+            .flat_map(|(v, f)| v.iter().map(|v| v.as_tensor()).chain(f))
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
         self.peak_bytes = self.peak_bytes.max(bytes);
         Ok(())
+    }
+
+    /// Start gathering block `b`'s trainable and frozen shards.
+    fn start(&self, b: usize) -> Result<(Gather, Option<Pending<Result<HostBuf, EngineError>>>), EngineError> {
+        let p = &self.params[b];
+        Ok((p.start_gather(self.worker, self.nccl)?, p.frozen.start_gather(self.worker)))
     }
 
     /// Gather every block (e.g. to generate text); a collective on every rank.
@@ -79,7 +104,7 @@ impl<'a> Gathering<'a> {
             self.ensure(b)?;
         }
         (0..self.model.num_blocks())
-            .map(|i| slot_tensors(self.model, i, |b| self.ready.get(&b).map(|v| v.iter().map(|v| v.as_tensor().clone()).collect())))
+            .map(|i| slot_tensors(self.model, i, |b| self.ready.get(&b).map(gathered)))
             .collect()
     }
 }
@@ -93,11 +118,11 @@ impl ParamSource for Gathering<'_> {
         self.upcoming = next.map(|n| owners(self.model, n)).unwrap_or_default();
         for owner in self.upcoming.clone() {
             if !self.ready.contains_key(&owner) && !self.pending.contains_key(&owner) {
-                let pending = self.params[owner].start_gather(self.worker, self.nccl)?;
+                let pending = self.start(owner)?;
                 self.pending.insert(owner, pending);
             }
         }
-        slot_tensors(self.model, i, |b| self.ready.get(&b).map(|v| v.iter().map(|v| v.as_tensor().clone()).collect()))
+        slot_tensors(self.model, i, |b| self.ready.get(&b).map(gathered))
     }
 
     fn release(&mut self, i: usize) {
@@ -113,8 +138,11 @@ impl Drop for Gathering<'_> {
     fn drop(&mut self) {
         // A gather that was prefetched but never used must still complete on this rank, since the
         // other ranks run it too; waiting keeps the worker's queue and the peers in step.
-        for (_, p) in self.pending.drain() {
+        for (_, (p, frozen)) in self.pending.drain() {
             p.complete();
+            if let Some(f) = frozen {
+                drop(f.wait());
+            }
         }
     }
 }

@@ -16,7 +16,8 @@ use super::grads::{self, BlockGrads};
 use super::memory::MemoryReport;
 use super::model::Model;
 use super::offload::{Offload, OffloadSettings, UpdatePass};
-use super::params::{init_values, BlockParams, BlockSetup, Gather, OptimizerSetup, StepUpdate};
+use super::frozen::FrozenParams;
+use super::params::{init_frozen_values, init_values, BlockParams, BlockSetup, Gather, OptimizerSetup, StepUpdate};
 use super::sources::{Gathering, Resident};
 use crate::comm::{CommExt, Communicator, ReduceOp};
 use crate::profile::{self, Kind};
@@ -195,9 +196,11 @@ impl Engine {
         // then set up in order. Each parameter has its own random stream: the values do not change.
         let blocks: Vec<usize> = (0..model.num_blocks()).collect();
         for chunk in blocks.chunks(rayon::current_num_threads().max(1)) {
-            let values: Vec<Vec<f32>> = chunk.par_iter().map(|&i| init_values(&model, i, world, cfg.seed)).collect();
-            for (&i, full) in chunk.iter().zip(values) {
-                let p = BlockParams::from_full(&model, i, full, &setup, tiers[i])?;
+            let values: Vec<(Vec<f32>, Vec<f32>)> =
+                chunk.par_iter().map(|&i| (init_values(&model, i, world, cfg.seed), init_frozen_values(&model, i, world, cfg.seed))).collect();
+            for (&i, (full, cold)) in chunk.iter().zip(values) {
+                let frozen = FrozenParams::new(&model, i, &cold, cfg.strategy, rank, world, dtype, &cfg.device)?;
+                let p = BlockParams::from_full(&model, i, full, frozen, &setup, tiers[i])?;
                 grads.push(BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction(), &cfg.device)?);
                 params.push(p);
             }
@@ -269,6 +272,7 @@ impl Engine {
         let device_windows: usize = on(Tier::Device).map(|p| p.window.len() * 4).sum();
         MemoryReport {
             params: self.params.iter().map(BlockParams::param_bytes).sum(),
+            frozen: self.params.iter().map(|p| p.frozen.bytes()).sum(),
             grads: self.grads.iter().map(BlockGrads::persistent_bytes).sum(),
             master: device_windows,
             moments: device_windows * self.cfg.optimizer.state_names().len(),
@@ -582,10 +586,11 @@ impl Engine {
 }
 
 /// Add block `i`'s slot gradients (`None` where a slot did not influence the loss) into the fp32
-/// accumulators of the blocks that own them (itself, or the owner of a tied slot).
+/// accumulators of the blocks that own them (itself, or the owner of a tied slot). A frozen slot has
+/// no accumulator: whatever a block computed for it is dropped.
 pub(super) fn add_slot_grads(model: &Model, params: &[BlockParams], grads: &mut [BlockGrads], i: usize, slot_grads: Vec<Option<Tensor>>) -> Result<(), EngineError> {
     for (slot, grad) in model.slots(i).iter().zip(slot_grads) {
-        if let Some(grad) = grad {
+        if let (Some(grad), false) = (grad, slot.frozen) {
             let range = params[slot.block].flat.range(slot.index);
             profile::scoped_as(Kind::Elementwise, "grad_accumulate", || grads[slot.block].accumulate(range, &grad)).map_err(EngineError::tensor(model.block(i).name()))?;
         }
