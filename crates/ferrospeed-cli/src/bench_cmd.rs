@@ -81,6 +81,10 @@ pub struct BenchTrainArgs {
     /// Vocabulary instead of the shape's own (a lighter or heavier head)
     #[arg(long)]
     pub vocab: Option<usize>,
+    /// Train LoRA adapters of this rank on every projection of a frozen base (lora.r; alpha 2·r,
+    /// targets "all-linear") instead of every weight (Llama shapes)
+    #[arg(long)]
+    pub lora_r: Option<usize>,
 }
 
 /// The model `name` for sequences of `seq_len`: GPT-2 sizes, or the Llama shapes of `anchor_llama.py`
@@ -135,6 +139,10 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let family = shape(&args.model, args.seq_len).map(|f| with_vocab(with_layers(f, args.layers), args.vocab)).ok_or_else(|| {
         usage_error(format!("--model {} is unknown: use gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-tiny, llama-1b, llama-3b, llama-8b or llama-13b", args.model))
     })?;
+    let family = match args.lora_r {
+        Some(r) => family.with_lora(&ferrospeed::config::LoraConfig { r, alpha: 2.0 * r as f64, ..Default::default() }).map_err(|e| usage_error(format!("--lora-r: {e}")))?,
+        None => family,
+    };
     let (n_layer, d_model, vocab) = dims(&family);
     let precision = Precision::from_name(&args.precision).ok_or_else(|| usage_error("--precision: use fp32, bf16 or fp16"))?;
     let stage = ZeroStage::from_int(args.stage).ok_or_else(|| usage_error("--stage: use 0, 1, 2 or 3"))?;

@@ -34,6 +34,10 @@ pub enum CheckpointCommand {
         /// Largest shard file in GB (transformers' max_shard_size)
         #[arg(long, default_value_t = 5.0)]
         max_shard_gb: f64,
+        /// A LoRA run's adapters as a PEFT directory (adapter_config.json, adapter_model.safetensors)
+        /// that PeftModel.from_pretrained loads over the base
+        #[arg(long)]
+        adapter: bool,
     },
 }
 
@@ -61,25 +65,34 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
                 println!("verified: every file matches its checksum");
             }
         }
-        CheckpointCommand::Export { path, out, dtype, max_shard_gb } => {
+        CheckpointCommand::Export { path, out, dtype, max_shard_gb, adapter } => {
             let dir = checkpoint::resolve(&path).map_err(|e| usage_error(e.to_string()))?;
             let t0 = Instant::now();
             let meta = checkpoint::read_meta(&dir)?;
             let names = export_names(&meta);
-            let stats = if out.extension().is_some_and(|e| e == "safetensors") {
+            if crate::lora_export::recorded(&meta).is_some() && !adapter {
+                return Err(usage_error(format!(
+                    "{} holds LoRA adapters, not a whole model: export them with --adapter (a PEFT directory to load over the base); merging into the base (--merge) is not built yet",
+                    dir.display()
+                )));
+            }
+            let weight_dtype = |d: &str| match d {
+                "bf16" => Ok((WeightDtype::Bf16, "bfloat16")),
+                "f16" => Ok((WeightDtype::F16, "float16")),
+                "f32" => Ok((WeightDtype::F32, "float32")),
+                other => Err(usage_error(format!("--dtype {other} is not a weight type: use bf16, f16 or f32"))),
+            };
+            let stats = if adapter {
+                crate::lora_export::export_adapter(&dir, &out, &meta, weight_dtype(&dtype)?.0)?
+            } else if out.extension().is_some_and(|e| e == "safetensors") {
                 checkpoint::export(&dir, &out, &names)?
             } else {
-                let (dtype, torch) = match dtype.as_str() {
-                    "bf16" => (WeightDtype::Bf16, "bfloat16"),
-                    "f16" => (WeightDtype::F16, "float16"),
-                    "f32" => (WeightDtype::F32, "float32"),
-                    other => return Err(usage_error(format!("--dtype {other} is not a weight type: use bf16, f16 or f32"))),
-                };
+                let (dtype, torch) = weight_dtype(&dtype)?;
                 if !(max_shard_gb > 0.0) {
                     return Err(usage_error(format!("--max-shard-gb {max_shard_gb} must be positive")));
                 }
                 let files = dir_files(&meta, torch)?;
-                let opts = DirExport { name_of: &names, dtype, max_shard_bytes: (max_shard_gb * 1e9) as u64, files };
+                let opts = DirExport { name_of: &names, dtype, max_shard_bytes: (max_shard_gb * 1e9) as u64, files, single_file: None };
                 checkpoint::export_dir(&dir, &out, &opts).map_err(|e| match e {
                     checkpoint::CheckpointError::Exists { .. } => usage_error(e.to_string()),
                     e => e.into(),

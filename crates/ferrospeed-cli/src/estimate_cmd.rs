@@ -134,7 +134,7 @@ fn estimate_whole(model: &Model, strategy: Strategy, run: &RunShape, activations
 /// The run `cfg` describes at `world` ranks (a GPU run when `on_gpu`): the model's parameter count
 /// and its memory per rank under the config's own stage and offload.
 pub fn estimate_config(cfg: &Config, world: usize, on_gpu: bool) -> Result<(usize, MemoryEstimate)> {
-    let (family, _) = Family::from_config(&cfg.model).map_err(|e| usage_error(e.to_string()))?;
+    let (family, _) = Family::for_run(&cfg).map_err(|e| usage_error(e.to_string()))?;
     let model = family.model()?;
     let e = estimate_run(&family, &model, strategy_of(cfg), &shape_of(cfg, world, on_gpu)?);
     Ok((model.num_params(), e))
@@ -200,7 +200,7 @@ fn alternatives(cfg: &Config, world: usize) -> Vec<(String, Strategy, bool)> {
 
 pub fn run(args: EstimateArgs) -> Result<ExitCode> {
     let cfg = Config::load(&args.config, &args.overrides).map_err(|e| usage_error(e.to_string()))?;
-    let (family, _) = Family::from_config(&cfg.model).map_err(|e| usage_error(e.to_string()))?;
+    let (family, _) = Family::for_run(&cfg).map_err(|e| usage_error(e.to_string()))?;
     let model = family.model()?;
     let world = args.world.unwrap_or_else(|| WorldInfo::from_env().map(|w| w.world_size).unwrap_or(1)).max(1);
     let on_gpu = args.gpu || cfg!(feature = "cuda") && cfg.train.device != ferrospeed::config::DeviceChoice::Cpu;

@@ -12,6 +12,7 @@ mod data_cmd;
 mod env_cmd;
 mod generate_cmd;
 mod launch;
+mod lora_export;
 mod plot_cmd;
 mod train;
 mod train_data;

@@ -37,7 +37,7 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let cfg = Config::load(&args.config, &args.overrides).map_err(|e| usage_error(e.to_string()))?;
-    let (family, tokenizer) = Family::from_config(&cfg.model).map_err(|e| usage_error(e.to_string()))?;
+    let (family, tokenizer) = Family::for_run(&cfg).map_err(|e| usage_error(e.to_string()))?;
     let ignored = family.check_inputs(cfg.model.init_from.as_deref(), &tokenizer, "model.init_from").map_err(usage_error)?;
     let model = family.model()?;
     // Before anything is allocated or written: does the config fit this machine?
@@ -83,6 +83,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         hf_config["bos_token_id"] = id.into();
     }
     acc.record("hf_config", hf_config);
+    if let Some(lora) = crate::lora_export::record(&family, &cfg) {
+        acc.record(crate::lora_export::LORA_KEY, lora);
+    }
     if let Some(path) = tokenizer_files(&acc, &tokenizer)? {
         acc.record("tokenizer", path.canonicalize().unwrap_or_else(|_| path.to_path_buf()).display().to_string().into());
     }
@@ -95,7 +98,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
 
     let optimizer = acc.optimizer_from_config();
     let num_params = model.num_params();
-    let mut engine = acc.prepare(model, optimizer, PrepareOptions { names: family.names(), ..PrepareOptions::default() }).map_err(accel_error)?;
+    // With adapters, model.init_from is their base: it fills the frozen parameters alone.
+    let init_from = if family.lora().is_some() { ferrospeed::checkpoint::ImportScope::Frozen } else { ferrospeed::checkpoint::ImportScope::All };
+    let mut engine = acc.prepare(model, optimizer, PrepareOptions { names: family.names(), init_from, ..PrepareOptions::default() }).map_err(accel_error)?;
     if let Some(r) = acc.import_report() {
         // Every rank: what each read and held (the launcher prefixes the rank).
         let mb = |b: u64| b as f64 / 1e6;

@@ -24,6 +24,8 @@ pub enum FamilyError {
     Mismatch { key: String, value: String, hf_key: String, file_value: String, path: String },
     #[error("model.{key} is missing: add it under [model], or set model.init_from to a HuggingFace model directory")]
     Missing { key: String },
+    #[error("{0}")]
+    Lora(String),
     #[error("model.seq_len = {seq_len} is longer than the {positions} positions of {path}: use model.seq_len ≤ {positions}")]
     TooLong { seq_len: usize, positions: usize, path: String },
 }
@@ -72,7 +74,36 @@ impl Family {
         Ok((family, tokenizer))
     }
 
-    /// The blocks as the engine sees them.
+    /// The model and tokenizer of a run: `[model]`, with `[lora]`'s adapters when the config has them.
+    pub fn for_run(cfg: &ferrospeed::config::Config) -> Result<(Family, Tokenizer), FamilyError> {
+        let (family, tokenizer) = Self::from_config(&cfg.model)?;
+        match &cfg.lora {
+            Some(l) => Ok((family.with_lora(l)?, tokenizer)),
+            None => Ok((family, tokenizer)),
+        }
+    }
+
+    /// This model with LoRA adapters on a frozen base (the Llama family).
+    pub fn with_lora(self, lora: &ferrospeed::config::LoraConfig) -> Result<Family, FamilyError> {
+        match self {
+            Family::Gpt(_) => Err(FamilyError::Lora("[lora] is built for the Llama family (Llama, Mistral, Qwen2, SmolLM); a GPT-2 model trains every weight: remove [lora]".into())),
+            Family::Llama(l) => {
+                let targets = crate::ops::lora::resolve_targets(l.cfg.n_layer, &lora.targets).map_err(FamilyError::Lora)?;
+                let shape = crate::ops::lora::LoraShape { r: lora.r, alpha: lora.alpha, rslora: lora.rslora };
+                let adapted = Llama::with_lora(l.cfg, crate::llama::LlamaLora { shape, targets }).map_err(|e| FamilyError::Lora(e.to_string()))?;
+                Ok(Family::Llama(adapted))
+            }
+        }
+    }
+
+    /// The LoRA adapters, if any.
+    pub fn lora(&self) -> Option<&crate::llama::LlamaLora> {
+        match self {
+            Family::Gpt(_) => None,
+            Family::Llama(l) => l.lora(),
+        }
+    }
+
     /// What the blocks keep for the backward at `micro_batch` sequences of `seq_len` in a compute
     /// dtype of `compute_bytes`, from what the fused layers save (`layer_fused.rs`): GPT-2 16·d values
     /// a token per layer (input, two norms, q/k/v, attention output, residual, MLP pre- and post-GELU);
@@ -148,8 +179,10 @@ impl Family {
         let model = self.model().map_err(|e| e.to_string())?;
         let name_of = self.names().map;
         let mut used = std::collections::BTreeSet::new();
+        // With adapters the file is their base: it holds the frozen parameters, not the adapters.
+        let base = |b| if model.has_frozen() { model.frozen_params(b) } else { model.own_params(b) };
         for b in 0..model.num_blocks() {
-            for spec in model.own_params(b) {
+            for spec in base(b) {
                 let name = name_of(&model.block_names()[b], &spec.name);
                 used.insert(name.clone());
                 match files.info(&name) {

@@ -63,6 +63,9 @@ pub struct DirExport<'a> {
     pub max_shard_bytes: u64,
     /// Other files of the directory (`config.json`, tokenizer files): name and contents.
     pub files: Vec<(String, Vec<u8>)>,
+    /// The weights file's name when there is one (`model.safetensors` when `None`; a PEFT adapter's
+    /// is `adapter_model.safetensors`).
+    pub single_file: Option<&'a str>,
 }
 
 /// Write the master weights of checkpoint `dir` as a directory transformers' `from_pretrained` loads:
@@ -94,7 +97,7 @@ pub fn export_dir(dir: &Path, out: &Path, opts: &DirExport<'_>) -> Result<Export
         }
     }
     let n = shards.len();
-    let shard_name = |k: usize| if n == 1 { super::weights::SINGLE.to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
+    let shard_name = |k: usize| if n == 1 { opts.single_file.unwrap_or(super::weights::SINGLE).to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
     let name = out.file_name().map_or_else(|| "export".into(), |f| f.to_string_lossy().into_owned());
     let tmp = out.with_file_name(format!(".{name}.partial"));
     if tmp.exists() {

@@ -35,6 +35,45 @@ pub struct Config {
     pub parallel: ParallelConfig,
     pub checkpoint: CheckpointConfig,
     pub track: TrackConfig,
+    /// `[lora]`: adapters on a frozen base; `None` trains every weight. Absent from the serialised
+    /// config when unset, so runs made before the section existed still match theirs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraConfig>,
+}
+
+/// How a LoRA base's frozen weights are stored (`lora.base`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraBase {
+    /// In the compute dtype (`train.precision`'s).
+    Bf16,
+    /// 4-bit NormalFloat with double quantisation (QLoRA).
+    Nf4,
+}
+named_enum!(LoraBase { Bf16 => "bf16", Nf4 => "nf4" });
+
+/// `[lora]`: train low-rank adapters `W + s·B·A` on a frozen base instead of every weight (PEFT's
+/// `LoraConfig`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LoraConfig {
+    /// The rank (PEFT's `r`).
+    pub r: usize,
+    /// `lora_alpha`: the update is scaled by `alpha / r` (`alpha / √r` with `rslora`).
+    pub alpha: f64,
+    /// `lora_dropout` on the adapters' input.
+    pub dropout: f64,
+    /// The adapted modules: `["all-linear"]`, or globs over transformers' module names (a bare name
+    /// such as `"q_proj"` matches as PEFT's suffix match does).
+    pub targets: Vec<String>,
+    /// rsLoRA's scale `alpha / √r`.
+    pub rslora: bool,
+    /// How the frozen base is stored.
+    pub base: LoraBase,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self { r: 8, alpha: 8.0, dropout: 0.0, targets: vec!["all-linear".into()], rslora: false, base: LoraBase::Bf16 }
+    }
 }
 
 /// The model family.

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use super::error::{one_line, render_value, ConfigError};
 use super::schema::{self, Kind, KeySpec, SectionSpec, SECTIONS};
 use super::{
-    CheckpointConfig, Config, DataConfig, DeviceChoice, ModelConfig, ModelKind, Offload, OptimizerKind, ParallelConfig,
+    CheckpointConfig, Config, DataConfig, DeviceChoice, LoraBase, LoraConfig, ModelConfig, ModelKind, Offload, OptimizerKind, ParallelConfig,
     PipelineSchedule, Precision, ReduceDtype, TrackBackend, TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
 };
 
@@ -201,6 +201,12 @@ fn check_value(section: &SectionSpec, spec: &KeySpec, value: &toml::Value) -> Re
             None => Ok(()),
             Some(bad) => Err(ConfigError::invalid(&key, render_value(bad), "is not a known choice", format!("use {}", schema::quoted_list(names)))),
         },
+        (Kind::Strings, toml::Value::String(_)) => Ok(()),
+        (Kind::Strings, toml::Value::Array(items)) => match items.iter().find(|i| !i.is_str()) {
+            None if items.is_empty() => Err(ConfigError::invalid(&key, "[]", "is empty", "list at least one, or \"all-linear\"")),
+            None => Ok(()),
+            Some(bad) => Err(ConfigError::invalid(&key, render_value(bad), "is not a string", "write each entry in quotes")),
+        },
         (Kind::PositiveInts, toml::Value::Array(items)) => match items.iter().find(|i| !i.as_integer().is_some_and(|n| n >= 1)) {
             None => Ok(()),
             Some(bad) => Err(ConfigError::invalid(&key, render_value(bad), "is not a positive integer", "list integers ≥ 1, e.g. [7, 8, 8, 7]")),
@@ -264,6 +270,7 @@ pub(crate) fn build(table: &toml::Table) -> Config {
     let parallel_default = ParallelConfig::default();
     let checkpoint_default = CheckpointConfig::default();
     let track_default = TrackConfig::default();
+    let lora_default = LoraConfig::default();
     let lr = v.f64("train", "lr").unwrap_or(train_default.lr);
     Config {
         model: ModelConfig {
@@ -386,5 +393,17 @@ pub(crate) fn build(table: &toml::Table) -> Config {
             mlflow_uri: v.str("track", "mlflow_uri").filter(|s| !s.is_empty()).map(str::to_string),
             mlflow_experiment: v.str("track", "mlflow_experiment").filter(|s| !s.is_empty()).map(str::to_string),
         },
+        lora: table.contains_key("lora").then(|| LoraConfig {
+            r: v.usize("lora", "r").unwrap_or(lora_default.r),
+            alpha: v.f64("lora", "alpha").unwrap_or(lora_default.alpha),
+            dropout: v.f64("lora", "dropout").unwrap_or(lora_default.dropout),
+            targets: match v.get("lora", "targets") {
+                Some(toml::Value::String(s)) => vec![s.clone()],
+                Some(toml::Value::Array(a)) => a.iter().filter_map(|i| i.as_str().map(str::to_string)).collect(),
+                _ => lora_default.targets.clone(),
+            },
+            rslora: v.bool("lora", "rslora").unwrap_or(lora_default.rslora),
+            base: v.str("lora", "base").and_then(LoraBase::from_name).unwrap_or(lora_default.base),
+        }),
     }
 }

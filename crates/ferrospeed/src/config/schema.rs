@@ -3,7 +3,7 @@
 //! The schema is data rather than serde attributes so that an unknown key can be answered with the
 //! closest known one, and a wrong type with what the key expects, in our own words.
 
-use super::{DeviceChoice, ModelKind, Offload, OptimizerKind, PipelineSchedule, Precision, ReduceDtype, TrackBackend, Vocab};
+use super::{DeviceChoice, LoraBase, ModelKind, Offload, OptimizerKind, PipelineSchedule, Precision, ReduceDtype, TrackBackend, Vocab};
 
 /// What a key accepts. Integer ranges live here because a negative TOML integer cannot become a
 /// `usize`; ranges of floats and relations between keys are in `validate.rs`.
@@ -28,6 +28,8 @@ pub(crate) enum Kind {
     Choices(&'static [&'static str]),
     /// A list of integers ≥ 1.
     PositiveInts,
+    /// A string, or a list of strings.
+    Strings,
 }
 
 impl Kind {
@@ -44,6 +46,7 @@ impl Kind {
             Kind::Choices(names) => format!("a list of {}", quoted_list(names)),
             Kind::Stage => "an integer 0, 1, 2 or 3".to_string(),
             Kind::PositiveInts => "a list of positive integers, e.g. [7, 8, 8, 7]".to_string(),
+            Kind::Strings => "a string or a list of strings, e.g. \"all-linear\" or [\"q_proj\", \"v_proj\"]".to_string(),
         }
     }
 }
@@ -160,6 +163,18 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
             key("pp_schedule", Kind::Choice(PipelineSchedule::NAMES)),
             key("pp_virtual", Kind::PositiveInt),
             key("pp_split", Kind::PositiveInts),
+        ],
+    },
+    SectionSpec {
+        name: "lora",
+        required: false,
+        keys: &[
+            key("r", Kind::PositiveInt),
+            key("alpha", Kind::Number),
+            key("dropout", Kind::Number),
+            key("targets", Kind::Strings),
+            key("rslora", Kind::Bool),
+            key("base", Kind::Choice(LoraBase::NAMES)),
         ],
     },
     SectionSpec {

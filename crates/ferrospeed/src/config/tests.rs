@@ -111,6 +111,7 @@ fn minimal_config_gets_defaults() {
         parallel: ParallelConfig { pp: 1, tp: 1, sp: false, cp: 1, ep: 1, pp_schedule: PipelineSchedule::OneFOneB, pp_virtual: 1, pp_split: vec![] },
         checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true, keep_best: false },
         track: TrackConfig { dir: None, tensorboard: true, backends: vec![TrackBackend::Tensorboard], mlflow_uri: None, mlflow_experiment: None },
+        lora: None,
     };
     assert_eq!(config, expected);
     assert_eq!(config.train, TrainConfig::default());
@@ -272,6 +273,7 @@ mlflow_experiment = \"llama-sft\"
             mlflow_uri: Some("https://mlflow.example.com/team/".into()),
             mlflow_experiment: Some("llama-sft".into()),
         },
+        lora: None,
     };
     assert_eq!(config, expected);
 
@@ -586,4 +588,30 @@ fn evaluation_settings_are_checked() {
     check_ok(MINIMAL, &["data.eval_split=0.1", "train.eval_every=3", "checkpoint.dir=ck", "checkpoint.every=6", "checkpoint.keep_best=true", "train.early_stopping_patience=2"]);
     let ok = check_ok(MINIMAL, &["data.eval_split=0.05", "train.eval_every=10", "train.eval_batches=2"]);
     assert_eq!((ok.data.eval_split, ok.train.eval_every, ok.train.eval_batches), (0.05, 10, 2));
+}
+
+#[test]
+fn lora_section_parses_with_peft_defaults_and_refuses_bad_values() {
+    let base = MINIMAL;
+    assert_eq!(check_ok(base, &[]).lora, None);
+    let l = check_ok(&format!("{base}[lora]\n"), &[]).lora.unwrap();
+    assert_eq!(l, super::LoraConfig::default());
+    let l = check_ok(&format!("{base}[lora]\nr = 16\nalpha = 32\ntargets = [\"q_proj\", \"model.layers.*.mlp.*\"]\nrslora = true\n"), &[]).lora.unwrap();
+    assert_eq!((l.r, l.alpha, l.rslora, l.targets.len()), (16, 32.0, true, 2));
+    let l = check_ok(base, &["lora.targets=v_proj", "lora.r=4"]).lora.unwrap();
+    assert_eq!((l.r, l.targets), (4, vec!["v_proj".to_string()]));
+    for (text, want) in [
+        ("r = 0", "lora.r"),
+        ("r = -2", "lora.r"),
+        ("alpha = 0", "lora.alpha"),
+        ("dropout = 1.5", "lora.dropout"),
+        ("targets = []", "lora.targets"),
+        ("targets = [1]", "lora.targets"),
+        ("base = \"nf8\"", "lora.base"),
+        ("rank = 8", "lora.rank"),
+        ("dropout = 0.05", "not built yet"),
+        ("base = \"nf4\"", "not built yet"),
+    ] {
+        check_err(text, &format!("{base}[lora]\n{text}\n"), &[], &[want]);
+    }
 }

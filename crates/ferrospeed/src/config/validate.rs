@@ -5,7 +5,7 @@
 //! machine; the order is otherwise the order of the sections in a config file.
 
 use super::error::{quote, quote_path, ConfigError};
-use super::{Config, Offload, PipelineSchedule, Vocab, ZeroStage};
+use super::{Config, LoraBase, Offload, PipelineSchedule, Vocab, ZeroStage};
 
 /// Which sections a config is checked for: all of them for `ferrospeed train`; for a user's own
 /// program (`Accelerator`) `[model]` and `[data]` only when the file has them.
@@ -75,6 +75,7 @@ pub(crate) fn validate(config: &Config, scope: Scope) -> Result<(), ConfigError>
     }
     check_zero(config)?;
     check_eval(config)?;
+    check_lora(config)?;
     check_parallel(config)?;
     check_track(config)?;
     check_paths(config, scope)
@@ -240,6 +241,24 @@ fn check_eval(config: &Config) -> Result<(), ConfigError> {
             "needs a held-out loss at every checkpoint",
             "set checkpoint.dir, and checkpoint.every to a multiple of train.eval_every",
         ));
+    }
+    Ok(())
+}
+
+/// `[lora]`: a positive scale, a dropout probability, what is built.
+fn check_lora(config: &Config) -> Result<(), ConfigError> {
+    let Some(l) = &config.lora else { return Ok(()) };
+    if !(l.alpha.is_finite() && l.alpha > 0.0) {
+        return Err(ConfigError::invalid("lora.alpha", l.alpha, "is not a positive number", "use e.g. 16 (the update is scaled by alpha / r)"));
+    }
+    if !(0.0..1.0).contains(&l.dropout) {
+        return Err(ConfigError::invalid("lora.dropout", l.dropout, "is not a probability in [0, 1)", "use e.g. 0.05, or 0 for none"));
+    }
+    if l.dropout > 0.0 {
+        return Err(ConfigError::invalid("lora.dropout", l.dropout, "is not built yet (adapters train without dropout)", "set lora.dropout = 0"));
+    }
+    if l.base == LoraBase::Nf4 {
+        return Err(ConfigError::invalid("lora.base", "\"nf4\"", "is not built yet (the base is kept in the compute dtype)", "set lora.base = \"bf16\""));
     }
     Ok(())
 }

@@ -111,7 +111,10 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     // puts those of offloaded blocks in host memory or files.
     let shards_on_device = plan.on_gpu && gathered && plan.strategy.offload_params == crate::shard::Offload::None;
     let offloaded_windows: u64 = if shards_on_device { on(Tier::Host).sum::<u64>() + on(Tier::Nvme).sum::<u64>() } else { 0 };
-    let params = if gathered { (device_tier + offloaded_windows) * c } else { sum(&padded) * c } + if plan.on_gpu && (1..=2).contains(&stage) { device_tier * c } else { 0 };
+    // Frozen parameters (a LoRA base): compute dtype only, whole or this rank's shard.
+    let frozen: Vec<u64> = (0..model.num_blocks()).map(|i| FlatParam::new(model.frozen_params(i), w).padded_numel() as u64).collect();
+    let frozen_held = if gathered { sum(&frozen) / w as u64 } else { sum(&frozen) } * c;
+    let params = if gathered { (device_tier + offloaded_windows) * c } else { sum(&padded) * c } + if plan.on_gpu && (1..=2).contains(&stage) { device_tier * c } else { 0 } + frozen_held;
     let grads = if stage <= 1 {
         sum(&padded) * 4
     } else {
@@ -120,8 +123,8 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     let state = device_tier * 4 * (1 + k);
     let gathers = match (gathered, plan.checkpointing) {
         (false, _) => 0,
-        (true, false) => sum(&padded) * c,
-        (true, true) => 2 * max(&padded) * c,
+        (true, false) => (sum(&padded) + sum(&frozen)) * c,
+        (true, true) => 2 * padded.iter().zip(&frozen).map(|(p, f)| p + f).max().unwrap_or(0) * c,
     };
     let activations = if plan.checkpointing { plan.activations.recomputed } else { plan.activations.kept } + gathers;
 

@@ -1,0 +1,97 @@
+//! A LoRA run's adapters outside ferrospeed: what `train` records of them in the checkpoint
+//! (`run.lora`), and `checkpoint export --adapter`, a PEFT directory (`adapter_config.json`,
+//! `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` `[r, in]` and
+//! `lora_B.weight` `[out, r]`) that `PeftModel.from_pretrained` loads over the base.
+
+use crate::usage::usage_error;
+use anyhow::Result;
+use ferrospeed::checkpoint::{self, DirExport, ExportStats, Meta, WeightDtype};
+use ferrospeed_models::ops::lora::MODULES;
+use ferrospeed_models::Family;
+use std::path::Path;
+
+/// The key of the checkpoint's run record that holds the adapters' settings.
+pub(crate) const LORA_KEY: &str = "lora";
+
+/// What `train` records of a LoRA run: PEFT's settings and where the base came from.
+pub(crate) fn record(family: &Family, cfg: &ferrospeed::config::Config) -> Option<serde_json::Value> {
+    let (lora, l) = (family.lora()?, cfg.lora.as_ref()?);
+    let base = cfg.model.init_from.as_ref().map(|p| p.canonicalize().unwrap_or_else(|_| p.clone()).display().to_string());
+    Some(serde_json::json!({
+        "r": l.r,
+        "lora_alpha": l.alpha,
+        "lora_dropout": l.dropout,
+        "use_rslora": l.rslora,
+        "target_modules": target_modules(&lora.targets),
+        "base_model_name_or_path": base,
+    }))
+}
+
+/// PEFT's `target_modules` for the adapted modules of each layer: the modules' own names
+/// (`"q_proj"`, matched by suffix) when every layer adapts the same ones, else each adapted module's
+/// full name (matched exactly).
+fn target_modules(targets: &[[bool; 7]]) -> Vec<String> {
+    let short = |m: &str| m.rsplit('.').next().unwrap_or(m).to_string();
+    if targets.windows(2).all(|w| w[0] == w[1]) {
+        let first = targets.first().copied().unwrap_or([false; 7]);
+        return MODULES.iter().zip(first).filter(|(_, on)| *on).map(|(m, _)| short(m)).collect();
+    }
+    let mut out = Vec::new();
+    for (l, t) in targets.iter().enumerate() {
+        out.extend(MODULES.iter().zip(t).filter(|(_, on)| **on).map(|(m, _)| format!("model.layers.{l}.{m}")));
+    }
+    out
+}
+
+/// The checkpoint's adapters, if it is a LoRA run's.
+pub(crate) fn recorded(meta: &Meta) -> Option<&serde_json::Value> {
+    meta.run.get(LORA_KEY).filter(|v| v.is_object())
+}
+
+/// `adapter_config.json` for a recorded LoRA run.
+fn adapter_config(lora: &serde_json::Value) -> serde_json::Value {
+    let get = |k: &str| lora.get(k).cloned().unwrap_or(serde_json::Value::Null);
+    serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": get("r"),
+        "lora_alpha": get("lora_alpha"),
+        "lora_dropout": get("lora_dropout"),
+        "use_rslora": get("use_rslora"),
+        "target_modules": get("target_modules"),
+        "base_model_name_or_path": get("base_model_name_or_path"),
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    })
+}
+
+/// Write checkpoint `dir`'s adapters as a PEFT directory at `out` (atomically, as every export).
+pub(crate) fn export_adapter(dir: &Path, out: &Path, meta: &Meta, dtype: WeightDtype) -> Result<ExportStats> {
+    let lora = recorded(meta).ok_or_else(|| usage_error(format!("{} is not a LoRA run's checkpoint (it trained every weight): export it without --adapter", dir.display())))?;
+    let names = crate::checkpoint_cmd::export_names(meta);
+    let peft = move |block: &str, param: &str| format!("base_model.model.{}", names(block, param));
+    let files = vec![("adapter_config.json".to_string(), serde_json::to_vec_pretty(&adapter_config(lora))?)];
+    let opts = DirExport { name_of: &peft, dtype, max_shard_bytes: u64::MAX, files, single_file: Some("adapter_model.safetensors") };
+    checkpoint::export_dir(dir, out, &opts).map_err(|e| match e {
+        checkpoint::CheckpointError::Exists { .. } => usage_error(e.to_string()),
+        e => e.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_modules_are_short_names_when_every_layer_agrees() {
+        let qv = [true, false, true, false, false, false, false];
+        assert_eq!(target_modules(&[qv, qv]), ["q_proj", "v_proj"]);
+        assert_eq!(target_modules(&[qv, [false; 7]]), ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]);
+    }
+}

@@ -1,0 +1,121 @@
+//! `[lora]` through `ferrospeed train` on CPU, from a transformers directory: adapters train on the
+//! frozen base (stages bitwise, a resumed run bitwise an uninterrupted one), the checkpoint holds the
+//! adapters alone, `checkpoint export --adapter` writes a PEFT directory (its config keys, and
+//! `base_model.model.…lora_A/B.weight` tensors of PEFT's shapes equal to the checkpoint's), a plain
+//! export is refused, and bad `[lora]` settings are one line with nothing written.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use support::*;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/hf/gqa_untied")
+}
+
+/// A word-level tokenizer.json within the fixture's vocabulary of 64.
+fn tokenizer(dir: &Path) -> PathBuf {
+    let vocab: serde_json::Map<String, serde_json::Value> = "the a of to and in is it that for on with as be by this are or not".split(' ').chain(["[UNK]"]).enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
+    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}});
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, tok.to_string()).unwrap();
+    path
+}
+
+fn config(dir: &Path, lora: &str) -> PathBuf {
+    let model = format!("seq_len = 8\ninit_from = \"{}\"\ntokenizer = \"{}\"", fixture().display(), tokenizer(dir).display());
+    let path = write_config(dir, &model, "steps = 4\nglobal_batch = 4\nmicro_batch = 1\nwarmup = 1\nlr = 1e-2");
+    let text = std::fs::read_to_string(&path).unwrap() + &format!("\n[lora]\n{lora}\n");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn safetensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| (name, v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+#[test]
+fn adapters_train_resume_and_export_as_a_peft_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "r = 4\nalpha = 8\ntargets = \"all-linear\"");
+    let ckpt = dir.path().join("ckpt");
+    let ck = |d: &Path| vec![format!("checkpoint.dir={}", d.display()), "checkpoint.every=2".into()];
+    let full = train(2, &cfg, &dir.path().join("full"), &[ck(&ckpt), vec!["zero.stage=3".into()]].concat());
+    assert!(full.iter().all(|(_, l)| l.is_finite()), "{full:?}");
+    let s0 = train(2, &cfg, &dir.path().join("s0"), &[]);
+    assert_eq!(bits(&s0), bits(&full), "stage 3 vs stage 0");
+    // Resumed from step 2: the adapters from the checkpoint, the base from model.init_from again.
+    let root = root_with(&ckpt.join("step-00000002"), &dir.path().join("resume-from"));
+    let resumed = train(2, &cfg, &dir.path().join("resumed"), &[format!("checkpoint.dir={}", root.display()), "zero.stage=1".into()]);
+    assert_eq!(bits(&resumed), bits(&full[2..]), "resumed vs uninterrupted");
+
+    // A plain export is refused: the checkpoint is not a model.
+    let step = ckpt.join("step-00000004");
+    let mut cmd = ferrospeed();
+    cmd.args(["checkpoint", "export"]).arg(&step).arg(dir.path().join("plain"));
+    let f = run(&mut cmd, std::time::Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.contains("--adapter") && !dir.path().join("plain").exists(), "{}", f.stderr);
+
+    // The PEFT directory.
+    let out = dir.path().join("adapter");
+    let mut cmd = ferrospeed();
+    cmd.args(["checkpoint", "export"]).arg(&step).arg(&out).args(["--adapter", "--dtype", "f32"]);
+    let f = run(&mut cmd, std::time::Duration::from_secs(60));
+    assert!(f.status.success(), "{}\n{}", f.stdout, f.stderr);
+    let conf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(conf["peft_type"], "LORA");
+    assert_eq!(conf["task_type"], "CAUSAL_LM");
+    assert_eq!((conf["r"].as_u64(), conf["lora_alpha"].as_f64(), conf["use_rslora"].as_bool()), (Some(4), Some(8.0), Some(false)));
+    let targets: Vec<&str> = conf["target_modules"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    assert_eq!(targets, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
+    assert!(conf["base_model_name_or_path"].as_str().unwrap().ends_with("gqa_untied"), "{conf}");
+    let tensors = safetensors(&out.join("adapter_model.safetensors"));
+    let hf: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap()).unwrap();
+    let (d, layers) = (hf["hidden_size"].as_u64().unwrap() as usize, hf["num_hidden_layers"].as_u64().unwrap() as usize);
+    assert_eq!(tensors.len(), 2 * 7 * layers, "{:?}", tensors.iter().map(|t| &t.0).collect::<Vec<_>>());
+    let q_a = tensors.iter().find(|t| t.0 == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").expect("PEFT's name for layer 0's q_proj A");
+    assert_eq!(q_a.1, vec![4, d], "A is [r, in]");
+    let down_b = tensors.iter().find(|t| t.0 == "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight").expect("layer 1's down_proj B");
+    assert_eq!(down_b.1, vec![d, 4], "B is [out, r]");
+    assert!(down_b.2.iter().any(|&x| x != 0.0), "B trained away from zero");
+    // Tensor for tensor the checkpoint's values (its single-file export under ferrospeed's names).
+    let whole = dir.path().join("ck.safetensors");
+    ferrospeed::checkpoint::export(&step, &whole, &ferrospeed::accelerator::block_dot_param).unwrap();
+    let ours = safetensors(&whole);
+    assert_eq!(ours.len(), tensors.len());
+    for (name, shape, values) in &ours {
+        let peft = format!("base_model.model.model.{name}");
+        let t = tensors.iter().find(|t| t.0 == peft).unwrap_or_else(|| panic!("{peft} is missing"));
+        assert!(t.1 == *shape && t.2 == *values, "{peft} differs from the checkpoint's {name}");
+    }
+}
+
+/// `train` refused with exit 2, `needles` in one line of stderr, nothing written.
+fn refused(dir: &Path, lora: &str, needles: &[&str]) {
+    let cfg = config(dir, lora);
+    let track = dir.join("track-refused");
+    let f = run(&mut train_command(1, &cfg, &track, &[]), std::time::Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{lora}: {}\n{}", f.stdout, f.stderr);
+    assert!(f.stderr.lines().any(|l| needles.iter().all(|n| l.contains(n))), "{lora}: no line with {needles:?} in:\n{}", f.stderr);
+    assert!(!track.exists(), "{lora}: nothing is written");
+}
+
+#[test]
+fn bad_lora_settings_are_one_line_with_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
+    refused(dir.path(), "targets = [\"q_porj\"]", &["lora.targets", "\"q_porj\" matches no module", "self_attn.q_proj"]);
+    refused(dir.path(), "r = 0", &["lora.r"]);
+    refused(dir.path(), "alpha = -1", &["lora.alpha"]);
+    refused(dir.path(), "dropout = 0.1", &["lora.dropout", "not built yet"]);
+}
