@@ -1,0 +1,65 @@
+//! LoRA on a GPU (ranks as threads sharing GPU 0): the frozen base on the device, bf16 losses bitwise
+//! across ZeRO stages 0–3 at world 1 and 2, fp32 close to the CPU, the base unchanged after training.
+//! Where no GPU can be used each test prints the skip line of the GPU scripts and returns.
+#![cfg(feature = "cuda")]
+
+mod support;
+
+use candle_core::Device;
+use ferrospeed::comm::run_local_world;
+use ferrospeed::engine::{Engine, Model};
+use ferrospeed::optim::LrSchedule;
+use ferrospeed::precision::Precision;
+use ferrospeed::{CommConfig, Communicator};
+use ferrospeed_models::llama::LlamaLora;
+use ferrospeed_models::ops::lora::{resolve_targets, LoraShape};
+use ferrospeed_models::{BatchSampler, Llama, LlamaConfig};
+use std::sync::Arc;
+use support::{batches, bits, bits32, gpu_or_skip};
+
+const STEPS: usize = 4;
+
+fn model() -> Model {
+    let cfg = LlamaConfig { tie_word_embeddings: true, ..LlamaConfig::tiny(2, 128, 4, 2, 256, 64) };
+    let targets = resolve_targets(2, &["all-linear".to_string()]).unwrap();
+    Llama::with_lora(cfg, LlamaLora { shape: LoraShape { r: 8, alpha: 16.0, rslora: false }, targets }).unwrap().model().unwrap()
+}
+
+/// Rank 0's losses, and whether every rank's frozen base came out of training as it went in.
+fn train(world: usize, stage: u8, precision: Precision, device: &Device) -> (Vec<f64>, bool) {
+    let corpus = support::corpus("The base is frozen on the device; the adapters train. ", 60);
+    let out = run_local_world(world, &CommConfig::default(), |comm| {
+        let rank = comm.rank();
+        let mut cfg = support::engine_config(stage, precision, false, 3);
+        cfg.device = device.clone();
+        let mut engine = Engine::new(model(), Arc::new(comm), cfg).unwrap();
+        let frozen = |e: &Engine| (0..e.model().num_blocks()).map(|i| bits32(&e.frozen_values(i).unwrap().1)).collect::<Vec<_>>();
+        let before = frozen(&engine);
+        let sampler = BatchSampler { seed: 3, seq_len: 64, micro_batch: 2, accumulation: 2 / world, world_size: world, rank };
+        let schedule = LrSchedule { lr: 1e-2, min_lr: 1e-3, warmup: 1, total: STEPS };
+        let losses: Vec<f64> = (0..STEPS).map(|s| engine.train_step_at(&batches(&sampler, &corpus, s, device), schedule.at(s)).unwrap().loss).collect();
+        (losses, frozen(&engine) == before)
+    })
+    .unwrap();
+    (out[0].0.clone(), out.iter().all(|o| o.1))
+}
+
+#[test]
+fn lora_trains_on_the_gpu_bitwise_across_stages_and_close_to_the_cpu() {
+    let Some(gpu) = gpu_or_skip("lora_trains_on_the_gpu_bitwise_across_stages_and_close_to_the_cpu") else { return };
+    for world in [1, 2] {
+        let (base, same) = train(world, 0, Precision::Bf16, &gpu);
+        assert!(same && base.iter().all(|l| l.is_finite()), "world {world}: {base:?}");
+        for stage in 1..=3u8 {
+            let (got, same) = train(world, stage, Precision::Bf16, &gpu);
+            assert_eq!(bits(&got), bits(&base), "bf16 world {world} stage {stage} vs stage 0 on the GPU");
+            assert!(same, "world {world} stage {stage}: training changed the frozen base");
+        }
+    }
+    let (gpu32, _) = train(1, 0, Precision::Fp32, &gpu);
+    let (cpu32, _) = train(1, 0, Precision::Fp32, &Device::Cpu);
+    for (g, c) in gpu32.iter().zip(&cpu32) {
+        assert!((g - c).abs() <= 1e-4 * c.abs(), "fp32 GPU vs CPU: {gpu32:?} vs {cpu32:?}");
+    }
+    eprintln!("lora on the GPU: fp32 {gpu32:?}, CPU {cpu32:?}");
+}
