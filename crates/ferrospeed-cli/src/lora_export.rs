@@ -95,3 +95,39 @@ mod tests {
         assert_eq!(target_modules(&[qv, [false; 7]]), ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]);
     }
 }
+
+/// Check a PEFT adapter directory (`model.adapter_from`) against the run's `[lora]` before anything
+/// runs: the same rank, alpha and rsLoRA, and exactly the adapted modules (each tensor of the file one
+/// of the model's adapters, each adapter in the file). One line naming the difference otherwise.
+pub(crate) fn check_adapter(dir: &Path, family: &Family, lora: &ferrospeed::config::LoraConfig) -> Result<(), String> {
+    let at = |why: String| format!("model.adapter_from = {}: {why}", dir.display());
+    let text = std::fs::read_to_string(dir.join("adapter_config.json")).map_err(|e| at(format!("adapter_config.json: {e}")))?;
+    let conf: serde_json::Value = serde_json::from_str(&text).map_err(|e| at(format!("adapter_config.json: {e}")))?;
+    if conf.get("peft_type").and_then(|v| v.as_str()).is_some_and(|t| t != "LORA") {
+        return Err(at(format!("it is a {} adapter, not LoRA", conf["peft_type"])));
+    }
+    let num = |k: &str| conf.get(k).and_then(serde_json::Value::as_f64);
+    for (key, theirs, ours) in [("r", num("r"), lora.r as f64), ("lora_alpha", num("lora_alpha"), lora.alpha)] {
+        if theirs.is_some_and(|t| t != ours) {
+            return Err(at(format!("its {key} is {} but [lora] has {ours}: set lora.{} = {}", theirs.unwrap_or_default(), if key == "r" { "r" } else { "alpha" }, theirs.unwrap_or_default())));
+        }
+    }
+    let rs = conf.get("use_rslora").and_then(serde_json::Value::as_bool).unwrap_or(false);
+    if rs != lora.rslora {
+        return Err(at(format!("its use_rslora is {rs} but lora.rslora is {}: set lora.rslora = {rs}", lora.rslora)));
+    }
+    let file = dir.join("adapter_model.safetensors");
+    let files = ferrospeed::checkpoint::WeightFiles::open(&file).map_err(|e| at(e.to_string()))?;
+    let model = family.model().map_err(|e| at(e.to_string()))?;
+    let names = family.names().map;
+    let ours: std::collections::BTreeSet<String> =
+        (0..model.num_blocks()).flat_map(|b| model.own_params(b).iter().map(move |s| (b, s))).map(|(b, s)| format!("base_model.model.{}", names(&model.block_names()[b], &s.name))).collect();
+    let theirs: std::collections::BTreeSet<String> = files.names().map(str::to_string).collect();
+    if let Some(extra) = theirs.difference(&ours).next() {
+        return Err(at(format!("it has {extra}, which lora.targets does not adapt: widen lora.targets to the adapter's target_modules {}", conf["target_modules"])));
+    }
+    if let Some(missing) = ours.difference(&theirs).next() {
+        return Err(at(format!("it has no {missing}: narrow lora.targets to the adapter's target_modules {}", conf["target_modules"])));
+    }
+    Ok(())
+}

@@ -39,6 +39,9 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     let cfg = Config::load(&args.config, &args.overrides).map_err(|e| usage_error(e.to_string()))?;
     let (family, tokenizer) = Family::for_run(&cfg).map_err(|e| usage_error(e.to_string()))?;
     let ignored = family.check_inputs(cfg.model.init_from.as_deref(), &tokenizer, "model.init_from").map_err(usage_error)?;
+    if let (Some(dir), Some(lora)) = (&cfg.model.adapter_from, &cfg.lora) {
+        crate::lora_export::check_adapter(dir, &family, lora).map_err(usage_error)?;
+    }
     let model = family.model()?;
     // Before anything is allocated or written: does the config fit this machine?
     let world = ferrospeed::WorldInfo::from_env()?;

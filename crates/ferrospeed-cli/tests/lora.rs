@@ -119,3 +119,56 @@ fn bad_lora_settings_are_one_line_with_nothing_written() {
     refused(dir.path(), "alpha = -1", &["lora.alpha"]);
     refused(dir.path(), "dropout = 0.1", &["lora.dropout", "not built yet"]);
 }
+
+/// The PEFT fixtures (ferrospeed-models/tests/fixtures/make_peft_fixtures.py).
+fn peft_fixture(variant: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/peft").join(variant)
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// `target_modules` as the adapted modules of each layer (PEFT writes full names or suffixes).
+fn adapted(conf: &serde_json::Value) -> Vec<[bool; 7]> {
+    let t: Vec<String> = conf["target_modules"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+    ferrospeed_models::ops::lora::resolve_targets(2, &t).unwrap()
+}
+
+#[test]
+fn a_peft_adapter_imports_and_exports_tensor_for_tensor_with_pefts_config_keys() {
+    for variant in ["all_linear", "qv_rslora"] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = peft_fixture(variant);
+        let theirs = json(&src.join("adapter_config.json"));
+        let targets: Vec<String> = theirs["target_modules"].as_array().unwrap().iter().map(|v| format!("{v}")).collect();
+        let lora = format!("r = {}\nalpha = {}\nrslora = {}\ntargets = [{}]", theirs["r"], theirs["lora_alpha"], theirs["use_rslora"], targets.join(", "));
+        let cfg = config(dir.path(), &lora);
+        std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("steps = 4", "steps = 0").replace("warmup = 1", "warmup = 0").replace("[model]\n", &format!("[model]\nadapter_from = \"{}\"\n", src.display()))).unwrap();
+        let ckpt = dir.path().join("ckpt");
+        train(1, &cfg, &dir.path().join("track"), &[format!("checkpoint.dir={}", ckpt.display())]);
+        let out = dir.path().join("adapter");
+        let mut cmd = ferrospeed();
+        cmd.args(["checkpoint", "export"]).arg(&ckpt).arg(&out).args(["--adapter", "--dtype", "f32"]);
+        let f = run(&mut cmd, std::time::Duration::from_secs(60));
+        assert!(f.status.success(), "{}\n{}", f.stdout, f.stderr);
+        assert_eq!(safetensors(&out.join("adapter_model.safetensors")), safetensors(&src.join("adapter_model.safetensors")), "{variant}: tensor for tensor");
+        let ours = json(&out.join("adapter_config.json"));
+        for key in ours.as_object().unwrap().keys() {
+            assert!(theirs.get(key).is_some(), "{variant}: {key} is not a key of PEFT's adapter_config.json");
+        }
+        for key in ["peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "fan_in_fan_out", "modules_to_save", "layers_to_transform"] {
+            assert!(ours[key] == theirs[key] || ours[key].as_f64().is_some() && ours[key].as_f64() == theirs[key].as_f64(), "{variant}: {key} {} vs PEFT's {}", ours[key], theirs[key]);
+        }
+        assert_eq!(adapted(&ours), adapted(&theirs), "{variant}: the same modules adapted");
+    }
+    // An adapter of another rank is refused before anything runs.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "r = 8\nalpha = 8\ntargets = \"all-linear\"");
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap().replace("[model]\n", &format!("[model]\nadapter_from = \"{}\"\n", peft_fixture("all_linear").display()))).unwrap();
+    let track = dir.path().join("track");
+    let f = run(&mut train_command(1, &cfg, &track, &[]), std::time::Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.lines().any(|l| l.contains("model.adapter_from") && l.contains("its r is 4") && l.contains("lora.r = 4")), "{}", f.stderr);
+    assert!(!track.exists());
+}

@@ -43,6 +43,14 @@ pub enum AccelError {
         /// Why it could not be loaded.
         source: crate::checkpoint::CheckpointError,
     },
+    /// `model.adapter_from` could not be loaded.
+    #[error("model.adapter_from = {path}: {source}")]
+    AdapterFrom {
+        /// The adapter directory.
+        path: PathBuf,
+        /// Why it could not be loaded.
+        source: crate::checkpoint::CheckpointError,
+    },
     /// The checkpoint `checkpoint.resume` found cannot be resumed by this run.
     #[error("{source}: resume it with the config that saved it, or give this run another checkpoint.dir (or checkpoint.resume = false)")]
     Resume {
@@ -65,6 +73,7 @@ impl AccelError {
                 | AccelError::RunDirRefused(_)
                 | AccelError::NoCheckpointDir { .. }
                 | AccelError::InitFrom { .. }
+                | AccelError::AdapterFrom { .. }
                 | AccelError::Resume { .. }
                 | AccelError::Checkpoint(crate::checkpoint::CheckpointError::DiskFull { .. })
                 | AccelError::Args(_)

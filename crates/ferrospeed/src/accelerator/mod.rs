@@ -292,6 +292,13 @@ impl Accelerator {
             let host_growth_bytes = measured.then(|| crate::track::peak_rss_bytes().saturating_sub(rss_before));
             self.import = Some(ImportReport { seconds: t0.elapsed().as_secs_f64(), stats, host_growth_bytes });
         }
+        // A PEFT adapter over that base: its tensors are `base_model.model.<outside name>`.
+        if let Some(dir) = &self.cfg.model.adapter_from {
+            let names = options.names.map;
+            let peft = move |block: &str, param: &str| format!("base_model.model.{}", names(block, param));
+            checkpoint::load_consolidated(&mut engine, &dir.join("adapter_model.safetensors"), &peft, checkpoint::ImportScope::Trainable)
+                .map_err(|source| AccelError::AdapterFrom { path: dir.clone(), source })?;
+        }
         if let (Some(dir), true) = (&self.cfg.checkpoint.dir, self.cfg.checkpoint.resume) {
             if let Some(found) = checkpoint::latest(dir)? {
                 let meta = checkpoint::load_into(&mut engine, &found).map_err(|e| match e {

@@ -186,13 +186,15 @@ pub struct ImportStats {
 pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>, scope: ImportScope) -> Result<ImportStats, CheckpointError> {
     let mut files = WeightFiles::open(path)?;
     let mut stats = ImportStats::default();
-    if scope == ImportScope::All {
+    if scope != ImportScope::Frozen {
         engine.overwrite_blocks(0, None, |w| -> Result<(), CheckpointError> {
             stats.largest_block_bytes = stats.largest_block_bytes.max(w.master.len() * 4 * (1 + w.state.len()));
             read_window(&mut files, path, name_of, w.block, w.flat, w.window, w.master, &mut stats)
         })?;
     }
-    engine.overwrite_frozen(|w| read_window(&mut files, path, name_of, w.block, w.flat, w.window, w.values, &mut stats))?;
+    if scope != ImportScope::Trainable {
+        engine.overwrite_frozen(|w| read_window(&mut files, path, name_of, w.block, w.flat, w.window, w.values, &mut stats))?;
+    }
     Ok(stats)
 }
 
@@ -205,6 +207,8 @@ pub enum ImportScope {
     /// The frozen ones alone (the base of an adapter, whose own tensors the file does not hold): the
     /// trainable ones keep their initial values.
     Frozen,
+    /// The trainable ones alone (an adapter over a base already loaded).
+    Trainable,
 }
 
 /// Read `window` of a block's flat buffer (`flat`) from the weight files into `dst`, parameter by parameter.

@@ -120,6 +120,11 @@ pub struct ModelConfig {
     /// Weights to start from instead of random initialisation: a transformers model directory
     /// (`config.json` + safetensors, sharded or not) or a safetensors file.
     pub init_from: Option<PathBuf>,
+    /// A PEFT LoRA adapter directory (`adapter_config.json`, `adapter_model.safetensors`) the adapters
+    /// of `[lora]` start from, over the base of `init_from`. Absent from the serialised config when
+    /// unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_from: Option<PathBuf>,
 }
 
 impl ModelConfig {

@@ -287,6 +287,7 @@ pub(crate) fn build(table: &toml::Table) -> Config {
             vocab: v.str("model", "vocab").and_then(Vocab::from_name).unwrap_or(Vocab::Bytes),
             tokenizer: v.path("model", "tokenizer"),
             init_from: v.path("model", "init_from"),
+            adapter_from: v.path("model", "adapter_from"),
         },
         data: DataConfig { path: v.str("data", "path").map(PathBuf::from).unwrap_or_default(), packing: v.bool("data", "packing").unwrap_or(true), allow_binary: v.bool("data", "allow_binary").unwrap_or(false),
             eval_path: v.path("data", "eval_path"),

@@ -101,6 +101,7 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
             key("vocab", Kind::Choice(Vocab::NAMES)),
             key("tokenizer", Kind::Path),
             key("init_from", Kind::Path),
+            key("adapter_from", Kind::Path),
         ],
     },
     // The section may be absent from the text but its `path` may not; the message then names the key.

@@ -69,6 +69,7 @@ fn minimal_config_gets_defaults() {
             vocab: Vocab::Bytes,
             tokenizer: None,
             init_from: None,
+            adapter_from: None,
         },
         data: DataConfig { path: PathBuf::from(data_path()), packing: true, allow_binary: false, eval_path: None, eval_split: 0.0 },
         train: TrainConfig {
@@ -218,6 +219,7 @@ mlflow_experiment = \"llama-sft\"
             vocab: Vocab::Bytes,
             tokenizer: None,
             init_from: Some(weights.clone()),
+            adapter_from: None,
         },
         data: DataConfig { path: dir.path().to_path_buf(), packing: true, allow_binary: false, eval_path: None, eval_split: 0.1 },
         train: TrainConfig {

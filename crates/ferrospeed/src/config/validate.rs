@@ -413,6 +413,14 @@ fn check_paths(config: &Config, scope: Scope) -> Result<(), ConfigError> {
     if let Some(tok) = config.model.tokenizer.as_ref().filter(|t| !t.is_file()) {
         return Err(ConfigError::invalid("model.tokenizer", quote_path(tok), "does not exist", "point it at a tokenizer.json, or remove the key"));
     }
+    if let Some(dir) = &config.model.adapter_from {
+        if config.lora.is_none() {
+            return Err(ConfigError::invalid("model.adapter_from", quote_path(dir), "needs adapters to load into", "add a [lora] section with the adapter's r, alpha and targets"));
+        }
+        if !dir.join("adapter_model.safetensors").is_file() {
+            return Err(ConfigError::invalid("model.adapter_from", quote_path(dir), "has no adapter_model.safetensors", "point it at a PEFT adapter directory (save_pretrained's output)"));
+        }
+    }
     if let Some(init) = &config.model.init_from {
         if !init.exists() {
             return Err(ConfigError::invalid(

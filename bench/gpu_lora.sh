@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call for issue 27's LoRA speed point: bench-train --lora-r R (all-linear, alpha 2R, bf16 base) against
+# HF transformers + PEFT (bench/anchor_peft.py, the same shape, batch, optimizer and adapters) in the same call,
+# for each of LORA_MODELS (default llama-8b) at micro-batch LORA_MB (4), T=LORA_T (1024), R=LORA_R (16).
+# Carried: .carry/*.xz (bench/gpu_pack.sh), .carry/device-env.sh, .carry/wheels/peft-*.whl. JSON lines in $OUT/lora.jsonl.
+set -u
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT" /tmp/bin
+for f in .carry/*.xz; do
+  b=/tmp/bin/$(basename "$f" .xz)
+  [ -x "$b" ] || { xz -dc "$f" > "$b" && chmod +x "$b"; }
+done
+source .carry/device-env.sh
+python3 -c "import peft" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .carry/wheels/peft-*.whl 2>&1 | tail -2
+BIN=/tmp/bin/ferrospeed
+R=${LORA_R:-16}; MB=${LORA_MB:-4}; T=${LORA_T:-1024}
+label() { sed "s/^{/{\"label\":\"$1\",/"; }
+for m in ${LORA_MODELS:-llama-8b}; do
+  timeout 300 $BIN bench-train --model $m --lora-r $R --micro-batch $MB --seq-len $T --precision bf16 --device cuda --steps 10 --warmup 3 2>>"$OUT/lora.err" | label "ferrospeed-$m" | tee -a "$OUT/lora.jsonl"
+  timeout 300 python3 bench/anchor_peft.py $m $MB $T $R 10 3 2>>"$OUT/lora.err" | label "peft-$m" | tee -a "$OUT/lora.jsonl"
+done
