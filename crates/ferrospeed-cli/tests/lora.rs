@@ -58,6 +58,12 @@ fn adapters_train_resume_and_export_as_a_peft_directory() {
     let root = root_with(&ckpt.join("step-00000002"), &dir.path().join("resume-from"));
     let resumed = train(2, &cfg, &dir.path().join("resumed"), &[format!("checkpoint.dir={}", root.display()), "zero.stage=1".into()]);
     assert_eq!(bits(&resumed), bits(&full[2..]), "resumed vs uninterrupted");
+    // A pipeline of two stages (the frozen base split with its blocks) trains the bits of one rank.
+    let w1 = train(1, &cfg, &dir.path().join("w1"), &[]);
+    let pp2 = train(2, &cfg, &dir.path().join("pp2"), &["parallel.pp=2".into()]);
+    assert_eq!(bits(&pp2), bits(&w1), "pp 2 vs one rank");
+    let zb = train(2, &cfg, &dir.path().join("pp2-zb"), &["parallel.pp=2".into(), "parallel.pp_schedule=zb".into(), "zero.stage=3".into()]);
+    assert_eq!(bits(&zb), bits(&w1), "pp 2 zero-bubble at stage 3 vs one rank");
 
     // A plain export is refused: the checkpoint is not a model.
     let step = ckpt.join("step-00000004");
