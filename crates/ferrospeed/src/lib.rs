@@ -20,6 +20,7 @@ pub mod optim;
 pub mod parallel;
 pub mod precision;
 pub mod profile;
+pub mod quant;
 pub mod rng;
 pub mod shard;
 pub mod track;
