@@ -85,6 +85,9 @@ pub struct BenchTrainArgs {
     /// targets "all-linear") instead of every weight (Llama shapes)
     #[arg(long)]
     pub lora_r: Option<usize>,
+    /// With --lora-r: how the frozen base is stored, bf16 (the compute dtype) or nf4 (QLoRA; lora.base)
+    #[arg(long, default_value = "bf16")]
+    pub lora_base: String,
 }
 
 /// The model `name` for sequences of `seq_len`: GPT-2 sizes, or the Llama shapes of `anchor_llama.py`
@@ -140,7 +143,10 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
         usage_error(format!("--model {} is unknown: use gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-tiny, llama-1b, llama-3b, llama-8b or llama-13b", args.model))
     })?;
     let family = match args.lora_r {
-        Some(r) => family.with_lora(&ferrospeed::config::LoraConfig { r, alpha: 2.0 * r as f64, ..Default::default() }).map_err(|e| usage_error(format!("--lora-r: {e}")))?,
+        Some(r) => {
+            let base = ferrospeed::config::LoraBase::from_name(&args.lora_base).ok_or_else(|| usage_error("--lora-base: use bf16 or nf4"))?;
+            family.with_lora(&ferrospeed::config::LoraConfig { r, alpha: 2.0 * r as f64, base, ..Default::default() }).map_err(|e| usage_error(format!("--lora-r: {e}")))?
+        }
         None => family,
     };
     let (n_layer, d_model, vocab) = dims(&family);
@@ -171,6 +177,11 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
         stage = stage.as_int(),
         ratio = args.offload_ratio,
     );
+    // The adapters' base storage reaches the engine through the config, as in a training run.
+    let toml = match args.lora_r {
+        Some(r) => format!("{toml}\n[lora]\nr = {r}\nalpha = {}\nbase = \"{}\"\n", 2 * r, args.lora_base),
+        None => toml,
+    };
     let cfg = Config::from_toml_str_for_program(&toml, "bench-train", &[]).map_err(|e| usage_error(e.to_string()))?;
     let mut acc = Accelerator::new(&cfg, Options { run_name: "bench".into(), track: false }).map_err(crate::train::accel_error)?;
     let device = acc.device().clone();

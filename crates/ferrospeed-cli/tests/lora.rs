@@ -124,6 +124,29 @@ fn bad_lora_settings_are_one_line_with_nothing_written() {
     refused(dir.path(), "r = 0", &["lora.r"]);
     refused(dir.path(), "alpha = -1", &["lora.alpha"]);
     refused(dir.path(), "dropout = 0.1", &["lora.dropout", "not built yet"]);
+    refused(dir.path(), "base = \"nf4\"\n[zero]\nstage = 3", &["lora.base", "zero.stage = 3"]);
+    // NF4 needs linear weights of whole blocks of 64 values.
+    let cfg = write_config(dir.path(), "kind = \"llama\"\nn_layer = 1\nn_head = 2\nd_model = 20\nseq_len = 8", "steps = 1\nglobal_batch = 2\nmicro_batch = 1\nwarmup = 0");
+    std::fs::write(&cfg, std::fs::read_to_string(&cfg).unwrap() + "\n[lora]\nbase = \"nf4\"\n").unwrap();
+    let track = dir.path().join("track-nf4");
+    let f = run(&mut train_command(1, &cfg, &track, &[]), std::time::Duration::from_secs(60));
+    assert_eq!(f.status.code(), Some(2), "{}", f.stderr);
+    assert!(f.stderr.lines().any(|l| l.contains("lora.base = \"nf4\"") && l.contains("[20, 20]") && l.contains("block of 64")), "{}", f.stderr);
+    assert!(!track.exists());
+}
+
+#[test]
+fn qlora_trains_on_an_nf4_base_from_a_transformers_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "r = 4\nalpha = 8\nbase = \"nf4\"");
+    let nf4 = train(2, &cfg, &dir.path().join("nf4"), &["zero.stage=2".into()]);
+    let s0 = train(2, &cfg, &dir.path().join("nf4-s0"), &[]);
+    assert_eq!(bits(&nf4), bits(&s0), "NF4 base: stage 2 vs stage 0");
+    let bf16 = train(2, &cfg, &dir.path().join("bf16"), &["lora.base=bf16".into()]);
+    // The first step's loss is the quantised base's: close to the full-precision one; then both train.
+    assert!((nf4[0].1 - bf16[0].1).abs() < 0.02 * bf16[0].1, "NF4 {nf4:?} vs the full-precision base {bf16:?}");
+    assert!(nf4.iter().all(|(_, l)| l.is_finite()) && nf4[3].1 < nf4[0].1, "{nf4:?}");
+    assert_ne!(bits(&nf4), bits(&bf16), "the base is quantised");
 }
 
 /// The PEFT fixtures (ferrospeed-models/tests/fixtures/make_peft_fixtures.py).

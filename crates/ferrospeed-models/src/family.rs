@@ -91,6 +91,22 @@ impl Family {
                 let targets = crate::ops::lora::resolve_targets(l.cfg.n_layer, &lora.targets).map_err(FamilyError::Lora)?;
                 let shape = crate::ops::lora::LoraShape { r: lora.r, alpha: lora.alpha, rslora: lora.rslora };
                 let adapted = Llama::with_lora(l.cfg, crate::llama::LlamaLora { shape, targets }).map_err(|e| FamilyError::Lora(e.to_string()))?;
+                if lora.base == ferrospeed::config::LoraBase::Nf4 {
+                    // NF4 quantises each linear weight in blocks of 64 values.
+                    let model = adapted.model().map_err(|e| FamilyError::Lora(e.to_string()))?;
+                    let bad = (0..model.num_blocks()).find_map(|b| {
+                        model.frozen_params(b).iter().find(|s| s.linear && s.numel() % ferrospeed::quant::BLOCK != 0).map(|s| (model.block_names()[b].clone(), s.clone()))
+                    });
+                    if let Some((block, spec)) = bad {
+                        return Err(FamilyError::Lora(format!(
+                            "lora.base = \"nf4\": model.{block}.{} has shape {:?}, whose {} values are not a multiple of NF4's block of {}: use lora.base = \"bf16\"",
+                            spec.name,
+                            spec.shape,
+                            spec.numel(),
+                            ferrospeed::quant::BLOCK
+                        )));
+                    }
+                }
                 Ok(Family::Llama(adapted))
             }
         }

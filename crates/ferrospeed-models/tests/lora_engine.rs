@@ -162,3 +162,61 @@ fn a_resumed_run_is_bitwise_an_uninterrupted_one() {
         assert_eq!(resumed[0].master_after, whole[0].master_after, "{run:?}");
     }
 }
+
+/// QLoRA: the base's linear weights in NF4, dequantised at each use.
+#[test]
+fn an_nf4_base_computes_with_its_dequantised_weights_in_half_a_byte_a_weight() {
+    let nf4 = |stage: u8, world: usize| {
+        let corpus = corpus();
+        run_local_world(world, &CommConfig::default(), move |comm| {
+            let rank = comm.rank();
+            let mut c = config(Run { world, stage, ..FP32 });
+            c.frozen_nf4 = true;
+            let mut engine = Engine::new(model(), Arc::new(comm), c).unwrap();
+            let before = frozen(&engine);
+            let sampler = BatchSampler { seed: 7, seq_len: 16, micro_batch: 1, accumulation: 2 / world, world_size: world, rank };
+            let schedule = LrSchedule { lr: 1e-2, min_lr: 1e-3, warmup: 1, total: STEPS };
+            let losses: Vec<f64> = (0..STEPS).map(|s| engine.train_step_at(&batches(&sampler, &corpus, s), schedule.at(s)).unwrap().loss).collect();
+            // The dequantised base, as blocks compute with it, per block.
+            let dequantised: Vec<Vec<f32>> = (0..engine.model().num_blocks()).map(|i| engine.frozen_values(i).unwrap().1).collect();
+            (losses, before == frozen(&engine), dequantised, engine.memory())
+        })
+        .unwrap()
+    };
+    let s0 = nf4(0, 1);
+    let (losses, unchanged, dequantised, memory) = &s0[0];
+    assert!(*unchanged && losses.iter().all(|l| l.is_finite()), "{losses:?}");
+    let dense = &train(FP32, 0, 1, None, |_| {})[0].memory;
+    // The linear weights at 4 bits and a byte of scale per 64 values (plus the 256-blocks' f32 scales),
+    // the rest as it was.
+    let m = model();
+    let linear: usize = (0..m.num_blocks()).flat_map(|b| m.frozen_params(b).to_vec()).filter(|s| s.linear).map(|s| s.numel()).sum();
+    let want = dense.frozen - 4 * linear + linear / 2 + linear / 64;
+    assert!(memory.frozen >= want && memory.frozen <= want + linear / 64, "NF4 holds {} bytes of base, fp32 {} ({linear} linear values)", memory.frozen, dense.frozen);
+    for (stage, world) in [(1, 1), (2, 1), (0, 2), (2, 2)] {
+        let got = nf4(stage, world);
+        let close = got[0].0.iter().zip(losses).all(|(a, b)| if world == 1 { a.to_bits() == b.to_bits() } else { (a - b).abs() <= 1e-5 * b.abs() });
+        assert!(close, "NF4 stage {stage} world {world}: {:?} vs {losses:?}", got[0].0);
+    }
+    // The same run on a dense base holding the dequantised values: the same bits.
+    let corpus = corpus();
+    let reference = run_local_world(1, &CommConfig::default(), |comm| {
+        let mut engine = Engine::new(model(), Arc::new(comm), config(FP32)).unwrap();
+        let names = engine.model().block_names().to_vec();
+        engine
+            .overwrite_frozen(|w| -> Result<(), ferrospeed::engine::EngineError> {
+                let i = names.iter().position(|n| n == w.block).unwrap();
+                w.values.copy_from_slice(&dequantised[i]);
+                Ok(())
+            })
+            .unwrap();
+        let sampler = BatchSampler { seed: 7, seq_len: 16, micro_batch: 1, accumulation: 2, world_size: 1, rank: 0 };
+        let schedule = LrSchedule { lr: 1e-2, min_lr: 1e-3, warmup: 1, total: STEPS };
+        (0..STEPS).map(|s| engine.train_step_at(&batches(&sampler, &corpus, s), schedule.at(s)).unwrap().loss).collect::<Vec<f64>>()
+    })
+    .unwrap();
+    assert_eq!(bits(&reference[0]), bits(losses), "NF4 base vs a dense base of its dequantised values");
+    // Far from the undequantised base: the quantisation is real.
+    let plain = &train(FP32, 0, STEPS, None, |_| {})[0].losses;
+    assert!(plain.iter().zip(losses).any(|(a, b)| a != b));
+}

@@ -110,6 +110,8 @@ impl Block for Layer {
         // With LoRA the base is frozen.
         let p = |name: &str, shape: &[usize], init: Init, decay: bool| {
             let spec = ParamSpec::new(name, shape, init, decay);
+            // The projections are linear layers (what an NF4 base quantises).
+            let spec = if name.ends_with("_proj.weight") { spec.as_linear() } else { spec };
             if self.lora.is_some() {
                 ParamRef::Frozen(spec)
             } else {

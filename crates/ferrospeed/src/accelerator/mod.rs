@@ -266,6 +266,7 @@ impl Accelerator {
             device: self.device.clone(),
             accumulation: self.accumulation,
             schedule: LrSchedule { lr: t.lr, min_lr: t.min_lr, warmup: t.warmup, total: t.steps },
+            frozen_nf4: self.cfg.lora.as_ref().is_some_and(|l| l.base == crate::config::LoraBase::Nf4),
         }
     }
 

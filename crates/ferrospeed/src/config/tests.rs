@@ -612,7 +612,7 @@ fn lora_section_parses_with_peft_defaults_and_refuses_bad_values() {
         ("base = \"nf8\"", "lora.base"),
         ("rank = 8", "lora.rank"),
         ("dropout = 0.05", "not built yet"),
-        ("base = \"nf4\"", "not built yet"),
+        ("base = \"nf4\"\n[zero]\nstage = 3", "zero.stage = 3"),
     ] {
         check_err(text, &format!("{base}[lora]\n{text}\n"), &[], &[want]);
     }

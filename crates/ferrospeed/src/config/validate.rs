@@ -257,8 +257,8 @@ fn check_lora(config: &Config) -> Result<(), ConfigError> {
     if l.dropout > 0.0 {
         return Err(ConfigError::invalid("lora.dropout", l.dropout, "is not built yet (adapters train without dropout)", "set lora.dropout = 0"));
     }
-    if l.base == LoraBase::Nf4 {
-        return Err(ConfigError::invalid("lora.base", "\"nf4\"", "is not built yet (the base is kept in the compute dtype)", "set lora.base = \"bf16\""));
+    if l.base == LoraBase::Nf4 && config.zero.stage == ZeroStage::Three {
+        return Err(ConfigError::invalid("lora.base", "\"nf4\"", "is not built for zero.stage = 3 yet (an NF4 base is kept whole on each rank)", "use zero.stage = 2 (the base is frozen: stage 3 would shard only the base), or lora.base = \"bf16\""));
     }
     Ok(())
 }

@@ -44,12 +44,21 @@ pub struct ParamSpec {
     pub init: Init,
     /// Whether weight decay applies (by convention not to biases and norms).
     pub decay: bool,
+    /// A linear layer's weight `[out, in]`: what a frozen base stores in 4 bits with
+    /// `lora.base = "nf4"` (QLoRA quantises the linear layers; embeddings, norms and the head stay).
+    pub linear: bool,
 }
 
 impl ParamSpec {
     /// A parameter named `name` (unique within its block).
     pub fn new(name: &str, shape: &[usize], init: Init, decay: bool) -> Self {
-        Self { name: name.to_string(), shape: shape.to_vec(), init, decay }
+        Self { name: name.to_string(), shape: shape.to_vec(), init, decay, linear: false }
+    }
+
+    /// The same parameter, marked a linear layer's weight (see [`ParamSpec::linear`]).
+    pub fn as_linear(mut self) -> Self {
+        self.linear = true;
+        self
     }
 
     /// Number of elements.

@@ -4,6 +4,9 @@
 //! with the block's trainable shard before each use and released after it, like any parameter.
 //! Their values come from the seed (the draw of a trainable parameter of the same name) or an import
 //! (`Engine::overwrite_frozen`), and a checkpoint does not hold them: they are the base it was trained on.
+//! With `frozen_nf4` (QLoRA) the linear weights of resident blocks are kept in NF4 with double
+//! quantisation (`crate::quant`, bitsandbytes' format, per weight) and dequantised to the compute dtype
+//! at each use, on the host; the other frozen parameters stay in the compute dtype.
 
 use super::comm_worker::{CommWorker, Pending};
 use super::error::EngineError;
@@ -29,12 +32,17 @@ pub struct FrozenParams {
     resident: Option<Vec<Tensor>>,
     /// This rank's shard (parameters gathered).
     shard: Option<Arc<HostBuf>>,
+    /// Keep linear weights in NF4 (resident blocks only).
+    nf4: bool,
+    /// The NF4 weights, one entry per parameter (`None`: the parameter is in `resident`).
+    quantized: Vec<Option<crate::quant::Nf4>>,
 }
 
 impl FrozenParams {
     /// Block `i`'s frozen parameters from their values over the padded flat buffer (`full`, the same on
     /// every rank), keeping what the strategy says this rank holds.
-    pub fn new(model: &Model, i: usize, full: &[f32], strategy: Strategy, rank: usize, world: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(model: &Model, i: usize, full: &[f32], strategy: Strategy, rank: usize, world: usize, dtype: DType, device: &Device, nf4: bool) -> Result<Self, EngineError> {
         let flat = FlatParam::new(model.frozen_params(i), world);
         let name = model.block(i).name();
         if full.len() != flat.padded_numel() {
@@ -48,7 +56,10 @@ impl FrozenParams {
                 s.offset..s.offset + s.padded_len
             }
         };
-        let mut p = Self { flat, name, dtype, device: device.clone(), window, gathered, resident: None, shard: None };
+        if nf4 && gathered {
+            return Err(EngineError::Unsupported(format!("block {name}: an NF4 base at ZeRO stage 3 is not built yet: use zero.stage ≤ 2, or lora.base = \"bf16\"")));
+        }
+        let mut p = Self { flat, name, dtype, device: device.clone(), window, gathered, resident: None, shard: None, nf4, quantized: Vec::new() };
         p.set(&full[p.window.clone()])?;
         Ok(p)
     }
@@ -65,6 +76,33 @@ impl FrozenParams {
 
     /// Replace the values of this rank's window (`values`: f32, rounded to the compute dtype).
     pub fn set(&mut self, values: &[f32]) -> Result<(), EngineError> {
+        if self.nf4 {
+            // Linear weights quantised (their places in the dense buffer left zero), the rest dense.
+            let mut dense = values.to_vec();
+            self.quantized = (0..self.flat.specs().len())
+                .map(|j| {
+                    let spec = &self.flat.specs()[j];
+                    (spec.linear && spec.numel() % crate::quant::BLOCK == 0).then(|| {
+                        let r = self.flat.range(j);
+                        let q = crate::quant::quantize(&values[r.clone()]);
+                        dense[r].fill(0.0);
+                        q
+                    })
+                })
+                .collect();
+            // Each dense parameter its own tensor; a quantised one an empty placeholder.
+            let buf = HostBuf::from_f32(self.dtype, &dense);
+            let err = || EngineError::tensor(self.name.clone());
+            self.resident = Some(
+                (0..self.flat.specs().len())
+                    .map(|j| match self.quantized[j] {
+                        Some(_) => Tensor::zeros(0, self.dtype, &self.device).map_err(err()),
+                        None => buf.var(self.flat.range(j), &self.flat.specs()[j].shape, &self.device).map(|v| v.as_tensor().detach()).map_err(err()),
+                    })
+                    .collect::<Result<_, _>>()?,
+            );
+            return Ok(());
+        }
         let buf = HostBuf::from_f32(self.dtype, values);
         if self.gathered {
             self.shard = Some(Arc::new(buf));
@@ -74,10 +112,18 @@ impl FrozenParams {
         Ok(())
     }
 
-    /// The values of this rank's window, in f32 (exact: widened from the compute dtype).
+    /// Parameter `j` dequantised to the compute dtype, as a tensor on the device.
+    fn dequantized(&self, j: usize, q: &crate::quant::Nf4) -> Result<Tensor, EngineError> {
+        let mut v = vec![0f32; q.len];
+        crate::quant::dequantize(q, &mut v);
+        HostBuf::from_f32(self.dtype, &v).var(0..v.len(), &self.flat.specs()[j].shape, &self.device).map(|t| t.as_tensor().detach()).map_err(EngineError::tensor(self.name.clone()))
+    }
+
+    /// The values of this rank's window, in f32 (exact: widened from the compute dtype), as blocks
+    /// compute with them (NF4 weights dequantised).
     pub fn values(&self) -> Result<Vec<f32>, EngineError> {
         let err = || EngineError::tensor(self.name.clone());
-        match (&self.resident, &self.shard) {
+        match (self.resident_tensors()?, &self.shard) {
             (_, Some(shard)) => Ok(shard.to_f32()),
             (Some(ts), None) => {
                 let mut out = vec![0f32; self.window.len()];
@@ -91,9 +137,16 @@ impl FrozenParams {
         }
     }
 
-    /// The resident tensors (stages 0–2).
-    pub fn resident(&self) -> Option<&[Tensor]> {
-        self.resident.as_deref()
+    /// The resident tensors (stages 0–2), NF4 weights dequantised for this use.
+    pub fn resident_tensors(&self) -> Result<Option<Vec<Tensor>>, EngineError> {
+        let Some(ts) = &self.resident else { return Ok(None) };
+        if !self.quantized.iter().any(Option::is_some) {
+            return Ok(Some(ts.clone()));
+        }
+        ts.iter().zip(&self.quantized).enumerate().map(|(j, (t, q))| match q {
+            Some(q) => crate::profile::scoped_as(crate::profile::Kind::Copy, "nf4_dequantize", || self.dequantized(j, q)),
+            None => Ok(t.clone()),
+        }).collect::<Result<Vec<_>, _>>().map(Some)
     }
 
     /// Start all-gathering the shard (stage 3); `None` for a block without frozen parameters.
@@ -115,9 +168,12 @@ impl FrozenParams {
         }
     }
 
-    /// Bytes this rank holds.
+    /// Bytes this rank holds (NF4 weights: their codes and scales; the dense buffer's zeroed places of
+    /// them are not counted, being what a device copy would leave out).
     pub fn bytes(&self) -> usize {
-        self.window.len() * self.dtype.size_in_bytes()
+        let q: usize = self.quantized.iter().flatten().map(|q| q.packed.len() + q.qabsmax.len() + 4 * q.absmax2.len() + 4).sum();
+        let dense = self.window.len() - self.quantized.iter().flatten().map(|q| q.len).sum::<usize>();
+        dense * self.dtype.size_in_bytes() + q
     }
 
     fn tensors(&self, full: &HostBuf) -> Result<Vec<Tensor>, EngineError> {

@@ -42,7 +42,7 @@ impl ParamSource for Resident<'_> {
     fn acquire(&mut self, i: usize, _next: Option<usize>) -> Result<Vec<Tensor>, EngineError> {
         slot_tensors(self.model, i, |b| {
             let p = &self.params[b];
-            let frozen = if p.frozen.is_empty() { Vec::new() } else { p.frozen.resident()?.to_vec() };
+            let frozen = if p.frozen.is_empty() { Vec::new() } else { p.frozen.resident_tensors().ok()?? };
             p.resident().map(|v| (v.iter().map(|v| v.as_tensor().clone()).collect(), frozen))
         })
     }

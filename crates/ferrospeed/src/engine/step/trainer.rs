@@ -60,6 +60,9 @@ pub struct EngineConfig {
     pub accumulation: usize,
     /// The learning rate of each step, for [`Engine::step`].
     pub schedule: LrSchedule,
+    /// Frozen linear weights ([`crate::engine::ParamSpec::linear`]) kept in NF4 with double
+    /// quantisation (QLoRA, `lora.base = "nf4"`), dequantised to the compute dtype at each use.
+    pub frozen_nf4: bool,
 }
 
 impl EngineConfig {
@@ -79,6 +82,7 @@ impl EngineConfig {
             device: Device::Cpu,
             accumulation: 1,
             schedule: LrSchedule::constant(1e-3),
+            frozen_nf4: false,
         }
     }
 }
@@ -199,7 +203,7 @@ impl Engine {
             let values: Vec<(Vec<f32>, Vec<f32>)> =
                 chunk.par_iter().map(|&i| (init_values(&model, i, world, cfg.seed), init_frozen_values(&model, i, world, cfg.seed))).collect();
             for (&i, (full, cold)) in chunk.iter().zip(values) {
-                let frozen = FrozenParams::new(&model, i, &cold, cfg.strategy, rank, world, dtype, &cfg.device)?;
+                let frozen = FrozenParams::new(&model, i, &cold, cfg.strategy, rank, world, dtype, &cfg.device, cfg.frozen_nf4)?;
                 let p = BlockParams::from_full(&model, i, full, frozen, &setup, tiers[i])?;
                 grads.push(BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction(), &cfg.device)?);
                 params.push(p);
