@@ -38,6 +38,10 @@ pub enum CheckpointCommand {
         /// that PeftModel.from_pretrained loads over the base
         #[arg(long)]
         adapter: bool,
+        /// A LoRA run's adapters merged into their base (W + s·B·A) as a transformers directory, in
+        /// the base's element type
+        #[arg(long, conflicts_with = "adapter")]
+        merge: bool,
     },
 }
 
@@ -65,16 +69,19 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
                 println!("verified: every file matches its checksum");
             }
         }
-        CheckpointCommand::Export { path, out, dtype, max_shard_gb, adapter } => {
+        CheckpointCommand::Export { path, out, dtype, max_shard_gb, adapter, merge } => {
             let dir = checkpoint::resolve(&path).map_err(|e| usage_error(e.to_string()))?;
             let t0 = Instant::now();
             let meta = checkpoint::read_meta(&dir)?;
             let names = export_names(&meta);
-            if crate::lora_export::recorded(&meta).is_some() && !adapter {
+            if crate::lora_export::recorded(&meta).is_some() && !adapter && !merge {
                 return Err(usage_error(format!(
-                    "{} holds LoRA adapters, not a whole model: export them with --adapter (a PEFT directory to load over the base); merging into the base (--merge) is not built yet",
+                    "{} holds LoRA adapters, not a whole model: export them with --adapter (a PEFT directory to load over the base), or --merge (merged into the base)",
                     dir.display()
                 )));
+            }
+            if !(max_shard_gb > 0.0) {
+                return Err(usage_error(format!("--max-shard-gb {max_shard_gb} must be positive")));
             }
             let weight_dtype = |d: &str| match d {
                 "bf16" => Ok((WeightDtype::Bf16, "bfloat16")),
@@ -84,6 +91,13 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
             };
             let stats = if adapter {
                 crate::lora_export::export_adapter(&dir, &out, &meta, weight_dtype(&dtype)?.0)?
+            } else if merge {
+                let files = dir_files(&meta, "float32")?;
+                crate::lora_export::export_merged(&dir, &out, &meta, (max_shard_gb * 1e9) as u64, files).map_err(|e| match e.downcast::<checkpoint::CheckpointError>() {
+                    Ok(e @ checkpoint::CheckpointError::Exists { .. }) => usage_error(e.to_string()),
+                    Ok(e) => e.into(),
+                    Err(e) => e,
+                })?
             } else if out.extension().is_some_and(|e| e == "safetensors") {
                 checkpoint::export(&dir, &out, &names)?
             } else {

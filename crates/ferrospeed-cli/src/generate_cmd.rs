@@ -109,13 +109,15 @@ fn open_unchecked(path: &Path, tmp: &tempfile::TempDir) -> Result<(HfModel, Path
     } else {
         let ckpt = checkpoint::resolve(path).map_err(|e| bad(format!("not a model directory, GGUF file or checkpoint ({e})")))?;
         let meta = checkpoint::read_meta(&ckpt)?;
-        if crate::lora_export::recorded(&meta).is_some() {
-            return Err(bad("a LoRA run's checkpoint holds adapters, not a model: export them with `checkpoint export --adapter` and load them over the base with PEFT (generation with an adapter is not built yet)".into()));
-        }
-        let names = export_names(&meta);
         let out = tmp.path().join("model");
-        let opts = DirExport { name_of: &names, dtype: WeightDtype::F32, max_shard_bytes: u64::MAX, files: dir_files(&meta, "float32")?, single_file: None };
-        checkpoint::export_dir(&ckpt, &out, &opts)?;
+        if crate::lora_export::recorded(&meta).is_some() {
+            // A LoRA run's adapters, merged into their base for generation.
+            crate::lora_export::export_merged(&ckpt, &out, &meta, u64::MAX, dir_files(&meta, "float32")?)?;
+        } else {
+            let names = export_names(&meta);
+            let opts = DirExport { name_of: &names, dtype: WeightDtype::F32, max_shard_bytes: u64::MAX, files: dir_files(&meta, "float32")?, single_file: None };
+            checkpoint::export_dir(&ckpt, &out, &opts)?;
+        }
         out
     };
     let declared: Option<usize> = std::fs::read_to_string(dir.join("config.json"))

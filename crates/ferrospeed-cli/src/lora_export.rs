@@ -131,3 +131,56 @@ pub(crate) fn check_adapter(dir: &Path, family: &Family, lora: &ferrospeed::conf
     }
     Ok(())
 }
+
+/// Write checkpoint `dir`'s adapters merged into their base (`W + s·B·A`, PEFT's `merge_and_unload`)
+/// as a transformers directory at `out`, in the base's element type: every tensor of the base in its
+/// order, an adapted projection's weight with its update added in f32. `files`: config.json and the
+/// tokenizer files.
+pub(crate) fn export_merged(dir: &Path, out: &Path, meta: &Meta, max_shard_bytes: u64, files: Vec<(String, Vec<u8>)>) -> Result<ExportStats> {
+    let lora = recorded(meta).ok_or_else(|| usage_error(format!("{} is not a LoRA run's checkpoint: export it without --merge", dir.display())))?;
+    let base = lora.get("base_model_name_or_path").and_then(|b| b.as_str()).map(std::path::PathBuf::from).ok_or_else(|| {
+        usage_error("this LoRA run started from random weights (no model.init_from), so there is no base to merge into: export the adapters with --adapter")
+    })?;
+    let (r, alpha) = (lora["r"].as_f64().unwrap_or(1.0), lora["lora_alpha"].as_f64().unwrap_or(1.0));
+    let scale = if lora["use_rslora"].as_bool().unwrap_or(false) { alpha / r.sqrt() } else { alpha / r };
+    // The adapters under ferrospeed's block names, from one file of the checkpoint's trainable state.
+    let tmp = tempfile::tempdir()?;
+    let adapters_path = tmp.path().join("adapters.safetensors");
+    checkpoint::export(dir, &adapters_path, &ferrospeed::accelerator::block_dot_param)?;
+    let mut adapters = ferrospeed::checkpoint::WeightFiles::open(&adapters_path)?;
+    let mut weights = ferrospeed::checkpoint::WeightFiles::open(&base).map_err(|e| usage_error(format!("the base {} the adapters were trained on: {e}", base.display())))?;
+    let tensors: Vec<(String, Vec<usize>)> = weights.names().map(str::to_string).collect::<Vec<_>>().into_iter().filter_map(|n| weights.info(&n).map(|i| (n, i.shape.clone()))).collect();
+    let dtype = match tensors.first().and_then(|(n, _)| weights.info(n)).map(|i| format!("{:?}", i.dtype)).as_deref() {
+        Some("BF16") => WeightDtype::Bf16,
+        Some("F16") => WeightDtype::F16,
+        _ => WeightDtype::F32,
+    };
+    let read = |files: &mut ferrospeed::checkpoint::WeightFiles, name: &str| -> Result<Option<(Vec<f32>, Vec<usize>)>, checkpoint::CheckpointError> {
+        let Some(shape) = files.info(name).map(|i| i.shape.clone()) else { return Ok(None) };
+        let mut v = vec![0f32; shape.iter().product()];
+        files.read_f32(name, 0..v.len(), &mut v)?;
+        Ok(Some((v, shape)))
+    };
+    let opts = DirExport { name_of: &ferrospeed::accelerator::block_dot_param, dtype, max_shard_bytes, files, single_file: None };
+    let names: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
+    let stats = checkpoint::write_dir(out, &tensors, &opts, |t, values| {
+        let (w, _) = read(&mut weights, &names[t])?.ok_or_else(|| checkpoint::CheckpointError::Format(format!("the base lost {}", names[t])))?;
+        values.copy_from_slice(&w);
+        // `model.layers.N.<module>.weight` ↔ the adapters' `layers.N.<module>.lora_A.weight`.
+        let Some(module) = names[t].strip_prefix("model.").and_then(|n| n.strip_suffix(".weight")) else { return Ok(()) };
+        let (Some((a, a_shape)), Some((b, b_shape))) = (read(&mut adapters, &format!("{module}.lora_A.weight"))?, read(&mut adapters, &format!("{module}.lora_B.weight"))?) else { return Ok(()) };
+        let (rank, inp, outp) = (a_shape[0], a_shape[1], b_shape[0]);
+        // ΔW = s·B·A, each element a dot product over the rank in f32 (as torch's matmul), then added.
+        for o in 0..outp {
+            for i in 0..inp {
+                let mut d = 0f32;
+                for k in 0..rank {
+                    d += b[o * rank + k] * a[k * inp + i];
+                }
+                values[o * inp + i] += d * scale as f32;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(stats)
+}

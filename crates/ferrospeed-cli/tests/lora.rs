@@ -95,6 +95,41 @@ fn adapters_train_resume_and_export_as_a_peft_directory() {
     let down_b = tensors.iter().find(|t| t.0 == "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight").expect("layer 1's down_proj B");
     assert_eq!(down_b.1, vec![d, 4], "B is [out, r]");
     assert!(down_b.2.iter().any(|&x| x != 0.0), "B trained away from zero");
+    // Merged into the base: W + s·B·A for each adapted projection (s = alpha / r = 2), the rest as it was.
+    let merged = dir.path().join("merged");
+    let mut cmd = ferrospeed();
+    cmd.args(["checkpoint", "export"]).arg(&step).arg(&merged).arg("--merge");
+    let f = run(&mut cmd, std::time::Duration::from_secs(60));
+    assert!(f.status.success(), "{}\n{}", f.stdout, f.stderr);
+    let base = safetensors(&fixture().join("model.safetensors"));
+    let got = safetensors(&merged.join("model.safetensors"));
+    assert_eq!(got.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>(), base.iter().map(|t| (&t.0, &t.1)).collect::<Vec<_>>(), "the base's tensors, in its dtype (f32)");
+    let mut adapted_count = 0;
+    for ((name, shape, w), (_, _, m)) in base.iter().zip(&got) {
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        let a = tensors.iter().find(|t| t.0 == format!("base_model.model.{module}.lora_A.weight"));
+        let b = tensors.iter().find(|t| t.0 == format!("base_model.model.{module}.lora_B.weight"));
+        match (a, b) {
+            (Some(a), Some(b)) => {
+                adapted_count += 1;
+                let (out_f, in_f) = (shape[0], shape[1]);
+                for o in 0..out_f {
+                    for i in 0..in_f {
+                        let d: f64 = (0..4).map(|k| f64::from(b.2[o * 4 + k]) * f64::from(a.2[k * in_f + i])).sum();
+                        let want = f64::from(w[o * in_f + i]) + 2.0 * d;
+                        assert!((f64::from(m[o * in_f + i]) - want).abs() <= 1e-6 + 1e-6 * want.abs(), "{name}[{o}, {i}]");
+                    }
+                }
+            }
+            _ => assert_eq!(w, m, "{name} is not adapted: unchanged"),
+        }
+    }
+    assert_eq!(adapted_count, 14, "every projection of both layers merged");
+    // generate reads the checkpoint through the merge.
+    let mut cmd = ferrospeed();
+    cmd.args(["generate", "--model"]).arg(&step).args(["--prompt", "the a of", "--max-tokens", "3"]);
+    let f = run(&mut cmd, std::time::Duration::from_secs(60));
+    assert!(f.status.success(), "generate: {}\n{}", f.stdout, f.stderr);
     // Tensor for tensor the checkpoint's values (its single-file export under ferrospeed's names).
     let whole = dir.path().join("ck.safetensors");
     ferrospeed::checkpoint::export(&step, &whole, &ferrospeed::accelerator::block_dot_param).unwrap();

@@ -76,25 +76,51 @@ pub struct DirExport<'a> {
 pub fn export_dir(dir: &Path, out: &Path, opts: &DirExport<'_>) -> Result<ExportStats, CheckpointError> {
     verify(dir)?;
     let meta = read_meta(dir)?;
+    let tensors: Vec<(String, Vec<usize>)> = meta.blocks.iter().flat_map(|b| b.params.iter().map(|p| ((opts.name_of)(&b.name, &p.name), p.shape.clone()))).collect();
+    // Where each tensor lies: its block and offset there.
+    let places: Vec<(usize, usize)> = meta.blocks.iter().enumerate().flat_map(|(b, block)| block.params.iter().map(move |p| (b, p.offset))).collect();
+    let mut files = super::load::RankFiles::new(dir, &meta);
+    let mut current: Option<(usize, Vec<f32>)> = None;
+    let mut largest = 0;
+    let mut stats = write_dir(out, &tensors, opts, |t, values| {
+        let (b, offset) = places[t];
+        if current.as_ref().map(|c| c.0) != Some(b) {
+            let mut flat = vec![0f32; meta.blocks[b].numel];
+            files.read(b, 0, 0, &mut flat)?;
+            largest = largest.max(flat.len() * 4);
+            current = Some((b, flat));
+        }
+        if let Some((_, flat)) = &current {
+            values.copy_from_slice(&flat[offset..offset + values.len()]);
+        }
+        Ok(())
+    })?;
+    stats.largest_block_bytes = largest;
+    Ok(stats)
+}
+
+/// Write `tensors` (name and shape, in order) as a transformers model directory at `out`, as
+/// [`export_dir`] lays it out; `fill(t, values)` gives tensor `t`'s values in f32, in order.
+pub fn write_dir(out: &Path, tensors: &[(String, Vec<usize>)], opts: &DirExport<'_>, mut fill: impl FnMut(usize, &mut [f32]) -> Result<(), CheckpointError>) -> Result<ExportStats, CheckpointError> {
     if out.exists() && std::fs::read_dir(out).map_or(true, |mut d| d.next().is_some()) {
         return Err(CheckpointError::Exists { path: out.to_path_buf() });
     }
     let size = opts.dtype.size() as u64;
     // Shards: consecutive tensors in export order, each shard at most max_shard_bytes.
     let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+    let mut shard_of = Vec::with_capacity(tensors.len());
     let mut used = 0u64;
-    for b in &meta.blocks {
-        for p in &b.params {
-            let bytes = p.shape.iter().product::<usize>() as u64 * size;
-            if used > 0 && used + bytes > opts.max_shard_bytes {
-                shards.push(Vec::new());
-                used = 0;
-            }
-            if let Some(s) = shards.last_mut() {
-                s.push(((opts.name_of)(&b.name, &p.name), p.shape.clone()));
-            }
-            used += bytes;
+    for (name, shape) in tensors {
+        let bytes = shape.iter().product::<usize>() as u64 * size;
+        if used > 0 && used + bytes > opts.max_shard_bytes {
+            shards.push(Vec::new());
+            used = 0;
         }
+        if let Some(s) = shards.last_mut() {
+            s.push((name.clone(), shape.clone()));
+        }
+        shard_of.push(shards.len() - 1);
+        used += bytes;
     }
     let n = shards.len();
     let shard_name = |k: usize| if n == 1 { opts.single_file.unwrap_or(super::weights::SINGLE).to_string() } else { format!("model-{:05}-of-{n:05}.safetensors", k + 1) };
@@ -110,39 +136,33 @@ pub fn export_dir(dir: &Path, out: &Path, opts: &DirExport<'_>) -> Result<Export
         f.write_all(bytes).map_err(|e| CheckpointError::io(&path, e))?;
         f.sync_all().map_err(|e| CheckpointError::io(&path, e))
     };
-    let mut files = super::load::RankFiles::new(dir, &meta);
-    let (mut largest, mut total, mut tensors) = (0usize, 0u64, 0usize);
+    let (mut total, mut count) = (0u64, 0usize);
     let mut weight_map = serde_json::Map::new();
-    let mut order = shards.iter().enumerate().flat_map(|(k, s)| s.iter().map(move |(name, _)| (k, name.clone())));
     let mut current: Option<(usize, std::io::BufWriter<std::fs::File>, std::path::PathBuf)> = None;
     let mut bytes = Vec::new();
-    for (b, block) in meta.blocks.iter().enumerate() {
-        let mut flat = vec![0f32; block.numel];
-        files.read(b, 0, 0, &mut flat)?;
-        largest = largest.max(flat.len() * 4);
-        for p in &block.params {
-            let (k, tensor) = order.next().ok_or_else(|| CheckpointError::Format("export: more tensors than planned".into()))?;
-            if current.as_ref().map(|c| c.0) != Some(k) {
-                if let Some((_, w, path)) = current.take() {
-                    finish_shard(w, &path)?;
-                }
-                let path = tmp.join(shard_name(k));
-                let io = |e| CheckpointError::io(&path, e);
-                let mut w = std::io::BufWriter::new(std::fs::File::create(&path).map_err(io)?);
-                let h = header(&shards[k], opts.dtype.name(), size as usize, Some(serde_json::json!({"format": "pt"})))?;
-                w.write_all(&h).map_err(io)?;
-                current = Some((k, w, path));
+    for (t, (tensor, shape)) in tensors.iter().enumerate() {
+        let k = shard_of[t];
+        if current.as_ref().map(|c| c.0) != Some(k) {
+            if let Some((_, w, path)) = current.take() {
+                finish_shard(w, &path)?;
             }
-            let numel: usize = p.shape.iter().product();
-            bytes.clear();
-            opts.dtype.encode(&flat[p.offset..p.offset + numel], &mut bytes);
-            if let Some((_, w, path)) = current.as_mut() {
-                w.write_all(&bytes).map_err(|e| CheckpointError::io(path, e))?;
-            }
-            weight_map.insert(tensor, shard_name(k).into());
-            total += bytes.len() as u64;
-            tensors += 1;
+            let path = tmp.join(shard_name(k));
+            let io = |e| CheckpointError::io(&path, e);
+            let mut w = std::io::BufWriter::new(std::fs::File::create(&path).map_err(io)?);
+            let h = header(&shards[k], opts.dtype.name(), size as usize, Some(serde_json::json!({"format": "pt"})))?;
+            w.write_all(&h).map_err(io)?;
+            current = Some((k, w, path));
         }
+        let mut values = vec![0f32; shape.iter().product()];
+        fill(t, &mut values)?;
+        bytes.clear();
+        opts.dtype.encode(&values, &mut bytes);
+        if let Some((_, w, path)) = current.as_mut() {
+            w.write_all(&bytes).map_err(|e| CheckpointError::io(path, e))?;
+        }
+        weight_map.insert(tensor.clone(), shard_name(k).into());
+        total += bytes.len() as u64;
+        count += 1;
     }
     if let Some((_, w, path)) = current.take() {
         finish_shard(w, &path)?;
@@ -161,7 +181,7 @@ pub fn export_dir(dir: &Path, out: &Path, opts: &DirExport<'_>) -> Result<Export
         std::fs::remove_dir(out).map_err(|e| CheckpointError::io(out, e))?;
     }
     std::fs::rename(&tmp, out).map_err(|e| CheckpointError::io(out, e))?;
-    Ok(ExportStats { tensors, bytes: total, largest_block_bytes: largest })
+    Ok(ExportStats { tensors: count, bytes: total, largest_block_bytes: 0 })
 }
 
 fn finish_shard(w: std::io::BufWriter<std::fs::File>, path: &Path) -> Result<(), CheckpointError> {
