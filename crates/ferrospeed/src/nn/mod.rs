@@ -14,8 +14,10 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod lora;
 mod norm;
 
+pub use lora::{lora_linear, lora_linear_no_bias, LoraLinear};
 pub use norm::{layer_norm, rms_norm, LayerNorm, RmsNorm};
 
 use crate::engine::{Batch, Block, EngineError, ParamRef, ParamSpec};
@@ -109,6 +111,38 @@ impl NnBlock {
             )));
         }
         Ok(Self { name: name.to_string(), build, slots, index, shapes, flops: 0.0 })
+    }
+
+    /// This block with every parameter it owns whose name does not match `pattern` (a glob, e.g.
+    /// `"*lora_*"`) frozen: the engine keeps those as a base that never trains (no gradient, no
+    /// optimizer state). A pattern that matches none of them is an error listing their names.
+    pub fn train_only(self, pattern: &str) -> std::result::Result<Self, EngineError> {
+        self.freeze_where(pattern, |m| !m)
+    }
+
+    /// This block with every parameter it owns whose name matches `pattern` frozen (see
+    /// [`NnBlock::train_only`]).
+    pub fn freeze(self, pattern: &str) -> std::result::Result<Self, EngineError> {
+        self.freeze_where(pattern, |m| m)
+    }
+
+    fn freeze_where(mut self, pattern: &str, frozen: impl Fn(bool) -> bool) -> std::result::Result<Self, EngineError> {
+        let owned = || self.slots.iter().filter_map(|s| match s {
+            ParamRef::Own(p) | ParamRef::Frozen(p) => Some(p.name.clone()),
+            ParamRef::Tied { .. } => None,
+        });
+        if !owned().any(|n| crate::optim::glob(pattern, &n)) {
+            let names: Vec<String> = owned().collect();
+            return Err(EngineError::Model(format!("block {}: `{pattern}` matches none of its parameters ({})", self.name, names.join(", "))));
+        }
+        for slot in &mut self.slots {
+            if let ParamRef::Own(p) = slot {
+                if frozen(crate::optim::glob(pattern, &p.name)) {
+                    *slot = ParamRef::Frozen(p.clone());
+                }
+            }
+        }
+        Ok(self)
     }
 
     /// This block with its forward FLOPs per token (for MFU), a multiply-add counting 2.
