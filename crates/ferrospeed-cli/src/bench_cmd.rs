@@ -244,7 +244,10 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
         c.all_gather_slice(&[my_idle], &mut all).map(|()| all)
     })??;
     let tok_s = tokens / dt;
-    let flops_per_token = 6.0 * params as f64 + 12.0 * (n_layer * d_model * args.seq_len) as f64;
+    // 6 FLOPs a trainable weight a token (forward, input and weight gradients), 4 a frozen one (no
+    // weight gradient: a LoRA base), and the attention's scores and weighted values.
+    let frozen = engine.model().num_frozen_params();
+    let flops_per_token = 6.0 * params as f64 + 4.0 * frozen as f64 + 12.0 * (n_layer * d_model * args.seq_len) as f64;
     let mean = |f: fn(&StepTimes) -> f64| phases.iter().map(f).sum::<f64>() / phases.len().max(1) as f64 * 1e3;
     let profile = if args.profile { Some(profile_step(&mut engine, &batches, &device)?) } else { None };
     let analytic = if args.pp > 1 { analytic_bubble(&args)? } else { 0.0 };
@@ -254,6 +257,7 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
             "model": args.model,
             "layers": n_layer,
             "params": params,
+            "frozen_params": frozen,
             "B": args.micro_batch,
             "T": args.seq_len,
             "world": acc.world_size(),

@@ -27,11 +27,17 @@ fn model() -> Model {
 
 /// Rank 0's losses, and whether every rank's frozen base came out of training as it went in.
 fn train(world: usize, stage: u8, precision: Precision, device: &Device) -> (Vec<f64>, bool) {
+    train_base(world, stage, precision, device, false)
+}
+
+/// [`train`] with the base in NF4 (`nf4`) or the compute dtype.
+fn train_base(world: usize, stage: u8, precision: Precision, device: &Device, nf4: bool) -> (Vec<f64>, bool) {
     let corpus = support::corpus("The base is frozen on the device; the adapters train. ", 60);
     let out = run_local_world(world, &CommConfig::default(), |comm| {
         let rank = comm.rank();
         let mut cfg = support::engine_config(stage, precision, false, 3);
         cfg.device = device.clone();
+        cfg.frozen_nf4 = nf4;
         let mut engine = Engine::new(model(), Arc::new(comm), cfg).unwrap();
         let frozen = |e: &Engine| (0..e.model().num_blocks()).map(|i| bits32(&e.frozen_values(i).unwrap().1)).collect::<Vec<_>>();
         let before = frozen(&engine);
@@ -62,4 +68,31 @@ fn lora_trains_on_the_gpu_bitwise_across_stages_and_close_to_the_cpu() {
         assert!((g - c).abs() <= 1e-4 * c.abs(), "fp32 GPU vs CPU: {gpu32:?} vs {cpu32:?}");
     }
     eprintln!("lora on the GPU: fp32 {gpu32:?}, CPU {cpu32:?}");
+}
+
+#[test]
+fn nf4_dequantises_on_the_gpu_as_on_the_cpu_and_qlora_trains_there() {
+    let Some(gpu) = gpu_or_skip("nf4_dequantises_on_the_gpu_as_on_the_cpu_and_qlora_trains_there") else { return };
+    let cuda = gpu.as_cuda_device().unwrap().clone();
+    let mut rng = ferrospeed::rng::Rng::new(4);
+    let x: Vec<f32> = (0..64 * 300 + 32).map(|_| (0.05 * rng.normal()) as f32).collect();
+    let q = ferrospeed::quant::quantize(&x);
+    let mut want = vec![0f32; x.len()];
+    ferrospeed::quant::dequantize(&q, &mut want);
+    let d = ferrospeed::quant_cuda::DeviceNf4::new(&cuda, &q).unwrap();
+    let got32: Vec<f32> = d.dequantize(candle_core::DType::F32, &[x.len()]).unwrap().to_vec1().unwrap();
+    assert_eq!(bits32(&got32), bits32(&want), "f32 dequantisation, GPU vs CPU");
+    let got16: Vec<f32> = d.dequantize(candle_core::DType::BF16, &[x.len()]).unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap();
+    let want16: Vec<f32> = want.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
+    assert_eq!(bits32(&got16), bits32(&want16), "bf16 dequantisation, GPU vs CPU");
+    // QLoRA on the GPU: bf16 stages 0 and 2 bitwise, fp32 close to the CPU's NF4 run.
+    let (s0, same) = train_base(1, 0, Precision::Bf16, &gpu, true);
+    let (s2, _) = train_base(1, 2, Precision::Bf16, &gpu, true);
+    assert!(same && s0.iter().all(|l| l.is_finite()), "{s0:?}");
+    assert_eq!(bits(&s2), bits(&s0), "NF4 base, bf16 stage 2 vs 0 on the GPU");
+    let (g32, _) = train_base(1, 0, Precision::Fp32, &gpu, true);
+    let (c32, _) = train_base(1, 0, Precision::Fp32, &Device::Cpu, true);
+    for (g, c) in g32.iter().zip(&c32) {
+        assert!((g - c).abs() <= 1e-4 * c.abs(), "NF4 fp32 GPU vs CPU: {g32:?} vs {c32:?}");
+    }
 }

@@ -21,6 +21,8 @@ pub mod parallel;
 pub mod precision;
 pub mod profile;
 pub mod quant;
+#[cfg(feature = "cuda")]
+pub mod quant_cuda;
 pub mod rng;
 pub mod shard;
 pub mod track;

@@ -36,6 +36,9 @@ pub struct FrozenParams {
     nf4: bool,
     /// The NF4 weights, one entry per parameter (`None`: the parameter is in `resident`).
     quantized: Vec<Option<crate::quant::Nf4>>,
+    /// On a GPU: the same in device memory, dequantised there by a kernel at each use.
+    #[cfg(feature = "cuda")]
+    on_device: Vec<Option<crate::quant_cuda::DeviceNf4>>,
 }
 
 impl FrozenParams {
@@ -59,7 +62,20 @@ impl FrozenParams {
         if nf4 && gathered {
             return Err(EngineError::Unsupported(format!("block {name}: an NF4 base at ZeRO stage 3 is not built yet: use zero.stage ≤ 2, or lora.base = \"bf16\"")));
         }
-        let mut p = Self { flat, name, dtype, device: device.clone(), window, gathered, resident: None, shard: None, nf4, quantized: Vec::new() };
+        let mut p = Self {
+            flat,
+            name,
+            dtype,
+            device: device.clone(),
+            window,
+            gathered,
+            resident: None,
+            shard: None,
+            nf4,
+            quantized: Vec::new(),
+            #[cfg(feature = "cuda")]
+            on_device: Vec::new(),
+        };
         p.set(&full[p.window.clone()])?;
         Ok(p)
     }
@@ -101,6 +117,10 @@ impl FrozenParams {
                     })
                     .collect::<Result<_, _>>()?,
             );
+            #[cfg(feature = "cuda")]
+            if let candle_core::Device::Cuda(dev) = &self.device {
+                self.on_device = self.quantized.iter().map(|q| q.as_ref().map(|q| crate::quant_cuda::DeviceNf4::new(dev, q)).transpose()).collect::<candle_core::Result<_>>().map_err(err())?;
+            }
             return Ok(());
         }
         let buf = HostBuf::from_f32(self.dtype, values);
@@ -112,8 +132,13 @@ impl FrozenParams {
         Ok(())
     }
 
-    /// Parameter `j` dequantised to the compute dtype, as a tensor on the device.
+    /// Parameter `j` dequantised to the compute dtype, as a tensor on the device (by a kernel there
+    /// on a GPU).
     fn dequantized(&self, j: usize, q: &crate::quant::Nf4) -> Result<Tensor, EngineError> {
+        #[cfg(feature = "cuda")]
+        if let Some(Some(d)) = self.on_device.get(j) {
+            return d.dequantize(self.dtype, &self.flat.specs()[j].shape).map_err(EngineError::tensor(self.name.clone()));
+        }
         let mut v = vec![0f32; q.len];
         crate::quant::dequantize(q, &mut v);
         HostBuf::from_f32(self.dtype, &v).var(0..v.len(), &self.flat.specs()[j].shape, &self.device).map(|t| t.as_tensor().detach()).map_err(EngineError::tensor(self.name.clone()))

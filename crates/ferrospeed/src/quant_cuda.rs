@@ -1,0 +1,83 @@
+//! (feature cuda) NF4 dequantisation on the GPU: a quantised weight (`super::quant::Nf4`) kept in device
+//! memory (codes, 8-bit absmax, second-level scales: half a byte a weight) and expanded to the compute
+//! dtype by one kernel just before a matmul reads it, with the CPU reference's arithmetic (`_rn`
+//! intrinsics, no fused multiply-add) so the two give the same bits (tests/gpu_lora.rs).
+
+use crate::cuda_kernels::{compile, elementwise, launch_err, suffix};
+use crate::quant::{dynamic_map, Nf4};
+use candle_core::cuda::cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
+use candle_core::cuda::CudaDevice;
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
+use std::sync::OnceLock;
+
+const SRC: &str = r#"
+__constant__ float NF4[16] = { -1.000000000e+00f, -6.961928010e-01f, -5.250730515e-01f, -3.949174881e-01f, -2.844413817e-01f, -1.847734302e-01f, -9.105003625e-02f, 0.000000000e+00f, 7.958029956e-02f, 1.609302014e-01f, 2.461123019e-01f, 3.379152417e-01f, 4.407098293e-01f, 5.626170039e-01f, 7.229568362e-01f, 1.000000000e+00f };
+#define NF4_KERNEL(NAME, T, ST) \\
+extern "C" __global__ void nf4_dequant_##NAME(T* out, const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* dyn, float offset, long n) { \\
+  GRID_STRIDE(i, n) { \\
+    unsigned char byte = packed[i >> 1]; \\
+    int c = (i & 1) ? (byte & 15) : (byte >> 4); \\
+    long blk = i >> 6; \\
+    float am = __fadd_rn(__fmul_rn(dyn[qabsmax[blk]], absmax2[blk >> 8]), offset); \\
+    out[i] = ST(__fmul_rn(NF4[c], am)); } }
+NF4_KERNEL(f32, float, st_f32)
+NF4_KERNEL(bf16, unsigned short, st_bf16)
+NF4_KERNEL(f16, unsigned short, st_f16)
+"#;
+
+/// A quantised weight in device memory.
+pub struct DeviceNf4 {
+    dev: CudaDevice,
+    len: usize,
+    packed: CudaSlice<u8>,
+    qabsmax: CudaSlice<u8>,
+    absmax2: CudaSlice<f32>,
+    dynamic: CudaSlice<f32>,
+    offset: f32,
+}
+
+impl DeviceNf4 {
+    /// Upload `q` to `dev`.
+    pub fn new(dev: &CudaDevice, q: &Nf4) -> Result<Self> {
+        Ok(Self {
+            dev: dev.clone(),
+            len: q.len,
+            packed: dev.clone_htod(&q.packed)?,
+            qabsmax: dev.clone_htod(&q.qabsmax)?,
+            absmax2: dev.clone_htod(&q.absmax2)?,
+            dynamic: dev.clone_htod(&dynamic_map())?,
+            offset: q.offset,
+        })
+    }
+
+    /// Bytes of device memory it holds.
+    pub fn bytes(&self) -> usize {
+        self.packed.len() + self.qabsmax.len() + 4 * (self.absmax2.len() + self.dynamic.len())
+    }
+
+    /// Launch the kernel into a new buffer of `T`.
+    fn run<T: candle_core::cuda::cudarc::driver::DeviceRepr>(&self, func: &CudaFunction) -> Result<CudaSlice<T>> {
+        // Every element is written by the kernel.
+        let mut out = unsafe { self.dev.alloc::<T>(self.len)? };
+        let n = self.len as i64;
+        let stream = self.dev.cuda_stream();
+        let mut b = stream.launch_builder(func);
+        b.arg(&mut out).arg(&self.packed).arg(&self.qabsmax).arg(&self.absmax2).arg(&self.dynamic).arg(&self.offset).arg(&n);
+        unsafe { b.launch(elementwise(self.len)) }.map_err(launch_err)?;
+        Ok(out)
+    }
+
+    /// The weight in `dtype` (f32, bf16 or f16) with `shape`: a new device tensor.
+    pub fn dequantize(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        let name = format!("nf4_dequant_{}", suffix(dtype, "NF4 dequantisation")?);
+        let func = self.dev.get_or_load_custom_func(&name, "ferrospeed_nf4", compile(&PTX, SRC, "NF4")?)?.into_cuda_function();
+        let storage = match dtype {
+            DType::BF16 => CudaStorage::wrap_cuda_slice(self.run::<half::bf16>(&func)?, self.dev.clone()),
+            DType::F16 => CudaStorage::wrap_cuda_slice(self.run::<half::f16>(&func)?, self.dev.clone()),
+            _ => CudaStorage::wrap_cuda_slice(self.run::<f32>(&func)?, self.dev.clone()),
+        };
+        Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
+    }
+}
