@@ -19,7 +19,7 @@ use std::time::Instant;
 #[derive(Args, Debug)]
 pub struct BenchTrainArgs {
     /// gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (vocabulary 50304, as the anchors), or the shapes of
-    /// anchor_llama.py: llama-tiny, llama-1b, llama-3b, llama-8b, llama-13b
+    /// anchor_llama.py: llama-tiny, llama-1b, llama-3b, llama-8b, llama-13b, llama-70b, llama-405b
     #[arg(long, default_value = "gpt2-124m")]
     pub model: String,
     /// Layers instead of the shape's own count (a deeper or shallower model of the same width)
@@ -108,6 +108,9 @@ pub(crate) fn shape(name: &str, seq_len: usize) -> Option<Family> {
         "llama-3b" => llama(28, 3072, 24, 8, 8192, 128_256, true),
         "llama-8b" => llama(32, 4096, 32, 8, 14336, 128_256, false),
         "llama-13b" => llama(40, 5120, 40, 40, 13824, 32000, false),
+        // Llama-3.1-70B and -405B (the QLoRA shapes of issue 27).
+        "llama-70b" => llama(80, 8192, 64, 8, 28672, 128_256, false),
+        "llama-405b" => llama(126, 16384, 128, 8, 53248, 128_256, false),
         _ => return None,
     })
 }
@@ -140,7 +143,7 @@ fn dims(f: &Family) -> (usize, usize, usize) {
 
 pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let family = shape(&args.model, args.seq_len).map(|f| with_vocab(with_layers(f, args.layers), args.vocab)).ok_or_else(|| {
-        usage_error(format!("--model {} is unknown: use gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-tiny, llama-1b, llama-3b, llama-8b or llama-13b", args.model))
+        usage_error(format!("--model {} is unknown: use gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-tiny, llama-1b, llama-3b, llama-8b, llama-13b, llama-70b or llama-405b", args.model))
     })?;
     let family = match args.lora_r {
         Some(r) => {
