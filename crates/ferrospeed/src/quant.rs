@@ -94,17 +94,24 @@ fn midpoints(code: &[f32]) -> Vec<f32> {
 /// multiplies by the reciprocal of its absmax, a partial last block divides by it, as bitsandbytes does)
 /// and rounded to the nearest code. Returns the codes and each block's absmax.
 fn blockwise(x: &[f32], code: &[f32], block: usize) -> (Vec<u8>, Vec<f32>) {
+    use rayon::prelude::*;
     let mids = midpoints(code);
-    let mut q = Vec::with_capacity(x.len());
-    let mut absmax = Vec::with_capacity(x.len().div_ceil(block));
-    for chunk in x.chunks(block) {
-        let am = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let am_safe = am.max(1e-38);
-        let full = chunk.len() == block;
-        let inv = 1.0 / am_safe;
-        q.extend(chunk.iter().map(|&v| nearest(code, &mids, (if full { v * inv } else { v / am_safe }).clamp(-1.0, 1.0))));
-        absmax.push(am);
-    }
+    let mut q = vec![0u8; x.len()];
+    // Blocks are independent: quantised in parallel (a 70B base is 70 G values).
+    let absmax = x
+        .par_chunks(block)
+        .zip(q.par_chunks_mut(block))
+        .map(|(chunk, out)| {
+            let am = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let am_safe = am.max(1e-38);
+            let full = chunk.len() == block;
+            let inv = 1.0 / am_safe;
+            for (o, &v) in out.iter_mut().zip(chunk) {
+                *o = nearest(code, &mids, (if full { v * inv } else { v / am_safe }).clamp(-1.0, 1.0));
+            }
+            am
+        })
+        .collect();
     (q, absmax)
 }
 
@@ -137,12 +144,16 @@ pub fn dequantize_absmax(q: &Nf4) -> Vec<f32> {
 
 /// Dequantise into `out` (`q.len` values, f32): `NF4[code] · absmax` of its block.
 pub fn dequantize(q: &Nf4, out: &mut [f32]) {
+    use rayon::prelude::*;
     let absmax = dequantize_absmax(q);
-    for (i, o) in out.iter_mut().enumerate().take(q.len) {
-        let byte = q.packed[i / 2];
-        let code = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
-        *o = NF4[code as usize] * absmax[i / BLOCK];
-    }
+    out[..q.len].par_chunks_mut(BLOCK).enumerate().for_each(|(b, chunk)| {
+        for (k, o) in chunk.iter_mut().enumerate() {
+            let i = b * BLOCK + k;
+            let byte = q.packed[i / 2];
+            let code = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
+            *o = NF4[code as usize] * absmax[b];
+        }
+    });
 }
 
 #[cfg(test)]
