@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device call for issue 27's LoRA speed point: bench-train --lora-r R (all-linear, alpha 2R, bf16 base) against
 # HF transformers + PEFT (bench/anchor_peft.py, the same shape, batch, optimizer and adapters) in the same call,
-# for each of LORA_MODELS (default llama-8b) at micro-batch LORA_MB (4), T=LORA_T (1024), R=LORA_R (16).
+# for each of LORA_MODELS (default llama-8b) at micro-batch LORA_MB (4), T=LORA_T (1024), R=LORA_R (16), each base of
+# LORA_BASES (bf16; nf4 = QLoRA), LORA_STEPS timed steps after LORA_WARM (10, 3), LORA_EXTRA more bench-train flags
+# (--profile, --checkpointing); LORA_PEFT=0 skips the anchor.
 # Carried: .carry/*.xz (bench/gpu_pack.sh), .carry/device-env.sh, .carry/wheels/peft-*.whl. JSON lines in $OUT/lora.jsonl.
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT" /tmp/bin
@@ -14,7 +16,10 @@ python3 -c "import peft" 2>/dev/null || python3 -m pip install -q --no-deps --no
 BIN=/tmp/bin/ferrospeed
 R=${LORA_R:-16}; MB=${LORA_MB:-4}; T=${LORA_T:-1024}
 label() { sed "s/^{/{\"label\":\"$1\",/"; }
+S=${LORA_STEPS:-10}; W=${LORA_WARM:-3}
 for m in ${LORA_MODELS:-llama-8b}; do
-  timeout 300 $BIN bench-train --model $m --lora-r $R --micro-batch $MB --seq-len $T --precision bf16 --device cuda --steps 10 --warmup 3 2>>"$OUT/lora.err" | label "ferrospeed-$m" | tee -a "$OUT/lora.jsonl"
-  timeout 300 python3 bench/anchor_peft.py $m $MB $T $R 10 3 2>>"$OUT/lora.err" | label "peft-$m" | tee -a "$OUT/lora.jsonl"
+  for base in ${LORA_BASES:-bf16}; do
+    timeout ${LORA_TIMEOUT:-300} $BIN bench-train --model $m --lora-r $R --lora-base $base --micro-batch $MB --seq-len $T --precision bf16 --device cuda --steps $S --warmup $W ${LORA_EXTRA:-} 2>>"$OUT/lora.err" | label "ferrospeed-$m-$base" | tee -a "$OUT/lora.jsonl"
+  done
+  [ "${LORA_PEFT:-1}" = 1 ] && timeout 300 python3 bench/anchor_peft.py $m $MB $T $R $S $W 2>>"$OUT/lora.err" | label "peft-$m" | tee -a "$OUT/lora.jsonl"
 done
