@@ -81,7 +81,7 @@ fn tensors(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
 
 /// Import `init_from`, train 0 steps (save the imported weights as a checkpoint) and export it.
 fn import_export(dir: &Path, init_from: &Path, out: &Path, export_args: &[&str]) {
-    let model = format!("seq_len = 8\ninit_from = \"{}\"\ntokenizer = \"{}\"", init_from.display(), tokenizer(dir).display());
+    let model = format!("seq_len = 8\ninit_from = \"{}\"\ntokenizer = \"{}\"", init_from.display(), word_tokenizer(dir).display());
     import_export_model(dir, &model, out, export_args);
 }
 
@@ -96,16 +96,6 @@ fn import_export_model(dir: &Path, model: &str, out: &Path, export_args: &[&str]
     assert!(f.status.success(), "export failed:\n{}\n{}", f.stdout, f.stderr);
 }
 
-/// A word-level tokenizer.json of 40 ids (within the fixture's vocabulary of 64).
-fn tokenizer(dir: &Path) -> PathBuf {
-    let vocab: serde_json::Map<String, serde_json::Value> = "the a of to and in is it that for on with as be by this are or not".split(' ').chain(["[UNK]"]).enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
-    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": {"type": "Lowercase"},
-        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}});
-    let path = dir.join("tokenizer.json");
-    std::fs::write(&path, tok.to_string()).unwrap();
-    path
-}
 
 #[test]
 fn a_transformers_directory_imports_and_exports_with_the_weights_unchanged() {

@@ -13,19 +13,9 @@ fn fixture() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../ferrospeed-models/tests/fixtures/hf/gqa_untied")
 }
 
-/// A word-level tokenizer.json within the fixture's vocabulary of 64.
-fn tokenizer(dir: &Path) -> PathBuf {
-    let vocab: serde_json::Map<String, serde_json::Value> = "the a of to and in is it that for on with as be by this are or not".split(' ').chain(["[UNK]"]).enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
-    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": {"type": "Lowercase"},
-        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}});
-    let path = dir.join("tokenizer.json");
-    std::fs::write(&path, tok.to_string()).unwrap();
-    path
-}
 
 fn config(dir: &Path, lora: &str) -> PathBuf {
-    let model = format!("seq_len = 8\ninit_from = \"{}\"\ntokenizer = \"{}\"", fixture().display(), tokenizer(dir).display());
+    let model = format!("seq_len = 8\ninit_from = \"{}\"\ntokenizer = \"{}\"", fixture().display(), word_tokenizer(dir).display());
     let path = write_config(dir, &model, "steps = 4\nglobal_batch = 4\nmicro_batch = 1\nwarmup = 1\nlr = 1e-2");
     let text = std::fs::read_to_string(&path).unwrap() + &format!("\n[lora]\n{lora}\n");
     std::fs::write(&path, text).unwrap();

@@ -44,10 +44,7 @@ impl Forward for Mlp {
 }
 
 fn batch() -> Batch {
-    let mut rng = Rng::new(3);
-    let x: Vec<f32> = (0..8 * 6).map(|_| rng.normal() as f32).collect();
-    let y: Vec<u32> = (0..8).map(|i| (i % 3) as u32).collect();
-    Batch::new().with("x", Tensor::from_vec(x, (8, 6), &Device::Cpu).unwrap()).with("y", Tensor::from_vec(y, 8, &Device::Cpu).unwrap())
+    common::mlp_batch()
 }
 
 fn engine_cfg(optimizer: Arc<dyn Optimizer>, lr: f64, groups: ParamGroups) -> EngineConfig {

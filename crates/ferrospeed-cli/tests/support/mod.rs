@@ -259,3 +259,14 @@ pub fn smollm2() -> Option<PathBuf> {
     skip(&format!("{}:{}", caller.file(), caller.line()), &format!("{} is missing (scripts/fetch-smollm2.sh fetches it)", path.display()));
     None
 }
+
+/// A word-level tokenizer.json of 40 ids (within the fixture's vocabulary of 64).
+pub fn word_tokenizer(dir: &Path) -> PathBuf {
+    let vocab: serde_json::Map<String, serde_json::Value> = "the a of to and in is it that for on with as be by this are or not".split(' ').chain(["[UNK]"]).enumerate().map(|(i, w)| (w.to_string(), i.into())).collect();
+    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}});
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, tok.to_string()).unwrap();
+    path
+}

@@ -89,3 +89,12 @@ pub fn gpus_or_skip(test: &str, needs: usize) -> bool {
         }
     }
 }
+
+/// The candle-nn tests' batch: `x` `[8, 6]` of seeded normal values, classes `y` `[8]` in 0..3.
+pub fn mlp_batch() -> ferrospeed::engine::Batch {
+    let mut rng = ferrospeed::rng::Rng::new(3);
+    let x: Vec<f32> = (0..8 * 6).map(|_| rng.normal() as f32).collect();
+    let y: Vec<u32> = (0..8).map(|i| (i % 3) as u32).collect();
+    let dev = candle_core::Device::Cpu;
+    ferrospeed::engine::Batch::new().with("x", candle_core::Tensor::from_vec(x, (8, 6), &dev).unwrap()).with("y", candle_core::Tensor::from_vec(y, 8, &dev).unwrap())
+}
