@@ -173,7 +173,7 @@ fn copy_dir(from: &Path, to: &Path) {
 #[test]
 fn bad_model_directories_are_refused_in_one_line_with_nothing_written() {
     let dir = tempfile::tempdir().unwrap();
-    let tok = tokenizer(dir.path());
+    let tok = word_tokenizer(dir.path());
     let with_tok = format!("\ntokenizer = \"{}\"", tok.display());
     // An architecture we do not train.
     let mamba = dir.path().join("mamba");
@@ -210,7 +210,7 @@ fn an_export_writes_back_the_source_config_json_and_tokenizer_files() {
         // The source: the fixture as transformers saved it, with tokenizer files of its own.
         let src = dir.path().join(format!("src-{variant}"));
         copy_dir(&fixture(variant), &src);
-        std::fs::copy(tokenizer(dir.path()), src.join("tokenizer.json")).unwrap();
+        std::fs::copy(word_tokenizer(dir.path()), src.join("tokenizer.json")).unwrap();
         std::fs::write(src.join("tokenizer_config.json"), "{\"model_max_length\": 64, \"clean_up_tokenization_spaces\": false}\n").unwrap();
         let out = dir.path().join(format!("out-{variant}"));
         import_export_model(dir.path(), &format!("seq_len = 8\ninit_from = \"{}\"", src.display()), &out, &["--dtype", dtype]);
@@ -278,7 +278,7 @@ fn generate_refuses_weights_its_config_json_does_not_describe() {
     // The fixture with a tokenizer generates.
     let good = dir.path().join("good");
     copy_dir(&fixture("gqa_untied"), &good);
-    std::fs::copy(tokenizer(dir.path()), good.join("tokenizer.json")).unwrap();
+    std::fs::copy(word_tokenizer(dir.path()), good.join("tokenizer.json")).unwrap();
     let f = generate(&good);
     assert!(f.status.success(), "{}", f.stderr);
     // A config.json whose shape the tensors do not have: refused like train, naming the tensor.
@@ -292,7 +292,7 @@ fn generate_refuses_weights_its_config_json_does_not_describe() {
     // Biases the config does not ask for: refused naming the first, not silently dropped.
     let biased = dir.path().join("biased");
     copy_dir(&fixture("llama_attention_bias"), &biased);
-    std::fs::copy(tokenizer(dir.path()), biased.join("tokenizer.json")).unwrap();
+    std::fs::copy(word_tokenizer(dir.path()), biased.join("tokenizer.json")).unwrap();
     let text = std::fs::read_to_string(biased.join("config.json")).unwrap().replace("\"attention_bias\": true", "\"attention_bias\": false");
     std::fs::write(biased.join("config.json"), text).unwrap();
     let f = generate(&biased);
