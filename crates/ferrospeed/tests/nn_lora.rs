@@ -12,7 +12,6 @@ use candle_nn::{Linear, Optimizer as _, VarBuilder, VarMap};
 use ferrospeed::engine::{Batch, Engine, EngineConfig, EngineError, Model};
 use ferrospeed::nn::{lora_linear, Forward, LoraLinear, NnBlock};
 use ferrospeed::optim::{LrSchedule, Sgd};
-use ferrospeed::rng::Rng;
 use ferrospeed::CommConfig;
 use std::sync::Arc;
 
