@@ -13,13 +13,13 @@ use std::sync::OnceLock;
 
 const SRC: &str = r#"
 __constant__ float NF4[16] = { -1.000000000e+00f, -6.961928010e-01f, -5.250730515e-01f, -3.949174881e-01f, -2.844413817e-01f, -1.847734302e-01f, -9.105003625e-02f, 0.000000000e+00f, 7.958029956e-02f, 1.609302014e-01f, 2.461123019e-01f, 3.379152417e-01f, 4.407098293e-01f, 5.626170039e-01f, 7.229568362e-01f, 1.000000000e+00f };
-#define NF4_KERNEL(NAME, T, ST) \\
-extern "C" __global__ void nf4_dequant_##NAME(T* out, const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* dyn, float offset, long n) { \\
-  GRID_STRIDE(i, n) { \\
-    unsigned char byte = packed[i >> 1]; \\
-    int c = (i & 1) ? (byte & 15) : (byte >> 4); \\
-    long blk = i >> 6; \\
-    float am = __fadd_rn(__fmul_rn(dyn[qabsmax[blk]], absmax2[blk >> 8]), offset); \\
+#define NF4_KERNEL(NAME, T, ST) \
+extern "C" __global__ void nf4_dequant_##NAME(T* out, const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* dyn, float offset, long n) { \
+  GRID_STRIDE(i, n) { \
+    unsigned char byte = packed[i >> 1]; \
+    int c = (i & 1) ? (byte & 15) : (byte >> 4); \
+    long blk = i >> 6; \
+    float am = __fadd_rn(__fmul_rn(dyn[qabsmax[blk]], absmax2[blk >> 8]), offset); \
     out[i] = ST(__fmul_rn(NF4[c], am)); } }
 NF4_KERNEL(f32, float, st_f32)
 NF4_KERNEL(bf16, unsigned short, st_bf16)

@@ -40,10 +40,16 @@ pub struct Resident<'a> {
 
 impl ParamSource for Resident<'_> {
     fn acquire(&mut self, i: usize, _next: Option<usize>) -> Result<Vec<Tensor>, EngineError> {
+        // Frozen tensors first (an NF4 base is dequantised here, and may fail).
+        let mut frozen: HashMap<usize, Vec<Tensor>> = HashMap::new();
+        for b in owners(self.model, i) {
+            if !self.params[b].frozen.is_empty() {
+                frozen.insert(b, self.params[b].frozen.resident_tensors()?.unwrap_or_default());
+            }
+        }
         slot_tensors(self.model, i, |b| {
             let p = &self.params[b];
-            let frozen = if p.frozen.is_empty() { Vec::new() } else { p.frozen.resident_tensors().ok()?? };
-            p.resident().map(|v| (v.iter().map(|v| v.as_tensor().clone()).collect(), frozen))
+            p.resident().map(|v| (v.iter().map(|v| v.as_tensor().clone()).collect(), frozen.get(&b).cloned().unwrap_or_default()))
         })
     }
 
