@@ -39,8 +39,8 @@ pub struct LayerSaved {
     dims: (usize, usize),
     /// The documents of a packed batch.
     docs: Option<Docs>,
-    /// LoRA's `u = x·Aᵀ` of each adapted part, per projection (q/k/v, o, gate/up, down).
-    lora: [Vec<Option<Tensor>>; 4],
+    /// What LoRA's backward needs of each projection (q/k/v, o, gate/up, down) that has adapters.
+    lora: [Option<lora::Kept>; 4],
 }
 
 /// The adapted parts of a layer's four projections (q/k/v, o, gate/up, down), with their widths.
@@ -49,11 +49,11 @@ fn lora_parts(c: &LlamaConfig, ad: &[Option<Adapter>; 7]) -> [Vec<Part>; 4] {
     [vec![(ad[0], q), (ad[1], kv), (ad[2], kv)], vec![(ad[3], d)], vec![(ad[4], f), (ad[5], f)], vec![(ad[6], d)]]
 }
 
-/// Add LoRA's update of projection `k` of `x` to its output `y` (keeping each part's `u` in `kept`).
-fn add_lora(y: Tensor, x: &Tensor, p: &[Tensor], parts: &[Part], scale: f64, kept: &mut Vec<Option<Tensor>>) -> Result<Tensor> {
+/// Add LoRA's update of a projection of `x` to its output `y` (keeping what its backward needs).
+fn add_lora(y: Tensor, x: &Tensor, p: &[Tensor], parts: &[Part], scale: f64, kept: &mut Option<lora::Kept>) -> Result<Tensor> {
     match lora::delta(x, p, parts, scale)? {
-        Some((d, us)) => {
-            *kept = us;
+        Some((d, k)) => {
+            *kept = Some(k);
             y + d
         }
         None => Ok(y),
@@ -61,12 +61,10 @@ fn add_lora(y: Tensor, x: &Tensor, p: &[Tensor], parts: &[Part], scale: f64, kep
 }
 
 /// The input gradient of a projection: the base's, plus LoRA's where the projection is adapted.
-fn with_lora(base: Tensor, grads: &mut ParamGrads, p: &[Tensor], parts: &[Part], us: &[Option<Tensor>], g: &Tensor, x: &Tensor, scale: f64) -> Result<Tensor> {
-    if us.is_empty() {
-        return Ok(base);
-    }
-    match lora::backward(grads, p, parts, us, g, x, scale)? {
-        Some(extra) => base + extra,
+#[allow(clippy::too_many_arguments)]
+fn with_lora(base: Tensor, grads: &mut ParamGrads, p: &[Tensor], parts: &[Part], kept: &Option<lora::Kept>, g: &Tensor, x: &Tensor, scale: f64) -> Result<Tensor> {
+    match kept {
+        Some(k) => base + lora::backward(grads, p, parts, k, g, x, scale)?,
         None => Ok(base),
     }
 }
@@ -110,7 +108,7 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
     let s = Slots::of(c);
     let parts = lora_parts(c, &adapters(c, lora));
     let scale = lora.map_or(0.0, |l| l.shape.scale());
-    let mut kept: [Vec<Option<Tensor>>; 4] = Default::default();
+    let mut kept: [Option<lora::Kept>; 4] = Default::default();
     let (b, t, d) = x.dims3()?;
     let (n, nh, nkv, hd) = (b * t, c.n_head, c.n_kv_head, c.head_dim);
     let x = x.reshape((n, d))?;

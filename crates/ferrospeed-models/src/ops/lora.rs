@@ -54,54 +54,99 @@ pub struct Adapter {
 /// One part of a (stacked) projection: its adapter, if any, and its output width.
 pub type Part = (Option<Adapter>, usize);
 
-/// `s·(x·Aᵀ)·Bᵀ` for every part of a projection of `x` `[n, in]`, side by side `[n, Σ out]` (zeros for a
-/// part without an adapter), and each adapted part's `u = x·Aᵀ` (for the backward). `None` when no part
-/// is adapted.
-pub fn delta(x: &Tensor, p: &[Tensor], parts: &[Part], scale: f64) -> Result<Option<(Tensor, Vec<Option<Tensor>>)>> {
-    if parts.iter().all(|(a, _)| a.is_none()) {
-        return Ok(None);
-    }
-    let n = x.dim(0)?;
-    let mut cols = Vec::with_capacity(parts.len());
-    let mut us = Vec::with_capacity(parts.len());
+/// What the backward of [`delta`] needs: `u = x·A_allᵀ` `[n, R]` (the adapted parts' A stacked, R = Σ r)
+/// and the block matrix `B_blk` `[Σ out, R]` (each adapted part's `s·B` on its rows and its columns of
+/// `u`, zero elsewhere).
+pub struct Kept {
+    u: Tensor,
+    b_blk: Tensor,
+}
+
+/// The adapted parts' A stacked `[R, in]` and the block matrix of their `s·B` `[Σ out, R]` (see [`Kept`]).
+fn stacked(p: &[Tensor], parts: &[Part], scale: f64) -> Result<(Tensor, Tensor)> {
+    let adapted: Vec<Adapter> = parts.iter().filter_map(|(a, _)| *a).collect();
+    let a_all = if adapted.len() == 1 { p[adapted[0].a].clone() } else { Tensor::cat(&adapted.iter().map(|a| &p[a.a]).collect::<Vec<_>>(), 0)? };
+    let rs: Vec<usize> = adapted.iter().map(|a| p[a.a].dim(0)).collect::<Result<_>>()?;
+    let total: usize = rs.iter().sum();
+    let (dtype, dev) = (a_all.dtype(), a_all.device().clone());
+    let mut rows = Vec::with_capacity(parts.len());
+    let mut k = 0;
     for &(adapter, width) in parts {
         match adapter {
             Some(ad) => {
-                let u = matmul(x, &p[ad.a].t()?)?;
-                cols.push(scoped_as(Kind::Elementwise, "lora_scale", || matmul(&u, &p[ad.a + 1].t()?)?.affine(scale, 0.0))?);
-                us.push(Some(u));
+                let before: usize = rs[..k].iter().sum();
+                let after = total - before - rs[k];
+                // s·B: the scale on the small matrix, not on the [n, out] products.
+                let b = p[ad.a + 1].affine(scale, 0.0)?;
+                let mut cols = Vec::with_capacity(3);
+                if before > 0 {
+                    cols.push(Tensor::zeros((width, before), dtype, &dev)?);
+                }
+                cols.push(b);
+                if after > 0 {
+                    cols.push(Tensor::zeros((width, after), dtype, &dev)?);
+                }
+                rows.push(if cols.len() == 1 { cols.remove(0) } else { Tensor::cat(&cols, 1)? });
+                k += 1;
             }
-            None => {
-                cols.push(Tensor::zeros((n, width), x.dtype(), x.device())?);
-                us.push(None);
-            }
+            None => rows.push(Tensor::zeros((width, total), dtype, &dev)?),
         }
     }
-    let d = if cols.len() == 1 { cols.pop().unwrap_or_else(|| unreachable!()) } else { scoped_as(Kind::Copy, "lora_cat", || Tensor::cat(&cols, 1))? };
-    Ok(Some((d, us)))
+    let b_blk = if rows.len() == 1 { rows.remove(0) } else { Tensor::cat(&rows, 0)? };
+    Ok((a_all, b_blk))
+}
+
+/// `s·(x·Aᵀ)·Bᵀ` for every part of a (stacked) projection of `x` `[n, in]`, side by side `[n, Σ out]`
+/// (zero for a part without an adapter): two matmuls, `u = x·A_allᵀ` and `u·B_blkᵀ`, whatever the number
+/// of parts. `None` when no part is adapted.
+pub fn delta(x: &Tensor, p: &[Tensor], parts: &[Part], scale: f64) -> Result<Option<(Tensor, Kept)>> {
+    if parts.iter().all(|(a, _)| a.is_none()) {
+        return Ok(None);
+    }
+    let (a_all, b_blk) = scoped_as(Kind::Copy, "lora_stack", || stacked(p, parts, scale))?;
+    let u = matmul(x, &a_all.t()?)?;
+    let d = matmul(&u, &b_blk.t()?)?;
+    Ok(Some((d, Kept { u, b_blk })))
 }
 
 /// The backward of [`delta`] for the output gradient `g` `[n, Σ out]`: `dA` and `dB` of each adapted
-/// part into `grads` (as weight work), and the gradient it adds to the input `x`, `Σ (s·g_part·B)·A`.
-pub fn backward(grads: &mut ParamGrads, p: &[Tensor], parts: &[Part], us: &[Option<Tensor>], g: &Tensor, x: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    let mut dx: Option<Tensor> = None;
-    let mut at = 0;
-    for (&(adapter, width), u) in parts.iter().zip(us) {
-        let col = at;
-        at += width;
-        let (Some(ad), Some(u)) = (adapter, u) else { continue };
-        let r = p[ad.a].dim(0)?;
-        let gs = scoped_as(Kind::Elementwise, "lora_scale", || g.narrow(1, col, width)?.affine(scale, 0.0))?;
-        put_matmul_tn(grads, vec![(ad.a + 1, width)], &gs, u)?;
-        let du = matmul(&gs, &p[ad.a + 1])?;
-        put_matmul_tn(grads, vec![(ad.a, r)], &du, x)?;
-        let part = matmul(&du, &p[ad.a])?;
-        dx = Some(match dx {
-            None => part,
-            Some(d) => (d + part)?,
-        });
-    }
-    Ok(dx)
+/// part into `grads` (as weight work), and the gradient it adds to the input `x`: `du = g·B_blk`
+/// `[n, R]`, `dA_all = duᵀ·x` (split by rows), `dB = s·gᵀ·u` (each part's diagonal block of `gᵀ·u`), and
+/// `du·A_all`.
+pub fn backward(grads: &mut ParamGrads, p: &[Tensor], parts: &[Part], kept: &Kept, g: &Tensor, x: &Tensor, scale: f64) -> Result<Tensor> {
+    let adapted: Vec<(Adapter, usize, usize)> = {
+        let mut at = 0;
+        let mut v = Vec::new();
+        for &(adapter, width) in parts {
+            if let Some(ad) = adapter {
+                v.push((ad, at, width));
+            }
+            at += width;
+        }
+        v
+    };
+    let du = matmul(g, &kept.b_blk)?;
+    let a_parts: Vec<(usize, usize)> = adapted.iter().map(|(ad, _, _)| Ok((ad.a, p[ad.a].dim(0)?))).collect::<Result<_>>()?;
+    put_matmul_tn(grads, a_parts.clone(), &du, x)?;
+    // dB of every part from one gᵀ·u, the off-diagonal blocks unused (R is small).
+    let (gt, u) = (g.clone(), kept.u.clone());
+    let blocks: Vec<(usize, usize, usize, usize, usize)> = {
+        let mut col = 0;
+        adapted.iter().zip(&a_parts).map(|((ad, row, width), (_, r))| {
+            let b = (ad.a + 1, *row, *width, col, *r);
+            col += r;
+            b
+        }).collect()
+    };
+    grads.put(move |slots| {
+        let full = matmul(&gt.t()?, &u)?;
+        for (slot, row, width, col, r) in blocks {
+            slots[slot] = Some(full.narrow(0, row, width)?.narrow(1, col, r)?.affine(scale, 0.0)?);
+        }
+        Ok(())
+    })?;
+    let a_all = if adapted.len() == 1 { p[adapted[0].0.a].clone() } else { Tensor::cat(&adapted.iter().map(|(a, _, _)| &p[a.a]).collect::<Vec<_>>(), 0)? };
+    matmul(&du, &a_all)
 }
 
 /// The same update composed of candle ops (autograd), for the composed forward:
