@@ -150,11 +150,7 @@ pub(crate) fn export_merged(dir: &Path, out: &Path, meta: &Meta, max_shard_bytes
     let mut adapters = ferrospeed::checkpoint::WeightFiles::open(&adapters_path)?;
     let mut weights = ferrospeed::checkpoint::WeightFiles::open(&base).map_err(|e| usage_error(format!("the base {} the adapters were trained on: {e}", base.display())))?;
     let tensors: Vec<(String, Vec<usize>)> = weights.names().map(str::to_string).collect::<Vec<_>>().into_iter().filter_map(|n| weights.info(&n).map(|i| (n, i.shape.clone()))).collect();
-    let dtype = match tensors.first().and_then(|(n, _)| weights.info(n)).map(|i| format!("{:?}", i.dtype)).as_deref() {
-        Some("BF16") => WeightDtype::Bf16,
-        Some("F16") => WeightDtype::F16,
-        _ => WeightDtype::F32,
-    };
+    let dtype = tensors.first().and_then(|(n, _)| weights.info(n)).map_or(WeightDtype::F32, |i| i.dtype);
     let read = |files: &mut ferrospeed::checkpoint::WeightFiles, name: &str| -> Result<Option<(Vec<f32>, Vec<usize>)>, checkpoint::CheckpointError> {
         let Some(shape) = files.info(name).map(|i| i.shape.clone()) else { return Ok(None) };
         let mut v = vec![0f32; shape.iter().product()];
@@ -169,17 +165,16 @@ pub(crate) fn export_merged(dir: &Path, out: &Path, meta: &Meta, max_shard_bytes
         // `model.layers.N.<module>.weight` ↔ the adapters' `layers.N.<module>.lora_A.weight`.
         let Some(module) = names[t].strip_prefix("model.").and_then(|n| n.strip_suffix(".weight")) else { return Ok(()) };
         let (Some((a, a_shape)), Some((b, b_shape))) = (read(&mut adapters, &format!("{module}.lora_A.weight"))?, read(&mut adapters, &format!("{module}.lora_B.weight"))?) else { return Ok(()) };
-        let (rank, inp, outp) = (a_shape[0], a_shape[1], b_shape[0]);
-        // ΔW = s·B·A, each element a dot product over the rank in f32 (as torch's matmul), then added.
-        for o in 0..outp {
-            for i in 0..inp {
-                let mut d = 0f32;
-                for k in 0..rank {
-                    d += b[o * rank + k] * a[k * inp + i];
-                }
-                values[o * inp + i] += d * scale as f32;
+        let (rank, inp) = (a_shape[0], a_shape[1]);
+        debug_assert_eq!(b_shape[1], rank);
+        // ΔW = s·B·A, each element a dot product over the rank in f32, then added; rows in parallel.
+        use rayon::prelude::*;
+        values.par_chunks_mut(inp).enumerate().for_each(|(o, row)| {
+            for (i, v) in row.iter_mut().enumerate() {
+                let d: f32 = (0..rank).map(|k| b[o * rank + k] * a[k * inp + i]).sum();
+                *v += d * scale as f32;
             }
-        }
+        });
         Ok(())
     })?;
     Ok(stats)

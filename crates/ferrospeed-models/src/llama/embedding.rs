@@ -49,27 +49,24 @@ impl Block for Embedding {
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
-        if self.frozen {
-            return Ok((vec![None], Vec::new()));
-        }
-        ParamGrads::whole(p.len(), |grads| backward_into(saved, p, upstream, grads))
+        ParamGrads::whole(p.len(), |grads| self.backward_into(saved, p, upstream, grads))
     }
 
     fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
-        if self.frozen {
-            return Ok((WeightGrads::ready(vec![None]), Vec::new()));
-        }
-        ParamGrads::split(p.len(), |grads| backward_into(saved, p, upstream, grads))
+        ParamGrads::split(p.len(), |grads| self.backward_into(saved, p, upstream, grads))
     }
 }
 
-/// The backward has no input gradient (the inputs are token ids): it is all parameter work.
-fn backward_into(saved: Saved, p: &[Tensor], upstream: Upstream<'_>, grads: &mut ParamGrads) -> Result<Vec<Option<Tensor>>> {
-    let ids = saved.downcast::<TokenIds>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
-    let (g, vocab) = (upstream.grad(0)?.clone(), p[0].dim(0)?);
-    grads.put(move |slots| {
-        slots[0] = Some(ids.table_grad(&g, vocab)?);
-        Ok(())
-    })?;
-    Ok(Vec::new())
+impl Embedding {
+    /// The backward has no input gradient (the inputs are token ids): it is all parameter work, none of
+    /// it run for a frozen table.
+    fn backward_into(&self, saved: Saved, p: &[Tensor], upstream: Upstream<'_>, grads: &mut ParamGrads) -> Result<Vec<Option<Tensor>>> {
+        if self.frozen {
+            grads.freeze([0]);
+        }
+        let ids = saved.downcast::<TokenIds>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
+        let (g, vocab) = (upstream.grad(0)?.clone(), p[0].dim(0)?);
+        grads.put_rows(vec![(0, vocab)], move || ids.table_grad(&g, vocab))?;
+        Ok(Vec::new())
+    }
 }

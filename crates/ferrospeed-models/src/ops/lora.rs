@@ -54,11 +54,12 @@ pub struct Adapter {
 /// One part of a (stacked) projection: its adapter, if any, and its output width.
 pub type Part = (Option<Adapter>, usize);
 
-/// What the backward of [`delta`] needs: `u = x·A_allᵀ` `[n, R]` (the adapted parts' A stacked, R = Σ r)
-/// and the block matrix `B_blk` `[Σ out, R]` (each adapted part's `s·B` on its rows and its columns of
+/// What the backward of [`delta`] needs: `u = x·A_allᵀ` `[n, R]`, `A_all` (the adapted parts' A stacked
+/// `[R, in]`, R = Σ r) and the block matrix `B_blk` `[Σ out, R]` (each adapted part's `s·B` on its rows and its columns of
 /// `u`, zero elsewhere).
 pub struct Kept {
     u: Tensor,
+    a_all: Tensor,
     b_blk: Tensor,
 }
 
@@ -106,7 +107,7 @@ pub fn delta(x: &Tensor, p: &[Tensor], parts: &[Part], scale: f64) -> Result<Opt
     let (a_all, b_blk) = scoped_as(Kind::Copy, "lora_stack", || stacked(p, parts, scale))?;
     let u = matmul(x, &a_all.t()?)?;
     let d = matmul(&u, &b_blk.t()?)?;
-    Ok(Some((d, Kept { u, b_blk })))
+    Ok(Some((d, Kept { u, a_all, b_blk })))
 }
 
 /// The backward of [`delta`] for the output gradient `g` `[n, Σ out]`: `dA` and `dB` of each adapted
@@ -145,8 +146,7 @@ pub fn backward(grads: &mut ParamGrads, p: &[Tensor], parts: &[Part], kept: &Kep
         }
         Ok(())
     })?;
-    let a_all = if adapted.len() == 1 { p[adapted[0].0.a].clone() } else { Tensor::cat(&adapted.iter().map(|(a, _, _)| &p[a.a]).collect::<Vec<_>>(), 0)? };
-    matmul(&du, &a_all)
+    matmul(&du, &kept.a_all)
 }
 
 /// The same update composed of candle ops (autograd), for the composed forward:

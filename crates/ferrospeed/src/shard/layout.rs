@@ -67,6 +67,12 @@ impl ShardLayout {
         Shard { offset, len, padded_len: self.shard_len }
     }
 
+    /// `rank`'s shard with its padding, as a range of the padded buffer.
+    pub fn padded_range(&self, rank: usize) -> Range<usize> {
+        let s = self.shard(rank);
+        s.offset..s.offset + s.padded_len
+    }
+
     /// The real elements of `rank` as a range into the unpadded buffer.
     pub fn range(&self, rank: usize) -> Range<usize> {
         let s = self.shard(rank);

@@ -54,10 +54,7 @@ impl FrozenParams {
         let gathered = strategy.param_placement() == ParamPlacement::Gathered;
         let window = match strategy.param_placement() {
             ParamPlacement::Resident => 0..flat.padded_numel(),
-            ParamPlacement::Gathered => {
-                let s = flat.layout().shard(rank);
-                s.offset..s.offset + s.padded_len
-            }
+            ParamPlacement::Gathered => flat.layout().padded_range(rank),
         };
         if nf4 && gathered {
             return Err(EngineError::Unsupported(format!("block {name}: an NF4 base at ZeRO stage 3 is not built yet: use zero.stage ≤ 2, or lora.base = \"bf16\"")));

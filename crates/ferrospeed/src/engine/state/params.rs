@@ -145,8 +145,7 @@ impl BlockParams {
         if full.len() != flat.padded_numel() {
             return Err(EngineError::Unsupported(format!("block {name}: {} initial values for a flat buffer of {}", full.len(), flat.padded_numel())));
         }
-        let shard = flat.layout().shard(rank);
-        let shard_range = shard.offset..shard.offset + shard.padded_len;
+        let shard_range = flat.layout().padded_range(rank);
         let window = match strategy.optimizer_window() {
             OptimizerWindow::Shard => shard_range.clone(),
             OptimizerWindow::Whole => 0..full.len(),
