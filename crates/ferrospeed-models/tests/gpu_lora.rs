@@ -1,5 +1,6 @@
 //! LoRA on a GPU (ranks as threads sharing GPU 0): the frozen base on the device, bf16 losses bitwise
-//! across ZeRO stages 0–3 at world 1 and 2, fp32 close to the CPU, the base unchanged after training.
+//! across ZeRO stages 0–3 at world 1 and 2, fp32 close to the CPU, the base unchanged after training;
+//! NF4 dequantised as on the CPU, alone and into a block's assembled buffer.
 //! Where no GPU can be used each test prints the skip line of the GPU scripts and returns.
 #![cfg(feature = "cuda")]
 
@@ -85,6 +86,16 @@ fn nf4_dequantises_on_the_gpu_as_on_the_cpu_and_qlora_trains_there() {
     let got16: Vec<f32> = d.dequantize(candle_core::DType::BF16, &[x.len()]).unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap();
     let want16: Vec<f32> = want.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
     assert_eq!(bits32(&got16), bits32(&want16), "bf16 dequantisation, GPU vs CPU");
+    // A block's buffer assembled: a dense tensor at 0, a gap, the NF4 weight after it, a padded tail.
+    let dense: Vec<f32> = (0..100).map(|i| i as f32 * 0.25).collect();
+    let dense_t = candle_core::Tensor::from_vec(dense.clone(), 100, &gpu).unwrap().to_dtype(candle_core::DType::BF16).unwrap();
+    let len = 100 + 28 + x.len() + 7;
+    let all = ferrospeed::quant_cuda::assemble(&cuda, candle_core::DType::BF16, len, &[(0, &dense_t)], &[(128, &d)]).unwrap();
+    let all: Vec<f32> = all.to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap();
+    let mut expect = vec![0f32; len];
+    expect[..100].copy_from_slice(&dense);
+    expect[128..128 + x.len()].copy_from_slice(&want16);
+    assert_eq!(bits32(&all), bits32(&expect), "assembled bf16 buffer: dense part, zeroed gaps, dequantised weight");
     // QLoRA on the GPU: bf16 stages 0 and 2 bitwise, fp32 close to the CPU's NF4 run.
     let (s0, same) = train_base(1, 0, Precision::Bf16, &gpu, true);
     let (s2, _) = train_base(1, 2, Precision::Bf16, &gpu, true);

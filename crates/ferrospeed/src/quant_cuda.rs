@@ -5,10 +5,11 @@
 
 use crate::cuda_kernels::{compile, elementwise, launch_err, suffix};
 use crate::quant::{dynamic_map, Nf4};
-use candle_core::cuda::cudarc::driver::{CudaFunction, CudaSlice, PushKernelArg};
-use candle_core::cuda::CudaDevice;
+use candle_core::cuda::cudarc::driver::{CudaFunction, CudaSlice, CudaViewMut, DeviceRepr, PushKernelArg, ValidAsZeroBits};
+use candle_core::cuda::{CudaDType, CudaDevice};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
+use std::ops::Range;
 use std::sync::OnceLock;
 
 const SRC: &str = r#"
@@ -56,28 +57,77 @@ impl DeviceNf4 {
         self.packed.len() + self.qabsmax.len() + 4 * (self.absmax2.len() + self.dynamic.len())
     }
 
-    /// Launch the kernel into a new buffer of `T`.
-    fn run<T: candle_core::cuda::cudarc::driver::DeviceRepr>(&self, func: &CudaFunction) -> Result<CudaSlice<T>> {
-        // Every element is written by the kernel.
-        let mut out = unsafe { self.dev.alloc::<T>(self.len)? };
+    /// Launch the kernel into `out` (its `len` elements).
+    fn run_into<T: DeviceRepr>(&self, func: &CudaFunction, out: &mut CudaViewMut<'_, T>) -> Result<()> {
+        if out.len() != self.len {
+            candle_core::bail!("NF4 dequantisation of {} values into {}", self.len, out.len())
+        }
         let n = self.len as i64;
         let stream = self.dev.cuda_stream();
         let mut b = stream.launch_builder(func);
-        b.arg(&mut out).arg(&self.packed).arg(&self.qabsmax).arg(&self.absmax2).arg(&self.dynamic).arg(&self.offset).arg(&n);
+        b.arg(out).arg(&self.packed).arg(&self.qabsmax).arg(&self.absmax2).arg(&self.dynamic).arg(&self.offset).arg(&n);
         unsafe { b.launch(elementwise(self.len)) }.map_err(launch_err)?;
-        Ok(out)
+        Ok(())
     }
 
     /// The weight in `dtype` (f32, bf16 or f16) with `shape`: a new device tensor.
     pub fn dequantize(&self, dtype: DType, shape: &[usize]) -> Result<Tensor> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        let name = format!("nf4_dequant_{}", suffix(dtype, "NF4 dequantisation")?);
-        let func = self.dev.get_or_load_custom_func(&name, "ferrospeed_nf4", compile(&PTX, SRC, "NF4")?)?.into_cuda_function();
-        let storage = match dtype {
-            DType::BF16 => CudaStorage::wrap_cuda_slice(self.run::<half::bf16>(&func)?, self.dev.clone()),
-            DType::F16 => CudaStorage::wrap_cuda_slice(self.run::<half::f16>(&func)?, self.dev.clone()),
-            _ => CudaStorage::wrap_cuda_slice(self.run::<f32>(&func)?, self.dev.clone()),
-        };
-        Ok(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false))
+        assemble(&self.dev, dtype, self.len, &[], &[(0, self)])?.reshape(shape)
+    }
+}
+
+/// The dequantisation kernel for `dtype`.
+fn kernel(dev: &CudaDevice, dtype: DType) -> Result<CudaFunction> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    let name = format!("nf4_dequant_{}", suffix(dtype, "NF4 dequantisation")?);
+    Ok(dev.get_or_load_custom_func(&name, "ferrospeed_nf4", compile(&PTX, SRC, "NF4")?)?.into_cuda_function())
+}
+
+/// A new buffer of `len` elements of `dtype` (f32, bf16 or f16) on `dev`: each dense tensor
+/// `(offset, tensor)` of `dense` (contiguous, of `dtype`) copied to its offset and each NF4 weight of
+/// `quantized` dequantised to its offset, one kernel each (a LoRA block's frozen base for one use,
+/// so that adjacent weights are one matrix without a copy). What neither covers is zeroed.
+pub fn assemble(dev: &CudaDevice, dtype: DType, len: usize, dense: &[(usize, &Tensor)], quantized: &[(usize, &DeviceNf4)]) -> Result<Tensor> {
+    fn typed<T: DeviceRepr + CudaDType + ValidAsZeroBits>(dev: &CudaDevice, dtype: DType, len: usize, dense: &[(usize, &Tensor)], quantized: &[(usize, &DeviceNf4)]) -> Result<Tensor> {
+        let func = kernel(dev, dtype)?;
+        let stream = dev.cuda_stream();
+        // Every element is written below: by a copy, a kernel, or the zeroing of the gaps.
+        let mut out = unsafe { dev.alloc::<T>(len)? };
+        let mut covered: Vec<Range<usize>> = Vec::new();
+        for &(at, t) in dense {
+            let n = t.elem_count();
+            if t.dtype() != dtype || at + n > len {
+                candle_core::bail!("assembling a {dtype:?} buffer of {len}: a {:?} tensor of {n} at {at}", t.dtype())
+            }
+            let t = t.contiguous()?;
+            let (storage, layout) = t.storage_and_layout();
+            let Storage::Cuda(cs) = &*storage else { candle_core::bail!("expected a CUDA tensor, found one on {:?}", t.device()) };
+            let off = layout.start_offset();
+            stream.memcpy_dtod(&cs.as_cuda_slice::<T>()?.slice(off..off + n), &mut out.slice_mut(at..at + n)).map_err(launch_err)?;
+            covered.push(at..at + n);
+        }
+        for &(at, q) in quantized {
+            if at + q.len > len {
+                candle_core::bail!("assembling a buffer of {len}: an NF4 weight of {} at {at}", q.len)
+            }
+            q.run_into(&func, &mut out.slice_mut(at..at + q.len))?;
+            covered.push(at..at + q.len);
+        }
+        covered.sort_by_key(|r| r.start);
+        let mut at = 0;
+        for r in covered.iter().cloned().chain(std::iter::once(len..len)) {
+            if r.start > at {
+                stream.memset_zeros(&mut out.slice_mut(at..r.start)).map_err(launch_err)?;
+            }
+            at = at.max(r.end);
+        }
+        let storage = CudaStorage::wrap_cuda_slice(out, dev.clone());
+        Ok(Tensor::from_storage(Storage::Cuda(storage), len, BackpropOp::none(), false))
+    }
+    match dtype {
+        DType::BF16 => typed::<half::bf16>(dev, dtype, len, dense, quantized),
+        DType::F16 => typed::<half::f16>(dev, dtype, len, dense, quantized),
+        DType::F32 => typed::<f32>(dev, dtype, len, dense, quantized),
+        other => candle_core::bail!("NF4 dequantisation to {other:?}: f32, bf16 or f16"),
     }
 }

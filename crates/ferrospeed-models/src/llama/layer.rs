@@ -78,6 +78,18 @@ pub(crate) fn adapters(cfg: &LlamaConfig, lora: Option<&LayerLora>) -> [Option<A
     out
 }
 
+/// How many slots a layer has: the base's, then two for each adapted module. The step may pass more
+/// tensors after them: the stacked views of [`stacked_runs`].
+pub(crate) fn slot_count(cfg: &LlamaConfig, lora: Option<&LayerLora>) -> usize {
+    Slots::of(cfg).base_len() + lora.map_or(0, |l| 2 * l.targets.iter().filter(|&&on| on).count())
+}
+
+/// The slot runs read as one matrix: q, k, v and gate, up (`Block::stacked_runs`).
+pub(crate) fn stacked_runs(cfg: &LlamaConfig) -> [std::ops::Range<usize>; 2] {
+    let s = Slots::of(cfg);
+    [s.q..s.v + 1, s.gate..s.up + 1]
+}
+
 /// Each of [`MODULES`]' `(in, out)` features.
 pub(crate) fn module_dims(c: &LlamaConfig) -> [(usize, usize); 7] {
     let (d, q, kv, f) = (c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim, c.d_ff);
@@ -175,11 +187,15 @@ impl Block for Layer {
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
-        ParamGrads::whole(p.len(), |grads| self.backward_into(p, saved, upstream, grads))
+        ParamGrads::whole(slot_count(&self.cfg, self.lora.as_ref()), |grads| self.backward_into(p, saved, upstream, grads))
     }
 
     fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
-        ParamGrads::split(p.len(), |grads| self.backward_into(p, saved, upstream, grads))
+        ParamGrads::split(slot_count(&self.cfg, self.lora.as_ref()), |grads| self.backward_into(p, saved, upstream, grads))
+    }
+
+    fn stacked_runs(&self) -> Vec<std::ops::Range<usize>> {
+        stacked_runs(&self.cfg).into()
     }
 
     fn forward_flops_per_token(&self) -> f64 {

@@ -5,7 +5,7 @@
 //! config has them) are added by the fused bias kernels and their gradients are column sums. Ops are
 //! marked with their kind of work (`ferrospeed::profile`) for the GPU step breakdown.
 
-use super::layer::{adapters, Slots};
+use super::layer::{adapters, slot_count, stacked_runs, Slots};
 use super::LlamaConfig;
 use crate::ops::lora::{self, Adapter, LayerLora, Part};
 use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
@@ -89,6 +89,16 @@ fn stack(ws: &[&Tensor]) -> Result<Tensor> {
     scoped_as(Kind::Copy, "stack_weights", || Tensor::cat(ws, 0))
 }
 
+/// The weights of run `run` of `stacked_runs` (0: q/k/v, 1: gate/up) as one matrix: the engine's view
+/// where it passed one after the slots (a frozen base), else stacked here.
+fn stacked(c: &LlamaConfig, p: &[Tensor], lora: Option<&LayerLora>, run: usize) -> Result<Tensor> {
+    if let Some(w) = p.get(slot_count(c, lora) + run) {
+        return Ok(w.clone());
+    }
+    let ws: Vec<&Tensor> = stacked_runs(c)[run].clone().map(|j| &p[j]).collect();
+    stack(&ws)
+}
+
 /// Rotary tables for the rows of a batch and the period they repeat with: `[t, hd/2]` and `t` for plain
 /// rows, gathered `[b·t, hd/2]` at each token's position and `b·t` for a packed batch.
 pub(crate) fn row_tables(rope: (&Tensor, &Tensor), docs: Option<&Docs>, b: usize, t: usize) -> Result<(Tensor, Tensor, usize)> {
@@ -116,7 +126,7 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
 
     // Attention.
     let norm1 = scoped_as(ew, "rms_norm", || rms_forward(&x, &p[s.input_norm], c.rms_norm_eps))?;
-    let w_qkv = stack(&[&p[s.q], &p[s.k], &p[s.v]])?;
+    let w_qkv = stacked(c, p, lora, 0)?;
     let mut qkv = matmul(&norm1.y, &w_qkv.t()?)?;
     if let Some(b0) = s.bias {
         let bias = stack(&[&p[b0], &p[b0 + 1], &p[b0 + 2]])?;
@@ -139,7 +149,7 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
 
     // MLP.
     let norm2 = scoped_as(ew, "rms_norm", || rms_forward(&x2, &p[s.post_norm], c.rms_norm_eps))?;
-    let w_gu = stack(&[&p[s.gate], &p[s.up]])?;
+    let w_gu = stacked(c, p, lora, 1)?;
     let mut gu = matmul(&norm2.y, &w_gu.t()?)?;
     if let Some(b0) = s.mlp_bias {
         let bias = stack(&[&p[b0], &p[b0 + 1]])?;
@@ -205,7 +215,7 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
         put_col_sum(grads, vec![(b0, f), (b0 + 1, f)], &d_gu)?;
     }
     put_matmul_tn(grads, vec![(s.gate, f), (s.up, f)], &d_gu, &sv.h2)?;
-    let w_gu = stack(&[&p[s.gate], &p[s.up]])?;
+    let w_gu = stacked(c, p, lora, 1)?;
     let d_h2 = with_lora(matmul(&d_gu, &w_gu)?, grads, p, &parts[2], &sv.lora[2], &d_gu, &sv.h2, scale)?;
     drop((d_gu, w_gu));
     let (d_x2, d_post) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h2, &sv.x2, &p[s.post_norm], &sv.rstd2, Some(&g)))?;
@@ -240,7 +250,7 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
         put_col_sum(grads, vec![(b0, q_w), (b0 + 1, kv_w), (b0 + 2, kv_w)], &d_qkv)?;
     }
     put_matmul_tn(grads, vec![(s.q, q_w), (s.k, kv_w), (s.v, kv_w)], &d_qkv, &sv.h1)?;
-    let w_qkv = stack(&[&p[s.q], &p[s.k], &p[s.v]])?;
+    let w_qkv = stacked(c, p, lora, 0)?;
     let d_h1 = with_lora(matmul(&d_qkv, &w_qkv)?, grads, p, &parts[0], &sv.lora[0], &d_qkv, &sv.h1, scale)?;
     let (d_x, d_in) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h1, &sv.x, &p[s.input_norm], &sv.rstd1, Some(&d_x2)))?;
     grads.set(s.input_norm, d_in);

@@ -126,6 +126,16 @@ pub trait Block: Send + Sync {
     /// the first block) and the batch.
     fn forward(&self, params: &[Tensor], inputs: &[Tensor], batch: &Batch) -> candle_core::Result<Vec<Tensor>>;
 
+    /// Runs of consecutive slots the block reads as one matrix, their parameters stacked along the
+    /// first dimension (a Llama layer's q, k, v weights, and gate, up). Where every run's parameters
+    /// are frozen and lie next to each other in the engine's buffer (a LoRA base), the engine passes
+    /// after the slot tensors one view per run, in order, to the forward and backward of a training
+    /// step, so the block need not copy them together; otherwise only the slot tensors come (and
+    /// always outside a step, e.g. [`Engine::slot_tensors`](super::Engine::slot_tensors)).
+    fn stacked_runs(&self) -> Vec<std::ops::Range<usize>> {
+        Vec::new()
+    }
+
     /// Forward FLOPs per token (for MFU), counting a multiply-add as 2.
     fn forward_flops_per_token(&self) -> f64 {
         0.0

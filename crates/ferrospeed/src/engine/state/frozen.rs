@@ -28,8 +28,8 @@ pub struct FrozenParams {
     window: Range<usize>,
     /// Parameters are gathered before each use (stage 3), from `shard`.
     gathered: bool,
-    /// Tensors over the whole block (parameters resident).
-    resident: Option<Vec<Tensor>>,
+    /// Tensors over the whole block (parameters resident; with NF4, the dense ones only).
+    resident: Option<FrozenSet>,
     /// This rank's shard (parameters gathered).
     shard: Option<Arc<HostBuf>>,
     /// Keep linear weights in NF4 (resident blocks only).
@@ -90,30 +90,25 @@ impl FrozenParams {
     /// Replace the values of this rank's window (`values`: f32, rounded to the compute dtype).
     pub fn set(&mut self, values: &[f32]) -> Result<(), EngineError> {
         if self.nf4 {
-            // Linear weights quantised (their places in the dense buffer left zero), the rest dense.
-            let mut dense = values.to_vec();
+            // Linear weights quantised, the rest dense, each its own tensor (a quantised one an empty
+            // placeholder): no dense copy of the whole block (a 70B layer is 0.86 G values).
+            let err = || EngineError::tensor(self.name.clone());
             self.quantized = (0..self.flat.specs().len())
                 .map(|j| {
                     let spec = &self.flat.specs()[j];
-                    (spec.linear && spec.numel() % crate::quant::BLOCK == 0).then(|| {
-                        let r = self.flat.range(j);
-                        let q = crate::quant::quantize(&values[r.clone()]);
-                        dense[r].fill(0.0);
-                        q
-                    })
+                    (spec.linear && spec.numel() % crate::quant::BLOCK == 0).then(|| crate::quant::quantize(&values[self.flat.range(j)]))
                 })
                 .collect();
-            // Each dense parameter its own tensor; a quantised one an empty placeholder.
-            let buf = HostBuf::from_f32(self.dtype, &dense);
-            let err = || EngineError::tensor(self.name.clone());
-            self.resident = Some(
-                (0..self.flat.specs().len())
-                    .map(|j| match self.quantized[j] {
-                        Some(_) => Tensor::zeros(0, self.dtype, &self.device).map_err(err()),
-                        None => buf.var(self.flat.range(j), &self.flat.specs()[j].shape, &self.device).map(|v| v.as_tensor().detach()).map_err(err()),
-                    })
-                    .collect::<Result<_, _>>()?,
-            );
+            let each = (0..self.flat.specs().len())
+                .map(|j| match self.quantized[j] {
+                    Some(_) => Tensor::zeros(0, self.dtype, &self.device).map_err(err()),
+                    None => {
+                        let r = self.flat.range(j);
+                        HostBuf::from_f32(self.dtype, &values[r.clone()]).var(0..r.len(), &self.flat.specs()[j].shape, &self.device).map(|v| v.as_tensor().detach()).map_err(err())
+                    }
+                })
+                .collect::<Result<_, _>>()?;
+            self.resident = Some(FrozenSet { all: None, each, starts: Vec::new() });
             #[cfg(feature = "cuda")]
             if let candle_core::Device::Cuda(dev) = &self.device {
                 self.on_device = self.quantized.iter().map(|q| q.as_ref().map(|q| crate::quant_cuda::DeviceNf4::new(dev, q)).transpose()).collect::<candle_core::Result<_>>().map_err(err())?;
@@ -129,18 +124,6 @@ impl FrozenParams {
         Ok(())
     }
 
-    /// Parameter `j` dequantised to the compute dtype, as a tensor on the device (by a kernel there
-    /// on a GPU).
-    fn dequantized(&self, j: usize, q: &crate::quant::Nf4) -> Result<Tensor, EngineError> {
-        #[cfg(feature = "cuda")]
-        if let Some(Some(d)) = self.on_device.get(j) {
-            return d.dequantize(self.dtype, &self.flat.specs()[j].shape).map_err(EngineError::tensor(self.name.clone()));
-        }
-        let mut v = vec![0f32; q.len];
-        crate::quant::dequantize(q, &mut v);
-        HostBuf::from_f32(self.dtype, &v).var(0..v.len(), &self.flat.specs()[j].shape, &self.device).map(|t| t.as_tensor().detach()).map_err(EngineError::tensor(self.name.clone()))
-    }
-
     /// The values of this rank's window, in f32 (exact: widened from the compute dtype), as blocks
     /// compute with them (NF4 weights dequantised).
     pub fn values(&self) -> Result<Vec<f32>, EngineError> {
@@ -149,7 +132,7 @@ impl FrozenParams {
             (_, Some(shard)) => Ok(shard.to_f32()),
             (Some(ts), None) => {
                 let mut out = vec![0f32; self.window.len()];
-                for (j, t) in ts.iter().enumerate() {
+                for (j, t) in ts.each.iter().enumerate() {
                     let v = t.flatten_all().and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.to_vec1::<f32>()).map_err(err())?;
                     out[self.flat.range(j)].copy_from_slice(&v);
                 }
@@ -159,16 +142,42 @@ impl FrozenParams {
         }
     }
 
-    /// The resident tensors (stages 0–2), NF4 weights dequantised for this use.
-    pub fn resident_tensors(&self) -> Result<Option<Vec<Tensor>>, EngineError> {
-        let Some(ts) = &self.resident else { return Ok(None) };
+    /// The resident tensors (stages 0–2), NF4 weights dequantised for this use into one buffer over
+    /// the block (a kernel per weight on a GPU).
+    pub fn resident_tensors(&self) -> Result<Option<FrozenSet>, EngineError> {
+        let Some(set) = &self.resident else { return Ok(None) };
         if !self.quantized.iter().any(Option::is_some) {
-            return Ok(Some(ts.clone()));
+            return Ok(Some(set.clone()));
         }
-        ts.iter().zip(&self.quantized).enumerate().map(|(j, (t, q))| match q {
-            Some(q) => crate::profile::scoped_as(crate::profile::Kind::Copy, "nf4_dequantize", || self.dequantized(j, q)),
-            None => Ok(t.clone()),
-        }).collect::<Result<Vec<_>, _>>().map(Some)
+        crate::profile::scoped_as(crate::profile::Kind::Copy, "nf4_dequantize", || self.dequantized(&set.each)).map(Some)
+    }
+
+    /// The block's buffer with its NF4 weights dequantised and its dense parameters (`dense`, an empty
+    /// placeholder for each NF4 weight) in their places, and each parameter's view of it.
+    fn dequantized(&self, dense: &[Tensor]) -> Result<FrozenSet, EngineError> {
+        let err = || EngineError::tensor(self.name.clone());
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = &self.device {
+            let mut plain = Vec::new();
+            let mut quant = Vec::new();
+            for (j, (t, q)) in dense.iter().zip(&self.on_device).enumerate() {
+                match q {
+                    Some(q) => quant.push((self.flat.range(j).start, q)),
+                    None => plain.push((self.flat.range(j).start, t)),
+                }
+            }
+            let all = crate::quant_cuda::assemble(dev, self.dtype, self.flat.padded_numel(), &plain, &quant).map_err(err())?;
+            return self.views(all);
+        }
+        let mut full = vec![0f32; self.flat.padded_numel()];
+        for (j, (t, q)) in dense.iter().zip(&self.quantized).enumerate() {
+            let r = self.flat.range(j);
+            match q {
+                Some(q) => crate::quant::dequantize(q, &mut full[r]),
+                None => full[r].copy_from_slice(&t.flatten_all().and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.to_vec1::<f32>()).map_err(err())?),
+            }
+        }
+        self.tensors(&HostBuf::from_f32(self.dtype, &full))
     }
 
     /// Start all-gathering the shard (stage 3); `None` for a block without frozen parameters.
@@ -183,10 +192,10 @@ impl FrozenParams {
     }
 
     /// The tensors of a finished gather (none for a block without frozen parameters).
-    pub fn finish_gather(&self, gather: Option<Pending<Result<HostBuf, EngineError>>>) -> Result<Vec<Tensor>, EngineError> {
+    pub fn finish_gather(&self, gather: Option<Pending<Result<HostBuf, EngineError>>>) -> Result<FrozenSet, EngineError> {
         match gather {
             Some(p) => self.tensors(&p.wait()??),
-            None => Ok(Vec::new()),
+            None => Ok(FrozenSet::default()),
         }
     }
 
@@ -198,22 +207,52 @@ impl FrozenParams {
         dense * self.dtype.size_in_bytes() + q
     }
 
-    fn tensors(&self, full: &HostBuf) -> Result<Vec<Tensor>, EngineError> {
-        let err = || EngineError::tensor(self.name.clone());
-        if self.device.is_cuda() {
-            // One upload for the block; each tensor is then a view of its range.
-            let all = full.tensor(&self.device).map_err(err())?;
-            return (0..self.flat.specs().len())
-                .map(|j| {
-                    let r = self.flat.range(j);
-                    all.narrow(0, r.start, r.len())?.reshape(self.flat.specs()[j].shape.as_slice())
-                })
-                .collect::<candle_core::Result<_>>()
-                .map_err(err());
-        }
-        (0..self.flat.specs().len())
-            .map(|j| full.var(self.flat.range(j), &self.flat.specs()[j].shape, &self.device).map(|v| v.as_tensor().detach()))
+    /// The tensors over `full` (the padded buffer): one upload for the block, each parameter a view of
+    /// its range.
+    fn tensors(&self, full: &HostBuf) -> Result<FrozenSet, EngineError> {
+        self.views(full.tensor(&self.device).map_err(EngineError::tensor(self.name.clone()))?)
+    }
+
+    /// Each parameter's view of `all`, the padded buffer on the device.
+    fn views(&self, all: Tensor) -> Result<FrozenSet, EngineError> {
+        let each = (0..self.flat.specs().len())
+            .map(|j| {
+                let r = self.flat.range(j);
+                all.narrow(0, r.start, r.len())?.reshape(self.flat.specs()[j].shape.as_slice())
+            })
             .collect::<candle_core::Result<_>>()
-            .map_err(err())
+            .map_err(EngineError::tensor(self.name.clone()))?;
+        Ok(FrozenSet { starts: (0..self.flat.specs().len()).map(|j| self.flat.range(j).start).collect(), all: Some(all), each })
+    }
+}
+
+/// A block's frozen tensors for one use: each parameter's tensor, a view of one buffer over the block
+/// (`all`) where there is one, so that adjacent parameters can be read as one matrix without a copy.
+#[derive(Clone, Default)]
+pub struct FrozenSet {
+    all: Option<Tensor>,
+    /// Each parameter's tensor.
+    pub each: Vec<Tensor>,
+    /// Where each parameter starts in `all`.
+    starts: Vec<usize>,
+}
+
+impl FrozenSet {
+    /// Parameters `js` as one matrix stacked along their first dimension, a view of the block's buffer:
+    /// `None` unless they lie next to each other there and agree in their other dimensions.
+    pub fn stacked(&self, js: Range<usize>) -> Option<Tensor> {
+        let all = self.all.as_ref()?;
+        let first = self.each.get(js.start)?;
+        let rest = first.dims().get(1..)?.to_vec();
+        let mut rows = 0;
+        for j in js.clone() {
+            let t = self.each.get(j)?;
+            if t.dims().get(1..)? != rest.as_slice() || self.starts[j] != self.starts[js.start] + rows * rest.iter().product::<usize>() {
+                return None;
+            }
+            rows += t.dims()[0];
+        }
+        let shape: Vec<usize> = std::iter::once(rows).chain(rest.iter().copied()).collect();
+        all.narrow(0, self.starts[js.start], shape.iter().product()).and_then(|t| t.reshape(shape)).ok()
     }
 }

@@ -283,16 +283,16 @@ fn backward_blocks(
                 let Some(target) = target else {
                     // No output carries a gradient: nothing upstream depends on this block.
                     source.release(i);
-                    on_block(i, WeightGrads::ready(vec![None; params.len()]))?;
+                    on_block(i, WeightGrads::ready(vec![None; model.slots(i).len()]))?;
                     grad_out = Some(vec![None; num_inputs]);
                     continue;
                 };
                 let grads = target.backward().map_err(err())?;
                 // A parameter or input autograd never reached is refused rather than trained as frozen
                 // (as PyTorch's DDP refuses unused parameters): see `EngineError::NoGradient`.
-                let mut slot_grads = Vec::with_capacity(params.len());
-                for (j, p) in params.iter().enumerate() {
-                    let src = model.slots(i)[j];
+                // The slots' gradients (stacked views after them, `Block::stacked_runs`, are frozen).
+                let mut slot_grads = Vec::with_capacity(model.slots(i).len());
+                for (p, &src) in params.iter().zip(model.slots(i)) {
                     if src.frozen {
                         slot_grads.push(None);
                         continue;

@@ -7,6 +7,7 @@ use super::error::EngineError;
 use super::model::Model;
 use super::comm_worker::Pending;
 use super::host_buf::HostBuf;
+use super::frozen::FrozenSet;
 use super::params::{BlockParams, Gather};
 use super::Nccl;
 use candle_core::{Tensor, Var};
@@ -18,17 +19,35 @@ fn owners(model: &Model, i: usize) -> BTreeSet<usize> {
 }
 
 /// Block `i`'s slot tensors, from each owner's trainable and frozen tensors (`tensors_of(block)`).
-fn slot_tensors(model: &Model, i: usize, tensors_of: impl Fn(usize) -> Option<(Vec<Tensor>, Vec<Tensor>)>) -> Result<Vec<Tensor>, EngineError> {
+fn slot_tensors(model: &Model, i: usize, tensors_of: impl Fn(usize) -> Option<(Vec<Tensor>, FrozenSet)>) -> Result<Vec<Tensor>, EngineError> {
     let mut out = Vec::with_capacity(model.slots(i).len());
     for s in model.slots(i) {
         let (own, frozen) = tensors_of(s.block).ok_or_else(|| EngineError::Unsupported(format!("parameters of block {} are not available", s.block)))?;
-        out.push(if s.frozen { &frozen } else { &own }[s.index].clone());
+        out.push(if s.frozen { &frozen.each } else { &own }[s.index].clone());
     }
     Ok(out)
 }
 
+/// What a step's block gets: its slot tensors, then, where every run of `Block::stacked_runs` is
+/// frozen parameters lying next to each other in one owner's buffer, one view per run.
+fn step_tensors(model: &Model, i: usize, tensors_of: impl Fn(usize) -> Option<(Vec<Tensor>, FrozenSet)>) -> Result<Vec<Tensor>, EngineError> {
+    let mut out = slot_tensors(model, i, &tensors_of)?;
+    let runs = model.block(i).stacked_runs();
+    let slots = model.slots(i);
+    let stacked: Option<Vec<Tensor>> = runs
+        .iter()
+        .map(|run| {
+            let first = slots.get(run.start)?;
+            let consecutive = run.clone().enumerate().all(|(k, j)| slots.get(j).is_some_and(|s| s.frozen && s.block == first.block && s.index == first.index + k));
+            consecutive.then(|| tensors_of(first.block)?.1.stacked(first.index..first.index + run.len())).flatten()
+        })
+        .collect();
+    out.extend(stacked.unwrap_or_default());
+    Ok(out)
+}
+
 /// A block's gathered trainable variables and frozen tensors as slot tensors.
-fn gathered((vars, frozen): &(Vec<Var>, Vec<Tensor>)) -> (Vec<Tensor>, Vec<Tensor>) {
+fn gathered((vars, frozen): &(Vec<Var>, FrozenSet)) -> (Vec<Tensor>, FrozenSet) {
     (vars.iter().map(|v| v.as_tensor().clone()).collect(), frozen.clone())
 }
 
@@ -38,19 +57,36 @@ pub struct Resident<'a> {
     pub params: &'a [BlockParams],
 }
 
-impl ParamSource for Resident<'_> {
-    fn acquire(&mut self, i: usize, _next: Option<usize>) -> Result<Vec<Tensor>, EngineError> {
+impl Resident<'_> {
+    /// Block `i`'s tensors: its slots' (`stacks`: then the views of its stacked runs, for a step).
+    fn tensors(&self, i: usize, stacks: bool) -> Result<Vec<Tensor>, EngineError> {
         // Frozen tensors first (an NF4 base is dequantised here, and may fail).
-        let mut frozen: HashMap<usize, Vec<Tensor>> = HashMap::new();
+        let mut frozen: HashMap<usize, FrozenSet> = HashMap::new();
         for b in owners(self.model, i) {
             if !self.params[b].frozen.is_empty() {
                 frozen.insert(b, self.params[b].frozen.resident_tensors()?.unwrap_or_default());
             }
         }
-        slot_tensors(self.model, i, |b| {
+        let of = |b: usize| {
             let p = &self.params[b];
             p.resident().map(|v| (v.iter().map(|v| v.as_tensor().clone()).collect(), frozen.get(&b).cloned().unwrap_or_default()))
-        })
+        };
+        if stacks {
+            step_tensors(self.model, i, of)
+        } else {
+            slot_tensors(self.model, i, of)
+        }
+    }
+
+    /// Block `i`'s slot tensors.
+    pub fn slot_tensors(&self, i: usize) -> Result<Vec<Tensor>, EngineError> {
+        self.tensors(i, false)
+    }
+}
+
+impl ParamSource for Resident<'_> {
+    fn acquire(&mut self, i: usize, _next: Option<usize>) -> Result<Vec<Tensor>, EngineError> {
+        self.tensors(i, true)
     }
 
     fn release(&mut self, _i: usize) {}
@@ -64,7 +100,7 @@ pub struct Gathering<'a> {
     /// NCCL when the ranks have one GPU each: shards are then gathered on the devices.
     nccl: Option<&'a Nccl>,
     /// Gathered blocks: their trainable variables and frozen tensors.
-    ready: HashMap<usize, (Vec<Var>, Vec<Tensor>)>,
+    ready: HashMap<usize, (Vec<Var>, FrozenSet)>,
     pending: HashMap<usize, (Gather, Option<Pending<Result<HostBuf, EngineError>>>)>,
     /// Owners needed by the block announced as next, kept across `release`.
     upcoming: BTreeSet<usize>,
@@ -91,7 +127,7 @@ impl<'a> Gathering<'a> {
         let bytes: usize = self
             .ready
             .values()
-            .flat_map(|(v, f)| v.iter().map(|v| v.as_tensor()).chain(f))
+            .flat_map(|(v, f)| v.iter().map(|v| v.as_tensor()).chain(&f.each))
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum();
         self.peak_bytes = self.peak_bytes.max(bytes);
@@ -128,7 +164,7 @@ impl ParamSource for Gathering<'_> {
                 self.pending.insert(owner, pending);
             }
         }
-        slot_tensors(self.model, i, |b| self.ready.get(&b).map(gathered))
+        step_tensors(self.model, i, |b| self.ready.get(&b).map(gathered))
     }
 
     fn release(&mut self, i: usize) {

@@ -263,8 +263,8 @@ impl Engine {
     /// block: call it on every rank.
     pub fn slot_tensors(&self) -> Result<Vec<Vec<Tensor>>, EngineError> {
         if self.cfg.strategy.param_placement() == ParamPlacement::Resident {
-            let mut src = Resident { model: &self.model, params: &self.params };
-            (0..self.model.num_blocks()).map(|i| src.acquire(i, None)).collect()
+            let src = Resident { model: &self.model, params: &self.params };
+            (0..self.model.num_blocks()).map(|i| src.slot_tensors(i)).collect()
         } else {
             Gathering::new(&self.model, &self.params, &self.worker, self.nccl.as_ref()).all_slot_tensors()
         }
