@@ -86,16 +86,25 @@ fn nf4_dequantises_on_the_gpu_as_on_the_cpu_and_qlora_trains_there() {
     let got16: Vec<f32> = d.dequantize(candle_core::DType::BF16, &[x.len()]).unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap();
     let want16: Vec<f32> = want.iter().map(|v| half::bf16::from_f32(*v).to_f32()).collect();
     assert_eq!(bits32(&got16), bits32(&want16), "bf16 dequantisation, GPU vs CPU");
-    // A block's buffer assembled: a dense tensor at 0, a gap, the NF4 weight after it, a padded tail.
+    // A block's buffer assembled: a dense tensor at 0, a gap, the NF4 weight after it (eight values a
+    // thread), then a short weight of 1,001 values at an odd offset (one a thread), a padded tail.
     let dense: Vec<f32> = (0..100).map(|i| i as f32 * 0.25).collect();
     let dense_t = candle_core::Tensor::from_vec(dense.clone(), 100, &gpu).unwrap().to_dtype(candle_core::DType::BF16).unwrap();
-    let len = 100 + 28 + x.len() + 7;
-    let all = ferrospeed::quant_cuda::assemble(&cuda, candle_core::DType::BF16, len, &[(0, &dense_t)], &[(128, &d)]).unwrap();
+    let q2 = ferrospeed::quant::quantize(&x[..1001]);
+    let mut want2 = vec![0f32; 1001];
+    ferrospeed::quant::dequantize(&q2, &mut want2);
+    let d2 = ferrospeed::quant_cuda::DeviceNf4::new(&cuda, &q2).unwrap();
+    let at2 = 128 + x.len() + 3;
+    let len = at2 + 1001 + 7;
+    let all = ferrospeed::quant_cuda::assemble(&cuda, candle_core::DType::BF16, len, &[(0, &dense_t)], &[(128, &d), (at2, &d2)]).unwrap();
     let all: Vec<f32> = all.to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap();
     let mut expect = vec![0f32; len];
     expect[..100].copy_from_slice(&dense);
     expect[128..128 + x.len()].copy_from_slice(&want16);
-    assert_eq!(bits32(&all), bits32(&expect), "assembled bf16 buffer: dense part, zeroed gaps, dequantised weight");
+    for (e, w) in expect[at2..at2 + 1001].iter_mut().zip(&want2) {
+        *e = half::bf16::from_f32(*w).to_f32();
+    }
+    assert_eq!(bits32(&all), bits32(&expect), "assembled bf16 buffer: dense part, zeroed gaps, dequantised weights");
     // QLoRA on the GPU: bf16 stages 0 and 2 bitwise, fp32 close to the CPU's NF4 run.
     let (s0, same) = train_base(1, 0, Precision::Bf16, &gpu, true);
     let (s2, _) = train_base(1, 2, Precision::Bf16, &gpu, true);

@@ -16,12 +16,30 @@ const SRC: &str = r#"
 __constant__ float NF4[16] = { -1.000000000e+00f, -6.961928010e-01f, -5.250730515e-01f, -3.949174881e-01f, -2.844413817e-01f, -1.847734302e-01f, -9.105003625e-02f, 0.000000000e+00f, 7.958029956e-02f, 1.609302014e-01f, 2.461123019e-01f, 3.379152417e-01f, 4.407098293e-01f, 5.626170039e-01f, 7.229568362e-01f, 1.000000000e+00f };
 #define NF4_KERNEL(NAME, T, ST) \
 extern "C" __global__ void nf4_dequant_##NAME(T* out, const unsigned char* packed, const unsigned char* qabsmax, const float* absmax2, const float* dyn, float offset, long n) { \
+  __shared__ float code[16]; \
+  if (threadIdx.x < 16) code[threadIdx.x] = NF4[threadIdx.x]; \
+  __syncthreads(); \
   GRID_STRIDE(i, n) { \
     unsigned char byte = packed[i >> 1]; \
     int c = (i & 1) ? (byte & 15) : (byte >> 4); \
     long blk = i >> 6; \
     float am = __fadd_rn(__fmul_rn(dyn[qabsmax[blk]], absmax2[blk >> 8]), offset); \
-    out[i] = ST(__fmul_rn(NF4[c], am)); } }
+    out[i] = ST(__fmul_rn(code[c], am)); } } \
+extern "C" __global__ void nf4_dequant8_##NAME(T* out, const unsigned int* packed, const unsigned char* qabsmax, const float* absmax2, const float* dyn, float offset, long n8) { \
+  __shared__ float code[16]; \
+  if (threadIdx.x < 16) code[threadIdx.x] = NF4[threadIdx.x]; \
+  __syncthreads(); \
+  GRID_STRIDE(i, n8) { \
+    unsigned int w = packed[i]; \
+    long blk = i >> 3; \
+    float am = __fadd_rn(__fmul_rn(dyn[qabsmax[blk]], absmax2[blk >> 8]), offset); \
+    union { T v[8]; uint4 u[sizeof(T) / 2]; } pk; \
+    for (int k = 0; k < 4; k++) { \
+      unsigned int byte = (w >> (8 * k)) & 255u; \
+      pk.v[2 * k] = ST(__fmul_rn(code[byte >> 4], am)); \
+      pk.v[2 * k + 1] = ST(__fmul_rn(code[byte & 15u], am)); } \
+    uint4* o = (uint4*)(out + 8 * i); \
+    for (int q = 0; q < (int)(sizeof(T) / 2); q++) o[q] = pk.u[q]; } }
 NF4_KERNEL(f32, float, st_f32)
 NF4_KERNEL(bf16, unsigned short, st_bf16)
 NF4_KERNEL(f16, unsigned short, st_f16)
@@ -57,14 +75,23 @@ impl DeviceNf4 {
         self.packed.len() + self.qabsmax.len() + 4 * (self.absmax2.len() + self.dynamic.len())
     }
 
-    /// Launch the kernel into `out` (its `len` elements).
-    fn run_into<T: DeviceRepr>(&self, func: &CudaFunction, out: &mut CudaViewMut<'_, T>) -> Result<()> {
+    /// Launch a kernel into `out` (its `len` elements, starting `at` elements into its buffer): eight
+    /// values a thread with 16-byte stores where `len` and `at` are multiples of 8, one a thread
+    /// otherwise; the same arithmetic either way.
+    fn run_into<T: DeviceRepr>(&self, funcs: &(CudaFunction, CudaFunction), out: &mut CudaViewMut<'_, T>, at: usize) -> Result<()> {
         if out.len() != self.len {
             candle_core::bail!("NF4 dequantisation of {} values into {}", self.len, out.len())
         }
-        let n = self.len as i64;
         let stream = self.dev.cuda_stream();
-        let mut b = stream.launch_builder(func);
+        if self.len % 8 == 0 && at % 8 == 0 {
+            let n8 = (self.len / 8) as i64;
+            let mut b = stream.launch_builder(&funcs.1);
+            b.arg(out).arg(&self.packed).arg(&self.qabsmax).arg(&self.absmax2).arg(&self.dynamic).arg(&self.offset).arg(&n8);
+            unsafe { b.launch(elementwise(self.len / 8)) }.map_err(launch_err)?;
+            return Ok(());
+        }
+        let n = self.len as i64;
+        let mut b = stream.launch_builder(&funcs.0);
         b.arg(out).arg(&self.packed).arg(&self.qabsmax).arg(&self.absmax2).arg(&self.dynamic).arg(&self.offset).arg(&n);
         unsafe { b.launch(elementwise(self.len)) }.map_err(launch_err)?;
         Ok(())
@@ -76,11 +103,13 @@ impl DeviceNf4 {
     }
 }
 
-/// The dequantisation kernel for `dtype`.
-fn kernel(dev: &CudaDevice, dtype: DType) -> Result<CudaFunction> {
+/// The dequantisation kernels for `dtype`: one value a thread, and eight.
+fn kernels(dev: &CudaDevice, dtype: DType) -> Result<(CudaFunction, CudaFunction)> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    let name = format!("nf4_dequant_{}", suffix(dtype, "NF4 dequantisation")?);
-    Ok(dev.get_or_load_custom_func(&name, "ferrospeed_nf4", compile(&PTX, SRC, "NF4")?)?.into_cuda_function())
+    let ptx = compile(&PTX, SRC, "NF4")?;
+    let sfx = suffix(dtype, "NF4 dequantisation")?;
+    let load = |name: String| dev.get_or_load_custom_func(&name, "ferrospeed_nf4", ptx).map(|f| f.into_cuda_function());
+    Ok((load(format!("nf4_dequant_{sfx}"))?, load(format!("nf4_dequant8_{sfx}"))?))
 }
 
 /// A new buffer of `len` elements of `dtype` (f32, bf16 or f16) on `dev`: each dense tensor
@@ -89,7 +118,7 @@ fn kernel(dev: &CudaDevice, dtype: DType) -> Result<CudaFunction> {
 /// so that adjacent weights are one matrix without a copy). What neither covers is zeroed.
 pub fn assemble(dev: &CudaDevice, dtype: DType, len: usize, dense: &[(usize, &Tensor)], quantized: &[(usize, &DeviceNf4)]) -> Result<Tensor> {
     fn typed<T: DeviceRepr + CudaDType + ValidAsZeroBits>(dev: &CudaDevice, dtype: DType, len: usize, dense: &[(usize, &Tensor)], quantized: &[(usize, &DeviceNf4)]) -> Result<Tensor> {
-        let func = kernel(dev, dtype)?;
+        let funcs = kernels(dev, dtype)?;
         let stream = dev.cuda_stream();
         // Every element is written below: by a copy, a kernel, or the zeroing of the gaps.
         let mut out = unsafe { dev.alloc::<T>(len)? };
@@ -110,7 +139,7 @@ pub fn assemble(dev: &CudaDevice, dtype: DType, len: usize, dense: &[(usize, &Te
             if at + q.len > len {
                 candle_core::bail!("assembling a buffer of {len}: an NF4 weight of {} at {at}", q.len)
             }
-            q.run_into(&func, &mut out.slice_mut(at..at + q.len))?;
+            q.run_into(&funcs, &mut out.slice_mut(at..at + q.len), at)?;
             covered.push(at..at + q.len);
         }
         covered.sort_by_key(|r| r.start);

@@ -33,8 +33,11 @@ impl ParamSource for &[Vec<Tensor>] {
 enum Kept {
     /// Its autograd graph: the inputs as variables (floating-point ones), the outputs.
     Graph { inputs: Vec<Option<Var>>, outputs: Vec<Tensor>, params: Vec<Tensor> },
-    /// What its hand-written backward needs.
-    Manual { saved: Saved, params: Vec<Tensor> },
+    /// What its hand-written backward needs, and its parameters where they were acquired for the
+    /// backward (a recomputed block). A forward keeps none: the backward acquires them again, so that
+    /// a gathered (stage 3) or dequantised (NF4) block's parameters do not stay alive between its
+    /// forward and its backward.
+    Manual { saved: Saved, params: Option<Vec<Tensor>> },
 }
 
 /// What the forward pass of a run of blocks leaves for their backward pass.
@@ -84,8 +87,8 @@ pub fn forward_span(
     let mut x: Vec<Tensor> = input;
     for i in blocks {
         let block = model.block(i);
-        // After the last block, the backward pass starts again from it (when it recomputes).
-        let next = if i + 1 < n { Some(i + 1) } else { checkpointing.then_some(i) };
+        // After the last block, the backward pass starts again from it.
+        let next = if i + 1 < n { Some(i + 1) } else { Some(i) };
         let params = source.acquire(i, next)?;
         let err = || EngineError::tensor(block.name());
         let y = if checkpointing {
@@ -93,7 +96,7 @@ pub fn forward_span(
             kept.push(None);
             block.forward(&detached, &x, batch).map_err(err())?
         } else if let Some((y, saved)) = block.forward_saving(&detach_all(&params), &x, batch).map_err(err())? {
-            kept.push(Some(Kept::Manual { saved, params }));
+            kept.push(Some(Kept::Manual { saved, params: None }));
             y
         } else {
             let (vars, outputs) = run_tracked(model, i, &params, &x, batch)?;
@@ -242,7 +245,7 @@ fn backward_blocks(
                 let params = source.acquire(i, i.checked_sub(1).filter(|&p| p >= first))?;
                 let x = &tape.inputs[i - first];
                 match block.forward_saving(&detach_all(&params), x, batch).map_err(err())? {
-                    Some((_, saved)) => Kept::Manual { saved, params },
+                    Some((_, saved)) => Kept::Manual { saved, params: Some(params) },
                     None => {
                         let (inputs, outputs) = run_tracked(model, i, &params, x, batch)?;
                         Kept::Graph { inputs, outputs, params }
@@ -253,6 +256,10 @@ fn backward_blocks(
         let num_inputs = tape.inputs[i - first].len();
         let work = match kept {
             Kept::Manual { saved, params } => {
+                let params = match params {
+                    Some(p) => p,
+                    None => source.acquire(i, i.checked_sub(1).filter(|&p| p >= first))?,
+                };
                 let upstream = match &grad_out {
                     None => Upstream::Loss(loss_scale),
                     Some(g) => Upstream::Grads(g),
