@@ -122,7 +122,10 @@ pub fn quantize(x: &[f32]) -> Nf4 {
     let (codes, absmax) = blockwise(x, &NF4, BLOCK);
     // An odd count is padded with a zero value, whose code is 0.0's (7), as bitsandbytes pads.
     let pad = nearest(&NF4, &midpoints(&NF4), 0.0);
-    let packed = codes.chunks(2).map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(pad)).collect();
+    let packed = {
+        use rayon::prelude::*;
+        codes.par_chunks(2).map(|p| (p[0] << 4) | p.get(1).copied().unwrap_or(pad)).collect()
+    };
     let offset = (absmax.iter().map(|&a| f64::from(a)).sum::<f64>() / absmax.len().max(1) as f64) as f32;
     let (qabsmax, absmax2) = quantize_absmax(&absmax, offset);
     Nf4 { len: x.len(), packed, qabsmax, absmax2, offset }
