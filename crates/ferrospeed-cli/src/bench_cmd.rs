@@ -242,10 +242,20 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let mut idle_sorted = idle.clone();
     idle_sorted.sort_by(f64::total_cmp);
     let my_idle = idle_sorted.get(idle_sorted.len() / 2).copied().unwrap_or(0.0) as f32;
-    let stage_idle = engine.comm().run(move |c| {
-        let mut all = vec![0f32; c.world_size()];
-        c.all_gather_slice(&[my_idle], &mut all).map(|()| all)
+    // And each rank's compute per micro-batch by kind of action (median step): forward, backward
+    // (input half under zb), weight half — the costs its schedule is measured against.
+    let per_micro = |f: fn(&StepTimes) -> f64| {
+        let mut v: Vec<f64> = phases.iter().map(|t| f(t) / args.micro_batches as f64).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0) as f32
+    };
+    let mine = [my_idle, per_micro(|t| t.pipeline_compute.forward), per_micro(|t| t.pipeline_compute.backward), per_micro(|t| t.pipeline_compute.weight)];
+    let gathered = engine.comm().run(move |c| {
+        let mut all = vec![0f32; 4 * c.world_size()];
+        c.all_gather_slice(&mine, &mut all).map(|()| all)
     })??;
+    let stage_idle: Vec<f32> = gathered.chunks(4).map(|c| c[0]).collect();
+    let stage_costs: Vec<[f64; 3]> = gathered.chunks(4).map(|c| [f64::from(c[1]), f64::from(c[2]), f64::from(c[3])]).collect();
     let tok_s = tokens / dt;
     // 6 FLOPs a trainable weight a token (forward, input and weight gradients), 4 a frozen one (no
     // weight gradient: a LoRA base), and the attention's scores and weighted values.
@@ -254,6 +264,9 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let mean = |f: fn(&StepTimes) -> f64| phases.iter().map(f).sum::<f64>() / phases.len().max(1) as f64 * 1e3;
     let profile = if args.profile { Some(profile_step(&mut engine, &batches, &device)?) } else { None };
     let analytic = if args.pp > 1 { analytic_bubble(&args)? } else { 0.0 };
+    // The same schedule at the costs measured (their mean over the first data-parallel group's stages):
+    // its formula, and its simulated timeline (what the executor would reach with no other waits).
+    let measured = (args.pp > 1).then(|| measured_bubble(&args, &stage_costs, dp)).transpose()?;
     if acc.is_main_process() {
         let line = serde_json::json!({
             "engine": "ferrospeed",
@@ -272,6 +285,8 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
                 "virtual_stages": args.pp_virtual,
                 // Stage s's idle over busy time (median over the timed steps), first data-parallel group.
                 "measured_per_stage": (0..args.pp).map(|s| (f64::from(stage_idle[s * dp]) * 1e4).round() / 1e4).collect::<Vec<_>>(),
+                "costs_ms_per_stage": (0..args.pp).map(|s| stage_costs[s * dp].map(|c| (c * 1e5).round() / 1e2)).collect::<Vec<_>>(),
+                "at_measured_costs": measured,
             })),
             "stage": args.stage,
             "precision": args.precision,
@@ -314,6 +329,25 @@ fn analytic_bubble(args: &BenchTrainArgs) -> Result<f64> {
     use ferrospeed::parallel::{Costs, Schedule};
     let kind = PipelineSchedule::from_name(&args.schedule).ok_or_else(|| anyhow::anyhow!("--schedule {}: use 1f1b, gpipe, interleaved or zb", args.schedule))?;
     Ok(Schedule::new(kind.into(), args.pp, args.pp_virtual, args.micro_batches)?.analytic_bubble(Costs::UNIT))
+}
+
+/// The run's schedule at the compute each stage measured per micro-batch (`[forward, backward or its
+/// input half, weight half]`, mean over the stages of the first data-parallel group): the analytic
+/// bubble and the simulated one (a whole backward's cost split evenly where the schedule does not split).
+fn measured_bubble(args: &BenchTrainArgs, stage_costs: &[[f64; 3]], dp: usize) -> Result<serde_json::Value> {
+    use ferrospeed::config::PipelineSchedule;
+    use ferrospeed::parallel::{Costs, Schedule};
+    let kind = PipelineSchedule::from_name(&args.schedule).ok_or_else(|| anyhow::anyhow!("--schedule {}: use 1f1b, gpipe, interleaved or zb", args.schedule))?;
+    let mean = |k: usize| (0..args.pp).map(|s| stage_costs[s * dp][k]).sum::<f64>() / args.pp as f64;
+    // Per stage of the run's `v` stages a rank.
+    let v = args.pp_virtual.max(1) as f64;
+    let (f, b, w) = (mean(0) / v, mean(1) / v, mean(2) / v);
+    let costs = if w > 0.0 { Costs { forward: f, backward_input: b, backward_weight: w } } else { Costs { forward: f, backward_input: b / 2.0, backward_weight: b / 2.0 } };
+    let schedule = Schedule::new(kind.into(), args.pp, args.pp_virtual, args.micro_batches)?;
+    let simulated = schedule.simulate(costs)?.bubble();
+    let round = |x: f64| (x * 1e4).round() / 1e4;
+    Ok(serde_json::json!({"forward_ms": round(f * 1e3), "backward_input_ms": round(costs.backward_input * 1e3), "backward_weight_ms": round(costs.backward_weight * 1e3),
+        "analytic": round(schedule.analytic_bubble(costs)), "simulated": round(simulated)}))
 }
 
 /// One more step with every op's kind of work timed by CUDA events (host clock on the CPU).

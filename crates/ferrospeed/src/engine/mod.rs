@@ -86,4 +86,4 @@ pub use pipeline::{cut_for_stage, PipelineStage, StageCut};
 pub use offload::nvme::DiskTraffic;
 pub use offload::OffloadSettings;
 pub use state::{CheckpointPlan, FrozenMut, WindowMut, WindowRef};
-pub use trainer::{Engine, EngineConfig, StepStats, StepTimes};
+pub use trainer::{Engine, EngineConfig, PipelineCompute, StepStats, StepTimes};

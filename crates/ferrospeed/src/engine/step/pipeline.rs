@@ -375,7 +375,9 @@ impl Engine {
                         acc.pipeline_wait += t.elapsed().as_secs_f64();
                         got
                     };
+                    let t = Instant::now();
                     let (tape, out) = blockwise::forward_span(model, source, batch, cfg.checkpointing, run.clone(), input)?;
+                    acc.pipeline_compute.forward += t.elapsed().as_secs_f64();
                     if stage == last_stage {
                         losses[k] = Some(blockwise::scalar_loss(model, run.end - 1, out)?);
                     } else {
@@ -398,6 +400,7 @@ impl Engine {
                         acc.pipeline_wait += t.elapsed().as_secs_f64();
                         Some(got)
                     };
+                    let t = Instant::now();
                     let grad_in = if action.op == Op::Backward {
                         blockwise::backward_span(model, source, batch, tape, upstream, loss_scale, accumulate)?
                     } else {
@@ -406,6 +409,7 @@ impl Engine {
                         weights.insert((stage, k), work);
                         grad_in
                     };
+                    acc.pipeline_compute.backward += t.elapsed().as_secs_f64();
                     if stage > 0 {
                         super::trainer::nccl_sync(nccl.as_ref())?;
                         let to = pipe.rank_of(stage - 1);
@@ -414,7 +418,9 @@ impl Engine {
                 }
                 Op::BackwardWeight => {
                     let work = weights.remove(&(stage, k)).ok_or_else(|| EngineError::Unsupported(format!("the schedule runs the weight gradient of stage {stage}, micro-batch {k} before its input gradient")))?;
+                    let t = Instant::now();
                     blockwise::weight_span(model, work, accumulate)?;
+                    acc.pipeline_compute.weight += t.elapsed().as_secs_f64();
                 }
             }
             self.gathered_peak = self.gathered_peak.max(gathering.peak_bytes);

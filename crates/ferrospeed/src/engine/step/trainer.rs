@@ -107,6 +107,20 @@ pub struct StepTimes {
     /// Within `forward_backward`, a pipeline stage waiting for the activations or gradients of
     /// the stages beside it: its share of the pipeline's bubble.
     pub pipeline_wait: f64,
+    /// Within `forward_backward`, a pipeline stage's compute by action, waits excluded: forwards,
+    /// backwards (whole, or their input halves under `zb`) and weight halves (`zb`).
+    pub pipeline_compute: PipelineCompute,
+}
+
+/// A pipeline stage's seconds of compute in a step by kind of action (see [`StepTimes`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PipelineCompute {
+    /// Forward actions.
+    pub forward: f64,
+    /// Backward actions: whole, or their input halves (`zb`).
+    pub backward: f64,
+    /// Weight halves (`zb`).
+    pub weight: f64,
 }
 
 /// What one optimizer step measured.
@@ -163,6 +177,8 @@ pub(super) struct Accumulating {
     pub(super) seconds: f64,
     /// Of them, seconds a pipeline stage waited for its neighbours.
     pub(super) pipeline_wait: f64,
+    /// And seconds it computed, by kind of action.
+    pub(super) pipeline_compute: PipelineCompute,
 }
 
 impl Engine {
@@ -505,6 +521,7 @@ impl Engine {
         let accum = acc.done;
         times.forward_backward = acc.seconds;
         times.pipeline_wait = acc.pipeline_wait;
+        times.pipeline_compute = acc.pipeline_compute;
         let t_wait = Instant::now();
         let _wait = profile::span_as(Kind::Communication, "reduce_wait");
         for (i, p) in acc.pending {
