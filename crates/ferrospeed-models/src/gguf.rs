@@ -105,6 +105,8 @@ impl GgufFile {
             o_proj_bias: self.content.tensor_infos.contains_key("blk.0.attn_output.bias"),
             mlp_bias: self.content.tensor_infos.contains_key("blk.0.ffn_gate.bias"),
             initializer_range: 0.02,
+            qk_norm: crate::llama::QkNorm::None,
+            moe: None,
         })
     }
 

@@ -3,7 +3,7 @@
 //! files an export carries along (tokenizer).
 
 use crate::gpt::GptConfig;
-use crate::llama::LlamaConfig;
+use crate::llama::{LlamaConfig, MoeConfig, QkNorm};
 use crate::ops::rope::Llama3Scaling;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ pub enum HfError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is not valid JSON: {reason}")]
     Json { path: PathBuf, reason: String },
-    #[error("{path} describes a {arch} model, which ferrospeed cannot train; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, GPT2LMHeadModel")]
+    #[error("{path} describes a {arch} model, which ferrospeed cannot train; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM, GPT2LMHeadModel")]
     Unsupported { path: PathBuf, arch: String },
     #[error("{path} has no usable `{key}`: {reason}")]
     Key { path: PathBuf, key: String, reason: String },
@@ -40,7 +40,8 @@ pub fn read_config(dir: &Path, seq_len: usize) -> Result<HfModel, HfError> {
     let key = |k: &str, reason: &str| HfError::Key { path: path.clone(), key: k.into(), reason: reason.into() };
     let int = |k: &str| v[k].as_u64().map(|x| x as usize).ok_or_else(|| key(k, "expected a positive integer"));
     match arch.as_str() {
-        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "llama" | "mistral" | "qwen2" => {
+        "LlamaForCausalLM" | "MistralForCausalLM" | "Qwen2ForCausalLM" | "llama" | "mistral" | "qwen2" | "Qwen3ForCausalLM" | "qwen3" | "MixtralForCausalLM"
+        | "mixtral" | "Qwen2MoeForCausalLM" | "qwen2_moe" | "Qwen3MoeForCausalLM" | "qwen3_moe" | "OlmoeForCausalLM" | "olmoe" => {
             let (d, nh) = (int("hidden_size")?, int("num_attention_heads")?);
             if let Some(w) = v["sliding_window"].as_u64() {
                 let used = v["use_sliding_window"].as_bool().unwrap_or(arch.starts_with("Mistral") || arch == "mistral");
@@ -70,7 +71,8 @@ pub fn read_config(dir: &Path, seq_len: usize) -> Result<HfModel, HfError> {
             // Which projections have biases, as transformers builds each architecture: Llama's
             // `attention_bias` gives q, k, v and o_proj theirs and `mlp_bias` gate, up and down; Qwen2
             // always has q/k/v biases and no others; Mistral has none (it ignores both keys).
-            let (qwen2, mistral) = (arch.starts_with("Qwen2") || arch == "qwen2", arch.starts_with("Mistral") || arch == "mistral");
+            let family = Arch::of(&arch);
+            let (qwen2, mistral) = (family == Arch::Qwen2 || family == Arch::Qwen2Moe, family == Arch::Mistral || family == Arch::Mixtral);
             let llama_bias = |k: &str| -> Result<bool, HfError> {
                 match &v[k] {
                     Value::Null => Ok(false),
@@ -80,8 +82,19 @@ pub fn read_config(dir: &Path, seq_len: usize) -> Result<HfModel, HfError> {
             let (attention_bias, o_proj_bias, mlp_bias) = match (qwen2, mistral) {
                 (true, _) => (true, false, false),
                 (_, true) => (false, false, false),
+                // Qwen3 and OLMoE: `attention_bias` on q/k/v and o_proj alike, no MLP biases.
+                _ if matches!(family, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Olmoe) => (llama_bias("attention_bias")?, llama_bias("attention_bias")?, false),
                 _ => (llama_bias("attention_bias")?, llama_bias("attention_bias")?, llama_bias("mlp_bias")?),
             };
+            if !v["clip_qkv"].is_null() {
+                return Err(key("clip_qkv", "clipping q/k/v is not supported: use a model without it"));
+            }
+            let qk_norm = match family {
+                Arch::Qwen3 | Arch::Qwen3Moe => QkNorm::PerHead,
+                Arch::Olmoe => QkNorm::Full,
+                _ => QkNorm::None,
+            };
+            let moe = moe_config(&v, family, &key)?;
             Ok(HfModel::Llama(LlamaConfig {
                 n_layer: int("num_hidden_layers")?,
                 d_model: d,
@@ -99,6 +112,8 @@ pub fn read_config(dir: &Path, seq_len: usize) -> Result<HfModel, HfError> {
                 o_proj_bias,
                 mlp_bias,
                 initializer_range: v["initializer_range"].as_f64().unwrap_or(0.02),
+                qk_norm,
+                moe,
             }))
         }
         "GPT2LMHeadModel" | "gpt2" => Ok(HfModel::Gpt(GptConfig {
@@ -110,6 +125,69 @@ pub fn read_config(dir: &Path, seq_len: usize) -> Result<HfModel, HfError> {
         })),
         _ => Err(HfError::Unsupported { path, arch }),
     }
+}
+
+/// The architectures of the Llama family, as their configs differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+    Mixtral,
+    Qwen2Moe,
+    Qwen3Moe,
+    Olmoe,
+}
+
+impl Arch {
+    fn of(arch: &str) -> Self {
+        match arch {
+            "MistralForCausalLM" | "mistral" => Self::Mistral,
+            "Qwen2ForCausalLM" | "qwen2" => Self::Qwen2,
+            "Qwen3ForCausalLM" | "qwen3" => Self::Qwen3,
+            "MixtralForCausalLM" | "mixtral" => Self::Mixtral,
+            "Qwen2MoeForCausalLM" | "qwen2_moe" => Self::Qwen2Moe,
+            "Qwen3MoeForCausalLM" | "qwen3_moe" => Self::Qwen3Moe,
+            "OlmoeForCausalLM" | "olmoe" => Self::Olmoe,
+            _ => Self::Llama,
+        }
+    }
+}
+
+/// The experts of an MoE architecture's config (`None` for the dense ones).
+fn moe_config(v: &Value, arch: Arch, key: &dyn Fn(&str, &str) -> HfError) -> Result<Option<MoeConfig>, HfError> {
+    if !matches!(arch, Arch::Mixtral | Arch::Qwen2Moe | Arch::Qwen3Moe | Arch::Olmoe) {
+        return Ok(None);
+    }
+    let int = |k: &str| v[k].as_u64().map(|x| x as usize).ok_or_else(|| key(k, "expected a positive integer"));
+    let num_experts = v["num_local_experts"].as_u64().or_else(|| v["num_experts"].as_u64()).map(|x| x as usize).ok_or_else(|| key("num_experts", "expected a positive integer"))?;
+    let qwen = matches!(arch, Arch::Qwen2Moe | Arch::Qwen3Moe);
+    let d_expert = if qwen { int("moe_intermediate_size")? } else { int("intermediate_size")? };
+    let mut mlp_only = 0u128;
+    for l in v["mlp_only_layers"].as_array().into_iter().flatten() {
+        let l = l.as_u64().filter(|&l| l < 128).ok_or_else(|| key("mlp_only_layers", "expected layer indices below 128"))?;
+        mlp_only |= 1u128 << l;
+    }
+    if v["router_jitter_noise"].as_f64().is_some_and(|j| j > 0.0) {
+        return Err(key("router_jitter_noise", "router jitter is not supported: set it to 0"));
+    }
+    let top_k = int("num_experts_per_tok")?;
+    if top_k == 0 || top_k > num_experts {
+        return Err(key("num_experts_per_tok", &format!("{top_k} experts a token of {num_experts}")));
+    }
+    Ok(Some(MoeConfig {
+        num_experts,
+        top_k,
+        d_expert,
+        norm_topk_prob: arch == Arch::Mixtral || v["norm_topk_prob"].as_bool().unwrap_or(false),
+        d_shared: if arch == Arch::Qwen2Moe { v["shared_expert_intermediate_size"].as_u64().unwrap_or(0) as usize } else { 0 },
+        sparse_step: if qwen { v["decoder_sparse_step"].as_u64().unwrap_or(1).max(1) as usize } else { 1 },
+        first_dense: v["first_k_dense_replace"].as_u64().unwrap_or(0) as usize,
+        mlp_only,
+        aux_coef: v["router_aux_loss_coef"].as_f64().unwrap_or(0.001),
+        aux_loss: v["output_router_logits"].as_bool().unwrap_or(false),
+    }))
 }
 
 /// A `config.json` transformers 4.x and 5.x read as this model, for weights of `dtype` (`"bfloat16"`,

@@ -65,6 +65,16 @@ impl Head {
 }
 
 impl Head {
+    /// `loss` plus the load-balancing loss weighted by `router_aux_loss_coef`, where the layers passed
+    /// its sums (`inputs`: the hidden state, the experts' selections, their probabilities).
+    fn with_aux_loss(&self, loss: Tensor, inputs: &[Tensor]) -> Result<Tensor> {
+        let (Some(m), [x, counts, probs]) = (self.cfg.moe, inputs) else { return Ok(loss) };
+        let (b, t, _) = x.dims3()?;
+        let aux = super::moe::aux_loss(counts, probs, m.num_experts, m.sparse_layers(self.cfg.n_layer), b * t)?;
+        let aux = aux.affine(m.aux_coef, 0.0)?.to_dtype(loss.dtype())?;
+        loss + aux
+    }
+
     fn param(&self, spec: ParamSpec) -> ParamRef {
         if self.frozen {
             ParamRef::Frozen(spec)
@@ -89,16 +99,21 @@ impl Block for Head {
         vec![self.param(ParamSpec::new("norm.weight", &[d], Init::Ones, false)), head]
     }
 
-    fn forward(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
-        let x = input(x)?;
-        if x.track_op() || params.iter().any(Tensor::track_op) {
+    fn forward(&self, params: &[Tensor], inputs: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
+        let x = input(inputs)?;
+        if x.track_op() || params.iter().any(Tensor::track_op) || inputs.len() > 1 {
             let rows = cross_entropy_rows_autograd(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?;
-            return Ok(vec![reduce_rows(&rows, &loss_weighting(batch)?)?.0]);
+            let loss = reduce_rows(&rows, &loss_weighting(batch)?)?.0;
+            return Ok(vec![self.with_aux_loss(loss, inputs)?]);
         }
         Ok(vec![self.run(params, x, batch)?.0])
     }
 
     fn forward_saving(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
+        // With the load-balancing sums the head is differentiated by autograd.
+        if x.len() > 1 {
+            return Ok(None);
+        }
         let (loss, saved) = self.run(params, input(x)?, batch)?;
         Ok(Some((vec![loss], Box::new(saved))))
     }

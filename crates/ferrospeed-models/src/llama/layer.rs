@@ -4,7 +4,7 @@
 //! `forward` itself) and as the reference the fused one is tested against.
 
 use super::layer_fused::{self, LayerSaved};
-use super::{LlamaConfig, RopeCache};
+use super::{LlamaConfig, QkNorm, RopeCache};
 use crate::ops::causal_softmax;
 use crate::ops::docs::Docs;
 use super::layer_fused::row_tables;
@@ -18,9 +18,9 @@ use std::sync::Arc;
 /// Layer `index` of the model.
 #[derive(Debug, Clone)]
 pub struct Layer {
-    cfg: LlamaConfig,
-    index: usize,
-    rope: Arc<RopeCache>,
+    pub(super) cfg: LlamaConfig,
+    pub(super) index: usize,
+    pub(super) rope: Arc<RopeCache>,
     /// LoRA adapters: the base's parameters are then frozen.
     lora: Option<LayerLora>,
 }
@@ -145,16 +145,39 @@ impl Block for Layer {
         if c.o_proj_bias {
             params.push(p("self_attn.o_proj.bias", &[d], Init::Zeros, false));
         }
-        params.extend([
-            p("post_attention_layernorm.weight", &[d], Init::Ones, false),
-            p("mlp.gate_proj.weight", &[f, d], w, true),
-            p("mlp.up_proj.weight", &[f, d], w, true),
-            p("mlp.down_proj.weight", &[d, f], w, true),
-        ]);
-        if c.mlp_bias {
-            params.push(p("mlp.gate_proj.bias", &[f], Init::Zeros, false));
-            params.push(p("mlp.up_proj.bias", &[f], Init::Zeros, false));
-            params.push(p("mlp.down_proj.bias", &[d], Init::Zeros, false));
+        params.push(p("post_attention_layernorm.weight", &[d], Init::Ones, false));
+        match c.moe.filter(|_| self.sparse()) {
+            // Experts as transformers 5 holds them (`moe.rs`), the router, the shared expert.
+            Some(m) => {
+                let (e, fe, s) = (m.num_experts, m.d_expert, m.d_shared);
+                params.extend([
+                    p("mlp.gate.weight", &[e, d], w, true),
+                    p("mlp.experts.gate_up_proj", &[e, 2 * fe, d], w, true),
+                    p("mlp.experts.down_proj", &[e, d, fe], w, true),
+                ]);
+                if s > 0 {
+                    params.extend([
+                        p("mlp.shared_expert.gate_proj.weight", &[s, d], w, true),
+                        p("mlp.shared_expert.up_proj.weight", &[s, d], w, true),
+                        p("mlp.shared_expert.down_proj.weight", &[d, s], w, true),
+                        p("mlp.shared_expert_gate.weight", &[1, d], w, true),
+                    ]);
+                }
+            }
+            None => {
+                params.extend([p("mlp.gate_proj.weight", &[f, d], w, true), p("mlp.up_proj.weight", &[f, d], w, true), p("mlp.down_proj.weight", &[d, f], w, true)]);
+                if c.mlp_bias {
+                    params.push(p("mlp.gate_proj.bias", &[f], Init::Zeros, false));
+                    params.push(p("mlp.up_proj.bias", &[f], Init::Zeros, false));
+                    params.push(p("mlp.down_proj.bias", &[d], Init::Zeros, false));
+                }
+            }
+        }
+        // Query and key norms after the MLP's slots (the dense layout's positions stay).
+        match c.qk_norm {
+            QkNorm::None => {}
+            QkNorm::PerHead => params.extend([p("self_attn.q_norm.weight", &[c.head_dim], Init::Ones, false), p("self_attn.k_norm.weight", &[c.head_dim], Init::Ones, false)]),
+            QkNorm::Full => params.extend([p("self_attn.q_norm.weight", &[q], Init::Ones, false), p("self_attn.k_norm.weight", &[kv], Init::Ones, false)]),
         }
         if let Some(l) = &self.lora {
             // PEFT's initialisation: A Kaiming-uniform (a = √5: U(±1/√in)), B zero.
@@ -168,9 +191,12 @@ impl Block for Layer {
         params
     }
 
-    fn forward(&self, p: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
-        let x = input(x)?;
+    fn forward(&self, p: &[Tensor], inputs: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
+        let x = input(inputs)?;
         let docs = Docs::of(batch)?;
+        if self.composed_only() {
+            return self.forward_extended(p, inputs, docs.as_ref());
+        }
         if x.track_op() || p.iter().any(Tensor::track_op) {
             return Ok(vec![self.forward_composed(p, x, docs.as_ref())?]);
         }
@@ -179,6 +205,9 @@ impl Block for Layer {
     }
 
     fn forward_saving(&self, p: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
+        if self.composed_only() {
+            return Ok(None);
+        }
         let x = input(x)?;
         let (cos, sin) = self.rope.get(&self.cfg, x.dim(1)?, x.device())?;
         let (y, saved) = layer_fused::forward(&self.cfg, p, x, (&cos, &sin), Docs::of(batch)?.as_ref(), self.lora.as_ref(), true)?;
@@ -195,6 +224,9 @@ impl Block for Layer {
     }
 
     fn stacked_runs(&self) -> Vec<std::ops::Range<usize>> {
+        if self.composed_only() {
+            return Vec::new();
+        }
         stacked_runs(&self.cfg).into()
     }
 
@@ -205,17 +237,22 @@ impl Block for Layer {
         let adapters: f64 = self.lora.map_or(0.0, |l| {
             module_dims(c).iter().zip(l.targets).filter(|(_, on)| *on).map(|((i, o), _)| 2.0 * (l.shape.r * (i + o)) as f64).sum()
         });
+        // An MoE layer's MLP: the router, each token's k experts, the shared expert.
+        let mlp = match c.moe.filter(|_| self.sparse()) {
+            Some(m) => (m.num_experts + m.top_k * 3 * m.d_expert + 3 * m.d_shared + usize::from(m.d_shared > 0)) as f64 * d,
+            None => 3.0 * d * f,
+        };
         // Projections (q, k, v, o) and the MLP (gate, up, down), plus scores and weighted values.
-        2.0 * (d * w + q * d + 3.0 * d * f) + 2.0 * 2.0 * t * q + adapters
+        2.0 * (d * w + q * d + mlp) + 2.0 * 2.0 * t * q + adapters
     }
 }
 
-fn input(x: &[Tensor]) -> Result<&Tensor> {
+pub(super) fn input(x: &[Tensor]) -> Result<&Tensor> {
     x.first().ok_or_else(|| candle_core::Error::Msg("a transformer layer needs an input".into()))
 }
 
 /// `x [n, in] · w[out, in]ᵀ (+ b)`.
-fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+pub(super) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let y = x.matmul(&w.t()?)?;
     match b {
         Some(b) => y.broadcast_add(b),

@@ -10,11 +10,14 @@ mod head;
 pub mod infer;
 mod layer;
 mod layer_fused;
+mod layer_moe;
+pub mod moe;
 mod names;
 
 pub use embedding::Embedding;
 pub use head::Head;
 pub use layer::Layer;
+pub use moe::MoeConfig;
 pub use names::{hf_name, HF_NAMES};
 
 use crate::ops::lora::{LayerLora, LoraShape};
@@ -58,6 +61,20 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     /// Standard deviation of the random initialisation (`initializer_range`).
     pub initializer_range: f64,
+    /// RMSNorms on the queries and keys before RoPE (Qwen3: per head; OLMoE: over the projection).
+    pub qk_norm: QkNorm,
+    /// Experts in the MLPs of some layers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE).
+    pub moe: Option<MoeConfig>,
+}
+
+/// Where a layer normalises its queries and keys (`self_attn.q_norm`, `self_attn.k_norm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum QkNorm {
+    None,
+    /// Each head's `head_dim` values (Qwen3): weights `[head_dim]`.
+    PerHead,
+    /// The whole projection (OLMoE): weights `[n_head·head_dim]` and `[n_kv_head·head_dim]`.
+    Full,
 }
 
 impl LlamaConfig {
@@ -81,7 +98,14 @@ impl LlamaConfig {
             o_proj_bias: false,
             mlp_bias: false,
             initializer_range: 0.02,
+            qk_norm: QkNorm::None,
+            moe: None,
         }
+    }
+
+    /// Whether layer `i` has experts.
+    pub fn is_sparse(&self, i: usize) -> bool {
+        self.moe.is_some_and(|m| m.is_sparse(i))
     }
 
     /// Width of the fused q, k, v projection: `(n_head + 2·n_kv_head)·head_dim`.

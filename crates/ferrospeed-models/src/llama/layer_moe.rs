@@ -1,0 +1,115 @@
+//! The Llama layer of the architectures the fused kernels do not cover yet, composed of candle ops
+//! and differentiated by autograd: query/key norms (Qwen3: per head; OLMoE: over the projection,
+//! both before RoPE) and mixture-of-experts MLPs (`moe.rs`). With the load-balancing loss on, every
+//! layer of the model passes, besides the hidden state, the running sums of the experts' selections and
+//! probabilities `[E]` (f32) to the next block; the head turns them into the loss.
+
+use super::layer::{input, linear, Layer, Slots};
+use super::layer_fused::row_tables;
+use super::{moe, QkNorm};
+use crate::ops::causal_softmax;
+use crate::ops::docs::Docs;
+use crate::ops::rms_norm::rms_norm;
+use crate::ops::rope::rope_composed;
+use candle_core::{DType, Result, Tensor};
+
+impl Layer {
+    /// Whether this layer has experts.
+    pub(super) fn sparse(&self) -> bool {
+        self.cfg.is_sparse(self.index)
+    }
+
+    /// Whether the layer runs only composed of candle ops (query/key norms, experts, or the
+    /// load-balancing sums passing through it).
+    pub(super) fn composed_only(&self) -> bool {
+        self.cfg.qk_norm != QkNorm::None || self.cfg.moe.is_some()
+    }
+
+    /// The first slot after the MLP's (where the query and key norms are).
+    fn mlp_end(&self, s: &Slots) -> usize {
+        match self.cfg.moe.filter(|_| self.sparse()) {
+            Some(m) => s.post_norm + 4 + if m.d_shared > 0 { 4 } else { 0 },
+            None => s.base_len(),
+        }
+    }
+
+    /// The forward on `inputs` (the hidden state `[b, t, d]`, then the load-balancing sums when the
+    /// model adds that loss): the same outputs.
+    pub(super) fn forward_extended(&self, p: &[Tensor], inputs: &[Tensor], docs: Option<&Docs>) -> Result<Vec<Tensor>> {
+        let c = &self.cfg;
+        let s = Slots::of(c);
+        let x = input(inputs)?;
+        let (b, t, d) = x.dims3()?;
+        let (nh, nkv, hd, eps) = (c.n_head, c.n_kv_head, c.head_dim, c.rms_norm_eps);
+        let (cos, sin) = self.rope.get(c, t, x.device())?;
+        let (cos, sin) = match docs {
+            Some(_) => {
+                let (c, s, _) = row_tables((&cos, &sin), docs, b, t)?;
+                (c.reshape((b, t, ()))?, s.reshape((b, t, ()))?)
+            }
+            None => (cos, sin),
+        };
+        let x = x.reshape((b * t, d))?;
+        let h = rms_norm(&x, &p[s.input_norm], eps)?;
+        let bias = |i: usize| s.bias.map(|b0| &p[b0 + i]);
+        let (q, k, v) = (linear(&h, &p[s.q], bias(0))?, linear(&h, &p[s.k], bias(1))?, linear(&h, &p[s.v], bias(2))?);
+        let qk = self.mlp_end(&s);
+        let (q, k) = match c.qk_norm {
+            QkNorm::None => (q, k),
+            QkNorm::Full => (rms_norm(&q, &p[qk], eps)?, rms_norm(&k, &p[qk + 1], eps)?),
+            QkNorm::PerHead => {
+                let per_head = |y: &Tensor, w: &Tensor, n: usize| rms_norm(&y.reshape((b * t * n, hd))?, w, eps)?.reshape((b * t, n * hd));
+                (per_head(&q, &p[qk], nh)?, per_head(&k, &p[qk + 1], nkv)?)
+            }
+        };
+        let heads = |y: &Tensor, n: usize| -> Result<Tensor> { y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous() };
+        let q = rope_composed(&heads(&q, nh)?, &cos, &sin)?;
+        let k = rope_composed(&heads(&k, nkv)?, &cos, &sin)?;
+        let v = heads(&v, nkv)?;
+        let repeat = |m: Tensor| -> Result<Tensor> {
+            if nh == nkv {
+                return Ok(m);
+            }
+            m.unsqueeze(2)?.broadcast_as((b, nkv, nh / nkv, t, hd))?.reshape((b, nh, t, hd))
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let mut scores = q.matmul(&k.t()?.contiguous()?)?;
+        if let Some(d) = docs {
+            scores = scores.broadcast_add(&d.mask(scores.dtype())?)?;
+        }
+        let y = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?.matmul(&v)?;
+        let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
+        let x = (x + linear(&y, &p[s.o], s.o_bias.map(|i| &p[i]))?)?;
+        let h = rms_norm(&x, &p[s.post_norm], eps)?;
+        let mut sums = None;
+        let mlp = match c.moe.filter(|_| self.sparse()) {
+            Some(m) => {
+                let at = s.post_norm + 1;
+                let shared = (m.d_shared > 0).then(|| [&p[at + 3], &p[at + 4], &p[at + 5], &p[at + 6]]);
+                let out = moe::forward(&m, &moe::MoeParams { router: &p[at], gate_up: &p[at + 1], down: &p[at + 2], shared }, &h)?;
+                sums = Some((out.counts, out.prob_sums));
+                out.y
+            }
+            None => {
+                let mlp_bias = |i: usize| s.mlp_bias.map(|b0| &p[b0 + i]);
+                let act = (linear(&h, &p[s.gate], mlp_bias(0))?.silu()? * linear(&h, &p[s.up], mlp_bias(1))?)?;
+                linear(&act, &p[s.down], mlp_bias(2))?
+            }
+        };
+        let out = (x + mlp)?.reshape((b, t, d))?;
+        let Some(m) = c.moe.filter(|m| m.aux_loss) else { return Ok(vec![out]) };
+        // The load-balancing sums: from the block before, or zeros at the first layer.
+        let (counts, probs) = match inputs {
+            [_, counts, probs, ..] => (counts.clone(), probs.clone()),
+            _ => {
+                let zeros = Tensor::zeros(m.num_experts, DType::F32, out.device())?;
+                (zeros.clone(), zeros)
+            }
+        };
+        let (counts, probs) = match sums {
+            Some((c, p)) => ((counts + c)?, (probs + p)?),
+            None => (counts, probs),
+        };
+        Ok(vec![out, counts, probs])
+    }
+}

@@ -1,0 +1,145 @@
+//! Mixture-of-experts MLPs for the Llama family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), composed of
+//! candle ops and differentiated by autograd, as transformers 5 computes them: the router's logits
+//! `h·Wᵣᵀ`, their softmax in f32, the top-k experts of each token (their probabilities renormalised
+//! where `norm_topk_prob` says, as Mixtral always does), each expert a SwiGLU over the tokens routed to
+//! it (`index_select` there, `index_add` back, experts in order), weighted by the token's
+//! probability; a shared expert gated by `sigmoid(h·w_gᵀ)` (Qwen2-MoE) added to every token. Experts
+//! are stored as transformers 5 fuses them: `mlp.experts.gate_up_proj` `[E, 2f, d]` (gate rows, then up)
+//! and `mlp.experts.down_proj` `[E, d, f]`. Dropless: every token reaches its k experts (the routing is
+//! read to the host to group the tokens).
+//!
+//! The load-balancing loss (transformers' `load_balancing_loss_func`: `E · Σₑ fₑ · Pₑ` over the router
+//! logits of every sparse layer concatenated) is not separable by layer, so each sparse layer adds its
+//! selection counts and probability sums `[E]` to two running sums that travel with the hidden state
+//! from block to block (`MoeSums`), and the head turns them into the loss.
+
+use candle_core::{DType, Result, Tensor};
+
+/// The mixture-of-experts part of a Llama-family config.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct MoeConfig {
+    /// Routed experts per sparse layer (`num_local_experts` / `num_experts`).
+    pub num_experts: usize,
+    /// Experts per token (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Width of each expert's SwiGLU (`moe_intermediate_size`, Mixtral and OLMoE: `intermediate_size`).
+    pub d_expert: usize,
+    /// Renormalise the top-k probabilities to sum to 1 (`norm_topk_prob`; Mixtral always does).
+    pub norm_topk_prob: bool,
+    /// Width of the shared expert (`shared_expert_intermediate_size`; 0: none).
+    pub d_shared: usize,
+    /// Every `sparse_step`-th layer is sparse (`decoder_sparse_step`: layer `i` when `(i + 1) % step == 0`).
+    pub sparse_step: usize,
+    /// The first layers stay dense (`first_k_dense_replace`).
+    pub first_dense: usize,
+    /// Layers that stay dense (`mlp_only_layers`), one bit each.
+    pub mlp_only: u128,
+    /// Weight of the load-balancing loss (`router_aux_loss_coef`).
+    pub aux_coef: f64,
+    /// Add the load-balancing loss to the loss (`moe.aux_loss`; transformers: `output_router_logits`).
+    pub aux_loss: bool,
+}
+
+impl MoeConfig {
+    /// Whether layer `i` has experts (else a dense MLP of the config's `d_ff`).
+    pub fn is_sparse(&self, i: usize) -> bool {
+        i >= self.first_dense && (i >= 128 || self.mlp_only & (1u128 << i) == 0) && (i + 1) % self.sparse_step.max(1) == 0
+    }
+
+    /// How many of `n_layer` layers are sparse.
+    pub fn sparse_layers(&self, n_layer: usize) -> usize {
+        (0..n_layer).filter(|&i| self.is_sparse(i)).count()
+    }
+}
+
+/// A sparse layer's MLP parameters.
+pub struct MoeParams<'a> {
+    /// `[E, d]`.
+    pub router: &'a Tensor,
+    /// `[E, 2f, d]`.
+    pub gate_up: &'a Tensor,
+    /// `[E, d, f]`.
+    pub down: &'a Tensor,
+    /// The shared expert's gate `[s, d]`, up `[s, d]`, down `[d, s]` and gate weight `[1, d]`.
+    pub shared: Option<[&'a Tensor; 4]>,
+}
+
+/// What a sparse layer's MLP returns: its output `[n, d]`, the router's logits `[n, E]` (f32), and
+/// its terms of the load-balancing loss: each expert's selections (no gradient) and probability sum.
+pub struct MoeOut {
+    pub y: Tensor,
+    pub logits: Tensor,
+    pub counts: Tensor,
+    pub prob_sums: Tensor,
+    /// Each token's experts, best first (`[n][k]`).
+    pub experts: Vec<Vec<u32>>,
+}
+
+fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    (x.matmul(&gate.t()?)?.silu()? * x.matmul(&up.t()?)?)?.matmul(&down.t()?)
+}
+
+/// The MoE MLP on `h` `[n, d]`.
+pub fn forward(cfg: &MoeConfig, p: &MoeParams<'_>, h: &Tensor) -> Result<MoeOut> {
+    let n = h.dim(0)?;
+    let (e_count, k, f) = (cfg.num_experts, cfg.top_k, cfg.d_expert);
+    let logits = h.matmul(&p.router.t()?)?.to_dtype(DType::F32)?;
+    let probs = crate::ops::composed::softmax_last_dim(&logits)?;
+    // The top k of each row, best first (ties: the lower expert, as torch.topk on CPU).
+    let rows: Vec<Vec<f32>> = probs.to_vec2()?;
+    let experts: Vec<Vec<u32>> = rows
+        .iter()
+        .map(|r| {
+            let mut order: Vec<u32> = (0..e_count as u32).collect();
+            order.sort_by(|&a, &b| r[b as usize].total_cmp(&r[a as usize]).then(a.cmp(&b)));
+            order.truncate(k);
+            order
+        })
+        .collect();
+    let flat: Vec<u32> = experts.iter().enumerate().flat_map(|(i, ex)| ex.iter().map(move |&e| (i * e_count) as u32 + e)).collect();
+    let flat_t = Tensor::from_vec(flat, n * k, h.device())?;
+    let mut weights = probs.flatten_all()?.index_select(&flat_t, 0)?.reshape((n, k))?;
+    if cfg.norm_topk_prob {
+        weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
+    }
+    let weights = weights.to_dtype(h.dtype())?.flatten_all()?;
+    let mut y = h.zeros_like()?;
+    let mut counts = vec![0f32; e_count];
+    for e in 0..e_count {
+        // The tokens routed to expert e, in token order, and where e stands in each one's top k.
+        let (tokens, slots): (Vec<u32>, Vec<u32>) = experts
+            .iter()
+            .enumerate()
+            .filter_map(|(i, ex)| ex.iter().position(|&x| x as usize == e).map(|j| (i as u32, (i * k + j) as u32)))
+            .unzip();
+        counts[e] = tokens.len() as f32;
+        if tokens.is_empty() {
+            continue;
+        }
+        let m = tokens.len();
+        let tokens = Tensor::from_vec(tokens, m, h.device())?;
+        let slots = Tensor::from_vec(slots, m, h.device())?;
+        let gu = p.gate_up.get(e)?;
+        let out = swiglu(&h.index_select(&tokens, 0)?, &gu.narrow(0, 0, f)?, &gu.narrow(0, f, f)?, &p.down.get(e)?)?;
+        let out = out.broadcast_mul(&weights.index_select(&slots, 0)?.reshape((m, 1))?)?;
+        y = y.index_add(&tokens, &out, 0)?;
+    }
+    if let Some([g, u, dn, gate]) = p.shared {
+        let s = swiglu(h, g, u, dn)?;
+        y = (y + s.broadcast_mul(&candle_nn_sigmoid(&h.matmul(&gate.t()?)?)?)?)?;
+    }
+    let counts = Tensor::from_vec(counts, e_count, h.device())?;
+    Ok(MoeOut { prob_sums: probs.sum(0)?, y, logits, counts, experts })
+}
+
+/// The load-balancing loss from the running sums over `layers` sparse layers of `n` tokens each:
+/// `E · Σₑ (countsₑ / (L·n)) · (prob_sumsₑ / (L·n))`.
+pub fn aux_loss(counts: &Tensor, prob_sums: &Tensor, num_experts: usize, layers: usize, n: usize) -> Result<Tensor> {
+    let rows = (layers * n) as f64;
+    (counts * prob_sums)?.sum_all()?.affine(num_experts as f64 / (rows * rows), 0.0)
+}
+
+/// `1 / (1 + e^(−x))`.
+fn candle_nn_sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}

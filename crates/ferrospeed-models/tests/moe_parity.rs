@@ -1,0 +1,139 @@
+//! Mixture-of-experts and query/key-norm Llama-family models against HuggingFace transformers 5 on CPU,
+//! from fixtures made by `fixtures/make_moe_fixtures.py`: tiny random Mixtral, Qwen2-MoE (a dense first
+//! layer, a shared expert with its gate), Qwen3-MoE (`norm_topk_prob`, per-head q/k norms), OLMoE (q/k
+//! norms over the projection) and Qwen3 (dense). With the weights in transformers 5's layout (experts
+//! fused: `mlp.experts.gate_up_proj` `[E, 2f, d]`, `mlp.experts.down_proj` `[E, d, f]`), our blocks give
+//! transformers' logits within 1e-5, its loss without and with the load-balancing loss
+//! (`router_aux_loss_coef · aux_loss`) within 1e-5, and every parameter's gradient of each within 1e-4
+//! of its largest element.
+
+use candle_core::{DType, Device, Tensor, Var};
+use ferrospeed::checkpoint::WeightFiles;
+use ferrospeed::engine::{blockwise, Batch, Model};
+use ferrospeed_models::hf::{read_config, HfModel};
+use ferrospeed_models::llama::{self, LlamaConfig};
+use std::path::PathBuf;
+
+fn fixture(variant: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moe").join(variant)
+}
+
+fn read_all(files: &mut WeightFiles, name: &str) -> Vec<f32> {
+    let shape = files.info(name).unwrap_or_else(|| panic!("fixture has no {name}")).shape.clone();
+    let mut v = vec![0f32; shape.iter().product()];
+    files.read_f32(name, 0..v.len(), &mut v).unwrap();
+    v
+}
+
+fn ids(v: &serde_json::Value) -> Tensor {
+    let rows: Vec<Vec<u32>> = v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect();
+    Tensor::new(rows, &Device::Cpu).unwrap()
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// The variant's config, and its weights in transformers 5's layout (the fused file where the
+/// fixture has one), as each block's slot tensors.
+fn load(variant: &str, aux: bool) -> (LlamaConfig, Model, Vec<Vec<Tensor>>) {
+    let dir = fixture(variant);
+    let HfModel::Llama(mut cfg) = read_config(&dir, 8).unwrap() else { panic!("{variant} is not of the Llama family") };
+    if let Some(m) = cfg.moe.as_mut() {
+        m.aux_loss = aux;
+    }
+    let model = llama::Llama::new(cfg).model().unwrap();
+    let fused = dir.join("model_fused.safetensors");
+    let mut weights = WeightFiles::open(if fused.exists() { &fused } else { &dir }).unwrap();
+    let vars: Vec<Vec<Var>> = (0..model.num_blocks())
+        .map(|b| {
+            model.own_params(b).iter().map(|s| {
+                let name = llama::hf_name(&model.block_names()[b], &s.name);
+                assert_eq!(weights.info(&name).unwrap_or_else(|| panic!("{variant}: no {name}")).shape, s.shape, "{variant}: {name}");
+                Var::from_slice(&read_all(&mut weights, &name), s.shape.as_slice(), &Device::Cpu).unwrap()
+            }).collect()
+        })
+        .collect();
+    let slots = (0..model.num_blocks()).map(|b| model.slots(b).iter().map(|src| vars[src.block][src.index].as_tensor().clone()).collect()).collect();
+    (cfg, model, slots)
+}
+
+/// The loss and every parameter's gradient (by transformers name) through the block-wise backward.
+fn loss_and_grads(model: &Model, slots: &[Vec<Tensor>], batch: &Batch) -> (f64, Vec<(String, Vec<f32>)>) {
+    let tape = blockwise::forward(model, &mut &slots[..], batch, false).unwrap();
+    let loss = tape.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let mut grads: Vec<Vec<Vec<f32>>> = (0..model.num_blocks()).map(|b| model.own_params(b).iter().map(|s| vec![0.0; s.numel()]).collect()).collect();
+    blockwise::backward(model, &mut &slots[..], batch, tape, 1.0, |i, slot_grads| {
+        for (src, g) in model.slots(i).iter().zip(slot_grads) {
+            if let Some(g) = g {
+                let g: Vec<f32> = g.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+                grads[src.block][src.index].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    let named = (0..model.num_blocks())
+        .flat_map(|b| model.own_params(b).iter().map(move |s| llama::hf_name(&model.block_names()[b], &s.name)).zip(std::mem::take(&mut grads[b])).collect::<Vec<_>>())
+        .collect();
+    (loss, named)
+}
+
+fn check(variant: &str) {
+    let dir = fixture(variant);
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let batch = Batch::tokens(ids(&expected["tokens"]), ids(&expected["targets"]));
+    let mut want = WeightFiles::open(&dir.join("expected.safetensors")).unwrap();
+    let (cfg, model, slots) = load(variant, false);
+
+    // Logits: the blocks up to the head, then its logits.
+    let mut x = Vec::new();
+    for b in 0..model.num_blocks() - 1 {
+        let detached: Vec<Tensor> = slots[b].iter().map(Tensor::detach).collect();
+        x = model.block(b).forward(&detached, &x, &batch).unwrap();
+    }
+    let logits: Vec<f32> = llama::Head::new(cfg).logits(&slots[model.num_blocks() - 1], &x[0]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let diff = max_abs(&logits, &read_all(&mut want, "logits"));
+    assert!(diff <= 1e-5, "{variant}: logits differ from transformers' by {diff:e}");
+
+    // The loss and gradients without the load-balancing loss, then (MoE) with it.
+    let runs: &[(bool, &str, &str)] = if cfg.moe.is_some() { &[(false, "loss", "grad."), (true, "loss_with_aux", "grad_aux.")] } else { &[(false, "loss", "grad.")] };
+    for &(aux, loss_key, prefix) in runs {
+        let (_, model, slots) = load(variant, aux);
+        let (loss, grads) = loss_and_grads(&model, &slots, &batch);
+        let hf_loss = expected[loss_key].as_f64().unwrap();
+        assert!((loss - hf_loss).abs() <= 1e-5, "{variant}: {loss_key} {loss} vs transformers' {hf_loss}");
+        for (name, g) in &grads {
+            let hf = read_all(&mut want, &format!("{prefix}{name}"));
+            let scale = hf.iter().map(|v| v.abs()).fold(0.0, f32::max).max(1e-12);
+            let rel = max_abs(g, &hf) / scale;
+            assert!(rel <= 1e-4, "{variant}: {prefix}{name} differs from transformers' by {rel:e} of its largest element");
+        }
+        assert_eq!(grads.len(), want.names().filter(|n| n.starts_with(prefix)).count(), "{variant}: every parameter compared");
+    }
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check("mixtral");
+}
+
+#[test]
+fn qwen2_moe_with_a_dense_layer_and_a_shared_expert_matches_transformers() {
+    check("qwen2_moe");
+}
+
+#[test]
+fn qwen3_moe_with_normalised_top_k_and_per_head_qk_norms_matches_transformers() {
+    check("qwen3_moe");
+}
+
+#[test]
+fn olmoe_with_qk_norms_over_the_projection_matches_transformers() {
+    check("olmoe");
+}
+
+#[test]
+fn qwen3_dense_with_qk_norms_matches_transformers() {
+    check("qwen3");
+}
