@@ -87,6 +87,9 @@ impl Family {
     pub fn with_lora(self, lora: &ferrospeed::config::LoraConfig) -> Result<Family, FamilyError> {
         match self {
             Family::Gpt(_) => Err(FamilyError::Lora("[lora] is built for the Llama family (Llama, Mistral, Qwen2, SmolLM); a GPT-2 model trains every weight: remove [lora]".into())),
+            Family::Llama(l) if l.cfg.moe.is_some() || l.cfg.qk_norm != crate::llama::QkNorm::None => Err(FamilyError::Lora(
+                "[lora] on mixture-of-experts or query/key-norm models (Mixtral, Qwen2-MoE, Qwen3, Qwen3-MoE, OLMoE) is not built yet: remove [lora] to train every weight".into(),
+            )),
             Family::Llama(l) => {
                 let targets = crate::ops::lora::resolve_targets(l.cfg.n_layer, &lora.targets).map_err(FamilyError::Lora)?;
                 let shape = crate::ops::lora::LoraShape { r: lora.r, alpha: lora.alpha, rslora: lora.rslora };
@@ -191,7 +194,7 @@ impl Family {
             ));
         }
         let Some(path) = init_from else { return Ok(None) };
-        let files = ferrospeed::checkpoint::WeightFiles::open(path).map_err(|e| e.to_string())?;
+        let files = (self.names().open)(path).map_err(|e| e.to_string())?;
         let model = self.model().map_err(|e| e.to_string())?;
         let name_of = self.names().map;
         let mut used = std::collections::BTreeSet::new();

@@ -137,3 +137,45 @@ fn olmoe_with_qk_norms_over_the_projection_matches_transformers() {
 fn qwen3_dense_with_qk_norms_matches_transformers() {
     check("qwen3");
 }
+
+/// A Hub checkpoint's per-expert tensors (`model.safetensors` as `save_pretrained` writes it) read
+/// as the fused ones: every parameter equal, bit for bit, to transformers 5's fused file; no tensor of
+/// the file left over; and an engine importing the directory holds those values.
+#[test]
+fn per_expert_checkpoints_import_as_the_fused_experts() {
+    use ferrospeed::checkpoint::{load_consolidated_from, ImportScope};
+    use ferrospeed::engine::{Engine, EngineConfig};
+    use ferrospeed::optim::Sgd;
+    for variant in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"] {
+        let dir = fixture(variant);
+        let (_, model, slots) = load(variant, false);
+        let mut per_expert = llama::open_weights(&dir).unwrap();
+        let fused = WeightFiles::open(&dir.join("model_fused.safetensors")).unwrap();
+        let names: Vec<&str> = per_expert.names().collect::<Vec<_>>();
+        assert_eq!(names, fused.names().collect::<Vec<_>>(), "{variant}: the per-expert file presents the fused tensors and nothing else");
+        for b in 0..model.num_blocks() {
+            for (j, src) in model.slots(b).iter().enumerate() {
+                let name = llama::hf_name(&model.block_names()[src.block], &model.spec(*src).name);
+                let want: Vec<f32> = slots[b][j].flatten_all().unwrap().to_vec1().unwrap();
+                assert_eq!(read_all(&mut per_expert, &name), want, "{variant}: {name}");
+            }
+        }
+        // Through the engine (as model.init_from reads it), two ranks at ZeRO stage 3: each reads its
+        // window of each fused tensor.
+        let got = ferrospeed::comm::run_local_world(2, &ferrospeed::CommConfig::default(), |comm| {
+            let mut cfg = EngineConfig::fp32(false, 0.0, Sgd { momentum: 0.0, weight_decay: 0.0, nesterov: false }, 1);
+            cfg.strategy = ferrospeed::shard::Strategy::new(ferrospeed::config::ZeroStage::Three);
+            let (_, model, _) = load(variant, false);
+            let mut engine = Engine::new(model, std::sync::Arc::new(comm), cfg).unwrap();
+            load_consolidated_from(&mut engine, llama::open_weights(&dir).unwrap(), &dir, &llama::hf_name, ImportScope::All).unwrap();
+            engine.slot_tensors().unwrap()
+        })
+        .unwrap()
+        .remove(0);
+        for (b, block) in got.iter().enumerate() {
+            for (j, t) in block.iter().enumerate() {
+                assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), slots[b][j].flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{variant}: block {b} slot {j} after import");
+            }
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! Our linear weights are stored `[in, out]` like HF's Conv1D, so names are the only difference.
 
 /// HuggingFace GPT-2 names for the `Accelerator` (export and `model.init_from`).
-pub const HF_NAMES: ferrospeed::accelerator::ParamNames = ferrospeed::accelerator::ParamNames { tag: "hf-gpt2", map: hf_name };
+pub const HF_NAMES: ferrospeed::accelerator::ParamNames = ferrospeed::accelerator::ParamNames { tag: "hf-gpt2", map: hf_name, open: ferrospeed::checkpoint::WeightFiles::open };
 
 /// The HuggingFace name of parameter `param` of block `block`.
 pub fn hf_name(block: &str, param: &str) -> String {

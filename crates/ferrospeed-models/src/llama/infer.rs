@@ -57,6 +57,9 @@ fn linear_b(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 impl LlamaInfer {
     /// The model `cfg` from `files` (transformers' names), on `device`, for contexts up to `max_len`.
     pub fn load(cfg: LlamaConfig, files: &mut WeightFiles, device: &Device, max_len: usize) -> std::result::Result<Self, String> {
+        if cfg.moe.is_some() || cfg.qk_norm != super::QkNorm::None {
+            return Err("generating with mixture-of-experts or query/key-norm models (Mixtral, Qwen2-MoE, Qwen3, Qwen3-MoE, OLMoE) is not built yet: train and export them, and generate with transformers".into());
+        }
         let get = |files: &mut WeightFiles, name: &str| load(files, name, device);
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {

@@ -62,11 +62,14 @@ pub struct ParamNames {
     pub tag: &'static str,
     /// `(block, parameter)` → name.
     pub map: fn(&str, &str) -> String,
+    /// Open weight files for import: [`checkpoint::WeightFiles::open`], plus whatever layouts of the
+    /// family's own the files may use (e.g. per-expert tensors for fused experts).
+    pub open: fn(&Path) -> Result<checkpoint::WeightFiles, checkpoint::CheckpointError>,
 }
 
 impl ParamNames {
     /// `block.parameter`, e.g. `mlp.fc1.weight`: for models of the user's own.
-    pub const BLOCK: ParamNames = ParamNames { tag: "block", map: block_dot_param };
+    pub const BLOCK: ParamNames = ParamNames { tag: "block", map: block_dot_param, open: checkpoint::WeightFiles::open };
 }
 
 impl Default for ParamNames {
@@ -288,7 +291,8 @@ impl Accelerator {
             let t0 = std::time::Instant::now();
             let measured = crate::track::reset_peak_rss();
             let rss_before = crate::track::rss_bytes();
-            let stats = checkpoint::load_consolidated(&mut engine, path, &options.names.map, options.init_from)
+            let stats = (options.names.open)(path)
+                .and_then(|files| checkpoint::load_consolidated_from(&mut engine, files, path, &options.names.map, options.init_from))
                 .map_err(|source| AccelError::InitFrom { path: path.clone(), source })?;
             let host_growth_bytes = measured.then(|| crate::track::peak_rss_bytes().saturating_sub(rss_before));
             self.import = Some(ImportReport { seconds: t0.elapsed().as_secs_f64(), stats, host_growth_bytes });

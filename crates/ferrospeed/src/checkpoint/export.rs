@@ -204,7 +204,12 @@ pub struct ImportStats {
 /// BF16 or F16. Every rank calls this and reads only its window of each parameter, block by block
 /// (on a GPU each block goes to the device before the next is read).
 pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>, scope: ImportScope) -> Result<ImportStats, CheckpointError> {
-    let mut files = WeightFiles::open(path)?;
+    load_consolidated_from(engine, WeightFiles::open(path)?, path, name_of, scope)
+}
+
+/// [`load_consolidated`] from weight files already open (`path`: where they are, for messages), e.g.
+/// with tensors a family presents in its own layout ([`WeightFiles::concat`]).
+pub fn load_consolidated_from(engine: &mut Engine, mut files: WeightFiles, path: &Path, name_of: NameMap<'_>, scope: ImportScope) -> Result<ImportStats, CheckpointError> {
     let mut stats = ImportStats::default();
     if scope != ImportScope::Frozen {
         engine.overwrite_blocks(0, None, |w| -> Result<(), CheckpointError> {

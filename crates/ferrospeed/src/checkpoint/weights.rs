@@ -74,6 +74,8 @@ pub struct WeightFiles {
     files: Vec<File>,
     tensors: BTreeMap<String, WeightInfo>,
     gguf: Option<super::gguf::GgufWeights>,
+    /// Tensors made of others laid end to end (`WeightFiles::concat`): their parts, in order.
+    concats: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -88,7 +90,7 @@ impl WeightFiles {
         if path.extension().is_some_and(|e| e == "gguf") && path.is_file() {
             let g = super::gguf::GgufWeights::open(path)?;
             let tensors = g.tensors.iter().map(|(n, m)| (n.clone(), WeightInfo { file: 0, dtype: WeightDtype::F32, shape: m.shape.clone(), data_start: 0 })).collect();
-            return Ok(Self { paths: vec![path.to_path_buf()], files: Vec::new(), tensors, gguf: Some(g) });
+            return Ok(Self { paths: vec![path.to_path_buf()], files: Vec::new(), tensors, gguf: Some(g), concats: BTreeMap::new() });
         }
         if !path.is_dir() {
             return Self::from_files(vec![path.to_path_buf()], None);
@@ -143,7 +145,32 @@ impl WeightFiles {
                 }
             }
         }
-        Ok(Self { paths, files, tensors, gguf: None })
+        Ok(Self { paths, files, tensors, gguf: None, concats: BTreeMap::new() })
+    }
+
+    /// Present tensors `parts` (of one dtype), laid end to end, as one tensor `name` of `shape`: a
+    /// layout the files split where the model keeps one tensor (e.g. a Hub checkpoint's per-expert
+    /// weights of transformers 5's fused `[E, 2f, d]` experts). The parts are then no longer listed by
+    /// [`WeightFiles::names`]; reading `name` reads them.
+    pub fn concat(&mut self, name: &str, parts: Vec<String>, shape: Vec<usize>) -> Result<(), CheckpointError> {
+        let mut numel = 0;
+        let mut first: Option<&WeightInfo> = None;
+        for part in &parts {
+            let info = self.tensors.get(part).ok_or_else(|| CheckpointError::Format(format!("{name}: no tensor {part} to build it from")))?;
+            if first.is_some_and(|f| f.dtype != info.dtype) {
+                return Err(CheckpointError::Format(format!("{name}: its parts have different dtypes ({part} is {})", info.dtype.name())));
+            }
+            first = first.or(Some(info));
+            numel += info.shape.iter().product::<usize>();
+        }
+        let Some(first) = first else { return Err(CheckpointError::Format(format!("{name}: no parts"))) };
+        if numel != shape.iter().product::<usize>() {
+            return Err(CheckpointError::Format(format!("{name}: its parts hold {numel} elements, not a {shape:?} tensor's")));
+        }
+        let info = WeightInfo { file: first.file, dtype: first.dtype, shape, data_start: u64::MAX };
+        self.tensors.insert(name.to_string(), info);
+        self.concats.insert(name.to_string(), parts);
+        Ok(())
     }
 
     /// The tensor `name`, if present.
@@ -151,13 +178,28 @@ impl WeightFiles {
         self.tensors.get(name)
     }
 
-    /// Every tensor's name, sorted.
+    /// Every tensor's name, sorted (the parts of a [`WeightFiles::concat`] as the whole).
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+        let parts: std::collections::BTreeSet<&str> = self.concats.values().flatten().map(String::as_str).collect();
+        self.tensors.keys().map(String::as_str).filter(move |n| !parts.contains(n))
     }
 
     /// Elements `range` of tensor `name`, as f32, into `out`.
     pub fn read_f32(&mut self, name: &str, range: Range<usize>, out: &mut [f32]) -> Result<(), CheckpointError> {
+        if let Some(parts) = self.concats.get(name).cloned() {
+            // Each part's share of the range, in order.
+            let (mut at, mut done) = (0, 0);
+            for part in parts {
+                let n: usize = self.tensors[&part].shape.iter().product();
+                let (lo, hi) = (range.start.max(at), range.end.min(at + n));
+                if lo < hi {
+                    self.read_f32(&part, lo - at..hi - at, &mut out[done..done + (hi - lo)])?;
+                    done += hi - lo;
+                }
+                at += n;
+            }
+            return if done == range.len() { Ok(()) } else { Err(CheckpointError::Format(format!("tensor {name}: elements {range:?} requested of {at}"))) };
+        }
         let info = self.tensors.get(name).ok_or_else(|| CheckpointError::Format(format!("no tensor {name}")))?;
         let path = &self.paths[info.file];
         let numel: usize = info.shape.iter().product();
