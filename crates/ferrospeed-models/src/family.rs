@@ -26,6 +26,9 @@ pub enum FamilyError {
     Missing { key: String },
     #[error("{0}")]
     Lora(String),
+    /// `[moe]` for a model it does not apply to.
+    #[error("{0}")]
+    Moe(String),
     #[error("model.seq_len = {seq_len} is longer than the {positions} positions of {path}: use model.seq_len ≤ {positions}")]
     TooLong { seq_len: usize, positions: usize, path: String },
 }
@@ -76,7 +79,17 @@ impl Family {
 
     /// The model and tokenizer of a run: `[model]`, with `[lora]`'s adapters when the config has them.
     pub fn for_run(cfg: &ferrospeed::config::Config) -> Result<(Family, Tokenizer), FamilyError> {
-        let (family, tokenizer) = Self::from_config(&cfg.model)?;
+        let (mut family, tokenizer) = Self::from_config(&cfg.model)?;
+        if let Some(settings) = &cfg.moe {
+            match &mut family {
+                Family::Llama(l) if l.cfg.moe.is_some() => {
+                    let m = l.cfg.moe.as_mut().expect("checked");
+                    m.aux_loss = settings.aux_loss;
+                    m.aux_coef = settings.aux_loss_coef.unwrap_or(m.aux_coef);
+                }
+                _ => return Err(FamilyError::Moe("[moe] is for mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and this model has no experts: remove [moe]".into())),
+            }
+        }
         match &cfg.lora {
             Some(l) => Ok((family.with_lora(l)?, tokenizer)),
             None => Ok((family, tokenizer)),

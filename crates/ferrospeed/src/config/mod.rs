@@ -39,6 +39,23 @@ pub struct Config {
     /// config when unset, so runs made before the section existed still match theirs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraConfig>,
+    /// `[moe]`: how a mixture-of-experts model's router trains; `None` keeps the checkpoint's settings
+    /// (no load-balancing loss, as transformers). Absent from the serialised config when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeSettings>,
+}
+
+/// `[moe]`: the router's losses and the experts' capacity for a mixture-of-experts model.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct MoeSettings {
+    /// Add the load-balancing loss (transformers' `output_router_logits`; default off, as there).
+    pub aux_loss: bool,
+    /// Its weight; default the checkpoint's `router_aux_loss_coef`.
+    pub aux_loss_coef: Option<f64>,
+    /// The router z-loss's weight (0: none).
+    pub z_loss_coef: f64,
+    /// Tokens an expert takes at most, as a multiple of its even share; `None`: dropless.
+    pub capacity_factor: Option<f64>,
 }
 
 /// How a LoRA base's frozen weights are stored (`lora.base`).

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use super::error::{one_line, render_value, ConfigError};
 use super::schema::{self, Kind, KeySpec, SectionSpec, SECTIONS};
 use super::{
-    CheckpointConfig, Config, DataConfig, DeviceChoice, LoraBase, LoraConfig, ModelConfig, ModelKind, Offload, OptimizerKind, ParallelConfig,
+    CheckpointConfig, Config, DataConfig, DeviceChoice, LoraBase, LoraConfig, ModelConfig, ModelKind, MoeSettings, Offload, OptimizerKind, ParallelConfig,
     PipelineSchedule, Precision, ReduceDtype, TrackBackend, TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
 };
 
@@ -405,6 +405,12 @@ pub(crate) fn build(table: &toml::Table) -> Config {
             },
             rslora: v.bool("lora", "rslora").unwrap_or(lora_default.rslora),
             base: v.str("lora", "base").and_then(LoraBase::from_name).unwrap_or(lora_default.base),
+        }),
+        moe: table.contains_key("moe").then(|| MoeSettings {
+            aux_loss: v.bool("moe", "aux_loss").unwrap_or(false),
+            aux_loss_coef: v.f64("moe", "aux_loss_coef"),
+            z_loss_coef: v.f64("moe", "z_loss_coef").unwrap_or(0.0),
+            capacity_factor: v.f64("moe", "capacity_factor"),
         }),
     }
 }

@@ -179,6 +179,11 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
         ],
     },
     SectionSpec {
+        name: "moe",
+        required: false,
+        keys: &[key("aux_loss", Kind::Bool), key("aux_loss_coef", Kind::Number), key("z_loss_coef", Kind::Number), key("capacity_factor", Kind::Number)],
+    },
+    SectionSpec {
         name: "checkpoint",
         required: false,
         keys: &[

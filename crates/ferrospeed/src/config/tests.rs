@@ -113,6 +113,7 @@ fn minimal_config_gets_defaults() {
         checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true, keep_best: false },
         track: TrackConfig { dir: None, tensorboard: true, backends: vec![TrackBackend::Tensorboard], mlflow_uri: None, mlflow_experiment: None },
         lora: None,
+        moe: None,
     };
     assert_eq!(config, expected);
     assert_eq!(config.train, TrainConfig::default());
@@ -276,6 +277,7 @@ mlflow_experiment = \"llama-sft\"
             mlflow_experiment: Some("llama-sft".into()),
         },
         lora: None,
+        moe: None,
     };
     assert_eq!(config, expected);
 

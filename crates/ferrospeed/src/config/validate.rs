@@ -76,6 +76,7 @@ pub(crate) fn validate(config: &Config, scope: Scope) -> Result<(), ConfigError>
     check_zero(config)?;
     check_eval(config)?;
     check_lora(config)?;
+    check_moe(config)?;
     check_parallel(config)?;
     check_track(config)?;
     check_paths(config, scope)
@@ -241,6 +242,21 @@ fn check_eval(config: &Config) -> Result<(), ConfigError> {
             "needs a held-out loss at every checkpoint",
             "set checkpoint.dir, and checkpoint.every to a multiple of train.eval_every",
         ));
+    }
+    Ok(())
+}
+
+/// `[moe]`: a non-negative weight; what is built.
+fn check_moe(config: &Config) -> Result<(), ConfigError> {
+    let Some(m) = &config.moe else { return Ok(()) };
+    if let Some(c) = m.aux_loss_coef.filter(|c| !(c.is_finite() && *c >= 0.0)) {
+        return Err(ConfigError::invalid("moe.aux_loss_coef", c, "is not a non-negative number", "use e.g. 0.01, or leave it out for the checkpoint's router_aux_loss_coef"));
+    }
+    if m.z_loss_coef != 0.0 {
+        return Err(ConfigError::invalid("moe.z_loss_coef", m.z_loss_coef, "is not built yet (the router trains without a z-loss)", "set moe.z_loss_coef = 0"));
+    }
+    if let Some(c) = m.capacity_factor {
+        return Err(ConfigError::invalid("moe.capacity_factor", c, "is not built yet (experts take every token routed to them: dropless)", "leave moe.capacity_factor out"));
     }
     Ok(())
 }
