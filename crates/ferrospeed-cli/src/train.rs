@@ -97,6 +97,10 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
     }
     if let Some(dir) = cfg.model.init_from.as_deref().filter(|p| p.is_dir()) {
         acc.record("init_from_dir", dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()).display().to_string().into());
+        // Experts stored one by one (a Hub checkpoint): `checkpoint export` writes them so again.
+        if let Some(layout) = ferrospeed_models::llama::open_weights(dir).ok().and_then(|f| ferrospeed_models::llama::ExpertLayout::of(&f)) {
+            acc.record("expert_layout", layout.name().into());
+        }
     }
 
     let optimizer = acc.optimizer_from_config();

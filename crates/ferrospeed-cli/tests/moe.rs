@@ -62,3 +62,51 @@ fn moe_settings_not_built_or_misplaced_are_refused_in_one_line() {
         assert!(!track.exists(), "nothing written");
     }
 }
+
+/// Every tensor of a safetensors file, as (name, dtype, shape, raw bytes), sorted by name.
+fn tensors(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<_> = st.tensors().into_iter().map(|(name, view)| (name, format!("{:?}", view.dtype()), view.shape().to_vec(), view.data().to_vec())).collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Import `src` (2 ranks, stage 3, 0 steps: the imported weights saved) and export it to `out`.
+fn import_export(dir: &Path, src: &Path, out: &Path) {
+    let model = format!("seq_len = 8\ninit_from = \"{}\"\ntokenizer = \"{}\"", src.display(), word_tokenizer(dir).display());
+    let config = write_config(dir, &model, "steps = 0\nglobal_batch = 2\nmicro_batch = 1\nwarmup = 0");
+    let name = out.file_name().unwrap().to_string_lossy().into_owned();
+    let ckpt = dir.join(format!("ckpt-{name}"));
+    train(2, &config, &dir.join(format!("track-{name}")), &[format!("checkpoint.dir={}", ckpt.display()), "zero.stage=3".into()]);
+    let f = run(support::ferrospeed().args(["checkpoint", "export"]).arg(&ckpt).arg(out).args(["--dtype", "f32"]), std::time::Duration::from_secs(60));
+    assert!(f.status.success(), "export failed:\n{}\n{}", f.stdout, f.stderr);
+}
+
+#[test]
+fn import_then_export_is_bit_identical_in_both_expert_layouts() {
+    let dir = tempfile::tempdir().unwrap();
+    for variant in ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3"] {
+        let src = fixture(variant);
+        // The Hub's per-expert layout in, the same out: every tensor bit for bit, config.json key by key.
+        let out = dir.path().join(variant);
+        import_export(dir.path(), &src, &out);
+        assert_eq!(tensors(&out.join("model.safetensors")), tensors(&src.join("model.safetensors")), "{variant}: per-expert layout");
+        let json = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
+        let (got, want) = (json(&out.join("config.json")), json(&src.join("config.json")));
+        for (k, v) in want.as_object().unwrap() {
+            assert_eq!(got.get(k), Some(v), "{variant}: config.json key {k}");
+        }
+        // transformers 5's fused layout in (the fused file alone in a directory), the same out.
+        let fused_file = src.join("model_fused.safetensors");
+        if fused_file.exists() {
+            let fused = dir.path().join(format!("{variant}-fused-src"));
+            std::fs::create_dir_all(&fused).unwrap();
+            std::fs::copy(src.join("config.json"), fused.join("config.json")).unwrap();
+            std::fs::copy(&fused_file, fused.join("model.safetensors")).unwrap();
+            let out = dir.path().join(format!("{variant}-fused"));
+            import_export(dir.path(), &fused, &out);
+            assert_eq!(tensors(&out.join("model.safetensors")), tensors(&fused_file), "{variant}: fused layout");
+        }
+    }
+}

@@ -18,7 +18,7 @@ pub use embedding::Embedding;
 pub use head::Head;
 pub use layer::Layer;
 pub use moe::MoeConfig;
-pub use names::{fuse_experts, hf_name, open_weights, HF_NAMES};
+pub use names::{fuse_experts, hf_name, open_weights, ExpertLayout, HF_NAMES};
 
 use crate::ops::lora::{LayerLora, LoraShape};
 use crate::ops::rope::{inv_freq, tables, Llama3Scaling};

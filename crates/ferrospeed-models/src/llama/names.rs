@@ -82,3 +82,63 @@ pub fn fuse_experts(files: &mut WeightFiles) -> Result<(), CheckpointError> {
     }
     Ok(())
 }
+
+/// How a checkpoint lays out its experts, where they are not transformers 5's fused tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertLayout {
+    /// Mixtral's Hub layout: `block_sparse_moe.gate.weight` and `block_sparse_moe.experts.E.w1/w3/w2.weight`.
+    Mixtral,
+    /// Qwen's and OLMoE's: `mlp.experts.E.gate_proj/up_proj/down_proj.weight`.
+    PerExpert,
+}
+
+impl ExpertLayout {
+    /// The name recorded with a run (`"mixtral"`, `"per_expert"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mixtral => "mixtral",
+            Self::PerExpert => "per_expert",
+        }
+    }
+
+    /// The layout of a recorded name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [Self::Mixtral, Self::PerExpert].into_iter().find(|l| l.name() == s)
+    }
+
+    /// The layout of the experts in weight files (`None`: fused, or no experts).
+    pub fn of(files: &WeightFiles) -> Option<Self> {
+        let mut names = files.names().chain(files.parts());
+        names.find_map(|n| {
+            if n.contains(".block_sparse_moe.experts.") {
+                Some(Self::Mixtral)
+            } else if n.contains(".mlp.experts.") && !n.ends_with("gate_up_proj") && !n.ends_with("experts.down_proj") {
+                Some(Self::PerExpert)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The tensors an exported fused tensor `name` of `shape` is written as in this layout (`None`:
+    /// itself): per expert, its gate then up rows of `mlp.experts.gate_up_proj`, its
+    /// `mlp.experts.down_proj`; Mixtral's router under its own name.
+    pub fn split(self, name: &str, shape: &[usize]) -> Option<Vec<(String, Vec<usize>)>> {
+        let (moe, gate, up, down) = match self {
+            Self::Mixtral => ("block_sparse_moe", "w1", "w3", "w2"),
+            Self::PerExpert => ("mlp", "gate_proj", "up_proj", "down_proj"),
+        };
+        if let Some(layer) = name.strip_suffix(".mlp.experts.gate_up_proj") {
+            let &[e, f2, d] = shape else { return None };
+            return Some((0..e).flat_map(|i| [(format!("{layer}.{moe}.experts.{i}.{gate}.weight"), vec![f2 / 2, d]), (format!("{layer}.{moe}.experts.{i}.{up}.weight"), vec![f2 / 2, d])]).collect());
+        }
+        if let Some(layer) = name.strip_suffix(".mlp.experts.down_proj") {
+            let &[e, d, f] = shape else { return None };
+            return Some((0..e).map(|i| (format!("{layer}.{moe}.experts.{i}.{down}.weight"), vec![d, f])).collect());
+        }
+        match (self, name.strip_suffix(".mlp.gate.weight")) {
+            (Self::Mixtral, Some(layer)) => Some(vec![(format!("{layer}.block_sparse_moe.gate.weight"), shape.to_vec())]),
+            _ => None,
+        }
+    }
+}

@@ -66,6 +66,10 @@ pub struct DirExport<'a> {
     /// The weights file's name when there is one (`model.safetensors` when `None`; a PEFT adapter's
     /// is `adapter_model.safetensors`).
     pub single_file: Option<&'a str>,
+    /// Tensors written as several, laid end to end (`(outside name, shape)` → the parts' names and
+    /// shapes, in order; `None` keeps it whole): the layout of the source where it splits what the
+    /// model holds as one (per-expert weights of fused experts).
+    pub split: Option<&'a dyn Fn(&str, &[usize]) -> Option<Vec<(String, Vec<usize>)>>>,
 }
 
 /// Write the master weights of checkpoint `dir` as a directory transformers' `from_pretrained` loads:
@@ -76,9 +80,32 @@ pub struct DirExport<'a> {
 pub fn export_dir(dir: &Path, out: &Path, opts: &DirExport<'_>) -> Result<ExportStats, CheckpointError> {
     verify(dir)?;
     let meta = read_meta(dir)?;
-    let tensors: Vec<(String, Vec<usize>)> = meta.blocks.iter().flat_map(|b| b.params.iter().map(|p| ((opts.name_of)(&b.name, &p.name), p.shape.clone()))).collect();
-    // Where each tensor lies: its block and offset there.
-    let places: Vec<(usize, usize)> = meta.blocks.iter().enumerate().flat_map(|(b, block)| block.params.iter().map(move |p| (b, p.offset))).collect();
+    // Each tensor written and where it lies: its block and offset there (a split tensor's parts one
+    // after another).
+    let mut tensors: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut places: Vec<(usize, usize)> = Vec::new();
+    for (b, block) in meta.blocks.iter().enumerate() {
+        for p in &block.params {
+            let name = (opts.name_of)(&block.name, &p.name);
+            match opts.split.and_then(|f| f(&name, &p.shape)) {
+                Some(parts) => {
+                    let mut at = p.offset;
+                    for (part, shape) in parts {
+                        places.push((b, at));
+                        at += shape.iter().product::<usize>();
+                        tensors.push((part, shape));
+                    }
+                    if at != p.offset + p.shape.iter().product::<usize>() {
+                        return Err(CheckpointError::Format(format!("{name} {:?} split into parts of {} elements", p.shape, at - p.offset)));
+                    }
+                }
+                None => {
+                    places.push((b, p.offset));
+                    tensors.push((name, p.shape.clone()));
+                }
+            }
+        }
+    }
     let mut files = super::load::RankFiles::new(dir, &meta);
     let mut current: Option<(usize, Vec<f32>)> = None;
     let mut largest = 0;

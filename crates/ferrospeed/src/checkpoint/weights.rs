@@ -184,6 +184,11 @@ impl WeightFiles {
         self.tensors.keys().map(String::as_str).filter(move |n| !parts.contains(n))
     }
 
+    /// The names of the tensors [`WeightFiles::concat`] presents as others.
+    pub fn parts(&self) -> impl Iterator<Item = &str> {
+        self.concats.values().flatten().map(String::as_str)
+    }
+
     /// Elements `range` of tensor `name`, as f32, into `out`.
     pub fn read_f32(&mut self, name: &str, range: Range<usize>, out: &mut [f32]) -> Result<(), CheckpointError> {
         if let Some(parts) = self.concats.get(name).cloned() {
