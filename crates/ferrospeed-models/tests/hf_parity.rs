@@ -7,9 +7,9 @@
 //! forward with its key/value cache gives the same logits. An import uses every tensor of the files:
 //! one the model would not use is refused by name, known buffers (`rotary_emb.inv_freq`) are a warning.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use ferrospeed::checkpoint::WeightFiles;
-use ferrospeed::engine::{blockwise, Batch};
+use ferrospeed::engine::Batch;
 use ferrospeed::engine::Model;
 use ferrospeed_models::hf::{read_config, HfModel};
 use ferrospeed_models::gpt::infer::GptInfer;
@@ -17,6 +17,8 @@ use ferrospeed_models::infer::{Generator, KvCache};
 use ferrospeed_models::llama::infer::LlamaInfer;
 use ferrospeed_models::{gpt, llama};
 use std::path::PathBuf;
+
+mod support;
 
 fn fixture(variant: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(variant)
@@ -94,21 +96,9 @@ fn check(variant: &str) {
     }
 
     // Loss and gradients through the engine's block-wise backward (the hand-written one).
-    let tape = blockwise::forward(&model, &mut &detached[..], &batch, true).unwrap();
-    let loss = tape.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let (loss, grads) = support::loss_and_grads(&model, &detached, &batch, true);
     let hf_loss = expected["loss"].as_f64().unwrap();
     assert!((loss - hf_loss).abs() <= 1e-5, "{variant}: loss {loss} vs transformers' {hf_loss}");
-    let mut grads: Vec<Vec<Vec<f32>>> = (0..model.num_blocks()).map(|b| model.own_params(b).iter().map(|s| vec![0.0; s.numel()]).collect()).collect();
-    blockwise::backward(&model, &mut &detached[..], &batch, tape, 1.0, |i, slot_grads| {
-        for (src, g) in model.slots(i).iter().zip(slot_grads) {
-            if let Some(g) = g {
-                let g: Vec<f32> = g.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
-                grads[src.block][src.index].iter_mut().zip(g).for_each(|(a, b)| *a += b);
-            }
-        }
-        Ok(())
-    })
-    .unwrap();
     let mut checked = 0;
     for b in 0..model.num_blocks() {
         for (p, s) in model.own_params(b).iter().enumerate() {

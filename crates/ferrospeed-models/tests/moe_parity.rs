@@ -7,12 +7,14 @@
 //! (`router_aux_loss_coef · aux_loss`) within 1e-5, and every parameter's gradient of each within 1e-4
 //! of its largest element.
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use ferrospeed::checkpoint::WeightFiles;
-use ferrospeed::engine::{blockwise, Batch, Model};
+use ferrospeed::engine::{Batch, Model};
 use ferrospeed_models::hf::{read_config, HfModel};
 use ferrospeed_models::llama::{self, LlamaConfig};
 use std::path::PathBuf;
+
+mod support;
 
 fn fixture(variant: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/moe").join(variant)
@@ -60,19 +62,7 @@ fn load(variant: &str, aux: bool) -> (LlamaConfig, Model, Vec<Vec<Tensor>>) {
 
 /// The loss and every parameter's gradient (by transformers name) through the block-wise backward.
 fn loss_and_grads(model: &Model, slots: &[Vec<Tensor>], batch: &Batch) -> (f64, Vec<(String, Vec<f32>)>) {
-    let tape = blockwise::forward(model, &mut &slots[..], batch, false).unwrap();
-    let loss = tape.loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
-    let mut grads: Vec<Vec<Vec<f32>>> = (0..model.num_blocks()).map(|b| model.own_params(b).iter().map(|s| vec![0.0; s.numel()]).collect()).collect();
-    blockwise::backward(model, &mut &slots[..], batch, tape, 1.0, |i, slot_grads| {
-        for (src, g) in model.slots(i).iter().zip(slot_grads) {
-            if let Some(g) = g {
-                let g: Vec<f32> = g.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap();
-                grads[src.block][src.index].iter_mut().zip(g).for_each(|(a, b)| *a += b);
-            }
-        }
-        Ok(())
-    })
-    .unwrap();
+    let (loss, mut grads) = support::loss_and_grads(model, slots, batch, false);
     let named = (0..model.num_blocks())
         .flat_map(|b| model.own_params(b).iter().map(move |s| llama::hf_name(&model.block_names()[b], &s.name)).zip(std::mem::take(&mut grads[b])).collect::<Vec<_>>())
         .collect();

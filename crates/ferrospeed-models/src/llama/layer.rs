@@ -260,7 +260,41 @@ pub(super) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     }
 }
 
+/// Causal attention of rotated `q` `[b, nh, t, hd]` over `k`, `v` `[b, nkv, t, hd]` (each K/V head
+/// repeated for its query group, as transformers does), inside each document of a packed batch:
+/// `[b·t, nh·hd]`.
+pub(super) fn composed_attention(q: Tensor, k: Tensor, v: Tensor, docs: Option<&Docs>) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let repeat = |m: Tensor| -> Result<Tensor> {
+        if nh == nkv {
+            return Ok(m);
+        }
+        m.unsqueeze(2)?.broadcast_as((b, nkv, nh / nkv, t, hd))?.reshape((b, nh, t, hd))
+    };
+    let (k, v) = (repeat(k)?, repeat(v)?);
+    let mut scores = q.matmul(&k.t()?.contiguous()?)?;
+    if let Some(d) = docs {
+        scores = scores.broadcast_add(&d.mask(scores.dtype())?)?;
+    }
+    let y = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?.matmul(&v)?;
+    y.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))
+}
+
 impl Layer {
+    /// The rotary tables of the composed forward: `[t, hd/2]`, or per token `[b, t, hd/2]` for a
+    /// packed batch.
+    pub(super) fn composed_rope(&self, b: usize, t: usize, docs: Option<&Docs>, device: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.rope.get(&self.cfg, t, device)?;
+        match docs {
+            Some(_) => {
+                let (c, s, _) = row_tables((&cos, &sin), docs, b, t)?;
+                Ok((c.reshape((b, t, ()))?, s.reshape((b, t, ()))?))
+            }
+            None => Ok((cos, sin)),
+        }
+    }
+
     /// The forward composed of candle ops (differentiable by autograd), written as transformers'
     /// `LlamaDecoderLayer`: K/V heads repeated for their query groups.
     fn forward_composed(&self, p: &[Tensor], x: &Tensor, docs: Option<&Docs>) -> Result<Tensor> {
@@ -268,15 +302,7 @@ impl Layer {
         let s = Slots::of(c);
         let (b, t, d) = x.dims3()?;
         let (nh, nkv, hd) = (c.n_head, c.n_kv_head, c.head_dim);
-        let (cos, sin) = self.rope.get(c, t, x.device())?;
-        let (cos, sin) = match docs {
-            // Per-token tables `[b, t, hd/2]`.
-            Some(_) => {
-                let (c, s, _) = row_tables((&cos, &sin), docs, b, t)?;
-                (c.reshape((b, t, ()))?, s.reshape((b, t, ()))?)
-            }
-            None => (cos, sin),
-        };
+        let (cos, sin) = self.composed_rope(b, t, docs, x.device())?;
         let x = x.reshape((b * t, d))?;
         let ad = adapters(c, self.lora.as_ref());
         let scale = self.lora.map_or(0.0, |l| l.shape.scale());
@@ -294,19 +320,7 @@ impl Layer {
         let q = rope_composed(&heads(0, &p[s.q], bias(0), nh)?, &cos, &sin)?;
         let k = rope_composed(&heads(1, &p[s.k], bias(1), nkv)?, &cos, &sin)?;
         let v = heads(2, &p[s.v], bias(2), nkv)?;
-        let repeat = |m: Tensor| -> Result<Tensor> {
-            if nh == nkv {
-                return Ok(m);
-            }
-            m.unsqueeze(2)?.broadcast_as((b, nkv, nh / nkv, t, hd))?.reshape((b, nh, t, hd))
-        };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        let mut scores = q.matmul(&k.t()?.contiguous()?)?;
-        if let Some(d) = docs {
-            scores = scores.broadcast_add(&d.mask(scores.dtype())?)?;
-        }
-        let y = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?.matmul(&v)?;
-        let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
+        let y = composed_attention(q, k, v, docs)?;
         let x = (x + adapted(3, &y, &p[s.o], s.o_bias.map(|i| &p[i]))?)?;
         let h = rms_norm(&x, &p[s.post_norm], c.rms_norm_eps)?;
         let mlp_bias = |i: usize| s.mlp_bias.map(|b0| &p[b0 + i]);

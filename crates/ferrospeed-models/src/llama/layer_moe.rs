@@ -4,10 +4,8 @@
 //! layer of the model passes, besides the hidden state, the running sums of the experts' selections and
 //! probabilities `[E]` (f32) to the next block; the head turns them into the loss.
 
-use super::layer::{input, linear, Layer, Slots};
-use super::layer_fused::row_tables;
+use super::layer::{composed_attention, input, linear, Layer, Slots};
 use super::{moe, QkNorm};
-use crate::ops::causal_softmax;
 use crate::ops::docs::Docs;
 use crate::ops::rms_norm::rms_norm;
 use crate::ops::rope::rope_composed;
@@ -41,14 +39,7 @@ impl Layer {
         let x = input(inputs)?;
         let (b, t, d) = x.dims3()?;
         let (nh, nkv, hd, eps) = (c.n_head, c.n_kv_head, c.head_dim, c.rms_norm_eps);
-        let (cos, sin) = self.rope.get(c, t, x.device())?;
-        let (cos, sin) = match docs {
-            Some(_) => {
-                let (c, s, _) = row_tables((&cos, &sin), docs, b, t)?;
-                (c.reshape((b, t, ()))?, s.reshape((b, t, ()))?)
-            }
-            None => (cos, sin),
-        };
+        let (cos, sin) = self.composed_rope(b, t, docs, x.device())?;
         let x = x.reshape((b * t, d))?;
         let h = rms_norm(&x, &p[s.input_norm], eps)?;
         let bias = |i: usize| s.bias.map(|b0| &p[b0 + i]);
@@ -66,19 +57,7 @@ impl Layer {
         let q = rope_composed(&heads(&q, nh)?, &cos, &sin)?;
         let k = rope_composed(&heads(&k, nkv)?, &cos, &sin)?;
         let v = heads(&v, nkv)?;
-        let repeat = |m: Tensor| -> Result<Tensor> {
-            if nh == nkv {
-                return Ok(m);
-            }
-            m.unsqueeze(2)?.broadcast_as((b, nkv, nh / nkv, t, hd))?.reshape((b, nh, t, hd))
-        };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        let mut scores = q.matmul(&k.t()?.contiguous()?)?;
-        if let Some(d) = docs {
-            scores = scores.broadcast_add(&d.mask(scores.dtype())?)?;
-        }
-        let y = causal_softmax(&scores, 1.0 / (hd as f64).sqrt())?.matmul(&v)?;
-        let y = y.transpose(1, 2)?.contiguous()?.reshape((b * t, nh * hd))?;
+        let y = composed_attention(q, k, v, docs)?;
         let x = (x + linear(&y, &p[s.o], s.o_bias.map(|i| &p[i]))?)?;
         let h = rms_norm(&x, &p[s.post_norm], eps)?;
         let mut sums = None;

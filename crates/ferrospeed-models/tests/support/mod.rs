@@ -93,3 +93,23 @@ pub fn gpu_or_skip(test: &str) -> Option<Device> {
     eprintln!("GPU-TEST-SKIPPED needs=1 test={test}: no usable CUDA device ({why})");
     None
 }
+
+/// The loss of `batch` through the block-wise forward (with `checkpointing`, recomputed for the
+/// backward) and every trainable parameter's gradient, by block and parameter (`own_params` order).
+pub fn loss_and_grads(model: &ferrospeed::engine::Model, slots: &[Vec<Tensor>], batch: &Batch, checkpointing: bool) -> (f64, Vec<Vec<Vec<f32>>>) {
+    use ferrospeed::engine::blockwise;
+    let tape = blockwise::forward(model, &mut &slots[..], batch, checkpointing).unwrap();
+    let loss = tape.loss.to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap();
+    let mut grads: Vec<Vec<Vec<f32>>> = (0..model.num_blocks()).map(|b| model.own_params(b).iter().map(|s| vec![0.0; s.numel()]).collect()).collect();
+    blockwise::backward(model, &mut &slots[..], batch, tape, 1.0, |i, slot_grads| {
+        for (src, g) in model.slots(i).iter().zip(slot_grads) {
+            if let Some(g) = g {
+                let g: Vec<f32> = g.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap();
+                grads[src.block][src.index].iter_mut().zip(g).for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    (loss, grads)
+}
