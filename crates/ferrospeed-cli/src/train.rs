@@ -262,7 +262,12 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
             peak_mem_bytes: peak_rss_bytes(),
             loss_scale: stats.loss_scale,
             eval_loss,
-            extra: step_extras(&engine, step, stats.skipped, &device),
+            extra: {
+                let mut extra = step_extras(&engine, step, stats.skipped, &device);
+                // The model's statistics (`Block::metrics`), e.g. an MoE router's load.
+                extra.extend(stats.metrics.iter().map(|(k, v)| (k.clone(), (*v).into())));
+                extra
+            },
         };
         // Ranks agree on stopping, so that all of them save (a collective) at the same step.
         let stop = any_rank(&engine, interrupted.load(Ordering::SeqCst))?;

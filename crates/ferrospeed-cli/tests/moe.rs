@@ -1,6 +1,7 @@
 //! Mixture-of-experts models through `launch train`: a Hub checkpoint in the per-expert layout
 //! (`model.init_from`, the fixtures of ferrospeed-models' `make_moe_fixtures.py`) trains at world 1
-//! and 2 with the same losses (1e-6; stages 0 and 3), `[moe] aux_loss = true` adds the load-balancing
+//! and 2 with the same losses (1e-6; stages 0 and 3) and the router's load in every metrics row,
+//! `[moe] aux_loss = true` adds the load-balancing
 //! loss (a higher loss than without it), and `[moe]` keys not built yet, or `[moe]` on a model without
 //! experts, are refused in one line with nothing written.
 
@@ -35,6 +36,12 @@ fn a_per_expert_hub_checkpoint_trains_at_any_world_size_with_and_without_the_aux
         let plain = config(dir.path(), variant, "");
         let one = train(1, &plain, &dir.path().join("t1"), &[]);
         assert!(one.len() == 3 && one.iter().all(|(_, l)| l.is_finite()), "{variant}: {one:?}");
+        // Every row carries the router's load statistic (busiest expert over the mean, ≥ 1).
+        let rows = std::fs::read_to_string(dir.path().join("t1/metrics.jsonl")).unwrap();
+        for row in rows.lines() {
+            let v: serde_json::Value = serde_json::from_str(row).unwrap();
+            assert!(v["moe_max_load"].as_f64().is_some_and(|l| l >= 1.0), "{variant}: {row}");
+        }
         let two = train(2, &plain, &dir.path().join("t2"), &["zero.stage=3".into()]);
         assert!(close(&two, &one), "{variant}: world 2 stage 3 {two:?} vs world 1 {one:?}");
         let aux = config(dir.path(), variant, "aux_loss = true\naux_loss_coef = 0.5");

@@ -2,7 +2,8 @@
 //! layer, sparse layers with a shared expert, the load-balancing loss on) gives losses bitwise equal
 //! across ZeRO stages 0–3 at world 1 and at world 2, world 2 within 1e-5 of world 1, a resumed run
 //! bitwise the uninterrupted one; and a router that sends every token to the same two experts (the
-//! others get none) trains at every stage and world size alike, without a hang.
+//! others get none) trains at every stage and world size alike, without a hang, its load statistic
+//! (`moe_max_load`: the busiest expert's tokens over the mean) 2 at the first step.
 
 mod support;
 
@@ -44,6 +45,12 @@ fn model() -> Model {
 /// checkpoint under `save` at the end; `collapsed`: every router weight zero (at the first step every
 /// token goes to experts 0 and 1, none to 2 and 3).
 fn train(world: usize, stage: u8, collapsed: bool, from: usize, to: usize, resume: Option<&Path>, save: Option<&Path>) -> Vec<f64> {
+    run(world, stage, collapsed, from, to, resume, save).0
+}
+
+/// [`train`]'s losses and the router's load statistic (`moe_max_load`) of each step.
+#[allow(clippy::too_many_arguments)]
+fn run(world: usize, stage: u8, collapsed: bool, from: usize, to: usize, resume: Option<&Path>, save: Option<&Path>) -> (Vec<f64>, Vec<f64>) {
     let corpus = support::corpus("Experts take the tokens routed to them; the others wait. ", 40);
     run_local_world(world, &CommConfig::default(), |comm| {
         let rank = comm.rank();
@@ -84,12 +91,16 @@ fn train(world: usize, stage: u8, collapsed: bool, from: usize, to: usize, resum
         }
         let sampler = BatchSampler { seed: 11, seq_len: 16, micro_batch: 1, accumulation: 4 / world, world_size: world, rank };
         let schedule = LrSchedule { lr: 1e-2, min_lr: 1e-3, warmup: 1, total: STEPS };
-        let losses: Vec<f64> = (from..to).map(|s| engine.train_step_at(&support::batches(&sampler, &corpus, s, &Device::Cpu), schedule.at(s)).unwrap().loss).collect();
+        let stats: Vec<_> = (from..to).map(|s| engine.train_step_at(&support::batches(&sampler, &corpus, s, &Device::Cpu), schedule.at(s)).unwrap()).collect();
+        let losses: Vec<f64> = stats.iter().map(|s| s.loss).collect();
+        // The router's load statistic, every step.
+        let loads: Vec<f64> = stats.iter().map(|s| s.metrics.iter().find(|(n, _)| n == "moe_max_load").map(|m| m.1).unwrap_or(f64::NAN)).collect();
+
         if let Some(dir) = save {
             let req = ferrospeed::checkpoint::SaveRequest { root: dir, samples: 0, keep: 1, keep_best: false, run: serde_json::Value::Null };
             ferrospeed::checkpoint::save(&mut engine, &req).unwrap();
         }
-        losses
+        (losses, loads)
     })
     .unwrap()
     .remove(0)
@@ -122,10 +133,16 @@ fn a_moe_run_resumes_bit_for_bit() {
 
 #[test]
 fn a_router_sending_every_token_to_the_same_experts_trains_alike_everywhere() {
-    let w1 = train(1, 0, true, 0, STEPS, None, None);
+    let (w1, loads) = run(1, 0, true, 0, STEPS, None, None);
     assert!(w1.iter().all(|l| l.is_finite()), "{w1:?}");
+    // The first step: two of four experts take every token, twice their even share.
+    assert_eq!(loads[0], 2.0, "{loads:?}");
     for (world, stage) in [(1, 3), (2, 0), (2, 3)] {
-        let got = train(world, stage, true, 0, STEPS, None, None);
+        let (got, got_loads) = run(world, stage, true, 0, STEPS, None, None);
         assert!(got.iter().zip(&w1).all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs()), "world {world} stage {stage}: {got:?} vs {w1:?}");
+        assert!(got_loads.iter().zip(&loads).all(|(a, b)| (a - b).abs() <= 1e-5 * b), "world {world} stage {stage}: loads {got_loads:?} vs {loads:?}");
     }
+    // A router as drawn spreads the tokens more evenly than the collapsed one.
+    let (_, drawn) = run(1, 0, false, 0, 1, None, None);
+    assert!(drawn[0] >= 1.0 && drawn[0] < 2.0, "{drawn:?}");
 }

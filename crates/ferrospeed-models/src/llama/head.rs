@@ -65,14 +65,20 @@ impl Head {
 }
 
 impl Head {
-    /// `loss` plus the load-balancing loss weighted by `router_aux_loss_coef`, where the layers passed
-    /// its sums (`inputs`: the hidden state, the experts' selections, their probabilities).
-    fn with_aux_loss(&self, loss: Tensor, inputs: &[Tensor]) -> Result<Tensor> {
-        let (Some(m), [x, counts, probs]) = (self.cfg.moe, inputs) else { return Ok(loss) };
+    /// In an MoE model (`inputs`: the hidden state, then each sparse layer's expert selections and
+    /// probability sums): `loss` plus the load-balancing loss weighted by `router_aux_loss_coef` where
+    /// it is on, then the router's load statistic (`Block::metrics`); else `loss` alone.
+    fn with_moe(&self, loss: Tensor, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
+        let (Some(m), [x, counts, probs]) = (self.cfg.moe, inputs) else { return Ok(vec![loss]) };
         let (b, t, _) = x.dims3()?;
-        let aux = super::moe::aux_loss(counts, probs, m.num_experts, m.sparse_layers(self.cfg.n_layer), b * t)?;
-        let aux = aux.affine(m.aux_coef, 0.0)?.to_dtype(loss.dtype())?;
-        loss + aux
+        // Without the load-balancing loss the sums still join the loss, with weight 0: every input of
+        // an autograd block must reach the loss (the engine refuses one that does not).
+        // (A product with a zero tensor, not `affine(0, 0)`: candle's autograd prunes the latter.)
+        let aux = super::moe::aux_loss(counts, probs, b * t)?;
+        let aux = if m.aux_loss { aux.affine(m.aux_coef, 0.0)? } else { aux.broadcast_mul(&aux.zeros_like()?)? };
+        let aux = aux.to_dtype(loss.dtype())?;
+        let loss = (loss + aux)?;
+        Ok(vec![loss, super::moe::max_load(&counts.detach())?])
     }
 
     fn param(&self, spec: ParamSpec) -> ParamRef {
@@ -104,7 +110,7 @@ impl Block for Head {
         if x.track_op() || params.iter().any(Tensor::track_op) || inputs.len() > 1 {
             let rows = cross_entropy_rows_autograd(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?;
             let loss = reduce_rows(&rows, &loss_weighting(batch)?)?.0;
-            return Ok(vec![self.with_aux_loss(loss, inputs)?]);
+            return self.with_moe(loss, inputs);
         }
         Ok(vec![self.run(params, x, batch)?.0])
     }
@@ -124,6 +130,14 @@ impl Block for Head {
 
     fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
         ParamGrads::split(p.len(), |grads| self.backward_into(p, saved, upstream, grads))
+    }
+
+    fn metrics(&self) -> Vec<String> {
+        if self.cfg.moe.is_some() {
+            vec!["moe_max_load".into()]
+        } else {
+            Vec::new()
+        }
     }
 
     fn forward_flops_per_token(&self) -> f64 {

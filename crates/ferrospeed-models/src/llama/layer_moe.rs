@@ -1,8 +1,9 @@
 //! The Llama layer of the architectures the fused kernels do not cover yet, composed of candle ops
 //! and differentiated by autograd: query/key norms (Qwen3: per head; OLMoE: over the projection,
-//! both before RoPE) and mixture-of-experts MLPs (`moe.rs`). With the load-balancing loss on, every
-//! layer of the model passes, besides the hidden state, the running sums of the experts' selections and
-//! probabilities `[E]` (f32) to the next block; the head turns them into the loss.
+//! both before RoPE) and mixture-of-experts MLPs (`moe.rs`). In an MoE model every layer passes, besides
+//! the hidden state, each sparse layer's selections and probability sums of the experts (`[L, E]`, f32,
+//! a row a sparse layer) to the next block; the head turns them into the load-balancing loss (where it
+//! is on) and the router's statistics.
 
 use super::layer::{composed_attention, input, linear, Layer, Slots};
 use super::{moe, QkNorm};
@@ -31,8 +32,8 @@ impl Layer {
         }
     }
 
-    /// The forward on `inputs` (the hidden state `[b, t, d]`, then the load-balancing sums when the
-    /// model adds that loss): the same outputs.
+    /// The forward on `inputs` (the hidden state `[b, t, d]`, then in an MoE model the experts'
+    /// selections and probability sums): the same outputs.
     pub(super) fn forward_extended(&self, p: &[Tensor], inputs: &[Tensor], docs: Option<&Docs>) -> Result<Vec<Tensor>> {
         let c = &self.cfg;
         let s = Slots::of(c);
@@ -76,17 +77,34 @@ impl Layer {
             }
         };
         let out = (x + mlp)?.reshape((b, t, d))?;
-        let Some(m) = c.moe.filter(|m| m.aux_loss) else { return Ok(vec![out]) };
-        // The load-balancing sums: from the block before, or zeros at the first layer.
+        let Some(m) = c.moe else { return Ok(vec![out]) };
+        // The sparse layers' selections and probabilities `[L, E]`, a row each: from the block before,
+        // or zeros at the first layer; this layer's row added.
+        let layers = m.sparse_layers(c.n_layer);
         let (counts, probs) = match inputs {
             [_, counts, probs, ..] => (counts.clone(), probs.clone()),
             _ => {
-                let zeros = Tensor::zeros(m.num_experts, DType::F32, out.device())?;
+                let zeros = Tensor::zeros((layers, m.num_experts), DType::F32, out.device())?;
                 (zeros.clone(), zeros)
             }
         };
         let (counts, probs) = match sums {
-            Some((c, p)) => ((counts + c)?, (probs + p)?),
+            Some((cs, ps)) => {
+                let row = (0..self.index).filter(|&i| c.is_sparse(i)).count();
+                let place = |v: Tensor| -> Result<Tensor> {
+                    let v = v.unsqueeze(0)?;
+                    let mut parts = Vec::with_capacity(3);
+                    if row > 0 {
+                        parts.push(Tensor::zeros((row, m.num_experts), DType::F32, out.device())?);
+                    }
+                    parts.push(v);
+                    if row + 1 < layers {
+                        parts.push(Tensor::zeros((layers - row - 1, m.num_experts), DType::F32, out.device())?);
+                    }
+                    Tensor::cat(&parts, 0)
+                };
+                ((counts + place(cs)?)?, (probs + place(ps)?)?)
+            }
             None => (counts, probs),
         };
         Ok(vec![out, counts, probs])

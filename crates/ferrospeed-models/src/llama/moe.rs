@@ -9,9 +9,10 @@
 //! read to the host to group the tokens).
 //!
 //! The load-balancing loss (transformers' `load_balancing_loss_func`: `E · Σₑ fₑ · Pₑ` over the router
-//! logits of every sparse layer concatenated) is not separable by layer, so each sparse layer adds its
-//! selection counts and probability sums `[E]` to two running sums that travel with the hidden state
-//! from block to block (`MoeSums`), and the head turns them into the loss.
+//! logits of every sparse layer concatenated) is not separable by layer, so each sparse layer writes its
+//! selection counts and probability sums `[E]` into its row of two `[L, E]` tensors that travel with
+//! the hidden state from block to block, and the head turns them into the loss (and the router's load
+//! statistic, `moe_max_load`).
 
 use candle_core::{DType, Result, Tensor};
 
@@ -132,11 +133,19 @@ pub fn forward(cfg: &MoeConfig, p: &MoeParams<'_>, h: &Tensor) -> Result<MoeOut>
     Ok(MoeOut { prob_sums: probs.sum(0)?, y, logits, counts, experts })
 }
 
-/// The load-balancing loss from the running sums over `layers` sparse layers of `n` tokens each:
-/// `E · Σₑ (countsₑ / (L·n)) · (prob_sumsₑ / (L·n))`.
-pub fn aux_loss(counts: &Tensor, prob_sums: &Tensor, num_experts: usize, layers: usize, n: usize) -> Result<Tensor> {
+/// The load-balancing loss from each sparse layer's selections and probability sums (`[L, E]`) over
+/// `n` tokens a layer: `E · Σₑ (Σₗ countsₗₑ / (L·n)) · (Σₗ probsₗₑ / (L·n))`, as transformers computes it
+/// over all layers' router logits concatenated.
+pub fn aux_loss(counts: &Tensor, prob_sums: &Tensor, n: usize) -> Result<Tensor> {
+    let (layers, experts) = counts.dims2()?;
     let rows = (layers * n) as f64;
-    (counts * prob_sums)?.sum_all()?.affine(num_experts as f64 / (rows * rows), 0.0)
+    (counts.sum(0)? * prob_sums.sum(0)?)?.sum_all()?.affine(experts as f64 / (rows * rows), 0.0)
+}
+
+/// The router's load statistic: in each sparse layer the selections of the busiest expert over their
+/// mean (1 is even), averaged over the layers.
+pub fn max_load(counts: &Tensor) -> Result<Tensor> {
+    counts.max(1)?.broadcast_div(&counts.mean(1)?.maximum(1e-12)?)?.mean_all()
 }
 
 /// `1 / (1 + e^(−x))`.

@@ -439,7 +439,8 @@ impl Accelerator {
             peak_mem_bytes: crate::track::peak_rss_bytes(),
             loss_scale: stats.loss_scale,
             eval_loss: None,
-            extra: Default::default(),
+            // The model's statistics (`Block::metrics`), e.g. an MoE router's load.
+            extra: stats.metrics.iter().map(|(k, v)| (k.clone(), (*v).into())).collect(),
         };
         self.log(&m)
     }

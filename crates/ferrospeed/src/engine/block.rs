@@ -136,6 +136,13 @@ pub trait Block: Send + Sync {
         Vec::new()
     }
 
+    /// The last block only: names of scalars it returns after the loss, statistics of the step (e.g.
+    /// an MoE router's load); the engine averages them over the micro-batches and the data-parallel
+    /// group into [`StepStats::metrics`](super::StepStats::metrics) (not in a pipeline yet). None by default.
+    fn metrics(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Forward FLOPs per token (for MFU), counting a multiply-add as 2.
     fn forward_flops_per_token(&self) -> f64 {
         0.0

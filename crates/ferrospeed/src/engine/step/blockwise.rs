@@ -55,6 +55,8 @@ pub struct Tape {
     span: SpanTape,
     /// The last block's output: the scalar loss.
     pub loss: Tensor,
+    /// And the statistics it returned after the loss (`Block::metrics`), detached.
+    pub metrics: Vec<Tensor>,
 }
 
 /// Run every block on the parameters `source` provides (variables, for training); the last block
@@ -68,7 +70,8 @@ pub fn forward(model: &Model, source: &mut dyn ParamSource, batch: &Batch, check
         return Err(EngineError::Model("a model needs at least one block".into()));
     }
     let (span, outputs) = forward_span(model, source, batch, checkpointing, 0..n, Vec::new())?;
-    Ok(Tape { span, loss: scalar_loss(model, n - 1, outputs)? })
+    let (loss, metrics) = loss_and_metrics(model, n - 1, outputs)?;
+    Ok(Tape { span, loss, metrics })
 }
 
 /// The forward of `blocks` (a pipeline stage's), from `input` (what the block before them returned,
@@ -112,15 +115,28 @@ pub fn forward_span(
 
 /// The output of block `last` as the scalar loss, or the error saying what it returned instead.
 pub fn scalar_loss(model: &Model, last: usize, x: Vec<Tensor>) -> Result<Tensor, EngineError> {
-    let last = model.block(last).name();
+    loss_and_metrics(model, last, x).map(|(loss, _)| loss)
+}
+
+/// The output of block `last` as the scalar loss and the statistics it declares after it
+/// (`Block::metrics`, detached), or the error saying what it returned instead.
+pub fn loss_and_metrics(model: &Model, last: usize, mut x: Vec<Tensor>) -> Result<(Tensor, Vec<Tensor>), EngineError> {
+    let block = model.block(last);
+    let extra = block.metrics().len();
+    let metrics: Vec<Tensor> = if extra > 0 && x.len() == 1 + extra { x.split_off(1).iter().map(Tensor::detach).collect() } else { Vec::new() };
+    Ok((one_scalar(block.name(), x, extra)?, metrics))
+}
+
+fn one_scalar(last: String, x: Vec<Tensor>, extra: usize) -> Result<Tensor, EngineError> {
     let loss = match x.as_slice() {
         [loss] if loss.rank() == 0 => loss.clone(),
         [loss] if loss.elem_count() == 1 => loss.reshape(()).map_err(EngineError::tensor(last))?,
         _ => {
             return Err(EngineError::Model(format!(
-                "the last block, {last}, returned {} tensor(s) of shapes {:?}: it must return exactly one, the scalar loss",
+                "the last block, {last}, returned {} tensor(s) of shapes {:?}: it must return exactly one, the scalar loss{}",
                 x.len(),
-                x.iter().map(|t| t.dims().to_vec()).collect::<Vec<_>>()
+                x.iter().map(|t| t.dims().to_vec()).collect::<Vec<_>>(),
+                if extra > 0 { format!(", then the {extra} metric(s) it declares") } else { String::new() }
             )))
         }
     };

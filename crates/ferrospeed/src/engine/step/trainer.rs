@@ -124,7 +124,7 @@ pub struct PipelineCompute {
 }
 
 /// What one optimizer step measured.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepStats {
     /// Mean loss over the global batch.
     pub loss: f64,
@@ -138,6 +138,9 @@ pub struct StepStats {
     pub lr: f64,
     /// Where the step's time went.
     pub times: StepTimes,
+    /// The last block's statistics (`Block::metrics`): name and mean over the step's micro-batches
+    /// and the data-parallel group (empty in a pipeline).
+    pub metrics: Vec<(String, f64)>,
 }
 
 /// The training engine of one rank.
@@ -169,6 +172,8 @@ pub(super) struct Accumulating {
     /// Their losses (read once the step's collectives are known to be done; a pipeline's last
     /// stage's only).
     pub(super) losses: Vec<Tensor>,
+    /// Their statistics (`Block::metrics`), one list per micro-batch.
+    pub(super) metrics: Vec<Vec<Tensor>>,
     /// Gradient reductions started on the last micro-batch.
     pub(super) pending: Vec<(usize, Pending<Result<Reduced, CommError>>)>,
     /// The loss scale of this step (fp16).
@@ -417,7 +422,7 @@ impl Engine {
     fn finish_step(&mut self, lr: f64) -> Result<StepStats, EngineError> {
         let mut times = StepTimes::default();
         let loss_scale = self.acc.loss_scale;
-        let loss = self.finish_reductions(&mut times)?;
+        let (loss, metrics) = self.finish_reductions(&mut times)?;
         self.step += 1;
         let t_opt = Instant::now();
 
@@ -434,7 +439,7 @@ impl Engine {
             let decision = scaler.update(overflow, self.step).map_err(|e| EngineError::Unsupported(e.to_string()))?;
             if decision == ScaleDecision::Skip {
                 times.optimizer = t_opt.elapsed().as_secs_f64();
-                return Ok(StepStats { loss, grad_norm: f64::NAN, skipped: true, loss_scale, lr, times });
+                return Ok(StepStats { loss, grad_norm: f64::NAN, skipped: true, loss_scale, lr, times, metrics });
             }
         }
 
@@ -461,7 +466,7 @@ impl Engine {
         let t_pub = Instant::now();
         profile::scoped_as(Kind::Optimizer, "publish", || self.publish())?;
         times.publish = t_pub.elapsed().as_secs_f64();
-        Ok(StepStats { loss, grad_norm, skipped: false, loss_scale, lr, times })
+        Ok(StepStats { loss, grad_norm, skipped: false, loss_scale, lr, times, metrics })
     }
 
     /// Micro-batch `k` of `accum`: forward and backward, its gradients accumulated; on the last one
@@ -489,6 +494,7 @@ impl Engine {
         // Losses are read after the step's collectives are known to be done (`finish_reductions`):
         // reading one waits for the device, whose stream may be waiting for an NCCL gather, with no timeout.
         acc.losses.push(tape.loss.clone());
+        acc.metrics.push(tape.metrics.clone());
         let pending = &mut acc.pending;
         blockwise::backward(model, source, batch, tape, loss_scale / accum as f64, |i, slot_grads| {
             add_slot_grads(model, params, grads, i, slot_grads)?;
@@ -515,8 +521,9 @@ impl Engine {
         self.grads.iter_mut().try_for_each(BlockGrads::begin_step)
     }
 
-    /// Wait for the step's gradient reductions; returns the mean loss over the global batch.
-    fn finish_reductions(&mut self, times: &mut StepTimes) -> Result<f64, EngineError> {
+    /// Wait for the step's gradient reductions; returns the mean loss over the global batch and the
+    /// last block's statistics.
+    fn finish_reductions(&mut self, times: &mut StepTimes) -> Result<(f64, Vec<(String, f64)>), EngineError> {
         let acc = std::mem::take(&mut self.acc);
         let accum = acc.done;
         times.forward_backward = acc.seconds;
@@ -532,7 +539,29 @@ impl Engine {
         self.pipeline_ties()?;
         drop(_wait);
         times.reduce_wait = t_wait.elapsed().as_secs_f64();
-        self.mean_loss(acc.losses, accum)
+        let metrics = self.mean_metrics(acc.metrics)?;
+        Ok((self.mean_loss(acc.losses, accum)?, metrics))
+    }
+
+    /// The last block's statistics over the step: each one's mean over the micro-batches, averaged
+    /// over the data-parallel group (one collective, where the model declares any). Not in a pipeline.
+    fn mean_metrics(&self, per_micro: Vec<Vec<Tensor>>) -> Result<Vec<(String, f64)>, EngineError> {
+        let names = self.model.block(self.model.num_blocks() - 1).metrics();
+        if names.is_empty() || self.pipe.is_some() {
+            return Ok(Vec::new());
+        }
+        let mut sums = vec![0f64; names.len()];
+        for m in &per_micro {
+            for (s, t) in sums.iter_mut().zip(m) {
+                *s += t.to_dtype(DType::F64).and_then(|t| t.to_scalar::<f64>()).map_err(EngineError::tensor("metric"))?;
+            }
+        }
+        let local: Vec<f32> = sums.iter().map(|s| (s / per_micro.len().max(1) as f64) as f32).collect();
+        let mean = self.worker.run(move |c| {
+            let mut v = local;
+            c.all_reduce_slice(&mut v, ReduceOp::Avg).map(|()| v)
+        })??;
+        Ok(names.into_iter().zip(mean).map(|(n, v)| (n, f64::from(v))).collect())
     }
 
     /// The step's loss from this rank's micro-batch losses (`accum` of them; a pipeline's other stages
