@@ -2,8 +2,9 @@
 //! (`model.init_from`, the fixtures of ferrospeed-models' `make_moe_fixtures.py`) trains at world 1
 //! and 2 with the same losses (1e-6; stages 0 and 3) and the router's load in every metrics row,
 //! `[moe] aux_loss = true` adds the load-balancing
-//! loss (a higher loss than without it), and `[moe]` keys not built yet, or `[moe]` on a model without
-//! experts, are refused in one line with nothing written.
+//! loss (a higher loss than without it), a z-loss and a capacity that drops tokens train alike at world
+//! 1 and 2 with the drops in the metrics, and bad `[moe]` values, or `[moe]` on a model without experts,
+//! are refused in one line with nothing written.
 
 mod support;
 
@@ -49,15 +50,23 @@ fn a_per_expert_hub_checkpoint_trains_at_any_world_size_with_and_without_the_aux
         assert!(with[0].1 > one[0].1 + 1e-3, "{variant}: the first step's loss with the aux loss {} vs without {}", with[0].1, one[0].1);
         let with2 = train(2, &aux, &dir.path().join("t4"), &[]);
         assert!(close(&with2, &with), "{variant}: with the aux loss, world 2 {with2:?} vs world 1 {with:?}");
+        // A z-loss and a capacity that drops tokens: the same at world 1 and 2, the drops in the metrics.
+        let capped = config(dir.path(), variant, "z_loss_coef = 0.01\ncapacity_factor = 0.75");
+        let c1 = train(1, &capped, &dir.path().join("t5"), &[]);
+        let c2 = train(2, &capped, &dir.path().join("t6"), &["zero.stage=2".into()]);
+        assert!(close(&c2, &c1) && c1[0].1 != one[0].1, "{variant}: capped world 2 {c2:?} vs world 1 {c1:?} (dropless {one:?})");
+        let rows = std::fs::read_to_string(dir.path().join("t5/metrics.jsonl")).unwrap();
+        let first: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+        assert!(first["moe_dropped"].as_f64().is_some_and(|d| d > 0.0), "{variant}: {first}");
     }
 }
 
 #[test]
-fn moe_settings_not_built_or_misplaced_are_refused_in_one_line() {
+fn bad_or_misplaced_moe_settings_are_refused_in_one_line() {
     let dir = tempfile::tempdir().unwrap();
     for (variant, moe, needle) in [
-        ("mixtral", "capacity_factor = 1.25", "moe.capacity_factor"),
-        ("mixtral", "z_loss_coef = 0.001", "moe.z_loss_coef"),
+        ("mixtral", "capacity_factor = 0", "moe.capacity_factor"),
+        ("mixtral", "z_loss_coef = -0.001", "moe.z_loss_coef"),
         ("qwen3", "aux_loss = true", "has no experts"),
     ] {
         let cfg = config(dir.path(), variant, moe);

@@ -86,6 +86,8 @@ impl Family {
                     let m = l.cfg.moe.as_mut().expect("checked");
                     m.aux_loss = settings.aux_loss;
                     m.aux_coef = settings.aux_loss_coef.unwrap_or(m.aux_coef);
+                    m.z_loss_coef = settings.z_loss_coef;
+                    m.capacity_factor = settings.capacity_factor;
                 }
                 _ => return Err(FamilyError::Moe("[moe] is for mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and this model has no experts: remove [moe]".into())),
             }

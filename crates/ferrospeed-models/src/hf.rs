@@ -187,6 +187,8 @@ fn moe_config(v: &Value, arch: Arch, key: &dyn Fn(&str, &str) -> HfError) -> Res
         mlp_only,
         aux_coef: v["router_aux_loss_coef"].as_f64().unwrap_or(0.001),
         aux_loss: v["output_router_logits"].as_bool().unwrap_or(false),
+        z_loss_coef: 0.0,
+        capacity_factor: None,
     }))
 }
 

@@ -20,7 +20,7 @@ use support::{batches, bits, gpu_or_skip};
 const STEPS: usize = 4;
 
 fn cfg() -> LlamaConfig {
-    let moe = MoeConfig { num_experts: 4, top_k: 2, d_expert: 48, norm_topk_prob: true, d_shared: 64, sparse_step: 1, first_dense: 0, mlp_only: 0b1, aux_coef: 0.05, aux_loss: true };
+    let moe = MoeConfig { num_experts: 4, top_k: 2, d_expert: 48, norm_topk_prob: true, d_shared: 64, sparse_step: 1, first_dense: 0, mlp_only: 0b1, aux_coef: 0.05, aux_loss: true, z_loss_coef: 1e-3, capacity_factor: None };
     LlamaConfig { moe: Some(moe), ..LlamaConfig::tiny(3, 64, 4, 2, 256, 32) }
 }
 

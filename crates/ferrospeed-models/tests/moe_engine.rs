@@ -33,6 +33,8 @@ fn cfg() -> LlamaConfig {
         mlp_only: 0b1,
         aux_coef: 0.05,
         aux_loss: true,
+        z_loss_coef: 0.0,
+        capacity_factor: None,
     };
     LlamaConfig { moe: Some(moe), ..LlamaConfig::tiny(3, 32, 4, 2, 256, 16) }
 }

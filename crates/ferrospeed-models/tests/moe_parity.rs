@@ -169,3 +169,70 @@ fn per_expert_checkpoints_import_as_the_fused_experts() {
         }
     }
 }
+
+/// The head's outputs for `variant` with `settings` applied to its MoE config: the loss, then the
+/// router's load statistic and dropped share.
+fn head_outputs(variant: &str, settings: impl Fn(&mut llama::MoeConfig)) -> Vec<f64> {
+    let dir = fixture(variant);
+    let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let batch = Batch::tokens(ids(&expected["tokens"]), ids(&expected["targets"]));
+    let (mut cfg, _, slots) = load(variant, false);
+    settings(cfg.moe.as_mut().unwrap());
+    let model = llama::Llama::new(cfg).model().unwrap();
+    let mut x = Vec::new();
+    for b in 0..model.num_blocks() {
+        let detached: Vec<Tensor> = slots[b].iter().map(Tensor::detach).collect();
+        x = model.block(b).forward(&detached, &x, &batch).unwrap();
+    }
+    x.iter().map(|t| t.to_dtype(candle_core::DType::F64).unwrap().to_scalar::<f64>().unwrap()).collect()
+}
+
+/// The router z-loss, the capacity's drops and the load statistic against what transformers' routing
+/// in the fixture says: the z-loss is the mean of `logsumexp(router logits)²` over every sparse layer's
+/// tokens (from the recorded logits); a capacity of `⌈f·n·k/E⌉` drops, per expert, the tokens past it
+/// (from the recorded expert counts, exactly where one layer is sparse); `moe_max_load` is each layer's
+/// busiest expert over the mean.
+#[test]
+fn router_z_loss_capacity_and_load_follow_the_fixtures_routing() {
+    for variant in ["mixtral", "qwen2_moe", "olmoe"] {
+        let dir = fixture(variant);
+        let expected: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+        let mut want = WeightFiles::open(&dir.join("expected.safetensors")).unwrap();
+        let layers: Vec<u64> = expected["moe_layers"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap()).collect();
+        let HfModel::Llama(cfg) = read_config(&dir, 8).unwrap() else { unreachable!() };
+        let m = cfg.moe.unwrap();
+        let (e, k) = (m.num_experts, m.top_k);
+        // z: from transformers' router logits of each sparse layer.
+        let mut z_sum = 0f64;
+        let mut n = 0;
+        for l in &layers {
+            let logits = read_all(&mut want, &format!("router_logits.{l}"));
+            for row in logits.chunks(e) {
+                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+                let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+                z_sum += lse * lse;
+            }
+            n = logits.len() / e;
+        }
+        let z = z_sum / (layers.len() * n) as f64;
+        let plain = head_outputs(variant, |_| {});
+        let with_z = head_outputs(variant, |m| m.z_loss_coef = 0.5);
+        assert!((with_z[0] - plain[0] - 0.5 * z).abs() <= 1e-5 * z.max(1.0), "{variant}: z-loss {} vs {}", with_z[0] - plain[0], 0.5 * z);
+        // Load and drops: from transformers' expert counts.
+        let counts: Vec<Vec<f64>> = layers.iter().map(|l| expected["expert_counts"][l.to_string()].as_array().unwrap().iter().map(|c| c.as_f64().unwrap()).collect()).collect();
+        let load = counts.iter().map(|c| c.iter().cloned().fold(0.0, f64::max) / (c.iter().sum::<f64>() / e as f64)).sum::<f64>() / layers.len() as f64;
+        assert!((plain[1] - load).abs() <= 1e-6 * load, "{variant}: moe_max_load {} vs {load}", plain[1]);
+        assert_eq!(plain[2], 0.0, "{variant}: dropless drops nothing");
+        let factor = 0.75;
+        let capacity = (factor * (n * k) as f64 / e as f64).ceil();
+        let dropped: f64 = counts.iter().flatten().map(|c| (c - capacity).max(0.0)).sum::<f64>() / (layers.len() * n * k) as f64;
+        let capped = head_outputs(variant, |m| m.capacity_factor = Some(factor));
+        // Exact where one layer is sparse; with more, the drops of one change the next one's routing.
+        let exact = layers.len() == 1;
+        assert!(dropped > 0.0 && capped[2] > 0.0 && (!exact || (capped[2] - dropped).abs() <= 1e-6), "{variant}: dropped share {} vs {dropped}", capped[2]);
+        assert!(capped[0] != plain[0], "{variant}: dropping tokens changes the loss");
+        // Capacity enough for every token: the dropless model, bit for bit.
+        let roomy = head_outputs(variant, |m| m.capacity_factor = Some(e as f64 / k as f64));
+        assert_eq!(roomy[0].to_bits(), plain[0].to_bits(), "{variant}");
+    }
+}

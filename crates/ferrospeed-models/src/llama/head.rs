@@ -65,20 +65,24 @@ impl Head {
 }
 
 impl Head {
-    /// In an MoE model (`inputs`: the hidden state, then each sparse layer's expert selections and
-    /// probability sums): `loss` plus the load-balancing loss weighted by `router_aux_loss_coef` where
-    /// it is on, then the router's load statistic (`Block::metrics`); else `loss` alone.
+    /// In an MoE model (`inputs`: the hidden state, then each sparse layer's expert selections,
+    /// probability sums, z-loss sums and drops): `loss` plus the load-balancing loss weighted by
+    /// `router_aux_loss_coef` where it is on and the z-loss weighted by its coefficient, then the
+    /// router's statistics (`Block::metrics`); else `loss` alone.
     fn with_moe(&self, loss: Tensor, inputs: &[Tensor]) -> Result<Vec<Tensor>> {
-        let (Some(m), [x, counts, probs]) = (self.cfg.moe, inputs) else { return Ok(vec![loss]) };
+        let (Some(m), [x, counts, probs, extras]) = (self.cfg.moe, inputs) else { return Ok(vec![loss]) };
         let (b, t, _) = x.dims3()?;
-        // Without the load-balancing loss the sums still join the loss, with weight 0: every input of
-        // an autograd block must reach the loss (the engine refuses one that does not).
-        // (A product with a zero tensor, not `affine(0, 0)`: candle's autograd prunes the latter.)
-        let aux = super::moe::aux_loss(counts, probs, b * t)?;
-        let aux = if m.aux_loss { aux.affine(m.aux_coef, 0.0)? } else { aux.broadcast_mul(&aux.zeros_like()?)? };
-        let aux = aux.to_dtype(loss.dtype())?;
-        let loss = (loss + aux)?;
-        Ok(vec![loss, super::moe::max_load(&counts.detach())?])
+        let n = b * t;
+        // A term that is off still joins the loss, times a zero tensor: every input of an autograd
+        // block must reach the loss (the engine refuses one that does not), and candle's autograd
+        // prunes `affine(0, 0)`.
+        let weighted = |term: Tensor, on: bool, coef: f64| -> Result<Tensor> { if on { term.affine(coef, 0.0) } else { term.broadcast_mul(&term.zeros_like()?) } };
+        let aux = weighted(super::moe::aux_loss(counts, probs, n)?, m.aux_loss, m.aux_coef)?;
+        let z = weighted(super::moe::z_loss(extras, n)?, m.z_loss_coef > 0.0, m.z_loss_coef)?;
+        let extra = (aux + z)?.to_dtype(loss.dtype())?;
+        let loss = (loss + extra)?;
+        let extras = extras.detach();
+        Ok(vec![loss, super::moe::max_load(&counts.detach())?, super::moe::dropped_share(&extras, n, m.top_k)?])
     }
 
     fn param(&self, spec: ParamSpec) -> ParamRef {
@@ -134,7 +138,7 @@ impl Block for Head {
 
     fn metrics(&self) -> Vec<String> {
         if self.cfg.moe.is_some() {
-            vec!["moe_max_load".into()]
+            vec!["moe_max_load".into(), "moe_dropped".into()]
         } else {
             Vec::new()
         }

@@ -2,8 +2,8 @@
 //! and differentiated by autograd: query/key norms (Qwen3: per head; OLMoE: over the projection,
 //! both before RoPE) and mixture-of-experts MLPs (`moe.rs`). In an MoE model every layer passes, besides
 //! the hidden state, each sparse layer's selections and probability sums of the experts (`[L, E]`, f32,
-//! a row a sparse layer) to the next block; the head turns them into the load-balancing loss (where it
-//! is on) and the router's statistics.
+//! a row a sparse layer) and its z-loss sum and dropped tokens (`[L, 2]`) to the next block; the head
+//! turns them into the load-balancing and z losses (where they are on) and the router's statistics.
 
 use super::layer::{composed_attention, input, linear, Layer, Slots};
 use super::{moe, QkNorm};
@@ -67,7 +67,7 @@ impl Layer {
                 let at = s.post_norm + 1;
                 let shared = (m.d_shared > 0).then(|| [&p[at + 3], &p[at + 4], &p[at + 5], &p[at + 6]]);
                 let out = moe::forward(&m, &moe::MoeParams { router: &p[at], gate_up: &p[at + 1], down: &p[at + 2], shared }, &h)?;
-                sums = Some((out.counts, out.prob_sums));
+                sums = Some((out.counts, out.prob_sums, out.extras));
                 out.y
             }
             None => {
@@ -78,35 +78,36 @@ impl Layer {
         };
         let out = (x + mlp)?.reshape((b, t, d))?;
         let Some(m) = c.moe else { return Ok(vec![out]) };
-        // The sparse layers' selections and probabilities `[L, E]`, a row each: from the block before,
-        // or zeros at the first layer; this layer's row added.
+        // The sparse layers' selections and probabilities `[L, E]` and their z-loss sums and drops
+        // `[L, 2]`, a row each: from the block before, or zeros at the first layer; this layer's row added.
         let layers = m.sparse_layers(c.n_layer);
-        let (counts, probs) = match inputs {
-            [_, counts, probs, ..] => (counts.clone(), probs.clone()),
+        let (counts, probs, extras) = match inputs {
+            [_, counts, probs, extras, ..] => (counts.clone(), probs.clone(), extras.clone()),
             _ => {
                 let zeros = Tensor::zeros((layers, m.num_experts), DType::F32, out.device())?;
-                (zeros.clone(), zeros)
+                (zeros.clone(), zeros, Tensor::zeros((layers, 2), DType::F32, out.device())?)
             }
         };
-        let (counts, probs) = match sums {
-            Some((cs, ps)) => {
+        let (counts, probs, extras) = match sums {
+            Some((cs, ps, xs)) => {
                 let row = (0..self.index).filter(|&i| c.is_sparse(i)).count();
                 let place = |v: Tensor| -> Result<Tensor> {
+                    let width = v.dim(0)?;
                     let v = v.unsqueeze(0)?;
                     let mut parts = Vec::with_capacity(3);
                     if row > 0 {
-                        parts.push(Tensor::zeros((row, m.num_experts), DType::F32, out.device())?);
+                        parts.push(Tensor::zeros((row, width), DType::F32, out.device())?);
                     }
                     parts.push(v);
                     if row + 1 < layers {
-                        parts.push(Tensor::zeros((layers - row - 1, m.num_experts), DType::F32, out.device())?);
+                        parts.push(Tensor::zeros((layers - row - 1, width), DType::F32, out.device())?);
                     }
                     Tensor::cat(&parts, 0)
                 };
-                ((counts + place(cs)?)?, (probs + place(ps)?)?)
+                ((counts + place(cs)?)?, (probs + place(ps)?)?, (extras + place(xs)?)?)
             }
-            None => (counts, probs),
+            None => (counts, probs, extras),
         };
-        Ok(vec![out, counts, probs])
+        Ok(vec![out, counts, probs, extras])
     }
 }

@@ -39,6 +39,13 @@ pub struct MoeConfig {
     pub aux_coef: f64,
     /// Add the load-balancing loss to the loss (`moe.aux_loss`; transformers: `output_router_logits`).
     pub aux_loss: bool,
+    /// Weight of the router z-loss (`moe.z_loss_coef`, ST-MoE: the mean over every sparse layer's
+    /// tokens of `logsumexp(router logits)²`); 0: none.
+    pub z_loss_coef: f64,
+    /// Tokens an expert takes at most, `⌈factor · n · k / E⌉` of a layer's `n` (`moe.capacity_factor`):
+    /// the ones routed to it after that, in token order, are dropped for it (their residual passes).
+    /// `None`: dropless.
+    pub capacity_factor: Option<f64>,
 }
 
 impl MoeConfig {
@@ -72,6 +79,9 @@ pub struct MoeOut {
     pub logits: Tensor,
     pub counts: Tensor,
     pub prob_sums: Tensor,
+    /// `Σ_tokens logsumexp(logits)²` (the z-loss's sum) and the token-expert pairs dropped by the
+    /// capacity, `[2]`: the first with a gradient, the second without.
+    pub extras: Tensor,
     /// Each token's experts, best first (`[n][k]`).
     pub experts: Vec<Vec<u32>>,
 }
@@ -106,6 +116,8 @@ pub fn forward(cfg: &MoeConfig, p: &MoeParams<'_>, h: &Tensor) -> Result<MoeOut>
     let weights = weights.to_dtype(h.dtype())?.flatten_all()?;
     let mut y = h.zeros_like()?;
     let mut counts = vec![0f32; e_count];
+    let capacity = cfg.capacity_factor.map(|f| (f * (n * k) as f64 / e_count as f64).ceil() as usize);
+    let mut dropped = 0usize;
     for e in 0..e_count {
         // The tokens routed to expert e, in token order, and where e stands in each one's top k.
         let (tokens, slots): (Vec<u32>, Vec<u32>) = experts
@@ -114,6 +126,12 @@ pub fn forward(cfg: &MoeConfig, p: &MoeParams<'_>, h: &Tensor) -> Result<MoeOut>
             .filter_map(|(i, ex)| ex.iter().position(|&x| x as usize == e).map(|j| (i as u32, (i * k + j) as u32)))
             .unzip();
         counts[e] = tokens.len() as f32;
+        let (mut tokens, mut slots) = (tokens, slots);
+        if let Some(c) = capacity.filter(|&c| tokens.len() > c) {
+            dropped += tokens.len() - c;
+            tokens.truncate(c);
+            slots.truncate(c);
+        }
         if tokens.is_empty() {
             continue;
         }
@@ -130,7 +148,11 @@ pub fn forward(cfg: &MoeConfig, p: &MoeParams<'_>, h: &Tensor) -> Result<MoeOut>
         y = (y + s.broadcast_mul(&candle_nn_sigmoid(&h.matmul(&gate.t()?)?)?)?)?;
     }
     let counts = Tensor::from_vec(counts, e_count, h.device())?;
-    Ok(MoeOut { prob_sums: probs.sum(0)?, y, logits, counts, experts })
+    // logsumexp of each token's logits, the max shifted out (and detached: it cancels).
+    let max = logits.max_keepdim(1)?.detach();
+    let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
+    let extras = Tensor::cat(&[lse.sqr()?.sum_all()?.reshape(1)?, Tensor::new(&[dropped as f32], h.device())?], 0)?;
+    Ok(MoeOut { prob_sums: probs.sum(0)?, y, logits, counts, extras, experts })
 }
 
 /// The load-balancing loss from each sparse layer's selections and probability sums (`[L, E]`) over
@@ -140,6 +162,20 @@ pub fn aux_loss(counts: &Tensor, prob_sums: &Tensor, n: usize) -> Result<Tensor>
     let (layers, experts) = counts.dims2()?;
     let rows = (layers * n) as f64;
     (counts.sum(0)? * prob_sums.sum(0)?)?.sum_all()?.affine(experts as f64 / (rows * rows), 0.0)
+}
+
+/// The router z-loss from each sparse layer's `[Σ logsumexp², dropped]` (`[L, 2]`) over `n` tokens a
+/// layer: the mean of `logsumexp²` over all of them.
+pub fn z_loss(extras: &Tensor, n: usize) -> Result<Tensor> {
+    let layers = extras.dim(0)?;
+    extras.narrow(1, 0, 1)?.sum_all()?.affine(1.0 / (layers * n) as f64, 0.0)
+}
+
+/// The share of token-expert pairs the capacity dropped, over every sparse layer (`[L, 2]` extras,
+/// `n` tokens a layer, `k` experts a token).
+pub fn dropped_share(extras: &Tensor, n: usize, k: usize) -> Result<Tensor> {
+    let layers = extras.dim(0)?;
+    extras.narrow(1, 1, 1)?.sum_all()?.affine(1.0 / (layers * n * k) as f64, 0.0)
 }
 
 /// The router's load statistic: in each sparse layer the selections of the busiest expert over their

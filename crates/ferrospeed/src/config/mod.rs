@@ -52,9 +52,11 @@ pub struct MoeSettings {
     pub aux_loss: bool,
     /// Its weight; default the checkpoint's `router_aux_loss_coef`.
     pub aux_loss_coef: Option<f64>,
-    /// The router z-loss's weight (0: none).
+    /// The router z-loss's weight (0: none): the mean over every sparse layer's tokens of
+    /// `logsumexp(router logits)²` (ST-MoE).
     pub z_loss_coef: f64,
-    /// Tokens an expert takes at most, as a multiple of its even share; `None`: dropless.
+    /// Tokens an expert takes at most, as a multiple of its even share `n·k/E` (rounded up); later ones
+    /// are dropped for it in token order. `None`: dropless.
     pub capacity_factor: Option<f64>,
 }
 

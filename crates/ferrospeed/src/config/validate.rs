@@ -252,11 +252,11 @@ fn check_moe(config: &Config) -> Result<(), ConfigError> {
     if let Some(c) = m.aux_loss_coef.filter(|c| !(c.is_finite() && *c >= 0.0)) {
         return Err(ConfigError::invalid("moe.aux_loss_coef", c, "is not a non-negative number", "use e.g. 0.01, or leave it out for the checkpoint's router_aux_loss_coef"));
     }
-    if m.z_loss_coef != 0.0 {
-        return Err(ConfigError::invalid("moe.z_loss_coef", m.z_loss_coef, "is not built yet (the router trains without a z-loss)", "set moe.z_loss_coef = 0"));
+    if !(m.z_loss_coef.is_finite() && m.z_loss_coef >= 0.0) {
+        return Err(ConfigError::invalid("moe.z_loss_coef", m.z_loss_coef, "is not a non-negative number", "use e.g. 0.001, or 0 for no z-loss"));
     }
-    if let Some(c) = m.capacity_factor {
-        return Err(ConfigError::invalid("moe.capacity_factor", c, "is not built yet (experts take every token routed to them: dropless)", "leave moe.capacity_factor out"));
+    if let Some(c) = m.capacity_factor.filter(|c| !(c.is_finite() && *c > 0.0)) {
+        return Err(ConfigError::invalid("moe.capacity_factor", c, "is not a positive number", "use e.g. 1.25, or leave it out for dropless experts"));
     }
     Ok(())
 }
