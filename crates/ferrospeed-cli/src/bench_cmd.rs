@@ -325,25 +325,27 @@ pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
 
 /// The analytic bubble of the run's schedule, at unit costs (forward, input and weight halves alike).
 fn analytic_bubble(args: &BenchTrainArgs) -> Result<f64> {
+    Ok(schedule(args)?.analytic_bubble(ferrospeed::parallel::Costs::UNIT))
+}
+
+/// The run's pipeline schedule (`--schedule`, `--pp`, `--pp-virtual`, `--micro-batches`).
+fn schedule(args: &BenchTrainArgs) -> Result<ferrospeed::parallel::Schedule> {
     use ferrospeed::config::PipelineSchedule;
-    use ferrospeed::parallel::{Costs, Schedule};
     let kind = PipelineSchedule::from_name(&args.schedule).ok_or_else(|| anyhow::anyhow!("--schedule {}: use 1f1b, gpipe, interleaved or zb", args.schedule))?;
-    Ok(Schedule::new(kind.into(), args.pp, args.pp_virtual, args.micro_batches)?.analytic_bubble(Costs::UNIT))
+    Ok(ferrospeed::parallel::Schedule::new(kind.into(), args.pp, args.pp_virtual, args.micro_batches)?)
 }
 
 /// The run's schedule at the compute each stage measured per micro-batch (`[forward, backward or its
 /// input half, weight half]`, mean over the stages of the first data-parallel group): the analytic
 /// bubble and the simulated one (a whole backward's cost split evenly where the schedule does not split).
 fn measured_bubble(args: &BenchTrainArgs, stage_costs: &[[f64; 3]], dp: usize) -> Result<serde_json::Value> {
-    use ferrospeed::config::PipelineSchedule;
-    use ferrospeed::parallel::{Costs, Schedule};
-    let kind = PipelineSchedule::from_name(&args.schedule).ok_or_else(|| anyhow::anyhow!("--schedule {}: use 1f1b, gpipe, interleaved or zb", args.schedule))?;
+    use ferrospeed::parallel::Costs;
     let mean = |k: usize| (0..args.pp).map(|s| stage_costs[s * dp][k]).sum::<f64>() / args.pp as f64;
     // Per stage of the run's `v` stages a rank.
     let v = args.pp_virtual.max(1) as f64;
     let (f, b, w) = (mean(0) / v, mean(1) / v, mean(2) / v);
     let costs = if w > 0.0 { Costs { forward: f, backward_input: b, backward_weight: w } } else { Costs { forward: f, backward_input: b / 2.0, backward_weight: b / 2.0 } };
-    let schedule = Schedule::new(kind.into(), args.pp, args.pp_virtual, args.micro_batches)?;
+    let schedule = schedule(args)?;
     let simulated = schedule.simulate(costs)?.bubble();
     let round = |x: f64| (x * 1e4).round() / 1e4;
     Ok(serde_json::json!({"forward_ms": round(f * 1e3), "backward_input_ms": round(costs.backward_input * 1e3), "backward_weight_ms": round(costs.backward_weight * 1e3),

@@ -72,18 +72,15 @@ pub struct MoeParams<'a> {
     pub shared: Option<[&'a Tensor; 4]>,
 }
 
-/// What a sparse layer's MLP returns: its output `[n, d]`, the router's logits `[n, E]` (f32), and
-/// its terms of the load-balancing loss: each expert's selections (no gradient) and probability sum.
+/// What a sparse layer's MLP returns: its output `[n, d]` and its terms of the load-balancing loss:
+/// each expert's selections (no gradient) and probability sum.
 pub struct MoeOut {
     pub y: Tensor,
-    pub logits: Tensor,
     pub counts: Tensor,
     pub prob_sums: Tensor,
     /// `Σ_tokens logsumexp(logits)²` (the z-loss's sum) and the token-expert pairs dropped by the
     /// capacity, `[2]`: the first with a gradient, the second without.
     pub extras: Tensor,
-    /// Each token's experts, best first (`[n][k]`).
-    pub experts: Vec<Vec<u32>>,
 }
 
 fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
@@ -115,18 +112,19 @@ pub fn forward(cfg: &MoeConfig, p: &MoeParams<'_>, h: &Tensor) -> Result<MoeOut>
     }
     let weights = weights.to_dtype(h.dtype())?.flatten_all()?;
     let mut y = h.zeros_like()?;
-    let mut counts = vec![0f32; e_count];
+    // The tokens routed to each expert, in token order, and where it stands in each one's top k (its
+    // slot in `weights`).
+    let mut routed: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); e_count];
+    for (i, ex) in experts.iter().enumerate() {
+        for (j, &e) in ex.iter().enumerate() {
+            routed[e as usize].0.push(i as u32);
+            routed[e as usize].1.push((i * k + j) as u32);
+        }
+    }
+    let counts: Vec<f32> = routed.iter().map(|r| r.0.len() as f32).collect();
     let capacity = cfg.capacity_factor.map(|f| (f * (n * k) as f64 / e_count as f64).ceil() as usize);
     let mut dropped = 0usize;
-    for e in 0..e_count {
-        // The tokens routed to expert e, in token order, and where e stands in each one's top k.
-        let (tokens, slots): (Vec<u32>, Vec<u32>) = experts
-            .iter()
-            .enumerate()
-            .filter_map(|(i, ex)| ex.iter().position(|&x| x as usize == e).map(|j| (i as u32, (i * k + j) as u32)))
-            .unzip();
-        counts[e] = tokens.len() as f32;
-        let (mut tokens, mut slots) = (tokens, slots);
+    for (e, (mut tokens, mut slots)) in routed.into_iter().enumerate() {
         if let Some(c) = capacity.filter(|&c| tokens.len() > c) {
             dropped += tokens.len() - c;
             tokens.truncate(c);
@@ -145,14 +143,14 @@ pub fn forward(cfg: &MoeConfig, p: &MoeParams<'_>, h: &Tensor) -> Result<MoeOut>
     }
     if let Some([g, u, dn, gate]) = p.shared {
         let s = swiglu(h, g, u, dn)?;
-        y = (y + s.broadcast_mul(&candle_nn_sigmoid(&h.matmul(&gate.t()?)?)?)?)?;
+        y = (y + s.broadcast_mul(&sigmoid(&h.matmul(&gate.t()?)?)?)?)?;
     }
     let counts = Tensor::from_vec(counts, e_count, h.device())?;
     // logsumexp of each token's logits, the max shifted out (and detached: it cancels).
     let max = logits.max_keepdim(1)?.detach();
     let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
     let extras = Tensor::cat(&[lse.sqr()?.sum_all()?.reshape(1)?, Tensor::new(&[dropped as f32], h.device())?], 0)?;
-    Ok(MoeOut { prob_sums: probs.sum(0)?, y, logits, counts, extras, experts })
+    Ok(MoeOut { prob_sums: probs.sum(0)?, y, counts, extras })
 }
 
 /// The load-balancing loss from each sparse layer's selections and probability sums (`[L, E]`) over
@@ -185,6 +183,6 @@ pub fn max_load(counts: &Tensor) -> Result<Tensor> {
 }
 
 /// `1 / (1 + e^(−x))`.
-fn candle_nn_sigmoid(x: &Tensor) -> Result<Tensor> {
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }
