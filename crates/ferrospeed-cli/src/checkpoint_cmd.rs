@@ -106,11 +106,11 @@ pub fn run(cmd: CheckpointCommand) -> Result<ExitCode> {
                     return Err(usage_error(format!("--max-shard-gb {max_shard_gb} must be positive")));
                 }
                 let files = dir_files(&meta, torch)?;
-                // The source's expert layout, as the run recorded it.
+                // Experts in the layout of the source, as the run recorded it (transformers 5's fused
+                // tensors where it recorded none).
                 let layout = meta.run.get("expert_layout").and_then(|v| v.as_str()).and_then(ferrospeed_models::llama::ExpertLayout::from_name);
-                let split = layout.map(|l| move |name: &str, shape: &[usize]| l.split(name, shape));
-                let split_ref = split.as_ref().map(|f| f as &dyn Fn(&str, &[usize]) -> Option<Vec<(String, Vec<usize>)>>);
-                let opts = DirExport { name_of: &names, dtype, max_shard_bytes: (max_shard_gb * 1e9) as u64, files, single_file: None, split: split_ref };
+                let regroup = move |params: &[(String, Vec<usize>)]| ferrospeed_models::llama::ExpertLayout::regroup(layout, params);
+                let opts = DirExport { name_of: &names, dtype, max_shard_bytes: (max_shard_gb * 1e9) as u64, files, single_file: None, regroup: Some(&regroup) };
                 checkpoint::export_dir(&dir, &out, &opts).map_err(|e| match e {
                     checkpoint::CheckpointError::Exists { .. } => usage_error(e.to_string()),
                     e => e.into(),

@@ -115,7 +115,7 @@ fn open_unchecked(path: &Path, tmp: &tempfile::TempDir) -> Result<(HfModel, Path
             crate::lora_export::export_merged(&ckpt, &out, &meta, u64::MAX, dir_files(&meta, "float32")?)?;
         } else {
             let names = export_names(&meta);
-            let opts = DirExport { name_of: &names, dtype: WeightDtype::F32, max_shard_bytes: u64::MAX, files: dir_files(&meta, "float32")?, single_file: None, split: None };
+            let opts = DirExport { name_of: &names, dtype: WeightDtype::F32, max_shard_bytes: u64::MAX, files: dir_files(&meta, "float32")?, single_file: None, regroup: None };
             checkpoint::export_dir(&ckpt, &out, &opts)?;
         }
         out

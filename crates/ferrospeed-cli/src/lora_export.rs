@@ -77,7 +77,7 @@ pub(crate) fn export_adapter(dir: &Path, out: &Path, meta: &Meta, dtype: WeightD
     let names = crate::checkpoint_cmd::export_names(meta);
     let peft = move |block: &str, param: &str| format!("base_model.model.{}", names(block, param));
     let files = vec![("adapter_config.json".to_string(), serde_json::to_vec_pretty(&adapter_config(lora))?)];
-    let opts = DirExport { name_of: &peft, dtype, max_shard_bytes: u64::MAX, files, single_file: Some("adapter_model.safetensors"), split: None };
+    let opts = DirExport { name_of: &peft, dtype, max_shard_bytes: u64::MAX, files, single_file: Some("adapter_model.safetensors"), regroup: None };
     checkpoint::export_dir(dir, out, &opts).map_err(|e| match e {
         checkpoint::CheckpointError::Exists { .. } => usage_error(e.to_string()),
         e => e.into(),
@@ -157,7 +157,7 @@ pub(crate) fn export_merged(dir: &Path, out: &Path, meta: &Meta, max_shard_bytes
         files.read_f32(name, 0..v.len(), &mut v)?;
         Ok(Some((v, shape)))
     };
-    let opts = DirExport { name_of: &ferrospeed::accelerator::block_dot_param, dtype, max_shard_bytes, files, single_file: None, split: None };
+    let opts = DirExport { name_of: &ferrospeed::accelerator::block_dot_param, dtype, max_shard_bytes, files, single_file: None, regroup: None };
     let names: Vec<String> = tensors.iter().map(|t| t.0.clone()).collect();
     let stats = checkpoint::write_dir(out, &tensors, &opts, |t, values| {
         let (w, _) = read(&mut weights, &names[t])?.ok_or_else(|| checkpoint::CheckpointError::Format(format!("the base lost {}", names[t])))?;

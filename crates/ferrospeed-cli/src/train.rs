@@ -142,7 +142,7 @@ pub fn run(args: TrainArgs) -> Result<ExitCode> {
         )));
     }
     acc.record("eval_data", eval_data);
-    if let (Some(plan), true) = (acc.pipeline_plan(), acc.is_main_process()) {
+    if let (Some(plan), true) = (acc.parallel_plan(), acc.is_main_process()) {
         println!("{plan}");
     }
     if let (Some(r), true) = (acc.resumed(), acc.is_main_process()) {

@@ -1,10 +1,11 @@
 //! Mixture-of-experts models through `launch train`: a Hub checkpoint in the per-expert layout
 //! (`model.init_from`, the fixtures of ferrospeed-models' `make_moe_fixtures.py`) trains at world 1
-//! and 2 with the same losses (1e-6; stages 0 and 3) and the router's load in every metrics row,
+//! and 2 with the same losses (1e-6; stages 0 and 3, and with `parallel.ep = 2`) and the router's
+//! load in every metrics row,
 //! `[moe] aux_loss = true` adds the load-balancing
 //! loss (a higher loss than without it), a z-loss and a capacity that drops tokens train alike at world
-//! 1 and 2 with the drops in the metrics, and bad `[moe]` values, or `[moe]` on a model without experts,
-//! are refused in one line with nothing written.
+//! 1 and 2 with the drops in the metrics, and bad `[moe]` values, or `[moe]` or `parallel.ep` on a
+//! model without experts, are refused in one line with nothing written.
 
 mod support;
 
@@ -45,6 +46,9 @@ fn a_per_expert_hub_checkpoint_trains_at_any_world_size_with_and_without_the_aux
         }
         let two = train(2, &plain, &dir.path().join("t2"), &["zero.stage=3".into()]);
         assert!(close(&two, &one), "{variant}: world 2 stage 3 {two:?} vs world 1 {one:?}");
+        // Expert parallelism: each of 2 ranks holds half the experts.
+        let ep = train(2, &plain, &dir.path().join("t2ep"), &["zero.stage=2".into(), "parallel.ep=2".into()]);
+        assert!(close(&ep, &one), "{variant}: world 2 ep 2 {ep:?} vs world 1 {one:?}");
         let aux = config(dir.path(), variant, "aux_loss = true\naux_loss_coef = 0.5");
         let with = train(1, &aux, &dir.path().join("t3"), &[]);
         assert!(with[0].1 > one[0].1 + 1e-3, "{variant}: the first step's loss with the aux loss {} vs without {}", with[0].1, one[0].1);
@@ -68,12 +72,17 @@ fn bad_or_misplaced_moe_settings_are_refused_in_one_line() {
         ("mixtral", "capacity_factor = 0", "moe.capacity_factor"),
         ("mixtral", "z_loss_coef = -0.001", "moe.z_loss_coef"),
         ("qwen3", "aux_loss = true", "has no experts"),
+        ("qwen3", "", "parallel.ep = 2"),
     ] {
         let cfg = config(dir.path(), variant, moe);
         let track = dir.path().join("refused");
-        let f = run(&mut train_command(1, &cfg, &track, &[]), std::time::Duration::from_secs(120));
+        // Expert parallelism for a dense model (world 2); the others at world 1.
+        let (world, extra) = if moe.is_empty() { (2, vec!["parallel.ep=2".to_string()]) } else { (1, vec![]) };
+        let f = run(&mut train_command(world, &cfg, &track, &extra), std::time::Duration::from_secs(120));
         assert_eq!(f.status.code(), Some(2), "{variant} {moe}: {}\n{}", f.stdout, f.stderr);
-        let errors: Vec<&str> = f.stderr.lines().filter(|l| l.contains("error:")).collect();
+        // One line (each rank's the same at world 2).
+        let mut errors: Vec<&str> = f.stderr.lines().filter(|l| l.contains("error:")).map(|l| l.split_once("error:").map_or(l, |x| x.1)).collect();
+        errors.dedup();
         assert!(errors.len() == 1 && errors[0].contains(needle), "{variant} {moe}: one line naming {needle}, got:\n{}", f.stderr);
         assert!(!track.exists(), "nothing written");
     }
@@ -88,13 +97,15 @@ fn tensors(path: &Path) -> Vec<(String, String, Vec<usize>, Vec<u8>)> {
     out
 }
 
-/// Import `src` (2 ranks, stage 3, 0 steps: the imported weights saved) and export it to `out`.
-fn import_export(dir: &Path, src: &Path, out: &Path) {
+/// Import `src` (2 ranks, stage 3, 0 steps: the imported weights saved; `extra` settings) and export it to `out`.
+fn import_export(dir: &Path, src: &Path, out: &Path, extra: &[&str]) {
     let model = format!("seq_len = 8\ninit_from = \"{}\"\ntokenizer = \"{}\"", src.display(), word_tokenizer(dir).display());
     let config = write_config(dir, &model, "steps = 0\nglobal_batch = 2\nmicro_batch = 1\nwarmup = 0");
     let name = out.file_name().unwrap().to_string_lossy().into_owned();
     let ckpt = dir.join(format!("ckpt-{name}"));
-    train(2, &config, &dir.join(format!("track-{name}")), &[format!("checkpoint.dir={}", ckpt.display()), "zero.stage=3".into()]);
+    let mut args = vec![format!("checkpoint.dir={}", ckpt.display()), "zero.stage=3".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    train(2, &config, &dir.join(format!("track-{name}")), &args);
     let f = run(support::ferrospeed().args(["checkpoint", "export"]).arg(&ckpt).arg(out).args(["--dtype", "f32"]), std::time::Duration::from_secs(60));
     assert!(f.status.success(), "export failed:\n{}\n{}", f.stdout, f.stderr);
 }
@@ -106,7 +117,9 @@ fn import_then_export_is_bit_identical_in_both_expert_layouts() {
         let src = fixture(variant);
         // The Hub's per-expert layout in, the same out: every tensor bit for bit, config.json key by key.
         let out = dir.path().join(variant);
-        import_export(dir.path(), &src, &out);
+        // Expert parallelism in the saving run (each rank's file holds half the experts) changes nothing.
+        let ep: &[&str] = if variant == "qwen3" { &[] } else { &["parallel.ep=2"] };
+        import_export(dir.path(), &src, &out, ep);
         assert_eq!(tensors(&out.join("model.safetensors")), tensors(&src.join("model.safetensors")), "{variant}: per-expert layout");
         let json = |p: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap() };
         let (got, want) = (json(&out.join("config.json")), json(&src.join("config.json")));
@@ -121,7 +134,7 @@ fn import_then_export_is_bit_identical_in_both_expert_layouts() {
             std::fs::copy(src.join("config.json"), fused.join("config.json")).unwrap();
             std::fs::copy(&fused_file, fused.join("model.safetensors")).unwrap();
             let out = dir.path().join(format!("{variant}-fused"));
-            import_export(dir.path(), &fused, &out);
+            import_export(dir.path(), &fused, &out, &[]);
             assert_eq!(tensors(&out.join("model.safetensors")), tensors(&fused_file), "{variant}: fused layout");
         }
     }

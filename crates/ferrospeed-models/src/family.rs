@@ -92,6 +92,21 @@ impl Family {
                 _ => return Err(FamilyError::Moe("[moe] is for mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), and this model has no experts: remove [moe]".into())),
             }
         }
+        // Expert parallelism spreads experts: a model must have them, in a number the groups divide.
+        let ep = cfg.parallel.ep;
+        if ep > 1 {
+            let experts = match &family {
+                Family::Llama(l) => l.cfg.moe.map_or(0, |m| m.num_experts),
+                Family::Gpt(_) => 0,
+            };
+            if experts == 0 {
+                return Err(FamilyError::Moe(format!("parallel.ep = {ep} spreads the experts of a mixture-of-experts model, and this model has none: set parallel.ep = 1")));
+            }
+            if experts % ep != 0 {
+                let divisors: Vec<usize> = (1..=experts).filter(|d| experts % d == 0).collect();
+                return Err(FamilyError::Moe(format!("parallel.ep = {ep} does not divide the model's {experts} experts: choose ep among {divisors:?} (and dividing the data-parallel size)")));
+            }
+        }
         match &cfg.lora {
             Some(l) => Ok((family.with_lora(l)?, tokenizer)),
             None => Ok((family, tokenizer)),

@@ -1,14 +1,16 @@
 //! Mixture of experts on a GPU (ranks as threads sharing GPU 0): a Qwen2-MoE-like model (a dense
 //! layer, sparse layers with a shared expert, the load-balancing loss on), composed of candle ops on
 //! the device — fp32 losses within 1e-4 of the CPU's, bf16 losses bitwise across ZeRO stages 0–3 at
-//! world 1 and 2. Where no GPU can be used the test prints the skip line of the GPU scripts and returns.
+//! world 1 and 2; with expert parallelism (ep 2, both ranks on the GPU) close to ep 1 and bitwise
+//! across stages. Where no GPU can be used the test prints the skip line of the GPU scripts and returns.
 #![cfg(feature = "cuda")]
 
 mod support;
 
 use candle_core::Device;
 use ferrospeed::comm::run_local_world;
-use ferrospeed::engine::Engine;
+use ferrospeed::engine::{CommWorker, Engine, ExpertGroup};
+use ferrospeed::parallel::{Axis, Mesh, MeshComms};
 use ferrospeed::optim::LrSchedule;
 use ferrospeed::precision::Precision;
 use ferrospeed::{CommConfig, Communicator};
@@ -25,12 +27,26 @@ fn cfg() -> LlamaConfig {
 }
 
 fn train(world: usize, stage: u8, precision: Precision, device: &Device) -> Vec<f64> {
+    train_ep(world, 1, stage, precision, device)
+}
+
+/// The same with expert groups of `ep` ranks (each holding `4 / ep` experts).
+fn train_ep(world: usize, ep: usize, stage: u8, precision: Precision, device: &Device) -> Vec<f64> {
     let corpus = support::corpus("Experts on the device take the tokens routed to them. ", 60);
     run_local_world(world, &CommConfig::default(), |comm| {
         let rank = comm.rank();
         let mut c = support::engine_config(stage, precision, false, 5);
         c.device = device.clone();
-        let mut engine = Engine::new(Llama::new(cfg()).model().unwrap(), Arc::new(comm), c).unwrap();
+        let model = Llama::new(cfg()).model().unwrap();
+        let comm: Arc<dyn Communicator> = Arc::new(comm);
+        let mut engine = if ep == 1 {
+            Engine::new(model, comm, c).unwrap()
+        } else {
+            let mesh = MeshComms::new(comm.clone(), Mesh::new(world, 1, 1, 1, ep).unwrap()).unwrap();
+            let group = ExpertGroup::new(mesh.get(Axis::Ep).clone());
+            let edp = Arc::new(CommWorker::spawn(mesh.get(Axis::Edp).clone()));
+            Engine::with_experts(model, Arc::new(CommWorker::spawn(comm)), group, edp, c).unwrap()
+        };
         let sampler = BatchSampler { seed: 3, seq_len: 32, micro_batch: 2, accumulation: 2 / world, world_size: world, rank };
         let schedule = LrSchedule { lr: 1e-2, min_lr: 1e-3, warmup: 1, total: STEPS };
         (0..STEPS).map(|s| engine.train_step_at(&batches(&sampler, &corpus, s, device), schedule.at(s)).unwrap().loss).collect::<Vec<f64>>()
@@ -54,4 +70,22 @@ fn moe_trains_on_the_gpu_close_to_the_cpu_and_bitwise_across_stages() {
         }
     }
     eprintln!("moe on the GPU: fp32 {g32:?}, CPU {c32:?}");
+}
+
+/// Expert parallelism with both ranks on the GPU: each holds 2 of the 4 experts, rows exchanged
+/// through the host. fp32 within 1e-5 of ep = 1 on the GPU (and of ep = 2 on the CPU); bf16 bitwise
+/// across ZeRO stages 0–3 at ep = 2.
+#[test]
+fn expert_parallel_moe_trains_on_the_gpu_like_ep_1_and_bitwise_across_stages() {
+    let Some(gpu) = gpu_or_skip("expert_parallel_moe_trains_on_the_gpu_like_ep_1_and_bitwise_across_stages") else { return };
+    let (one, two, cpu) = (train_ep(2, 1, 0, Precision::Fp32, &gpu), train_ep(2, 2, 0, Precision::Fp32, &gpu), train_ep(2, 2, 0, Precision::Fp32, &Device::Cpu));
+    for (a, b) in two.iter().zip(&one).chain(two.iter().zip(&cpu)) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "fp32 ep 2 on the GPU {two:?} vs ep 1 {one:?} and ep 2 on the CPU {cpu:?}");
+    }
+    let base = train_ep(2, 2, 0, Precision::Bf16, &gpu);
+    assert!(base.iter().all(|l| l.is_finite()), "{base:?}");
+    for stage in 1..=3u8 {
+        assert_eq!(bits(&train_ep(2, 2, stage, Precision::Bf16, &gpu)), bits(&base), "bf16 ep 2 stage {stage} vs stage 0 on the GPU");
+    }
+    eprintln!("ep 2 on the GPU: fp32 {two:?}, ep 1 {one:?}, CPU {cpu:?}; bf16 {base:?}");
 }

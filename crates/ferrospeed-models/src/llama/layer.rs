@@ -147,14 +147,10 @@ impl Block for Layer {
         }
         params.push(p("post_attention_layernorm.weight", &[d], Init::Ones, false));
         match c.moe.filter(|_| self.sparse()) {
-            // Experts as transformers 5 holds them (`moe.rs`), the router, the shared expert.
+            // The router and the shared expert (the routed experts are the next block, `experts.rs`).
             Some(m) => {
-                let (e, fe, s) = (m.num_experts, m.d_expert, m.d_shared);
-                params.extend([
-                    p("mlp.gate.weight", &[e, d], w, true),
-                    p("mlp.experts.gate_up_proj", &[e, 2 * fe, d], w, true),
-                    p("mlp.experts.down_proj", &[e, d, fe], w, true),
-                ]);
+                let (e, s) = (m.num_experts, m.d_shared);
+                params.push(p("mlp.gate.weight", &[e, d], w, true));
                 if s > 0 {
                     params.extend([
                         p("mlp.shared_expert.gate_proj.weight", &[s, d], w, true),
@@ -237,9 +233,9 @@ impl Block for Layer {
         let adapters: f64 = self.lora.map_or(0.0, |l| {
             module_dims(c).iter().zip(l.targets).filter(|(_, on)| *on).map(|((i, o), _)| 2.0 * (l.shape.r * (i + o)) as f64).sum()
         });
-        // An MoE layer's MLP: the router, each token's k experts, the shared expert.
+        // An MoE layer's MLP: the router and the shared expert (the routed experts are a block of their own).
         let mlp = match c.moe.filter(|_| self.sparse()) {
-            Some(m) => (m.num_experts + m.top_k * 3 * m.d_expert + 3 * m.d_shared + usize::from(m.d_shared > 0)) as f64 * d,
+            Some(m) => (m.num_experts + 3 * m.d_shared + usize::from(m.d_shared > 0)) as f64 * d,
             None => 3.0 * d * f,
         };
         // Projections (q, k, v, o) and the MLP (gate, up, down), plus scores and weighted values.

@@ -1,6 +1,7 @@
 //! The Llama layer of the architectures the fused kernels do not cover yet, composed of candle ops
 //! and differentiated by autograd: query/key norms (Qwen3: per head; OLMoE: over the projection,
-//! both before RoPE) and mixture-of-experts MLPs (`moe.rs`). In an MoE model every layer passes, besides
+//! both before RoPE) and mixture-of-experts MLPs (`moe.rs`: the router and shared expert here, the
+//! routed experts in the next block, `experts.rs`). In an MoE model every layer passes, besides
 //! the hidden state, each sparse layer's selections and probability sums of the experts (`[L, E]`, f32,
 //! a row a sparse layer) and its z-loss sum and dropped tokens (`[L, 2]`) to the next block; the head
 //! turns them into the load-balancing and z losses (where they are on) and the router's statistics.
@@ -27,7 +28,7 @@ impl Layer {
     /// The first slot after the MLP's (where the query and key norms are).
     fn mlp_end(&self, s: &Slots) -> usize {
         match self.cfg.moe.filter(|_| self.sparse()) {
-            Some(m) => s.post_norm + 4 + if m.d_shared > 0 { 4 } else { 0 },
+            Some(m) => s.post_norm + 2 + if m.d_shared > 0 { 4 } else { 0 },
             None => s.base_len(),
         }
     }
@@ -62,21 +63,28 @@ impl Layer {
         let x = (x + linear(&y, &p[s.o], s.o_bias.map(|i| &p[i]))?)?;
         let h = rms_norm(&x, &p[s.post_norm], eps)?;
         let mut sums = None;
+        let mut routed = None;
         let mlp = match c.moe.filter(|_| self.sparse()) {
             Some(m) => {
                 let at = s.post_norm + 1;
-                let shared = (m.d_shared > 0).then(|| [&p[at + 3], &p[at + 4], &p[at + 5], &p[at + 6]]);
-                let out = moe::forward(&m, &moe::MoeParams { router: &p[at], gate_up: &p[at + 1], down: &p[at + 2], shared }, &h)?;
-                sums = Some((out.counts, out.prob_sums, out.extras));
-                out.y
+                let shared = (m.d_shared > 0).then(|| [&p[at + 1], &p[at + 2], &p[at + 3], &p[at + 4]]);
+                let r = moe::route(&m, &moe::RouterParams { router: &p[at], shared }, &h)?;
+                sums = Some((r.counts, r.prob_sums, r.extras));
+                // The selections as f32 (exact: an expert's index), so they cross a pipeline stage.
+                routed = Some([h, r.experts.to_dtype(DType::F32)?, r.weights]);
+                r.shared
             }
             None => {
                 let mlp_bias = |i: usize| s.mlp_bias.map(|b0| &p[b0 + i]);
                 let act = (linear(&h, &p[s.gate], mlp_bias(0))?.silu()? * linear(&h, &p[s.up], mlp_bias(1))?)?;
-                linear(&act, &p[s.down], mlp_bias(2))?
+                Some(linear(&act, &p[s.down], mlp_bias(2))?)
             }
         };
-        let out = (x + mlp)?.reshape((b, t, d))?;
+        let out = match mlp {
+            Some(y) => (x + y)?,
+            None => x,
+        }
+        .reshape((b, t, d))?;
         let Some(m) = c.moe else { return Ok(vec![out]) };
         // The sparse layers' selections and probabilities `[L, E]` and their z-loss sums and drops
         // `[L, 2]`, a row each: from the block before, or zeros at the first layer; this layer's row added.
@@ -108,6 +116,11 @@ impl Layer {
             }
             None => (counts, probs, extras),
         };
-        Ok(vec![out, counts, probs, extras])
+        // A sparse layer hands its routed experts (the next block) the experts' input, each token's
+        // k experts and their weights.
+        Ok(match routed {
+            Some([h, experts, weights]) => vec![out, h, experts, weights, counts, probs, extras],
+            None => vec![out, counts, probs, extras],
+        })
     }
 }

@@ -6,6 +6,7 @@
 //! q_proj.weight` …, linear weights `[out, in]`), so import and export are a renaming and nothing else.
 
 mod embedding;
+mod experts;
 mod head;
 pub mod infer;
 mod layer;
@@ -18,7 +19,7 @@ pub use embedding::Embedding;
 pub use head::Head;
 pub use layer::Layer;
 pub use moe::MoeConfig;
-pub use names::{fuse_experts, hf_name, open_weights, ExpertLayout, HF_NAMES};
+pub use names::{expert_views, hf_name, open_weights, ExpertLayout, HF_NAMES};
 
 use crate::ops::lora::{LayerLora, LoraShape};
 use crate::ops::rope::{inv_freq, tables, Llama3Scaling};
@@ -170,13 +171,17 @@ impl Llama {
         self.lora.as_ref()
     }
 
-    /// The blocks in order: embedding, `n_layer` layers, head.
+    /// The blocks in order: embedding, `n_layer` layers (each sparse one followed by its routed
+    /// experts' block), head.
     pub fn blocks(&self) -> Vec<Box<dyn Block>> {
         let frozen = self.lora.is_some();
         let mut blocks: Vec<Box<dyn Block>> = vec![Box::new(if frozen { Embedding::frozen(self.cfg) } else { Embedding::new(self.cfg) })];
         for l in 0..self.cfg.n_layer {
             let lora = self.lora.as_ref().map(|a| LayerLora { shape: a.shape, targets: a.targets[l] });
             blocks.push(Box::new(Layer::new(self.cfg, l, self.rope.clone(), lora)));
+            if self.cfg.is_sparse(l) {
+                blocks.push(Box::new(experts::Experts::new(self.cfg, l)));
+            }
         }
         blocks.push(Box::new(if frozen { Head::frozen(self.cfg) } else { Head::new(self.cfg) }));
         blocks

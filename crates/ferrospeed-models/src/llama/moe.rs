@@ -1,12 +1,11 @@
-//! Mixture-of-experts MLPs for the Llama family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), composed of
-//! candle ops and differentiated by autograd, as transformers 5 computes them: the router's logits
-//! `h·Wᵣᵀ`, their softmax in f32, the top-k experts of each token (their probabilities renormalised
-//! where `norm_topk_prob` says, as Mixtral always does), each expert a SwiGLU over the tokens routed to
-//! it (`index_select` there, `index_add` back, experts in order), weighted by the token's
-//! probability; a shared expert gated by `sigmoid(h·w_gᵀ)` (Qwen2-MoE) added to every token. Experts
-//! are stored as transformers 5 fuses them: `mlp.experts.gate_up_proj` `[E, 2f, d]` (gate rows, then up)
-//! and `mlp.experts.down_proj` `[E, d, f]`. Dropless: every token reaches its k experts (the routing is
-//! read to the host to group the tokens).
+//! Mixture-of-experts MLPs for the Llama family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE), as
+//! transformers 5 computes them: the router's logits `h·Wᵣᵀ`, their softmax in f32, the top-k
+//! experts of each token (their probabilities renormalised where `norm_topk_prob` says, as Mixtral
+//! always does) — composed of candle ops in the sparse layer, differentiated by autograd — then each
+//! expert a SwiGLU over the tokens routed to it, weighted by the token's probability (the experts'
+//! block, `experts.rs`, whose experts expert parallelism spreads over ranks); a shared expert gated
+//! by `sigmoid(h·w_gᵀ)` (Qwen2-MoE) added to every token. Dropless: every token reaches its k
+//! experts (the routing is read to the host to group the tokens), unless a capacity is set.
 //!
 //! The load-balancing loss (transformers' `load_balancing_loss_func`: `E · Σₑ fₑ · Pₑ` over the router
 //! logits of every sparse layer concatenated) is not separable by layer, so each sparse layer writes its
@@ -60,42 +59,47 @@ impl MoeConfig {
     }
 }
 
-/// A sparse layer's MLP parameters.
-pub struct MoeParams<'a> {
+/// A sparse layer's router and shared expert (the routed experts are a block of their own,
+/// `experts.rs`).
+pub struct RouterParams<'a> {
     /// `[E, d]`.
     pub router: &'a Tensor,
-    /// `[E, 2f, d]`.
-    pub gate_up: &'a Tensor,
-    /// `[E, d, f]`.
-    pub down: &'a Tensor,
     /// The shared expert's gate `[s, d]`, up `[s, d]`, down `[d, s]` and gate weight `[1, d]`.
     pub shared: Option<[&'a Tensor; 4]>,
 }
 
-/// What a sparse layer's MLP returns: its output `[n, d]` and its terms of the load-balancing loss:
-/// each expert's selections (no gradient) and probability sum.
-pub struct MoeOut {
-    pub y: Tensor,
+/// What a sparse layer's router decides for its `n` tokens, and its terms of the load-balancing loss.
+pub struct Routing {
+    /// Each token's k experts, best first (`[n, k]` u32; `E` where the capacity dropped the pair).
+    pub experts: Tensor,
+    /// Their weights (`[n, k]`, the hidden state's dtype; the renormalised probabilities where the
+    /// config says), with the router's gradient.
+    pub weights: Tensor,
+    /// The gated shared expert's output `[n, d]` (Qwen2-MoE), if any.
+    pub shared: Option<Tensor>,
+    /// Each expert's selections `[E]` (no gradient).
     pub counts: Tensor,
+    /// Each expert's probability sum `[E]`.
     pub prob_sums: Tensor,
     /// `Σ_tokens logsumexp(logits)²` (the z-loss's sum) and the token-expert pairs dropped by the
     /// capacity, `[2]`: the first with a gradient, the second without.
     pub extras: Tensor,
 }
 
-fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+pub(super) fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
     (x.matmul(&gate.t()?)?.silu()? * x.matmul(&up.t()?)?)?.matmul(&down.t()?)
 }
 
-/// The MoE MLP on `h` `[n, d]`.
-pub fn forward(cfg: &MoeConfig, p: &MoeParams<'_>, h: &Tensor) -> Result<MoeOut> {
+/// The router of a sparse layer on `h` `[n, d]`: logits `h·Wᵣᵀ`, their softmax in f32, each token's
+/// top k (ties: the lower expert, as torch.topk on CPU), renormalised where `norm_topk_prob` says;
+/// with a capacity, the pairs past it dropped per expert in token order; the shared expert.
+pub fn route(cfg: &MoeConfig, p: &RouterParams<'_>, h: &Tensor) -> Result<Routing> {
     let n = h.dim(0)?;
-    let (e_count, k, f) = (cfg.num_experts, cfg.top_k, cfg.d_expert);
+    let (e_count, k) = (cfg.num_experts, cfg.top_k);
     let logits = h.matmul(&p.router.t()?)?.to_dtype(DType::F32)?;
     let probs = crate::ops::composed::softmax_last_dim(&logits)?;
-    // The top k of each row, best first (ties: the lower expert, as torch.topk on CPU).
     let rows: Vec<Vec<f32>> = probs.to_vec2()?;
-    let experts: Vec<Vec<u32>> = rows
+    let mut experts: Vec<Vec<u32>> = rows
         .iter()
         .map(|r| {
             let mut order: Vec<u32> = (0..e_count as u32).collect();
@@ -110,47 +114,38 @@ pub fn forward(cfg: &MoeConfig, p: &MoeParams<'_>, h: &Tensor) -> Result<MoeOut>
     if cfg.norm_topk_prob {
         weights = weights.broadcast_div(&weights.sum_keepdim(1)?)?;
     }
-    let weights = weights.to_dtype(h.dtype())?.flatten_all()?;
-    let mut y = h.zeros_like()?;
-    // The tokens routed to each expert, in token order, and where it stands in each one's top k (its
-    // slot in `weights`).
-    let mut routed: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); e_count];
-    for (i, ex) in experts.iter().enumerate() {
-        for (j, &e) in ex.iter().enumerate() {
-            routed[e as usize].0.push(i as u32);
-            routed[e as usize].1.push((i * k + j) as u32);
+    let weights = weights.to_dtype(h.dtype())?;
+    let mut counts = vec![0f32; e_count];
+    for ex in &experts {
+        for &e in ex {
+            counts[e as usize] += 1.0;
         }
     }
-    let counts: Vec<f32> = routed.iter().map(|r| r.0.len() as f32).collect();
-    let capacity = cfg.capacity_factor.map(|f| (f * (n * k) as f64 / e_count as f64).ceil() as usize);
+    // The capacity: each expert keeps its first `c` pairs in token order; later ones are marked `E`.
     let mut dropped = 0usize;
-    for (e, (mut tokens, mut slots)) in routed.into_iter().enumerate() {
-        if let Some(c) = capacity.filter(|&c| tokens.len() > c) {
-            dropped += tokens.len() - c;
-            tokens.truncate(c);
-            slots.truncate(c);
+    if let Some(c) = cfg.capacity_factor.map(|f| (f * (n * k) as f64 / e_count as f64).ceil() as usize) {
+        let mut taken = vec![0usize; e_count];
+        for ex in experts.iter_mut() {
+            for e in ex.iter_mut() {
+                taken[*e as usize] += 1;
+                if taken[*e as usize] > c {
+                    *e = e_count as u32;
+                    dropped += 1;
+                }
+            }
         }
-        if tokens.is_empty() {
-            continue;
-        }
-        let m = tokens.len();
-        let tokens = Tensor::from_vec(tokens, m, h.device())?;
-        let slots = Tensor::from_vec(slots, m, h.device())?;
-        let gu = p.gate_up.get(e)?;
-        let out = swiglu(&h.index_select(&tokens, 0)?, &gu.narrow(0, 0, f)?, &gu.narrow(0, f, f)?, &p.down.get(e)?)?;
-        let out = out.broadcast_mul(&weights.index_select(&slots, 0)?.reshape((m, 1))?)?;
-        y = y.index_add(&tokens, &out, 0)?;
     }
-    if let Some([g, u, dn, gate]) = p.shared {
-        let s = swiglu(h, g, u, dn)?;
-        y = (y + s.broadcast_mul(&sigmoid(&h.matmul(&gate.t()?)?)?)?)?;
-    }
+    let shared = match p.shared {
+        Some([g, u, dn, gate]) => Some(swiglu(h, g, u, dn)?.broadcast_mul(&sigmoid(&h.matmul(&gate.t()?)?)?)?),
+        None => None,
+    };
     let counts = Tensor::from_vec(counts, e_count, h.device())?;
     // logsumexp of each token's logits, the max shifted out (and detached: it cancels).
     let max = logits.max_keepdim(1)?.detach();
     let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?.log()? + &max)?;
     let extras = Tensor::cat(&[lse.sqr()?.sum_all()?.reshape(1)?, Tensor::new(&[dropped as f32], h.device())?], 0)?;
-    Ok(MoeOut { prob_sums: probs.sum(0)?, y, counts, extras })
+    let experts = Tensor::new(experts, h.device())?;
+    Ok(Routing { experts, weights, shared, counts, prob_sums: probs.sum(0)?, extras })
 }
 
 /// The load-balancing loss from each sparse layer's selections and probability sums (`[L, E]`) over
@@ -183,6 +178,6 @@ pub fn max_load(counts: &Tensor) -> Result<Tensor> {
 }
 
 /// `1 / (1 + e^(−x))`.
-fn sigmoid(x: &Tensor) -> Result<Tensor> {
+pub(super) fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }

@@ -140,7 +140,7 @@ pub struct Accelerator {
     /// The mesh's groups, where `[parallel]` turns on more than data parallelism.
     parallel: Option<Parallel>,
     /// What `prepare` built of the pipeline, in one line.
-    pipeline_plan: Option<String>,
+    parallel_plan: Option<String>,
     /// A step was logged, a checkpoint saved or the run finished: the start succeeded, and a
     /// failure from now on keeps the run directory.
     started: std::sync::atomic::AtomicBool,
@@ -151,7 +151,8 @@ struct Parallel {
     comms: MeshComms,
     /// The data-parallel group's communication thread (the engine's collectives).
     dp: Arc<CommWorker>,
-    schedule: Schedule,
+    /// The pipeline's schedule (`None`: no pipeline, expert parallelism alone).
+    schedule: Option<Schedule>,
 }
 
 /// What `prepare` measured of importing `model.init_from` on this rank.
@@ -189,9 +190,9 @@ impl Accelerator {
         let device = crate::device::select(cfg.train.device, world.local_rank).map_err(AccelError::Device)?;
         let comm: Arc<dyn crate::Communicator> = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?)?);
         // The mesh's groups are split from the world before anything else uses it.
-        let parallel = match schedule {
-            None => None,
-            Some(schedule) => {
+        let parallel = match schedule.is_some() || cfg.parallel.ep > 1 {
+            false => None,
+            true => {
                 let comms = MeshComms::new(comm.clone(), mesh)?;
                 let dp = Arc::new(CommWorker::spawn(comms.get(Axis::Dp).clone()));
                 Some(Parallel { comms, dp, schedule })
@@ -227,7 +228,7 @@ impl Accelerator {
             c.all_reduce_slice(&mut bytes, ReduceOp::Sum)?;
             Ok(Some(String::from_utf8_lossy(&bytes.iter().map(|&b| b as u8).collect::<Vec<u8>>()).into_owned()))
         })??;
-        let acc = Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None, extra_run: serde_json::Map::new(), import: None, claim, parallel, pipeline_plan: None, started: false.into() };
+        let acc = Self { cfg: cfg.clone(), world, accumulation, device, worker, tracker, track_dir, names: ParamNames::BLOCK, resumed: None, extra_run: serde_json::Map::new(), import: None, claim, parallel, parallel_plan: None, started: false.into() };
         match reason {
             Some(reason) => Err(AccelError::RunDirRefused(reason)),
             None => Ok(acc),
@@ -280,9 +281,25 @@ impl Accelerator {
         let cfg = self.engine_config(optimizer, options.groups);
         let mut engine = match &self.parallel {
             None => Engine::with_worker(model, self.worker.clone(), cfg)?,
+            // Expert parallelism without a pipeline: the data-parallel group is the world.
+            Some(par) if par.schedule.is_none() => {
+                let group = crate::parallel::ExpertGroup::new(par.comms.get(Axis::Ep).clone());
+                let edp = Arc::new(CommWorker::spawn(par.comms.get(Axis::Edp).clone()));
+                let engine = Engine::with_experts(model, self.worker.clone(), group, edp, cfg)?;
+                let m = engine.model();
+                let blocks: Vec<usize> = (0..m.num_blocks()).filter(|&b| m.block(b).experts() > 0).collect();
+                let (ep, edp) = (par.comms.mesh().size(Axis::Ep), par.comms.mesh().size(Axis::Edp));
+                let experts = blocks.first().map_or(0, |&b| m.block(b).experts());
+                self.parallel_plan = Some(format!(
+                    "expert parallelism: {} expert blocks of {experts} experts, {} on each rank of expert groups of {ep}, reduced over the {edp} rank(s) holding the same",
+                    blocks.len(),
+                    experts / ep
+                ));
+                engine
+            }
             Some(par) => {
                 let (engine, plan) = self.pipeline_engine(par, model, cfg)?;
-                self.pipeline_plan = Some(plan);
+                self.parallel_plan = Some(plan);
                 engine
             }
         };
@@ -334,7 +351,8 @@ impl Accelerator {
         let mesh = par.comms.mesh();
         let rank = mesh.coords(self.world.rank).pp;
         let pp = mesh.size(Axis::Pp);
-        let ranges = stage_blocks(&model.stage_costs(), pp * par.schedule.virtual_stages, &self.cfg.parallel.pp_split).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?;
+        let schedule = par.schedule.as_ref().ok_or_else(|| crate::config::ConfigError::NotBuilt("a pipeline without a schedule".into()))?;
+        let ranges = stage_blocks(&model.stage_costs(), pp * schedule.virtual_stages, &self.cfg.parallel.pp_split).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?;
         let StageCut { model: cut, owner_stage, tied, tie_stages, whole } = cut_for_stage(model, &ranges, rank, pp)?;
         // The tie group of each pipeline: its ranks at the stages holding tied parameters (a split
         // of the world, so every rank takes part; the others form groups of one).
@@ -350,22 +368,22 @@ impl Accelerator {
             Some(Arc::<dyn crate::Communicator>::from(split))
         };
         let ranks = (0..mesh.world()).map(|r| (mesh.coords(r).pp, mesh.coords(r).dp)).collect();
-        let stage = PipelineStage { rank, schedule: par.schedule.clone(), p2p: par.comms.get(Axis::Pp).clone(), tie, world: self.worker.clone(), owner_stage, tied, whole, ranks };
+        let stage = PipelineStage { rank, schedule: schedule.clone(), p2p: par.comms.get(Axis::Pp).clone(), tie, world: self.worker.clone(), owner_stage, tied, whole, ranks };
         let plan = format!(
             "pipeline: {} stages of blocks {:?}, schedule {} over {} micro-batches (analytic bubble {:.1}%)",
             ranges.len(),
             ranges,
-            par.schedule.kind.name(),
-            par.schedule.micro,
-            100.0 * par.schedule.analytic_bubble(crate::parallel::Costs::UNIT)
+            schedule.kind.name(),
+            schedule.micro,
+            100.0 * schedule.analytic_bubble(crate::parallel::Costs::UNIT)
         );
         Ok((Engine::with_pipeline(cut, par.dp.clone(), stage, cfg)?, plan))
     }
 
-    /// The pipeline [`Accelerator::prepare`] built, in one line (stages and their blocks, the
-    /// schedule, its analytic bubble); `None` without one.
-    pub fn pipeline_plan(&self) -> Option<&str> {
-        self.pipeline_plan.as_deref()
+    /// The pipeline or expert parallelism [`Accelerator::prepare`] built, in one line (stages and
+    /// their blocks, the schedule, its analytic bubble; the experts each rank holds); `None` without either.
+    pub fn parallel_plan(&self) -> Option<&str> {
+        self.parallel_plan.as_deref()
     }
 
     /// What importing `model.init_from` read, held and took on this rank, if it was imported.

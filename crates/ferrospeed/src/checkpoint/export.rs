@@ -66,11 +66,27 @@ pub struct DirExport<'a> {
     /// The weights file's name when there is one (`model.safetensors` when `None`; a PEFT adapter's
     /// is `adapter_model.safetensors`).
     pub single_file: Option<&'a str>,
-    /// Tensors written as several, laid end to end (`(outside name, shape)` → the parts' names and
-    /// shapes, in order; `None` keeps it whole): the layout of the source where it splits what the
-    /// model holds as one (per-expert weights of fused experts).
-    pub split: Option<&'a dyn Fn(&str, &[usize]) -> Option<Vec<(String, Vec<usize>)>>>,
+    /// How a block's parameters are written where not each as itself: the layout of the source
+    /// where it splits or fuses what the model holds (experts: per-expert gate and up weights, or
+    /// transformers 5's fused `[E, 2f, d]`).
+    pub regroup: Option<Regroup<'a>>,
 }
+
+/// One tensor an export writes and where its values come from: pieces of its block's parameters
+/// (index among them, element range in it), laid end to end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Written {
+    /// The tensor's name in the directory.
+    pub name: String,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Its values: (parameter index in the block, element range of that parameter), in order.
+    pub pieces: Vec<(usize, std::ops::Range<usize>)>,
+}
+
+/// Given a block's parameters (outside name and shape, in order), the tensors they are written as;
+/// `None` writes each as itself.
+pub type Regroup<'a> = &'a dyn Fn(&[(String, Vec<usize>)]) -> Option<Vec<Written>>;
 
 /// Write the master weights of checkpoint `dir` as a directory transformers' `from_pretrained` loads:
 /// `model.safetensors`, or `model-0000k-of-0000n.safetensors` shards of at most `max_shard_bytes`
@@ -80,37 +96,38 @@ pub struct DirExport<'a> {
 pub fn export_dir(dir: &Path, out: &Path, opts: &DirExport<'_>) -> Result<ExportStats, CheckpointError> {
     verify(dir)?;
     let meta = read_meta(dir)?;
-    // Each tensor written and where it lies: its block and offset there (a split tensor's parts one
-    // after another).
+    // Each tensor written and where it lies: its block and the ranges of the block's flat buffer
+    // it is made of.
     let mut tensors: Vec<(String, Vec<usize>)> = Vec::new();
-    let mut places: Vec<(usize, usize)> = Vec::new();
+    let mut places: Vec<(usize, Vec<std::ops::Range<usize>>)> = Vec::new();
     for (b, block) in meta.blocks.iter().enumerate() {
-        for p in &block.params {
-            let name = (opts.name_of)(&block.name, &p.name);
-            match opts.split.and_then(|f| f(&name, &p.shape)) {
-                Some(parts) => {
-                    let mut at = p.offset;
-                    for (part, shape) in parts {
-                        places.push((b, at));
-                        at += shape.iter().product::<usize>();
-                        tensors.push((part, shape));
-                    }
-                    if at != p.offset + p.shape.iter().product::<usize>() {
-                        return Err(CheckpointError::Format(format!("{name} {:?} split into parts of {} elements", p.shape, at - p.offset)));
-                    }
+        let params: Vec<(String, Vec<usize>)> = block.params.iter().map(|p| ((opts.name_of)(&block.name, &p.name), p.shape.clone())).collect();
+        let written = opts.regroup.and_then(|f| f(&params)).unwrap_or_else(|| {
+            params.iter().enumerate().map(|(j, (name, shape))| Written { name: name.clone(), shape: shape.clone(), pieces: vec![(j, 0..shape.iter().product())] }).collect()
+        });
+        for w in written {
+            let mut ranges = Vec::with_capacity(w.pieces.len());
+            for (j, r) in &w.pieces {
+                let p = block.params.get(*j).ok_or_else(|| CheckpointError::Format(format!("{}: parameter {j} of block {}, which has {}", w.name, block.name, block.params.len())))?;
+                if r.end > p.shape.iter().product() {
+                    return Err(CheckpointError::Format(format!("{}: elements {r:?} of {}.{} {:?}", w.name, block.name, p.name, p.shape)));
                 }
-                None => {
-                    places.push((b, p.offset));
-                    tensors.push((name, p.shape.clone()));
-                }
+                ranges.push(p.offset + r.start..p.offset + r.end);
             }
+            let n: usize = ranges.iter().map(|r| r.len()).sum();
+            if n != w.shape.iter().product::<usize>() {
+                return Err(CheckpointError::Format(format!("{} {:?} written from {n} elements", w.name, w.shape)));
+            }
+            places.push((b, ranges));
+            tensors.push((w.name, w.shape));
         }
     }
     let mut files = super::load::RankFiles::new(dir, &meta);
     let mut current: Option<(usize, Vec<f32>)> = None;
     let mut largest = 0;
     let mut stats = write_dir(out, &tensors, opts, |t, values| {
-        let (b, offset) = places[t];
+        let (b, ranges) = &places[t];
+        let b = *b;
         if current.as_ref().map(|c| c.0) != Some(b) {
             let mut flat = vec![0f32; meta.blocks[b].numel];
             files.read(b, 0, 0, &mut flat)?;
@@ -118,7 +135,11 @@ pub fn export_dir(dir: &Path, out: &Path, opts: &DirExport<'_>) -> Result<Export
             current = Some((b, flat));
         }
         if let Some((_, flat)) = &current {
-            values.copy_from_slice(&flat[offset..offset + values.len()]);
+            let mut at = 0;
+            for r in ranges {
+                values[at..at + r.len()].copy_from_slice(&flat[r.clone()]);
+                at += r.len();
+            }
         }
         Ok(())
     })?;

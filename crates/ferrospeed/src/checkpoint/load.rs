@@ -120,16 +120,19 @@ pub fn load_into(engine: &mut Engine, dir: &Path) -> Result<Meta, CheckpointErro
     let mut files = RankFiles::new(dir, &meta);
     // Each block of this engine is a block of the checkpoint (a pipeline stage holds some of them,
     // and its ghosts take their owners' state).
-    let blocks: Vec<usize> = engine.checkpoint_plan().local.iter().map(|&(b, _)| b).collect();
+    let plan = engine.checkpoint_plan();
+    let blocks: Vec<usize> = plan.local.iter().map(|&(b, _)| b).collect();
+    // Where each of the engine's flat buffers starts in the checkpoint's block (an expert block's share).
+    let offsets: Vec<usize> = plan.placement.iter().map(|&(_, o)| o).collect();
     // Block by block: a state larger than host memory (on the GPU, or NVMe) still resumes.
     let mut k = 0;
     engine.overwrite_blocks(meta.step, meta.loss_scaler, |w| -> Result<(), CheckpointError> {
-        let b = blocks[k];
-        let real_end = w.window.end.min(meta.blocks[b].numel);
+        let (b, offset) = (blocks[k], offsets[k]);
+        let real_end = w.window.end.min(w.flat.numel());
         for (kind, dst) in std::iter::once(w.master).chain(w.state).enumerate() {
             // Zeroed by overwrite_blocks: the padding stays zero.
             if w.window.start < real_end {
-                files.read(b, kind, w.window.start, &mut dst[..real_end - w.window.start])?;
+                files.read(b, kind, offset + w.window.start, &mut dst[..real_end - w.window.start])?;
             }
         }
         k += 1;

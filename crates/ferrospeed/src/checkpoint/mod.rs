@@ -13,7 +13,7 @@ mod weights;
 pub use durable::SavePhase;
 pub(crate) use durable::fault_at;
 pub use error::CheckpointError;
-pub use export::{export, export_dir, load_consolidated, load_consolidated_from, write_dir, DirExport, ExportStats, ImportScope, ImportStats, NameMap};
+pub use export::{export, export_dir, load_consolidated, load_consolidated_from, write_dir, DirExport, ExportStats, ImportScope, ImportStats, NameMap, Regroup, Written};
 pub use format::{list_checkpoints, step_dir_name, BlockMeta, FileMeta, Meta, ParamMeta, FORMAT_VERSION, LATEST, META};
 pub use load::{latest, load_into, read_meta, resolve, verify, verify_file};
 pub use save::{save, SaveRequest, BEST};

@@ -131,14 +131,14 @@ fn write_rank_file(engine: &mut Engine, dir: &Path, rank: usize, world: usize) -
     let plan = engine.checkpoint_plan();
     // This rank's shard of a block in the saving group's layout (the data-parallel rank's), real
     // elements only, relative to the window this rank holds.
-    let local = |flat: &crate::shard::FlatParam, window: &std::ops::Range<usize>| {
-        let r = flat.layout().range(plan.shard_rank);
+    let local = |k: usize, flat: &crate::shard::FlatParam, window: &std::ops::Range<usize>| {
+        let r = flat.layout().range(plan.placement[k].0);
         r.start.saturating_sub(window.start)..r.end.saturating_sub(window.start)
     };
     let mut layout = Vec::new();
-    for (b, &(_, saved)) in engine.layouts().into_iter().zip(&plan.local) {
+    for (k, (b, &(_, saved))) in engine.layouts().into_iter().zip(&plan.local).enumerate() {
         if saved {
-            let n = local(b.flat, &b.window).len();
+            let n = local(k, b.flat, &b.window).len();
             layout.extend(tensor_names(b.block, &names).into_iter().map(|name| (name, vec![n])));
         }
     }
@@ -151,7 +151,7 @@ fn write_rank_file(engine: &mut Engine, dir: &Path, rank: usize, world: usize) -
         if !saved {
             return Ok(());
         }
-        let local = local(w.flat, &w.window);
+        let local = local(k - 1, w.flat, &w.window);
         std::iter::once(w.master).chain(w.state.iter().copied()).try_for_each(|data| file.push(&data[local.clone()]))
     })?;
     file.finish()?;

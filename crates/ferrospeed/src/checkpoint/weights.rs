@@ -74,8 +74,9 @@ pub struct WeightFiles {
     files: Vec<File>,
     tensors: BTreeMap<String, WeightInfo>,
     gguf: Option<super::gguf::GgufWeights>,
-    /// Tensors made of others laid end to end (`WeightFiles::concat`): their parts, in order.
-    concats: BTreeMap<String, Vec<String>>,
+    /// Tensors made of pieces of others laid end to end (`WeightFiles::concat`, `WeightFiles::slice`):
+    /// each piece's tensor and element range, in order.
+    views: BTreeMap<String, Vec<(String, Range<usize>)>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -90,7 +91,7 @@ impl WeightFiles {
         if path.extension().is_some_and(|e| e == "gguf") && path.is_file() {
             let g = super::gguf::GgufWeights::open(path)?;
             let tensors = g.tensors.iter().map(|(n, m)| (n.clone(), WeightInfo { file: 0, dtype: WeightDtype::F32, shape: m.shape.clone(), data_start: 0 })).collect();
-            return Ok(Self { paths: vec![path.to_path_buf()], files: Vec::new(), tensors, gguf: Some(g), concats: BTreeMap::new() });
+            return Ok(Self { paths: vec![path.to_path_buf()], files: Vec::new(), tensors, gguf: Some(g), views: BTreeMap::new() });
         }
         if !path.is_dir() {
             return Self::from_files(vec![path.to_path_buf()], None);
@@ -145,23 +146,45 @@ impl WeightFiles {
                 }
             }
         }
-        Ok(Self { paths, files, tensors, gguf: None, concats: BTreeMap::new() })
+        Ok(Self { paths, files, tensors, gguf: None, views: BTreeMap::new() })
     }
 
     /// Present tensors `parts` (of one dtype), laid end to end, as one tensor `name` of `shape`: a
     /// layout the files split where the model keeps one tensor (e.g. a Hub checkpoint's per-expert
-    /// weights of transformers 5's fused `[E, 2f, d]` experts). The parts are then no longer listed by
+    /// gate and up weights of one expert's fused `[2f, d]`). The parts are then no longer listed by
     /// [`WeightFiles::names`]; reading `name` reads them.
     pub fn concat(&mut self, name: &str, parts: Vec<String>, shape: Vec<usize>) -> Result<(), CheckpointError> {
+        let mut pieces = Vec::with_capacity(parts.len());
+        for part in parts {
+            let info = self.tensors.get(&part).ok_or_else(|| CheckpointError::Format(format!("{name}: no tensor {part} to build it from")))?;
+            let n = info.shape.iter().product::<usize>();
+            pieces.push((part, 0..n));
+        }
+        self.view(name, pieces, shape)
+    }
+
+    /// Present elements `range` of tensor `source` as a tensor `name` of `shape`: a layout the files
+    /// fuse where the model keeps several tensors (e.g. one expert of transformers 5's fused
+    /// `[E, 2f, d]` experts). A tensor some slice is taken of is no longer listed by [`WeightFiles::names`].
+    pub fn slice(&mut self, name: &str, source: &str, range: Range<usize>, shape: Vec<usize>) -> Result<(), CheckpointError> {
+        let info = self.tensors.get(source).ok_or_else(|| CheckpointError::Format(format!("{name}: no tensor {source} to take it from")))?;
+        let n = info.shape.iter().product::<usize>();
+        if range.end > n {
+            return Err(CheckpointError::Format(format!("{name}: elements {range:?} of {source}, which has {n}")));
+        }
+        self.view(name, vec![(source.to_string(), range)], shape)
+    }
+
+    fn view(&mut self, name: &str, pieces: Vec<(String, Range<usize>)>, shape: Vec<usize>) -> Result<(), CheckpointError> {
         let mut numel = 0;
         let mut first: Option<&WeightInfo> = None;
-        for part in &parts {
+        for (part, range) in &pieces {
             let info = self.tensors.get(part).ok_or_else(|| CheckpointError::Format(format!("{name}: no tensor {part} to build it from")))?;
             if first.is_some_and(|f| f.dtype != info.dtype) {
                 return Err(CheckpointError::Format(format!("{name}: its parts have different dtypes ({part} is {})", info.dtype.name())));
             }
             first = first.or(Some(info));
-            numel += info.shape.iter().product::<usize>();
+            numel += range.len();
         }
         let Some(first) = first else { return Err(CheckpointError::Format(format!("{name}: no parts"))) };
         if numel != shape.iter().product::<usize>() {
@@ -169,7 +192,7 @@ impl WeightFiles {
         }
         let info = WeightInfo { file: first.file, dtype: first.dtype, shape, data_start: u64::MAX };
         self.tensors.insert(name.to_string(), info);
-        self.concats.insert(name.to_string(), parts);
+        self.views.insert(name.to_string(), pieces);
         Ok(())
     }
 
@@ -178,27 +201,28 @@ impl WeightFiles {
         self.tensors.get(name)
     }
 
-    /// Every tensor's name, sorted (the parts of a [`WeightFiles::concat`] as the whole).
+    /// Every tensor's name, sorted (those [`WeightFiles::concat`] and [`WeightFiles::slice`] build
+    /// others from as the others).
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        let parts: std::collections::BTreeSet<&str> = self.concats.values().flatten().map(String::as_str).collect();
+        let parts: std::collections::BTreeSet<&str> = self.parts().collect();
         self.tensors.keys().map(String::as_str).filter(move |n| !parts.contains(n))
     }
 
-    /// The names of the tensors [`WeightFiles::concat`] presents as others.
+    /// The names of the tensors [`WeightFiles::concat`] and [`WeightFiles::slice`] present as others.
     pub fn parts(&self) -> impl Iterator<Item = &str> {
-        self.concats.values().flatten().map(String::as_str)
+        self.views.values().flatten().map(|(n, _)| n.as_str())
     }
 
     /// Elements `range` of tensor `name`, as f32, into `out`.
     pub fn read_f32(&mut self, name: &str, range: Range<usize>, out: &mut [f32]) -> Result<(), CheckpointError> {
-        if let Some(parts) = self.concats.get(name).cloned() {
-            // Each part's share of the range, in order.
+        if let Some(pieces) = self.views.get(name).cloned() {
+            // Each piece's share of the range, in order.
             let (mut at, mut done) = (0, 0);
-            for part in parts {
-                let n: usize = self.tensors[&part].shape.iter().product();
+            for (part, piece) in pieces {
+                let n = piece.len();
                 let (lo, hi) = (range.start.max(at), range.end.min(at + n));
                 if lo < hi {
-                    self.read_f32(&part, lo - at..hi - at, &mut out[done..done + (hi - lo)])?;
+                    self.read_f32(&part, piece.start + lo - at..piece.start + hi - at, &mut out[done..done + (hi - lo)])?;
                     done += hi - lo;
                 }
                 at += n;

@@ -525,13 +525,19 @@ impl Config {
     pub fn mesh(&self, world_size: usize) -> Result<crate::parallel::Mesh, ConfigError> {
         let mesh = self.parallel.mesh(world_size)?;
         let p = &self.parallel;
-        for (key, v, what) in [("tp", p.tp, "tensor"), ("cp", p.cp, "context"), ("ep", p.ep, "expert")] {
+        for (key, v, what) in [("tp", p.tp, "tensor"), ("cp", p.cp, "context")] {
             if v > 1 {
                 return Err(ConfigError::NotBuilt(format!(
-                    "parallel.{key} = {v}: {what} parallelism is not in this build yet (the mesh, its groups and pipeline \
-                     parallelism are); set parallel.{key} = 1"
+                    "parallel.{key} = {v}: {what} parallelism is not in this build yet (the mesh, its groups, pipeline \
+                     and expert parallelism are); set parallel.{key} = 1"
                 )));
             }
+        }
+        if p.ep > 1 && p.pp > 1 {
+            return Err(ConfigError::NotBuilt(format!(
+                "parallel.ep = {} with parallel.pp = {}: expert parallelism inside a pipeline is not in this build yet; set one of them to 1",
+                p.ep, p.pp
+            )));
         }
         Ok(mesh)
     }

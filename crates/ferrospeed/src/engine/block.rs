@@ -8,6 +8,7 @@ use super::error::EngineError;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 
+pub use crate::parallel::ExpertGroup;
 pub use crate::shard::{Init, ParamRef, ParamSpec};
 
 /// The inputs of one micro-batch (or one sample, before collation): named tensors of any dtype and
@@ -142,6 +143,19 @@ pub trait Block: Send + Sync {
     fn metrics(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Expert blocks (a mixture of experts' routed experts): how many experts the block's own
+    /// parameters hold, expert after expert, each with the same parameters (0, the default: not an
+    /// expert block). Under expert parallelism (`parallel.ep > 1`) each rank of an expert group holds
+    /// a contiguous, equal share of them ([`ExpertGroup::local_experts`]): the forward and backward
+    /// receive that share's parameter slots only, and reach the others' through the group.
+    fn experts(&self) -> usize {
+        0
+    }
+
+    /// Expert blocks: the engine's handle on the block's expert-parallel group, given once before the
+    /// first forward. A block never given one holds every expert.
+    fn bind_experts(&self, _group: ExpertGroup) {}
 
     /// Forward FLOPs per token (for MFU), counting a multiply-add as 2.
     fn forward_flops_per_token(&self) -> f64 {

@@ -61,7 +61,7 @@ mod device_step;
 #[path = "device/device_stub.rs"]
 mod device_stub;
 
-pub use block::{Batch, Block, Init, ParamRef, ParamSpec, Saved, Upstream};
+pub use block::{Batch, Block, ExpertGroup, Init, ParamRef, ParamSpec, Saved, Upstream};
 pub use param_grads::{ParamGrads, WeightGrads};
 #[cfg(feature = "cuda")]
 use device_grads::DeviceGrads;
@@ -81,7 +81,7 @@ pub use error::{candle_message, EngineError};
 pub use estimate::{estimate, ActivationProfile, EstimatePlan, MemoryEstimate};
 pub use host_buf::HostBuf;
 pub use memory::MemoryReport;
-pub use model::{Model, SlotSource, StageModel};
+pub use model::{ExpertShard, Model, SlotSource, StageModel};
 pub use pipeline::{cut_for_stage, PipelineStage, StageCut};
 pub use offload::nvme::DiskTraffic;
 pub use offload::OffloadSettings;

@@ -1,10 +1,12 @@
 //! Parallelism beyond data parallelism: the device [`Mesh`] and the communicator of each of its groups.
 
+mod experts;
 mod groups;
 mod mesh;
 mod schedule;
 mod stages;
 
+pub use experts::ExpertGroup;
 pub use groups::MeshComms;
 pub use mesh::{Axis, Coords, Mesh, MeshError};
 pub use schedule::{Action, Costs, Op, Schedule, ScheduleError, ScheduleKind, Timeline};

@@ -11,6 +11,7 @@ use crate::optim::sum_squares;
 use crate::shard::{FlatParam, GradReduction};
 use candle_core::{DType, Device, Tensor};
 use std::ops::Range;
+use std::sync::Arc;
 
 /// The gradient buffers of one block.
 pub struct BlockGrads {
@@ -23,6 +24,9 @@ pub struct BlockGrads {
     /// The reduced window copied to the host for an optimizer there (device gradients, offloaded
     /// state); freed at the next step.
     downloaded: Vec<f32>,
+    /// The group the block reduces over when it is not the engine's (an expert block: its
+    /// expert-data-parallel group; on the host, never the engine's NCCL communicator).
+    pub(super) group: Option<Arc<CommWorker>>,
 }
 
 /// Where a block's gradient buffers live, and the buffers.
@@ -89,7 +93,7 @@ impl BlockGrads {
             Some(d) => GradStore::Device(d),
             None => GradStore::Host { full: None, shard: None },
         };
-        Ok(Self { padded: flat.padded_numel(), shard_range: s.offset..s.offset + s.padded_len, reduction, store, downloaded: Vec::new() })
+        Ok(Self { padded: flat.padded_numel(), shard_range: s.offset..s.offset + s.padded_len, reduction, store, downloaded: Vec::new(), group: None })
     }
 
     /// Zero the accumulators for a new step (allocations are kept where the strategy keeps them).
@@ -136,6 +140,10 @@ impl BlockGrads {
     /// Submit the reduction of the complete accumulator (averaged over ranks, in `dtype`).
     /// With `nccl` (CUDA, one GPU per rank) the reduction runs on the GPUs, on NCCL's stream.
     pub fn start_reduce(&mut self, worker: &CommWorker, nccl: Option<&Nccl>, dtype: DType) -> Result<Pending<Result<Reduced, CommError>>, EngineError> {
+        let (worker, nccl) = match &self.group {
+            Some(g) => (g.as_ref(), None),
+            None => (worker, nccl),
+        };
         let (reduction, padded, shard_range) = (self.reduction, self.padded, self.shard_range.clone());
         match &mut self.store {
             GradStore::Device(d) => d.start_reduce(worker, nccl, dtype, padded, reduction, shard_range),

@@ -80,9 +80,13 @@ pub struct BlockParams {
     pinned: Option<PinnedShard>,
     /// The block's frozen parameters (a flat buffer of their own; empty for most blocks).
     pub frozen: FrozenParams,
+    /// The group the block's shards are gathered over when it is not the engine's (an expert
+    /// block: its expert-data-parallel group).
+    pub(super) group: Option<Arc<CommWorker>>,
 }
 
 /// What every block's set-up shares.
+#[derive(Clone, Copy)]
 pub struct BlockSetup<'a> {
     pub strategy: Strategy,
     pub rank: usize,
@@ -174,6 +178,7 @@ impl BlockParams {
             dev_shard: None,
             pinned: None,
             frozen,
+            group: None,
         };
         match strategy.param_placement() {
             ParamPlacement::Resident => p.vars = Some(p.make_vars(&HostBuf::from_f32(dtype, &full))?),
@@ -365,6 +370,10 @@ impl BlockParams {
 
     /// Start all-gathering this block's shard (stage 3); `finish_gather` turns the result into variables.
     pub fn start_gather(&self, worker: &CommWorker, nccl: Option<&Nccl>) -> Result<Gather, EngineError> {
+        let (worker, nccl) = match &self.group {
+            Some(g) => (g.as_ref(), None),
+            None => (worker, nccl),
+        };
         let padded = self.flat.padded_numel();
         if let Some(g) = self.store.device().map(|d| d.start_gather(nccl, padded)).transpose()?.flatten() {
             return Ok(Gather::Device(g));
@@ -414,6 +423,11 @@ impl BlockParams {
     /// On a CUDA device the update already wrote the compute copy: stage 0 has nothing left to do,
     /// the others copy the window's compute copy to the host once.
     pub fn start_publish(&mut self, worker: &CommWorker, strategy: Strategy, nccl: Option<&Nccl>) -> Result<Option<Gather>, EngineError> {
+        let group = self.group.clone();
+        let (worker, nccl) = match &group {
+            Some(g) => (g.as_ref(), None),
+            None => (worker, nccl),
+        };
         let publish = strategy.publish();
         if std::mem::take(&mut self.uploaded) || self.store.device().is_some() && publish == Publish::Rebuild {
             return Ok(None);
@@ -625,6 +639,7 @@ fn init_param(out: &mut [f32], spec: &ParamSpec, rng: &mut Rng) {
 }
 
 /// What `BlockParams` needs of the optimizer: how many state buffers, and each parameter's group.
+#[derive(Clone, Copy)]
 pub struct OptimizerSetup<'a> {
     /// `Optimizer::state_names().len()`.
     pub num_states: usize,

@@ -76,6 +76,10 @@ pub struct CheckpointPlan {
     pub local: Vec<(usize, bool)>,
     /// This rank's shard in the blocks' layouts (its data-parallel rank).
     pub shard_rank: usize,
+    /// For each block of this engine: this rank's shard in the block's own layout (its
+    /// data-parallel rank; an expert block's: its expert-data-parallel rank), and where the engine's
+    /// flat buffer of the block starts in the whole block's (0; an expert block's: its share's offset).
+    pub placement: Vec<(usize, usize)>,
 }
 
 impl Engine {
@@ -85,9 +89,49 @@ impl Engine {
             return plan;
         }
         let world = self.worker.world_size();
+        if let Some(e) = &self.experts {
+            return self.expert_checkpoint_plan(e);
+        }
         let blocks: Vec<(String, FlatParam)> = self.blocks_state().map(|(n, p)| (n.to_string(), p.flat.clone())).collect();
         let files = (0..world).map(|r| blocks.iter().map(|(_, f)| f.layout().range(r)).collect()).collect();
-        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, shard_rank: self.worker.rank() }
+        let placement = vec![(self.worker.rank(), 0); blocks.len()];
+        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, shard_rank: self.worker.rank(), placement }
+    }
+
+    /// The checkpoint of an engine with expert parallelism: every expert block whole, each rank's
+    /// file holding its expert-data-parallel shard of its share of the experts (data-parallel rank
+    /// `r` is rank `r % ep` of its expert group and `r / ep` of its expert-data-parallel group).
+    fn expert_checkpoint_plan(&self, e: &super::trainer::Experts) -> CheckpointPlan {
+        let world = self.worker.world_size();
+        let mut blocks = Vec::with_capacity(self.params.len());
+        let mut placement = Vec::with_capacity(self.params.len());
+        for (i, (name, p)) in self.blocks_state().enumerate() {
+            match self.model.expert_shard(i) {
+                Some(shard) => {
+                    blocks.push((name.to_string(), FlatParam::new(&shard.whole, world)));
+                    placement.push((e.edp.rank(), shard.offset));
+                }
+                None => {
+                    blocks.push((name.to_string(), p.flat.clone()));
+                    placement.push((self.worker.rank(), 0));
+                }
+            }
+        }
+        let files = (0..world)
+            .map(|r| {
+                (0..blocks.len())
+                    .map(|i| match self.model.expert_shard(i) {
+                        Some(_) => {
+                            let flat = &self.params[i].flat;
+                            let (base, s) = ((r % e.ep) * flat.numel(), flat.layout().range(r / e.ep));
+                            base + s.start..base + s.end
+                        }
+                        None => blocks[i].1.layout().range(r),
+                    })
+                    .collect()
+            })
+            .collect();
+        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, shard_rank: self.worker.rank(), placement }
     }
 
     /// Copy the optimizer state from the device into host memory (a no-op on the CPU, or when the

@@ -251,7 +251,8 @@ impl Engine {
             .map(|&(r, d)| blocks.iter().enumerate().map(|(b, (_, f))| if pipe.rank_of(pipe.owner_stage[b]) == r { f.layout().range(d) } else { 0..0 }).collect())
             .collect();
         let local = pipe.original.iter().enumerate().map(|(i, &o)| (o, i >= pipe.ghosts)).collect();
-        Some(super::state::CheckpointPlan { blocks, files, local, shard_rank: self.worker.rank() })
+        let placement = vec![(self.worker.rank(), 0); pipe.original.len()];
+        Some(super::state::CheckpointPlan { blocks, files, local, shard_rank: self.worker.rank(), placement })
     }
 
     /// Whether the engine runs one stage of a pipeline.

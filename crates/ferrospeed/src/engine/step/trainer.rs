@@ -6,7 +6,7 @@
 //! The ZeRO stage is not branched on here: `Strategy` says whether parameters are resident, how
 //! gradients are reduced and whether the optimizer is sharded, and the buffers follow.
 
-use super::block::Batch;
+use super::block::{Batch, ExpertGroup};
 use super::blockwise::{self, ParamSource};
 use super::comm_worker::{CommWorker, Pending};
 use super::grads::Reduced;
@@ -162,6 +162,18 @@ pub struct Engine {
     pub(super) acc: Accumulating,
     /// The pipeline stage this engine runs, if any (`None`: the whole model).
     pub(super) pipe: Option<Box<super::pipeline::Pipe>>,
+    /// Expert parallelism, if on.
+    pub(super) experts: Option<Experts>,
+}
+
+/// Expert parallelism as the engine sees it: the expert blocks' own group (their shards are
+/// gathered and their gradients reduced over the ranks holding the same experts) and this rank's
+/// place in the expert group.
+pub(super) struct Experts {
+    /// The expert-data-parallel group's communication thread.
+    pub(super) edp: Arc<CommWorker>,
+    /// The expert group's size (`parallel.ep`).
+    pub(super) ep: usize,
 }
 
 /// What the micro-batches of the current optimizer step have left for [`Engine::step`].
@@ -196,6 +208,35 @@ impl Engine {
     /// As [`Engine::new`], issuing collectives on an existing communication thread (the
     /// `Accelerator`'s), so that its collectives and the engine's keep one order.
     pub fn with_worker(model: Model, worker: Arc<CommWorker>, cfg: EngineConfig) -> Result<Self, EngineError> {
+        Self::build(model, worker, None, cfg)
+    }
+
+    /// As [`Engine::with_worker`], with expert parallelism: every expert block ([`Block::experts`](super::Block::experts))
+    /// keeps the share of the experts of this rank of `group` (its expert-parallel group, `parallel.ep`
+    /// consecutive ranks of the data-parallel group), and is gathered, reduced and sharded by ZeRO over
+    /// `edp` (the ranks of the data-parallel group holding the same experts) instead of the data-parallel
+    /// group (through the communication thread on the host; never NCCL, which spans the data-parallel group).
+    pub fn with_experts(mut model: Model, worker: Arc<CommWorker>, group: ExpertGroup, edp: Arc<CommWorker>, cfg: EngineConfig) -> Result<Self, EngineError> {
+        if group.size() * edp.world_size() != worker.world_size() {
+            return Err(EngineError::Unsupported(format!(
+                "an expert group of {} ranks and an expert-data-parallel group of {} for a data-parallel group of {}",
+                group.size(),
+                edp.world_size(),
+                worker.world_size()
+            )));
+        }
+        if group.size() > 1 && (0..model.num_blocks()).all(|b| model.block(b).experts() == 0) {
+            return Err(EngineError::Unsupported(format!(
+                "parallel.ep = {} spreads the experts of a mixture-of-experts model, and this model has none: set parallel.ep = 1",
+                group.size()
+            )));
+        }
+        model.shard_experts(&group)?;
+        let experts = Experts { edp, ep: group.size() };
+        Self::build(model, worker, Some(experts), cfg)
+    }
+
+    fn build(model: Model, worker: Arc<CommWorker>, experts: Option<Experts>, cfg: EngineConfig) -> Result<Self, EngineError> {
         let (rank, world) = (worker.rank(), worker.world_size());
         let dtype = cfg.precision.compute_dtype();
         if cfg.device.is_cuda() && cfg.optimizer.as_adamw().is_none() {
@@ -214,6 +255,11 @@ impl Engine {
             groups: &cfg.param_groups,
         };
         let setup = BlockSetup { strategy: cfg.strategy, rank, world, dtype, device: &cfg.device, optimizer, nvme: offload.nvme.as_ref(), copies: copies.as_ref() };
+        // An expert block's rank and world: in its expert-data-parallel group.
+        let group_of = |i: usize| match (&experts, model.expert_shard(i)) {
+            (Some(e), Some(_)) => (e.edp.rank(), e.edp.world_size()),
+            _ => (rank, world),
+        };
         let mut params = Vec::with_capacity(model.num_blocks());
         let mut grads = Vec::with_capacity(model.num_blocks());
         // Drawing the initial values is most of the start-up (1.5B normal samples: a minute on one core):
@@ -222,17 +268,23 @@ impl Engine {
         let blocks: Vec<usize> = (0..model.num_blocks()).collect();
         for chunk in blocks.chunks(rayon::current_num_threads().max(1)) {
             let values: Vec<(Vec<f32>, Vec<f32>)> =
-                chunk.par_iter().map(|&i| (init_values(&model, i, world, cfg.seed), init_frozen_values(&model, i, world, cfg.seed))).collect();
+                chunk.par_iter().map(|&i| (init_values(&model, i, group_of(i).1, cfg.seed), init_frozen_values(&model, i, group_of(i).1, cfg.seed))).collect();
             for (&i, (full, cold)) in chunk.iter().zip(values) {
+                let (rank, world) = group_of(i);
                 let frozen = FrozenParams::new(&model, i, &cold, cfg.strategy, rank, world, dtype, &cfg.device, cfg.frozen_nf4)?;
-                let p = BlockParams::from_full(&model, i, full, frozen, &setup, tiers[i])?;
-                grads.push(BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction(), &cfg.device)?);
+                let mut p = BlockParams::from_full(&model, i, full, frozen, &BlockSetup { rank, world, ..setup }, tiers[i])?;
+                let mut g = BlockGrads::new(&p.flat, rank, cfg.strategy.grad_reduction(), &cfg.device)?;
+                if let (Some(e), Some(_)) = (&experts, model.expert_shard(i)) {
+                    p.group = Some(e.edp.clone());
+                    g.group = Some(e.edp.clone());
+                }
+                grads.push(g);
                 params.push(p);
             }
         }
         let scaler = cfg.loss_scaler.map(LossScaler::new);
         let nccl = make_nccl(worker.communicator(), &cfg.device)?;
-        Ok(Self { model, worker, params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl, offload, acc: Accumulating::default(), pipe: None })
+        Ok(Self { model, worker, params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl, offload, acc: Accumulating::default(), pipe: None, experts })
     }
 
     /// The model being trained.
@@ -586,6 +638,18 @@ impl Engine {
     fn grad_norm_scaled(&self) -> Result<f64, EngineError> {
         let world = self.worker.world_size();
         let reduction = self.cfg.strategy.grad_reduction();
+        if let Some(e) = &self.experts {
+            // Each rank holds some experts only: every rank sums its shard of each block (an expert
+            // block's in its expert-data-parallel layout), and one all-reduce adds them.
+            let rank = |i: usize| if self.model.expert_shard(i).is_some() { e.edp.rank() } else { self.worker.rank() };
+            let ranges = vec![self.params.iter().enumerate().map(|(i, p)| p.flat.layout().range(rank(i))).collect()];
+            let mine = grads::shard_sums(&self.grads, &ranges)?[0] as f32;
+            let total = self.worker.run(move |c| {
+                let mut s = [mine];
+                c.all_reduce_slice(&mut s, ReduceOp::Sum).map(|()| s[0])
+            })??;
+            return Ok(f64::from(total).sqrt());
+        }
         let ranks: Vec<usize> = match reduction {
             GradReduction::AllReduce => (0..world).collect(),
             GradReduction::ReduceScatter => vec![self.worker.rank()],

@@ -1,0 +1,217 @@
+//! The routed experts of a sparse layer as a block of their own (`layers.N.mlp.experts`), so that
+//! expert parallelism can spread them over ranks: each expert's parameters are `E.gate_up_proj`
+//! `[2f, d]` (gate rows, then up) and `E.down_proj` `[d, f]`, expert after expert, so a rank's share
+//! of the experts is one contiguous range of the block. The layer before it routes (`moe::route`) and
+//! passes the hidden state with its shared expert added, the normed input of the experts, each
+//! token's k experts (as f32, so they cross a pipeline stage like any activation) and their weights; this block sends each routed row to the rank holding its
+//! expert (one exchange of counts, one of rows), runs a SwiGLU per (source rank, expert) run of rows,
+//! sends the outputs back, and adds them weighted into the hidden state. Its backward is written
+//! by hand (the exchanges sit between autograd's graphs): the outputs' gradients travel the forward's
+//! way, the inputs' gradients back. Without an expert group it holds every expert and the exchanges
+//! are copies; the arithmetic per run of rows is the same, so one rank computes what several do.
+//! Under expert parallelism an expert's gradient sums the rows of its group's `ep` ranks; the block
+//! averages it over them, as the engine's reduction averages each rank's over the data-parallel group.
+
+use super::moe::swiglu;
+use super::LlamaConfig;
+use ferrospeed::engine::{Batch, Block, ExpertGroup, Init, ParamRef, ParamSpec, Saved, Upstream};
+use candle_core::{Result, Tensor};
+use std::sync::OnceLock;
+
+/// The routed experts of sparse layer `index`.
+#[derive(Debug)]
+pub(crate) struct Experts {
+    cfg: LlamaConfig,
+    index: usize,
+    group: OnceLock<ExpertGroup>,
+}
+
+/// What the forward keeps for the backward.
+struct ExpertsSaved {
+    /// Each routed pair's token and its slot in the `[n, k]` weights, in the order rows were sent.
+    tokens: Tensor,
+    slots: Tensor,
+    /// Rows sent to each rank, and received from each.
+    send: Vec<usize>,
+    recv: Vec<usize>,
+    /// Rows received from each rank for each local expert (`[source][expert]`, flattened).
+    recv_counts: Vec<usize>,
+    /// The rows received (the experts' inputs), the outputs sent back, the weights of the pairs.
+    rows: Tensor,
+    outputs: Tensor,
+    weights: Tensor,
+    /// `[b, t, d]` and the weights' `[n, k]`.
+    shape: (usize, usize, usize),
+    k: usize,
+}
+
+impl Experts {
+    pub(crate) fn new(cfg: LlamaConfig, index: usize) -> Self {
+        Self { cfg, index, group: OnceLock::new() }
+    }
+
+    fn group(&self) -> ExpertGroup {
+        self.group.get().cloned().unwrap_or_default()
+    }
+
+    fn moe(&self) -> Result<super::MoeConfig> {
+        self.cfg.moe.ok_or_else(|| candle_core::Error::Msg("experts of a model without [moe]".into()))
+    }
+
+    fn run(&self, p: &[Tensor], inputs: &[Tensor]) -> Result<(Vec<Tensor>, ExpertsSaved)> {
+        let m = self.moe()?;
+        let [x, h, selected, weights, rest @ ..] = inputs else { candle_core::bail!("the experts of layer {} take the layer's 7 outputs, got {}", self.index, inputs.len()) };
+        let (b, t, d) = x.dims3()?;
+        let (n, k) = selected.dims2()?;
+        let (total, f) = (m.num_experts, m.d_expert);
+        let g = self.group();
+        let local = g.local_experts(total);
+        // The routed pairs grouped by expert, in token order (dropped pairs are marked `total`).
+        let mut routed: Vec<Vec<(u32, u32)>> = vec![Vec::new(); total];
+        for (i, row) in selected.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?.iter().enumerate() {
+            for (j, &e) in row.iter().enumerate() {
+                if let Some(r) = routed.get_mut(e as usize) {
+                    r.push((i as u32, (i * k + j) as u32));
+                }
+            }
+        }
+        let per_expert: Vec<usize> = routed.iter().map(Vec::len).collect();
+        let send: Vec<usize> = (0..g.size()).map(|r| g.experts_of(r, total).map(|e| per_expert[e]).sum()).collect();
+        let recv_counts = g.exchange_counts(&per_expert)?;
+        let recv: Vec<usize> = recv_counts.chunks(local.len()).map(|c| c.iter().sum()).collect();
+        let pairs: Vec<(u32, u32)> = routed.into_iter().flatten().collect();
+        let dev = x.device();
+        let tokens = Tensor::from_vec(pairs.iter().map(|p| p.0).collect::<Vec<u32>>(), pairs.len(), dev)?;
+        let slots = Tensor::from_vec(pairs.iter().map(|p| p.1).collect::<Vec<u32>>(), pairs.len(), dev)?;
+        let rows = g.exchange_rows(&h.index_select(&tokens, 0)?, &send, &recv)?;
+        // A SwiGLU per run of rows of one source rank for one local expert.
+        let mut outs = Vec::new();
+        let mut at = 0;
+        for (s, &count) in recv_counts.iter().enumerate() {
+            if count > 0 {
+                let e = s % local.len();
+                let gu = &p[2 * e];
+                outs.push(swiglu(&rows.narrow(0, at, count)?, &gu.narrow(0, 0, f)?, &gu.narrow(0, f, f)?, &p[2 * e + 1])?);
+            }
+            at += count;
+        }
+        let outputs = if outs.is_empty() { Tensor::zeros((0, d), h.dtype(), dev)? } else { Tensor::cat(&outs, 0)? };
+        let back = g.exchange_rows(&outputs, &recv, &send)?;
+        let weights = weights.flatten_all()?.index_select(&slots, 0)?;
+        let y = h.zeros_like()?.index_add(&tokens, &back.broadcast_mul(&weights.unsqueeze(1)?)?, 0)?;
+        let out = (x + y.reshape((b, t, d))?)?;
+        let saved = ExpertsSaved { tokens, slots, send, recv, recv_counts, rows, outputs: back, weights, shape: (b, t, d), k };
+        debug_assert_eq!(n, b * t);
+        Ok((std::iter::once(out).chain(rest.iter().cloned()).collect(), saved))
+    }
+}
+
+/// The gradients of a SwiGLU `((x·W_gᵀ).silu() ⊙ x·W_uᵀ)·W_dᵀ` given its output's: `(dx, dW_gu, dW_d)`
+/// with `dW_gu` the gate's then the up's rows.
+fn swiglu_backward(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor, go: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let a = x.matmul(&gate.t()?)?;
+    let u = x.matmul(&up.t()?)?;
+    let sig = super::moe::sigmoid(&a)?;
+    let s = (&a * &sig)?;
+    let dm = go.matmul(down)?;
+    let d_down = go.t()?.matmul(&(&s * &u)?)?;
+    let du = (&dm * &s)?;
+    // silu'(a) = σ(a)·(1 + a·(1 − σ(a))).
+    let da = ((&dm * &u)? * (&sig * ((&a * (1.0 - &sig)?)? + 1.0)?)?)?;
+    let dx = (da.matmul(gate)? + du.matmul(up)?)?;
+    let d_gate_up = Tensor::cat(&[da.t()?.matmul(x)?, du.t()?.matmul(x)?], 0)?;
+    Ok((dx, d_gate_up, d_down))
+}
+
+impl Block for Experts {
+    fn name(&self) -> String {
+        format!("layers.{}.mlp.experts", self.index)
+    }
+
+    fn params(&self) -> Vec<ParamRef> {
+        let Some(m) = self.cfg.moe else { return Vec::new() };
+        let (d, f) = (self.cfg.d_model, m.d_expert);
+        let w = Init::Normal { std: self.cfg.initializer_range };
+        (0..m.num_experts)
+            .flat_map(|e| {
+                [
+                    ParamRef::Own(ParamSpec::new(&format!("{e}.gate_up_proj"), &[2 * f, d], w, true).as_linear()),
+                    ParamRef::Own(ParamSpec::new(&format!("{e}.down_proj"), &[d, f], w, true).as_linear()),
+                ]
+            })
+            .collect()
+    }
+
+    fn experts(&self) -> usize {
+        self.cfg.moe.map_or(0, |m| m.num_experts)
+    }
+
+    fn bind_experts(&self, group: ExpertGroup) {
+        let _ = self.group.set(group);
+    }
+
+    fn forward(&self, p: &[Tensor], inputs: &[Tensor], _batch: &Batch) -> Result<Vec<Tensor>> {
+        Ok(self.run(p, inputs)?.0)
+    }
+
+    fn forward_saving(&self, p: &[Tensor], inputs: &[Tensor], _batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
+        let (out, saved) = self.run(p, inputs)?;
+        Ok(Some((out, Box::new(saved))))
+    }
+
+    fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
+        let s = saved.downcast::<ExpertsSaved>().map_err(|_| candle_core::Error::Msg("experts backward: foreign saved state".into()))?;
+        let f = self.moe()?.d_expert;
+        let g = self.group();
+        let go = upstream.grad(0)?;
+        let (b, t, d) = s.shape;
+        let n = b * t;
+        let local = p.len() / 2;
+        // The weights' gradient, and the outputs' sent back the forward's way.
+        let gy = go.reshape((n, d))?.index_select(&s.tokens, 0)?;
+        let d_weights = (&gy * &s.outputs)?.sum(1)?;
+        let d_weights = Tensor::zeros(n * s.k, d_weights.dtype(), go.device())?.index_add(&s.slots, &d_weights, 0)?.reshape((n, s.k))?;
+        let d_outputs = g.exchange_rows(&gy.broadcast_mul(&s.weights.unsqueeze(1)?)?, &s.send, &s.recv)?;
+        let mut slots: Vec<Option<Tensor>> = vec![None; p.len()];
+        let mut d_rows = Vec::new();
+        let mut at = 0;
+        for (run, &count) in s.recv_counts.iter().enumerate() {
+            if count > 0 {
+                let e = run % local;
+                let gu = &p[2 * e];
+                let (dx, dgu, ddown) = swiglu_backward(&s.rows.narrow(0, at, count)?, &gu.narrow(0, 0, f)?, &gu.narrow(0, f, f)?, &p[2 * e + 1], &d_outputs.narrow(0, at, count)?)?;
+                // Runs of the same expert add up in source order.
+                for (slot, grad) in [(2 * e, dgu), (2 * e + 1, ddown)] {
+                    slots[slot] = Some(match slots[slot].take() {
+                        Some(acc) => (acc + grad)?,
+                        None => grad,
+                    });
+                }
+                d_rows.push(dx);
+            }
+            at += count;
+        }
+        // An expert's gradient sums the tokens of every rank of its group: averaged over them, as the
+        // data-parallel average averages each rank's (exact for groups of a power of two).
+        if g.size() > 1 {
+            let scale = 1.0 / g.size() as f64;
+            for grad in slots.iter_mut().flatten() {
+                *grad = grad.affine(scale, 0.0)?;
+            }
+        }
+        let d_rows = if d_rows.is_empty() { Tensor::zeros((0, d), go.dtype(), go.device())? } else { Tensor::cat(&d_rows, 0)? };
+        let d_rows = g.exchange_rows(&d_rows, &s.recv, &s.send)?;
+        let dh = Tensor::zeros((n, d), go.dtype(), go.device())?.index_add(&s.tokens, &d_rows, 0)?;
+        // The router's sums travel through unchanged: so do their gradients.
+        let passed = |i: usize| match upstream {
+            Upstream::Grads(gr) => gr.get(i).cloned().flatten(),
+            Upstream::Loss(_) => None,
+        };
+        let inputs = vec![Some(go.clone()), Some(dh), None, Some(d_weights), passed(1), passed(2), passed(3)];
+        Ok((slots, inputs))
+    }
+
+    fn forward_flops_per_token(&self) -> f64 {
+        self.cfg.moe.map_or(0.0, |m| 2.0 * (m.top_k * 3 * m.d_expert * self.cfg.d_model) as f64)
+    }
+}
