@@ -12,6 +12,7 @@ use ferrospeed::config::{Config, DeviceChoice, Precision, ZeroStage};
 use ferrospeed::engine::{Batch, Engine, StepTimes};
 use ferrospeed::rng::Rng;
 use ferrospeed::WorldInfo;
+use ferrospeed_models::llama::{MoeConfig, QkNorm};
 use ferrospeed_models::{Family, Gpt, GptConfig, Llama, LlamaConfig};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -19,7 +20,8 @@ use std::time::Instant;
 #[derive(Args, Debug)]
 pub struct BenchTrainArgs {
     /// gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (vocabulary 50304, as the anchors), or the shapes of
-    /// anchor_llama.py: llama-tiny, llama-1b, llama-3b, llama-8b, llama-13b, llama-70b, llama-405b
+    /// anchor_llama.py: llama-tiny, llama-1b, llama-3b, llama-8b, llama-13b, llama-70b, llama-405b;
+    /// mixtures of experts (bench/anchor_moe.py): olmoe-1b-7b, qwen3-30b-a3b
     #[arg(long, default_value = "gpt2-124m")]
     pub model: String,
     /// Layers instead of the shape's own count (a deeper or shallower model of the same width)
@@ -111,8 +113,21 @@ pub(crate) fn shape(name: &str, seq_len: usize) -> Option<Family> {
         // Llama-3.1-70B and -405B (the QLoRA shapes of issue 27).
         "llama-70b" => llama(80, 8192, 64, 8, 28672, 128_256, false),
         "llama-405b" => llama(126, 16384, 128, 8, 53248, 128_256, false),
+        // Mixtures of experts (issue 28): OLMoE-1B-7B and Qwen3-30B-A3B as their configs give them.
+        "olmoe-1b-7b" => moe_shape(16, 2048, 16, 16, 128, 50304, 10_000.0, 1e-5, QkNorm::Full, (64, 8, 1024, false, 0.01), seq_len),
+        "qwen3-30b-a3b" => moe_shape(48, 2048, 32, 4, 128, 151_936, 1_000_000.0, 1e-6, QkNorm::PerHead, (128, 8, 768, true, 0.001), seq_len),
         _ => return None,
     })
+}
+
+/// A Llama-family mixture of experts: every layer sparse, `(experts, top k, expert width,
+/// norm_topk_prob, router_aux_loss_coef)`, no shared expert, the load-balancing loss off (transformers' default).
+#[allow(clippy::too_many_arguments)]
+fn moe_shape(l: usize, d: usize, h: usize, kv: usize, head_dim: usize, v: usize, theta: f64, eps: f64, qk_norm: QkNorm, e: (usize, usize, usize, bool, f64), seq_len: usize) -> Family {
+    let (num_experts, top_k, d_expert, norm_topk_prob, aux_coef) = e;
+    let moe = MoeConfig { num_experts, top_k, d_expert, norm_topk_prob, d_shared: 0, sparse_step: 1, first_dense: 0, mlp_only: 0, aux_coef, aux_loss: false, z_loss_coef: 0.0, capacity_factor: None };
+    let cfg = LlamaConfig { head_dim, d_ff: d_expert, rope_theta: theta, rms_norm_eps: eps, qk_norm, moe: Some(moe), ..LlamaConfig::tiny(l, d, h, kv, v, seq_len) };
+    Family::Llama(Llama::new(cfg))
 }
 
 /// `family` with `layers` layers, if given.
@@ -143,7 +158,7 @@ fn dims(f: &Family) -> (usize, usize, usize) {
 
 pub fn run(args: BenchTrainArgs) -> Result<ExitCode> {
     let family = shape(&args.model, args.seq_len).map(|f| with_vocab(with_layers(f, args.layers), args.vocab)).ok_or_else(|| {
-        usage_error(format!("--model {} is unknown: use gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-tiny, llama-1b, llama-3b, llama-8b, llama-13b, llama-70b or llama-405b", args.model))
+        usage_error(format!("--model {} is unknown: use gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, llama-tiny, llama-1b, llama-3b, llama-8b, llama-13b, llama-70b, llama-405b, olmoe-1b-7b or qwen3-30b-a3b", args.model))
     })?;
     let family = match args.lora_r {
         Some(r) => {

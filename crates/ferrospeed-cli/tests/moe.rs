@@ -46,6 +46,17 @@ fn a_per_expert_hub_checkpoint_trains_at_any_world_size_with_and_without_the_aux
         }
         let two = train(2, &plain, &dir.path().join("t2"), &["zero.stage=3".into()]);
         assert!(close(&two, &one), "{variant}: world 2 stage 3 {two:?} vs world 1 {one:?}");
+        // A pipeline of 2 stages (the router's sums and selections cross the stage boundary).
+        let pp = train(2, &plain, &dir.path().join("t2pp"), &["parallel.pp=2".into()]);
+        assert!(close(&pp, &one), "{variant}: pp 2 {pp:?} vs world 1 {one:?}");
+        // The router's statistics come from the last stage: every row has them, the first step's as at world 1.
+        let load = |run: &str| -> Vec<Option<f64>> {
+            let rows = std::fs::read_to_string(dir.path().join(run).join("metrics.jsonl")).unwrap();
+            rows.lines().map(|r| serde_json::from_str::<serde_json::Value>(r).unwrap()["moe_max_load"].as_f64()).collect()
+        };
+        let (l1, lpp) = (load("t1"), load("t2pp"));
+        assert!(lpp.len() == 3 && lpp.iter().all(|l| l.is_some_and(|l| l >= 1.0)), "{variant}: pp 2 loads {lpp:?}");
+        assert!((lpp[0].unwrap() - l1[0].unwrap()).abs() <= 1e-6, "{variant}: pp 2 first load {lpp:?} vs world 1 {l1:?}");
         // Expert parallelism: each of 2 ranks holds half the experts.
         let ep = train(2, &plain, &dir.path().join("t2ep"), &["zero.stage=2".into(), "parallel.ep=2".into()]);
         assert!(close(&ep, &one), "{variant}: world 2 ep 2 {ep:?} vs world 1 {one:?}");

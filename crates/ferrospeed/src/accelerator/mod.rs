@@ -353,7 +353,7 @@ impl Accelerator {
         let pp = mesh.size(Axis::Pp);
         let schedule = par.schedule.as_ref().ok_or_else(|| crate::config::ConfigError::NotBuilt("a pipeline without a schedule".into()))?;
         let ranges = stage_blocks(&model.stage_costs(), pp * schedule.virtual_stages, &self.cfg.parallel.pp_split).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?;
-        let StageCut { model: cut, owner_stage, tied, tie_stages, whole } = cut_for_stage(model, &ranges, rank, pp)?;
+        let StageCut { model: cut, owner_stage, tied, tie_stages, whole, metrics } = cut_for_stage(model, &ranges, rank, pp)?;
         // The tie group of each pipeline: its ranks at the stages holding tied parameters (a split
         // of the world, so every rank takes part; the others form groups of one).
         let tie = if tie_stages.is_empty() {
@@ -368,7 +368,7 @@ impl Accelerator {
             Some(Arc::<dyn crate::Communicator>::from(split))
         };
         let ranks = (0..mesh.world()).map(|r| (mesh.coords(r).pp, mesh.coords(r).dp)).collect();
-        let stage = PipelineStage { rank, schedule: schedule.clone(), p2p: par.comms.get(Axis::Pp).clone(), tie, world: self.worker.clone(), owner_stage, tied, whole, ranks };
+        let stage = PipelineStage { rank, schedule: schedule.clone(), p2p: par.comms.get(Axis::Pp).clone(), tie, world: self.worker.clone(), owner_stage, tied, whole, ranks, metrics };
         let plan = format!(
             "pipeline: {} stages of blocks {:?}, schedule {} over {} micro-batches (analytic bubble {:.1}%)",
             ranges.len(),

@@ -139,7 +139,7 @@ pub trait Block: Send + Sync {
 
     /// The last block only: names of scalars it returns after the loss, statistics of the step (e.g.
     /// an MoE router's load); the engine averages them over the micro-batches and the data-parallel
-    /// group into [`StepStats::metrics`](super::StepStats::metrics) (not in a pipeline yet). None by default.
+    /// group into [`StepStats::metrics`](super::StepStats::metrics) (in a pipeline: the last stage's, on every rank). None by default.
     fn metrics(&self) -> Vec<String> {
         Vec::new()
     }

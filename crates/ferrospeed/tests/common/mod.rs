@@ -20,7 +20,7 @@ pub fn pipeline_engine(comm: TcpCommunicator, model: Model, ranges: &[std::ops::
     let world: Arc<dyn Communicator> = Arc::new(comm);
     let mesh = Mesh::new(pp, pp, 1, 1, 1).unwrap();
     let comms = MeshComms::new(world.clone(), mesh).unwrap();
-    let StageCut { model: cut, owner_stage, tied, tie_stages, whole } = cut_for_stage(model, ranges, rank, pp).unwrap();
+    let StageCut { model: cut, owner_stage, tied, tie_stages, whole, metrics } = cut_for_stage(model, ranges, rank, pp).unwrap();
     let tie: Option<Arc<dyn Communicator>> = (!tie_stages.is_empty()).then(|| Arc::from(world.split("tie", &[tie_stages.clone()]).unwrap()));
     let stage = PipelineStage {
         rank,
@@ -32,6 +32,7 @@ pub fn pipeline_engine(comm: TcpCommunicator, model: Model, ranges: &[std::ops::
         tied: tied.clone(),
         whole,
         ranks: (0..pp).map(|r| (mesh.coords(r).pp, mesh.coords(r).dp)).collect(),
+        metrics,
     };
     let dp = Arc::new(CommWorker::spawn(comms.get(Axis::Dp).clone()));
     (Engine::with_pipeline(cut, dp, stage, cfg).unwrap(), tied, tie_stages)

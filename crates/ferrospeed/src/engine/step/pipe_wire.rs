@@ -10,8 +10,9 @@ use half::{bf16, f16};
 use std::sync::mpsc;
 use std::sync::Arc;
 
-/// Header length in f32 words: kind, stage, micro-batch, count, then per tensor present/dtype/rank/dims.
-const HEADER: usize = 64;
+/// Header length in f32 words: kind, stage, micro-batch, count, then per tensor present/dtype/rank/dims
+/// (room for 14 tensors: an MoE sparse layer hands its experts 7).
+const HEADER: usize = 130;
 const FIXED: usize = 4;
 const MAX_RANK: usize = 6;
 const PER_TENSOR: usize = 3 + MAX_RANK;

@@ -60,6 +60,8 @@ pub struct PipelineStage {
     pub whole: Vec<(String, Vec<ParamSpec>)>,
     /// (pipeline rank, data-parallel rank) of every rank of the world (whose file holds what).
     pub ranks: Vec<(usize, usize)>,
+    /// The names of the statistics the model's last block returns (`Block::metrics`, [`StageCut::metrics`]).
+    pub metrics: Vec<String>,
 }
 
 /// The cut of a model for one rank of a pipeline (the apply function of pipeline parallelism):
@@ -102,8 +104,9 @@ pub fn cut_for_stage(model: Model, ranges: &[Range<usize>], rank: usize, pp: usi
         tie_stages = h;
     }
     let chunks: Vec<Range<usize>> = ranges.iter().skip(rank).step_by(pp).cloned().collect();
+    let metrics = model.block(n - 1).metrics();
     let cut = model.cut(&chunks)?;
-    Ok(StageCut { model: cut, owner_stage, tied, tie_stages, whole })
+    Ok(StageCut { model: cut, owner_stage, tied, tie_stages, whole, metrics })
 }
 
 /// What [`cut_for_stage`] gives a stage.
@@ -118,6 +121,8 @@ pub struct StageCut {
     pub tie_stages: Vec<usize>,
     /// Every block of the whole model: name and parameters.
     pub whole: Vec<(String, Vec<ParamSpec>)>,
+    /// The names of the statistics the model's last block returns (`Block::metrics`).
+    pub metrics: Vec<String>,
 }
 
 /// What the engine keeps of its place in the pipeline.
@@ -146,6 +151,8 @@ pub(super) struct Pipe {
     tied: Vec<usize>,
     whole: Vec<(String, Vec<ParamSpec>)>,
     ranks: Vec<(usize, usize)>,
+    /// The names of the last block's statistics (every rank knows them; the last stage computes them).
+    pub(super) metrics: Vec<String>,
     /// A step failed part-way: messages, sends and reductions of it may be left, so no other step runs.
     failed: Option<String>,
 }
@@ -186,12 +193,13 @@ impl Pipe {
             tied,
             whole: p.whole,
             ranks: p.ranks,
+            metrics: p.metrics,
             failed: None,
         })
     }
 
     /// Whether this rank holds the last stage (the loss).
-    fn is_last(&self) -> bool {
+    pub(super) fn is_last(&self) -> bool {
         self.rank + 1 == self.ranks_in_pipe
     }
 
@@ -339,6 +347,7 @@ impl Engine {
         let mut tapes = HashMap::new();
         let mut weights: HashMap<(usize, usize), blockwise::WeightTape> = HashMap::new();
         let mut losses: Vec<Option<Tensor>> = vec![None; m];
+        let mut metrics: Vec<Vec<Tensor>> = vec![Vec::new(); m];
         let last_stage = pipe.stages - 1;
         let world_rank = pipe.world.rank();
         for (a, action) in pipe.actions.clone().into_iter().enumerate() {
@@ -380,7 +389,9 @@ impl Engine {
                     let (tape, out) = blockwise::forward_span(model, source, batch, cfg.checkpointing, run.clone(), input)?;
                     acc.pipeline_compute.forward += t.elapsed().as_secs_f64();
                     if stage == last_stage {
-                        losses[k] = Some(blockwise::scalar_loss(model, run.end - 1, out)?);
+                        let (loss, stats) = blockwise::loss_and_metrics(model, run.end - 1, out)?;
+                        losses[k] = Some(loss);
+                        metrics[k] = stats;
                     } else {
                         let outs: Vec<Option<Tensor>> = out.into_iter().map(Some).collect();
                         // Copying the outputs to the host waits for the device, which may wait for this
@@ -441,6 +452,8 @@ impl Engine {
             return Err(EngineError::Unsupported(format!("{} message(s) from other stages were never used: the ranks run different schedules", pipe.mailbox.len())));
         }
         self.acc.losses = losses.into_iter().flatten().collect();
+        // The last stage's statistics (`Block::metrics`), one list per micro-batch.
+        self.acc.metrics = if pipe.is_last() { metrics } else { Vec::new() };
         self.acc.done = m;
         Ok(())
     }
@@ -457,6 +470,15 @@ impl Engine {
 
     /// The mean loss of the step: the last stage's, averaged over its data-parallel group, on every
     /// rank (the other stages add zeros).
+    /// The last stage's statistics (means over its data-parallel group) on every rank of the
+    /// pipeline; as they are without one.
+    pub(super) fn pipeline_metrics(&self, dp_mean: Vec<f32>) -> Result<Vec<f32>, EngineError> {
+        let Some(pipe) = self.pipe.as_ref() else { return Ok(dp_mean) };
+        let mut v = if pipe.is_last() { dp_mean } else { vec![0f32; dp_mean.len()] };
+        pipe.p2p.all_reduce_slice(&mut v, ReduceOp::Sum)?;
+        Ok(v)
+    }
+
     pub(super) fn pipeline_loss(&self, dp_mean: f32) -> Result<f32, EngineError> {
         let Some(pipe) = self.pipe.as_ref() else { return Ok(dp_mean) };
         let mut l = [if pipe.is_last() { dp_mean } else { 0.0 }];

@@ -139,7 +139,7 @@ pub struct StepStats {
     /// Where the step's time went.
     pub times: StepTimes,
     /// The last block's statistics (`Block::metrics`): name and mean over the step's micro-batches
-    /// and the data-parallel group (empty in a pipeline).
+    /// and the data-parallel group (in a pipeline: the last stage's).
     pub metrics: Vec<(String, f64)>,
 }
 
@@ -596,10 +596,14 @@ impl Engine {
     }
 
     /// The last block's statistics over the step: each one's mean over the micro-batches, averaged
-    /// over the data-parallel group (one collective, where the model declares any). Not in a pipeline.
+    /// over the data-parallel group (one collective, where the model declares any); in a pipeline
+    /// the last stage's, handed to every rank (one more).
     fn mean_metrics(&self, per_micro: Vec<Vec<Tensor>>) -> Result<Vec<(String, f64)>, EngineError> {
-        let names = self.model.block(self.model.num_blocks() - 1).metrics();
-        if names.is_empty() || self.pipe.is_some() {
+        let names = match &self.pipe {
+            Some(p) => p.metrics.clone(),
+            None => self.model.block(self.model.num_blocks() - 1).metrics(),
+        };
+        if names.is_empty() {
             return Ok(Vec::new());
         }
         let mut sums = vec![0f64; names.len()];
@@ -609,10 +613,13 @@ impl Engine {
             }
         }
         let local: Vec<f32> = sums.iter().map(|s| (s / per_micro.len().max(1) as f64) as f32).collect();
+        // Other stages of a pipeline hold none: zeros, for the same collectives.
+        let local = if local.len() == names.len() { local } else { vec![0f32; names.len()] };
         let mean = self.worker.run(move |c| {
             let mut v = local;
             c.all_reduce_slice(&mut v, ReduceOp::Avg).map(|()| v)
         })??;
+        let mean = self.pipeline_metrics(mean)?;
         Ok(names.into_iter().zip(mean).map(|(n, v)| (n, f64::from(v))).collect())
     }
 
