@@ -9,8 +9,7 @@ mod support;
 
 use candle_core::Device;
 use ferrospeed::comm::run_local_world;
-use ferrospeed::engine::{CommWorker, Engine, ExpertGroup};
-use ferrospeed::parallel::{Axis, Mesh, MeshComms};
+
 use ferrospeed::optim::LrSchedule;
 use ferrospeed::precision::Precision;
 use ferrospeed::{CommConfig, Communicator};
@@ -38,15 +37,7 @@ fn train_ep(world: usize, ep: usize, stage: u8, precision: Precision, device: &D
         let mut c = support::engine_config(stage, precision, false, 5);
         c.device = device.clone();
         let model = Llama::new(cfg()).model().unwrap();
-        let comm: Arc<dyn Communicator> = Arc::new(comm);
-        let mut engine = if ep == 1 {
-            Engine::new(model, comm, c).unwrap()
-        } else {
-            let mesh = MeshComms::new(comm.clone(), Mesh::new(world, 1, 1, 1, ep).unwrap()).unwrap();
-            let group = ExpertGroup::new(mesh.get(Axis::Ep).clone());
-            let edp = Arc::new(CommWorker::spawn(mesh.get(Axis::Edp).clone()));
-            Engine::with_experts(model, Arc::new(CommWorker::spawn(comm)), group, edp, c).unwrap()
-        };
+        let mut engine = support::engine_with_ep(model, Arc::new(comm), ep, c).unwrap();
         let sampler = BatchSampler { seed: 3, seq_len: 32, micro_batch: 2, accumulation: 2 / world, world_size: world, rank };
         let schedule = LrSchedule { lr: 1e-2, min_lr: 1e-3, warmup: 1, total: STEPS };
         (0..STEPS).map(|s| engine.train_step_at(&batches(&sampler, &corpus, s, device), schedule.at(s)).unwrap().loss).collect::<Vec<f64>>()

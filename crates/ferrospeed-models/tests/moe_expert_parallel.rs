@@ -13,9 +13,7 @@ mod support;
 
 use candle_core::Device;
 use ferrospeed::comm::run_local_world;
-use ferrospeed::engine::{CommWorker, Engine, ExpertGroup};
 use ferrospeed::optim::LrSchedule;
-use ferrospeed::parallel::{Axis, Mesh, MeshComms};
 use ferrospeed::precision::Precision;
 use ferrospeed::{CommConfig, Communicator};
 use ferrospeed_models::llama::MoeConfig;
@@ -58,22 +56,13 @@ fn run(world: usize, ep: usize, stage: u8, collapsed: bool, from: usize, to: usi
     let corpus = support::corpus("Experts on other ranks take the tokens routed to them. ", 40);
     run_local_world(world, &CommConfig::default(), |comm| {
         let rank = comm.rank();
-        let comm: Arc<dyn Communicator> = Arc::new(comm);
         let engine_cfg = support::engine_config(stage, Precision::Fp32, false, 5);
         let model = Llama::new(cfg()).model().unwrap();
-        let mut engine = if ep == 1 {
-            Engine::new(model, comm, engine_cfg).unwrap()
-        } else {
-            let mesh = MeshComms::new(comm.clone(), Mesh::new(world, 1, 1, 1, ep).unwrap()).unwrap();
-            let group = ExpertGroup::new(mesh.get(Axis::Ep).clone());
-            let edp = Arc::new(CommWorker::spawn(mesh.get(Axis::Edp).clone()));
-            let engine = Engine::with_experts(model, Arc::new(CommWorker::spawn(comm)), group, edp, engine_cfg).unwrap();
-            // Each expert block holds its share of the experts: two parameters an expert.
-            let m = engine.model();
-            let held: Vec<usize> = (0..m.num_blocks()).filter(|&b| m.block(b).experts() > 0).map(|b| m.own_params(b).len() / 2).collect();
-            assert!(!held.is_empty() && held.iter().all(|&h| h == 4 / ep), "ep {ep}: experts held {held:?}");
-            engine
-        };
+        let mut engine = support::engine_with_ep(model, Arc::new(comm), ep, engine_cfg).unwrap();
+        // Each expert block holds its share of the experts: two parameters an expert.
+        let m = engine.model();
+        let held: Vec<usize> = (0..m.num_blocks()).filter(|&b| m.block(b).experts() > 0).map(|b| m.own_params(b).len() / 2).collect();
+        assert!(!held.is_empty() && held.iter().all(|&h| h == 4 / ep), "ep {ep}: experts held {held:?}");
         if collapsed {
             // The routers zero, every other value as drawn.
             let current: Vec<Vec<f32>> = engine.windows().unwrap().iter().map(|w| w.master.to_vec()).collect();
@@ -163,12 +152,8 @@ fn a_router_sending_every_token_to_one_ranks_experts_neither_hangs_nor_diverges(
 #[test]
 fn an_expert_group_that_does_not_divide_the_experts_is_refused() {
     let errors = run_local_world(3, &CommConfig::default(), |comm| {
-        let comm: Arc<dyn Communicator> = Arc::new(comm);
-        let mesh = MeshComms::new(comm.clone(), Mesh::new(3, 1, 1, 1, 3).unwrap()).unwrap();
-        let group = ExpertGroup::new(mesh.get(Axis::Ep).clone());
-        let edp = Arc::new(CommWorker::spawn(mesh.get(Axis::Edp).clone()));
         let model = Llama::new(cfg()).model().unwrap();
-        Engine::with_experts(model, Arc::new(CommWorker::spawn(comm)), group, edp, support::engine_config(0, Precision::Fp32, false, 5)).err().map(|e| e.to_string())
+        support::engine_with_ep(model, Arc::new(comm), 3, support::engine_config(0, Precision::Fp32, false, 5)).err().map(|e| e.to_string())
     })
     .unwrap();
     for e in errors {

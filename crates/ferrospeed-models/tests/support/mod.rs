@@ -1,6 +1,6 @@
 //! What the GPT test files share: a corpus, the batches of one sampler step, bit patterns of losses,
-//! the engine configuration they train with, seeded random tensors, and (feature `cuda`) the GPU
-//! probe that follows the skip protocol the GPU scripts count.
+//! the engine configuration they train with, an engine with expert groups, seeded random tensors, and
+//! (feature `cuda`) the GPU probe that follows the skip protocol the GPU scripts count.
 #![allow(dead_code)]
 
 pub mod fd;
@@ -13,6 +13,22 @@ use ferrospeed::precision::{LossScalerConfig, Precision};
 use ferrospeed::rng::Rng;
 use ferrospeed::shard::Strategy;
 use ferrospeed_models::{BatchSampler, TextCorpus};
+
+/// The engine of one rank of `comm`'s world for `model`, with expert groups of `ep` ranks (`ep = 1`:
+/// a plain engine).
+pub fn engine_with_ep(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn ferrospeed::Communicator>, ep: usize, cfg: EngineConfig) -> Result<ferrospeed::engine::Engine, ferrospeed::engine::EngineError> {
+    use ferrospeed::engine::{CommWorker, Engine, ExpertGroup};
+    use ferrospeed::parallel::{Axis, Mesh, MeshComms};
+    use std::sync::Arc;
+    if ep == 1 {
+        return Engine::new(model, comm, cfg);
+    }
+    let world = comm.world_size();
+    let mesh = MeshComms::new(comm.clone(), Mesh::new(world, 1, 1, 1, ep).map_err(|e| ferrospeed::engine::EngineError::Model(e.to_string()))?)?;
+    let group = ExpertGroup::new(mesh.get(Axis::Ep).clone());
+    let edp = Arc::new(CommWorker::spawn(mesh.get(Axis::Edp).clone()));
+    Engine::with_experts(model, Arc::new(CommWorker::spawn(comm)), group, edp, cfg)
+}
 
 /// The optimizer every engine test trains with.
 pub const ADAMW: AdamW = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
