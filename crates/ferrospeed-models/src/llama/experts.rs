@@ -4,16 +4,18 @@
 //! of the experts is one contiguous range of the block. The layer before it routes (`moe::route`) and
 //! passes the hidden state with its shared expert added, the normed input of the experts, each
 //! token's k experts (as f32, so they cross a pipeline stage like any activation) and their weights; this block sends each routed row to the rank holding its
-//! expert (one exchange of counts, one of rows), runs a SwiGLU per (source rank, expert) run of rows,
-//! sends the outputs back, and adds them weighted into the hidden state. Its backward is written
+//! expert (one exchange of counts, one of rows), regroups the rows it got into runs of one (expert,
+//! source rank), runs the SwiGLU of every run as two grouped products (`ops::grouped`: one cuBLAS
+//! grouped GEMM each on a GPU) around the SwiGLU kernel, sends the outputs back, and adds them
+//! weighted into the hidden state. Its backward is written
 //! by hand (the exchanges sit between autograd's graphs): the outputs' gradients travel the forward's
 //! way, the inputs' gradients back. Without an expert group it holds every expert and the exchanges
 //! are copies; the arithmetic per run of rows is the same, so one rank computes what several do.
 //! Under expert parallelism an expert's gradient sums the rows of its group's `ep` ranks; the block
 //! averages it over them, as the engine's reduction averages each rank's over the data-parallel group.
 
-use super::moe::swiglu;
 use super::LlamaConfig;
+use crate::ops::grouped::{grouped_matmul, grouped_weight_grad, Form};
 use ferrospeed::engine::{Batch, Block, ExpertGroup, Init, ParamRef, ParamSpec, Saved, Upstream};
 use candle_core::{Result, Tensor};
 use std::sync::OnceLock;
@@ -34,15 +36,80 @@ struct ExpertsSaved {
     /// Rows sent to each rank, and received from each.
     send: Vec<usize>,
     recv: Vec<usize>,
-    /// Rows received from each rank for each local expert (`[source][expert]`, flattened).
-    recv_counts: Vec<usize>,
-    /// The rows received (the experts' inputs), the outputs sent back, the weights of the pairs.
+    /// The received rows' runs of one (local expert, source).
+    runs: Runs,
+    /// The experts' inputs and gate/up products (in runs), the outputs sent back, the pairs' weights.
     rows: Tensor,
+    gate_up: Tensor,
     outputs: Tensor,
     weights: Tensor,
     /// `[b, t, d]` and the weights' `[n, k]`.
     shape: (usize, usize, usize),
     k: usize,
+}
+
+/// The received rows regrouped for the grouped products: runs of one (local expert, source rank),
+/// experts in order and each expert's sources in rank order (the order received is by source, then
+/// expert). With one rank the two orders are the same.
+struct Runs {
+    /// Rows of each run, and its local expert.
+    lens: Vec<usize>,
+    expert: Vec<usize>,
+    /// The received rows in run order, and back (`None`: the same order).
+    order: Option<(Tensor, Tensor)>,
+}
+
+impl Runs {
+    /// `counts[source · experts + e]` rows came from `source` for local expert `e`.
+    fn new(counts: &[usize], experts: usize, dev: &candle_core::Device) -> Result<Self> {
+        let sources = counts.len() / experts.max(1);
+        let starts: Vec<usize> = counts.iter().scan(0, |at, &c| {
+            let s = *at;
+            *at += c;
+            Some(s)
+        }).collect();
+        let (mut lens, mut expert, mut order) = (Vec::new(), Vec::new(), Vec::new());
+        for e in 0..experts {
+            for src in 0..sources {
+                let i = src * experts + e;
+                lens.push(counts[i]);
+                expert.push(e);
+                order.extend((starts[i]..starts[i] + counts[i]).map(|r| r as u32));
+            }
+        }
+        let order = if sources > 1 {
+            let mut back = vec![0u32; order.len()];
+            for (at, &r) in order.iter().enumerate() {
+                back[r as usize] = at as u32;
+            }
+            let n = order.len();
+            Some((Tensor::from_vec(order, n, dev)?, Tensor::from_vec(back, n, dev)?))
+        } else {
+            None
+        };
+        Ok(Self { lens, expert, order })
+    }
+
+    /// Rows in received order → run order.
+    fn to_runs(&self, rows: &Tensor) -> Result<Tensor> {
+        match &self.order {
+            Some((to, _)) => rows.index_select(to, 0),
+            None => Ok(rows.clone()),
+        }
+    }
+
+    /// Rows in run order → received order.
+    fn from_runs(&self, rows: &Tensor) -> Result<Tensor> {
+        match &self.order {
+            Some((_, back)) => rows.index_select(back, 0),
+            None => Ok(rows.clone()),
+        }
+    }
+
+    /// Each run's expert's parameter `which` (0: gate/up, 1: down) of the local slots `p`.
+    fn weights(&self, p: &[Tensor], which: usize) -> Vec<Tensor> {
+        self.expert.iter().map(|&e| p[2 * e + which].clone()).collect()
+    }
 }
 
 impl Experts {
@@ -63,7 +130,7 @@ impl Experts {
         let [x, h, selected, weights, rest @ ..] = inputs else { candle_core::bail!("the experts of layer {} take the layer's 7 outputs, got {}", self.index, inputs.len()) };
         let (b, t, d) = x.dims3()?;
         let (n, k) = selected.dims2()?;
-        let (total, f) = (m.num_experts, m.d_expert);
+        let total = m.num_experts;
         let g = self.group();
         let local = g.local_experts(total);
         // The routed pairs grouped by expert, in token order (dropped pairs are marked `total`).
@@ -84,43 +151,21 @@ impl Experts {
         let tokens = Tensor::from_vec(pairs.iter().map(|p| p.0).collect::<Vec<u32>>(), pairs.len(), dev)?;
         let slots = Tensor::from_vec(pairs.iter().map(|p| p.1).collect::<Vec<u32>>(), pairs.len(), dev)?;
         let rows = g.exchange_rows(&h.index_select(&tokens, 0)?, &send, &recv)?;
-        // A SwiGLU per run of rows of one source rank for one local expert.
-        let mut outs = Vec::new();
-        let mut at = 0;
-        for (s, &count) in recv_counts.iter().enumerate() {
-            if count > 0 {
-                let e = s % local.len();
-                let gu = &p[2 * e];
-                outs.push(swiglu(&rows.narrow(0, at, count)?, &gu.narrow(0, 0, f)?, &gu.narrow(0, f, f)?, &p[2 * e + 1])?);
-            }
-            at += count;
-        }
-        let outputs = if outs.is_empty() { Tensor::zeros((0, d), h.dtype(), dev)? } else { Tensor::cat(&outs, 0)? };
+        // The rows in runs of one (local expert, source rank), experts in order, each expert's sources
+        // in rank order: a grouped product, each run with its expert's weights.
+        let runs = Runs::new(&recv_counts, local.len(), dev)?;
+        let xs = runs.to_runs(&rows)?;
+        let h1 = grouped_matmul(&xs, &runs.weights(p, 0), &runs.lens, Form::Transposed)?;
+        let act = crate::ops::swiglu::swiglu(&h1)?;
+        let outputs = runs.from_runs(&grouped_matmul(&act, &runs.weights(p, 1), &runs.lens, Form::Transposed)?)?;
         let back = g.exchange_rows(&outputs, &recv, &send)?;
         let weights = weights.flatten_all()?.index_select(&slots, 0)?;
         let y = h.zeros_like()?.index_add(&tokens, &back.broadcast_mul(&weights.unsqueeze(1)?)?, 0)?;
         let out = (x + y.reshape((b, t, d))?)?;
-        let saved = ExpertsSaved { tokens, slots, send, recv, recv_counts, rows, outputs: back, weights, shape: (b, t, d), k };
+        let saved = ExpertsSaved { tokens, slots, send, recv, runs, rows: xs, gate_up: h1, outputs: back, weights, shape: (b, t, d), k };
         debug_assert_eq!(n, b * t);
         Ok((std::iter::once(out).chain(rest.iter().cloned()).collect(), saved))
     }
-}
-
-/// The gradients of a SwiGLU `((x·W_gᵀ).silu() ⊙ x·W_uᵀ)·W_dᵀ` given its output's: `(dx, dW_gu, dW_d)`
-/// with `dW_gu` the gate's then the up's rows.
-fn swiglu_backward(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor, go: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let a = x.matmul(&gate.t()?)?;
-    let u = x.matmul(&up.t()?)?;
-    let sig = super::moe::sigmoid(&a)?;
-    let s = (&a * &sig)?;
-    let dm = go.matmul(down)?;
-    let d_down = go.t()?.matmul(&(&s * &u)?)?;
-    let du = (&dm * &s)?;
-    // silu'(a) = σ(a)·(1 + a·(1 − σ(a))).
-    let da = ((&dm * &u)? * (&sig * ((&a * (1.0 - &sig)?)? + 1.0)?)?)?;
-    let dx = (da.matmul(gate)? + du.matmul(up)?)?;
-    let d_gate_up = Tensor::cat(&[da.t()?.matmul(x)?, du.t()?.matmul(x)?], 0)?;
-    Ok((dx, d_gate_up, d_down))
 }
 
 impl Block for Experts {
@@ -161,35 +206,33 @@ impl Block for Experts {
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
         let s = saved.downcast::<ExpertsSaved>().map_err(|_| candle_core::Error::Msg("experts backward: foreign saved state".into()))?;
-        let f = self.moe()?.d_expert;
         let g = self.group();
         let go = upstream.grad(0)?;
         let (b, t, d) = s.shape;
         let n = b * t;
-        let local = p.len() / 2;
         // The weights' gradient, and the outputs' sent back the forward's way.
         let gy = go.reshape((n, d))?.index_select(&s.tokens, 0)?;
         let d_weights = (&gy * &s.outputs)?.sum(1)?;
         let d_weights = Tensor::zeros(n * s.k, d_weights.dtype(), go.device())?.index_add(&s.slots, &d_weights, 0)?.reshape((n, s.k))?;
-        let d_outputs = g.exchange_rows(&gy.broadcast_mul(&s.weights.unsqueeze(1)?)?, &s.send, &s.recv)?;
+        let d_outputs = s.runs.to_runs(&g.exchange_rows(&gy.broadcast_mul(&s.weights.unsqueeze(1)?)?, &s.send, &s.recv)?)?;
+        let (gu, dn) = (s.runs.weights(p, 0), s.runs.weights(p, 1));
+        let act = crate::ops::swiglu::swiglu(&s.gate_up)?;
+        let d_act = grouped_matmul(&d_outputs, &dn, &s.runs.lens, Form::Plain)?;
+        let d_down = grouped_weight_grad(&d_outputs, &act, &s.runs.lens)?;
+        let d_gate_up = crate::ops::swiglu::swiglu_backward(&s.gate_up, &d_act)?;
+        let d_gu = grouped_weight_grad(&d_gate_up, &s.rows, &s.runs.lens)?;
+        let d_rows = s.runs.from_runs(&grouped_matmul(&d_gate_up, &gu, &s.runs.lens, Form::Plain)?)?;
+        // Each expert's gradient: its runs' added in source order.
         let mut slots: Vec<Option<Tensor>> = vec![None; p.len()];
-        let mut d_rows = Vec::new();
-        let mut at = 0;
-        for (run, &count) in s.recv_counts.iter().enumerate() {
-            if count > 0 {
-                let e = run % local;
-                let gu = &p[2 * e];
-                let (dx, dgu, ddown) = swiglu_backward(&s.rows.narrow(0, at, count)?, &gu.narrow(0, 0, f)?, &gu.narrow(0, f, f)?, &p[2 * e + 1], &d_outputs.narrow(0, at, count)?)?;
-                // Runs of the same expert add up in source order.
-                for (slot, grad) in [(2 * e, dgu), (2 * e + 1, ddown)] {
-                    slots[slot] = Some(match slots[slot].take() {
-                        Some(acc) => (acc + grad)?,
-                        None => grad,
-                    });
-                }
-                d_rows.push(dx);
+        for (run, (dgu, ddown)) in d_gu.into_iter().zip(d_down).enumerate() {
+            let e = s.runs.expert[run];
+            for (slot, grad) in [(2 * e, dgu), (2 * e + 1, ddown)] {
+                let Some(grad) = grad else { continue };
+                slots[slot] = Some(match slots[slot].take() {
+                    Some(acc) => (acc + grad)?,
+                    None => grad,
+                });
             }
-            at += count;
         }
         // An expert's gradient sums the tokens of every rank of its group: averaged over them, as the
         // data-parallel average averages each rank's (exact for groups of a power of two).
@@ -199,7 +242,6 @@ impl Block for Experts {
                 *grad = grad.affine(scale, 0.0)?;
             }
         }
-        let d_rows = if d_rows.is_empty() { Tensor::zeros((0, d), go.dtype(), go.device())? } else { Tensor::cat(&d_rows, 0)? };
         let d_rows = g.exchange_rows(&d_rows, &s.recv, &s.send)?;
         let dh = Tensor::zeros((n, d), go.dtype(), go.device())?.index_add(&s.tokens, &d_rows, 0)?;
         // The router's sums travel through unchanged: so do their gradients.

@@ -1,5 +1,5 @@
 //! The kernels the model families share: attention (fused, reading q, k, v from the projection's
-//! layout), norms, activations, cross-entropy and the embedding gradient. Each has a CPU reference
+//! layout), norms, activations, cross-entropy, the embedding gradient and the experts' grouped products. Each has a CPU reference
 //! (f64 where it is a reference) and, with the `cuda` feature, CUDA kernels tested against it.
 //! `composed` holds the same operations built from candle ops, differentiable by autograd.
 
@@ -15,6 +15,9 @@ mod cuda_kernels;
 pub mod fused;
 #[cfg(feature = "cuda")]
 mod fused_cuda;
+pub mod grouped;
+#[cfg(feature = "cuda")]
+mod grouped_cuda;
 #[cfg(feature = "cuda")]
 mod llama_cuda;
 pub mod lm_head;
