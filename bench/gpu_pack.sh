@@ -7,9 +7,11 @@ cd "$(dirname "$0")/.."
 source ../shared/gpu/cuda-build-env.sh
 export CARGO_TARGET_DIR=target-cuda
 cargo build --release --features cuda -p ferrospeed-cli
-mkdir -p .carry && rm -f .carry/*.xz .carry/ferrospeed
+mkdir -p .carry && rm -f .carry/ferrospeed
+# Each file written beside its place and renamed over it: a device call that copies .carry meanwhile
+# gets whole files (old or new), never a half-written one.
 strip -o /tmp/ferrospeed-stripped target-cuda/release/ferrospeed
-xz -T2 -6 -c /tmp/ferrospeed-stripped > .carry/ferrospeed.xz
+xz -T2 -6 -c /tmp/ferrospeed-stripped > .carry/.ferrospeed.xz.tmp && mv .carry/.ferrospeed.xz.tmp .carry/ferrospeed.xz
 # Each GPU test binary, named test-<crate>-<test>.
 for spec in "ferrospeed-models gpu_kernels" "ferrospeed gpu_optim" "ferrospeed gpu_nccl" "ferrospeed-models gpu_engine" "ferrospeed-models gpu_lora" "ferrospeed-models gpu_moe"; do
   set -- $spec
@@ -17,7 +19,7 @@ for spec in "ferrospeed-models gpu_kernels" "ferrospeed gpu_optim" "ferrospeed g
   exe=$(cargo test --release --features cuda -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("executable")][-1])')
   strip -o /tmp/t-stripped "$exe"
-  xz -T2 -6 -c /tmp/t-stripped > ".carry/test-$1-$2.xz"
+  xz -T2 -6 -c /tmp/t-stripped > ".carry/.test.tmp" && mv .carry/.test.tmp ".carry/test-$1-$2.xz"
 done
 cp ../shared/gpu/device-env.sh .carry/
 du -ch .carry/* | tail -1
