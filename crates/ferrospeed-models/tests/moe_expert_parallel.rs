@@ -7,13 +7,15 @@
 //! group, where ep = 1 sums each rank's then over all; the rounding differs). At each ep, ZeRO stages
 //! 0–3 give bitwise equal losses; checkpoints resume across ep (bitwise at the same ep and world, within
 //! 1e-6 across); a router sending every token to two experts (one rank's at ep 2, the others idle)
-//! neither hangs nor diverges from ep = 1.
+//! neither hangs nor diverges from ep = 1; offloaded optimizer state and parameters change nothing.
 
 mod support;
 
 use candle_core::Device;
 use ferrospeed::comm::run_local_world;
+use ferrospeed::engine::{EngineConfig, OffloadSettings};
 use ferrospeed::optim::LrSchedule;
+use ferrospeed::shard::Offload;
 use ferrospeed::precision::Precision;
 use ferrospeed::{CommConfig, Communicator};
 use ferrospeed_models::llama::MoeConfig;
@@ -53,10 +55,17 @@ fn train(world: usize, ep: usize, stage: u8, collapsed: bool, from: usize, to: u
 /// [`train`]'s losses and gradient norms.
 #[allow(clippy::too_many_arguments)]
 fn run(world: usize, ep: usize, stage: u8, collapsed: bool, from: usize, to: usize, resume: Option<&Path>, save: Option<&Path>) -> (Vec<f64>, Vec<f64>) {
+    run_with(world, ep, stage, collapsed, from, to, resume, save, &|_| {})
+}
+
+/// [`run`] with the engine's settings changed by `tweak` (offload).
+#[allow(clippy::too_many_arguments)]
+fn run_with(world: usize, ep: usize, stage: u8, collapsed: bool, from: usize, to: usize, resume: Option<&Path>, save: Option<&Path>, tweak: &(dyn Fn(&mut EngineConfig) + Sync)) -> (Vec<f64>, Vec<f64>) {
     let corpus = support::corpus("Experts on other ranks take the tokens routed to them. ", 40);
     run_local_world(world, &CommConfig::default(), |comm| {
         let rank = comm.rank();
-        let engine_cfg = support::engine_config(stage, Precision::Fp32, false, 5);
+        let mut engine_cfg = support::engine_config(stage, Precision::Fp32, false, 5);
+        tweak(&mut engine_cfg);
         let model = Llama::new(cfg()).model().unwrap();
         let mut engine = support::engine_with_ep(model, Arc::new(comm), ep, engine_cfg).unwrap();
         // Each expert block holds its share of the experts: two parameters an expert.
@@ -159,5 +168,26 @@ fn an_expert_group_that_does_not_divide_the_experts_is_refused() {
     for e in errors {
         let e = e.expect("refused");
         assert!(e.contains("4 experts, which parallel.ep = 3 does not divide") && e.contains("[1, 2, 4]"), "{e}");
+    }
+}
+
+/// Expert blocks are blocks like any other to the offload: the optimizer state in host memory or NVMe
+/// files and stage-3 parameter shards in host memory give the losses of the same expert-parallel run
+/// without offload, bit for bit.
+#[test]
+fn expert_parallel_with_offloaded_state_and_parameters_trains_bitwise_alike() {
+    let plain = train(4, 2, 3, false, 0, STEPS, None, None);
+    let dir = tempfile::tempdir().unwrap();
+    for (optimizer, params, nvme_ratio) in [(Offload::Cpu, Offload::None, None), (Offload::Nvme, Offload::Cpu, Some(0.5))] {
+        let nvme = dir.path().to_path_buf();
+        let tweak = move |c: &mut EngineConfig| {
+            c.strategy = c.strategy.with_offload(optimizer, 1.0, params);
+            if let Some(q) = nvme_ratio {
+                c.strategy = c.strategy.with_nvme_ratio(q);
+            }
+            c.offload = OffloadSettings { nvme_dir: Some(nvme.clone()), pinned_budget: 0 };
+        };
+        let (got, _) = run_with(4, 2, 3, false, 0, STEPS, None, None, &tweak);
+        assert_eq!(bits(&got), bits(&plain), "ep 2 stage 3, optimizer {optimizer:?} (NVMe share {nvme_ratio:?}), parameters {params:?}: {got:?} vs {plain:?}");
     }
 }
