@@ -3,8 +3,10 @@
 # torch has it; "eager" loops over the experts), random weights from the architecture's config, random
 # tokens, AdamW (torch, fused), clip 1.0, parameters in bf16 (AdamW's state then bf16 too: less work than
 # ferrospeed's fp32 master weights and moments). Prints one JSON line per configuration.
-#   python3 anchor_moe.py SPEC...   SPEC = MODEL:LAYERS:MICROBATCH:T[:EXPERTS_IMPL]
+#   python3 anchor_moe.py SPEC...   SPEC = MODEL:LAYERS:MICROBATCH:T[:EXPERTS_IMPL | :ds3]
 #   MODEL = olmoe-1b-7b | qwen3-30b-a3b (the shapes of `ferrospeed bench-train --model`)
+#   ds3: the same model under DeepSpeed ZeRO-3 (bf16, its AdamW, fp32 master weights and moments, as ours),
+#        one GPU; DeepSpeed from the carried wheels (../shared/bench/fetch-wheels.sh).
 #   ANCHOR_STEPS / ANCHOR_WARM (environment): timed and warm-up steps (6 and 2); ANCHOR_DEVICE: cuda (cpu to check it).
 import json, os, sys, time
 import torch
@@ -34,6 +36,8 @@ def run(spec):
     impl = parts[4] if len(parts) > 4 else None
     steps, warm = int(os.environ.get("ANCHOR_STEPS", 6)), int(os.environ.get("ANCHOR_WARM", 2))
     cfg = config(name, layers)
+    if impl == "ds3":
+        return run_deepspeed(name, cfg, layers, B, T)
     kwargs = {"attn_implementation": "sdpa"}
     if impl:
         kwargs["experts_implementation"] = impl
@@ -71,6 +75,36 @@ def run(spec):
                       "losses": [round(l, 4) for l in losses]}), flush=True)
     del model, opt
     if cuda: torch.cuda.empty_cache()
+
+
+def run_deepspeed(name, cfg, layers, B, T):
+    os.environ.setdefault("RANK", "0"); os.environ.setdefault("LOCAL_RANK", "0"); os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29512")
+    import deepspeed
+    steps, warm = int(os.environ.get("ANCHOR_STEPS", 6)), int(os.environ.get("ANCHOR_WARM", 2))
+    ds = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1, "bf16": {"enabled": True}, "gradient_clipping": 1.0,
+          "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True},
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    torch.manual_seed(0)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+    used = getattr(model.config, "_experts_implementation", None)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    eng, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for _ in range(steps + warm):
+        torch.cuda.synchronize(); t0 = time.perf_counter()
+        loss = eng(input_ids=ids, labels=ids).loss
+        eng.backward(loss); eng.step()
+        torch.cuda.synchronize(); times.append(time.perf_counter() - t0); losses.append(loss.item())
+    dt = sorted(times[warm:])[len(times[warm:]) // 2]
+    print(json.dumps({"engine": "deepspeed-zero3", "deepspeed": deepspeed.__version__, "transformers": transformers.__version__, "model": name,
+                      "layers": layers, "B": B, "T": T, "experts_implementation": used, "params": n_params, "step_ms": round(dt * 1e3, 2),
+                      "tok_s": round(B * T / dt, 1), "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                      "losses": [round(l, 4) for l in losses]}), flush=True)
+    eng.destroy()
 
 
 if __name__ == "__main__":
