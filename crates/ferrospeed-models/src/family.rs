@@ -158,7 +158,7 @@ impl Family {
     /// a token per layer (input, two norms, q/k/v, attention output, residual, MLP pre- and post-GELU);
     /// Llama 5·d + q/k/v width + 3·d_ff (input, two norms, attention output, residual, q/k/v, gate/up,
     /// SwiGLU). fp32 takes the composed attention, which also keeps the t × t probabilities. The loss
-    /// holds the logits in f32.
+    /// holds the logits in f32 (a chunk of them at long context).
     pub fn activations(&self, micro_batch: usize, seq_len: usize, compute_bytes: usize) -> ActivationProfile {
         let (n_layer, d, n_head, vocab, per_token) = match self {
             Family::Gpt(g) => (g.cfg.n_layer, g.cfg.d_model, g.cfg.n_head, g.cfg.vocab_size, 16 * g.cfg.d_model),
@@ -171,7 +171,8 @@ impl Family {
         let (tokens, cb) = ((micro_batch * seq_len) as u64, compute_bytes as u64);
         let probs = if compute_bytes == 4 { (micro_batch * n_head * seq_len * seq_len * 4) as u64 } else { 0 };
         let layer = tokens * per_token as u64 * cb + probs;
-        let logits = tokens * vocab as u64 * 4;
+        // Whole, or one chunk of rows at long context (`ops::lm_head::chunk_rows`).
+        let logits = crate::ops::lm_head::chunk_rows(tokens as usize, vocab) as u64 * vocab as u64 * 4;
         let boundaries = tokens * (n_layer as u64 + 1) * d as u64 * cb;
         ActivationProfile { kept: n_layer as u64 * layer + logits, recomputed: boundaries + layer.max(logits) }
     }

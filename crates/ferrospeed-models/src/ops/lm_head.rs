@@ -18,11 +18,31 @@ use ferrospeed::profile::{scoped, scoped_as, Kind};
 /// What [`head_backward`] needs of [`head_loss`].
 pub struct HeadLoss {
     h: Tensor,
-    logits: Tensor,
+    /// The logits, where they were computed whole; chunked, each chunk's are computed again.
+    logits: Option<Tensor>,
     targets: Tensor,
     rows: Tensor,
     /// Each row's weight in the loss, with a loss mask.
     weights: Option<Tensor>,
+    /// Rows a chunk of logits holds.
+    chunk: usize,
+}
+
+/// Logits of more elements than this are never held whole: the loss and its backward run over chunks
+/// of rows (`[chunk, vocab]` each), the backward computing each chunk's logits again (one more
+/// `h·wᵀ`, about a third of the head's FLOPs). At the shapes benchmarked so far (8B, 4 × 1024 tokens,
+/// 128K vocabulary: just under 2^29 elements) the logits stay whole; at long context (8192 tokens
+/// and more with a 128K vocabulary: 2 GB of bf16 logits, and as much of their gradient) they are chunked.
+pub const MAX_LOGITS: usize = 1 << 29;
+
+/// Rows of a chunk of logits over a vocabulary of `vocab` for `n` rows: all of them up to
+/// [`MAX_LOGITS`] elements, else chunks of at most 2^25 elements.
+pub fn chunk_rows(n: usize, vocab: usize) -> usize {
+    if n * vocab <= MAX_LOGITS {
+        n
+    } else {
+        ((1usize << 25) / vocab.max(1)).max(1)
+    }
 }
 
 /// The loss of per-row losses `rows` `[n]` under `weighting` (their mean; the mean over the rows a mask
@@ -42,10 +62,29 @@ pub fn reduce_rows(rows: &Tensor, weighting: &LossWeighting) -> Result<(Tensor, 
 /// The cross-entropy of `h` `[n, d]` · `w`ᵀ against `targets` (`n` ids) under `weighting`, and what its
 /// backward needs.
 pub fn head_loss(h: Tensor, w: &Tensor, targets: Tensor, weighting: &LossWeighting) -> Result<(Tensor, HeadLoss)> {
-    let logits = scoped(Kind::Matmul, || h.matmul(&w.t()?))?;
-    let rows = scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets))?;
+    let chunk = chunk_rows(h.dim(0)?, w.dim(0)?);
+    head_loss_chunked(h, w, targets, weighting, chunk)
+}
+
+/// [`head_loss`] with logits of `chunk` rows at a time (all rows: held whole for the backward).
+pub fn head_loss_chunked(h: Tensor, w: &Tensor, targets: Tensor, weighting: &LossWeighting, chunk: usize) -> Result<(Tensor, HeadLoss)> {
+    let n = h.dim(0)?;
+    let chunk = chunk.clamp(1, n.max(1));
+    let (logits, rows) = if chunk >= n {
+        let logits = scoped(Kind::Matmul, || h.matmul(&w.t()?))?;
+        let rows = scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets))?;
+        (Some(logits), rows)
+    } else {
+        let mut parts = Vec::with_capacity(n.div_ceil(chunk));
+        for at in (0..n).step_by(chunk) {
+            let len = chunk.min(n - at);
+            let logits = scoped(Kind::Matmul, || h.narrow(0, at, len)?.matmul(&w.t()?))?;
+            parts.push(scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets.narrow(0, at, len)?))?);
+        }
+        (None, Tensor::cat(&parts, 0)?)
+    };
     let (loss, weights) = scoped_as(Kind::Elementwise, "cross_entropy", || reduce_rows(&rows, weighting))?;
-    Ok((loss, HeadLoss { h, logits, targets, rows, weights }))
+    Ok((loss, HeadLoss { h, logits, targets, rows, weights, chunk }))
 }
 
 /// The gradient `d_h` of `scale` × the loss of [`head_loss`]; the vocabulary matrix's gradient goes
@@ -57,11 +96,44 @@ pub fn head_backward(s: HeadLoss, w: &Tensor, scale: f64, grads: &mut ParamGrads
         None => s.rows.ones_like()?.affine(scale / n as f64, 0.0)?,
         Some(w) => w.affine(scale, 0.0)?,
     };
-    let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || cross_entropy_rows_backward(&s.logits, &s.targets, &row_grads))?;
-    drop(s.logits);
+    let Some(logits) = s.logits else { return chunked_backward(&s.h, w, &s.targets, &row_grads, s.chunk, grads, slot) };
+    let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || cross_entropy_rows_backward(&logits, &s.targets, &row_grads))?;
+    drop(logits);
     let (dl, h) = (d_logits.clone(), s.h);
     grads.put_rows(vec![(slot, 0)], move || scoped(Kind::Matmul, || dl.t()?.matmul(&h)))?;
     scoped(Kind::Matmul, || d_logits.matmul(w))
+}
+
+/// The backward over chunks of `chunk` rows: each chunk's logits again, their gradient, its share of
+/// `d_h` and of the vocabulary matrix's gradient (added chunk by chunk in f32 and handed over in f32;
+/// not computed when the matrix is frozen).
+fn chunked_backward(h: &Tensor, w: &Tensor, targets: &Tensor, row_grads: &Tensor, chunk: usize, grads: &mut ParamGrads, slot: usize) -> Result<Tensor> {
+    let n = h.dim(0)?;
+    let want_w = !grads.is_frozen(slot);
+    let mut d_w: Option<Tensor> = None;
+    let mut d_h = Vec::with_capacity(n.div_ceil(chunk));
+    for at in (0..n).step_by(chunk) {
+        let len = chunk.min(n - at);
+        let hc = h.narrow(0, at, len)?;
+        let logits = scoped(Kind::Matmul, || hc.matmul(&w.t()?))?;
+        let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || {
+            cross_entropy_rows_backward(&logits, &targets.narrow(0, at, len)?, &row_grads.narrow(0, at, len)?)
+        })?;
+        drop(logits);
+        if want_w {
+            let part = scoped(Kind::Matmul, || d_logits.t()?.matmul(&hc))?.to_dtype(DType::F32)?;
+            d_w = Some(match d_w.take() {
+                Some(acc) => (acc + part)?,
+                None => part,
+            });
+        }
+        d_h.push(scoped(Kind::Matmul, || d_logits.matmul(w))?);
+    }
+    if let Some(d_w) = d_w {
+        // In f32: the engine's accumulator takes any float dtype.
+        grads.put_rows(vec![(slot, 0)], move || Ok(d_w))?;
+    }
+    Tensor::cat(&d_h, 0)
 }
 
 /// The token ids of a batch as the embedding's backward needs them: on the device, and (for a GPU) on
@@ -84,5 +156,61 @@ impl TokenIds {
     pub fn table_grad(&self, g: &Tensor, vocab: usize) -> Result<Tensor> {
         let (b, t, d) = g.dims3()?;
         scoped_as(Kind::Elementwise, "embedding_backward", || embedding_grad(&g.reshape((b * t, d))?, &self.tokens, self.host.as_deref(), vocab))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = ferrospeed::rng::Rng::new(seed);
+        Tensor::from_vec((0..shape.iter().product()).map(|_| rng.normal() as f32).collect::<Vec<f32>>(), shape, &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// Loss, `d_h` and the vocabulary matrix's gradient of the head over chunks of `chunk` rows.
+    fn run(chunk: usize, weighting: &LossWeighting) -> (f32, Vec<f32>, Vec<f32>) {
+        let (n, d, v) = (10, 8, 13);
+        let (h, w) = (randn(&[n, d], 1), randn(&[v, d], 2).affine(0.3, 0.0).unwrap());
+        let targets = Tensor::from_vec((0..n as u32).map(|i| (i * 7) % v as u32).collect::<Vec<u32>>(), n, &Device::Cpu).unwrap();
+        let (loss, saved) = head_loss_chunked(h, &w, targets, weighting, chunk).unwrap();
+        let (slots, d_h) = ParamGrads::whole(1, |g| Ok(vec![Some(head_backward(saved, &w, 0.5, g, 0)?)])).unwrap();
+        (loss.to_scalar::<f32>().unwrap(), values(d_h[0].as_ref().unwrap()), values(slots[0].as_ref().unwrap()))
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        let scale = b.iter().map(|x| x.abs()).fold(0.0, f32::max);
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-6 * scale.max(1.0))
+    }
+
+    /// Chunks of 3, 4 and 1 rows (the last chunk short) give the whole logits' loss and gradients, with
+    /// and without a loss mask; a vocabulary matrix that is frozen gets no gradient and costs no product.
+    #[test]
+    fn chunked_logits_give_the_whole_logits_loss_and_gradients() {
+        let mask = LossWeighting::Mask(Tensor::from_vec((0..10).map(|i| (i % 3 != 0) as u32 as f32).collect::<Vec<f32>>(), 10, &Device::Cpu).unwrap());
+        for weighting in [LossWeighting::Mean, mask] {
+            let whole = run(10, &weighting);
+            for chunk in [3, 4, 1] {
+                let got = run(chunk, &weighting);
+                assert!((got.0 - whole.0).abs() <= 1e-6 * whole.0.abs(), "chunk {chunk}: loss {} vs {}", got.0, whole.0);
+                assert!(close(&got.1, &whole.1) && close(&got.2, &whole.2), "chunk {chunk}: gradients differ");
+            }
+        }
+        // Frozen (a LoRA base's head): d_h alone.
+        let (h, w) = (randn(&[10, 8], 1), randn(&[13, 8], 2));
+        let targets = Tensor::from_vec((0..10u32).collect::<Vec<u32>>(), 10, &Device::Cpu).unwrap();
+        let (_, saved) = head_loss_chunked(h, &w, targets, &LossWeighting::Mean, 3).unwrap();
+        let (slots, d_h) = ParamGrads::whole(1, |g| {
+            g.freeze([0]);
+            Ok(vec![Some(head_backward(saved, &w, 1.0, g, 0)?)])
+        })
+        .unwrap();
+        assert!(slots[0].is_none() && d_h[0].is_some());
+        assert_eq!(chunk_rows(4096, 128_256), 4096, "the shapes benchmarked so far keep their logits whole");
+        assert_eq!(chunk_rows(8192, 128_256), 261, "long context: chunks of at most 2^25 logits");
     }
 }
