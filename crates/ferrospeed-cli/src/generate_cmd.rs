@@ -91,7 +91,7 @@ fn open(path: &Path, tmp: &tempfile::TempDir) -> Result<(HfModel, WeightFiles, T
     if let Some(note) = family.check_inputs(Some(&weights), &tok, "the weights of --model").map_err(usage_error)? {
         eprintln!("warning: {note}");
     }
-    let files = WeightFiles::open(&weights).map_err(|e| usage_error(format!("--model {}: {e}", path.display())))?;
+    let files = ferrospeed_models::llama::open_weights(&weights).map_err(|e| usage_error(format!("--model {}: {e}", path.display())))?;
     Ok((cfg, files, tok))
 }
 

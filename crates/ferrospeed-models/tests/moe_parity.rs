@@ -5,12 +5,14 @@
 //! fused: `mlp.experts.gate_up_proj` `[E, 2f, d]`, `mlp.experts.down_proj` `[E, d, f]`), our blocks give
 //! transformers' logits within 1e-5, its loss without and with the load-balancing loss
 //! (`router_aux_loss_coef · aux_loss`) within 1e-5, and every parameter's gradient of each within 1e-4
-//! of its largest element.
+//! of its largest element; `generate`'s forward with its key/value cache gives the same logits.
 
 use candle_core::{Device, Tensor, Var};
 use ferrospeed::checkpoint::WeightFiles;
 use ferrospeed::engine::{Batch, Model};
 use ferrospeed_models::hf::{read_config, HfModel};
+use ferrospeed_models::infer::{Generator, KvCache};
+use ferrospeed_models::llama::infer::LlamaInfer;
 use ferrospeed_models::llama::{self, LlamaConfig};
 use std::path::PathBuf;
 
@@ -84,8 +86,26 @@ fn check(variant: &str) {
         x = model.block(b).forward(&detached, &x, &batch).unwrap();
     }
     let logits: Vec<f32> = llama::Head::new(cfg).logits(&slots[model.num_blocks() - 1], &x[0]).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let diff = max_abs(&logits, &read_all(&mut want, "logits"));
+    let hf_logits = read_all(&mut want, "logits");
+    let diff = max_abs(&logits, &hf_logits);
     assert!(diff <= 1e-5, "{variant}: logits differ from transformers' by {diff:e}");
+
+    // `generate`'s forward (a key/value cache, the prompt then one token at a time) on each row, from
+    // the per-expert files: transformers' logits too.
+    let tokens = ids(&expected["tokens"]);
+    let (rows, t) = tokens.dims2().unwrap();
+    let gen = LlamaInfer::load(cfg, &mut llama::open_weights(&dir).unwrap(), &Device::Cpu, t).unwrap();
+    let vocab = hf_logits.len() / (rows * t);
+    for r in 0..rows {
+        let row: Vec<u32> = tokens.get(r).unwrap().to_vec1().unwrap();
+        let mut cache = KvCache::default();
+        let mut got: Vec<f32> = gen.forward(&row[..t / 2], &mut cache).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        for &tok in &row[t / 2..] {
+            got.extend(gen.forward(&[tok], &mut cache).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        let d = max_abs(&got, &hf_logits[r * t * vocab..(r + 1) * t * vocab]);
+        assert!(d <= 1e-5, "{variant}: generate's logits of row {r} differ from transformers' by {d:e}");
+    }
 
     // The loss and gradients without the load-balancing loss, then (MoE) with it.
     let runs: &[(bool, &str, &str)] = if cfg.moe.is_some() { &[(false, "loss", "grad."), (true, "loss_with_aux", "grad_aux.")] } else { &[(false, "loss", "grad.")] };

@@ -1,6 +1,7 @@
 //! Inference for `generate`: a Llama's forward over new tokens with a key/value cache, composed of
 //! candle ops (CPU or GPU, f32), from weights under transformers' names (a model directory, a
-//! safetensors file, a GGUF file through the library's [`WeightFiles`]).
+//! safetensors file, a GGUF file through the library's [`WeightFiles`]; experts as `open_weights`
+//! presents them): query/key norms and mixtures of experts (routed as training routes them) included.
 //!
 //! Training's blocks recompute the whole sequence; here each new token attends to the cached keys and
 //! values of the earlier ones, so a token costs one pass over the weights, not a pass over the context.
@@ -22,11 +23,27 @@ struct LayerWeights {
     o: Tensor,
     o_bias: Option<Tensor>,
     post_norm: Tensor,
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
-    /// gate, up, down biases.
-    mlp_bias: Option<(Tensor, Tensor, Tensor)>,
+    /// The query and key norms (Qwen3: per head; OLMoE: over the projection).
+    qk_norm: Option<(Tensor, Tensor)>,
+    mlp: Mlp,
+}
+
+/// A layer's MLP: dense, or a router with its experts (and a shared expert).
+enum Mlp {
+    Dense {
+        gate: Tensor,
+        up: Tensor,
+        down: Tensor,
+        /// gate, up, down biases.
+        bias: Option<(Tensor, Tensor, Tensor)>,
+    },
+    Sparse {
+        router: Tensor,
+        /// Each expert's gate/up `[2f, d]` and down `[d, f]`.
+        experts: Vec<(Tensor, Tensor)>,
+        /// The shared expert's gate, up, down and gate weight.
+        shared: Option<[Tensor; 4]>,
+    },
 }
 
 /// A Llama ready to generate.
@@ -57,9 +74,6 @@ fn linear_b(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 impl LlamaInfer {
     /// The model `cfg` from `files` (transformers' names), on `device`, for contexts up to `max_len`.
     pub fn load(cfg: LlamaConfig, files: &mut WeightFiles, device: &Device, max_len: usize) -> std::result::Result<Self, String> {
-        if cfg.moe.is_some() || cfg.qk_norm != super::QkNorm::None {
-            return Err("generating with mixture-of-experts or query/key-norm models (Mixtral, Qwen2-MoE, Qwen3, Qwen3-MoE, OLMoE) is not built yet: train and export them, and generate with transformers".into());
-        }
         let get = |files: &mut WeightFiles, name: &str| load(files, name, device);
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
@@ -70,10 +84,38 @@ impl LlamaInfer {
                 None
             };
             let o_bias = if cfg.o_proj_bias { Some(get(files, &p("self_attn.o_proj.bias"))?) } else { None };
-            let mlp_bias = if cfg.mlp_bias {
-                Some((get(files, &p("mlp.gate_proj.bias"))?, get(files, &p("mlp.up_proj.bias"))?, get(files, &p("mlp.down_proj.bias"))?))
-            } else {
-                None
+            let mlp = match cfg.moe.filter(|_| cfg.is_sparse(l)) {
+                // Experts under our names: `files` presents either layout as them (`open_weights`).
+                Some(m) => Mlp::Sparse {
+                    router: get(files, &p("mlp.gate.weight"))?,
+                    experts: (0..m.num_experts)
+                        .map(|e| Ok((get(files, &p(&format!("mlp.experts.{e}.gate_up_proj")))?, get(files, &p(&format!("mlp.experts.{e}.down_proj")))?)))
+                        .collect::<std::result::Result<_, String>>()?,
+                    shared: if m.d_shared > 0 {
+                        Some([
+                            get(files, &p("mlp.shared_expert.gate_proj.weight"))?,
+                            get(files, &p("mlp.shared_expert.up_proj.weight"))?,
+                            get(files, &p("mlp.shared_expert.down_proj.weight"))?,
+                            get(files, &p("mlp.shared_expert_gate.weight"))?,
+                        ])
+                    } else {
+                        None
+                    },
+                },
+                None => Mlp::Dense {
+                    gate: get(files, &p("mlp.gate_proj.weight"))?,
+                    up: get(files, &p("mlp.up_proj.weight"))?,
+                    down: get(files, &p("mlp.down_proj.weight"))?,
+                    bias: if cfg.mlp_bias {
+                        Some((get(files, &p("mlp.gate_proj.bias"))?, get(files, &p("mlp.up_proj.bias"))?, get(files, &p("mlp.down_proj.bias"))?))
+                    } else {
+                        None
+                    },
+                },
+            };
+            let qk_norm = match cfg.qk_norm {
+                super::QkNorm::None => None,
+                _ => Some((get(files, &p("self_attn.q_norm.weight"))?, get(files, &p("self_attn.k_norm.weight"))?)),
             };
             layers.push(LayerWeights {
                 input_norm: get(files, &p("input_layernorm.weight"))?,
@@ -84,10 +126,8 @@ impl LlamaInfer {
                 o: get(files, &p("self_attn.o_proj.weight"))?,
                 o_bias,
                 post_norm: get(files, &p("post_attention_layernorm.weight"))?,
-                gate: get(files, &p("mlp.gate_proj.weight"))?,
-                up: get(files, &p("mlp.up_proj.weight"))?,
-                down: get(files, &p("mlp.down_proj.weight"))?,
-                mlp_bias,
+                qk_norm,
+                mlp,
             });
         }
         let embed = get(files, "model.embed_tokens.weight")?;
@@ -97,6 +137,41 @@ impl LlamaInfer {
         Ok(Self { cfg, embed, layers, norm, head, cos, sin, device: device.clone() })
     }
 
+}
+
+impl LlamaInfer {
+    /// A layer's MLP on `h` `[1, s, d]`; experts as training routes them (`moe::route`, dropless:
+    /// no capacity at inference), each expert's SwiGLU over the tokens routed to it.
+    fn mlp(&self, mlp: &Mlp, h: &Tensor) -> Result<Tensor> {
+        match mlp {
+            Mlp::Dense { gate, up, down, bias } => {
+                let b = bias.as_ref();
+                let act = (linear_b(h, gate, b.map(|b| &b.0))?.silu()? * linear_b(h, up, b.map(|b| &b.1))?)?;
+                linear_b(&act, down, b.map(|b| &b.2))
+            }
+            Mlp::Sparse { router, experts, shared } => {
+                let Some(m) = self.cfg.moe else { candle_core::bail!("experts in a model without [moe]") };
+                let m = super::MoeConfig { capacity_factor: None, ..m };
+                let (_, s, d) = h.dims3()?;
+                let flat = h.reshape((s, d))?;
+                let shared = shared.as_ref().map(|[g, u, dn, gw]| [g, u, dn, gw]);
+                let r = super::moe::route(&m, &super::moe::RouterParams { router, shared }, &flat)?;
+                let weights = r.weights.flatten_all()?;
+                let mut y = r.shared.unwrap_or(flat.zeros_like()?);
+                for (i, row) in r.experts.to_vec2::<u32>()?.iter().enumerate() {
+                    for (j, &e) in row.iter().enumerate() {
+                        let (gu, dn) = &experts[e as usize];
+                        let f = dn.dim(1)?;
+                        let x = flat.narrow(0, i, 1)?;
+                        let out = super::moe::swiglu(&x, &gu.narrow(0, 0, f)?, &gu.narrow(0, f, f)?, dn)?;
+                        let out = out.broadcast_mul(&weights.narrow(0, i * row.len() + j, 1)?.reshape((1, 1))?)?;
+                        y = y.slice_assign(&[i..i + 1, 0..d], &(y.narrow(0, i, 1)? + out)?)?;
+                    }
+                }
+                y.reshape((1, s, d))
+            }
+        }
+    }
 }
 
 impl Generator for LlamaInfer {
@@ -126,12 +201,20 @@ impl Generator for LlamaInfer {
         };
         for (l, w) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &w.input_norm, c.rms_norm_eps)?;
-            let proj = |wt: &Tensor, b: Option<&Tensor>, n: usize| -> Result<Tensor> {
-                linear_b(&h, wt, b)?.reshape((1, s, n, hd))?.transpose(1, 2)?.contiguous()
+            // The query and key norms before RoPE: per head (Qwen3) or over the projection (OLMoE).
+            let normed = |y: Tensor, norm: Option<&Tensor>, n: usize| -> Result<Tensor> {
+                match (norm, c.qk_norm) {
+                    (Some(nw), super::QkNorm::PerHead) => rms_norm(&y.reshape((1, s, n, hd))?, nw, c.rms_norm_eps)?.reshape((1, s, n * hd)),
+                    (Some(nw), super::QkNorm::Full) => rms_norm(&y, nw, c.rms_norm_eps),
+                    _ => Ok(y),
+                }
             };
+            let heads = |y: Tensor, n: usize| -> Result<Tensor> { y.reshape((1, s, n, hd))?.transpose(1, 2)?.contiguous() };
             let b = w.bias.as_ref();
-            let q = rope_composed(&proj(&w.q, b.map(|b| &b.0), nh)?, &cos, &sin)?;
-            let k = rope_composed(&proj(&w.k, b.map(|b| &b.1), nkv)?, &cos, &sin)?;
+            let qn = w.qk_norm.as_ref();
+            let q = rope_composed(&heads(normed(linear_b(&h, &w.q, b.map(|b| &b.0))?, qn.map(|n| &n.0), nh)?, nh)?, &cos, &sin)?;
+            let k = rope_composed(&heads(normed(linear_b(&h, &w.k, b.map(|b| &b.1))?, qn.map(|n| &n.1), nkv)?, nkv)?, &cos, &sin)?;
+            let proj = |wt: &Tensor, b: Option<&Tensor>, n: usize| -> Result<Tensor> { heads(linear_b(&h, wt, b)?, n) };
             let v = proj(&w.v, b.map(|b| &b.2), nkv)?;
             let (k, v) = match cache.layers[l].take() {
                 Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
@@ -153,9 +236,7 @@ impl Generator for LlamaInfer {
             let y = y.transpose(1, 2)?.contiguous()?.reshape((1, s, nh * hd))?;
             x = (x + linear_b(&y, &w.o, w.o_bias.as_ref())?)?;
             let h2 = rms_norm(&x, &w.post_norm, c.rms_norm_eps)?;
-            let mb = w.mlp_bias.as_ref();
-            let act = (linear_b(&h2, &w.gate, mb.map(|b| &b.0))?.silu()? * linear_b(&h2, &w.up, mb.map(|b| &b.1))?)?;
-            x = (x + linear_b(&act, &w.down, mb.map(|b| &b.2))?)?;
+            x = (x + self.mlp(&w.mlp, &h2)?)?;
         }
         cache.len += s;
         let h = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
