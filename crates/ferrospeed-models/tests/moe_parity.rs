@@ -11,7 +11,6 @@ use candle_core::{Device, Tensor, Var};
 use ferrospeed::checkpoint::WeightFiles;
 use ferrospeed::engine::{Batch, Model};
 use ferrospeed_models::hf::{read_config, HfModel};
-use ferrospeed_models::infer::{Generator, KvCache};
 use ferrospeed_models::llama::infer::LlamaInfer;
 use ferrospeed_models::llama::{self, LlamaConfig};
 use std::path::PathBuf;
@@ -98,11 +97,7 @@ fn check(variant: &str) {
     let vocab = hf_logits.len() / (rows * t);
     for r in 0..rows {
         let row: Vec<u32> = tokens.get(r).unwrap().to_vec1().unwrap();
-        let mut cache = KvCache::default();
-        let mut got: Vec<f32> = gen.forward(&row[..t / 2], &mut cache).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        for &tok in &row[t / 2..] {
-            got.extend(gen.forward(&[tok], &mut cache).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        }
+        let got = support::cached_logits(&gen, &row);
         let d = max_abs(&got, &hf_logits[r * t * vocab..(r + 1) * t * vocab]);
         assert!(d <= 1e-5, "{variant}: generate's logits of row {r} differ from transformers' by {d:e}");
     }

@@ -30,6 +30,18 @@ pub fn engine_with_ep(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn
     Engine::with_experts(model, Arc::new(CommWorker::spawn(comm)), group, edp, cfg)
 }
 
+/// `gen`'s logits for every position of `row` as `generate` computes them: the first half as the
+/// prompt, then one token at a time against the key/value cache.
+pub fn cached_logits(gen: &dyn ferrospeed_models::infer::Generator, row: &[u32]) -> Vec<f32> {
+    let mut cache = ferrospeed_models::infer::KvCache::default();
+    let t = row.len();
+    let mut got: Vec<f32> = gen.forward(&row[..t / 2], &mut cache).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    for &tok in &row[t / 2..] {
+        got.extend(gen.forward(&[tok], &mut cache).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    got
+}
+
 /// The optimizer every engine test trains with.
 pub const ADAMW: AdamW = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
 
