@@ -3,14 +3,15 @@
 //! `[2f, d]` (gate rows, then up) and `E.down_proj` `[d, f]`, expert after expert, so a rank's share
 //! of the experts is one contiguous range of the block. The layer before it routes (`moe::route`) and
 //! passes the hidden state with its shared expert added, the normed input of the experts, each
-//! token's k experts (as f32, so they cross a pipeline stage like any activation) and their weights; this block sends each routed row to the rank holding its
-//! expert (one exchange of counts, one of rows), regroups the rows it got into runs of one (expert,
-//! source rank), runs the SwiGLU of every run as two grouped products (`ops::grouped`: one cuBLAS
-//! grouped GEMM each on a GPU) around the SwiGLU kernel, sends the outputs back, and adds them
-//! weighted into the hidden state. Its backward is written
-//! by hand (the exchanges sit between autograd's graphs): the outputs' gradients travel the forward's
-//! way, the inputs' gradients back. Without an expert group it holds every expert and the exchanges
-//! are copies; the arithmetic per run of rows is the same, so one rank computes what several do.
+//! token's k experts (as f32, so they cross a pipeline stage like any activation) and their weights.
+//!
+//! This block sends each routed row to the rank holding its expert (one exchange of counts, one of
+//! rows), regroups the rows it got into runs of one (expert, source rank), runs the SwiGLU of every run
+//! as two grouped products (`ops::grouped`: one cuBLAS grouped GEMM each on a GPU) around the SwiGLU
+//! kernel, sends the outputs back, and adds them weighted into the hidden state. Its backward is
+//! written by hand (the exchanges sit between autograd's graphs): the outputs' gradients travel the
+//! forward's way, the inputs' gradients back. Without an expert group it holds every expert and the
+//! exchanges are copies; each run's arithmetic is the same, so one rank computes what several do.
 //! Under expert parallelism an expert's gradient sums the rows of its group's `ep` ranks; the block
 //! averages it over them, as the engine's reduction averages each rank's over the data-parallel group.
 
