@@ -30,10 +30,10 @@ pub struct HeadLoss {
 
 /// Logits of more elements than this are never held whole: the loss and its backward run over chunks
 /// of rows (`[chunk, vocab]` each), the backward computing each chunk's logits again (one more
-/// `h·wᵀ`, about a third of the head's FLOPs). At the shapes benchmarked so far (8B, 4 × 1024 tokens,
-/// 128K vocabulary: just under 2^29 elements) the logits stay whole; at long context (8192 tokens
-/// and more with a 128K vocabulary: 2 GB of bf16 logits, and as much of their gradient) they are chunked.
-pub const MAX_LOGITS: usize = 1 << 29;
+/// `h·wᵀ`, about a third of the head's FLOPs, so not below this). Every shape benchmarked so far keeps
+/// its logits whole (the largest, Llama-1B at 4 × 2048 tokens, 2^30 elements); long context (32K
+/// tokens and more with a 128K vocabulary: 8 GB of bf16 logits and as much of their gradient) is chunked.
+pub const MAX_LOGITS: usize = 1 << 31;
 
 /// Rows of a chunk of logits over a vocabulary of `vocab` for `n` rows: all of them up to
 /// [`MAX_LOGITS`] elements, else chunks of at most 2^25 elements.
@@ -210,7 +210,8 @@ mod tests {
         })
         .unwrap();
         assert!(slots[0].is_none() && d_h[0].is_some());
-        assert_eq!(chunk_rows(4096, 128_256), 4096, "the shapes benchmarked so far keep their logits whole");
-        assert_eq!(chunk_rows(8192, 128_256), 261, "long context: chunks of at most 2^25 logits");
+        assert_eq!(chunk_rows(8192, 128_256), 8192, "the shapes benchmarked so far keep their logits whole");
+        assert_eq!(chunk_rows(16 * 1024, 50_304), 16 * 1024, "GPT-2 at 16 × 1024 too");
+        assert_eq!(chunk_rows(32 * 1024, 128_256), 261, "long context: chunks of at most 2^25 logits");
     }
 }
