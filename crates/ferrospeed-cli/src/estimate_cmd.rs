@@ -57,6 +57,8 @@ pub struct RunShape {
     pub threads: usize,
     /// The pipeline, where `parallel.pp > 1` (`world` is then the data-parallel size).
     pub pipe: Option<PipeShape>,
+    /// Expert-parallel ranks (`parallel.ep`).
+    pub ep: usize,
 }
 
 /// The estimate of `model` (of `family`) under `strategy` for a run shaped `run`: per rank, or in a
@@ -127,6 +129,7 @@ fn estimate_whole(model: &Model, strategy: Strategy, run: &RunShape, activations
         on_gpu: run.on_gpu,
         activations,
         init_threads: run.threads,
+        ep: run.ep,
     };
     estimate(model, &plan)
 }
@@ -167,6 +170,7 @@ fn shape_of(cfg: &Config, world: usize, on_gpu: bool) -> Result<RunShape> {
             schedule: cfg.parallel.pp_schedule,
             split: cfg.parallel.pp_split.clone(),
         }),
+        ep: cfg.parallel.ep,
     })
 }
 
@@ -349,6 +353,7 @@ mod tests {
                     on_gpu: true,
                     threads: 16,
                     pipe: None,
+                    ep: 1,
                 };
                 let strategy = Strategy::new(stage).with_offload(offload, ratio, Offload::None);
                 let strategy = d["nvme_ratio"].as_f64().map_or(strategy, |q| strategy.with_nvme_ratio(q));
@@ -393,6 +398,7 @@ mod tests {
                 on_gpu: true,
                 threads: 16,
                 pipe: (pp > 1).then(|| PipeShape { pp, virtual_stages: 1, schedule: ferrospeed::config::PipelineSchedule::OneFOneB, split: vec![] }),
+                ep: 1,
             };
             let strategy = Strategy::new(ZeroStage::Zero);
             let e = match &run.pipe {
@@ -416,7 +422,7 @@ mod tests {
         let model = family.model().unwrap();
         let acts = |schedule: S| -> Vec<u64> {
             let pipe = PipeShape { pp: 4, virtual_stages: 1, schedule, split: vec![] };
-            let run = RunShape { micro_batch: 2, seq_len: 1024, precision: Precision::from_name("bf16").unwrap(), accumulation: 8, checkpointing: false, world: 4, on_gpu: true, threads: 16, pipe: Some(pipe.clone()) };
+            let run = RunShape { micro_batch: 2, seq_len: 1024, precision: Precision::from_name("bf16").unwrap(), accumulation: 8, checkpointing: false, world: 4, on_gpu: true, threads: 16, pipe: Some(pipe.clone()), ep: 1 };
             estimate_pipeline(&family, &model, Strategy::new(ZeroStage::Zero), &run, &pipe).iter().map(|e| e.activations).collect()
         };
         let (one, zb, all) = (acts(S::OneFOneB), acts(S::ZeroBubble), acts(S::Gpipe));
@@ -426,6 +432,27 @@ mod tests {
         assert!((0..4).any(|r| zb[r] > one[r]), "zb holds no more than 1f1b: {zb:?} vs {one:?}");
         // 1f1b's last rank holds one micro-batch, gpipe's all eight (same blocks, same share).
         assert!((all[3] as f64 / one[3] as f64 - 8.0).abs() < 1e-3, "{all:?} vs {one:?}");
+    }
+
+    /// Expert parallelism: at stage 0 each rank holds `1/ep` of every expert block (the rest of the
+    /// model whole); at stage 3 a rank's shards are `1/dp` of everything either way.
+    #[test]
+    fn expert_groups_hold_their_share_of_the_experts() {
+        let family = crate::bench_cmd::with_layers(crate::bench_cmd::shape("olmoe-1b-7b", 128).unwrap(), Some(2));
+        let model = family.model().unwrap();
+        let experts: usize = (0..model.num_blocks()).filter(|&b| model.block(b).experts() > 0).flat_map(|b| model.own_params(b).iter().map(|p| p.numel())).sum();
+        assert!(experts > model.num_params() / 2, "{experts} of {}", model.num_params());
+        let run = |stage, ep| {
+            let r = RunShape { micro_batch: 1, seq_len: 128, precision: Precision::from_name("bf16").unwrap(), accumulation: 1, checkpointing: true, world: 4, on_gpu: true, threads: 1, pipe: None, ep };
+            estimate_run(&family, &model, Strategy::new(stage), &r)
+        };
+        let (one, four) = (run(ferrospeed::config::ZeroStage::Zero, 1), run(ferrospeed::config::ZeroStage::Zero, 4));
+        let saved = (one.params - four.params) as f64;
+        let want = 0.75 * experts as f64 * 2.0;
+        assert!((saved / want - 1.0).abs() < 0.01, "stage 0: ep 4 holds {saved} bytes fewer parameters, expected {want}");
+        assert!(four.grads < one.grads && four.state < one.state);
+        let (one, four) = (run(ferrospeed::config::ZeroStage::Three, 1), run(ferrospeed::config::ZeroStage::Three, 4));
+        assert!((four.state as f64 / one.state as f64 - 1.0).abs() < 0.01, "stage 3: {} vs {}", four.state, one.state);
     }
 }
 

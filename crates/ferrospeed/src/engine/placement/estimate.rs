@@ -53,6 +53,9 @@ pub struct EstimatePlan {
     pub activations: ActivationProfile,
     /// Threads drawing initial values at once (blocks in memory together at start).
     pub init_threads: usize,
+    /// Expert-parallel ranks (`parallel.ep`; 1: none): each expert block ([`Block::experts`](crate::engine::Block::experts))
+    /// holds `1/ep` of its experts, sharded over `world / ep` ranks.
+    pub ep: usize,
 }
 
 /// Bytes per rank, by where they live and what they are.
@@ -89,7 +92,16 @@ const INIT_COPIES_X2: u64 = 3;
 pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     let w = plan.world.max(1);
     let (c, k) = (plan.compute_bytes as u64, plan.num_states as u64);
-    let flats: Vec<FlatParam> = (0..model.num_blocks()).map(|i| FlatParam::new(model.own_params(i), w)).collect();
+    // An expert block under expert parallelism: its share of the experts over its expert-data-parallel group.
+    let ep = plan.ep.max(1);
+    let flat_of = |i: usize| {
+        let own = model.own_params(i);
+        match model.block(i).experts() {
+            e if ep > 1 && e > 0 => FlatParam::new(&own[..own.len() / ep], (w / ep).max(1)),
+            _ => FlatParam::new(own, w),
+        }
+    };
+    let flats: Vec<FlatParam> = (0..model.num_blocks()).map(flat_of).collect();
     let padded: Vec<u64> = flats.iter().map(|f| f.padded_numel() as u64).collect();
     let windows: Vec<u64> = flats
         .iter()
