@@ -13,13 +13,8 @@
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT" /tmp/bin
 PARTS=${PARTS:-tests speed params anchors}
-for f in .carry/*.xz; do
-  b=/tmp/bin/$(basename "$f" .xz)
-  [ -x "$b" ] || { xz -dc "$f" > "$b" && chmod +x "$b"; }
-done
-source .carry/device-env.sh
+source bench/carry_unpack.sh
 export PYTHONUNBUFFERED=1
-BIN=/tmp/bin/ferrospeed
 { nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader; nproc; free -g | head -2; } | tee "$OUT/env.txt"
 
 if [[ $PARTS == *tests* ]]; then

@@ -10,14 +10,9 @@
 # JSON lines in $OUT/lora.jsonl.
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT" /tmp/bin
-for f in .carry/*.xz; do
-  b=/tmp/bin/$(basename "$f" .xz)
-  [ -x "$b" ] || { xz -dc "$f" > "$b" && chmod +x "$b"; }
-done
-source .carry/device-env.sh
+source bench/carry_unpack.sh
 [ -d .carry/site/bitsandbytes ] && export PYTHONPATH=$PWD/.carry/site${PYTHONPATH:+:$PYTHONPATH}
 python3 -c "import peft" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .carry/wheels/peft-*.whl 2>&1 | tail -2
-BIN=/tmp/bin/ferrospeed
 R=${LORA_R:-16}; MB=${LORA_MB:-4}; T=${LORA_T:-1024}
 label() { sed "s/^{/{\"label\":\"$1\",/"; }
 S=${LORA_STEPS:-10}; W=${LORA_WARM:-3}

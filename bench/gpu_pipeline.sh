@@ -14,12 +14,7 @@
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT" /tmp/bin
 PARTS=${PARTS:-tests pipe bubble}
-for f in .carry/*.xz; do
-  b=/tmp/bin/$(basename "$f" .xz)
-  [ -x "$b" ] || { xz -dc "$f" > "$b" && chmod +x "$b"; }
-done
-source .carry/device-env.sh
-BIN=/tmp/bin/ferrospeed
+source bench/carry_unpack.sh
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; } | tee "$OUT/env.txt"
 
 if [[ $PARTS == *tests* ]]; then

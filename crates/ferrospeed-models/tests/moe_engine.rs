@@ -13,7 +13,6 @@ use ferrospeed::engine::{Engine, Model};
 use ferrospeed::optim::LrSchedule;
 use ferrospeed::precision::Precision;
 use ferrospeed::{CommConfig, Communicator};
-use ferrospeed_models::llama::MoeConfig;
 use ferrospeed_models::{BatchSampler, Llama, LlamaConfig};
 use std::path::Path;
 use std::sync::Arc;
@@ -22,21 +21,7 @@ use support::bits;
 const STEPS: usize = 4;
 
 fn cfg() -> LlamaConfig {
-    let moe = MoeConfig {
-        num_experts: 4,
-        top_k: 2,
-        d_expert: 24,
-        norm_topk_prob: false,
-        d_shared: 32,
-        sparse_step: 1,
-        first_dense: 0,
-        mlp_only: 0b1,
-        aux_coef: 0.05,
-        aux_loss: true,
-        z_loss_coef: 0.0,
-        capacity_factor: None,
-    };
-    LlamaConfig { moe: Some(moe), ..LlamaConfig::tiny(3, 32, 4, 2, 256, 16) }
+    support::tiny_moe(false, 0.0)
 }
 
 fn model() -> Model {

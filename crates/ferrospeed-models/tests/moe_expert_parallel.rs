@@ -18,7 +18,6 @@ use ferrospeed::optim::LrSchedule;
 use ferrospeed::shard::Offload;
 use ferrospeed::precision::Precision;
 use ferrospeed::{CommConfig, Communicator};
-use ferrospeed_models::llama::MoeConfig;
 use ferrospeed_models::{BatchSampler, Llama, LlamaConfig};
 use std::path::Path;
 use std::sync::Arc;
@@ -27,21 +26,7 @@ use support::bits;
 const STEPS: usize = 4;
 
 fn cfg() -> LlamaConfig {
-    let moe = MoeConfig {
-        num_experts: 4,
-        top_k: 2,
-        d_expert: 24,
-        norm_topk_prob: true,
-        d_shared: 32,
-        sparse_step: 1,
-        first_dense: 0,
-        mlp_only: 0b1,
-        aux_coef: 0.05,
-        aux_loss: true,
-        z_loss_coef: 1e-3,
-        capacity_factor: None,
-    };
-    LlamaConfig { moe: Some(moe), ..LlamaConfig::tiny(3, 32, 4, 2, 256, 16) }
+    support::tiny_moe(true, 1e-3)
 }
 
 /// One run: `world` ranks, expert groups of `ep`, ZeRO `stage`; steps `from..to` (after loading

@@ -42,6 +42,15 @@ pub fn cached_logits(gen: &dyn ferrospeed_models::infer::Generator, row: &[u32])
     got
 }
 
+/// The small Qwen2-MoE-like model the engine tests of mixtures of experts train: 3 layers of width 32,
+/// the first dense, 4 experts of width 24 (top 2) and a shared expert of 32 in the others, the
+/// load-balancing loss on; `norm_topk_prob` and the z-loss as given.
+pub fn tiny_moe(norm_topk_prob: bool, z_loss_coef: f64) -> ferrospeed_models::LlamaConfig {
+    use ferrospeed_models::llama::MoeConfig;
+    let moe = MoeConfig { num_experts: 4, top_k: 2, d_expert: 24, norm_topk_prob, d_shared: 32, sparse_step: 1, first_dense: 0, mlp_only: 0b1, aux_coef: 0.05, aux_loss: true, z_loss_coef, capacity_factor: None };
+    ferrospeed_models::LlamaConfig { moe: Some(moe), ..ferrospeed_models::LlamaConfig::tiny(3, 32, 4, 2, 256, 16) }
+}
+
 /// The optimizer every engine test trains with.
 pub const ADAMW: AdamW = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1 };
 

@@ -24,8 +24,7 @@ pub struct BlockGrads {
     /// The reduced window copied to the host for an optimizer there (device gradients, offloaded
     /// state); freed at the next step.
     downloaded: Vec<f32>,
-    /// The group the block reduces over when it is not the engine's (an expert block: its
-    /// expert-data-parallel group; on the host, never the engine's NCCL communicator).
+    /// The group the block reduces over when it is not the engine's (`params::over_group`).
     pub(super) group: Option<Arc<CommWorker>>,
 }
 
@@ -140,10 +139,7 @@ impl BlockGrads {
     /// Submit the reduction of the complete accumulator (averaged over ranks, in `dtype`).
     /// With `nccl` (CUDA, one GPU per rank) the reduction runs on the GPUs, on NCCL's stream.
     pub fn start_reduce(&mut self, worker: &CommWorker, nccl: Option<&Nccl>, dtype: DType) -> Result<Pending<Result<Reduced, CommError>>, EngineError> {
-        let (worker, nccl) = match &self.group {
-            Some(g) => (g.as_ref(), None),
-            None => (worker, nccl),
-        };
+        let (worker, nccl) = super::params::over_group(self.group.as_deref(), worker, nccl);
         let (reduction, padded, shard_range) = (self.reduction, self.padded, self.shard_range.clone());
         match &mut self.store {
             GradStore::Device(d) => d.start_reduce(worker, nccl, dtype, padded, reduction, shard_range),

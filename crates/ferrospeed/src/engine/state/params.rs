@@ -85,6 +85,16 @@ pub struct BlockParams {
     pub(super) group: Option<Arc<CommWorker>>,
 }
 
+/// Where a block's collectives run: its own group's thread where it has one (an expert block: its
+/// expert-data-parallel group, on the host, never the engine's NCCL communicator, which spans the
+/// data-parallel group), else the engine's.
+pub(super) fn over_group<'a>(group: Option<&'a CommWorker>, worker: &'a CommWorker, nccl: Option<&'a Nccl>) -> (&'a CommWorker, Option<&'a Nccl>) {
+    match group {
+        Some(g) => (g, None),
+        None => (worker, nccl),
+    }
+}
+
 /// What every block's set-up shares.
 #[derive(Clone, Copy)]
 pub struct BlockSetup<'a> {
@@ -370,10 +380,7 @@ impl BlockParams {
 
     /// Start all-gathering this block's shard (stage 3); `finish_gather` turns the result into variables.
     pub fn start_gather(&self, worker: &CommWorker, nccl: Option<&Nccl>) -> Result<Gather, EngineError> {
-        let (worker, nccl) = match &self.group {
-            Some(g) => (g.as_ref(), None),
-            None => (worker, nccl),
-        };
+        let (worker, nccl) = over_group(self.group.as_deref(), worker, nccl);
         let padded = self.flat.padded_numel();
         if let Some(g) = self.store.device().map(|d| d.start_gather(nccl, padded)).transpose()?.flatten() {
             return Ok(Gather::Device(g));
@@ -424,10 +431,7 @@ impl BlockParams {
     /// the others copy the window's compute copy to the host once.
     pub fn start_publish(&mut self, worker: &CommWorker, strategy: Strategy, nccl: Option<&Nccl>) -> Result<Option<Gather>, EngineError> {
         let group = self.group.clone();
-        let (worker, nccl) = match &group {
-            Some(g) => (g.as_ref(), None),
-            None => (worker, nccl),
-        };
+        let (worker, nccl) = over_group(group.as_deref(), worker, nccl);
         let publish = strategy.publish();
         if std::mem::take(&mut self.uploaded) || self.store.device().is_some() && publish == Publish::Rebuild {
             return Ok(None);

@@ -167,8 +167,8 @@ pub struct Engine {
 }
 
 /// Expert parallelism as the engine sees it: the expert blocks' own group (their shards are
-/// gathered and their gradients reduced over the ranks holding the same experts) and this rank's
-/// place in the expert group.
+/// gathered and their gradients reduced over the ranks holding the same experts) and the expert
+/// groups' size.
 pub(super) struct Experts {
     /// The expert-data-parallel group's communication thread.
     pub(super) edp: Arc<CommWorker>,
@@ -644,40 +644,30 @@ impl Engine {
     /// gradients, with one all-reduce where each holds a shard, and bitwise the same either way.
     fn grad_norm_scaled(&self) -> Result<f64, EngineError> {
         let world = self.worker.world_size();
-        let reduction = self.cfg.strategy.grad_reduction();
-        if let Some(e) = &self.experts {
-            // Each rank holds some experts only: every rank sums its shard of each block (an expert
-            // block's in its expert-data-parallel layout), and one all-reduce adds them.
-            let rank = |i: usize| if self.model.expert_shard(i).is_some() { e.edp.rank() } else { self.worker.rank() };
-            let ranges = vec![self.params.iter().enumerate().map(|(i, p)| p.flat.layout().range(rank(i))).collect()];
-            let mine = grads::shard_sums(&self.grads, &ranges)?[0] as f32;
-            let total = self.worker.run(move |c| {
-                let mut s = [mine];
-                c.all_reduce_slice(&mut s, ReduceOp::Sum).map(|()| s[0])
-            })??;
-            return Ok(f64::from(total).sqrt());
-        }
-        let ranks: Vec<usize> = match reduction {
-            GradReduction::AllReduce => (0..world).collect(),
-            GradReduction::ReduceScatter => vec![self.worker.rank()],
-        };
+        // With expert parallelism no rank holds every expert: each sums its own shard, as under
+        // reduce-scatter, an expert block's in its expert-data-parallel layout.
+        let own_shard = self.experts.is_some() || self.cfg.strategy.grad_reduction() == GradReduction::ReduceScatter;
+        let ranks: Vec<usize> = if own_shard { vec![self.worker.rank()] } else { (0..world).collect() };
         let sums = match self.pipeline_shard_sums(&ranks)? {
             Some(sums) => sums,
             None => {
                 // The real (unpadded) elements of each rank's shard, per block.
-                let ranges: Vec<Vec<_>> = ranks.iter().map(|&r| self.params.iter().map(|p| p.flat.layout().range(r)).collect()).collect();
+                let rank_in = |i: usize, r: usize| match (&self.experts, self.model.expert_shard(i)) {
+                    (Some(e), Some(_)) => e.edp.rank(),
+                    _ => r,
+                };
+                let ranges: Vec<Vec<_>> = ranks.iter().map(|&r| self.params.iter().enumerate().map(|(i, p)| p.flat.layout().range(rank_in(i, r))).collect()).collect();
                 grads::shard_sums(&self.grads, &ranges)?
             }
         };
-        let total = match reduction {
-            GradReduction::AllReduce => sums[1..].iter().fold(sums[0] as f32, |acc, &s| acc + s as f32),
-            GradReduction::ReduceScatter => {
-                let mine = sums[0] as f32;
-                self.worker.run(move |c| {
-                    let mut s = [mine];
-                    c.all_reduce_slice(&mut s, ReduceOp::Sum).map(|()| s[0])
-                })??
-            }
+        let total = if own_shard {
+            let mine = sums[0] as f32;
+            self.worker.run(move |c| {
+                let mut s = [mine];
+                c.all_reduce_slice(&mut s, ReduceOp::Sum).map(|()| s[0])
+            })??
+        } else {
+            sums[1..].iter().fold(sums[0] as f32, |acc, &s| acc + s as f32)
         };
         Ok(f64::from(total).sqrt())
     }
