@@ -75,7 +75,10 @@ impl Runs {
                 let i = src * experts + e;
                 lens.push(counts[i]);
                 expert.push(e);
-                order.extend((starts[i]..starts[i] + counts[i]).map(|r| r as u32));
+                // With one source the runs are the order received: no permutation to build.
+                if sources > 1 {
+                    order.extend((starts[i]..starts[i] + counts[i]).map(|r| r as u32));
+                }
             }
         }
         let order = if sources > 1 {

@@ -141,7 +141,7 @@ impl LlamaInfer {
 
 impl LlamaInfer {
     /// A layer's MLP on `h` `[1, s, d]`; experts as training routes them (`moe::route`, dropless:
-    /// no capacity at inference), each expert's SwiGLU over the tokens routed to it.
+    /// no capacity at inference), each expert's SwiGLU once over all the tokens routed to it.
     fn mlp(&self, mlp: &Mlp, h: &Tensor) -> Result<Tensor> {
         match mlp {
             Mlp::Dense { gate, up, down, bias } => {
@@ -157,16 +157,28 @@ impl LlamaInfer {
                 let shared = shared.as_ref().map(|[g, u, dn, gw]| [g, u, dn, gw]);
                 let r = super::moe::route(&m, &super::moe::RouterParams { router, shared }, &flat)?;
                 let weights = r.weights.flatten_all()?;
-                let mut y = r.shared.unwrap_or(flat.zeros_like()?);
+                // Each expert over the tokens routed to it (in token order), weighted, added in.
+                let k = m.top_k;
+                let mut routed: Vec<(Vec<u32>, Vec<u32>)> = vec![(Vec::new(), Vec::new()); experts.len()];
                 for (i, row) in r.experts.to_vec2::<u32>()?.iter().enumerate() {
                     for (j, &e) in row.iter().enumerate() {
-                        let (gu, dn) = &experts[e as usize];
-                        let f = dn.dim(1)?;
-                        let x = flat.narrow(0, i, 1)?;
-                        let out = super::moe::swiglu(&x, &gu.narrow(0, 0, f)?, &gu.narrow(0, f, f)?, dn)?;
-                        let out = out.broadcast_mul(&weights.narrow(0, i * row.len() + j, 1)?.reshape((1, 1))?)?;
-                        y = y.slice_assign(&[i..i + 1, 0..d], &(y.narrow(0, i, 1)? + out)?)?;
+                        routed[e as usize].0.push(i as u32);
+                        routed[e as usize].1.push((i * k + j) as u32);
                     }
+                }
+                let mut y = match r.shared {
+                    Some(shared) => shared,
+                    None => flat.zeros_like()?,
+                };
+                for ((gu, dn), (tokens, slots)) in experts.iter().zip(routed) {
+                    if tokens.is_empty() {
+                        continue;
+                    }
+                    let (n, f) = (tokens.len(), dn.dim(1)?);
+                    let tokens = Tensor::from_vec(tokens, n, &self.device)?;
+                    let w = weights.index_select(&Tensor::from_vec(slots, n, &self.device)?, 0)?.reshape((n, 1))?;
+                    let out = super::moe::swiglu(&flat.index_select(&tokens, 0)?, &gu.narrow(0, 0, f)?, &gu.narrow(0, f, f)?, dn)?;
+                    y = y.index_add(&tokens, &out.broadcast_mul(&w)?, 0)?;
                 }
                 y.reshape((1, s, d))
             }

@@ -48,8 +48,6 @@ pub struct ExpertShard {
     pub whole: Vec<ParamSpec>,
     /// Where this rank's share starts in the whole block's flat buffer (elements).
     pub offset: usize,
-    /// This rank's index in the expert group.
-    pub rank: usize,
 }
 
 impl Model {
@@ -135,7 +133,7 @@ impl Model {
             let mine = own[keep.clone()].to_vec();
             let whole = std::mem::replace(&mut self.own[i], mine);
             self.slots[i] = (0..keep.len()).map(|index| SlotSource { block: i, index, frozen: false }).collect();
-            self.experts[i] = Some(ExpertShard { whole, offset, rank: group.rank() });
+            self.experts[i] = Some(ExpertShard { whole, offset });
             self.blocks[i].bind_experts(group.clone());
         }
         Ok(())

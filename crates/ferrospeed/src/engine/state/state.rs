@@ -74,8 +74,6 @@ pub struct CheckpointPlan {
     /// For each block of this engine: its index in `blocks`, and whether this rank saves it (a
     /// ghost's state is its owner's).
     pub local: Vec<(usize, bool)>,
-    /// This rank's shard in the blocks' layouts (its data-parallel rank).
-    pub shard_rank: usize,
     /// For each block of this engine: this rank's shard in the block's own layout (its
     /// data-parallel rank; an expert block's: its expert-data-parallel rank), and where the engine's
     /// flat buffer of the block starts in the whole block's (0; an expert block's: its share's offset).
@@ -95,7 +93,7 @@ impl Engine {
         let blocks: Vec<(String, FlatParam)> = self.blocks_state().map(|(n, p)| (n.to_string(), p.flat.clone())).collect();
         let files = (0..world).map(|r| blocks.iter().map(|(_, f)| f.layout().range(r)).collect()).collect();
         let placement = vec![(self.worker.rank(), 0); blocks.len()];
-        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, shard_rank: self.worker.rank(), placement }
+        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, placement }
     }
 
     /// The checkpoint of an engine with expert parallelism: every expert block whole, each rank's
@@ -131,7 +129,7 @@ impl Engine {
                     .collect()
             })
             .collect();
-        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, shard_rank: self.worker.rank(), placement }
+        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, placement }
     }
 
     /// Copy the optimizer state from the device into host memory (a no-op on the CPU, or when the
