@@ -360,7 +360,9 @@ fn seed(outputs: &[Tensor], grads: &[Option<Tensor>]) -> candle_core::Result<Opt
         let term = (y * g)?.sum_all()?;
         total = Some(match total {
             None => term,
-            Some(t) => (t + term)?,
+            Some(t) if t.dtype() == term.dtype() => (t + term)?,
+            // Outputs of several dtypes (bf16 activations beside f32 statistics): added in f32.
+            Some(t) => (t.to_dtype(candle_core::DType::F32)? + term.to_dtype(candle_core::DType::F32)?)?,
         });
     }
     Ok(total)
