@@ -3,7 +3,7 @@
 # torch has it; "eager" loops over the experts), random weights from the architecture's config, random
 # tokens, AdamW (torch, fused), clip 1.0, parameters in bf16 (AdamW's state then bf16 too: less work than
 # ferrospeed's fp32 master weights and moments). Prints one JSON line per configuration.
-#   python3 anchor_moe.py SPEC...   SPEC = MODEL:LAYERS:MICROBATCH:T[:EXPERTS_IMPL | :ds3]
+#   python3 anchor_moe.py SPEC...   SPEC = MODEL:LAYERS:MICROBATCH:T[:EXPERTS_IMPL | :ds3 | :ds3-EXPERTS_IMPL]
 #   MODEL = olmoe-1b-7b | qwen3-30b-a3b (the shapes of `ferrospeed bench-train --model`)
 #   ds3: the same model under DeepSpeed ZeRO-3 (bf16, its AdamW, fp32 master weights and moments, as ours),
 #        one GPU; DeepSpeed from the carried wheels (../shared/bench/fetch-wheels.sh).
@@ -36,8 +36,10 @@ def run(spec):
     impl = parts[4] if len(parts) > 4 else None
     steps, warm = int(os.environ.get("ANCHOR_STEPS", 6)), int(os.environ.get("ANCHOR_WARM", 2))
     cfg = config(name, layers)
-    if impl == "ds3":
-        return run_deepspeed(name, cfg, layers, B, T)
+    if impl and impl.startswith("ds3"):
+        # ds3-IMPL: DeepSpeed ZeRO-3 with transformers' IMPL experts (its default, grouped_mm, indexed a
+        # partitioned, empty expert weight under ZeRO-3 on 2026-12-07: IndexError).
+        return run_deepspeed(name, cfg, layers, B, T, impl.partition("-")[2] or None)
     kwargs = {"attn_implementation": "sdpa"}
     if impl:
         kwargs["experts_implementation"] = impl
@@ -77,7 +79,7 @@ def run(spec):
     if cuda: torch.cuda.empty_cache()
 
 
-def run_deepspeed(name, cfg, layers, B, T):
+def run_deepspeed(name, cfg, layers, B, T, experts=None):
     os.environ.setdefault("RANK", "0"); os.environ.setdefault("LOCAL_RANK", "0"); os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1"); os.environ.setdefault("MASTER_PORT", "29512")
     import deepspeed
@@ -87,7 +89,8 @@ def run_deepspeed(name, cfg, layers, B, T):
           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=ds):
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
+        extra = {"experts_implementation": experts} if experts else {}
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa", **extra)
     used = getattr(model.config, "_experts_implementation", None)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     eng, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)

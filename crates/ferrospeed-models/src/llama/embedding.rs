@@ -1,11 +1,14 @@
 //! Llama block 0: the token embedding `embed_tokens` `[vocab, d]` (positions are rotary, in the layers),
-//! with a hand-written backward (rows added up per token in f32).
+//! with a hand-written backward (rows added up per token in f32). Under tensor parallelism the table
+//! is vocabulary-parallel: each rank holds `vocab / tp` consecutive rows, looks up the tokens that
+//! fall in them (zero rows for the others), and the group sums the lookups.
 
 use super::LlamaConfig;
 use crate::ops::lm_head::TokenIds;
-use candle_core::{Result, Tensor};
-use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, Upstream, WeightGrads};
+use candle_core::{DType, Device, Result, Tensor};
+use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream, WeightGrads};
 use ferrospeed::profile::{scoped_as, Kind};
+use std::sync::OnceLock;
 
 /// `embed_tokens`; output `[batch, t, d]`.
 #[derive(Debug, Clone)]
@@ -13,16 +16,40 @@ pub struct Embedding {
     cfg: LlamaConfig,
     /// The table is frozen (a LoRA base): the backward has nothing to do.
     frozen: bool,
+    /// The tensor-parallel group the table's rows are split over.
+    tp: OnceLock<TensorGroup>,
+}
+
+/// What the backward needs: the token ids (this rank's rows' indices under tensor parallelism) and
+/// which tokens this rank's rows hold (`[n, 1]`, 1 or 0; `None` without tensor parallelism).
+struct EmbeddingSaved {
+    ids: TokenIds,
+    mask: Option<Tensor>,
 }
 
 impl Embedding {
     pub fn new(cfg: LlamaConfig) -> Self {
-        Self { cfg, frozen: false }
+        Self { cfg, frozen: false, tp: OnceLock::new() }
     }
 
     /// The block with its parameters frozen (the base of LoRA adapters).
     pub fn frozen(cfg: LlamaConfig) -> Self {
-        Self { cfg, frozen: true }
+        Self { cfg, frozen: true, tp: OnceLock::new() }
+    }
+
+    /// The tokens as indices into this rank's `rows` rows of the table (0 where a token is another
+    /// rank's) and the mask of the ones it holds `[n, 1]` in `dtype`; the tokens themselves and no
+    /// mask where the table is whole.
+    fn local_tokens(&self, tokens: &Tensor, rows: usize, dtype: DType) -> Result<(Tensor, Option<Tensor>)> {
+        let Some(group) = self.tp.get() else { return Ok((tokens.clone(), None)) };
+        let lo = (group.rank() * rows) as u32;
+        let ids: Vec<u32> = tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+        let held = |id: u32| id >= lo && id < lo + rows as u32;
+        let local: Vec<u32> = ids.iter().map(|&id| if held(id) { id - lo } else { 0 }).collect();
+        let mask: Vec<f32> = ids.iter().map(|&id| f32::from(u8::from(held(id)))).collect();
+        let device = tokens.device();
+        let n = ids.len();
+        Ok((Tensor::from_vec(local, tokens.shape(), &Device::Cpu)?.to_device(device)?, Some(Tensor::from_vec(mask, (n, 1), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)))
     }
 }
 
@@ -37,15 +64,25 @@ impl Block for Embedding {
         vec![if self.frozen { ParamRef::Frozen(spec) } else { ParamRef::Own(spec) }]
     }
 
-    fn forward(&self, params: &[Tensor], _inputs: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
-        let tokens = batch.get("tokens")?;
-        let (b, t) = tokens.dims2()?;
-        scoped_as(Kind::Elementwise, "embedding", || Ok(vec![params[0].index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, self.cfg.d_model))?]))
+    fn forward(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
+        Ok(self.run(params, x, batch, false)?.0)
     }
 
     fn forward_saving(&self, params: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
-        let ids = TokenIds::new(batch.get("tokens")?)?;
-        Ok(Some((self.forward(params, x, batch)?, Box::new(ids))))
+        let (y, saved) = self.run(params, x, batch, true)?;
+        Ok(saved.map(|s| (y, Box::new(s) as Saved)))
+    }
+
+    fn tensor_plan(&self) -> Vec<TpSplit> {
+        vec![TpSplit::Rows]
+    }
+
+    fn bind_tensors(&self, group: TensorGroup) -> std::result::Result<(), String> {
+        let (v, tp) = (self.cfg.vocab_size, group.size());
+        if v % tp != 0 {
+            return Err(format!("a vocabulary of {v} tokens, which parallel.tp = {tp} does not divide (the embedding and head are split by rows): choose a tp that divides it"));
+        }
+        self.tp.set(group).map_err(|_| "bound to a tensor-parallel group twice".to_string())
     }
 
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
@@ -58,14 +95,34 @@ impl Block for Embedding {
 }
 
 impl Embedding {
+    /// The lookup (summed over the tensor-parallel group where the table is split) and what the
+    /// backward needs.
+    fn run(&self, params: &[Tensor], _inputs: &[Tensor], batch: &Batch, save: bool) -> Result<(Vec<Tensor>, Option<EmbeddingSaved>)> {
+        let tokens = batch.get("tokens")?;
+        let (b, t) = tokens.dims2()?;
+        let (ids, mask) = self.local_tokens(tokens, params[0].dim(0)?, params[0].dtype())?;
+        let mut y = scoped_as(Kind::Elementwise, "embedding", || params[0].index_select(&ids.flatten_all()?, 0))?;
+        if let (Some(m), Some(group)) = (&mask, self.tp.get()) {
+            y = group.sum(&y.broadcast_mul(m)?)?;
+        }
+        let saved = if save { Some(EmbeddingSaved { ids: TokenIds::new(&ids)?, mask }) } else { None };
+        Ok((vec![y.reshape((b, t, self.cfg.d_model))?], saved))
+    }
+
     /// The backward has no input gradient (the inputs are token ids): it is all parameter work, none of
     /// it run for a frozen table.
     fn backward_into(&self, saved: Saved, p: &[Tensor], upstream: Upstream<'_>, grads: &mut ParamGrads) -> Result<Vec<Option<Tensor>>> {
         if self.frozen {
             grads.freeze([0]);
         }
-        let ids = saved.downcast::<TokenIds>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
-        let (g, vocab) = (upstream.grad(0)?.clone(), p[0].dim(0)?);
+        let s = saved.downcast::<EmbeddingSaved>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
+        let (mut g, vocab) = (upstream.grad(0)?.clone(), p[0].dim(0)?);
+        // Another rank's tokens add nothing to this rank's rows.
+        if let Some(m) = &s.mask {
+            let (b, t, d) = g.dims3()?;
+            g = g.reshape((b * t, d))?.broadcast_mul(&m.to_dtype(g.dtype())?)?.reshape((b, t, d))?;
+        }
+        let ids = s.ids;
         grads.put_rows(vec![(0, vocab)], move || ids.table_grad(&g, vocab))?;
         Ok(Vec::new())
     }

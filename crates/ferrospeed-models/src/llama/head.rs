@@ -1,14 +1,18 @@
 //! The last Llama block: final RMSNorm, logits through `lm_head` (or the embedding when tied),
-//! cross-entropy; with a hand-written backward (`ops::lm_head`, shared with GPT).
+//! cross-entropy; with a hand-written backward (`ops::lm_head`, shared with GPT). Under tensor
+//! parallelism the vocabulary matrix is split by rows (vocabulary-parallel, like the tied embedding)
+//! and the loss is the vocabulary-parallel cross-entropy; the norm stays whole.
 
 use super::LlamaConfig;
 use crate::ops::cross_entropy::cross_entropy_rows_autograd;
 use crate::ops::docs::loss_weighting;
-use crate::ops::lm_head::{head_backward, head_loss, reduce_rows, HeadLoss};
+use crate::ops::lm_head::{head_backward, head_loss_sharded, reduce_rows, HeadLoss};
+use crate::ops::vocab_parallel::VocabShard;
 use crate::ops::rms_norm::{rms_backward, rms_forward, rms_norm};
 use candle_core::{Result, Tensor};
-use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, Upstream, WeightGrads};
+use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream, WeightGrads};
 use ferrospeed::profile::{scoped_as, Kind};
+use std::sync::OnceLock;
 
 /// `norm` and the head; slot 1 is `lm_head.weight` `[vocab, d]` or block 0's `embed_tokens.weight`.
 #[derive(Debug, Clone)]
@@ -16,6 +20,8 @@ pub struct Head {
     cfg: LlamaConfig,
     /// Norm and head frozen (a LoRA base): only the input's gradient is computed.
     frozen: bool,
+    /// The tensor-parallel group the vocabulary is split over.
+    tp: OnceLock<TensorGroup>,
 }
 
 /// What the head's backward needs.
@@ -28,12 +34,12 @@ struct HeadSaved {
 
 impl Head {
     pub fn new(cfg: LlamaConfig) -> Self {
-        Self { cfg, frozen: false }
+        Self { cfg, frozen: false, tp: OnceLock::new() }
     }
 
     /// The block with its parameters frozen (the base of LoRA adapters).
     pub fn frozen(cfg: LlamaConfig) -> Self {
-        Self { cfg, frozen: true }
+        Self { cfg, frozen: true, tp: OnceLock::new() }
     }
 
     /// Logits `[b·t, vocab]` for the hidden states `x [b, t, d]` (composed ops).
@@ -46,7 +52,8 @@ impl Head {
         let (b, t, d) = x.dims3()?;
         let x = x.reshape((b * t, d))?;
         let norm = scoped_as(Kind::Elementwise, "rms_norm", || rms_forward(&x, &p[0], self.cfg.rms_norm_eps))?;
-        let (loss, saved) = head_loss(norm.y, &p[1], batch.get("targets")?.flatten_all()?, &loss_weighting(batch)?)?;
+        let shard = self.tp.get().map(|g| VocabShard { lo: g.rank() * p[1].dim(0).unwrap_or(0), group: g.clone() });
+        let (loss, saved) = head_loss_sharded(norm.y, &p[1], batch.get("targets")?.flatten_all()?, &loss_weighting(batch)?, shard)?;
         Ok((loss, HeadSaved { x, rstd: norm.rstd, loss: saved, dims: (b, t, d) }))
     }
 
@@ -112,6 +119,9 @@ impl Block for Head {
     fn forward(&self, params: &[Tensor], inputs: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
         let x = input(inputs)?;
         if x.track_op() || params.iter().any(Tensor::track_op) || inputs.len() > 1 {
+            if self.tp.get().is_some() {
+                candle_core::bail!("a head split over a tensor-parallel group runs its hand-written backward, not autograd");
+            }
             let rows = cross_entropy_rows_autograd(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?;
             let loss = reduce_rows(&rows, &loss_weighting(batch)?)?.0;
             return self.with_moe(loss, inputs);
@@ -134,6 +144,21 @@ impl Block for Head {
 
     fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
         ParamGrads::split(p.len(), |grads| self.backward_into(p, saved, upstream, grads))
+    }
+
+    fn tensor_plan(&self) -> Vec<TpSplit> {
+        vec![TpSplit::Replicated, TpSplit::Rows]
+    }
+
+    fn bind_tensors(&self, group: TensorGroup) -> std::result::Result<(), String> {
+        let (v, tp) = (self.cfg.vocab_size, group.size());
+        if self.cfg.moe.is_some() {
+            return Err(format!("tensor parallelism of a mixture-of-experts model is not built yet: set parallel.tp = 1 (parallel.tp = {tp})"));
+        }
+        if v % tp != 0 {
+            return Err(format!("a vocabulary of {v} tokens, which parallel.tp = {tp} does not divide (the head is split by rows): choose a tp that divides it"));
+        }
+        self.tp.set(group).map_err(|_| "bound to a tensor-parallel group twice".to_string())
     }
 
     fn metrics(&self) -> Vec<String> {

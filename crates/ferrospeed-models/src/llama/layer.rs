@@ -12,8 +12,8 @@ use crate::ops::lora::{self, Adapter, LayerLora, MODULES};
 use crate::ops::rms_norm::rms_norm;
 use crate::ops::rope::rope_composed;
 use candle_core::{Result, Tensor};
-use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, Upstream, WeightGrads};
-use std::sync::Arc;
+use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream, WeightGrads};
+use std::sync::{Arc, OnceLock};
 
 /// Layer `index` of the model.
 #[derive(Debug, Clone)]
@@ -23,6 +23,8 @@ pub struct Layer {
     pub(super) rope: Arc<RopeCache>,
     /// LoRA adapters: the base's parameters are then frozen.
     lora: Option<LayerLora>,
+    /// The tensor-parallel group, where the engine split the layer over one.
+    tp: OnceLock<TensorGroup>,
 }
 
 /// Slot positions of the layer's parameters, in `Layer::params` order: the norms and weights, with
@@ -98,7 +100,19 @@ pub(crate) fn module_dims(c: &LlamaConfig) -> [(usize, usize); 7] {
 
 impl Layer {
     pub(crate) fn new(cfg: LlamaConfig, index: usize, rope: Arc<RopeCache>, lora: Option<LayerLora>) -> Self {
-        Self { cfg, index, rope, lora }
+        Self { cfg, index, rope, lora, tp: OnceLock::new() }
+    }
+
+    /// The tensor-parallel group (a group of one where the layer is whole).
+    fn group(&self) -> TensorGroup {
+        self.tp.get().cloned().unwrap_or_default()
+    }
+
+    /// The shape this rank computes: under tensor parallelism its share of the query and key/value
+    /// heads and of the MLP's width.
+    fn local(&self) -> LlamaConfig {
+        let tp = self.tp.get().map_or(1, TensorGroup::size);
+        LlamaConfig { n_head: self.cfg.n_head / tp, n_kv_head: self.cfg.n_kv_head / tp, d_ff: self.cfg.d_ff / tp, ..self.cfg }
     }
 
     /// The hand-written backward: the input's gradient, the slots' into `grads`.
@@ -106,7 +120,7 @@ impl Layer {
         let g = upstream.grad(0)?;
         let saved = saved.downcast::<LayerSaved>().map_err(|_| candle_core::Error::Msg("layer backward: foreign saved state".into()))?;
         let (cos, sin) = self.rope.get(&self.cfg, saved.seq_len(), g.device())?;
-        Ok(vec![Some(layer_fused::backward(&self.cfg, p, *saved, g, (&cos, &sin), self.lora.as_ref(), grads)?)])
+        Ok(vec![Some(layer_fused::backward(&self.local(), p, *saved, g, (&cos, &sin), self.lora.as_ref(), &self.group(), grads)?)])
     }
 }
 
@@ -194,10 +208,13 @@ impl Block for Layer {
             return self.forward_extended(p, inputs, docs.as_ref());
         }
         if x.track_op() || p.iter().any(Tensor::track_op) {
+            if self.tp.get().is_some() {
+                candle_core::bail!("a layer split over a tensor-parallel group runs its fused forward and hand-written backward, not autograd");
+            }
             return Ok(vec![self.forward_composed(p, x, docs.as_ref())?]);
         }
         let (cos, sin) = self.rope.get(&self.cfg, x.dim(1)?, x.device())?;
-        Ok(vec![layer_fused::forward(&self.cfg, p, x, (&cos, &sin), docs.as_ref(), self.lora.as_ref(), false)?.0])
+        Ok(vec![layer_fused::forward(&self.local(), p, x, (&cos, &sin), docs.as_ref(), self.lora.as_ref(), &self.group(), false)?.0])
     }
 
     fn forward_saving(&self, p: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
@@ -206,7 +223,7 @@ impl Block for Layer {
         }
         let x = input(x)?;
         let (cos, sin) = self.rope.get(&self.cfg, x.dim(1)?, x.device())?;
-        let (y, saved) = layer_fused::forward(&self.cfg, p, x, (&cos, &sin), Docs::of(batch)?.as_ref(), self.lora.as_ref(), true)?;
+        let (y, saved) = layer_fused::forward(&self.local(), p, x, (&cos, &sin), Docs::of(batch)?.as_ref(), self.lora.as_ref(), &self.group(), true)?;
         let saved = saved.ok_or_else(|| candle_core::Error::Msg("layer forward kept nothing".into()))?;
         Ok(Some((vec![y], Box::new(saved))))
     }
@@ -217,6 +234,45 @@ impl Block for Layer {
 
     fn backward_split(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(WeightGrads, Vec<Option<Tensor>>)> {
         ParamGrads::split(slot_count(&self.cfg, self.lora.as_ref()), |grads| self.backward_into(p, saved, upstream, grads))
+    }
+
+    /// Megatron's split: q, k, v and gate, up column-parallel (by heads and by the MLP's width, with
+    /// their biases), o and down row-parallel (their biases added once, after the sum), norms whole.
+    fn tensor_plan(&self) -> Vec<TpSplit> {
+        use TpSplit::{Cols, Replicated, Rows};
+        let n = self.params().len();
+        if self.composed_only() {
+            return vec![Replicated; n];
+        }
+        let (c, s) = (&self.cfg, Slots::of(&self.cfg));
+        let mut plan = vec![Replicated; n];
+        for i in [s.q, s.k, s.v, s.gate, s.up] {
+            plan[i] = Rows;
+        }
+        for i in [s.o, s.down] {
+            plan[i] = Cols;
+        }
+        if let Some(b0) = s.bias {
+            plan[b0..b0 + 3].fill(Rows);
+        }
+        if let Some(b0) = s.mlp_bias.filter(|_| c.mlp_bias) {
+            plan[b0..b0 + 2].fill(Rows);
+        }
+        plan
+    }
+
+    fn bind_tensors(&self, group: TensorGroup) -> std::result::Result<(), String> {
+        let (c, tp) = (&self.cfg, group.size());
+        if self.composed_only() {
+            return Err(format!("tensor parallelism of query/key-norm and mixture-of-experts layers is not built yet: set parallel.tp = 1 (parallel.tp = {tp})"));
+        }
+        for (what, n) in [("query heads (num_attention_heads)", c.n_head), ("key/value heads (num_key_value_heads)", c.n_kv_head), ("MLP width (intermediate_size)", c.d_ff)] {
+            if n % tp != 0 {
+                let fits: Vec<usize> = (1..=c.n_kv_head).filter(|d| c.n_head % d == 0 && c.n_kv_head % d == 0 && c.d_ff % d == 0).collect();
+                return Err(format!("{n} {what}, which parallel.tp = {tp} does not divide: choose parallel.tp among {fits:?}"));
+            }
+        }
+        self.tp.set(group).map_err(|_| "bound to a tensor-parallel group twice".to_string())
     }
 
     fn stacked_runs(&self) -> Vec<std::ops::Range<usize>> {

@@ -4,6 +4,12 @@
 //! attention reads grouped K/V heads from it directly. Biases (q/k/v, o_proj, gate/up/down, as the
 //! config has them) are added by the fused bias kernels and their gradients are column sums. Ops are
 //! marked with their kind of work (`ferrospeed::profile`) for the GPU step breakdown.
+//!
+//! Under tensor parallelism the same code runs on one rank's slices (`c` is then the rank's share:
+//! `n_head / tp` query heads, `n_kv_head / tp` key/value heads, `d_ff / tp`; q/k/v and gate/up are
+//! column-parallel, o and down row-parallel): the output projections' partial sums are added over the
+//! group before their bias and the residual (forward), and the gradients of the normalised inputs
+//! before the norms' backward — Megatron's four all-reduces a layer.
 
 use super::layer::{adapters, slot_count, stacked_runs, Slots};
 use super::LlamaConfig;
@@ -17,7 +23,7 @@ use crate::ops::rope::rope_qkv;
 use crate::ops::swiglu::{swiglu, swiglu_backward};
 use crate::ops::{copy, matmul, put_col_sum, put_matmul_tn};
 use candle_core::{Result, Tensor};
-use ferrospeed::engine::ParamGrads;
+use ferrospeed::engine::{ParamGrads, TensorGroup};
 use ferrospeed::profile::{scoped_as, Kind};
 
 /// What the backward needs of one layer's forward (`n = b·t` rows).
@@ -114,7 +120,7 @@ pub(crate) fn row_tables(rope: (&Tensor, &Tensor), docs: Option<&Docs>, b: usize
 /// The layer on `x` `[b, t, d]`; parameters in slot order (see `Layer::params`). With `docs` (a packed
 /// batch) positions restart and attention stays inside each document.
 #[allow(clippy::too_many_arguments)]
-pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tensor), docs: Option<&Docs>, lora: Option<&LayerLora>, save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
+pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tensor), docs: Option<&Docs>, lora: Option<&LayerLora>, tp: &TensorGroup, save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
     let s = Slots::of(c);
     let parts = lora_parts(c, &adapters(c, lora));
     let scale = lora.map_or(0.0, |l| l.shape.scale());
@@ -141,7 +147,7 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
     } else {
         composed_attention(&qkv, b, t, nh, nkv, hd, docs)?
     };
-    let proj = add_lora(matmul(&y, &p[s.o].t()?)?, &y, p, &parts[1], scale, &mut kept[1])?;
+    let proj = tp.sum(&add_lora(matmul(&y, &p[s.o].t()?)?, &y, p, &parts[1], scale, &mut kept[1])?)?;
     let x2 = match s.o_bias {
         Some(i) => scoped_as(ew, "bias_residual", || bias_residual(&x, &proj, &p[i]))?,
         None => (&x + proj)?,
@@ -157,7 +163,7 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
     }
     let gu = add_lora(gu, &norm2.y, p, &parts[2], scale, &mut kept[2])?;
     let act = scoped_as(ew, "swiglu", || swiglu(&gu))?;
-    let down = add_lora(matmul(&act, &p[s.down].t()?)?, &act, p, &parts[3], scale, &mut kept[3])?;
+    let down = tp.sum(&add_lora(matmul(&act, &p[s.down].t()?)?, &act, p, &parts[3], scale, &mut kept[3])?)?;
     let out = match s.mlp_bias {
         Some(b0) => scoped_as(ew, "bias_residual", || bias_residual(&x2, &down, &p[b0 + 2]))?,
         None => (&x2 + down)?,
@@ -190,7 +196,8 @@ fn composed_attention(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, h
 /// to `grads` (the weight matmuls and bias sums as work: at once for the whole backward, later for a
 /// split one).
 /// With LoRA the base's slots are frozen: only the adapters' gradients are computed.
-pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope: (&Tensor, &Tensor), lora: Option<&LayerLora>, grads: &mut ParamGrads) -> Result<Tensor> {
+#[allow(clippy::too_many_arguments)]
+pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope: (&Tensor, &Tensor), lora: Option<&LayerLora>, tp: &TensorGroup, grads: &mut ParamGrads) -> Result<Tensor> {
     let s = Slots::of(c);
     let parts = lora_parts(c, &adapters(c, lora));
     let scale = lora.map_or(0.0, |l| l.shape.scale());
@@ -216,7 +223,7 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     }
     put_matmul_tn(grads, vec![(s.gate, f), (s.up, f)], &d_gu, &sv.h2)?;
     let w_gu = stacked(c, p, lora, 1)?;
-    let d_h2 = with_lora(matmul(&d_gu, &w_gu)?, grads, p, &parts[2], &sv.lora[2], &d_gu, &sv.h2, scale)?;
+    let d_h2 = tp.sum(&with_lora(matmul(&d_gu, &w_gu)?, grads, p, &parts[2], &sv.lora[2], &d_gu, &sv.h2, scale)?)?;
     drop((d_gu, w_gu));
     let (d_x2, d_post) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h2, &sv.x2, &p[s.post_norm], &sv.rstd2, Some(&g)))?;
     grads.set(s.post_norm, d_post);
@@ -251,7 +258,7 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     }
     put_matmul_tn(grads, vec![(s.q, q_w), (s.k, kv_w), (s.v, kv_w)], &d_qkv, &sv.h1)?;
     let w_qkv = stacked(c, p, lora, 0)?;
-    let d_h1 = with_lora(matmul(&d_qkv, &w_qkv)?, grads, p, &parts[0], &sv.lora[0], &d_qkv, &sv.h1, scale)?;
+    let d_h1 = tp.sum(&with_lora(matmul(&d_qkv, &w_qkv)?, grads, p, &parts[0], &sv.lora[0], &d_qkv, &sv.h1, scale)?)?;
     let (d_x, d_in) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h1, &sv.x, &p[s.input_norm], &sv.rstd1, Some(&d_x2)))?;
     grads.set(s.input_norm, d_in);
     d_x.reshape((b, t, d))

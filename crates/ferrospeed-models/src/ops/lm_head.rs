@@ -7,10 +7,15 @@
 //! prompt or padding) the loss is the mean over the counted targets of the micro-batch; with loss
 //! weights (what the data loader makes of a mask: normalised over the global batch) their weighted sum.
 //! Either way every other row has weight exactly 0, in the loss and in the gradient.
+//!
+//! Under tensor parallelism the matrix is this rank's rows of the vocabulary ([`VocabShard`]): the
+//! logits are its columns, the loss of each row comes from the vocabulary-parallel cross-entropy, and
+//! the hidden states' gradient is summed over the group.
 
 use super::cross_entropy::{cross_entropy_rows, cross_entropy_rows_backward};
 use super::docs::LossWeighting;
 use super::fused::embedding_grad;
+use super::vocab_parallel::VocabShard;
 use candle_core::{DType, Device, Result, Tensor};
 use ferrospeed::engine::ParamGrads;
 use ferrospeed::profile::{scoped, scoped_as, Kind};
@@ -26,6 +31,8 @@ pub struct HeadLoss {
     weights: Option<Tensor>,
     /// Rows a chunk of logits holds.
     chunk: usize,
+    /// This rank's part of the vocabulary, where it is split over a tensor-parallel group.
+    shard: Option<VocabShard>,
 }
 
 /// Logits of more elements than this are never held whole: the loss and its backward run over chunks
@@ -62,29 +69,50 @@ pub fn reduce_rows(rows: &Tensor, weighting: &LossWeighting) -> Result<(Tensor, 
 /// The cross-entropy of `h` `[n, d]` · `w`ᵀ against `targets` (`n` ids) under `weighting`, and what its
 /// backward needs.
 pub fn head_loss(h: Tensor, w: &Tensor, targets: Tensor, weighting: &LossWeighting) -> Result<(Tensor, HeadLoss)> {
-    let chunk = chunk_rows(h.dim(0)?, w.dim(0)?);
-    head_loss_chunked(h, w, targets, weighting, chunk)
+    head_loss_sharded(h, w, targets, weighting, None)
 }
 
-/// [`head_loss`] with logits of `chunk` rows at a time (all rows: held whole for the backward).
-pub fn head_loss_chunked(h: Tensor, w: &Tensor, targets: Tensor, weighting: &LossWeighting, chunk: usize) -> Result<(Tensor, HeadLoss)> {
+/// [`head_loss`] with `w` this rank's rows of the vocabulary (`shard`), or all of them (`None`).
+pub fn head_loss_sharded(h: Tensor, w: &Tensor, targets: Tensor, weighting: &LossWeighting, shard: Option<VocabShard>) -> Result<(Tensor, HeadLoss)> {
+    let chunk = chunk_rows(h.dim(0)?, w.dim(0)?);
+    head_loss_chunked(h, w, targets, weighting, chunk, shard)
+}
+
+/// Each row's loss of `logits` (this rank's columns, under `shard`).
+fn loss_rows(logits: &Tensor, targets: &Tensor, shard: Option<&VocabShard>) -> Result<Tensor> {
+    scoped_as(Kind::Elementwise, "cross_entropy", || match shard {
+        Some(s) => s.rows(logits, targets),
+        None => cross_entropy_rows(logits, targets),
+    })
+}
+
+/// The logits' gradient for the rows' gradients.
+fn loss_rows_backward(logits: &Tensor, targets: &Tensor, row_grads: &Tensor, shard: Option<&VocabShard>) -> Result<Tensor> {
+    scoped_as(Kind::Elementwise, "cross_entropy_backward", || match shard {
+        Some(s) => s.rows_backward(logits, targets, row_grads),
+        None => cross_entropy_rows_backward(logits, targets, row_grads),
+    })
+}
+
+/// [`head_loss_sharded`] with logits of `chunk` rows at a time (all rows: held whole for the backward).
+pub fn head_loss_chunked(h: Tensor, w: &Tensor, targets: Tensor, weighting: &LossWeighting, chunk: usize, shard: Option<VocabShard>) -> Result<(Tensor, HeadLoss)> {
     let n = h.dim(0)?;
     let chunk = chunk.clamp(1, n.max(1));
     let (logits, rows) = if chunk >= n {
         let logits = scoped(Kind::Matmul, || h.matmul(&w.t()?))?;
-        let rows = scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets))?;
+        let rows = loss_rows(&logits, &targets, shard.as_ref())?;
         (Some(logits), rows)
     } else {
         let mut parts = Vec::with_capacity(n.div_ceil(chunk));
         for at in (0..n).step_by(chunk) {
             let len = chunk.min(n - at);
             let logits = scoped(Kind::Matmul, || h.narrow(0, at, len)?.matmul(&w.t()?))?;
-            parts.push(scoped_as(Kind::Elementwise, "cross_entropy", || cross_entropy_rows(&logits, &targets.narrow(0, at, len)?))?);
+            parts.push(loss_rows(&logits, &targets.narrow(0, at, len)?, shard.as_ref())?);
         }
         (None, Tensor::cat(&parts, 0)?)
     };
     let (loss, weights) = scoped_as(Kind::Elementwise, "cross_entropy", || reduce_rows(&rows, weighting))?;
-    Ok((loss, HeadLoss { h, logits, targets, rows, weights, chunk }))
+    Ok((loss, HeadLoss { h, logits, targets, rows, weights, chunk, shard }))
 }
 
 /// The gradient `d_h` of `scale` × the loss of [`head_loss`]; the vocabulary matrix's gradient goes
@@ -96,18 +124,29 @@ pub fn head_backward(s: HeadLoss, w: &Tensor, scale: f64, grads: &mut ParamGrads
         None => s.rows.ones_like()?.affine(scale / n as f64, 0.0)?,
         Some(w) => w.affine(scale, 0.0)?,
     };
-    let Some(logits) = s.logits else { return chunked_backward(&s.h, w, &s.targets, &row_grads, s.chunk, grads, slot) };
-    let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || cross_entropy_rows_backward(&logits, &s.targets, &row_grads))?;
-    drop(logits);
-    let (dl, h) = (d_logits.clone(), s.h);
-    grads.put_rows(vec![(slot, 0)], move || scoped(Kind::Matmul, || dl.t()?.matmul(&h)))?;
-    scoped(Kind::Matmul, || d_logits.matmul(w))
+    let shard = s.shard.as_ref();
+    let d_h = match s.logits {
+        None => chunked_backward(&s.h, w, &s.targets, &row_grads, s.chunk, shard, grads, slot)?,
+        Some(logits) => {
+            let d_logits = loss_rows_backward(&logits, &s.targets, &row_grads, shard)?;
+            drop(logits);
+            let (dl, h) = (d_logits.clone(), s.h.clone());
+            grads.put_rows(vec![(slot, 0)], move || scoped(Kind::Matmul, || dl.t()?.matmul(&h)))?;
+            scoped(Kind::Matmul, || d_logits.matmul(w))?
+        }
+    };
+    // Each rank's columns give a partial sum of every row's gradient.
+    match shard {
+        Some(s) => s.group.sum(&d_h),
+        None => Ok(d_h),
+    }
 }
 
 /// The backward over chunks of `chunk` rows: each chunk's logits again, their gradient, its share of
 /// `d_h` and of the vocabulary matrix's gradient (added chunk by chunk in f32 and handed over in f32;
 /// not computed when the matrix is frozen).
-fn chunked_backward(h: &Tensor, w: &Tensor, targets: &Tensor, row_grads: &Tensor, chunk: usize, grads: &mut ParamGrads, slot: usize) -> Result<Tensor> {
+#[allow(clippy::too_many_arguments)]
+fn chunked_backward(h: &Tensor, w: &Tensor, targets: &Tensor, row_grads: &Tensor, chunk: usize, shard: Option<&VocabShard>, grads: &mut ParamGrads, slot: usize) -> Result<Tensor> {
     let n = h.dim(0)?;
     let want_w = !grads.is_frozen(slot);
     let mut d_w: Option<Tensor> = None;
@@ -116,9 +155,7 @@ fn chunked_backward(h: &Tensor, w: &Tensor, targets: &Tensor, row_grads: &Tensor
         let len = chunk.min(n - at);
         let hc = h.narrow(0, at, len)?;
         let logits = scoped(Kind::Matmul, || hc.matmul(&w.t()?))?;
-        let d_logits = scoped_as(Kind::Elementwise, "cross_entropy_backward", || {
-            cross_entropy_rows_backward(&logits, &targets.narrow(0, at, len)?, &row_grads.narrow(0, at, len)?)
-        })?;
+        let d_logits = loss_rows_backward(&logits, &targets.narrow(0, at, len)?, &row_grads.narrow(0, at, len)?, shard)?;
         drop(logits);
         if want_w {
             let part = scoped(Kind::Matmul, || d_logits.t()?.matmul(&hc))?.to_dtype(DType::F32)?;
@@ -177,7 +214,7 @@ mod tests {
         let (n, d, v) = (10, 8, 13);
         let (h, w) = (randn(&[n, d], 1), randn(&[v, d], 2).affine(0.3, 0.0).unwrap());
         let targets = Tensor::from_vec((0..n as u32).map(|i| (i * 7) % v as u32).collect::<Vec<u32>>(), n, &Device::Cpu).unwrap();
-        let (loss, saved) = head_loss_chunked(h, &w, targets, weighting, chunk).unwrap();
+        let (loss, saved) = head_loss_chunked(h, &w, targets, weighting, chunk, None).unwrap();
         let (slots, d_h) = ParamGrads::whole(1, |g| Ok(vec![Some(head_backward(saved, &w, 0.5, g, 0)?)])).unwrap();
         (loss.to_scalar::<f32>().unwrap(), values(d_h[0].as_ref().unwrap()), values(slots[0].as_ref().unwrap()))
     }
@@ -203,7 +240,7 @@ mod tests {
         // Frozen (a LoRA base's head): d_h alone.
         let (h, w) = (randn(&[10, 8], 1), randn(&[13, 8], 2));
         let targets = Tensor::from_vec((0..10u32).collect::<Vec<u32>>(), 10, &Device::Cpu).unwrap();
-        let (_, saved) = head_loss_chunked(h, &w, targets, &LossWeighting::Mean, 3).unwrap();
+        let (_, saved) = head_loss_chunked(h, &w, targets, &LossWeighting::Mean, 3, None).unwrap();
         let (slots, d_h) = ParamGrads::whole(1, |g| {
             g.freeze([0]);
             Ok(vec![Some(head_backward(saved, &w, 1.0, g, 0)?)])
@@ -213,5 +250,38 @@ mod tests {
         assert_eq!(chunk_rows(8192, 128_256), 8192, "the shapes benchmarked so far keep their logits whole");
         assert_eq!(chunk_rows(16 * 1024, 50_304), 16 * 1024, "GPT-2 at 16 × 1024 too");
         assert_eq!(chunk_rows(32 * 1024, 128_256), 261, "long context: chunks of at most 2^25 logits");
+    }
+
+    /// The vocabulary split over 2 ranks (threads over TCP), logits whole or in chunks of 3 rows, with a
+    /// loss mask: the loss and `d_h` of the whole head on every rank, and each rank's rows of the
+    /// matrix's gradient.
+    #[test]
+    fn a_vocabulary_split_over_ranks_gives_the_whole_heads_loss_and_gradients() {
+        use super::super::vocab_parallel::VocabShard;
+        use ferrospeed::comm::{run_local_world, CommConfig};
+        use ferrospeed::engine::TensorGroup;
+        let (n, d, v) = (10, 8, 14);
+        let (h, w) = (randn(&[n, d], 1), randn(&[v, d], 2).affine(0.3, 0.0).unwrap());
+        let targets = Tensor::from_vec((0..n as u32).map(|i| (i * 5) % v as u32).collect::<Vec<u32>>(), n, &Device::Cpu).unwrap();
+        let mask = || LossWeighting::Mask(Tensor::from_vec((0..n).map(|i| (i % 3 != 0) as u32 as f32).collect::<Vec<f32>>(), n, &Device::Cpu).unwrap());
+        let head = |w: &Tensor, chunk: usize, shard: Option<VocabShard>| {
+            let (loss, saved) = head_loss_chunked(h.clone(), w, targets.clone(), &mask(), chunk, shard).unwrap();
+            let (slots, d_h) = ParamGrads::whole(1, |g| Ok(vec![Some(head_backward(saved, w, 0.5, g, 0)?)])).unwrap();
+            (loss.to_scalar::<f32>().unwrap(), values(d_h[0].as_ref().unwrap()), values(slots[0].as_ref().unwrap()))
+        };
+        let whole = head(&w, n, None);
+        for chunk in [n, 3] {
+            let got = run_local_world(2, &CommConfig::default(), |comm| {
+                let group = TensorGroup::new(std::sync::Arc::new(comm));
+                let lo = group.rank() * v / 2;
+                head(&w.narrow(0, lo, v / 2).unwrap(), chunk, Some(VocabShard { group, lo }))
+            })
+            .unwrap();
+            for (rank, (loss, d_h, d_w)) in got.iter().enumerate() {
+                assert!((loss - whole.0).abs() <= 1e-6 * whole.0.abs(), "chunk {chunk} rank {rank}: loss {loss} vs {}", whole.0);
+                assert!(close(d_h, &whole.1), "chunk {chunk} rank {rank}: d_h differs");
+                assert!(close(d_w, &whole.2[rank * v / 2 * d..(rank + 1) * v / 2 * d]), "chunk {chunk} rank {rank}: the matrix's gradient differs");
+            }
+        }
     }
 }

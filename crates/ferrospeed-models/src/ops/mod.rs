@@ -25,6 +25,7 @@ pub mod lora;
 pub mod rms_norm;
 pub mod rope;
 pub mod swiglu;
+pub mod vocab_parallel;
 
 pub use causal_softmax::causal_softmax;
 pub use cross_entropy::fused_cross_entropy;

@@ -14,6 +14,26 @@ use ferrospeed::rng::Rng;
 use ferrospeed::shard::Strategy;
 use ferrospeed_models::{BatchSampler, TextCorpus};
 
+/// The engine of one rank of `comm`'s world for `model`, its blocks split over tensor-parallel groups
+/// of `tp` adjacent ranks (`tp = 1`: a plain engine), data parallel over the rest; and this rank's
+/// (data-parallel rank, data-parallel size, tensor-parallel rank).
+pub fn engine_with_tp(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn ferrospeed::Communicator>, tp: usize, cfg: EngineConfig) -> Result<(ferrospeed::engine::Engine, (usize, usize, usize)), ferrospeed::engine::EngineError> {
+    use ferrospeed::engine::{CommWorker, Engine, TensorGroup};
+    use ferrospeed::parallel::{Axis, Mesh, MeshComms};
+    use std::sync::Arc;
+    let (world, rank) = (comm.world_size(), comm.rank());
+    if tp == 1 {
+        return Ok((Engine::new(model, comm, cfg)?, (rank, world, 0)));
+    }
+    let mesh = Mesh::new(world, 1, tp, 1, 1).map_err(|e| ferrospeed::engine::EngineError::Model(e.to_string()))?;
+    let c = mesh.coords(rank);
+    let comms = MeshComms::new(comm.clone(), mesh)?;
+    let group = TensorGroup::new(comms.get(Axis::Tp).clone());
+    let dp = Arc::new(CommWorker::spawn(comms.get(Axis::Dp).clone()));
+    let engine = Engine::with_tensors(model, dp, Arc::new(CommWorker::spawn(comm)), group, cfg)?;
+    Ok((engine, (c.dp, world / tp, c.tp)))
+}
+
 /// The engine of one rank of `comm`'s world for `model`, with expert groups of `ep` ranks (`ep = 1`:
 /// a plain engine).
 pub fn engine_with_ep(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn ferrospeed::Communicator>, ep: usize, cfg: EngineConfig) -> Result<ferrospeed::engine::Engine, ferrospeed::engine::EngineError> {

@@ -190,7 +190,7 @@ impl Accelerator {
         let device = crate::device::select(cfg.train.device, world.local_rank).map_err(AccelError::Device)?;
         let comm: Arc<dyn crate::Communicator> = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?)?);
         // The mesh's groups are split from the world before anything else uses it.
-        let parallel = match schedule.is_some() || cfg.parallel.ep > 1 {
+        let parallel = match schedule.is_some() || cfg.parallel.ep > 1 || cfg.parallel.tp > 1 {
             false => None,
             true => {
                 let comms = MeshComms::new(comm.clone(), mesh)?;
@@ -281,6 +281,20 @@ impl Accelerator {
         let cfg = self.engine_config(optimizer, options.groups);
         let mut engine = match &self.parallel {
             None => Engine::with_worker(model, self.worker.clone(), cfg)?,
+            // Tensor parallelism (alone with data parallelism, so far).
+            Some(par) if par.comms.mesh().size(Axis::Tp) > 1 => {
+                let tp = par.comms.mesh().size(Axis::Tp);
+                let group = crate::parallel::TensorGroup::new(par.comms.get(Axis::Tp).clone());
+                let engine = Engine::with_tensors(model, par.dp.clone(), self.worker.clone(), group, cfg)?;
+                let m = engine.model();
+                let split = (0..m.num_blocks()).filter(|&b| m.tensor_shard(b).is_some()).count();
+                self.parallel_plan = Some(format!(
+                    "tensor parallelism: {split} of {} blocks split over groups of {tp} ranks, ZeRO and gradient reductions over the {} data-parallel rank(s)",
+                    m.num_blocks(),
+                    par.comms.mesh().size(Axis::Dp)
+                ));
+                engine
+            }
             // Expert parallelism without a pipeline: the data-parallel group is the world.
             Some(par) if par.schedule.is_none() => {
                 let group = crate::parallel::ExpertGroup::new(par.comms.get(Axis::Ep).clone());

@@ -259,14 +259,18 @@ pub fn load_consolidated(engine: &mut Engine, path: &Path, name_of: NameMap<'_>,
 /// with tensors a family presents in its own layout ([`WeightFiles::concat`]).
 pub fn load_consolidated_from(engine: &mut Engine, mut files: WeightFiles, path: &Path, name_of: NameMap<'_>, scope: ImportScope) -> Result<ImportStats, CheckpointError> {
     let mut stats = ImportStats::default();
+    // Blocks split over a tensor-parallel group read their slices of the whole tensors.
+    let m = engine.model();
+    let split: std::collections::HashMap<String, crate::engine::TensorShard> =
+        (0..m.num_blocks()).filter_map(|i| m.tensor_shard(i).map(|t| (m.block_names()[i].clone(), t.clone()))).collect();
     if scope != ImportScope::Frozen {
         engine.overwrite_blocks(0, None, |w| -> Result<(), CheckpointError> {
             stats.largest_block_bytes = stats.largest_block_bytes.max(w.master.len() * 4 * (1 + w.state.len()));
-            read_window(&mut files, path, name_of, w.block, w.flat, w.window, w.master, &mut stats)
+            read_window(&mut files, path, name_of, w.block, w.flat, split.get(w.block), w.window, w.master, &mut stats)
         })?;
     }
     if scope != ImportScope::Trainable {
-        engine.overwrite_frozen(|w| read_window(&mut files, path, name_of, w.block, w.flat, w.window, w.values, &mut stats))?;
+        engine.overwrite_frozen(|w| read_window(&mut files, path, name_of, w.block, w.flat, None, w.window, w.values, &mut stats))?;
     }
     Ok(stats)
 }
@@ -284,11 +288,12 @@ pub enum ImportScope {
     Trainable,
 }
 
-/// Read `window` of a block's flat buffer (`flat`) from the weight files into `dst`, parameter by parameter.
+/// Read `window` of a block's flat buffer (`flat`) from the weight files into `dst`, parameter by
+/// parameter; a block split over a tensor-parallel group (`split`) reads its slices of the whole tensors.
 #[allow(clippy::too_many_arguments)]
-fn read_window(files: &mut WeightFiles, path: &Path, name_of: NameMap<'_>, block: &str, flat: &crate::shard::FlatParam, window: std::ops::Range<usize>, dst: &mut [f32], stats: &mut ImportStats) -> Result<(), CheckpointError> {
+fn read_window(files: &mut WeightFiles, path: &Path, name_of: NameMap<'_>, block: &str, flat: &crate::shard::FlatParam, split: Option<&crate::engine::TensorShard>, window: std::ops::Range<usize>, dst: &mut [f32], stats: &mut ImportStats) -> Result<(), CheckpointError> {
     for (j, part) in flat.params_in(window.clone()) {
-        let spec = &flat.specs()[j];
+        let spec = split.map_or(&flat.specs()[j], |t| &t.whole[j]);
         let name = name_of(block, &spec.name);
         let info = files.info(&name).ok_or_else(|| CheckpointError::Mismatch {
             path: path.to_path_buf(),
@@ -302,7 +307,17 @@ fn read_window(files: &mut WeightFiles, path: &Path, name_of: NameMap<'_>, block
         }
         stats.bytes_read += (part.len() * info.dtype.size()) as u64;
         let start = flat.range(j).start;
-        files.read_f32(&name, part.start - start..part.end - start, &mut dst[part.start - window.start..part.end - window.start])?;
+        let local = part.start - start..part.end - start;
+        let out = &mut dst[part.start - window.start..part.end - window.start];
+        match split {
+            None => files.read_f32(&name, local, out)?,
+            Some(t) => {
+                for (whole, at) in crate::parallel::whole_pieces(t.splits[j], &spec.shape, t.size, t.rank, local.clone()) {
+                    let o = at - local.start;
+                    files.read_f32(&name, whole.clone(), &mut out[o..o + whole.len()])?;
+                }
+            }
+        }
     }
     Ok(())
 }

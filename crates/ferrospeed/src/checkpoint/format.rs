@@ -44,6 +44,14 @@ pub struct BlockMeta {
     pub name: String,
     pub numel: usize,
     pub params: Vec<ParamMeta>,
+    /// A block saved split over tensor-parallel groups of `tp` ranks: each file holds its slice's
+    /// window (`FileMeta::windows`, in the flat buffer of its `FileMeta::tp_rank`'s slices, laid out
+    /// like the whole block's with each parameter's slice shape), and how each parameter splits
+    /// (`TpSplit::name`). 1 and none: the block whole, windows in its own flat buffer.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub tp: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub splits: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +69,21 @@ pub struct FileMeta {
     pub bytes: u64,
     pub crc32c: u32,
     pub windows: Vec<(usize, usize)>,
+    /// The file's rank in its tensor-parallel group (the slices its split blocks hold).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tp_rank: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 /// The tensors of a block in a rank file: `master`, then the optimizer's state buffers by name

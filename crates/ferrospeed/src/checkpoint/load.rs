@@ -1,10 +1,14 @@
 //! Loading a checkpoint into an engine of any world size and stage: each rank reads, from the files of
 //! the saving ranks, the byte ranges its own window needs, after verifying those files' checksums.
+//! Blocks saved split by tensor parallelism are addressed like whole ones (elements of the whole
+//! block's flat buffer): each file's slices are mapped back to the whole parameters, so a checkpoint
+//! resumes at any `parallel.tp`, and an engine split at any tp reads its slices of whole blocks.
 
 use super::error::CheckpointError;
 use super::format::*;
 use super::safetensors_io::{read_f32_range, read_header, Header};
 use crate::engine::Engine;
+use crate::parallel::{local_pieces, whole_pieces, TpSplit};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -90,24 +94,72 @@ impl<'a> RankFiles<'a> {
     /// optimizer's state buffers in `Meta::optimizer_state` order) into `out`, from whichever rank
     /// files hold them.
     pub(crate) fn read(&mut self, b: usize, kind: usize, start: usize, out: &mut [f32]) -> Result<(), CheckpointError> {
+        if self.meta.blocks[b].tp > 1 {
+            return self.read_split(b, kind, start, out);
+        }
         let end = start + out.len();
-        let block = &self.meta.blocks[b].name;
-        for (fi, file) in self.meta.files.iter().enumerate() {
-            let (o, len) = file.windows[b];
+        for fi in 0..self.meta.files.len() {
+            let (o, len) = self.meta.files[fi].windows[b];
             let (lo, hi) = (start.max(o), end.min(o + len));
-            if lo >= hi {
-                continue;
+            if lo < hi {
+                self.read_file(fi, b, kind, lo - o..hi - o, &mut out[lo - start..hi - start])?;
             }
-            if !self.open.contains_key(&fi) {
-                verify_file(self.dir, file)?;
-                let path = self.dir.join(&file.name);
-                let mut f = File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
-                let header = read_header(&mut f, &path)?;
-                self.open.insert(fi, (f, header, path));
+        }
+        Ok(())
+    }
+
+    /// Elements `range` of file `fi`'s part of block `b` (tensor `kind`), after verifying the file.
+    fn read_file(&mut self, fi: usize, b: usize, kind: usize, range: std::ops::Range<usize>, out: &mut [f32]) -> Result<(), CheckpointError> {
+        if !self.open.contains_key(&fi) {
+            let file = &self.meta.files[fi];
+            verify_file(self.dir, file)?;
+            let path = self.dir.join(&file.name);
+            let mut f = File::open(&path).map_err(|e| CheckpointError::io(&path, e))?;
+            let header = read_header(&mut f, &path)?;
+            self.open.insert(fi, (f, header, path));
+        }
+        let (f, header, path) = self.open.get_mut(&fi).expect("opened above");
+        let name = &tensor_names(&self.meta.blocks[b].name, &self.meta.optimizer_state)[kind];
+        read_f32_range(f, path, header, name, range, out)
+    }
+
+    /// [`RankFiles::read`] of a block saved split over tensor-parallel groups: for each parameter the
+    /// range touches, the part each file's slice holds (a replicated parameter from the files of
+    /// tensor-parallel rank 0), within the file's window of its slices' flat buffer.
+    fn read_split(&mut self, b: usize, kind: usize, start: usize, out: &mut [f32]) -> Result<(), CheckpointError> {
+        let block = &self.meta.blocks[b];
+        let (tp, end) = (block.tp, start + out.len());
+        let corrupt = |reason: String| CheckpointError::Corrupt { path: self.dir.join(META), reason };
+        if block.splits.len() != block.params.len() {
+            return Err(corrupt(format!("block {} lists {} splits for {} parameters", block.name, block.splits.len(), block.params.len())));
+        }
+        let mut pieces = Vec::new();
+        let mut local_start = 0;
+        for (p, name) in block.params.iter().zip(&block.splits) {
+            let split = TpSplit::from_name(name).ok_or_else(|| corrupt(format!("block {} has a parameter split as {name:?}", block.name)))?;
+            let numel: usize = p.shape.iter().product();
+            let local_numel = split.local_shape(&p.shape, tp).ok_or_else(|| corrupt(format!("{}.{} of shape {:?} split {name} over {tp}", block.name, p.name, p.shape)))?.iter().product::<usize>();
+            let rel = start.max(p.offset).saturating_sub(p.offset)..end.min(p.offset + numel).saturating_sub(p.offset);
+            if rel.start < rel.end {
+                for (fi, file) in self.meta.files.iter().enumerate() {
+                    let (o, len) = file.windows[b];
+                    if len == 0 || (split == TpSplit::Replicated && file.tp_rank != 0) {
+                        continue;
+                    }
+                    for (l, off) in local_pieces(split, &p.shape, tp, file.tp_rank, rel.clone()) {
+                        let (lo, hi) = ((local_start + l.start).max(o), (local_start + l.end).min(o + len));
+                        if lo < hi {
+                            let at = p.offset + rel.start + off + (lo - local_start - l.start) - start;
+                            pieces.push((fi, lo - o..hi - o, at));
+                        }
+                    }
+                }
             }
-            let (f, header, path) = self.open.get_mut(&fi).expect("opened above");
-            let name = &tensor_names(block, &self.meta.optimizer_state)[kind];
-            read_f32_range(f, path, header, name, lo - o..hi - o, &mut out[lo - start..hi - start])?;
+            local_start += local_numel;
+        }
+        for (fi, range, at) in pieces {
+            let n = range.len();
+            self.read_file(fi, b, kind, range, &mut out[at..at + n])?;
         }
         Ok(())
     }
@@ -126,13 +178,29 @@ pub fn load_into(engine: &mut Engine, dir: &Path) -> Result<Meta, CheckpointErro
     let offsets: Vec<usize> = plan.placement.iter().map(|&(_, o)| o).collect();
     // Block by block: a state larger than host memory (on the GPU, or NVMe) still resumes.
     let mut k = 0;
+    // This engine's split blocks (tensor parallelism): their slices of the whole parameters.
+    let m = engine.model();
+    let shards: Vec<Option<crate::engine::TensorShard>> = (0..m.num_blocks()).map(|i| m.tensor_shard(i).cloned()).collect();
+    let whole: Vec<crate::shard::FlatParam> = plan.blocks.iter().map(|(_, f)| f.clone()).collect();
     engine.overwrite_blocks(meta.step, meta.loss_scaler, |w| -> Result<(), CheckpointError> {
         let (b, offset) = (blocks[k], offsets[k]);
         let real_end = w.window.end.min(w.flat.numel());
         for (kind, dst) in std::iter::once(w.master).chain(w.state).enumerate() {
             // Zeroed by overwrite_blocks: the padding stays zero.
-            if w.window.start < real_end {
-                files.read(b, kind, offset + w.window.start, &mut dst[..real_end - w.window.start])?;
+            if w.window.start >= real_end {
+                continue;
+            }
+            match &shards[k] {
+                None => files.read(b, kind, offset + w.window.start, &mut dst[..real_end - w.window.start])?,
+                Some(t) => {
+                    for (j, part) in w.flat.params_in(w.window.clone()) {
+                        let local = w.flat.range(j).start;
+                        for (piece, at) in whole_pieces(t.splits[j], &t.whole[j].shape, t.size, t.rank, part.start - local..part.end - local) {
+                            let o = part.start - w.window.start + at - (part.start - local);
+                            files.read(b, kind, whole[b].range(j).start + piece.start, &mut dst[o..o + piece.len()])?;
+                        }
+                    }
+                }
             }
         }
         k += 1;

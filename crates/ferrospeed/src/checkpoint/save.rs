@@ -162,6 +162,7 @@ fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path,
     let world = files.len();
     let plan = engine.checkpoint_plan();
     let cfg = engine.config();
+    let split_of = |b: usize| plan.tensor.as_ref().and_then(|t| t.splits[b].as_ref());
     let meta = Meta {
         format_version: FORMAT_VERSION,
         step: engine.steps_done(),
@@ -175,7 +176,10 @@ fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path,
         blocks: plan
             .blocks
             .iter()
-            .map(|(name, flat)| BlockMeta {
+            .enumerate()
+            .map(|(b, (name, flat))| BlockMeta {
+                tp: split_of(b).map_or(1, |_| plan.tensor.as_ref().map_or(1, |t| t.tp)),
+                splits: split_of(b).map_or_else(Vec::new, |s| s.iter().map(|x| x.name().to_string()).collect()),
                 name: name.clone(),
                 numel: flat.numel(),
                 params: flat
@@ -195,6 +199,7 @@ fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path,
                 bytes: *bytes,
                 crc32c: *crc,
                 windows: plan.files[r].iter().map(|w| (w.start, w.len())).collect(),
+                tp_rank: plan.tensor.as_ref().map_or(0, |t| t.file_tp_rank[r]),
             })
             .collect(),
         run: req.run.clone(),

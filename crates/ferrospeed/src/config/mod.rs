@@ -525,11 +525,21 @@ impl Config {
     pub fn mesh(&self, world_size: usize) -> Result<crate::parallel::Mesh, ConfigError> {
         let mesh = self.parallel.mesh(world_size)?;
         let p = &self.parallel;
-        for (key, v, what) in [("tp", p.tp, "tensor"), ("cp", p.cp, "context")] {
-            if v > 1 {
+        if p.cp > 1 {
+            return Err(ConfigError::NotBuilt(format!(
+                "parallel.cp = {}: context parallelism is not in this build yet (the mesh, its groups, pipeline, tensor \
+                 and expert parallelism are); set parallel.cp = 1",
+                p.cp
+            )));
+        }
+        if p.sp {
+            return Err(ConfigError::NotBuilt("parallel.sp = true: sequence parallelism is not in this build yet (tensor parallelism is); set parallel.sp = false".into()));
+        }
+        for (key, v) in [("pp", p.pp), ("ep", p.ep)] {
+            if p.tp > 1 && v > 1 {
                 return Err(ConfigError::NotBuilt(format!(
-                    "parallel.{key} = {v}: {what} parallelism is not in this build yet (the mesh, its groups, pipeline \
-                     and expert parallelism are); set parallel.{key} = 1"
+                    "parallel.tp = {} with parallel.{key} = {v}: tensor parallelism combined with another axis than data parallelism is not in this build yet; set one of them to 1",
+                    p.tp
                 )));
             }
         }

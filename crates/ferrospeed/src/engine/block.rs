@@ -8,7 +8,7 @@ use super::error::EngineError;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 
-pub use crate::parallel::ExpertGroup;
+pub use crate::parallel::{ExpertGroup, TensorGroup, TpSplit};
 pub use crate::shard::{Init, ParamRef, ParamSpec};
 
 /// The inputs of one micro-batch (or one sample, before collation): named tensors of any dtype and
@@ -156,6 +156,23 @@ pub trait Block: Send + Sync {
     /// Expert blocks: the engine's handle on the block's expert-parallel group, given once before the
     /// first forward. A block never given one holds every expert.
     fn bind_experts(&self, _group: ExpertGroup) {}
+
+    /// Tensor parallelism (`parallel.tp > 1`): how each of [`Block::params`]' slots splits over the
+    /// tensor-parallel group, one entry per slot (a tied slot's entry must be its owner's). Empty, the
+    /// default: the block is not split, every rank of the group computes it whole (correct for any
+    /// block: its inputs and parameters are the same on each).
+    fn tensor_plan(&self) -> Vec<TpSplit> {
+        Vec::new()
+    }
+
+    /// Tensor parallelism: the engine's handle on the tensor-parallel group, given once before the
+    /// first forward to a block with a [`Block::tensor_plan`]. From then on the block receives its
+    /// slices of the split parameters and makes the all-reduces its arithmetic needs through the
+    /// group, the same ones on every rank. An error (one line: what does not divide, and what would)
+    /// refuses the group's size.
+    fn bind_tensors(&self, _group: TensorGroup) -> Result<(), String> {
+        Ok(())
+    }
 
     /// Forward FLOPs per token (for MFU), counting a multiply-add as 2.
     fn forward_flops_per_token(&self) -> f64 {

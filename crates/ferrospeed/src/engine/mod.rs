@@ -24,6 +24,8 @@ mod pipe_wire;
 mod pipeline;
 #[path = "step/sources.rs"]
 mod sources;
+#[path = "step/tensor_par.rs"]
+mod tensor_par;
 #[path = "step/trainer.rs"]
 mod trainer;
 
@@ -61,7 +63,7 @@ mod device_step;
 #[path = "device/device_stub.rs"]
 mod device_stub;
 
-pub use block::{Batch, Block, ExpertGroup, Init, ParamRef, ParamSpec, Saved, Upstream};
+pub use block::{Batch, Block, ExpertGroup, Init, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream};
 pub use param_grads::{ParamGrads, WeightGrads};
 #[cfg(feature = "cuda")]
 use device_grads::DeviceGrads;
@@ -81,9 +83,9 @@ pub use error::{candle_message, EngineError};
 pub use estimate::{estimate, ActivationProfile, EstimatePlan, MemoryEstimate};
 pub use host_buf::HostBuf;
 pub use memory::MemoryReport;
-pub use model::{ExpertShard, Model, SlotSource, StageModel};
+pub use model::{ExpertShard, Model, SlotSource, StageModel, TensorShard};
 pub use pipeline::{cut_for_stage, PipelineStage, StageCut};
 pub use offload::nvme::DiskTraffic;
 pub use offload::OffloadSettings;
-pub use state::{CheckpointPlan, FrozenMut, WindowMut, WindowRef};
+pub use state::{CheckpointPlan, FrozenMut, TensorLayout, WindowMut, WindowRef};
 pub use trainer::{Engine, EngineConfig, PipelineCompute, StepStats, StepTimes};

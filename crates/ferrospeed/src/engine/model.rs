@@ -1,6 +1,6 @@
 //! A model as the engine sees it: blocks, their own parameters, and where each slot's tensor lives.
 
-use super::block::{Block, ExpertGroup, ParamRef, ParamSpec};
+use super::block::{Block, ExpertGroup, ParamRef, ParamSpec, TensorGroup, TpSplit};
 use super::error::EngineError;
 
 /// Where a block's parameter slot lives: in `block`'s own parameters (or its frozen ones), at `index`.
@@ -38,6 +38,23 @@ pub struct Model {
     names: Vec<String>,
     /// For each block sharded over an expert group ([`Model::shard_experts`]): the whole of it.
     experts: Vec<Option<ExpertShard>>,
+    /// For each block split over a tensor-parallel group ([`Model::shard_tensors`]): the whole of it.
+    tensors: Vec<Option<TensorShard>>,
+}
+
+/// What a block split over a tensor-parallel group keeps of the whole block: its own parameters'
+/// whole shapes and how each splits (initial values, checkpoints and imports address whole
+/// parameters, whatever `parallel.tp`).
+#[derive(Debug, Clone)]
+pub struct TensorShard {
+    /// The whole block's own parameters.
+    pub whole: Vec<ParamSpec>,
+    /// How each own parameter splits.
+    pub splits: Vec<TpSplit>,
+    /// This rank's index in the tensor-parallel group.
+    pub rank: usize,
+    /// The tensor-parallel group's size.
+    pub size: usize,
 }
 
 /// What an expert block sharded over an expert group keeps of the whole block (checkpoints and
@@ -94,7 +111,8 @@ impl Model {
             return Err(EngineError::Model(format!("two blocks are named {}", dup.1)));
         }
         let experts = vec![None; blocks.len()];
-        Ok(Self { blocks, own, frozen, slots, names, experts })
+        let tensors = vec![None; blocks.len()];
+        Ok(Self { blocks, own, frozen, slots, names, experts, tensors })
     }
 
     /// Keep of every expert block ([`Block::experts`]) only the share of `group`'s rank: its own
@@ -137,6 +155,67 @@ impl Model {
             self.blocks[i].bind_experts(group.clone());
         }
         Ok(())
+    }
+
+    /// Split every block that declares a [`Block::tensor_plan`] over `group` (the apply function of
+    /// tensor parallelism): its own parameters become this rank's slices, and the block gets the
+    /// group's handle. Blocks without a plan stay whole on every rank. Refused where the group's size
+    /// does not divide a split dimension (the block's own message says which sizes would), where a
+    /// split block has frozen parameters (LoRA under tensor parallelism is not built), where a tied
+    /// slot would split otherwise than its owner, or where no block declares a plan.
+    pub fn shard_tensors(&mut self, group: &TensorGroup) -> Result<(), EngineError> {
+        let tp = group.size();
+        if tp == 1 {
+            return Ok(());
+        }
+        for i in 0..self.blocks.len() {
+            let plan = self.blocks[i].tensor_plan();
+            if plan.is_empty() {
+                continue;
+            }
+            let name = self.names[i].clone();
+            if plan.len() != self.slots[i].len() {
+                return Err(EngineError::Model(format!("block {name} plans {} splits for its {} parameter slots", plan.len(), self.slots[i].len())));
+            }
+            if !self.frozen[i].is_empty() {
+                return Err(EngineError::Unsupported(format!("block {name} has frozen parameters (LoRA), which parallel.tp = {tp} cannot split yet: set parallel.tp = 1")));
+            }
+            let mut splits = vec![TpSplit::Replicated; self.own[i].len()];
+            for (slot, &split) in self.slots[i].iter().zip(&plan) {
+                if slot.block == i {
+                    splits[slot.index] = split;
+                    continue;
+                }
+                let owner = self.tensors[slot.block].as_ref().map_or(TpSplit::Replicated, |t| t.splits[slot.index]);
+                if owner != split {
+                    return Err(EngineError::Model(format!("block {name} splits a parameter it shares with block {} as {split:?}, its owner as {owner:?}", self.names[slot.block])));
+                }
+            }
+            self.blocks[i].bind_tensors(group.clone()).map_err(|e| EngineError::Unsupported(format!("block {name}: {e}")))?;
+            let mut local = Vec::with_capacity(splits.len());
+            for (spec, split) in self.own[i].iter().zip(&splits) {
+                let Some(shape) = split.local_shape(&spec.shape, tp) else {
+                    return Err(EngineError::Unsupported(format!(
+                        "parameter {} of block {name} has shape {:?}, which parallel.tp = {tp} cannot split by {split:?}: choose a tp that divides it",
+                        spec.name, spec.shape
+                    )));
+                };
+                local.push(ParamSpec { shape, ..spec.clone() });
+            }
+            let whole = std::mem::replace(&mut self.own[i], local);
+            self.tensors[i] = Some(TensorShard { whole, splits, rank: group.rank(), size: tp });
+        }
+        if self.tensors.iter().all(Option::is_none) {
+            return Err(EngineError::Unsupported(format!(
+                "parallel.tp = {tp} splits blocks that say how (Block::tensor_plan), and no block of this model does: set parallel.tp = 1"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Block `i`'s whole, where it is split over a tensor-parallel group.
+    pub fn tensor_shard(&self, i: usize) -> Option<&TensorShard> {
+        self.tensors[i].as_ref()
     }
 
     /// Block `i`'s whole, where it is an expert block sharded over an expert group.
@@ -219,13 +298,17 @@ impl Model {
         if self.experts.iter().any(Option::is_some) {
             return Err(EngineError::Unsupported("a pipeline of a model sharded over expert groups is not built yet: set parallel.ep = 1 or parallel.pp = 1".into()));
         }
-        let mut out = Model { blocks: Vec::new(), own: Vec::new(), frozen: Vec::new(), slots: Vec::new(), names: Vec::new(), experts: Vec::new() };
+        if self.tensors.iter().any(Option::is_some) {
+            return Err(EngineError::Unsupported("a pipeline is cut before its stages are split over tensor-parallel groups".into()));
+        }
+        let mut out = Model { blocks: Vec::new(), own: Vec::new(), frozen: Vec::new(), slots: Vec::new(), names: Vec::new(), experts: Vec::new(), tensors: Vec::new() };
         for &o in &original {
             out.blocks.push(taken[o].take().ok_or_else(|| EngineError::Model(format!("block {o} taken twice")))?);
             out.own.push(self.own[o].clone());
             out.frozen.push(self.frozen[o].clone());
             out.names.push(self.names[o].clone());
             out.experts.push(None);
+            out.tensors.push(None);
             // A ghost never runs: its own parameters are all it keeps (its tied slots may point
             // at blocks this rank does not hold).
             let ghost = !held(o);

@@ -600,7 +600,17 @@ fn write_shard(file: &NvmeFile, shard: &HostBuf) -> Result<(), EngineError> {
 /// Block `i`'s initial values over its padded flat buffer: each parameter from its own stream of the seed
 /// (named after the block and the parameter), so that blocks can be initialised in any order or in parallel.
 pub fn init_values(model: &Model, i: usize, world: usize, seed: u64) -> Vec<f32> {
-    draw_values(model, i, model.own_params(i), world, seed)
+    let Some(t) = model.tensor_shard(i) else { return draw_values(model, i, model.own_params(i), world, seed) };
+    // A block split over a tensor-parallel group: the whole block's values, then this rank's slices,
+    // so they are the values of `parallel.tp = 1`.
+    let (whole, whole_flat) = (draw_values(model, i, &t.whole, 1, seed), FlatParam::new(&t.whole, 1));
+    let flat = FlatParam::new(model.own_params(i), world);
+    let mut full = vec![0f32; flat.padded_numel()];
+    for (j, spec) in t.whole.iter().enumerate() {
+        let slice = crate::parallel::tp_slice(&whole[whole_flat.range(j)], &spec.shape, t.splits[j], t.size, t.rank);
+        full[flat.range(j)].copy_from_slice(&slice);
+    }
+    full
 }
 
 /// The same for block `i`'s frozen parameters: a frozen parameter starts where a trainable one of its

@@ -78,12 +78,30 @@ pub struct CheckpointPlan {
     /// data-parallel rank; an expert block's: its expert-data-parallel rank), and where the engine's
     /// flat buffer of the block starts in the whole block's (0; an expert block's: its share's offset).
     pub placement: Vec<(usize, usize)>,
+    /// Under tensor parallelism, how the files hold the split blocks.
+    pub tensor: Option<TensorLayout>,
+}
+
+/// How a checkpoint of an engine split by tensor parallelism lays out its split blocks: each file
+/// holds the window (in `files`) of its tensor-parallel rank's slices, a flat buffer of the block's
+/// parameters in their slice shapes; a block that is not split is whole in the files of
+/// tensor-parallel rank 0 (the others hold the same values and save none of it).
+pub struct TensorLayout {
+    /// The tensor-parallel group's size.
+    pub tp: usize,
+    /// Each file's (world rank's) rank in its tensor-parallel group.
+    pub file_tp_rank: Vec<usize>,
+    /// For each block of `blocks`: how each of its parameters splits, where the block is split.
+    pub splits: Vec<Option<Vec<crate::parallel::TpSplit>>>,
 }
 
 impl Engine {
     /// The layout of a checkpoint of this engine (see [`CheckpointPlan`]).
     pub fn checkpoint_plan(&self) -> CheckpointPlan {
         if let Some(plan) = self.pipeline_checkpoint_plan() {
+            return plan;
+        }
+        if let Some(plan) = self.tensor_checkpoint_plan() {
             return plan;
         }
         let world = self.worker.world_size();
@@ -93,7 +111,7 @@ impl Engine {
         let blocks: Vec<(String, FlatParam)> = self.blocks_state().map(|(n, p)| (n.to_string(), p.flat.clone())).collect();
         let files = (0..world).map(|r| blocks.iter().map(|(_, f)| f.layout().range(r)).collect()).collect();
         let placement = vec![(self.worker.rank(), 0); blocks.len()];
-        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, placement }
+        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, placement, tensor: None }
     }
 
     /// The checkpoint of an engine with expert parallelism: every expert block whole, each rank's
@@ -129,7 +147,7 @@ impl Engine {
                     .collect()
             })
             .collect();
-        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, placement }
+        CheckpointPlan { local: (0..blocks.len()).map(|i| (i, true)).collect(), blocks, files, placement, tensor: None }
     }
 
     /// Copy the optimizer state from the device into host memory (a no-op on the CPU, or when the

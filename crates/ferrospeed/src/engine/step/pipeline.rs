@@ -260,7 +260,7 @@ impl Engine {
             .collect();
         let local = pipe.original.iter().enumerate().map(|(i, &o)| (o, i >= pipe.ghosts)).collect();
         let placement = vec![(self.worker.rank(), 0); pipe.original.len()];
-        Some(super::state::CheckpointPlan { blocks, files, local, placement })
+        Some(super::state::CheckpointPlan { blocks, files, local, placement, tensor: None })
     }
 
     /// Whether the engine runs one stage of a pipeline.

@@ -164,6 +164,8 @@ pub struct Engine {
     pub(super) pipe: Option<Box<super::pipeline::Pipe>>,
     /// Expert parallelism, if on.
     pub(super) experts: Option<Experts>,
+    /// Tensor parallelism, if on.
+    pub(super) tensor: Option<super::tensor_par::Tensors>,
 }
 
 /// Expert parallelism as the engine sees it: the expert blocks' own group (their shards are
@@ -236,7 +238,7 @@ impl Engine {
         Self::build(model, worker, Some(experts), cfg)
     }
 
-    fn build(model: Model, worker: Arc<CommWorker>, experts: Option<Experts>, cfg: EngineConfig) -> Result<Self, EngineError> {
+    pub(super) fn build(model: Model, worker: Arc<CommWorker>, experts: Option<Experts>, cfg: EngineConfig) -> Result<Self, EngineError> {
         let (rank, world) = (worker.rank(), worker.world_size());
         let dtype = cfg.precision.compute_dtype();
         if cfg.device.is_cuda() && cfg.optimizer.as_adamw().is_none() {
@@ -284,7 +286,7 @@ impl Engine {
         }
         let scaler = cfg.loss_scaler.map(LossScaler::new);
         let nccl = make_nccl(worker.communicator(), &cfg.device)?;
-        Ok(Self { model, worker, params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl, offload, acc: Accumulating::default(), pipe: None, experts })
+        Ok(Self { model, worker, params, grads, scaler, cfg, step: 0, inject_overflow: false, gathered_peak: 0, nccl, offload, acc: Accumulating::default(), pipe: None, experts, tensor: None })
     }
 
     /// The model being trained.
@@ -303,10 +305,14 @@ impl Engine {
         self.world_worker().clone()
     }
 
-    /// The world's communication thread: the engine's own, but in a pipeline (whose engine issues on
-    /// its data-parallel group's).
+    /// The world's communication thread: the engine's own, but in a pipeline or under tensor
+    /// parallelism (whose engine issues on its data-parallel group's).
     fn world_worker(&self) -> &Arc<CommWorker> {
-        self.pipe.as_ref().map_or(&self.worker, |p| &p.world)
+        match (&self.pipe, &self.tensor) {
+            (Some(p), _) => &p.world,
+            (None, Some(t)) => &t.world,
+            (None, None) => &self.worker,
+        }
     }
 
     /// The data-parallel group's communication thread: the engine's own collectives (gradient
@@ -482,8 +488,8 @@ impl Engine {
             None => false,
             Some(_) => grads::any_overflow(&self.grads)?,
         };
+        let world = self.world_worker().clone();
         if let Some(scaler) = &mut self.scaler {
-            let world = self.pipe.as_ref().map_or(&self.worker, |p| &p.world);
             let overflow = world.run(move |c| {
                 let mut flag = [if local { 1f32 } else { 0.0 }];
                 c.all_reduce_slice(&mut flag, ReduceOp::Max).map(|()| flag[0] > 0.0)
@@ -643,6 +649,9 @@ impl Engine {
     /// layout, shard sums added in rank order in f32 — computed locally where every rank holds whole
     /// gradients, with one all-reduce where each holds a shard, and bitwise the same either way.
     fn grad_norm_scaled(&self) -> Result<f64, EngineError> {
+        if let Some(squared) = self.tensor_norm_squared()? {
+            return Ok(f64::from(squared).sqrt());
+        }
         let world = self.worker.world_size();
         // With expert parallelism no rank holds every expert: each sums its own shard, as under
         // reduce-scatter, an expert block's in its expert-data-parallel layout.
