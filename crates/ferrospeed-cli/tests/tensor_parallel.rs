@@ -1,6 +1,6 @@
 //! `parallel.tp` through `launch train`, from a transformers directory (GQA: 4 query heads, 2
-//! key/value heads): tp 2 trains the losses of one rank within 1e-5, dp 2 × tp 2 at ZeRO-3 those of
-//! dp 2, a checkpoint saved at tp 2 resumes at tp 1 on one rank (within 1e-5 of the uninterrupted
+//! key/value heads): tp 2 trains the losses of one rank within 1e-5, dp 2 × tp 2 at ZeRO-3 (and with
+//! `parallel.sp`, at ZeRO-2) those of dp 2, a checkpoint saved at tp 2 resumes at tp 1 on one rank (within 1e-5 of the uninterrupted
 //! run) and exports a transformers directory with the source's tensors; tp 4 (which does not divide
 //! the key/value heads) and tp with a pipeline are refused in one line.
 
@@ -35,6 +35,8 @@ fn tensor_parallel_training_matches_one_rank_resumes_at_tp_1_and_exports() {
     let dp2 = train(2, &cfg, &dir.path().join("dp2"), &["zero.stage=3".into()]);
     let dp2tp2 = train(4, &cfg, &dir.path().join("dp2tp2"), &["zero.stage=3".into(), "parallel.tp=2".into()]);
     assert!(close(&dp2tp2, &dp2), "dp 2 × tp 2 {dp2tp2:?} vs dp 2 {dp2:?}");
+    let sp = train(4, &cfg, &dir.path().join("dp2tp2sp"), &["zero.stage=2".into(), "parallel.tp=2".into(), "parallel.sp=true".into()]);
+    assert!(close(&sp, &dp2), "dp 2 × tp 2 with sequence parallelism {sp:?} vs dp 2 {dp2:?}");
     // The tp 2 checkpoint of step 2 resumes on one rank.
     let root = root_with(&ckpt.join("step-00000002"), &dir.path().join("resume-from"));
     let resumed = train(1, &cfg, &dir.path().join("resumed"), &[format!("checkpoint.dir={}", root.display())]);

@@ -5,7 +5,9 @@
 //! Losses agree within 1e-5 (AdamW, several steps) and every parameter's gradient within 1e-5 of the
 //! whole model's (one SGD step with a learning rate of 1 leaves `w0 − g`: the gradients, reassembled
 //! from each rank's slices); ZeRO stages over the data-parallel ranks beside the tensor-parallel
-//! groups stay bitwise equal to stage 0; shapes tp does not divide are refused in one line.
+//! groups stay bitwise equal to stage 0; shapes tp does not divide are refused in one line. Each check
+//! runs with sequence parallelism too (activations between the layers' halves split by token rows:
+//! all-gathers and reduce-scatters instead of all-reduces).
 
 mod support;
 
@@ -53,6 +55,8 @@ fn run(cfg: LlamaConfig, world: usize, tp: usize, stage: u8, steps: usize, sgd: 
 /// a consolidated safetensors file), `save` a checkpoint after the steps; `seed` of the initial values.
 #[derive(Default)]
 struct Io<'a> {
+    /// Sequence parallelism.
+    sp: bool,
     resume: Option<&'a Path>,
     import: Option<&'a Path>,
     save: Option<&'a Path>,
@@ -69,7 +73,7 @@ fn run_with(cfg: LlamaConfig, world: usize, tp: usize, stage: u8, steps: std::op
             c.grad_clip = 0.0;
         }
         let model = Llama::new(cfg).model().unwrap();
-        let (mut engine, (dp_rank, dp, tp_rank)) = support::engine_with_tp(model, Arc::new(comm), tp, c).unwrap();
+        let (mut engine, (dp_rank, dp, tp_rank)) = support::engine_with_tp(model, Arc::new(comm), tp, io.sp, c).unwrap();
         let sampler = BatchSampler { seed: 11, seq_len: 16, micro_batch: 1, accumulation: 4 / dp, world_size: dp, rank: dp_rank };
         let schedule = if sgd { LrSchedule { lr: 1.0, min_lr: 1.0, warmup: 0, total: steps.end } } else { LrSchedule { lr: 1e-2, min_lr: 1e-3, warmup: 1, total: STEPS } };
         if let Some(dir) = io.resume {
@@ -131,8 +135,9 @@ fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
 
 /// The gradients (`w0 − w1` of one SGD step at learning rate 1) of every parameter of every block,
 /// and the initial values (`w1` is rounded to their precision: the measurement's own error).
-fn gradients(cfg: LlamaConfig, world: usize, tp: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
-    let (before, after) = (run(cfg, world, tp, 0, 0, true), run(cfg, world, tp, 0, 1, true));
+fn gradients(cfg: LlamaConfig, world: usize, tp: usize, sp: bool) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let io = Io { sp, ..Io::default() };
+    let (before, after) = (run_with(cfg, world, tp, 0, 0..0, true, &io), run_with(cfg, world, tp, 0, 0..1, true, &io));
     (before.params.iter().zip(&after.params).map(|(b, a)| b.iter().zip(a).map(|(x, y)| x - y).collect()).collect(), before.params)
 }
 
@@ -141,12 +146,12 @@ fn tensor_parallel_losses_and_every_gradient_match_tp_1() {
     for (name, cfg, tps) in [("gqa", gqa(), &[2usize][..]), ("biases, tied head", biased_tied(), &[2, 4][..])] {
         let base = run(cfg, 1, 1, 0, STEPS, false);
         assert!(base.losses.iter().all(|l| l.is_finite()) && base.losses.last() < base.losses.first(), "{name}: {:?}", base.losses);
-        let (base_grads, w0) = gradients(cfg, 1, 1);
-        for &tp in tps {
-            let got = run(cfg, tp, tp, 0, STEPS, false);
-            assert!(close(&got.losses, &base.losses, 1e-5), "{name} tp {tp}: losses {:?} vs tp 1 {:?}", got.losses, base.losses);
-            assert!(close(&got.norms, &base.norms, 1e-5), "{name} tp {tp}: gradient norms {:?} vs tp 1 {:?}", got.norms, base.norms);
-            let (grads, _) = gradients(cfg, tp, tp);
+        let (base_grads, w0) = gradients(cfg, 1, 1, false);
+        for (tp, sp) in tps.iter().flat_map(|&tp| [(tp, false), (tp, true)]) {
+            let got = run_with(cfg, tp, tp, 0, 0..STEPS, false, &Io { sp, ..Io::default() });
+            assert!(close(&got.losses, &base.losses, 1e-5), "{name} tp {tp} sp {sp}: losses {:?} vs tp 1 {:?}", got.losses, base.losses);
+            assert!(close(&got.norms, &base.norms, 1e-5), "{name} tp {tp} sp {sp}: gradient norms {:?} vs tp 1 {:?}", got.norms, base.norms);
+            let (grads, _) = gradients(cfg, tp, tp, sp);
             let names = Llama::new(cfg).model().unwrap();
             for (i, (g, want)) in grads.iter().zip(&base_grads).enumerate() {
                 let flat = FlatParam::new(names.own_params(i), 1);
@@ -157,7 +162,7 @@ fn tensor_parallel_losses_and_every_gradient_match_tp_1() {
                     // Within 1e-5 of the largest gradient, plus the rounding of `w1` (an ulp of the weights).
                     let ulp = w0[i][flat.range(j)].iter().fold(0f32, |m, x| m.max(x.abs())) * f32::EPSILON;
                     let worst = g.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                    assert!(worst <= 1e-5 * scale + 2.0 * ulp, "{name} tp {tp}: gradient of {} of {} off by {worst} (largest {scale})", spec.name, names.block_names()[i]);
+                    assert!(worst <= 1e-5 * scale + 2.0 * ulp, "{name} tp {tp} sp {sp}: gradient of {} of {} off by {worst} (largest {scale})", spec.name, names.block_names()[i]);
                 }
             }
         }
@@ -175,6 +180,11 @@ fn data_parallel_times_tensor_parallel_matches_and_is_bitwise_across_stages() {
     for stage in 1..=3 {
         assert_eq!(bits(&run(cfg, 4, 2, stage, STEPS, false).losses), bits(&ref0.losses), "dp 2 × tp 2 stage {stage} vs stage 0");
     }
+    // With sequence parallelism: the same within 1e-5, stages bitwise.
+    let sp = |stage| run_with(cfg, 4, 2, stage, 0..STEPS, false, &Io { sp: true, ..Io::default() }).losses;
+    let sp0 = sp(0);
+    assert!(close(&sp0, &base.losses, 1e-5), "dp 2 × tp 2 with sp {sp0:?} vs dp 2 {:?}", base.losses);
+    assert_eq!(bits(&sp(3)), bits(&sp0), "dp 2 × tp 2 with sp: stage 3 vs stage 0");
 }
 
 #[test]
@@ -182,7 +192,7 @@ fn shapes_tensor_parallelism_cannot_split_are_refused() {
     // Two key/value heads over four ranks.
     let errors = run_local_world(4, &CommConfig::default(), |comm| {
         let model = Llama::new(gqa()).model().unwrap();
-        support::engine_with_tp(model, Arc::new(comm), 4, support::engine_config(0, Precision::Fp32, false, 5)).err().map(|e| e.to_string())
+        support::engine_with_tp(model, Arc::new(comm), 4, false, support::engine_config(0, Precision::Fp32, false, 5)).err().map(|e| e.to_string())
     })
     .unwrap();
     for e in errors {
@@ -192,7 +202,7 @@ fn shapes_tensor_parallelism_cannot_split_are_refused() {
     // A vocabulary of 250 over four ranks.
     let errors = run_local_world(4, &CommConfig::default(), |comm| {
         let model = Llama::new(LlamaConfig { vocab_size: 250, ..biased_tied() }).model().unwrap();
-        support::engine_with_tp(model, Arc::new(comm), 4, support::engine_config(0, Precision::Fp32, false, 5)).err().map(|e| e.to_string())
+        support::engine_with_tp(model, Arc::new(comm), 4, false, support::engine_config(0, Precision::Fp32, false, 5)).err().map(|e| e.to_string())
     })
     .unwrap();
     for e in errors {
@@ -214,9 +224,9 @@ fn tensor_parallel_checkpoints_resume_at_any_tp() {
     let first = run_with(cfg, 2, 2, 0, 0..half, false, &Io { save: Some(&saved), ..Io::default() }).losses;
     assert_eq!(bits(&first), bits(&straight[..half]));
     let dir = ferrospeed::checkpoint::latest(&saved).unwrap().unwrap();
-    for (world, tp, stage) in [(2, 2, 0), (1, 1, 0), (4, 4, 3), (4, 2, 2), (2, 1, 1)] {
-        let rest = run_with(cfg, world, tp, stage, half..STEPS, false, &Io { resume: Some(&dir), ..Io::default() }).losses;
-        if (world, tp, stage) == (2, 2, 0) {
+    for (world, tp, stage, sp) in [(2, 2, 0, false), (1, 1, 0, false), (4, 4, 3, false), (4, 2, 2, true), (2, 1, 1, false)] {
+        let rest = run_with(cfg, world, tp, stage, half..STEPS, false, &Io { resume: Some(&dir), sp, ..Io::default() }).losses;
+        if (world, tp, stage, sp) == (2, 2, 0, false) {
             assert_eq!(bits(&rest), bits(&straight[half..]), "tp 2 resumed at tp 2 vs uninterrupted");
         }
         assert!(close(&rest, &whole[half..], 1e-5), "resumed at world {world} tp {tp} stage {stage}: {rest:?} vs tp 1 {:?}", &whole[half..]);

@@ -1,7 +1,8 @@
 //! Llama block 0: the token embedding `embed_tokens` `[vocab, d]` (positions are rotary, in the layers),
 //! with a hand-written backward (rows added up per token in f32). Under tensor parallelism the table
 //! is vocabulary-parallel: each rank holds `vocab / tp` consecutive rows, looks up the tokens that
-//! fall in them (zero rows for the others), and the group sums the lookups.
+//! fall in them (zero rows for the others), and the group sums the lookups (with sequence
+//! parallelism: each rank keeps its token rows of the sum).
 
 use super::LlamaConfig;
 use crate::ops::lm_head::TokenIds;
@@ -102,11 +103,15 @@ impl Embedding {
         let (b, t) = tokens.dims2()?;
         let (ids, mask) = self.local_tokens(tokens, params[0].dim(0)?, params[0].dtype())?;
         let mut y = scoped_as(Kind::Elementwise, "embedding", || params[0].index_select(&ids.flatten_all()?, 0))?;
+        let d = self.cfg.d_model;
+        let mut shape = (b, t, d);
         if let (Some(m), Some(group)) = (&mask, self.tp.get()) {
-            y = group.sum(&y.broadcast_mul(m)?)?;
+            // The sum over the group: whole, or under sequence parallelism this rank's token rows.
+            y = group.rows_out(&y.broadcast_mul(m)?)?;
+            shape = super::layer_fused::hidden_shape(group, b, t, d);
         }
         let saved = if save { Some(EmbeddingSaved { ids: TokenIds::new(&ids)?, mask }) } else { None };
-        Ok((vec![y.reshape((b, t, self.cfg.d_model))?], saved))
+        Ok((vec![y.reshape(shape)?], saved))
     }
 
     /// The backward has no input gradient (the inputs are token ids): it is all parameter work, none of
@@ -118,9 +123,12 @@ impl Embedding {
         let s = saved.downcast::<EmbeddingSaved>().map_err(|_| candle_core::Error::Msg("embedding backward: foreign saved state".into()))?;
         let (mut g, vocab) = (upstream.grad(0)?.clone(), p[0].dim(0)?);
         // Another rank's tokens add nothing to this rank's rows.
-        if let Some(m) = &s.mask {
-            let (b, t, d) = g.dims3()?;
-            g = g.reshape((b * t, d))?.broadcast_mul(&m.to_dtype(g.dtype())?)?.reshape((b, t, d))?;
+        if let (Some(m), Some(group)) = (&s.mask, self.tp.get()) {
+            // Every token's gradient (this rank's rows of them under sequence parallelism, gathered).
+            let d = g.dim(2)?;
+            let all = group.rows_in(&g.reshape((g.elem_count() / d, d))?)?;
+            let n = all.dim(0)?;
+            g = all.broadcast_mul(&m.to_dtype(g.dtype())?)?.reshape((1, n, d))?;
         }
         let ids = s.ids;
         grads.put_rows(vec![(0, vocab)], move || ids.table_grad(&g, vocab))?;

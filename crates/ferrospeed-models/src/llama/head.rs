@@ -53,7 +53,12 @@ impl Head {
         let x = x.reshape((b * t, d))?;
         let norm = scoped_as(Kind::Elementwise, "rms_norm", || rms_forward(&x, &p[0], self.cfg.rms_norm_eps))?;
         let shard = self.tp.get().map(|g| VocabShard { lo: g.rank() * p[1].dim(0).unwrap_or(0), group: g.clone() });
-        let (loss, saved) = head_loss_sharded(norm.y, &p[1], batch.get("targets")?.flatten_all()?, &loss_weighting(batch)?, shard)?;
+        // Under sequence parallelism `x` is this rank's token rows: the logits need all of them.
+        let h = match &shard {
+            Some(s) => s.group.rows_in(&norm.y)?,
+            None => norm.y,
+        };
+        let (loss, saved) = head_loss_sharded(h, &p[1], batch.get("targets")?.flatten_all()?, &loss_weighting(batch)?, shard)?;
         Ok((loss, HeadSaved { x, rstd: norm.rstd, loss: saved, dims: (b, t, d) }))
     }
 
@@ -66,7 +71,10 @@ impl Head {
         }
         let d_h = head_backward(s.loss, &p[1], scale, grads, 1)?;
         let (d_x, d_w) = scoped_as(Kind::Elementwise, "rms_norm_backward", || rms_backward(&d_h, &s.x, &p[0], &s.rstd, None))?;
-        grads.set(0, d_w);
+        grads.set(0, match self.tp.get() {
+            Some(g) => g.replicated_grad(&d_w)?,
+            None => d_w,
+        });
         Ok(vec![Some(d_x.reshape(s.dims)?)])
     }
 }

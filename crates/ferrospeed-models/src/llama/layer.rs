@@ -108,6 +108,16 @@ impl Layer {
         self.tp.get().cloned().unwrap_or_default()
     }
 
+    /// The micro-batch's (batch, sequence) dimensions: the input's, or under sequence parallelism
+    /// (where the input holds this rank's token rows) the batch's tokens'.
+    fn dims(&self, x: &Tensor, batch: &Batch) -> Result<(usize, usize)> {
+        if self.group().sequence_parallel() {
+            return batch.get("tokens")?.dims2();
+        }
+        let (b, t, _) = x.dims3()?;
+        Ok((b, t))
+    }
+
     /// The shape this rank computes: under tensor parallelism its share of the query and key/value
     /// heads and of the MLP's width.
     fn local(&self) -> LlamaConfig {
@@ -213,8 +223,9 @@ impl Block for Layer {
             }
             return Ok(vec![self.forward_composed(p, x, docs.as_ref())?]);
         }
-        let (cos, sin) = self.rope.get(&self.cfg, x.dim(1)?, x.device())?;
-        Ok(vec![layer_fused::forward(&self.local(), p, x, (&cos, &sin), docs.as_ref(), self.lora.as_ref(), &self.group(), false)?.0])
+        let (group, dims) = (self.group(), self.dims(x, batch)?);
+        let (cos, sin) = self.rope.get(&self.cfg, dims.1, x.device())?;
+        Ok(vec![layer_fused::forward(&self.local(), p, x, dims, (&cos, &sin), docs.as_ref(), self.lora.as_ref(), &group, false)?.0])
     }
 
     fn forward_saving(&self, p: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
@@ -222,8 +233,9 @@ impl Block for Layer {
             return Ok(None);
         }
         let x = input(x)?;
-        let (cos, sin) = self.rope.get(&self.cfg, x.dim(1)?, x.device())?;
-        let (y, saved) = layer_fused::forward(&self.local(), p, x, (&cos, &sin), Docs::of(batch)?.as_ref(), self.lora.as_ref(), &self.group(), true)?;
+        let (group, dims) = (self.group(), self.dims(x, batch)?);
+        let (cos, sin) = self.rope.get(&self.cfg, dims.1, x.device())?;
+        let (y, saved) = layer_fused::forward(&self.local(), p, x, dims, (&cos, &sin), Docs::of(batch)?.as_ref(), self.lora.as_ref(), &group, true)?;
         let saved = saved.ok_or_else(|| candle_core::Error::Msg("layer forward kept nothing".into()))?;
         Ok(Some((vec![y], Box::new(saved))))
     }

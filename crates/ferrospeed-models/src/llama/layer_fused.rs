@@ -9,7 +9,11 @@
 //! `n_head / tp` query heads, `n_kv_head / tp` key/value heads, `d_ff / tp`; q/k/v and gate/up are
 //! column-parallel, o and down row-parallel): the output projections' partial sums are added over the
 //! group before their bias and the residual (forward), and the gradients of the normalised inputs
-//! before the norms' backward — Megatron's four all-reduces a layer.
+//! before the norms' backward — Megatron's four all-reduces a layer. With sequence parallelism the
+//! input and output are this rank's token rows: each norm runs on them, its output is gathered before
+//! the column-parallel product ([`TensorGroup::rows_in`]) and the row-parallel product's partial sums
+//! are reduce-scattered back to the rank's rows ([`TensorGroup::rows_out`]); the backward mirrors it,
+//! and the norms' weight gradients (from the rank's rows) are summed over the group.
 
 use super::layer::{adapters, slot_count, stacked_runs, Slots};
 use super::LlamaConfig;
@@ -120,25 +124,26 @@ pub(crate) fn row_tables(rope: (&Tensor, &Tensor), docs: Option<&Docs>, b: usize
 /// The layer on `x` `[b, t, d]`; parameters in slot order (see `Layer::params`). With `docs` (a packed
 /// batch) positions restart and attention stays inside each document.
 #[allow(clippy::too_many_arguments)]
-pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tensor), docs: Option<&Docs>, lora: Option<&LayerLora>, tp: &TensorGroup, save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
+pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, (b, t): (usize, usize), rope: (&Tensor, &Tensor), docs: Option<&Docs>, lora: Option<&LayerLora>, tp: &TensorGroup, save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
     let s = Slots::of(c);
     let parts = lora_parts(c, &adapters(c, lora));
     let scale = lora.map_or(0.0, |l| l.shape.scale());
     let mut kept: [Option<lora::Kept>; 4] = Default::default();
-    let (b, t, d) = x.dims3()?;
-    let (n, nh, nkv, hd) = (b * t, c.n_head, c.n_kv_head, c.head_dim);
-    let x = x.reshape((n, d))?;
+    let (n, d) = (b * t, x.dim(2)?);
+    let (nh, nkv, hd) = (c.n_head, c.n_kv_head, c.head_dim);
+    let x = x.reshape((tp.local_rows(n)?, d))?;
     let ew = Kind::Elementwise;
 
     // Attention.
     let norm1 = scoped_as(ew, "rms_norm", || rms_forward(&x, &p[s.input_norm], c.rms_norm_eps))?;
+    let h1 = tp.rows_in(&norm1.y)?;
     let w_qkv = stacked(c, p, lora, 0)?;
-    let mut qkv = matmul(&norm1.y, &w_qkv.t()?)?;
+    let mut qkv = matmul(&h1, &w_qkv.t()?)?;
     if let Some(b0) = s.bias {
         let bias = stack(&[&p[b0], &p[b0 + 1], &p[b0 + 2]])?;
         qkv = scoped_as(ew, "bias_add", || bias_add(&qkv, &bias))?;
     }
-    let qkv = add_lora(qkv, &norm1.y, p, &parts[0], scale, &mut kept[0])?;
+    let qkv = add_lora(qkv, &h1, p, &parts[0], scale, &mut kept[0])?;
     let (cos, sin, period) = row_tables(rope, docs, b, t)?;
     let qkv = scoped_as(ew, "rope", || rope_qkv(&qkv, &cos, &sin, period, nh, nkv, false))?;
     let (attn, y) = if fused_attention_available(&qkv, hd) {
@@ -147,7 +152,7 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
     } else {
         composed_attention(&qkv, b, t, nh, nkv, hd, docs)?
     };
-    let proj = tp.sum(&add_lora(matmul(&y, &p[s.o].t()?)?, &y, p, &parts[1], scale, &mut kept[1])?)?;
+    let proj = tp.rows_out(&add_lora(matmul(&y, &p[s.o].t()?)?, &y, p, &parts[1], scale, &mut kept[1])?)?;
     let x2 = match s.o_bias {
         Some(i) => scoped_as(ew, "bias_residual", || bias_residual(&x, &proj, &p[i]))?,
         None => (&x + proj)?,
@@ -155,21 +160,22 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, rope: (&Tensor, &Tenso
 
     // MLP.
     let norm2 = scoped_as(ew, "rms_norm", || rms_forward(&x2, &p[s.post_norm], c.rms_norm_eps))?;
+    let h2 = tp.rows_in(&norm2.y)?;
     let w_gu = stacked(c, p, lora, 1)?;
-    let mut gu = matmul(&norm2.y, &w_gu.t()?)?;
+    let mut gu = matmul(&h2, &w_gu.t()?)?;
     if let Some(b0) = s.mlp_bias {
         let bias = stack(&[&p[b0], &p[b0 + 1]])?;
         gu = scoped_as(ew, "bias_add", || bias_add(&gu, &bias))?;
     }
-    let gu = add_lora(gu, &norm2.y, p, &parts[2], scale, &mut kept[2])?;
+    let gu = add_lora(gu, &h2, p, &parts[2], scale, &mut kept[2])?;
     let act = scoped_as(ew, "swiglu", || swiglu(&gu))?;
-    let down = tp.sum(&add_lora(matmul(&act, &p[s.down].t()?)?, &act, p, &parts[3], scale, &mut kept[3])?)?;
+    let down = tp.rows_out(&add_lora(matmul(&act, &p[s.down].t()?)?, &act, p, &parts[3], scale, &mut kept[3])?)?;
     let out = match s.mlp_bias {
         Some(b0) => scoped_as(ew, "bias_residual", || bias_residual(&x2, &down, &p[b0 + 2]))?,
         None => (&x2 + down)?,
     }
-    .reshape((b, t, d))?;
-    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1: norm1.y, attn, y, x2, rstd2: norm2.rstd, h2: norm2.y, gu, act, dims: (b, t), docs: docs.cloned(), lora: kept });
+    .reshape(hidden_shape(tp, b, t, d))?;
+    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1, attn, y, x2, rstd2: norm2.rstd, h2, gu, act, dims: (b, t), docs: docs.cloned(), lora: kept });
     Ok((out, saved))
 }
 
@@ -206,7 +212,9 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     }
     let (b, t) = sv.dims;
     let (n, d, nh, nkv, hd, f) = (b * t, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff);
-    let g = g.reshape((n, d))?;
+    // The residual stream's gradient on this rank's rows, and all of them for the products.
+    let g_rows = g.reshape((tp.local_rows(n)?, d))?;
+    let g = tp.rows_in(&g_rows)?;
     let ew = Kind::Elementwise;
 
     // MLP: out = x2 + act·W_downᵀ (+ b_down), act = swiglu(h2·[W_gate; W_up]ᵀ (+ [b_gate; b_up])), h2 = rms(x2).
@@ -223,10 +231,11 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     }
     put_matmul_tn(grads, vec![(s.gate, f), (s.up, f)], &d_gu, &sv.h2)?;
     let w_gu = stacked(c, p, lora, 1)?;
-    let d_h2 = tp.sum(&with_lora(matmul(&d_gu, &w_gu)?, grads, p, &parts[2], &sv.lora[2], &d_gu, &sv.h2, scale)?)?;
+    let d_h2 = tp.rows_out(&with_lora(matmul(&d_gu, &w_gu)?, grads, p, &parts[2], &sv.lora[2], &d_gu, &sv.h2, scale)?)?;
     drop((d_gu, w_gu));
-    let (d_x2, d_post) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h2, &sv.x2, &p[s.post_norm], &sv.rstd2, Some(&g)))?;
-    grads.set(s.post_norm, d_post);
+    let (d_x2, d_post) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h2, &sv.x2, &p[s.post_norm], &sv.rstd2, Some(&g_rows)))?;
+    grads.set(s.post_norm, tp.replicated_grad(&d_post)?);
+    let (d_x2_rows, d_x2) = (d_x2.clone(), tp.rows_in(&d_x2)?);
 
     // Attention: x2 = x + y·W_oᵀ (+ b_o), y = attention(rope(h1·W_qkvᵀ + b)), h1 = rms(x).
     put_matmul_tn(grads, vec![(s.o, d)], &d_x2, &sv.y)?;
@@ -258,8 +267,18 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     }
     put_matmul_tn(grads, vec![(s.q, q_w), (s.k, kv_w), (s.v, kv_w)], &d_qkv, &sv.h1)?;
     let w_qkv = stacked(c, p, lora, 0)?;
-    let d_h1 = tp.sum(&with_lora(matmul(&d_qkv, &w_qkv)?, grads, p, &parts[0], &sv.lora[0], &d_qkv, &sv.h1, scale)?)?;
-    let (d_x, d_in) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h1, &sv.x, &p[s.input_norm], &sv.rstd1, Some(&d_x2)))?;
-    grads.set(s.input_norm, d_in);
-    d_x.reshape((b, t, d))
+    let d_h1 = tp.rows_out(&with_lora(matmul(&d_qkv, &w_qkv)?, grads, p, &parts[0], &sv.lora[0], &d_qkv, &sv.h1, scale)?)?;
+    let (d_x, d_in) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h1, &sv.x, &p[s.input_norm], &sv.rstd1, Some(&d_x2_rows)))?;
+    grads.set(s.input_norm, tp.replicated_grad(&d_in)?);
+    d_x.reshape(hidden_shape(tp, b, t, d))
+}
+
+/// The shape of the hidden state between blocks: `[b, t, d]`, or this rank's token rows `[1, b·t/tp, d]`
+/// under sequence parallelism.
+pub(crate) fn hidden_shape(tp: &TensorGroup, b: usize, t: usize, d: usize) -> (usize, usize, usize) {
+    if tp.sequence_parallel() {
+        (1, b * t / tp.size(), d)
+    } else {
+        (b, t, d)
+    }
 }

@@ -135,9 +135,10 @@ pub fn head_backward(s: HeadLoss, w: &Tensor, scale: f64, grads: &mut ParamGrads
             scoped(Kind::Matmul, || d_logits.matmul(w))?
         }
     };
-    // Each rank's columns give a partial sum of every row's gradient.
+    // Each rank's columns give a partial sum of every row's gradient: summed (under sequence
+    // parallelism, each rank keeps its rows of the sum).
     match shard {
-        Some(s) => s.group.sum(&d_h),
+        Some(s) => s.group.rows_out(&d_h),
         None => Ok(d_h),
     }
 }

@@ -15,9 +15,10 @@ use ferrospeed::shard::Strategy;
 use ferrospeed_models::{BatchSampler, TextCorpus};
 
 /// The engine of one rank of `comm`'s world for `model`, its blocks split over tensor-parallel groups
-/// of `tp` adjacent ranks (`tp = 1`: a plain engine), data parallel over the rest; and this rank's
+/// of `tp` adjacent ranks (`tp = 1`: a plain engine; `sp`: with sequence parallelism), data parallel
+/// over the rest; and this rank's
 /// (data-parallel rank, data-parallel size, tensor-parallel rank).
-pub fn engine_with_tp(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn ferrospeed::Communicator>, tp: usize, cfg: EngineConfig) -> Result<(ferrospeed::engine::Engine, (usize, usize, usize)), ferrospeed::engine::EngineError> {
+pub fn engine_with_tp(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn ferrospeed::Communicator>, tp: usize, sp: bool, cfg: EngineConfig) -> Result<(ferrospeed::engine::Engine, (usize, usize, usize)), ferrospeed::engine::EngineError> {
     use ferrospeed::engine::{CommWorker, Engine, TensorGroup};
     use ferrospeed::parallel::{Axis, Mesh, MeshComms};
     use std::sync::Arc;
@@ -28,7 +29,7 @@ pub fn engine_with_tp(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn
     let mesh = Mesh::new(world, 1, tp, 1, 1).map_err(|e| ferrospeed::engine::EngineError::Model(e.to_string()))?;
     let c = mesh.coords(rank);
     let comms = MeshComms::new(comm.clone(), mesh)?;
-    let group = TensorGroup::new(comms.get(Axis::Tp).clone());
+    let group = TensorGroup::new(comms.get(Axis::Tp).clone()).with_sequence_parallel(sp);
     let dp = Arc::new(CommWorker::spawn(comms.get(Axis::Dp).clone()));
     let engine = Engine::with_tensors(model, dp, Arc::new(CommWorker::spawn(comm)), group, cfg)?;
     Ok((engine, (c.dp, world / tp, c.tp)))

@@ -284,12 +284,13 @@ impl Accelerator {
             // Tensor parallelism (alone with data parallelism, so far).
             Some(par) if par.comms.mesh().size(Axis::Tp) > 1 => {
                 let tp = par.comms.mesh().size(Axis::Tp);
-                let group = crate::parallel::TensorGroup::new(par.comms.get(Axis::Tp).clone());
+                let group = crate::parallel::TensorGroup::new(par.comms.get(Axis::Tp).clone()).with_sequence_parallel(self.cfg.parallel.sp);
                 let engine = Engine::with_tensors(model, par.dp.clone(), self.worker.clone(), group, cfg)?;
                 let m = engine.model();
                 let split = (0..m.num_blocks()).filter(|&b| m.tensor_shard(b).is_some()).count();
                 self.parallel_plan = Some(format!(
-                    "tensor parallelism: {split} of {} blocks split over groups of {tp} ranks, ZeRO and gradient reductions over the {} data-parallel rank(s)",
+                    "tensor parallelism{}: {split} of {} blocks split over groups of {tp} ranks, ZeRO and gradient reductions over the {} data-parallel rank(s)",
+                    if self.cfg.parallel.sp { " with sequence parallelism" } else { "" },
                     m.num_blocks(),
                     par.comms.mesh().size(Axis::Dp)
                 ));

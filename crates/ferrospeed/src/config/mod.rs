@@ -532,9 +532,6 @@ impl Config {
                 p.cp
             )));
         }
-        if p.sp {
-            return Err(ConfigError::NotBuilt("parallel.sp = true: sequence parallelism is not in this build yet (tensor parallelism is); set parallel.sp = false".into()));
-        }
         for (key, v) in [("pp", p.pp), ("ep", p.ep)] {
             if p.tp > 1 && v > 1 {
                 return Err(ConfigError::NotBuilt(format!(

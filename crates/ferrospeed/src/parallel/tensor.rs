@@ -148,26 +148,93 @@ pub fn tp_assemble(slices: &[&[f32]], shape: &[usize], split: TpSplit) -> Vec<f3
 
 /// A block's view of its tensor-parallel group (`parallel.tp` adjacent ranks). Without tensor
 /// parallelism it is a group of one: every all-reduce returns its input.
+///
+/// With sequence parallelism (`parallel.sp`) the activations between the split parts of a layer are
+/// themselves split: each rank holds its `1/tp` of the token rows (rank order, rows of the flattened
+/// `[b·t, d]`), gathers them all before a column-parallel product ([`TensorGroup::rows_in`]) and
+/// reduce-scatters a row-parallel product's partial sums back to its rows ([`TensorGroup::rows_out`])
+/// where tensor parallelism alone all-reduces them; the norms between run on the rank's rows, so a
+/// norm weight's gradient is a partial sum ([`TensorGroup::replicated_grad`] adds it up).
 #[derive(Clone, Default)]
 pub struct TensorGroup {
     comm: Option<Arc<dyn Communicator>>,
+    sequence: bool,
 }
 
 impl std::fmt::Debug for TensorGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "TensorGroup(rank {} of {})", self.rank(), self.size())
+        write!(f, "TensorGroup(rank {} of {}{})", self.rank(), self.size(), if self.sequence { ", sequence parallel" } else { "" })
     }
 }
 
 impl TensorGroup {
     /// A group of one rank holding every parameter whole.
     pub fn single() -> Self {
-        Self { comm: None }
+        Self { comm: None, sequence: false }
     }
 
     /// The group of `comm`'s ranks.
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
-        Self { comm: Some(comm) }
+        Self { comm: Some(comm), sequence: false }
+    }
+
+    /// The same group with sequence parallelism on or off.
+    pub fn with_sequence_parallel(mut self, on: bool) -> Self {
+        self.sequence = on && self.size() > 1;
+        self
+    }
+
+    /// Whether activations between the split parts of a layer are split by token rows.
+    pub fn sequence_parallel(&self) -> bool {
+        self.sequence
+    }
+
+    /// The rows of `n` this rank holds under sequence parallelism (all of them without), or an error
+    /// naming the sizes where the group does not divide them.
+    pub fn local_rows(&self, n: usize) -> candle_core::Result<usize> {
+        if !self.sequence {
+            return Ok(n);
+        }
+        if n % self.size() != 0 {
+            candle_core::bail!("parallel.sp splits the {n} token rows of a micro-batch (micro_batch × seq_len) over parallel.tp = {} ranks, which does not divide them: choose a seq_len or micro_batch that tp divides", self.size());
+        }
+        Ok(n / self.size())
+    }
+
+    /// The input of a column-parallel product from this rank's rows `[m, d]`: every rank's rows in
+    /// rank order `[m·tp, d]` under sequence parallelism (an all-gather), else `x` itself.
+    pub fn rows_in(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(comm) = self.comm.as_ref().filter(|_| self.sequence) else { return Ok(x.clone()) };
+        let (m, d) = x.dims2()?;
+        let (dtype, device) = (x.dtype(), x.device().clone());
+        let mine: Vec<f32> = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let mut all = vec![0f32; mine.len() * self.size()];
+        comm.all_gather_slice(&mine, &mut all).map_err(|e| candle_core::Error::Msg(format!("sequence parallelism: {e}")))?;
+        Tensor::from_vec(all, (m * self.size(), d), &Device::Cpu)?.to_dtype(dtype)?.to_device(&device)
+    }
+
+    /// The output of a row-parallel product (partial sums `[n, d]` on each rank): this rank's rows of
+    /// their sum `[n/tp, d]` under sequence parallelism (a reduce-scatter, in rank order), else the
+    /// whole sum (an all-reduce).
+    pub fn rows_out(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(comm) = self.comm.as_ref().filter(|_| self.sequence) else { return self.sum(x) };
+        let (n, d) = x.dims2()?;
+        let m = self.local_rows(n)?;
+        let (dtype, device) = (x.dtype(), x.device().clone());
+        let all: Vec<f32> = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let mut mine = vec![0f32; m * d];
+        comm.reduce_scatter_slice(&all, &mut mine, ReduceOp::Sum).map_err(|e| candle_core::Error::Msg(format!("sequence parallelism: {e}")))?;
+        Tensor::from_vec(mine, (m, d), &Device::Cpu)?.to_dtype(dtype)?.to_device(&device)
+    }
+
+    /// The gradient of a parameter every rank holds whole, computed on this rank's rows: summed over
+    /// the group under sequence parallelism (each rank saw its rows only), else as it is.
+    pub fn replicated_grad(&self, g: &Tensor) -> candle_core::Result<Tensor> {
+        if self.sequence {
+            self.sum(g)
+        } else {
+            Ok(g.clone())
+        }
     }
 
     /// This rank's index in the group.
