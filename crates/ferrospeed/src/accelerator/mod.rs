@@ -282,7 +282,7 @@ impl Accelerator {
         let mut engine = match &self.parallel {
             None => Engine::with_worker(model, self.worker.clone(), cfg)?,
             // Tensor parallelism (alone with data parallelism, so far).
-            Some(par) if par.comms.mesh().size(Axis::Tp) > 1 => {
+            Some(par) if par.comms.mesh().size(Axis::Tp) > 1 && par.schedule.is_none() => {
                 let tp = par.comms.mesh().size(Axis::Tp);
                 let group = crate::parallel::TensorGroup::new(par.comms.get(Axis::Tp).clone()).with_sequence_parallel(self.cfg.parallel.sp);
                 let engine = Engine::with_tensors(model, par.dp.clone(), self.worker.clone(), group, cfg)?;
@@ -368,6 +368,8 @@ impl Accelerator {
         let pp = mesh.size(Axis::Pp);
         let schedule = par.schedule.as_ref().ok_or_else(|| crate::config::ConfigError::NotBuilt("a pipeline without a schedule".into()))?;
         let ranges = stage_blocks(&model.stage_costs(), pp * schedule.virtual_stages, &self.cfg.parallel.pp_split).map_err(|e| crate::config::ConfigError::NotBuilt(e.to_string()))?;
+        let tp = mesh.size(Axis::Tp);
+        let splits = model.tensor_splits();
         let StageCut { model: cut, owner_stage, tied, tie_stages, whole, metrics } = cut_for_stage(model, &ranges, rank, pp)?;
         // The tie group of each pipeline: its ranks at the stages holding tied parameters (a split
         // of the world, so every rank takes part; the others form groups of one).
@@ -385,13 +387,18 @@ impl Accelerator {
         let ranks = (0..mesh.world()).map(|r| (mesh.coords(r).pp, mesh.coords(r).dp)).collect();
         let stage = PipelineStage { rank, schedule: schedule.clone(), p2p: par.comms.get(Axis::Pp).clone(), tie, world: self.worker.clone(), owner_stage, tied, whole, ranks, metrics };
         let plan = format!(
-            "pipeline: {} stages of blocks {:?}, schedule {} over {} micro-batches (analytic bubble {:.1}%)",
+            "pipeline: {} stages of blocks {:?}, schedule {} over {} micro-batches (analytic bubble {:.1}%){}",
             ranges.len(),
             ranges,
             schedule.kind.name(),
             schedule.micro,
-            100.0 * schedule.analytic_bubble(crate::parallel::Costs::UNIT)
+            100.0 * schedule.analytic_bubble(crate::parallel::Costs::UNIT),
+            if tp > 1 { format!(", each stage split over tensor-parallel groups of {tp}{}", if self.cfg.parallel.sp { " with sequence parallelism" } else { "" }) } else { String::new() }
         );
+        if tp > 1 {
+            let group = crate::parallel::TensorGroup::new(par.comms.get(Axis::Tp).clone()).with_sequence_parallel(self.cfg.parallel.sp);
+            return Ok((Engine::with_pipeline_tensors(cut, par.dp.clone(), stage, group, splits, cfg)?, plan));
+        }
         Ok((Engine::with_pipeline(cut, par.dp.clone(), stage, cfg)?, plan))
     }
 

@@ -532,13 +532,11 @@ impl Config {
                 p.cp
             )));
         }
-        for (key, v) in [("pp", p.pp), ("ep", p.ep)] {
-            if p.tp > 1 && v > 1 {
-                return Err(ConfigError::NotBuilt(format!(
-                    "parallel.tp = {} with parallel.{key} = {v}: tensor parallelism combined with another axis than data parallelism is not in this build yet; set one of them to 1",
-                    p.tp
-                )));
-            }
+        if p.tp > 1 && p.ep > 1 {
+            return Err(ConfigError::NotBuilt(format!(
+                "parallel.tp = {} with parallel.ep = {}: tensor and expert parallelism together are not in this build yet; set one of them to 1",
+                p.tp, p.ep
+            )));
         }
         if p.ep > 1 && p.pp > 1 {
             return Err(ConfigError::NotBuilt(format!(

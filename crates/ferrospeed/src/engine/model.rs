@@ -213,6 +213,27 @@ impl Model {
         Ok(())
     }
 
+    /// How each block's own parameters would split over a tensor-parallel group (from its
+    /// [`Block::tensor_plan`]; `None` for a block without one): what a pipeline's stages record of
+    /// the blocks they do not hold.
+    pub fn tensor_splits(&self) -> Vec<Option<Vec<TpSplit>>> {
+        (0..self.blocks.len())
+            .map(|i| {
+                let plan = self.blocks[i].tensor_plan();
+                if plan.is_empty() || plan.len() != self.slots[i].len() {
+                    return None;
+                }
+                let mut own = vec![TpSplit::Replicated; self.own[i].len()];
+                for (slot, split) in self.slots[i].iter().zip(plan) {
+                    if slot.block == i && !slot.frozen {
+                        own[slot.index] = split;
+                    }
+                }
+                Some(own)
+            })
+            .collect()
+    }
+
     /// Block `i`'s whole, where it is split over a tensor-parallel group.
     pub fn tensor_shard(&self, i: usize) -> Option<&TensorShard> {
         self.tensors[i].as_ref()

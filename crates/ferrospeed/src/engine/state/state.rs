@@ -98,10 +98,11 @@ pub struct TensorLayout {
 impl Engine {
     /// The layout of a checkpoint of this engine (see [`CheckpointPlan`]).
     pub fn checkpoint_plan(&self) -> CheckpointPlan {
-        if let Some(plan) = self.pipeline_checkpoint_plan() {
+        // Tensor parallelism's plan covers a pipeline of split stages too.
+        if let Some(plan) = self.tensor_checkpoint_plan() {
             return plan;
         }
-        if let Some(plan) = self.tensor_checkpoint_plan() {
+        if let Some(plan) = self.pipeline_checkpoint_plan() {
             return plan;
         }
         let world = self.worker.world_size();

@@ -208,6 +208,28 @@ impl Pipe {
         stage % self.ranks_in_pipe
     }
 
+    /// How many ghosts come first in the stage model.
+    pub(super) fn ghosts(&self) -> usize {
+        self.ghosts
+    }
+
+    /// The whole model's index of each block of the stage model.
+    pub(super) fn original(&self) -> &[usize] {
+        &self.original
+    }
+
+    /// Every block of the whole model: its name and parameters.
+    pub(super) fn whole(&self) -> &[(String, Vec<ParamSpec>)] {
+        &self.whole
+    }
+
+    /// Whether world rank `r` saves block `b` of the whole model (its stage owns it): its
+    /// data-parallel rank if so.
+    pub(super) fn holder(&self, r: usize, b: usize) -> Option<usize> {
+        let (stage_rank, dp) = self.ranks[r];
+        (self.rank_of(self.owner_stage[b]) == stage_rank).then_some(dp)
+    }
+
     /// The stage model's blocks of `stage` (one of this rank's).
     fn run_of(&self, stage: usize) -> Range<usize> {
         self.runs[stage / self.ranks_in_pipe].clone()

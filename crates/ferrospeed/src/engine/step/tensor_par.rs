@@ -8,7 +8,8 @@
 use super::comm_worker::CommWorker;
 use super::error::EngineError;
 use super::grads;
-use super::model::Model;
+use super::block::ParamSpec;
+use super::model::{Model, StageModel};
 use super::state::{CheckpointPlan, TensorLayout};
 use crate::shard::FlatParam;
 use super::trainer::{Engine, EngineConfig};
@@ -21,8 +22,12 @@ use std::sync::Arc;
 pub(super) struct Tensors {
     /// The world's communication thread (the engine's own is the data-parallel group's).
     pub(super) world: Arc<CommWorker>,
-    /// This rank's index in its tensor-parallel group.
+    /// This rank's index in its tensor-parallel group, and the group's size.
     pub(super) rank: usize,
+    pub(super) size: usize,
+    /// In a pipeline: how each block of the whole model splits (its own parameters'), for the
+    /// checkpoint's record of the blocks other stages hold.
+    pub(super) whole_splits: Option<Vec<Option<Vec<TpSplit>>>>,
 }
 
 impl Engine {
@@ -41,42 +46,73 @@ impl Engine {
             )));
         }
         model.shard_tensors(&group)?;
-        let rank = group.rank();
         let mut engine = Self::build(model, worker, None, cfg)?;
-        engine.tensor = Some(Tensors { world, rank });
+        engine.tensor = Some(Tensors { world, rank: group.rank(), size: group.size(), whole_splits: None });
         Ok(engine)
     }
 
-    /// The checkpoint of an engine split by tensor parallelism ([`TensorLayout`]): every block whole
-    /// in `blocks` (the names, shapes and offsets of `parallel.tp = 1`), each split block's files
-    /// holding their slices' windows. World rank `r` is data-parallel rank `r / tp` and
+    /// As [`Engine::with_pipeline`], each stage's blocks split over `group` as in
+    /// [`Engine::with_tensors`] (3D parallelism: pipeline stages of tensor-parallel groups, data
+    /// parallel over the rest). `splits` is [`Model::tensor_splits`] of the whole model, taken before
+    /// the cut.
+    pub fn with_pipeline_tensors(mut cut: StageModel, dp: Arc<CommWorker>, stage: super::PipelineStage, group: TensorGroup, splits: Vec<Option<Vec<TpSplit>>>, cfg: EngineConfig) -> Result<Self, EngineError> {
+        cut.model.shard_tensors(&group)?;
+        let world = stage.world.clone();
+        let mut engine = Self::with_pipeline(cut, dp, stage, cfg)?;
+        engine.tensor = Some(Tensors { world, rank: group.rank(), size: group.size(), whole_splits: Some(splits) });
+        Ok(engine)
+    }
+
+    /// The checkpoint of an engine split by tensor parallelism ([`TensorLayout`]): every block of the
+    /// whole model whole in `blocks` (the names, shapes and offsets of `parallel.tp = 1`), each split
+    /// block's files holding their slices' windows, a block that is not split saved by the files of
+    /// tensor-parallel rank 0; in a pipeline each block by the ranks of its stage. World rank `r` is
     /// tensor-parallel rank `r % tp` (tensor-parallel ranks are adjacent in the mesh).
     pub(super) fn tensor_checkpoint_plan(&self) -> Option<CheckpointPlan> {
         let t = self.tensor.as_ref()?;
-        let (dp, dp_rank) = (self.worker.world_size(), self.worker.rank());
+        let (dp, dp_rank, tp) = (self.worker.world_size(), self.worker.rank(), t.size);
         let world = t.world.world_size();
-        let tp = world / dp;
         let m = &self.model;
-        let blocks: Vec<(String, FlatParam)> = self
-            .params
+        // The whole model's blocks and how each splits; which world ranks save each (and as which
+        // data-parallel rank); where each block of this engine is in the whole model.
+        let (whole, splits, local): (Vec<(String, Vec<ParamSpec>)>, Vec<Option<Vec<TpSplit>>>, Vec<(usize, bool)>) = match (&self.pipe, &t.whole_splits) {
+            (Some(pipe), Some(splits)) => {
+                let local = pipe.original().iter().enumerate().map(|(i, &o)| (o, i >= pipe.ghosts() && (splits[o].is_some() || t.rank == 0))).collect();
+                (pipe.whole().to_vec(), splits.clone(), local)
+            }
+            _ => {
+                let whole = (0..m.num_blocks()).map(|i| (m.block_names()[i].clone(), m.tensor_shard(i).map_or_else(|| m.own_params(i).to_vec(), |s| s.whole.clone()))).collect();
+                let splits: Vec<Option<Vec<TpSplit>>> = (0..m.num_blocks()).map(|i| m.tensor_shard(i).map(|s| s.splits.clone())).collect();
+                let local = splits.iter().enumerate().map(|(i, s)| (i, s.is_some() || t.rank == 0)).collect();
+                (whole, splits, local)
+            }
+        };
+        let holder = |r: usize, b: usize| match &self.pipe {
+            Some(pipe) => pipe.holder(r, b),
+            None => Some(r / tp),
+        };
+        let local_flats: Vec<FlatParam> = whole
             .iter()
-            .enumerate()
-            .map(|(i, p)| (m.block_names()[i].clone(), m.tensor_shard(i).map_or_else(|| p.flat.clone(), |s| FlatParam::new(&s.whole, dp))))
+            .zip(&splits)
+            .map(|((_, specs), split)| match split {
+                Some(s) => FlatParam::new(&specs.iter().zip(s).map(|(p, s)| ParamSpec { shape: s.local_shape(&p.shape, tp).unwrap_or_default(), ..p.clone() }).collect::<Vec<_>>(), dp),
+                None => FlatParam::new(specs, dp),
+            })
             .collect();
-        let splits: Vec<Option<Vec<TpSplit>>> = (0..blocks.len()).map(|i| m.tensor_shard(i).map(|s| s.splits.clone())).collect();
         let files = (0..world)
             .map(|r| {
-                self.params
-                    .iter()
-                    .zip(&splits)
-                    .map(|(p, split)| if split.is_some() || r % tp == 0 { p.flat.layout().range(r / tp) } else { 0..0 })
+                (0..whole.len())
+                    .map(|b| match holder(r, b) {
+                        Some(d) if splits[b].is_some() || r % tp == 0 => local_flats[b].layout().range(d),
+                        _ => 0..0,
+                    })
                     .collect()
             })
             .collect();
         Some(CheckpointPlan {
-            local: splits.iter().enumerate().map(|(i, s)| (i, s.is_some() || t.rank == 0)).collect(),
-            placement: vec![(dp_rank, 0); blocks.len()],
-            blocks,
+            placement: vec![(dp_rank, 0); local.len()],
+            local,
+            blocks: whole.iter().map(|(n, specs)| (n.clone(), FlatParam::new(specs, dp))).collect(),
             files,
             tensor: Some(TensorLayout { tp, file_tp_rank: (0..world).map(|r| r % tp).collect(), splits }),
         })
@@ -94,11 +130,16 @@ impl Engine {
         let Some(t) = &self.tensor else { return Ok(None) };
         let rank = self.worker.rank();
         // Per block, the ranges of the flat buffer this rank counts.
+        // A pipeline's ghosts hold another stage's blocks (counted there).
+        let ghosts = self.pipe.as_ref().map_or(0, |p| p.ghosts());
         let pieces: Vec<Vec<Range<usize>>> = self
             .params
             .iter()
             .enumerate()
             .map(|(i, p)| {
+                if i < ghosts {
+                    return Vec::new();
+                }
                 let shard = p.flat.layout().range(rank);
                 let counted: Vec<Range<usize>> = match self.model.tensor_shard(i) {
                     Some(s) => (0..s.splits.len()).filter(|&j| s.splits[j] != TpSplit::Replicated || t.rank == 0).map(|j| p.flat.range(j)).collect(),
