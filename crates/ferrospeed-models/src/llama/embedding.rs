@@ -7,7 +7,7 @@
 use super::LlamaConfig;
 use crate::ops::lm_head::TokenIds;
 use candle_core::{DType, Device, Result, Tensor};
-use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream, WeightGrads};
+use ferrospeed::engine::{Batch, Block, ContextGroup, Init, ParamGrads, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream, WeightGrads};
 use ferrospeed::profile::{scoped_as, Kind};
 use std::sync::OnceLock;
 
@@ -19,6 +19,8 @@ pub struct Embedding {
     frozen: bool,
     /// The tensor-parallel group the table's rows are split over.
     tp: OnceLock<TensorGroup>,
+    /// The context-parallel group: this rank looks up its chunk of each sequence.
+    cp: OnceLock<ContextGroup>,
 }
 
 /// What the backward needs: the token ids (this rank's rows' indices under tensor parallelism) and
@@ -30,12 +32,12 @@ struct EmbeddingSaved {
 
 impl Embedding {
     pub fn new(cfg: LlamaConfig) -> Self {
-        Self { cfg, frozen: false, tp: OnceLock::new() }
+        Self { cfg, frozen: false, tp: OnceLock::new(), cp: OnceLock::new() }
     }
 
     /// The block with its parameters frozen (the base of LoRA adapters).
     pub fn frozen(cfg: LlamaConfig) -> Self {
-        Self { cfg, frozen: true, tp: OnceLock::new() }
+        Self { cfg, frozen: true, tp: OnceLock::new(), cp: OnceLock::new() }
     }
 
     /// The tokens as indices into this rank's `rows` rows of the table (0 where a token is another
@@ -86,6 +88,10 @@ impl Block for Embedding {
         self.tp.set(group).map_err(|_| "bound to a tensor-parallel group twice".to_string())
     }
 
+    fn bind_context(&self, group: ContextGroup) -> std::result::Result<(), String> {
+        self.cp.set(group).map_err(|_| "bound to a context-parallel group twice".to_string())
+    }
+
     fn backward(&self, p: &[Tensor], saved: Saved, upstream: Upstream<'_>) -> Result<(Vec<Option<Tensor>>, Vec<Option<Tensor>>)> {
         ParamGrads::whole(p.len(), |grads| self.backward_into(saved, p, upstream, grads))
     }
@@ -99,7 +105,12 @@ impl Embedding {
     /// The lookup (summed over the tensor-parallel group where the table is split) and what the
     /// backward needs.
     fn run(&self, params: &[Tensor], _inputs: &[Tensor], batch: &Batch, save: bool) -> Result<(Vec<Tensor>, Option<EmbeddingSaved>)> {
-        let tokens = batch.get("tokens")?;
+        let mut tokens = batch.get("tokens")?.clone();
+        if let Some(cp) = self.cp.get() {
+            let chunk = cp.chunk(tokens.dim(1)?)?;
+            tokens = tokens.narrow(1, chunk.start, chunk.len())?;
+        }
+        let tokens = &tokens;
         let (b, t) = tokens.dims2()?;
         let (ids, mask) = self.local_tokens(tokens, params[0].dim(0)?, params[0].dtype())?;
         let mut y = scoped_as(Kind::Elementwise, "embedding", || params[0].index_select(&ids.flatten_all()?, 0))?;

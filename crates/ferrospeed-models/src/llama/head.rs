@@ -5,12 +5,12 @@
 
 use super::LlamaConfig;
 use crate::ops::cross_entropy::cross_entropy_rows_autograd;
-use crate::ops::docs::loss_weighting;
+use crate::ops::docs::{loss_weighting, LossWeighting};
 use crate::ops::lm_head::{head_backward, head_loss_sharded, reduce_rows, HeadLoss};
 use crate::ops::vocab_parallel::VocabShard;
 use crate::ops::rms_norm::{rms_backward, rms_forward, rms_norm};
 use candle_core::{Result, Tensor};
-use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream, WeightGrads};
+use ferrospeed::engine::{Batch, Block, ContextGroup, Init, ParamGrads, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream, WeightGrads};
 use ferrospeed::profile::{scoped_as, Kind};
 use std::sync::OnceLock;
 
@@ -22,6 +22,8 @@ pub struct Head {
     frozen: bool,
     /// The tensor-parallel group the vocabulary is split over.
     tp: OnceLock<TensorGroup>,
+    /// The context-parallel group: this rank's loss is its chunk's share.
+    cp: OnceLock<ContextGroup>,
 }
 
 /// What the head's backward needs.
@@ -34,12 +36,12 @@ struct HeadSaved {
 
 impl Head {
     pub fn new(cfg: LlamaConfig) -> Self {
-        Self { cfg, frozen: false, tp: OnceLock::new() }
+        Self { cfg, frozen: false, tp: OnceLock::new(), cp: OnceLock::new() }
     }
 
     /// The block with its parameters frozen (the base of LoRA adapters).
     pub fn frozen(cfg: LlamaConfig) -> Self {
-        Self { cfg, frozen: true, tp: OnceLock::new() }
+        Self { cfg, frozen: true, tp: OnceLock::new(), cp: OnceLock::new() }
     }
 
     /// Logits `[b·t, vocab]` for the hidden states `x [b, t, d]` (composed ops).
@@ -58,8 +60,29 @@ impl Head {
             Some(s) => s.group.rows_in(&norm.y)?,
             None => norm.y,
         };
-        let (loss, saved) = head_loss_sharded(h, &p[1], batch.get("targets")?.flatten_all()?, &loss_weighting(batch)?, shard)?;
+        let (targets, weighting) = self.targets(batch)?;
+        let (loss, saved) = head_loss_sharded(h, &p[1], targets, &weighting, shard)?;
         Ok((loss, HeadSaved { x, rstd: norm.rstd, loss: saved, dims: (b, t, d) }))
+    }
+
+    /// The targets `[n]` and the loss weighting this rank's rows take: the batch's, or under context
+    /// parallelism its chunk's, weighted so that the group's average of the chunks' losses is the
+    /// micro-batch's loss (a mask's mean over the whole micro-batch's counted targets).
+    fn targets(&self, batch: &Batch) -> Result<(Tensor, LossWeighting)> {
+        let targets = batch.get("targets")?;
+        let weighting = loss_weighting(batch)?;
+        let Some(cp) = self.cp.get() else { return Ok((targets.flatten_all()?, weighting)) };
+        let (b, t) = targets.dims2()?;
+        let chunk = cp.chunk(t)?;
+        let take = |x: &Tensor| -> Result<Tensor> { x.reshape((b, t))?.narrow(1, chunk.start, chunk.len())?.flatten_all() };
+        let size = cp.size() as f64;
+        let weighting = match weighting {
+            // Every chunk holds the same number of rows.
+            LossWeighting::Mean => LossWeighting::Mean,
+            LossWeighting::Mask(m) => LossWeighting::Weights(take(&m)?.broadcast_div(&m.sum_all()?.maximum(1.0)?)?.affine(size, 0.0)?),
+            LossWeighting::Weights(w) => LossWeighting::Weights(take(&w)?.affine(size, 0.0)?),
+        };
+        Ok((take(targets)?, weighting))
     }
 
     /// The hand-written backward: the input's gradient, the slots' into `grads`.
@@ -127,8 +150,8 @@ impl Block for Head {
     fn forward(&self, params: &[Tensor], inputs: &[Tensor], batch: &Batch) -> Result<Vec<Tensor>> {
         let x = input(inputs)?;
         if x.track_op() || params.iter().any(Tensor::track_op) || inputs.len() > 1 {
-            if self.tp.get().is_some() {
-                candle_core::bail!("a head split over a tensor-parallel group runs its hand-written backward, not autograd");
+            if self.tp.get().is_some() || self.cp.get().is_some() {
+                candle_core::bail!("a head split over a tensor- or context-parallel group runs its hand-written backward, not autograd");
             }
             let rows = cross_entropy_rows_autograd(&self.logits(params, x)?, &batch.get("targets")?.flatten_all()?)?;
             let loss = reduce_rows(&rows, &loss_weighting(batch)?)?.0;
@@ -167,6 +190,13 @@ impl Block for Head {
             return Err(format!("a vocabulary of {v} tokens, which parallel.tp = {tp} does not divide (the head is split by rows): choose a tp that divides it"));
         }
         self.tp.set(group).map_err(|_| "bound to a tensor-parallel group twice".to_string())
+    }
+
+    fn bind_context(&self, group: ContextGroup) -> std::result::Result<(), String> {
+        if self.cfg.moe.is_some() {
+            return Err(format!("context parallelism of a mixture-of-experts model is not built yet: set parallel.cp = 1 (parallel.cp = {})", group.size()));
+        }
+        self.cp.set(group).map_err(|_| "bound to a context-parallel group twice".to_string())
     }
 
     fn metrics(&self) -> Vec<String> {

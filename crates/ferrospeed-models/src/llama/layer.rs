@@ -12,7 +12,7 @@ use crate::ops::lora::{self, Adapter, LayerLora, MODULES};
 use crate::ops::rms_norm::rms_norm;
 use crate::ops::rope::rope_composed;
 use candle_core::{Result, Tensor};
-use ferrospeed::engine::{Batch, Block, Init, ParamGrads, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream, WeightGrads};
+use ferrospeed::engine::{Batch, Block, ContextGroup, Init, ParamGrads, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream, WeightGrads};
 use std::sync::{Arc, OnceLock};
 
 /// Layer `index` of the model.
@@ -25,6 +25,8 @@ pub struct Layer {
     lora: Option<LayerLora>,
     /// The tensor-parallel group, where the engine split the layer over one.
     tp: OnceLock<TensorGroup>,
+    /// The context-parallel group, where each rank holds a chunk of every sequence.
+    cp: OnceLock<ContextGroup>,
 }
 
 /// Slot positions of the layer's parameters, in `Layer::params` order: the norms and weights, with
@@ -100,7 +102,7 @@ pub(crate) fn module_dims(c: &LlamaConfig) -> [(usize, usize); 7] {
 
 impl Layer {
     pub(crate) fn new(cfg: LlamaConfig, index: usize, rope: Arc<RopeCache>, lora: Option<LayerLora>) -> Self {
-        Self { cfg, index, rope, lora, tp: OnceLock::new() }
+        Self { cfg, index, rope, lora, tp: OnceLock::new(), cp: OnceLock::new() }
     }
 
     /// The tensor-parallel group (a group of one where the layer is whole).
@@ -108,10 +110,15 @@ impl Layer {
         self.tp.get().cloned().unwrap_or_default()
     }
 
+    /// The context-parallel group (a group of one where the layer holds whole sequences).
+    fn context(&self) -> ContextGroup {
+        self.cp.get().cloned().unwrap_or_default()
+    }
+
     /// The micro-batch's (batch, sequence) dimensions: the input's, or under sequence parallelism
     /// (where the input holds this rank's token rows) the batch's tokens'.
     fn dims(&self, x: &Tensor, batch: &Batch) -> Result<(usize, usize)> {
-        if self.group().sequence_parallel() {
+        if self.group().sequence_parallel() || self.cp.get().is_some() {
             return batch.get("tokens")?.dims2();
         }
         let (b, t, _) = x.dims3()?;
@@ -130,7 +137,7 @@ impl Layer {
         let g = upstream.grad(0)?;
         let saved = saved.downcast::<LayerSaved>().map_err(|_| candle_core::Error::Msg("layer backward: foreign saved state".into()))?;
         let (cos, sin) = self.rope.get(&self.cfg, saved.seq_len(), g.device())?;
-        Ok(vec![Some(layer_fused::backward(&self.local(), p, *saved, g, (&cos, &sin), self.lora.as_ref(), &self.group(), grads)?)])
+        Ok(vec![Some(layer_fused::backward(&self.local(), p, *saved, g, (&cos, &sin), self.lora.as_ref(), (&self.group(), &self.context()), grads)?)])
     }
 }
 
@@ -218,14 +225,14 @@ impl Block for Layer {
             return self.forward_extended(p, inputs, docs.as_ref());
         }
         if x.track_op() || p.iter().any(Tensor::track_op) {
-            if self.tp.get().is_some() {
-                candle_core::bail!("a layer split over a tensor-parallel group runs its fused forward and hand-written backward, not autograd");
+            if self.tp.get().is_some() || self.cp.get().is_some() {
+                candle_core::bail!("a layer split over a tensor- or context-parallel group runs its fused forward and hand-written backward, not autograd");
             }
             return Ok(vec![self.forward_composed(p, x, docs.as_ref())?]);
         }
         let (group, dims) = (self.group(), self.dims(x, batch)?);
         let (cos, sin) = self.rope.get(&self.cfg, dims.1, x.device())?;
-        Ok(vec![layer_fused::forward(&self.local(), p, x, dims, (&cos, &sin), docs.as_ref(), self.lora.as_ref(), &group, false)?.0])
+        Ok(vec![layer_fused::forward(&self.local(), p, x, dims, (&cos, &sin), docs.as_ref(), self.lora.as_ref(), (&group, &self.context()), false)?.0])
     }
 
     fn forward_saving(&self, p: &[Tensor], x: &[Tensor], batch: &Batch) -> Result<Option<(Vec<Tensor>, Saved)>> {
@@ -235,7 +242,7 @@ impl Block for Layer {
         let x = input(x)?;
         let (group, dims) = (self.group(), self.dims(x, batch)?);
         let (cos, sin) = self.rope.get(&self.cfg, dims.1, x.device())?;
-        let (y, saved) = layer_fused::forward(&self.local(), p, x, dims, (&cos, &sin), Docs::of(batch)?.as_ref(), self.lora.as_ref(), &group, true)?;
+        let (y, saved) = layer_fused::forward(&self.local(), p, x, dims, (&cos, &sin), Docs::of(batch)?.as_ref(), self.lora.as_ref(), (&group, &self.context()), true)?;
         let saved = saved.ok_or_else(|| candle_core::Error::Msg("layer forward kept nothing".into()))?;
         Ok(Some((vec![y], Box::new(saved))))
     }
@@ -285,6 +292,20 @@ impl Block for Layer {
             }
         }
         self.tp.set(group).map_err(|_| "bound to a tensor-parallel group twice".to_string())
+    }
+
+    fn bind_context(&self, group: ContextGroup) -> std::result::Result<(), String> {
+        let (c, cp) = (&self.cfg, group.size());
+        if self.composed_only() {
+            return Err(format!("context parallelism of query/key-norm and mixture-of-experts layers is not built yet: set parallel.cp = 1 (parallel.cp = {cp})"));
+        }
+        for (what, n) in [("query heads (num_attention_heads)", c.n_head), ("key/value heads (num_key_value_heads)", c.n_kv_head)] {
+            if n % cp != 0 {
+                let fits: Vec<usize> = (1..=c.n_kv_head).filter(|d| c.n_head % d == 0 && c.n_kv_head % d == 0).collect();
+                return Err(format!("{n} {what}, which parallel.cp = {cp} does not divide (Ulysses gives each rank whole heads): choose parallel.cp among {fits:?}"));
+            }
+        }
+        self.cp.set(group).map_err(|_| "bound to a context-parallel group twice".to_string())
     }
 
     fn stacked_runs(&self) -> Vec<std::ops::Range<usize>> {

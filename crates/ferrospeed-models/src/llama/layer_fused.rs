@@ -14,6 +14,12 @@
 //! the column-parallel product ([`TensorGroup::rows_in`]) and the row-parallel product's partial sums
 //! are reduce-scattered back to the rank's rows ([`TensorGroup::rows_out`]); the backward mirrors it,
 //! and the norms' weight gradients (from the rank's rows) are summed over the group.
+//!
+//! Under context parallelism (DeepSpeed-Ulysses) the layer holds a chunk of every sequence: the
+//! projections and the MLP run on its rows; an all-to-all turns the q/k/v projection into the whole
+//! sequence's rows of `1/cp` of the heads ([`ContextGroup::seq_to_heads`]), attention and RoPE run
+//! there, and another turns the attention output back into the chunk's rows of every head (the
+//! backward: the same two exchanges the other way).
 
 use super::layer::{adapters, slot_count, stacked_runs, Slots};
 use super::LlamaConfig;
@@ -27,7 +33,7 @@ use crate::ops::rope::rope_qkv;
 use crate::ops::swiglu::{swiglu, swiglu_backward};
 use crate::ops::{copy, matmul, put_col_sum, put_matmul_tn};
 use candle_core::{Result, Tensor};
-use ferrospeed::engine::{ParamGrads, TensorGroup};
+use ferrospeed::engine::{ContextGroup, ParamGrads, TensorGroup};
 use ferrospeed::profile::{scoped_as, Kind};
 
 /// What the backward needs of one layer's forward (`n = b·t` rows).
@@ -37,8 +43,11 @@ pub struct LayerSaved {
     rstd1: Tensor,
     h1: Tensor,
     attn: AttnSaved,
-    /// Attention output `[n, nh·hd]`, before the output projection.
+    /// Attention output `[n, nh·hd]`, before the output projection (this rank's rows).
     y: Tensor,
+    /// The same as attention computed it: under context parallelism the whole sequence's rows of
+    /// this rank's heads.
+    y_heads: Tensor,
     /// Residual stream after attention `[n, d]`, its 1/rms and the normalised stream.
     x2: Tensor,
     rstd2: Tensor,
@@ -124,14 +133,14 @@ pub(crate) fn row_tables(rope: (&Tensor, &Tensor), docs: Option<&Docs>, b: usize
 /// The layer on `x` `[b, t, d]`; parameters in slot order (see `Layer::params`). With `docs` (a packed
 /// batch) positions restart and attention stays inside each document.
 #[allow(clippy::too_many_arguments)]
-pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, (b, t): (usize, usize), rope: (&Tensor, &Tensor), docs: Option<&Docs>, lora: Option<&LayerLora>, tp: &TensorGroup, save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
+pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, (b, t): (usize, usize), rope: (&Tensor, &Tensor), docs: Option<&Docs>, lora: Option<&LayerLora>, (tp, cp): (&TensorGroup, &ContextGroup), save: bool) -> Result<(Tensor, Option<LayerSaved>)> {
     let s = Slots::of(c);
     let parts = lora_parts(c, &adapters(c, lora));
     let scale = lora.map_or(0.0, |l| l.shape.scale());
     let mut kept: [Option<lora::Kept>; 4] = Default::default();
     let (n, d) = (b * t, x.dim(2)?);
     let (nh, nkv, hd) = (c.n_head, c.n_kv_head, c.head_dim);
-    let x = x.reshape((tp.local_rows(n)?, d))?;
+    let x = x.reshape((tp.local_rows(n / cp.size())?, d))?;
     let ew = Kind::Elementwise;
 
     // Attention.
@@ -144,6 +153,9 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, (b, t): (usize, usize)
         qkv = scoped_as(ew, "bias_add", || bias_add(&qkv, &bias))?;
     }
     let qkv = add_lora(qkv, &h1, p, &parts[0], scale, &mut kept[0])?;
+    // Under context parallelism: the whole sequence, this rank's heads.
+    let qkv = cp.seq_to_heads(&qkv, b, &[nh * hd, nkv * hd, nkv * hd])?;
+    let (nh, nkv) = (nh / cp.size(), nkv / cp.size());
     let (cos, sin, period) = row_tables(rope, docs, b, t)?;
     let qkv = scoped_as(ew, "rope", || rope_qkv(&qkv, &cos, &sin, period, nh, nkv, false))?;
     let (attn, y) = if fused_attention_available(&qkv, hd) {
@@ -152,6 +164,8 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, (b, t): (usize, usize)
     } else {
         composed_attention(&qkv, b, t, nh, nkv, hd, docs)?
     };
+    let y_heads = y;
+    let y = cp.heads_to_seq(&y_heads, b, &[c.n_head * hd])?;
     let proj = tp.rows_out(&add_lora(matmul(&y, &p[s.o].t()?)?, &y, p, &parts[1], scale, &mut kept[1])?)?;
     let x2 = match s.o_bias {
         Some(i) => scoped_as(ew, "bias_residual", || bias_residual(&x, &proj, &p[i]))?,
@@ -174,8 +188,8 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, (b, t): (usize, usize)
         Some(b0) => scoped_as(ew, "bias_residual", || bias_residual(&x2, &down, &p[b0 + 2]))?,
         None => (&x2 + down)?,
     }
-    .reshape(hidden_shape(tp, b, t, d))?;
-    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1, attn, y, x2, rstd2: norm2.rstd, h2, gu, act, dims: (b, t), docs: docs.cloned(), lora: kept });
+    .reshape(hidden_shape(tp, b, t / cp.size(), d))?;
+    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1, attn, y, y_heads, x2, rstd2: norm2.rstd, h2, gu, act, dims: (b, t), docs: docs.cloned(), lora: kept });
     Ok((out, saved))
 }
 
@@ -203,7 +217,7 @@ fn composed_attention(qkv: &Tensor, b: usize, t: usize, nh: usize, nkv: usize, h
 /// split one).
 /// With LoRA the base's slots are frozen: only the adapters' gradients are computed.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope: (&Tensor, &Tensor), lora: Option<&LayerLora>, tp: &TensorGroup, grads: &mut ParamGrads) -> Result<Tensor> {
+pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope: (&Tensor, &Tensor), lora: Option<&LayerLora>, (tp, cp): (&TensorGroup, &ContextGroup), grads: &mut ParamGrads) -> Result<Tensor> {
     let s = Slots::of(c);
     let parts = lora_parts(c, &adapters(c, lora));
     let scale = lora.map_or(0.0, |l| l.shape.scale());
@@ -213,7 +227,7 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     let (b, t) = sv.dims;
     let (n, d, nh, nkv, hd, f) = (b * t, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff);
     // The residual stream's gradient on this rank's rows, and all of them for the products.
-    let g_rows = g.reshape((tp.local_rows(n)?, d))?;
+    let g_rows = g.reshape((tp.local_rows(n / cp.size())?, d))?;
     let g = tp.rows_in(&g_rows)?;
     let ew = Kind::Elementwise;
 
@@ -243,8 +257,10 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
         put_col_sum(grads, vec![(i, d)], &d_x2)?;
     }
     let d_y = with_lora(matmul(&d_x2, &p[s.o])?, grads, p, &parts[1], &sv.lora[1], &d_x2, &sv.y, scale)?;
+    let d_y = cp.seq_to_heads(&d_y, b, &[nh * hd])?;
+    let (nh, nkv) = (nh / cp.size(), nkv / cp.size());
     let d_qkv = match sv.attn {
-        AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &sv.y, &lse, &d_y, b, t, nh, nkv, sv.docs.as_ref().map(Docs::starts)))?,
+        AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &sv.y_heads, &lse, &d_y, b, t, nh, nkv, sv.docs.as_ref().map(Docs::starts)))?,
         AttnSaved::Composed { q, k, v, p: probs } => {
             let gt = nh / nkv * t;
             let d_y = copy(&d_y.reshape((b, t, nh, hd))?.transpose(1, 2)?)?.reshape((b, nkv, gt, hd))?;
@@ -256,12 +272,13 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
                 drop(d_p);
                 Ok((d_s.matmul(&k)?.reshape((b, nh, t, hd))?, d_s.t()?.matmul(&q)?, d_v))
             })?;
-            scoped_as(Kind::Copy, "merge_qkv_grads", || Tensor::cat(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2))?.reshape((n, c.qkv_width()))?
+            scoped_as(Kind::Copy, "merge_qkv_grads", || Tensor::cat(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2))?.reshape((n, (nh + 2 * nkv) * hd))?
         }
     };
     let (cos, sin, period) = row_tables(rope, sv.docs.as_ref(), b, t)?;
     let d_qkv = scoped_as(ew, "rope_backward", || rope_qkv(&d_qkv, &cos, &sin, period, nh, nkv, true))?;
-    let (q_w, kv_w) = (nh * hd, nkv * hd);
+    let (q_w, kv_w) = (c.n_head * hd, c.n_kv_head * hd);
+    let d_qkv = cp.heads_to_seq(&d_qkv, b, &[q_w, kv_w, kv_w])?;
     if let Some(b0) = s.bias {
         put_col_sum(grads, vec![(b0, q_w), (b0 + 1, kv_w), (b0 + 2, kv_w)], &d_qkv)?;
     }
@@ -270,7 +287,7 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     let d_h1 = tp.rows_out(&with_lora(matmul(&d_qkv, &w_qkv)?, grads, p, &parts[0], &sv.lora[0], &d_qkv, &sv.h1, scale)?)?;
     let (d_x, d_in) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h1, &sv.x, &p[s.input_norm], &sv.rstd1, Some(&d_x2_rows)))?;
     grads.set(s.input_norm, tp.replicated_grad(&d_in)?);
-    d_x.reshape(hidden_shape(tp, b, t, d))
+    d_x.reshape(hidden_shape(tp, b, t / cp.size(), d))
 }
 
 /// The shape of the hidden state between blocks: `[b, t, d]`, or this rank's token rows `[1, b·t/tp, d]`

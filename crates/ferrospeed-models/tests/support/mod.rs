@@ -14,6 +14,25 @@ use ferrospeed::rng::Rng;
 use ferrospeed::shard::Strategy;
 use ferrospeed_models::{BatchSampler, TextCorpus};
 
+/// The engine of one rank of `comm`'s world for `model`, each sequence split over context-parallel
+/// groups of `cp` adjacent ranks (`cp = 1`: a plain engine), data parallel over the rest; and this
+/// rank's (data-parallel rank, data-parallel size).
+pub fn engine_with_cp(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn ferrospeed::Communicator>, cp: usize, cfg: EngineConfig) -> Result<(ferrospeed::engine::Engine, (usize, usize)), ferrospeed::engine::EngineError> {
+    use ferrospeed::engine::{CommWorker, ContextGroup, Engine};
+    use ferrospeed::parallel::{Axis, Mesh, MeshComms};
+    use std::sync::Arc;
+    let (world, rank) = (comm.world_size(), comm.rank());
+    if cp == 1 {
+        return Ok((Engine::new(model, comm, cfg)?, (rank, world)));
+    }
+    let mesh = Mesh::new(world, 1, 1, cp, 1).map_err(|e| ferrospeed::engine::EngineError::Model(e.to_string()))?;
+    let c = mesh.coords(rank);
+    let comms = MeshComms::new(comm.clone(), mesh)?;
+    let group = ContextGroup::new(comms.get(Axis::Cp).clone());
+    let engine = Engine::with_context(model, Arc::new(CommWorker::spawn(comm)), group, cfg)?;
+    Ok((engine, (c.dp, world / cp)))
+}
+
 /// The engine of one rank of `comm`'s world for `model`, its blocks split over tensor-parallel groups
 /// of `tp` adjacent ranks (`tp = 1`: a plain engine; `sp`: with sequence parallelism), data parallel
 /// over the rest; and this rank's

@@ -190,7 +190,7 @@ impl Accelerator {
         let device = crate::device::select(cfg.train.device, world.local_rank).map_err(AccelError::Device)?;
         let comm: Arc<dyn crate::Communicator> = Arc::new(TcpCommunicator::connect(&world, &CommConfig::from_env()?)?);
         // The mesh's groups are split from the world before anything else uses it.
-        let parallel = match schedule.is_some() || cfg.parallel.ep > 1 || cfg.parallel.tp > 1 {
+        let parallel = match schedule.is_some() || cfg.parallel.ep > 1 || cfg.parallel.tp > 1 || cfg.parallel.cp > 1 {
             false => None,
             true => {
                 let comms = MeshComms::new(comm.clone(), mesh)?;
@@ -293,6 +293,18 @@ impl Accelerator {
                     if self.cfg.parallel.sp { " with sequence parallelism" } else { "" },
                     m.num_blocks(),
                     par.comms.mesh().size(Axis::Dp)
+                ));
+                engine
+            }
+            // Context parallelism (alone with data parallelism, so far: the data × context-parallel
+            // group is the world).
+            Some(par) if par.comms.mesh().size(Axis::Cp) > 1 => {
+                let cp = par.comms.mesh().size(Axis::Cp);
+                let group = crate::parallel::ContextGroup::new(par.comms.get(Axis::Cp).clone());
+                let engine = Engine::with_context(model, self.worker.clone(), group, cfg)?;
+                self.parallel_plan = Some(format!(
+                    "context parallelism (Ulysses): each sequence split over groups of {cp} ranks, ZeRO and gradient reductions over all {} ranks",
+                    self.world.world_size
                 ));
                 engine
             }

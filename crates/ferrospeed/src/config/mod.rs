@@ -338,6 +338,16 @@ impl From<PipelineSchedule> for crate::parallel::ScheduleKind {
     }
 }
 
+/// How context parallelism splits attention (`parallel.cp_kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContextKind {
+    /// DeepSpeed-Ulysses: all-to-alls from sequence chunks to whole heads around attention.
+    Ulysses,
+    /// Ring attention: key/value chunks passed around the ring, partial results merged.
+    Ring,
+}
+named_enum!(ContextKind { Ulysses => "ulysses", Ring => "ring" });
+
 /// `[parallel]`: the axes of parallelism besides data parallelism (the device mesh). The data-parallel
 /// size is what is left: `world / (pp · tp · cp)`; `ep` divides it.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -350,6 +360,8 @@ pub struct ParallelConfig {
     pub sp: bool,
     /// Context-parallel ranks per sequence.
     pub cp: usize,
+    /// How context parallelism splits attention.
+    pub cp_kind: ContextKind,
     /// Expert-parallel ranks (a divisor of the data-parallel size).
     pub ep: usize,
     pub pp_schedule: PipelineSchedule,
@@ -373,7 +385,7 @@ impl ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { pp: 1, tp: 1, sp: false, cp: 1, ep: 1, pp_schedule: PipelineSchedule::OneFOneB, pp_virtual: 1, pp_split: Vec::new() }
+        Self { pp: 1, tp: 1, sp: false, cp: 1, cp_kind: ContextKind::Ulysses, ep: 1, pp_schedule: PipelineSchedule::OneFOneB, pp_virtual: 1, pp_split: Vec::new() }
     }
 }
 
@@ -525,12 +537,19 @@ impl Config {
     pub fn mesh(&self, world_size: usize) -> Result<crate::parallel::Mesh, ConfigError> {
         let mesh = self.parallel.mesh(world_size)?;
         let p = &self.parallel;
-        if p.cp > 1 {
+        if p.cp > 1 && p.cp_kind == ContextKind::Ring {
             return Err(ConfigError::NotBuilt(format!(
-                "parallel.cp = {}: context parallelism is not in this build yet (the mesh, its groups, pipeline, tensor \
-                 and expert parallelism are); set parallel.cp = 1",
+                "parallel.cp_kind = \"ring\": ring attention is not in this build yet (Ulysses is); set parallel.cp_kind = \"ulysses\" (parallel.cp = {})",
                 p.cp
             )));
+        }
+        for (key, v) in [("pp", p.pp), ("tp", p.tp), ("ep", p.ep)] {
+            if p.cp > 1 && v > 1 {
+                return Err(ConfigError::NotBuilt(format!(
+                    "parallel.cp = {} with parallel.{key} = {v}: context parallelism combined with another axis than data parallelism is not in this build yet; set one of them to 1",
+                    p.cp
+                )));
+            }
         }
         if p.tp > 1 && p.ep > 1 {
             return Err(ConfigError::NotBuilt(format!(

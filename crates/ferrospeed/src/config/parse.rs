@@ -10,7 +10,7 @@ use super::error::{one_line, render_value, ConfigError};
 use super::schema::{self, Kind, KeySpec, SectionSpec, SECTIONS};
 use super::{
     CheckpointConfig, Config, DataConfig, DeviceChoice, LoraBase, LoraConfig, ModelConfig, ModelKind, MoeSettings, Offload, OptimizerKind, ParallelConfig,
-    PipelineSchedule, Precision, ReduceDtype, TrackBackend, TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
+    ContextKind, PipelineSchedule, Precision, ReduceDtype, TrackBackend, TrackConfig, TrainConfig, Vocab, ZeroConfig, ZeroStage,
 };
 
 /// Parses TOML text into a table; a syntax error names the source, line and column.
@@ -344,6 +344,7 @@ pub(crate) fn build(table: &toml::Table) -> Config {
             tp: v.usize("parallel", "tp").unwrap_or(parallel_default.tp),
             sp: v.bool("parallel", "sp").unwrap_or(parallel_default.sp),
             cp: v.usize("parallel", "cp").unwrap_or(parallel_default.cp),
+            cp_kind: v.str("parallel", "cp_kind").and_then(ContextKind::from_name).unwrap_or(parallel_default.cp_kind),
             ep: v.usize("parallel", "ep").unwrap_or(parallel_default.ep),
             pp_schedule: v.str("parallel", "pp_schedule").and_then(PipelineSchedule::from_name).unwrap_or(parallel_default.pp_schedule),
             pp_virtual: v.usize("parallel", "pp_virtual").unwrap_or(parallel_default.pp_virtual),

@@ -3,7 +3,7 @@
 //! The schema is data rather than serde attributes so that an unknown key can be answered with the
 //! closest known one, and a wrong type with what the key expects, in our own words.
 
-use super::{DeviceChoice, LoraBase, ModelKind, Offload, OptimizerKind, PipelineSchedule, Precision, ReduceDtype, TrackBackend, Vocab};
+use super::{ContextKind, DeviceChoice, LoraBase, ModelKind, Offload, OptimizerKind, PipelineSchedule, Precision, ReduceDtype, TrackBackend, Vocab};
 
 /// What a key accepts. Integer ranges live here because a negative TOML integer cannot become a
 /// `usize`; ranges of floats and relations between keys are in `validate.rs`.
@@ -160,6 +160,7 @@ pub(crate) const SECTIONS: &[SectionSpec] = &[
             key("tp", Kind::PositiveInt),
             key("sp", Kind::Bool),
             key("cp", Kind::PositiveInt),
+            key("cp_kind", Kind::Choice(ContextKind::NAMES)),
             key("ep", Kind::PositiveInt),
             key("pp_schedule", Kind::Choice(PipelineSchedule::NAMES)),
             key("pp_virtual", Kind::PositiveInt),

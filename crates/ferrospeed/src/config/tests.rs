@@ -109,7 +109,7 @@ fn minimal_config_gets_defaults() {
             nvme_dir: None,
             pinned_budget_mb: 0,
         },
-        parallel: ParallelConfig { pp: 1, tp: 1, sp: false, cp: 1, ep: 1, pp_schedule: PipelineSchedule::OneFOneB, pp_virtual: 1, pp_split: vec![] },
+        parallel: ParallelConfig { pp: 1, tp: 1, sp: false, cp: 1, cp_kind: ContextKind::Ulysses, ep: 1, pp_schedule: PipelineSchedule::OneFOneB, pp_virtual: 1, pp_split: vec![] },
         checkpoint: CheckpointConfig { dir: None, every: 0, keep: 3, resume: true, save_on_interrupt: true, keep_best: false },
         track: TrackConfig { dir: None, tensorboard: true, backends: vec![TrackBackend::Tensorboard], mlflow_uri: None, mlflow_experiment: None },
         lora: None,
@@ -182,6 +182,7 @@ pp = 2
 tp = 4
 sp = true
 cp = 2
+cp_kind = \"ring\"
 ep = 3
 pp_schedule = \"interleaved\"
 pp_virtual = 2
@@ -260,7 +261,7 @@ mlflow_experiment = \"llama-sft\"
             nvme_dir: Some(PathBuf::from("/")),
             pinned_budget_mb: 512,
         },
-        parallel: ParallelConfig { pp: 2, tp: 4, sp: true, cp: 2, ep: 3, pp_schedule: PipelineSchedule::Interleaved, pp_virtual: 2, pp_split: vec![3, 2, 2, 1] },
+        parallel: ParallelConfig { pp: 2, tp: 4, sp: true, cp: 2, cp_kind: ContextKind::Ring, ep: 3, pp_schedule: PipelineSchedule::Interleaved, pp_virtual: 2, pp_split: vec![3, 2, 2, 1] },
         checkpoint: CheckpointConfig {
             dir: Some("runs/x/ckpt".into()),
             every: 10,
@@ -571,7 +572,11 @@ fn parallel_settings_are_checked_alone_and_against_the_world() {
     assert!(e.contains("parallel.tp = 2 with parallel.ep = 2: tensor and expert parallelism together are not in this build yet"), "{e}");
     assert_eq!(check_ok(&with("pp = 2\ntp = 2"), &[]).mesh(8).unwrap().size(crate::parallel::Axis::Dp), 2);
     let e = check_ok(&with("tp = 2\ncp = 2"), &[]).mesh(4).unwrap_err().to_string();
-    assert!(e.contains("parallel.cp = 2: context parallelism is not in this build yet"), "{e}");
+    assert!(e.contains("parallel.cp = 2 with parallel.tp = 2: context parallelism combined with another axis"), "{e}");
+    let e = check_ok(&with("cp = 2\ncp_kind = \"ring\""), &[]).mesh(4).unwrap_err().to_string();
+    assert!(e.contains("parallel.cp_kind = \"ring\": ring attention is not in this build yet"), "{e}");
+    assert_eq!(check_ok(&with("cp = 2"), &[]).mesh(4).unwrap().size(crate::parallel::Axis::Cp), 2);
+    check_err("cp_kind", &with("cp_kind = \"rings\""), &[], &["\"ring\""]);
     assert_eq!(check_ok(&with("tp = 2"), &[]).mesh(4).unwrap().size(crate::parallel::Axis::Dp), 2);
     let pp = check_ok(&with("pp = 2"), &[]);
     assert_eq!(pp.mesh(4).unwrap().size(crate::parallel::Axis::Dp), 2);

@@ -8,7 +8,7 @@ use super::error::EngineError;
 use candle_core::{Device, Tensor};
 use std::collections::BTreeMap;
 
-pub use crate::parallel::{ExpertGroup, TensorGroup, TpSplit};
+pub use crate::parallel::{ContextGroup, ExpertGroup, TensorGroup, TpSplit};
 pub use crate::shard::{Init, ParamRef, ParamSpec};
 
 /// The inputs of one micro-batch (or one sample, before collation): named tensors of any dtype and
@@ -172,6 +172,17 @@ pub trait Block: Send + Sync {
     /// refuses the group's size.
     fn bind_tensors(&self, _group: TensorGroup) -> Result<(), String> {
         Ok(())
+    }
+
+    /// Context parallelism (`parallel.cp > 1`): the engine's handle on the context-parallel group,
+    /// given once before the first forward to every block. From then on each rank of the group
+    /// receives the whole micro-batch and computes its chunk of the sequence
+    /// ([`ContextGroup::chunk`]): the first block takes its chunk of the inputs, blocks exchange
+    /// through the group what crosses chunks (attention), and the last block returns this chunk's
+    /// share of the loss (the engine averages the group's). The default refuses: a block must be
+    /// written for it.
+    fn bind_context(&self, group: ContextGroup) -> Result<(), String> {
+        Err(format!("block {} cannot split its sequence over parallel.cp = {} ranks: set parallel.cp = 1", self.name(), group.size()))
     }
 
     /// Forward FLOPs per token (for MFU), counting a multiply-add as 2.

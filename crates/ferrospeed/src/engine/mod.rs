@@ -63,7 +63,7 @@ mod device_step;
 #[path = "device/device_stub.rs"]
 mod device_stub;
 
-pub use block::{Batch, Block, ExpertGroup, Init, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream};
+pub use block::{Batch, Block, ContextGroup, ExpertGroup, Init, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream};
 pub use param_grads::{ParamGrads, WeightGrads};
 #[cfg(feature = "cuda")]
 use device_grads::DeviceGrads;

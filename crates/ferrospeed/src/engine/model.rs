@@ -1,6 +1,6 @@
 //! A model as the engine sees it: blocks, their own parameters, and where each slot's tensor lives.
 
-use super::block::{Block, ExpertGroup, ParamRef, ParamSpec, TensorGroup, TpSplit};
+use super::block::{Block, ContextGroup, ExpertGroup, ParamRef, ParamSpec, TensorGroup, TpSplit};
 use super::error::EngineError;
 
 /// Where a block's parameter slot lives: in `block`'s own parameters (or its frozen ones), at `index`.
@@ -209,6 +209,19 @@ impl Model {
             return Err(EngineError::Unsupported(format!(
                 "parallel.tp = {tp} splits blocks that say how (Block::tensor_plan), and no block of this model does: set parallel.tp = 1"
             )));
+        }
+        Ok(())
+    }
+
+    /// Give every block the context-parallel group's handle (the apply function of context
+    /// parallelism: parameters stay whole, each rank computes its chunk of every sequence). Refused
+    /// where a block cannot split its sequence (its own one-line reason).
+    pub fn bind_context(&mut self, group: &ContextGroup) -> Result<(), EngineError> {
+        if group.size() == 1 {
+            return Ok(());
+        }
+        for (block, name) in self.blocks.iter().zip(&self.names) {
+            block.bind_context(group.clone()).map_err(|e| EngineError::Unsupported(format!("block {name}: {e}")))?;
         }
         Ok(())
     }

@@ -1,5 +1,6 @@
 //! Parallelism beyond data parallelism: the device [`Mesh`] and the communicator of each of its groups.
 
+mod context;
 mod experts;
 mod groups;
 mod mesh;
@@ -7,6 +8,7 @@ mod schedule;
 mod stages;
 mod tensor;
 
+pub use context::ContextGroup;
 pub use experts::ExpertGroup;
 pub use groups::MeshComms;
 pub use mesh::{Axis, Coords, Mesh, MeshError};

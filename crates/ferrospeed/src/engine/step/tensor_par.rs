@@ -14,7 +14,7 @@ use super::state::{CheckpointPlan, TensorLayout};
 use crate::shard::FlatParam;
 use super::trainer::{Engine, EngineConfig};
 use crate::comm::{CommExt, ReduceOp};
-use crate::parallel::{TensorGroup, TpSplit};
+use crate::parallel::{ContextGroup, TensorGroup, TpSplit};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -49,6 +49,15 @@ impl Engine {
         let mut engine = Self::build(model, worker, None, cfg)?;
         engine.tensor = Some(Tensors { world, rank: group.rank(), size: group.size(), whole_splits: None });
         Ok(engine)
+    }
+
+    /// As [`Engine::with_worker`], with context parallelism: every block gets `group` (its
+    /// context-parallel group) and computes its chunk of each sequence; `worker` is the
+    /// data × context-parallel group's (parameters, ZeRO and gradient reductions span it: each rank's
+    /// gradient is its chunk's, the average over the group the whole sequence's).
+    pub fn with_context(mut model: Model, worker: Arc<CommWorker>, group: ContextGroup, cfg: EngineConfig) -> Result<Self, EngineError> {
+        model.bind_context(&group)?;
+        Self::build(model, worker, None, cfg)
     }
 
     /// As [`Engine::with_pipeline`], each stage's blocks split over `group` as in
