@@ -1,7 +1,8 @@
-//! Context parallelism (DeepSpeed-Ulysses) of the Llama family on CPU ranks (threads over TCP): each
-//! rank of a context-parallel group holds a chunk of every sequence, all-to-alls turn the q/k/v
+//! Context parallelism of the Llama family on CPU ranks (threads over TCP): each rank of a
+//! context-parallel group holds a chunk of every sequence. Ulysses: all-to-alls turn the q/k/v
 //! projection into the whole sequence's rows of its share of the heads and the attention output
-//! back. Against cp = 1 from the same seed, on packed documents with a loss mask (attention and
+//! back; ring attention: key/value chunks pass round the group, partial results merged by their
+//! log-sum-exp (and GQA at a cp that does not divide the key/value heads). Against cp = 1 from the same seed, on packed documents with a loss mask (attention and
 //! RoPE restart at each document; the loss is the mean over the micro-batch's counted targets,
 //! whichever chunk holds them): losses within 1e-5, every parameter's gradient within 1e-5 (one SGD
 //! step at a learning rate of 1), ZeRO stages over the data × context-parallel ranks bitwise equal
@@ -49,6 +50,11 @@ fn packed(sampler: &BatchSampler, corpus: &ferrospeed_models::TextCorpus, step: 
 /// `world` ranks in context-parallel groups of `cp`, ZeRO `stage`, `steps` steps (SGD at a learning
 /// rate of 1 without clipping where `sgd`, else AdamW): rank 0's losses and every block's parameters.
 fn run(cfg: LlamaConfig, world: usize, cp: usize, stage: u8, steps: usize, sgd: bool) -> (Vec<f64>, Vec<Vec<f32>>) {
+    run_kind(cfg, world, cp, false, stage, steps, sgd)
+}
+
+/// [`run`] with ring attention (`ring`) or Ulysses.
+fn run_kind(cfg: LlamaConfig, world: usize, cp: usize, ring: bool, stage: u8, steps: usize, sgd: bool) -> (Vec<f64>, Vec<Vec<f32>>) {
     let corpus = support::corpus("Context parallel ranks hold a chunk of every sequence. ", 40);
     run_local_world(world, &CommConfig::default(), |comm| {
         let mut c: EngineConfig = support::engine_config(stage, Precision::Fp32, false, 5);
@@ -56,7 +62,7 @@ fn run(cfg: LlamaConfig, world: usize, cp: usize, stage: u8, steps: usize, sgd: 
             c.optimizer = Arc::new(Sgd { momentum: 0.0, weight_decay: 0.0, nesterov: false });
             c.grad_clip = 0.0;
         }
-        let (mut engine, (dp_rank, dp)) = support::engine_with_cp(Llama::new(cfg).model().unwrap(), Arc::new(comm), cp, c).unwrap();
+        let (mut engine, (dp_rank, dp)) = support::engine_with_cp(Llama::new(cfg).model().unwrap(), Arc::new(comm), cp, ring, c).unwrap();
         let sampler = BatchSampler { seed: 11, seq_len: 16, micro_batch: 2, accumulation: 2 / dp, world_size: dp, rank: dp_rank };
         let schedule = if sgd { LrSchedule { lr: 1.0, min_lr: 1.0, warmup: 0, total: 1 } } else { LrSchedule { lr: 1e-2, min_lr: 1e-3, warmup: 1, total: STEPS } };
         let losses = (0..steps).map(|s| engine.train_step_at(&packed(&sampler, &corpus, s), schedule.at(s)).unwrap().loss).collect();
@@ -73,14 +79,17 @@ fn close(a: &[f64], b: &[f64], tol: f64) -> bool {
 
 #[test]
 fn context_parallel_losses_and_every_gradient_match_cp_1_on_packed_masked_documents() {
-    for (name, cfg, cps) in [("mha", mha(), &[2usize, 4][..]), ("gqa", gqa(), &[2][..])] {
+    // Ulysses needs cp to divide the heads; ring attention does not (gqa at cp 4).
+    let ulysses = [(2usize, false), (4, false), (2, true), (4, true)];
+    for (name, cfg, kinds) in [("mha", mha(), &ulysses[..]), ("gqa", gqa(), &[(2, false), (2, true), (4, true)][..])] {
         let base = run(cfg, 1, 1, 0, STEPS, false).0;
         assert!(base.iter().all(|l| l.is_finite()) && base.last() < base.first(), "{name}: {base:?}");
         let (w0, w1) = (run(cfg, 1, 1, 0, 0, true).1, run(cfg, 1, 1, 0, 1, true).1);
-        for &cp in cps {
-            let got = run(cfg, cp, cp, 0, STEPS, false).0;
+        for &(cp, ring) in kinds {
+            let name = format!("{name} {}", if ring { "ring" } else { "ulysses" });
+            let got = run_kind(cfg, cp, cp, ring, 0, STEPS, false).0;
             assert!(close(&got, &base, 1e-5), "{name} cp {cp}: losses {got:?} vs cp 1 {base:?}");
-            let after = run(cfg, cp, cp, 0, 1, true).1;
+            let after = run_kind(cfg, cp, cp, ring, 0, 1, true).1;
             for (i, ((w0, w1), a)) in w0.iter().zip(&w1).zip(&after).enumerate() {
                 let want: Vec<f32> = w0.iter().zip(w1).map(|(x, y)| x - y).collect();
                 let got: Vec<f32> = w0.iter().zip(a).map(|(x, y)| x - y).collect();
@@ -103,16 +112,19 @@ fn data_parallel_times_context_parallel_matches_and_is_bitwise_across_stages() {
     for stage in 1..=3 {
         assert_eq!(bits(&run(mha(), 4, 2, stage, STEPS, false).0), bits(&ref0), "dp 2 × cp 2 stage {stage} vs stage 0");
     }
+    let ring0 = run_kind(mha(), 4, 2, true, 0, STEPS, false).0;
+    assert!(close(&ring0, &base, 1e-5), "dp 2 × cp 2 ring {ring0:?} vs dp 2 {base:?}");
+    assert_eq!(bits(&run_kind(mha(), 4, 2, true, 3, STEPS, false).0), bits(&ring0), "dp 2 × cp 2 ring: stage 3 vs stage 0");
 }
 
 #[test]
 fn head_counts_context_parallelism_cannot_split_are_refused() {
     let errors = run_local_world(4, &CommConfig::default(), |comm| {
-        support::engine_with_cp(Llama::new(gqa()).model().unwrap(), Arc::new(comm), 4, support::engine_config(0, Precision::Fp32, false, 5)).err().map(|e| e.to_string())
+        support::engine_with_cp(Llama::new(gqa()).model().unwrap(), Arc::new(comm), 4, false, support::engine_config(0, Precision::Fp32, false, 5)).err().map(|e| e.to_string())
     })
     .unwrap();
     for e in errors {
         let e = e.expect("cp 4 with 2 key/value heads was accepted");
-        assert!(e.contains("2 key/value heads (num_key_value_heads), which parallel.cp = 4 does not divide (Ulysses gives each rank whole heads): choose parallel.cp among [1, 2]"), "{e}");
+        assert!(e.contains("2 key/value heads (num_key_value_heads), which parallel.cp = 4 does not divide (Ulysses gives each rank whole heads): choose parallel.cp among [1, 2], or parallel.cp_kind = \"ring\""), "{e}");
     }
 }

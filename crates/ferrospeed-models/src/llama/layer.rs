@@ -300,9 +300,10 @@ impl Block for Layer {
             return Err(format!("context parallelism of query/key-norm and mixture-of-experts layers is not built yet: set parallel.cp = 1 (parallel.cp = {cp})"));
         }
         for (what, n) in [("query heads (num_attention_heads)", c.n_head), ("key/value heads (num_key_value_heads)", c.n_kv_head)] {
-            if n % cp != 0 {
+            // Ring attention keeps every head on every rank.
+            if n % cp != 0 && !group.ring() {
                 let fits: Vec<usize> = (1..=c.n_kv_head).filter(|d| c.n_head % d == 0 && c.n_kv_head % d == 0).collect();
-                return Err(format!("{n} {what}, which parallel.cp = {cp} does not divide (Ulysses gives each rank whole heads): choose parallel.cp among {fits:?}"));
+                return Err(format!("{n} {what}, which parallel.cp = {cp} does not divide (Ulysses gives each rank whole heads): choose parallel.cp among {fits:?}, or parallel.cp_kind = \"ring\""));
             }
         }
         self.cp.set(group).map_err(|_| "bound to a context-parallel group twice".to_string())

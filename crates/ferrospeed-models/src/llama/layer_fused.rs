@@ -19,12 +19,15 @@
 //! projections and the MLP run on its rows; an all-to-all turns the q/k/v projection into the whole
 //! sequence's rows of `1/cp` of the heads ([`ContextGroup::seq_to_heads`]), attention and RoPE run
 //! there, and another turns the attention output back into the chunk's rows of every head (the
-//! backward: the same two exchanges the other way).
+//! backward: the same two exchanges the other way). Under ring attention the layer keeps every head
+//! of its chunk: RoPE at the chunk's positions, then `ops::ring_attention` passes the key/value
+//! chunks round the group.
 
 use super::layer::{adapters, slot_count, stacked_runs, Slots};
 use super::LlamaConfig;
 use crate::ops::lora::{self, Adapter, LayerLora, Part};
 use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
+use crate::ops::ring_attention::{ring_backward, ring_forward, RingSaved};
 use crate::ops::causal_softmax::{causal_softmax_backward, causal_softmax_forward};
 use crate::ops::docs::Docs;
 use crate::ops::fused::{bias_add, bias_residual};
@@ -100,6 +103,8 @@ impl LayerSaved {
 /// the probabilities `[b, nh, t, t]`.
 enum AttnSaved {
     Fused { qkv: Tensor, lse: Tensor },
+    /// Ring attention (context parallelism): its own saved state.
+    Ring(RingSaved),
     Composed { q: Tensor, k: Tensor, v: Tensor, p: Tensor },
 }
 
@@ -130,6 +135,24 @@ pub(crate) fn row_tables(rope: (&Tensor, &Tensor), docs: Option<&Docs>, b: usize
     }
 }
 
+/// The rotary tables attention's rows take ([`row_tables`]): under ring attention those of this
+/// rank's chunk of every sample (its global positions).
+fn attention_tables(rope: (&Tensor, &Tensor), docs: Option<&Docs>, b: usize, t: usize, cp: &ContextGroup) -> Result<(Tensor, Tensor, usize)> {
+    let (cos, sin, period) = row_tables(rope, docs, b, t)?;
+    if !cp.ring() {
+        return Ok((cos, sin, period));
+    }
+    let chunk = cp.chunk(t)?;
+    let tl = chunk.len();
+    match docs {
+        None => Ok((cos.narrow(0, chunk.start, tl)?, sin.narrow(0, chunk.start, tl)?, tl)),
+        Some(_) => {
+            let pick = |x: &Tensor| -> Result<Tensor> { x.reshape((b, t, ()))?.narrow(1, chunk.start, tl)?.contiguous()?.reshape((b * tl, ())) };
+            Ok((pick(&cos)?, pick(&sin)?, b * tl))
+        }
+    }
+}
+
 /// The layer on `x` `[b, t, d]`; parameters in slot order (see `Layer::params`). With `docs` (a packed
 /// batch) positions restart and attention stays inside each document.
 #[allow(clippy::too_many_arguments)]
@@ -153,19 +176,23 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, (b, t): (usize, usize)
         qkv = scoped_as(ew, "bias_add", || bias_add(&qkv, &bias))?;
     }
     let qkv = add_lora(qkv, &h1, p, &parts[0], scale, &mut kept[0])?;
-    // Under context parallelism: the whole sequence, this rank's heads.
-    let qkv = cp.seq_to_heads(&qkv, b, &[nh * hd, nkv * hd, nkv * hd])?;
-    let (nh, nkv) = (nh / cp.size(), nkv / cp.size());
-    let (cos, sin, period) = row_tables(rope, docs, b, t)?;
+    // Under context parallelism, Ulysses: the whole sequence, this rank's heads; ring: this rank's
+    // chunk, every head.
+    let ring = cp.ring();
+    let (qkv, nh, nkv) = if ring { (qkv, nh, nkv) } else { (cp.seq_to_heads(&qkv, b, &[nh * hd, nkv * hd, nkv * hd])?, nh / cp.size(), nkv / cp.size()) };
+    let (cos, sin, period) = attention_tables(rope, docs, b, t, cp)?;
     let qkv = scoped_as(ew, "rope", || rope_qkv(&qkv, &cos, &sin, period, nh, nkv, false))?;
-    let (attn, y) = if fused_attention_available(&qkv, hd) {
+    let (attn, y) = if ring {
+        let (y, saved) = scoped_as(Kind::Attention, "ring_attention_forward", || ring_forward(&qkv, b, t / cp.size(), nh, nkv, hd, docs.map(Docs::starts), cp))?;
+        (AttnSaved::Ring(saved), y)
+    } else if fused_attention_available(&qkv, hd) {
         let out = scoped_as(Kind::Attention, "attention_forward", || attention_forward(&qkv, b, t, nh, nkv, docs.map(Docs::starts)))?;
         (AttnSaved::Fused { qkv, lse: out.lse }, out.y)
     } else {
         composed_attention(&qkv, b, t, nh, nkv, hd, docs)?
     };
     let y_heads = y;
-    let y = cp.heads_to_seq(&y_heads, b, &[c.n_head * hd])?;
+    let y = if ring { y_heads.clone() } else { cp.heads_to_seq(&y_heads, b, &[c.n_head * hd])? };
     let proj = tp.rows_out(&add_lora(matmul(&y, &p[s.o].t()?)?, &y, p, &parts[1], scale, &mut kept[1])?)?;
     let x2 = match s.o_bias {
         Some(i) => scoped_as(ew, "bias_residual", || bias_residual(&x, &proj, &p[i]))?,
@@ -257,9 +284,10 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
         put_col_sum(grads, vec![(i, d)], &d_x2)?;
     }
     let d_y = with_lora(matmul(&d_x2, &p[s.o])?, grads, p, &parts[1], &sv.lora[1], &d_x2, &sv.y, scale)?;
-    let d_y = cp.seq_to_heads(&d_y, b, &[nh * hd])?;
-    let (nh, nkv) = (nh / cp.size(), nkv / cp.size());
+    let ring = cp.ring();
+    let (d_y, nh, nkv) = if ring { (d_y, nh, nkv) } else { (cp.seq_to_heads(&d_y, b, &[nh * hd])?, nh / cp.size(), nkv / cp.size()) };
     let d_qkv = match sv.attn {
+        AttnSaved::Ring(saved) => scoped_as(Kind::Attention, "ring_attention_backward", || ring_backward(saved, &d_y, cp))?,
         AttnSaved::Fused { qkv, lse } => scoped_as(Kind::Attention, "attention_backward", || attention_backward(&qkv, &sv.y_heads, &lse, &d_y, b, t, nh, nkv, sv.docs.as_ref().map(Docs::starts)))?,
         AttnSaved::Composed { q, k, v, p: probs } => {
             let gt = nh / nkv * t;
@@ -275,10 +303,10 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
             scoped_as(Kind::Copy, "merge_qkv_grads", || Tensor::cat(&[d_q.transpose(1, 2)?, d_k.transpose(1, 2)?, d_v.transpose(1, 2)?], 2))?.reshape((n, (nh + 2 * nkv) * hd))?
         }
     };
-    let (cos, sin, period) = row_tables(rope, sv.docs.as_ref(), b, t)?;
+    let (cos, sin, period) = attention_tables(rope, sv.docs.as_ref(), b, t, cp)?;
     let d_qkv = scoped_as(ew, "rope_backward", || rope_qkv(&d_qkv, &cos, &sin, period, nh, nkv, true))?;
     let (q_w, kv_w) = (c.n_head * hd, c.n_kv_head * hd);
-    let d_qkv = cp.heads_to_seq(&d_qkv, b, &[q_w, kv_w, kv_w])?;
+    let d_qkv = if ring { d_qkv } else { cp.heads_to_seq(&d_qkv, b, &[q_w, kv_w, kv_w])? };
     if let Some(b0) = s.bias {
         put_col_sum(grads, vec![(b0, q_w), (b0 + 1, kv_w), (b0 + 2, kv_w)], &d_qkv)?;
     }

@@ -24,6 +24,7 @@ pub mod lm_head;
 pub mod lora;
 pub mod rms_norm;
 pub mod rope;
+pub mod ring_attention;
 pub mod swiglu;
 pub mod vocab_parallel;
 

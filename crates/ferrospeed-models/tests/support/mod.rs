@@ -15,9 +15,10 @@ use ferrospeed::shard::Strategy;
 use ferrospeed_models::{BatchSampler, TextCorpus};
 
 /// The engine of one rank of `comm`'s world for `model`, each sequence split over context-parallel
-/// groups of `cp` adjacent ranks (`cp = 1`: a plain engine), data parallel over the rest; and this
+/// groups of `cp` adjacent ranks (`cp = 1`: a plain engine; `ring`: ring attention, else Ulysses),
+/// data parallel over the rest; and this
 /// rank's (data-parallel rank, data-parallel size).
-pub fn engine_with_cp(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn ferrospeed::Communicator>, cp: usize, cfg: EngineConfig) -> Result<(ferrospeed::engine::Engine, (usize, usize)), ferrospeed::engine::EngineError> {
+pub fn engine_with_cp(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn ferrospeed::Communicator>, cp: usize, ring: bool, cfg: EngineConfig) -> Result<(ferrospeed::engine::Engine, (usize, usize)), ferrospeed::engine::EngineError> {
     use ferrospeed::engine::{CommWorker, ContextGroup, Engine};
     use ferrospeed::parallel::{Axis, Mesh, MeshComms};
     use std::sync::Arc;
@@ -28,7 +29,7 @@ pub fn engine_with_cp(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn
     let mesh = Mesh::new(world, 1, 1, cp, 1).map_err(|e| ferrospeed::engine::EngineError::Model(e.to_string()))?;
     let c = mesh.coords(rank);
     let comms = MeshComms::new(comm.clone(), mesh)?;
-    let group = ContextGroup::new(comms.get(Axis::Cp).clone());
+    let group = ContextGroup::new(comms.get(Axis::Cp).clone()).with_ring(ring);
     let engine = Engine::with_context(model, Arc::new(CommWorker::spawn(comm)), group, cfg)?;
     Ok((engine, (c.dp, world / cp)))
 }

@@ -300,10 +300,12 @@ impl Accelerator {
             // group is the world).
             Some(par) if par.comms.mesh().size(Axis::Cp) > 1 => {
                 let cp = par.comms.mesh().size(Axis::Cp);
-                let group = crate::parallel::ContextGroup::new(par.comms.get(Axis::Cp).clone());
+                let ring = self.cfg.parallel.cp_kind == crate::config::ContextKind::Ring;
+                let group = crate::parallel::ContextGroup::new(par.comms.get(Axis::Cp).clone()).with_ring(ring);
                 let engine = Engine::with_context(model, self.worker.clone(), group, cfg)?;
                 self.parallel_plan = Some(format!(
-                    "context parallelism (Ulysses): each sequence split over groups of {cp} ranks, ZeRO and gradient reductions over all {} ranks",
+                    "context parallelism ({}): each sequence split over groups of {cp} ranks, ZeRO and gradient reductions over all {} ranks",
+                    if ring { "ring attention" } else { "Ulysses" },
                     self.world.world_size
                 ));
                 engine

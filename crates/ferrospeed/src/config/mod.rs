@@ -537,12 +537,6 @@ impl Config {
     pub fn mesh(&self, world_size: usize) -> Result<crate::parallel::Mesh, ConfigError> {
         let mesh = self.parallel.mesh(world_size)?;
         let p = &self.parallel;
-        if p.cp > 1 && p.cp_kind == ContextKind::Ring {
-            return Err(ConfigError::NotBuilt(format!(
-                "parallel.cp_kind = \"ring\": ring attention is not in this build yet (Ulysses is); set parallel.cp_kind = \"ulysses\" (parallel.cp = {})",
-                p.cp
-            )));
-        }
         for (key, v) in [("pp", p.pp), ("tp", p.tp), ("ep", p.ep)] {
             if p.cp > 1 && v > 1 {
                 return Err(ConfigError::NotBuilt(format!(

@@ -573,8 +573,7 @@ fn parallel_settings_are_checked_alone_and_against_the_world() {
     assert_eq!(check_ok(&with("pp = 2\ntp = 2"), &[]).mesh(8).unwrap().size(crate::parallel::Axis::Dp), 2);
     let e = check_ok(&with("tp = 2\ncp = 2"), &[]).mesh(4).unwrap_err().to_string();
     assert!(e.contains("parallel.cp = 2 with parallel.tp = 2: context parallelism combined with another axis"), "{e}");
-    let e = check_ok(&with("cp = 2\ncp_kind = \"ring\""), &[]).mesh(4).unwrap_err().to_string();
-    assert!(e.contains("parallel.cp_kind = \"ring\": ring attention is not in this build yet"), "{e}");
+    assert_eq!(check_ok(&with("cp = 2\ncp_kind = \"ring\""), &[]).mesh(4).unwrap().size(crate::parallel::Axis::Cp), 2);
     assert_eq!(check_ok(&with("cp = 2"), &[]).mesh(4).unwrap().size(crate::parallel::Axis::Cp), 2);
     check_err("cp_kind", &with("cp_kind = \"rings\""), &[], &["\"ring\""]);
     assert_eq!(check_ok(&with("tp = 2"), &[]).mesh(4).unwrap().size(crate::parallel::Axis::Dp), 2);

@@ -11,26 +11,60 @@ use std::sync::Arc;
 
 /// A block's view of its context-parallel group. Without context parallelism it is a group of one:
 /// the chunk is the whole sequence and the all-to-alls return their input.
+///
+/// With ring attention ([`ContextGroup::with_ring`]) a block keeps every head of its chunk and passes
+/// key/value chunks round the group instead ([`ContextGroup::ring_pass`]).
 #[derive(Clone, Default)]
 pub struct ContextGroup {
     comm: Option<Arc<dyn Communicator>>,
+    ring: bool,
 }
 
 impl std::fmt::Debug for ContextGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ContextGroup(rank {} of {})", self.rank(), self.size())
+        write!(f, "ContextGroup(rank {} of {}, {})", self.rank(), self.size(), if self.ring { "ring" } else { "ulysses" })
     }
 }
 
 impl ContextGroup {
     /// A group of one rank holding the whole sequence.
     pub fn single() -> Self {
-        Self { comm: None }
+        Self { comm: None, ring: false }
     }
 
-    /// The group of `comm`'s ranks.
+    /// The group of `comm`'s ranks (Ulysses).
     pub fn new(comm: Arc<dyn Communicator>) -> Self {
-        Self { comm: Some(comm) }
+        Self { comm: Some(comm), ring: false }
+    }
+
+    /// The same group running ring attention (`true`) or Ulysses.
+    pub fn with_ring(mut self, ring: bool) -> Self {
+        self.ring = ring;
+        self
+    }
+
+    /// Whether attention runs as ring attention (each rank keeps every head of its chunk).
+    pub fn ring(&self) -> bool {
+        self.ring && self.size() > 1
+    }
+
+    /// Ring attention's step: send `xs` to the next rank of the group (`rank + 1`, wrapping) and
+    /// return what the previous one sent (same shapes, dtype and device). Every rank calls it the
+    /// same number of times.
+    pub fn ring_pass(&self, xs: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
+        let Some(comm) = self.comm.as_ref().filter(|c| c.world_size() > 1) else { return Ok(xs.to_vec()) };
+        let (n, r) = (self.size(), self.rank());
+        let host: Vec<Vec<f32>> = xs.iter().map(|x| x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()).collect::<candle_core::Result<_>>()?;
+        let mut recv: Vec<Vec<f32>> = host.iter().map(|h| vec![0f32; h.len()]).collect();
+        let mut ops = Vec::with_capacity(2 * xs.len());
+        for h in &host {
+            ops.push(crate::comm::P2p::Send { peer: (r + 1) % n, buf: crate::comm::Buf::F32(h) });
+        }
+        for h in recv.iter_mut() {
+            ops.push(crate::comm::P2p::Recv { peer: (r + n - 1) % n, buf: crate::comm::BufMut::F32(h) });
+        }
+        comm.send_recv(ops).map_err(wrap)?;
+        xs.iter().zip(recv).map(|(x, v)| Tensor::from_vec(v, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())).collect()
     }
 
     /// This rank's index in the group.
