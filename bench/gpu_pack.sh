@@ -13,7 +13,7 @@ mkdir -p .carry && rm -f .carry/ferrospeed
 strip -o /tmp/ferrospeed-stripped target-cuda/release/ferrospeed
 xz -T2 -6 -c /tmp/ferrospeed-stripped > .carry/.ferrospeed.xz.tmp && mv .carry/.ferrospeed.xz.tmp .carry/ferrospeed.xz
 # Each GPU test binary, named test-<crate>-<test>.
-for spec in "ferrospeed-models gpu_kernels" "ferrospeed gpu_optim" "ferrospeed gpu_nccl" "ferrospeed-models gpu_engine" "ferrospeed-models gpu_lora" "ferrospeed-models gpu_moe"; do
+for spec in "ferrospeed-models gpu_kernels" "ferrospeed gpu_optim" "ferrospeed gpu_nccl" "ferrospeed-models gpu_engine" "ferrospeed-models gpu_lora" "ferrospeed-models gpu_moe" "ferrospeed-models gpu_parallel"; do
   set -- $spec
   [ -f "crates/$1/tests/$2.rs" ] || continue
   exe=$(cargo test --release --features cuda -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null \
