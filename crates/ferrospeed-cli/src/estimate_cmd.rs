@@ -59,13 +59,19 @@ pub struct RunShape {
     pub pipe: Option<PipeShape>,
     /// Expert-parallel ranks (`parallel.ep`).
     pub ep: usize,
+    /// Tensor-parallel ranks (`parallel.tp`): split blocks hold their slices (activations are counted
+    /// whole: an overestimate).
+    pub tp: usize,
+    /// Context-parallel ranks (`parallel.cp`): each holds `seq_len / cp` tokens of every sequence
+    /// (`world` then counts them with the data-parallel ranks, which ZeRO shards over).
+    pub cp: usize,
 }
 
 /// The estimate of `model` (of `family`) under `strategy` for a run shaped `run`: per rank, or in a
 /// pipeline that of its most demanding rank (see [`estimate_pipeline`]).
 pub fn estimate_run(family: &Family, model: &Model, strategy: Strategy, run: &RunShape) -> MemoryEstimate {
     match &run.pipe {
-        None => estimate_whole(model, strategy, run, family.activations(run.micro_batch, run.seq_len, run.precision.compute_dtype().size_in_bytes())),
+        None => estimate_whole(model, strategy, run, family.activations(run.micro_batch, run.seq_len / run.cp.max(1), run.precision.compute_dtype().size_in_bytes())),
         Some(pipe) => estimate_pipeline(family, model, strategy, run, pipe)
             .into_iter()
             .max_by_key(|e| if run.on_gpu { (e.device, e.host) } else { (e.host, e.device) })
@@ -130,6 +136,7 @@ fn estimate_whole(model: &Model, strategy: Strategy, run: &RunShape, activations
         activations,
         init_threads: run.threads,
         ep: run.ep,
+        tp: run.tp,
     };
     estimate(model, &plan)
 }
@@ -154,14 +161,16 @@ fn strategy_of(cfg: &Config) -> Strategy {
 /// The run's shape at `world` ranks: ZeRO shards over the data-parallel group; a pipeline's ranks
 /// are estimated one by one (`estimate_pipeline`).
 fn shape_of(cfg: &Config, world: usize, on_gpu: bool) -> Result<RunShape> {
-    let dp = cfg.mesh(world).map_err(|e| usage_error(e.to_string()))?.size(ferrospeed::parallel::Axis::Dp);
+    let mesh = cfg.mesh(world).map_err(|e| usage_error(e.to_string()))?;
+    let dp = mesh.size(ferrospeed::parallel::Axis::Dp);
     Ok(RunShape {
         micro_batch: cfg.train.micro_batch,
         seq_len: cfg.model.seq_len,
         precision: cfg.train.precision,
         accumulation: cfg.accumulation_steps(dp).map_err(|e| usage_error(e.to_string()))?,
         checkpointing: cfg.train.activation_checkpointing,
-        world: dp,
+        // Context-parallel ranks hold whole parameters, sharded with the data-parallel ones.
+        world: dp * cfg.parallel.cp,
         on_gpu,
         threads: rayon::current_num_threads(),
         pipe: (cfg.parallel.pp > 1).then(|| PipeShape {
@@ -171,6 +180,8 @@ fn shape_of(cfg: &Config, world: usize, on_gpu: bool) -> Result<RunShape> {
             split: cfg.parallel.pp_split.clone(),
         }),
         ep: cfg.parallel.ep,
+        tp: cfg.parallel.tp,
+        cp: cfg.parallel.cp,
     })
 }
 
@@ -354,6 +365,8 @@ mod tests {
                     threads: 16,
                     pipe: None,
                     ep: 1,
+                    tp: 1,
+                    cp: 1,
                 };
                 let strategy = Strategy::new(stage).with_offload(offload, ratio, Offload::None);
                 let strategy = d["nvme_ratio"].as_f64().map_or(strategy, |q| strategy.with_nvme_ratio(q));
@@ -399,6 +412,8 @@ mod tests {
                 threads: 16,
                 pipe: (pp > 1).then(|| PipeShape { pp, virtual_stages: 1, schedule: ferrospeed::config::PipelineSchedule::OneFOneB, split: vec![] }),
                 ep: 1,
+                tp: 1,
+                cp: 1,
             };
             let strategy = Strategy::new(ZeroStage::Zero);
             let e = match &run.pipe {
@@ -422,7 +437,7 @@ mod tests {
         let model = family.model().unwrap();
         let acts = |schedule: S| -> Vec<u64> {
             let pipe = PipeShape { pp: 4, virtual_stages: 1, schedule, split: vec![] };
-            let run = RunShape { micro_batch: 2, seq_len: 1024, precision: Precision::from_name("bf16").unwrap(), accumulation: 8, checkpointing: false, world: 4, on_gpu: true, threads: 16, pipe: Some(pipe.clone()), ep: 1 };
+            let run = RunShape { micro_batch: 2, seq_len: 1024, precision: Precision::from_name("bf16").unwrap(), accumulation: 8, checkpointing: false, world: 4, on_gpu: true, threads: 16, pipe: Some(pipe.clone()), ep: 1, tp: 1, cp: 1 };
             estimate_pipeline(&family, &model, Strategy::new(ZeroStage::Zero), &run, &pipe).iter().map(|e| e.activations).collect()
         };
         let (one, zb, all) = (acts(S::OneFOneB), acts(S::ZeroBubble), acts(S::Gpipe));
@@ -443,7 +458,7 @@ mod tests {
         let experts: usize = (0..model.num_blocks()).filter(|&b| model.block(b).experts() > 0).flat_map(|b| model.own_params(b).iter().map(|p| p.numel())).sum();
         assert!(experts > model.num_params() / 2, "{experts} of {}", model.num_params());
         let run = |stage, ep| {
-            let r = RunShape { micro_batch: 1, seq_len: 128, precision: Precision::from_name("bf16").unwrap(), accumulation: 1, checkpointing: true, world: 4, on_gpu: true, threads: 1, pipe: None, ep };
+            let r = RunShape { micro_batch: 1, seq_len: 128, precision: Precision::from_name("bf16").unwrap(), accumulation: 1, checkpointing: true, world: 4, on_gpu: true, threads: 1, pipe: None, ep, tp: 1, cp: 1 };
             estimate_run(&family, &model, Strategy::new(stage), &r)
         };
         let (one, four) = (run(ferrospeed::config::ZeroStage::Zero, 1), run(ferrospeed::config::ZeroStage::Zero, 4));
@@ -453,6 +468,25 @@ mod tests {
         assert!(four.grads < one.grads && four.state < one.state);
         let (one, four) = (run(ferrospeed::config::ZeroStage::Three, 1), run(ferrospeed::config::ZeroStage::Three, 4));
         assert!((four.state as f64 / one.state as f64 - 1.0).abs() < 0.01, "stage 3: {} vs {}", four.state, one.state);
+    }
+
+    /// Tensor parallelism: each rank holds its slices of every split block (the norms whole), so the
+    /// Llama-1B shape's parameters, gradients and state per rank at tp 4 are a quarter of tp 1's
+    /// within 1%; context parallelism keeps them whole and shrinks the activations.
+    #[test]
+    fn tensor_parallel_ranks_hold_their_slices_and_context_parallel_ones_their_chunk() {
+        let family = crate::bench_cmd::with_layers(crate::bench_cmd::shape("llama-1b", 512).unwrap(), Some(2));
+        let model = family.model().unwrap();
+        let run = |tp, cp| {
+            let r = RunShape { micro_batch: 1, seq_len: 512, precision: Precision::from_name("bf16").unwrap(), accumulation: 1, checkpointing: false, world: 1, on_gpu: true, threads: 1, pipe: None, ep: 1, tp, cp };
+            estimate_run(&family, &model, Strategy::new(ferrospeed::config::ZeroStage::Zero), &r)
+        };
+        let (one, four) = (run(1, 1), run(4, 1));
+        for (what, a, b) in [("parameters", one.params, four.params), ("gradients", one.grads, four.grads), ("state", one.state, four.state)] {
+            assert!((b as f64 * 4.0 / a as f64 - 1.0).abs() < 0.01, "{what}: tp 4 {b} vs tp 1 {a}");
+        }
+        let cp = run(1, 4);
+        assert!(cp.params == one.params && cp.activations < one.activations, "cp 4: {cp:?} vs {one:?}");
     }
 }
 

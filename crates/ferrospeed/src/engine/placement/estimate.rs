@@ -56,6 +56,9 @@ pub struct EstimatePlan {
     /// Expert-parallel ranks (`parallel.ep`; 1: none): each expert block ([`Block::experts`](crate::engine::Block::experts))
     /// holds `1/ep` of its experts, sharded over `world / ep` ranks.
     pub ep: usize,
+    /// Tensor-parallel ranks (`parallel.tp`; 1: none): each block with a tensor plan holds its slices
+    /// ([`Model::tensor_splits`]), sharded over `world`, the data-parallel size.
+    pub tp: usize,
 }
 
 /// Bytes per rank, by where they live and what they are.
@@ -94,10 +97,17 @@ pub fn estimate(model: &Model, plan: &EstimatePlan) -> MemoryEstimate {
     let (c, k) = (plan.compute_bytes as u64, plan.num_states as u64);
     // An expert block under expert parallelism: its share of the experts over its expert-data-parallel group.
     let ep = plan.ep.max(1);
+    // A block split by tensor parallelism: its slices.
+    let tp = plan.tp.max(1);
+    let splits = if tp > 1 { model.tensor_splits() } else { vec![None; model.num_blocks()] };
     let flat_of = |i: usize| {
         let own = model.own_params(i);
-        match model.block(i).experts() {
-            e if ep > 1 && e > 0 => FlatParam::new(&own[..own.len() / ep], (w / ep).max(1)),
+        match (model.block(i).experts(), &splits[i]) {
+            (e, _) if ep > 1 && e > 0 => FlatParam::new(&own[..own.len() / ep], (w / ep).max(1)),
+            (_, Some(split)) => {
+                let local: Vec<_> = own.iter().zip(split).map(|(p, s)| crate::shard::ParamSpec { shape: s.local_shape(&p.shape, tp).unwrap_or_else(|| p.shape.clone()), ..p.clone() }).collect();
+                FlatParam::new(&local, w)
+            }
             _ => FlatParam::new(own, w),
         }
     };
