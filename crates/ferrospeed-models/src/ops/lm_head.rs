@@ -45,11 +45,21 @@ pub const MAX_LOGITS: usize = 1 << 31;
 /// Rows of a chunk of logits over a vocabulary of `vocab` for `n` rows: all of them up to
 /// [`MAX_LOGITS`] elements, else chunks of at most 2^25 elements.
 pub fn chunk_rows(n: usize, vocab: usize) -> usize {
+    if let Some(rows) = forced_chunk_rows() {
+        return rows.min(n.max(1));
+    }
     if n * vocab <= MAX_LOGITS {
         n
     } else {
         ((1usize << 25) / vocab.max(1)).max(1)
     }
+}
+
+/// `FERROSPEED_LOGITS_CHUNK_ROWS=N` (N > 0): logits in chunks of N rows whatever their size, e.g. to
+/// measure what chunking saves at a length [`chunk_rows`] keeps whole (`bench/gpu_long.sh`); read once.
+fn forced_chunk_rows() -> Option<usize> {
+    static ROWS: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| std::env::var("FERROSPEED_LOGITS_CHUNK_ROWS").ok().and_then(|v| v.trim().parse().ok()).filter(|&n: &usize| n > 0))
 }
 
 /// The loss of per-row losses `rows` `[n]` under `weighting` (their mean; the mean over the rows a mask
