@@ -224,6 +224,10 @@ fn tensor_parallel_checkpoints_resume_at_any_tp() {
     let first = run_with(cfg, 2, 2, 0, 0..half, false, &Io { save: Some(&saved), ..Io::default() }).losses;
     assert_eq!(bits(&first), bits(&straight[..half]));
     let dir = ferrospeed::checkpoint::latest(&saved).unwrap().unwrap();
+    // Split blocks make a format builds before them refuse (their windows are in slice coordinates).
+    let meta = ferrospeed::checkpoint::read_meta(&dir).unwrap();
+    assert_eq!(meta.format_version, ferrospeed::checkpoint::FORMAT_VERSION_SPLIT);
+    assert!(meta.blocks.iter().any(|b| b.tp == 2 && !b.splits.is_empty()) && meta.files.iter().any(|f| f.tp_rank == 1), "{:?}", meta.blocks[0]);
     for (world, tp, stage, sp) in [(2, 2, 0, false), (1, 1, 0, false), (4, 4, 3, false), (4, 2, 2, true), (2, 1, 1, false)] {
         let rest = run_with(cfg, world, tp, stage, half..STEPS, false, &Io { resume: Some(&dir), sp, ..Io::default() }).losses;
         if (world, tp, stage, sp) == (2, 2, 0, false) {

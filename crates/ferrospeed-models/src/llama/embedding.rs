@@ -47,6 +47,11 @@ impl Embedding {
         let Some(group) = self.tp.get() else { return Ok((tokens.clone(), None)) };
         let lo = (group.rank() * rows) as u32;
         let ids: Vec<u32> = tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+        // Every rank holds every id: an id outside the vocabulary fails on each, before any collective.
+        let vocab = rows * group.size();
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}: the tokenizer and the model's vocab_size disagree");
+        }
         let held = |id: u32| id >= lo && id < lo + rows as u32;
         let local: Vec<u32> = ids.iter().map(|&id| if held(id) { id - lo } else { 0 }).collect();
         let mask: Vec<f32> = ids.iter().map(|&id| f32::from(u8::from(held(id)))).collect();

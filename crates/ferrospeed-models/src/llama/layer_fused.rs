@@ -216,7 +216,10 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, (b, t): (usize, usize)
         None => (&x2 + down)?,
     }
     .reshape(hidden_shape(tp, b, t / cp.size(), d))?;
-    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1, attn, y, y_heads, x2, rstd2: norm2.rstd, h2, gu, act, dims: (b, t), docs: docs.cloned(), lora: kept });
+    // The normalised inputs are kept as this rank's rows (gathered again in the backward under
+    // sequence parallelism, as Megatron does: the saving is what sp is for).
+    drop((h1, h2));
+    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1: norm1.y, attn, y, y_heads, x2, rstd2: norm2.rstd, h2: norm2.y, gu, act, dims: (b, t), docs: docs.cloned(), lora: kept });
     Ok((out, saved))
 }
 
@@ -270,9 +273,10 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     if let Some(b0) = s.mlp_bias {
         put_col_sum(grads, vec![(b0, f), (b0 + 1, f)], &d_gu)?;
     }
-    put_matmul_tn(grads, vec![(s.gate, f), (s.up, f)], &d_gu, &sv.h2)?;
+    let h2 = tp.rows_in(&sv.h2)?;
+    put_matmul_tn(grads, vec![(s.gate, f), (s.up, f)], &d_gu, &h2)?;
     let w_gu = stacked(c, p, lora, 1)?;
-    let d_h2 = tp.rows_out(&with_lora(matmul(&d_gu, &w_gu)?, grads, p, &parts[2], &sv.lora[2], &d_gu, &sv.h2, scale)?)?;
+    let d_h2 = tp.rows_out(&with_lora(matmul(&d_gu, &w_gu)?, grads, p, &parts[2], &sv.lora[2], &d_gu, &h2, scale)?)?;
     drop((d_gu, w_gu));
     let (d_x2, d_post) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h2, &sv.x2, &p[s.post_norm], &sv.rstd2, Some(&g_rows)))?;
     grads.set(s.post_norm, tp.replicated_grad(&d_post)?);
@@ -310,9 +314,10 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
     if let Some(b0) = s.bias {
         put_col_sum(grads, vec![(b0, q_w), (b0 + 1, kv_w), (b0 + 2, kv_w)], &d_qkv)?;
     }
-    put_matmul_tn(grads, vec![(s.q, q_w), (s.k, kv_w), (s.v, kv_w)], &d_qkv, &sv.h1)?;
+    let h1 = tp.rows_in(&sv.h1)?;
+    put_matmul_tn(grads, vec![(s.q, q_w), (s.k, kv_w), (s.v, kv_w)], &d_qkv, &h1)?;
     let w_qkv = stacked(c, p, lora, 0)?;
-    let d_h1 = tp.rows_out(&with_lora(matmul(&d_qkv, &w_qkv)?, grads, p, &parts[0], &sv.lora[0], &d_qkv, &sv.h1, scale)?)?;
+    let d_h1 = tp.rows_out(&with_lora(matmul(&d_qkv, &w_qkv)?, grads, p, &parts[0], &sv.lora[0], &d_qkv, &h1, scale)?)?;
     let (d_x, d_in) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h1, &sv.x, &p[s.input_norm], &sv.rstd1, Some(&d_x2_rows)))?;
     grads.set(s.input_norm, tp.replicated_grad(&d_in)?);
     d_x.reshape(hidden_shape(tp, b, t / cp.size(), d))

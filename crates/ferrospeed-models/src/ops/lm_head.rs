@@ -48,6 +48,11 @@ pub fn chunk_rows(n: usize, vocab: usize) -> usize {
     if let Some(rows) = forced_chunk_rows() {
         return rows.min(n.max(1));
     }
+    rule_chunk_rows(n, vocab)
+}
+
+/// [`chunk_rows`] without the environment's override.
+fn rule_chunk_rows(n: usize, vocab: usize) -> usize {
     if n * vocab <= MAX_LOGITS {
         n
     } else {
@@ -84,7 +89,9 @@ pub fn head_loss(h: Tensor, w: &Tensor, targets: Tensor, weighting: &LossWeighti
 
 /// [`head_loss`] with `w` this rank's rows of the vocabulary (`shard`), or all of them (`None`).
 pub fn head_loss_sharded(h: Tensor, w: &Tensor, targets: Tensor, weighting: &LossWeighting, shard: Option<VocabShard>) -> Result<(Tensor, HeadLoss)> {
-    let chunk = chunk_rows(h.dim(0)?, w.dim(0)?);
+    // Split over a tensor-parallel group every rank must chunk alike (each chunk is a collective):
+    // by the rule alone, never by a variable of one rank's environment.
+    let chunk = if shard.is_some() { rule_chunk_rows(h.dim(0)?, w.dim(0)?) } else { chunk_rows(h.dim(0)?, w.dim(0)?) };
     head_loss_chunked(h, w, targets, weighting, chunk, shard)
 }
 

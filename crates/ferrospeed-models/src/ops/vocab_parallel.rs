@@ -28,6 +28,11 @@ impl VocabShard {
     /// this rank holds it `[n, 1]` f32.
     fn local_targets(&self, targets: &Tensor, cols: usize) -> Result<(Tensor, Tensor)> {
         let ids: Vec<u32> = targets.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+        // Every rank holds every target: one outside the vocabulary fails on each, before any collective.
+        let vocab = cols * self.group.size();
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            candle_core::bail!("cross entropy: target {bad} is outside the vocabulary of {vocab}");
+        }
         let lo = self.lo as u32;
         let held = |id: u32| id >= lo && id < lo + cols as u32;
         let local: Vec<u32> = ids.iter().map(|&id| if held(id) { id - lo } else { 0 }).collect();
@@ -97,10 +102,14 @@ mod tests {
                 let cols = v / tp;
                 let shard = VocabShard { lo: group.rank() * cols, group };
                 let mine = logits.narrow(1, shard.lo, cols).unwrap();
-                (values(&shard.rows(&mine, &targets).unwrap()), values(&shard.rows_backward(&mine, &targets, &g).unwrap()))
+                // A target outside the vocabulary fails on every rank alike (before any collective).
+                let bad = Tensor::from_vec(vec![v as u32; n], n, &Device::Cpu).unwrap();
+                let outside = shard.rows(&mine, &bad).unwrap_err().to_string();
+                (values(&shard.rows(&mine, &targets).unwrap()), values(&shard.rows_backward(&mine, &targets, &g).unwrap()), outside)
             })
             .unwrap();
-            for (rank, (rows, grad)) in got.iter().enumerate() {
+            for (rank, (rows, grad, outside)) in got.iter().enumerate() {
+                assert!(outside.contains(&format!("target {v} is outside the vocabulary of {v}")), "tp {tp} rank {rank}: {outside}");
                 assert!(rows.iter().zip(&want_rows).all(|(a, b)| (a - b).abs() <= 1e-5 * b.abs().max(1.0)), "tp {tp} rank {rank}: rows {rows:?} vs {want_rows:?}");
                 let cols = v / tp;
                 for r in 0..n {

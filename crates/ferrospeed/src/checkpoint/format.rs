@@ -9,7 +9,11 @@ use crate::precision::ScalerState;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
+/// The format of checkpoints whose blocks are all whole.
 pub const FORMAT_VERSION: u32 = 1;
+/// The format of checkpoints with blocks split by tensor parallelism (`BlockMeta::tp > 1`): their files'
+/// windows are in slice coordinates, which builds before it would misread, so they refuse it.
+pub const FORMAT_VERSION_SPLIT: u32 = 2;
 /// File that names the newest complete checkpoint.
 pub const LATEST: &str = "latest";
 pub const META: &str = "meta.json";

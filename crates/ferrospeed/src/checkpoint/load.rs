@@ -47,10 +47,11 @@ pub fn read_meta(dir: &Path) -> Result<Meta, CheckpointError> {
     let path = dir.join(META);
     let bytes = std::fs::read(&path).map_err(|e| CheckpointError::io(&path, e))?;
     let meta: Meta = serde_json::from_slice(&bytes).map_err(|e| CheckpointError::corrupt(&path, &e.to_string()))?;
-    if meta.format_version != FORMAT_VERSION {
+    let split = meta.blocks.iter().any(|b| b.tp > 1);
+    if meta.format_version != if split { FORMAT_VERSION_SPLIT } else { FORMAT_VERSION } {
         return Err(CheckpointError::corrupt(
             &path,
-            &format!("format version {} (this build reads {FORMAT_VERSION})", meta.format_version),
+            &format!("format version {} with{} blocks split by tensor parallelism (this build reads {FORMAT_VERSION}, and {FORMAT_VERSION_SPLIT} with split blocks)", meta.format_version, if split { "" } else { "out" }),
         ));
     }
     if meta.files.len() != meta.world_size || meta.files.iter().any(|f| f.windows.len() != meta.blocks.len()) {

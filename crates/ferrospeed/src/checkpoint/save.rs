@@ -164,7 +164,8 @@ fn publish(engine: &Engine, req: &SaveRequest<'_>, tmp: &Path, final_dir: &Path,
     let cfg = engine.config();
     let split_of = |b: usize| plan.tensor.as_ref().and_then(|t| t.splits[b].as_ref());
     let meta = Meta {
-        format_version: FORMAT_VERSION,
+        // Split blocks' windows are in slice coordinates: a version older builds refuse.
+        format_version: if plan.tensor.as_ref().is_some_and(|t| t.splits.iter().any(Option::is_some)) { FORMAT_VERSION_SPLIT } else { FORMAT_VERSION },
         step: engine.steps_done(),
         samples: req.samples,
         world_size: world,
