@@ -2,7 +2,7 @@
 //! key/value heads): tp 2 trains the losses of one rank within 1e-5, dp 2 × tp 2 at ZeRO-3 (and with
 //! `parallel.sp`, at ZeRO-2) those of dp 2, a checkpoint saved at tp 2 resumes at tp 1 on one rank (within 1e-5 of the uninterrupted
 //! run) and exports a transformers directory with the source's tensors; tp 4 (which does not divide
-//! the key/value heads) and tp with context parallelism are refused in one line. 3D: dp 2 × tp 2 × pp 2
+//! the key/value heads) and sp with context parallelism are refused in one line. 3D: dp 2 × tp 2 × pp 2
 //! on 8 ranks (with sp and the zero-bubble schedule too) trains dp 2's losses within 1e-5, its checkpoint
 //! resumes on one rank, and a tp 2 checkpoint resumes at tp 2 × pp 2.
 
@@ -95,7 +95,7 @@ fn tensor_parallel_sizes_that_do_not_fit_are_refused_in_one_line() {
     let cfg = config(dir.path());
     for (nproc, sets, want) in [
         (4, vec!["parallel.tp=4"], "2 key/value heads (num_key_value_heads), which parallel.tp = 4 does not divide: choose parallel.tp among [1, 2]"),
-        (4, vec!["parallel.tp=2", "parallel.cp=2"], "parallel.cp = 2 with parallel.tp = 2: context parallelism combined with another axis"),
+        (4, vec!["parallel.tp=2", "parallel.cp=2", "parallel.sp=true"], "parallel.sp with parallel.cp = 2: sequence and context parallelism together"),
     ] {
         let sets: Vec<String> = sets.into_iter().map(String::from).collect();
         let f = run(&mut train_command(nproc, &cfg, &dir.path().join("refused"), &sets), Duration::from_secs(120));

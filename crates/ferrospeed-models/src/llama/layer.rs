@@ -295,9 +295,13 @@ impl Block for Layer {
     }
 
     fn bind_context(&self, group: ContextGroup) -> std::result::Result<(), String> {
-        let (c, cp) = (&self.cfg, group.size());
+        // Under tensor parallelism (bound first) Ulysses spreads this rank's share of the heads.
+        let (c, cp) = (&self.local(), group.size());
         if self.composed_only() {
             return Err(format!("context parallelism of query/key-norm and mixture-of-experts layers is not built yet: set parallel.cp = 1 (parallel.cp = {cp})"));
+        }
+        if self.group().sequence_parallel() {
+            return Err(format!("parallel.sp with parallel.cp = {cp} is not built yet: set parallel.sp = false or parallel.cp = 1"));
         }
         for (what, n) in [("query heads (num_attention_heads)", c.n_head), ("key/value heads (num_key_value_heads)", c.n_kv_head)] {
             // Ring attention keeps every head on every rank.

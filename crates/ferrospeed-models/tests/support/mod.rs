@@ -14,6 +14,23 @@ use ferrospeed::rng::Rng;
 use ferrospeed::shard::Strategy;
 use ferrospeed_models::{BatchSampler, TextCorpus};
 
+/// The engine of one rank of `comm`'s world for `model` split over tensor-parallel groups of `tp`
+/// and each sequence over context-parallel groups of `cp` (`ring`: ring attention), data parallel over
+/// the rest; and this rank's (data-parallel rank, data-parallel size).
+pub fn engine_with_tp_cp(model: ferrospeed::engine::Model, comm: std::sync::Arc<dyn ferrospeed::Communicator>, tp: usize, cp: usize, ring: bool, cfg: EngineConfig) -> Result<(ferrospeed::engine::Engine, (usize, usize)), ferrospeed::engine::EngineError> {
+    use ferrospeed::engine::{CommWorker, ContextGroup, Engine, TensorGroup};
+    use ferrospeed::parallel::{Axis, Mesh, MeshComms};
+    use std::sync::Arc;
+    let world = comm.world_size();
+    let mesh = Mesh::new(world, 1, tp, cp, 1).map_err(|e| ferrospeed::engine::EngineError::Model(e.to_string()))?;
+    let c = mesh.coords(comm.rank());
+    let comms = MeshComms::new(comm.clone(), mesh)?;
+    let (group, context) = (TensorGroup::new(comms.get(Axis::Tp).clone()), ContextGroup::new(comms.get(Axis::Cp).clone()).with_ring(ring));
+    let dp_cp = Arc::new(CommWorker::spawn(comms.get(Axis::DpCp).clone()));
+    let engine = Engine::with_tensors_and_context(model, dp_cp, Arc::new(CommWorker::spawn(comm)), group, context, cfg)?;
+    Ok((engine, (c.dp, world / (tp * cp))))
+}
+
 /// The engine of one rank of `comm`'s world for `model`, each sequence split over context-parallel
 /// groups of `cp` adjacent ranks (`cp = 1`: a plain engine; `ring`: ring attention, else Ulysses),
 /// data parallel over the rest; and this

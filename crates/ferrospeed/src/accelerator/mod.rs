@@ -285,14 +285,24 @@ impl Accelerator {
             Some(par) if par.comms.mesh().size(Axis::Tp) > 1 && par.schedule.is_none() => {
                 let tp = par.comms.mesh().size(Axis::Tp);
                 let group = crate::parallel::TensorGroup::new(par.comms.get(Axis::Tp).clone()).with_sequence_parallel(self.cfg.parallel.sp);
-                let engine = Engine::with_tensors(model, par.dp.clone(), self.worker.clone(), group, cfg)?;
+                let cp = par.comms.mesh().size(Axis::Cp);
+                let engine = if cp > 1 {
+                    // Tensor and context parallelism: ZeRO and reductions over the data × context ranks.
+                    let ring = self.cfg.parallel.cp_kind == crate::config::ContextKind::Ring;
+                    let context = crate::parallel::ContextGroup::new(par.comms.get(Axis::Cp).clone()).with_ring(ring);
+                    let dp_cp = Arc::new(CommWorker::spawn(par.comms.get(Axis::DpCp).clone()));
+                    Engine::with_tensors_and_context(model, dp_cp, self.worker.clone(), group, context, cfg)?
+                } else {
+                    Engine::with_tensors(model, par.dp.clone(), self.worker.clone(), group, cfg)?
+                };
                 let m = engine.model();
                 let split = (0..m.num_blocks()).filter(|&b| m.tensor_shard(b).is_some()).count();
                 self.parallel_plan = Some(format!(
-                    "tensor parallelism{}: {split} of {} blocks split over groups of {tp} ranks, ZeRO and gradient reductions over the {} data-parallel rank(s)",
+                    "tensor parallelism{}: {split} of {} blocks split over groups of {tp} ranks, ZeRO and gradient reductions over the {} data-parallel rank(s){}",
                     if self.cfg.parallel.sp { " with sequence parallelism" } else { "" },
                     m.num_blocks(),
-                    par.comms.mesh().size(Axis::Dp)
+                    par.comms.mesh().size(Axis::Dp),
+                    if cp > 1 { format!(", each sequence split over {cp} context-parallel ranks") } else { String::new() }
                 ));
                 engine
             }

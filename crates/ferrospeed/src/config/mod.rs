@@ -537,7 +537,10 @@ impl Config {
     pub fn mesh(&self, world_size: usize) -> Result<crate::parallel::Mesh, ConfigError> {
         let mesh = self.parallel.mesh(world_size)?;
         let p = &self.parallel;
-        for (key, v) in [("pp", p.pp), ("tp", p.tp), ("ep", p.ep)] {
+        if p.cp > 1 && p.sp {
+            return Err(ConfigError::NotBuilt(format!("parallel.sp with parallel.cp = {}: sequence and context parallelism together are not in this build yet; set parallel.sp = false or parallel.cp = 1", p.cp)));
+        }
+        for (key, v) in [("pp", p.pp), ("ep", p.ep)] {
             if p.cp > 1 && v > 1 {
                 return Err(ConfigError::NotBuilt(format!(
                     "parallel.cp = {} with parallel.{key} = {v}: context parallelism combined with another axis than data parallelism is not in this build yet; set one of them to 1",

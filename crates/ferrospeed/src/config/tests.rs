@@ -571,8 +571,11 @@ fn parallel_settings_are_checked_alone_and_against_the_world() {
     let e = ok.mesh(8).unwrap_err().to_string();
     assert!(e.contains("parallel.tp = 2 with parallel.ep = 2: tensor and expert parallelism together are not in this build yet"), "{e}");
     assert_eq!(check_ok(&with("pp = 2\ntp = 2"), &[]).mesh(8).unwrap().size(crate::parallel::Axis::Dp), 2);
-    let e = check_ok(&with("tp = 2\ncp = 2"), &[]).mesh(4).unwrap_err().to_string();
-    assert!(e.contains("parallel.cp = 2 with parallel.tp = 2: context parallelism combined with another axis"), "{e}");
+    assert_eq!(check_ok(&with("tp = 2\ncp = 2"), &[]).mesh(4).unwrap().size(crate::parallel::Axis::Cp), 2);
+    let e = check_ok(&with("tp = 2\ncp = 2\nsp = true"), &[]).mesh(4).unwrap_err().to_string();
+    assert!(e.contains("parallel.sp with parallel.cp = 2: sequence and context parallelism together are not in this build yet"), "{e}");
+    let e = check_ok(&with("pp = 2\ncp = 2"), &[]).mesh(4).unwrap_err().to_string();
+    assert!(e.contains("parallel.cp = 2 with parallel.pp = 2: context parallelism combined with another axis"), "{e}");
     assert_eq!(check_ok(&with("cp = 2\ncp_kind = \"ring\""), &[]).mesh(4).unwrap().size(crate::parallel::Axis::Cp), 2);
     assert_eq!(check_ok(&with("cp = 2"), &[]).mesh(4).unwrap().size(crate::parallel::Axis::Cp), 2);
     check_err("cp_kind", &with("cp_kind = \"rings\""), &[], &["\"ring\""]);

@@ -60,6 +60,25 @@ impl Engine {
         Self::build(model, worker, None, cfg)
     }
 
+    /// As [`Engine::with_tensors`], each sequence split over `context` too (tensor and context
+    /// parallelism together): the blocks are split over `group`, then given `context`; `worker` is the
+    /// data × context-parallel group's communication thread (ZeRO and reductions span it).
+    pub fn with_tensors_and_context(mut model: Model, worker: Arc<CommWorker>, world: Arc<CommWorker>, group: TensorGroup, context: ContextGroup, cfg: EngineConfig) -> Result<Self, EngineError> {
+        if group.size() * worker.world_size() != world.world_size() {
+            return Err(EngineError::Unsupported(format!(
+                "a tensor-parallel group of {} ranks and a data × context-parallel group of {} for a world of {}",
+                group.size(),
+                worker.world_size(),
+                world.world_size()
+            )));
+        }
+        model.shard_tensors(&group)?;
+        model.bind_context(&context)?;
+        let mut engine = Self::build(model, worker, None, cfg)?;
+        engine.tensor = Some(Tensors { world, rank: group.rank(), size: group.size(), whole_splits: None });
+        Ok(engine)
+    }
+
     /// As [`Engine::with_pipeline`], each stage's blocks split over `group` as in
     /// [`Engine::with_tensors`] (3D parallelism: pipeline stages of tensor-parallel groups, data
     /// parallel over the rest). `splits` is [`Model::tensor_splits`] of the whole model, taken before
