@@ -36,19 +36,15 @@ impl Engine {
     /// tensor-parallel group, `parallel.tp` adjacent ranks) and communicates through it; `worker` is
     /// the data-parallel group's communication thread (ZeRO and the gradient reductions run there),
     /// `world` the world's.
-    pub fn with_tensors(mut model: Model, worker: Arc<CommWorker>, world: Arc<CommWorker>, group: TensorGroup, cfg: EngineConfig) -> Result<Self, EngineError> {
-        if group.size() * worker.world_size() != world.world_size() {
-            return Err(EngineError::Unsupported(format!(
-                "a tensor-parallel group of {} ranks and a data-parallel group of {} for a world of {}",
-                group.size(),
-                worker.world_size(),
-                world.world_size()
-            )));
-        }
-        model.shard_tensors(&group)?;
-        let mut engine = Self::build(model, worker, None, cfg)?;
-        engine.tensor = Some(Tensors { world, rank: group.rank(), size: group.size(), whole_splits: None });
-        Ok(engine)
+    pub fn with_tensors(model: Model, worker: Arc<CommWorker>, world: Arc<CommWorker>, group: TensorGroup, cfg: EngineConfig) -> Result<Self, EngineError> {
+        Self::split_engine(model, worker, world, group, None, cfg)
+    }
+
+    /// As [`Engine::with_tensors`], each sequence split over `context` too (tensor and context
+    /// parallelism together): the blocks are split over `group`, then given `context`; `worker` is the
+    /// data × context-parallel group's communication thread (ZeRO and reductions span it).
+    pub fn with_tensors_and_context(model: Model, worker: Arc<CommWorker>, world: Arc<CommWorker>, group: TensorGroup, context: ContextGroup, cfg: EngineConfig) -> Result<Self, EngineError> {
+        Self::split_engine(model, worker, world, group, Some(context), cfg)
     }
 
     /// As [`Engine::with_worker`], with context parallelism: every block gets `group` (its
@@ -60,20 +56,19 @@ impl Engine {
         Self::build(model, worker, None, cfg)
     }
 
-    /// As [`Engine::with_tensors`], each sequence split over `context` too (tensor and context
-    /// parallelism together): the blocks are split over `group`, then given `context`; `worker` is the
-    /// data × context-parallel group's communication thread (ZeRO and reductions span it).
-    pub fn with_tensors_and_context(mut model: Model, worker: Arc<CommWorker>, world: Arc<CommWorker>, group: TensorGroup, context: ContextGroup, cfg: EngineConfig) -> Result<Self, EngineError> {
+    fn split_engine(mut model: Model, worker: Arc<CommWorker>, world: Arc<CommWorker>, group: TensorGroup, context: Option<ContextGroup>, cfg: EngineConfig) -> Result<Self, EngineError> {
         if group.size() * worker.world_size() != world.world_size() {
             return Err(EngineError::Unsupported(format!(
-                "a tensor-parallel group of {} ranks and a data × context-parallel group of {} for a world of {}",
+                "a tensor-parallel group of {} ranks and a data(-and-context)-parallel group of {} for a world of {}",
                 group.size(),
                 worker.world_size(),
                 world.world_size()
             )));
         }
         model.shard_tensors(&group)?;
-        model.bind_context(&context)?;
+        if let Some(context) = &context {
+            model.bind_context(context)?;
+        }
         let mut engine = Self::build(model, worker, None, cfg)?;
         engine.tensor = Some(Tensors { world, rank: group.rank(), size: group.size(), whole_splits: None });
         Ok(engine)
