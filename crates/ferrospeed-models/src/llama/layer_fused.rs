@@ -24,6 +24,7 @@
 //! chunks round the group.
 
 use super::layer::{adapters, slot_count, stacked_runs, Slots};
+use super::mlp_tiled;
 use super::LlamaConfig;
 use crate::ops::lora::{self, Adapter, LayerLora, Part};
 use crate::ops::attention::{attention_backward, attention_forward, fused_attention_available};
@@ -55,9 +56,11 @@ pub struct LayerSaved {
     x2: Tensor,
     rstd2: Tensor,
     h2: Tensor,
-    /// Gate and up projections `[n, 2f]` and the SwiGLU output `[n, f]`.
-    gu: Tensor,
-    act: Tensor,
+    /// Gate and up projections `[n, 2f]` and the SwiGLU output `[n, f]`; neither where the MLP ran
+    /// in tiles of `tile` rows (`mlp_tiled.rs`: computed again in the backward).
+    gu: Option<Tensor>,
+    act: Option<Tensor>,
+    tile: usize,
     dims: (usize, usize),
     /// The documents of a packed batch.
     docs: Option<Docs>,
@@ -203,14 +206,22 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, (b, t): (usize, usize)
     let norm2 = scoped_as(ew, "rms_norm", || rms_forward(&x2, &p[s.post_norm], c.rms_norm_eps))?;
     let h2 = tp.rows_in(&norm2.y)?;
     let w_gu = stacked(c, p, lora, 1)?;
-    let mut gu = matmul(&h2, &w_gu.t()?)?;
-    if let Some(b0) = s.mlp_bias {
-        let bias = stack(&[&p[b0], &p[b0 + 1]])?;
-        gu = scoped_as(ew, "bias_add", || bias_add(&gu, &bias))?;
-    }
-    let gu = add_lora(gu, &h2, p, &parts[2], scale, &mut kept[2])?;
-    let act = scoped_as(ew, "swiglu", || swiglu(&gu))?;
-    let down = tp.rows_out(&add_lora(matmul(&act, &p[s.down].t()?)?, &act, p, &parts[3], scale, &mut kept[3])?)?;
+    let b_gu = s.mlp_bias.map(|b0| stack(&[&p[b0], &p[b0 + 1]])).transpose()?;
+    // Long context: the MLP a tile of rows at a time, keeping neither gate/up nor SwiGLU's output.
+    let tile = mlp_tiled::tile_rows(h2.dim(0)?, c.d_ff);
+    let (gu, act, down) = if lora.is_none() && tile < h2.dim(0)? {
+        (None, None, mlp_tiled::forward(&h2, &w_gu, b_gu.as_ref(), &p[s.down], tile)?)
+    } else {
+        let mut gu = matmul(&h2, &w_gu.t()?)?;
+        if let Some(bias) = &b_gu {
+            gu = scoped_as(ew, "bias_add", || bias_add(&gu, bias))?;
+        }
+        let gu = add_lora(gu, &h2, p, &parts[2], scale, &mut kept[2])?;
+        let act = scoped_as(ew, "swiglu", || swiglu(&gu))?;
+        let down = add_lora(matmul(&act, &p[s.down].t()?)?, &act, p, &parts[3], scale, &mut kept[3])?;
+        (Some(gu), Some(act), down)
+    };
+    let down = tp.rows_out(&down)?;
     let out = match s.mlp_bias {
         Some(b0) => scoped_as(ew, "bias_residual", || bias_residual(&x2, &down, &p[b0 + 2]))?,
         None => (&x2 + down)?,
@@ -219,7 +230,7 @@ pub fn forward(c: &LlamaConfig, p: &[Tensor], x: &Tensor, (b, t): (usize, usize)
     // The normalised inputs are kept as this rank's rows (gathered again in the backward under
     // sequence parallelism, as Megatron does: the saving is what sp is for).
     drop((h1, h2));
-    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1: norm1.y, attn, y, y_heads, x2, rstd2: norm2.rstd, h2: norm2.y, gu, act, dims: (b, t), docs: docs.cloned(), lora: kept });
+    let saved = save.then(|| LayerSaved { x, rstd1: norm1.rstd, h1: norm1.y, attn, y, y_heads, x2, rstd2: norm2.rstd, h2: norm2.y, gu, act, tile, dims: (b, t), docs: docs.cloned(), lora: kept });
     Ok((out, saved))
 }
 
@@ -263,21 +274,31 @@ pub fn backward(c: &LlamaConfig, p: &[Tensor], sv: LayerSaved, g: &Tensor, rope:
 
     // MLP: out = x2 + act·W_downᵀ (+ b_down), act = swiglu(h2·[W_gate; W_up]ᵀ (+ [b_gate; b_up])), h2 = rms(x2).
     // A bias's gradient is the column sum of its output's gradient.
-    put_matmul_tn(grads, vec![(s.down, d)], &g, &sv.act)?;
     if let Some(b0) = s.mlp_bias {
         put_col_sum(grads, vec![(b0 + 2, d)], &g)?;
     }
-    let d_act = with_lora(matmul(&g, &p[s.down])?, grads, p, &parts[3], &sv.lora[3], &g, &sv.act, scale)?;
-    let d_gu = scoped_as(ew, "swiglu_backward", || swiglu_backward(&sv.gu, &d_act))?;
-    drop(d_act);
-    if let Some(b0) = s.mlp_bias {
-        put_col_sum(grads, vec![(b0, f), (b0 + 1, f)], &d_gu)?;
-    }
     let h2 = tp.rows_in(&sv.h2)?;
-    put_matmul_tn(grads, vec![(s.gate, f), (s.up, f)], &d_gu, &h2)?;
     let w_gu = stacked(c, p, lora, 1)?;
-    let d_h2 = tp.rows_out(&with_lora(matmul(&d_gu, &w_gu)?, grads, p, &parts[2], &sv.lora[2], &d_gu, &h2, scale)?)?;
-    drop((d_gu, w_gu));
+    let d_h2 = match (&sv.gu, &sv.act) {
+        (Some(gu), Some(act)) => {
+            put_matmul_tn(grads, vec![(s.down, d)], &g, act)?;
+            let d_act = with_lora(matmul(&g, &p[s.down])?, grads, p, &parts[3], &sv.lora[3], &g, act, scale)?;
+            let d_gu = scoped_as(ew, "swiglu_backward", || swiglu_backward(gu, &d_act))?;
+            drop(d_act);
+            if let Some(b0) = s.mlp_bias {
+                put_col_sum(grads, vec![(b0, f), (b0 + 1, f)], &d_gu)?;
+            }
+            put_matmul_tn(grads, vec![(s.gate, f), (s.up, f)], &d_gu, &h2)?;
+            with_lora(matmul(&d_gu, &w_gu)?, grads, p, &parts[2], &sv.lora[2], &d_gu, &h2, scale)?
+        }
+        _ => {
+            let b_gu = s.mlp_bias.map(|b0| stack(&[&p[b0], &p[b0 + 1]])).transpose()?;
+            let slots = mlp_tiled::MlpSlots { gate: s.gate, up: s.up, down: s.down, bias: s.mlp_bias };
+            mlp_tiled::backward(&g, &h2, &w_gu, b_gu.as_ref(), &p[s.down], sv.tile, &slots, grads)?
+        }
+    };
+    let d_h2 = tp.rows_out(&d_h2)?;
+    drop(w_gu);
     let (d_x2, d_post) = scoped_as(ew, "rms_norm_backward", || rms_backward(&d_h2, &sv.x2, &p[s.post_norm], &sv.rstd2, Some(&g_rows)))?;
     grads.set(s.post_norm, tp.replicated_grad(&d_post)?);
     let (d_x2_rows, d_x2) = (d_x2.clone(), tp.rows_in(&d_x2)?);

@@ -12,6 +12,7 @@ pub mod infer;
 mod layer;
 mod layer_fused;
 mod layer_moe;
+pub mod mlp_tiled;
 pub mod moe;
 mod names;
 
