@@ -487,6 +487,11 @@ mod tests {
         }
         let cp = run(1, 4);
         assert!(cp.params == one.params && cp.activations < one.activations, "cp 4: {cp:?} vs {one:?}");
+        // Long context: past 2^30 gate/up elements the MLP is tiled, so a token keeps 5·d + q/k/v
+        // values a layer, not 3·d_ff more (Llama-1B: d 2048, q/k/v 3072, d_ff 8192; 2 layers, bf16).
+        let growth = |t: usize| (family.activations(1, 2 * t, 2).kept - family.activations(1, t, 2).kept) as f64 / t as f64;
+        assert_eq!(growth(131_072), 2.0 * (5.0 * 2048.0 + 3072.0) * 2.0, "tiled");
+        assert_eq!(growth(1024), 2.0 * (5.0 * 2048.0 + 3072.0 + 3.0 * 8192.0) * 2.0 + 128_256.0 * 4.0, "whole (and the logits)");
     }
 }
 

@@ -157,24 +157,35 @@ impl Family {
     /// dtype of `compute_bytes`, from what the fused layers save (`layer_fused.rs`): GPT-2 16·d values
     /// a token per layer (input, two norms, q/k/v, attention output, residual, MLP pre- and post-GELU);
     /// Llama 5·d + q/k/v width + 3·d_ff (input, two norms, attention output, residual, q/k/v, gate/up,
-    /// SwiGLU). fp32 takes the composed attention, which also keeps the t × t probabilities. The loss
-    /// holds the logits in f32 (a chunk of them at long context).
+    /// SwiGLU; past `mlp_tiled::MAX_MLP` neither of the last two, one tile's alive instead). fp32 takes
+    /// the composed attention, which also keeps the t × t probabilities. The loss holds the logits in
+    /// f32 (a chunk of them at long context).
     pub fn activations(&self, micro_batch: usize, seq_len: usize, compute_bytes: usize) -> ActivationProfile {
         let (n_layer, d, n_head, vocab, per_token) = match self {
             Family::Gpt(g) => (g.cfg.n_layer, g.cfg.d_model, g.cfg.n_head, g.cfg.vocab_size, 16 * g.cfg.d_model),
             Family::Llama(l) => {
                 let c = &l.cfg;
                 let qkv = (c.n_head + 2 * c.n_kv_head) * c.head_dim;
-                (c.n_layer, c.d_model, c.n_head, c.vocab_size, 5 * c.d_model + qkv + 3 * c.d_ff)
+                // A tiled MLP (long context) keeps neither gate/up nor SwiGLU's output.
+                let mlp = if crate::llama::mlp_tiled::tile_rows(micro_batch * seq_len, c.d_ff) < micro_batch * seq_len { 0 } else { 3 * c.d_ff };
+                (c.n_layer, c.d_model, c.n_head, c.vocab_size, 5 * c.d_model + qkv + mlp)
             }
         };
         let (tokens, cb) = ((micro_batch * seq_len) as u64, compute_bytes as u64);
         let probs = if compute_bytes == 4 { (micro_batch * n_head * seq_len * seq_len * 4) as u64 } else { 0 };
+        // A tiled MLP's one tile of gate/up and SwiGLU output, alive while it runs.
+        let tile = match self {
+            Family::Llama(l) => {
+                let rows = crate::llama::mlp_tiled::tile_rows(tokens as usize, l.cfg.d_ff);
+                if (rows as u64) < tokens { rows as u64 * 3 * l.cfg.d_ff as u64 * cb } else { 0 }
+            }
+            Family::Gpt(_) => 0,
+        };
         let layer = tokens * per_token as u64 * cb + probs;
         // Whole, or one chunk of rows at long context (`ops::lm_head::chunk_rows`).
         let logits = crate::ops::lm_head::chunk_rows(tokens as usize, vocab) as u64 * vocab as u64 * 4;
         let boundaries = tokens * (n_layer as u64 + 1) * d as u64 * cb;
-        ActivationProfile { kept: n_layer as u64 * layer + logits, recomputed: boundaries + layer.max(logits) }
+        ActivationProfile { kept: n_layer as u64 * layer + logits + tile, recomputed: boundaries + (layer + tile).max(logits) }
     }
 
     pub fn model(&self) -> Result<Model, EngineError> {
