@@ -100,10 +100,9 @@ fn context_parallel_losses_and_every_gradient_match_cp_1_on_packed_masked_docume
             for (i, ((w0, w1), a)) in w0.iter().zip(&w1).zip(&after).enumerate() {
                 let want: Vec<f32> = w0.iter().zip(w1).map(|(x, y)| x - y).collect();
                 let got: Vec<f32> = w0.iter().zip(a).map(|(x, y)| x - y).collect();
-                let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let ulp = w0.iter().fold(0f32, |m, x| m.max(x.abs())) * f32::EPSILON;
-                let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(scale > 0.0 && worst <= 1e-5 * scale + 2.0 * ulp, "{name} cp {cp}: block {i}'s gradient off by {worst} (largest {scale})");
+                if let Err(e) = support::gradients_match(&want, &got, w0, 1e-5) {
+                    panic!("{name} cp {cp}: block {i}'s gradient {e}");
+                }
             }
         }
     }

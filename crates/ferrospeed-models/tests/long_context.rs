@@ -58,10 +58,9 @@ fn a_tiled_mlp_trains_like_the_whole_one() {
         let (a, b) = (run(cfg, 1, None, 1, true).1, run(cfg, 1, Some(5), 1, true).1);
         for (i, ((w0, a), b)) in w0.iter().zip(&a).zip(&b).enumerate() {
             let (ga, gb): (Vec<f32>, Vec<f32>) = (w0.iter().zip(a).map(|(x, y)| x - y).collect(), w0.iter().zip(b).map(|(x, y)| x - y).collect());
-            let scale = ga.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let ulp = w0.iter().fold(0f32, |m, x| m.max(x.abs())) * f32::EPSILON;
-            let worst = ga.iter().zip(&gb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(worst <= 1e-6 * scale + 2.0 * ulp, "{name}: block {i}'s gradient with a tiled MLP off by {worst} (largest {scale})");
+            if let Err(e) = support::gradients_match(&ga, &gb, w0, 1e-6) {
+                panic!("{name}: block {i}'s gradient with a tiled MLP {e}");
+            }
         }
     }
     // Tensor and sequence parallelism: each rank tiles its gathered rows.

@@ -157,12 +157,9 @@ fn tensor_parallel_losses_and_every_gradient_match_tp_1() {
                 let flat = FlatParam::new(names.own_params(i), 1);
                 for (j, spec) in names.own_params(i).iter().enumerate() {
                     let (g, want) = (&g[flat.range(j)], &want[flat.range(j)]);
-                    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
-                    assert!(scale > 0.0, "{name}: {} of {} has no gradient", spec.name, names.block_names()[i]);
-                    // Within 1e-5 of the largest gradient, plus the rounding of `w1` (an ulp of the weights).
-                    let ulp = w0[i][flat.range(j)].iter().fold(0f32, |m, x| m.max(x.abs())) * f32::EPSILON;
-                    let worst = g.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                    assert!(worst <= 1e-5 * scale + 2.0 * ulp, "{name} tp {tp} sp {sp}: gradient of {} of {} off by {worst} (largest {scale})", spec.name, names.block_names()[i]);
+                    if let Err(e) = support::gradients_match(want, g, &w0[i][flat.range(j)], 1e-5) {
+                        panic!("{name} tp {tp} sp {sp}: gradient of {} of {}: {e}", spec.name, names.block_names()[i]);
+                    }
                 }
             }
         }

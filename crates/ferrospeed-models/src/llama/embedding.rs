@@ -6,7 +6,8 @@
 
 use super::LlamaConfig;
 use crate::ops::lm_head::TokenIds;
-use candle_core::{DType, Device, Result, Tensor};
+use crate::ops::vocab_parallel::VocabShard;
+use candle_core::{DType, Result, Tensor};
 use ferrospeed::engine::{Batch, Block, ContextGroup, Init, ParamGrads, ParamRef, ParamSpec, Saved, TensorGroup, TpSplit, Upstream, WeightGrads};
 use ferrospeed::profile::{scoped_as, Kind};
 use std::sync::OnceLock;
@@ -45,19 +46,9 @@ impl Embedding {
     /// mask where the table is whole.
     fn local_tokens(&self, tokens: &Tensor, rows: usize, dtype: DType) -> Result<(Tensor, Option<Tensor>)> {
         let Some(group) = self.tp.get() else { return Ok((tokens.clone(), None)) };
-        let lo = (group.rank() * rows) as u32;
-        let ids: Vec<u32> = tokens.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
-        // Every rank holds every id: an id outside the vocabulary fails on each, before any collective.
-        let vocab = rows * group.size();
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}: the tokenizer and the model's vocab_size disagree");
-        }
-        let held = |id: u32| id >= lo && id < lo + rows as u32;
-        let local: Vec<u32> = ids.iter().map(|&id| if held(id) { id - lo } else { 0 }).collect();
-        let mask: Vec<f32> = ids.iter().map(|&id| f32::from(u8::from(held(id)))).collect();
-        let device = tokens.device();
-        let n = ids.len();
-        Ok((Tensor::from_vec(local, tokens.shape(), &Device::Cpu)?.to_device(device)?, Some(Tensor::from_vec(mask, (n, 1), &Device::Cpu)?.to_dtype(dtype)?.to_device(device)?)))
+        let shard = VocabShard { group: group.clone(), lo: group.rank() * rows };
+        let (local, held) = shard.local_ids(tokens, rows, "token id")?;
+        Ok((local.reshape(tokens.shape())?, Some(held.to_dtype(dtype)?)))
     }
 }
 

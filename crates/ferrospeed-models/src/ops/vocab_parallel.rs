@@ -24,21 +24,23 @@ impl VocabShard {
         Self { group: TensorGroup::single(), lo: 0 }
     }
 
-    /// Each target's column among this rank's `cols` (0 for another rank's) `[n, 1]` u32, and 1 where
-    /// this rank holds it `[n, 1]` f32.
-    fn local_targets(&self, targets: &Tensor, cols: usize) -> Result<(Tensor, Tensor)> {
-        let ids: Vec<u32> = targets.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
-        // Every rank holds every target: one outside the vocabulary fails on each, before any collective.
+    /// Each of the token ids `ids` (any shape, `n` of them) as an index among this rank's `cols`
+    /// tokens (0 for another rank's) `[n, 1]` u32, and 1 where this rank holds it `[n, 1]` f32. Every
+    /// rank holds every id: one outside the vocabulary (`what`, for the message) fails on each alike,
+    /// before any collective.
+    pub fn local_ids(&self, ids: &Tensor, cols: usize, what: &str) -> Result<(Tensor, Tensor)> {
+        let device = ids.device().clone();
+        let ids: Vec<u32> = ids.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
         let vocab = cols * self.group.size();
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            candle_core::bail!("cross entropy: target {bad} is outside the vocabulary of {vocab}");
+            candle_core::bail!("{what} {bad} is outside the vocabulary of {vocab}: the tokenizer and the model's vocab_size disagree");
         }
         let lo = self.lo as u32;
         let held = |id: u32| id >= lo && id < lo + cols as u32;
         let local: Vec<u32> = ids.iter().map(|&id| if held(id) { id - lo } else { 0 }).collect();
         let mask: Vec<f32> = ids.iter().map(|&id| f32::from(u8::from(held(id)))).collect();
-        let (n, device) = (ids.len(), targets.device());
-        Ok((Tensor::from_vec(local, (n, 1), &Device::Cpu)?.to_device(device)?, Tensor::from_vec(mask, (n, 1), &Device::Cpu)?.to_device(device)?))
+        let n = ids.len();
+        Ok((Tensor::from_vec(local, (n, 1), &Device::Cpu)?.to_device(&device)?, Tensor::from_vec(mask, (n, 1), &Device::Cpu)?.to_device(&device)?))
     }
 
     /// Each row's log-sum-exp over the whole vocabulary `[n, 1]` f32, from this rank's logits `l` (f32).
@@ -53,7 +55,7 @@ impl VocabShard {
     pub fn rows(&self, logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let l = logits.to_dtype(DType::F32)?.contiguous()?;
         let lse = self.log_sum_exp(&l)?;
-        let (local, held) = self.local_targets(targets, l.dim(1)?)?;
+        let (local, held) = self.local_ids(targets, l.dim(1)?, "cross entropy: target")?;
         let picked = self.group.sum(&(l.gather(&local, 1)? * held)?)?;
         (lse - picked)?.squeeze(1)
     }
@@ -63,7 +65,7 @@ impl VocabShard {
     pub fn rows_backward(&self, logits: &Tensor, targets: &Tensor, row_grads: &Tensor) -> Result<Tensor> {
         let l = logits.to_dtype(DType::F32)?.contiguous()?;
         let lse = self.log_sum_exp(&l)?;
-        let (local, held) = self.local_targets(targets, l.dim(1)?)?;
+        let (local, held) = self.local_ids(targets, l.dim(1)?, "cross entropy: target")?;
         let onehot = l.zeros_like()?.scatter_add(&local, &held, 1)?;
         let g = row_grads.to_dtype(DType::F32)?.unsqueeze(1)?;
         (l.broadcast_sub(&lse)?.exp()? - onehot)?.broadcast_mul(&g)?.to_dtype(logits.dtype())

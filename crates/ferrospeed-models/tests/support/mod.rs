@@ -14,6 +14,22 @@ use ferrospeed::rng::Rng;
 use ferrospeed::shard::Strategy;
 use ferrospeed_models::{BatchSampler, TextCorpus};
 
+/// Whether the gradients `got` match `want` (each `w0 − w1` of one SGD step at a learning rate of 1):
+/// within `tol` of the largest, plus the rounding of `w1` (two ulps of the largest weight of `w0`, the
+/// measurement's own error). An error naming the gap where not, or where `want` is all zero.
+pub fn gradients_match(want: &[f32], got: &[f32], w0: &[f32], tol: f32) -> Result<(), String> {
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let ulp = w0.iter().fold(0f32, |m, x| m.max(x.abs())) * f32::EPSILON;
+    let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    if scale == 0.0 || got.len() != want.len() {
+        return Err(format!("no gradient to compare ({} values, largest {scale})", want.len()));
+    }
+    if worst > tol * scale + 2.0 * ulp {
+        return Err(format!("off by {worst} (largest {scale})"));
+    }
+    Ok(())
+}
+
 /// The engine of one rank of `comm`'s world for `model` split over tensor-parallel groups of `tp`
 /// and each sequence over context-parallel groups of `cp` (`ring`: ring attention), data parallel over
 /// the rest; and this rank's (data-parallel rank, data-parallel size).

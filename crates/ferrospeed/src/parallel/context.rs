@@ -5,7 +5,7 @@
 //! `1/cp` of the heads, and back. Every rank of the group calls them in the same order.
 
 use crate::comm::{CommExt, Communicator};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -54,7 +54,7 @@ impl ContextGroup {
     pub fn ring_pass(&self, xs: &[Tensor]) -> candle_core::Result<Vec<Tensor>> {
         let Some(comm) = self.comm.as_ref().filter(|c| c.world_size() > 1) else { return Ok(xs.to_vec()) };
         let (n, r) = (self.size(), self.rank());
-        let host: Vec<Vec<f32>> = xs.iter().map(|x| x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()).collect::<candle_core::Result<_>>()?;
+        let host: Vec<Vec<f32>> = xs.iter().map(super::host_f32).collect::<candle_core::Result<_>>()?;
         let mut recv: Vec<Vec<f32>> = host.iter().map(|h| vec![0f32; h.len()]).collect();
         let mut ops = Vec::with_capacity(2 * xs.len());
         for h in &host {
@@ -64,7 +64,7 @@ impl ContextGroup {
             ops.push(crate::comm::P2p::Recv { peer: (r + n - 1) % n, buf: crate::comm::BufMut::F32(h) });
         }
         comm.send_recv(ops).map_err(wrap)?;
-        xs.iter().zip(recv).map(|(x, v)| Tensor::from_vec(v, x.shape(), &Device::Cpu)?.to_dtype(x.dtype())?.to_device(x.device())).collect()
+        xs.iter().zip(recv).map(|(x, v)| super::from_host(v, x.shape(), x.dtype(), x.device())).collect()
     }
 
     /// This rank's index in the group.
@@ -99,7 +99,7 @@ impl ContextGroup {
         check(segments, w, cp)?;
         let (tl, wl) = (rows / b, w / cp);
         let (dtype, device) = (x.dtype(), x.device().clone());
-        let input: Vec<f32> = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let input: Vec<f32> = super::host_f32(x)?;
         // To rank p: every local row's part p of each run.
         let mut send = Vec::with_capacity(input.len());
         for p in 0..cp {
@@ -126,7 +126,7 @@ impl ContextGroup {
                 }
             }
         }
-        Tensor::from_vec(out, (rows * cp, wl), &Device::Cpu)?.to_dtype(dtype)?.to_device(&device)
+        super::from_host(out, (rows * cp, wl), dtype, &device)
     }
 
     /// The inverse of [`ContextGroup::seq_to_heads`]: `x` is every sample's whole sequence
@@ -140,7 +140,7 @@ impl ContextGroup {
         check(segments, w, cp)?;
         let (rows, tl) = (rows_all / cp, rows_all / cp / b);
         let (dtype, device) = (x.dtype(), x.device().clone());
-        let input: Vec<f32> = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let input: Vec<f32> = super::host_f32(x)?;
         // To rank p: its chunk of every sample.
         let mut send = Vec::with_capacity(input.len());
         for p in 0..cp {
@@ -166,7 +166,7 @@ impl ContextGroup {
                 }
             }
         }
-        Tensor::from_vec(out, (rows, w), &Device::Cpu)?.to_dtype(dtype)?.to_device(&device)
+        super::from_host(out, (rows, w), dtype, &device)
     }
 }
 
@@ -185,6 +185,7 @@ fn wrap(e: crate::comm::CommError) -> candle_core::Error {
 mod tests {
     use super::*;
     use crate::comm::{run_local_world, CommConfig};
+    use candle_core::Device;
 
     /// Over 2 and 4 ranks: each rank's rows of the whole sequence, turned to heads, are the whole
     /// sequence's columns of its part of every run; and back again, its rows unchanged.

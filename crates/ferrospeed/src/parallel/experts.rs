@@ -5,7 +5,7 @@
 //! peer still sends it a count of zero (no hang, invariant 2).
 
 use crate::comm::{CommExt, Communicator};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -86,12 +86,12 @@ impl ExpertGroup {
             candle_core::bail!("{m} rows to send but the counts add up to {}", send.iter().sum::<usize>());
         }
         let (dtype, device) = (rows.dtype(), rows.device().clone());
-        let input: Vec<f32> = rows.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let input: Vec<f32> = super::host_f32(rows)?;
         let total: usize = recv.iter().sum();
         let mut output = vec![0f32; total * d];
         let scale = |c: &[usize]| c.iter().map(|&r| r * d).collect::<Vec<_>>();
         comm.all_to_all_slice(&input, &scale(send), &mut output, &scale(recv)).map_err(wrap)?;
-        Tensor::from_vec(output, (total, d), &Device::Cpu)?.to_dtype(dtype)?.to_device(&device)
+        super::from_host(output, (total, d), dtype, &device)
     }
 }
 

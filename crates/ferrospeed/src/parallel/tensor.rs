@@ -6,7 +6,7 @@
 //! same order, whatever it holds.
 
 use crate::comm::{CommExt, Communicator, ReduceOp};
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -207,10 +207,10 @@ impl TensorGroup {
         let Some(comm) = self.comm.as_ref().filter(|_| self.sequence) else { return Ok(x.clone()) };
         let (m, d) = x.dims2()?;
         let (dtype, device) = (x.dtype(), x.device().clone());
-        let mine: Vec<f32> = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let mine: Vec<f32> = super::host_f32(x)?;
         let mut all = vec![0f32; mine.len() * self.size()];
         comm.all_gather_slice(&mine, &mut all).map_err(|e| candle_core::Error::Msg(format!("sequence parallelism: {e}")))?;
-        Tensor::from_vec(all, (m * self.size(), d), &Device::Cpu)?.to_dtype(dtype)?.to_device(&device)
+        super::from_host(all, (m * self.size(), d), dtype, &device)
     }
 
     /// The output of a row-parallel product (partial sums `[n, d]` on each rank): this rank's rows of
@@ -221,10 +221,10 @@ impl TensorGroup {
         let (n, d) = x.dims2()?;
         let m = self.local_rows(n)?;
         let (dtype, device) = (x.dtype(), x.device().clone());
-        let all: Vec<f32> = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let all: Vec<f32> = super::host_f32(x)?;
         let mut mine = vec![0f32; m * d];
         comm.reduce_scatter_slice(&all, &mut mine, ReduceOp::Sum).map_err(|e| candle_core::Error::Msg(format!("sequence parallelism: {e}")))?;
-        Tensor::from_vec(mine, (m, d), &Device::Cpu)?.to_dtype(dtype)?.to_device(&device)
+        super::from_host(mine, (m, d), dtype, &device)
     }
 
     /// The gradient of a parameter every rank holds whole, computed on this rank's rows: summed over
@@ -253,9 +253,9 @@ impl TensorGroup {
     pub fn all_reduce(&self, x: &Tensor, op: ReduceOp) -> candle_core::Result<Tensor> {
         let Some(comm) = self.comm.as_ref().filter(|c| c.world_size() > 1) else { return Ok(x.clone()) };
         let (dtype, device, shape) = (x.dtype(), x.device().clone(), x.shape().clone());
-        let mut v: Vec<f32> = x.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+        let mut v: Vec<f32> = super::host_f32(x)?;
         comm.all_reduce_slice(&mut v, op).map_err(|e| candle_core::Error::Msg(format!("tensor parallelism: {e}")))?;
-        Tensor::from_vec(v, shape, &Device::Cpu)?.to_dtype(dtype)?.to_device(&device)
+        super::from_host(v, shape, dtype, &device)
     }
 
     /// The sum of `x` over the group (see [`TensorGroup::all_reduce`]).

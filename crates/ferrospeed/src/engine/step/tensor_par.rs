@@ -4,6 +4,8 @@
 //! spans the tensor-parallel group too: the gradient norm (a split parameter's slices are different
 //! numbers on each rank, a replicated one's the same: counted once, on tensor-parallel rank 0) and the
 //! fp16 overflow check, both over the world's communication thread.
+//! Context parallelism's constructors live here too (alone, and with tensor parallelism): its
+//! parameters are whole, so only the group the engine reduces over changes.
 
 use super::comm_worker::CommWorker;
 use super::error::EngineError;
